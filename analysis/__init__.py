@@ -1,0 +1,1 @@
+"""Theory and simulation on recordings, figures and tables. Imports modiff; modiff never imports this."""

@@ -1,0 +1,22 @@
+"""modiff: quantized diffusion models, MoDiff (modulated diffusion) and Q-Diffusion, measured end to end."""
+__version__ = "0.1.0"
+
+from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample_dpm_solver
+from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
+from modiff.models.registry import Denoiser, load_model
+from modiff.rng import SeedStreams, noise, parse_seeds
+
+__all__ = [
+    "Denoiser",
+    "NoiseSchedule",
+    "SeedStreams",
+    "StepInfo",
+    "linear_schedule",
+    "load_model",
+    "noise",
+    "parse_seeds",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpm_solver",
+    "timesteps",
+]

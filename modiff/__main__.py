@@ -1,0 +1,3 @@
+from modiff.cli import main
+
+main()

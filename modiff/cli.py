@@ -1,0 +1,192 @@
+"""The `modiff` command: parse, build a config, call the library, write a run directory."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from modiff.diffusion.schedules import Spacing
+from modiff.generate import Precision, SampleConfig, SamplerName
+from modiff.rng import parse_seeds
+
+__all__ = ["main"]
+
+
+def _choices(literal: object) -> click.Choice:
+    from typing import get_args
+
+    return click.Choice(list(get_args(literal)))
+
+
+def _seeds(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+    try:
+        return parse_seeds(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
+def main(verbose: bool) -> None:
+    """modiff: quantized diffusion models, MoDiff and Q-Diffusion, measured end to end."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name or official .ckpt file.")
+@click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False), help="YAML config of a .ckpt.")
+@click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--spacing", type=_choices(Spacing), default="uniform", show_default=True, help="Timestep spacing.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
+@click.option("--seeds", default="0-63", show_default=True, callback=_seeds, help="e.g. 0-9999 or 0-9,100.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--precision", type=_choices(Precision), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
+@click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
+def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: str, eta: float,
+           seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
+           out: Path) -> None:
+    """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
+
+    \b
+    Examples:
+      modiff sample --seeds 0-63 --out data/runs/fp
+      modiff sample --preset w4a4-modiff --sampler dpm-solver --steps 20 --seeds 0-9,100 --out data/runs/q
+      modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
+    """
+    from modiff.generate import generate
+    from modiff.models.registry import load_model
+    from modiff.quant import presets, quantize, trajectory
+
+    try:
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, eta=eta, precision=precision)
+        net = load_model(model, config=model_config)
+        identity: dict = {"model": model, "config": model_config, "quant_preset": quant_preset}
+        prepare = None
+        if quant_preset is not None:
+            quant = presets[quant_preset]
+            net = quantize(net, quant)
+            identity["quant_config"] = quant.to_dict()
+            prepare = trajectory if quant.stateful else None
+        done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
+                        prepare=prepare)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"wrote {len(seeds)} samples to {done}")
+
+
+@main.command("presets")
+def presets_command() -> None:
+    """List the quantization presets as a table.
+
+    \b
+    Examples:
+      modiff presets
+      modiff presets | grep modiff
+    """
+    from modiff.quant import preset_table
+
+    rows = preset_table()
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    click.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        click.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+@main.command()
+@click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name, folder, or .ckpt.")
+@click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False), help="YAML config of a .ckpt.")
+@click.option("--preset", "quant_preset", default="fp", show_default=True, help="Quantization preset.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Steps of one trajectory.")
+@click.option("--per-layer", is_flag=True, help="Print every layer, not only the totals.")
+def bops(model: str, model_config: Optional[str], quant_preset: str, steps: int, per_layer: bool) -> None:
+    """MACs, BOPs (per step and per trajectory, per image) and MoDiff state memory.
+
+    \b
+    Examples:
+      modiff bops --preset w8a4-modiff
+      modiff bops --model model-790000.ckpt --config cifar10.yml --preset published-w8a3-modiff
+      modiff bops --preset cache3 --steps 20 --per-layer
+    """
+    import json
+
+    from modiff.models.registry import load_model
+    from modiff.quant import presets, quantize
+    from modiff.quant.bops import compute_report
+
+    try:
+        net = quantize(load_model(model, config=model_config), presets[quant_preset])
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
+    report = compute_report(net, steps)
+    if not per_layer:
+        report.pop("layers")
+    click.echo(json.dumps(report, indent=1))
+
+
+@main.group()
+def train() -> None:
+    """Train the embedded models (how the shipped weights were made)."""
+
+
+@train.command("ddim")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training directory (resumes).")
+@click.option("--iterations", type=int, default=30_000, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST idx files.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-compile", is_flag=True, help="Skip torch.compile.")
+def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Optional[str], device: str, no_compile: bool) -> None:
+    """Train fmnist-ddim: the DDIM CIFAR-10 UNet at ch 64 on Fashion-MNIST 32x32.
+
+    \b
+    Examples:
+      modiff train ddim --out data/train/fmnist-ddim --iterations 30000
+      modiff train ddim --out /tmp/smoke --iterations 50 --batch-size 8 --device cpu --no-compile
+    """
+    from modiff.generate import generate, resolve_device
+    from modiff.models.registry import load_model
+    from modiff.train import DDIMTrainConfig, train_ddim
+
+    try:
+        config = DDIMTrainConfig(iterations=iterations, batch_size=batch_size, compile=not no_compile)
+        dev = str(resolve_device(device))
+        export = train_ddim(config, out, Path(data_dir) if data_dir else None, dev)
+        generate(load_model(export), range(100), out / "samples-ddim100", SampleConfig(steps=100), device=dev, batch_size=100)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"EMA weights exported to {export}; 10x10 grid (100 DDIM steps) in {out / 'samples-ddim100'}")
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
+              help="quick: minutes on a CPU; paper: paper-scale sample counts (GPU).")
+@click.option("--model", default="fmnist-ddim", show_default=True)
+@click.option("--reports", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("data/runs"), show_default=True)
+@click.option("--notebook", "notebooks", multiple=True, help="Run only these notebooks (repeatable).")
+def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...]) -> None:
+    """Run every notebook with papermill and write reports/PRESET/ (the main job).
+
+    \b
+    Examples:
+      modiff reproduce
+      modiff reproduce --preset paper
+      modiff reproduce --notebook model_card --reports /tmp/reports
+    """
+    from modiff.reproduce import reproduce as run_all
+
+    try:
+        results = run_all(preset, model, reports, runs, notebooks or None)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    for r in results:
+        click.echo(f"{'ok    ' if r.ok else 'FAILED'} {r.name} ({r.seconds} s){'' if r.ok else ': ' + r.error.splitlines()[-1]}")
+    click.echo(f"index: {reports / preset / 'index.html'}")
+    if not all(r.ok for r in results):
+        raise SystemExit(1)

@@ -1,0 +1,1 @@
+"""Noise schedules, timestep sequences and samplers."""

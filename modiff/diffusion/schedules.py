@@ -1,0 +1,94 @@
+"""Noise schedules and timestep sequences.
+
+Notation: beta_t the forward-process variances, alpha_bar_t = prod_{s<=t} (1 - beta_s), t in 0..T-1.
+The sampling convention of the DDIM code is kept: a sequence of timesteps runs in descending order and
+each step goes from t to t_prev, the next smaller timestep, with t_prev = -1 (alpha_bar = 1) after the last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+
+__all__ = [
+    "NoiseSchedule",
+    "Spacing",
+    "linear_schedule",
+    "sqrt_linear_schedule",
+    "timesteps",
+]
+
+Spacing = Literal["uniform", "quad", "quad-unique"]
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """betas and alpha_bar as float32 tensors of shape (T,), on the CPU."""
+
+    betas: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b = self.betas
+        if b.ndim != 1 or len(b) < 2:
+            raise ValueError(f"betas must be a 1-D tensor of length >= 2, got shape {tuple(b.shape)}")
+        if not bool(((b > 0) & (b < 1)).all()):
+            raise ValueError("betas must lie strictly between 0 and 1")
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alpha_bar(self) -> torch.Tensor:
+        # float32 cumulative product, as the published DDIM code computes it.
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    def alpha_bar_at(self, t: int) -> float:
+        """alpha_bar_t as a Python float; t = -1 (past the last step) gives 1."""
+        if t == -1:
+            return 1.0
+        if not 0 <= t < self.num_timesteps:
+            raise ValueError(f"timestep {t} outside [-1, {self.num_timesteps - 1}]")
+        return float(self.alpha_bar[t])
+
+    def to_dict(self) -> dict[str, object]:
+        return {"num_timesteps": self.num_timesteps, "beta_first": float(self.betas[0]), "beta_last": float(self.betas[-1])}
+
+
+def linear_schedule(beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> NoiseSchedule:
+    """Betas linear in [beta_start, beta_end], computed in float64 then stored as float32 (as published)."""
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+    return NoiseSchedule(torch.from_numpy(betas).float())
+
+
+def sqrt_linear_schedule(linear_start: float = 0.0015, linear_end: float = 0.0195, num_timesteps: int = 1000) -> NoiseSchedule:
+    """The LDM 'linear' schedule: betas linear in sqrt space, squared (float64 then float32)."""
+    betas = np.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=np.float64) ** 2
+    return NoiseSchedule(torch.from_numpy(betas).float())
+
+
+def timesteps(steps: int, spacing: Spacing = "uniform", num_timesteps: int = 1000, offset: int = 0) -> tuple[int, ...]:
+    """Timesteps in sampling (descending) order.
+
+    - ``uniform``: range(0, T, T // S), as in the DDIM code (the LDM convention adds ``offset=1``).
+    - ``quad``: int(linspace(0, sqrt(0.8 T), S)^2), exactly as published: it starts at 0.8 T, not T - 1,
+      and may repeat timesteps (for S = 100 and T = 1000 it holds t = 0 four times). Repeats are real
+      model evaluations, kept so that published numbers can be reproduced.
+    - ``quad-unique``: the same sequence with repeats removed (fewer than S steps).
+    """
+    if spacing not in get_args(Spacing):
+        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(get_args(Spacing))}")
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    if spacing == "uniform":
+        seq = list(range(0, num_timesteps, num_timesteps // steps))
+    else:
+        seq = [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
+        if spacing == "quad-unique":
+            seq = sorted(set(seq))
+    seq = [s + offset for s in seq]
+    if seq[-1] >= num_timesteps:
+        raise ValueError(f"offset {offset} pushes timestep {seq[-1]} past T - 1 = {num_timesteps - 1}")
+    return tuple(reversed(seq))

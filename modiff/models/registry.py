@@ -1,0 +1,156 @@
+"""Loading models: embedded presets and official checkpoints, behind one `Denoiser` type."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from modiff.diffusion.schedules import NoiseSchedule, linear_schedule
+from modiff.models.ddim_unet import DDIMUNet, unet_config_from_yaml
+
+__all__ = ["Denoiser", "load_model", "MODEL_PRESETS", "data_dir", "load_state_dict_strict", "schedule_from_yaml"]
+
+log = logging.getLogger(__name__)
+
+
+def data_dir() -> Path:
+    """The repository's `data/` folder (embedded weights, reference statistics)."""
+    return Path(__file__).resolve().parents[2] / "data"
+
+
+class Denoiser(nn.Module):
+    """An eps-prediction network and its noise schedule: `model(x_t, t) -> eps`.
+
+    Layers live under `net`, so their qualified names read `net.down.0.block.0.conv1`.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, name: str, config: Mapping[str, Any]):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.name = name
+        self.source_config = dict(config)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.net.sample_shape
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "config": self.source_config, "parameters": sum(p.numel() for p in self.net.parameters())}
+
+
+MODEL_PRESETS: dict[str, str] = {
+    "fmnist-ddim": "fmnist-ddim",
+}
+
+
+def schedule_from_yaml(config: Mapping[str, Any]) -> NoiseSchedule:
+    diffusion = config.get("diffusion")
+    if diffusion is None:
+        raise ValueError("the config has no 'diffusion' section (beta_schedule, beta_start, beta_end, ...)")
+    kind = diffusion.get("beta_schedule", "linear")
+    if kind != "linear":
+        raise ValueError(f"beta_schedule {kind!r} is not supported; allowed: 'linear'")
+    return linear_schedule(
+        float(diffusion["beta_start"]), float(diffusion["beta_end"]), int(diffusion["num_diffusion_timesteps"])
+    )
+
+
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, config: Mapping[str, Any]) -> None:
+    """load_state_dict(strict=True) with an error naming the first mismatches and the expected config."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or wrong:
+        lines = [f"{what} does not match the model built from its config {dict(config)}:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+            if items:
+                more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+                lines.append(f"  {label} ({len(items)}): {', '.join(items[:5])}{more}")
+        lines.append("Check that the checkpoint and the YAML config belong together.")
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with path.open() as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} does not hold a YAML mapping")
+    return config
+
+
+def _official_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, (list, tuple)):  # the DDIM training code saves [model, optimizer, epoch, step, ema]
+        state = state[-1] if isinstance(state[-1], dict) and len(state) == 5 else state[0]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_shards(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update({k: v.float() for k, v in load_file(folder / name).items()})
+    return state
+
+
+def _load_folder(folder: Path, name: str) -> Denoiser:
+    """A folder written by `modiff train`: config.yaml (official layout) and safetensors shards."""
+    config = _read_yaml(folder / "config.yaml")
+    net = DDIMUNet(unet_config_from_yaml(config))
+    load_state_dict_strict(net, _load_shards(folder), f"model {name!r} ({folder})", config["model"])
+    return Denoiser(net.eval(), schedule_from_yaml(config), name, config)
+
+
+def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[str, Any]] = None) -> Denoiser:
+    """A preset name (see MODEL_PRESETS), a folder exported by `modiff train`, or an official DDIM
+    `.ckpt` plus its YAML config.
+
+    Returns a `Denoiser` in eval mode on the CPU: the network and its noise schedule.
+    """
+    key = str(name_or_path)
+    if key in MODEL_PRESETS:
+        if config is not None:
+            raise ValueError(f"preset {key!r} brings its own config; pass config=None")
+        folder = data_dir() / MODEL_PRESETS[key]
+        if not folder.is_dir():
+            raise FileNotFoundError(f"the weights of preset {key!r} are missing: expected the folder {folder}")
+        return _load_folder(folder, key)
+    path = Path(key)
+    if path.is_dir() and (path / "config.yaml").is_file():
+        return _load_folder(path, path.name)
+    if path.suffix not in {".ckpt", ".pt", ".pth", ".safetensors"}:
+        raise ValueError(
+            f"unknown model {key!r}: valid presets are {', '.join(sorted(MODEL_PRESETS))}, "
+            f"a folder exported by `modiff train`, or a checkpoint file (.ckpt, .pt, .pth, .safetensors) "
+            f"with config=its YAML"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if config is None:
+        raise ValueError(f"checkpoint {path} needs its YAML config: load_model(path, config='cifar10.yml')")
+    parsed = dict(config) if isinstance(config, Mapping) else _read_yaml(Path(config))
+    net = DDIMUNet(unet_config_from_yaml(parsed))
+    state = load_file(path) if path.suffix == ".safetensors" else _official_state_dict(path)
+    load_state_dict_strict(net, state, f"checkpoint {path}", parsed["model"])
+    return Denoiser(net.eval(), schedule_from_yaml(parsed), path.stem, parsed)

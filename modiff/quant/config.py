@@ -1,0 +1,105 @@
+"""Typed, frozen quantization configs.
+
+A `QuantConfig` says which layers are quantized, how their weights and input activations are quantized,
+and how the layer computes across sampling steps (`mode`):
+
+- ``fp``: full precision (selected layers are wrapped but compute exactly);
+- ``direct``: o_t = A_q(Q(a_t)) + b, the PTQ baseline;
+- ``modulated``: MoDiff. With ``compensation`` (error feedback): r_t = a_t - a_hat_{t+1},
+  a_hat_t = a_hat_{t+1} + Q(r_t), o_hat_t = o_hat_{t+1} + A_q(Q(r_t)). Without it ("standard modulation"):
+  r_t = a_t - a_{t+1} and the rounding errors of all past residuals add up;
+- ``cache``: modulated with Q = 0 ("0 bits") except every ``cache_interval``-th step, which refreshes
+  (with the activation quantizer, or exactly if ``activation`` is None).
+
+The first ``warmup_steps`` calls of a modulated/cached layer run on full-precision activations
+(a_hat = a, o_hat = A_q(a) + b): the bias enters once, there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional, get_args
+
+from modiff.quant.primitives import QuantSpec
+
+__all__ = ["Mode", "ResetPolicy", "WeightMethod", "Observer", "WeightQuant", "ActQuant", "QuantConfig"]
+
+Mode = Literal["fp", "direct", "modulated", "cache"]
+ResetPolicy = Literal["per_trajectory", "per_step"]
+WeightMethod = Literal["minmax", "mse"]
+Observer = Literal["minmax", "ema", "percentile", "mse"]
+LayerType = Literal["Conv1d", "Conv2d", "Linear"]
+
+
+def _check(value: object, literal: Any, name: str) -> None:
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Weights: quantized once, per output channel by default (min-max or an MSE range search)."""
+
+    spec: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity="channel", channel_axis=0))
+    method: WeightMethod = "minmax"
+
+    def __post_init__(self) -> None:
+        _check(self.method, WeightMethod, "weight method")
+        if self.spec.bits == 0:
+            raise ValueError("weights cannot have 0 bits; use activation bits 0 for caching")
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Input activations: dynamic (qparams from the current tensor) or static (from calibration)."""
+
+    spec: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity="sample"))
+    dynamic: bool = True
+    observer: Observer = "minmax"
+
+    def __post_init__(self) -> None:
+        _check(self.observer, Observer, "observer")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight: Optional[WeightQuant] = field(default_factory=WeightQuant)
+    activation: Optional[ActQuant] = field(default_factory=ActQuant)
+    mode: Mode = "direct"
+    compensation: bool = True
+    warmup_steps: int = 1
+    cache_interval: int = 0
+    layer_types: tuple[LayerType, ...] = ("Conv1d", "Conv2d", "Linear")
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    quantize_attention: bool = False
+    attention_bits: int = 8
+    split_shortcut: bool = False
+    reset: ResetPolicy = "per_trajectory"
+
+    def __post_init__(self) -> None:
+        _check(self.mode, Mode, "mode")
+        _check(self.reset, ResetPolicy, "reset")
+        for t in self.layer_types:
+            _check(t, LayerType, "layer type")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.mode in ("modulated", "cache") and self.warmup_steps < 1:
+            raise ValueError("modulated and cache modes need warmup_steps >= 1: the first step sets a_hat and o_hat")
+        if self.mode == "cache" and self.cache_interval < 1:
+            raise ValueError(f"mode 'cache' needs cache_interval >= 1 (refresh every N steps), got {self.cache_interval}")
+        if self.mode != "cache" and self.cache_interval:
+            raise ValueError(f"cache_interval only applies to mode 'cache' (got mode {self.mode!r})")
+        if self.quantize_attention and not 2 <= self.attention_bits <= 16:
+            raise ValueError(f"attention_bits must be in [2, 16], got {self.attention_bits}")
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the quantized model keeps cross-step state (and so needs `trajectory()`)."""
+        return self.mode in ("modulated", "cache")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (for manifests)."""
+        from dataclasses import asdict
+
+        return {f.name: asdict(self)[f.name] for f in fields(self)}

@@ -1,0 +1,104 @@
+"""Named quantization presets: `modiff.presets[name]` is a `QuantConfig`.
+
+- ``fp``: every Conv/Linear wrapped, computing exactly (a baseline with the same code path).
+- ``wXaY``: direct dynamic quantization: activations asymmetric per sample (batch-independent), weights
+  asymmetric per output channel, min-max. ``wXa32``: weights only.
+- ``wXaY-modiff``: the same quantizers, modulated with error compensation, one full-precision warm-up step.
+- ``wXaY-modiff-noec``: modulated without error compensation ("standard modulation").
+- ``published-wXaY`` / ``published-wXaY-modiff``: the published code's numerics: dynamic symmetric
+  activations with its clamp [-2^(b-1), 2^(b-1) - 1] and ONE scale for the whole batch tensor, per-channel
+  min-max weights, every Conv/Linear (time embedding, first and last layer included), attention core in
+  full precision, split shortcut on.
+- ``cacheN`` / ``cacheN-noec``: full-precision layers that reuse their output and refresh every N steps,
+  with and without carrying the skipped residual (Figure 1a).
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping
+
+from modiff.quant.config import ActQuant, QuantConfig, WeightQuant
+from modiff.quant.primitives import QuantSpec
+
+__all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS"]
+
+WEIGHT_BITS = (8, 4)
+ACT_BITS = (8, 6, 4, 3, 2)
+CACHE_INTERVALS = (2, 3, 5, 10)
+
+
+def _weights(bits: int) -> WeightQuant:
+    return WeightQuant(QuantSpec(bits=bits, granularity="channel", channel_axis=0))
+
+
+def _acts(bits: int, published: bool = False) -> ActQuant:
+    if published:
+        return ActQuant(QuantSpec(bits=bits, scheme="symmetric-published", granularity="tensor"))
+    return ActQuant(QuantSpec(bits=bits, granularity="sample"))
+
+
+def _build() -> dict[str, QuantConfig]:
+    table: dict[str, QuantConfig] = {"fp": QuantConfig(weight=None, activation=None, mode="fp")}
+    for w in WEIGHT_BITS:
+        table[f"w{w}a32"] = QuantConfig(weight=_weights(w), activation=None, mode="direct")
+        for a in ACT_BITS:
+            base = QuantConfig(weight=_weights(w), activation=_acts(a), mode="direct")
+            table[f"w{w}a{a}"] = base
+            table[f"w{w}a{a}-modiff"] = QuantConfig(weight=_weights(w), activation=_acts(a), mode="modulated")
+            table[f"w{w}a{a}-modiff-noec"] = QuantConfig(
+                weight=_weights(w), activation=_acts(a), mode="modulated", compensation=False
+            )
+            published = dict(weight=_weights(w), activation=_acts(a, published=True), split_shortcut=True)
+            table[f"published-w{w}a{a}"] = QuantConfig(**published, mode="direct")
+            table[f"published-w{w}a{a}-modiff"] = QuantConfig(**published, mode="modulated")
+    for n in CACHE_INTERVALS:
+        table[f"cache{n}"] = QuantConfig(weight=None, activation=None, mode="cache", cache_interval=n)
+        table[f"cache{n}-noec"] = QuantConfig(
+            weight=None, activation=None, mode="cache", cache_interval=n, compensation=False
+        )
+    return table
+
+
+class UnknownPresetError(KeyError, ValueError):
+    """An unknown preset name; the message lists the valid ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Presets(Mapping[str, QuantConfig]):
+    """Read-only name -> QuantConfig; an unknown name lists the valid ones."""
+
+    def __init__(self, table: dict[str, QuantConfig]):
+        self._table = MappingProxyType(table)
+
+    def __getitem__(self, name: str) -> QuantConfig:
+        if name not in self._table:
+            raise UnknownPresetError(f"unknown quantization preset {name!r}; valid presets: {', '.join(self._table)}")
+        return self._table[name]
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+presets: Mapping[str, QuantConfig] = _Presets(_build())
+
+
+def preset_table() -> list[dict[str, object]]:
+    """One row per preset, for `modiff presets`."""
+    rows = []
+    for name, c in presets.items():
+        act = c.activation
+        rows.append({
+            "preset": name,
+            "mode": c.mode + ("" if c.compensation or c.mode in ("fp", "direct") else " (no EC)"),
+            "weights": "fp" if c.weight is None else f"{c.weight.spec.bits}b {c.weight.spec.scheme} per-{c.weight.spec.granularity}",
+            "activations": "fp" if act is None else f"{act.spec.bits}b {act.spec.scheme} per-{act.spec.granularity} {'dynamic' if act.dynamic else 'static'}",
+            "warmup": c.warmup_steps if c.stateful else "-",
+            "cache_every": c.cache_interval or "-",
+            "split_shortcut": c.split_shortcut,
+        })
+    return rows

@@ -1,0 +1,132 @@
+"""`modiff reproduce`: run every notebook with papermill for a preset and index what it wrote.
+
+reports/<preset>/
+    index.md, index.html     links to every notebook, figure and table, with run status
+    notebooks/NAME.ipynb     executed notebooks; NAME.html without input cells
+    figures/*.png|pdf        written by analysis.style.save
+    tables/*.csv|md
+A failed notebook is reported with its error and does not stop the others; run directories under
+data/runs/<preset>/ are reused, so a re-run only computes what is missing.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args
+
+from modiff.runs import environment, write_json
+
+__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "reproduce", "notebook_dir"]
+
+log = logging.getLogger(__name__)
+
+PresetName = Literal["quick", "paper"]
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    """Sizes handed to every notebook as papermill parameters."""
+
+    name: PresetName
+    num_samples: int
+    steps: int
+    device: str = "auto"
+    batch_size: int = 64
+
+
+REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
+    "quick": ReproducePreset("quick", num_samples=16, steps=20),
+    "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512),
+}
+
+NOTEBOOKS: tuple[str, ...] = ("model_card",)
+
+
+def notebook_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+    outputs: list[str] = field(default_factory=list)
+
+
+def _export_html(executed: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(exclude_input=True).from_notebook_node(nbformat.read(executed, as_version=4))
+    executed.with_suffix(".html").write_text(body)
+
+
+def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookResult:
+    import papermill
+
+    source = notebook_dir() / f"{name}.ipynb"
+    executed = out_dir / "notebooks" / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    try:
+        papermill.execute_notebook(str(source), str(executed), parameters=parameters, progress_bar=False,
+                                   cwd=str(notebook_dir().parent), kernel_name="python3")
+        _export_html(executed)
+        return NotebookResult(name, True, round(time.time() - start, 1))
+    except Exception as err:  # a failing notebook must not stop the others; the error goes in the index
+        log.error("notebook %s failed: %s", name, err)
+        return NotebookResult(name, False, round(time.time() - start, 1), error=str(err).strip()[-2000:])
+
+
+def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
+    folder = out_dir / sub
+    return sorted(str(p.relative_to(out_dir)) for pat in patterns for p in folder.glob(pat)) if folder.is_dir() else []
+
+
+def _write_index(out_dir: Path, preset: ReproducePreset, results: list[NotebookResult]) -> None:
+    figures = _links(out_dir, "figures", ["*.png"])
+    tables = _links(out_dir, "tables", ["*.md"])
+    lines = [f"# modiff reports: preset `{preset.name}`", "", "| notebook | status | seconds |", "| --- | --- | --- |"]
+    for r in results:
+        status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
+        link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
+        lines.append(f"| {link} | {status} | {r.seconds} |")
+    lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figures]
+    lines += ["", "## Tables", ""] + [f"- [{t}]({t})" for t in tables]
+    (out_dir / "index.md").write_text("\n".join(lines) + "\n")
+    items = "".join(f'<li><a href="{html.escape(f)}">{html.escape(f)}</a></li>' for f in figures + tables)
+    rows = "".join(
+        f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
+        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
+        for r in results
+    )
+    (out_dir / "index.html").write_text(
+        f"<html><head><meta charset='utf-8'><title>modiff {preset.name}</title></head><body>"
+        f"<h1>modiff reports: {preset.name}</h1><table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
+    )
+
+
+def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: str | Path = "reports",
+              runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None) -> list[NotebookResult]:
+    """Execute the notebooks into reports_dir/<preset>/ and write the index; returns per-notebook results."""
+    if preset not in REPRODUCE_PRESETS:
+        raise ValueError(f"unknown reproduce preset {preset!r}; allowed: {', '.join(get_args(PresetName))}")
+    chosen = list(notebooks or NOTEBOOKS)
+    unknown = [n for n in chosen if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebooks {unknown}; allowed: {', '.join(NOTEBOOKS)}")
+    spec = REPRODUCE_PRESETS[preset]
+    out_dir = Path(reports_dir).resolve() / preset
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / preset),
+                  **{k: v for k, v in asdict(spec).items() if k != "name"}}
+    results = [_run_one(name, parameters, out_dir) for name in chosen]
+    _write_index(out_dir, spec, results)
+    write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
+                "notebooks": [asdict(r) for r in results]}, out_dir / "manifest.json")
+    return results

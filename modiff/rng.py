@@ -1,0 +1,64 @@
+"""Per-seed random streams: the noise of sample `seed` depends only on `seed`.
+
+Every sample owns a CPU `torch.Generator` seeded with its seed. The initial noise x_T and every later
+draw (DDIM with eta > 0, DDPM) come from that stream, on the CPU, so an image does not depend on the batch
+size, its position in the batch, the number of devices or the device type.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+
+__all__ = ["SeedStreams", "noise", "parse_seeds"]
+
+
+class SeedStreams:
+    """One generator per sample; `randn(shape)` returns a (B, *shape) tensor drawn per sample."""
+
+    def __init__(self, seeds: Iterable[int]):
+        self.seeds = [int(s) for s in seeds]
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative, got {min(self.seeds)}")
+        self._generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self._generators]
+        out = torch.stack(draws)
+        if torch.device(device).type == "cuda":
+            out = out.pin_memory().to(device, non_blocking=True)
+        return out.to(device=device, dtype=dtype)
+
+
+def noise(seeds: Iterable[int], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """x_T for the given seeds: (len(seeds), *shape), the first draw of each seed's stream."""
+    return SeedStreams(seeds).randn(shape, device=device)
+
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-63' -> [0..63]; '0-9,100' -> [0..9, 100]. Ranges are inclusive; duplicates are refused."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        match = _RANGE.match(part.strip())
+        if not match:
+            raise ValueError(
+                f"malformed seed spec {spec!r} at {part!r}: use comma-separated integers or "
+                f"inclusive ranges, for example '0-63' or '0-9,100'"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"malformed seed range {part!r}: the end {last} is before the start {first}")
+        seeds.extend(range(first, last + 1))
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seed spec {spec!r} names some seeds more than once")
+    return seeds
