@@ -64,11 +64,11 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
 
     try:
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, eta=eta, precision=precision)
+        quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
         net = load_model(model, config=model_config)
         identity: dict = {"model": model, "config": model_config, "quant_preset": quant_preset}
         prepare = None
-        if quant_preset is not None:
-            quant = presets[quant_preset]
+        if quant is not None:
             net = quantize(net, quant)
             identity["quant_config"] = quant.to_dict()
             prepare = trajectory if quant.stateful else None
@@ -120,7 +120,8 @@ def bops(model: str, model_config: Optional[str], quant_preset: str, steps: int,
     from modiff.quant.bops import compute_report
 
     try:
-        net = quantize(load_model(model, config=model_config), presets[quant_preset])
+        quant = presets[quant_preset]
+        net = quantize(load_model(model, config=model_config), quant)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err
     report = compute_report(net, steps)

@@ -129,6 +129,7 @@ def generate(
     samples_dir = ensure_writable_dir(out / "samples")
     dev = resolve_device(device)
     ident = {"model": identity or {"name": getattr(model, "name", type(model).__name__)}, "sample": asdict(config)}
+    ident = json.loads(json.dumps(ident, default=str))  # as the manifest stores it (tuples -> lists), so resumes match
     manifest = _check_manifest(out, ident)
     todo = [s for s in seeds if not _png(samples_dir, s).exists()]
     log.info("%d of %d seeds to sample into %s", len(todo), len(seeds), out)

@@ -119,7 +119,7 @@ def _load_folder(folder: Path, name: str) -> Denoiser:
     config = _read_yaml(folder / "config.yaml")
     net = DDIMUNet(unet_config_from_yaml(config))
     load_state_dict_strict(net, _load_shards(folder), f"model {name!r} ({folder})", config["model"])
-    return Denoiser(net.eval(), schedule_from_yaml(config), name, config)
+    return Denoiser(net, schedule_from_yaml(config), name, config).eval()
 
 
 def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[str, Any]] = None) -> Denoiser:
@@ -153,4 +153,4 @@ def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[s
     net = DDIMUNet(unet_config_from_yaml(parsed))
     state = load_file(path) if path.suffix == ".safetensors" else _official_state_dict(path)
     load_state_dict_strict(net, state, f"checkpoint {path}", parsed["model"])
-    return Denoiser(net.eval(), schedule_from_yaml(parsed), path.stem, parsed)
+    return Denoiser(net, schedule_from_yaml(parsed), path.stem, parsed).eval()

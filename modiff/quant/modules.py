@@ -18,7 +18,7 @@ from modiff.quant.modulated import LayerState
 from modiff.quant.observers import make_observer
 from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
 
-__all__ = ["ActQuantizer", "QuantLayer", "QuantAttentionCore", "quantize_weight"]
+__all__ = ["ActQuantizer", "QuantLayer", "QuantAttentionCore", "quantize_weight", "residual_step"]
 
 
 def _split(x: torch.Tensor, split: Optional[int]) -> list[torch.Tensor]:
@@ -67,11 +67,10 @@ class ActQuantizer(nn.Module):
                 obs.update(part.detach())
             return x
         if self.config.dynamic:
-            out = [quantize_dynamic(p, self.spec) for p in parts]
-        else:
-            if not self.scales:
-                raise RuntimeError("static activation quantizer has no qparams: run modiff.calibrate(...) first")
-            out = [fake_quantize(p, s, z, self.spec) for p, s, z in zip(parts, self.scales, self.zero_points)]
+            return quantize_dynamic_split(x, self.spec, self.split)
+        if not self.scales:
+            raise RuntimeError("static activation quantizer has no qparams: run modiff.calibrate(...) first")
+        out = [fake_quantize(p, s, z, self.spec) for p, s, z in zip(parts, self.scales, self.zero_points)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
@@ -84,6 +83,42 @@ def _linear_op(layer: nn.Module) -> Callable[..., torch.Tensor]:
         conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
         return partial(conv, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
     raise TypeError(f"cannot quantize {type(layer).__name__}; supported: Conv1d, Conv2d, Linear")
+
+
+def quantize_dynamic_split(x: torch.Tensor, spec: QuantSpec, split: Optional[int]) -> torch.Tensor:
+    """Dynamic Q of x, with the two channel halves quantized separately when `split` is set."""
+    parts = [quantize_dynamic(p, spec) for p in _split(x, split)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _fused_residual_step(x: torch.Tensor, a_hat: torch.Tensor, spec: Optional[QuantSpec], split: Optional[int],
+                         compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.float()
+    residual = x - a_hat
+    q = residual if spec is None else quantize_dynamic_split(residual, spec, split)
+    return q, (a_hat + q if compensation else x)
+
+
+_COMPILED: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def residual_step(x: torch.Tensor, a_hat: torch.Tensor, act: Optional[ActQuantizer],
+                  compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """r = a_t - a_hat, q = Q(r); returns q and the next a_hat (a_hat + q with error feedback, else a_t).
+
+    For dynamic quantizers on CUDA this is one compiled kernel per (spec, split): subtraction, range
+    reduction, quantization and the a_hat update fused, with no host synchronisation.
+    """
+    if act is not None and (act.observing or not act.config.dynamic):
+        x = x.float()
+        q = act(x - a_hat)
+        return q, (a_hat + q if compensation else x)
+    spec, split = (None, None) if act is None else (act.spec, act.split)
+    if not x.is_cuda:
+        return _fused_residual_step(x, a_hat, spec, split, compensation)
+    if "residual" not in _COMPILED:
+        _COMPILED["residual"] = torch.compile(_fused_residual_step, dynamic=True)
+    return _COMPILED["residual"](x, a_hat, spec, split, compensation)
 
 
 class QuantLayer(nn.Module):
@@ -126,26 +161,24 @@ class QuantLayer(nn.Module):
         return self.config.mode != "cache" or step % self.config.cache_interval == 0
 
     def _modulated(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
+        # The state is kept in float32 also under bf16 autocast: o_hat sums 100 steps of increments.
         step = state.calls
         state.calls += 1
         if step < self.config.warmup_steps:
-            state.a_hat = x
-            state.o_hat = self.op(x, self.weight_q, self.bias)
+            state.a_hat = x.float()
+            state.o_hat = self.op(x, self.weight_q, self.bias).float()
             return state.o_hat
         if x.shape != state.a_hat.shape:
             raise RuntimeError(
                 f"layer {self.name}: input shape {tuple(x.shape)} differs from the previous step's "
                 f"{tuple(state.a_hat.shape)}; the batch must stay the same within one trajectory"
             )
-        residual = x - state.a_hat
         if not self._refreshes(step):
             if not self.config.compensation:
-                state.a_hat = x  # the skipped residual is dropped: no error feedback
+                state.a_hat = x.float()  # the skipped residual is dropped: no error feedback
             return state.o_hat
-        q = self._quantize_input(residual)
-        # With compensation a_hat tracks the quantized input (error feedback); without, the exact input.
-        state.a_hat = state.a_hat + q if self.config.compensation else x
-        state.o_hat = state.o_hat + self.op(q, self.weight_q, None)
+        q, state.a_hat = residual_step(x, state.a_hat, self.act, self.config.compensation)
+        state.o_hat = state.o_hat + self.op(q, self.weight_q, None).float()
         return state.o_hat
 
 

@@ -197,6 +197,15 @@ class PercentileObserver(Observer):
         super().reset()
         self._sum_low = self._sum_high = None
 
+    def _levels(self, rows: Tensor) -> Tensor:
+        """(2,) quantile levels on the data's device, made once (no copy per batch)."""
+        levels: Optional[Tensor] = getattr(self, "_levels_cache", None)
+        if levels is None or levels.device != rows.device or levels.dtype != rows.dtype:
+            fraction = self.percentile / 100.0
+            levels = torch.tensor([1.0 - fraction, fraction], dtype=rows.dtype).to(rows.device)
+            self._levels_cache = levels
+        return levels
+
     def update(self, x: Tensor) -> None:
         b_min, _ = self._batch_range(x)  # checks granularity and shapes; gives the keepdim shape
         rows = self._rows(x.detach()).to(b_min.dtype)  # (G, n)
@@ -205,8 +214,7 @@ class PercentileObserver(Observer):
             gen = self._generator(rows.device, self.seed)
             cols = torch.randint(rows.shape[1], (per_group,), generator=gen, device=rows.device)
             rows = rows[:, cols]  # (G, per_group)
-        q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], dtype=rows.dtype, device=rows.device)
-        low, high = torch.quantile(rows, q, dim=1)  # (G,) each
+        low, high = torch.quantile(rows, self._levels(rows), dim=1)  # (G,) each
         low, high = low.reshape(b_min.shape), high.reshape(b_min.shape)
         if self._sum_low is None or self._sum_high is None:
             self._sum_low, self._sum_high = low, high

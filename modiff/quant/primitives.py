@@ -175,7 +175,7 @@ def reduce_dims(x: Tensor, spec: QuantSpec) -> tuple[int, ...]:
     if spec.granularity == "channel":
         return tuple(d for d in dims if d != axis)
     if spec.granularity == "token":
-        return (axis,)
+        return tuple(d for d in dims if d != axis)
     # group: in the grouped view the channel axis becomes (group index at `axis`, member at `axis + 1`)
     return tuple(d for d in range(x.ndim + 1) if d not in (0, axis))
 
@@ -315,15 +315,17 @@ def lp_search_qparams(
         raise ValueError(f"grid must be an int >= 2, got {grid!r}")
     if spec.bits == 0:
         return qparams_from_range(x_min, x_max, spec)
-    factors = [1.0 - i / grid for i in range(max(1, int(0.8 * grid)))]
-    errors = []
-    for factor in factors:
+    scales, zero_points, errors = [], [], []
+    for i in range(max(1, int(0.8 * grid))):
+        factor = 1.0 - i / grid
         scale, zero_point = qparams_from_range(x_min * factor, x_max * factor, spec)
         err = (x - fake_quantize(x, scale, zero_point, spec)).abs().pow(p)
-        errors.append(_reduce(err.to(scale.dtype), spec, torch.sum))  # keepdim, like x_min
-    best = torch.stack(errors).argmin(dim=0)  # (*keepdim): index of the best factor per group
-    best_factor = torch.tensor(factors, dtype=_param_dtype(x_min), device=x_min.device)[best]
-    return qparams_from_range(x_min * best_factor, x_max * best_factor, spec)
+        scales.append(scale)
+        zero_points.append(zero_point)
+        errors.append(_reduce(err.to(scale.dtype), spec, torch.sum))  # (*keepdim), like x_min
+    best = torch.stack(errors).argmin(dim=0, keepdim=True)  # (1, *keepdim): first best candidate
+    scale = torch.stack(scales).gather(0, best).squeeze(0)
+    return scale, torch.stack(zero_points).gather(0, best).squeeze(0)
 
 
 def weight_qparams(

@@ -1,0 +1,179 @@
+"""quantize(), layer selection, presets, split shortcut, static calibration, attention, BOPs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import modiff as md
+from modiff.cli import main
+from modiff.models.ddim_unet import DDIMUNetConfig, ddim_unet_from_config
+from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, select_layers, trajectory
+from modiff.quant.bops import bops_table, measure_macs, modiff_state_bytes
+from modiff.quant.calibrate import CalibrationConfig, calibrate, collect_calibration_inputs
+from modiff.quant.modules import QuantAttentionCore, QuantLayer, quantize_weight
+from modiff.models.ddim_unet import AttentionCore
+
+
+def test_quantize_returns_copy_and_leaves_fp_untouched(tiny_denoiser: md.Denoiser) -> None:
+    before = {k: v.clone() for k, v in tiny_denoiser.state_dict().items()}
+    qmodel = quantize(tiny_denoiser, presets["w4a4"])
+    assert not any(isinstance(m, QuantLayer) for m in tiny_denoiser.modules())
+    assert all(torch.equal(before[k], v) for k, v in tiny_denoiser.state_dict().items())
+    assert sum(isinstance(m, QuantLayer) for m in qmodel.modules()) == len(select_layers(tiny_denoiser, presets["w4a4"]))
+
+
+def test_cifar10_unet_has_113_quantizable_layers() -> None:
+    """Every Conv2d/Linear of the CIFAR-10 UNet is selected, as in the published MoDiff code."""
+    with torch.device("meta"):
+        net = ddim_unet_from_config({"model": {"ch": 128, "out_ch": 3, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2,
+                                               "attn_resolutions": [16], "in_channels": 3},
+                                     "data": {"image_size": 32}})
+    assert len(select_layers(net, presets["w8a8"])) == 113
+
+
+def test_layer_selection_by_pattern(tiny_denoiser: md.Denoiser) -> None:
+    config = QuantConfig(include=("net.down.*",), exclude=("*.temb_proj",))
+    names = select_layers(tiny_denoiser, config)
+    assert names and all(n.startswith("net.down.") and not n.endswith("temb_proj") for n in names)
+    with pytest.raises(ValueError, match="no layer matched"):
+        quantize(tiny_denoiser, QuantConfig(include=("nothing.*",)))
+
+
+def test_presets_and_unknown_name() -> None:
+    for w in (8, 4):
+        for a in (8, 6, 4, 3, 2):
+            for suffix in ("", "-modiff", "-modiff-noec"):
+                assert f"w{w}a{a}{suffix}" in presets
+            assert f"published-w{w}a{a}" in presets and f"published-w{w}a{a}-modiff" in presets
+    assert presets["w4a4-modiff"].mode == "modulated" and presets["w4a4-modiff"].compensation
+    assert not presets["w4a4-modiff-noec"].compensation
+    published = presets["published-w4a4-modiff"]
+    assert published.activation.spec.scheme == "symmetric-published"
+    assert published.activation.spec.granularity == "tensor" and published.split_shortcut
+    with pytest.raises(KeyError, match="valid presets: fp, w8a32"):
+        presets["w5a5"]
+
+
+@pytest.mark.parametrize("name", ["fp", "w8a8", "w4a4-modiff", "w8a3-modiff-noec", "published-w4a4-modiff", "cache3"])
+def test_presets_sample_finite(tiny_denoiser: md.Denoiser, name: str) -> None:
+    qmodel = quantize(tiny_denoiser, presets[name])
+    x_T = md.noise(range(2), tiny_denoiser.sample_shape)
+    if presets[name].stateful:
+        with trajectory(qmodel):
+            out = md.sample_ddim(qmodel, x_T, md.timesteps(4))
+    else:
+        out = md.sample_ddim(qmodel, x_T, md.timesteps(4))
+    assert torch.isfinite(out).all()
+
+
+def test_invalid_configs() -> None:
+    with pytest.raises(ValueError, match="mode must be one of fp, direct, modulated, cache"):
+        QuantConfig(mode="magic")
+    with pytest.raises(ValueError, match="cache_interval"):
+        QuantConfig(mode="cache")
+    with pytest.raises(ValueError, match="warmup_steps >= 1"):
+        QuantConfig(mode="modulated", warmup_steps=0)
+    with pytest.raises(ValueError, match="0 bits"):
+        WeightQuant(QuantSpec(bits=0))
+    with pytest.raises(TypeError, match="QuantConfig"):
+        quantize(nn.Linear(2, 2), "w4a4")
+
+
+def test_weights_quantized_once_per_output_channel() -> None:
+    """weight_q is computed at quantize() time: per output channel, at most 2^b levels each."""
+    layer = QuantLayer(nn.Conv2d(4, 6, 3), presets["w4a8"], "c")
+    for w in layer.weight_q:
+        assert len(torch.unique(w)) <= 16
+    before = layer.weight_q.clone()
+    layer(torch.randn(2, 4, 8, 8))
+    assert torch.equal(layer.weight_q, before)
+
+
+def test_split_shortcut_quantizes_halves_separately(tiny_denoiser: md.Denoiser) -> None:
+    """Split layers get two qparam sets: a half with a 100x smaller range keeps its resolution."""
+    splits = tiny_denoiser.net.concat_splits()
+    assert "up.0.block.0.conv1" in splits and "up.1.block.1.nin_shortcut" in splits
+    spec = QuantSpec(bits=4, granularity="tensor")
+    layer = QuantLayer(nn.Conv2d(8, 2, 1), QuantConfig(activation=ActQuant(spec), split_shortcut=True), "c", split=4)
+    x = torch.cat([100 * torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)], dim=1)
+    q = layer.act(x)
+    assert (q[:, 4:] - x[:, 4:]).abs().max() < 0.5  # one scale for both halves would round it all to ~0
+    w = torch.cat([10 * torch.randn(3, 2, 1, 1), torch.randn(3, 2, 1, 1)], dim=1)
+    wq = quantize_weight(w, WeightQuant(QuantSpec(bits=4, granularity="channel", channel_axis=0)), split=2)
+    torch.testing.assert_close(wq[:, 2:], quantize_weight(w[:, 2:], WeightQuant(QuantSpec(bits=4, granularity="channel", channel_axis=0))))
+
+
+def test_per_tensor_scales_depend_on_the_batch(tiny_denoiser: md.Denoiser) -> None:
+    """Sample 0's output depends on its batch-mates with per-tensor scales, not with per-sample ones."""
+    x = torch.randn(4, 1, 16, 16)
+    x2 = torch.cat([x[:1], 5 * torch.randn(3, 1, 16, 16)])
+    t = torch.full((4,), 500)
+    change = {}
+    for name in ("published-w8a4", "w8a4"):
+        q = quantize(tiny_denoiser, presets[name])
+        ref = q(x, t)[0]
+        change[name] = float((q(x2, t)[0] - ref).norm() / ref.norm())
+    assert change["w8a4"] < 1e-3 < 0.05 < change["published-w8a4"], change
+
+
+def test_static_calibration_path(tiny_denoiser: md.Denoiser) -> None:
+    """Static min-max qparams from fp trajectories; uncalibrated static layers refuse to run."""
+    static = ActQuant(QuantSpec(bits=8, granularity="tensor"), dynamic=False)
+    qmodel = quantize(tiny_denoiser, QuantConfig(weight=None, activation=static))
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(6)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        md.sample_ddim(qmodel, x_T, ts)
+    inputs = collect_calibration_inputs(tiny_denoiser, range(4), CalibrationConfig(calib_steps=3, steps=6), torch.device("cpu"))
+    assert len(inputs.t) == 3 and inputs.x[0].shape == (4, 1, 16, 16)
+    calibrate(qmodel, inputs)
+    x, t = inputs.x[1].float(), torch.full((4,), inputs.t[1])
+    ref = tiny_denoiser(x, t)
+    assert (qmodel(x, t) - ref).norm() / ref.norm() < 0.1
+    modulated = quantize(tiny_denoiser, QuantConfig(weight=None, activation=static, mode="modulated"))
+    calibrate(modulated, inputs)
+    with trajectory(modulated):
+        out = md.sample_ddim(modulated, x_T, ts)
+    assert torch.isfinite(out).all()
+
+
+def test_quantized_attention_core_matches_at_16_bits() -> None:
+    q, k, v = (torch.randn(2, 8, 4, 4) for _ in range(3))
+    torch.testing.assert_close(QuantAttentionCore(16)(q, k, v), AttentionCore()(q, k, v), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(QuantAttentionCore(3)(q, k, v), AttentionCore()(q, k, v), atol=1e-3)
+
+
+class _Tiny(nn.Module):
+    """conv 2->3 (3x3, pad 1) on 4x4, then a linear 48->5: hand-countable MACs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_bops_by_hand() -> None:
+    """MACs: conv 3*4*4 outputs x 2*3*3 = 864, linear 5 x 48 = 240; BOPs = MACs x 8 x 4 per step;
+    over 10 steps with one fp warm-up step: MACs x 8 x (32 + 9 x 4); state = (in + out) x 4 bytes."""
+    model = quantize(_Tiny(), QuantConfig(weight=WeightQuant(QuantSpec(bits=8, granularity="channel", channel_axis=0)),
+                                          activation=ActQuant(QuantSpec(bits=4, granularity="sample")), mode="modulated"))
+    costs, attention = measure_macs(model, torch.zeros(1, 2, 4, 4), torch.zeros(1, dtype=torch.long))
+    assert [(c.name, c.macs) for c in costs] == [("conv", 864), ("fc", 240)] and attention == 0
+    rows = bops_table(model, costs, steps=10)
+    assert [r["bops_per_step"] for r in rows] == [864 * 32, 240 * 32]
+    assert rows[0]["bops_per_trajectory"] == 864 * 8 * (32 + 9 * 4)
+    assert modiff_state_bytes(model, costs) == ((32 + 48) + (48 + 5)) * 4
+
+
+def test_cli_presets_and_bops(tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["presets"])
+    assert result.exit_code == 0 and "w4a4-modiff" in result.output and "symmetric-published" in result.output
+    result = runner.invoke(main, ["bops", "--preset", "nope"])
+    assert result.exit_code != 0 and "valid presets" in result.output

@@ -1,0 +1,177 @@
+"""MoDiff layers: exactness, the error-feedback identity, the random walk without it, caching, resets."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import modiff as md
+from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
+from modiff.quant.modules import QuantLayer
+from modiff.quant.primitives import quantize_dynamic
+
+
+def _single_layer(config: QuantConfig, kind: str = "conv") -> QuantLayer:
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, 3, padding=1) if kind == "conv" else nn.Linear(6, 4)
+    return QuantLayer(layer, config, "layer")
+
+
+def _inputs(steps: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """A smooth random trajectory: consecutive inputs differ by small steps, as in sampling."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    out = []
+    for _ in range(steps):
+        x = x + 0.1 * torch.randn(shape, generator=g)
+        out.append(x.clone())
+    return out
+
+
+A4 = ActQuant(QuantSpec(bits=4, granularity="sample"))
+
+
+@pytest.mark.parametrize("kind,shape", [("conv", (2, 3, 6, 6)), ("linear", (2, 6))])
+def test_error_feedback_identity(kind: str, shape: tuple[int, ...]) -> None:
+    """With compensation, o_hat_t = A(a_hat_t) + bias at every step, for a coarse quantizer."""
+    layer = _single_layer(QuantConfig(activation=A4, mode="modulated"), kind)
+    with trajectory(layer) as states:
+        for x in _inputs(12, shape):
+            layer(x)
+            expected = layer.op(states[0].a_hat, layer.weight_q, layer.bias)
+            torch.testing.assert_close(states[0].o_hat, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_error_equals_current_residual_rounding_only() -> None:
+    """With compensation the output error is A(r_t - Q(r_t)) of the current residual alone."""
+    layer = _single_layer(QuantConfig(weight=None, activation=A4, mode="modulated"))
+    xs = _inputs(8, (2, 3, 6, 6))
+    with trajectory(layer) as states:
+        layer(xs[0])
+        for x in xs[1:]:
+            residual = x - states[0].a_hat
+            out = layer(x)
+            rounding = residual - quantize_dynamic(residual, A4.spec)
+            exact = layer.op(x, layer.weight, layer.bias)
+            torch.testing.assert_close(exact - out, layer.op(rounding, layer.weight, None), rtol=1e-4, atol=1e-5)
+
+
+def test_without_compensation_errors_add_up() -> None:
+    """Without compensation the output error is A(sum of all past residual rounding errors)."""
+    layer = _single_layer(QuantConfig(weight=None, activation=A4, mode="modulated", compensation=False))
+    xs = _inputs(10, (2, 3, 6, 6))
+    total_rounding = torch.zeros_like(xs[0])
+    with trajectory(layer):
+        layer(xs[0])
+        for prev, x in zip(xs, xs[1:]):
+            residual = x - prev
+            total_rounding += residual - quantize_dynamic(residual, A4.spec)
+            out = layer(x)
+            exact = layer.op(x, layer.weight, layer.bias)
+            torch.testing.assert_close(exact - out, layer.op(total_rounding, layer.weight, None), rtol=1e-4, atol=1e-4)
+
+
+def test_modiff_16_bits_matches_fp_every_step(tiny_denoiser: md.Denoiser) -> None:
+    """A 16-bit MoDiff model follows the fp trajectory at every step (weights in fp)."""
+    config = QuantConfig(weight=None, activation=ActQuant(QuantSpec(bits=16, granularity="sample")), mode="modulated")
+    qmodel = quantize(tiny_denoiser, config)
+    x_T, ts = md.noise(range(3), tiny_denoiser.sample_shape), md.timesteps(10)
+    fp_steps, q_steps = [], []
+    md.sample_ddim(tiny_denoiser, x_T, ts, callback=lambda s: fp_steps.append(s.eps))
+    with trajectory(qmodel):
+        md.sample_ddim(qmodel, x_T, ts, callback=lambda s: q_steps.append(s.eps))
+    for fp, q in zip(fp_steps, q_steps):
+        torch.testing.assert_close(q, fp, rtol=1e-3, atol=2e-3)
+
+
+def test_exact_modulation_equals_fp(tiny_denoiser: md.Denoiser) -> None:
+    """MoDiff with exact arithmetic (no quantizer) equals the fp model up to float rounding."""
+    qmodel = quantize(tiny_denoiser, QuantConfig(weight=None, activation=None, mode="modulated"))
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(8)
+    with trajectory(qmodel):
+        out = md.sample_ddim(qmodel, x_T, ts)
+    torch.testing.assert_close(out, md.sample_ddim(tiny_denoiser, x_T, ts), rtol=1e-4, atol=1e-4)
+
+
+def test_per_step_reset_equals_weight_only(tiny_denoiser: md.Denoiser) -> None:
+    """The published per-step reset makes MoDiff exactly weight-only quantization (bit for bit)."""
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(6)
+    qmodel = quantize(tiny_denoiser, presets["w4a4-modiff"])
+    with trajectory(qmodel, reset="per_step"):
+        modulated = md.sample_ddim(qmodel, x_T, ts)
+    weight_only = md.sample_ddim(quantize(tiny_denoiser, presets["w4a32"]), x_T, ts)
+    assert torch.equal(modulated, weight_only)
+    with trajectory(qmodel):
+        assert not torch.equal(md.sample_ddim(qmodel, x_T, ts), weight_only)
+
+
+def test_outside_trajectory_raises_and_state_is_cleared(tiny_denoiser: md.Denoiser) -> None:
+    """A modulated model refuses calls outside trajectory(); state is dropped even after an exception."""
+    qmodel = quantize(tiny_denoiser, presets["w8a8-modiff"])
+    x, t = torch.randn(1, 1, 16, 16), torch.tensor([10])
+    with pytest.raises(RuntimeError, match="trajectory"):
+        qmodel(x, t)
+    with pytest.raises(ZeroDivisionError):
+        with trajectory(qmodel) as states:
+            qmodel(x, t)
+            assert states[0].a_hat is not None
+            raise ZeroDivisionError
+    assert all(s.a_hat is None and s.calls == 0 for s in states)
+    assert all(m.state is None for m in qmodel.modules() if isinstance(m, QuantLayer))
+    with pytest.raises(RuntimeError, match="trajectory"):
+        qmodel(x, t)
+
+
+def test_nested_trajectory_and_batch_change_refused(tiny_denoiser: md.Denoiser) -> None:
+    """Nesting trajectory() and changing the batch inside one trajectory are clear errors."""
+    qmodel = quantize(tiny_denoiser, presets["w8a8-modiff"])
+    with trajectory(qmodel):
+        with pytest.raises(RuntimeError, match="already active"):
+            with trajectory(qmodel):
+                pass
+        qmodel(torch.randn(2, 1, 16, 16), torch.tensor([5, 5]))
+        with pytest.raises(RuntimeError, match="batch"):
+            qmodel(torch.randn(3, 1, 16, 16), torch.tensor([4, 4, 4]))
+
+
+def test_trajectory_needs_stateful_layers(tiny_denoiser: md.Denoiser) -> None:
+    with pytest.raises(ValueError, match="no modulated or cached layers"):
+        with trajectory(quantize(tiny_denoiser, presets["w8a8"])):
+            pass
+
+
+def test_cache_reuses_and_refreshes() -> None:
+    """Cache every 3 steps: skipped steps return the previous output; with compensation a refresh is
+    exact (the skipped residual is carried), without it the skipped residuals are lost."""
+    xs = _inputs(7, (2, 3, 6, 6))
+    outs = {}
+    for ec in (True, False):
+        layer = _single_layer(QuantConfig(weight=None, activation=None, mode="cache", cache_interval=3, compensation=ec))
+        with trajectory(layer):
+            outs[ec] = [layer(x) for x in xs]
+    exact = [_single_layer(QuantConfig(weight=None, activation=None, mode="fp"))(x) for x in xs]
+    for step in (1, 2, 4, 5):
+        assert torch.equal(outs[True][step], outs[True][step - 1])
+    for step in (0, 3, 6):
+        torch.testing.assert_close(outs[True][step], exact[step], rtol=1e-5, atol=1e-5)
+    assert (outs[False][3] - exact[3]).abs().max() > 1e-2
+
+
+def test_cache_interval_one_is_exact(tiny_denoiser: md.Denoiser) -> None:
+    qmodel = quantize(tiny_denoiser, QuantConfig(weight=None, activation=None, mode="cache", cache_interval=1))
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(5)
+    with trajectory(qmodel):
+        out = md.sample_ddim(qmodel, x_T, ts)
+    torch.testing.assert_close(out, md.sample_ddim(tiny_denoiser, x_T, ts), rtol=1e-4, atol=1e-4)
+
+
+def test_warmup_steps_run_in_full_precision() -> None:
+    """The first k calls use exact activations (with quantized weights); bias enters once."""
+    config = QuantConfig(weight=WeightQuant(QuantSpec(bits=4, granularity="channel", channel_axis=0)),
+                         activation=A4, mode="modulated", warmup_steps=3)
+    layer = _single_layer(config)
+    xs = _inputs(4, (2, 3, 6, 6))
+    with trajectory(layer):
+        for x in xs[:3]:
+            torch.testing.assert_close(layer(x), layer.op(x, layer.weight_q, layer.bias))
+        assert not torch.allclose(layer(xs[3]), layer.op(xs[3], layer.weight_q, layer.bias), atol=1e-6)
