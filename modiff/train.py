@@ -106,6 +106,10 @@ def train_ddim(config: DDIMTrainConfig, out_dir: Path, data_dir: Optional[Path] 
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        if "torch_rng" in state:  # dropout draws from the global generators, not from `generator`
+            torch.set_rng_state(state["torch_rng"])
+            if dev.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], dev)
         step = state["step"]
         log.info("resuming from step %d", step)
     forward = torch.compile(model) if config.compile and dev.type == "cuda" else model
@@ -147,6 +151,8 @@ def train_ddim(config: DDIMTrainConfig, out_dir: Path, data_dir: Optional[Path] 
             _save_checkpoint(ckpt_path, {
                 "config": asdict(config), "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
             })
     bar.close()
     export = out_dir / "export"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import pytest
@@ -11,6 +12,10 @@ from torch import nn
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
+
+# Tiny CPU tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+# competing with other processes made the suite ~7x slower (6.5 min vs 1 min). MODIFF_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MODIFF_TEST_THREADS", "1")))
 
 TINY = DDIMUNetConfig(
     ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), in_channels=1, out_ch=1, image_size=16

@@ -23,9 +23,9 @@ from torch import nn
 from modiff import SeedStreams, StepInfo, linear_schedule, sample_ddim, sample_ddpm, sample_dpm_solver, timesteps
 
 MU, S = 0.3, 0.2
-SHAPE = (1, 16, 16)  # elements are iid: B * 256 scalar samples
-B = 256
-N = B * 256
+SHAPE = (1, 32, 32)  # elements are iid: B * 1024 scalar samples (few seeds: per-seed draws cost time)
+B = 64
+N = B * 1024
 SCHEDULE = linear_schedule()
 
 

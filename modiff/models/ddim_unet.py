@@ -232,7 +232,7 @@ class DDIMUNet(nn.Module):
         size = self.config.image_size
         if x.shape[-2:] != (size, size):
             raise ValueError(f"expected images of {size}x{size}, got {tuple(x.shape[-2:])}")
-        temb = timestep_embedding(t, self.config.ch)
+        temb = timestep_embedding(t, self.config.ch).to(x.dtype)
         temb = self.temb.dense[1](swish(self.temb.dense[0](temb)))
 
         hs = [self.conv_in(x)]

@@ -66,14 +66,15 @@ class Observer:
         self.batches = 0  # m
         self.x_min: Optional[Tensor] = None  # (*keepdim)
         self.x_max: Optional[Tensor] = None  # (*keepdim)
+        self._gen: Optional[torch.Generator] = None  # seeded lazily on the data's device
 
     def update(self, x: Tensor) -> None:
         """Take one batch into account (no host sync)."""
         raise NotImplementedError
 
     def reset(self) -> None:
-        """Forget everything observed."""
-        self.batches, self.x_min, self.x_max = 0, None, None
+        """Forget everything observed (and restart the random stream: reset == fresh)."""
+        self.batches, self.x_min, self.x_max, self._gen = 0, None, None, None
 
     @property
     def spec(self) -> QuantSpec:
@@ -125,7 +126,7 @@ class Observer:
         return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
-        gen: Optional[torch.Generator] = getattr(self, "_gen", None)
+        gen = self._gen
         if gen is None or gen.device != device:
             gen = torch.Generator(device=device)
             gen.manual_seed(seed)
@@ -192,6 +193,7 @@ class PercentileObserver(Observer):
         self.percentile, self.max_values, self.seed = float(percentile), int(max_values), int(seed)
         self._sum_low: Optional[Tensor] = None  # (*keepdim)
         self._sum_high: Optional[Tensor] = None  # (*keepdim)
+        self._levels_cache: Optional[Tensor] = None  # (2,)
 
     def reset(self) -> None:
         super().reset()
@@ -199,7 +201,7 @@ class PercentileObserver(Observer):
 
     def _levels(self, rows: Tensor) -> Tensor:
         """(2,) quantile levels on the data's device, made once (no copy per batch)."""
-        levels: Optional[Tensor] = getattr(self, "_levels_cache", None)
+        levels = self._levels_cache
         if levels is None or levels.device != rows.device or levels.dtype != rows.dtype:
             fraction = self.percentile / 100.0
             levels = torch.tensor([1.0 - fraction, fraction], dtype=rows.dtype).to(rows.device)

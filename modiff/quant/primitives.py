@@ -175,7 +175,7 @@ def reduce_dims(x: Tensor, spec: QuantSpec) -> tuple[int, ...]:
     if spec.granularity == "channel":
         return tuple(d for d in dims if d != axis)
     if spec.granularity == "token":
-        return tuple(d for d in dims if d != axis)
+        return (axis,)
     # group: in the grouped view the channel axis becomes (group index at `axis`, member at `axis + 1`)
     return tuple(d for d in range(x.ndim + 1) if d not in (0, axis))
 
