@@ -96,8 +96,8 @@ def main() -> None:
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 seconds = _time(model, batch, args.steps, device, opts["bf16"] and not opts.get("cast"), opts["fast"])
                 row = {"arch": arch, "variant": variant, "batch": batch, "steps": args.steps,
-                       "seconds": round(seconds, 3), "images_per_s": round(batch / seconds, 2),
-                       "images_per_s_at_100_steps": round(batch / seconds * args.steps / 100, 2)}
+                       "seconds": round(seconds, 3), "images_per_s": round(batch / seconds, 4),
+                       "images_per_s_at_100_steps": round(batch / seconds * args.steps / 100, 4)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -19,14 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, get_args
 
-from modiff.quant.primitives import QuantSpec
+from modiff.quant.observers import ObserverKind as Observer
+from modiff.quant.primitives import QuantSpec, WeightMethod
 
 __all__ = ["Mode", "ResetPolicy", "WeightMethod", "Observer", "WeightQuant", "ActQuant", "QuantConfig"]
 
 Mode = Literal["fp", "direct", "modulated", "cache"]
 ResetPolicy = Literal["per_trajectory", "per_step"]
-WeightMethod = Literal["minmax", "mse"]
-Observer = Literal["minmax", "ema", "percentile", "mse"]
 LayerType = Literal["Conv1d", "Conv2d", "Linear"]
 
 

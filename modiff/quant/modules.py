@@ -45,7 +45,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.config, self.split = config, split
         self.observing = False
-        self.observers = [make_observer(config.observer) for _ in range(1 if split is None else 2)]
+        self.observers = [make_observer(config.observer, spec=config.spec) for _ in range(1 if split is None else 2)]
         self.scales: list[torch.Tensor] = []
         self.zero_points: list[torch.Tensor] = []
 
@@ -56,8 +56,8 @@ class ActQuantizer(nn.Module):
     def freeze(self) -> None:
         """Static qparams from what the observers saw."""
         qparams = [obs.qparams(self.spec) for obs in self.observers]
-        self.scales = [s for s, _ in qparams]
-        self.zero_points = [z for _, z in qparams]
+        self.scales = [s.float() for s, _ in qparams]  # float32: the minimum scale underflows in fp16
+        self.zero_points = [z.float() for _, z in qparams]
         self.observing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -173,7 +173,7 @@ class EMAObserver(Observer):
 class PercentileObserver(Observer):
     """Per-batch quantiles (100 - percentile, percentile) of each group's values, averaged over batches.
 
-    Quantiles use linear interpolation (as ``numpy.percentile``). A group with more than
+    Quantiles use linear interpolation (as ``numpy.percentile``), computed by sorting. A group with more than
     ``max_values // G`` values in a batch is subsampled (with replacement, seeded ``torch.Generator``).
     """
 
@@ -188,25 +188,15 @@ class PercentileObserver(Observer):
         super().__init__(granularity, channel_axis)
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
-        if max_values < 1 or max_values > 2**24:
-            raise ValueError(f"max_values must be in [1, 2^24] (torch.quantile's limit), got {max_values}")
+        if max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {max_values}")
         self.percentile, self.max_values, self.seed = float(percentile), int(max_values), int(seed)
         self._sum_low: Optional[Tensor] = None  # (*keepdim)
         self._sum_high: Optional[Tensor] = None  # (*keepdim)
-        self._levels_cache: Optional[Tensor] = None  # (2,)
 
     def reset(self) -> None:
         super().reset()
         self._sum_low = self._sum_high = None
-
-    def _levels(self, rows: Tensor) -> Tensor:
-        """(2,) quantile levels on the data's device, made once (no copy per batch)."""
-        levels = self._levels_cache
-        if levels is None or levels.device != rows.device or levels.dtype != rows.dtype:
-            fraction = self.percentile / 100.0
-            levels = torch.tensor([1.0 - fraction, fraction], dtype=rows.dtype).to(rows.device)
-            self._levels_cache = levels
-        return levels
 
     def update(self, x: Tensor) -> None:
         b_min, _ = self._batch_range(x)  # checks granularity and shapes; gives the keepdim shape
@@ -216,7 +206,7 @@ class PercentileObserver(Observer):
             gen = self._generator(rows.device, self.seed)
             cols = torch.randint(rows.shape[1], (per_group,), generator=gen, device=rows.device)
             rows = rows[:, cols]  # (G, per_group)
-        low, high = torch.quantile(rows, self._levels(rows), dim=1)  # (G,) each
+        low, high = _quantiles(rows, self.percentile / 100.0)  # (G,) each
         low, high = low.reshape(b_min.shape), high.reshape(b_min.shape)
         if self._sum_low is None or self._sum_high is None:
             self._sum_low, self._sum_high = low, high
@@ -224,6 +214,24 @@ class PercentileObserver(Observer):
             self._sum_low, self._sum_high = self._sum_low + low, self._sum_high + high
         self.batches += 1
         self.x_min, self.x_max = self._sum_low / self.batches, self._sum_high / self.batches
+
+
+def _quantiles(rows: Tensor, fraction: float) -> tuple[Tensor, Tensor]:
+    """Per-row quantiles at 1 - fraction and fraction, linear interpolation (numpy's default).
+
+    Sort-based with positions computed on the host from the row length, so there is no host sync
+    (torch.quantile with a tensor of levels checks their range with one).
+    """
+    ordered = rows.sort(dim=1).values  # (G, n)
+    last = rows.shape[1] - 1
+    out = []
+    for level in (1.0 - fraction, fraction):
+        position = level * last
+        below = min(int(position), last)
+        above = min(below + 1, last)
+        weight = position - below
+        out.append(torch.lerp(ordered[:, below], ordered[:, above], weight))  # (G,)
+    return out[0], out[1]
 
 
 class MSEObserver(Observer):

@@ -107,6 +107,7 @@ def test_split_shortcut_quantizes_halves_separately(tiny_denoiser: md.Denoiser) 
     torch.testing.assert_close(wq[:, 2:], quantize_weight(w[:, 2:], WeightQuant(QuantSpec(bits=4, granularity="channel", channel_axis=0))))
 
 
+@torch.no_grad()
 def test_per_tensor_scales_depend_on_the_batch(tiny_denoiser: md.Denoiser) -> None:
     """Sample 0's output depends on its batch-mates with per-tensor scales, not with per-sample ones."""
     x = torch.randn(4, 1, 16, 16)
