@@ -46,10 +46,11 @@ def main(verbose: bool) -> None:
 @click.option("--precision", type=_choices(Precision), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
+@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: str, eta: float,
            seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
-           out: Path) -> None:
+           compile_net: bool, out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
 
     \b
@@ -73,7 +74,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             identity["quant_config"] = quant.to_dict()
             prepare = trajectory if quant.stateful else None
         done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
-                        prepare=prepare)
+                        prepare=prepare, compile=compile_net)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {len(seeds)} samples to {done}")

@@ -283,3 +283,12 @@ def test_forward_rejects_wrong_image_size() -> None:
     """A 32x32 input to a 16x16 model raises ValueError naming both sizes."""
     with pytest.raises(ValueError, match="16x16"):
         tiny_net(0)(torch.zeros(1, 1, 32, 32), torch.zeros(1))
+
+
+def test_norms_and_dropout_as_published() -> None:
+    """Every GroupNorm has 32 groups and eps 1e-6; dropout takes the config's rate."""
+    net = DDIMUNet(DDIMUNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, dropout=0.25))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 32 and m.eps == 1e-6 and m.affine for m in norms)
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(m.p == 0.25 for m in drops)

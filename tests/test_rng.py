@@ -106,3 +106,30 @@ def test_parse_seeds_errors(spec: str, match: str) -> None:
         parse_seeds(spec)
     if "malformed seed spec" in str(err.value):
         assert "'0-63'" in str(err.value)
+
+
+def test_later_noise_continues_each_seeds_stream() -> None:
+    """x_T is a seed's first draw and the step noise its next draws (not a fresh, correlated stream)."""
+    import math
+
+    from modiff.diffusion.schedules import linear_schedule
+    from modiff.models.registry import Denoiser
+
+    class Zero(torch.nn.Module):
+        sample_shape = SHAPE
+
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    schedule = linear_schedule()
+    infos = []
+    sample(Denoiser(Zero(), schedule, "zero", {}), [3, 8], SampleConfig(steps=3, eta=1.0), torch.device("cpu"), callback=infos.append)
+    for row, seed in enumerate([3, 8]):
+        g = torch.Generator().manual_seed(seed)
+        first, second = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+        assert torch.equal(infos[0].x_t[row], first)
+        step = infos[0]
+        a, a_prev = schedule.alpha_bar_at(step.t), schedule.alpha_bar_at(step.t_prev)
+        c1 = math.sqrt((1 - a / a_prev) * (1 - a_prev) / (1 - a))  # eta = 1, eps = 0
+        z = (step.x_prev[row] - math.sqrt(a_prev / a) * step.x_t[row]) / c1
+        torch.testing.assert_close(z, second, atol=1e-4, rtol=1e-4)

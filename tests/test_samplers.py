@@ -243,3 +243,12 @@ def test_ddpm_clips_x0_pred_and_ddim_does_not() -> None:
         sampler(lambda x, t: -x, x_T, timesteps(5), schedule=SCHEDULE, callback=lambda i: peaks.append(i.x0_pred.abs().max().item()), **kwargs)
         seen[name] = max(peaks)
     assert seen["ddpm"] <= 1.0 < seen["ddim"], seen
+
+
+def test_ddpm_last_step_adds_no_noise() -> None:
+    """The step from t = 0 is the posterior mean only (published mask 1 - (t == 0)); earlier steps are noisy."""
+    x = SeedStreams([0, 1]).randn(SHAPE)
+    final = [sample_ddpm(MODEL, x, [0], rng=SeedStreams(seeds)) for seeds in ([2, 3], [4, 5])]
+    assert torch.equal(final[0], final[1])
+    noisy = [sample_ddpm(MODEL, x, [10, 0], rng=SeedStreams(seeds)) for seeds in ([2, 3], [4, 5])]
+    assert not torch.equal(noisy[0], noisy[1])

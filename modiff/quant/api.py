@@ -8,7 +8,7 @@ import logging
 from torch import nn
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.modules import QuantAttentionCore, QuantLayer
+from modiff.quant.modules import ModulatedLayer, QuantAttentionCore, QuantLayer
 
 __all__ = ["quantize", "select_layers", "quant_layers"]
 
@@ -59,9 +59,10 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
         raise ValueError(f"no layer matched layer_types={config.layer_types}, include={config.include}, "
                          f"exclude={config.exclude}")
     splits = _concat_splits(qmodel) if config.split_shortcut else {}
+    layer_class = ModulatedLayer if config.stateful else QuantLayer
     for name in names:
         layer = qmodel.get_submodule(name)
-        _replace(qmodel, name, QuantLayer(layer, config, name, splits.get(name)))
+        _replace(qmodel, name, layer_class(layer, config, name, splits.get(name)))
     if config.quantize_attention:
         cores = [n for n, m in qmodel.named_modules() if type(m).__name__ == "AttentionCore"]
         for name in cores:

@@ -31,9 +31,9 @@ class LayerState:
 
 
 def _stateful_layers(model: nn.Module) -> list[nn.Module]:
-    from modiff.quant.modules import QuantLayer
+    from modiff.quant.modules import ModulatedLayer
 
-    return [m for m in model.modules() if isinstance(m, QuantLayer) and m.config.stateful]
+    return [m for m in model.modules() if isinstance(m, ModulatedLayer)]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from modiff.quant.modulated import LayerState
 from modiff.quant.observers import make_observer
 from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
 
-__all__ = ["ActQuantizer", "QuantLayer", "QuantAttentionCore", "quantize_weight", "residual_step"]
+__all__ = ["ActQuantizer", "ModulatedLayer", "QuantLayer", "QuantAttentionCore", "quantize_weight", "residual_step"]
 
 
 def _split(x: torch.Tensor, split: Optional[int]) -> list[torch.Tensor]:
@@ -133,7 +133,9 @@ class QuantLayer(nn.Module):
         w_q = self.weight if config.weight is None else quantize_weight(self.weight, config.weight, split)
         self.register_buffer("weight_q", w_q.detach().clone())
         self.act = None if config.activation is None else ActQuantizer(config.activation, split)
-        self.state: Optional[LayerState] = None
+        if config.stateful != isinstance(self, ModulatedLayer):
+            raise TypeError(f"mode {config.mode!r} needs {'ModulatedLayer' if config.stateful else 'QuantLayer'}; "
+                            f"modiff.quantize picks the right one")
 
     def extra_repr(self) -> str:
         w = "fp" if self.config.weight is None else f"w{self.config.weight.spec.bits}"
@@ -147,21 +149,33 @@ class QuantLayer(nn.Module):
         mode = self.config.mode
         if mode == "fp":
             return self.op(x, self.weight, self.bias)
-        if mode == "direct":
-            return self.op(self._quantize_input(x), self.weight_q, self.bias)
-        if self.state is None:
-            raise RuntimeError(
-                f"layer {self.name} is {mode}: it keeps state across sampling steps; call the model inside "
-                f"`with modiff.trajectory(qmodel):`"
-            )
-        return self._modulated(x, self.state)
+        return self.op(self._quantize_input(x), self.weight_q, self.bias)
+
+
+class ModulatedLayer(QuantLayer):
+    """A QuantLayer in mode ``modulated`` or ``cache``: MoDiff state across steps (see trajectory()).
+
+    Its forward runs outside any compiled graph (the step counter and the state change every call),
+    so a compiled model breaks its graph here; the residual update is its own fused kernel.
+    """
+
+    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
+        super().__init__(layer, config, name, split)
+        self.state: Optional[LayerState] = None
 
     def _refreshes(self, step: int) -> bool:
         """Whether this step quantizes its residual (True) or skips it as 0 bits (cache mode)."""
         return self.config.mode != "cache" or step % self.config.cache_interval == 0
 
-    def _modulated(self, x: torch.Tensor, state: LayerState) -> torch.Tensor:
-        # The state is kept in float32 also under bf16 autocast: o_hat sums 100 steps of increments.
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The state stays float32 under bf16 autocast: o_hat sums the increments of every step.
+        state = self.state
+        if state is None:
+            raise RuntimeError(
+                f"layer {self.name} is {self.config.mode}: it keeps state across sampling steps; call the "
+                f"model inside `with modiff.trajectory(qmodel):`"
+            )
         step = state.calls
         state.calls += 1
         if step < self.config.warmup_steps:

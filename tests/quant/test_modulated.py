@@ -7,14 +7,14 @@ from torch import nn
 
 import modiff as md
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
-from modiff.quant.modules import QuantLayer
+from modiff.quant.modules import ModulatedLayer, QuantLayer
 from modiff.quant.primitives import quantize_dynamic
 
 
 def _single_layer(config: QuantConfig, kind: str = "conv") -> QuantLayer:
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 5, 3, padding=1) if kind == "conv" else nn.Linear(6, 4)
-    return QuantLayer(layer, config, "layer")
+    return (ModulatedLayer if config.stateful else QuantLayer)(layer, config, "layer")
 
 
 def _inputs(steps: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
@@ -117,7 +117,7 @@ def test_outside_trajectory_raises_and_state_is_cleared(tiny_denoiser: md.Denois
             assert states[0].a_hat is not None
             raise ZeroDivisionError
     assert all(s.a_hat is None and s.calls == 0 for s in states)
-    assert all(m.state is None for m in qmodel.modules() if isinstance(m, QuantLayer))
+    assert all(m.state is None for m in qmodel.modules() if isinstance(m, ModulatedLayer))
     with pytest.raises(RuntimeError, match="trajectory"):
         qmodel(x, t)
 
