@@ -81,6 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
+    # Modulated layers break the compiled graph; the code after each break is compiled once per
+    # distinct shape, which exceeds dynamo's default of 8 versions per code object in a UNet.
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for preset in args.variants.split(","):
         model = _build(args.arch, preset, device, device.type == "cuda" and not args.no_compile)
