@@ -1,7 +1,6 @@
 """Shared tiny models and configs for the CPU test suite."""
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 

@@ -165,7 +165,12 @@ def test_failed_batch_keeps_finished_batches(tmp_path: Path, tame_denoiser, monk
         _run(tame_denoiser, range(6), out, batch_size=2)
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.png", "000001.png"]
     batches.clear()
-    monkeypatch.setattr(gen, "sample", lambda *a, **k: (batches.append(list(a[1])), real_sample(*a, **k))[1])
+
+    def recording_sample(model, seeds, *args, **kwargs):
+        batches.append(list(seeds))
+        return real_sample(model, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "sample", recording_sample)
     _run(tame_denoiser, range(6), out, batch_size=2)
     assert batches == [[2, 3], [4, 5]]
 

@@ -86,7 +86,7 @@ def test_official_yaml_round_trip() -> None:
     assert unet_config_from_yaml(DDIMTrainConfig().official_yaml()) == DDIMTrainConfig().model
 
 
-def test_export_shards_of_the_shipped_model_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_shards_of_the_shipped_model_size(tmp_path: Path) -> None:
     """The default fmnist-ddim UNet (ch 64) exports to fp16 shards each <= 16 MiB that load back exactly."""
     net = DDIMUNet(DDIMTrainConfig().model)
     export_weights(net, DDIMTrainConfig().official_yaml(), tmp_path / "export")
