@@ -84,9 +84,18 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def train_ddim(config: DDIMTrainConfig, out_dir: Path, data_dir: Optional[Path] = None, device: str = "cuda") -> Path:
-    """Train (or resume) into `out_dir`; returns the folder of exported EMA weights."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train (or resume) into `out_dir`; returns the folder of exported EMA weights.
+
+    Initialisation and dropout use torch's global generators, seeded from `config.seed` inside a forked
+    RNG state, so the caller's random state is left as it was.
+    """
     dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        return _train_ddim(config, out_dir, data_dir, dev)
+
+
+def _train_ddim(config: DDIMTrainConfig, out_dir: Path, data_dir: Optional[Path], dev: torch.device) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
     images, _ = fashion_mnist("train", data_dir)
     images = images.to(dev)
     schedule = linear_schedule(config.beta_start, config.beta_end, config.num_timesteps)

@@ -117,6 +117,9 @@ def test_bad_idx_files(tmp_path: Path, no_default_dirs) -> None:
     short.write_bytes(_idx_bytes(_images(2))[:-10])
     with pytest.raises(ValueError, match="header says"):
         read_idx(short)
+    short.write_bytes(_idx_bytes(_images(2))[:9])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(short)
     with pytest.raises(ValueError, match="allowed: train, test"):
         fashion_mnist("validation")  # type: ignore[arg-type]
 

@@ -71,6 +71,15 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.Mon
             assert torch.equal(straight[part][key], resumed[part][key]), f"{part}.{key}"
 
 
+def test_training_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """train_ddim seeds inside a forked RNG state: the caller's generator continues unchanged."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_ddim(replace(CONFIG, iterations=2), tmp_path / "run", device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_checkpoint_from_other_config_is_refused(tmp_path: Path) -> None:
     """Training into a folder whose checkpoint has another config raises ValueError."""
     train_ddim(replace(CONFIG, iterations=3), tmp_path / "run", device="cpu")
