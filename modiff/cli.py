@@ -192,3 +192,117 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
     click.echo(f"index: {reports / preset / 'index.html'}")
     if not all(r.ok for r in results):
         raise SystemExit(1)
+
+
+@train.command("classifier")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/fmnist-classifier"), show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST idx files.")
+def train_classifier_command(out: Path, epochs: int, data_dir: Optional[str]) -> None:
+    """Train the Fashion-MNIST classifier whose features the metrics use (on the CPU).
+
+    \b
+    Examples:
+      modiff train classifier
+      modiff train classifier --epochs 2 --out /tmp/classifier
+    """
+    from modiff.metrics.classifier import ClassifierTrainConfig, train_classifier
+
+    try:
+        acc = train_classifier(ClassifierTrainConfig(epochs=epochs), out, Path(data_dir) if data_dir else None)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"test accuracy {acc:.4f}; weights in {out}")
+
+
+@main.command("fid")
+@click.argument("samples", type=click.Path(exists=True, path_type=Path))
+@click.option("--ref", default="fmnist-train", show_default=True,
+              help="fmnist-train, fmnist-test, an image folder, an .npz of uint8 images, or a statistics .npz.")
+@click.option("--metrics", default="fid,isc,kid,prc", show_default=True, help="Comma-separated: fid, isc, kid, prc.")
+@click.option("--extractor", type=click.Choice(["fmnist-classifier", "inception-v3-compat"]), default="fmnist-classifier", show_default=True)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Feature-extractor weights file.")
+@click.option("--device", default="auto", show_default=True)
+def fid_command(samples: Path, ref: str, metrics: str, extractor: str, weights: Optional[str], device: str) -> None:
+    """Score SAMPLES (a run directory, an image folder or an .npz) and print the metrics as JSON.
+
+    \b
+    Examples:
+      modiff fid data/runs/w4a4-modiff --ref fmnist-train
+      modiff fid samples.npz --ref fmnist-test --metrics fid,kid
+      modiff fid cifar_samples/ --ref cifar_train.npz --extractor inception-v3-compat --weights pt_inception.pth
+    """
+    import json
+
+    from modiff.generate import resolve_device
+    from modiff.metrics.fidelity import compute_metrics
+
+    source = samples / "samples.npz" if (samples / "samples.npz").is_file() else samples
+    try:
+        result = compute_metrics(source, ref, [m.strip() for m in metrics.split(",")], extractor=extractor,
+                                 device=str(resolve_device(device)), weights=weights)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(result, indent=1))
+
+
+@main.command("fid-ref")
+@click.option("--device", default="auto", show_default=True)
+def fid_ref_command(device: str) -> None:
+    """Compute and cache the Fashion-MNIST reference statistics; print the test-vs-train floor.
+
+    \b
+    Examples:
+      modiff fid-ref
+      modiff fid-ref --device cpu
+    """
+    import json
+
+    from modiff.generate import resolve_device
+    from modiff.metrics.fidelity import cache_root, reference_floor
+    from modiff.runs import write_json
+
+    try:
+        floor = reference_floor(device=str(resolve_device(device)))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    write_json(floor, cache_root() / "floor.json")
+    click.echo(json.dumps(floor, indent=1))
+
+
+@main.command()
+@click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name, exported folder, or .ckpt.")
+@click.option("--preset", "quant_preset", default=None, help="Quantization preset (default: full precision).")
+@click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--spacing", type=_choices(Spacing), default="uniform", show_default=True)
+@click.option("--seeds", default="0-9999", show_default=True, callback=_seeds)
+@click.option("--ref", default="fmnist-train", show_default=True, help="Reference set (see `modiff fid --help`).")
+@click.option("--fp-run", type=click.Path(exists=True, file_okay=False), help="Full-precision run of the same seeds.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: str, seeds: list[int],
+             ref: str, fp_run: Optional[str], batch_size: int, device: str, out: Path) -> None:
+    """Sample the seeds into OUT (resuming), score them, and write OUT/metrics.json.
+
+    \b
+    Examples:
+      modiff evaluate --seeds 0-9999 --out data/runs/fp-10k
+      modiff evaluate --preset w4a4-modiff --seeds 0-255 --fp-run data/runs/fp-10k --out data/runs/w4a4-modiff
+      modiff evaluate --sampler dpm-solver --steps 20 --seeds 0-999 --ref fmnist-test --out data/runs/dpm20
+    """
+    import json
+
+    from modiff.evaluate import evaluate as run_evaluation
+    from modiff.models.registry import load_model
+    from modiff.quant import presets
+
+    try:
+        if quant_preset is not None:
+            presets[quant_preset]  # a typo fails before any sampling
+        result = run_evaluation(load_model(model), seeds, out, SampleConfig(sampler=sampler, steps=steps, spacing=spacing),
+                                quant_preset=quant_preset, ref=ref, fp_run=fp_run, batch_size=batch_size, device=device)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(result["metrics"], indent=1))

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-__all__ = ["SeedStreams", "noise", "parse_seeds"]
+__all__ = ["SeedStreams", "noise", "parse_seeds", "format_seeds"]
 
 
 class SeedStreams:
@@ -62,3 +62,18 @@ def parse_seeds(spec: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seed spec {spec!r} names some seeds more than once")
     return seeds
+
+
+def format_seeds(seeds: Iterable[int]) -> str:
+    """The inverse of parse_seeds: [0, 1, 2, 3, 10] -> '0-3,10'."""
+    ordered = sorted(int(s) for s in seeds)
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for seed in ordered[1:] + [None]:
+        if seed is not None and seed == prev + 1:
+            prev = seed
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if seed is not None:
+            start = prev = seed
+    return ",".join(parts)
