@@ -75,3 +75,38 @@ def test_sample_shipped_preset(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     image = Image.open(tmp_path / "run" / "samples" / "000001.png")
     assert image.size == (32, 32) and image.mode == "L"
+
+
+def test_sample_with_quant_preset_records_config(tmp_path: Path) -> None:
+    """`sample --preset w4a4-modiff` runs quantized sampling and the manifest records the quant config;
+    an unknown preset fails before anything is sampled."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-1", "--steps", "3", "--device", "cpu", "--out", str(out)]
+    result = _invoke(*args, "--preset", "w4a4-modiff")
+    assert result.exit_code == 0, result.output
+    identity = json.loads((out / "manifest.json").read_text())["identity"]["model"]
+    assert identity["quant_preset"] == "w4a4-modiff"
+    assert identity["quant_config"]["mode"] == "modulated" and identity["quant_config"]["activation"]["spec"]["bits"] == 4
+    bad = _invoke(*args[:-1], str(tmp_path / "other"), "--preset", "w4a5")
+    assert bad.exit_code == 1 and "valid presets" in bad.output and not (tmp_path / "other").exists()
+
+
+def test_bops_of_cifar_config(tmp_path: Path) -> None:
+    """`modiff bops` on the CIFAR-10 architecture: 113 layers, about 6.05 GMAC in conv/linear layers."""
+    import torch
+    import yaml
+
+    from modiff.models.ddim_unet import DDIMUNetConfig, DDIMUNet
+
+    config = DDIMTrainConfig(model=DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)).official_yaml()
+    (tmp_path / "cifar10.yml").write_text(yaml.safe_dump(config))
+    torch.save(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)).state_dict(), tmp_path / "model.ckpt")
+    result = _invoke("bops", "--model", str(tmp_path / "model.ckpt"), "--config", str(tmp_path / "cifar10.yml"),
+                     "--preset", "w8a4-modiff")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["layers_counted"] == 113
+    assert report["gmacs_conv_linear"] == pytest.approx(6.05, abs=0.01)
+    assert report["gmacs_paper_convention"] * 8 * 32 == pytest.approx(1636, abs=1)  # the paper's W8A32 GBops
+    assert report["modiff_state_mb_per_image"] == pytest.approx(44.6, abs=0.1)
