@@ -4,10 +4,18 @@ __version__ = "0.1.0"
 from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample_dpm_solver
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
 from modiff.models.registry import Denoiser, load_model
+from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
 from modiff.rng import SeedStreams, noise, parse_seeds
 
 __all__ = [
+    "ActQuant",
     "Denoiser",
+    "QuantConfig",
+    "QuantSpec",
+    "WeightQuant",
+    "presets",
+    "quantize",
+    "trajectory",
     "NoiseSchedule",
     "SeedStreams",
     "StepInfo",
