@@ -1,0 +1,165 @@
+"""Per-step statistics of one layer's activations and of their temporal differences (Figure 1b).
+
+Input: the activations of ONE layer at every sampling step, in sampling order (the first entry is the
+first model call, paper step t = T), as a sequence of tensors/arrays or one (steps, ...) tensor/array.
+Every statistic is taken over all elements of a step (batch included).
+
+Notation:
+
+==============  ======================================================================================
+``i``           sampling index 0..n-1 (column ``step``); paper step t = T - i with T = n
+``t``           the diffusion timestep of the step, if given (column ``t``; NaN otherwise)
+``a_i``         the layer's activation at sampling index i
+``kind``        ``raw``: a_i itself; ``diff``: the temporal difference a_i - a_{i-1} (current minus
+                previous call; the paper's a_t - a_{t+1}), defined for i >= 1
+``range``       max - min over the elements of one step
+``qX``          the X-quantile, e.g. ``q0.001`` the 0.1% quantile
+``outlier_Kstd``  fraction of elements with |x - mean| > K std
+``ratio``       range(raw) / range(diff) at one step (the paper claims > 10x)
+==============  ======================================================================================
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "DEFAULT_QUANTILES",
+    "Activations",
+    "activation_stats",
+    "iter_steps",
+    "range_ratio",
+    "range_ratio_summary",
+    "tensor_stats",
+    "violin_data",
+]
+
+Activations = Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]]
+"""One layer's activations over steps: a (steps, ...) tensor/array or a sequence of per-step tensors."""
+
+DEFAULT_QUANTILES: tuple[float, ...] = (0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999)
+
+
+def iter_steps(activations: Activations) -> Iterator[np.ndarray]:
+    """The per-step activations as flat float64 numpy arrays, in sampling order."""
+    if isinstance(activations, (torch.Tensor, np.ndarray)) and activations.ndim == 0:
+        raise ValueError("activations must have a leading steps dimension, got a scalar")
+    for a in activations:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().to("cpu", torch.float64).numpy()
+        yield np.asarray(a, dtype=np.float64).reshape(-1)
+
+
+def _timestep(timesteps: Optional[Sequence[int]], i: int) -> float:
+    if timesteps is None:
+        return float("nan")
+    if i >= len(timesteps):
+        raise ValueError(f"timesteps has {len(timesteps)} entries but the activations have more steps")
+    return float(timesteps[i])
+
+
+def tensor_stats(
+    x: np.ndarray, quantiles: Sequence[float] = DEFAULT_QUANTILES, outlier_k: Sequence[float] = (3.0,)
+) -> dict[str, float]:
+    """Range, moments, quantiles and outlier mass of the flat array ``x`` (see the module notation)."""
+    if x.size == 0:
+        raise ValueError("cannot take statistics of an empty activation")
+    lo, hi = float(x.min()), float(x.max())
+    mean, std = float(x.mean()), float(x.std())
+    stats = {"min": lo, "max": hi, "absmax": max(abs(lo), abs(hi)), "range": hi - lo, "mean": mean, "std": std}
+    for q, value in zip(quantiles, np.quantile(x, list(quantiles))):
+        stats[f"q{q:g}"] = float(value)
+    deviation = np.abs(x - mean)
+    for k in outlier_k:
+        stats[f"outlier_{k:g}std"] = float(np.mean(deviation > k * std)) if std > 0 else 0.0
+    return stats
+
+
+def activation_stats(
+    activations: Activations,
+    timesteps: Optional[Sequence[int]] = None,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    outlier_k: Sequence[float] = (3.0,),
+) -> pd.DataFrame:
+    """Long DataFrame, one row per (step, kind): columns step, t, kind, min, max, absmax, range, mean,
+    std, one ``qX`` per quantile, one ``outlier_Kstd`` per K. ``diff`` rows start at step 1."""
+    rows = []
+    previous: Optional[np.ndarray] = None
+    for i, a in enumerate(iter_steps(activations)):
+        t = _timestep(timesteps, i)
+        rows.append({"step": i, "t": t, "kind": "raw", **tensor_stats(a, quantiles, outlier_k)})
+        if previous is not None:
+            if previous.shape != a.shape:
+                raise ValueError(f"step {i} has {a.size} elements, step {i - 1} had {previous.size}")
+            rows.append({"step": i, "t": t, "kind": "diff", **tensor_stats(a - previous, quantiles, outlier_k)})
+        previous = a
+    if not rows:
+        raise ValueError("no steps in the activations")
+    return pd.DataFrame(rows)
+
+
+def range_ratio(stats: pd.DataFrame, column: str = "range") -> pd.DataFrame:
+    """Per step: raw and diff value of ``column`` (``range`` or ``absmax``) and their ratio raw / diff.
+
+    ``stats`` is the output of `activation_stats`; steps without a diff row (step 0) are dropped.
+    """
+    wide = stats.pivot_table(index=["step"], columns="kind", values=column, aggfunc="first")
+    if "diff" not in wide:
+        raise ValueError("range_ratio needs at least two steps (a diff row)")
+    wide = wide.dropna(subset=["diff"])
+    t = stats[stats["kind"] == "raw"].set_index("step")["t"]
+    out = pd.DataFrame({"step": wide.index, "t": t.reindex(wide.index).to_numpy(),
+                        "raw": wide["raw"].to_numpy(), "diff": wide["diff"].to_numpy()})
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["ratio"] = out["raw"] / out["diff"]
+    return out.reset_index(drop=True)
+
+
+def range_ratio_summary(stats: pd.DataFrame) -> dict[str, float]:
+    """Raw vs diff ranges overall: ``overall`` = (max over steps of max - min over steps of min) of raw
+    divided by the same for diff (both over steps >= 1), and the min / median / mean of per-step ratios."""
+    per_step = range_ratio(stats)
+    steps = stats[stats["step"] >= 1]
+    span = {k: steps.loc[steps["kind"] == k, "max"].max() - steps.loc[steps["kind"] == k, "min"].min()
+            for k in ("raw", "diff")}
+    ratios = per_step["ratio"].replace([np.inf], np.nan)
+    return {
+        "overall": float(span["raw"] / span["diff"]) if span["diff"] > 0 else float("inf"),
+        "min_per_step": float(ratios.min()),
+        "median_per_step": float(ratios.median()),
+        "mean_per_step": float(ratios.mean()),
+    }
+
+
+def violin_data(
+    activations: Activations,
+    max_per_step: int = 2000,
+    seed: int = 0,
+    timesteps: Optional[Sequence[int]] = None,
+    steps: Optional[Sequence[int]] = None,
+) -> pd.DataFrame:
+    """Long DataFrame (step, t, kind, value) of at most ``max_per_step`` values per step and kind, drawn
+    without replacement by a generator seeded with ``seed`` (same input and seed, same rows).
+
+    ``steps`` restricts the output to these sampling indices (the diff still uses the previous step).
+    """
+    if max_per_step < 1:
+        raise ValueError(f"max_per_step must be >= 1, got {max_per_step}")
+    rng = np.random.default_rng(seed)
+    keep = None if steps is None else set(int(s) for s in steps)
+    frames = []
+    previous: Optional[np.ndarray] = None
+    for i, a in enumerate(iter_steps(activations)):
+        if keep is None or i in keep:
+            kinds = [("raw", a)] + ([] if previous is None else [("diff", a - previous)])
+            for kind, values in kinds:
+                take = rng.choice(values.size, size=min(max_per_step, values.size), replace=False)
+                frames.append(pd.DataFrame({"step": i, "t": _timestep(timesteps, i), "kind": kind,
+                                            "value": values[np.sort(take)]}))
+        previous = a
+    if not frames:
+        raise ValueError("no steps selected")
+    return pd.concat(frames, ignore_index=True)

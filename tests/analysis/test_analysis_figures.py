@@ -1,0 +1,56 @@
+"""Smoke tests: every analysis figure builds from small synthetic data."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from analysis import figures
+from analysis.bounds import bound_table
+from analysis.distributions import violin_data
+
+
+def _curve_frame(key: str, values: list, steps: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = [{"step": i, key: v, "rel_l2_mean": 0.0 if i == 0 else 0.01 * (k + 1) * i, "rel_l2_std": 0.002 * rng.random()}
+            for k, v in enumerate(values) for i in range(steps)]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_activation_violins() -> None:
+    acts = torch.randn(5, 2, 3, 4, 4) * 3 + torch.arange(5.0).view(5, 1, 1, 1, 1)
+    fig = figures.activation_violins(violin_data(acts, max_per_step=50), title="layer x")
+    assert isinstance(fig, plt.Figure) and len(fig.axes) == 2
+
+
+def test_error_bounds() -> None:
+    layer = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(4))
+    inputs = [torch.ones(1, 4) if 10 - i <= 3 else torch.zeros(1, 4) for i in range(10)]
+    table = bound_table(inputs, layer, lambda x: (1 - math.sqrt(0.1)) * x)
+    fig = figures.error_bounds(table, title="counterexample")
+    assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)
+
+
+def test_caching_error() -> None:
+    fig = figures.caching_error(_curve_frame("interval", [2, 3, 5]))
+    assert len(fig.axes[0].get_lines()) == 3
+
+
+def test_compensation_ablation() -> None:
+    df = pd.concat([_curve_frame("bits", [8, 4]).assign(compensation=ec) for ec in (True, False)])
+    fig = figures.compensation_ablation(df)
+    styles = [line.get_linestyle() for line in fig.axes[0].get_lines()]
+    assert len(styles) == 4 and styles.count("--") == 2

@@ -1,0 +1,69 @@
+"""Per-step activation statistics, raw vs temporal differences, and violin subsamples."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.distributions import activation_stats, range_ratio, range_ratio_summary, tensor_stats, violin_data
+
+
+def _trajectory(steps: int = 4, shape: tuple[int, ...] = (2, 3, 5, 5)) -> torch.Tensor:
+    """Large raw values, small step-to-step changes: (steps, *shape)."""
+    g = torch.Generator().manual_seed(0)
+    base = 5 * torch.randn(shape, generator=g)
+    return torch.stack([base + 0.1 * i * torch.randn(shape, generator=g) for i in range(steps)])
+
+
+def test_tensor_stats_known_values() -> None:
+    x = np.arange(1001, dtype=np.float64) - 500.0  # -500..500
+    stats = tensor_stats(x, quantiles=(0.25, 0.5), outlier_k=(1.0,))
+    assert stats["min"] == -500 and stats["max"] == 500 and stats["absmax"] == 500 and stats["range"] == 1000
+    assert stats["q0.25"] == -250 and stats["q0.5"] == 0
+    assert stats["std"] == pytest.approx(x.std())
+    assert stats["outlier_1std"] == pytest.approx(np.mean(np.abs(x) > x.std()))
+    assert tensor_stats(np.zeros(5))["outlier_3std"] == 0.0
+
+
+def test_activation_stats_raw_and_diff_rows() -> None:
+    acts = _trajectory()
+    df = activation_stats(acts, timesteps=[900, 600, 300, 0])
+    assert list(df["kind"]) == ["raw", "raw", "diff", "raw", "diff", "raw", "diff"]
+    row = df[(df["step"] == 2) & (df["kind"] == "diff")].iloc[0]
+    diff = (acts[2] - acts[1]).double()
+    assert row["max"] == pytest.approx(float(diff.max())) and row["min"] == pytest.approx(float(diff.min()))
+    assert row["t"] == 300
+    assert {"q0.001", "q0.999", "outlier_3std", "std", "absmax"} <= set(df.columns)
+    # a list of per-step tensors gives the same frame as the stacked tensor
+    assert df.equals(activation_stats(list(acts), timesteps=[900, 600, 300, 0]))
+
+
+def test_range_ratio_per_step_and_overall() -> None:
+    df = activation_stats(_trajectory())
+    ratio = range_ratio(df)
+    assert list(ratio["step"]) == [1, 2, 3]
+    assert (ratio["ratio"] == ratio["raw"] / ratio["diff"]).all()
+    assert (ratio["ratio"] > 10).all()
+    summary = range_ratio_summary(df)
+    assert summary["overall"] > 10 and summary["min_per_step"] == pytest.approx(ratio["ratio"].min())
+
+
+def test_violin_data_is_bounded_and_seeded() -> None:
+    acts = _trajectory()
+    a = violin_data(acts, max_per_step=20, seed=3)
+    assert len(a) == 20 * 7 and set(a["kind"]) == {"raw", "diff"}
+    assert a.equals(violin_data(acts, max_per_step=20, seed=3))
+    assert not a.equals(violin_data(acts, max_per_step=20, seed=4))
+    sub = violin_data(acts, max_per_step=10_000, steps=[0, 3])
+    assert set(sub["step"]) == {0, 3} and (sub["step"] == 3).sum() == 2 * acts[0].numel()
+    diff_values = np.sort(sub.loc[(sub["step"] == 3) & (sub["kind"] == "diff"), "value"].to_numpy())
+    np.testing.assert_allclose(diff_values, np.sort((acts[3] - acts[2]).double().flatten().numpy()))
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="max_per_step"):
+        violin_data(_trajectory(), max_per_step=0)
+    with pytest.raises(ValueError, match="two steps"):
+        range_ratio(activation_stats(_trajectory(steps=1)))
+    with pytest.raises(ValueError, match="timesteps"):
+        activation_stats(_trajectory(steps=3), timesteps=[1])
