@@ -306,3 +306,47 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result["metrics"], indent=1))
+
+
+@main.command("record")
+@click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name, exported folder, or .ckpt.")
+@click.option("--preset", "quant_preset", default=None, help="Quantization preset (default: full precision).")
+@click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--seeds", default="0-63", show_default=True, callback=_seeds, help="e.g. 0-63 or 0-9,100.")
+@click.option("--sites", default="conv,linear", show_default=True,
+              help="Site spec: types (conv, linear, all, type:Name) and name patterns (net.mid.*, !net.temb.*).")
+@click.option("--tensors", "tensor_sites", default=None, help="Also keep full tensors of these sites (same grammar).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New recording directory.")
+def record_command(model: str, quant_preset: Optional[str], sampler: str, steps: int, seeds: list[int], sites: str,
+                   tensor_sites: Optional[str], batch_size: int, device: str, out: Path) -> None:
+    """Record per-layer, per-step activation statistics (and optionally full tensors) of sampling runs into OUT.
+
+    \b
+    Examples:
+      modiff record --steps 100 --seeds 0-63 --out data/recordings/fp
+      modiff record --preset w8a4-modiff --sites 'net.mid.*' --tensors net.mid.block_1.conv1 --out data/recordings/q
+      modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
+    """
+    from modiff.models.registry import load_model
+    from modiff.quant import presets, quantize, trajectory
+    from modiff.record import TensorSpec, record_sampling
+
+    try:
+        config = SampleConfig(sampler=sampler, steps=steps)
+        quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
+        net = load_model(model)
+        prepare = None
+        if quant is not None:
+            net = quantize(net, quant)
+            prepare = trajectory if quant.stateful else None
+        done = record_sampling(net, seeds, out, config, sites=sites, batch_size=batch_size, device=device,
+                               tensors=None if tensor_sites is None else TensorSpec(sites=tensor_sites),
+                               prepare=prepare, metadata={"model": model, "quant_preset": quant_preset})
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"recorded {len(seeds)} samples x {steps} steps into {done}")

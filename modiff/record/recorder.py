@@ -1,0 +1,337 @@
+"""`record(model, ...)`: forward hooks around sampling, as a context manager.
+
+    with record(model, sites="conv,linear", reducers=[Stats(), Histogram(256)]) as rec:
+        x0 = sample_ddim(model, x_T, ts, callback=rec.on_step)
+    rec.stats_frame()                       # or: record(..., out_dir=DIR) saves DIR on exit
+
+Notation: a site is one module (see `modiff.record.sites`); a_s its input (or output) at step index s
+(s = 0, 1, ... in sampling order, timestep t_s descending); the difference at step s is
+a_s - a_{s-1}, the paper's a_t - a_{t+1}. Every observation is keyed by (site, capture, kind, step, call):
+capture "input"|"output", kind "raw"|"diff", call = index of the top-level model call within the step
+(0 and 1 for a sampler that calls the model twice per step, e.g. classifier-free guidance or Heun).
+
+Steps come from the sampler: pass `callback=rec.on_step`; it stores the step's t (a host int of
+`StepInfo`, no device read) and advances the step counter. Model calls are counted by a pre-hook on the
+top-level model. Between sampling runs (batches), call `rec.next_trajectory()`: steps restart at 0 and
+the statistics of step s of every trajectory are merged. A site invoked k > 0 more times within one model
+call is recorded as the site "<name>#k".
+
+Memory: the reducers keep small device tensors per key. For differences the recorder keeps, on the device,
+the previous step's tensor (float32) of every site, capture and call index: about the size of one model
+call's activations at the recorded sites. Full tensors (`tensors=TensorSpec(...)`) go to host memory and
+are written to safetensors shards once they exceed `memory_budget_mb` (see `modiff.record.tensors`).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, get_args
+
+import pandas as pd
+import torch
+from torch import nn
+
+from modiff.record.reducers import Reducer, default_reducers
+from modiff.record.sites import SiteSpec, select_sites
+from modiff.record.store import ResultKey, results_to_tables, write_recording
+from modiff.record.tensors import INDEX_FILE, ShardWriter, TensorSpec, tensor_key
+from modiff.runs import environment
+
+__all__ = ["Capture", "Recorder", "record"]
+
+log = logging.getLogger(__name__)
+
+Capture = Literal["input", "output", "both"]
+FORMAT_VERSION = 1
+
+
+@dataclass
+class _Site:
+    name: str
+    module: nn.Module
+    stats: bool  # reducers run on it
+    tensors: bool  # full tensors are kept
+
+
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    """The observed tensor: the value itself, or the first tensor of a tuple/list (first positional arg)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return next((v for v in value if isinstance(v, torch.Tensor)), None)
+    return None
+
+
+def _describe_model(model: nn.Module) -> dict[str, Any]:
+    describe = getattr(model, "describe", None)
+    out = dict(describe()) if callable(describe) else {"class": type(model).__name__}
+    out.setdefault("parameters", sum(p.numel() for p in model.parameters()))
+    quant = getattr(model, "quant_config", None)
+    if quant is not None and callable(getattr(quant, "to_dict", None)):
+        out["quant_config"] = quant.to_dict()
+    return out
+
+
+def _check_empty_dir(path: Path) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} exists and is not an empty directory; a recording needs a new or empty "
+                         f"directory. Choose another out_dir (--out), or delete the old one.")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Recorder:
+    """Hooks, counters and accumulated statistics of one recording; made by `record(...)`."""
+
+    def __init__(self, model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None,
+                 *, capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
+                 memory_budget_mb: float = 512, differences: bool = True, metadata: Optional[Mapping[str, Any]] = None):
+        if capture not in get_args(Capture):
+            raise ValueError(f"capture must be one of {', '.join(get_args(Capture))}; got {capture!r}")
+        self.reducers = list(default_reducers() if reducers is None else reducers)
+        if not all(isinstance(r, Reducer) for r in self.reducers):
+            raise TypeError(f"reducers must be Reducer instances (Stats(), Histogram(256), ...), got {self.reducers!r}")
+        names = [r.name for r in self.reducers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reducer names must be unique, got {names}; pass name=... to tell them apart")
+        if tensors is not None and not isinstance(tensors, TensorSpec):
+            raise TypeError(f"tensors must be a TensorSpec(sites=..., steps=..., samples=...), got {tensors!r}")
+        if tensors is not None and out_dir is None:
+            raise ValueError("tensors=TensorSpec(...) spills full tensors to disk: pass out_dir=...")
+        if memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
+        self.model, self.capture, self.differences = model, capture, differences
+        self.tensor_spec, self.memory_budget_mb = tensors, float(memory_budget_mb)
+        self.metadata = dict(metadata or {})
+        self.sites = self._build_sites(sites)  # a bad spec fails before any directory is made
+        self.out_dir = None if out_dir is None else _check_empty_dir(Path(out_dir))
+        self._writer = None if tensors is None else ShardWriter(self.out_dir, int(self.memory_budget_mb * 2**20))
+        self._handles: list[Any] = []
+        self._reducers: dict[ResultKey, list[Reducer]] = {}
+        self._shared: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._prev: dict[tuple[str, str, int], tuple[int, torch.Tensor]] = {}  # (site, capture, call) -> (step, a)
+        self._rows: dict[tuple[str, str, int], int] = {}  # rows of dim 0 seen in this trajectory
+        self._offsets: dict[tuple[str, str, int], int] = {}  # sample index of row 0 in this trajectory
+        self._invocations: dict[tuple[str, str], int] = {}
+        self._warned: set[str] = set()
+        self._tensor_steps: set[int] = set()
+        self.timesteps: dict[int, int] = {}  # step index -> t
+        self.step = self.trajectory = self.model_calls = 0
+        self._call = self._calls_in_step = 0
+        self.shapes: dict[str, dict[str, list[int]]] = {}
+        self.device: Optional[torch.device] = None
+        self.seconds = 0.0
+        self._started: Optional[float] = None
+
+    def _build_sites(self, spec: SiteSpec) -> list[_Site]:
+        stat_names = set(select_sites(self.model, spec))
+        tensor_names = set() if self.tensor_spec is None else set(select_sites(self.model, self.tensor_spec.sites))
+        return [_Site(name, module, name in stat_names, name in tensor_names)
+                for name, module in self.model.named_modules() if name in stat_names | tensor_names]
+
+    # -- context ---------------------------------------------------------------------------------------
+    def __enter__(self) -> "Recorder":
+        if self._handles:
+            raise RuntimeError("this recorder is already active; make a new one with record(...)")
+        self._started = time.time()
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
+            for site in self.sites:
+                if self.capture in ("input", "both"):
+                    self._handles.append(site.module.register_forward_pre_hook(self._input_hook(site)))
+                if self.capture in ("output", "both"):
+                    self._handles.append(site.module.register_forward_hook(self._output_hook(site)))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._remove_hooks()
+        self.seconds += time.time() - (self._started or time.time())
+        if exc_type is not None:
+            log.warning("recording stopped by %s; nothing saved", exc_type.__name__)
+            return
+        if self._writer is not None:
+            self._writer.flush()
+        if self.model_calls > 1 and not self.timesteps:
+            log.warning("the model was called %d times but on_step never: every call was recorded as step 0. "
+                        "Pass callback=rec.on_step to the sampler.", self.model_calls)
+        if self.out_dir is not None:
+            self.save()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- sampler side ----------------------------------------------------------------------------------
+    def on_step(self, info: Any) -> None:
+        """Sampler callback (`callback=rec.on_step`): ends step `info.index` at timestep `info.t`."""
+        index, t = int(getattr(info, "index", self.step)), int(info.t)
+        if index != self.step:
+            raise ValueError(f"on_step got step index {index} while the recorder is at step {self.step}: call "
+                             f"rec.next_trajectory() between sampling runs, and pass callback=rec.on_step from the first step")
+        known = self.timesteps.setdefault(self.step, t)
+        if known != t:
+            raise ValueError(f"step {self.step} ran at t={t} in this trajectory but at t={known} before; "
+                             f"the trajectories of one recording must use the same timesteps")
+        self.step += 1
+        self._call = self._calls_in_step = 0
+        self._invocations.clear()
+
+    def next_trajectory(self) -> None:
+        """Start a new sampling run (batch): steps restart at 0, sample indices continue."""
+        if self.step == 0 and not self._rows:
+            return
+        for key, rows in self._rows.items():
+            self._offsets[key] = self._offsets.get(key, 0) + rows
+        self._rows.clear()
+        self._prev.clear()
+        self.trajectory += 1
+        self.step = self._call = self._calls_in_step = 0
+        self._invocations.clear()
+
+    # -- hooks -----------------------------------------------------------------------------------------
+    def _on_model_call(self, _module: nn.Module, _args: Any) -> None:
+        self._call = self._calls_in_step
+        self._calls_in_step += 1
+        self.model_calls += 1
+        self._invocations.clear()
+
+    def _input_hook(self, site: _Site) -> Any:
+        def hook(_module: nn.Module, args: Any) -> None:
+            self._observe(site, "input", args)
+        return hook
+
+    def _output_hook(self, site: _Site) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            self._observe(site, "output", output)
+        return hook
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _observe(self, site: _Site, capture: str, value: Any) -> None:
+        x = _first_tensor(value)
+        if x is None:
+            self._warn_once(f"notensor:{site.name}:{capture}", "site %s has no tensor %s; skipped", site.name, capture)
+            return
+        k = self._invocations.get((site.name, capture), 0)
+        self._invocations[(site.name, capture)] = k + 1
+        name = site.name if k == 0 else f"{site.name}#{k}"
+        step, call = self.step, self._call
+        if self.device is None:
+            self.device = x.device
+        self.shapes.setdefault(name, {}).setdefault(capture, list(x.shape))
+        rows_key = (name, capture, call)
+        self._rows[rows_key] = max(self._rows.get(rows_key, 0), x.shape[0] if x.ndim else 1)
+        if site.tensors and self.tensor_spec.wants_step(step):
+            self._keep_tensor(name, capture, step, call, x)
+        if site.stats:
+            self._reduce(name, capture, step, call, x)
+
+    def _keep_tensor(self, name: str, capture: str, step: int, call: int, x: torch.Tensor) -> None:
+        offset = self._offsets.get((name, capture, call), 0)
+        rows = self.tensor_spec.rows(offset, x.shape[0] if x.ndim else 1)
+        if rows:
+            self._tensor_steps.add(step)
+            self._writer.add(tensor_key(name, capture, step, call), self.trajectory, x, rows, [offset + r for r in rows])
+
+    def _reduce(self, name: str, capture: str, step: int, call: int, x: torch.Tensor) -> None:
+        a = x.detach().float()
+        self._update((name, capture, "raw", step, call), a)
+        if not self.differences:
+            return
+        prev = self._prev.get((name, capture, call))
+        if prev is not None and prev[0] == step - 1:
+            if prev[1].shape == a.shape:
+                self._update((name, capture, "diff", step, call), a - prev[1])
+            else:
+                self._warn_once(f"shape:{name}", "site %s changed shape %s -> %s between steps; no difference",
+                                name, tuple(prev[1].shape), tuple(a.shape))
+        keep = a.clone() if a.data_ptr() == x.data_ptr() else a  # the module may reuse its input's storage
+        self._prev[(name, capture, call)] = (step, keep)
+
+    def _update(self, key: ResultKey, a: torch.Tensor) -> None:
+        reducers = self._reducers.get(key)
+        if reducers is None:
+            shared = self._shared.setdefault(key[:3], {})
+            reducers = self._reducers[key] = [r.spawn(shared) for r in self.reducers]
+        for reducer in reducers:
+            reducer.update(a)
+
+    # -- results ---------------------------------------------------------------------------------------
+    def _tables(self) -> tuple[pd.DataFrame, dict[str, Any]]:
+        order = {name: i for i, name in enumerate(self.shapes)}  # sites in order of first observation
+
+        def position(key: ResultKey) -> tuple[Any, ...]:
+            site, capture, kind, step, call = key
+            return order.get(site, len(order)), step, call, capture, kind != "raw"
+
+        keys = sorted(self._reducers, key=position)
+        results = ((key, r.name, r.result()) for key in keys for r in self._reducers[key])
+        return results_to_tables(results, self.timesteps)
+
+    def stats_frame(self) -> pd.DataFrame:
+        """The statistics so far as a DataFrame (columns `modiff.record.store.STATS_COLUMNS`)."""
+        return self._tables()[0]
+
+    def _manifest(self) -> dict[str, Any]:
+        steps = sorted({k[3] for k in self._reducers} | set(self.timesteps) | self._tensor_steps)
+        return {
+            "format": "modiff-recording", "version": FORMAT_VERSION,
+            "sites": [{"name": n, "shapes": shapes} for n, shapes in self.shapes.items()],
+            "stat_sites": [s.name for s in self.sites if s.stats],
+            "tensor_sites": [s.name for s in self.sites if s.tensors],
+            "capture": self.capture, "differences": self.differences,
+            "reducers": [r.describe() for r in self.reducers],
+            "steps": steps, "timesteps": [self.timesteps.get(s) for s in steps],
+            "trajectories": self.trajectory + (1 if self.step or self._rows else 0),
+            "model_calls": self.model_calls,
+            "tensors": None if self.tensor_spec is None else self.tensor_spec.to_dict(),
+            "memory_budget_mb": self.memory_budget_mb,
+            "model": _describe_model(self.model), "metadata": self.metadata,
+            "environment": environment(self.device), "seconds": round(self.seconds, 3),
+        }
+
+    def save(self, out_dir: Optional[str | Path] = None) -> Path:
+        """Write the recording directory (default: the out_dir given to record) and return its path."""
+        if self._handles:
+            raise RuntimeError("save() after the `with record(...)` block: the recorder is still active")
+        if out_dir is None and self.out_dir is None:
+            raise ValueError("no directory: pass out_dir to save(...) or to record(...)")
+        target = Path(out_dir) if out_dir is not None else self.out_dir
+        if self.out_dir is None or target.resolve() != self.out_dir.resolve():
+            _check_empty_dir(target)
+            for shard in (self._writer.shards if self._writer else []):
+                shutil.copy2(self.out_dir / shard, target / shard)
+        stats, arrays = self._tables()
+        index = None if self._writer is None else self._writer.index()
+        write_recording(target, self._manifest(), stats, arrays, index)
+        log.info("recording of %d sites, %d steps saved to %s", len(self.shapes), len(set(stats["step"])), target)
+        return target
+
+
+def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None, *,
+           capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
+           memory_budget_mb: float = 512, differences: bool = True,
+           metadata: Optional[Mapping[str, Any]] = None) -> Recorder:
+    """Record per-(site, step, call) statistics, and optionally full tensors, of `model` during sampling.
+
+    Use as `with record(model, ...) as rec:` around a sampler called with `callback=rec.on_step`.
+    sites: a site spec (see `select_sites`; default every Conv/Linear, what a quantizer sees).
+    reducers: streaming statistics (default `default_reducers()`), each spawned afresh per key.
+    capture: the module's "input" (first positional argument), "output" (first tensor), or "both".
+    tensors: which full tensors to keep (needs out_dir). out_dir: a new or empty directory; the recording
+    is saved there on a clean exit. memory_budget_mb: host memory for buffered full tensors before they are
+    written to a shard. differences: also reduce a_s - a_{s-1} (keeps one tensor per site and call on the
+    device). metadata: JSON-friendly extras for the manifest. Hooks are removed on exit, also on errors.
+    """
+    return Recorder(model, sites, reducers, capture=capture, tensors=tensors, out_dir=out_dir,
+                    memory_budget_mb=memory_budget_mb, differences=differences, metadata=metadata)
