@@ -5,9 +5,18 @@ from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
 from modiff.models.registry import Denoiser, load_model
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
+from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats, TensorSpec, load_recording, record
 from modiff.rng import SeedStreams, noise, parse_seeds
 
 __all__ = [
+    "ChannelAbsMax",
+    "Histogram",
+    "Outliers",
+    "Quantiles",
+    "Stats",
+    "TensorSpec",
+    "load_recording",
+    "record",
     "ActQuant",
     "Denoiser",
     "QuantConfig",

@@ -47,7 +47,7 @@ class UInt8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)
 
 
 def _folder_images(folder: Path) -> np.ndarray:
