@@ -172,19 +172,26 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
 @click.option("--reports", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), show_default=True)
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("data/runs"), show_default=True)
 @click.option("--notebook", "notebooks", multiple=True, help="Run only these notebooks (repeatable).")
-def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...]) -> None:
+@click.option("--set", "overrides", multiple=True, help="Override a preset parameter: num_samples=8 (repeatable).")
+def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Run every notebook with papermill and write reports/PRESET/ (the main job).
 
     \b
     Examples:
       modiff reproduce
       modiff reproduce --preset paper
-      modiff reproduce --notebook model_card --reports /tmp/reports
+      modiff reproduce --notebook model_card --reports /tmp/reports --set num_samples=8
     """
     from modiff.reproduce import reproduce as run_all
 
     try:
-        results = run_all(preset, model, reports, runs, notebooks or None)
+        parsed = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set takes key=value, got {item!r}")
+            parsed[key] = value if key == "device" else int(value)
+        results = run_all(preset, model, reports, runs, notebooks or None, parsed)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     for r in results:

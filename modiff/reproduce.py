@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
@@ -42,7 +42,10 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512),
 }
 
-NOTEBOOKS: tuple[str, ...] = ("model_card",)
+NOTEBOOKS: tuple[str, ...] = (
+    "model_card", "fig1b_activations", "fig1a_caching", "theory_bounds", "fig3_compensation", "table1_bitwidth",
+    "bops_memory", "sample_grids", "published_audit",
+)
 
 
 def notebook_dir() -> Path:
@@ -112,8 +115,11 @@ def _write_index(out_dir: Path, preset: ReproducePreset, results: list[NotebookR
 
 
 def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: str | Path = "reports",
-              runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None) -> list[NotebookResult]:
-    """Execute the notebooks into reports_dir/<preset>/ and write the index; returns per-notebook results."""
+              runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None,
+              overrides: dict[str, Any] | None = None) -> list[NotebookResult]:
+    """Execute the notebooks into reports_dir/<preset>/ and write the index; returns per-notebook results.
+
+    `overrides` replaces preset parameters (num_samples, steps, device, batch_size) by name."""
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; allowed: {', '.join(get_args(PresetName))}")
     chosen = list(notebooks or NOTEBOOKS)
@@ -121,6 +127,11 @@ def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: st
     if unknown:
         raise ValueError(f"unknown notebooks {unknown}; allowed: {', '.join(NOTEBOOKS)}")
     spec = REPRODUCE_PRESETS[preset]
+    known = {f for f in asdict(spec) if f != "name"}
+    bad = set(overrides or {}) - known
+    if bad:
+        raise ValueError(f"unknown parameters {sorted(bad)}; allowed: {', '.join(sorted(known))}")
+    spec = replace(spec, **(overrides or {}))
     out_dir = Path(reports_dir).resolve() / preset
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / preset),

@@ -1,0 +1,33 @@
+"""Writing tables: CSV and Markdown under out_dir/tables/ (the only writer of table files)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["to_markdown", "save"]
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "nan" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (4 significant digits for floats)."""
+    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
+    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def save(df: pd.DataFrame, name: str, out_dir: str | Path) -> list[Path]:
+    """Write df as out_dir/tables/<name>.csv and .md; returns the paths."""
+    folder = Path(out_dir) / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    csv, md = folder / f"{name}.csv", folder / f"{name}.md"
+    df.to_csv(csv, index=False)
+    md.write_text(to_markdown(df))
+    return [csv, md]
