@@ -44,7 +44,7 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
 
 NOTEBOOKS: tuple[str, ...] = (
     "model_card", "fig1b_activations", "fig1a_caching", "theory_bounds", "fig3_compensation", "table1_bitwidth",
-    "bops_memory", "sample_grids", "published_audit",
+    "samplers", "bops_memory", "sample_grids", "published_audit",
 )
 
 
@@ -114,6 +114,17 @@ def _write_index(out_dir: Path, preset: ReproducePreset, results: list[NotebookR
     )
 
 
+def _with_earlier_results(out_dir: Path, results: list[NotebookResult]) -> list[NotebookResult]:
+    """Results of this run, plus those of notebooks an earlier run executed and this one did not."""
+    import json
+
+    manifest = out_dir / "manifest.json"
+    ran = {r.name for r in results}
+    earlier = json.loads(manifest.read_text()).get("notebooks", []) if manifest.exists() else []
+    kept = [NotebookResult(**r) for r in earlier if r["name"] not in ran and r["name"] in NOTEBOOKS]
+    return sorted(results + kept, key=lambda r: NOTEBOOKS.index(r.name))
+
+
 def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: str | Path = "reports",
               runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None,
               overrides: dict[str, Any] | None = None) -> list[NotebookResult]:
@@ -137,7 +148,8 @@ def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: st
     parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / preset),
                   **{k: v for k, v in asdict(spec).items() if k != "name"}}
     results = [_run_one(name, parameters, out_dir) for name in chosen]
-    _write_index(out_dir, spec, results)
+    merged = _with_earlier_results(out_dir, results)
+    _write_index(out_dir, spec, merged)
     write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
-                "notebooks": [asdict(r) for r in results]}, out_dir / "manifest.json")
+                "notebooks": [asdict(r) for r in merged]}, out_dir / "manifest.json")
     return results
