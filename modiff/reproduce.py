@@ -38,7 +38,7 @@ class ReproducePreset:
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    "quick": ReproducePreset("quick", num_samples=16, steps=20),
+    "quick": ReproducePreset("quick", num_samples=12, steps=20),
     "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512),
 }
 
