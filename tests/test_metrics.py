@@ -136,3 +136,13 @@ def test_shipped_classifier_accuracy() -> None:
     except FileNotFoundError:
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     assert accuracy(load_classifier(), images, labels) == pytest.approx(recorded, abs=1e-4)
+
+
+def test_inception_without_weights_names_the_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline and without the Inception weights, the error names the file and where to put it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match="weights-inception-2015-12-05-6726825d.pth"):
+        compute_metrics(_images(20, 0), _images(20, 1), ["fid"], extractor="inception-v3-compat")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        compute_metrics(_images(20, 0), _images(20, 1), ["fid"], extractor="inception-v3-compat",
+                        weights=str(tmp_path / "missing.pth"))

@@ -175,7 +175,27 @@ def cache_root() -> Path:
     return data_dir() / "fidelity-cache"
 
 
+def _require_inception_weights(weights: Optional[str]) -> None:
+    """Offline, torch-fidelity would try to download the Inception weights: say which file is missing."""
+    import os
+
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"Inception weights file {weights} does not exist")
+        return
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"the Inception-v3 weights are missing: expected {cached} (torch-fidelity's cache). Download "
+            f"{URL_INCEPTION_V3} on a machine with a network and put it there, or pass --weights FILE."
+        )
+
+
 def _common_kwargs(extractor: str, batch_size: int, device: torch.device, weights: Optional[str]) -> dict[str, Any]:
+    if extractor == INCEPTION:
+        _require_inception_weights(weights)
     kwargs: dict[str, Any] = {
         "feature_extractor": extractor, "batch_size": batch_size, "cuda": device.type == "cuda",
         "cache_root": str(cache_root()), "verbose": False, "save_cpu_ram": True,
