@@ -146,3 +146,20 @@ def test_inception_without_weights_names_the_missing_file(tmp_path: Path, monkey
     with pytest.raises(FileNotFoundError, match="does not exist"):
         compute_metrics(_images(20, 0), _images(20, 1), ["fid"], extractor="inception-v3-compat",
                         weights=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped classifier")
+def test_evaluate_writes_metrics_json(tmp_path: Path, tame_denoiser) -> None:
+    """`evaluate` samples (resumably), scores against the shipped statistics, and compares with fp per seed."""
+    from modiff.evaluate import evaluate
+    from modiff.generate import SampleConfig
+
+    config = SampleConfig(steps=2)
+    fp = evaluate(tame_denoiser, range(10), tmp_path / "fp", config, metrics=("fid", "isc"), device="cpu")
+    assert fp["metrics"]["num_samples"] == 10 and np.isfinite(fp["metrics"]["fid"])
+    result = evaluate(tame_denoiser, range(10), tmp_path / "q", config, quant_preset="w8a4-modiff",
+                      metrics=("fid",), fp_run=tmp_path / "fp", device="cpu")
+    saved = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert saved["seeds"] == "0-9" and saved["model"]["quant_preset"] == "w8a4-modiff"
+    assert saved["feature_extractor"] == "fmnist-classifier" and saved["reference"] == "fmnist-train"
+    assert 0 < result["fidelity_to_fp"]["rel_l2_pixels"]["mean"] < 1
