@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample_dpm_solver
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
+from modiff.models.latent import LatentDenoiser, to_images
 from modiff.models.registry import Denoiser, load_model
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
 from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats, TensorSpec, load_recording, record
@@ -19,6 +20,7 @@ __all__ = [
     "record",
     "ActQuant",
     "Denoiser",
+    "LatentDenoiser",
     "QuantConfig",
     "QuantSpec",
     "WeightQuant",
@@ -36,4 +38,5 @@ __all__ = [
     "sample_ddpm",
     "sample_dpm_solver",
     "timesteps",
+    "to_images",
 ]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from modiff.diffusion.sampling import SAMPLERS, Callback
 from modiff.diffusion.schedules import Spacing, timesteps
 from modiff.images import make_grid, save_png, to_uint8
+from modiff.models.latent import to_images
 from modiff.rng import SeedStreams
 from modiff.runs import atomic_path, ensure_writable_dir, environment, write_json
 
@@ -72,7 +73,8 @@ def sample(
     device: torch.device,
     callback: Optional[Callback] = None,
 ) -> torch.Tensor:
-    """One batch: x_0 in [-1, 1] for the given seeds (B, C, H, W), float32 on `device`."""
+    """One batch of sampler outputs x_0 (B, C, H, W), float32 on `device`, for the given seeds: images
+    in [-1, 1] for a pixel model, latents for a latent one (`to_images` decodes them)."""
     ts = timesteps(config.steps, config.spacing, model.schedule.num_timesteps)
     rng = SeedStreams(seeds)
     x_T = rng.randn(model.sample_shape, device=device)
@@ -125,7 +127,7 @@ def generate(
     `identity` describes the model (and quantization) for the manifest; a directory made with another
     identity or sample config is refused. `prepare(model)` returns a context entered around each batch
     (the MoDiff trajectory state, for instance). `compile` runs the network through torch.compile
-    (modulated layers stay outside the compiled graphs); it changes speed, not the configuration.
+    (modulated layers included: one graph per phase); it changes speed, not the configuration.
     """
     out = ensure_writable_dir(Path(out_dir))
     samples_dir = ensure_writable_dir(out / "samples")
@@ -146,7 +148,7 @@ def generate(
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
             with prepare(model) if prepare else nullcontext():
-                images = to_uint8(sample(model, batch, config, dev))
+                images = to_uint8(to_images(model, sample(model, batch, config, dev)))
             for seed, image in zip(batch, images):
                 save_png(image, _png(samples_dir, seed))
             bar.update(len(batch))

@@ -90,3 +90,29 @@ def test_timesteps_errors(kwargs: dict, match: str) -> None:
     """Bad spacing / steps / offset raise ValueError naming the allowed values."""
     with pytest.raises(ValueError, match=match):
         timesteps(**kwargs)
+
+
+def test_ldm_timesteps_are_the_compvis_convention() -> None:
+    """'ldm' = reversed(range(0, 1000, 1000 // S) + 1), as CompVis make_ddim_timesteps (uniform)."""
+    for steps in (10, 50, 100, 200, 250):
+        expected = tuple(reversed((np.asarray(range(0, 1000, 1000 // steps)) + 1).tolist()))
+        assert timesteps(steps, "ldm") == expected
+    assert timesteps(10, "ldm") == (901, 801, 701, 601, 501, 401, 301, 201, 101, 1)
+    with pytest.raises(ValueError, match="reaches timestep 1000"):
+        timesteps(1000, "ldm")  # range(0, 1000, 1) + 1 ends at 1000, which CompVis cannot index either
+
+
+def test_final_alpha_bar_sets_the_last_ddim_step() -> None:
+    """With final_alpha_bar = alpha_bar_0 (CompVis DDIM), the last step from t lands at
+    sqrt(a_0) x0_pred + sqrt(1 - a_0) eps instead of x0_pred."""
+    base = sqrt_linear_schedule(0.0015, 0.0155)
+    schedule = NoiseSchedule(base.betas, final_alpha_bar=float(base.alpha_bar[0]))
+    eps_value = 0.3
+    x_t = torch.full((1, 1, 2, 2), 0.5)
+    out = modiff.sample_ddim(lambda x, t: torch.full_like(x, eps_value), x_t, (1,), schedule=schedule)
+    a_t, a_0 = float(base.alpha_bar[1]), float(base.alpha_bar[0])
+    x0_pred = (0.5 - np.sqrt(1 - a_t) * eps_value) / np.sqrt(a_t)
+    assert torch.allclose(out, torch.tensor(np.sqrt(a_0) * x0_pred + np.sqrt(1 - a_0) * eps_value).float())
+    assert schedule.alpha_bar_at(-1) == pytest.approx(1 - 0.0015, abs=1e-7)
+    with pytest.raises(ValueError, match="final_alpha_bar"):
+        NoiseSchedule(base.betas, final_alpha_bar=0.0)

@@ -20,14 +20,20 @@ __all__ = [
     "timesteps",
 ]
 
-Spacing = Literal["uniform", "quad", "quad-unique"]
+Spacing = Literal["uniform", "quad", "quad-unique", "ldm"]
 
 
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
-    """betas and alpha_bar as float32 tensors of shape (T,), on the CPU."""
+    """betas and alpha_bar as float32 tensors of shape (T,), on the CPU.
+
+    `final_alpha_bar` is alpha_bar after the last sampling step (t_prev = -1). The DDIM code uses 1 (the
+    sample lands on clean data); the CompVis DDIM sampler of the LDMs steps onto alpha_bar_0 instead, so
+    a latent model built from a CompVis config carries that value and samples as published.
+    """
 
     betas: torch.Tensor
+    final_alpha_bar: float = 1.0
 
     def __post_init__(self) -> None:
         b = self.betas
@@ -35,6 +41,8 @@ class NoiseSchedule:
             raise ValueError(f"betas must be a 1-D tensor of length >= 2, got shape {tuple(b.shape)}")
         if not bool(((b > 0) & (b < 1)).all()):
             raise ValueError("betas must lie strictly between 0 and 1")
+        if not 0 < self.final_alpha_bar <= 1:
+            raise ValueError(f"final_alpha_bar must lie in (0, 1], got {self.final_alpha_bar}")
 
     @property
     def num_timesteps(self) -> int:
@@ -46,15 +54,16 @@ class NoiseSchedule:
         return torch.cumprod(1.0 - self.betas, dim=0)
 
     def alpha_bar_at(self, t: int) -> float:
-        """alpha_bar_t as a Python float; t = -1 (past the last step) gives 1."""
+        """alpha_bar_t as a Python float; t = -1 (past the last step) gives `final_alpha_bar`."""
         if t == -1:
-            return 1.0
+            return self.final_alpha_bar
         if not 0 <= t < self.num_timesteps:
             raise ValueError(f"timestep {t} outside [-1, {self.num_timesteps - 1}]")
         return float(self.alpha_bar[t])
 
     def to_dict(self) -> dict[str, object]:
-        return {"num_timesteps": self.num_timesteps, "beta_first": float(self.betas[0]), "beta_last": float(self.betas[-1])}
+        return {"num_timesteps": self.num_timesteps, "beta_first": float(self.betas[0]), "beta_last": float(self.betas[-1]),
+                "final_alpha_bar": self.final_alpha_bar}
 
 
 def linear_schedule(beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> NoiseSchedule:
@@ -72,7 +81,11 @@ def sqrt_linear_schedule(linear_start: float = 0.0015, linear_end: float = 0.019
 def timesteps(steps: int, spacing: Spacing = "uniform", num_timesteps: int = 1000, offset: int = 0) -> tuple[int, ...]:
     """Timesteps in sampling (descending) order.
 
-    - ``uniform``: range(0, T, T // S), as in the DDIM code (the LDM convention adds ``offset=1``).
+    - ``uniform``: range(0, T, T // S), as in the DDIM code.
+    - ``ldm``: range(0, T, T // S) + 1, the CompVis LDM DDIM convention (``make_ddim_timesteps``): the
+      last model evaluation is at t = 1. As with ``uniform``, an S for which T // S does not divide T
+      gives extra steps; a sequence that reaches t = T is refused (CompVis fails on it too).
+      ``offset`` adds to this +1.
     - ``quad``: int(linspace(0, sqrt(0.8 T), S)^2), exactly as published: it starts at 0.8 T, not T - 1,
       and may repeat timesteps (for S = 100 and T = 1000 it holds t = 0 four times). Repeats are real
       model evaluations, kept so that published numbers can be reproduced.
@@ -82,13 +95,16 @@ def timesteps(steps: int, spacing: Spacing = "uniform", num_timesteps: int = 100
         raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(get_args(Spacing))}")
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
-    if spacing == "uniform":
+    if spacing in ("uniform", "ldm"):
         seq = list(range(0, num_timesteps, num_timesteps // steps))
+        if spacing == "ldm":
+            offset += 1
     else:
         seq = [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
         if spacing == "quad-unique":
             seq = sorted(set(seq))
     seq = [s + offset for s in seq]
     if seq[-1] >= num_timesteps:
-        raise ValueError(f"offset {offset} pushes timestep {seq[-1]} past T - 1 = {num_timesteps - 1}")
+        raise ValueError(f"spacing {spacing!r} with {steps} steps (offset {offset}) reaches timestep {seq[-1]}, "
+                         f"past T - 1 = {num_timesteps - 1}; choose steps that divide T")
     return tuple(reversed(seq))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import yaml
@@ -44,12 +44,21 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.net(x, t)
 
+    def network_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """(qualified name, module) of the denoising network only, `net` itself included.
+
+        What quantization, recording and BOP counting see: a latent model keeps its first stage beside
+        `net`, in full precision, as the published LDM results do.
+        """
+        return self.net.named_modules(prefix="net")
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.source_config, "parameters": sum(p.numel() for p in self.net.parameters())}
 
 
 MODEL_PRESETS: dict[str, str] = {
     "fmnist-ddim": "fmnist-ddim",
+    "fmnist-ldm": "fmnist-ldm",
 }
 
 
@@ -100,6 +109,8 @@ def _official_state_dict(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, (list, tuple)):  # the DDIM training code saves [model, optimizer, epoch, step, ema]
         state = state[-1] if isinstance(state[-1], dict) and len(state) == 5 else state[0]
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # CompVis (Lightning) .ckpt
+        state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state_dict (got {type(state).__name__})")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -114,19 +125,32 @@ def _load_shards(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_folder(folder: Path, name: str) -> Denoiser:
-    """A folder written by `modiff train`: config.yaml (official layout) and safetensors shards."""
+def _load_folder(folder: Path, name: str, use_ema: bool = True) -> Denoiser:
+    """A folder written by `modiff train`: config.yaml (official DDIM or CompVis LDM layout) and shards."""
     config = _read_yaml(folder / "config.yaml")
+    if _is_ldm(config):
+        from modiff.models.latent import latent_denoiser_from_compvis
+
+        return latent_denoiser_from_compvis(config, _load_shards(folder), name, use_ema)
     net = DDIMUNet(unet_config_from_yaml(config))
     load_state_dict_strict(net, _load_shards(folder), f"model {name!r} ({folder})", config["model"])
     return Denoiser(net, schedule_from_yaml(config), name, config).eval()
 
 
-def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[str, Any]] = None) -> Denoiser:
-    """A preset name (see MODEL_PRESETS), a folder exported by `modiff train`, or an official DDIM
-    `.ckpt` plus its YAML config.
+def _is_ldm(config: Mapping[str, Any]) -> bool:
+    from modiff.models.latent import is_compvis_ldm_config
 
-    Returns a `Denoiser` in eval mode on the CPU: the network and its noise schedule.
+    return is_compvis_ldm_config(config)
+
+
+def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[str, Any]] = None,
+               *, use_ema: bool = True) -> Denoiser:
+    """A preset name (see MODEL_PRESETS), a folder exported by `modiff train`, or a checkpoint plus its
+    YAML config: an official DDIM `.ckpt`, or a CompVis LDM `.ckpt` (weights under "state_dict").
+
+    Returns a `Denoiser` in eval mode on the CPU: the network and its noise schedule (a `LatentDenoiser`,
+    which also holds the first stage, for a CompVis config). `use_ema` picks a CompVis checkpoint's
+    EMA UNet weights (model_ema.*) when it holds them, as the published LDM scripts do.
     """
     key = str(name_or_path)
     if key in MODEL_PRESETS:
@@ -135,10 +159,10 @@ def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[s
         folder = data_dir() / MODEL_PRESETS[key]
         if not folder.is_dir():
             raise FileNotFoundError(f"the weights of preset {key!r} are missing: expected the folder {folder}")
-        return _load_folder(folder, key)
+        return _load_folder(folder, key, use_ema)
     path = Path(key)
     if path.is_dir() and (path / "config.yaml").is_file():
-        return _load_folder(path, path.name)
+        return _load_folder(path, path.name, use_ema)
     if path.suffix not in {".ckpt", ".pt", ".pth", ".safetensors"}:
         raise ValueError(
             f"unknown model {key!r}: valid presets are {', '.join(sorted(MODEL_PRESETS))}, "
@@ -150,7 +174,11 @@ def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[s
     if config is None:
         raise ValueError(f"checkpoint {path} needs its YAML config: load_model(path, config='cifar10.yml')")
     parsed = dict(config) if isinstance(config, Mapping) else _read_yaml(Path(config))
-    net = DDIMUNet(unet_config_from_yaml(parsed))
     state = load_file(path) if path.suffix == ".safetensors" else _official_state_dict(path)
+    if _is_ldm(parsed):
+        from modiff.models.latent import latent_denoiser_from_compvis
+
+        return latent_denoiser_from_compvis(parsed, state, path.stem, use_ema)
+    net = DDIMUNet(unet_config_from_yaml(parsed))
     load_state_dict_strict(net, state, f"checkpoint {path}", parsed["model"])
     return Denoiser(net, schedule_from_yaml(parsed), path.stem, parsed).eval()

@@ -43,7 +43,8 @@ def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[li
     """Per-layer MACs (per image) of every Conv/Linear (plain or quantized) on one real forward,
     and the MACs of the attention matmuls. `x` may hold one image."""
     from modiff.models.ddim_unet import AttentionCore
-    from modiff.quant.modules import QuantAttentionCore, QuantLayer
+    from modiff.quant.api import network_modules
+    from modiff.quant.modules import ModulatedLayer, QuantAttentionCore, QuantLayer
 
     costs: list[LayerCost] = []
     attention = [0]
@@ -58,15 +59,15 @@ def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[li
     def attention_hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         q = inputs[0]
         tokens, channels = q.shape[2] * q.shape[3], q.shape[1]
-        attention[0] += 2 * tokens * tokens * channels  # q k^T and attn v, per image
+        attention[0] += 2 * tokens * tokens * channels * q.shape[0]  # q k^T and attn v; dim 0 is heads (batch 1)
 
-    for name, module in model.named_modules():
+    for name, module in network_modules(model):  # a latent model's first stage is not counted
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear, QuantLayer)):
             hooks.append(module.register_forward_hook(layer_hook(name)))
         elif isinstance(module, (AttentionCore, QuantAttentionCore)):
             hooks.append(module.register_forward_hook(attention_hook))
     try:
-        if any(getattr(m, "state", None) is None and getattr(getattr(m, "config", None), "stateful", False) for m in model.modules()):
+        if any(isinstance(m, ModulatedLayer) and m.state.phase == "inactive" for m in model.modules()):
             from modiff.quant.modulated import trajectory
 
             with trajectory(model):

@@ -1,33 +1,54 @@
 """Cross-step MoDiff state and the `trajectory()` context that owns it.
 
-Each modulated/cached layer keeps a_hat (input-shaped) and o_hat (output-shaped) per sample, and counts
-its calls (one call = one sampling step; the first `warmup_steps` calls run on full-precision
-activations). The state exists only inside `with trajectory(qmodel):`; it is created on entry and
-cleared on exit, also after an exception.
+Each modulated/cached layer keeps a_hat (input-shaped; its output is o_hat = A_q(a_hat) + b) and, without
+error compensation, a_ref (the previous exact input, the reference of the next residual), and counts
+model calls (one call = one sampling step; the first `warmup_steps` calls run on full-precision
+activations). The state is live only inside `with trajectory(qmodel):`; it is cleared on exit, also after
+an exception.
+
+The step bookkeeping runs in a forward pre-hook on the model passed to `trajectory()`, outside any compiled
+graph: it sets each layer's `phase` for the coming call. The layers only read their phase and tensors, so a
+compiled network keeps the modulated layers (residual, quantization, state update) inside its
+graph; it compiles once per distinct phase pattern (warm-up, refresh, cache skip), not once per step.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import nn
 
-from modiff.quant.config import ResetPolicy, _check
+from modiff.quant.config import QuantConfig, ResetPolicy, _check
 
-__all__ = ["LayerState", "trajectory", "state_bytes"]
+__all__ = ["LayerState", "Phase", "trajectory", "state_bytes"]
+
+# inactive: outside trajectory(); spent: the layer already ran for the current model call.
+Phase = Literal["inactive", "warmup", "refresh", "skip", "spent"]
 
 
 @dataclass
 class LayerState:
-    a_hat: Optional[torch.Tensor] = None  # (B, C_in, ...) quantized-input estimate (exact input without EC)
-    o_hat: Optional[torch.Tensor] = None  # (B, C_out, ...) output estimate, bias included
+    a_hat: Optional[torch.Tensor] = None  # (B, C_in, ...) input estimate: the layer outputs A_q(a_hat) + b
+    a_ref: Optional[torch.Tensor] = None  # (B, C_in, ...) next residual's reference: a_hat with EC, else a_{t+1}
     calls: int = 0
+    phase: Phase = "inactive"
 
     def clear(self) -> None:
-        self.a_hat = self.o_hat = None
+        self.a_hat = self.a_ref = None
         self.calls = 0
+
+    def advance(self, config: QuantConfig) -> None:
+        """Set the phase of the coming call from the call count and the layer's config."""
+        step = self.calls
+        self.calls += 1
+        if step < config.warmup_steps:
+            self.phase = "warmup"
+        elif config.mode == "cache" and step % config.cache_interval != 0:
+            self.phase = "skip"
+        else:
+            self.phase = "refresh"
 
 
 def _stateful_layers(model: nn.Module) -> list[nn.Module]:
@@ -40,6 +61,7 @@ def _stateful_layers(model: nn.Module) -> list[nn.Module]:
 def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterator[list[LayerState]]:
     """Give every modulated/cached layer of `model` fresh state for one sampling trajectory.
 
+    Every call of `model` inside the block is one sampling step (call `model`, not a submodule of it).
     reset: ``per_trajectory`` (default from the config): state persists across the model calls of the
     block. ``per_step``: the state is cleared before every model call, so every call is a warm-up call on
     full-precision activations; this is the published CIFAR-10 loop, offered only to measure its effect.
@@ -49,32 +71,31 @@ def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterato
         raise ValueError("the model has no modulated or cached layers; trajectory() is only needed for those")
     policy = reset or layers[0].config.reset
     _check(policy, ResetPolicy, "reset")
-    if any(layer.state is not None for layer in layers):
+    if any(layer.state.phase != "inactive" for layer in layers):
         raise RuntimeError("trajectory() is already active for this model; nesting is not allowed")
-    states = [LayerState() for _ in layers]
+    states = [layer.state for layer in layers]
 
-    def clear_all(_module: nn.Module, _args: tuple) -> None:
-        for state in states:
-            state.clear()
+    @torch.compiler.disable  # Python bookkeeping: never traced, so graphs do not specialise on step counts
+    def next_step(_module: nn.Module, _args: tuple) -> None:
+        for layer in layers:
+            if policy == "per_step":
+                layer.state.clear()
+            layer.state.advance(layer.config)
 
-    hook = model.register_forward_pre_hook(clear_all) if policy == "per_step" else None
+    for state in states:
+        state.clear()
+        state.phase = "spent"
+    hook = model.register_forward_pre_hook(next_step)
     try:
-        for layer, state in zip(layers, states):
-            layer.state = state
         yield states
     finally:
-        if hook is not None:
-            hook.remove()
-        for layer, state in zip(layers, states):
-            layer.state = None
+        hook.remove()
+        for state in states:
             state.clear()
+            state.phase = "inactive"
 
 
 def state_bytes(states: list[LayerState]) -> int:
-    """Bytes held by a_hat and o_hat over all layers (for the whole batch)."""
-    total = 0
-    for s in states:
-        for t in (s.a_hat, s.o_hat):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes of state the simulator holds over all layers (for the whole batch; a_ref counted when distinct)."""
+    tensors = {id(t): t for s in states for t in (s.a_hat, s.a_ref) if t is not None}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,7 +1,8 @@
 """Quantized layer wrappers: Conv1d/Conv2d/Linear, and the attention core.
 
 Notation (paper symbols): A the layer's linear operator with quantized weights (bias separate), a_t its
-input at sampling step t, Q the activation quantizer, a_hat / o_hat the MoDiff input / output estimates.
+input at sampling step t, Q the activation quantizer, a_hat / o_hat the MoDiff input / output estimates
+(o_hat = A(a_hat) + b, the error-feedback identity).
 Shapes: a (B, C_in, ...), o (B, C_out, ...).
 """
 from __future__ import annotations
@@ -13,25 +14,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modiff.quant.config import ActQuant, QuantConfig, WeightQuant
+from modiff.quant.config import ActQuant, QuantConfig, WeightMethod, WeightQuant
 from modiff.quant.modulated import LayerState
 from modiff.quant.observers import make_observer
 from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
 
-__all__ = ["ActQuantizer", "ModulatedLayer", "QuantLayer", "QuantAttentionCore", "quantize_weight", "residual_step"]
+__all__ = ["ActQuantizer", "ModulatedLayer", "QuantLayer", "QuantAttentionCore", "quantize_weight", "residual_step",
+           "weight_grid"]
 
 
 def _split(x: torch.Tensor, split: Optional[int]) -> list[torch.Tensor]:
     return [x] if split is None else list(x.split([split, x.shape[1] - split], dim=1))
 
 
+def weight_grid(weight: torch.Tensor, config: WeightQuant, split: Optional[int] = None,
+                method: Optional[WeightMethod] = None, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of every weight's grid, broadcastable against ``weight``.
+
+    Per output channel: shape (out, 1, ...); with `split`, the two input-channel halves get their own
+    qparams, expanded to (out, in, ...) so one tensor describes both. ``method``/``p`` override the
+    config's range method (AdaRound starts from the Lp search of Q-Diffusion, p = 2.4).
+    """
+    parts = _split(weight, split)
+    grids = [weight_qparams(w, config.spec, method=method or config.method, p=p) for w in parts]
+    if len(grids) == 1:
+        return grids[0]
+    scale = torch.cat([s.expand(-1, w.shape[1], *s.shape[2:]) for (s, _), w in zip(grids, parts)], dim=1)
+    zero_point = torch.cat([z.expand(-1, w.shape[1], *z.shape[2:]) for (_, z), w in zip(grids, parts)], dim=1)
+    return scale, zero_point
+
+
 def quantize_weight(weight: torch.Tensor, config: WeightQuant, split: Optional[int] = None) -> torch.Tensor:
     """Fake-quantized weight, per output channel; with `split`, the two input-channel halves separately."""
-    parts = []
-    for w in _split(weight, split):
-        scale, zero_point = weight_qparams(w, config.spec, method=config.method)
-        parts.append(fake_quantize(w, scale, zero_point, config.spec))
-    return torch.cat(parts, dim=1)
+    scale, zero_point = weight_grid(weight, config, split)
+    return fake_quantize(weight, scale, zero_point, config.spec)
 
 
 class ActQuantizer(nn.Module):
@@ -69,7 +85,11 @@ class ActQuantizer(nn.Module):
         if self.config.dynamic:
             return quantize_dynamic_split(x, self.spec, self.split)
         if not self.scales:
-            raise RuntimeError("static activation quantizer has no qparams: run modiff.calibrate(...) first")
+            raise RuntimeError("static activation quantizer has no qparams: calibrate first "
+                               "(modiff.quant.calibrate, or modiff.quant.load_quantized for a saved model)")
+        if self.scales[0].device != x.device:  # qparams are plain tensors: follow the model to its device
+            self.scales = [s.to(x.device) for s in self.scales]
+            self.zero_points = [z.to(x.device) for z in self.zero_points]
         out = [fake_quantize(p, s, z, self.spec) for p, s, z in zip(parts, self.scales, self.zero_points)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
@@ -91,34 +111,48 @@ def quantize_dynamic_split(x: torch.Tensor, spec: QuantSpec, split: Optional[int
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _fused_residual_step(x: torch.Tensor, a_hat: torch.Tensor, spec: Optional[QuantSpec], split: Optional[int],
-                         compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.float()
-    residual = x - a_hat
-    q = residual if spec is None else quantize_dynamic_split(residual, spec, split)
-    return q, (a_hat + q if compensation else x)
+def _modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor],
+              compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MoDiff step on the input side: r = a_t - a_ref, a_hat += Q(r) (computed in float32).
+
+    Returns the new a_hat and a_ref: a_ref is a_hat itself with error compensation, else the exact a_t.
+    """
+    residual = x.float() - a_ref.float()
+    a_next = (a_hat.float() + quantize(residual)).to(a_hat.dtype)
+    return a_next, (a_next if compensation else x.to(a_hat.dtype, copy=True))
+
+
+def _modulate_dynamic(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, spec: Optional[QuantSpec],
+                      split: Optional[int], compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    quantize = (lambda r: r) if spec is None else partial(quantize_dynamic_split, spec=spec, split=split)
+    return _modulate(x, a_hat, a_ref, quantize, compensation)
 
 
 _COMPILED: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
-def residual_step(x: torch.Tensor, a_hat: torch.Tensor, act: Optional[ActQuantizer],
-                  compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """r = a_t - a_hat, q = Q(r); returns q and the next a_hat (a_hat + q with error feedback, else a_t).
+def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Optional[ActQuantizer],
+             compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next (a_hat, a_ref) of a modulated layer from its input a_t (see `_modulate`).
 
-    For dynamic quantizers on CUDA this is one compiled kernel per (spec, split): subtraction, range
-    reduction, quantization and the a_hat update fused, with no host synchronisation.
+    Eager on CUDA, dynamic quantizers run as one compiled kernel per (spec, split): subtraction, range
+    reduction, quantization and the a_hat update fused, with no host synchronisation. Inside a compiled
+    network the surrounding graph fuses the same operations.
     """
     if act is not None and (act.observing or not act.config.dynamic):
-        x = x.float()
-        q = act(x - a_hat)
-        return q, (a_hat + q if compensation else x)
+        return _modulate(x, a_hat, a_ref, act, compensation)
     spec, split = (None, None) if act is None else (act.spec, act.split)
-    if not x.is_cuda:
-        return _fused_residual_step(x, a_hat, spec, split, compensation)
-    if "residual" not in _COMPILED:
-        _COMPILED["residual"] = torch.compile(_fused_residual_step, dynamic=True)
-    return _COMPILED["residual"](x, a_hat, spec, split, compensation)
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation)
+    if "modulate" not in _COMPILED:
+        _COMPILED["modulate"] = torch.compile(_modulate_dynamic, dynamic=True)
+    return _COMPILED["modulate"](x, a_hat, a_ref, spec, split, compensation)
+
+
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer's operator consumes: the autocast dtype where autocast is on, else x's dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class QuantLayer(nn.Module):
@@ -130,8 +164,14 @@ class QuantLayer(nn.Module):
         self.op = _linear_op(layer)
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        w_q = self.weight if config.weight is None else quantize_weight(self.weight, config.weight, split)
+        self.split = split
+        grid = (None, None) if config.weight is None else weight_grid(self.weight, config.weight, split)
+        # The grid of weight_q, kept (not in the state_dict) so weight codes can be saved and replaced.
+        self.register_buffer("weight_scale", grid[0], persistent=False)
+        self.register_buffer("weight_zero_point", grid[1], persistent=False)
+        w_q = self.weight if config.weight is None else fake_quantize(self.weight, grid[0], grid[1], config.weight.spec)
         self.register_buffer("weight_q", w_q.detach().clone())
+        self.rounding: Optional[nn.Module] = None  # AdaRound's soft weights replace weight_q while it is set
         self.act = None if config.activation is None else ActQuantizer(config.activation, split)
         if config.stateful != isinstance(self, ModulatedLayer):
             raise TypeError(f"mode {config.mode!r} needs {'ModulatedLayer' if config.stateful else 'QuantLayer'}; "
@@ -145,55 +185,82 @@ class QuantLayer(nn.Module):
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act is None else self.act(x)
 
+    def weight_codes(self) -> torch.Tensor:
+        """Integer codes q of weight_q = s (q - z), as a float tensor (exact: |q - z| < 2^16)."""
+        if self.weight_scale is None or self.config.weight is None:
+            raise ValueError(f"layer {self.name} has full-precision weights; it has no weight codes")
+        spec = self.config.weight.spec
+        code = torch.round(self.weight_q.float() * self.weight_scale.reciprocal()) + self.weight_zero_point
+        return torch.clamp(code, spec.qmin, spec.qmax)
+
+    def set_weight_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Fix weight_q = s (q - z) from integer codes (AdaRound's decisions, or a saved model)."""
+        if codes.shape != self.weight.shape:
+            raise ValueError(f"layer {self.name}: codes of shape {tuple(codes.shape)} for a weight of shape "
+                             f"{tuple(self.weight.shape)}")
+        dev = self.weight.device
+        self.weight_scale, self.weight_zero_point = scale.to(dev, torch.float32), zero_point.to(dev, torch.float32)
+        w_q = (codes.to(dev, torch.float32) - self.weight_zero_point) * self.weight_scale
+        self.weight_q = w_q.to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.config.mode
         if mode == "fp":
             return self.op(x, self.weight, self.bias)
-        return self.op(self._quantize_input(x), self.weight_q, self.bias)
+        weight = self.weight_q if self.rounding is None else self.rounding()
+        return self.op(self._quantize_input(x), weight, self.bias)
 
 
 class ModulatedLayer(QuantLayer):
     """A QuantLayer in mode ``modulated`` or ``cache``: MoDiff state across steps (see trajectory()).
 
-    Its forward runs outside any compiled graph (the step counter and the state change every call),
-    so a compiled model breaks its graph here; the residual update is its own fused kernel.
+    The output is computed through the error-feedback identity o_hat_t = A_q(a_hat_t) + b, with
+    a_hat_t = a_hat_{t+1} + Q(r_t). By induction it equals the accumulated form of the paper,
+    o_hat_t = o_hat_{t+1} + A_q(Q(r_t)) with o_hat at warm-up = A_q(a) + b (tests pin it step by step),
+    up to float rounding. Keeping a_hat alone, in the dtype the operator consumes (bf16 under autocast),
+    moves a quarter of the bytes per step that keeping a_hat and o_hat in float32 does: the storage
+    rounding enters the next residual, so error feedback corrects it too. Memory accounting of a real
+    low-bit deployment (a_hat and o_hat) is in `modiff.quant.bops.modiff_state_bytes`.
+
+    The forward reads the phase that trajectory() set for this call and has no Python-side counters, so
+    torch.compile traces it whole and fuses the state update with the surrounding graph.
     """
 
     def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
         super().__init__(layer, config, name, split)
-        self.state: Optional[LayerState] = None
+        self.state = LayerState()
 
-    def _refreshes(self, step: int) -> bool:
-        """Whether this step quantizes its residual (True) or skips it as 0 bits (cache mode)."""
-        return self.config.mode != "cache" or step % self.config.cache_interval == 0
-
-    @torch.compiler.disable
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The state stays float32 under bf16 autocast: o_hat sums the increments of every step.
-        state = self.state
-        if state is None:
+    def _check_call(self, x: torch.Tensor) -> None:
+        phase = self.state.phase
+        if phase == "inactive":
             raise RuntimeError(
                 f"layer {self.name} is {self.config.mode}: it keeps state across sampling steps; call the "
                 f"model inside `with modiff.trajectory(qmodel):`"
             )
-        step = state.calls
-        state.calls += 1
-        if step < self.config.warmup_steps:
-            state.a_hat = x.float()
-            state.o_hat = self.op(x, self.weight_q, self.bias).float()
-            return state.o_hat
-        if x.shape != state.a_hat.shape:
+        if phase == "spent":
+            raise RuntimeError(
+                f"layer {self.name} ran twice in one step: inside trajectory(model), call `model` itself once per "
+                f"sampling step (not a submodule of it)"
+            )
+        if phase != "warmup" and x.shape != self.state.a_hat.shape:
             raise RuntimeError(
                 f"layer {self.name}: input shape {tuple(x.shape)} differs from the previous step's "
-                f"{tuple(state.a_hat.shape)}; the batch must stay the same within one trajectory"
+                f"{tuple(self.state.a_hat.shape)}; the batch must stay the same within one trajectory"
             )
-        if not self._refreshes(step):
-            if not self.config.compensation:
-                state.a_hat = x.float()  # the skipped residual is dropped: no error feedback
-            return state.o_hat
-        q, state.a_hat = residual_step(x, state.a_hat, self.act, self.config.compensation)
-        state.o_hat = state.o_hat + self.op(q, self.weight_q, None).float()
-        return state.o_hat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_call(x)
+        state, compensation = self.state, self.config.compensation
+        phase, state.phase = state.phase, "spent"
+        if phase == "warmup":  # a copy: layers sharing an input (q, k, v) must not share state
+            state.a_hat = x.to(state_dtype(x), copy=True)
+            state.a_ref = state.a_hat
+        elif phase == "skip":
+            if not compensation:  # the skipped residual is dropped: no error feedback
+                state.a_ref = x.to(state.a_hat.dtype, copy=True)
+        else:
+            state.a_hat, state.a_ref = modulate(x, state.a_hat, state.a_ref, self.act, compensation)
+        return self.op(state.a_hat, self.weight_q, self.bias)
 
 
 class QuantAttentionCore(nn.Module):

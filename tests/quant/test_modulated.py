@@ -32,14 +32,38 @@ A4 = ActQuant(QuantSpec(bits=4, granularity="sample"))
 
 
 @pytest.mark.parametrize("kind,shape", [("conv", (2, 3, 6, 6)), ("linear", (2, 6))])
-def test_error_feedback_identity(kind: str, shape: tuple[int, ...]) -> None:
-    """With compensation, o_hat_t = A(a_hat_t) + bias at every step, for a coarse quantizer."""
+def test_output_equals_accumulated_estimate(kind: str, shape: tuple[int, ...]) -> None:
+    """The layer's output is the paper's accumulated o_hat: o_hat = A(a_0) + b at warm-up, then
+    o_hat += A(Q(r_t)) with r_t = a_t - a_hat, a_hat += Q(r_t); and o_hat = A(a_hat) + b (error feedback)."""
     layer = _single_layer(QuantConfig(activation=A4, mode="modulated"), kind)
+    xs = _inputs(12, shape)
+    a_hat = xs[0].clone()
+    o_hat = layer.op(a_hat, layer.weight_q, layer.bias)
     with trajectory(layer) as states:
-        for x in _inputs(12, shape):
-            layer(x)
-            expected = layer.op(states[0].a_hat, layer.weight_q, layer.bias)
-            torch.testing.assert_close(states[0].o_hat, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(xs[0]), o_hat, rtol=0, atol=0)
+        for x in xs[1:]:
+            q = quantize_dynamic(x - a_hat, A4.spec)
+            a_hat, o_hat = a_hat + q, o_hat + layer.op(q, layer.weight_q, None)
+            out = layer(x)
+            assert torch.equal(states[0].a_hat, a_hat)
+            torch.testing.assert_close(out, o_hat, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out, layer.op(a_hat, layer.weight_q, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_state_follows_the_autocast_dtype() -> None:
+    """Under autocast a_hat is kept in the dtype the operator consumes; error feedback absorbs its rounding:
+    after each step |a_t - a_hat| <= step / 2 (asymmetric 4-bit: range / 15) + the bf16 rounding of a_hat."""
+    layer = _single_layer(QuantConfig(weight=None, activation=A4, mode="modulated"))
+    with trajectory(layer) as states, torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in _inputs(10, (2, 3, 6, 6)):
+            previous = None if states[0].a_hat is None else states[0].a_hat.float()
+            out = layer(x)
+            assert states[0].a_hat.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+            if previous is not None:
+                residual = (x - previous).flatten(1)
+                step = (residual.amax(1) - residual.amin(1)) / 15
+                error = (x - states[0].a_hat.float()).flatten(1).abs().amax(1)
+                assert torch.all(error <= step / 2 + 2**-8 * x.flatten(1).abs().amax(1))
 
 
 def test_error_equals_current_residual_rounding_only() -> None:
@@ -116,8 +140,8 @@ def test_outside_trajectory_raises_and_state_is_cleared(tiny_denoiser: md.Denois
             qmodel(x, t)
             assert states[0].a_hat is not None
             raise ZeroDivisionError
-    assert all(s.a_hat is None and s.calls == 0 for s in states)
-    assert all(m.state is None for m in qmodel.modules() if isinstance(m, ModulatedLayer))
+    assert all(s.a_hat is None and s.calls == 0 and s.phase == "inactive" for s in states)
+    assert all(m.state.phase == "inactive" for m in qmodel.modules() if isinstance(m, ModulatedLayer))
     with pytest.raises(RuntimeError, match="trajectory"):
         qmodel(x, t)
 
@@ -132,6 +156,18 @@ def test_nested_trajectory_and_batch_change_refused(tiny_denoiser: md.Denoiser) 
         qmodel(torch.randn(2, 1, 16, 16), torch.tensor([5, 5]))
         with pytest.raises(RuntimeError, match="batch"):
             qmodel(torch.randn(3, 1, 16, 16), torch.tensor([4, 4, 4]))
+
+
+def test_calling_a_submodule_inside_trajectory_raises(tiny_denoiser: md.Denoiser) -> None:
+    """Steps are counted per call of the model given to trajectory(); bypassing it is refused, not miscounted."""
+    qmodel = quantize(tiny_denoiser, presets["w8a8-modiff"])
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 5])
+    with trajectory(qmodel):
+        with pytest.raises(RuntimeError, match="ran twice in one step"):
+            qmodel.net(x, t)
+        qmodel(x, t)
+        with pytest.raises(RuntimeError, match="ran twice in one step"):
+            qmodel.net(x, t)
 
 
 def test_trajectory_needs_stateful_layers(tiny_denoiser: md.Denoiser) -> None:
@@ -175,3 +211,23 @@ def test_warmup_steps_run_in_full_precision() -> None:
         for x in xs[:3]:
             torch.testing.assert_close(layer(x), layer.op(x, layer.weight_q, layer.bias))
         assert not torch.allclose(layer(xs[3]), layer.op(xs[3], layer.weight_q, layer.bias), atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["w4a4-modiff", "cache5"])
+@pytest.mark.slow
+def test_compiled_modulated_model_has_one_graph_per_phase(tiny_denoiser: md.Denoiser, preset: str) -> None:
+    """torch.compile traces modulated layers whole (no graph breaks, no per-step recompiles) and matches eager."""
+    qmodel = quantize(tiny_denoiser, presets[preset])
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(7)
+    with trajectory(qmodel):
+        eager = md.sample_ddim(qmodel, x_T, ts)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    qmodel.net = torch.compile(qmodel.net, backend="eager", dynamic=False)
+    for _ in range(2):
+        with trajectory(qmodel):
+            assert torch.equal(md.sample_ddim(qmodel, x_T, ts), eager)
+    assert not counters["graph_break"]
+    phases = {"w4a4-modiff": 2, "cache5": 3}[preset]  # warm-up and refresh; cache adds the skip step
+    assert counters["stats"]["unique_graphs"] == phases
