@@ -104,12 +104,12 @@ def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: S
     from dataclasses import replace
 
     ts, x_T = md.timesteps(steps), md.noise(seeds, model.sample_shape)
-    reference = md.sample_ddim(model, x_T, ts)
+    reference = md.to_images(model, md.sample_ddim(model, x_T, ts))
     rows = []
     for k in warmups:
         qmodel = md.quantize(model, replace(md.presets[preset], warmup_steps=k))
         with md.trajectory(qmodel):
-            out = md.sample_ddim(qmodel, x_T, ts)
+            out = md.to_images(qmodel, md.sample_ddim(qmodel, x_T, ts))
         per_sample = ((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).numpy()
         rows.append({"preset": preset, "warmup_steps": k, "rel_l2_pixels": float(per_sample.mean())})
     return pd.DataFrame(rows)

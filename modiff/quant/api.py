@@ -4,21 +4,29 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+from typing import Iterator
 
 from torch import nn
 
 from modiff.quant.config import QuantConfig
 from modiff.quant.modules import ModulatedLayer, QuantAttentionCore, QuantLayer
 
-__all__ = ["quantize", "select_layers", "quant_layers"]
+__all__ = ["quantize", "select_layers", "quant_layers", "network_modules"]
 
 log = logging.getLogger(__name__)
+
+
+def network_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules quantization may touch: a Denoiser's network (`model.network_modules()`, which leaves
+    a latent model's first stage out), or every module of any other model."""
+    own = getattr(model, "network_modules", None)
+    return own() if callable(own) else model.named_modules()
 
 
 def select_layers(model: nn.Module, config: QuantConfig) -> list[str]:
     """Qualified names of the layers `config` selects, by type and name patterns (fnmatch)."""
     names = []
-    for name, module in model.named_modules():
+    for name, module in network_modules(model):
         if type(module).__name__ not in config.layer_types:
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
@@ -64,7 +72,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
         layer = qmodel.get_submodule(name)
         _replace(qmodel, name, layer_class(layer, config, name, splits.get(name)))
     if config.quantize_attention:
-        cores = [n for n, m in qmodel.named_modules() if type(m).__name__ == "AttentionCore"]
+        cores = [n for n, m in network_modules(qmodel) if type(m).__name__ == "AttentionCore"]
         for name in cores:
             _replace(qmodel, name, QuantAttentionCore(config.attention_bits))
     qmodel.quant_config = config

@@ -10,7 +10,8 @@ Grammar of a site spec (a comma-separated string, or a list of the same tokens):
 
 A module is a site when its type matches one of the type tokens (none given: Conv1d, Conv2d, Linear,
 i.e. what a quantizer sees), its name matches one of the include patterns (none given: every name) and
-no "!" pattern. The root module (name "") is never a site. Quantized wrappers (modiff QuantLayer /
+no "!" pattern. The root module (name "") is never a site, and a Denoiser offers only its network
+(`network_modules()`: a latent model's first stage is never a site). Quantized wrappers (modiff QuantLayer /
 ModulatedLayer) count as the layer they wrap: their `.kind` ("Conv2d", "Linear") is their type.
 Every include pattern must select at least one module, so a typo fails loudly.
 """
@@ -20,6 +21,8 @@ import fnmatch
 from typing import Sequence, Union
 
 from torch import nn
+
+from modiff.quant.api import network_modules
 
 __all__ = ["SiteSpec", "select_sites", "site_types", "parse_site_spec"]
 
@@ -87,7 +90,7 @@ def select_sites(model: nn.Module, spec: SiteSpec = "conv,linear") -> list[str]:
     types, include, exclude = parse_site_spec(spec)
     names: list[str] = []
     used = {p: False for p in include}
-    for name, module in model.named_modules():
+    for name, module in network_modules(model):
         if not name or (types is not None and not (site_types(module) & types)):
             continue
         hits = [p for p in include if fnmatch.fnmatchcase(name, p)]
@@ -102,7 +105,7 @@ def select_sites(model: nn.Module, spec: SiteSpec = "conv,linear") -> list[str]:
         what = "any type" if types is None else ", ".join(sorted(types))
         raise ValueError(
             f"site pattern(s) {unused} matched no module of type {what}; names look like "
-            f"{[n for n, _ in model.named_modules() if n][:5]}. Add 'all' to the spec to select modules "
+            f"{[n for n, _ in network_modules(model) if n][:5]}. Add 'all' to the spec to select modules "
             f"of any type (containers, norms)."
         )
     if not names:
