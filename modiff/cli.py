@@ -46,11 +46,13 @@ def main(verbose: bool) -> None:
 @click.option("--precision", type=_choices(Precision), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
+@click.option("--quantized", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A calibrated model saved by `modiff calibrate` (instead of --preset).")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: str, eta: float,
            seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
-           compile_net: bool, out: Path) -> None:
+           quantized: Optional[Path], compile_net: bool, out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
 
     \b
@@ -58,17 +60,29 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
       modiff sample --seeds 0-63 --out data/runs/fp
       modiff sample --preset w4a4-modiff --sampler dpm-solver --steps 20 --seeds 0-9,100 --out data/runs/q
       modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
+      modiff sample --quantized data/quantized/qdiff-w4a4 --seeds 0-63 --out data/runs/qdiff-w4a4
     """
+    from modiff.cli_calibrate import load_quantized_run
     from modiff.generate import generate
     from modiff.models.registry import load_model
     from modiff.quant import presets, quantize, trajectory
+    from modiff.quant.presets import calibration_hint, needs_calibration
 
     try:
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, eta=eta, precision=precision)
         quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
-        net = load_model(model, config=model_config)
+        if quant is not None and quantized is not None:
+            raise ValueError("give either --preset or --quantized (a calibrated model carries its own config)")
+        if quant is not None and needs_calibration(quant):
+            raise ValueError(calibration_hint(quant_preset))
         identity: dict = {"model": model, "config": model_config, "quant_preset": quant_preset}
         prepare = None
+        if quantized is not None:
+            net, saved = load_quantized_run(model, model_config, quantized)
+            identity.update(quantized=str(quantized), quant_config=saved["quant_config"])
+            prepare = trajectory if net.quant_config.stateful else None
+        else:
+            net = load_model(model, config=model_config)
         if quant is not None:
             net = quantize(net, quant)
             identity["quant_config"] = quant.to_dict()
@@ -165,23 +179,70 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
     click.echo(f"EMA weights exported to {export}; 10x10 grid (100 DDIM steps) in {out / 'samples-ddim100'}")
 
 
+@train.command("ldm")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model folder (exported weights; work/ holds the resumable checkpoints).")
+@click.option("--ae-iterations", type=int, default=5000, show_default=True, help="Autoencoder iterations.")
+@click.option("--unet-iterations", type=int, default=8000, show_default=True, help="Latent UNet iterations.")
+@click.option("--ae-batch-size", type=int, default=256, show_default=True)
+@click.option("--unet-batch-size", type=int, default=512, show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST idx files.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-compile", is_flag=True, help="Skip torch.compile.")
+def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_batch_size: int, unet_batch_size: int,
+                      data_dir: Optional[str], device: str, no_compile: bool) -> None:
+    """Train fmnist-ldm: a KL-f4 autoencoder, then a latent UNet, on Fashion-MNIST 32x32 (resumes).
+
+    \b
+    Examples:
+      modiff train ldm --out data/fmnist-ldm
+      modiff train ldm --out /tmp/smoke --ae-iterations 20 --unet-iterations 20 --ae-batch-size 8 \\
+          --unet-batch-size 8 --device cpu --no-compile
+    """
+    import shutil
+    from dataclasses import replace
+
+    from modiff.generate import generate, resolve_device
+    from modiff.models.registry import load_model
+    from modiff.train_ldm import LDMTrainConfig, train_ldm
+
+    try:
+        default = LDMTrainConfig()
+        config = LDMTrainConfig(
+            autoencoder=replace(default.autoencoder, iterations=ae_iterations, batch_size=ae_batch_size),
+            unet=replace(default.unet, iterations=unet_iterations, batch_size=unet_batch_size), compile=not no_compile)
+        dev = str(resolve_device(device))
+        folder = train_ldm(config, out, Path(data_dir) if data_dir else None, dev)
+        run = generate(load_model(folder), range(100), folder / "work" / "samples-ddim100",
+                       SampleConfig(steps=100, spacing="ldm"), device=dev, batch_size=100)
+        shutil.copyfile(run / "grid.png", folder / "grid.png")
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"fmnist-ldm exported to {folder}; 10x10 grid (100 DDIM steps, ldm spacing) in {folder / 'grid.png'}")
+
+
 @main.command()
 @click.option("--preset", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="quick: minutes on a CPU; paper: paper-scale sample counts (GPU).")
-@click.option("--model", default="fmnist-ddim", show_default=True)
+@click.option("--model", default="fmnist-ddim", show_default=True,
+              help="A preset (fmnist-ddim, fmnist-ldm) or an exported folder; reports go to REPORTS/PRESET-MODEL.")
 @click.option("--reports", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), show_default=True)
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("data/runs"), show_default=True)
-@click.option("--notebook", "notebooks", multiple=True, help="Run only these notebooks (repeatable).")
+@click.option("--notebook", "--notebooks", "notebooks", multiple=True,
+              help="Run only these notebooks (repeatable, or comma-separated).")
 @click.option("--set", "overrides", multiple=True, help="Override a preset parameter: num_samples=8 (repeatable).")
 def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Run every notebook with papermill and write reports/PRESET/ (the main job).
+    """Run every notebook with papermill and write reports/PRESET/ (reports/PRESET-MODEL/ for another model
+    than fmnist-ddim): the main job.
 
     \b
     Examples:
       modiff reproduce
       modiff reproduce --preset paper
+      modiff reproduce --model fmnist-ldm --notebooks fig1b_activations,fig3_compensation,table1_bitwidth
       modiff reproduce --notebook model_card --reports /tmp/reports --set num_samples=8
     """
+    from modiff.reproduce import report_name
     from modiff.reproduce import reproduce as run_all
 
     try:
@@ -191,12 +252,13 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
             if not sep:
                 raise ValueError(f"--set takes key=value, got {item!r}")
             parsed[key] = value if key == "device" else int(value)
-        results = run_all(preset, model, reports, runs, notebooks or None, parsed)
+        chosen = [name.strip() for item in notebooks for name in item.split(",") if name.strip()]
+        results = run_all(preset, model, reports, runs, chosen or None, parsed)
     except ValueError as err:
         raise click.ClickException(str(err)) from err
     for r in results:
         click.echo(f"{'ok    ' if r.ok else 'FAILED'} {r.name} ({r.seconds} s){'' if r.ok else ': ' + r.error.splitlines()[-1]}")
-    click.echo(f"index: {reports / preset / 'index.html'}")
+    click.echo(f"index: {reports / report_name(preset, model) / 'index.html'}")
     if not all(r.ok for r in results):
         raise SystemExit(1)
 
@@ -357,3 +419,13 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
     except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"recorded {len(seeds)} samples x {steps} steps into {done}")
+
+
+def _register_calibration() -> None:
+    from modiff.cli_calibrate import calibrate_command, calibrate_data_command
+
+    main.add_command(calibrate_data_command)
+    main.add_command(calibrate_command)
+
+
+_register_calibration()

@@ -1,115 +1,144 @@
-"""Static activation qparams from full-precision trajectories (the simple min-max/observer path).
+"""Calibration: the full Q-Diffusion recipe (and its MoDiff variant), and the plain observer path.
 
-Calibration inputs are the model inputs (x_t, t) at `calib_steps` steps spread evenly over full-precision
-DDIM trajectories, together with the previous step's input (x_{t+1}, t+1), so that a modulated model's
-observers see real residuals a_t - a_{t+1}. The quantized model then runs on those inputs with every
-activation quantizer observing, and the observations become fixed qparams.
+`calibrate(model, config, data)` returns a quantized copy of ``model`` for ``config``:
+
+1. weights (if quantized): AdaRound with BRECQ block reconstruction on a weight-only, direct-mode copy
+   (weights do not depend on the step or the mode, so the modulated model gets the same weights);
+2. static activations (if any):
+   - direct mode (Q-Diffusion): observers (min-max or MSE search) over the calibration inputs, then
+     learned step sizes block by block;
+   - modulated mode (Q-Diffusion + MoDiff): residual quantizers, layer by layer, on the residuals of the
+     calibration pairs (see `modiff.quant.lsq`).
+   Dynamic activations need no calibration.
+
+`observe_activations` is the simple static path alone: run the quantized model with observing
+quantizers (for a modulated model: a warm-up call on the previous input, then the current one, so the
+observers see residuals) and freeze what they saw.
 """
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
-from typing import Sequence
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from modiff.diffusion.sampling import StepInfo, sample_ddim
-from modiff.diffusion.schedules import Spacing, timesteps
+from modiff.quant.adaround import AdaRoundConfig
+from modiff.quant.api import quant_layers, quantize
+from modiff.quant.calib_data import CalibData
+from modiff.quant.config import QuantConfig
+from modiff.quant.lsq import ActCalibConfig, learn_residual_step_sizes
 from modiff.quant.modules import ActQuantizer
 from modiff.quant.modulated import trajectory
-from modiff.rng import noise
+from modiff.quant.reconstruct import learn_step_sizes, reconstruct_weights, reconstruction_units
 
-__all__ = ["CalibrationConfig", "CalibrationInputs", "collect_calibration_inputs", "calibrate"]
+__all__ = ["CalibrationConfig", "calibrate", "observe_activations", "needs_data"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    calib_steps: int = 20
-    steps: int = 100
-    spacing: Spacing = "uniform"
-    batch_size: int = 64
+    """The recipe: ``weights`` None rounds weights to nearest (no AdaRound); ``capture_batch`` is the
+    batch of the no-grad passes that capture block inputs and targets."""
+
+    weights: Optional[AdaRoundConfig] = field(default_factory=AdaRoundConfig)
+    activations: ActCalibConfig = field(default_factory=ActCalibConfig)
+    capture_batch: int = 256
 
     def __post_init__(self) -> None:
-        if not 1 <= self.calib_steps <= self.steps:
-            raise ValueError(f"calib_steps must be in [1, steps={self.steps}], got {self.calib_steps}")
+        if self.capture_batch < 1:
+            raise ValueError(f"capture_batch must be >= 1, got {self.capture_batch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-@dataclass
-class CalibrationInputs:
-    """Per chosen step: inputs x (N, C, H, W) at t, and the previous step's inputs at t_prev_input."""
-
-    x: list[torch.Tensor]
-    t: list[int]
-    x_before: list[torch.Tensor]
-    t_before: list[int]
+def needs_data(config: QuantConfig) -> bool:
+    """Whether ``config`` has static activation quantizers (which need calibration data)."""
+    return config.activation is not None and not config.activation.dynamic
 
 
-def _chosen_indices(config: CalibrationConfig) -> list[int]:
-    # Index 0 has no previous step; choose among 1..S-1 so every input has its predecessor.
-    return sorted(set(int(i) for i in np.linspace(1, config.steps - 1, config.calib_steps).round()))
-
-
-@torch.no_grad()
-def collect_calibration_inputs(model: nn.Module, seeds: Sequence[int], config: CalibrationConfig,
-                               device: torch.device) -> CalibrationInputs:
-    """One full-precision pass per batch of seeds; keeps inputs at the chosen steps and their predecessors."""
-    ts = timesteps(config.steps, config.spacing, model.schedule.num_timesteps)
-    wanted = set(_chosen_indices(config))
-    keep = wanted | {i - 1 for i in wanted}
-    stored: dict[int, list[torch.Tensor]] = {i: [] for i in keep}
-
-    def grab(info: StepInfo) -> None:
-        if info.index in keep:
-            stored[info.index].append(info.x_t.to("cpu", torch.float16))
-
-    seeds = list(seeds)
-    for i in range(0, len(seeds), config.batch_size):
-        batch = seeds[i : i + config.batch_size]
-        sample_ddim(model, noise(batch, model.sample_shape, device), ts, callback=grab)
-    order = sorted(wanted)
-    return CalibrationInputs(
-        x=[torch.cat(stored[i]) for i in order], t=[ts[i] for i in order],
-        x_before=[torch.cat(stored[i - 1]) for i in order], t_before=[ts[i - 1] for i in order],
-    )
-
-
-def _quantizers(qmodel: nn.Module) -> list[ActQuantizer]:
+def _static_quantizers(qmodel: nn.Module) -> list[ActQuantizer]:
     return [m for m in qmodel.modules() if isinstance(m, ActQuantizer) and not m.config.dynamic]
 
 
 @torch.no_grad()
-def calibrate(qmodel: nn.Module, inputs: CalibrationInputs, batch_size: int = 64) -> nn.Module:
-    """Fix the static activation qparams of `qmodel` (in place) from calibration inputs; returns it."""
-    quantizers = _quantizers(qmodel)
+def observe_activations(qmodel: nn.Module, data: CalibData, batch_size: int = 256) -> nn.Module:
+    """Fix the static activation qparams of ``qmodel`` (in place) from what its observers see; returns it."""
+    quantizers = _static_quantizers(qmodel)
     if not quantizers:
         raise ValueError("the model has no static activation quantizers; nothing to calibrate")
-    device = next(qmodel.parameters()).device
     config = getattr(qmodel, "quant_config", None)
     stateful = config is not None and config.stateful
     for q in quantizers:
         q.observing = True
     try:
-        for x, t, x_before, t_before in zip(inputs.x, inputs.t, inputs.x_before, inputs.t_before):
-            for i in range(0, len(x), batch_size):
-                xb = x[i : i + batch_size].to(device, torch.float32)
-                tb = torch.full((len(xb),), t, device=device, dtype=torch.long)
-                if stateful:  # warm-up calls set a_hat to the previous input; the next call's residual is observed
-                    prev = x_before[i : i + batch_size].to(device, torch.float32)
-                    t_prev = torch.full((len(prev),), t_before, device=device, dtype=torch.long)
-                    with trajectory(qmodel, reset="per_trajectory"):
-                        for _ in range(config.warmup_steps):
-                            qmodel(prev, t_prev)
-                        qmodel(xb, tb)
-                else:
-                    qmodel(xb, tb)
+        for i in range(0, len(data), batch_size):
+            x, t = data.x[i : i + batch_size].float(), data.t[i : i + batch_size]
+            if not stateful:
+                qmodel(x, t)
+                continue
+            with trajectory(qmodel, reset="per_trajectory"):  # warm-up on the previous input, then the residual
+                for _ in range(config.warmup_steps):
+                    qmodel(data.x_before[i : i + batch_size].float(), data.t_before[i : i + batch_size])
+                qmodel(x, t)
     finally:
         for q in quantizers:
             q.observing = False
     for q in quantizers:
         q.freeze()
-    log.info("calibrated %d activation quantizers on %d steps", len(quantizers), len(inputs.t))
+    log.info("observed %d activation quantizers on %d inputs", len(quantizers), len(data))
     return qmodel
+
+
+def _weight_only(config: QuantConfig) -> QuantConfig:
+    return replace(config, mode="direct", activation=None, quantize_attention=False, compensation=True,
+                   warmup_steps=1, cache_interval=0, reset="per_trajectory")
+
+
+def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
+              recipe: CalibrationConfig = CalibrationConfig(), progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """A quantized copy of ``model`` for ``config``, calibrated on ``data`` (on data's device).
+
+    Returns the model and a report (per-unit losses and times, phase durations). ``model`` is not changed.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if config.mode not in ("direct", "modulated"):
+        raise ValueError(f"calibration supports modes 'direct' and 'modulated', got {config.mode!r}")
+    started = time.time()
+    fp_model = copy.deepcopy(model).to(data.device).eval()
+    wq_model = quantize(fp_model, _weight_only(config))
+    units = reconstruction_units(wq_model, data)
+    report: dict[str, Any] = {"units": len(units), "recipe": recipe.to_dict(), "quant_config": config.to_dict()}
+    if config.weight is not None and recipe.weights is not None:
+        report["weights"] = reconstruct_weights(wq_model, fp_model, data, units, recipe.weights,
+                                                recipe.capture_batch, progress)
+    report["seconds_weights"] = round(time.time() - started, 2)
+    qmodel = quantize(fp_model, config)
+    if config.weight is not None:
+        sources = quant_layers(wq_model)
+        for name, layer in quant_layers(qmodel).items():
+            src = sources[name]
+            layer.set_weight_codes(src.weight_codes(), src.weight_scale, src.weight_zero_point)
+    phase = time.time()
+    if needs_data(config):
+        report["activations"] = _calibrate_activations(qmodel, fp_model, data, units, recipe, progress)
+    report["seconds_activations"] = round(time.time() - phase, 2)
+    report["seconds"] = round(time.time() - started, 2)
+    return qmodel, report
+
+
+def _calibrate_activations(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, units: list,
+                           recipe: CalibrationConfig, progress: bool) -> list[dict[str, Any]]:
+    acts = recipe.activations
+    if qmodel.quant_config.stateful:
+        return learn_residual_step_sizes(qmodel, fp_model, data, units, acts, recipe.capture_batch, progress)
+    observe_activations(qmodel, data, recipe.capture_batch)
+    if not acts.learn:
+        return []
+    return learn_step_sizes(qmodel, fp_model, data, units, acts, recipe.capture_batch, progress)

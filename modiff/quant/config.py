@@ -17,7 +17,7 @@ The first ``warmup_steps`` calls of a modulated/cached layer run on full-precisi
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Mapping, Optional, get_args
 
 from modiff.quant.observers import ObserverKind as Observer
 from modiff.quant.primitives import QuantSpec, WeightMethod
@@ -98,7 +98,26 @@ class QuantConfig:
         return self.mode in ("modulated", "cache")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description (for manifests)."""
+        """A JSON-ready description (for manifests); `from_dict` inverts it."""
         from dataclasses import asdict
 
         return {f.name: asdict(self)[f.name] for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        """The config `to_dict` described (lists read back as tuples); unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig keys {unknown}; allowed: {sorted(known)}")
+        values = dict(data)
+        if values.get("weight") is not None:
+            w = dict(values["weight"])
+            values["weight"] = WeightQuant(spec=QuantSpec(**w.pop("spec")), **w)
+        if values.get("activation") is not None:
+            a = dict(values["activation"])
+            values["activation"] = ActQuant(spec=QuantSpec(**a.pop("spec")), **a)
+        for key in ("layer_types", "include", "exclude"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)

@@ -9,6 +9,11 @@
   activations with its clamp [-2^(b-1), 2^(b-1) - 1] and ONE scale for the whole batch tensor, per-channel
   min-max weights, every Conv/Linear (time embedding, first and last layer included), attention core in
   full precision, split shortcut on.
+- ``qdiff-wXaY`` / ``qdiff-wXaY-modiff``: Q-Diffusion (static activations, as the published DDIM
+  CIFAR-10 runs: symmetric with the published clamp, one scale per tensor, split shortcut on, every
+  Conv/Linear), direct or modulated. Static scales need calibration data: `modiff calibrate-data`, then
+  `modiff calibrate --preset qdiff-w4a4 ...`, then `modiff sample --quantized RUN`. The start of the
+  scales: MSE search for direct (Q-Diffusion), min-max of the residuals for modulated (the MoDiff README).
 - ``cacheN`` / ``cacheN-noec``: full-precision layers that reuse their output and refresh every N steps,
   with and without carrying the skipped residual (Figure 1a).
 """
@@ -17,10 +22,10 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Mapping
 
-from modiff.quant.config import ActQuant, QuantConfig, WeightQuant
+from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightQuant
 from modiff.quant.primitives import QuantSpec
 
-__all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS"]
+__all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "needs_calibration"]
 
 WEIGHT_BITS = (8, 4)
 ACT_BITS = (8, 6, 4, 3, 2)
@@ -37,6 +42,11 @@ def _acts(bits: int, published: bool = False) -> ActQuant:
     return ActQuant(QuantSpec(bits=bits, granularity="sample"))
 
 
+def _static_acts(bits: int, observer: Observer) -> ActQuant:
+    spec = QuantSpec(bits=bits, scheme="symmetric-published", granularity="tensor")
+    return ActQuant(spec, dynamic=False, observer=observer)
+
+
 def _build() -> dict[str, QuantConfig]:
     table: dict[str, QuantConfig] = {"fp": QuantConfig(weight=None, activation=None, mode="fp")}
     for w in WEIGHT_BITS:
@@ -51,6 +61,11 @@ def _build() -> dict[str, QuantConfig]:
             published = dict(weight=_weights(w), activation=_acts(a, published=True), split_shortcut=True)
             table[f"published-w{w}a{a}"] = QuantConfig(**published, mode="direct")
             table[f"published-w{w}a{a}-modiff"] = QuantConfig(**published, mode="modulated")
+    for w in WEIGHT_BITS:
+        for a in ACT_BITS:
+            static = dict(weight=_weights(w), split_shortcut=True)
+            table[f"qdiff-w{w}a{a}"] = QuantConfig(**static, activation=_static_acts(a, "mse"), mode="direct")
+            table[f"qdiff-w{w}a{a}-modiff"] = QuantConfig(**static, activation=_static_acts(a, "minmax"), mode="modulated")
     for n in CACHE_INTERVALS:
         table[f"cache{n}"] = QuantConfig(weight=None, activation=None, mode="cache", cache_interval=n)
         table[f"cache{n}-noec"] = QuantConfig(
@@ -85,6 +100,18 @@ class _Presets(Mapping[str, QuantConfig]):
 
 
 presets: Mapping[str, QuantConfig] = _Presets(_build())
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether ``config`` has static activation quantizers, which need calibration data before use."""
+    return config.activation is not None and not config.activation.dynamic
+
+
+def calibration_hint(name: str) -> str:
+    """What to do with a preset whose static scales need calibration (for error messages)."""
+    return (f"preset {name!r} has static activation scales, which need calibration data: run "
+            f"`modiff calibrate-data --model M --out DATA`, then `modiff calibrate --model M --data DATA "
+            f"--preset {name} --out RUN`, and sample with `modiff sample --quantized RUN`")
 
 
 def preset_table() -> list[dict[str, object]]:

@@ -13,7 +13,8 @@ from modiff.cli import main
 from modiff.models.ddim_unet import DDIMUNetConfig, ddim_unet_from_config
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, select_layers, trajectory
 from modiff.quant.bops import bops_table, measure_macs, modiff_state_bytes
-from modiff.quant.calibrate import CalibrationConfig, calibrate, collect_calibration_inputs
+from modiff.quant.calib_data import CalibDataConfig, collect_calib_data
+from modiff.quant.calibrate import observe_activations
 from modiff.quant.modules import QuantAttentionCore, QuantLayer, quantize_weight
 from modiff.models.ddim_unet import AttentionCore
 
@@ -128,14 +129,14 @@ def test_static_calibration_path(tiny_denoiser: md.Denoiser) -> None:
     x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(6)
     with pytest.raises(RuntimeError, match="calibrate"):
         md.sample_ddim(qmodel, x_T, ts)
-    inputs = collect_calibration_inputs(tiny_denoiser, range(4), CalibrationConfig(calib_steps=3, steps=6), torch.device("cpu"))
-    assert len(inputs.t) == 3 and inputs.x[0].shape == (4, 1, 16, 16)
-    calibrate(qmodel, inputs)
-    x, t = inputs.x[1].float(), torch.full((4,), inputs.t[1])
+    data = collect_calib_data(tiny_denoiser, CalibDataConfig(steps=6, calib_steps=3, samples_per_step=4))
+    assert len(data) == 12 and data.x.shape == (12, 1, 16, 16)
+    observe_activations(qmodel, data)
+    x, t = data.x[4:8].float(), data.t[4:8]
     ref = tiny_denoiser(x, t)
     assert (qmodel(x, t) - ref).norm() / ref.norm() < 0.1
     modulated = quantize(tiny_denoiser, QuantConfig(weight=None, activation=static, mode="modulated"))
-    calibrate(modulated, inputs)
+    observe_activations(modulated, data)
     with trajectory(modulated):
         out = md.sample_ddim(modulated, x_T, ts)
     assert torch.isfinite(out).all()
