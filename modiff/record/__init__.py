@@ -8,8 +8,8 @@
     recording = load_recording("rec")
     recording.stats                    # DataFrame: site, capture, kind (raw|diff), step, t, call, reducer, statistic, value
 
-See `recorder` (keys, memory), `sites` (the site grammar), `reducers` (statistics), `tensors` (shards and
-the memory budget) and `store` (the directory layout).
+See `recorder` (keys, memory), `sites` (the site grammar), `reducers` (statistics), `batched` (the shared
+device passes of the hot path), `tensors` (shards and the memory budget) and `store` (the directory layout).
 """
 from modiff.record.recorder import Capture, Recorder, record
 from modiff.record.run import record_sampling

@@ -2,22 +2,29 @@
 
 A reducer sees the observations of one key (site, capture, raw|diff, step, call): `update(x)` once per
 observed tensor (one batch), `result()` at the end. Updates run only device kernels: no `.item()`, no
-host synchronisation; `result()` moves the state to the CPU once.
+host synchronisation; `result()` moves the state to the CPU once (`batched.results_of` does it for many
+reducers with one copy). The recorder updates the reducers of the raw and the diff key of a site together
+(`update_group` on a stacked `batched.Observation`), so the passes over the data are shared.
 
 Notation: x one observed tensor (B, C, ...) flattened to d = x.numel() values, n the number of values
 seen so far, sigma the population standard deviation (ddof 0), ||x|| the Euclidean (L2) norm.
 
     Stats          min, max, absmax, mean, std, l2 = ||all values||, l2_per_sample = mean_b ||x_b||, count
     ChannelAbsMax  absmax per channel (dim 1): max |x[:, c, ...]|                      -> array (C,)
-    Histogram      counts in `bins` equal bins over [lo, hi], plus underflow (< lo) and overflow
+    Histogram      counts in `bins` equal bins over [lo, hi] (bin j: lo + j w <= x < lo + (j + 1) w,
+                   w = (hi - lo) / bins, hi itself in the last bin), plus underflow (< lo) and overflow
                    (> hi or NaN). Range: given, or fixed at the first observation to +-scale * absmax,
                    per site (shared by every step and call of the site: comparable across steps) or per key
     Quantiles      histogram-based: the value where the binned CDF reaches q, interpolated linearly
                    inside the bin. It estimates the inverse empirical CDF (numpy method "inverted_cdf",
                    the ceil(q n)-th smallest value) within one bin width while the data lie inside the range
-    Outliers       fraction of |x| > k * sigma (sigma of the same update's tensor), and of |x| > threshold
+    Outliers       fraction of |x| > k * sigma for each k (sigma of the same update's tensor), and of
+                   |x| > threshold; NaN counts as an outlier
 
-Device memory per key (int64 counts): Histogram(bins) 8 (bins + 2) bytes, Quantiles(bins) the same,
+Stats merges per-sample mean and variance (float32 Welford passes) in float64 with Chan's formula.
+Histograms keep ge_j = #{x >= edge_j}, whose differences are the bin counts.
+
+Device memory per key (int64 counts): Histogram(bins) 8 (bins + 1) bytes, Quantiles(bins) the same,
 ChannelAbsMax 4 C bytes, Stats and Outliers a few scalars. The defaults take about 11 KB per key: for the
 CIFAR-10 UNet (113 sites) over 100 steps, raw and diff, about 250 MB.
 """
@@ -29,28 +36,23 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import numpy as np
 import torch
 
+from modiff.record.batched import Beyond, Grid, Observation, fixed_range, results_of, update_rows
+
 __all__ = ["Reducer", "Stats", "ChannelAbsMax", "Histogram", "Quantiles", "Outliers", "default_reducers", "RangeScope"]
 
 Result = dict[str, Any]  # name -> float or np.ndarray
 RangeScope = Literal["site", "key"]
-
-
-def _acc_dtype(device: torch.device) -> torch.dtype:
-    """float64 accumulators where the device has them."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().reshape(-1).float()
-
-
-def _to_floats(values: Sequence[torch.Tensor]) -> list[float]:
-    """Several 0-d device tensors to Python floats with one transfer."""
-    return torch.stack([v.double() for v in values]).cpu().tolist()
+State = dict[str, torch.Tensor]
 
 
 class Reducer:
-    """Base class: `update(x)` per observed tensor, `result()` -> dict of floats and arrays."""
+    """Base class: `update(x)` per observed tensor, `result()` -> dict of floats and arrays.
+
+    A subclass implements either `update(x)` and `result()` (simple, one tensor at a time), or the
+    batched protocol used by the built-ins: `update_group(reducers, obs)` updates one reducer per row of
+    `obs` (and may return a counting block, whose counts arrive in `take_counts`), `state()` returns the
+    device tensors of the result and `finish(host_state)` turns their host copies into the result.
+    """
 
     def __init__(self, name: str):
         if not name or "/" in name or "." in name:
@@ -70,10 +72,33 @@ class Reducer:
         return type(self)(**self.params())
 
     def update(self, x: torch.Tensor) -> None:
+        if type(self).update_group.__func__ is Reducer.update_group.__func__:  # type: ignore[attr-defined]
+            raise NotImplementedError(f"{type(self).__name__} implements neither update nor update_group")
+        update_rows([[self]], Observation.of(x))
+
+    @classmethod
+    def update_group(cls, reducers: Sequence["Reducer"], obs: Observation) -> Optional[Grid | Beyond]:
+        """Update `reducers[k]` with row k of `obs`; by default through each reducer's `update`."""
+        for reducer, x in zip(reducers, obs.x):
+            reducer.update(x)
+        return None
+
+    @classmethod
+    def take_counts(cls, reducers: Sequence["Reducer"], ge: torch.Tensor, obs: Observation) -> None:
+        """Receive ge = #{x >= b} (K, block size) for the block `update_group` returned."""
+        raise NotImplementedError(f"{cls.__name__}.update_group returned a block but take_counts is missing")
+
+    def state(self) -> Optional[State]:
+        """Device tensors of the result ({} before any update), or None for reducers without `finish`."""
+        return None
+
+    def finish(self, host: dict[str, np.ndarray]) -> Result:
         raise NotImplementedError
 
     def result(self) -> Result:
-        raise NotImplementedError
+        if self.state() is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither result nor state/finish")
+        return results_of([self])[0]
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
@@ -83,50 +108,46 @@ class Reducer:
 class Stats(Reducer):
     """min, max, absmax, mean, std (population), l2 (total), l2_per_sample (mean over dim 0), count.
 
-    Mean and variance merge per update with Chan's formula (numerically stable for large means).
+    Mean and variance come from per-sample Welford passes merged with Chan's formula (numerically stable
+    for large means), also across updates.
     """
 
     def __init__(self, name: str = "stats"):
         super().__init__(name)
         self.count = 0  # n, a host int: numel is known without a sync
         self.samples = 0
-        self._state: Optional[dict[str, torch.Tensor]] = None
+        self._state: Optional[torch.Tensor] = None  # (6,) float64: min, max, mean, M2, sum x^2, sum ||x_b||
 
-    def update(self, x: torch.Tensor) -> None:
-        flat = _flat(x)
-        d = flat.numel()
-        if d == 0:
-            return
-        acc = _acc_dtype(flat.device)
-        lo, hi = torch.aminmax(flat)
-        mean_b = flat.sum(dtype=acc) / d
-        m2_b = ((flat.to(acc) - mean_b) ** 2).sum()
-        per_sample = x.detach().float().reshape(x.shape[0] if x.ndim else 1, -1)
-        norms = torch.linalg.vector_norm(per_sample, dim=1, dtype=acc)  # (B,)
-        new = {"min": lo, "max": hi, "mean": mean_b, "m2": m2_b, "sumsq": (norms**2).sum(), "norm_sum": norms.sum()}
-        if self._state is None:
-            self._state = new
-        else:
-            s, n_a = self._state, self.count
-            delta = mean_b - s["mean"]
-            total = n_a + d
-            s["min"], s["max"] = torch.minimum(s["min"], lo), torch.maximum(s["max"], hi)
-            s["mean"] = s["mean"] + delta * (d / total)
-            s["m2"] = s["m2"] + m2_b + delta**2 * (n_a * d / total)
-            s["sumsq"], s["norm_sum"] = s["sumsq"] + new["sumsq"], s["norm_sum"] + new["norm_sum"]
-        self.count += d
-        self.samples += per_sample.shape[0]
+    @classmethod
+    def update_group(cls, reducers: Sequence["Stats"], obs: Observation) -> None:
+        lo, hi = obs.minmax
+        state = torch.cat([torch.stack([lo, hi], dim=1), obs.moments], dim=1)  # (K, 6) float64
+        for reducer, row in zip(reducers, state):
+            reducer._state = row if reducer._state is None else _merge_stats(reducer._state, reducer.count, row, obs.numel)
+            reducer.count += obs.numel
+            reducer.samples += obs.samples
 
-    def result(self) -> Result:
-        if self._state is None:
+    def state(self) -> State:
+        return {} if self._state is None else {"state": self._state}
+
+    def finish(self, host: dict[str, np.ndarray]) -> Result:
+        if not host:
             return {}
-        s = self._state
-        lo, hi, mean, m2, sumsq, norm_sum = _to_floats([s["min"], s["max"], s["mean"], s["m2"], s["sumsq"], s["norm_sum"]])
+        lo, hi, mean, m2, sumsq, norm_sum = host["state"].tolist()
         return {
             "min": lo, "max": hi, "absmax": max(abs(lo), abs(hi)), "mean": mean,
             "std": math.sqrt(max(m2, 0.0) / self.count), "l2": math.sqrt(sumsq),
             "l2_per_sample": norm_sum / self.samples, "count": float(self.count),
         }
+
+
+def _merge_stats(a: torch.Tensor, n_a: int, b: torch.Tensor, n_b: int) -> torch.Tensor:
+    """Chan's merge of two Stats states over n_a and n_b values."""
+    delta = b[2] - a[2]
+    total = n_a + n_b
+    mean = a[2] + delta * (n_b / total)
+    m2 = a[3] + b[3] + delta.square() * (n_a * n_b / total)
+    return torch.cat([torch.minimum(a[:1], b[:1]), torch.maximum(a[1:2], b[1:2]), torch.stack([mean, m2]), a[4:] + b[4:]])
 
 
 class ChannelAbsMax(Reducer):
@@ -140,17 +161,27 @@ class ChannelAbsMax(Reducer):
     def params(self) -> dict[str, Any]:
         return {"dim": self.dim, "name": self.name}
 
-    def update(self, x: torch.Tensor) -> None:
-        if x.ndim <= self.dim:
-            raise ValueError(f"ChannelAbsMax(dim={self.dim}) needs a tensor with more than {self.dim} dims, got shape {tuple(x.shape)}")
-        others = [d for d in range(x.ndim) if d != self.dim]
-        new = x.detach().float().abs().amax(dim=others) if others else x.detach().float().abs()
-        if self._absmax is not None and self._absmax.shape != new.shape:
-            raise ValueError(f"ChannelAbsMax: {new.numel()} channels now, {self._absmax.numel()} before")
-        self._absmax = new if self._absmax is None else torch.maximum(self._absmax, new)
+    @classmethod
+    def update_group(cls, reducers: Sequence["ChannelAbsMax"], obs: Observation) -> None:
+        dim, ndim = reducers[0].dim, obs.x.ndim - 1
+        if ndim <= dim:
+            raise ValueError(f"ChannelAbsMax(dim={dim}) needs a tensor with more than {dim} dims, got shape {tuple(obs.x.shape[1:])}")
+        if dim == 1:
+            lo, hi = obs.channel_minmax
+            absmax = torch.maximum(hi, lo.neg())  # (K, C)
+        else:
+            absmax = obs.x.abs().amax(dim=[d + 1 for d in range(ndim) if d != dim])
+        for reducer, new in zip(reducers, absmax):
+            old = reducer._absmax
+            if old is not None and old.shape != new.shape:
+                raise ValueError(f"ChannelAbsMax: {new.numel()} channels now, {old.numel()} before")
+            reducer._absmax = new if old is None else torch.maximum(old, new)
 
-    def result(self) -> Result:
-        return {} if self._absmax is None else {"absmax": self._absmax.cpu().numpy().astype(np.float64)}
+    def state(self) -> State:
+        return {} if self._absmax is None else {"absmax": self._absmax}
+
+    def finish(self, host: dict[str, np.ndarray]) -> Result:
+        return {"absmax": host["absmax"].astype(np.float64)} if host else {}
 
 
 class Histogram(Reducer):
@@ -176,7 +207,8 @@ class Histogram(Reducer):
         self.range = None if range is None else (float(range[0]), float(range[1]))
         self._shared: dict[str, Any] = {}
         self._lo_hi: Optional[torch.Tensor] = None  # (2,) float32 on the device
-        self._counts: Optional[torch.Tensor] = None  # (bins + 2,) int64: [underflow, bins..., overflow]
+        self._ge: Optional[torch.Tensor] = None  # (bins + 1,) int64: #{x >= edge_j} for j < bins, #{x > hi}
+        self._n = 0
 
     def params(self) -> dict[str, Any]:
         return {"bins": self.bins, "range": self.range, "scale": self.scale, "per": self.per, "name": self.name}
@@ -187,41 +219,40 @@ class Histogram(Reducer):
             new._shared = shared.setdefault(f"range:{self.name}", {})
         return new
 
-    def _range_on(self, flat: torch.Tensor) -> torch.Tensor:
-        if self._lo_hi is not None:
-            return self._lo_hi
-        if self.range is not None:
-            lo_hi = torch.empty(2, dtype=torch.float32, device=flat.device)  # filled by kernels: no copy, no sync
-            lo_hi[0], lo_hi[1] = self.range
-        elif "lo_hi" in self._shared:
-            lo_hi = self._shared["lo_hi"].to(flat.device)
-        else:
-            half = (self.scale * flat.abs().amax()).clamp_min(torch.finfo(torch.float32).tiny)
-            lo_hi = torch.stack([-half, half])
-            self._shared["lo_hi"] = lo_hi
-        self._lo_hi = lo_hi
-        return lo_hi
+    @classmethod
+    def update_group(cls, reducers: Sequence["Histogram"], obs: Observation) -> Grid:
+        auto: Optional[torch.Tensor] = None
+        for k, reducer in enumerate(reducers):
+            if reducer._lo_hi is not None:
+                continue
+            if reducer.range is not None:
+                reducer._lo_hi = fixed_range(*reducer.range, obs.x.device)
+            elif "lo_hi" in reducer._shared:
+                reducer._lo_hi = reducer._shared["lo_hi"].to(obs.x.device)
+            else:
+                if auto is None:
+                    half = (reducer.scale * obs.absmax).clamp_min(torch.finfo(torch.float32).tiny)
+                    auto = torch.stack([-half, half], dim=1)  # (K, 2)
+                reducer._lo_hi = reducer._shared["lo_hi"] = auto[k]
+        lo_hi = torch.stack([r._lo_hi for r in reducers])
+        return Grid(lo_hi[:, 0], lo_hi[:, 1], reducers[0].bins)
 
-    def update(self, x: torch.Tensor) -> None:
-        flat = _flat(x)
-        if flat.numel() == 0:
-            return
-        lo_hi = self._range_on(flat)
-        lo, hi = lo_hi[0], lo_hi[1]
-        index = ((flat - lo) * self.bins / (hi - lo)).floor().clamp(0, self.bins - 1).long() + 1
-        index = torch.where(flat < lo, 0, index)
-        index = torch.where(~(flat <= hi), self.bins + 1, index)  # above the range, or NaN
-        if self._counts is None:
-            self._counts = torch.zeros(self.bins + 2, dtype=torch.int64, device=flat.device)
-        self._counts.scatter_add_(0, index, torch.ones(1, dtype=torch.int64, device=flat.device).expand_as(index))
+    @classmethod
+    def take_counts(cls, reducers: Sequence["Histogram"], ge: torch.Tensor, obs: Observation) -> None:
+        for reducer, row in zip(reducers, ge):
+            reducer._ge = row if reducer._ge is None else reducer._ge + row
+            reducer._n += obs.numel
 
-    def result(self) -> Result:
-        if self._counts is None:
+    def state(self) -> State:
+        return {} if self._ge is None else {"ge": self._ge, "lo_hi": self._lo_hi}
+
+    def finish(self, host: dict[str, np.ndarray]) -> Result:
+        if not host:
             return {}
-        counts = self._counts.cpu().numpy()
-        lo, hi = self._lo_hi.double().cpu().tolist()
-        return {"counts": counts[1:-1].copy(), "edges": np.linspace(lo, hi, self.bins + 1),
-                "underflow": float(counts[0]), "overflow": float(counts[-1])}
+        ge = host["ge"]
+        lo, hi = host["lo_hi"].astype(np.float64).tolist()
+        return {"counts": ge[:-1] - ge[1:], "edges": np.linspace(lo, hi, self.bins + 1),
+                "underflow": float(self._n - ge[0]), "overflow": float(ge[-1])}
 
 
 def quantiles_from_histogram(counts: np.ndarray, edges: np.ndarray, underflow: float, overflow: float,
@@ -273,11 +304,19 @@ class Quantiles(Reducer):
         new._hist = self._hist.spawn(shared)
         return new
 
-    def update(self, x: torch.Tensor) -> None:
-        self._hist.update(x)
+    @classmethod
+    def update_group(cls, reducers: Sequence["Quantiles"], obs: Observation) -> Grid:
+        return Histogram.update_group([r._hist for r in reducers], obs)
 
-    def result(self) -> Result:
-        h = self._hist.result()
+    @classmethod
+    def take_counts(cls, reducers: Sequence["Quantiles"], ge: torch.Tensor, obs: Observation) -> None:
+        Histogram.take_counts([r._hist for r in reducers], ge, obs)
+
+    def state(self) -> State:
+        return self._hist.state()
+
+    def finish(self, host: dict[str, np.ndarray]) -> Result:
+        h = self._hist.finish(host)
         if not h:
             return {}
         values = quantiles_from_histogram(h["counts"], h["edges"], h["underflow"], h["overflow"], self.qs)
@@ -300,31 +339,36 @@ class Outliers(Reducer):
         if not self.ks and self.threshold is None:
             raise ValueError("Outliers needs at least one k or a threshold")
         self.count = 0
-        self._hits: Optional[torch.Tensor] = None  # (len(ks) + [1 if threshold]) int64
+        self._hits: Optional[torch.Tensor] = None  # (len(ks) + [1 if threshold],) int64: #{|x| > limit}
 
     def params(self) -> dict[str, Any]:
         return {"ks": list(self.ks), "threshold": self.threshold, "name": self.name}
 
-    def update(self, x: torch.Tensor) -> None:
-        flat = _flat(x)
-        if flat.numel() == 0:
-            return
-        magnitude = flat.abs()
-        limits: list[torch.Tensor | float] = [k * flat.std(correction=0) for k in self.ks]
-        if self.threshold is not None:
-            limits.append(self.threshold)
-        hits = torch.stack([(magnitude > lim).sum() for lim in limits])
-        self._hits = hits if self._hits is None else self._hits + hits
-        self.count += flat.numel()
+    @classmethod
+    def update_group(cls, reducers: Sequence["Outliers"], obs: Observation) -> Beyond:
+        first = reducers[0]
+        limits = [obs.sigma * k for k in first.ks]  # float32, (K,) each
+        if first.threshold is not None:
+            limits.append(torch.full_like(obs.sigma, first.threshold))
+        return Beyond(torch.stack(limits, dim=1))
 
-    def result(self) -> Result:
-        if self._hits is None:
+    @classmethod
+    def take_counts(cls, reducers: Sequence["Outliers"], ge: torch.Tensor, obs: Observation) -> None:
+        for reducer, row in zip(reducers, ge):
+            reducer._hits = row if reducer._hits is None else reducer._hits + row
+            reducer.count += obs.numel
+
+    def state(self) -> State:
+        return {} if self._hits is None else {"hits": self._hits}
+
+    def finish(self, host: dict[str, np.ndarray]) -> Result:
+        if not host:
             return {}
-        hits = self._hits.cpu().tolist()
+        hits = host["hits"].tolist()
         names = [f"outliers_{k:g}std" for k in self.ks]
         if self.threshold is not None:
             names.append(f"outliers_gt_{self.threshold:g}")
-        return {n: h / self.count for n, h in zip(names, hits)}
+        return {n: float(h) / self.count for n, h in zip(names, hits)}
 
 
 def default_reducers() -> list[Reducer]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats
+from modiff.record.batched import Observation, results_of, update_rows
 
 
 def _tensors() -> list[torch.Tensor]:
@@ -105,3 +106,64 @@ def test_bad_arguments_say_what_is_allowed(make, message: str) -> None:
 def test_empty_reducer_has_no_result() -> None:
     for reducer in (Stats(), ChannelAbsMax(), Histogram(), Quantiles(), Outliers()):
         assert reducer.result() == {}
+
+
+@pytest.mark.parametrize("backend", ["grid", "search"])
+def test_batched_rows_match_direct_computation_with_both_count_backends(backend: str) -> None:
+    """Two rows reduced together (as raw and diff are): each row's counts equal histc and direct counts."""
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(2, 3, 4, 50, generator=g) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+    rows[0, 0, 0, :3] = torch.tensor([-2.0, 2.0, 2.0])  # both edges of the fixed range
+    rows[1, 0, 0, 0] = float("nan")  # overflow, and an outlier
+    hist = [Histogram(16, range=(-2.0, 2.0)) for _ in range(2)]
+    outliers = [Outliers(ks=(1.0, 2.0), threshold=2.5) for _ in range(2)]
+    update_rows([[hist[0], outliers[0]], [hist[1], outliers[1]]], Observation(rows, backend))
+    for k in range(2):
+        x, got = rows[k], hist[k].result()
+        finite = x[~x.isnan()]
+        np.testing.assert_array_equal(got["counts"], torch.histc(finite, 16, -2.0, 2.0).long().numpy())
+        assert got["underflow"] == float((x < -2).sum())
+        assert got["overflow"] == float((x > 2).sum() + x.isnan().sum())
+    sigma0 = rows[0].double().std(correction=0)
+    want = {"outliers_1std": (rows[0].abs() > sigma0).double().mean(), "outliers_2std": (rows[0].abs() > 2 * sigma0).double().mean(),
+            "outliers_gt_2.5": (rows[0].abs() > 2.5).double().mean()}
+    assert outliers[0].result() == pytest.approx({k: float(v) for k, v in want.items()})
+    assert outliers[1].result()["outliers_gt_2.5"] == pytest.approx(float(((rows[1].abs() > 2.5) | rows[1].isnan()).double().mean()))
+
+
+def test_search_and_grid_backends_count_alike() -> None:
+    """Random data (no value on a bin edge): the CUDA-style search backend equals the CPU grid backend."""
+    x = torch.randn(2, 8, 3, 7, 7, generator=torch.Generator().manual_seed(5)).pow(3)
+    got = {}
+    for backend in ("grid", "search"):
+        reducers = [[Histogram(64), Quantiles(bins=256), Outliers(threshold=0.5)] for _ in range(2)]
+        update_rows(reducers, Observation(x, backend))
+        got[backend] = results_of([r for row in reducers for r in row])
+    for a, b in zip(got["grid"], got["search"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batched_update_has_no_sync_and_matches_the_cpu() -> None:
+    """On CUDA (search backend, torch.histc on int32 positions) the counts equal the CPU search backend's."""
+    x = torch.randn(2, 16, 8, 9, 9, generator=torch.Generator().manual_seed(6)).pow(3)
+    results = {}
+    for device in ("cpu", "cuda"):
+        reducers = [[Stats(), ChannelAbsMax(), Histogram(64), Quantiles(bins=256), Outliers(threshold=0.5)] for _ in range(2)]
+        obs = Observation(x.to(device), "search")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            update_rows(reducers, obs)
+            update_rows(reducers, obs)  # a second trajectory: the merge path
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        results[device] = results_of([r for row in reducers for r in row])
+    for cpu, gpu in zip(results["cpu"], results["cuda"]):
+        for key in cpu:
+            if key in ("counts", "underflow", "overflow") or key.startswith("outliers"):
+                np.testing.assert_array_equal(cpu[key], gpu[key])
+            else:
+                np.testing.assert_allclose(cpu[key], gpu[key], rtol=1e-5, atol=1e-6)
