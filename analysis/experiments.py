@@ -13,13 +13,14 @@ from torch import nn
 
 import modiff as md
 from modiff.evaluate import seed_images
-from modiff.generate import SampleConfig, generate
+from modiff.diffusion.schedules import Spacing
+from modiff.generate import SampleConfig, SamplerName, generate
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.bops import compute_report
 
 __all__ = [
-    "layer_inputs", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "warmup_table", "bops_memory_table",
-    "published_audit", "paper_values",
+    "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "warmup_table",
+    "bops_memory_table", "published_audit", "paper_values", "paper_tables",
 ]
 
 
@@ -37,11 +38,22 @@ def _input_hooks(model: nn.Module, sites: Sequence[str], store: dict[str, list[t
             handle.remove()
 
 
+def _timesteps(model: nn.Module, steps: int, spacing: Optional[Spacing] = None) -> tuple[int, ...]:
+    """The model's DDIM timesteps: its own spacing (`modiff.default_spacing`) unless one is given."""
+    return md.timesteps(steps, spacing or md.default_spacing(model), model.schedule.num_timesteps)
+
+
+def sample_config(model: nn.Module, steps: int, sampler: SamplerName = "ddim") -> SampleConfig:
+    """A SampleConfig with the model's timestep spacing (``ldm`` for a latent model, else ``uniform``)."""
+    return SampleConfig(sampler=sampler, steps=steps, spacing=md.default_spacing(model))
+
+
 @torch.no_grad()
 def layer_inputs(model: nn.Module, sites: Sequence[str], seeds: Sequence[int], steps: int,
-                 spacing: str = "uniform") -> tuple[dict[str, list[torch.Tensor]], tuple[int, ...]]:
-    """Inputs a_t of each site at every step (one call per step), in sampling order, and the timesteps."""
-    ts = md.timesteps(steps, spacing, model.schedule.num_timesteps)
+                 spacing: Optional[Spacing] = None) -> tuple[dict[str, list[torch.Tensor]], tuple[int, ...]]:
+    """Inputs a_t of each site at every step (one call per step), in sampling order, and the timesteps
+    (the model's own spacing unless ``spacing`` is given)."""
+    ts = _timesteps(model, steps, spacing)
     store: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
     with _input_hooks(model, sites, store):
         md.sample_ddim(model, md.noise(seeds, model.sample_shape), ts)
@@ -88,7 +100,7 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
     """Tables 5 and 15-18: per (sampler, steps) and preset, fidelity to the fp run of the same sampler."""
     rows = []
     for sampler, steps in samplers:
-        config = SampleConfig(sampler=sampler, steps=steps)
+        config = sample_config(model, steps, sampler)
         fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
         for preset in presets:
             images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device), seeds)
@@ -100,10 +112,11 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
 
 @torch.no_grad()
 def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int) -> pd.DataFrame:
-    """Table 18: MoDiff with k full-precision warm-up steps, relative L2 to fp samples of the same seeds."""
+    """Table 18: MoDiff with k full-precision warm-up steps, relative L2 to fp samples (decoded images for a
+    latent model) of the same seeds."""
     from dataclasses import replace
 
-    ts, x_T = md.timesteps(steps), md.noise(seeds, model.sample_shape)
+    ts, x_T = _timesteps(model, steps), md.noise(seeds, model.sample_shape)
     reference = md.to_images(model, md.sample_ddim(model, x_T, ts))
     rows = []
     for k in warmups:
@@ -130,21 +143,23 @@ def bops_memory_table(model: nn.Module, presets: Sequence[str], batch_sizes: Seq
 @torch.no_grad()
 def published_audit(model: nn.Module, bits: int, seeds: Sequence[int], steps: int) -> pd.DataFrame:
     """The published code's two behaviours, measured: (1) a per-step reset makes MoDiff weight-only
-    quantization; (2) one activation scale per batch tensor makes a sample depend on its batch-mates."""
+    quantization; (2) one activation scale per batch tensor makes a sample depend on its batch-mates.
+    Differences are measured on images (decoded for a latent model)."""
     from dataclasses import replace
 
-    ts = md.timesteps(steps)
+    ts = _timesteps(model, steps)
     x_T = md.noise(seeds, model.sample_shape)
     config = md.presets[f"published-w{bits}a{bits}-modiff"]
     q = md.quantize(model, config)
     with md.trajectory(q, reset="per_step"):
-        per_step = md.sample_ddim(q, x_T, ts)
+        per_step = md.to_images(q, md.sample_ddim(q, x_T, ts))
     # The same weights (split-shortcut quantization included), activations in full precision.
-    weight_only = md.sample_ddim(md.quantize(model, replace(config, activation=None, mode="direct")), x_T, ts)
+    weight_only_model = md.quantize(model, replace(config, activation=None, mode="direct"))
+    weight_only = md.to_images(weight_only_model, md.sample_ddim(weight_only_model, x_T, ts))
     with md.trajectory(q):
-        per_trajectory = md.sample_ddim(q, x_T, ts)
+        per_trajectory = md.to_images(q, md.sample_ddim(q, x_T, ts))
     with md.trajectory(q):
-        alone = md.sample_ddim(q, x_T[:1], ts)
+        alone = md.to_images(q, md.sample_ddim(q, x_T[:1], ts))
     return pd.DataFrame([
         {"check": "per-step reset vs weight-only (max |difference|)", "value": float((per_step - weight_only).abs().max())},
         {"check": "per-trajectory reset vs weight-only (max |difference|)", "value": float((per_trajectory - weight_only).abs().max())},
@@ -153,8 +168,15 @@ def published_audit(model: nn.Module, bits: int, seeds: Sequence[int], steps: in
     ])
 
 
-def paper_values() -> pd.DataFrame:
-    """The paper's numbers, with their table and cell (data/paper_values.csv)."""
+def paper_tables(model: nn.Module) -> tuple[str, ...]:
+    """The paper's bit-width tables for this kind of model: Table 1 (CIFAR-10 DDIM) for a pixel model,
+    Tables 2 and 3 (LSUN-Bedrooms LDM-4, LSUN-Churches LDM-8) for a latent one."""
+    return ("Table 2", "Table 3") if isinstance(model, md.LatentDenoiser) else ("Table 1",)
+
+
+def paper_values(tables: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """The paper's numbers, with their table and cell (data/paper_values.csv), optionally only ``tables``."""
     from modiff.models.registry import data_dir
 
-    return pd.read_csv(data_dir() / "paper_values.csv")
+    values = pd.read_csv(data_dir() / "paper_values.csv")
+    return values if tables is None else values[values["table"].isin(list(tables))].reset_index(drop=True)

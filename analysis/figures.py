@@ -10,24 +10,12 @@ from matplotlib.ticker import MaxNLocator
 from analysis import style
 
 __all__ = [
-    "training_loss",
     "image_grid",
     "activation_violins",
     "error_bounds",
     "caching_error",
     "compensation_ablation",
 ]
-
-
-def training_loss(log: pd.DataFrame, smooth: int = 10) -> plt.Figure:
-    """Training loss (mean over each 100 iterations, and a rolling mean) against the iteration."""
-    style.apply()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(log["step"], log["loss"], alpha=0.35, label="mean over 100 iterations")
-    ax.plot(log["step"], log["loss"].rolling(smooth, min_periods=1).mean(), label=f"rolling mean ({smooth})")
-    ax.set(xlabel="iteration", ylabel="eps MSE", yscale="log", title="fmnist-ddim training loss")
-    ax.legend()
-    return fig
 
 
 def image_grid(images: np.ndarray, title: str, nrow: int = 10) -> plt.Figure:

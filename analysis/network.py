@@ -12,7 +12,8 @@ is averaged over samples (``rel_l2_mean``, ``rel_l2_std`` population std over sa
 ``i``          sampling index (column ``step``), one model call per step; ``t`` its timestep
 ``site``       a submodule name; a bare container (plain nn.Module without forward, e.g. DDIMUNet's
                ``net.mid``) means its last registered child (``net.mid.block_2``: the middle block's
-               output)
+               output). None (the default) is the model's middle block, `modiff.middle_block`
+               (``net.mid`` in a DDIM UNet, ``net.middle_block`` in a CompVis latent UNet)
 =============  ===================================================================================
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from modiff.diffusion.sampling import sample_ddim
+from modiff.models.conventions import middle_block
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, quantize, trajectory
 
 __all__ = [
@@ -40,8 +42,10 @@ __all__ = [
 Sampler = Callable[..., torch.Tensor]
 
 
-def resolve_site(model: nn.Module, site: str) -> str:
+def resolve_site(model: nn.Module, site: Optional[str] = None) -> str:
     """The name of the module to hook for ``site`` (see the module notation)."""
+    if site is None:
+        site = middle_block(model)
     try:
         module = model.get_submodule(site)
     except AttributeError as err:
@@ -74,7 +78,7 @@ def _hooked(module: nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
 
 
 def capture_features(
-    model: nn.Module, x_T: torch.Tensor, timesteps: Sequence[int], site: str = "net.mid",
+    model: nn.Module, x_T: torch.Tensor, timesteps: Sequence[int], site: Optional[str] = None,
     sampler: Sampler = sample_ddim, stateful: Optional[bool] = None, **sampler_kwargs: Any,
 ) -> list[torch.Tensor]:
     """Sample from ``x_T`` with ``model`` and return the output of ``site`` at every model call.
@@ -110,7 +114,7 @@ def relative_l2(reference: Sequence[torch.Tensor], estimate: Sequence[torch.Tens
 
 def feature_error_over_steps(
     model_fp: nn.Module, model_q: nn.Module, x_T: torch.Tensor, timesteps: Sequence[int],
-    site: str = "net.mid", sampler: Sampler = sample_ddim, stateful: Optional[bool] = None,
+    site: Optional[str] = None, sampler: Sampler = sample_ddim, stateful: Optional[bool] = None,
     **sampler_kwargs: Any,
 ) -> pd.DataFrame:
     """Relative L2 distance of ``site`` features, ``model_q`` vs ``model_fp``, each on its own
@@ -125,7 +129,7 @@ def feature_error_over_steps(
 
 def caching_error_curves(
     model: nn.Module, intervals: Sequence[int] = (2, 3, 5), *, x_T: torch.Tensor, timesteps: Sequence[int],
-    compensation: bool = True, site: str = "net.mid", sampler: Sampler = sample_ddim, **sampler_kwargs: Any,
+    compensation: bool = True, site: Optional[str] = None, sampler: Sampler = sample_ddim, **sampler_kwargs: Any,
 ) -> pd.DataFrame:
     """Figure 1a: one `relative_l2` curve per refresh interval N (column ``interval``).
 
@@ -144,7 +148,7 @@ def caching_error_curves(
 
 def compensation_ablation(
     model: nn.Module, bits: Sequence[int] = (8, 6, 4, 3), *, x_T: torch.Tensor, timesteps: Sequence[int],
-    weight_bits: Optional[int] = None, warmup_steps: int = 1, site: str = "net.mid",
+    weight_bits: Optional[int] = None, warmup_steps: int = 1, site: Optional[str] = None,
     sampler: Sampler = sample_ddim, **sampler_kwargs: Any,
 ) -> pd.DataFrame:
     """Figure 3: `relative_l2` curves for modulated quantization with and without error compensation,

@@ -3,6 +3,7 @@ __version__ = "0.1.0"
 
 from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample_dpm_solver
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
+from modiff.models.conventions import default_spacing, middle_block, representative_layers
 from modiff.models.latent import LatentDenoiser, to_images
 from modiff.models.registry import Denoiser, load_model
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
@@ -39,4 +40,7 @@ __all__ = [
     "sample_dpm_solver",
     "timesteps",
     "to_images",
+    "default_spacing",
+    "middle_block",
+    "representative_layers",
 ]

@@ -27,6 +27,9 @@ def _seeds(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int
         raise click.BadParameter(str(err)) from err
 
 
+SPACING_HELP = "Timestep spacing [default: the model's: uniform for pixel models, ldm for latent models]."
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level.")
 def main(verbose: bool) -> None:
@@ -39,7 +42,7 @@ def main(verbose: bool) -> None:
 @click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False), help="YAML config of a .ckpt.")
 @click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--spacing", type=_choices(Spacing), default="uniform", show_default=True, help="Timestep spacing.")
+@click.option("--spacing", type=_choices(Spacing), default=None, help=SPACING_HELP)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
 @click.option("--seeds", default="0-63", show_default=True, callback=_seeds, help="e.g. 0-9999 or 0-9,100.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -50,7 +53,7 @@ def main(verbose: bool) -> None:
               help="A calibrated model saved by `modiff calibrate` (instead of --preset).")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
-def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: str, eta: float,
+def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: Optional[str], eta: float,
            seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
            quantized: Optional[Path], compile_net: bool, out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
@@ -64,12 +67,12 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
     """
     from modiff.cli_calibrate import load_quantized_run
     from modiff.generate import generate
+    from modiff.models.conventions import default_spacing
     from modiff.models.registry import load_model
     from modiff.quant import presets, quantize, trajectory
     from modiff.quant.presets import calibration_hint, needs_calibration
 
     try:
-        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, eta=eta, precision=precision)
         quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
         if quant is not None and quantized is not None:
             raise ValueError("give either --preset or --quantized (a calibrated model carries its own config)")
@@ -83,6 +86,8 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             prepare = trajectory if net.quant_config.stateful else None
         else:
             net = load_model(model, config=model_config)
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), eta=eta,
+                              precision=precision)
         if quant is not None:
             net = quantize(net, quant)
             identity["quant_config"] = quant.to_dict()
@@ -344,14 +349,14 @@ def fid_ref_command(device: str) -> None:
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (default: full precision).")
 @click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--spacing", type=_choices(Spacing), default="uniform", show_default=True)
+@click.option("--spacing", type=_choices(Spacing), default=None, help=SPACING_HELP)
 @click.option("--seeds", default="0-9999", show_default=True, callback=_seeds)
 @click.option("--ref", default="fmnist-train", show_default=True, help="Reference set (see `modiff fid --help`).")
 @click.option("--fp-run", type=click.Path(exists=True, file_okay=False), help="Full-precision run of the same seeds.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: str, seeds: list[int],
+def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: Optional[str], seeds: list[int],
              ref: str, fp_run: Optional[str], batch_size: int, device: str, out: Path) -> None:
     """Sample the seeds into OUT (resuming), score them, and write OUT/metrics.json.
 
@@ -364,13 +369,16 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
     import json
 
     from modiff.evaluate import evaluate as run_evaluation
+    from modiff.models.conventions import default_spacing
     from modiff.models.registry import load_model
     from modiff.quant import presets
 
     try:
         if quant_preset is not None:
             presets[quant_preset]  # a typo fails before any sampling
-        result = run_evaluation(load_model(model), seeds, out, SampleConfig(sampler=sampler, steps=steps, spacing=spacing),
+        net = load_model(model)
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
+        result = run_evaluation(net, seeds, out, config,
                                 quant_preset=quant_preset, ref=ref, fp_run=fp_run, batch_size=batch_size, device=device)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err

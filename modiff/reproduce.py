@@ -1,12 +1,13 @@
 """`modiff reproduce`: run every notebook with papermill for a preset and index what it wrote.
 
-reports/<preset>/
+reports/<name>/   <name> = <preset> for the default model fmnist-ddim, else <preset>-<model> (a path
+                  given as the model counts by its folder or file stem: reports/quick-fmnist-ldm/)
     index.md, index.html     links to every notebook, figure and table, with run status
     notebooks/NAME.ipynb     executed notebooks; NAME.html without input cells
     figures/*.png|pdf        written by analysis.style.save
     tables/*.csv|md
 A failed notebook is reported with its error and does not stop the others; run directories under
-data/runs/<preset>/ are reused, so a re-run only computes what is missing.
+data/runs/<name>/ are reused, so a re-run only computes what is missing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Literal, Sequence, get_args
 
 from modiff.runs import environment, write_json
 
-__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "reproduce", "notebook_dir"]
+__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "DEFAULT_MODEL", "reproduce", "notebook_dir",
+           "report_name"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,19 @@ NOTEBOOKS: tuple[str, ...] = (
     "model_card", "fig1b_activations", "fig1a_caching", "theory_bounds", "fig3_compensation", "table1_bitwidth",
     "samplers", "bops_memory", "sample_grids", "published_audit",
 )
+
+
+DEFAULT_MODEL = "fmnist-ddim"
+
+
+def report_name(preset: str, model: str = DEFAULT_MODEL) -> str:
+    """The folder name under reports/ and data/runs/: the preset for the default model (so links to
+    reports/<preset>/ stay valid), else <preset>-<model>, a path counting by its folder or file stem."""
+    if model == DEFAULT_MODEL:
+        return preset
+    from modiff.models.registry import MODEL_PRESETS
+
+    return f"{preset}-{model if model in MODEL_PRESETS else Path(model).stem}"
 
 
 def notebook_dir() -> Path:
@@ -91,10 +106,10 @@ def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
     return sorted(str(p.relative_to(out_dir)) for pat in patterns for p in folder.glob(pat)) if folder.is_dir() else []
 
 
-def _write_index(out_dir: Path, preset: ReproducePreset, results: list[NotebookResult]) -> None:
+def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: list[NotebookResult]) -> None:
     figures = _links(out_dir, "figures", ["*.png"])
     tables = _links(out_dir, "tables", ["*.md"])
-    lines = [f"# modiff reports: preset `{preset.name}`", "", "| notebook | status | seconds |", "| --- | --- | --- |"]
+    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "", "| notebook | status | seconds |", "| --- | --- | --- |"]
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
         link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
@@ -109,8 +124,8 @@ def _write_index(out_dir: Path, preset: ReproducePreset, results: list[NotebookR
         for r in results
     )
     (out_dir / "index.html").write_text(
-        f"<html><head><meta charset='utf-8'><title>modiff {preset.name}</title></head><body>"
-        f"<h1>modiff reports: {preset.name}</h1><table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
+        f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
+        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1><table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
     )
 
 
@@ -125,10 +140,11 @@ def _with_earlier_results(out_dir: Path, results: list[NotebookResult]) -> list[
     return sorted(results + kept, key=lambda r: NOTEBOOKS.index(r.name))
 
 
-def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: str | Path = "reports",
+def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: str | Path = "reports",
               runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None,
               overrides: dict[str, Any] | None = None) -> list[NotebookResult]:
-    """Execute the notebooks into reports_dir/<preset>/ and write the index; returns per-notebook results.
+    """Execute the notebooks into reports_dir/<name>/ (see `report_name`) and write the index; returns
+    per-notebook results.
 
     `overrides` replaces preset parameters (num_samples, steps, device, batch_size) by name."""
     if preset not in REPRODUCE_PRESETS:
@@ -143,13 +159,14 @@ def reproduce(preset: str = "quick", model: str = "fmnist-ddim", reports_dir: st
     if bad:
         raise ValueError(f"unknown parameters {sorted(bad)}; allowed: {', '.join(sorted(known))}")
     spec = replace(spec, **(overrides or {}))
-    out_dir = Path(reports_dir).resolve() / preset
+    name = report_name(preset, model)
+    out_dir = Path(reports_dir).resolve() / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / preset),
+    parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / name),
                   **{k: v for k, v in asdict(spec).items() if k != "name"}}
     results = [_run_one(name, parameters, out_dir) for name in chosen]
     merged = _with_earlier_results(out_dir, results)
-    _write_index(out_dir, spec, merged)
+    _write_index(out_dir, spec, model, merged)
     write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
                 "notebooks": [asdict(r) for r in merged]}, out_dir / "manifest.json")
     return results

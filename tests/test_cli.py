@@ -110,3 +110,11 @@ def test_bops_of_cifar_config(tmp_path: Path) -> None:
     assert report["gmacs_conv_linear"] == pytest.approx(6.05, abs=0.01)
     assert report["gmacs_paper_convention"] * 8 * 32 == pytest.approx(1636, abs=1)  # the paper's W8A32 GBops
     assert report["modiff_state_mb_per_image"] == pytest.approx(44.6, abs=0.1)
+
+
+def test_reproduce_takes_comma_separated_notebooks(tmp_path: Path) -> None:
+    """--notebooks a,b is split on commas (validated before anything runs: the unknown name is the error)."""
+    result = CliRunner().invoke(main, ["reproduce", "--model", "fmnist-ldm", "--notebooks", "model_card,fig1b,fig3_compensation",
+                                       "--reports", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown notebooks ['fig1b']" in result.output
+    assert not list(tmp_path.iterdir())

@@ -149,16 +149,17 @@ def test_encode_applies_scale_factor() -> None:
 
 
 def test_sample_cli_on_exported_ldm(tmp_path: Path) -> None:
-    """`modiff sample --model <exported LDM folder> --preset w4a4-modiff` writes decoded 16x16 images."""
+    """`modiff sample --model <exported LDM folder> --preset w4a4-modiff` writes decoded 16x16 images, with the
+    model's timestep spacing (ldm) when none is given."""
     model = _tiny_model()
     export_weights(compvis_module(model.net, model.first_stage, SCALE), TINY_LDM.compvis_yaml(), tmp_path / "tiny-ldm")
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "tiny-ldm"), "--preset", "w4a4-modiff",
-                                       "--spacing", "ldm", "--seeds", "0-2", "--steps", "4", "--device", "cpu",
-                                       "--out", str(out)])
+                                       "--seeds", "0-2", "--steps", "4", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
     with np.load(out / "samples.npz") as data:
         assert data["images"].shape == (3, 16, 16, 1) and data["images"].dtype == np.uint8
+    assert '"spacing": "ldm"' in (out / "manifest.json").read_text()
 
 
 @pytest.mark.slow

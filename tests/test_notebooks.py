@@ -5,12 +5,18 @@ import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
+import pandas as pd
 import pytest
 
-from modiff.reproduce import NOTEBOOKS, notebook_dir, reproduce
+from modiff.models.latent import compvis_module
+from modiff.reproduce import NOTEBOOKS, notebook_dir, report_name, reproduce
 from modiff.train import DDIMTrainConfig, export_weights
 
 from conftest import TINY, tiny_net
+from test_latent import SCALE, TINY_LDM, _tiny_model
+
+LATENT_NOTEBOOKS = ("fig1b_activations", "fig3_compensation", "table1_bitwidth")
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -32,7 +38,7 @@ def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
                         overrides={"num_samples": 10, "steps": 3, "device": "cpu"})
     failed = {r.name: r.error[-500:] for r in results if not r.ok}
     assert not failed, failed
-    out = tmp_path / "reports" / "quick"
+    out = tmp_path / "reports" / "quick-tiny"
     assert len(list((out / "figures").glob("*.png"))) >= 8 and len(list((out / "tables").glob("*.md"))) >= 6
     index = (out / "index.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", index)
@@ -41,3 +47,37 @@ def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
         assert (out / "notebooks" / f"{name}.html").exists()
     with pytest.raises(ValueError, match="unknown parameters"):
         reproduce("quick", overrides={"sample_count": 3})
+
+
+def test_report_names_keep_the_default_model_at_the_preset() -> None:
+    assert report_name("quick") == report_name("quick", "fmnist-ddim") == "quick"
+    assert report_name("paper", "fmnist-ldm") == "paper-fmnist-ldm"
+    assert report_name("quick", "/data/models/my-ldm") == "quick-my-ldm"
+    assert report_name("quick", "ckpts/model-790000.ckpt") == "quick-model-790000"
+
+
+@pytest.mark.slow
+def test_reproduce_latent_model(tmp_path: Path) -> None:
+    """A tiny exported LDM runs Figures 1b and 3 and the bit-width table into reports/quick-tiny-ldm/:
+    its own layers and middle block, ldm timesteps, UNet-only GBops, decoded 16x16 samples."""
+    model = _tiny_model()
+    export_weights(compvis_module(model.net, model.first_stage, SCALE), TINY_LDM.compvis_yaml(), tmp_path / "tiny-ldm")
+    results = reproduce("quick", str(tmp_path / "tiny-ldm"), tmp_path / "reports", tmp_path / "runs",
+                        notebooks=LATENT_NOTEBOOKS, overrides={"num_samples": 10, "steps": 4, "device": "cpu"})
+    failed = {r.name: r.error[-500:] for r in results if not r.ok}
+    assert not failed, failed
+    out = tmp_path / "reports" / "quick-tiny-ldm"
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert figures == {"fig1b_net_middle_block_0_in_layers_2.png", "fig1b_net_output_blocks_0_0_in_layers_2.png",
+                       "fig1b_net_input_blocks_3_0_out_layers_3.png", "fig3_compensation.png"}
+    ratios = pd.read_csv(out / "tables" / "fig1b_range_ratios.csv")
+    assert len(ratios) == 3 and ratios["layer"].iloc[0] == "net.middle_block.0.in_layers.2"
+    assert pd.read_csv(out / "tables" / "table4_last_step_error.csv")["bits"].tolist() == [3, 4, 6, 8]
+    table = pd.read_csv(out / "tables" / "table1_bitwidth.csv")
+    assert len(table) == 6 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()
+    run = tmp_path / "runs" / "quick-tiny-ldm" / "fp-ddim4"
+    assert '"spacing": "ldm"' in (run / "manifest.json").read_text()
+    with np.load(run / "samples.npz") as data:
+        assert data["images"].shape == (10, 16, 16, 1)
+    index = (out / "index.md").read_text()
+    assert all((out / link).exists() for link in re.findall(r"\]\(([^)]+)\)", index))

@@ -15,3 +15,28 @@ def test_published_audit_measures_both_behaviours(tiny_denoiser: md.Denoiser) ->
 def test_bops_memory_table_scales_with_batch(tiny_denoiser: md.Denoiser) -> None:
     table = experiments.bops_memory_table(tiny_denoiser, ["w8a4-modiff"], [1, 4], steps=10)
     assert table.modiff_state_mb.iloc[1] == 4 * table.modiff_state_mb.iloc[0] > 0
+
+
+def test_latent_model_samples_with_ldm_timesteps() -> None:
+    """layer_inputs and sample_config follow the model: ldm spacing (range(0, 1000, 250) + 1 for 4 steps)."""
+    from test_latent import _tiny_model
+
+    model = _tiny_model()
+    site = "net.middle_block.0.in_layers.2"
+    inputs, ts = experiments.layer_inputs(model, [site], range(2), steps=4)
+    assert ts == (751, 501, 251, 1)
+    assert len(inputs[site]) == 4 and inputs[site][0].shape == (2, 64, 2, 2)
+    assert experiments.sample_config(model, 4).spacing == "ldm"
+    assert experiments.layer_inputs(model, ["net.out.2"], range(1), steps=4, spacing="uniform")[1] == (750, 500, 250, 0)
+
+
+def test_paper_values_follow_the_model(tiny_denoiser: md.Denoiser) -> None:
+    """A pixel model is compared with Table 1, a latent one with Tables 2 and 3 (LSUN LDMs)."""
+    from test_latent import _tiny_model
+
+    assert experiments.paper_tables(tiny_denoiser) == ("Table 1",)
+    assert experiments.paper_tables(_tiny_model()) == ("Table 2", "Table 3")
+    table1 = experiments.paper_values(["Table 1"])
+    assert len(table1) and set(table1.table) == {"Table 1"}
+    assert len(experiments.paper_values()) > len(table1)
+    assert experiments.sample_config(tiny_denoiser, 4, "ddpm").spacing == "uniform"

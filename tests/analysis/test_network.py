@@ -77,3 +77,13 @@ def test_compensation_ablation(setup) -> None:
     assert first["rel_l2_mean"].max() < 1e-6  # warm-up step: full-precision activations
     last = df[df["step"] == STEPS - 1].set_index(["bits", "compensation"])["rel_l2_mean"]
     assert last[(8, True)] < last[(3, True)]
+
+
+def test_default_site_is_the_latent_middle_block() -> None:
+    """On a CompVis latent UNet the default site is net.middle_block (its output: 64 channels at 2x2)."""
+    from test_latent import _tiny_model
+
+    model = _tiny_model()
+    assert resolve_site(model) == "net.middle_block"
+    feats = capture_features(model, md.noise(range(2), model.sample_shape), md.timesteps(4, "ldm"))
+    assert len(feats) == 4 and feats[0].shape == (2, 64, 2, 2)
