@@ -16,11 +16,17 @@ from modiff.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.generate import SampleConfig, SamplerName, generate
 from modiff.metrics.compare import fidelity_to_reference
+from modiff.generate import resolve_device
 from modiff.quant.bops import compute_report
+from modiff.quant.adaround import AdaRoundConfig
+from modiff.quant.calib_data import CalibDataConfig
+from modiff.quant.calibrate import CalibrationConfig
+from modiff.quant.calibrated import Calibration, quantized_model
+from modiff.quant.lsq import ActCalibConfig
 
 __all__ = [
     "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "warmup_table",
-    "bops_memory_table", "published_audit", "paper_values", "paper_tables",
+    "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings",
 ]
 
 
@@ -60,11 +66,25 @@ def layer_inputs(model: nn.Module, sites: Sequence[str], seeds: Sequence[int], s
     return store, ts
 
 
+def calibration_settings(model: nn.Module, steps: int, samples_per_step: int, adaround_iters: int,
+                         activation_iters: int) -> Calibration:
+    """Q-Diffusion calibration as published, scaled by the arguments: 1 in 5 of the model's sampling steps
+    (20 of 100), ``samples_per_step`` trajectories, AdaRound and step-size iterations per block."""
+    data = CalibDataConfig(steps=steps, spacing=md.default_spacing(model), calib_steps=max(1, steps // 5),
+                           samples_per_step=samples_per_step, batch_size=min(256, samples_per_step))
+    recipe = CalibrationConfig(AdaRoundConfig(iters=adaround_iters, log_every=min(1000, adaround_iters)),
+                               ActCalibConfig(iters=activation_iters, log_every=min(1000, activation_iters)))
+    return Calibration(data, recipe)
+
+
 def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
-               batch_size: int = 64, device: str = "auto", reset: Optional[str] = None) -> Path:
-    """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir."""
+               batch_size: int = 64, device: str = "auto", reset: Optional[str] = None,
+               calibration: Optional[Calibration] = None) -> Path:
+    """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
+
+    Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time."""
     name = f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else "")
-    net = model if preset == "fp" else md.quantize(model, md.presets[preset])
+    net = model if preset == "fp" else quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
     prepare = None
     if preset != "fp" and md.presets[preset].stateful:
         prepare = lambda m: md.trajectory(m, reset=reset)  # noqa: E731 (a context factory)
@@ -75,16 +95,20 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
 
 def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
                    runs_dir: str | Path, ref: str = "fmnist-train", batch_size: int = 64,
-                   device: str = "auto", fid: bool = True) -> pd.DataFrame:
-    """Per preset: fidelity to the fp run of the same seeds, FID/IS (classifier space) and GBops."""
+                   device: str = "auto", fid: bool = True, calibration: Optional[Calibration] = None) -> pd.DataFrame:
+    """Per preset: fidelity to the fp run of the same seeds, FID/IS (classifier space) and GBops.
+
+    ``qdiff-*`` presets (Q-Diffusion, static scales) need ``calibration``; they are calibrated once into
+    runs_dir and reused."""
     from modiff.metrics.fidelity import compute_metrics
 
     fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
     rows = []
     for preset in presets:
-        images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device), seeds)
+        images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration),
+                             seeds)
         close = fidelity_to_reference(images, fp_images, features=False)
-        report = compute_report(md.quantize(model, md.presets[preset]), config.steps)
+        report = compute_report(quantized_model(model, preset, runs_dir, calibration), config.steps)
         row = {"preset": preset, "psnr_db": close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                "rel_l2_pixels": close["rel_l2_pixels"]["mean"], "rel_l2_ci95": close["rel_l2_pixels"]["ci95"],
                "gbops_per_step": report["gbops_per_step"]}

@@ -37,11 +37,12 @@ class ReproducePreset:
     steps: int
     device: str = "auto"
     batch_size: int = 64
+    calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", num_samples=12, steps=20),
-    "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512),
+    "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512, calibrate=True),
 }
 
 NOTEBOOKS: tuple[str, ...] = (
@@ -91,8 +92,10 @@ def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookRe
     executed = out_dir / "notebooks" / f"{name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    declared = papermill.inspect_notebook(str(source))  # pass each notebook only the parameters it declares
     try:
-        papermill.execute_notebook(str(source), str(executed), parameters=parameters, progress_bar=False,
+        papermill.execute_notebook(str(source), str(executed), progress_bar=False,
+                                   parameters={k: v for k, v in parameters.items() if k in declared},
                                    cwd=str(notebook_dir().parent), kernel_name="python3")
         _export_html(executed)
         return NotebookResult(name, True, round(time.time() - start, 1))

@@ -81,3 +81,24 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
         assert data["images"].shape == (10, 16, 16, 1)
     index = (out / "index.md").read_text()
     assert all((out / link).exists() for link in re.findall(r"\]\(([^)]+)\)", index))
+
+
+@pytest.mark.slow
+def test_bitwidth_table_with_qdiffusion_rows(tmp_path: Path) -> None:
+    """With calibrate on (the paper preset), the Q-Diff and Q-Diff+MoDiff rows are calibrated into the
+    run directory and scored like the others (tiny sizes here)."""
+    import papermill
+
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    papermill.execute_notebook(
+        str(notebook_dir() / "table1_bitwidth.ipynb"), str(tmp_path / "table1.ipynb"), progress_bar=False,
+        cwd=str(notebook_dir().parent), kernel_name="python3",
+        parameters={"model": str(tmp_path / "tiny"), "out_dir": str(out), "runs_dir": str(runs), "num_samples": 10,
+                    "steps": 3, "device": "cpu", "presets": ["w8a4"], "calibrate": True,
+                    "qdiff_presets": ["qdiff-w8a4", "qdiff-w8a4-modiff"], "calib_samples_per_step": 4,
+                    "adaround_iters": 2, "activation_iters": 2})
+    table = pd.read_csv(out / "tables" / "table1_bitwidth.csv")
+    assert table.preset.tolist() == ["w8a4", "qdiff-w8a4", "qdiff-w8a4-modiff"]
+    assert table.rel_l2_pixels.notna().all() and (table.gbops_per_step > 0).all()
+    assert (runs / "quantized" / "qdiff-w8a4-modiff" / "manifest.json").is_file()

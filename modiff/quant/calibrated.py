@@ -1,0 +1,71 @@
+"""Calibrate once, reuse: the quantized model a preset names, with static presets calibrated into a folder.
+
+`quantized_model(model, preset, folder, calibration)` returns `quantize(model, presets[preset])` for
+dynamic presets. For static ones (``qdiff-*``) it collects calibration data from ``model`` into
+``folder/calib-data`` and calibrates into ``folder/quantized/<preset>`` the first time, and loads them
+afterwards, so experiment drivers and notebooks can re-run without repeating hours of GPU work. A folder
+made with other settings is refused rather than silently reused.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from modiff.quant.api import quantize
+from modiff.quant.calib_data import CalibDataConfig, collect_and_save, load_calib_data
+from modiff.quant.calibrate import CalibrationConfig, calibrate
+from modiff.quant.presets import calibration_hint, needs_calibration, presets
+from modiff.quant.saved import load_quantized, read_manifest, save_quantized
+
+__all__ = ["Calibration", "quantized_model"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How static presets are calibrated: the data (steps, samples per step) and the recipe."""
+
+    data: CalibDataConfig = field(default_factory=CalibDataConfig)
+    recipe: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": asdict(self.data), "recipe": self.recipe.to_dict()}
+
+
+def _check_same(saved: dict[str, Any], wanted: dict[str, Any], folder: Path) -> None:
+    if json.loads(json.dumps(saved)) != json.loads(json.dumps(wanted)):
+        raise ValueError(f"{folder} was made with other calibration settings ({saved}); delete it or use "
+                         f"another folder for these settings ({wanted})")
+
+
+def _calibration_data(model: nn.Module, folder: Path, calibration: Calibration, device: torch.device):
+    data_dir = folder / "calib-data"
+    if not (data_dir / "manifest.json").exists():
+        collect_and_save(copy.deepcopy(model), calibration.data, data_dir, device,
+                         {"model": getattr(model, "name", None)})
+    data = load_calib_data(data_dir, device)
+    _check_same(asdict(data.config), asdict(calibration.data), data_dir)
+    return data
+
+
+def quantized_model(model: nn.Module, preset: str, folder: str | Path, calibration: Optional[Calibration] = None,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """The quantized copy of ``model`` that ``preset`` names (calibrated and cached for static presets)."""
+    config = presets[preset]
+    if not needs_calibration(config):
+        return quantize(model, config)
+    if calibration is None:
+        raise ValueError(f"{calibration_hint(preset)}; or pass calibration=Calibration(...) to calibrate it here")
+    saved = Path(folder) / "quantized" / preset
+    settings = {"preset": preset, **calibration.to_dict()}
+    if not (saved / "manifest.json").exists():
+        data = _calibration_data(model, Path(folder), calibration, torch.device(device))
+        qmodel, report = calibrate(model, config, data, calibration.recipe)
+        save_quantized(qmodel, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report})
+    _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
+    return load_quantized(model, saved)
