@@ -235,7 +235,8 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("data/runs"), show_default=True)
 @click.option("--notebook", "--notebooks", "notebooks", multiple=True,
               help="Run only these notebooks (repeatable, or comma-separated).")
-@click.option("--set", "overrides", multiple=True, help="Override a preset parameter: num_samples=8 (repeatable).")
+@click.option("--set", "overrides", multiple=True,
+              help="Override a preset parameter: num_samples=8, steps=50, calibrate=true (repeatable).")
 def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Run every notebook with papermill and write reports/PRESET/ (reports/PRESET-MODEL/ for another model
     than fmnist-ddim): the main job.
@@ -247,16 +248,11 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
       modiff reproduce --model fmnist-ldm --notebooks fig1b_activations,fig3_compensation,table1_bitwidth
       modiff reproduce --notebook model_card --reports /tmp/reports --set num_samples=8
     """
-    from modiff.reproduce import report_name
+    from modiff.reproduce import parse_override, report_name
     from modiff.reproduce import reproduce as run_all
 
     try:
-        parsed = {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--set takes key=value, got {item!r}")
-            parsed[key] = value if key == "device" else int(value)
+        parsed = dict(parse_override(item) for item in overrides)
         chosen = [name.strip() for item in notebooks for name in item.split(",") if name.strip()]
         results = run_all(preset, model, reports, runs, chosen or None, parsed)
     except ValueError as err:

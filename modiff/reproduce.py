@@ -14,14 +14,14 @@ from __future__ import annotations
 import html
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
 from modiff.runs import environment, write_json
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "DEFAULT_MODEL", "reproduce", "notebook_dir",
-           "report_name"]
+           "parse_override", "report_name"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,24 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", num_samples=12, steps=20),
     "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512, calibrate=True),
 }
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` of a ReproducePreset field, the value converted to the field's type."""
+    key, sep, raw = item.partition("=")
+    types = {f.name: f.type for f in fields(ReproducePreset) if f.name != "name"}
+    if not sep or key not in types:
+        raise ValueError(f"expected key=value with key one of {', '.join(types)}; got {item!r}")
+    if types[key] in (bool, "bool"):
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(f"{key} takes true or false, got {raw!r}")
+        return key, raw.lower() == "true"
+    if types[key] in (int, "int"):
+        try:
+            return key, int(raw)
+        except ValueError:
+            raise ValueError(f"{key} takes an integer, got {raw!r}") from None
+    return key, raw
+
 
 NOTEBOOKS: tuple[str, ...] = (
     "model_card", "fig1b_activations", "fig1a_caching", "theory_bounds", "fig3_compensation", "table1_bitwidth",

@@ -118,3 +118,20 @@ def test_reproduce_takes_comma_separated_notebooks(tmp_path: Path) -> None:
                                        "--reports", str(tmp_path)])
     assert result.exit_code != 0 and "unknown notebooks ['fig1b']" in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_reproduce_overrides_are_typed() -> None:
+    """`--set` values take the preset field's type; a wrong key or value says what is allowed."""
+    from modiff.reproduce import parse_override
+
+    assert parse_override("num_samples=8") == ("num_samples", 8)
+    assert parse_override("calibrate=true") == ("calibrate", True)
+    assert parse_override("device=cuda:1") == ("device", "cuda:1")
+    with pytest.raises(ValueError, match="calibrate takes true or false"):
+        parse_override("calibrate=yes please")
+    with pytest.raises(ValueError, match="steps takes an integer"):
+        parse_override("steps=many")
+    with pytest.raises(ValueError, match="key one of num_samples"):
+        parse_override("sample_count=3")
+    result = CliRunner().invoke(main, ["reproduce", "--set", "steps=many"])
+    assert result.exit_code != 0 and "steps takes an integer" in result.output
