@@ -200,7 +200,7 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
 
     \b
     Examples:
-      modiff train ldm --out data/fmnist-ldm
+      modiff train ldm --out data/train/fmnist-ldm
       modiff train ldm --out /tmp/smoke --ae-iterations 20 --unet-iterations 20 --ae-batch-size 8 \\
           --unet-batch-size 8 --device cpu --no-compile
     """
@@ -403,16 +403,17 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
       modiff record --preset w8a4-modiff --sites 'net.mid.*' --tensors net.mid.block_1.conv1 --out data/recordings/q
       modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
     """
+    from modiff.models.conventions import default_spacing
     from modiff.models.registry import load_model
     from modiff.quant import presets, quantize, trajectory
     from modiff.record import TensorSpec, record_sampling
 
     try:
-        config = SampleConfig(sampler=sampler, steps=steps)
         quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
         net = load_model(model)
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net))
         prepare = None
         if quant is not None:
             net = quantize(net, quant)

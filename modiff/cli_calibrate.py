@@ -67,12 +67,13 @@ def _replace_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
 @click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name, exported folder, or .ckpt.")
 @click.option("--config", "model_config", type=click.Path(exists=True, dir_okay=False), help="YAML config of a .ckpt.")
 @click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps of the trajectories.")
-@click.option("--spacing", type=click.Choice(list(get_args(Spacing))), default="uniform", show_default=True)
+@click.option("--spacing", type=click.Choice(list(get_args(Spacing))), default=None,
+              help="Timestep spacing [default: the model's: uniform for pixel models, ldm for latent models].")
 @click.option("--calib-steps", type=int, default=20, show_default=True, help="Steps kept, spread over the trajectory.")
 @click.option("--samples-per-step", type=int, default=256, show_default=True, help="Trajectories (seeds 0..N-1).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New dataset folder.")
-def calibrate_data_command(model: str, model_config: Optional[str], steps: int, spacing: str, calib_steps: int,
+def calibrate_data_command(model: str, model_config: Optional[str], steps: int, spacing: Optional[str], calib_steps: int,
                            samples_per_step: int, device: str, out: Path) -> None:
     """Collect time-step-aware calibration inputs (x_t, t) and their predecessors in one DDIM pass.
 
@@ -83,12 +84,14 @@ def calibrate_data_command(model: str, model_config: Optional[str], steps: int, 
       modiff calibrate-data --steps 10 --calib-steps 3 --samples-per-step 8 --device cpu --out /tmp/calib
     """
     from modiff.generate import resolve_device
+    from modiff.models.conventions import default_spacing
     from modiff.models.registry import load_model
     from modiff.quant.calib_data import CalibDataConfig, collect_and_save
 
     try:
-        config = CalibDataConfig(steps=steps, spacing=spacing, calib_steps=calib_steps, samples_per_step=samples_per_step)
         net = load_model(model, config=model_config)
+        config = CalibDataConfig(steps=steps, spacing=spacing or default_spacing(net), calib_steps=calib_steps,
+                                 samples_per_step=samples_per_step)
         done = collect_and_save(net, config, out, resolve_device(device), metadata={"model": model, "config": model_config})
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err

@@ -162,6 +162,19 @@ def test_sample_cli_on_exported_ldm(tmp_path: Path) -> None:
     assert '"spacing": "ldm"' in (out / "manifest.json").read_text()
 
 
+@pytest.mark.parametrize("command", [["record", "--sites", "net.middle_block.*"],
+                                     ["calibrate-data", "--calib-steps", "2", "--samples-per-step", "2"]])
+def test_record_and_calibration_data_follow_the_model_spacing(tmp_path: Path, command: list[str]) -> None:
+    """`modiff record` and `modiff calibrate-data` on a latent model sample with its ldm timesteps by default."""
+    model = _tiny_model()
+    export_weights(compvis_module(model.net, model.first_stage, SCALE), TINY_LDM.compvis_yaml(), tmp_path / "tiny-ldm")
+    seeds = ["--seeds", "0-1"] if command[0] == "record" else []
+    result = CliRunner().invoke(main, [*command, "--model", str(tmp_path / "tiny-ldm"), "--steps", "4", *seeds,
+                                       "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert '"spacing": "ldm"' in (tmp_path / "out" / "manifest.json").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (data_dir() / "fmnist-ldm" / "manifest.json").exists(), reason="data/fmnist-ldm not trained yet")
 def test_fmnist_ldm_reconstruction_matches_manifest() -> None:
