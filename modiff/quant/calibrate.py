@@ -3,7 +3,8 @@
 `calibrate(model, config, data)` returns a quantized copy of ``model`` for ``config``:
 
 1. weights (if quantized): AdaRound with BRECQ block reconstruction on a weight-only, direct-mode copy
-   (weights do not depend on the step or the mode, so the modulated model gets the same weights);
+   (`calibrate_weights`; weights do not depend on the step, the mode or the activations, so every preset
+   with the same weight quantization can share one result: ``calibrate(..., weights=...)``);
 2. static activations (if any):
    - direct mode (Q-Diffusion): observers (min-max or MSE search) over the calibration inputs, then
      learned step sizes block by block;
@@ -35,7 +36,8 @@ from modiff.quant.modules import ActQuantizer
 from modiff.quant.modulated import trajectory
 from modiff.quant.reconstruct import learn_step_sizes, reconstruct_weights, reconstruction_units
 
-__all__ = ["CalibrationConfig", "calibrate", "observe_activations", "needs_data"]
+__all__ = ["CalibrationConfig", "calibrate", "calibrate_weights", "weight_only_config", "observe_activations",
+           "needs_data"]
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +97,37 @@ def observe_activations(qmodel: nn.Module, data: CalibData, batch_size: int = 25
     return qmodel
 
 
-def _weight_only(config: QuantConfig) -> QuantConfig:
+def weight_only_config(config: QuantConfig) -> QuantConfig:
+    """The weight-only, direct-mode config whose AdaRound weights ``config`` uses: presets that differ only
+    in activations or mode (qdiff-w4a8, qdiff-w4a4-modiff, ...) map to the same one and can share them."""
     return replace(config, mode="direct", activation=None, quantize_attention=False, compensation=True,
                    warmup_steps=1, cache_interval=0, reset="per_trajectory")
 
 
+def calibrate_weights(model: nn.Module, config: QuantConfig, data: CalibData,
+                      recipe: CalibrationConfig = CalibrationConfig(),
+                      progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The weight-only quantized copy of ``model`` for ``config`` (on data's device): AdaRound with block
+    reconstruction when the recipe has it, round to nearest otherwise. Returns it and a report."""
+    started = time.time()
+    fp_model = copy.deepcopy(model).to(data.device).eval()
+    wq_model = quantize(fp_model, weight_only_config(config))
+    report: dict[str, Any] = {}
+    if config.weight is not None and recipe.weights is not None:
+        units = reconstruction_units(wq_model, data)
+        report["weights"] = reconstruct_weights(wq_model, fp_model, data, units, recipe.weights,
+                                                recipe.capture_batch, progress)
+    report["seconds_weights"] = round(time.time() - started, 2)
+    return wq_model, report
+
+
 def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
-              recipe: CalibrationConfig = CalibrationConfig(), progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+              recipe: CalibrationConfig = CalibrationConfig(), progress: bool = True,
+              weights: Optional[nn.Module] = None) -> tuple[nn.Module, dict[str, Any]]:
     """A quantized copy of ``model`` for ``config``, calibrated on ``data`` (on data's device).
 
+    ``weights``: a weight-only model from `calibrate_weights` for ``weight_only_config(config)`` (one
+    AdaRound serves every preset with the same weight quantization); made here when None.
     Returns the model and a report (per-unit losses and times, phase durations). ``model`` is not changed.
     """
     if not isinstance(config, QuantConfig):
@@ -111,17 +135,22 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
     if config.mode not in ("direct", "modulated"):
         raise ValueError(f"calibration supports modes 'direct' and 'modulated', got {config.mode!r}")
     started = time.time()
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "quant_config": config.to_dict()}
+    if weights is None:
+        weights, weight_report = calibrate_weights(model, config, data, recipe, progress)
+        report.update(weight_report)
+    elif getattr(weights, "quant_config", None) != weight_only_config(config):
+        raise ValueError("weights were calibrated for another weight quantization: pass the result of "
+                         "calibrate_weights(model, config, ...) for this config")
+    else:
+        weights = weights.to(data.device)
+        report["weights_reused"] = True
     fp_model = copy.deepcopy(model).to(data.device).eval()
-    wq_model = quantize(fp_model, _weight_only(config))
-    units = reconstruction_units(wq_model, data)
-    report: dict[str, Any] = {"units": len(units), "recipe": recipe.to_dict(), "quant_config": config.to_dict()}
-    if config.weight is not None and recipe.weights is not None:
-        report["weights"] = reconstruct_weights(wq_model, fp_model, data, units, recipe.weights,
-                                                recipe.capture_batch, progress)
-    report["seconds_weights"] = round(time.time() - started, 2)
+    units = reconstruction_units(weights, data)
+    report["units"] = len(units)
     qmodel = quantize(fp_model, config)
     if config.weight is not None:
-        sources = quant_layers(wq_model)
+        sources = quant_layers(weights)
         for name, layer in quant_layers(qmodel).items():
             src = sources[name]
             layer.set_weight_codes(src.weight_codes(), src.weight_scale, src.weight_zero_point)

@@ -9,7 +9,7 @@ import modiff as md
 from modiff.quant import QuantConfig, QuantSpec, WeightQuant, quantize
 from modiff.quant.adaround import AdaRoundConfig, AdaRoundWeight, beta_at, rectified_sigmoid
 from modiff.quant.calib_data import CalibData, CalibDataConfig, collect_calib_data
-from modiff.quant.calibrate import CalibrationConfig, calibrate
+from modiff.quant.calibrate import CalibrationConfig, calibrate, calibrate_weights
 from modiff.quant.modules import QuantLayer, weight_grid
 from modiff.quant.reconstruct import Unit, lp_loss, reconstruct_weights, reconstruction_units
 
@@ -124,3 +124,19 @@ def test_config_errors() -> None:
         AdaRoundConfig(init="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="iters and batch_size must be >= 1"):
         AdaRoundConfig(iters=0)
+
+
+def test_calibrate_reuses_given_weights_and_refuses_foreign_ones(tiny_denoiser: md.Denoiser) -> None:
+    """calibrate(..., weights=) keeps the given AdaRound codes (no second reconstruction) and refuses weights
+    calibrated for another weight quantization."""
+    data = collect_calib_data(tiny_denoiser, CalibDataConfig(steps=6, calib_steps=2, samples_per_step=4))
+    recipe = CalibrationConfig(AdaRoundConfig(iters=3, batch_size=4, log_every=3))
+    weights, report = calibrate_weights(tiny_denoiser, md.presets["w4a32"], data, recipe, progress=False)
+    assert report["weights"] and report["seconds_weights"] >= 0
+    qmodel, report = calibrate(tiny_denoiser, md.presets["w4a8"], data, recipe, progress=False, weights=weights)
+    assert report["weights_reused"] and "weights" not in report
+    given = md.quant.quant_layers(weights)
+    for name, layer in md.quant.quant_layers(qmodel).items():
+        assert torch.equal(layer.weight_codes(), given[name].weight_codes())
+    with pytest.raises(ValueError, match="another weight quantization"):
+        calibrate(tiny_denoiser, md.presets["w8a8"], data, recipe, progress=False, weights=weights)

@@ -55,3 +55,21 @@ def test_dynamic_preset_is_plain_quantize(tiny_denoiser: md.Denoiser, tmp_path: 
     q = quantized_model(tiny_denoiser, "w8a8", tmp_path, TINY)
     assert torch.equal(q(X, T), md.quantize(tiny_denoiser, md.presets["w8a8"])(X, T))
     assert not any(tmp_path.iterdir())
+
+
+def test_presets_with_the_same_weights_share_one_adaround(tiny_denoiser: md.Denoiser, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """qdiff-w8a8 and qdiff-w8a4-modiff quantize weights alike: AdaRound runs once and both models hold
+    the same weight codes; another weight bit width gets its own."""
+    runs = []
+    original = calibrated.calibrate_weights
+    monkeypatch.setattr(calibrated, "calibrate_weights", lambda *a, **k: runs.append(a[1]) or original(*a, **k))
+    direct = quantized_model(tiny_denoiser, "qdiff-w8a8", tmp_path, TINY)
+    modulated = quantized_model(tiny_denoiser, "qdiff-w8a4-modiff", tmp_path, TINY)
+    assert len(runs) == 1 and len(list((tmp_path / "quantized" / "weights").iterdir())) == 1
+    direct_layers, modulated_layers = md.quant.quant_layers(direct), md.quant.quant_layers(modulated)
+    for name, layer in direct_layers.items():
+        assert torch.equal(layer.weight_codes(), modulated_layers[name].weight_codes())
+    quantized_model(tiny_denoiser, "qdiff-w4a8", tmp_path, TINY)
+    assert len(runs) == 2
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "quantized" / "weights").iterdir()) == ["w4", "w8"]
