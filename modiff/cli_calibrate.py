@@ -107,16 +107,20 @@ def calibrate_data_command(model: str, model_config: Optional[str], steps: int, 
 @click.option("--samples-per-step", type=int, default=None, help="Use only the first N samples of every step.")
 @click.option("--set", "overrides", multiple=True, help="Recipe override: adaround.iters=2000, activations.lr=1e-3, "
               "activations.learn=false, weights=none, adaround.cuda_graphs=false (repeatable).")
+@click.option("--weights-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Reuse the AdaRound weights of a model saved by `modiff calibrate` with the same weight "
+                   "quantization (e.g. qdiff-w4a4 for qdiff-w4a4 --modiff or qdiff-w4a8): only activations are calibrated.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New folder for the model.")
 def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: bool, samples_per_step: Optional[int],
-                      overrides: tuple[str, ...], device: str, out: Path) -> None:
+                      overrides: tuple[str, ...], weights_from: Optional[Path], device: str, out: Path) -> None:
     """Calibrate a quantized model (AdaRound weights, static activation scales) and save it into OUT.
 
     \b
     Examples:
       modiff calibrate --data data/calib/fmnist --preset qdiff-w4a4 --out data/quantized/qdiff-w4a4
       modiff calibrate --data data/calib/fmnist --preset qdiff-w4a4 --modiff --samples-per-step 32 --out data/quantized/m
+      modiff calibrate --data data/calib/fmnist --preset qdiff-w4a4 --modiff --weights-from data/quantized/qdiff-w4a4 --out data/quantized/qdiff-w4a4-modiff
       modiff calibrate --data /tmp/calib --preset w4a8 --set adaround.iters=200 --device cpu --out /tmp/w4a8
     """
     from modiff.generate import resolve_device
@@ -124,7 +128,7 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
     from modiff.quant.calib_data import load_calib_data
     from modiff.quant.calibrate import CalibrationConfig, calibrate
     from modiff.quant.presets import presets
-    from modiff.quant.saved import save_quantized
+    from modiff.quant.saved import load_quantized, save_quantized
 
     try:
         name = f"{quant_preset}-modiff" if modulated else quant_preset
@@ -138,9 +142,12 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
         data_model = json.loads((data_dir / "manifest.json").read_text()).get("metadata", {}).get("model")
         if data_model not in (None, model):
             raise ValueError(f"{data_dir} was sampled from model {data_model!r}, not {model!r}; use its data")
-        qmodel, report = calibrate(load_model(model), config, data, recipe)
+        net = load_model(model)
+        weights = None if weights_from is None else load_quantized(net, weights_from)
+        qmodel, report = calibrate(net, config, data, recipe, weights=weights)
         metadata = {"model": model, "preset": name, "data": str(data_dir), "data_config": asdict(data.config),
-                    "calibration": recipe.to_dict(), "report": report}
+                    "calibration": recipe.to_dict(), "report": report,
+                    "weights_from": None if weights_from is None else str(weights_from)}
         save_quantized(qmodel, out, metadata)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err

@@ -126,8 +126,9 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
               weights: Optional[nn.Module] = None) -> tuple[nn.Module, dict[str, Any]]:
     """A quantized copy of ``model`` for ``config``, calibrated on ``data`` (on data's device).
 
-    ``weights``: a weight-only model from `calibrate_weights` for ``weight_only_config(config)`` (one
-    AdaRound serves every preset with the same weight quantization); made here when None.
+    ``weights``: a model whose weights are quantized as ``config`` quantizes them, from `calibrate_weights`
+    or any calibrated preset (one AdaRound serves every preset with the same weight quantization); when
+    None, AdaRound runs here.
     Returns the model and a report (per-unit losses and times, phase durations). ``model`` is not changed.
     """
     if not isinstance(config, QuantConfig):
@@ -139,27 +140,38 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
     if weights is None:
         weights, weight_report = calibrate_weights(model, config, data, recipe, progress)
         report.update(weight_report)
-    elif getattr(weights, "quant_config", None) != weight_only_config(config):
-        raise ValueError("weights were calibrated for another weight quantization: pass the result of "
-                         "calibrate_weights(model, config, ...) for this config")
+    elif not _same_weights(weights, config):
+        raise ValueError("weights were calibrated for another weight quantization: pass a model calibrated "
+                         "with the same weight bits and layer selection (calibrate_weights(model, config, ...))")
     else:
-        weights = weights.to(data.device)
         report["weights_reused"] = True
     fp_model = copy.deepcopy(model).to(data.device).eval()
-    units = reconstruction_units(weights, data)
+    weight_only = _with_weights_of(quantize(fp_model, weight_only_config(config)), weights)
+    units = reconstruction_units(weight_only, data)
     report["units"] = len(units)
-    qmodel = quantize(fp_model, config)
-    if config.weight is not None:
-        sources = quant_layers(weights)
-        for name, layer in quant_layers(qmodel).items():
-            src = sources[name]
-            layer.set_weight_codes(src.weight_codes(), src.weight_scale, src.weight_zero_point)
+    qmodel = _with_weights_of(quantize(fp_model, config), weight_only)
     phase = time.time()
     if needs_data(config):
         report["activations"] = _calibrate_activations(qmodel, fp_model, data, units, recipe, progress)
     report["seconds_activations"] = round(time.time() - phase, 2)
     report["seconds"] = round(time.time() - started, 2)
     return qmodel, report
+
+
+def _same_weights(qmodel: nn.Module, config: QuantConfig) -> bool:
+    own = getattr(qmodel, "quant_config", None)
+    return isinstance(own, QuantConfig) and weight_only_config(own) == weight_only_config(config)
+
+
+def _with_weights_of(qmodel: nn.Module, source: nn.Module) -> nn.Module:
+    """``qmodel`` with the weight codes and grids of ``source`` (same layers, same weight quantization)."""
+    if qmodel.quant_config.weight is None:
+        return qmodel
+    sources = quant_layers(source)
+    for name, layer in quant_layers(qmodel).items():
+        src = sources[name]
+        layer.set_weight_codes(src.weight_codes(), src.weight_scale, src.weight_zero_point)
+    return qmodel
 
 
 def _calibrate_activations(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, units: list,

@@ -16,7 +16,8 @@ from modiff.quant.adaround import AdaRoundConfig
 from modiff.quant.calib_data import CalibDataConfig, collect_calib_data
 from modiff.quant.calibrate import CalibrationConfig, calibrate
 from modiff.quant.lsq import ActCalibConfig
-from modiff.quant.saved import code_dtype, load_quantized, save_quantized
+from modiff.quant.saved import code_dtype, load_quantized, read_manifest, save_quantized
+from safetensors.torch import load_file
 from modiff.train import DDIMTrainConfig, export_weights
 
 from conftest import TINY, tiny_net
@@ -113,3 +114,15 @@ def test_cli_calibrate_data_calibrate_and_sample(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     sampled = json.loads((tmp_path / "samples" / "manifest.json").read_text())
     assert sampled["identity"]["model"]["quant_config"]["mode"] == "modulated"
+    result = run(main, ["calibrate", "--model", model, "--data", str(tmp_path / "data"), "--preset", "qdiff-w8a4",
+                        "--weights-from", str(tmp_path / "q"), "--set", "activations.iters=2", "--device", "cpu",
+                        "--out", str(tmp_path / "q-direct")])
+    assert result.exit_code == 0, result.output
+    reused = read_manifest(tmp_path / "q-direct")["metadata"]
+    assert reused["report"]["weights_reused"] and reused["weights_from"] == str(tmp_path / "q")
+    codes = load_file(str(tmp_path / "q" / "quantized.safetensors"))
+    again = load_file(str(tmp_path / "q-direct" / "quantized.safetensors"))
+    assert all(torch.equal(v, again[k]) for k, v in codes.items() if k.endswith("weight_code"))
+    result = run(main, ["calibrate", "--model", model, "--data", str(tmp_path / "data"), "--preset", "qdiff-w4a4",
+                        "--weights-from", str(tmp_path / "q"), "--device", "cpu", "--out", str(tmp_path / "q-w4")])
+    assert result.exit_code == 1 and "another weight quantization" in result.output
