@@ -130,11 +130,15 @@ def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
 def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: list[NotebookResult]) -> None:
     figures = _links(out_dir, "figures", ["*.png"])
     tables = _links(out_dir, "tables", ["*.md"])
-    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "", "| notebook | status | seconds |", "| --- | --- | --- |"]
+    settings = ", ".join(f"{k} {v}" for k, v in asdict(preset).items() if k != "name")
+    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "", f"Settings: {settings}.", "",
+             "| notebook | status | seconds |", "| --- | --- | --- |"]
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
         link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
         lines.append(f"| {link} | {status} | {r.seconds} |")
+    ran = {r.name for r in results}
+    lines += [f"| {name} | not run yet (`--notebooks {name}`) | |" for name in NOTEBOOKS if name not in ran]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figures]
     lines += ["", "## Tables", ""] + [f"- [{t}]({t})" for t in tables]
     (out_dir / "index.md").write_text("\n".join(lines) + "\n")
@@ -143,10 +147,11 @@ def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: li
         f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
         f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
         for r in results
-    )
+    ) + "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td></tr>" for name in NOTEBOOKS if name not in ran)
     (out_dir / "index.html").write_text(
         f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
-        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1><table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
+        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1><p>Settings: {html.escape(settings)}.</p>"
+        f"<table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
     )
 
 

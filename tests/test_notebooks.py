@@ -74,13 +74,15 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
     assert len(ratios) == 3 and ratios["layer"].iloc[0] == "net.middle_block.0.in_layers.2"
     assert pd.read_csv(out / "tables" / "table4_last_step_error.csv")["bits"].tolist() == [3, 4, 6, 8]
     table = pd.read_csv(out / "tables" / "table1_bitwidth.csv")
-    assert len(table) == 6 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()
+    assert len(table) == 20 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()
+    assert table.preset.tolist()[:4] == ["w8a8", "w8a8-modiff", "w8a6", "w8a6-modiff"]
     run = tmp_path / "runs" / "quick-tiny-ldm" / "fp-ddim4"
     assert '"spacing": "ldm"' in (run / "manifest.json").read_text()
     with np.load(run / "samples.npz") as data:
         assert data["images"].shape == (10, 16, 16, 1)
     index = (out / "index.md").read_text()
     assert all((out / link).exists() for link in re.findall(r"\]\(([^)]+)\)", index))
+    assert "| samplers | not run yet (`--notebooks samplers`) |" in index  # notebooks left out are listed
 
 
 @pytest.mark.slow
