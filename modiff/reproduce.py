@@ -38,6 +38,10 @@ class ReproducePreset:
     device: str = "auto"
     batch_size: int = 64
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
+    # The Q-Diffusion recipe of those rows, published settings by default (see `analysis.experiments.calibration_settings`).
+    calib_samples_per_step: int = 256
+    adaround_iters: int = 20_000
+    activation_iters: int = 5_000
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
@@ -172,7 +176,7 @@ def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: st
     """Execute the notebooks into reports_dir/<name>/ (see `report_name`) and write the index; returns
     per-notebook results.
 
-    `overrides` replaces preset parameters (num_samples, steps, device, batch_size) by name."""
+    `overrides` replaces `ReproducePreset` fields (num_samples, steps, calibrate, adaround_iters, ...) by name."""
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; allowed: {', '.join(get_args(PresetName))}")
     chosen = list(notebooks or NOTEBOOKS)

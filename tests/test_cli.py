@@ -126,6 +126,7 @@ def test_reproduce_overrides_are_typed() -> None:
 
     assert parse_override("num_samples=8") == ("num_samples", 8)
     assert parse_override("calibrate=true") == ("calibrate", True)
+    assert parse_override("adaround_iters=5000") == ("adaround_iters", 5000)
     assert parse_override("device=cuda:1") == ("device", "cuda:1")
     with pytest.raises(ValueError, match="calibrate takes true or false"):
         parse_override("calibrate=yes please")
