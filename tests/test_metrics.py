@@ -163,3 +163,32 @@ def test_evaluate_writes_metrics_json(tmp_path: Path, tame_denoiser) -> None:
     assert saved["seeds"] == "0-9" and saved["model"]["quant_preset"] == "w8a4-modiff"
     assert saved["feature_extractor"] == "fmnist-classifier" and saved["reference"] == "fmnist-train"
     assert 0 < result["fidelity_to_fp"]["rel_l2_pixels"]["mean"] < 1
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped classifier")
+def test_fid_and_is_against_a_named_reference_need_only_its_statistics(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only the committed FID statistics of fmnist-train (no dataset, no cached features), FID equals
+    the Frechet distance to those statistics and IS is computed; KID, which needs the reference images,
+    says that the dataset is missing."""
+    import shutil
+
+    import modiff.datasets
+    from modiff.metrics import fidelity
+
+    stats_file = "fmnist-train-fmnist-classifier-stat-fid-penultimate.pt"
+    shutil.copy(fidelity.cache_root() / stats_file, tmp_path / stats_file)
+    monkeypatch.setattr(fidelity, "cache_root", lambda: tmp_path)
+
+    def no_dataset(*args, **kwargs):
+        raise FileNotFoundError("Fashion-MNIST (train) not found")
+
+    monkeypatch.setattr(modiff.datasets, "_load_raw", no_dataset)
+    images = _images(64, 0)
+    result = compute_metrics(images, "fmnist-train", ["fid", "isc"])
+    stats = torch.load(tmp_path / stats_file, weights_only=False)
+    features = fidelity.classifier_features(images).double().numpy()
+    direct = frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), stats["mu"], stats["sigma"])
+    assert result["fid"] == pytest.approx(direct, rel=1e-4) and result["is_mean"] >= 1.0
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST"):
+        compute_metrics(images, "fmnist-train", ["kid"])

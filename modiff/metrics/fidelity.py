@@ -305,9 +305,18 @@ def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metr
         input2, n_ref = UInt8Images(ref_images), len(ref_images)
     import torch_fidelity
 
-    raw = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(images), input2=input2, fid="fid" in metrics, isc="isc" in metrics, kid="kid" in metrics,
-        prc="prc" in metrics, kid_subset_size=min(1000, len(images), n_ref), **kwargs)
+    if isinstance(input2, str) and not {"kid", "prc"} & set(metrics):
+        # FID needs only the reference's statistics (committed under data/fidelity-cache) and IS no reference:
+        # asked apart, torch-fidelity reads the cached statistics instead of loading the 60k reference images.
+        raw = {}
+        if "fid" in metrics:
+            raw.update(torch_fidelity.calculate_metrics(input1=UInt8Images(images), input2=input2, fid=True, **kwargs))
+        if "isc" in metrics:
+            raw.update(torch_fidelity.calculate_metrics(input1=UInt8Images(images), isc=True, **kwargs))
+    else:
+        raw = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(images), input2=input2, fid="fid" in metrics, isc="isc" in metrics,
+            kid="kid" in metrics, prc="prc" in metrics, kid_subset_size=min(1000, len(images), n_ref), **kwargs)
     result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
     return _checked(result)
 
