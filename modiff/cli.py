@@ -236,7 +236,7 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
 @click.option("--notebook", "--notebooks", "notebooks", multiple=True,
               help="Run only these notebooks (repeatable, or comma-separated).")
 @click.option("--set", "overrides", multiple=True,
-              help="Override a preset parameter: num_samples=8, steps=50, calibrate=true, adaround_iters=5000 "
+              help="Override a preset parameter: num_samples=8, analysis_samples=4, steps=50, calibrate=true, adaround_iters=5000 "
                    "(repeatable).")
 def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Run every notebook with papermill and write reports/PRESET/ (reports/PRESET-MODEL/ for another model

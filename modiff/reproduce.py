@@ -33,7 +33,8 @@ class ReproducePreset:
     """Sizes handed to every notebook as papermill parameters."""
 
     name: PresetName
-    num_samples: int
+    num_samples: int  # samples scored per preset (bit-width and sampler tables)
+    analysis_samples: int  # trajectories recorded or compared feature by feature (figures, bounds, grids, audit)
     steps: int
     device: str = "auto"
     batch_size: int = 64
@@ -45,8 +46,8 @@ class ReproducePreset:
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    "quick": ReproducePreset("quick", num_samples=12, steps=20),
-    "paper": ReproducePreset("paper", num_samples=10_000, steps=100, batch_size=512, calibrate=True),
+    "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, steps=20),
+    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, steps=100, batch_size=512, calibrate=True),
 }
 
 def parse_override(item: str) -> tuple[str, Any]:

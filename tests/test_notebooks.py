@@ -35,7 +35,7 @@ def test_parameters_cell_is_tagged_and_literal(name: str) -> None:
 def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
     export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
     results = reproduce("quick", str(tmp_path / "tiny"), tmp_path / "reports", tmp_path / "runs",
-                        overrides={"num_samples": 10, "steps": 3, "device": "cpu"})
+                        overrides={"num_samples": 10, "analysis_samples": 10, "steps": 3, "device": "cpu"})
     failed = {r.name: r.error[-500:] for r in results if not r.ok}
     assert not failed, failed
     out = tmp_path / "reports" / "quick-tiny"
@@ -63,7 +63,7 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
     model = _tiny_model()
     export_weights(compvis_module(model.net, model.first_stage, SCALE), TINY_LDM.compvis_yaml(), tmp_path / "tiny-ldm")
     results = reproduce("quick", str(tmp_path / "tiny-ldm"), tmp_path / "reports", tmp_path / "runs",
-                        notebooks=LATENT_NOTEBOOKS, overrides={"num_samples": 10, "steps": 4, "device": "cpu"})
+                        notebooks=LATENT_NOTEBOOKS, overrides={"num_samples": 10, "analysis_samples": 10, "steps": 4, "device": "cpu"})
     failed = {r.name: r.error[-500:] for r in results if not r.ok}
     assert not failed, failed
     out = tmp_path / "reports" / "quick-tiny-ldm"
