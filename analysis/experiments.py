@@ -3,6 +3,7 @@ a re-run) or computes in memory, and returns a DataFrame (data in, tables out; n
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -14,9 +15,8 @@ from torch import nn
 import modiff as md
 from modiff.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
-from modiff.generate import SampleConfig, SamplerName, generate
+from modiff.generate import SampleConfig, SamplerName, generate, resolve_device
 from modiff.metrics.compare import fidelity_to_reference
-from modiff.generate import resolve_device
 from modiff.quant.bops import compute_report
 from modiff.quant.adaround import AdaRoundConfig
 from modiff.quant.calib_data import CalibDataConfig
@@ -54,15 +54,23 @@ def sample_config(model: nn.Module, steps: int, sampler: SamplerName = "ddim") -
     return SampleConfig(sampler=sampler, steps=steps, spacing=md.default_spacing(model))
 
 
+def _on_device(model: nn.Module, device: str) -> nn.Module:
+    """``model`` itself on the CPU, else a copy on ``device`` (the caller's model stays where it is)."""
+    dev = resolve_device(device)
+    return model if dev.type == "cpu" else copy.deepcopy(model).to(dev)
+
+
 @torch.no_grad()
 def layer_inputs(model: nn.Module, sites: Sequence[str], seeds: Sequence[int], steps: int,
-                 spacing: Optional[Spacing] = None) -> tuple[dict[str, list[torch.Tensor]], tuple[int, ...]]:
-    """Inputs a_t of each site at every step (one call per step), in sampling order, and the timesteps
-    (the model's own spacing unless ``spacing`` is given)."""
+                 spacing: Optional[Spacing] = None,
+                 device: str = "cpu") -> tuple[dict[str, list[torch.Tensor]], tuple[int, ...]]:
+    """Inputs a_t of each site at every step (one call per step), in sampling order, on the CPU, and the
+    timesteps (the model's own spacing unless ``spacing`` is given). Sampling runs on ``device``."""
     ts = _timesteps(model, steps, spacing)
+    runner = _on_device(model, device)
     store: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    with _input_hooks(model, sites, store):
-        md.sample_ddim(model, md.noise(seeds, model.sample_shape), ts)
+    with _input_hooks(runner, sites, store):
+        md.sample_ddim(runner, md.noise(seeds, model.sample_shape).to(resolve_device(device)), ts)
     return store, ts
 
 
@@ -135,19 +143,21 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
 
 
 @torch.no_grad()
-def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int) -> pd.DataFrame:
+def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
+                 device: str = "cpu") -> pd.DataFrame:
     """Table 18: MoDiff with k full-precision warm-up steps, relative L2 to fp samples (decoded images for a
-    latent model) of the same seeds."""
+    latent model) of the same seeds, sampled on ``device``."""
     from dataclasses import replace
 
-    ts, x_T = _timesteps(model, steps), md.noise(seeds, model.sample_shape)
-    reference = md.to_images(model, md.sample_ddim(model, x_T, ts))
+    runner = _on_device(model, device)
+    ts, x_T = _timesteps(model, steps), md.noise(seeds, model.sample_shape).to(resolve_device(device))
+    reference = md.to_images(runner, md.sample_ddim(runner, x_T, ts))
     rows = []
     for k in warmups:
-        qmodel = md.quantize(model, replace(md.presets[preset], warmup_steps=k))
+        qmodel = md.quantize(runner, replace(md.presets[preset], warmup_steps=k))
         with md.trajectory(qmodel):
             out = md.to_images(qmodel, md.sample_ddim(qmodel, x_T, ts))
-        per_sample = ((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).numpy()
+        per_sample = ((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).cpu().numpy()
         rows.append({"preset": preset, "warmup_steps": k, "rel_l2_pixels": float(per_sample.mean())})
     return pd.DataFrame(rows)
 

@@ -1,6 +1,9 @@
 """Experiment drivers behind the notebooks."""
 from __future__ import annotations
 
+import pytest
+import torch
+
 import modiff as md
 from analysis import experiments
 
@@ -40,3 +43,17 @@ def test_paper_values_follow_the_model(tiny_denoiser: md.Denoiser) -> None:
     assert len(table1) and set(table1.table) == {"Table 1"}
     assert len(experiments.paper_values()) > len(table1)
     assert experiments.sample_config(tiny_denoiser, 4, "ddpm").spacing == "uniform"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_trajectories_run_on_the_device_and_come_back_to_the_cpu(tiny_denoiser: md.Denoiser) -> None:
+    """layer_inputs and warmup_table on CUDA: the same numbers as on the CPU (to float tolerance), results
+    on the CPU, and the caller's model left where it was."""
+    site = "net.mid.block_1.conv1"
+    on_cpu, _ = experiments.layer_inputs(tiny_denoiser, [site], range(3), steps=4)
+    on_gpu, _ = experiments.layer_inputs(tiny_denoiser, [site], range(3), steps=4, device="cuda")
+    assert all(g.device.type == "cpu" and torch.allclose(g, c, atol=1e-3) for g, c in zip(on_gpu[site], on_cpu[site]))
+    cpu_table = experiments.warmup_table(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4)
+    gpu_table = experiments.warmup_table(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, device="cuda")
+    assert gpu_table.rel_l2_pixels.to_numpy() == pytest.approx(cpu_table.rel_l2_pixels.to_numpy(), abs=1e-2)
+    assert next(tiny_denoiser.parameters()).device.type == "cpu"
