@@ -39,7 +39,7 @@ class ReproducePreset:
     device: str = "auto"
     batch_size: int = 64
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
-    # The Q-Diffusion recipe of those rows, published settings by default (see `analysis.experiments.calibration_settings`).
+    # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
     calib_samples_per_step: int = 256
     adaround_iters: int = 20_000
     activation_iters: int = 5_000
@@ -47,7 +47,8 @@ class ReproducePreset:
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, steps=20),
-    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, steps=100, batch_size=512, calibrate=True),
+    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, steps=100, batch_size=512,
+                             calibrate=True),
 }
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -152,7 +153,8 @@ def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: li
         f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
         f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
         for r in results
-    ) + "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td></tr>" for name in NOTEBOOKS if name not in ran)
+    )
+    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td></tr>" for name in NOTEBOOKS if name not in ran)
     (out_dir / "index.html").write_text(
         f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
         f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1><p>Settings: {html.escape(settings)}.</p>"

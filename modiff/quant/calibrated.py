@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from modiff.quant.api import quantize
-from modiff.quant.calib_data import CalibDataConfig, collect_and_save, load_calib_data
+from modiff.quant.calib_data import CalibData, CalibDataConfig, collect_and_save, load_calib_data
 from modiff.quant.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
 from modiff.quant.presets import calibration_hint, needs_calibration, presets
 from modiff.quant.saved import load_quantized, read_manifest, save_quantized
@@ -58,7 +58,8 @@ def _calibration_data(model: nn.Module, folder: Path, calibration: Calibration, 
     return data
 
 
-def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Calibration, data) -> nn.Module:
+def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Calibration,
+                    data: CalibData) -> nn.Module:
     """The weight-only model for ``preset``'s weight quantization, calibrated once per folder and settings."""
     config = weight_only_config(presets[preset])
     recipe = calibration.recipe
