@@ -91,9 +91,10 @@ def error_bounds(df: pd.DataFrame, title: str = "") -> plt.Figure:
 
 
 def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, **kwargs: object) -> None:
-    """Mean curve with a +-1 std band over samples (on a log axis, zeros and a negative band edge are gaps)."""
+    """Mean curve with a +-1 std band over samples, cut at 0 (a distance is never negative; on a log axis,
+    zeros and a zero band edge are gaps)."""
     x, mean, std = part["step"], part["rel_l2_mean"], part["rel_l2_std"]
-    lower, upper = mean - std, mean + std
+    lower, upper = (mean - std).clip(lower=0.0), mean + std
     if log:
         mean, lower, upper = _positive(mean), _positive(lower), _positive(upper)
     (line,) = ax.plot(x, mean, **kwargs)

@@ -49,6 +49,14 @@ def test_caching_error() -> None:
     assert len(fig.axes[0].get_lines()) == 3
 
 
+def test_spread_band_stops_at_zero() -> None:
+    """A distance is never negative: a std larger than the mean does not draw the band below 0."""
+    wide = _curve_frame("interval", [2]).assign(rel_l2_std=0.5)
+    fig = figures.caching_error(wide)
+    band = fig.axes[0].collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == 0.0 and band[:, 1].max() == pytest.approx(wide.rel_l2_mean.max() + 0.5)
+
+
 def test_compensation_ablation() -> None:
     df = pd.concat([_curve_frame("bits", [8, 4]).assign(compensation=ec) for ec in (True, False)])
     fig = figures.compensation_ablation(df)
