@@ -44,6 +44,12 @@ class ReproducePreset:
     adaround_iters: int = 20_000
     activation_iters: int = 5_000
 
+    def __post_init__(self) -> None:
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.type in (int, "int")}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"reproduce sizes must be >= 1, got {bad} (set them with --set key=N)")
+
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, steps=20),

@@ -136,3 +136,7 @@ def test_reproduce_overrides_are_typed() -> None:
         parse_override("sample_count=3")
     result = CliRunner().invoke(main, ["reproduce", "--set", "steps=many"])
     assert result.exit_code != 0 and "steps takes an integer" in result.output
+    from modiff.reproduce import reproduce
+
+    with pytest.raises(ValueError, match=r"sizes must be >= 1, got \{'analysis_samples': 0\}"):
+        reproduce("quick", overrides={"analysis_samples": 0})

@@ -35,10 +35,20 @@ def test_parameters_cell_is_tagged_and_literal(name: str) -> None:
 def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
     export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
     results = reproduce("quick", str(tmp_path / "tiny"), tmp_path / "reports", tmp_path / "runs",
-                        overrides={"num_samples": 10, "analysis_samples": 10, "steps": 3, "device": "cpu"})
+                        overrides={"num_samples": 10, "analysis_samples": 3, "steps": 3, "device": "cpu",
+                                   "adaround_iters": 7})
     failed = {r.name: r.error[-500:] for r in results if not r.ok}
     assert not failed, failed
     out = tmp_path / "reports" / "quick-tiny"
+
+    def injected(name: str) -> str:  # the parameters papermill injected into the executed notebook
+        book = nbformat.read(out / "notebooks" / f"{name}.ipynb", as_version=4)
+        return next(c.source for c in book.cells if "injected-parameters" in c.metadata.get("tags", []))
+
+    assert "analysis_samples = 3" in injected("fig1a_caching") and "num_samples" not in injected("fig1a_caching")
+    assert "num_samples = 10" in injected("table1_bitwidth") and "adaround_iters = 7" in injected("table1_bitwidth")
+    assert "analysis_samples = 3" in injected("samplers") and "num_samples = 10" in injected("samplers")
+    assert "Settings: num_samples 10, analysis_samples 3, steps 3" in (out / "index.md").read_text()
     assert len(list((out / "figures").glob("*.png"))) >= 8 and len(list((out / "tables").glob("*.md"))) >= 6
     index = (out / "index.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", index)
