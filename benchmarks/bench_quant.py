@@ -27,6 +27,8 @@ from modiff.quant import presets, quantize, trajectory
 from modiff.quant.bops import measure_macs, modiff_state_bytes
 from modiff.quant.modulated import state_bytes
 
+from profiling import kernel_table, write_profiles
+
 ARCHS = {
     "cifar10": DDIMUNetConfig(ch=128, in_channels=3, out_ch=3),
     "fmnist-ddim": DDIMUNetConfig(ch=64, in_channels=1, out_ch=1),
@@ -91,10 +93,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--profile", help="also write a kernel table of one run per variant and batch size "
+                                          "(--profile-steps steps, after the timed run)")
+    parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    rows = []
+    rows, profiles = [], {}
     for preset in args.variants.split(","):
         model = _build(args.arch, preset, device, device.type == "cuda" and not args.no_compile)
         deployment_bytes = _deployment_state_bytes(args.arch, preset)
@@ -107,6 +112,9 @@ def main() -> None:
                    "deployment_state_gb": round(deployment_bytes * batch / 1e9, 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.profile:
+                profiles[f"{preset} batch {batch}"] = kernel_table(
+                    lambda: _run(model, preset, batch, args.profile_steps, device), device)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -114,6 +122,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    if args.profile:
+        write_profiles(profiles, args.profile)
 
 
 if __name__ == "__main__":

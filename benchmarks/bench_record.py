@@ -29,6 +29,8 @@ from modiff.models.registry import Denoiser
 from modiff.record import Reducer, Stats, record
 from modiff.record.reducers import default_reducers
 
+from profiling import kernel_table, write_profiles
+
 ARCHS = {
     "cifar10": DDIMUNetConfig(ch=128, in_channels=3, out_ch=3),
     "fmnist-ddim": DDIMUNetConfig(ch=64, in_channels=1, out_ch=1),
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--out", help="JSON file (default: benchmarks/results/record_<device>.json)")
+    parser.add_argument("--profile", help="also write a kernel table of one run of each variant (--profile-steps steps)")
+    parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
     names = ["none"] + [v for v in args.variants.split(",") if v and v != "none"]
     unknown = [v for v in names if v not in VARIANTS]
@@ -104,6 +108,9 @@ def main() -> None:
         summary["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out}")
+    if args.profile:
+        write_profiles({name: kernel_table(lambda: _sample(model, x_T, args.profile_steps, VARIANTS[name]), device)
+                        for name in names}, args.profile)
 
 
 if __name__ == "__main__":

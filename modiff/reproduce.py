@@ -7,11 +7,16 @@ reports/<name>/   <name> = <preset> for the default model fmnist-ddim, else <pre
     figures/*.png|pdf        written by analysis.style.save
     tables/*.csv|md
 A failed notebook is reported with its error and does not stop the others; run directories under
-data/runs/<name>/ are reused, so a re-run only computes what is missing.
+data/runs/<name>/ are reused, so a re-run only computes what is missing. Each notebook's entry keeps the
+parameters it ran with, so a report assembled by several invocations (say, the bit-width table on one GPU
+and the figures on another, at the same time) says what each part used; the index and manifest are merged
+under a file lock.
 """
 from __future__ import annotations
 
+import fcntl
 import html
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -105,6 +110,10 @@ class NotebookResult:
     seconds: float
     error: str = ""
     outputs: list[str] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)  # those it declares, as passed (paths left out)
+
+
+_PATH_PARAMETERS = ("model", "out_dir", "runs_dir")
 
 
 def _export_html(executed: Path) -> None:
@@ -123,15 +132,17 @@ def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookRe
     executed.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     declared = papermill.inspect_notebook(str(source))  # pass each notebook only the parameters it declares
+    passed = {k: v for k, v in parameters.items() if k in declared}
+    sizes = {k: v for k, v in passed.items() if k not in _PATH_PARAMETERS}
     try:
-        papermill.execute_notebook(str(source), str(executed), progress_bar=False,
-                                   parameters={k: v for k, v in parameters.items() if k in declared},
+        papermill.execute_notebook(str(source), str(executed), progress_bar=False, parameters=passed,
                                    cwd=str(notebook_dir().parent), kernel_name="python3")
         _export_html(executed)
-        return NotebookResult(name, True, round(time.time() - start, 1))
+        return NotebookResult(name, True, round(time.time() - start, 1), parameters=sizes)
     except Exception as err:  # a failing notebook must not stop the others; the error goes in the index
         log.error("notebook %s failed: %s", name, err)
-        return NotebookResult(name, False, round(time.time() - start, 1), error=str(err).strip()[-2000:])
+        return NotebookResult(name, False, round(time.time() - start, 1), error=str(err).strip()[-2000:],
+                              parameters=sizes)
 
 
 def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
@@ -139,44 +150,60 @@ def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
     return sorted(str(p.relative_to(out_dir)) for pat in patterns for p in folder.glob(pat)) if folder.is_dir() else []
 
 
+def _settings(result: NotebookResult) -> str:
+    return ", ".join(f"{k} {v}" for k, v in result.parameters.items() if not isinstance(v, (list, tuple)))
+
+
 def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: list[NotebookResult]) -> None:
     figures = _links(out_dir, "figures", ["*.png"])
     tables = _links(out_dir, "tables", ["*.md"])
-    settings = ", ".join(f"{k} {v}" for k, v in asdict(preset).items() if k != "name")
-    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "", f"Settings: {settings}.", "",
-             "| notebook | status | seconds |", "| --- | --- | --- |"]
+    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "",
+             "Settings: the parameters each notebook ran with (its lists, such as presets, are in the notebook).", "",
+             "| notebook | status | seconds | settings |", "| --- | --- | --- | --- |"]
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
         link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
-        lines.append(f"| {link} | {status} | {r.seconds} |")
+        lines.append(f"| {link} | {status} | {r.seconds} | {_settings(r)} |")
     ran = {r.name for r in results}
-    lines += [f"| {name} | not run yet (`--notebooks {name}`) | |" for name in NOTEBOOKS if name not in ran]
+    lines += [f"| {name} | not run yet (`--notebooks {name}`) | | |" for name in NOTEBOOKS if name not in ran]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figures]
     lines += ["", "## Tables", ""] + [f"- [{t}]({t})" for t in tables]
     (out_dir / "index.md").write_text("\n".join(lines) + "\n")
     items = "".join(f'<li><a href="{html.escape(f)}">{html.escape(f)}</a></li>' for f in figures + tables)
     rows = "".join(
         f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
-        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
+        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td>{html.escape(_settings(r))}</td>"
+        f"<td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
         for r in results
     )
-    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td></tr>" for name in NOTEBOOKS if name not in ran)
+    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td><td></td></tr>"
+                    for name in NOTEBOOKS if name not in ran)
     (out_dir / "index.html").write_text(
         f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
-        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1><p>Settings: {html.escape(settings)}.</p>"
+        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1>"
         f"<table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
     )
 
 
 def _with_earlier_results(out_dir: Path, results: list[NotebookResult]) -> list[NotebookResult]:
     """Results of this run, plus those of notebooks an earlier run executed and this one did not."""
-    import json
-
     manifest = out_dir / "manifest.json"
     ran = {r.name for r in results}
     earlier = json.loads(manifest.read_text()).get("notebooks", []) if manifest.exists() else []
     kept = [NotebookResult(**r) for r in earlier if r["name"] not in ran and r["name"] in NOTEBOOKS]
     return sorted(results + kept, key=lambda r: NOTEBOOKS.index(r.name))
+
+
+def _record(out_dir: Path, spec: ReproducePreset, model: str, parameters: dict[str, Any],
+            results: list[NotebookResult]) -> None:
+    """Merge this run's results into the manifest and index, holding a lock: runs into one report folder
+    may overlap (one per GPU), and each must keep what the others wrote."""
+    with open(out_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = _with_earlier_results(out_dir, results)
+        _write_index(out_dir, spec, model, merged)
+        write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
+                    "notebooks": [asdict(r) for r in merged]}, out_dir / "manifest.json")
 
 
 def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: str | Path = "reports",
@@ -204,8 +231,5 @@ def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: st
     parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / name),
                   **{k: v for k, v in asdict(spec).items() if k != "name"}}
     results = [_run_one(name, parameters, out_dir) for name in chosen]
-    merged = _with_earlier_results(out_dir, results)
-    _write_index(out_dir, spec, model, merged)
-    write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
-                "notebooks": [asdict(r) for r in merged]}, out_dir / "manifest.json")
+    _record(out_dir, spec, model, parameters, results)
     return results

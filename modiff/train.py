@@ -180,8 +180,9 @@ def _append_log(path: Path, step: int, loss: float, seconds: float) -> None:
         writer.writerow([step, f"{loss:.6f}", f"{seconds:.1f}"])
 
 
-def export_weights(model: nn.Module, official_yaml: dict[str, Any], folder: Path) -> None:
+def export_weights(model: nn.Module, official_yaml: dict[str, Any], folder: str | Path) -> None:
     """fp16 safetensors shards of at most 16 MiB each, an index, and the YAML config."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -48,7 +48,9 @@ def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
     assert "analysis_samples = 3" in injected("fig1a_caching") and "num_samples" not in injected("fig1a_caching")
     assert "num_samples = 10" in injected("table1_bitwidth") and "adaround_iters = 7" in injected("table1_bitwidth")
     assert "analysis_samples = 3" in injected("samplers") and "num_samples = 10" in injected("samplers")
-    assert "Settings: num_samples 10, analysis_samples 3, steps 3" in (out / "index.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in (out / "index.md").read_text().splitlines() if "| ok |" in line}
+    assert "analysis_samples 3, steps 3" in rows["[fig1a_caching](notebooks/fig1a_caching.html)"]
+    assert "num_samples 10" in rows["[table1_bitwidth](notebooks/table1_bitwidth.html)"]
     assert len(list((out / "figures").glob("*.png"))) >= 8 and len(list((out / "tables").glob("*.md"))) >= 6
     index = (out / "index.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", index)
@@ -114,3 +116,27 @@ def test_bitwidth_table_with_qdiffusion_rows(tmp_path: Path) -> None:
     assert table.preset.tolist() == ["w8a4", "qdiff-w8a4", "qdiff-w8a4-modiff"]
     assert table.rel_l2_pixels.notna().all() and (table.gbops_per_step > 0).all()
     assert (runs / "quantized" / "qdiff-w8a4-modiff" / "manifest.json").is_file()
+
+
+def test_overlapping_runs_into_one_report_keep_each_others_results(tmp_path: Path) -> None:
+    """Runs into one report folder may finish at the same time (one per GPU): each merges its results
+    into the manifest under a lock, so none is lost, and each notebook keeps the settings it ran with."""
+    import json
+    import threading
+
+    from modiff.reproduce import REPRODUCE_PRESETS, NotebookResult, _record
+
+    spec = REPRODUCE_PRESETS["paper"]
+    results = [NotebookResult(name, True, 1.0, parameters={"num_samples": i, "device": f"cuda:{i % 2}"})
+               for i, name in enumerate(NOTEBOOKS)]
+    threads = [threading.Thread(target=_record, args=(tmp_path, spec, "fmnist-ddim", {}, [r])) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kept = json.loads((tmp_path / "manifest.json").read_text())["notebooks"]
+    assert [r["name"] for r in kept] == list(NOTEBOOKS)
+    assert [r["parameters"]["num_samples"] for r in kept] == list(range(len(NOTEBOOKS)))
+    index = (tmp_path / "index.md").read_text()
+    assert "| [samplers](notebooks/samplers.html) | ok | 1.0 | num_samples 6, device cuda:0 |" in index
+    assert "not run yet" not in index

@@ -1,0 +1,28 @@
+"""Where the time of one run goes: a kernel table from torch.profiler, for the benchmarks' --profile."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_table(run: Callable[[], object], device: torch.device, rows: int = 30) -> str:
+    """Profile one call of `run`: the operators with the most device time (CPU time on the CPU), and the
+    number of kernel launches, which matters when a step is launch-bound."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    sort_by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch"))
+    return f"kernel launches: {launches}\n" + events.table(sort_by=sort_by, row_limit=rows)
+
+
+def write_profiles(tables: dict[str, str], path: str | Path) -> None:
+    text = "".join(f"=== {name} ===\n{table}\n\n" for name, table in tables.items())
+    Path(path).write_text(text)
+    print(f"wrote {path}")
