@@ -15,9 +15,9 @@ from torch import nn
 import modiff as md
 from modiff.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
-from modiff.generate import SampleConfig, SamplerName, generate, resolve_device
+from modiff.generate import SampleConfig, SamplerName, finished_run, generate, resolve_device
 from modiff.metrics.compare import fidelity_to_reference
-from modiff.quant.bops import compute_report
+from modiff.quant.bops import preset_report
 from modiff.quant.adaround import AdaRoundConfig
 from modiff.quant.calib_data import CalibDataConfig
 from modiff.quant.calibrate import CalibrationConfig
@@ -91,13 +91,15 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
     """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
 
     Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time."""
-    name = f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else "")
+    run_dir = Path(runs_dir) / (f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else ""))
+    identity = {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
+    if finished_run(run_dir, seeds, config, identity):  # reused without building, calibrating or loading the model
+        return run_dir
     net = model if preset == "fp" else quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
     prepare = None
     if preset != "fp" and md.presets[preset].stateful:
         prepare = lambda m: md.trajectory(m, reset=reset)  # noqa: E731 (a context factory)
-    identity = {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
-    return generate(net, seeds, Path(runs_dir) / name, config, batch_size=batch_size, device=device,
+    return generate(net, seeds, run_dir, config, batch_size=batch_size, device=device,
                     identity=identity, prepare=prepare, progress=False)
 
 
@@ -116,7 +118,7 @@ def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
         images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration),
                              seeds)
         close = fidelity_to_reference(images, fp_images, features=False)
-        report = compute_report(quantized_model(model, preset, runs_dir, calibration), config.steps)
+        report = preset_report(model, md.presets[preset], config.steps)
         row = {"preset": preset, "psnr_db": close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                "rel_l2_pixels": close["rel_l2_pixels"]["mean"], "rel_l2_ci95": close["rel_l2_pixels"]["ci95"],
                "gbops_per_step": report["gbops_per_step"]}
@@ -166,7 +168,7 @@ def bops_memory_table(model: nn.Module, presets: Sequence[str], batch_sizes: Seq
     """GBops per step and per trajectory (per image) and the MoDiff state for each batch size."""
     rows = []
     for preset in presets:
-        report = compute_report(md.quantize(model, md.presets[preset]), steps)
+        report = preset_report(model, md.presets[preset], steps)
         for batch in batch_sizes:
             rows.append({"preset": preset, "batch": batch, "gbops_per_step": report["gbops_per_step"],
                          "gbops_per_trajectory": report["gbops_per_trajectory"],

@@ -136,15 +136,15 @@ def bops(model: str, model_config: Optional[str], quant_preset: str, steps: int,
     import json
 
     from modiff.models.registry import load_model
-    from modiff.quant import presets, quantize
-    from modiff.quant.bops import compute_report
+    from modiff.quant import presets
+    from modiff.quant.bops import preset_report
 
     try:
         quant = presets[quant_preset]
-        net = quantize(load_model(model, config=model_config), quant)
+        net = load_model(model, config=model_config)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err
-    report = compute_report(net, steps)
+    report = preset_report(net, quant, steps)
     if not per_layer:
         report.pop("layers")
     click.echo(json.dumps(report, indent=1))

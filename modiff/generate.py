@@ -28,7 +28,7 @@ from modiff.models.latent import to_images
 from modiff.rng import SeedStreams
 from modiff.runs import atomic_path, ensure_writable_dir, environment, write_json
 
-__all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "sample", "resolve_device", "read_samples"]
+__all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "finished_run", "sample", "resolve_device", "read_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,23 @@ def _check_manifest(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+def _run_identity(model_identity: dict[str, Any], config: SampleConfig) -> dict[str, Any]:
+    ident = {"model": model_identity, "sample": asdict(config)}
+    return json.loads(json.dumps(ident, default=str))  # as the manifest stores it (tuples -> lists), so resumes match
+
+
+def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any]) -> bool:
+    """Whether `out_dir` already holds every seed, sampled with this model identity and config (what
+    `generate` would reuse), so a caller can skip building the model. A folder made with another
+    identity or config is refused (ValueError), as `generate` refuses it."""
+    out = Path(out_dir)
+    if not (out / "manifest.json").exists():
+        return False
+    manifest = _check_manifest(out, _run_identity(identity, config))
+    done = set(manifest.get("seeds", []))
+    return all(s in done and _png(out / "samples", s).exists() for s in seeds)
+
+
 def generate(
     model: torch.nn.Module,
     seeds: Sequence[int],
@@ -132,9 +149,7 @@ def generate(
     out = ensure_writable_dir(Path(out_dir))
     samples_dir = ensure_writable_dir(out / "samples")
     dev = resolve_device(device)
-    ident = {"model": identity or {"name": getattr(model, "name", type(model).__name__)}, "sample": asdict(config)}
-    ident = json.loads(json.dumps(ident, default=str))  # as the manifest stores it (tuples -> lists), so resumes match
-    manifest = _check_manifest(out, ident)
+    manifest = _check_manifest(out, _run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, config))
     todo = [s for s in seeds if not _png(samples_dir, s).exists()]
     log.info("%d of %d seeds to sample into %s", len(todo), len(seeds), out)
     model = model.to(dev).eval()

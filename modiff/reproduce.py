@@ -185,12 +185,32 @@ def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: li
     )
 
 
+def injected_parameters(executed: Path) -> dict[str, Any]:
+    """The parameters papermill injected into an executed notebook (paths left out); {} if it has none."""
+    import ast
+
+    import nbformat
+
+    book = nbformat.read(executed, as_version=4)
+    cell = next((c for c in book.cells if "injected-parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return {}
+    assignments = [node for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)]
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in assignments}
+    return {k: v for k, v in values.items() if k not in _PATH_PARAMETERS}
+
+
 def _with_earlier_results(out_dir: Path, results: list[NotebookResult]) -> list[NotebookResult]:
-    """Results of this run, plus those of notebooks an earlier run executed and this one did not."""
+    """Results of this run, plus those of notebooks an earlier run executed and this one did not (their
+    parameters read back from the executed notebook where an older manifest did not keep them)."""
     manifest = out_dir / "manifest.json"
     ran = {r.name for r in results}
     earlier = json.loads(manifest.read_text()).get("notebooks", []) if manifest.exists() else []
     kept = [NotebookResult(**r) for r in earlier if r["name"] not in ran and r["name"] in NOTEBOOKS]
+    for result in kept:
+        executed = out_dir / "notebooks" / f"{result.name}.ipynb"
+        if not result.parameters and executed.exists():
+            result.parameters = injected_parameters(executed)
     return sorted(results + kept, key=lambda r: NOTEBOOKS.index(r.name))
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import modiff.generate as gen
-from modiff.generate import SampleConfig, generate, read_samples
+from modiff.generate import SampleConfig, finished_run, generate, read_samples
 from modiff.runs import atomic_path
 
 CONFIG = SampleConfig(steps=3)
@@ -84,6 +84,19 @@ def test_other_config_in_same_dir_is_refused(tmp_path: Path, tame_denoiser) -> N
     assert "'steps': 3" in str(err.value) and "'steps': 4" in str(err.value)
     with pytest.raises(ValueError, match="another configuration"):
         _run(tame_denoiser, range(2), out, identity={"name": "other"})
+
+
+def test_finished_run_tells_whether_generate_would_reuse_every_seed(tmp_path: Path, tame_denoiser) -> None:
+    """Callers skip building (or calibrating) a model when the run is complete for their seeds."""
+    out, identity = tmp_path / "run", {"name": "tame", "quant": [4, 8]}
+    assert not finished_run(out, range(3), CONFIG, identity)
+    _run(tame_denoiser, range(3), out, identity=identity)
+    assert finished_run(out, range(3), CONFIG, identity) and finished_run(out, [2, 0], CONFIG, identity)
+    assert not finished_run(out, range(4), CONFIG, identity)
+    (out / "samples" / "000001.png").unlink()
+    assert not finished_run(out, range(3), CONFIG, identity)
+    with pytest.raises(ValueError, match="another configuration"):
+        finished_run(out, range(3), SampleConfig(steps=4), identity)
 
 
 def test_identity_with_tuples_resumes(tmp_path: Path, tame_denoiser) -> None:

@@ -101,21 +101,32 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
 def test_bitwidth_table_with_qdiffusion_rows(tmp_path: Path) -> None:
     """With calibrate on (the paper preset), the Q-Diff and Q-Diff+MoDiff rows are calibrated into the
     run directory and scored like the others (tiny sizes here)."""
+    import shutil
+
     import papermill
 
     export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
     out, runs = tmp_path / "reports", tmp_path / "runs"
-    papermill.execute_notebook(
-        str(notebook_dir() / "table1_bitwidth.ipynb"), str(tmp_path / "table1.ipynb"), progress_bar=False,
-        cwd=str(notebook_dir().parent), kernel_name="python3",
-        parameters={"model": str(tmp_path / "tiny"), "out_dir": str(out), "runs_dir": str(runs), "num_samples": 10,
-                    "steps": 3, "device": "cpu", "presets": ["w8a4"], "calibrate": True,
-                    "qdiff_presets": ["qdiff-w8a4", "qdiff-w8a4-modiff"], "calib_samples_per_step": 4,
-                    "adaround_iters": 2, "activation_iters": 2})
-    table = pd.read_csv(out / "tables" / "table1_bitwidth.csv")
+
+    def table1() -> pd.DataFrame:
+        papermill.execute_notebook(
+            str(notebook_dir() / "table1_bitwidth.ipynb"), str(tmp_path / "table1.ipynb"), progress_bar=False,
+            cwd=str(notebook_dir().parent), kernel_name="python3",
+            parameters={"model": str(tmp_path / "tiny"), "out_dir": str(out), "runs_dir": str(runs), "num_samples": 10,
+                        "steps": 3, "device": "cpu", "presets": ["w8a4"], "calibrate": True,
+                        "qdiff_presets": ["qdiff-w8a4", "qdiff-w8a4-modiff"], "calib_samples_per_step": 4,
+                        "adaround_iters": 2, "activation_iters": 2})
+        return pd.read_csv(out / "tables" / "table1_bitwidth.csv")
+
+    table = table1()
     assert table.preset.tolist() == ["w8a4", "qdiff-w8a4", "qdiff-w8a4-modiff"]
     assert table.rel_l2_pixels.notna().all() and (table.gbops_per_step > 0).all()
     assert (runs / "quantized" / "qdiff-w8a4-modiff" / "manifest.json").is_file()
+    # Runs made on a GPU render anywhere: without the calibrated models, finished runs are reused as they are.
+    shutil.rmtree(runs / "quantized")
+    shutil.rmtree(runs / "calib-data")
+    pd.testing.assert_frame_equal(table1(), table)
+    assert not (runs / "quantized").exists()
 
 
 def test_overlapping_runs_into_one_report_keep_each_others_results(tmp_path: Path) -> None:
@@ -140,3 +151,24 @@ def test_overlapping_runs_into_one_report_keep_each_others_results(tmp_path: Pat
     index = (tmp_path / "index.md").read_text()
     assert "| [samplers](notebooks/samplers.html) | ok | 1.0 | num_samples 6, device cuda:0 |" in index
     assert "not run yet" not in index
+
+
+def test_results_of_older_runs_get_their_parameters_from_the_executed_notebook(tmp_path: Path) -> None:
+    """A manifest written before results kept their parameters: the index reads them back from the
+    parameters papermill injected into the executed notebook."""
+    import json
+
+    from modiff.reproduce import REPRODUCE_PRESETS, NotebookResult, _record
+
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell('# Parameters\nmodel = "m"\nout_dir = "/x"\nnum_samples = 1024\ncalibrate = False\n',
+                                            metadata={"tags": ["injected-parameters"]})]
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(book, tmp_path / "notebooks" / "table1_bitwidth.ipynb")
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"notebooks": [{"name": "table1_bitwidth", "ok": True, "seconds": 3.0, "error": "", "outputs": []}]}))
+    _record(tmp_path, REPRODUCE_PRESETS["paper"], "fmnist-ddim", {},
+            [NotebookResult("samplers", True, 1.0, parameters={"num_samples": 32, "device": "cpu"})])
+    index = (tmp_path / "index.md").read_text()
+    assert "| [table1_bitwidth](notebooks/table1_bitwidth.html) | ok | 3.0 | num_samples 1024, calibrate False |" in index
+    assert "| [samplers](notebooks/samplers.html) | ok | 1.0 | num_samples 32, device cpu |" in index

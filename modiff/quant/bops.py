@@ -14,12 +14,15 @@ multiply-add. `compute_report` gives both conventions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["LayerCost", "measure_macs", "bops_table", "modiff_state_bytes", "compute_report"]
+if TYPE_CHECKING:
+    from modiff.quant.config import QuantConfig
+
+__all__ = ["LayerCost", "measure_macs", "bops_table", "modiff_state_bytes", "compute_report", "preset_report"]
 
 FP_BITS = 32
 
@@ -119,13 +122,27 @@ def modiff_state_bytes(model: nn.Module, costs: list[LayerCost], bytes_per_value
     return total
 
 
+def _costs(model: nn.Module) -> tuple[list[LayerCost], int]:
+    device = next(model.parameters()).device
+    x = torch.zeros(1, *model.sample_shape, device=device)
+    return measure_macs(model, x, torch.full((1,), 500, device=device, dtype=torch.long))
+
+
 def compute_report(model: nn.Module, steps: int) -> dict[str, object]:
     """Totals per image: MACs, GMACs of attention, GBops per step and per trajectory, state bytes."""
-    device = next(model.parameters()).device
-    shape = model.sample_shape
-    x = torch.zeros(1, *shape, device=device)
-    t = torch.full((1,), 500, device=device, dtype=torch.long)
-    costs, attention_macs = measure_macs(model, x, t)
+    return _report(model, *_costs(model), steps)
+
+
+def preset_report(model: nn.Module, config: "QuantConfig", steps: int) -> dict[str, object]:
+    """`compute_report` of ``quantize(model, config)``, with the MACs measured on the full-precision
+    ``model``: BOPs depend only on the layers and their bit widths, so a static (Q-Diffusion) preset is
+    counted without being calibrated, and a report needs no saved calibration."""
+    from modiff.quant.api import quantize
+
+    return _report(quantize(model, config), *_costs(model), steps)
+
+
+def _report(model: nn.Module, costs: list[LayerCost], attention_macs: int, steps: int) -> dict[str, object]:
     rows = bops_table(model, costs, steps)
     return {
         "layers_counted": len(rows),

@@ -179,3 +179,19 @@ def test_cli_presets_and_bops(tmp_path) -> None:
     assert result.exit_code == 0 and "w4a4-modiff" in result.output and "symmetric-published" in result.output
     result = runner.invoke(main, ["bops", "--preset", "nope"])
     assert result.exit_code != 0 and "valid presets" in result.output
+    result = runner.invoke(main, ["bops", "--preset", "qdiff-w4a4", "--steps", "10"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["gbops_per_step"] > 0
+
+
+def test_bops_of_a_static_preset_need_no_calibration(tiny_denoiser) -> None:
+    """BOPs depend on the layers and bit widths alone: a Q-Diffusion preset is counted like the dynamic
+    preset of the same bits, without calibrating it (measuring it on its own forward would need qparams)."""
+    from modiff.quant.bops import compute_report, preset_report
+
+    model = tiny_denoiser
+    static, dynamic = preset_report(model, presets["qdiff-w4a4"], 10), preset_report(model, presets["w4a4"], 10)
+    assert static["gbops_per_step"] == dynamic["gbops_per_step"] > 0
+    assert dynamic == compute_report(quantize(model, presets["w4a4"]), 10)
+    with pytest.raises(RuntimeError, match="no qparams"):
+        compute_report(quantize(model, presets["qdiff-w4a4"]), 10)
