@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -26,7 +28,7 @@ from modiff.quant.lsq import ActCalibConfig
 
 __all__ = [
     "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "warmup_table",
-    "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings",
+    "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
 ]
 
 
@@ -85,14 +87,19 @@ def calibration_settings(model: nn.Module, steps: int, samples_per_step: int, ad
     return Calibration(data, recipe)
 
 
+def _run_location(model: nn.Module, preset: str, config: SampleConfig, runs_dir: str | Path,
+                  reset: Optional[str] = None) -> tuple[Path, dict[str, object]]:
+    run_dir = Path(runs_dir) / (f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else ""))
+    return run_dir, {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
+
+
 def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
                batch_size: int = 64, device: str = "auto", reset: Optional[str] = None,
                calibration: Optional[Calibration] = None) -> Path:
     """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
 
     Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time."""
-    run_dir = Path(runs_dir) / (f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else ""))
-    identity = {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
+    run_dir, identity = _run_location(model, preset, config, runs_dir, reset)
     if finished_run(run_dir, seeds, config, identity):  # reused without building, calibrating or loading the model
         return run_dir
     net = model if preset == "fp" else quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
@@ -103,15 +110,87 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
                     identity=identity, prepare=prepare, progress=False)
 
 
+def _fill_on_device(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
+                    runs_dir: str, batch_size: int, device: str, calibration: Optional[Calibration],
+                    workers: int) -> list[str]:
+    """One worker of `fill_runs`: its presets in turn on its device (CPU workers share the cores)."""
+    if resolve_device(device).type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return [str(sample_run(model, p, seeds, config, runs_dir, batch_size, device, calibration=calibration))
+            for p in presets]
+
+
+def _deal(items: Sequence[str], n: int) -> list[list[str]]:
+    return [list(items[i::n]) for i in range(n)]
+
+
+def _static(preset: str) -> bool:
+    from modiff.quant.presets import needs_calibration
+
+    return preset != "fp" and needs_calibration(md.presets[preset])
+
+
+def _waves(presets: Sequence[str]) -> list[list[str]]:
+    """First the first static preset of each weight quantization (each computes the AdaRound weights the
+    others reuse), then everything else."""
+    from modiff.quant.calibrate import weight_only_config
+
+    firsts: dict[str, str] = {}
+    for p in filter(_static, presets):
+        firsts.setdefault(json.dumps(weight_only_config(md.presets[p]).to_dict(), sort_keys=True, default=str), p)
+    return [list(firsts.values()), [p for p in presets if p not in firsts.values()]]
+
+
+def _device_list(devices: str | Sequence[str]) -> list[str]:
+    """``"cuda:0,cuda:1"`` (as a notebook parameter or ``--set devices=...`` gives it) or a list."""
+    return [d.strip() for d in devices.split(",") if d.strip()] if isinstance(devices, str) else list(devices)
+
+
+def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
+              runs_dir: str | Path, devices: str | Sequence[str], batch_size: int = 64,
+              calibration: Optional[Calibration] = None) -> None:
+    """Make the runs `sample_run` would make for ``presets``, in parallel: one worker process per entry of
+    ``devices`` (say ``["cuda:0", "cuda:1"]``); the table functions then reuse them.
+
+    Static presets share the AdaRound weights of their weight quantization (see `quantized_model`), so the
+    first preset of each weight quantization runs in a first wave, one per worker, and the others are
+    dealt round-robin in a second; the calibration data is collected once, before either."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from modiff.quant.calibrated import calibration_data
+
+    devices = _device_list(devices)
+    if not devices:
+        raise ValueError("fill_runs needs at least one device")
+    def finished(preset: str) -> bool:
+        run_dir, identity = _run_location(model, preset, config, runs_dir)
+        return finished_run(run_dir, seeds, config, identity)
+
+    pending = [p for p in dict.fromkeys(presets) if not finished(p)]
+    if any(_static(p) for p in pending) and calibration is not None:  # without it, workers raise the usual error
+        calibration_data(model, Path(runs_dir), calibration, resolve_device(devices[0]))
+    with ProcessPoolExecutor(len(devices), mp_context=get_context("spawn")) as pool:
+        for wave in _waves(pending):
+            jobs = [pool.submit(_fill_on_device, model, part, list(seeds), config, str(runs_dir), batch_size, device,
+                                calibration, len(devices))
+                    for part, device in zip(_deal(wave, len(devices)), devices) if part]
+            for job in jobs:
+                job.result()  # a worker's exception surfaces here
+
+
 def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
                    runs_dir: str | Path, ref: str = "fmnist-train", batch_size: int = 64,
-                   device: str = "auto", fid: bool = True, calibration: Optional[Calibration] = None) -> pd.DataFrame:
+                   device: str = "auto", fid: bool = True, calibration: Optional[Calibration] = None,
+                   devices: str | Sequence[str] = ()) -> pd.DataFrame:
     """Per preset: fidelity to the fp run of the same seeds, FID/IS (classifier space) and GBops.
 
     ``qdiff-*`` presets (Q-Diffusion, static scales) need ``calibration``; they are calibrated once into
-    runs_dir and reused."""
+    runs_dir and reused. With several ``devices`` the runs are made in parallel first (`fill_runs`)."""
     from modiff.metrics.fidelity import compute_metrics
 
+    if len(_device_list(devices)) > 1:
+        fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size, calibration)
     fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
     rows = []
     for preset in presets:
@@ -130,11 +209,15 @@ def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
 
 
 def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
-                  runs_dir: str | Path, batch_size: int = 64, device: str = "auto") -> pd.DataFrame:
-    """Tables 5 and 15-18: per (sampler, steps) and preset, fidelity to the fp run of the same sampler."""
+                  runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
+                  devices: str | Sequence[str] = ()) -> pd.DataFrame:
+    """Tables 5 and 15-18: per (sampler, steps) and preset, fidelity to the fp run of the same sampler.
+    With several ``devices`` the runs of each sampler are made in parallel first (`fill_runs`)."""
     rows = []
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
+        if len(_device_list(devices)) > 1:
+            fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size)
         fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
         for preset in presets:
             images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device), seeds)

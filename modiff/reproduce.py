@@ -42,6 +42,7 @@ class ReproducePreset:
     analysis_samples: int  # trajectories recorded or compared feature by feature (figures, bounds, grids, audit)
     steps: int
     device: str = "auto"
+    devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
     batch_size: int = 64
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
@@ -151,7 +152,7 @@ def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
 
 
 def _settings(result: NotebookResult) -> str:
-    return ", ".join(f"{k} {v}" for k, v in result.parameters.items() if not isinstance(v, (list, tuple)))
+    return ", ".join(f"{k} {v}" for k, v in result.parameters.items() if not isinstance(v, (list, tuple)) and v != "")
 
 
 def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: list[NotebookResult]) -> None:

@@ -28,7 +28,7 @@ from modiff.quant.calibrate import CalibrationConfig, calibrate, calibrate_weigh
 from modiff.quant.presets import calibration_hint, needs_calibration, presets
 from modiff.quant.saved import load_quantized, read_manifest, save_quantized
 
-__all__ = ["Calibration", "quantized_model"]
+__all__ = ["Calibration", "calibration_data", "quantized_model"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def _check_same(saved: dict[str, Any], wanted: dict[str, Any], folder: Path) -> 
                          f"another folder for these settings ({wanted})")
 
 
-def _calibration_data(model: nn.Module, folder: Path, calibration: Calibration, device: torch.device):
+def calibration_data(model: nn.Module, folder: Path, calibration: Calibration, device: torch.device) -> CalibData:
+    """The calibration data of ``folder`` (collected from ``model`` into folder/calib-data the first time)."""
     data_dir = folder / "calib-data"
     if not (data_dir / "manifest.json").exists():
         collect_and_save(copy.deepcopy(model), calibration.data, data_dir, device,
@@ -88,7 +89,7 @@ def quantized_model(model: nn.Module, preset: str, folder: str | Path, calibrati
     saved = Path(folder) / "quantized" / preset
     settings = {"preset": preset, **calibration.to_dict()}
     if not (saved / "manifest.json").exists():
-        data = _calibration_data(model, Path(folder), calibration, torch.device(device))
+        data = calibration_data(model, Path(folder), calibration, torch.device(device))
         weights = _shared_weights(model, preset, Path(folder), calibration, data)
         qmodel, report = calibrate(model, config, data, calibration.recipe, weights=weights)
         save_quantized(qmodel, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report})

@@ -58,3 +58,41 @@ def test_trajectories_run_on_the_device_and_come_back_to_the_cpu(tiny_denoiser: 
     gpu_table = experiments.warmup_table(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, device="cuda")
     assert gpu_table.rel_l2_pixels.to_numpy() == pytest.approx(cpu_table.rel_l2_pixels.to_numpy(), abs=5e-2)
     assert next(tiny_denoiser.parameters()).device.type == "cpu"
+
+
+def test_parallel_runs_start_with_one_adaround_per_weight_quantization() -> None:
+    """The first wave computes each weight quantization's AdaRound once; the presets reusing it follow."""
+    presets = ["fp", "w8a4", "qdiff-w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4", "qdiff-w4a4-modiff", "qdiff-w8a2"]
+    assert experiments._waves(presets) == [["qdiff-w8a4", "qdiff-w4a4"],
+                                           ["fp", "w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4-modiff", "qdiff-w8a2"]]
+
+
+@pytest.mark.slow
+def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
+    """fill_runs on two workers makes every run sample_run would make, with one AdaRound per weight
+    quantization; the table functions then reuse them, and the images match runs made in one process."""
+    import json
+
+    import numpy as np
+
+    from modiff.train import DDIMTrainConfig, export_weights
+    from conftest import TINY, tiny_net
+
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    model = md.load_model(str(tmp_path / "tiny"))
+    config, seeds = experiments.sample_config(model, 3), range(4)
+    calibration = experiments.calibration_settings(model, 3, 4, 2, 2)
+    presets = ["w8a4", "w8a4-modiff", "qdiff-w8a4", "qdiff-w8a4-modiff", "qdiff-w8a6"]
+    experiments.fill_runs(model, ["fp", *presets], seeds, config, tmp_path / "parallel", "cpu,cpu", calibration=calibration)
+    weights = list((tmp_path / "parallel" / "quantized" / "weights").iterdir())
+    assert len(weights) == 1  # the three qdiff-w8 presets share one AdaRound
+    for preset in ["fp", *presets]:
+        run = experiments.sample_run(model, preset, seeds, config, tmp_path / "parallel", device="cpu")
+        assert len(json.loads((run / "manifest.json").read_text())["sessions"]) == 1  # reused, not re-sampled
+    for preset in ["fp", "w8a4", "w8a4-modiff"]:
+        alone = experiments.sample_run(model, preset, seeds, config, tmp_path / "alone", device="cpu")
+        ours = tmp_path / "parallel" / alone.name
+        with np.load(alone / "samples.npz") as a, np.load(ours / "samples.npz") as b:
+            assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1  # thread-count rounding
+    with pytest.raises(ValueError, match="at least one device"):
+        experiments.fill_runs(model, ["fp"], seeds, config, tmp_path / "x", "")
