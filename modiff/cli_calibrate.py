@@ -152,6 +152,10 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"calibrated {name} in {report['seconds']} s; saved to {out}")
+    if "adaround_vs_nearest" in report:
+        summary = report["adaround_vs_nearest"]
+        click.echo(f"AdaRound lowered the reconstruction loss of {summary['units_lowered']} of {summary['units']} units "
+                   f"against round-to-nearest on the same grids (median loss ratio {summary['median_loss_ratio']:.3f})")
 
 
 def load_quantized_run(model: str, model_config: Optional[str], run: Path) -> tuple[Any, dict[str, Any]]:

@@ -32,7 +32,8 @@ from modiff.quant.primitives import MIN_SCALE
 from modiff.quant.steps import LoopConfig, cosine_lr, make_adam, run_loop
 
 __all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "lp_loss", "reconstruct_weights",
-           "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales", "progress_bar"]
+           "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales", "progress_bar",
+           "unit_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,9 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
     """AdaRound every unit of the weight-quantized ``wq_model`` in order; hard rounding replaces weight_q.
 
     Returns one record per unit: name, layers, seconds, reconstruction loss of the first and last
-    logging windows, and the fraction of weights rounded away from the nearest grid point.
+    logging windows (soft rounding), the fraction of weights rounded away from the nearest grid point,
+    and the loss over all calibration inputs with hard weights, rounded to nearest (``loss_nearest``) and
+    as AdaRound decided (``loss_adaround``), on the same grid.
     """
     dtype = getattr(torch, config.storage_dtype)
     records = []
@@ -193,6 +196,10 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
         finally:
             for layer in layers:
                 layer.rounding = None
+        unit_module = wq_model.get_submodule(unit.name)
+        for layer, (rounding, scale, zero_point) in zip(layers, attached):
+            layer.set_weight_codes(rounding.nearest_codes(), scale, zero_point)
+        loss_nearest = unit_loss(unit_module, cached, config.p, capture_batch)
         flipped, total = 0.0, 0
         for layer, (rounding, scale, zero_point) in zip(layers, attached):
             codes = rounding.hard_codes()
@@ -200,8 +207,20 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
             total += codes.numel()
             layer.set_weight_codes(codes, scale, zero_point)
         records.append({"unit": unit.name, "layers": list(unit.layers), "seconds": round(time.time() - started, 3),
-                        "loss_first": history[0], "loss_last": history[-1], "flipped": flipped / max(total, 1)})
+                        "loss_first": history[0], "loss_last": history[-1], "flipped": flipped / max(total, 1),
+                        "loss_nearest": loss_nearest, "loss_adaround": unit_loss(unit_module, cached, config.p, capture_batch)})
     return records
+
+
+@torch.no_grad()
+def unit_loss(unit_module: nn.Module, cached: Sequence[Tensor], p: float, batch: int) -> float:
+    """Reconstruction loss (`lp_loss`) of a unit over all its cached calibration inputs, hard weights:
+    how AdaRound's decisions compare with rounding to the nearest point of the same grid."""
+    total, count = 0.0, cached[0].shape[0]
+    for start in range(0, count, batch):
+        *args, target = (c[start:start + batch].float() for c in cached)
+        total += float(lp_loss(unit_module(*args).float(), target, p)) * target.shape[0]
+    return total / count
 
 
 def static_quantizers(layers: Sequence[QuantLayer]) -> list[ActQuantizer]:

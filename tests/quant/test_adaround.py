@@ -87,6 +87,9 @@ def test_single_layer_beats_round_to_nearest() -> None:
         after = float(lp_loss(qmodel(data.x, data.t), target, 2.0))
     assert after < 0.9 * before, (before, after)
     assert records[0]["flipped"] > 0  # some weights rounded away from the nearest grid point
+    # The record compares both roundings on the same grid over all the calibration inputs.
+    assert records[0]["loss_nearest"] == pytest.approx(before, rel=1e-5)
+    assert records[0]["loss_adaround"] == pytest.approx(after, rel=1e-5)
     # Hard rounding: integer codes, each 0/1 above the floor, within one grid step of the nearest.
     scale, zero_point = weight_grid(layer.weight, layer.config.weight, method="minmax")
     codes = layer.weight_codes()
@@ -95,6 +98,14 @@ def test_single_layer_beats_round_to_nearest() -> None:
     assert set(up.unique().tolist()) <= {0.0, 1.0}
     assert float((layer.weight_q - nearest_w).abs().div(scale).max()) <= 1.0 + 1e-5
     assert layer.rounding is None
+
+
+def test_rounding_summary_by_hand() -> None:
+    from modiff.quant.calibrate import rounding_summary
+
+    records = [{"loss_nearest": 2.0, "loss_adaround": 1.0}, {"loss_nearest": 1.0, "loss_adaround": 1.5},
+               {"loss_nearest": 4.0, "loss_adaround": 3.0}, {"loss_nearest": 0.0, "loss_adaround": 0.0}]
+    assert rounding_summary(records) == {"units": 4, "units_lowered": 2, "median_loss_ratio": 0.75}
 
 
 def test_block_reconstruction_on_a_tiny_unet(tiny_denoiser: md.Denoiser) -> None:

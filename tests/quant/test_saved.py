@@ -109,6 +109,8 @@ def test_cli_calibrate_data_calibrate_and_sample(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["metadata"]["preset"] == "qdiff-w8a8-modiff"
     assert manifest["metadata"]["calibration"]["weights"]["iters"] == 2
+    units = manifest["metadata"]["report"]["adaround_vs_nearest"]["units"]
+    assert f"of {units} units against round-to-nearest" in result.output
     result = run(main, ["sample", "--model", model, "--quantized", str(tmp_path / "q"), "--steps", "3", "--seeds", "0-1",
                         "--device", "cpu", "--out", str(tmp_path / "samples")])
     assert result.exit_code == 0, result.output
