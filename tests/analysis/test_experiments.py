@@ -96,3 +96,5 @@ def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
             assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1  # thread-count rounding
     with pytest.raises(ValueError, match="at least one device"):
         experiments.fill_runs(model, ["fp"], seeds, config, tmp_path / "x", "")
+    with pytest.raises(ValueError, match=r"pass calibration=Calibration"):  # a worker's error reaches the caller
+        experiments.fill_runs(model, ["qdiff-w8a4"], seeds, config, tmp_path / "uncalibrated", "cpu,cpu")
