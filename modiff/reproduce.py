@@ -112,6 +112,16 @@ class NotebookResult:
     error: str = ""
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)  # those it declares, as passed (paths left out)
+    machine: str = ""  # the device its `device` parameter resolved to: GPU name, or the CPU
+
+
+def _machine(device: object) -> str:
+    from modiff.generate import resolve_device
+
+    try:
+        return str(environment(resolve_device(str(device)))["device"])
+    except (ValueError, RuntimeError):  # a device this machine lacks: the notebook reports the error itself
+        return ""
 
 
 _PATH_PARAMETERS = ("model", "out_dir", "runs_dir")
@@ -135,15 +145,16 @@ def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookRe
     declared = papermill.inspect_notebook(str(source))  # pass each notebook only the parameters it declares
     passed = {k: v for k, v in parameters.items() if k in declared}
     sizes = {k: v for k, v in passed.items() if k not in _PATH_PARAMETERS}
+    machine = _machine(passed.get("device", "cpu"))
     try:
         papermill.execute_notebook(str(source), str(executed), progress_bar=False, parameters=passed,
                                    cwd=str(notebook_dir().parent), kernel_name="python3")
         _export_html(executed)
-        return NotebookResult(name, True, round(time.time() - start, 1), parameters=sizes)
+        return NotebookResult(name, True, round(time.time() - start, 1), parameters=sizes, machine=machine)
     except Exception as err:  # a failing notebook must not stop the others; the error goes in the index
         log.error("notebook %s failed: %s", name, err)
         return NotebookResult(name, False, round(time.time() - start, 1), error=str(err).strip()[-2000:],
-                              parameters=sizes)
+                              parameters=sizes, machine=machine)
 
 
 def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
@@ -160,24 +171,25 @@ def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: li
     tables = _links(out_dir, "tables", ["*.md"])
     lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "",
              "Settings: the parameters each notebook ran with (its lists, such as presets, are in the notebook).", "",
-             "| notebook | status | seconds | settings |", "| --- | --- | --- | --- |"]
+             "| notebook | status | seconds | ran on | settings |", "| --- | --- | --- | --- | --- |"]
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
         link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
-        lines.append(f"| {link} | {status} | {r.seconds} | {_settings(r)} |")
+        lines.append(f"| {link} | {status} | {r.seconds} | {r.machine} | {_settings(r)} |")
     ran = {r.name for r in results}
-    lines += [f"| {name} | not run yet (`--notebooks {name}`) | | |" for name in NOTEBOOKS if name not in ran]
+    lines += [f"| {name} | not run yet (`--notebooks {name}`) | | | |" for name in NOTEBOOKS if name not in ran]
     lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figures]
     lines += ["", "## Tables", ""] + [f"- [{t}]({t})" for t in tables]
     (out_dir / "index.md").write_text("\n".join(lines) + "\n")
     items = "".join(f'<li><a href="{html.escape(f)}">{html.escape(f)}</a></li>' for f in figures + tables)
     rows = "".join(
         f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
-        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td>{html.escape(_settings(r))}</td>"
+        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td>{html.escape(r.machine)}</td>"
+        f"<td>{html.escape(_settings(r))}</td>"
         f"<td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
         for r in results
     )
-    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td><td></td></tr>"
+    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td><td></td><td></td></tr>"
                     for name in NOTEBOOKS if name not in ran)
     (out_dir / "index.html").write_text(
         f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
