@@ -78,7 +78,7 @@ def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
     from modiff.train import DDIMTrainConfig, export_weights
     from conftest import TINY, tiny_net
 
-    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), str(tmp_path / "tiny"))  # a str path too
     model = md.load_model(str(tmp_path / "tiny"))
     config, seeds = experiments.sample_config(model, 3), range(4)
     calibration = experiments.calibration_settings(model, 3, 4, 2, 2)
