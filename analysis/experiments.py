@@ -114,8 +114,11 @@ def _fill_on_device(model: nn.Module, presets: Sequence[str], seeds: Sequence[in
                     runs_dir: str, batch_size: int, device: str, calibration: Optional[Calibration],
                     workers: int) -> list[str]:
     """One worker of `fill_runs`: its presets in turn on its device (CPU workers share the cores)."""
-    if resolve_device(device).type == "cpu":
+    where = resolve_device(device)
+    if where.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    else:
+        torch.cuda.set_device(where)  # streams and graphs of this worker go to its own device
     return [str(sample_run(model, p, seeds, config, runs_dir, batch_size, device, calibration=calibration))
             for p in presets]
 

@@ -13,6 +13,7 @@ stream (cuDNN autotuning, optimiser state), as the PyTorch CUDA-graph recipe ask
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -132,14 +133,18 @@ def run_loop(step: Step, cached: Sequence[Tensor], config: LoopConfig, schedule:
 
     replay = _Replayer(one_step, use_graph)
     history: list[float] = []
-    for i in range(config.iters):
-        index.copy_(rows[i])
-        if schedule is not None:
-            schedule(i)
-        replay()
-        if (i + 1) % config.log_every == 0 or i + 1 == config.iters:
-            window = (i % config.log_every) + 1
-            history.append(float(loss_sum) / window)  # one host read per window
-            loss_sum.zero_()
-            log.debug("%s iteration %d: loss %.5g", desc, i + 1, history[-1])
+    # Streams and graph capture belong to the *current* CUDA device: on any other (cuda:1 while the
+    # current device is 0) the capture would be empty and every replay a silent no-op.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        for i in range(config.iters):
+            index.copy_(rows[i])
+            if schedule is not None:
+                schedule(i)
+            replay()
+            if (i + 1) % config.log_every == 0 or i + 1 == config.iters:
+                window = (i % config.log_every) + 1
+                history.append(float(loss_sum) / window)  # one host read per window
+                loss_sum.zero_()
+                log.debug("%s iteration %d: loss %.5g", desc, i + 1, history[-1])
     return history

@@ -123,3 +123,32 @@ def test_config_errors() -> None:
         ActCalibConfig(p=0)
     with pytest.raises(ValueError, match="storage_dtype must be"):
         ActCalibConfig(storage_dtype="int8")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_graph_replay_trains_on_a_device_that_is_not_current() -> None:
+    """A captured step on the last GPU (cuda:1 while the current device is 0, as in a parallel worker)
+    must train exactly like the eager loop: an empty capture would leave the weight at its warm-up value."""
+    from modiff.quant.steps import LoopConfig, make_adam, run_loop
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    data = torch.randn(64, 4, device=device)
+    target = data @ torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)
+
+    def train(graphs: bool) -> torch.Tensor:
+        weight = torch.zeros(4, device=device, requires_grad=True)
+        config = LoopConfig(iters=200, batch_size=16, cuda_graphs=graphs)
+        optimizer, _ = make_adam([weight], 0.05, device, config)
+
+        def step(batch):
+            loss = ((batch[0] @ weight - batch[1]) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        run_loop(step, [data, target], config, params=[weight])
+        return weight.detach()
+
+    eager, graphed = train(False), train(True)
+    assert graphed.abs().sum() > 1.0  # it moved well past the three eager warm-up steps
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
