@@ -1,11 +1,13 @@
 """Cost of recording streaming statistics during sampling, side by side with plain sampling in one process.
 
     python benchmarks/bench_record.py --device cuda --batch 256            # -> results/record_h200.json on an H200
-    python benchmarks/bench_record.py --device cpu --batch 2 --steps 4 --repeats 3
+    python benchmarks/bench_record.py --device cpu --batch 2 --steps 4 --repeats 3 --engines reference
 
 Every Conv/Linear input of the UNet (random weights; speed does not depend on them), at every step, raw
 and temporal differences. Variants: no recording ("none"), `Stats` only, and the default reducers (stats,
-per-channel absmax, histogram, quantiles, outliers). Each recorded run ends with `stats_frame()`, so the
+per-channel absmax, histogram, quantiles, outliers), each with every engine of `--engines` ("reference":
+the torch path, "fused": the Triton kernels of `modiff.record.fused`; on the CPU the fused path runs in
+the Triton interpreter only, far too slow to time). Each recorded run ends with `stats_frame()`, so the
 copy of the results to the host is part of the time. After one warm-up run of every variant, the variants
 are timed in turn `--repeats` times (interleaved, so a slower machine phase hits all of them) and the
 fastest run of each is reported with its ratio to "none". Target (issue 5): at most 1.5x the plain
@@ -35,15 +37,14 @@ ARCHS = {
     "cifar10": DDIMUNetConfig(ch=128, in_channels=3, out_ch=3),
     "fmnist-ddim": DDIMUNetConfig(ch=64, in_channels=1, out_ch=1),
 }
-VARIANTS: dict[str, Optional[Callable[[], list[Reducer]]]] = {
-    "none": None, "stats": lambda: [Stats()], "default": default_reducers,
-}
+REDUCERS: dict[str, Callable[[], list[Reducer]]] = {"stats": lambda: [Stats()], "default": default_reducers}
+Variant = Optional[tuple[Callable[[], list[Reducer]], str]]  # (reducers, engine); None: no recording
 RESULTS = Path(__file__).parent / "results"
 
 
-def _sample(model: torch.nn.Module, x_T: torch.Tensor, steps: int, reducers: Optional[Callable[[], list[Reducer]]]) -> int:
-    """One sampling run (recorded unless `reducers` is None); the number of statistics rows."""
-    context = nullcontext() if reducers is None else record(model, reducers=reducers())
+def _sample(model: torch.nn.Module, x_T: torch.Tensor, steps: int, variant: Variant) -> int:
+    """One sampling run (recorded unless `variant` is None); the number of statistics rows."""
+    context = nullcontext() if variant is None else record(model, reducers=variant[0](), engine=variant[1])
     with context as rec:
         sample_ddim(model, x_T, timesteps(steps), callback=None if rec is None else rec.on_step)
     return 0 if rec is None else len(rec.stats_frame())  # the results reach the host: the full cost counts
@@ -74,25 +75,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is kept)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(REDUCERS), help=f"comma-separated, from {list(REDUCERS)}")
+    parser.add_argument("--engines", default="reference,fused", help="comma-separated: reference, fused")
     parser.add_argument("--out", help="JSON file (default: benchmarks/results/record_<device>.json)")
     parser.add_argument("--profile", help="also write a kernel table of one run of each variant (--profile-steps steps)")
     parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
-    names = ["none"] + [v for v in args.variants.split(",") if v and v != "none"]
-    unknown = [v for v in names if v not in VARIANTS]
+    reducers = [v for v in args.variants.split(",") if v and v != "none"]
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = [v for v in reducers if v not in REDUCERS] + [e for e in engines if e not in ("reference", "fused")]
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        parser.error(f"unknown variants or engines {unknown}; choose from {list(REDUCERS)} and reference, fused")
+    variants: dict[str, Variant] = {"none": None}
+    variants.update({f"{r}/{e}": (REDUCERS[r], e) for r in reducers for e in engines})
+    names = list(variants)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = Denoiser(DDIMUNet(ARCHS[args.arch]), linear_schedule(), args.arch, {}).to(device).eval()
     x_T = torch.randn(args.batch, *model.sample_shape, device=device)
     for name in names:  # warm-up: kernels loaded, allocator primed
-        _sample(model, x_T, min(args.steps, 3), VARIANTS[name])
+        _sample(model, x_T, min(args.steps, 3), variants[name])
     best: dict[str, tuple[float, int]] = {}
     for _ in range(args.repeats):
         for name in names:
-            seconds, n_rows = _timed(device, lambda: _sample(model, x_T, args.steps, VARIANTS[name]))
+            seconds, n_rows = _timed(device, lambda: _sample(model, x_T, args.steps, variants[name]))
             if name not in best or seconds < best[name][0]:
                 best[name] = (seconds, n_rows)
     rows = [{"variant": name, "seconds": round(best[name][0], 3), "stat_rows": best[name][1],
@@ -109,7 +115,7 @@ def main() -> None:
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out}")
     if args.profile:
-        write_profiles({name: kernel_table(lambda: _sample(model, x_T, args.profile_steps, VARIANTS[name]), device)
+        write_profiles({name: kernel_table(lambda: _sample(model, x_T, args.profile_steps, variants[name]), device)
                         for name in names}, args.profile)
 
 

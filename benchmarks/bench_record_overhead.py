@@ -2,12 +2,16 @@
 
     python benchmarks/bench_record_overhead.py --out benchmarks/results/record_overhead_cpu.json
     python benchmarks/bench_record_overhead.py --device cuda --out benchmarks/results/record_overhead_h200.json
+    TRITON_INTERPRET=1 python benchmarks/bench_record_overhead.py --engines reference,fused --repeats 1   # CPU, operators only
 
 A chain of 1x1 convolutions on tiny tensors (batch 2, 8 channels, 4x4), so the arithmetic is negligible
 and what is left is the work of dispatching operators, which a GPU pays as kernel launches: on an H200 at
 batch 256 the CIFAR-10 UNet's 36 ms step has room for about 160 us per site call within the 1.5x target
 of issue 5 (113 sites). Each variant records raw values and temporal differences at every step.
-On CUDA the kernel launches per call are counted too. The CPU takes other code paths than CUDA in two
+Every variant runs on each engine of --engines ("reference": the torch path, "fused": the Triton kernels
+of `modiff.record.fused`, whose launches are not aten operators). On CUDA the device kernels per call are
+counted too (Triton's included). On the CPU the fused path needs the Triton interpreter, whose time means
+nothing; its operator count does. The CPU takes other code paths than CUDA in two
 places (two-pass moments, arithmetic bin counting), so compare devices by their own numbers.
 """
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Reducer, Stats, record
 from modiff.record.reducers import default_reducers
@@ -49,8 +54,8 @@ class _Step:
 
 
 @torch.no_grad()
-def _record(model: nn.Module, x: torch.Tensor, reducers: Callable[[], list[Reducer]], steps: int) -> float:
-    with record(model, reducers=reducers()) as rec:
+def _record(model: nn.Module, x: torch.Tensor, reducers: Callable[[], list[Reducer]], steps: int, engine: str) -> float:
+    with record(model, reducers=reducers(), engine=engine) as rec:
         _sync(x)
         start = time.perf_counter()
         for i in range(steps):
@@ -60,20 +65,52 @@ def _record(model: nn.Module, x: torch.Tensor, reducers: Callable[[], list[Reduc
         return time.perf_counter() - start
 
 
-def _counts_per_call(model: nn.Module, x: torch.Tensor, reducers: Callable[[], list[Reducer]]) -> dict[str, float]:
-    """aten operators (views included) and, on CUDA, kernel launches per site call, beyond the plain forward."""
-    def counts(run: Callable[[], object]) -> tuple[int, int]:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run()
-        events = prof.key_averages()
-        return (sum(e.count for e in events if e.key.startswith("aten::")),
-                sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")))
+class _Labelled:
+    """A Triton kernel whose launches show in the profiler as "triton::<name>" (what they run is not counted)."""
 
-    ops, launches = counts(lambda: _record(model, x, reducers, 4))
-    plain_ops, plain_launches = counts(lambda: _plain(model, x, 4))
-    out = {"operators_per_site_call": round((ops - plain_ops) / (SITES * 4), 1)}
+    def __init__(self, name: str, kernel: Any) -> None:
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            with record_function(f"triton::{self.name}"):
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _label_triton_launches() -> None:
+    from modiff.record import kernels
+    for name in ("scan_kernel", "summary_kernel", "count_kernel"):
+        setattr(kernels, name, _Labelled(name, getattr(kernels, name)))
+
+
+def _inside_triton(event: Any) -> bool:
+    while event is not None:
+        if event.name.startswith("triton::"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def _counts_per_call(model: nn.Module, x: torch.Tensor, reducers: Callable[[], list[Reducer]], engine: str) -> dict[str, float]:
+    """aten operators (views included, those inside Triton launches not: the interpreter's copies), Triton
+    launches and, on CUDA, device kernels per site call, beyond the plain forward."""
+    def counts(run: Callable[[], object]) -> tuple[int, int, int]:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+        with profile(activities=activities) as prof:
+            run()
+        events = prof.events()
+        return (sum(e.name.startswith("aten::") and not _inside_triton(e) for e in events),
+                sum(e.name.startswith("triton::") for e in events),
+                sum(e.device_type == DeviceType.CUDA for e in events))
+
+    ops, triton_launches, kernels = counts(lambda: _record(model, x, reducers, 4, engine))
+    plain_ops, _, plain_kernels = counts(lambda: _plain(model, x, 4))
+    calls = SITES * 4
+    out = {"operators_per_site_call": round((ops - plain_ops) / calls, 1),
+           "triton_launches_per_site_call": round(triton_launches / calls, 1)}
     if x.is_cuda:
-        out["kernel_launches_per_site_call"] = round((launches - plain_launches) / (SITES * 4), 1)
+        out["device_kernels_per_site_call"] = round((kernels - plain_kernels) / calls, 1)
     return out
 
 
@@ -81,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", help="comma-separated: reference, fused (default: both on CUDA, reference on the CPU)")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -89,14 +127,19 @@ def main() -> None:
     model, x = _Chain().eval().to(device), torch.randn(2, 8, 4, 4, device=device)
     _plain(model, x, 3)
     plain = min(_plain(model, x, STEPS) for _ in range(args.repeats))
+    engines = (args.engines or ("reference,fused" if device.type == "cuda" else "reference")).split(",")
+    if "fused" in engines:
+        _label_triton_launches()
     rows = []
     for name, reducers in VARIANTS.items():
-        _record(model, x, reducers, 3)
-        seconds = min(_record(model, x, reducers, STEPS) for _ in range(args.repeats))
-        row = {"variant": name, "us_per_site_call": round((seconds - plain) / (SITES * STEPS) * 1e6, 1),
-               **_counts_per_call(model, x, reducers)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for engine in engines:
+            _record(model, x, reducers, 3, engine)
+            seconds = min(_record(model, x, reducers, STEPS, engine) for _ in range(args.repeats))
+            row = {"variant": name, "engine": engine,
+                   "us_per_site_call": round((seconds - plain) / (SITES * STEPS) * 1e6, 1),
+                   **_counts_per_call(model, x, reducers, engine)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

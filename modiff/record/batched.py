@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence, Union, get_args
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Union, get_args
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch
 if TYPE_CHECKING:
     from modiff.record.reducers import Reducer
 
-__all__ = ["Observation", "Grid", "Beyond", "CountBackend", "update_rows", "results_of"]
+__all__ = ["Observation", "Grid", "Beyond", "CountBackend", "Slot", "update_rows", "results_of"]
 
 CountBackend = Literal["auto", "search", "grid"]
 
@@ -235,12 +235,33 @@ def update_rows(rows: Sequence[Sequence["Reducer"]], obs: Observation) -> None:
             type(column[0]).take_counts(list(column), ge, obs)
 
 
+@dataclass(frozen=True)
+class Slot:
+    """A state tensor kept as a region of a larger device tensor (the fused path's arenas): `results_of`
+    copies each source to the host once and reads the region there; `convert` gives the state's form."""
+
+    source: torch.Tensor
+    start: int
+    shape: tuple[int, ...]
+    convert: Optional[Callable[[np.ndarray], np.ndarray]] = None
+
+    def read(self, host: np.ndarray) -> np.ndarray:
+        values = host[self.start:self.start + math.prod(self.shape)].reshape(self.shape)
+        return values if self.convert is None else self.convert(values)
+
+
 def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
-    """`r.result()` for every reducer, with one device-to-host copy per (device, dtype) for all of them."""
+    """`r.result()` for every reducer, with one device-to-host copy per (device, dtype) for all of them
+    (and one per `Slot` source)."""
     states = [r.state() for r in reducers]
     groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
+    sources: dict[int, np.ndarray] = {}
     for state in states:
         for t in (state or {}).values():
+            if isinstance(t, Slot):
+                if id(t.source) not in sources:
+                    sources[id(t.source)] = t.source.cpu().numpy().reshape(-1)
+                continue
             groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
     host: dict[tuple[Any, Any], list[np.ndarray]] = {}
     for key, tensors in groups.items():
@@ -254,6 +275,9 @@ def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
             continue
         arrays = {}
         for name, t in state.items():
+            if isinstance(t, Slot):
+                arrays[name] = t.read(sources[id(t.source)])
+                continue
             key = (t.device, t.dtype)
             arrays[name] = host[key][cursor[key]].reshape(t.shape)
             cursor[key] += 1

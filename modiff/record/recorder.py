@@ -19,7 +19,8 @@ call is recorded as the site "<name>#k".
 Hot path (no host synchronisation, a fixed number of kernels per site): the recorder keeps one float32
 buffer (2, *shape) per site, capture and call index on the device; row 1 <- a_s - row 0, then row 0 <- a_s
 (so row 0 holds a_{s-1} when step s arrives), and the reducers of the raw and the diff key run on both
-rows at once (`modiff.record.batched`). Results stay on the device until `stats_frame`/`save`, which
+rows at once (`modiff.record.batched`; on CUDA the built-in reducers run fused, three Triton kernels per
+site call, see `modiff.record.fused`; engine="reference" keeps the torch path). Results stay on the device until `stats_frame`/`save`, which
 copies them to the host in one transfer per dtype.
 
 Memory: the reducers keep small device tensors per key. The buffers take twice the float32 size of one
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from modiff.record.batched import Observation, results_of, update_rows
+from modiff.record.fused import Engine, FusedEngine, use_fused
 from modiff.record.reducers import Reducer, default_reducers
 from modiff.record.sites import SiteSpec, select_sites
 from modiff.record.store import ResultKey, results_to_tables, write_recording
@@ -95,7 +97,8 @@ class Recorder:
 
     def __init__(self, model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None,
                  *, capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
-                 memory_budget_mb: float = 512, differences: bool = True, metadata: Optional[Mapping[str, Any]] = None):
+                 memory_budget_mb: float = 512, differences: bool = True, metadata: Optional[Mapping[str, Any]] = None,
+                 engine: Engine = "auto"):
         if capture not in get_args(Capture):
             raise ValueError(f"capture must be one of {', '.join(get_args(Capture))}; got {capture!r}")
         self.reducers = list(default_reducers() if reducers is None else reducers)
@@ -110,7 +113,10 @@ class Recorder:
             raise ValueError("tensors=TensorSpec(...) spills full tensors to disk: pass out_dir=...")
         if memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-        self.model, self.capture, self.differences = model, capture, differences
+        use_fused(engine, self.reducers, torch.device("cpu"))  # a bad engine fails here, not at the first call
+        self.model, self.capture, self.differences, self.engine = model, capture, differences, engine
+        self._fused: Optional[FusedEngine] = None
+        self._fused_resolved = False
         self.tensor_spec, self.memory_budget_mb = tensors, float(memory_budget_mb)
         self.metadata = dict(metadata or {})
         self.sites = self._build_sites(sites)  # a bad spec fails before any directory is made
@@ -263,14 +269,26 @@ class Recorder:
                                 name, tuple(buffer.shape[1:]), tuple(x.shape))
             buffer = torch.empty((1 + self.differences, *x.shape), dtype=torch.float32, device=x.device)
         diff = self.differences and slot is not None and slot[0] == step - 1 and buffer is slot[1]
-        if diff:
-            torch.sub(x, buffer[0], out=buffer[1])  # in float32, as (a_s).float() - a_{s-1}
-        buffer[0].copy_(x)
         self._prev[(name, capture, call)] = (step, buffer)
         rows = [self._reducers_of((name, capture, "raw", step, call))]
         if diff:
             rows.append(self._reducers_of((name, capture, "diff", step, call)))
+        fused = self._fused_engine(x.device)
+        if fused is not None and fused.accepts(x):
+            fused.update((name, capture), rows, buffer, x, diff)
+            return
+        if diff:
+            torch.sub(x, buffer[0], out=buffer[1])  # in float32, as (a_s).float() - a_{s-1}
+        buffer[0].copy_(x)
         update_rows(rows, Observation(buffer[: len(rows)]))
+
+    def _fused_engine(self, device: torch.device) -> Optional[FusedEngine]:
+        """The fused path, chosen at the first observation (by `engine` and the device)."""
+        if not self._fused_resolved:
+            self._fused_resolved = True
+            if use_fused(self.engine, self.reducers, device):
+                self._fused = FusedEngine(self.reducers, device)
+        return self._fused
 
     def _reducers_of(self, key: ResultKey) -> list[Reducer]:
         reducers = self._reducers.get(key)
@@ -303,7 +321,7 @@ class Recorder:
             "sites": [{"name": n, "shapes": shapes} for n, shapes in self.shapes.items()],
             "stat_sites": [s.name for s in self.sites if s.stats],
             "tensor_sites": [s.name for s in self.sites if s.tensors],
-            "capture": self.capture, "differences": self.differences,
+            "capture": self.capture, "differences": self.differences, "engine": self.engine,
             "reducers": [r.describe() for r in self.reducers],
             "steps": steps, "timesteps": [self.timesteps.get(s) for s in steps],
             "trajectories": self.trajectory + (1 if self.step or self._rows else 0),
@@ -335,7 +353,7 @@ class Recorder:
 def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None, *,
            capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
            memory_budget_mb: float = 512, differences: bool = True,
-           metadata: Optional[Mapping[str, Any]] = None) -> Recorder:
+           metadata: Optional[Mapping[str, Any]] = None, engine: Engine = "auto") -> Recorder:
     """Record per-(site, step, call) statistics, and optionally full tensors, of `model` during sampling.
 
     Use as `with record(model, ...) as rec:` around a sampler called with `callback=rec.on_step`.
@@ -345,7 +363,9 @@ def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional
     tensors: which full tensors to keep (needs out_dir). out_dir: a new or empty directory; the recording
     is saved there on a clean exit. memory_budget_mb: host memory for buffered full tensors before they are
     written to a shard. differences: also reduce a_s - a_{s-1} (keeps one tensor per site and call on the
-    device). metadata: JSON-friendly extras for the manifest. Hooks are removed on exit, also on errors.
+    device). metadata: JSON-friendly extras for the manifest. engine: "auto" (fused Triton kernels on
+    CUDA for the built-in reducers, else the torch path), "reference" (always the torch path) or "fused"
+    (also on the CPU, which needs TRITON_INTERPRET=1). Hooks are removed on exit, also on errors.
     """
     return Recorder(model, sites, reducers, capture=capture, tensors=tensors, out_dir=out_dir,
-                    memory_budget_mb=memory_budget_mb, differences=differences, metadata=metadata)
+                    memory_budget_mb=memory_budget_mb, differences=differences, metadata=metadata, engine=engine)

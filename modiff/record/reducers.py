@@ -36,13 +36,13 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import numpy as np
 import torch
 
-from modiff.record.batched import Beyond, Grid, Observation, fixed_range, results_of, update_rows
+from modiff.record.batched import Beyond, Grid, Observation, Slot, fixed_range, results_of, update_rows
 
 __all__ = ["Reducer", "Stats", "ChannelAbsMax", "Histogram", "Quantiles", "Outliers", "default_reducers", "RangeScope"]
 
 Result = dict[str, Any]  # name -> float or np.ndarray
 RangeScope = Literal["site", "key"]
-State = dict[str, torch.Tensor]
+State = dict[str, "torch.Tensor | Slot"]
 
 
 class Reducer:
@@ -53,6 +53,8 @@ class Reducer:
     `obs` (and may return a counting block, whose counts arrive in `take_counts`), `state()` returns the
     device tensors of the result and `finish(host_state)` turns their host copies into the result.
     """
+
+    _slots: Optional[State] = None  # the state's place in the fused path's arenas (`modiff.record.fused`)
 
     def __init__(self, name: str):
         if not name or "/" in name or "." in name:
@@ -128,6 +130,8 @@ class Stats(Reducer):
             reducer.samples += obs.samples
 
     def state(self) -> State:
+        if self._slots is not None:
+            return self._slots
         return {} if self._state is None else {"state": self._state}
 
     def finish(self, host: dict[str, np.ndarray]) -> Result:
@@ -178,6 +182,8 @@ class ChannelAbsMax(Reducer):
             reducer._absmax = new if old is None else torch.maximum(old, new)
 
     def state(self) -> State:
+        if self._slots is not None:
+            return self._slots
         return {} if self._absmax is None else {"absmax": self._absmax}
 
     def finish(self, host: dict[str, np.ndarray]) -> Result:
@@ -244,6 +250,8 @@ class Histogram(Reducer):
             reducer._n += obs.numel
 
     def state(self) -> State:
+        if self._slots is not None:
+            return self._slots
         return {} if self._ge is None else {"ge": self._ge, "lo_hi": self._lo_hi}
 
     def finish(self, host: dict[str, np.ndarray]) -> Result:
@@ -359,6 +367,8 @@ class Outliers(Reducer):
             reducer.count += obs.numel
 
     def state(self) -> State:
+        if self._slots is not None:
+            return self._slots
         return {} if self._hits is None else {"hits": self._hits}
 
     def finish(self, host: dict[str, np.ndarray]) -> Result:

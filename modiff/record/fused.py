@@ -1,0 +1,310 @@
+"""The fused recording path: the built-in reducers of one site call in three Triton launches.
+
+The reference path (`batched.update_rows`) dispatches about 400 small operators per site call for the
+default reducers; a GPU pays each as a kernel launch. Here the recorder's buffer update and every built-in
+reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count),
+and the reducers' state lives in preallocated float64 arenas that the kernels update in place: a key takes
+its slot once, and `results_of` copies each arena chunk to the host once (`batched.Slot`).
+
+The results equal the reference's (`search` count backend): counts, min, max and channel absmax exactly,
+moments up to float rounding (float32 Chan-merged chunks instead of Welford passes). Per key the state
+layout is: Stats (6) | ChannelAbsMax (C) | per grid: positions (bins + 2), range (2, if per key) |
+outlier hits. Histogram ranges per site (or fixed) live in a (2, grids, 2) tensor per site.
+
+Supported: `Stats`, `ChannelAbsMax(dim=1)`, `Histogram`, `Quantiles`, `Outliers` (exactly these types),
+on tensors with at least 2 dims (samples, channels, ...); a site whose channel count changes raises when
+ChannelAbsMax is recorded. Other reducers take the reference path (`Recorder(engine="reference")`).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Literal, Optional, Sequence, get_args
+
+import numpy as np
+import torch
+
+from modiff.record.batched import Slot
+from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles, Reducer, Stats
+
+__all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
+
+Engine = Literal["auto", "fused", "reference"]
+_TYPES = (Stats, ChannelAbsMax, Histogram, Quantiles, Outliers)
+_ALIGN = 16  # slot offsets stay multiples of 16 elements
+_TILE = 2048  # values per scan chunk
+_PER_PROGRAM = 16384  # values of one sample per scan program
+_COUNT_BLOCK = 1024
+
+
+def fused_supported(reducers: Sequence[Reducer]) -> bool:
+    """Whether every reducer has a fused implementation (exact built-in types, per-channel absmax on dim 1)."""
+    return all(type(r) in _TYPES for r in reducers) and all(
+        r.dim == 1 for r in reducers if isinstance(r, ChannelAbsMax))
+
+
+def use_fused(engine: Engine, reducers: Sequence[Reducer], device: torch.device) -> bool:
+    """"auto": fused on CUDA when Triton is there; "fused": wherever supported (CPU: the Triton interpreter)."""
+    if engine not in get_args(Engine):
+        raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
+    if engine == "reference" or not reducers:  # without reducers only the buffer is updated: two torch ops
+        return False
+    if not fused_supported(reducers):
+        if engine == "fused":
+            raise ValueError(f"engine='fused' supports only {[t.__name__ for t in _TYPES]} (ChannelAbsMax(dim=1)); "
+                             f"got {reducers!r}")
+        return False
+    return engine == "fused" or (device.type == "cuda" and importlib.util.find_spec("triton") is not None)
+
+
+def _kernels() -> ModuleType:
+    from modiff.record import kernels  # imported on first use: TRITON_INTERPRET is read when it is
+    return kernels
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _positions_to_ge(counts: np.ndarray) -> np.ndarray:
+    """Counts per position #{edges <= x} (bins + 2) -> ge_j = #{x >= edge_j} (bins + 1), as `Histogram` keeps."""
+    return np.cumsum(counts[::-1])[::-1][1:].astype(np.int64)
+
+
+def _as_int(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.int64)
+
+
+class Arena:
+    """Zeroed float64 device chunks; a key takes its state slot once, so no call allocates."""
+
+    def __init__(self, device: torch.device, chunk: int = 1 << 20):
+        self.device, self.chunk = device, chunk
+        self.chunks: list[torch.Tensor] = []
+        self.used = 0
+
+    def take(self, n: int) -> tuple[torch.Tensor, int]:
+        n = _aligned(n)
+        if not self.chunks or self.used + n > self.chunks[-1].numel():
+            self.chunks.append(torch.zeros(max(self.chunk, n), dtype=torch.float64, device=self.device))
+            self.used = 0
+        start, self.used = self.used, self.used + n
+        return self.chunks[-1], start
+
+
+@dataclass
+class _Grid:
+    reducer: Histogram  # the template (Quantiles: its histogram)
+    counts_at: int
+    range_at: int  # in the key slot, per-key ranges only; else 0
+
+    @property
+    def mode(self) -> int:
+        """0 fixed range, 1 per site, 2 per key (the kernels' codes)."""
+        h = self.reducer
+        return 0 if h.range is not None else (1 if h.per == "site" else 2)
+
+
+@dataclass
+class _Key:
+    chunk: torch.Tensor
+    start: int
+    seen: int = 0  # values reduced so far
+
+
+@dataclass
+class _Scratch:
+    chmin: torch.Tensor
+    chmax: torch.Tensor
+    nan: torch.Tensor
+    partials: torch.Tensor
+
+
+class SitePlan:
+    """State layout, descriptors and scratch of one (site, capture) for the template reducers."""
+
+    def __init__(self, reducers: Sequence[Reducer], channels: int, device: torch.device):
+        self.channels, self.device = channels, device
+        size = 0
+        self.stats_at = self.chabs_at = -1
+        if any(isinstance(r, Stats) for r in reducers):
+            self.stats_at, size = size, size + 6
+        if any(isinstance(r, ChannelAbsMax) for r in reducers):
+            self.chabs_at, size = size, size + channels
+        self.grids: dict[int, _Grid] = {}  # reducer index -> grid
+        self.outliers: dict[int, int] = {}  # reducer index -> first hit slot
+        limits: list[tuple[float, float]] = []
+        for j, r in enumerate(reducers):
+            if isinstance(r, (Histogram, Quantiles)):
+                h = r if isinstance(r, Histogram) else r._hist
+                grid = self.grids[j] = _Grid(h, size, 0)
+                size += h.bins + 2
+                if grid.mode == 2:
+                    grid.range_at, size = size, size + 2
+        self.outliers_at = size  # the hits of all Outliers, one block for the count kernel
+        for j, r in enumerate(reducers):
+            if isinstance(r, Outliers):
+                self.outliers[j] = size
+                limits += [(k, 0.0) for k in r.ks] + ([(r.threshold, 1.0)] if r.threshold is not None else [])
+                size += len(r.ks) + (r.threshold is not None)
+        self.size = size
+        grids = list(self.grids.values())
+        self.edges_at = list(np.cumsum([0] + [g.reducer.bins + 1 for g in grids]))
+        self.grid_table = torch.tensor([[g.reducer.bins, g.mode, self.edges_at[i], g.counts_at, g.range_at]
+                                        for i, g in enumerate(grids)] or [[0] * 5], dtype=torch.int32, device=device)
+        self.scales = torch.tensor([g.reducer.scale for g in grids] or [0.0], dtype=torch.float32, device=device)
+        self.limits = torch.tensor(limits or [(0.0, 0.0)], dtype=torch.float32, device=device)
+        self.n_limits = len(limits)
+        self.site_ranges = torch.zeros((2, max(len(grids), 1), 2), dtype=torch.float64, device=device)
+        for i, g in enumerate(grids):
+            if g.reducer.range is not None:  # rounded to float32 as `fixed_range` does
+                self.site_ranges[:, i] = torch.tensor(g.reducer.range, dtype=torch.float32, device=device).double()
+        self.site_range_set = [False, False]
+        self.edges = torch.empty((2, max(self.edges_at[-1], 1)), dtype=torch.float32, device=device)
+        self.approx = torch.empty((2, max(len(grids), 1), 2), dtype=torch.float32, device=device)
+        self.bounds = torch.empty((2, max(self.n_limits, 1), 2), dtype=torch.float32, device=device)
+        self._scratch: Optional[_Scratch] = None
+        self._scratch_shape: tuple[int, int] = (0, 0)
+
+    def scratch(self, samples: int, tiles: int) -> _Scratch:
+        """Per-channel extremes (reset by the summary after each call) and per-tile moments."""
+        if self._scratch_shape != (samples, tiles):
+            c, dev = self.channels, self.device
+            self._scratch = _Scratch(torch.full((2, c), torch.inf, device=dev), torch.full((2, c), -torch.inf, device=dev),
+                                     torch.zeros((2, c), dtype=torch.int32, device=dev),
+                                     torch.empty((2, samples, tiles, 2), dtype=torch.float32, device=dev))
+            self._scratch_shape = (samples, tiles)
+        return self._scratch
+
+    def slots(self, reducer_index: int, reducer: Reducer, key: _Key, row: int) -> dict[str, Slot]:
+        """Where reducer `reducer_index` of a key finds its state, in `Reducer.state` form."""
+        at = key.start
+        if isinstance(reducer, Stats):
+            return {"state": Slot(key.chunk, at + self.stats_at, (6,))}
+        if isinstance(reducer, ChannelAbsMax):
+            return {"absmax": Slot(key.chunk, at + self.chabs_at, (self.channels,))}
+        if isinstance(reducer, Outliers):
+            return {"hits": Slot(key.chunk, at + self.outliers[reducer_index], (len(reducer.ks) + (reducer.threshold is not None),), _as_int)}
+        grid = self.grids[reducer_index]
+        index = list(self.grids).index(reducer_index)
+        lo_hi = (Slot(key.chunk, at + grid.range_at, (2,)) if grid.mode == 2
+                 else Slot(self.site_ranges, (row * self.site_ranges.shape[1] + index) * 2, (2,)))
+        return {"ge": Slot(key.chunk, at + grid.counts_at, (grid.reducer.bins + 2,), _positions_to_ge), "lo_hi": lo_hi}
+
+
+@dataclass
+class FusedEngine:
+    """The fused path of one recorder: per-site plans and the state arena."""
+
+    reducers: Sequence[Reducer]
+    device: torch.device
+    arena: Arena = field(init=False)
+    plans: dict[tuple[str, str], SitePlan] = field(default_factory=dict)
+    keys: dict[int, tuple[Reducer, _Key]] = field(default_factory=dict)  # id(first reducer of a key) -> state
+
+    def __post_init__(self) -> None:
+        self.arena = Arena(self.device)
+        self.programs = 4 * (torch.cuda.get_device_properties(self.device).multi_processor_count
+                             if self.device.type == "cuda" else 1)
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.ndim >= 2 and x.numel() > 0 and x.device == self.device
+
+    def update(self, site: tuple[str, str], rows: Sequence[Sequence[Reducer]], buffer: torch.Tensor,
+               x: torch.Tensor, diff: bool) -> None:
+        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) and reduce rows[k] (k = 0 raw, 1 diff)."""
+        plan = self._plan(site, x)
+        keys = [self._key(plan, row, k) for k, row in enumerate(rows)]
+        samples, numel = x.shape[0], x.numel()
+        channels, inner = x.shape[1], numel // (x.shape[0] * x.shape[1])
+        cb, rb, per_program = _scan_tiles(channels, inner)
+        tiles = -(-channels // per_program)
+        scratch = plan.scratch(samples, tiles)
+        k = _kernels()
+        x = x if x.is_contiguous() else x.contiguous()
+        k.scan_kernel[(samples, tiles)](x, buffer, scratch.chmin, scratch.chmax, scratch.nan,
+                                        scratch.partials, samples, channels, inner, tiles, per_program,
+                                        HAS_DIFF=diff, CB=cb, RB=rb)
+        self._summarize(k, plan, keys, scratch, samples, channels, inner, tiles, per_program)
+        self._count(k, plan, keys, buffer, numel)
+        for key, row in zip(keys, rows):
+            key.seen += numel
+            _account(row, numel, samples)
+
+    def _plan(self, site: tuple[str, str], x: torch.Tensor) -> SitePlan:
+        plan = self.plans.get(site)
+        if plan is None:
+            plan = self.plans[site] = SitePlan(self.reducers, x.shape[1], self.device)
+        elif plan.chabs_at >= 0 and plan.channels != x.shape[1]:
+            raise ValueError(f"ChannelAbsMax: {x.shape[1]} channels now, {plan.channels} before (site {site[0]})")
+        return plan
+
+    def _key(self, plan: SitePlan, row: Sequence[Reducer], index: int) -> _Key:
+        entry = self.keys.get(id(row[0]))
+        if entry is not None:
+            return entry[1]
+        key = _Key(*self.arena.take(plan.size))
+        self.keys[id(row[0])] = (row[0], key)
+        for j, reducer in enumerate(row):
+            target = reducer._hist if isinstance(reducer, Quantiles) else reducer
+            target._slots = plan.slots(j, reducer, key, index)
+        return key
+
+    def _summarize(self, k: ModuleType, plan: SitePlan, keys: list[_Key], scratch: _Scratch, samples: int,
+                   channels: int, inner: int, tiles: int, per_program: int) -> None:
+        last = keys[-1]
+        new_site = [int(not plan.site_range_set[i]) for i in range(2)]
+        for i in range(len(keys)):
+            plan.site_range_set[i] = True
+        tp = _pow2(tiles)
+        k.summary_kernel[(len(keys),)](
+            scratch.partials, scratch.chmin, scratch.chmax, scratch.nan, keys[0].chunk, last.chunk,
+            keys[0].start, last.start, int(keys[0].seen == 0), int(last.seen == 0), keys[0].seen, last.seen,
+            samples * channels * inner, plan.site_ranges, new_site[0], new_site[1], plan.grid_table, plan.scales,
+            len(plan.grids), plan.edges, plan.approx, plan.edges.shape[1], plan.limits, plan.bounds, plan.n_limits,
+            samples, channels, inner, tiles, per_program, STATS_AT=plan.stats_at, CHABS_AT=plan.chabs_at,
+            BB=max(1, min(64, 4096 // tp)), TP=tp, CBS=256, EB=256)
+
+    def _count(self, k: ModuleType, plan: SitePlan, keys: list[_Key], buffer: torch.Tensor, numel: int) -> None:
+        grids = list(plan.grids.values())
+        pairs = [grids[i:i + 2] for i in range(0, len(grids), 2)] or [[]]
+        programs = min(-(-numel // _COUNT_BLOCK), self.programs)
+        for n, pair in enumerate(pairs):
+            limits = plan.n_limits if n == 0 else 0
+            if not pair and not limits:
+                continue
+            ids = [grids.index(g) for g in pair] + [0, 0]
+            bins = [g.reducer.bins for g in pair] + [0, 0]
+            counts = [g.counts_at for g in pair] + [0, 0]
+            k.count_kernel[(programs, len(keys))](
+                buffer, numel, keys[0].chunk, keys[-1].chunk, keys[0].start, keys[-1].start, plan.edges, plan.approx,
+                plan.edges.shape[1], max(len(grids), 1), plan.bounds, max(plan.n_limits, 1),
+                int(plan.edges_at[ids[0]]), ids[0], counts[0], int(plan.edges_at[ids[1]]), ids[1], counts[1],
+                plan.outliers_at, BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0] + 2),
+                NB_B=_pow2(bins[1] + 2), LIMITS=limits,
+                LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
+
+
+def _scan_tiles(channels: int, inner: int) -> tuple[int, int, int]:
+    """Chunk [channels CB, values RB] and channels per program of the scan."""
+    rb = min(_pow2(inner), _TILE)
+    cb = max(1, min(_pow2(channels), _TILE // rb))
+    per_program = max(1, _PER_PROGRAM // (cb * inner)) * cb
+    return cb, rb, per_program
+
+
+def _account(row: Sequence[Reducer], numel: int, samples: int) -> None:
+    """The host-side counters the reducers' `finish` reads."""
+    for reducer in row:
+        if isinstance(reducer, Stats):
+            reducer.count += numel
+            reducer.samples += samples
+        elif isinstance(reducer, Outliers):
+            reducer.count += numel
+        elif isinstance(reducer, (Histogram, Quantiles)):
+            (reducer if isinstance(reducer, Histogram) else reducer._hist)._n += numel

@@ -1,0 +1,320 @@
+"""Triton kernels of the fused recording path (`modiff.record.fused`): three launches per site call.
+
+    scan     reads a_s and the buffer's a_{s-1}, writes a_s - a_{s-1} and a_s into the buffer, and reduces
+             both rows: per-channel min/max (atomics into a scratch the summary resets), NaN flags, and
+             per (sample, channel tile) mean and M2 (float32, Chan-merged chunk by chunk)
+    summary  one program per row: the partials -> min, max, mean, M2, sum x^2, sum ||x_b|| (float64,
+             Chan across tiles and samples, then across updates), channel absmax, histogram ranges,
+             the float32 bin edges (and their step and offset) and outlier boundaries exactly as `batched.Grid`/`Beyond` build them
+    count    histograms of the positions #{edges <= x} (an arithmetic guess, corrected against the
+             edges, so the counts equal the sorted-boundary search) and outlier hits, per program in
+             registers, then atomically added (float64, exact below 2^53) into the keys' state
+
+Semantics follow `modiff.record.batched`: NaN is above every boundary, a NaN boundary counts as -inf.
+Set TRITON_INTERPRET=1 before this module is imported to run the kernels on CPU tensors.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the smallest automatic histogram range
+
+
+@triton.jit
+def _next_up(v):
+    """nextafter(v, +inf) for float32 (NaN and +inf stay)."""
+    bits = v.to(tl.int32, bitcast=True)
+    up = tl.where(v > 0, bits + 1, bits - 1).to(tl.float32, bitcast=True)
+    up = tl.where(v == 0, 1.401298464324817e-45, up)
+    return tl.where((v != v) | (v == float("inf")), v, up)
+
+
+@triton.jit
+def _nan_to_low(v):
+    """A NaN boundary sorts first (as nan_to_num(nan=-inf) in the reference)."""
+    return tl.where(v != v, float("-inf"), v)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.where((a != a) | (b != b), float("nan"), tl.maximum(a, b))
+
+
+@triton.jit
+def _chan(n, mean, m2, n_new, mean_new, m2_new):
+    """Chan's merge of (n, mean, M2) with a chunk's (n_new, mean_new, M2_new)."""
+    total = n + n_new
+    delta = mean_new - mean
+    safe = tl.maximum(total, 1.0)
+    return total, mean + delta * (n_new / safe), m2 + m2_new + delta * delta * (n * n_new / safe)
+
+
+@triton.jit
+def _chunk_moments(v, mask):
+    n = tl.sum(mask.to(tl.float32))
+    mean = tl.sum(tl.where(mask, v, 0.0)) / tl.maximum(n, 1.0)
+    dev = tl.where(mask, v - mean, 0.0)
+    return n, mean, tl.sum(dev * dev)
+
+
+@triton.jit
+def _channel_extremes(v, mask, lo, hi, has_nan):
+    """Running per-channel min/max over a [CB, RB] chunk, NaN kept aside as a flag."""
+    nan = (v != v) & mask
+    lo = tl.minimum(lo, tl.min(tl.where(mask & ~nan, v, float("inf")), axis=1))
+    hi = tl.maximum(hi, tl.max(tl.where(mask & ~nan, v, float("-inf")), axis=1))
+    return lo, hi, has_nan | (tl.max(nan.to(tl.int32), axis=1) > 0)
+
+
+@triton.jit
+def _flush_extremes(chmin_ptr, chmax_ptr, nan_ptr, channels, cmask, lo, hi, has_nan):
+    tl.atomic_min(chmin_ptr + channels, lo, mask=cmask)
+    tl.atomic_max(chmax_ptr + channels, hi, mask=cmask)
+    tl.atomic_max(nan_ptr + channels, has_nan.to(tl.int32), mask=cmask & has_nan)
+
+
+@triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB"])
+def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, nan_ptr, part_ptr, B, C, R, T, CPB,
+                HAS_DIFF: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
+    """Program (b, t): sample b, channels [t CPB, (t + 1) CPB). part: (2, B, T, 2) mean and M2."""
+    b, t = tl.program_id(0), tl.program_id(1)
+    numel = B * C * R
+    n_raw, mean_raw, m2_raw = 0.0, 0.0, 0.0
+    n_diff, mean_diff, m2_diff = 0.0, 0.0, 0.0
+    c_end = tl.minimum(C, (t + 1) * CPB)
+    for c0 in range(t * CPB, c_end, CB):
+        channels = c0 + tl.arange(0, CB)
+        cmask = channels < c_end
+        lo_raw = tl.full([CB], float("inf"), tl.float32)
+        hi_raw = tl.full([CB], float("-inf"), tl.float32)
+        nan_raw = tl.zeros([CB], tl.int1)
+        lo_diff, hi_diff, nan_diff = lo_raw, hi_raw, nan_raw
+        for r0 in range(0, R, RB):
+            r = r0 + tl.arange(0, RB)
+            mask = cmask[:, None] & (r < R)[None, :]
+            offs = (b * C + channels[:, None]).to(tl.int64) * R + r[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DIFF:
+                diff = x - tl.load(buf_ptr + offs, mask=mask, other=0.0)
+                tl.store(buf_ptr + numel + offs, diff, mask=mask)
+                lo_diff, hi_diff, nan_diff = _channel_extremes(diff, mask, lo_diff, hi_diff, nan_diff)
+                n_c, mean_c, m2_c = _chunk_moments(diff, mask)
+                n_diff, mean_diff, m2_diff = _chan(n_diff, mean_diff, m2_diff, n_c, mean_c, m2_c)
+            tl.store(buf_ptr + offs, x, mask=mask)
+            lo_raw, hi_raw, nan_raw = _channel_extremes(x, mask, lo_raw, hi_raw, nan_raw)
+            n_c, mean_c, m2_c = _chunk_moments(x, mask)
+            n_raw, mean_raw, m2_raw = _chan(n_raw, mean_raw, m2_raw, n_c, mean_c, m2_c)
+        _flush_extremes(chmin_ptr, chmax_ptr, nan_ptr, channels, cmask, lo_raw, hi_raw, nan_raw)
+        if HAS_DIFF:
+            _flush_extremes(chmin_ptr + C, chmax_ptr + C, nan_ptr + C, channels, cmask, lo_diff, hi_diff, nan_diff)
+    out = part_ptr + (b * T + t) * 2
+    tl.store(out, mean_raw)
+    tl.store(out + 1, m2_raw)
+    if HAS_DIFF:
+        tl.store(out + B * T * 2, mean_diff)
+        tl.store(out + B * T * 2 + 1, m2_diff)
+
+
+@triton.jit
+def _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexpr):
+    """Per-sample mean and M2 (float64) of samples b0..b0+BB from their tiles; 0 for padding."""
+    samples = b0 + tl.arange(0, BB)
+    tiles = tl.arange(0, TP)
+    mask = (samples < B)[:, None] & (tiles < T)[None, :]
+    n_t = (tl.minimum(CPB, C - tiles * CPB) * R).to(tl.float64)[None, :]
+    at = part_ptr + ((k * B + samples[:, None]) * T + tiles[None, :]) * 2
+    mean_t = tl.load(at, mask=mask, other=0.0).to(tl.float64)
+    m2_t = tl.load(at + 1, mask=mask, other=0.0).to(tl.float64)
+    d = (C * R).to(tl.float64)
+    mean_b = tl.sum(tl.where(mask, n_t * mean_t, 0.0), axis=1) / d
+    dev = mean_t - mean_b[:, None]
+    m2_b = tl.sum(tl.where(mask, m2_t + n_t * dev * dev, 0.0), axis=1)
+    return samples < B, mean_b, m2_b
+
+
+@triton.jit
+def _row_moments(part_ptr, k, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexpr):
+    """mean, M2, sum x^2, sum_b ||x_b|| of row k: Chan over the samples (two passes, float64)."""
+    d = (C * R).to(tl.float64)
+    total = tl.zeros([BB], tl.float64)
+    for b0 in range(0, B, BB):
+        valid, mean_b, _ = _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB, TP)
+        total += tl.where(valid, mean_b, 0.0)
+    mean = tl.sum(total) / B
+    m2 = tl.zeros([BB], tl.float64)
+    sumsq = tl.zeros([BB], tl.float64)
+    norms = tl.zeros([BB], tl.float64)
+    for b0 in range(0, B, BB):
+        valid, mean_b, m2_b = _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB, TP)
+        sumsq_b = m2_b + d * mean_b * mean_b
+        m2 += tl.where(valid, m2_b + d * (mean_b - mean) * (mean_b - mean), 0.0)
+        sumsq += tl.where(valid, sumsq_b, 0.0)
+        norms += tl.where(valid, tl.sqrt(sumsq_b), 0.0)
+    return mean, tl.sum(m2), tl.sum(sumsq), tl.sum(norms)
+
+
+@triton.jit
+def _channel_summary(chmin_ptr, chmax_ptr, nan_ptr, absmax_ptr, k, C, first, HAS_CHABS: tl.constexpr, CBS: tl.constexpr):
+    """Row min and max from the channel scratch (reset for the next call); channel absmax into the state."""
+    lo = tl.full([CBS], float("inf"), tl.float32)
+    hi = tl.full([CBS], float("-inf"), tl.float32)
+    any_nan = tl.zeros([CBS], tl.int32)
+    for c0 in range(0, C, CBS):
+        channels = c0 + tl.arange(0, CBS)
+        mask = channels < C
+        at = k * C + channels
+        c_lo = tl.load(chmin_ptr + at, mask=mask, other=float("inf"))
+        c_hi = tl.load(chmax_ptr + at, mask=mask, other=float("-inf"))
+        c_nan = tl.load(nan_ptr + at, mask=mask, other=0)
+        lo, hi, any_nan = tl.minimum(lo, c_lo), tl.maximum(hi, c_hi), tl.maximum(any_nan, c_nan)
+        tl.store(chmin_ptr + at, tl.full([CBS], float("inf"), tl.float32), mask=mask)
+        tl.store(chmax_ptr + at, tl.full([CBS], float("-inf"), tl.float32), mask=mask)
+        tl.store(nan_ptr + at, tl.zeros([CBS], tl.int32), mask=mask)
+        if HAS_CHABS:
+            new = tl.where(c_nan > 0, float("nan"), tl.maximum(c_hi, -c_lo)).to(tl.float64)
+            old = tl.load(absmax_ptr + channels, mask=mask & (first == 0), other=0.0)
+            tl.store(absmax_ptr + channels, tl.where(first != 0, new, _nan_max(old, new)), mask=mask)
+    nan = tl.max(any_nan) > 0
+    return tl.where(nan, float("nan"), tl.min(lo)), tl.where(nan, float("nan"), tl.max(hi))
+
+
+@triton.jit
+def _store_stats(at, first, n_old, n_new, lo, hi, mean, m2, sumsq, norms):
+    """Stats state (min, max, mean, M2, sum x^2, sum ||x_b||), merged with the old one (Chan) unless first."""
+    keep = first == 0
+    old_lo = tl.load(at, mask=keep, other=0.0)
+    old_hi = tl.load(at + 1, mask=keep, other=0.0)
+    old_mean = tl.load(at + 2, mask=keep, other=0.0)
+    old_m2 = tl.load(at + 3, mask=keep, other=0.0)
+    n_a = tl.where(keep, n_old, 0).to(tl.float64)
+    n_b = n_new.to(tl.float64)
+    total, mean, m2 = _chan(n_a, old_mean, old_m2, n_b, mean, m2)
+    lo64, hi64 = lo.to(tl.float64), hi.to(tl.float64)
+    tl.store(at, tl.where(keep, -_nan_max(-old_lo, -lo64), lo64))
+    tl.store(at + 1, tl.where(keep, _nan_max(old_hi, hi64), hi64))
+    tl.store(at + 2, mean)
+    tl.store(at + 3, m2)
+    tl.store(at + 4, sumsq + tl.load(at + 4, mask=keep, other=0.0))
+    tl.store(at + 5, norms + tl.load(at + 5, mask=keep, other=0.0))
+
+
+@triton.jit
+def _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, approx_ptr, g, k, G, E, first, new_site,
+                absmax, EB: tl.constexpr):
+    """Range of grid g (set from absmax when new), its edges (j + lo/w) w and hi+ (as `batched.Grid`)."""
+    bins = tl.load(grid_ptr + g * 5)
+    mode = tl.load(grid_ptr + g * 5 + 1)  # 0 fixed, 1 per site, 2 per key
+    at_key = state_ptr + tl.load(grid_ptr + g * 5 + 4)
+    at_site = site_range_ptr + (k * G + g) * 2
+    per_key = mode == 2
+    is_new = tl.where(per_key, first != 0, (mode == 1) & (new_site != 0))
+    half = tl.load(scale_ptr + g) * absmax
+    half = tl.where(half != half, half, tl.maximum(half, TINY))
+    lo = tl.where(per_key, tl.load(at_key), tl.load(at_site)).to(tl.float32)
+    hi = tl.where(per_key, tl.load(at_key + 1), tl.load(at_site + 1)).to(tl.float32)
+    lo, hi = tl.where(is_new, -half, lo), tl.where(is_new, half, hi)
+    store_key, store_site = is_new & per_key, is_new & ~per_key
+    tl.store(at_key, lo.to(tl.float64), mask=store_key)
+    tl.store(at_key + 1, hi.to(tl.float64), mask=store_key)
+    tl.store(at_site, lo.to(tl.float64), mask=store_site)
+    tl.store(at_site + 1, hi.to(tl.float64), mask=store_site)
+    step = tl.math.div_rn(hi - lo, bins.to(tl.float32))
+    offset = tl.math.div_rn(lo, step)
+    out = edges_ptr + k * E + tl.load(grid_ptr + g * 5 + 2)
+    for j0 in range(0, bins, EB):
+        j = j0 + tl.arange(0, EB)
+        tl.store(out + j, _nan_to_low((j.to(tl.float32) + offset) * step), mask=j < bins)
+    tl.store(out + bins, _nan_to_low(_next_up(hi)))
+    tl.store(approx_ptr + (k * G + g) * 2, step)
+    tl.store(approx_ptr + (k * G + g) * 2 + 1, offset)
+
+
+@triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB", "G", "E", "L", "off0", "off1", "first0", "first1",
+                               "n_old0", "n_old1", "new_site0", "new_site1", "n_new"])
+def summary_kernel(part_ptr, chmin_ptr, chmax_ptr, nan_ptr, state0_ptr, state1_ptr, off0, off1, first0, first1,
+                   n_old0, n_old1, n_new, site_range_ptr, new_site0, new_site1, grid_ptr, scale_ptr, G, edges_ptr,
+                   approx_ptr, E, limit_ptr, bounds_ptr, L, B, C, R, T, CPB, STATS_AT: tl.constexpr,
+                   CHABS_AT: tl.constexpr, BB: tl.constexpr, TP: tl.constexpr, CBS: tl.constexpr, EB: tl.constexpr):
+    """Program k: row k (0 raw, 1 diff), whose key state starts at state{k}_ptr + off{k} (float64)."""
+    k = tl.program_id(0)
+    state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
+    first = tl.where(k == 0, first0, first1)
+    mean, m2, sumsq, norms = _row_moments(part_ptr, k, B, C, R, T, CPB, BB, TP)
+    lo, hi = _channel_summary(chmin_ptr, chmax_ptr, nan_ptr, state_ptr + CHABS_AT, k, C, first, CHABS_AT >= 0, CBS)
+    if STATS_AT >= 0:
+        _store_stats(state_ptr + STATS_AT, first, tl.where(k == 0, n_old0, n_old1), n_new, lo, hi, mean, m2, sumsq, norms)
+    absmax = _nan_max(hi, -lo)
+    for g in range(G):
+        _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, approx_ptr, g, k, G, E, first,
+                    tl.where(k == 0, new_site0, new_site1), absmax, EB)
+    sigma = tl.sqrt(m2 / n_new.to(tl.float64)).to(tl.float32)
+    for i in range(L):
+        factor = tl.load(limit_ptr + i * 2)
+        limit = tl.where(tl.load(limit_ptr + i * 2 + 1) != 0, factor, sigma * factor)
+        tl.store(bounds_ptr + (k * L + i) * 2, _nan_to_low(-limit))
+        tl.store(bounds_ptr + (k * L + i) * 2 + 1, _nan_to_low(_next_up(limit)))
+
+
+@triton.jit
+def _positions(x, edges_ptr, step, offset, BINS: tl.constexpr):
+    """#{edges <= x} in [0, BINS + 1] (NaN: BINS + 1): a guess from the bin width, then corrected. The
+    width may be subnormal (automatic range of zeros), so x is divided by it rather than multiplied by 1/w."""
+    guess = tl.floor(tl.math.div_rn(x, step) - offset) + 1.0
+    guess = tl.where(guess != guess, BINS + 1.0, tl.minimum(tl.maximum(guess, 0.0), BINS + 1.0))
+    p = guess.to(tl.int32)
+    for _ in tl.static_range(2):
+        below = tl.load(edges_ptr + tl.maximum(p - 1, 0))
+        p = tl.where((p > 0) & (x < below), p - 1, p)
+    for _ in tl.static_range(2):
+        above = tl.load(edges_ptr + tl.minimum(p, BINS))
+        p = tl.where((p <= BINS) & (x >= above), p + 1, p)
+    return p
+
+
+@triton.jit
+def _add_grid(acc, x, mask, edges_ptr, approx_ptr, BINS: tl.constexpr, NB: tl.constexpr):
+    p = _positions(x, edges_ptr, tl.load(approx_ptr), tl.load(approx_ptr + 1), BINS)
+    return acc + tl.histogram(p, NB, mask=mask)
+
+
+@triton.jit
+def _flush_grid(state_ptr, acc, BINS: tl.constexpr, NB: tl.constexpr):
+    slots = tl.arange(0, NB)
+    tl.atomic_add(state_ptr + slots, acc.to(tl.float64), mask=slots < BINS + 2)
+
+
+@triton.jit(do_not_specialize=["numel", "off0", "off1", "E", "G", "L", "edges_a", "edges_b", "grid_a", "grid_b",
+                               "counts_a", "counts_b", "outliers_at"])
+def count_kernel(buf_ptr, numel, state0_ptr, state1_ptr, off0, off1, edges_ptr, approx_ptr, E, G, bounds_ptr, L,
+                 edges_a, grid_a, counts_a, edges_b, grid_b, counts_b, outliers_at,
+                 BINS_A: tl.constexpr, BINS_B: tl.constexpr, NB_A: tl.constexpr, NB_B: tl.constexpr,
+                 LIMITS: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (p, k) counts blocks p, p + P, ... of row k for up to two grids (BINS_* = 0: none) and
+    LIMITS outlier boundaries, then adds its counts to the key state (grid: BINS + 2 positions)."""
+    p, k = tl.program_id(0), tl.program_id(1)
+    state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
+    row = buf_ptr + k.to(tl.int64) * numel
+    acc_a = tl.zeros([NB_A], tl.int32)
+    acc_b = tl.zeros([NB_B], tl.int32)
+    hits = tl.zeros([LP], tl.int32)
+    lanes = tl.arange(0, LP)
+    for start in range(p * BLOCK, numel, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(row + offs, mask=mask, other=0.0)
+        if BINS_A > 0:
+            acc_a = _add_grid(acc_a, x, mask, edges_ptr + k * E + edges_a, approx_ptr + (k * G + grid_a) * 2, BINS_A, NB_A)
+        if BINS_B > 0:
+            acc_b = _add_grid(acc_b, x, mask, edges_ptr + k * E + edges_b, approx_ptr + (k * G + grid_b) * 2, BINS_B, NB_B)
+        for i in tl.static_range(LIMITS):
+            low = tl.load(bounds_ptr + (k * L + i) * 2)
+            high = tl.load(bounds_ptr + (k * L + i) * 2 + 1)
+            hit = ((x < low) | (x >= high) | (x != x)) & mask
+            hits += tl.where(lanes == i, tl.sum(hit.to(tl.int32)), 0)
+    if BINS_A > 0:
+        _flush_grid(state_ptr + counts_a, acc_a, BINS_A, NB_A)
+    if BINS_B > 0:
+        _flush_grid(state_ptr + counts_b, acc_b, BINS_B, NB_B)
+    if LIMITS > 0:
+        tl.atomic_add(state_ptr + outliers_at + lanes, hits.to(tl.float64), mask=lanes < LIMITS)

@@ -1,0 +1,170 @@
+"""The fused Triton path against the reference torch path (the `search` count backend) on the same tensors.
+
+Without CUDA the kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1 must be set
+before `modiff.record.kernels` is imported, which happens on the fused path's first use).
+"""
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+pytest.importorskip("triton")
+
+from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats, default_reducers, record  # noqa: E402
+from modiff.record.batched import Observation, results_of, update_rows  # noqa: E402
+from modiff.record.fused import FusedEngine, use_fused  # noqa: E402
+
+EXACT = {"min", "max", "absmax", "count", "counts", "edges", "underflow", "overflow", "outside"}
+
+
+def _templates() -> list:
+    return [Stats(), ChannelAbsMax(), Histogram(8, range=(-1.0, 1.0)), Histogram(16, per="site", name="site_hist"),
+            Quantiles(bins=64), Outliers(ks=(1.0, 2.0), threshold=0.5)]
+
+
+class _Pair:
+    """One site's reducers on both paths, fed like the recorder: buffer rows [a_s, a_s - a_s-1]."""
+
+    def __init__(self, templates: list) -> None:
+        self.templates = templates
+        self.engine = FusedEngine(templates, DEVICE)
+        self.shared: dict[str, dict] = {"ref": {}, "fused": {}}
+        self.keys: dict[tuple, dict[str, list]] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def rows(self, path: str, step: int, call: int, k: int) -> list[list]:
+        out = []
+        for kind in ("raw", "diff")[:k]:
+            key = self.keys.setdefault((kind, step, call), {})
+            if path not in key:
+                shared = self.shared[path].setdefault(kind, {})
+                key[path] = [r.spawn(shared) for r in self.templates]
+            out.append(key[path])
+        return out
+
+    def observe(self, x: torch.Tensor, step: int, call: int = 0, diff: bool = True) -> None:
+        k = 1 + diff
+        for path in ("ref", "fused"):
+            buffer = self.buffers.setdefault(f"{path}{call}", torch.zeros((2, *x.shape), device=DEVICE))
+            rows = self.rows(path, step, call, k)
+            if path == "fused":
+                self.engine.update(("site", "input"), rows, buffer, x, diff)
+                continue
+            if diff:
+                torch.sub(x, buffer[0], out=buffer[1])
+            buffer[0].copy_(x)
+            update_rows(rows, Observation(buffer[:k], backend="search"))
+
+    def assert_equal(self) -> None:
+        for key, paths in self.keys.items():
+            ref, fused = (results_of(paths[p]) for p in ("ref", "fused"))
+            for r, a, b in zip(paths["ref"], ref, fused):
+                assert set(a) == set(b), (key, r)
+                for name in a:
+                    _assert_close(a[name], b[name], exact=name in EXACT or r.name.endswith("hist")
+                                  or isinstance(r, (ChannelAbsMax, Outliers, Quantiles)), where=(key, r.name, name))
+
+
+def _assert_close(a, b, exact: bool, where) -> None:
+    if exact:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(where))
+    else:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-9, equal_nan=True, err_msg=str(where))
+
+
+def _edges_and_specials() -> torch.Tensor:
+    """(3, 4, 5): values exactly on the fixed range's bin edges (and next to them), +-hi, 0, +-inf and NaN."""
+    edges = torch.linspace(-1.0, 1.0, 9)
+    up = torch.nextafter(edges, torch.full_like(edges, math.inf))
+    down = torch.nextafter(edges, torch.full_like(edges, -math.inf))
+    special = torch.tensor([0.0, -0.0, 2.0, -2.0, 1e-30, -1e-30, 0.999999, 3.5, -0.5, 0.5, 0.25, -0.25, 0.0, 1.0, -1.0])
+    values = torch.cat([edges, up, down, special, torch.randn(60 - 42, generator=torch.Generator().manual_seed(3))])
+    return values[:60].reshape(3, 4, 5)
+
+
+def test_first_step_without_previous_activation_then_differences() -> None:
+    """K = 1 at step 0 (raw only), K = 2 after; values on bin edges."""
+    pair = _Pair(_templates())
+    x = _edges_and_specials().to(DEVICE)
+    pair.observe(x, step=0, diff=False)
+    pair.observe(x.flip(0) * 0.5, step=1)
+    pair.observe(x.roll(7), step=2)
+    pair.assert_equal()
+
+
+def test_nan_counts_above_every_boundary() -> None:
+    """A NaN makes min/max/moments NaN, the automatic ranges NaN (everything overflows), every value an outlier."""
+    pair = _Pair(_templates())
+    x = _edges_and_specials().to(DEVICE)
+    pair.observe(x, step=0, diff=False)
+    with_nan = x.clone()
+    with_nan[1, 2, 3] = math.nan
+    pair.observe(with_nan, step=1)
+    pair.observe(x, step=2)
+    pair.assert_equal()
+
+
+def test_several_calls_per_step_and_trajectories_merge() -> None:
+    """Two model calls per step (separate keys and buffers) and a second trajectory merged into the keys."""
+    g = torch.Generator().manual_seed(0)
+    pair = _Pair(default_reducers())
+    for trajectory in range(2):
+        for step in range(3):
+            for call in range(2):
+                x = (torch.randn(3, 6, 4, 4, generator=g) * (1 + step) + call).to(DEVICE)
+                pair.observe(x, step=step, call=call, diff=step > 0)
+    pair.assert_equal()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # x / subnormal bin width in the interpreter
+def test_linear_inputs_half_precision_and_all_zero_difference() -> None:
+    """(B, F) tensors (one value per channel), float16 inputs, and a difference of zeros (smallest range)."""
+    pair = _Pair(_templates())
+    x = torch.randn(5, 33, generator=torch.Generator().manual_seed(1)).half().to(DEVICE)
+    pair.observe(x, step=0, diff=False)
+    pair.observe(x, step=1)
+    pair.observe(x * 3, step=2)
+    pair.assert_equal()
+
+
+def test_recorder_fused_engine_equals_reference() -> None:
+    """The recorder on both engines: the same statistics rows and arrays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(64, 5))
+    model = model.to(DEVICE).eval()
+    xs = [torch.randn(2, 3, 4, 4, device=DEVICE) * (1 + s) for s in range(3)]
+    tables = {}
+    for engine in ("reference", "fused"):
+        with record(model, engine=engine) as rec, torch.no_grad():
+            for trajectory in range(2):
+                for s, x in enumerate(xs):
+                    model(x + trajectory)
+                    rec.on_step(SimpleNamespace(index=s, t=900 - 300 * s))
+                rec.next_trajectory()
+        tables[engine] = rec._tables()
+    (ref_stats, ref_arrays), (fused_stats, fused_arrays) = tables["reference"], tables["fused"]
+    assert ref_stats.drop(columns="value").equals(fused_stats.drop(columns="value"))
+    np.testing.assert_allclose(ref_stats["value"], fused_stats["value"], rtol=2e-6, atol=1e-9)
+    assert ref_arrays.keys() == fused_arrays.keys()
+    for name, value in ref_arrays.items():
+        np.testing.assert_array_equal(value, fused_arrays[name], err_msg=name)
+
+
+def test_engine_choice() -> None:
+    assert not use_fused("reference", default_reducers(), torch.device("cuda"))
+    assert use_fused("fused", default_reducers(), torch.device("cpu"))
+    assert not use_fused("auto", default_reducers(), torch.device("cpu"))
+    assert not use_fused("auto", [Stats(), ChannelAbsMax(dim=2)], DEVICE)
+    with pytest.raises(ValueError, match="engine='fused' supports only"):
+        use_fused("fused", [ChannelAbsMax(dim=2)], DEVICE)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        record(nn.Linear(2, 2), engine="triton")
