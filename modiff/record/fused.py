@@ -17,7 +17,6 @@ ChannelAbsMax is recorded. Other reducers take the reference path (`Recorder(eng
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal, Optional, Sequence, get_args
@@ -30,7 +29,7 @@ from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles
 
 __all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
 
-Engine = Literal["auto", "fused", "reference"]
+Engine = Literal["reference", "fused"]
 _TYPES = (Stats, ChannelAbsMax, Histogram, Quantiles, Outliers)
 _ALIGN = 16  # slot offsets stay multiples of 16 elements
 _TILE = 2048  # values per scan chunk
@@ -44,18 +43,18 @@ def fused_supported(reducers: Sequence[Reducer]) -> bool:
         r.dim == 1 for r in reducers if isinstance(r, ChannelAbsMax))
 
 
-def use_fused(engine: Engine, reducers: Sequence[Reducer], device: torch.device) -> bool:
-    """"auto": fused on CUDA when Triton is there; "fused": wherever supported (CPU: the Triton interpreter)."""
+def use_fused(engine: Engine, reducers: Sequence[Reducer]) -> bool:
+    """Whether the fused kernels record these reducers: only when asked for ("fused"; on a CPU that needs the
+    Triton interpreter). The torch path stays the default: on an H200 the fused kernels were slower for the
+    default reducers (see benchmarks/README.md)."""
     if engine not in get_args(Engine):
         raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
     if engine == "reference" or not reducers:  # without reducers only the buffer is updated: two torch ops
         return False
     if not fused_supported(reducers):
-        if engine == "fused":
-            raise ValueError(f"engine='fused' supports only {[t.__name__ for t in _TYPES]} (ChannelAbsMax(dim=1)); "
-                             f"got {reducers!r}")
-        return False
-    return engine == "fused" or (device.type == "cuda" and importlib.util.find_spec("triton") is not None)
+        raise ValueError(f"engine='fused' supports only {[t.__name__ for t in _TYPES]} (ChannelAbsMax(dim=1)); "
+                         f"got {reducers!r}")
+    return True
 
 
 def _kernels() -> ModuleType:
@@ -125,6 +124,14 @@ class _Scratch:
     partials: torch.Tensor
 
 
+def _upload(values: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host table on ``device`` without a host synchronisation: through pinned memory, asynchronously."""
+    table = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
+
+
 class SitePlan:
     """State layout, descriptors and scratch of one (site, capture) for the template reducers."""
 
@@ -155,15 +162,16 @@ class SitePlan:
         self.size = size
         grids = list(self.grids.values())
         self.edges_at = list(np.cumsum([0] + [g.reducer.bins + 1 for g in grids]))
-        self.grid_table = torch.tensor([[g.reducer.bins, g.mode, self.edges_at[i], g.counts_at, g.range_at]
-                                        for i, g in enumerate(grids)] or [[0] * 5], dtype=torch.int32, device=device)
-        self.scales = torch.tensor([g.reducer.scale for g in grids] or [0.0], dtype=torch.float32, device=device)
-        self.limits = torch.tensor(limits or [(0.0, 0.0)], dtype=torch.float32, device=device)
+        self.grid_table = _upload([[g.reducer.bins, g.mode, self.edges_at[i], g.counts_at, g.range_at]
+                                   for i, g in enumerate(grids)] or [[0] * 5], torch.int32, device)
+        self.scales = _upload([g.reducer.scale for g in grids] or [0.0], torch.float32, device)
+        self.limits = _upload(limits or [(0.0, 0.0)], torch.float32, device)
         self.n_limits = len(limits)
-        self.site_ranges = torch.zeros((2, max(len(grids), 1), 2), dtype=torch.float64, device=device)
+        ranges = torch.zeros((2, max(len(grids), 1), 2), dtype=torch.float64)
         for i, g in enumerate(grids):
             if g.reducer.range is not None:  # rounded to float32 as `fixed_range` does
-                self.site_ranges[:, i] = torch.tensor(g.reducer.range, dtype=torch.float32, device=device).double()
+                ranges[:, i] = torch.tensor(g.reducer.range, dtype=torch.float32).double()
+        self.site_ranges = _upload(ranges, torch.float64, device)
         self.site_range_set = [False, False]
         self.edges = torch.empty((2, max(self.edges_at[-1], 1)), dtype=torch.float32, device=device)
         self.approx = torch.empty((2, max(len(grids), 1), 2), dtype=torch.float32, device=device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the smallest automatic histogram range
+TINY = tl.constexpr(1.1754943508222875e-38)  # a constexpr: compiled kernels read no other globals; torch.finfo(torch.float32).tiny: the smallest automatic histogram range
 
 
 @triton.jit

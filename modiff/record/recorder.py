@@ -19,8 +19,9 @@ call is recorded as the site "<name>#k".
 Hot path (no host synchronisation, a fixed number of kernels per site): the recorder keeps one float32
 buffer (2, *shape) per site, capture and call index on the device; row 1 <- a_s - row 0, then row 0 <- a_s
 (so row 0 holds a_{s-1} when step s arrives), and the reducers of the raw and the diff key run on both
-rows at once (`modiff.record.batched`; on CUDA the built-in reducers run fused, three Triton kernels per
-site call, see `modiff.record.fused`; engine="reference" keeps the torch path). Results stay on the device until `stats_frame`/`save`, which
+rows at once (`modiff.record.batched`). engine="fused" runs the built-in reducers as three Triton kernels
+per site call instead (`modiff.record.fused`): same results, but on an H200 not yet faster for the default
+reducers, so the torch path is the default. Results stay on the device until `stats_frame`/`save`, which
 copies them to the host in one transfer per dtype.
 
 Memory: the reducers keep small device tensors per key. The buffers take twice the float32 size of one
@@ -98,7 +99,7 @@ class Recorder:
     def __init__(self, model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None,
                  *, capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
                  memory_budget_mb: float = 512, differences: bool = True, metadata: Optional[Mapping[str, Any]] = None,
-                 engine: Engine = "auto"):
+                 engine: Engine = "reference"):
         if capture not in get_args(Capture):
             raise ValueError(f"capture must be one of {', '.join(get_args(Capture))}; got {capture!r}")
         self.reducers = list(default_reducers() if reducers is None else reducers)
@@ -113,7 +114,7 @@ class Recorder:
             raise ValueError("tensors=TensorSpec(...) spills full tensors to disk: pass out_dir=...")
         if memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-        use_fused(engine, self.reducers, torch.device("cpu"))  # a bad engine fails here, not at the first call
+        use_fused(engine, self.reducers)  # a bad engine or unsupported reducers fail here, not at the first call
         self.model, self.capture, self.differences, self.engine = model, capture, differences, engine
         self._fused: Optional[FusedEngine] = None
         self._fused_resolved = False
@@ -286,7 +287,7 @@ class Recorder:
         """The fused path, chosen at the first observation (by `engine` and the device)."""
         if not self._fused_resolved:
             self._fused_resolved = True
-            if use_fused(self.engine, self.reducers, device):
+            if use_fused(self.engine, self.reducers):
                 self._fused = FusedEngine(self.reducers, device)
         return self._fused
 
@@ -353,7 +354,7 @@ class Recorder:
 def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None, *,
            capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
            memory_budget_mb: float = 512, differences: bool = True,
-           metadata: Optional[Mapping[str, Any]] = None, engine: Engine = "auto") -> Recorder:
+           metadata: Optional[Mapping[str, Any]] = None, engine: Engine = "reference") -> Recorder:
     """Record per-(site, step, call) statistics, and optionally full tensors, of `model` during sampling.
 
     Use as `with record(model, ...) as rec:` around a sampler called with `callback=rec.on_step`.
@@ -363,9 +364,8 @@ def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional
     tensors: which full tensors to keep (needs out_dir). out_dir: a new or empty directory; the recording
     is saved there on a clean exit. memory_budget_mb: host memory for buffered full tensors before they are
     written to a shard. differences: also reduce a_s - a_{s-1} (keeps one tensor per site and call on the
-    device). metadata: JSON-friendly extras for the manifest. engine: "auto" (fused Triton kernels on
-    CUDA for the built-in reducers, else the torch path), "reference" (always the torch path) or "fused"
-    (also on the CPU, which needs TRITON_INTERPRET=1). Hooks are removed on exit, also on errors.
+    device). metadata: JSON-friendly extras for the manifest. engine: "reference" (the torch path) or
+    "fused" (Triton kernels for the built-in reducers; on a CPU only with TRITON_INTERPRET=1). Hooks are removed on exit, also on errors.
     """
     return Recorder(model, sites, reducers, capture=capture, tensors=tensors, out_dir=out_dir,
                     memory_budget_mb=memory_budget_mb, differences=differences, metadata=metadata, engine=engine)
