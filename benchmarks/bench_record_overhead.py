@@ -80,7 +80,7 @@ class _Labelled:
 
 def _label_triton_launches() -> None:
     from modiff.record import kernels
-    for name in ("scan_kernel", "summary_kernel", "count_kernel"):
+    for name in ("scan_kernel", "summary_kernel", "count_kernel", "add_counts_kernel"):
         setattr(kernels, name, _Labelled(name, getattr(kernels, name)))
 
 

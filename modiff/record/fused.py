@@ -1,15 +1,17 @@
-"""The fused recording path: the built-in reducers of one site call in three Triton launches.
+"""The fused recording path: the built-in reducers of one site call in four Triton launches.
 
 The reference path (`batched.update_rows`) dispatches about 400 small operators per site call for the
 default reducers; a GPU pays each as a kernel launch. Here the recorder's buffer update and every built-in
-reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count),
+reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count,
+add_counts),
 and the reducers' state lives in preallocated float64 arenas that the kernels update in place: a key takes
 its slot once, and `results_of` copies each arena chunk to the host once (`batched.Slot`).
 
 The results equal the reference's (`search` count backend): counts, min, max and channel absmax exactly,
 moments up to float rounding (float32 Chan-merged chunks instead of Welford passes). Per key the state
-layout is: Stats (6) | ChannelAbsMax (C) | per grid: positions (bins + 2), range (2, if per key) |
-outlier hits. Histogram ranges per site (or fixed) live in a (2, grids, 2) tensor per site.
+layout is: Stats (6) | ChannelAbsMax (C) | per-key grid ranges (2 each) | the count slots (summed from the
+count programs' scratch): per grid positions (bins + 2) | outlier hits. Histogram ranges per site (or fixed)
+live in a (2, grids, 2) tensor per site.
 
 Supported: `Stats`, `ChannelAbsMax(dim=1)`, `Histogram`, `Quantiles`, `Outliers` (exactly these types),
 on tensors with at least 2 dims (samples, channels, ...); a site whose channel count changes raises when
@@ -35,6 +37,8 @@ _ALIGN = 16  # slot offsets stay multiples of 16 elements
 _TILE = 2048  # values per scan chunk
 _PER_PROGRAM = 16384  # values of one sample per scan program
 _COUNT_BLOCK = 1024
+_COUNT_BLOCKS_PER_PROGRAM = 8  # at least, so that small layers do not pay for a wide scratch reduction
+_ADD_TILE = (64, 128)  # (programs, slots) per add_counts chunk
 
 
 def fused_supported(reducers: Sequence[Reducer]) -> bool:
@@ -118,9 +122,8 @@ class _Key:
 
 @dataclass
 class _Scratch:
-    chmin: torch.Tensor
+    chmin: torch.Tensor  # (2, samples, channels), NaN where the sample's channel has one
     chmax: torch.Tensor
-    nan: torch.Tensor
     partials: torch.Tensor
 
 
@@ -148,11 +151,12 @@ class SitePlan:
         limits: list[tuple[float, float]] = []
         for j, r in enumerate(reducers):
             if isinstance(r, (Histogram, Quantiles)):
-                h = r if isinstance(r, Histogram) else r._hist
-                grid = self.grids[j] = _Grid(h, size, 0)
-                size += h.bins + 2
+                grid = self.grids[j] = _Grid(r if isinstance(r, Histogram) else r._hist, 0, 0)
                 if grid.mode == 2:
                     grid.range_at, size = size, size + 2
+        self.counts_at = size  # the count slots, contiguous: add_counts adds them as one block
+        for grid in self.grids.values():
+            grid.counts_at, size = size, size + grid.reducer.bins + 2
         self.outliers_at = size  # the hits of all Outliers, one block for the count kernel
         for j, r in enumerate(reducers):
             if isinstance(r, Outliers):
@@ -160,6 +164,7 @@ class SitePlan:
                 limits += [(k, 0.0) for k in r.ks] + ([(r.threshold, 1.0)] if r.threshold is not None else [])
                 size += len(r.ks) + (r.threshold is not None)
         self.size = size
+        self.count_slots = size - self.counts_at
         grids = list(self.grids.values())
         self.edges_at = list(np.cumsum([0] + [g.reducer.bins + 1 for g in grids]))
         self.grid_table = _upload([[g.reducer.bins, g.mode, self.edges_at[i], g.counts_at, g.range_at]
@@ -180,11 +185,10 @@ class SitePlan:
         self._scratch_shape: tuple[int, int] = (0, 0)
 
     def scratch(self, samples: int, tiles: int) -> _Scratch:
-        """Per-channel extremes (reset by the summary after each call) and per-tile moments."""
+        """Per (sample, channel) extremes and per-tile moments, all written by the scan before being read."""
         if self._scratch_shape != (samples, tiles):
             c, dev = self.channels, self.device
-            self._scratch = _Scratch(torch.full((2, c), torch.inf, device=dev), torch.full((2, c), -torch.inf, device=dev),
-                                     torch.zeros((2, c), dtype=torch.int32, device=dev),
+            self._scratch = _Scratch(torch.empty((2, samples, c), device=dev), torch.empty((2, samples, c), device=dev),
                                      torch.empty((2, samples, tiles, 2), dtype=torch.float32, device=dev))
             self._scratch_shape = (samples, tiles)
         return self._scratch
@@ -214,10 +218,13 @@ class FusedEngine:
     arena: Arena = field(init=False)
     plans: dict[tuple[str, str], SitePlan] = field(default_factory=dict)
     keys: dict[int, tuple[Reducer, _Key]] = field(default_factory=dict)  # id(first reducer of a key) -> state
+    # per count slot number: (row, program, slot) int32 partials, shared by the sites as their launches run in order
+    count_partials: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.arena = Arena(self.device)
-        self.programs = 4 * (torch.cuda.get_device_properties(self.device).multi_processor_count
+        # count programs per row: with both rows four per multiprocessor, each looping over many blocks
+        self.programs = 2 * (torch.cuda.get_device_properties(self.device).multi_processor_count
                              if self.device.type == "cuda" else 1)
 
     def accepts(self, x: torch.Tensor) -> bool:
@@ -235,9 +242,8 @@ class FusedEngine:
         scratch = plan.scratch(samples, tiles)
         k = _kernels()
         x = x if x.is_contiguous() else x.contiguous()
-        k.scan_kernel[(samples, tiles)](x, buffer, scratch.chmin, scratch.chmax, scratch.nan,
-                                        scratch.partials, samples, channels, inner, tiles, per_program,
-                                        HAS_DIFF=diff, CB=cb, RB=rb)
+        k.scan_kernel[(samples, tiles)](x, buffer, scratch.chmin, scratch.chmax, scratch.partials, samples, channels,
+                                        inner, tiles, per_program, HAS_DIFF=diff, CB=cb, RB=rb)
         self._summarize(k, plan, keys, scratch, samples, channels, inner, tiles, per_program)
         self._count(k, plan, keys, buffer, numel)
         for key, row in zip(keys, rows):
@@ -269,33 +275,44 @@ class FusedEngine:
         new_site = [int(not plan.site_range_set[i]) for i in range(2)]
         for i in range(len(keys)):
             plan.site_range_set[i] = True
-        tp = _pow2(tiles)
+        tp, cbs = _pow2(tiles), min(_pow2(channels), 256)
         k.summary_kernel[(len(keys),)](
-            scratch.partials, scratch.chmin, scratch.chmax, scratch.nan, keys[0].chunk, last.chunk,
+            scratch.partials, scratch.chmin, scratch.chmax, keys[0].chunk, last.chunk,
             keys[0].start, last.start, int(keys[0].seen == 0), int(last.seen == 0), keys[0].seen, last.seen,
             samples * channels * inner, plan.site_ranges, new_site[0], new_site[1], plan.grid_table, plan.scales,
             len(plan.grids), plan.edges, plan.approx, plan.edges.shape[1], plan.limits, plan.bounds, plan.n_limits,
             samples, channels, inner, tiles, per_program, STATS_AT=plan.stats_at, CHABS_AT=plan.chabs_at,
-            BB=max(1, min(64, 4096 // tp)), TP=tp, CBS=256, EB=256)
+            BB=max(1, min(64, 4096 // tp)), TP=tp, SB=min(_pow2(samples), 4096 // cbs), CBS=cbs, EB=256)
 
     def _count(self, k: ModuleType, plan: SitePlan, keys: list[_Key], buffer: torch.Tensor, numel: int) -> None:
+        """Count launches (two grids each, outliers with the first) into the scratch, then one add_counts."""
+        slots = plan.count_slots
+        if not slots:
+            return
+        partials = self.count_partials.get(slots)
+        if partials is None:
+            partials = self.count_partials[slots] = torch.empty((2, self.programs, slots), dtype=torch.int32,
+                                                                device=self.device)
         grids = list(plan.grids.values())
         pairs = [grids[i:i + 2] for i in range(0, len(grids), 2)] or [[]]
-        programs = min(-(-numel // _COUNT_BLOCK), self.programs)
+        programs = min(-(-numel // (_COUNT_BLOCK * _COUNT_BLOCKS_PER_PROGRAM)), self.programs)
         for n, pair in enumerate(pairs):
             limits = plan.n_limits if n == 0 else 0
             if not pair and not limits:
                 continue
             ids = [grids.index(g) for g in pair] + [0, 0]
             bins = [g.reducer.bins for g in pair] + [0, 0]
-            counts = [g.counts_at for g in pair] + [0, 0]
+            counts = [g.counts_at - plan.counts_at for g in pair] + [0, 0]
             k.count_kernel[(programs, len(keys))](
-                buffer, numel, keys[0].chunk, keys[-1].chunk, keys[0].start, keys[-1].start, plan.edges, plan.approx,
-                plan.edges.shape[1], max(len(grids), 1), plan.bounds, max(plan.n_limits, 1),
-                int(plan.edges_at[ids[0]]), ids[0], counts[0], int(plan.edges_at[ids[1]]), ids[1], counts[1],
-                plan.outliers_at, BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0] + 2),
-                NB_B=_pow2(bins[1] + 2), LIMITS=limits,
+                buffer, numel, plan.edges, plan.approx, plan.edges.shape[1], max(len(grids), 1), plan.bounds,
+                max(plan.n_limits, 1), partials, slots, int(plan.edges_at[ids[0]]), ids[0], counts[0],
+                int(plan.edges_at[ids[1]]), ids[1], counts[1], plan.outliers_at - plan.counts_at,
+                BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0] + 2), NB_B=_pow2(bins[1] + 2), LIMITS=limits,
                 LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
+        pb, sb = _ADD_TILE
+        k.add_counts_kernel[(-(-slots // sb), len(keys))](
+            partials, programs, slots, keys[0].chunk, keys[-1].chunk, keys[0].start + plan.counts_at,
+            keys[-1].start + plan.counts_at, PB=pb, SB=sb)
 
 
 def _scan_tiles(channels: int, inner: int) -> tuple[int, int, int]:

@@ -1,14 +1,16 @@
-"""Triton kernels of the fused recording path (`modiff.record.fused`): three launches per site call.
+"""Triton kernels of the fused recording path (`modiff.record.fused`): four launches per site call.
 
     scan     reads a_s and the buffer's a_{s-1}, writes a_s - a_{s-1} and a_s into the buffer, and reduces
-             both rows: per-channel min/max (atomics into a scratch the summary resets), NaN flags, and
-             per (sample, channel tile) mean and M2 (float32, Chan-merged chunk by chunk)
+             both rows: per (sample, channel) min/max (NaN flagged as a NaN min) and per (sample, channel
+             tile) mean and M2 (float32, Chan-merged chunk by chunk), stored into scratch by their only writer
     summary  one program per row: the partials -> min, max, mean, M2, sum x^2, sum ||x_b|| (float64,
              Chan across tiles and samples, then across updates), channel absmax, histogram ranges,
              the float32 bin edges (and their step and offset) and outlier boundaries exactly as `batched.Grid`/`Beyond` build them
     count    histograms of the positions #{edges <= x} (an arithmetic guess, corrected against the
              edges, so the counts equal the sorted-boundary search) and outlier hits, per program in
-             registers, then atomically added (float64, exact below 2^53) into the keys' state
+             registers, stored as int32 into a (row, program, count slot) scratch
+    add_counts  sums the scratch over the programs and adds it once into the keys' float64 state (exact
+             below 2^53): one writer per slot, so no atomics anywhere
 
 Semantics follow `modiff.record.batched`: NaN is above every boundary, a NaN boundary counts as -inf.
 Set TRITON_INTERPRET=1 before this module is imported to run the kernels on CPU tensors.
@@ -68,16 +70,17 @@ def _channel_extremes(v, mask, lo, hi, has_nan):
 
 
 @triton.jit
-def _flush_extremes(chmin_ptr, chmax_ptr, nan_ptr, channels, cmask, lo, hi, has_nan):
-    tl.atomic_min(chmin_ptr + channels, lo, mask=cmask)
-    tl.atomic_max(chmax_ptr + channels, hi, mask=cmask)
-    tl.atomic_max(nan_ptr + channels, has_nan.to(tl.int32), mask=cmask & has_nan)
+def _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo, hi, has_nan):
+    """A program owns its (sample, channel) extremes: plain stores, a NaN min marking a NaN."""
+    tl.store(chmin_ptr + at, tl.where(has_nan, float("nan"), lo), mask=cmask)
+    tl.store(chmax_ptr + at, hi, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB"])
-def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, nan_ptr, part_ptr, B, C, R, T, CPB,
+def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T, CPB,
                 HAS_DIFF: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
-    """Program (b, t): sample b, channels [t CPB, (t + 1) CPB). part: (2, B, T, 2) mean and M2."""
+    """Program (b, t): sample b, channels [t CPB, (t + 1) CPB). chmin, chmax: (2, B, C); part: (2, B, T, 2)
+    mean and M2."""
     b, t = tl.program_id(0), tl.program_id(1)
     numel = B * C * R
     n_raw, mean_raw, m2_raw = 0.0, 0.0, 0.0
@@ -105,9 +108,10 @@ def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, nan_ptr, part_ptr, B, C, R
             lo_raw, hi_raw, nan_raw = _channel_extremes(x, mask, lo_raw, hi_raw, nan_raw)
             n_c, mean_c, m2_c = _chunk_moments(x, mask)
             n_raw, mean_raw, m2_raw = _chan(n_raw, mean_raw, m2_raw, n_c, mean_c, m2_c)
-        _flush_extremes(chmin_ptr, chmax_ptr, nan_ptr, channels, cmask, lo_raw, hi_raw, nan_raw)
+        at = b * C + channels
+        _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo_raw, hi_raw, nan_raw)
         if HAS_DIFF:
-            _flush_extremes(chmin_ptr + C, chmax_ptr + C, nan_ptr + C, channels, cmask, lo_diff, hi_diff, nan_diff)
+            _store_extremes(chmin_ptr, chmax_ptr, at + B * C, cmask, lo_diff, hi_diff, nan_diff)
     out = part_ptr + (b * T + t) * 2
     tl.store(out, mean_raw)
     tl.store(out + 1, m2_raw)
@@ -155,22 +159,35 @@ def _row_moments(part_ptr, k, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexp
 
 
 @triton.jit
-def _channel_summary(chmin_ptr, chmax_ptr, nan_ptr, absmax_ptr, k, C, first, HAS_CHABS: tl.constexpr, CBS: tl.constexpr):
-    """Row min and max from the channel scratch (reset for the next call); channel absmax into the state."""
+def _channel_extremes_over_samples(chmin_ptr, chmax_ptr, k, B, C, channels, SB: tl.constexpr, CBS: tl.constexpr):
+    """Min, max (NaN left out) and NaN flag of some channels over the samples' extremes in the scan scratch."""
+    lo = tl.full([CBS], float("inf"), tl.float32)
+    hi = tl.full([CBS], float("-inf"), tl.float32)
+    has_nan = tl.zeros([CBS], tl.int32)
+    for b0 in range(0, B, SB):
+        samples = b0 + tl.arange(0, SB)
+        mask = (samples < B)[:, None] & (channels < C)[None, :]
+        at = (k * B + samples[:, None]) * C + channels[None, :]
+        s_lo = tl.load(chmin_ptr + at, mask=mask, other=float("inf"))
+        s_nan = s_lo != s_lo
+        lo = tl.minimum(lo, tl.min(tl.where(s_nan, float("inf"), s_lo), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.load(chmax_ptr + at, mask=mask, other=float("-inf")), axis=0))
+        has_nan = tl.maximum(has_nan, tl.max(s_nan.to(tl.int32), axis=0))
+    return lo, hi, has_nan
+
+
+@triton.jit
+def _channel_summary(chmin_ptr, chmax_ptr, absmax_ptr, k, B, C, first, HAS_CHABS: tl.constexpr, SB: tl.constexpr,
+                     CBS: tl.constexpr):
+    """Row min and max from the per-sample channel extremes; channel absmax into the state."""
     lo = tl.full([CBS], float("inf"), tl.float32)
     hi = tl.full([CBS], float("-inf"), tl.float32)
     any_nan = tl.zeros([CBS], tl.int32)
     for c0 in range(0, C, CBS):
         channels = c0 + tl.arange(0, CBS)
         mask = channels < C
-        at = k * C + channels
-        c_lo = tl.load(chmin_ptr + at, mask=mask, other=float("inf"))
-        c_hi = tl.load(chmax_ptr + at, mask=mask, other=float("-inf"))
-        c_nan = tl.load(nan_ptr + at, mask=mask, other=0)
+        c_lo, c_hi, c_nan = _channel_extremes_over_samples(chmin_ptr, chmax_ptr, k, B, C, channels, SB, CBS)
         lo, hi, any_nan = tl.minimum(lo, c_lo), tl.maximum(hi, c_hi), tl.maximum(any_nan, c_nan)
-        tl.store(chmin_ptr + at, tl.full([CBS], float("inf"), tl.float32), mask=mask)
-        tl.store(chmax_ptr + at, tl.full([CBS], float("-inf"), tl.float32), mask=mask)
-        tl.store(nan_ptr + at, tl.zeros([CBS], tl.int32), mask=mask)
         if HAS_CHABS:
             new = tl.where(c_nan > 0, float("nan"), tl.maximum(c_hi, -c_lo)).to(tl.float64)
             old = tl.load(absmax_ptr + channels, mask=mask & (first == 0), other=0.0)
@@ -232,16 +249,17 @@ def _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, appro
 
 @triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB", "G", "E", "L", "off0", "off1", "first0", "first1",
                                "n_old0", "n_old1", "new_site0", "new_site1", "n_new"])
-def summary_kernel(part_ptr, chmin_ptr, chmax_ptr, nan_ptr, state0_ptr, state1_ptr, off0, off1, first0, first1,
+def summary_kernel(part_ptr, chmin_ptr, chmax_ptr, state0_ptr, state1_ptr, off0, off1, first0, first1,
                    n_old0, n_old1, n_new, site_range_ptr, new_site0, new_site1, grid_ptr, scale_ptr, G, edges_ptr,
                    approx_ptr, E, limit_ptr, bounds_ptr, L, B, C, R, T, CPB, STATS_AT: tl.constexpr,
-                   CHABS_AT: tl.constexpr, BB: tl.constexpr, TP: tl.constexpr, CBS: tl.constexpr, EB: tl.constexpr):
+                   CHABS_AT: tl.constexpr, BB: tl.constexpr, TP: tl.constexpr, SB: tl.constexpr, CBS: tl.constexpr,
+                   EB: tl.constexpr):
     """Program k: row k (0 raw, 1 diff), whose key state starts at state{k}_ptr + off{k} (float64)."""
     k = tl.program_id(0)
     state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
     first = tl.where(k == 0, first0, first1)
     mean, m2, sumsq, norms = _row_moments(part_ptr, k, B, C, R, T, CPB, BB, TP)
-    lo, hi = _channel_summary(chmin_ptr, chmax_ptr, nan_ptr, state_ptr + CHABS_AT, k, C, first, CHABS_AT >= 0, CBS)
+    lo, hi = _channel_summary(chmin_ptr, chmax_ptr, state_ptr + CHABS_AT, k, B, C, first, CHABS_AT >= 0, SB, CBS)
     if STATS_AT >= 0:
         _store_stats(state_ptr + STATS_AT, first, tl.where(k == 0, n_old0, n_old1), n_new, lo, hi, mean, m2, sumsq, norms)
     absmax = _nan_max(hi, -lo)
@@ -279,21 +297,22 @@ def _add_grid(acc, x, mask, edges_ptr, approx_ptr, BINS: tl.constexpr, NB: tl.co
 
 
 @triton.jit
-def _flush_grid(state_ptr, acc, BINS: tl.constexpr, NB: tl.constexpr):
+def _store_grid(out_ptr, acc, BINS: tl.constexpr, NB: tl.constexpr):
     slots = tl.arange(0, NB)
-    tl.atomic_add(state_ptr + slots, acc.to(tl.float64), mask=slots < BINS + 2)
+    tl.store(out_ptr + slots, acc, mask=slots < BINS + 2)
 
 
-@triton.jit(do_not_specialize=["numel", "off0", "off1", "E", "G", "L", "edges_a", "edges_b", "grid_a", "grid_b",
+@triton.jit(do_not_specialize=["numel", "E", "G", "L", "S", "edges_a", "edges_b", "grid_a", "grid_b",
                                "counts_a", "counts_b", "outliers_at"])
-def count_kernel(buf_ptr, numel, state0_ptr, state1_ptr, off0, off1, edges_ptr, approx_ptr, E, G, bounds_ptr, L,
+def count_kernel(buf_ptr, numel, edges_ptr, approx_ptr, E, G, bounds_ptr, L, partial_ptr, S,
                  edges_a, grid_a, counts_a, edges_b, grid_b, counts_b, outliers_at,
                  BINS_A: tl.constexpr, BINS_B: tl.constexpr, NB_A: tl.constexpr, NB_B: tl.constexpr,
                  LIMITS: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr):
     """Program (p, k) counts blocks p, p + P, ... of row k for up to two grids (BINS_* = 0: none) and
-    LIMITS outlier boundaries, then adds its counts to the key state (grid: BINS + 2 positions)."""
+    LIMITS outlier boundaries into its own scratch row partial[k, p] of S count slots (grid: BINS + 2
+    positions at counts_*, hits at outliers_at)."""
     p, k = tl.program_id(0), tl.program_id(1)
-    state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
+    out_ptr = partial_ptr + (k * tl.num_programs(0) + p).to(tl.int64) * S
     row = buf_ptr + k.to(tl.int64) * numel
     acc_a = tl.zeros([NB_A], tl.int32)
     acc_b = tl.zeros([NB_B], tl.int32)
@@ -313,8 +332,25 @@ def count_kernel(buf_ptr, numel, state0_ptr, state1_ptr, off0, off1, edges_ptr, 
             hit = ((x < low) | (x >= high) | (x != x)) & mask
             hits += tl.where(lanes == i, tl.sum(hit.to(tl.int32)), 0)
     if BINS_A > 0:
-        _flush_grid(state_ptr + counts_a, acc_a, BINS_A, NB_A)
+        _store_grid(out_ptr + counts_a, acc_a, BINS_A, NB_A)
     if BINS_B > 0:
-        _flush_grid(state_ptr + counts_b, acc_b, BINS_B, NB_B)
+        _store_grid(out_ptr + counts_b, acc_b, BINS_B, NB_B)
     if LIMITS > 0:
-        tl.atomic_add(state_ptr + outliers_at + lanes, hits.to(tl.float64), mask=lanes < LIMITS)
+        tl.store(out_ptr + outliers_at + lanes, hits, mask=lanes < LIMITS)
+
+
+@triton.jit(do_not_specialize=["P", "S", "off0", "off1"])
+def add_counts_kernel(partial_ptr, P, S, state0_ptr, state1_ptr, off0, off1, PB: tl.constexpr, SB: tl.constexpr):
+    """Program (j, k): slots [j SB, (j + 1) SB) of row k, summed over the P count programs (int32: a row has
+    fewer than 2^31 values) and added to the key state, whose count slots start at state{k}_ptr + off{k}."""
+    j, k = tl.program_id(0), tl.program_id(1)
+    slots = j * SB + tl.arange(0, SB)
+    total = tl.zeros([SB], tl.int32)
+    for p0 in range(0, P, PB):
+        programs = p0 + tl.arange(0, PB)
+        mask = (programs < P)[:, None] & (slots < S)[None, :]
+        at = (k * P + programs[:, None]).to(tl.int64) * S + slots[None, :]
+        total += tl.sum(tl.load(partial_ptr + at, mask=mask, other=0), axis=0)
+    state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
+    old = tl.load(state_ptr + slots, mask=slots < S)
+    tl.store(state_ptr + slots, old + total.to(tl.float64), mask=slots < S)

@@ -136,6 +136,24 @@ def test_linear_inputs_half_precision_and_all_zero_difference() -> None:
     pair.assert_equal()
 
 
+def test_partials_over_many_programs_and_sample_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count partials from several programs summed in several chunks; channel extremes over several
+    sample chunks in the summary (20 samples, 16 per chunk at 300 channels)."""
+    from modiff.record import fused
+    monkeypatch.setattr(fused, "_COUNT_BLOCK", 64)
+    monkeypatch.setattr(fused, "_COUNT_BLOCKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(fused, "_ADD_TILE", (2, 128))
+    pair = _Pair(_templates())
+    pair.engine.programs = 5
+    x = torch.randn(20, 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    pair.observe(x, step=0, diff=False)
+    with_nan = x * 2
+    with_nan[17, 250] = math.nan
+    pair.observe(with_nan, step=1)
+    pair.observe(x - 1, step=2)
+    pair.assert_equal()
+
+
 def test_recorder_fused_engine_equals_reference() -> None:
     """The recorder on both engines: the same statistics rows and arrays."""
     torch.manual_seed(0)
