@@ -3,9 +3,9 @@
 The reference path (`batched.update_rows`) dispatches about 400 small operators per site call for the
 default reducers; a GPU pays each as a kernel launch. Here the recorder's buffer update and every built-in
 reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count,
-add_counts),
-and the reducers' state lives in preallocated float64 arenas that the kernels update in place: a key takes
-its slot once, and `results_of` copies each arena chunk to the host once (`batched.Slot`).
+add_counts), and the reducers' state lives in preallocated float64 arenas that the kernels update in
+place: a key takes its slot once, and `results_of` copies each arena chunk to the host once
+(`batched.Slot`).
 
 The results equal the reference's (`search` count backend): counts, min, max and channel absmax exactly,
 moments up to float rounding (float32 Chan-merged chunks instead of Welford passes). Per key the state
@@ -15,7 +15,8 @@ live in a (2, grids, 2) tensor per site.
 
 Supported: `Stats`, `ChannelAbsMax(dim=1)`, `Histogram`, `Quantiles`, `Outliers` (exactly these types),
 on tensors with at least 2 dims (samples, channels, ...); a site whose channel count changes raises when
-ChannelAbsMax is recorded. Other reducers take the reference path (`Recorder(engine="reference")`).
+ChannelAbsMax is recorded. With other reducers `engine="fused"` raises; the reference path (the default)
+records any reducer.
 """
 from __future__ import annotations
 
