@@ -20,6 +20,7 @@ records any reducer.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal, Optional, Sequence, get_args
@@ -223,6 +224,9 @@ class FusedEngine:
     count_partials: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"engine='fused' runs Triton kernels, which need CUDA; on {self.device} only in the "
+                             "Triton interpreter (set TRITON_INTERPRET=1 before recording). Use engine='reference'.")
         self.arena = Arena(self.device)
         # count programs per row: with both rows four per multiprocessor, each looping over many blocks
         self.programs = 2 * (torch.cuda.get_device_properties(self.device).multi_processor_count

@@ -188,3 +188,10 @@ def test_engine_choice() -> None:
         record(nn.Sequential(nn.Linear(2, 2)), reducers=[Stats(), ChannelAbsMax(dim=2)], engine="fused")
     with pytest.raises(ValueError, match="engine must be one of"):
         record(nn.Linear(2, 2), engine="triton")
+
+
+def test_fused_on_a_cpu_without_the_interpreter_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1 .*engine='reference'"):
+        with record(nn.Sequential(nn.Linear(3, 2)), reducers=[Stats()], engine="fused") as rec:
+            rec.model(torch.randn(4, 3))

@@ -211,8 +211,10 @@ def test_user_mistakes_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["reference", "fused"])
 @torch.no_grad()
-def test_cuda_recording_makes_no_host_sync_and_matches_cpu(tmp_path: Path, tiny_denoiser: md.Denoiser) -> None:
+def test_cuda_recording_makes_no_host_sync_and_matches_cpu(tmp_path: Path, tiny_denoiser: md.Denoiser,
+                                                           engine: str) -> None:
     """With torch.cuda.set_sync_debug_mode('error'), recording statistics and tensors never syncs."""
     ts, x_T = md.timesteps(3), md.noise(range(2), tiny_denoiser.sample_shape)
     with record(tiny_denoiser, reducers=[Stats(), Quantiles(bins=64)]) as cpu_rec:
@@ -223,7 +225,7 @@ def test_cuda_recording_makes_no_host_sync_and_matches_cpu(tmp_path: Path, tiny_
     torch.cuda.synchronize()
     spec = TensorSpec("net.mid.*", samples=[1])
     with record(model, reducers=[Stats(), ChannelAbsMax(), Histogram(), Quantiles(bins=64), Outliers(threshold=1.0)],
-                tensors=spec, out_dir=tmp_path / "rec") as rec:
+                tensors=spec, out_dir=tmp_path / "rec", engine=engine) as rec:
         torch.cuda.set_sync_debug_mode("error")
         try:
             md.sample_ddim(model, x_cuda, ts, callback=rec.on_step)
