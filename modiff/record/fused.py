@@ -20,10 +20,11 @@ records any reducer.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Literal, Optional, Sequence, get_args
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import numpy as np
 import torch
@@ -185,6 +186,9 @@ class SitePlan:
         self.bounds = torch.empty((2, max(self.n_limits, 1), 2), dtype=torch.float32, device=device)
         self._scratch: Optional[_Scratch] = None
         self._scratch_shape: tuple[int, int] = (0, 0)
+        self.layouts = self._layouts(reducers)
+        self._launches: dict[torch.Size, _Launch] = {}
+        self.account = [_ACCOUNT[type(r)] for r in reducers]
 
     def scratch(self, samples: int, tiles: int) -> _Scratch:
         """Per (sample, channel) extremes and per-tile moments, all written by the scan before being read."""
@@ -195,20 +199,79 @@ class SitePlan:
             self._scratch_shape = (samples, tiles)
         return self._scratch
 
-    def slots(self, reducer_index: int, reducer: Reducer, key: _Key, row: int) -> dict[str, Slot]:
-        """Where reducer `reducer_index` of a key finds its state, in `Reducer.state` form."""
-        at = key.start
-        if isinstance(reducer, Stats):
-            return {"state": Slot(key.chunk, at + self.stats_at, (6,))}
-        if isinstance(reducer, ChannelAbsMax):
-            return {"absmax": Slot(key.chunk, at + self.chabs_at, (self.channels,))}
-        if isinstance(reducer, Outliers):
-            return {"hits": Slot(key.chunk, at + self.outliers[reducer_index], (len(reducer.ks) + (reducer.threshold is not None),), _as_int)}
-        grid = self.grids[reducer_index]
-        index = list(self.grids).index(reducer_index)
-        lo_hi = (Slot(key.chunk, at + grid.range_at, (2,)) if grid.mode == 2
-                 else Slot(self.site_ranges, (row * self.site_ranges.shape[1] + index) * 2, (2,)))
-        return {"ge": Slot(key.chunk, at + grid.counts_at, (grid.reducer.bins + 2,), _positions_to_ge), "lo_hi": lo_hi}
+    def _layouts(self, reducers: Sequence[Reducer]) -> list[list[tuple[str, int, tuple[int, ...], Any, bool]]]:
+        """Per reducer index: its state entries (name, offset in the key slot or the site ranges, shape,
+        host conversion, whether the entry lives in the site ranges)."""
+        names = list(self.grids)
+        out = []
+        for j, reducer in enumerate(reducers):
+            if isinstance(reducer, Stats):
+                out.append([("state", self.stats_at, (6,), None, False)])
+            elif isinstance(reducer, ChannelAbsMax):
+                out.append([("absmax", self.chabs_at, (self.channels,), None, False)])
+            elif isinstance(reducer, Outliers):
+                out.append([("hits", self.outliers[j], (len(reducer.ks) + (reducer.threshold is not None),), _as_int, False)])
+            else:
+                grid = self.grids[j]
+                ge = ("ge", grid.counts_at, (grid.reducer.bins + 2,), _positions_to_ge, False)
+                lo_hi = (("lo_hi", grid.range_at, (2,), None, False) if grid.mode == 2
+                         else ("lo_hi", names.index(j) * 2, (2,), None, True))
+                out.append([ge, lo_hi])
+        return out
+
+    def bind(self, row: Sequence[Reducer], key: _Key, index: int) -> None:
+        """Point the reducers of a key (row `index`: 0 raw, 1 diff) at their state (`Reducer.state` form)."""
+        site_at = index * self.site_ranges.shape[1] * 2
+        for reducer, layout in zip(row, self.layouts):
+            target = reducer._hist if isinstance(reducer, Quantiles) else reducer
+            target._slots = {name: (Slot(self.site_ranges, site_at + at, shape, convert) if per_site
+                                    else Slot(key.chunk, key.start + at, shape, convert))
+                             for name, at, shape, convert, per_site in layout}
+
+    def launch(self, shape: torch.Size, programs: int) -> "_Launch":
+        """The launch configuration of a call on a tensor of `shape` (cached: sites keep their shapes)."""
+        config = self._launches.get(shape)
+        if config is None:
+            config = self._launches[shape] = _Launch.of(self, shape, programs)
+        return config
+
+
+@dataclass
+class _Launch:
+    """Grids, sizes and constexprs of the kernels for one (site, shape)."""
+
+    samples: int
+    channels: int
+    inner: int
+    numel: int
+    cb: int
+    rb: int
+    per_program: int
+    tiles: int
+    scratch: _Scratch
+    summary: dict[str, int]  # the summary kernel's tile constexprs
+    count_programs: int
+    # per count launch: (grid ids, bins, count offsets, outlier limits) of up to two grids
+    count_pairs: list[tuple[list[int], list[int], list[int], int]]
+
+    @classmethod
+    def of(cls, plan: SitePlan, shape: torch.Size, programs: int) -> "_Launch":
+        samples, channels = shape[0], shape[1]
+        numel = math.prod(shape)
+        inner = numel // (samples * channels)
+        cb, rb, per_program = _scan_tiles(channels, inner)
+        tiles = -(-channels // per_program)
+        tp, cbs = _pow2(tiles), min(_pow2(channels), 256)
+        summary = {"BB": max(1, min(64, 4096 // tp)), "TP": tp, "SB": min(_pow2(samples), 4096 // cbs), "CBS": cbs}
+        grids = list(plan.grids.values())
+        pairs = []
+        for n, pair in enumerate([grids[i:i + 2] for i in range(0, len(grids), 2)] or [[]]):
+            limits = plan.n_limits if n == 0 else 0
+            if pair or limits:
+                pairs.append(([grids.index(g) for g in pair] + [0, 0], [g.reducer.bins for g in pair] + [0, 0],
+                              [g.counts_at - plan.counts_at for g in pair] + [0, 0], limits))
+        return cls(samples, channels, inner, numel, cb, rb, per_program, tiles, plan.scratch(samples, tiles), summary,
+                   min(-(-numel // (_COUNT_BLOCK * _COUNT_BLOCKS_PER_PROGRAM)), programs), pairs)
 
 
 @dataclass
@@ -239,21 +302,20 @@ class FusedEngine:
                x: torch.Tensor, diff: bool) -> None:
         """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) and reduce rows[k] (k = 0 raw, 1 diff)."""
         plan = self._plan(site, x)
+        launch = plan.launch(x.shape, self.programs)
         keys = [self._key(plan, row, k) for k, row in enumerate(rows)]
-        samples, numel = x.shape[0], x.numel()
-        channels, inner = x.shape[1], numel // (x.shape[0] * x.shape[1])
-        cb, rb, per_program = _scan_tiles(channels, inner)
-        tiles = -(-channels // per_program)
-        scratch = plan.scratch(samples, tiles)
-        k = _kernels()
+        k, scratch = _kernels(), launch.scratch
         x = x if x.is_contiguous() else x.contiguous()
-        k.scan_kernel[(samples, tiles)](x, buffer, scratch.chmin, scratch.chmax, scratch.partials, samples, channels,
-                                        inner, tiles, per_program, HAS_DIFF=diff, CB=cb, RB=rb)
-        self._summarize(k, plan, keys, scratch, samples, channels, inner, tiles, per_program)
-        self._count(k, plan, keys, buffer, numel)
+        k.scan_kernel[(launch.samples, launch.tiles)](
+            x, buffer, scratch.chmin, scratch.chmax, scratch.partials, launch.samples, launch.channels, launch.inner,
+            launch.tiles, launch.per_program, HAS_DIFF=diff, STORE_DIFF=diff and plan.count_slots > 0, CB=launch.cb,
+            RB=launch.rb)
+        self._summarize(k, plan, launch, keys)
+        self._count(k, plan, launch, keys, buffer)
         for key, row in zip(keys, rows):
-            key.seen += numel
-            _account(row, numel, samples)
+            key.seen += launch.numel
+            for account, reducer in zip(plan.account, row):
+                account(reducer, launch.numel, launch.samples)
 
     def _plan(self, site: tuple[str, str], x: torch.Tensor) -> SitePlan:
         plan = self.plans.get(site)
@@ -269,27 +331,23 @@ class FusedEngine:
             return entry[1]
         key = _Key(*self.arena.take(plan.size))
         self.keys[id(row[0])] = (row[0], key)
-        for j, reducer in enumerate(row):
-            target = reducer._hist if isinstance(reducer, Quantiles) else reducer
-            target._slots = plan.slots(j, reducer, key, index)
+        plan.bind(row, key, index)
         return key
 
-    def _summarize(self, k: ModuleType, plan: SitePlan, keys: list[_Key], scratch: _Scratch, samples: int,
-                   channels: int, inner: int, tiles: int, per_program: int) -> None:
-        last = keys[-1]
+    def _summarize(self, k: ModuleType, plan: SitePlan, launch: _Launch, keys: list[_Key]) -> None:
+        last, scratch = keys[-1], launch.scratch
         new_site = [int(not plan.site_range_set[i]) for i in range(2)]
         for i in range(len(keys)):
             plan.site_range_set[i] = True
-        tp, cbs = _pow2(tiles), min(_pow2(channels), 256)
         k.summary_kernel[(len(keys),)](
             scratch.partials, scratch.chmin, scratch.chmax, keys[0].chunk, last.chunk,
             keys[0].start, last.start, int(keys[0].seen == 0), int(last.seen == 0), keys[0].seen, last.seen,
-            samples * channels * inner, plan.site_ranges, new_site[0], new_site[1], plan.grid_table, plan.scales,
+            launch.numel, plan.site_ranges, new_site[0], new_site[1], plan.grid_table, plan.scales,
             len(plan.grids), plan.edges, plan.approx, plan.edges.shape[1], plan.limits, plan.bounds, plan.n_limits,
-            samples, channels, inner, tiles, per_program, STATS_AT=plan.stats_at, CHABS_AT=plan.chabs_at,
-            BB=max(1, min(64, 4096 // tp)), TP=tp, SB=min(_pow2(samples), 4096 // cbs), CBS=cbs, EB=256)
+            launch.samples, launch.channels, launch.inner, launch.tiles, launch.per_program, STATS_AT=plan.stats_at,
+            CHABS_AT=plan.chabs_at, EB=256, **launch.summary)
 
-    def _count(self, k: ModuleType, plan: SitePlan, keys: list[_Key], buffer: torch.Tensor, numel: int) -> None:
+    def _count(self, k: ModuleType, plan: SitePlan, launch: _Launch, keys: list[_Key], buffer: torch.Tensor) -> None:
         """Count launches (two grids each, outliers with the first) into the scratch, then one add_counts."""
         slots = plan.count_slots
         if not slots:
@@ -298,25 +356,16 @@ class FusedEngine:
         if partials is None:
             partials = self.count_partials[slots] = torch.empty((2, self.programs, slots), dtype=torch.int32,
                                                                 device=self.device)
-        grids = list(plan.grids.values())
-        pairs = [grids[i:i + 2] for i in range(0, len(grids), 2)] or [[]]
-        programs = min(-(-numel // (_COUNT_BLOCK * _COUNT_BLOCKS_PER_PROGRAM)), self.programs)
-        for n, pair in enumerate(pairs):
-            limits = plan.n_limits if n == 0 else 0
-            if not pair and not limits:
-                continue
-            ids = [grids.index(g) for g in pair] + [0, 0]
-            bins = [g.reducer.bins for g in pair] + [0, 0]
-            counts = [g.counts_at - plan.counts_at for g in pair] + [0, 0]
-            k.count_kernel[(programs, len(keys))](
-                buffer, numel, plan.edges, plan.approx, plan.edges.shape[1], max(len(grids), 1), plan.bounds,
-                max(plan.n_limits, 1), partials, slots, int(plan.edges_at[ids[0]]), ids[0], counts[0],
+        for ids, bins, counts, limits in launch.count_pairs:
+            k.count_kernel[(launch.count_programs, len(keys))](
+                buffer, launch.numel, plan.edges, plan.approx, plan.edges.shape[1], max(len(plan.grids), 1),
+                plan.bounds, max(plan.n_limits, 1), partials, slots, int(plan.edges_at[ids[0]]), ids[0], counts[0],
                 int(plan.edges_at[ids[1]]), ids[1], counts[1], plan.outliers_at - plan.counts_at,
-                BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0] + 2), NB_B=_pow2(bins[1] + 2), LIMITS=limits,
+                BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0]), NB_B=_pow2(bins[1]), LIMITS=limits,
                 LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
         pb, sb = _ADD_TILE
         k.add_counts_kernel[(-(-slots // sb), len(keys))](
-            partials, programs, slots, keys[0].chunk, keys[-1].chunk, keys[0].start + plan.counts_at,
+            partials, launch.count_programs, slots, keys[0].chunk, keys[-1].chunk, keys[0].start + plan.counts_at,
             keys[-1].start + plan.counts_at, PB=pb, SB=sb)
 
 
@@ -328,13 +377,27 @@ def _scan_tiles(channels: int, inner: int) -> tuple[int, int, int]:
     return cb, rb, per_program
 
 
-def _account(row: Sequence[Reducer], numel: int, samples: int) -> None:
-    """The host-side counters the reducers' `finish` reads."""
-    for reducer in row:
-        if isinstance(reducer, Stats):
-            reducer.count += numel
-            reducer.samples += samples
-        elif isinstance(reducer, Outliers):
-            reducer.count += numel
-        elif isinstance(reducer, (Histogram, Quantiles)):
-            (reducer if isinstance(reducer, Histogram) else reducer._hist)._n += numel
+def _account_stats(reducer: Stats, numel: int, samples: int) -> None:
+    reducer.count += numel
+    reducer.samples += samples
+
+
+def _account_outliers(reducer: Outliers, numel: int, samples: int) -> None:
+    reducer.count += numel
+
+
+def _account_histogram(reducer: Histogram, numel: int, samples: int) -> None:
+    reducer._n += numel
+
+
+def _account_quantiles(reducer: Quantiles, numel: int, samples: int) -> None:
+    reducer._hist._n += numel
+
+
+def _account_nothing(reducer: Reducer, numel: int, samples: int) -> None:
+    pass
+
+
+# The host-side counters each reducer's `finish` reads, by reducer type.
+_ACCOUNT = {Stats: _account_stats, ChannelAbsMax: _account_nothing, Histogram: _account_histogram,
+            Quantiles: _account_quantiles, Outliers: _account_outliers}

@@ -1,6 +1,6 @@
 """Triton kernels of the fused recording path (`modiff.record.fused`): four launches per site call.
 
-    scan     reads a_s and the buffer's a_{s-1}, writes a_s - a_{s-1} and a_s into the buffer, and reduces
+    scan     reads a_s and the buffer's a_{s-1}, writes a_s (and a_s - a_{s-1} when a count follows) into the buffer, and reduces
              both rows: per (sample, channel) min/max (NaN flagged as a NaN min) and per (sample, channel
              tile) mean and M2 (float32, Chan-merged chunk by chunk), stored into scratch by their only writer
     summary  one program per row: the partials -> min, max, mean, M2, sum x^2, sum ||x_b|| (float64,
@@ -78,9 +78,9 @@ def _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo, hi, has_nan):
 
 @triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB"])
 def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T, CPB,
-                HAS_DIFF: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
+                HAS_DIFF: tl.constexpr, STORE_DIFF: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
     """Program (b, t): sample b, channels [t CPB, (t + 1) CPB). chmin, chmax: (2, B, C); part: (2, B, T, 2)
-    mean and M2."""
+    mean and M2. The difference is stored (buffer row 1) only for the count kernel (STORE_DIFF)."""
     b, t = tl.program_id(0), tl.program_id(1)
     numel = B * C * R
     n_raw, mean_raw, m2_raw = 0.0, 0.0, 0.0
@@ -100,7 +100,8 @@ def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T, CPB,
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_DIFF:
                 diff = x - tl.load(buf_ptr + offs, mask=mask, other=0.0)
-                tl.store(buf_ptr + numel + offs, diff, mask=mask)
+                if STORE_DIFF:
+                    tl.store(buf_ptr + numel + offs, diff, mask=mask)
                 lo_diff, hi_diff, nan_diff = _channel_extremes(diff, mask, lo_diff, hi_diff, nan_diff)
                 n_c, mean_c, m2_c = _chunk_moments(diff, mask)
                 n_diff, mean_diff, m2_diff = _chan(n_diff, mean_diff, m2_diff, n_c, mean_c, m2_c)
@@ -291,15 +292,22 @@ def _positions(x, edges_ptr, step, offset, BINS: tl.constexpr):
 
 
 @triton.jit
-def _add_grid(acc, x, mask, edges_ptr, approx_ptr, BINS: tl.constexpr, NB: tl.constexpr):
+def _add_grid(acc, below, above, x, mask, edges_ptr, approx_ptr, BINS: tl.constexpr, NB: tl.constexpr):
+    """Positions 1..BINS into a histogram of NB = pow2(BINS) slots (tl.histogram's cost grows with its
+    slots, so BINS = 1024 costs half of what BINS + 2 rounded up to 2048 would); 0 and BINS + 1 summed."""
     p = _positions(x, edges_ptr, tl.load(approx_ptr), tl.load(approx_ptr + 1), BINS)
-    return acc + tl.histogram(p, NB, mask=mask)
+    inside = mask & (p > 0) & (p <= BINS)
+    below += tl.sum((mask & (p == 0)).to(tl.int32))
+    above += tl.sum((mask & (p > BINS)).to(tl.int32))
+    return acc + tl.histogram(tl.where(inside, p - 1, 0), NB, mask=inside), below, above
 
 
 @triton.jit
-def _store_grid(out_ptr, acc, BINS: tl.constexpr, NB: tl.constexpr):
+def _store_grid(out_ptr, acc, below, above, BINS: tl.constexpr, NB: tl.constexpr):
     slots = tl.arange(0, NB)
-    tl.store(out_ptr + slots, acc, mask=slots < BINS + 2)
+    tl.store(out_ptr + 1 + slots, acc, mask=slots < BINS)
+    tl.store(out_ptr, below)
+    tl.store(out_ptr + BINS + 1, above)
 
 
 @triton.jit(do_not_specialize=["numel", "E", "G", "L", "S", "edges_a", "edges_b", "grid_a", "grid_b",
@@ -316,6 +324,7 @@ def count_kernel(buf_ptr, numel, edges_ptr, approx_ptr, E, G, bounds_ptr, L, par
     row = buf_ptr + k.to(tl.int64) * numel
     acc_a = tl.zeros([NB_A], tl.int32)
     acc_b = tl.zeros([NB_B], tl.int32)
+    below_a, above_a, below_b, above_b = 0, 0, 0, 0
     hits = tl.zeros([LP], tl.int32)
     lanes = tl.arange(0, LP)
     for start in range(p * BLOCK, numel, tl.num_programs(0) * BLOCK):
@@ -323,18 +332,20 @@ def count_kernel(buf_ptr, numel, edges_ptr, approx_ptr, E, G, bounds_ptr, L, par
         mask = offs < numel
         x = tl.load(row + offs, mask=mask, other=0.0)
         if BINS_A > 0:
-            acc_a = _add_grid(acc_a, x, mask, edges_ptr + k * E + edges_a, approx_ptr + (k * G + grid_a) * 2, BINS_A, NB_A)
+            acc_a, below_a, above_a = _add_grid(acc_a, below_a, above_a, x, mask, edges_ptr + k * E + edges_a,
+                                                approx_ptr + (k * G + grid_a) * 2, BINS_A, NB_A)
         if BINS_B > 0:
-            acc_b = _add_grid(acc_b, x, mask, edges_ptr + k * E + edges_b, approx_ptr + (k * G + grid_b) * 2, BINS_B, NB_B)
+            acc_b, below_b, above_b = _add_grid(acc_b, below_b, above_b, x, mask, edges_ptr + k * E + edges_b,
+                                                approx_ptr + (k * G + grid_b) * 2, BINS_B, NB_B)
         for i in tl.static_range(LIMITS):
             low = tl.load(bounds_ptr + (k * L + i) * 2)
             high = tl.load(bounds_ptr + (k * L + i) * 2 + 1)
             hit = ((x < low) | (x >= high) | (x != x)) & mask
             hits += tl.where(lanes == i, tl.sum(hit.to(tl.int32)), 0)
     if BINS_A > 0:
-        _store_grid(out_ptr + counts_a, acc_a, BINS_A, NB_A)
+        _store_grid(out_ptr + counts_a, acc_a, below_a, above_a, BINS_A, NB_A)
     if BINS_B > 0:
-        _store_grid(out_ptr + counts_b, acc_b, BINS_B, NB_B)
+        _store_grid(out_ptr + counts_b, acc_b, below_b, above_b, BINS_B, NB_B)
     if LIMITS > 0:
         tl.store(out_ptr + outliers_at + lanes, hits, mask=lanes < LIMITS)
 
