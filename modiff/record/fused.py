@@ -1,11 +1,12 @@
-"""The fused recording path: the built-in reducers of one site call in four Triton launches.
+"""The fused recording path: the built-in reducers in Triton kernels, one launch per site call.
 
 The reference path (`batched.update_rows`) dispatches about 400 small operators per site call for the
 default reducers; a GPU pays each as a kernel launch. Here the recorder's buffer update and every built-in
 reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count,
 add_counts), and the reducers' state lives in preallocated float64 arenas that the kernels update in
 place: a key takes its slot once, and `results_of` copies each arena chunk to the host once
-(`batched.Slot`).
+(`batched.Slot`). A site call launches its scan; the summaries and counts of all site calls of a model
+call run together at the next flush (`FusedEngine.flush`), four launches for the whole model call.
 
 The results equal the reference's (`search` count backend): counts, min, max and channel absmax exactly,
 moments up to float rounding (float32 Chan-merged chunks instead of Welford passes). Per key the state
@@ -15,8 +16,8 @@ live in a (2, grids, 2) tensor per site.
 
 Supported: `Stats`, `ChannelAbsMax(dim=1)`, `Histogram`, `Quantiles`, `Outliers` (exactly these types),
 on tensors with at least 2 dims (samples, channels, ...); a site whose channel count changes raises when
-ChannelAbsMax is recorded. With other reducers `engine="fused"` raises; the reference path (the default)
-records any reducer.
+ChannelAbsMax is recorded. With other reducers `engine="fused"` raises and `engine="auto"` (the default)
+takes the reference path, which records any reducer; "auto" also takes it off CUDA or without Triton.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles
 
 __all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
 
-Engine = Literal["reference", "fused"]
+Engine = Literal["auto", "reference", "fused"]
 _TYPES = (Stats, ChannelAbsMax, Histogram, Quantiles, Outliers)
 _ALIGN = 16  # slot offsets stay multiples of 16 elements
 _TILE = 2048  # values per scan chunk
@@ -42,6 +43,16 @@ _PER_PROGRAM = 16384  # values of one sample per scan program
 _COUNT_BLOCK = 1024
 _COUNT_BLOCKS_PER_PROGRAM = 8  # at least, so that small layers do not pay for a wide scratch reduction
 _ADD_TILE = (64, 128)  # (programs, slots) per add_counts chunk
+_COUNT_PROGRAMS = 32  # count programs per descriptor at most (a model call has many: they fill the GPU together)
+# int64 fields of a descriptor: one (site call, row) for the summary, count and add_counts kernels. Addresses
+# point at the row's own part: partials (B, T, 2), channel extremes (B, C), the key state, the site's
+# histogram ranges (grids, 2), grid table, edges, bin approximations, outlier bounds, the buffer row, and the
+# key's count slots; partial_at: the first scratch row of its count programs.
+DESCRIPTOR = ("part", "chmin", "chmax", "state", "first", "n_old", "n_new", "site_range", "new_site", "grid", "edges",
+              "approx", "bounds", "samples", "channels", "inner", "tiles", "per_program", "data", "programs",
+              "partial_at", "counts")
+_STATE, _FIRST, _N_OLD, _NEW_SITE, _DATA, _PARTIAL_AT, _COUNTS = (
+    DESCRIPTOR.index(f) for f in ("state", "first", "n_old", "new_site", "data", "partial_at", "counts"))
 
 
 def fused_supported(reducers: Sequence[Reducer]) -> bool:
@@ -50,17 +61,30 @@ def fused_supported(reducers: Sequence[Reducer]) -> bool:
         r.dim == 1 for r in reducers if isinstance(r, ChannelAbsMax))
 
 
-def use_fused(engine: Engine, reducers: Sequence[Reducer]) -> bool:
-    """Whether the fused kernels record these reducers: only when asked for ("fused"; on a CPU that needs the
-    Triton interpreter). The torch path stays the default: on an H200 the fused kernels were slower for the
-    default reducers (see benchmarks/README.md)."""
+def use_fused(engine: Engine, reducers: Sequence[Reducer], device: Optional[torch.device] = None) -> bool:
+    """Whether the fused kernels record these reducers on `device`.
+
+    "fused": always (on a CPU that needs the Triton interpreter; unsupported reducers raise). "auto": on
+    CUDA when Triton imports and every reducer is supported (on an H200 faster than the torch path for
+    `Stats` and for the default reducers, see benchmarks/README.md); else the torch path. "reference": never.
+    """
     if engine not in get_args(Engine):
         raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
     if engine == "reference" or not reducers:  # without reducers only the buffer is updated: two torch ops
         return False
+    if engine == "auto":
+        return device is not None and device.type == "cuda" and fused_supported(reducers) and _triton_imports()
     if not fused_supported(reducers):
         raise ValueError(f"engine='fused' supports only {[t.__name__ for t in _TYPES]} (ChannelAbsMax(dim=1)); "
                          f"got {reducers!r}")
+    return True
+
+
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
     return True
 
 
@@ -228,6 +252,27 @@ class SitePlan:
                                     else Slot(key.chunk, key.start + at, shape, convert))
                              for name, at, shape, convert, per_site in layout}
 
+    def descriptor(self, k: int, key: _Key, launch: "_Launch", buffer: torch.Tensor) -> list[int]:
+        """The DESCRIPTOR fields of row k (0 raw, 1 diff) of a site call (partial_at is set at the flush)."""
+        fields = launch.descriptors[k].copy()
+        state = key.chunk.data_ptr() + key.start * 8
+        fields[_STATE], fields[_FIRST], fields[_N_OLD], fields[_COUNTS] = state, int(key.seen == 0), key.seen, \
+            state + self.counts_at * 8
+        fields[_NEW_SITE] = int(not self.site_range_set[k])
+        fields[_DATA] = buffer.data_ptr() + k * launch.numel * 4
+        self.site_range_set[k] = True
+        return fields
+
+    def static_fields(self, k: int, launch: "_Launch") -> list[int]:
+        """The fields of row k that stay the same for every call with this launch configuration (0 elsewhere)."""
+        scratch, b, c = launch.scratch, launch.samples, launch.channels
+        return [scratch.partials.data_ptr() + k * b * launch.tiles * 8, scratch.chmin.data_ptr() + k * b * c * 4,
+                scratch.chmax.data_ptr() + k * b * c * 4, 0, 0, 0, launch.numel,
+                self.site_ranges.data_ptr() + k * self.site_ranges.shape[1] * 16, 0, self.grid_table.data_ptr(),
+                self.edges.data_ptr() + k * self.edges.shape[1] * 4, self.approx.data_ptr() + k * self.approx.shape[1] * 8,
+                self.bounds.data_ptr() + k * self.bounds.shape[1] * 8, b, c, launch.inner, launch.tiles,
+                launch.per_program, 0, launch.count_programs, 0, 0]
+
     def launch(self, shape: torch.Size, programs: int) -> "_Launch":
         """The launch configuration of a call on a tensor of `shape` (cached: sites keep their shapes)."""
         config = self._launches.get(shape)
@@ -238,7 +283,7 @@ class SitePlan:
 
 @dataclass
 class _Launch:
-    """Grids, sizes and constexprs of the kernels for one (site, shape)."""
+    """Sizes and scan tiles of the kernels for one (site, shape)."""
 
     samples: int
     channels: int
@@ -249,10 +294,8 @@ class _Launch:
     per_program: int
     tiles: int
     scratch: _Scratch
-    summary: dict[str, int]  # the summary kernel's tile constexprs
     count_programs: int
-    # per count launch: (grid ids, bins, count offsets, outlier limits) of up to two grids
-    count_pairs: list[tuple[list[int], list[int], list[int], int]]
+    descriptors: tuple[list[int], list[int]] = ([], [])  # the static fields of rows 0 and 1
 
     @classmethod
     def of(cls, plan: SitePlan, shape: torch.Size, programs: int) -> "_Launch":
@@ -261,61 +304,62 @@ class _Launch:
         inner = numel // (samples * channels)
         cb, rb, per_program = _scan_tiles(channels, inner)
         tiles = -(-channels // per_program)
-        tp, cbs = _pow2(tiles), min(_pow2(channels), 256)
-        summary = {"BB": max(1, min(64, 4096 // tp)), "TP": tp, "SB": min(_pow2(samples), 4096 // cbs), "CBS": cbs}
-        grids = list(plan.grids.values())
-        pairs = []
-        for n, pair in enumerate([grids[i:i + 2] for i in range(0, len(grids), 2)] or [[]]):
-            limits = plan.n_limits if n == 0 else 0
-            if pair or limits:
-                pairs.append(([grids.index(g) for g in pair] + [0, 0], [g.reducer.bins for g in pair] + [0, 0],
-                              [g.counts_at - plan.counts_at for g in pair] + [0, 0], limits))
-        return cls(samples, channels, inner, numel, cb, rb, per_program, tiles, plan.scratch(samples, tiles), summary,
-                   min(-(-numel // (_COUNT_BLOCK * _COUNT_BLOCKS_PER_PROGRAM)), programs), pairs)
+        launch = cls(samples, channels, inner, numel, cb, rb, per_program, tiles, plan.scratch(samples, tiles),
+                     max(1, min(-(-numel // (_COUNT_BLOCK * _COUNT_BLOCKS_PER_PROGRAM)), programs)))
+        launch.descriptors = (plan.static_fields(0, launch), plan.static_fields(1, launch))
+        return launch
 
 
 @dataclass
 class FusedEngine:
-    """The fused path of one recorder: per-site plans and the state arena."""
+    """The fused path of one recorder: per-site plans, the state arena and the work not yet summarised.
+
+    A site call launches its scan at once; its summary and counts wait in `pending` (descriptors) until
+    `flush()`, which runs them for all waiting calls in four launches. The recorder flushes before every
+    model call (each buffer and scratch is written once per model call) and before reading results; a site
+    called again before a flush flushes first.
+    """
 
     reducers: Sequence[Reducer]
     device: torch.device
     arena: Arena = field(init=False)
     plans: dict[tuple[str, str], SitePlan] = field(default_factory=dict)
     keys: dict[int, tuple[Reducer, _Key]] = field(default_factory=dict)  # id(first reducer of a key) -> state
-    # per count slot number: (row, program, slot) int32 partials, shared by the sites as their launches run in order
-    count_partials: dict[int, torch.Tensor] = field(default_factory=dict)
+    pending: list[list[int]] = field(default_factory=list)  # descriptors (DESCRIPTOR fields)
+    _pending_plans: dict[int, SitePlan] = field(default_factory=dict)
+    _pending_tensors: list[torch.Tensor] = field(default_factory=list)  # what the descriptors point into
 
     def __post_init__(self) -> None:
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"engine='fused' runs Triton kernels, which need CUDA; on {self.device} only in the "
                              "Triton interpreter (set TRITON_INTERPRET=1 before recording). Use engine='reference'.")
         self.arena = Arena(self.device)
-        # count programs per row: with both rows four per multiprocessor, each looping over many blocks
-        self.programs = 2 * (torch.cuda.get_device_properties(self.device).multi_processor_count
-                             if self.device.type == "cuda" else 1)
+        self.programs = _COUNT_PROGRAMS
 
     def accepts(self, x: torch.Tensor) -> bool:
         return x.ndim >= 2 and x.numel() > 0 and x.device == self.device
 
     def update(self, site: tuple[str, str], rows: Sequence[Sequence[Reducer]], buffer: torch.Tensor,
                x: torch.Tensor, diff: bool) -> None:
-        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) and reduce rows[k] (k = 0 raw, 1 diff)."""
+        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) now; rows[k] (k = 0 raw, 1 diff) at the flush."""
         plan = self._plan(site, x)
+        if id(plan) in self._pending_plans:  # its scratch is about to be overwritten
+            self.flush()
         launch = plan.launch(x.shape, self.programs)
         keys = [self._key(plan, row, k) for k, row in enumerate(rows)]
-        k, scratch = _kernels(), launch.scratch
+        scratch = launch.scratch
         x = x if x.is_contiguous() else x.contiguous()
-        k.scan_kernel[(launch.samples, launch.tiles)](
+        _kernels().scan_kernel[(launch.samples, launch.tiles)](
             x, buffer, scratch.chmin, scratch.chmax, scratch.partials, launch.samples, launch.channels, launch.inner,
             launch.tiles, launch.per_program, HAS_DIFF=diff, STORE_DIFF=diff and plan.count_slots > 0, CB=launch.cb,
             RB=launch.rb)
-        self._summarize(k, plan, launch, keys)
-        self._count(k, plan, launch, keys, buffer)
-        for key, row in zip(keys, rows):
+        for k, (key, row) in enumerate(zip(keys, rows)):
+            self.pending.append(plan.descriptor(k, key, launch, buffer))
             key.seen += launch.numel
             for account, reducer in zip(plan.account, row):
                 account(reducer, launch.numel, launch.samples)
+        self._pending_plans[id(plan)] = plan
+        self._pending_tensors += [scratch.partials, scratch.chmin, scratch.chmax, buffer]
 
     def _plan(self, site: tuple[str, str], x: torch.Tensor) -> SitePlan:
         plan = self.plans.get(site)
@@ -334,39 +378,53 @@ class FusedEngine:
         plan.bind(row, key, index)
         return key
 
-    def _summarize(self, k: ModuleType, plan: SitePlan, launch: _Launch, keys: list[_Key]) -> None:
-        last, scratch = keys[-1], launch.scratch
-        new_site = [int(not plan.site_range_set[i]) for i in range(2)]
-        for i in range(len(keys)):
-            plan.site_range_set[i] = True
-        k.summary_kernel[(len(keys),)](
-            scratch.partials, scratch.chmin, scratch.chmax, keys[0].chunk, last.chunk,
-            keys[0].start, last.start, int(keys[0].seen == 0), int(last.seen == 0), keys[0].seen, last.seen,
-            launch.numel, plan.site_ranges, new_site[0], new_site[1], plan.grid_table, plan.scales,
-            len(plan.grids), plan.edges, plan.approx, plan.edges.shape[1], plan.limits, plan.bounds, plan.n_limits,
-            launch.samples, launch.channels, launch.inner, launch.tiles, launch.per_program, STATS_AT=plan.stats_at,
-            CHABS_AT=plan.chabs_at, EB=256, **launch.summary)
-
-    def _count(self, k: ModuleType, plan: SitePlan, launch: _Launch, keys: list[_Key], buffer: torch.Tensor) -> None:
-        """Count launches (two grids each, outliers with the first) into the scratch, then one add_counts."""
-        slots = plan.count_slots
-        if not slots:
+    def flush(self) -> None:
+        """Summaries (and counts) of every pending site call: one launch per kernel for all of them."""
+        if not self.pending:
             return
-        partials = self.count_partials.get(slots)
-        if partials is None:
-            partials = self.count_partials[slots] = torch.empty((2, self.programs, slots), dtype=torch.int32,
-                                                                device=self.device)
-        for ids, bins, counts, limits in launch.count_pairs:
-            k.count_kernel[(launch.count_programs, len(keys))](
-                buffer, launch.numel, plan.edges, plan.approx, plan.edges.shape[1], max(len(plan.grids), 1),
-                plan.bounds, max(plan.n_limits, 1), partials, slots, int(plan.edges_at[ids[0]]), ids[0], counts[0],
-                int(plan.edges_at[ids[1]]), ids[1], counts[1], plan.outliers_at - plan.counts_at,
-                BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0]), NB_B=_pow2(bins[1]), LIMITS=limits,
-                LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
+        plan = next(iter(self._pending_plans.values()))  # the reducers, hence the layout offsets, are shared
+        table = np.asarray(self.pending, dtype=np.int64)
+        programs = table[:, DESCRIPTOR.index("programs")]
+        table[:, _PARTIAL_AT] = np.cumsum(programs) - programs
+        desc = _upload(table, torch.int64, self.device)
+        k, n = _kernels(), len(table)
+        tp = _pow2(int(table[:, DESCRIPTOR.index("tiles")].max()))
+        cbs = min(_pow2(int(table[:, DESCRIPTOR.index("channels")].max())), 256)
+        samples = _pow2(int(table[:, DESCRIPTOR.index("samples")].max()))
+        k.summary_kernel[(n,)](desc, plan.scales, len(plan.grids), plan.limits, plan.n_limits,
+                               STATS_AT=plan.stats_at, CHABS_AT=plan.chabs_at, BB=max(1, min(64, 4096 // tp)), TP=tp,
+                               SB=min(samples, max(1, 4096 // cbs)), CBS=cbs, EB=256)
+        if plan.count_slots:
+            self._count(k, plan, desc, n, int(programs.max()), int(programs.sum()))
+        self.pending.clear()
+        self._pending_plans.clear()
+        self._pending_tensors.clear()
+
+    def discard(self) -> None:
+        """Drop the pending summaries (a recording stopped by an error)."""
+        self.pending.clear()
+        self._pending_plans.clear()
+        self._pending_tensors.clear()
+
+    def _count(self, k: ModuleType, plan: SitePlan, desc: torch.Tensor, n: int, programs: int, rows: int) -> None:
+        """Count launches (two grids each, outliers with the first) into a scratch row per program, then one
+        add_counts per key."""
+        slots = plan.count_slots
+        partials = torch.empty((rows, slots), dtype=torch.int32, device=self.device)
+        grids = list(plan.grids.values())
+        for pair_index, pair in enumerate([grids[i:i + 2] for i in range(0, len(grids), 2)] or [[]]):
+            limits = plan.n_limits if pair_index == 0 else 0
+            if not pair and not limits:
+                continue
+            ids = [grids.index(g) for g in pair] + [0, 0]
+            bins = [g.reducer.bins for g in pair] + [0, 0]
+            counts = [g.counts_at - plan.counts_at for g in pair] + [0, 0]
+            k.count_kernel[(programs, n)](
+                desc, partials, slots, int(plan.edges_at[ids[0]]), ids[0], counts[0], int(plan.edges_at[ids[1]]),
+                ids[1], counts[1], plan.outliers_at - plan.counts_at, BINS_A=bins[0], BINS_B=bins[1],
+                NB_A=_pow2(bins[0]), NB_B=_pow2(bins[1]), LIMITS=limits, LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
         pb, sb = _ADD_TILE
-        k.add_counts_kernel[(-(-slots // sb), len(keys))](
-            partials, launch.count_programs, slots, keys[0].chunk, keys[-1].chunk, keys[0].start + plan.counts_at,
-            keys[-1].start + plan.counts_at, PB=pb, SB=sb)
+        k.add_counts_kernel[(-(-slots // sb), n)](desc, partials, slots, PB=pb, SB=sb)
 
 
 def _scan_tiles(channels: int, inner: int) -> tuple[int, int, int]:

@@ -1,16 +1,21 @@
-"""Triton kernels of the fused recording path (`modiff.record.fused`): four launches per site call.
+"""Triton kernels of the fused recording path (`modiff.record.fused`): one launch per site call (scan),
+and per model call one summary, up to two count and one add_counts launch for all its site calls.
 
     scan     reads a_s and the buffer's a_{s-1}, writes a_s (and a_s - a_{s-1} when a count follows) into the buffer, and reduces
              both rows: per (sample, channel) min/max (NaN flagged as a NaN min) and per (sample, channel
              tile) mean and M2 (float32, Chan-merged chunk by chunk), stored into scratch by their only writer
-    summary  one program per row: the partials -> min, max, mean, M2, sum x^2, sum ||x_b|| (float64,
+    summary  one program per (site call, row) descriptor: the partials -> min, max, mean, M2, sum x^2, sum ||x_b|| (float64,
              Chan across tiles and samples, then across updates), channel absmax, histogram ranges,
              the float32 bin edges (and their step and offset) and outlier boundaries exactly as `batched.Grid`/`Beyond` build them
     count    histograms of the positions #{edges <= x} (an arithmetic guess, corrected against the
              edges, so the counts equal the sorted-boundary search) and outlier hits, per program in
-             registers, stored as int32 into a (row, program, count slot) scratch
+             registers, stored as int32 into a (descriptor's program, count slot) scratch
     add_counts  sums the scratch over the programs and adds it once into the keys' float64 state (exact
              below 2^53): one writer per slot, so no atomics anywhere
+
+The summary, count and add_counts kernels read their tensors and sizes from a table of int64 descriptors,
+one row per (site call, row), with the fields of `modiff.record.fused.DESCRIPTOR` (addresses point at the
+row's own part of each tensor).
 
 Semantics follow `modiff.record.batched`: NaN is above every boundary, a NaN boundary counts as -inf.
 Set TRITON_INTERPRET=1 before this module is imported to run the kernels on CPU tensors.
@@ -20,7 +25,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from modiff.record.fused import DESCRIPTOR
+
 TINY = tl.constexpr(1.1754943508222875e-38)  # a constexpr: compiled kernels read no other globals; torch.finfo(torch.float32).tiny: the smallest automatic histogram range
+_AT = {name: i for i, name in enumerate(DESCRIPTOR)}
+# Descriptor fields, as constexprs (a compiled kernel reads no other module globals)
+NF = tl.constexpr(len(DESCRIPTOR))
+D_PART, D_CHMIN, D_CHMAX = tl.constexpr(_AT["part"]), tl.constexpr(_AT["chmin"]), tl.constexpr(_AT["chmax"])
+D_STATE, D_FIRST, D_N_OLD, D_N_NEW = (tl.constexpr(_AT[f]) for f in ("state", "first", "n_old", "n_new"))
+D_SITE_RANGE, D_NEW_SITE, D_GRID = tl.constexpr(_AT["site_range"]), tl.constexpr(_AT["new_site"]), tl.constexpr(_AT["grid"])
+D_EDGES, D_APPROX, D_BOUNDS = tl.constexpr(_AT["edges"]), tl.constexpr(_AT["approx"]), tl.constexpr(_AT["bounds"])
+D_B, D_C, D_R, D_T, D_CPB = (tl.constexpr(_AT[f]) for f in ("samples", "channels", "inner", "tiles", "per_program"))
+D_DATA, D_PROGRAMS = tl.constexpr(_AT["data"]), tl.constexpr(_AT["programs"])
+D_PARTIAL_AT, D_COUNTS = tl.constexpr(_AT["partial_at"]), tl.constexpr(_AT["counts"])
 
 
 @triton.jit
@@ -122,13 +139,13 @@ def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T, CPB,
 
 
 @triton.jit
-def _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexpr):
+def _sample_moments(part_ptr, b0, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexpr):
     """Per-sample mean and M2 (float64) of samples b0..b0+BB from their tiles; 0 for padding."""
     samples = b0 + tl.arange(0, BB)
     tiles = tl.arange(0, TP)
     mask = (samples < B)[:, None] & (tiles < T)[None, :]
     n_t = (tl.minimum(CPB, C - tiles * CPB) * R).to(tl.float64)[None, :]
-    at = part_ptr + ((k * B + samples[:, None]) * T + tiles[None, :]) * 2
+    at = part_ptr + (samples[:, None] * T + tiles[None, :]) * 2
     mean_t = tl.load(at, mask=mask, other=0.0).to(tl.float64)
     m2_t = tl.load(at + 1, mask=mask, other=0.0).to(tl.float64)
     d = (C * R).to(tl.float64)
@@ -139,19 +156,19 @@ def _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.c
 
 
 @triton.jit
-def _row_moments(part_ptr, k, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexpr):
-    """mean, M2, sum x^2, sum_b ||x_b|| of row k: Chan over the samples (two passes, float64)."""
+def _row_moments(part_ptr, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexpr):
+    """mean, M2, sum x^2, sum_b ||x_b|| of a row: Chan over the samples (two passes, float64)."""
     d = (C * R).to(tl.float64)
     total = tl.zeros([BB], tl.float64)
     for b0 in range(0, B, BB):
-        valid, mean_b, _ = _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB, TP)
+        valid, mean_b, _ = _sample_moments(part_ptr, b0, B, C, R, T, CPB, BB, TP)
         total += tl.where(valid, mean_b, 0.0)
     mean = tl.sum(total) / B
     m2 = tl.zeros([BB], tl.float64)
     sumsq = tl.zeros([BB], tl.float64)
     norms = tl.zeros([BB], tl.float64)
     for b0 in range(0, B, BB):
-        valid, mean_b, m2_b = _sample_moments(part_ptr, k, b0, B, C, R, T, CPB, BB, TP)
+        valid, mean_b, m2_b = _sample_moments(part_ptr, b0, B, C, R, T, CPB, BB, TP)
         sumsq_b = m2_b + d * mean_b * mean_b
         m2 += tl.where(valid, m2_b + d * (mean_b - mean) * (mean_b - mean), 0.0)
         sumsq += tl.where(valid, sumsq_b, 0.0)
@@ -160,7 +177,7 @@ def _row_moments(part_ptr, k, B, C, R, T, CPB, BB: tl.constexpr, TP: tl.constexp
 
 
 @triton.jit
-def _channel_extremes_over_samples(chmin_ptr, chmax_ptr, k, B, C, channels, SB: tl.constexpr, CBS: tl.constexpr):
+def _channel_extremes_over_samples(chmin_ptr, chmax_ptr, B, C, channels, SB: tl.constexpr, CBS: tl.constexpr):
     """Min, max (NaN left out) and NaN flag of some channels over the samples' extremes in the scan scratch."""
     lo = tl.full([CBS], float("inf"), tl.float32)
     hi = tl.full([CBS], float("-inf"), tl.float32)
@@ -168,7 +185,7 @@ def _channel_extremes_over_samples(chmin_ptr, chmax_ptr, k, B, C, channels, SB: 
     for b0 in range(0, B, SB):
         samples = b0 + tl.arange(0, SB)
         mask = (samples < B)[:, None] & (channels < C)[None, :]
-        at = (k * B + samples[:, None]) * C + channels[None, :]
+        at = samples[:, None] * C + channels[None, :]
         s_lo = tl.load(chmin_ptr + at, mask=mask, other=float("inf"))
         s_nan = s_lo != s_lo
         lo = tl.minimum(lo, tl.min(tl.where(s_nan, float("inf"), s_lo), axis=0))
@@ -178,7 +195,7 @@ def _channel_extremes_over_samples(chmin_ptr, chmax_ptr, k, B, C, channels, SB: 
 
 
 @triton.jit
-def _channel_summary(chmin_ptr, chmax_ptr, absmax_ptr, k, B, C, first, HAS_CHABS: tl.constexpr, SB: tl.constexpr,
+def _channel_summary(chmin_ptr, chmax_ptr, absmax_ptr, B, C, first, HAS_CHABS: tl.constexpr, SB: tl.constexpr,
                      CBS: tl.constexpr):
     """Row min and max from the per-sample channel extremes; channel absmax into the state."""
     lo = tl.full([CBS], float("inf"), tl.float32)
@@ -187,7 +204,7 @@ def _channel_summary(chmin_ptr, chmax_ptr, absmax_ptr, k, B, C, first, HAS_CHABS
     for c0 in range(0, C, CBS):
         channels = c0 + tl.arange(0, CBS)
         mask = channels < C
-        c_lo, c_hi, c_nan = _channel_extremes_over_samples(chmin_ptr, chmax_ptr, k, B, C, channels, SB, CBS)
+        c_lo, c_hi, c_nan = _channel_extremes_over_samples(chmin_ptr, chmax_ptr, B, C, channels, SB, CBS)
         lo, hi, any_nan = tl.minimum(lo, c_lo), tl.maximum(hi, c_hi), tl.maximum(any_nan, c_nan)
         if HAS_CHABS:
             new = tl.where(c_nan > 0, float("nan"), tl.maximum(c_hi, -c_lo)).to(tl.float64)
@@ -218,13 +235,13 @@ def _store_stats(at, first, n_old, n_new, lo, hi, mean, m2, sumsq, norms):
 
 
 @triton.jit
-def _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, approx_ptr, g, k, G, E, first, new_site,
-                absmax, EB: tl.constexpr):
+def _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, approx_ptr, g, first, new_site, absmax,
+                EB: tl.constexpr):
     """Range of grid g (set from absmax when new), its edges (j + lo/w) w and hi+ (as `batched.Grid`)."""
     bins = tl.load(grid_ptr + g * 5)
     mode = tl.load(grid_ptr + g * 5 + 1)  # 0 fixed, 1 per site, 2 per key
     at_key = state_ptr + tl.load(grid_ptr + g * 5 + 4)
-    at_site = site_range_ptr + (k * G + g) * 2
+    at_site = site_range_ptr + g * 2
     per_key = mode == 2
     is_new = tl.where(per_key, first != 0, (mode == 1) & (new_site != 0))
     half = tl.load(scale_ptr + g) * absmax
@@ -239,40 +256,46 @@ def _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, appro
     tl.store(at_site + 1, hi.to(tl.float64), mask=store_site)
     step = tl.math.div_rn(hi - lo, bins.to(tl.float32))
     offset = tl.math.div_rn(lo, step)
-    out = edges_ptr + k * E + tl.load(grid_ptr + g * 5 + 2)
+    out = edges_ptr + tl.load(grid_ptr + g * 5 + 2)
     for j0 in range(0, bins, EB):
         j = j0 + tl.arange(0, EB)
         tl.store(out + j, _nan_to_low((j.to(tl.float32) + offset) * step), mask=j < bins)
     tl.store(out + bins, _nan_to_low(_next_up(hi)))
-    tl.store(approx_ptr + (k * G + g) * 2, step)
-    tl.store(approx_ptr + (k * G + g) * 2 + 1, offset)
+    tl.store(approx_ptr + g * 2, step)
+    tl.store(approx_ptr + g * 2 + 1, offset)
 
 
-@triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB", "G", "E", "L", "off0", "off1", "first0", "first1",
-                               "n_old0", "n_old1", "new_site0", "new_site1", "n_new"])
-def summary_kernel(part_ptr, chmin_ptr, chmax_ptr, state0_ptr, state1_ptr, off0, off1, first0, first1,
-                   n_old0, n_old1, n_new, site_range_ptr, new_site0, new_site1, grid_ptr, scale_ptr, G, edges_ptr,
-                   approx_ptr, E, limit_ptr, bounds_ptr, L, B, C, R, T, CPB, STATS_AT: tl.constexpr,
-                   CHABS_AT: tl.constexpr, BB: tl.constexpr, TP: tl.constexpr, SB: tl.constexpr, CBS: tl.constexpr,
-                   EB: tl.constexpr):
-    """Program k: row k (0 raw, 1 diff), whose key state starts at state{k}_ptr + off{k} (float64)."""
-    k = tl.program_id(0)
-    state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
-    first = tl.where(k == 0, first0, first1)
-    mean, m2, sumsq, norms = _row_moments(part_ptr, k, B, C, R, T, CPB, BB, TP)
-    lo, hi = _channel_summary(chmin_ptr, chmax_ptr, state_ptr + CHABS_AT, k, B, C, first, CHABS_AT >= 0, SB, CBS)
+@triton.jit
+def _ptr(desc, field, dtype: tl.constexpr):
+    return tl.load(desc + field).to(tl.pointer_type(dtype))
+
+
+@triton.jit(do_not_specialize=["G", "L"])
+def summary_kernel(desc_ptr, scale_ptr, G, limit_ptr, L, STATS_AT: tl.constexpr, CHABS_AT: tl.constexpr,
+                   BB: tl.constexpr, TP: tl.constexpr, SB: tl.constexpr, CBS: tl.constexpr, EB: tl.constexpr):
+    """Program i: descriptor i (one row of one site call), whose key state starts at its `state` (float64)."""
+    desc = desc_ptr + tl.program_id(0) * NF
+    B, C = tl.load(desc + D_B).to(tl.int32), tl.load(desc + D_C).to(tl.int32)
+    R, T, CPB = tl.load(desc + D_R).to(tl.int32), tl.load(desc + D_T).to(tl.int32), tl.load(desc + D_CPB).to(tl.int32)
+    state_ptr = _ptr(desc, D_STATE, tl.float64)
+    first, n_new = tl.load(desc + D_FIRST), tl.load(desc + D_N_NEW)
+    mean, m2, sumsq, norms = _row_moments(_ptr(desc, D_PART, tl.float32), B, C, R, T, CPB, BB, TP)
+    lo, hi = _channel_summary(_ptr(desc, D_CHMIN, tl.float32), _ptr(desc, D_CHMAX, tl.float32), state_ptr + CHABS_AT,
+                              B, C, first, CHABS_AT >= 0, SB, CBS)
     if STATS_AT >= 0:
-        _store_stats(state_ptr + STATS_AT, first, tl.where(k == 0, n_old0, n_old1), n_new, lo, hi, mean, m2, sumsq, norms)
+        _store_stats(state_ptr + STATS_AT, first, tl.load(desc + D_N_OLD), n_new, lo, hi, mean, m2, sumsq, norms)
     absmax = _nan_max(hi, -lo)
+    site_range_ptr, new_site = _ptr(desc, D_SITE_RANGE, tl.float64), tl.load(desc + D_NEW_SITE)
+    grid_ptr, edges_ptr = _ptr(desc, D_GRID, tl.int32), _ptr(desc, D_EDGES, tl.float32)
+    approx_ptr, bounds_ptr = _ptr(desc, D_APPROX, tl.float32), _ptr(desc, D_BOUNDS, tl.float32)
     for g in range(G):
-        _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, approx_ptr, g, k, G, E, first,
-                    tl.where(k == 0, new_site0, new_site1), absmax, EB)
+        _grid_edges(state_ptr, site_range_ptr, grid_ptr, scale_ptr, edges_ptr, approx_ptr, g, first, new_site, absmax, EB)
     sigma = tl.sqrt(m2 / n_new.to(tl.float64)).to(tl.float32)
     for i in range(L):
         factor = tl.load(limit_ptr + i * 2)
         limit = tl.where(tl.load(limit_ptr + i * 2 + 1) != 0, factor, sigma * factor)
-        tl.store(bounds_ptr + (k * L + i) * 2, _nan_to_low(-limit))
-        tl.store(bounds_ptr + (k * L + i) * 2 + 1, _nan_to_low(_next_up(limit)))
+        tl.store(bounds_ptr + i * 2, _nan_to_low(-limit))
+        tl.store(bounds_ptr + i * 2 + 1, _nan_to_low(_next_up(limit)))
 
 
 @triton.jit
@@ -310,58 +333,64 @@ def _store_grid(out_ptr, acc, below, above, BINS: tl.constexpr, NB: tl.constexpr
     tl.store(out_ptr + BINS + 1, above)
 
 
-@triton.jit(do_not_specialize=["numel", "E", "G", "L", "S", "edges_a", "edges_b", "grid_a", "grid_b",
-                               "counts_a", "counts_b", "outliers_at"])
-def count_kernel(buf_ptr, numel, edges_ptr, approx_ptr, E, G, bounds_ptr, L, partial_ptr, S,
-                 edges_a, grid_a, counts_a, edges_b, grid_b, counts_b, outliers_at,
+@triton.jit(do_not_specialize=["S", "edges_a", "edges_b", "grid_a", "grid_b", "counts_a", "counts_b", "outliers_at"])
+def count_kernel(desc_ptr, partial_ptr, S, edges_a, grid_a, counts_a, edges_b, grid_b, counts_b, outliers_at,
                  BINS_A: tl.constexpr, BINS_B: tl.constexpr, NB_A: tl.constexpr, NB_B: tl.constexpr,
                  LIMITS: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (p, k) counts blocks p, p + P, ... of row k for up to two grids (BINS_* = 0: none) and
-    LIMITS outlier boundaries into its own scratch row partial[k, p] of S count slots (grid: BINS + 2
-    positions at counts_*, hits at outliers_at)."""
-    p, k = tl.program_id(0), tl.program_id(1)
-    out_ptr = partial_ptr + (k * tl.num_programs(0) + p).to(tl.int64) * S
-    row = buf_ptr + k.to(tl.int64) * numel
-    acc_a = tl.zeros([NB_A], tl.int32)
-    acc_b = tl.zeros([NB_B], tl.int32)
-    below_a, above_a, below_b, above_b = 0, 0, 0, 0
-    hits = tl.zeros([LP], tl.int32)
-    lanes = tl.arange(0, LP)
-    for start in range(p * BLOCK, numel, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x = tl.load(row + offs, mask=mask, other=0.0)
+    """Program (p, i): blocks p, p + P, ... of descriptor i's row (P its `programs`; p >= P does nothing),
+    counted for up to two grids (BINS_* = 0: none) and LIMITS outlier boundaries into scratch row
+    partial_at + p of S count slots (grid: BINS + 2 positions at counts_*, hits at outliers_at)."""
+    p = tl.program_id(0)
+    desc = desc_ptr + tl.program_id(1) * NF
+    programs = tl.load(desc + D_PROGRAMS).to(tl.int32)
+    if p < programs:
+        row = _ptr(desc, D_DATA, tl.float32)
+        numel = tl.load(desc + D_N_NEW)
+        edges_ptr, approx_ptr = _ptr(desc, D_EDGES, tl.float32), _ptr(desc, D_APPROX, tl.float32)
+        bounds_ptr = _ptr(desc, D_BOUNDS, tl.float32)
+        out_ptr = partial_ptr + (tl.load(desc + D_PARTIAL_AT) + p) * S
+        acc_a = tl.zeros([NB_A], tl.int32)
+        acc_b = tl.zeros([NB_B], tl.int32)
+        below_a, above_a, below_b, above_b = 0, 0, 0, 0
+        hits = tl.zeros([LP], tl.int32)
+        lanes = tl.arange(0, LP)
+        for start in range(p * BLOCK, numel, programs * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(row + offs, mask=mask, other=0.0)
+            if BINS_A > 0:
+                acc_a, below_a, above_a = _add_grid(acc_a, below_a, above_a, x, mask, edges_ptr + edges_a,
+                                                    approx_ptr + grid_a * 2, BINS_A, NB_A)
+            if BINS_B > 0:
+                acc_b, below_b, above_b = _add_grid(acc_b, below_b, above_b, x, mask, edges_ptr + edges_b,
+                                                    approx_ptr + grid_b * 2, BINS_B, NB_B)
+            for i in tl.static_range(LIMITS):
+                low = tl.load(bounds_ptr + i * 2)
+                high = tl.load(bounds_ptr + i * 2 + 1)
+                hit = ((x < low) | (x >= high) | (x != x)) & mask
+                hits += tl.where(lanes == i, tl.sum(hit.to(tl.int32)), 0)
         if BINS_A > 0:
-            acc_a, below_a, above_a = _add_grid(acc_a, below_a, above_a, x, mask, edges_ptr + k * E + edges_a,
-                                                approx_ptr + (k * G + grid_a) * 2, BINS_A, NB_A)
+            _store_grid(out_ptr + counts_a, acc_a, below_a, above_a, BINS_A, NB_A)
         if BINS_B > 0:
-            acc_b, below_b, above_b = _add_grid(acc_b, below_b, above_b, x, mask, edges_ptr + k * E + edges_b,
-                                                approx_ptr + (k * G + grid_b) * 2, BINS_B, NB_B)
-        for i in tl.static_range(LIMITS):
-            low = tl.load(bounds_ptr + (k * L + i) * 2)
-            high = tl.load(bounds_ptr + (k * L + i) * 2 + 1)
-            hit = ((x < low) | (x >= high) | (x != x)) & mask
-            hits += tl.where(lanes == i, tl.sum(hit.to(tl.int32)), 0)
-    if BINS_A > 0:
-        _store_grid(out_ptr + counts_a, acc_a, below_a, above_a, BINS_A, NB_A)
-    if BINS_B > 0:
-        _store_grid(out_ptr + counts_b, acc_b, below_b, above_b, BINS_B, NB_B)
-    if LIMITS > 0:
-        tl.store(out_ptr + outliers_at + lanes, hits, mask=lanes < LIMITS)
+            _store_grid(out_ptr + counts_b, acc_b, below_b, above_b, BINS_B, NB_B)
+        if LIMITS > 0:
+            tl.store(out_ptr + outliers_at + lanes, hits, mask=lanes < LIMITS)
 
 
-@triton.jit(do_not_specialize=["P", "S", "off0", "off1"])
-def add_counts_kernel(partial_ptr, P, S, state0_ptr, state1_ptr, off0, off1, PB: tl.constexpr, SB: tl.constexpr):
-    """Program (j, k): slots [j SB, (j + 1) SB) of row k, summed over the P count programs (int32: a row has
-    fewer than 2^31 values) and added to the key state, whose count slots start at state{k}_ptr + off{k}."""
-    j, k = tl.program_id(0), tl.program_id(1)
+@triton.jit(do_not_specialize=["S"])
+def add_counts_kernel(desc_ptr, partial_ptr, S, PB: tl.constexpr, SB: tl.constexpr):
+    """Program (j, i): slots [j SB, (j + 1) SB) of descriptor i, summed over its count programs' scratch rows
+    (int32: a row has fewer than 2^31 values) and added to the key state at its `counts` (float64)."""
+    j = tl.program_id(0)
+    desc = desc_ptr + tl.program_id(1) * NF
+    programs, first_row = tl.load(desc + D_PROGRAMS), tl.load(desc + D_PARTIAL_AT)
     slots = j * SB + tl.arange(0, SB)
     total = tl.zeros([SB], tl.int32)
-    for p0 in range(0, P, PB):
-        programs = p0 + tl.arange(0, PB)
-        mask = (programs < P)[:, None] & (slots < S)[None, :]
-        at = (k * P + programs[:, None]).to(tl.int64) * S + slots[None, :]
+    for p0 in range(0, programs, PB):
+        rows = p0 + tl.arange(0, PB)
+        mask = (rows < programs)[:, None] & (slots < S)[None, :]
+        at = (first_row + rows[:, None]) * S + slots[None, :]
         total += tl.sum(tl.load(partial_ptr + at, mask=mask, other=0), axis=0)
-    state_ptr = tl.where(k == 0, state0_ptr + off0, state1_ptr + off1)
+    state_ptr = _ptr(desc, D_COUNTS, tl.float64)
     old = tl.load(state_ptr + slots, mask=slots < S)
     tl.store(state_ptr + slots, old + total.to(tl.float64), mask=slots < S)

@@ -19,9 +19,9 @@ call is recorded as the site "<name>#k".
 Hot path (no host synchronisation, a fixed number of kernels per site): the recorder keeps one float32
 buffer (2, *shape) per site, capture and call index on the device; row 1 <- a_s - row 0, then row 0 <- a_s
 (so row 0 holds a_{s-1} when step s arrives), and the reducers of the raw and the diff key run on both
-rows at once (`modiff.record.batched`). engine="fused" runs the built-in reducers as three Triton kernels
-per site call instead (`modiff.record.fused`): same results, but on an H200 not yet faster for the default
-reducers, so the torch path is the default. Results stay on the device until `stats_frame`/`save`, which
+rows at once (`modiff.record.batched`). engine="fused" runs the built-in reducers as Triton kernels instead
+(`modiff.record.fused`): one launch per site call, and the summaries and counts of all site calls of a model
+call in four launches before the next model call (or before results are read). Same results. Results stay on the device until `stats_frame`/`save`, which
 copies them to the host in one transfer per dtype.
 
 Memory: the reducers keep small device tensors per key. The buffers take twice the float32 size of one
@@ -99,7 +99,7 @@ class Recorder:
     def __init__(self, model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None,
                  *, capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
                  memory_budget_mb: float = 512, differences: bool = True, metadata: Optional[Mapping[str, Any]] = None,
-                 engine: Engine = "reference"):
+                 engine: Engine = "auto"):
         if capture not in get_args(Capture):
             raise ValueError(f"capture must be one of {', '.join(get_args(Capture))}; got {capture!r}")
         self.reducers = list(default_reducers() if reducers is None else reducers)
@@ -166,6 +166,8 @@ class Recorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._remove_hooks()
+        if self._fused is not None:  # the pending work of the last model call, before its buffers go
+            self._fused.flush() if exc_type is None else self._fused.discard()
         self._prev.clear()  # frees the activation buffers
         self.seconds += time.time() - (self._started or time.time())
         if exc_type is not None:
@@ -213,6 +215,8 @@ class Recorder:
 
     # -- hooks -----------------------------------------------------------------------------------------
     def _on_model_call(self, _module: nn.Module, _args: Any) -> None:
+        if self._fused is not None:  # summarise the previous call before its scratch is reused
+            self._fused.flush()
         self._call = self._calls_in_step
         self._calls_in_step += 1
         self.model_calls += 1
@@ -287,7 +291,7 @@ class Recorder:
         """The fused path, chosen at the first observation (by `engine` and the device)."""
         if not self._fused_resolved:
             self._fused_resolved = True
-            if use_fused(self.engine, self.reducers):
+            if use_fused(self.engine, self.reducers, device):
                 self._fused = FusedEngine(self.reducers, device)
         return self._fused
 
@@ -306,6 +310,8 @@ class Recorder:
             site, capture, kind, step, call = key
             return order.get(site, len(order)), step, call, capture, kind != "raw"
 
+        if self._fused is not None:
+            self._fused.flush()
         keys = sorted(self._reducers, key=position)
         flat = [(key, r) for key in keys for r in self._reducers[key]]
         values = results_of([r for _, r in flat])  # one device-to-host copy per dtype
@@ -322,7 +328,8 @@ class Recorder:
             "sites": [{"name": n, "shapes": shapes} for n, shapes in self.shapes.items()],
             "stat_sites": [s.name for s in self.sites if s.stats],
             "tensor_sites": [s.name for s in self.sites if s.tensors],
-            "capture": self.capture, "differences": self.differences, "engine": self.engine,
+            "capture": self.capture, "differences": self.differences,
+            "engine": "fused" if self._fused is not None else "reference",
             "reducers": [r.describe() for r in self.reducers],
             "steps": steps, "timesteps": [self.timesteps.get(s) for s in steps],
             "trajectories": self.trajectory + (1 if self.step or self._rows else 0),
@@ -354,7 +361,7 @@ class Recorder:
 def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None, *,
            capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
            memory_budget_mb: float = 512, differences: bool = True,
-           metadata: Optional[Mapping[str, Any]] = None, engine: Engine = "reference") -> Recorder:
+           metadata: Optional[Mapping[str, Any]] = None, engine: Engine = "auto") -> Recorder:
     """Record per-(site, step, call) statistics, and optionally full tensors, of `model` during sampling.
 
     Use as `with record(model, ...) as rec:` around a sampler called with `callback=rec.on_step`.
@@ -364,8 +371,10 @@ def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional
     tensors: which full tensors to keep (needs out_dir). out_dir: a new or empty directory; the recording
     is saved there on a clean exit. memory_budget_mb: host memory for buffered full tensors before they are
     written to a shard. differences: also reduce a_s - a_{s-1} (keeps one tensor per site and call on the
-    device). metadata: JSON-friendly extras for the manifest. engine: "reference" (the torch path) or
-    "fused" (Triton kernels for the built-in reducers; on a CPU only with TRITON_INTERPRET=1). Hooks are removed on exit, also on errors.
+    device). metadata: JSON-friendly extras for the manifest. engine: "auto" (default: the Triton kernels
+    on CUDA when every reducer is a built-in they support, else the torch path), "reference" (the torch
+    path) or "fused" (the Triton kernels; on a CPU only with TRITON_INTERPRET=1). The manifest records the
+    engine used. Hooks are removed on exit, also on errors.
     """
     return Recorder(model, sites, reducers, capture=capture, tensors=tensors, out_dir=out_dir,
                     memory_budget_mb=memory_budget_mb, differences=differences, metadata=metadata, engine=engine)

@@ -65,6 +65,7 @@ class _Pair:
             update_rows(rows, Observation(buffer[:k], backend="search"))
 
     def assert_equal(self) -> None:
+        self.engine.flush()
         for key, paths in self.keys.items():
             ref, fused = (results_of(paths[p]) for p in ("ref", "fused"))
             for r, a, b in zip(paths["ref"], ref, fused):
@@ -154,8 +155,14 @@ def test_partials_over_many_programs_and_sample_chunks(monkeypatch: pytest.Monke
     pair.assert_equal()
 
 
-def test_recorder_fused_engine_equals_reference() -> None:
-    """The recorder on both engines: the same statistics rows and arrays."""
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_recorder_fused_engine_equals_reference(small_tiles: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder on both engines: the same statistics rows and arrays. The summaries of a model call run
+    in one launch; with small scan tiles its sites differ in tiles per sample (1 to 4) and chunks per tile."""
+    from modiff.record import fused
+    if small_tiles:
+        monkeypatch.setattr(fused, "_TILE", 8)
+        monkeypatch.setattr(fused, "_PER_PROGRAM", 16)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(64, 5))
     model = model.to(DEVICE).eval()
@@ -169,6 +176,7 @@ def test_recorder_fused_engine_equals_reference() -> None:
                     rec.on_step(SimpleNamespace(index=s, t=900 - 300 * s))
                 rec.next_trajectory()
         tables[engine] = rec._tables()
+        assert rec._manifest()["engine"] == engine  # the engine used
     (ref_stats, ref_arrays), (fused_stats, fused_arrays) = tables["reference"], tables["fused"]
     assert ref_stats.drop(columns="value").equals(fused_stats.drop(columns="value"))
     np.testing.assert_allclose(ref_stats["value"], fused_stats["value"], rtol=2e-6, atol=1e-9)
@@ -181,7 +189,10 @@ def test_engine_choice() -> None:
     assert not use_fused("reference", default_reducers())
     assert use_fused("fused", default_reducers())
     assert not use_fused("fused", [])  # nothing to reduce: only the buffer is updated
-    assert record(nn.Sequential(nn.Linear(2, 2))).engine == "reference"  # the default: fused is opt-in
+    assert record(nn.Sequential(nn.Linear(2, 2))).engine == "auto"  # the default
+    assert use_fused("auto", default_reducers(), torch.device("cuda"))
+    assert not use_fused("auto", default_reducers(), torch.device("cpu"))  # the interpreter only when asked for
+    assert not use_fused("auto", [Stats(), ChannelAbsMax(dim=2)], torch.device("cuda"))  # unsupported: reference
     with pytest.raises(ValueError, match="engine='fused' supports only"):
         use_fused("fused", [ChannelAbsMax(dim=2)])
     with pytest.raises(ValueError, match="engine='fused' supports only"):
