@@ -101,7 +101,7 @@ def _counts_per_call(model: nn.Module, x: torch.Tensor, reducers: Callable[[], l
             run()
         events = prof.events()
         return (sum(e.name.startswith("aten::") and not _inside_triton(e) for e in events),
-                sum(e.name.startswith("triton::") for e in events),
+                sum(e.name.startswith("triton::") and e.device_type == DeviceType.CPU for e in events),  # not its CUDA range
                 sum(e.device_type == DeviceType.CUDA for e in events))
 
     ops, triton_launches, kernels = counts(lambda: _record(model, x, reducers, 4, engine))

@@ -19,9 +19,10 @@ call is recorded as the site "<name>#k".
 Hot path (no host synchronisation, a fixed number of kernels per site): the recorder keeps one float32
 buffer (2, *shape) per site, capture and call index on the device; row 1 <- a_s - row 0, then row 0 <- a_s
 (so row 0 holds a_{s-1} when step s arrives), and the reducers of the raw and the diff key run on both
-rows at once (`modiff.record.batched`). engine="fused" runs the built-in reducers as Triton kernels instead
-(`modiff.record.fused`): one launch per site call, and the summaries and counts of all site calls of a model
-call in four launches before the next model call (or before results are read). Same results. Results stay on the device until `stats_frame`/`save`, which
+rows at once (`modiff.record.batched`). On CUDA the default engine ("auto") runs the built-in reducers as
+Triton kernels instead (`modiff.record.fused`): one launch per site call, and the summaries and counts of
+all site calls of a model call in four launches before the next model call (or before results are read).
+Same results; engine="reference" keeps the torch path, which records any reducer. Results stay on the device until `stats_frame`/`save`, which
 copies them to the host in one transfer per dtype.
 
 Memory: the reducers keep small device tensors per key. The buffers take twice the float32 size of one

@@ -1,0 +1,138 @@
+"""How fast a GPU counts values into fixed bins, measured side by side in one run: the cost under the
+fused recorder's histograms and quantiles (`modiff.record.kernels.count_kernel`).
+
+    python benchmarks/bench_histogram_counting.py --out benchmarks/results/histogram_counting_h200.json
+
+16.7 M float32 values (one 256 x 256 x 16 x 16 activation) drawn N(0, 1) ("gauss") or N(0, 0.003^2)
+("narrow": nearly all values in a few bins, as temporal differences late in sampling) over the range
+[-5, 5], counted into 256, 1024 and 2048 bins by: `tl.histogram` (per program in registers, the fused
+recorder's method), `tl.atomic_add` into a private copy per program ("atomic_private") and into one shared
+copy ("atomic_shared"); "read" is one pass that only sums the values (the bandwidth floor). Every method's
+counts are checked against `torch.bincount`. Also the host time of one Triton launch with 5 and with 40
+arguments. Needs CUDA and Triton.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def read_kernel(x_ptr, n, out_ptr, BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(p * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + p, tl.sum(acc))
+
+
+@triton.jit
+def hist_tl_kernel(x_ptr, n, out_ptr, lo, inv, NB: tl.constexpr, BLOCK: tl.constexpr):
+    p = tl.program_id(0)
+    acc = tl.zeros([NB], tl.int32)
+    for start in range(p * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        acc += tl.histogram(tl.minimum(tl.maximum(((x - lo) * inv).to(tl.int32), 0), NB - 1), NB, mask=mask)
+    tl.store(out_ptr + p * NB + tl.arange(0, NB), acc)
+
+
+@triton.jit
+def hist_atomic_kernel(x_ptr, n, out_ptr, lo, inv, NB: tl.constexpr, BLOCK: tl.constexpr, PRIVATE: tl.constexpr):
+    p = tl.program_id(0)
+    base = out_ptr + (p * NB if PRIVATE else 0)
+    for start in range(p * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        b = tl.minimum(tl.maximum(((x - lo) * inv).to(tl.int32), 0), NB - 1)
+        tl.atomic_add(base + b, 1, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def forty_args_kernel(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, t, u, v, w, x, y, z, a2, b2, c2, d2,
+                      e2, f2, g2, h2, i2, j2, k2, l2, m2, n2, K: tl.constexpr):
+    tl.store(a + tl.program_id(0), b)
+
+
+@triton.jit
+def five_args_kernel(a, b, c, d, K: tl.constexpr):
+    tl.store(a + tl.program_id(0), b)
+
+
+def _device_us(fn: Callable[[], object], repeats: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats * 1e3
+
+
+def _host_us(fn: Callable[[], object], repeats: int = 2000) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / repeats * 1e6
+
+
+def _counting(x: torch.Tensor, programs: int, lo: float = -5.0, hi: float = 5.0) -> dict[str, float]:
+    n = x.numel()
+    row: dict[str, float] = {"read_us": _device_us(
+        lambda: read_kernel[(2 * programs,)](x, n, torch.empty(2 * programs, device=x.device), BLOCK=1024))}
+    for bins in (256, 1024, 2048):
+        inv = bins / (hi - lo)
+        expected = torch.bincount(((x - lo) * inv).to(torch.int32).clamp(0, bins - 1), minlength=bins).int()
+        out = torch.zeros(programs * bins, dtype=torch.int32, device=x.device)
+        hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024)
+        assert torch.equal(out.view(programs, bins).sum(0), expected), "tl.histogram"
+        row[f"tl_hist_{bins}_us"] = _device_us(lambda: hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024))
+        for private in (True, False):
+            out.zero_()
+            hist_atomic_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024, PRIVATE=private)
+            counts = out.view(programs, bins).sum(0) if private else out[:bins]
+            assert torch.equal(counts, expected), f"atomic_add (private={private})"
+            row[f"atomic_{'private' if private else 'shared'}_{bins}_us"] = _device_us(
+                lambda: hist_atomic_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024, PRIVATE=private))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON file for the results")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    generator = torch.Generator(device).manual_seed(0)
+    rows = []
+    for label, sigma in (("gauss", 1.0), ("narrow", 0.003)):
+        x = torch.randn(256 * 256 * 16 * 16, device=device, generator=generator) * sigma
+        rows.append({"data": label, "values": x.numel(), **_counting(x, programs)})
+        print(json.dumps(rows[-1]), flush=True)
+    buf = torch.zeros(1024, device=device)
+    rows.append({"launch_host_us_5_args": _host_us(lambda: five_args_kernel[(1,)](buf, 1.0, 3, 4, K=1)),
+                 "launch_host_us_40_args": _host_us(lambda: forty_args_kernel[(1,)](buf, *([1.0] + [3] * 38), K=1))})
+    print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
