@@ -206,3 +206,14 @@ def test_fused_on_a_cpu_without_the_interpreter_says_what_to_do(monkeypatch: pyt
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1 .*engine='reference'"):
         with record(nn.Sequential(nn.Linear(3, 2)), reducers=[Stats()], engine="fused") as rec:
             rec.model(torch.randn(4, 3))
+
+
+def test_pending_work_is_dropped_when_the_recording_fails() -> None:
+    """An error inside the block: hooks removed, the pending summaries dropped, the engine left empty."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)).to(DEVICE)
+    with pytest.raises(RuntimeError, match="boom"):
+        with record(model, reducers=[Stats()], engine="fused") as rec, torch.no_grad():
+            model(torch.randn(2, 3, 4, 4, device=DEVICE))
+            assert len(rec._fused.pending) == 2  # one descriptor per site call, summarised at the next model call
+            raise RuntimeError("boom")
+    assert not rec._fused.pending and not rec._handles
