@@ -93,9 +93,7 @@ def _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo, hi, has_nan):
     tl.store(chmax_ptr + at, hi, mask=cmask)
 
 
-# R stays specialised: only when Triton knows it is a multiple of 16 (every conv input of 4x4 and up) can it
-# prove the rows aligned and load them as vectors; compiled variants: R == 1, R % 16 == 0, other.
-@triton.jit(do_not_specialize=["B", "C", "T", "CPB"])
+@triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB"])
 def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T, CPB,
                 HAS_DIFF: tl.constexpr, STORE_DIFF: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
     """Program (b, t): sample b, channels [t CPB, (t + 1) CPB). chmin, chmax: (2, B, C); part: (2, B, T, 2)
