@@ -38,8 +38,7 @@ __all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
 Engine = Literal["auto", "reference", "fused"]
 _TYPES = (Stats, ChannelAbsMax, Histogram, Quantiles, Outliers)
 _ALIGN = 16  # slot offsets stay multiples of 16 elements
-_TILE = 2048  # values per scan chunk
-_PER_PROGRAM = 16384  # values of one sample per scan program
+_TILE = 1024  # values per scan chunk; a program reduces one block of channels (bench_record_scan.py: 512-4096 timed)
 _COUNT_BLOCK = 1024
 _COUNT_BLOCKS_PER_PROGRAM = 8  # at least, so that small layers do not pay for a wide scratch reduction
 _ADD_TILE = (64, 128)  # (programs, slots) per add_counts chunk
@@ -271,7 +270,7 @@ class SitePlan:
                 self.site_ranges.data_ptr() + k * self.site_ranges.shape[1] * 16, 0, self.grid_table.data_ptr(),
                 self.edges.data_ptr() + k * self.edges.shape[1] * 4, self.approx.data_ptr() + k * self.approx.shape[1] * 8,
                 self.bounds.data_ptr() + k * self.bounds.shape[1] * 8, b, c, launch.inner, launch.tiles,
-                launch.per_program, 0, launch.count_programs, 0, 0]
+                launch.cb, 0, launch.count_programs, 0, 0]
 
     def launch(self, shape: torch.Size, programs: int) -> "_Launch":
         """The launch configuration of a call on a tensor of `shape` (cached: sites keep their shapes)."""
@@ -291,7 +290,6 @@ class _Launch:
     numel: int
     cb: int
     rb: int
-    per_program: int
     tiles: int
     scratch: _Scratch
     count_programs: int
@@ -302,9 +300,9 @@ class _Launch:
         samples, channels = shape[0], shape[1]
         numel = math.prod(shape)
         inner = numel // (samples * channels)
-        cb, rb, per_program = _scan_tiles(channels, inner)
-        tiles = -(-channels // per_program)
-        launch = cls(samples, channels, inner, numel, cb, rb, per_program, tiles, plan.scratch(samples, tiles),
+        cb, rb = _scan_tiles(channels, inner)
+        tiles = -(-channels // cb)
+        launch = cls(samples, channels, inner, numel, cb, rb, tiles, plan.scratch(samples, tiles),
                      max(1, min(-(-numel // (_COUNT_BLOCK * _COUNT_BLOCKS_PER_PROGRAM)), programs)))
         launch.descriptors = (plan.static_fields(0, launch), plan.static_fields(1, launch))
         return launch
@@ -351,7 +349,7 @@ class FusedEngine:
         x = x if x.is_contiguous() else x.contiguous()
         _kernels().scan_kernel[(launch.samples, launch.tiles)](
             x, buffer, scratch.chmin, scratch.chmax, scratch.partials, launch.samples, launch.channels, launch.inner,
-            launch.tiles, launch.per_program, HAS_DIFF=diff, STORE_DIFF=diff and plan.count_slots > 0, CB=launch.cb,
+            launch.tiles, HAS_DIFF=diff, STORE_DIFF=diff and plan.count_slots > 0, CB=launch.cb,
             RB=launch.rb)
         for k, (key, row) in enumerate(zip(keys, rows)):
             self.pending.append(plan.descriptor(k, key, launch, buffer))
@@ -427,12 +425,10 @@ class FusedEngine:
         k.add_counts_kernel[(-(-slots // sb), n)](desc, partials, slots, PB=pb, SB=sb)
 
 
-def _scan_tiles(channels: int, inner: int) -> tuple[int, int, int]:
-    """Chunk [channels CB, values RB] and channels per program of the scan."""
+def _scan_tiles(channels: int, inner: int) -> tuple[int, int]:
+    """Chunk [channels CB, values RB] of the scan; a program reduces CB channels of one sample."""
     rb = min(_pow2(inner), _TILE)
-    cb = max(1, min(_pow2(channels), _TILE // rb))
-    per_program = max(1, _PER_PROGRAM // (cb * inner)) * cb
-    return cb, rb, per_program
+    return max(1, min(_pow2(channels), _TILE // rb)), rb
 
 
 def _account_stats(reducer: Stats, numel: int, samples: int) -> None:

@@ -1,9 +1,10 @@
 """Triton kernels of the fused recording path (`modiff.record.fused`): one launch per site call (scan),
 and per model call one summary, up to two count and one add_counts launch for all its site calls.
 
-    scan     reads a_s and the buffer's a_{s-1}, writes a_s (and a_s - a_{s-1} when a count follows) into the buffer, and reduces
-             both rows: per (sample, channel) min/max (NaN flagged as a NaN min) and per (sample, channel
-             tile) mean and M2 (float32, Chan-merged chunk by chunk), stored into scratch by their only writer
+    scan     one program per (sample, block of channels, 1,024 values per chunk): reads a_s and the buffer's
+             a_{s-1}, writes a_s (and a_s - a_{s-1} when a count follows) into the buffer, and reduces both
+             rows: per (sample, channel) min/max (NaN flagged as a NaN min) and per (sample, channel block)
+             mean and M2 (float32, Chan-merged chunk by chunk), stored into scratch by their only writer
     summary  one program per (site call, row) descriptor: the partials -> min, max, mean, M2, sum x^2, sum ||x_b|| (float64,
              Chan across tiles and samples, then across updates), channel absmax, histogram ranges,
              the float32 bin edges (and their step and offset) and outlier boundaries exactly as `batched.Grid`/`Beyond` build them
@@ -93,47 +94,48 @@ def _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo, hi, has_nan):
     tl.store(chmax_ptr + at, hi, mask=cmask)
 
 
-@triton.jit(do_not_specialize=["B", "C", "R", "T", "CPB"])
-def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T, CPB,
+@triton.jit
+def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T,
                 HAS_DIFF: tl.constexpr, STORE_DIFF: tl.constexpr, CB: tl.constexpr, RB: tl.constexpr):
-    """Program (b, t): sample b, channels [t CPB, (t + 1) CPB). chmin, chmax: (2, B, C); part: (2, B, T, 2)
-    mean and M2. The difference is stored (buffer row 1) only for the count kernel (STORE_DIFF)."""
+    """Program (b, t): sample b, channels [t CB, (t + 1) CB), in chunks of RB values per channel.
+    chmin, chmax: (2, B, C); part: (2, B, T, 2) mean and M2. The difference is stored (buffer row 1) only
+    for the count kernel (STORE_DIFF). Every size is specialised (none in do_not_specialize): with R known
+    to be a multiple of 16, Triton proves the rows aligned and vectorises the loads (half the device time
+    on an H200, benchmarks/README.md)."""
     b, t = tl.program_id(0), tl.program_id(1)
     numel = B * C * R
+    channels = t * CB + tl.arange(0, CB)
+    cmask = channels < C
+    rows = (b * C + channels[:, None]).to(tl.int64) * R
     n_raw, mean_raw, m2_raw = 0.0, 0.0, 0.0
     n_diff, mean_diff, m2_diff = 0.0, 0.0, 0.0
-    c_end = tl.minimum(C, (t + 1) * CPB)
-    for c0 in range(t * CPB, c_end, CB):
-        channels = c0 + tl.arange(0, CB)
-        cmask = channels < c_end
-        lo_raw = tl.full([CB], float("inf"), tl.float32)
-        hi_raw = tl.full([CB], float("-inf"), tl.float32)
-        nan_raw = tl.zeros([CB], tl.int1)
-        lo_diff, hi_diff, nan_diff = lo_raw, hi_raw, nan_raw
-        for r0 in range(0, R, RB):
-            r = r0 + tl.arange(0, RB)
-            mask = cmask[:, None] & (r < R)[None, :]
-            offs = (b * C + channels[:, None]).to(tl.int64) * R + r[None, :]
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_DIFF:
-                diff = x - tl.load(buf_ptr + offs, mask=mask, other=0.0)
-                if STORE_DIFF:
-                    tl.store(buf_ptr + numel + offs, diff, mask=mask)
-                lo_diff, hi_diff, nan_diff = _channel_extremes(diff, mask, lo_diff, hi_diff, nan_diff)
-                n_c, mean_c, m2_c = _chunk_moments(diff, mask)
-                n_diff, mean_diff, m2_diff = _chan(n_diff, mean_diff, m2_diff, n_c, mean_c, m2_c)
-            tl.store(buf_ptr + offs, x, mask=mask)
-            lo_raw, hi_raw, nan_raw = _channel_extremes(x, mask, lo_raw, hi_raw, nan_raw)
-            n_c, mean_c, m2_c = _chunk_moments(x, mask)
-            n_raw, mean_raw, m2_raw = _chan(n_raw, mean_raw, m2_raw, n_c, mean_c, m2_c)
-        at = b * C + channels
-        _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo_raw, hi_raw, nan_raw)
+    lo_raw = tl.full([CB], float("inf"), tl.float32)
+    hi_raw = tl.full([CB], float("-inf"), tl.float32)
+    nan_raw = tl.zeros([CB], tl.int1)
+    lo_diff, hi_diff, nan_diff = lo_raw, hi_raw, nan_raw
+    for r0 in range(0, R, RB):
+        r = r0 + tl.arange(0, RB)
+        mask = cmask[:, None] & (r < R)[None, :]
+        offs = rows + r[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DIFF:
-            _store_extremes(chmin_ptr, chmax_ptr, at + B * C, cmask, lo_diff, hi_diff, nan_diff)
+            diff = x - tl.load(buf_ptr + offs, mask=mask, other=0.0)
+            if STORE_DIFF:
+                tl.store(buf_ptr + numel + offs, diff, mask=mask)
+            lo_diff, hi_diff, nan_diff = _channel_extremes(diff, mask, lo_diff, hi_diff, nan_diff)
+            n_c, mean_c, m2_c = _chunk_moments(diff, mask)
+            n_diff, mean_diff, m2_diff = _chan(n_diff, mean_diff, m2_diff, n_c, mean_c, m2_c)
+        tl.store(buf_ptr + offs, x, mask=mask)
+        lo_raw, hi_raw, nan_raw = _channel_extremes(x, mask, lo_raw, hi_raw, nan_raw)
+        n_c, mean_c, m2_c = _chunk_moments(x, mask)
+        n_raw, mean_raw, m2_raw = _chan(n_raw, mean_raw, m2_raw, n_c, mean_c, m2_c)
+    at = b * C + channels
+    _store_extremes(chmin_ptr, chmax_ptr, at, cmask, lo_raw, hi_raw, nan_raw)
     out = part_ptr + (b * T + t) * 2
     tl.store(out, mean_raw)
     tl.store(out + 1, m2_raw)
     if HAS_DIFF:
+        _store_extremes(chmin_ptr, chmax_ptr, at + B * C, cmask, lo_diff, hi_diff, nan_diff)
         tl.store(out + B * T * 2, mean_diff)
         tl.store(out + B * T * 2 + 1, m2_diff)
 

@@ -158,11 +158,10 @@ def test_partials_over_many_programs_and_sample_chunks(monkeypatch: pytest.Monke
 @pytest.mark.parametrize("small_tiles", [False, True])
 def test_recorder_fused_engine_equals_reference(small_tiles: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The recorder on both engines: the same statistics rows and arrays. The summaries of a model call run
-    in one launch; with small scan tiles its sites differ in tiles per sample (1 to 4) and chunks per tile."""
+    in one launch; with small scan tiles its sites differ in tiles per sample (1 to 8) and chunks per tile (1 or 2)."""
     from modiff.record import fused
     if small_tiles:
         monkeypatch.setattr(fused, "_TILE", 8)
-        monkeypatch.setattr(fused, "_PER_PROGRAM", 16)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(64, 5))
     model = model.to(DEVICE).eval()
