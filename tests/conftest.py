@@ -8,6 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter; read when Triton is imported (by modiff)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser

@@ -1,12 +1,11 @@
 """The fused Triton path against the reference torch path (the `search` count backend) on the same tensors.
 
-Without CUDA the kernels run on CPU tensors in the Triton interpreter (TRITON_INTERPRET=1 must be set
-before `modiff.record.kernels` is imported, which happens on the fused path's first use).
+Without CUDA the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports Triton).
 """
 from __future__ import annotations
 
 import math
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,8 +14,6 @@ import torch
 from torch import nn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 pytest.importorskip("triton")
 
 from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats, default_reducers, record  # noqa: E402

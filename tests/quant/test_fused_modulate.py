@@ -1,0 +1,116 @@
+"""The Triton modulation step (`modiff.quant.fused`) against the torch one (`modules._modulate_dynamic`).
+
+Without CUDA the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports Triton), bit for bit like the torch step.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+from torch import nn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytest.importorskip("triton")
+
+from modiff.quant import presets, quantize, trajectory  # noqa: E402
+from modiff.quant.fused import fused_modulate_supported, modulate_per_sample  # noqa: E402
+from modiff.quant.modules import _modulate_dynamic  # noqa: E402
+from modiff.quant.primitives import QuantSpec  # noqa: E402
+
+
+def _state(x: torch.Tensor, noise: float, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (x.cpu() + noise * torch.randn(x.shape, generator=gen)).to(DEVICE, dtype).contiguous(
+        memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4
+        else torch.contiguous_format)
+
+
+def _assert_matches_torch(new: torch.Tensor, ref: torch.Tensor, residual: torch.Tensor, bits: int) -> None:
+    """Bit for bit in the interpreter (the same float32 operations in the same order). On CUDA torch divides
+    by a scalar through its reciprocal and the kernel may fuse the final multiply-add: the scale can differ
+    in its last bit, which moves a value on a rounding boundary by one step (seen on an H200: 1 of 840
+    values), and the sum by an ulp."""
+    if DEVICE.type == "cpu":
+        torch.testing.assert_close(new, ref, rtol=0, atol=0, equal_nan=True)
+        return
+    assert torch.equal(new.isnan(), ref.isnan())
+    new, ref = new.float().nan_to_num(), ref.float().nan_to_num()
+    step = 2 * residual.nan_to_num(posinf=0, neginf=0).abs().max().item() / (2 ** (bits - 1) - 1)
+    close = (new - ref).abs() <= 2**-7 * ref.abs() + 1e-6
+    assert close.float().mean() > 0.98
+    assert ((new - ref).abs() <= step + 2**-7 * ref.abs()).all()
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric", "symmetric-published"])
+@pytest.mark.parametrize("rounding", ["nearest", "floor"])
+@pytest.mark.parametrize("split", [None, 3])
+@pytest.mark.parametrize("compensation", [True, False])
+def test_equals_the_torch_step(scheme: str, rounding: str, split, compensation: bool) -> None:
+    """Every scheme and rounding, with and without a split shortcut and error compensation (a_ref is a_hat,
+    or the previous exact input), in both memory formats."""
+    spec = QuantSpec(bits=4, granularity="sample", scheme=scheme, rounding=rounding)
+    gen = torch.Generator().manual_seed(1)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 8, 5, 7, generator=gen).to(DEVICE).contiguous(memory_format=memory_format)
+        a_hat = _state(x, 0.3, 2)
+        a_ref = a_hat if compensation else _state(x, 0.1, 3)
+        ref, _ = _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation)
+        new = modulate_per_sample(x, a_hat, a_ref, spec, split)
+        assert new.dtype == a_hat.dtype and new.stride() == a_hat.stride()
+        _assert_matches_torch(new, ref, x.float() - a_ref.float(), spec.bits)
+
+
+@pytest.mark.parametrize("shape", [(2, 4100, 3), (3, 5), (2, 64, 300, 40)])
+def test_chunks_and_dtypes(shape: tuple[int, ...]) -> None:
+    """Samples of one, several and over 256 chunks (the chunk then grows), float32 input and float32 state,
+    8 bits, with ties between candidates of rounding (values on half steps)."""
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randint(-40, 40, shape, generator=gen) / 8.0).to(DEVICE)
+    a_hat = torch.zeros(shape, device=DEVICE)
+    spec = QuantSpec(bits=8, granularity="sample", scheme="symmetric")
+    ref, _ = _modulate_dynamic(x, a_hat, a_hat, spec, None, True)
+    _assert_matches_torch(modulate_per_sample(x, a_hat, a_hat, spec, None), ref, x, spec.bits)
+
+
+def test_nan_and_infinite_inputs_propagate_like_torch() -> None:
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    x[0, 1, 2] = float("nan")
+    x[1, 0, 0] = float("inf")
+    a_hat = torch.zeros_like(x)
+    spec = QuantSpec(bits=4, granularity="sample")
+    ref, _ = _modulate_dynamic(x, a_hat, a_hat, spec, None, True)
+    new = modulate_per_sample(x, a_hat, a_hat, spec, None)
+    _assert_matches_torch(new, ref, x, spec.bits)
+    assert new[0].isnan().all() and not new[2].isnan().any()  # a sample's NaN stays in that sample
+
+
+def test_what_is_supported_and_errors() -> None:
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    sample = QuantSpec(bits=4, granularity="sample")
+    assert fused_modulate_supported(x, x, x, sample)
+    assert not fused_modulate_supported(x, x, x, QuantSpec(bits=4, granularity="tensor"))
+    assert not fused_modulate_supported(x, x, x, QuantSpec(bits=0, granularity="sample"))
+    assert not fused_modulate_supported(x, x, x, None)
+    other_layout = x.contiguous(memory_format=torch.channels_last)
+    assert not fused_modulate_supported(x, other_layout, x, sample)
+    assert not fused_modulate_supported(x[:, :, :, :2], x[:, :, :, :2], x[:, :, :, :2], sample)  # not dense
+    with pytest.raises(ValueError, match="per-sample dynamic"):
+        modulate_per_sample(x, x, x, QuantSpec(bits=4, granularity="tensor"), None)
+    with pytest.raises(ValueError, match="split must be in"):
+        modulate_per_sample(x, x, x, sample, 4)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: the layers take the Triton step on CUDA only")
+def test_modulated_layers_take_it_on_cuda() -> None:
+    """A w4a4-modiff network on CUDA against the same network on the CPU (the torch step), step by step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1))
+    qmodels = {d: quantize(model, presets["w4a4-modiff"]).to(d) for d in ("cpu", "cuda")}
+    xs = [torch.randn(2, 3, 8, 8) * (1 + s / 4) for s in range(4)]
+    outs = {}
+    for d, qmodel in qmodels.items():
+        with trajectory(qmodel), torch.no_grad():
+            outs[d] = [qmodel(x.to(d)).cpu() for x in xs]
+    for cpu, cuda in zip(outs["cpu"], outs["cuda"]):
+        torch.testing.assert_close(cuda, cpu, rtol=0.05, atol=0.05)
