@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from profiling import device_us
+
 
 @triton.jit
 def read_kernel(x_ptr, n, out_ptr, BLOCK: tl.constexpr):
@@ -68,18 +70,6 @@ def five_args_kernel(a, b, c, d, K: tl.constexpr):
     tl.store(a + tl.program_id(0), b)
 
 
-def _device_us(fn: Callable[[], object], repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1e3
-
-
 def _host_us(fn: Callable[[], object], repeats: int = 2000) -> float:
     fn()
     torch.cuda.synchronize()
@@ -93,7 +83,7 @@ def _host_us(fn: Callable[[], object], repeats: int = 2000) -> float:
 
 def _counting(x: torch.Tensor, programs: int, lo: float = -5.0, hi: float = 5.0) -> dict[str, float]:
     n = x.numel()
-    row: dict[str, float] = {"read_us": _device_us(
+    row: dict[str, float] = {"read_us": device_us(
         lambda: read_kernel[(2 * programs,)](x, n, torch.empty(2 * programs, device=x.device), BLOCK=1024))}
     for bins in (256, 1024, 2048):
         inv = bins / (hi - lo)
@@ -101,13 +91,13 @@ def _counting(x: torch.Tensor, programs: int, lo: float = -5.0, hi: float = 5.0)
         out = torch.zeros(programs * bins, dtype=torch.int32, device=x.device)
         hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024)
         assert torch.equal(out.view(programs, bins).sum(0), expected), "tl.histogram"
-        row[f"tl_hist_{bins}_us"] = _device_us(lambda: hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024))
+        row[f"tl_hist_{bins}_us"] = device_us(lambda: hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024))
         for private in (True, False):
             out.zero_()
             hist_atomic_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024, PRIVATE=private)
             counts = out.view(programs, bins).sum(0) if private else out[:bins]
             assert torch.equal(counts, expected), f"atomic_add (private={private})"
-            row[f"atomic_{'private' if private else 'shared'}_{bins}_us"] = _device_us(
+            row[f"atomic_{'private' if private else 'shared'}_{bins}_us"] = device_us(
                 lambda: hist_atomic_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024, PRIVATE=private))
     return row
 

@@ -21,6 +21,8 @@ from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.record import kernels
 from modiff.record.fused import _pow2
 
+from profiling import device_us
+
 
 def site_shapes() -> Counter:
     """Per-sample input shape of every Conv/Linear of the CIFAR-10 UNet -> number of sites."""
@@ -32,18 +34,6 @@ def site_shapes() -> Counter:
     with torch.no_grad():
         net(torch.randn(1, 3, 32, 32), torch.tensor([10]))
     return shapes
-
-
-def device_us(run, repeats: int = 20) -> float:
-    for _ in range(3):
-        run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1000
 
 
 def scan_us(x: torch.Tensor, buffer: torch.Tensor, tile: int, warps: int, store_diff: bool) -> float:

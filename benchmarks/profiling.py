@@ -1,4 +1,5 @@
-"""Where the time of one run goes: a kernel table from torch.profiler, for the benchmarks' --profile."""
+"""Where the time of one run goes: a kernel table from torch.profiler, for the benchmarks' --profile, and
+the device time of a launch."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,3 +27,17 @@ def write_profiles(tables: dict[str, str], path: str | Path) -> None:
     text = "".join(f"=== {name} ===\n{table}\n\n" for name, table in tables.items())
     Path(path).write_text(text)
     print(f"wrote {path}")
+
+
+def device_us(run: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Microseconds of device time per call of `run` (CUDA events around `repeats` calls, after `warmup`)."""
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats * 1e3
