@@ -114,3 +114,21 @@ def test_modulated_layers_take_it_on_cuda() -> None:
             outs[d] = [qmodel(x.to(d)).cpu() for x in xs]
     for cpu, cuda in zip(outs["cpu"], outs["cuda"]):
         torch.testing.assert_close(cuda, cpu, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: compiled networks launch the Triton step on CUDA only")
+def test_compiled_network_equals_eager(tiny_denoiser) -> None:
+    """The tiny UNet (split shortcuts included) under w4a4-modiff, compiled against eager on CUDA, channels_last
+    and bf16 autocast as in bench_quant.py: inductor keeps the strides the kernels were traced with."""
+    qmodel = quantize(tiny_denoiser, presets["w4a4-modiff"]).cuda().to(memory_format=torch.channels_last)
+    assert any(getattr(m, "split", None) for m in qmodel.modules())
+    compiled = quantize(tiny_denoiser, presets["w4a4-modiff"]).cuda().to(memory_format=torch.channels_last)
+    compiled.net = torch.compile(compiled.net, dynamic=False)
+    x = torch.randn(4, *qmodel.sample_shape, generator=torch.Generator().manual_seed(6)).cuda()
+    outs = []
+    for model in (qmodel, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16), trajectory(model), torch.no_grad():
+            outs.append([model(x * (1 - s / 8), torch.full((4,), 900 - 100 * s, device="cuda")).float()
+                         for s in range(4)])
+    for eager, fast in zip(*outs):  # bf16 rounding differs between the two, and can move a code by one step
+        assert ((fast - eager).norm() / eager.norm()).item() < 0.05
