@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from modiff.quant.primitives import QuantSpec
 
-__all__ = ["fused_modulate_supported", "modulate_per_sample"]
+__all__ = ["fused_modulate_supported", "modulate_per_sample", "register_op"]
 
 _BLOCK = 1024  # values per loop iteration of a program
 _MIN_CHUNK = 4096  # values of one sample per program
@@ -47,8 +47,8 @@ def fused_modulate_supported(x: Tensor, a_hat: Tensor, a_ref: Tensor, spec: Opti
             and x.numel() > 0 and _sample_major_dense(x))
 
 
-def _modulate_op(x: Tensor, a_hat: Tensor, a_ref: Tensor, bits: int, scheme: str, floor: bool, qmin: int, qmax: int,
-                 split: int, same_ref: bool) -> Tensor:
+def _modulate(x: Tensor, a_hat: Tensor, a_ref: Tensor, bits: int, scheme: str, floor: bool, qmin: int, qmax: int,
+              split: int, same_ref: bool) -> Tensor:
     from modiff.quant import kernels  # imported on first use: TRITON_INTERPRET is read when it is
 
     samples = x.shape[0]
@@ -70,8 +70,16 @@ def _modulate_op(x: Tensor, a_hat: Tensor, a_ref: Tensor, bits: int, scheme: str
     return out
 
 
-if _TRITON:  # registering a triton_op imports Triton
-    _modulate_op = torch.library.triton_op("modiff::modulate_per_sample", _modulate_op, mutates_args=())
+_OP: Optional[Callable[..., Tensor]] = None  # `_modulate` as a triton_op, registered by `register_op`
+
+
+def register_op() -> None:
+    """Register the triton_op (once; a no-op without Triton). Registering imports Triton and torch._inductor
+    (1.4 s), so it happens when a layer that can use it is built, not when modiff is imported; a compiled
+    graph then only reads `_OP`."""
+    global _OP
+    if _OP is None and _TRITON:
+        _OP = torch.library.triton_op("modiff::modulate_per_sample", _modulate, mutates_args=())
 
 
 def modulate_per_sample(x: Tensor, a_hat: Tensor, a_ref: Tensor, spec: QuantSpec, split: Optional[int]) -> Tensor:
@@ -81,5 +89,6 @@ def modulate_per_sample(x: Tensor, a_hat: Tensor, a_ref: Tensor, spec: QuantSpec
                          "of one shape and one contiguous or channels_last layout (see fused_modulate_supported)")
     if split is not None and not 0 < split < x.shape[1]:
         raise ValueError(f"split must be in (0, {x.shape[1]}) channels, got {split}")
-    return _modulate_op(x, a_hat, a_ref, spec.bits, spec.scheme, spec.rounding == "floor", spec.qmin, spec.qmax,
-                        split or 0, a_ref is a_hat)  # error compensation: a_ref is a_hat, read once
+    register_op()
+    return _OP(x, a_hat, a_ref, spec.bits, spec.scheme, spec.rounding == "floor", spec.qmin, spec.qmax, split or 0,
+               a_ref is a_hat)  # error compensation: a_ref is a_hat, read once

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from modiff.quant.config import QuantConfig, ResetPolicy, _check
+from modiff.quant.fused import register_op
 
 __all__ = ["LayerState", "Phase", "trajectory", "state_bytes"]
 
@@ -74,6 +75,9 @@ def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterato
     if any(layer.state.phase != "inactive" for layer in layers):
         raise RuntimeError("trajectory() is already active for this model; nesting is not allowed")
     states = [layer.state for layer in layers]
+    if any(layer.act is not None and layer.act.config.dynamic and layer.act.spec.granularity == "sample"
+           for layer in layers):
+        register_op()  # eagerly, before a compiled graph reads it (`modulate` takes it on CUDA)
 
     @torch.compiler.disable  # Python bookkeeping: never traced, so graphs do not specialise on step counts
     def next_step(_module: nn.Module, _args: tuple) -> None:
