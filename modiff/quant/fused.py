@@ -75,8 +75,8 @@ _OP: Optional[Callable[..., Tensor]] = None  # `_modulate` as a triton_op, regis
 
 def register_op() -> None:
     """Register the triton_op (once; a no-op without Triton). Registering imports Triton and torch._inductor
-    (1.4 s), so it happens when a layer that can use it is built, not when modiff is imported; a compiled
-    graph then only reads `_OP`."""
+    (1.4 s), so `trajectory()` calls it on entry instead of modiff doing it on import; a compiled graph then
+    only reads `_OP`."""
     global _OP
     if _OP is None and _TRITON:
         _OP = torch.library.triton_op("modiff::modulate_per_sample", _modulate, mutates_args=())

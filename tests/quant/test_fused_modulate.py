@@ -5,7 +5,6 @@ TRITON_INTERPRET=1 before anything imports Triton), bit for bit like the torch s
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytest.importorskip("triton")
 
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
+from modiff.quant import fused  # noqa: E402
 from modiff.quant.fused import fused_modulate_supported, modulate_per_sample  # noqa: E402
 from modiff.quant.modules import _modulate_dynamic  # noqa: E402
 from modiff.quant.primitives import QuantSpec  # noqa: E402
@@ -99,6 +99,17 @@ def test_what_is_supported_and_errors() -> None:
         modulate_per_sample(x, x, x, QuantSpec(bits=4, granularity="tensor"), None)
     with pytest.raises(ValueError, match="split must be in"):
         modulate_per_sample(x, x, x, sample, 4)
+
+
+def test_trajectory_registers_the_op_before_any_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled graph only reads the registered op, so trajectory() registers it eagerly on entry (for
+    per-sample dynamic quantizers), before the model runs."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    monkeypatch.setattr(fused, "_OP", None)
+    with trajectory(quantize(model, presets["published-w4a4-modiff"])):  # per-tensor ranges: torch step
+        assert fused._OP is None
+    with trajectory(quantize(model, presets["w8a8-modiff"])):
+        assert fused._OP is not None
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: the layers take the Triton step on CUDA only")
