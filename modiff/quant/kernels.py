@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NAN = tl.constexpr(tl.PropagateNan.ALL)  # clamps keep NaN, as torch.clamp does
+# Module constants are plain numbers: inductor copies them into a compiled graph's source by repr.
 MIN_SCALE = tl.constexpr(1e-12)  # primitives.MIN_SCALE (a compiled kernel reads no other module globals)
 ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + ROUNDER - ROUNDER rounds |v| < 2^22 half to even
 EXACT = tl.constexpr(4194304.0)  # 2^22: above it every float32 is an integer and the code saturates anyway
@@ -94,14 +94,14 @@ def _sample_range(part_ptr, b, G, half, GP: tl.constexpr):
 def _qparams(lo, hi, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
     """(scale, zero point) as `primitives.qparams_from_range`; LEVELS = 2^b - 1 or 2^(b-1) - 1."""
     if ASYMMETRIC:
-        x_min = tl.minimum(lo, 0.0, propagate_nan=NAN)
-        x_max = tl.maximum(hi, 0.0, propagate_nan=NAN)
-        scale = tl.maximum(tl.math.div_rn(x_max - x_min, LEVELS * 1.0), MIN_SCALE, propagate_nan=NAN)
+        x_min = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        x_max = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(tl.math.div_rn(x_max - x_min, LEVELS * 1.0), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
         zero = _round_half_even(tl.math.div_rn(-x_min, scale))
-        zero = tl.minimum(tl.maximum(zero, QMIN * 1.0, propagate_nan=NAN), QMAX * 1.0, propagate_nan=NAN)
+        zero = tl.minimum(tl.maximum(zero, QMIN * 1.0, propagate_nan=tl.PropagateNan.ALL), QMAX * 1.0, propagate_nan=tl.PropagateNan.ALL)
     else:
-        absmax = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=NAN)
-        scale = tl.maximum(tl.math.div_rn(absmax, LEVELS * 1.0), MIN_SCALE, propagate_nan=NAN)
+        absmax = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(tl.math.div_rn(absmax, LEVELS * 1.0), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
         zero = tl.full([], 0.0, tl.float32)
     return scale, zero
 
@@ -133,7 +133,7 @@ def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, out_ptr, N, G, chunk, C, st
             code = tl.floor(scaled)
         else:
             code = _round_half_even(scaled)
-        code = tl.minimum(tl.maximum(code + zero, QMIN * 1.0, propagate_nan=NAN), QMAX * 1.0, propagate_nan=NAN)
+        code = tl.minimum(tl.maximum(code + zero, QMIN * 1.0, propagate_nan=tl.PropagateNan.ALL), QMAX * 1.0, propagate_nan=tl.PropagateNan.ALL)
         q = (code - zero) * scale
         hat = ref if SAME_REF else tl.load(hat_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         new = hat + q
