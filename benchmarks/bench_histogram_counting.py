@@ -6,7 +6,8 @@ fused recorder's histograms and quantiles (`modiff.record.kernels.count_kernel`)
 16.7 M float32 values (one 256 x 256 x 16 x 16 activation) drawn N(0, 1) ("gauss") or N(0, 0.003^2)
 ("narrow": nearly all values in a few bins, as temporal differences late in sampling) over the range
 [-5, 5], counted into 256, 1024 and 2048 bins by: `tl.histogram` (per program in registers, the fused
-recorder's method), `tl.atomic_add` into a private copy per program ("atomic_private") and into one shared
+recorder's method), one-hot matrix products on the tensor cores ("dot": bin = row * COLS + col counted as
+one-hot(row)^T @ one-hot(col), int8 or bfloat16, blocks of 256 or 1,024 values), `tl.atomic_add` into a private copy per program ("atomic_private") and into one shared
 copy ("atomic_shared"); "read" is one pass that only sums the values (the bandwidth floor). Every method's
 counts are checked against `torch.bincount`. Also the host time of one Triton launch with 5 and with 40
 arguments. Needs CUDA and Triton.
@@ -45,6 +46,29 @@ def hist_tl_kernel(x_ptr, n, out_ptr, lo, inv, NB: tl.constexpr, BLOCK: tl.const
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         acc += tl.histogram(tl.minimum(tl.maximum(((x - lo) * inv).to(tl.int32), 0), NB - 1), NB, mask=mask)
     tl.store(out_ptr + p * NB + tl.arange(0, NB), acc)
+
+
+@triton.jit
+def hist_dot_kernel(x_ptr, n, out_ptr, lo, inv, NB: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr,
+                    INT8: tl.constexpr):
+    """Bin b = row * COLS + col counted as one-hot(row)^T @ one-hot(col) on the tensor cores, accumulated
+    exactly (int8 -> int32, or bfloat16 -> float32 below 2^24 counts per program)."""
+    p = tl.program_id(0)
+    rows = tl.arange(0, NB // COLS)
+    cols = tl.arange(0, COLS)
+    acc = tl.zeros([NB // COLS, COLS], tl.int32 if INT8 else tl.float32)
+    one_hot = tl.int8 if INT8 else tl.bfloat16
+    for start in range(p * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        b = tl.minimum(tl.maximum(((x - lo) * inv).to(tl.int32), 0), NB - 1)
+        b = tl.where(mask, b, -COLS)  # row -1 matches no row
+        row_hot = (b[None, :] // COLS == rows[:, None]).to(one_hot)
+        col_hot = (b[:, None] % COLS == cols[None, :]).to(one_hot)
+        acc = tl.dot(row_hot, col_hot, acc)
+    out = out_ptr + p * NB + rows[:, None] * COLS + cols[None, :]
+    tl.store(out, acc.to(tl.int32))
 
 
 @triton.jit
@@ -92,6 +116,14 @@ def _counting(x: torch.Tensor, programs: int, lo: float = -5.0, hi: float = 5.0)
         hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024)
         assert torch.equal(out.view(programs, bins).sum(0), expected), "tl.histogram"
         row[f"tl_hist_{bins}_us"] = device_us(lambda: hist_tl_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024))
+        for int8 in (True, False):
+            for block in (256, 1024):
+                kwargs = dict(NB=bins, COLS=16 if bins <= 256 else 32, BLOCK=block, INT8=int8)
+                out.zero_()
+                hist_dot_kernel[(programs,)](x, n, out, lo, inv, **kwargs)
+                assert torch.equal(out.view(programs, bins).sum(0), expected), f"one-hot dot {kwargs}"
+                row[f"dot_{'int8' if int8 else 'bf16'}_{block}_{bins}_us"] = device_us(
+                    lambda: hist_dot_kernel[(programs,)](x, n, out, lo, inv, **kwargs))
         for private in (True, False):
             out.zero_()
             hist_atomic_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024, PRIVATE=private)
