@@ -66,7 +66,7 @@ def hist_dot_kernel(x_ptr, n, out_ptr, lo, inv, NB: tl.constexpr, COLS: tl.const
         b = tl.where(mask, b, -COLS)  # row -1 matches no row
         row_hot = (b[None, :] // COLS == rows[:, None]).to(one_hot)
         col_hot = (b[:, None] % COLS == cols[None, :]).to(one_hot)
-        acc = tl.dot(row_hot, col_hot, acc)
+        acc = tl.dot(row_hot, col_hot, acc, out_dtype=acc.dtype)
     out = out_ptr + p * NB + rows[:, None] * COLS + cols[None, :]
     tl.store(out, acc.to(tl.int32))
 
