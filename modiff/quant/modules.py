@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modiff.quant.config import ActQuant, QuantConfig, WeightMethod, WeightQuant
-from modiff.quant.fused import fused_modulate_supported, modulate_per_sample
+from modiff.quant.fused import fused_modulate_pays_off, fused_modulate_supported, modulate_per_sample
 from modiff.quant.modulated import LayerState
 from modiff.quant.observers import make_observer
 from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
@@ -136,8 +136,9 @@ def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Opt
              compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The next (a_hat, a_ref) of a modulated layer from its input a_t (see `_modulate`).
 
-    On CUDA, per-sample dynamic quantizers run as two Triton kernels (`modiff.quant.fused`: the ranges over
-    chunks of every sample in parallel, then the quantized update), also inside a compiled network. Other
+    On CUDA, per-sample dynamic quantizers of large batches run as two Triton kernels (`modiff.quant.fused`:
+    the ranges over chunks of every sample in parallel, then the quantized update), also inside a compiled
+    network. Other
     dynamic quantizers run eagerly as one compiled kernel per (spec, split): subtraction, range reduction,
     quantization and the a_hat update fused; inside a compiled network the surrounding graph fuses them.
     No host synchronisation on any path.
@@ -145,7 +146,7 @@ def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Opt
     if act is not None and (act.observing or not act.config.dynamic):
         return _modulate(x, a_hat, a_ref, act, compensation)
     spec, split = (None, None) if act is None else (act.spec, act.split)
-    if x.is_cuda and fused_modulate_supported(x, a_hat, a_ref, spec):
+    if fused_modulate_pays_off(x) and fused_modulate_supported(x, a_hat, a_ref, spec):
         a_next = modulate_per_sample(x, a_hat, a_ref, spec, split)
         return a_next, (a_next if compensation else x.to(a_hat.dtype, copy=True))
     if not x.is_cuda or torch.compiler.is_compiling():

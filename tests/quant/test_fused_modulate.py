@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant import fused, modulated  # noqa: E402
-from modiff.quant.fused import fused_modulate_supported, modulate_per_sample, register_op  # noqa: E402
+from modiff.quant.fused import (fused_modulate_pays_off, fused_modulate_supported, modulate_per_sample,  # noqa: E402
+                                register_op)
 from modiff.quant.modules import _modulate_dynamic, _split  # noqa: E402
 from modiff.quant.primitives import QuantSpec, qparams_from_range, reduce_range  # noqa: E402
 
@@ -111,6 +112,15 @@ def test_nan_and_infinite_inputs_propagate_like_torch() -> None:
     assert new[0].isnan().all() and not new[2].isnan().any()  # a sample's NaN stays in that sample
 
 
+def test_kernels_only_for_large_batches_on_cuda() -> None:
+    """Small batches keep the torch step, and CPU tensors never take the kernels outside the interpreter tests."""
+    assert not fused_modulate_pays_off(torch.zeros(4096, 3))
+    if DEVICE.type == "cuda":
+        multiprocessors = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+        assert not fused_modulate_pays_off(torch.zeros(2 * multiprocessors, 3, device=DEVICE))
+        assert fused_modulate_pays_off(torch.zeros(2 * multiprocessors + 1, 3, device=DEVICE))
+
+
 def test_what_is_supported_and_errors() -> None:
     x = torch.randn(2, 4, 3, 3, device=DEVICE)
     sample = QuantSpec(bits=4, granularity="sample")
@@ -143,8 +153,9 @@ def test_trajectory_registers_the_op_before_any_call(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: the layers take the Triton step on CUDA only")
-def test_modulated_layers_take_it_on_cuda() -> None:
+def test_modulated_layers_take_it_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """A w4a4-modiff network on CUDA against the same network on the CPU (the torch step), step by step."""
+    monkeypatch.setattr(fused, "_SAMPLES_PER_MULTIPROCESSOR", 0)  # take the kernels at any batch size
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1))
     qmodels = {d: quantize(model, presets["w4a4-modiff"]).to(d) for d in ("cpu", "cuda")}
@@ -159,11 +170,13 @@ def test_modulated_layers_take_it_on_cuda() -> None:
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: compiled networks launch the Triton step on CUDA only")
 @pytest.mark.parametrize("bf16, tolerance", [(False, 0.01), (True, 0.05)])
-def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: float) -> None:
+def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: float,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny UNet (split shortcuts included) under w8a8-modiff, compiled against eager on CUDA in
     channels_last, in float32 and under bf16 autocast as in bench_quant.py: inductor keeps the strides the
     kernels were traced with. The two round differently (fused multiply-adds; bf16 casts inductor skips),
     which can move a code by one step: 8 bits keep that small, a wrong layout or split would not be."""
+    monkeypatch.setattr(fused, "_SAMPLES_PER_MULTIPROCESSOR", 0)
     config = dataclasses.replace(presets["w8a8-modiff"], split_shortcut=True)
     qmodel = quantize(tiny_denoiser, config).cuda().to(memory_format=torch.channels_last)
     assert any(getattr(m, "split", None) for m in qmodel.modules())
