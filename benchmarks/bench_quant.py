@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quant.py --device cuda --out benchmarks/results/quant_gpu.json
     python benchmarks/bench_quant.py --device cpu --arch fmnist-ddim --batch-sizes 2 --steps 3
+    python benchmarks/bench_quant.py --device cuda --variants fp,w4a4-modiff/triton,w4a4-modiff/torch --batch-sizes 64 --repeats 3
 
 Every variant runs the CIFAR-10-size DDIM UNet (random weights) through the real `sample_ddim` loop,
 100 DDIM steps, under bf16 autocast with channels_last and the network compiled (on CUDA); modulated
@@ -9,11 +10,18 @@ layers compile with the rest of the network (one graph per phase: warm-up and re
 peak GPU memory, the state the simulator holds per batch after a trajectory (a_hat, in the autocast
 dtype), and the state a low-bit deployment of MoDiff needs (a_hat and o_hat in float32,
 `modiff_state_bytes`).
+
+A variant is a preset name, optionally with the modulation step of per-sample presets: PRESET/triton (the
+kernels of `modiff.quant.fused` at every batch size), PRESET/torch (the torch step compiled by inductor);
+without it the library chooses (`fused.fused_modulate_pays_off`). `--repeats N` times N runs and reports
+images per second at their median.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
 from contextlib import nullcontext
 
@@ -23,7 +31,7 @@ from modiff.diffusion.sampling import sample_ddim
 from modiff.diffusion.schedules import linear_schedule, timesteps
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
-from modiff.quant import presets, quantize, trajectory
+from modiff.quant import fused, presets, quantize, trajectory
 from modiff.quant.bops import measure_macs, modiff_state_bytes
 from modiff.quant.modulated import state_bytes
 
@@ -34,6 +42,8 @@ ARCHS = {
     "fmnist-ddim": DDIMUNetConfig(ch=64, in_channels=1, out_ch=1),
 }
 VARIANTS = ("fp", "w8a8", "w4a4", "w4a4-modiff", "published-w4a4-modiff")
+# Samples per multiprocessor above which the layers take the Triton step, per variant suffix
+STEP_THRESHOLD = {"": fused._SAMPLES_PER_MULTIPROCESSOR, "triton": 0, "torch": math.inf}
 
 
 def _build(arch: str, preset: str, device: torch.device, compile_net: bool) -> torch.nn.Module:
@@ -73,7 +83,6 @@ def _run(model: torch.nn.Module, preset: str, batch: int, steps: int, device: to
 
 
 def _time(model, preset, batch, steps, device) -> tuple[float, int]:
-    _run(model, preset, batch, steps, device)  # warm-up: compilation and autotuning
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -91,6 +100,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch-sizes", default="512,64")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant and batch size (median)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--profile", help="also write a kernel table of one run per variant and batch size "
@@ -100,20 +110,27 @@ def main() -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     rows, profiles = [], {}
-    for preset in args.variants.split(","):
+    for variant in args.variants.split(","):
+        preset, _, step = variant.partition("/")
+        if preset not in presets or step not in STEP_THRESHOLD:
+            parser.error(f"unknown variant {variant!r}: PRESET or PRESET/triton or PRESET/torch")
+        fused._SAMPLES_PER_MULTIPROCESSOR = STEP_THRESHOLD[step]  # read when the network is traced
         model = _build(args.arch, preset, device, device.type == "cuda" and not args.no_compile)
         deployment_bytes = _deployment_state_bytes(args.arch, preset)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            seconds, state_size = _time(model, preset, batch, args.steps, device)
+            _run(model, preset, batch, args.steps, device)  # warm-up: compilation and autotuning
+            timed = [_time(model, preset, batch, args.steps, device) for _ in range(args.repeats)]
+            seconds, state_size = statistics.median(t for t, _ in timed), timed[0][1]
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-            row = {"arch": args.arch, "preset": preset, "batch": batch, "steps": args.steps, "seconds": round(seconds, 3),
+            row = {"arch": args.arch, "preset": variant, "batch": batch, "steps": args.steps,
+                   "seconds": round(seconds, 3), "runs": [round(t, 3) for t, _ in timed],
                    "images_per_s": round(batch / seconds, 3), "peak_gpu_gb": round(peak / 1e9, 2),
                    "modiff_state_gb": round(state_size / 1e9, 3),
                    "deployment_state_gb": round(deployment_bytes * batch / 1e9, 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
-                profiles[f"{preset} batch {batch}"] = kernel_table(
+                profiles[f"{variant} batch {batch}"] = kernel_table(
                     lambda: _run(model, preset, batch, args.profile_steps, device), device)
         del model
         if device.type == "cuda":
