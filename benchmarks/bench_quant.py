@@ -107,6 +107,8 @@ def main() -> None:
                                           "(--profile-steps steps, after the timed run)")
     parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     rows, profiles = [], {}
