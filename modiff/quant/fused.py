@@ -52,7 +52,7 @@ def fused_modulate_pays_off(x: Tensor) -> bool:
     """Whether the kernels beat the torch step compiled by inductor: only for batches of more samples than
     twice the GPU's multiprocessors. Below that inductor splits each sample's range reduction well, and the
     kernels' two launches per layer cost host time (H200, batch 64 in one process: 36.0 vs 41.4 images/s
-    with the torch step; batch 512 in two runs on one host: 128.9 vs 124.0)."""
+    with the torch step; batch 512 in separate runs: 128.9 vs 124.0)."""
     return x.is_cuda and x.shape[0] > _SAMPLES_PER_MULTIPROCESSOR * torch.cuda.get_device_properties(
         x.device).multi_processor_count
 
