@@ -2,7 +2,8 @@
 
     python benchmarks/bench_quant.py --device cuda --out benchmarks/results/quant_gpu.json
     python benchmarks/bench_quant.py --device cpu --arch fmnist-ddim --batch-sizes 2 --steps 3
-    python benchmarks/bench_quant.py --device cuda --variants fp,w4a4-modiff/triton,w4a4-modiff/torch --batch-sizes 64 --repeats 3
+    python benchmarks/bench_quant.py --device cuda --variants fp,w4a4-modiff,w4a4-modiff/torch --batch-sizes 64 --repeats 3
+    python benchmarks/bench_quant.py --device cuda --variants fp,w4a4-modiff --batch-sizes 64,512 --cuda-graphs
 
 Every variant runs the CIFAR-10-size DDIM UNet (random weights) through the real `sample_ddim` loop,
 100 DDIM steps, under bf16 autocast with channels_last and the network compiled (on CUDA); modulated
@@ -11,22 +12,22 @@ peak GPU memory, the state the simulator holds per batch after a trajectory (a_h
 dtype), and the state a low-bit deployment of MoDiff needs (a_hat and o_hat in float32,
 `modiff_state_bytes`).
 
-A variant is a preset name, optionally with the modulation step of per-sample presets: PRESET/triton (the
-kernels of `modiff.quant.fused` at every batch size), PRESET/torch (the torch step compiled by inductor);
-without it the library chooses (`fused.fused_modulate_pays_off`). `--repeats N` times N runs and reports
-images per second at their median.
+A variant is a preset name; PRESET/torch runs per-sample presets with the torch modulation step compiled by
+inductor instead of the kernels of `modiff.quant.fused` (the library's choice on CUDA). `--repeats N` times N runs and reports
+images per second at their median. `--cuda-graphs` replays every step after the first two of a trajectory as
+one CUDA graph (`modiff.cuda_graphs`), for every variant.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from contextlib import nullcontext
 
 import torch
 
+from modiff.cuda_graphs import CUDAGraphed
 from modiff.diffusion.sampling import sample_ddim
 from modiff.diffusion.schedules import linear_schedule, timesteps
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
@@ -42,11 +43,11 @@ ARCHS = {
     "fmnist-ddim": DDIMUNetConfig(ch=64, in_channels=1, out_ch=1),
 }
 VARIANTS = ("fp", "w8a8", "w4a4", "w4a4-modiff", "published-w4a4-modiff")
-# Samples per multiprocessor above which the layers take the Triton step, per variant suffix
-STEP_THRESHOLD = {"": fused._SAMPLES_PER_MULTIPROCESSOR, "triton": 0, "torch": math.inf}
+# Whether the layers take the Triton step, per variant suffix
+STEP_KERNELS = {"": True, "torch": False}
 
 
-def _build(arch: str, preset: str, device: torch.device, compile_net: bool) -> torch.nn.Module:
+def _build(arch: str, preset: str, device: torch.device, compile_net: bool, cuda_graphs: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = Denoiser(DDIMUNet(ARCHS[arch]), linear_schedule(), arch, {}).eval()
     if preset != "fp":
@@ -56,6 +57,8 @@ def _build(arch: str, preset: str, device: torch.device, compile_net: bool) -> t
         model = model.to(memory_format=torch.channels_last)
     if compile_net:
         model.net = torch.compile(model.net, dynamic=False)
+    if cuda_graphs:
+        model.net = CUDAGraphed(model.net)
     return model
 
 
@@ -102,6 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant and batch size (median)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the steps as CUDA graphs (CUDA only)")
     parser.add_argument("--out")
     parser.add_argument("--profile", help="also write a kernel table of one run per variant and batch size "
                                           "(--profile-steps steps, after the timed run)")
@@ -110,21 +114,24 @@ def main() -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     device = torch.device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
     torch.backends.cudnn.benchmark = device.type == "cuda"
     rows, profiles = [], {}
     for variant in args.variants.split(","):
         preset, _, step = variant.partition("/")
-        if preset not in presets or step not in STEP_THRESHOLD:
-            parser.error(f"unknown variant {variant!r}: PRESET or PRESET/triton or PRESET/torch")
-        fused._SAMPLES_PER_MULTIPROCESSOR = STEP_THRESHOLD[step]  # read when the network is traced
-        model = _build(args.arch, preset, device, device.type == "cuda" and not args.no_compile)
+        if preset not in presets or step not in STEP_KERNELS:
+            parser.error(f"unknown variant {variant!r}: PRESET or PRESET/torch")
+        fused._KERNELS = STEP_KERNELS[step]  # read when the network is traced
+        model = _build(args.arch, preset, device, device.type == "cuda" and not args.no_compile, args.cuda_graphs)
         deployment_bytes = _deployment_state_bytes(args.arch, preset)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             _run(model, preset, batch, args.steps, device)  # warm-up: compilation and autotuning
             timed = [_time(model, preset, batch, args.steps, device) for _ in range(args.repeats)]
             seconds, state_size = statistics.median(t for t, _ in timed), timed[0][1]
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-            row = {"arch": args.arch, "preset": variant, "batch": batch, "steps": args.steps,
+            row = {"arch": args.arch, "preset": variant, "cuda_graphs": args.cuda_graphs, "batch": batch,
+                   "steps": args.steps,
                    "seconds": round(seconds, 3), "runs": [round(t, 3) for t, _ in timed],
                    "images_per_s": round(batch / seconds, 3), "peak_gpu_gb": round(peak / 1e9, 2),
                    "modiff_state_gb": round(state_size / 1e9, 3),

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modiff.cuda_graphs import CUDAGraphed
 from modiff.diffusion.sampling import SAMPLERS, Callback
 from modiff.diffusion.schedules import Spacing, timesteps
 from modiff.images import make_grid, save_png, to_uint8
@@ -137,6 +138,7 @@ def generate(
     identity: Optional[dict[str, Any]] = None,
     prepare: Optional[Callable[[torch.nn.Module], ContextManager]] = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
     progress: bool = True,
 ) -> Path:
     """Sample every seed whose PNG is not yet on disk into `out_dir`; returns `out_dir`.
@@ -144,11 +146,14 @@ def generate(
     `identity` describes the model (and quantization) for the manifest; a directory made with another
     identity or sample config is refused. `prepare(model)` returns a context entered around each batch
     (the MoDiff trajectory state, for instance). `compile` runs the network through torch.compile
-    (modulated layers included: one graph per phase); it changes speed, not the configuration.
+    (modulated layers included: one graph per phase) and `cuda_graphs` replays each step as one CUDA graph
+    (`modiff.cuda_graphs`, CUDA only); both change speed, not the configuration.
     """
     out = ensure_writable_dir(Path(out_dir))
     samples_dir = ensure_writable_dir(out / "samples")
     dev = resolve_device(device)
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
     manifest = _check_manifest(out, _run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, config))
     todo = [s for s in seeds if not _png(samples_dir, s).exists()]
     log.info("%d of %d seeds to sample into %s", len(todo), len(seeds), out)
@@ -158,6 +163,8 @@ def generate(
         model = model.to(memory_format=torch.channels_last)
     if compile:
         model.net = torch.compile(model.net, dynamic=False)
+    if cuda_graphs:
+        model.net = CUDAGraphed(model.net)
     started = time.time()
     with tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress) as bar:
         for i in range(0, len(todo), batch_size):

@@ -3,7 +3,8 @@
     ranges   program (b, g): per-half min and max of r = a_t - a_ref over one chunk of sample b (a NaN is
              flagged apart, so min and max stay NaN-free), stored into partials (B, G, 2, 3) by their only writer
     update   program (b, g): the sample's ranges from its partials -> (scale, zero point) per half, then for
-             the same chunk a_hat + Q(r) in float32, stored in the state dtype
+             the same chunk a_hat + Q(r) in float32, stored over a_hat in its dtype (each value is read
+             before it is written, by the same program)
 
 Indices are physical offsets within a sample (the tensors share one sample-major dense layout, so
 contiguous and channels_last both work); the channel of an offset is (offset // stride_c) % C, needed
@@ -107,10 +108,10 @@ def _qparams(lo, hi, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.co
 
 
 @triton.jit
-def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, out_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
+def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
                   LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                   FLOOR: tl.constexpr, SAME_REF: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (b, g): out = (a_hat + Q(a_t - a_ref)).to(out dtype) over the chunk's values (`_modulate`)."""
+    """Program (b, g): a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over the chunk's values (`_modulate`)."""
     b, g = tl.program_id(0), tl.program_id(1)
     lo, hi = _sample_range(part_ptr, b, G, 0, GP)
     scale0, zero0 = _qparams(lo, hi, LEVELS, ASYMMETRIC, QMIN, QMAX)
@@ -137,6 +138,6 @@ def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, out_ptr, N, G, chunk, C, st
         q = (code - zero) * scale
         hat = ref if SAME_REF else tl.load(hat_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         new = hat + q
-        if out_ptr.dtype.element_ty == tl.bfloat16:
+        if hat_ptr.dtype.element_ty == tl.bfloat16:
             new = _round_to_bfloat16(new)
-        tl.store(out_ptr + base + offs, new.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(hat_ptr + base + offs, new.to(hat_ptr.dtype.element_ty), mask=mask)

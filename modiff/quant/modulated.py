@@ -10,6 +10,8 @@ The step bookkeeping runs in a forward pre-hook on the model passed to `trajecto
 graph: it sets each layer's `phase` for the coming call. The layers only read their phase and tensors, so a
 compiled network keeps the modulated layers (residual, quantization, state update) inside its
 graph; it compiles once per distinct phase pattern (warm-up, refresh, cache skip), not once per step.
+The layers allocate their state at warm-up and update it in place after it, so a CUDA graph recorded at
+one step can replay the next (`modiff.cuda_graphs`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch import nn
 from modiff.quant.config import QuantConfig, ResetPolicy, _check
 from modiff.quant.fused import register_op
 
-__all__ = ["LayerState", "Phase", "trajectory", "state_bytes"]
+__all__ = ["LayerState", "Phase", "replay_signature", "state_bytes", "stateful_layers", "trajectory"]
 
 # inactive: outside trajectory(); spent: the layer already ran for the current model call.
 Phase = Literal["inactive", "warmup", "refresh", "skip", "spent"]
@@ -52,10 +54,24 @@ class LayerState:
             self.phase = "refresh"
 
 
-def _stateful_layers(model: nn.Module) -> list[nn.Module]:
+def stateful_layers(model: nn.Module) -> list[nn.Module]:
+    """The modulated and cached layers of `model`, in module order."""
     from modiff.quant.modules import ModulatedLayer
 
     return [m for m in model.modules() if isinstance(m, ModulatedLayer)]
+
+
+def replay_signature(layers: list[nn.Module]) -> Optional[tuple[tuple[str, int, int], ...]]:
+    """What a CUDA graph of the coming model call reads of the layers' state: each layer's phase and the
+    addresses of a_hat and a_ref. None when the call allocates state (warm-up) or must raise (outside
+    trajectory(), or the layer already ran this step): such a call cannot be replayed."""
+    signature = []
+    for layer in layers:
+        state = layer.state
+        if state.phase not in ("refresh", "skip") or state.a_hat is None:
+            return None
+        signature.append((state.phase, state.a_hat.data_ptr(), state.a_ref.data_ptr()))
+    return tuple(signature)
 
 
 @contextlib.contextmanager
@@ -67,7 +83,7 @@ def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterato
     block. ``per_step``: the state is cleared before every model call, so every call is a warm-up call on
     full-precision activations; this is the published CIFAR-10 loop, offered only to measure its effect.
     """
-    layers = _stateful_layers(model)
+    layers = stateful_layers(model)
     if not layers:
         raise ValueError("the model has no modulated or cached layers; trajectory() is only needed for those")
     policy = reset or layers[0].config.reset

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modiff.quant.config import ActQuant, QuantConfig, WeightMethod, WeightQuant
-from modiff.quant.fused import fused_modulate_pays_off, fused_modulate_supported, modulate_per_sample
+from modiff.quant.fused import fused_modulate_supported, modulate_per_sample, use_fused_modulate
 from modiff.quant.modulated import LayerState
 from modiff.quant.observers import make_observer
 from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
@@ -113,42 +113,46 @@ def quantize_dynamic_split(x: torch.Tensor, spec: QuantSpec, split: Optional[int
 
 
 def _modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor],
-              compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One MoDiff step on the input side: r = a_t - a_ref, a_hat += Q(r) (computed in float32).
+              compensation: bool) -> None:
+    """One MoDiff step on the input side, in place: a_hat += Q(a_t - a_ref) (computed in float32).
 
-    Returns the new a_hat and a_ref: a_ref is a_hat itself with error compensation, else the exact a_t.
+    With error compensation a_ref is a_hat itself; without it a_ref then holds the exact a_t. The state keeps
+    its addresses, so a CUDA graph of the network can replay the step (`modiff.cuda_graphs`).
     """
     residual = x.float() - a_ref.float()
-    a_next = (a_hat.float() + quantize(residual)).to(a_hat.dtype)
-    return a_next, (a_next if compensation else x.to(a_hat.dtype, copy=True))
+    a_hat.copy_(a_hat.float() + quantize(residual))
+    if not compensation:
+        a_ref.copy_(x)
 
 
 def _modulate_dynamic(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, spec: Optional[QuantSpec],
-                      split: Optional[int], compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      split: Optional[int], compensation: bool) -> None:
     quantize = (lambda r: r) if spec is None else partial(quantize_dynamic_split, spec=spec, split=split)
-    return _modulate(x, a_hat, a_ref, quantize, compensation)
+    _modulate(x, a_hat, a_ref, quantize, compensation)
 
 
-_COMPILED: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+_COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Optional[ActQuantizer],
-             compensation: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next (a_hat, a_ref) of a modulated layer from its input a_t (see `_modulate`).
+             compensation: bool) -> None:
+    """Advance a modulated layer's state (a_hat, a_ref) in place from its input a_t (see `_modulate`).
 
-    On CUDA, per-sample dynamic quantizers of large batches run as two Triton kernels (`modiff.quant.fused`:
+    On CUDA, per-sample dynamic quantizers run as two Triton kernels (`modiff.quant.fused`:
     the ranges over chunks of every sample in parallel, then the quantized update), also inside a compiled
-    network. Other
-    dynamic quantizers run eagerly as one compiled kernel per (spec, split): subtraction, range reduction,
-    quantization and the a_hat update fused; inside a compiled network the surrounding graph fuses them.
-    No host synchronisation on any path.
+    network. Other dynamic quantizers run eagerly as one compiled kernel per (spec, split): subtraction, range
+    reduction, quantization and the a_hat update fused; inside a compiled network the surrounding graph fuses
+    them. No host synchronisation on any path.
     """
     if act is not None and (act.observing or not act.config.dynamic):
         return _modulate(x, a_hat, a_ref, act, compensation)
     spec, split = (None, None) if act is None else (act.spec, act.split)
-    if fused_modulate_pays_off(x) and fused_modulate_supported(x, a_hat, a_ref, spec):
-        a_next = modulate_per_sample(x, a_hat, a_ref, spec, split)
-        return a_next, (a_next if compensation else x.to(a_hat.dtype, copy=True))
+    a_ref_distinct = None if compensation else a_ref
+    if use_fused_modulate(x) and fused_modulate_supported(x, a_hat, a_ref_distinct, spec):
+        modulate_per_sample(x, a_hat, a_ref_distinct, spec, split)
+        if not compensation:
+            a_ref.copy_(x)
+        return None
     if not x.is_cuda or torch.compiler.is_compiling():
         return _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation)
     if "modulate" not in _COMPILED:
@@ -230,7 +234,9 @@ class ModulatedLayer(QuantLayer):
     low-bit deployment (a_hat and o_hat) is in `modiff.quant.bops.modiff_state_bytes`.
 
     The forward reads the phase that trajectory() set for this call and has no Python-side counters, so
-    torch.compile traces it whole and fuses the state update with the surrounding graph.
+    torch.compile traces it whole and fuses the state update with the surrounding graph. The state is
+    allocated at warm-up and updated in place after it: its addresses stay fixed for the rest of the
+    trajectory, so a CUDA graph captured at one step replays the next (`modiff.cuda_graphs`).
     """
 
     def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
@@ -261,12 +267,12 @@ class ModulatedLayer(QuantLayer):
         phase, state.phase = state.phase, "spent"
         if phase == "warmup":  # a copy: layers sharing an input (q, k, v) must not share state
             state.a_hat = x.to(state_dtype(x), copy=True)
-            state.a_ref = state.a_hat
+            state.a_ref = state.a_hat if compensation else state.a_hat.clone()
         elif phase == "skip":
             if not compensation:  # the skipped residual is dropped: no error feedback
-                state.a_ref = x.to(state.a_hat.dtype, copy=True)
+                state.a_ref.copy_(x)
         else:
-            state.a_hat, state.a_ref = modulate(x, state.a_hat, state.a_ref, self.act, compensation)
+            modulate(x, state.a_hat, state.a_ref, self.act, compensation)
         return self.op(state.a_hat, self.weight_q, self.bias)
 
 

@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant import fused, modulated  # noqa: E402
-from modiff.quant.fused import (fused_modulate_pays_off, fused_modulate_supported, modulate_per_sample,  # noqa: E402
-                                register_op)
+from modiff.quant.fused import (fused_modulate_supported, modulate_per_sample, register_op,  # noqa: E402
+                                use_fused_modulate)
 from modiff.quant.modules import _modulate_dynamic, _split  # noqa: E402
 from modiff.quant.primitives import QuantSpec, qparams_from_range, reduce_range  # noqa: E402
 
@@ -30,6 +30,21 @@ def _state(x: torch.Tensor, noise: float, seed: int, dtype: torch.dtype = torch.
     return (x.cpu() + noise * torch.randn(x.shape, generator=gen)).to(DEVICE, dtype).contiguous(
         memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4
         else torch.contiguous_format)
+
+
+def _torch_step(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, spec: QuantSpec, split,
+                compensation: bool) -> torch.Tensor:
+    """The new a_hat of the torch step, run on copies of the state."""
+    new = a_hat.clone()
+    _modulate_dynamic(x, new, new if compensation else a_ref.clone(), spec, split, compensation)
+    return new
+
+
+def _kernel_step(x: torch.Tensor, a_hat: torch.Tensor, a_ref, spec: QuantSpec, split) -> torch.Tensor:
+    """The new a_hat of the kernels, run on a copy of a_hat (a_ref None: the copy itself)."""
+    new = a_hat.clone()
+    modulate_per_sample(x, new, a_ref, spec, split)
+    return new
 
 
 def _near_rounding_boundary(residual: torch.Tensor, spec: QuantSpec, split) -> torch.Tensor:
@@ -82,9 +97,8 @@ def test_equals_the_torch_step(scheme: str, rounding: str, split, compensation: 
         x = torch.randn(3, 8, 5, 7, generator=gen).to(DEVICE).contiguous(memory_format=memory_format)
         a_hat = _state(x, 0.3, 2)
         a_ref = a_hat if compensation else _state(x, 0.1, 3)
-        ref, _ = _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation)
-        new = modulate_per_sample(x, a_hat, a_ref, spec, split)
-        assert new.dtype == a_hat.dtype and new.stride() == a_hat.stride()
+        ref = _torch_step(x, a_hat, a_ref, spec, split, compensation)
+        new = _kernel_step(x, a_hat, None if compensation else a_ref, spec, split)
         _assert_matches_torch(new, ref, x.float() - a_ref.float(), spec, split)
 
 
@@ -96,8 +110,9 @@ def test_chunks_and_dtypes(shape: tuple[int, ...]) -> None:
     x = (torch.randint(-40, 40, shape, generator=gen) / 8.0).to(DEVICE)
     a_hat = torch.zeros(shape, device=DEVICE)
     spec = QuantSpec(bits=8, granularity="sample", scheme="symmetric")
-    ref, _ = _modulate_dynamic(x, a_hat, a_hat, spec, None, True)
-    _assert_matches_torch(modulate_per_sample(x, a_hat, a_hat, spec, None), ref, x, spec)
+    ref = _torch_step(x, a_hat, a_hat, spec, None, True)
+    _assert_matches_torch(_kernel_step(x, a_hat, None, spec, None), ref, x, spec)
+    _assert_matches_torch(_kernel_step(x, a_hat, a_hat.clone(), spec, None), ref, x, spec)  # a_ref apart, equal
 
 
 def test_nan_and_infinite_inputs_propagate_like_torch() -> None:
@@ -106,19 +121,20 @@ def test_nan_and_infinite_inputs_propagate_like_torch() -> None:
     x[1, 0, 0] = float("inf")
     a_hat = torch.zeros_like(x)
     spec = QuantSpec(bits=4, granularity="sample")
-    ref, _ = _modulate_dynamic(x, a_hat, a_hat, spec, None, True)
-    new = modulate_per_sample(x, a_hat, a_hat, spec, None)
+    ref = _torch_step(x, a_hat, a_hat, spec, None, True)
+    new = _kernel_step(x, a_hat, None, spec, None)
     _assert_matches_torch(new, ref, x, spec)
     assert new[0].isnan().all() and not new[2].isnan().any()  # a sample's NaN stays in that sample
 
 
-def test_kernels_only_for_large_batches_on_cuda() -> None:
-    """Small batches keep the torch step, and CPU tensors never take the kernels outside the interpreter tests."""
-    assert not fused_modulate_pays_off(torch.zeros(4096, 3))
+def test_kernels_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layers take the kernels for CUDA tensors (unless switched off, as the benchmarks do), never for CPU
+    tensors outside these interpreter tests."""
+    assert not use_fused_modulate(torch.zeros(4096, 3))
     if DEVICE.type == "cuda":
-        multiprocessors = torch.cuda.get_device_properties(DEVICE).multi_processor_count
-        assert not fused_modulate_pays_off(torch.zeros(2 * multiprocessors, 3, device=DEVICE))
-        assert fused_modulate_pays_off(torch.zeros(2 * multiprocessors + 1, 3, device=DEVICE))
+        assert use_fused_modulate(torch.zeros(2, 3, device=DEVICE))
+        monkeypatch.setattr(fused, "_KERNELS", False)
+        assert not use_fused_modulate(torch.zeros(2, 3, device=DEVICE))
 
 
 def test_what_is_supported_and_errors() -> None:
@@ -153,9 +169,8 @@ def test_trajectory_registers_the_op_before_any_call(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: the layers take the Triton step on CUDA only")
-def test_modulated_layers_take_it_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_modulated_layers_take_it_on_cuda() -> None:
     """A w4a4-modiff network on CUDA against the same network on the CPU (the torch step), step by step."""
-    monkeypatch.setattr(fused, "_SAMPLES_PER_MULTIPROCESSOR", 0)  # take the kernels at any batch size
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1))
     qmodels = {d: quantize(model, presets["w4a4-modiff"]).to(d) for d in ("cpu", "cuda")}
@@ -170,13 +185,11 @@ def test_modulated_layers_take_it_on_cuda(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: compiled networks launch the Triton step on CUDA only")
 @pytest.mark.parametrize("bf16, tolerance", [(False, 0.01), (True, 0.05)])
-def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: float,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: float) -> None:
     """The tiny UNet (split shortcuts included) under w8a8-modiff, compiled against eager on CUDA in
     channels_last, in float32 and under bf16 autocast as in bench_quant.py: inductor keeps the strides the
     kernels were traced with. The two round differently (fused multiply-adds; bf16 casts inductor skips),
     which can move a code by one step: 8 bits keep that small, a wrong layout or split would not be."""
-    monkeypatch.setattr(fused, "_SAMPLES_PER_MULTIPROCESSOR", 0)
     config = dataclasses.replace(presets["w8a8-modiff"], split_shortcut=True)
     qmodel = quantize(tiny_denoiser, config).cuda().to(memory_format=torch.channels_last)
     assert any(getattr(m, "split", None) for m in qmodel.modules())
