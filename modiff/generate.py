@@ -149,11 +149,11 @@ def generate(
     (modulated layers included: one graph per phase) and `cuda_graphs` replays each step as one CUDA graph
     (`modiff.cuda_graphs`, CUDA only); both change speed, not the configuration.
     """
-    out = ensure_writable_dir(Path(out_dir))
-    samples_dir = ensure_writable_dir(out / "samples")
     dev = resolve_device(device)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
+    out = ensure_writable_dir(Path(out_dir))
+    samples_dir = ensure_writable_dir(out / "samples")
     manifest = _check_manifest(out, _run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, config))
     todo = [s for s in seeds if not _png(samples_dir, s).exists()]
     log.info("%d of %d seeds to sample into %s", len(todo), len(seeds), out)

@@ -92,6 +92,15 @@ def test_sample_with_quant_preset_records_config(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "valid presets" in bad.output and not (tmp_path / "other").exists()
 
 
+def test_cuda_graphs_need_cuda(tmp_path: Path) -> None:
+    """`sample --cuda-graphs` on the CPU is a clear error, raised before the run directory is made."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    result = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0", "--steps", "2", "--device", "cpu",
+                     "--cuda-graphs", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 1 and "needs a CUDA device" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_bops_of_cifar_config(tmp_path: Path) -> None:
     """`modiff bops` on the CIFAR-10 architecture: 113 layers, about 6.05 GMAC in conv/linear layers."""
     import torch
