@@ -7,8 +7,11 @@ fused recorder's histograms and quantiles (`modiff.record.kernels.count_kernel`)
 ("narrow": nearly all values in a few bins, as temporal differences late in sampling) over the range
 [-5, 5], counted into 256, 1024 and 2048 bins by: `tl.histogram` (per program in registers, the fused
 recorder's method), one-hot matrix products on the tensor cores ("dot": bin = row * COLS + col counted as
-one-hot(row)^T @ one-hot(col), int8 or bfloat16, blocks of 256 or 1,024 values), `tl.atomic_add` into a private copy per program ("atomic_private") and into one shared
-copy ("atomic_shared"); "read" is one pass that only sums the values (the bandwidth floor). Every method's
+one-hot(row)^T @ one-hot(col), int8 or bfloat16, blocks of 256 or 1,024 values), `tl.atomic_add` into a
+private copy per program ("atomic_private") and into one shared copy ("atomic_shared"), and shared-memory
+atomics in CUDA C compiled at run time by NVRTC (`torch.cuda._compile_kernel`; "smem": one or several
+copies per block, warps spread over them, which Triton cannot express); "read" is one pass that only sums
+the values (the bandwidth floor). Every method's
 counts are checked against `torch.bincount`. Also the host time of one Triton launch with 5 and with 40
 arguments. Needs CUDA and Triton.
 """
@@ -94,6 +97,55 @@ def five_args_kernel(a, b, c, d, K: tl.constexpr):
     tl.store(a + tl.program_id(0), b)
 
 
+SMEM_SOURCE = r"""
+extern "C" __global__ void smem_histogram(const float* __restrict__ x, int n, double lo_arg, double inv_arg,
+                                          int bins, int copies, unsigned int* __restrict__ out) {
+    extern __shared__ unsigned int counts[];  // copies x bins
+    const float lo = (float)lo_arg, inv = (float)inv_arg;  // torch computes (x - lo) * inv in float32 too
+    for (int i = threadIdx.x; i < copies * bins; i += blockDim.x) counts[i] = 0;
+    __syncthreads();
+    unsigned int* mine = counts + (threadIdx.x / 32) % copies * bins;
+    const int stride = gridDim.x * blockDim.x;
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n / 4; i += stride) {
+        const float4 v = x4[i];
+        const float vs[4] = {v.x, v.y, v.z, v.w};
+        for (int k = 0; k < 4; ++k) {
+            atomicAdd(mine + min(max((int)((vs[k] - lo) * inv), 0), bins - 1), 1u);
+        }
+    }
+    for (int i = n / 4 * 4 + blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        atomicAdd(mine + min(max((int)((x[i] - lo) * inv), 0), bins - 1), 1u);
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < bins; j += blockDim.x) {
+        unsigned int total = 0;
+        for (int c = 0; c < copies; ++c) total += counts[c * bins + j];
+        if (total) atomicAdd(out + j, total);
+    }
+}
+"""
+SMEM_THREADS = 512
+SMEM_BYTES = 48 * 1024  # without opting in to more shared memory per block
+
+
+def _smem_counting(x: torch.Tensor, programs: int, lo: float, inv: float, bins: int, expected: torch.Tensor,
+                   row: dict[str, float]) -> None:
+    kernel = torch.cuda._compile_kernel(SMEM_SOURCE, "smem_histogram")
+    out = torch.zeros(bins, dtype=torch.int32, device=x.device)
+    for copies in (1, 4, 8, 16):
+        if copies * bins * 4 > SMEM_BYTES:
+            continue
+        for blocks in (programs, 4 * programs):
+            def launch() -> None:
+                kernel(grid=(blocks, 1, 1), block=(SMEM_THREADS, 1, 1), shared_mem=copies * bins * 4,
+                       args=[x, x.numel(), lo, inv, bins, copies, out])
+            out.zero_()
+            launch()
+            assert torch.equal(out, expected), f"shared-memory atomics ({copies} copies, {blocks} blocks)"
+            row[f"smem_{copies}copies_{blocks}blocks_{bins}_us"] = device_us(launch)
+
+
 def _host_us(fn: Callable[[], object], repeats: int = 2000) -> float:
     fn()
     torch.cuda.synchronize()
@@ -131,6 +183,7 @@ def _counting(x: torch.Tensor, programs: int, lo: float = -5.0, hi: float = 5.0)
             assert torch.equal(counts, expected), f"atomic_add (private={private})"
             row[f"atomic_{'private' if private else 'shared'}_{bins}_us"] = device_us(
                 lambda: hist_atomic_kernel[(programs,)](x, n, out, lo, inv, NB=bins, BLOCK=1024, PRIVATE=private))
+        _smem_counting(x, programs, lo, inv, bins, expected, row)
     return row
 
 
