@@ -122,3 +122,18 @@ def test_hooks_and_warmup_run_plainly(tiny_denoiser: md.Denoiser) -> None:
     with trajectory(graphed, reset="per_step"):
         md.sample_ddim(graphed, x_T, ts)
     assert graphed.net.graphs == 0
+
+
+@needs_cuda
+def test_least_recently_used_graph_is_dropped(tiny_denoiser: md.Denoiser) -> None:
+    """With room for one graph, calls of two batch sizes take turns: each new kind of call runs plainly once,
+    is then recorded over the other's graph, and every output still equals the plain network's."""
+    net = tiny_denoiser.net.cuda()
+    graphed = CUDAGraphed(net, max_graphs=1)
+    inputs = [(torch.randn(b, *tiny_denoiser.sample_shape, device="cuda"), torch.full((b,), 10, device="cuda"))
+              for b in (2, 3)]
+    with torch.no_grad():
+        for x, t in inputs * 3:
+            assert torch.equal(graphed(x, t), net(x, t))
+            assert graphed.graphs <= 1
+        assert graphed.graphs == 1

@@ -52,8 +52,8 @@ def fused_modulate_supported(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], 
 
 def use_fused_modulate(x: Tensor) -> bool:
     """Whether the layers take the kernels: on CUDA, where they beat the torch step compiled by inductor
-    (H200, CIFAR-10 UNet, 100 steps: batch 64 under CUDA graphs 92.3 vs 80.6 images/s in one process,
-    batch 512 128.9 vs 124.0 in separate runs). Only a host-bound run, batch 64 without CUDA graphs, went
+    (H200, CIFAR-10 UNet, 100 steps: batch 64 under CUDA graphs 90.7 vs 80.6 images/s in one process,
+    commit 7d23e5d; batch 512 128.9 vs 124.0 in separate runs of an earlier session). Only a host-bound run, batch 64 without CUDA graphs, went
     the other way (36.0 vs 41.4): the kernels' two launches per layer cost host time there."""
     return _KERNELS and x.is_cuda
 
