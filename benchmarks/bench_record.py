@@ -6,8 +6,9 @@
 Every Conv/Linear input of the UNet (random weights; speed does not depend on them), at every step, raw
 and temporal differences. Variants: no recording ("none"), `Stats` only, and the default reducers (stats,
 per-channel absmax, histogram, quantiles, outliers), each with every engine of `--engines` ("reference":
-the torch path, "fused": the Triton kernels of `modiff.record.fused`; on the CPU the fused path runs in
-the Triton interpreter only, far too slow to time). Each recorded run ends with `stats_frame()`, so the
+the torch path, "fused": the kernels of `modiff.record.fused`, whose count pass runs in CUDA C with
+shared-memory histograms, "fused/triton-count": the same with the count pass in Triton; on the CPU the
+fused path runs in the Triton interpreter only, far too slow to time). Each recorded run ends with `stats_frame()`, so the
 copy of the results to the host is part of the time. After one warm-up run of every variant, the variants
 are timed in turn `--repeats` times (interleaved, so a slower machine phase hits all of them) and the
 fastest run of each is reported with its ratio to "none". Target (issue 5): at most 1.5x the plain
@@ -28,7 +29,7 @@ from modiff.diffusion.sampling import sample_ddim
 from modiff.diffusion.schedules import linear_schedule, timesteps
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
-from modiff.record import Reducer, Stats, record
+from modiff.record import Reducer, Stats, fused, record
 from modiff.record.reducers import default_reducers
 
 from profiling import kernel_table, write_profiles
@@ -38,19 +39,29 @@ ARCHS = {
     "fmnist-ddim": DDIMUNetConfig(ch=64, in_channels=1, out_ch=1),
 }
 REDUCERS: dict[str, Callable[[], list[Reducer]]] = {"stats": lambda: [Stats()], "default": default_reducers}
-Variant = Optional[tuple[Callable[[], list[Reducer]], str]]  # (reducers, engine); None: no recording
+ENGINES = {"reference": ("reference", "shared"), "fused": ("fused", "shared"), "fused/triton-count": ("fused", "triton")}
+Variant = Optional[tuple[Callable[[], list[Reducer]], str]]  # (reducers, engine of ENGINES); None: no recording
 RESULTS = Path(__file__).parent / "results"
 
 
-def _sample(model: torch.nn.Module, x_T: torch.Tensor, steps: int, variant: Variant) -> int:
-    """One sampling run (recorded unless `variant` is None); the number of statistics rows."""
-    context = nullcontext() if variant is None else record(model, reducers=variant[0](), engine=variant[1])
+def _sample(model: torch.nn.Module, x_T: torch.Tensor, steps: int, variant: Variant) -> tuple[int, float]:
+    """One sampling run (recorded unless `variant` is None); the number of statistics rows and the seconds
+    of `stats_frame` (the results' copy to the host and their conversion, after the device has finished)."""
+    if variant is not None:
+        fused.COUNT_BACKEND = ENGINES[variant[1]][1]
+    context = nullcontext() if variant is None else record(model, reducers=variant[0](), engine=ENGINES[variant[1]][0])
     with context as rec:
         sample_ddim(model, x_T, timesteps(steps), callback=None if rec is None else rec.on_step)
-    return 0 if rec is None else len(rec.stats_frame())  # the results reach the host: the full cost counts
+    if rec is None:
+        return 0, 0.0
+    if x_T.is_cuda:
+        torch.cuda.synchronize(x_T.device)
+    start = time.perf_counter()
+    rows = len(rec.stats_frame())  # the results reach the host: the full cost counts
+    return rows, time.perf_counter() - start
 
 
-def _timed(device: torch.device, run: Callable[[], int]) -> tuple[float, int]:
+def _timed(device: torch.device, run: Callable[[], tuple[int, float]]) -> tuple[float, tuple[int, float]]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -76,16 +87,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is kept)")
     parser.add_argument("--variants", default=",".join(REDUCERS), help=f"comma-separated, from {list(REDUCERS)}")
-    parser.add_argument("--engines", default="reference,fused", help="comma-separated: reference, fused")
+    parser.add_argument("--engines", default="reference,fused", help=f"comma-separated, from {list(ENGINES)}")
     parser.add_argument("--out", help="JSON file (default: benchmarks/results/record_<device>.json)")
     parser.add_argument("--profile", help="also write a kernel table of one run of each variant (--profile-steps steps)")
     parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
     reducers = [v for v in args.variants.split(",") if v and v != "none"]
     engines = [e for e in args.engines.split(",") if e]
-    unknown = [v for v in reducers if v not in REDUCERS] + [e for e in engines if e not in ("reference", "fused")]
+    unknown = [v for v in reducers if v not in REDUCERS] + [e for e in engines if e not in ENGINES]
     if unknown:
-        parser.error(f"unknown variants or engines {unknown}; choose from {list(REDUCERS)} and reference, fused")
+        parser.error(f"unknown variants or engines {unknown}; choose from {list(REDUCERS)} and {list(ENGINES)}")
     variants: dict[str, Variant] = {"none": None}
     variants.update({f"{r}/{e}": (REDUCERS[r], e) for r in reducers for e in engines})
     names = list(variants)
@@ -95,14 +106,15 @@ def main() -> None:
     x_T = torch.randn(args.batch, *model.sample_shape, device=device)
     for name in names:  # warm-up: kernels loaded, allocator primed
         _sample(model, x_T, min(args.steps, 3), variants[name])
-    best: dict[str, tuple[float, int]] = {}
+    best: dict[str, tuple[float, int, float]] = {}
     for _ in range(args.repeats):
         for name in names:
-            seconds, n_rows = _timed(device, lambda: _sample(model, x_T, args.steps, variants[name]))
+            seconds, (n_rows, results_seconds) = _timed(device, lambda: _sample(model, x_T, args.steps, variants[name]))
             if name not in best or seconds < best[name][0]:
-                best[name] = (seconds, n_rows)
+                best[name] = (seconds, n_rows, results_seconds)
     rows = [{"variant": name, "seconds": round(best[name][0], 3), "stat_rows": best[name][1],
-             "ratio_to_none": round(best[name][0] / best["none"][0], 3)} for name in names]
+             "stats_frame_seconds": round(best[name][2], 3), "ratio_to_none": round(best[name][0] / best["none"][0], 3)}
+            for name in names]
     for row in rows:
         print(json.dumps(row), flush=True)
     out = Path(args.out) if args.out else RESULTS / f"record_{_device_tag(device)}.json"

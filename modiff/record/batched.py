@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Union, get_args
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional, Sequence, Union, get_args
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch
 if TYPE_CHECKING:
     from modiff.record.reducers import Reducer
 
-__all__ = ["Observation", "Grid", "Beyond", "CountBackend", "Slot", "update_rows", "results_of"]
+__all__ = ["Observation", "Grid", "Beyond", "CountBackend", "Slot", "Columns", "ResultBatch", "update_rows", "results_of", "result_batches"]
 
 CountBackend = Literal["auto", "search", "grid"]
 
@@ -238,21 +238,61 @@ def update_rows(rows: Sequence[Sequence["Reducer"]], obs: Observation) -> None:
 @dataclass(frozen=True)
 class Slot:
     """A state tensor kept as a region of a larger device tensor (the fused path's arenas): `results_of`
-    copies each source to the host once and reads the region there; `convert` gives the state's form."""
+    copies each source to the host once and reads the regions of many reducers there at once; `convert`
+    gives the state's form (it works on stacked states: (K, *shape) -> (K, ...))."""
 
     source: torch.Tensor
     start: int
     shape: tuple[int, ...]
     convert: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
-    def read(self, host: np.ndarray) -> np.ndarray:
-        values = host[self.start:self.start + math.prod(self.shape)].reshape(self.shape)
-        return values if self.convert is None else self.convert(values)
+
+class Columns(NamedTuple):
+    """Results of K reducers of one class: scalars (K,) float64 and arrays (K, ...)."""
+
+    scalars: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, results: Sequence[dict[str, Any]]) -> "Columns":
+        """Columns of result dicts that share their names (scalars: anything `float` takes)."""
+        first = results[0] if results else {}
+        arrays = [n for n, v in first.items() if isinstance(v, np.ndarray)]
+        return cls({n: np.array([float(r[n]) for r in results]) for n in first if n not in arrays},
+                   {n: np.stack([r[n] for r in results]) for n in arrays})
+
+
+class ResultBatch(NamedTuple):
+    """The results of reducers `index` (positions in the list given to `result_batches`)."""
+
+    index: list[int]
+    columns: Columns
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One result dict per reducer (floats and arrays), in the order of `index`."""
+        scalars = {name: values.tolist() for name, values in self.columns.scalars.items()}
+        arrays = self.columns.arrays
+        return [{**{name: values[k] for name, values in scalars.items()}, **{name: values[k] for name, values in arrays.items()}}
+                for k in range(len(self.index))]
+
+
+_FINISH_BATCH = 4096  # reducers finished together at most: their stacked states stay some tens of MB
 
 
 def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
     """`r.result()` for every reducer, with one device-to-host copy per (device, dtype) for all of them
     (and one per `Slot` source)."""
+    out: list[dict[str, Any]] = [{} for _ in reducers]
+    for batch in result_batches(reducers):
+        for i, result in zip(batch.index, batch.rows()):
+            out[i] = result
+    return out
+
+
+def result_batches(reducers: Sequence["Reducer"]) -> list[ResultBatch]:
+    """The results of every reducer as column batches: one device-to-host copy per (device, dtype) and
+    per `Slot` source for all of them, then `finish_columns` per batch of one class and name whose states
+    have the same shapes (reducers without state: `result()` each)."""
     states = [r.state() for r in reducers]
     groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
     sources: dict[int, np.ndarray] = {}
@@ -268,21 +308,51 @@ def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
         flat = torch.cat(tensors).cpu().numpy() if tensors else np.empty(0)
         host[key] = np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1])
     cursor = {key: 0 for key in host}
-    out = []
-    for reducer, state in zip(reducers, states):
+    batches: list[ResultBatch] = []
+    same: dict[tuple[Any, ...], tuple[list[int], list[list[Any]]]] = {}  # layout -> (reducers, states by name)
+    for i, (reducer, state) in enumerate(zip(reducers, states)):
         if state is None:
-            out.append(reducer.result())
+            batches.append(ResultBatch([i], Columns.of([reducer.result()])))
             continue
-        arrays = {}
+        layout: list[Any] = [type(reducer), reducer.name]
+        values: list[Any] = []
         for name, t in state.items():
             if isinstance(t, Slot):
-                arrays[name] = t.read(sources[id(t.source)])
+                layout.append((name, t.shape, t.convert))
+                values.append(t)
                 continue
             key = (t.device, t.dtype)
-            arrays[name] = host[key][cursor[key]].reshape(t.shape)
+            values.append(host[key][cursor[key]].reshape(t.shape))
+            layout.append((name, t.shape, None))
             cursor[key] += 1
-        out.append(reducer.finish(arrays))
-    return out
+        index, columns = same.setdefault(tuple(layout), ([], [[] for _ in values]))
+        index.append(i)
+        for column, value in zip(columns, values):
+            column.append(value)
+    for (cls, _, *names), (index, columns) in same.items():
+        for at in range(0, len(index), _FINISH_BATCH):
+            part = slice(at, at + _FINISH_BATCH)
+            stacked = {name: _stack(column[part], sources) for (name, *_), column in zip(names, columns)}
+            batches.append(ResultBatch(index[part], cls.finish_columns([reducers[i] for i in index[part]], stacked)))
+    return batches
+
+
+def _stack(states: Sequence[np.ndarray | Slot], sources: dict[int, np.ndarray]) -> np.ndarray:
+    """(K, ...) of host arrays, or of Slot regions of one shape (gathered per source at once, then converted)."""
+    first = states[0]
+    if not isinstance(first, Slot):
+        return np.stack(states)  # type: ignore[arg-type]
+    size = math.prod(first.shape)
+    by_source: dict[int, tuple[list[int], list[int]]] = {}
+    for k, slot in enumerate(states):
+        ks, starts = by_source.setdefault(id(slot.source), ([], []))  # type: ignore[union-attr]
+        ks.append(k)
+        starts.append(slot.start)  # type: ignore[union-attr]
+    out = np.empty((len(states), size), dtype=sources[id(first.source)].dtype)
+    for source, (ks, starts) in by_source.items():
+        out[ks] = np.lib.stride_tricks.sliding_window_view(sources[source], size)[starts]
+    out = out.reshape(len(states), *first.shape)
+    return out if first.convert is None else first.convert(out)
 
 
 def fixed_range(lo: float, hi: float, device: Optional[torch.device]) -> torch.Tensor:

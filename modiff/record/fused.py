@@ -3,7 +3,7 @@
 The reference path (`batched.update_rows`) dispatches about 400 small operators per site call for the
 default reducers; a GPU pays each as a kernel launch. Here the recorder's buffer update and every built-in
 reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count,
-add_counts), and the reducers' state lives in preallocated float64 arenas that the kernels update in
+add_counts; on CUDA the count in CUDA C with shared-memory histograms, `modiff.record.count_cuda`), and the reducers' state lives in preallocated float64 arenas that the kernels update in
 place: a key takes its slot once, and `results_of` copies each arena chunk to the host once
 (`batched.Slot`). A site call launches its scan; the summaries and counts of all site calls of a model
 call run together at the next flush (`FusedEngine.flush`), four launches for the whole model call.
@@ -36,6 +36,11 @@ from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles
 __all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
 
 Engine = Literal["auto", "reference", "fused"]
+CountBackend = Literal["shared", "triton"]
+# How engines made from now on count: "shared", the CUDA C kernel of `count_cuda` (shared-memory atomics)
+# where it compiles and the grids fit, else Triton; "triton", always `kernels.count_kernel` (benchmarks
+# compare the two: bench_record.py --engines fused,fused/triton-count).
+COUNT_BACKEND: CountBackend = "shared"
 _TYPES = (Stats, ChannelAbsMax, Histogram, Quantiles, Outliers)
 _ALIGN = 16  # slot offsets stay multiples of 16 elements
 _TILE = 1024  # values per scan chunk; a program reduces one block of channels (bench_record_scan.py: 512-4096 timed)
@@ -92,6 +97,11 @@ def _kernels() -> ModuleType:
     return kernels
 
 
+def _count_cuda() -> ModuleType:
+    from modiff.record import count_cuda  # imports DESCRIPTOR from here
+    return count_cuda
+
+
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -101,8 +111,9 @@ def _aligned(n: int) -> int:
 
 
 def _positions_to_ge(counts: np.ndarray) -> np.ndarray:
-    """Counts per position #{edges <= x} (bins + 2) -> ge_j = #{x >= edge_j} (bins + 1), as `Histogram` keeps."""
-    return np.cumsum(counts[::-1])[::-1][1:].astype(np.int64)
+    """Counts per position #{edges <= x} (..., bins + 2) -> ge_j = #{x >= edge_j} (..., bins + 1), as `Histogram` keeps."""
+    counts = counts.astype(np.int64)
+    return counts.sum(axis=-1, keepdims=True) - np.cumsum(counts, axis=-1)[..., :-1]  # ge_j = n - #{position <= j}
 
 
 def _as_int(values: np.ndarray) -> np.ndarray:
@@ -333,6 +344,7 @@ class FusedEngine:
                              "Triton interpreter (set TRITON_INTERPRET=1 before recording). Use engine='reference'.")
         self.arena = Arena(self.device)
         self.programs = _COUNT_PROGRAMS
+        self.count_backend = COUNT_BACKEND
 
     def accepts(self, x: torch.Tensor) -> bool:
         return x.ndim >= 2 and x.numel() > 0 and x.device == self.device
@@ -417,12 +429,29 @@ class FusedEngine:
             ids = [grids.index(g) for g in pair] + [0, 0]
             bins = [g.reducer.bins for g in pair] + [0, 0]
             counts = [g.counts_at - plan.counts_at for g in pair] + [0, 0]
+            edges = (int(plan.edges_at[ids[0]]), int(plan.edges_at[ids[1]]))
+            shared = self._shared_count_kernel(bins, limits)
+            if shared is not None:
+                _count_cuda().launch_count(shared, desc, partials, slots, programs, n, edges, (ids[0], ids[1]),
+                                           (counts[0], counts[1]), plan.outliers_at - plan.counts_at,
+                                           (bins[0], bins[1]), limits)
+                continue
             k.count_kernel[(programs, n)](
-                desc, partials, slots, int(plan.edges_at[ids[0]]), ids[0], counts[0], int(plan.edges_at[ids[1]]),
-                ids[1], counts[1], plan.outliers_at - plan.counts_at, BINS_A=bins[0], BINS_B=bins[1],
-                NB_A=_pow2(bins[0]), NB_B=_pow2(bins[1]), LIMITS=limits, LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
+                desc, partials, slots, edges[0], ids[0], counts[0], edges[1], ids[1], counts[1],
+                plan.outliers_at - plan.counts_at, BINS_A=bins[0], BINS_B=bins[1], NB_A=_pow2(bins[0]),
+                NB_B=_pow2(bins[1]), LIMITS=limits, LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
         pb, sb = _ADD_TILE
         k.add_counts_kernel[(-(-slots // sb), n)](desc, partials, slots, PB=pb, SB=sb)
+
+
+    def _shared_count_kernel(self, bins: Sequence[int], limits: int) -> Optional[Any]:
+        """The CUDA C count kernel (`count_cuda`) where it compiles and these grids fit; else None: Triton."""
+        if self.count_backend == "triton":
+            return None
+        cuda = _count_cuda()
+        if not cuda.fits((bins[0], bins[1]), limits):
+            return None
+        return cuda.count_kernel_for(self.device)
 
 
 def _scan_tiles(channels: int, inner: int) -> tuple[int, int]:

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from modiff.record.batched import Observation, results_of, update_rows
+from modiff.record.batched import Observation, result_batches, update_rows
 from modiff.record.fused import Engine, FusedEngine, use_fused
 from modiff.record.reducers import Reducer, default_reducers
 from modiff.record.sites import SiteSpec, select_sites
@@ -315,8 +315,8 @@ class Recorder:
             self._fused.flush()
         keys = sorted(self._reducers, key=position)
         flat = [(key, r) for key in keys for r in self._reducers[key]]
-        values = results_of([r for _, r in flat])  # one device-to-host copy per dtype
-        return results_to_tables(((key, r.name, v) for (key, r), v in zip(flat, values)), self.timesteps)
+        batches = result_batches([r for _, r in flat])  # one device-to-host copy per dtype
+        return results_to_tables([key for key, _ in flat], [r.name for _, r in flat], batches, self.timesteps)
 
     def stats_frame(self) -> pd.DataFrame:
         """The statistics so far as a DataFrame (columns `modiff.record.store.STATS_COLUMNS`)."""

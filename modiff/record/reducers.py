@@ -3,7 +3,8 @@
 A reducer sees the observations of one key (site, capture, raw|diff, step, call): `update(x)` once per
 observed tensor (one batch), `result()` at the end. Updates run only device kernels: no `.item()`, no
 host synchronisation; `result()` moves the state to the CPU once (`batched.results_of` does it for many
-reducers with one copy). The recorder updates the reducers of the raw and the diff key of a site together
+reducers with one copy, and the built-ins turn the states of many keys into results at once:
+`finish_columns`). The recorder updates the reducers of the raw and the diff key of a site together
 (`update_group` on a stacked `batched.Observation`), so the passes over the data are shared.
 
 Notation: x one observed tensor (B, C, ...) flattened to d = x.numel() values, n the number of values
@@ -36,7 +37,7 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import numpy as np
 import torch
 
-from modiff.record.batched import Beyond, Grid, Observation, Slot, fixed_range, results_of, update_rows
+from modiff.record.batched import Beyond, Columns, Grid, Observation, ResultBatch, Slot, fixed_range, results_of, update_rows
 
 __all__ = ["Reducer", "Stats", "ChannelAbsMax", "Histogram", "Quantiles", "Outliers", "default_reducers", "RangeScope"]
 
@@ -51,7 +52,8 @@ class Reducer:
     A subclass implements either `update(x)` and `result()` (simple, one tensor at a time), or the
     batched protocol used by the built-ins: `update_group(reducers, obs)` updates one reducer per row of
     `obs` (and may return a counting block, whose counts arrive in `take_counts`), `state()` returns the
-    device tensors of the result and `finish(host_state)` turns their host copies into the result.
+    device tensors of the result and `finish(host_state)` turns their host copies into the result, or
+    `finish_columns(reducers, stacked_host_states)` the host copies of many reducers' states at once.
     """
 
     _slots: Optional[State] = None  # the state's place in the fused path's arenas (`modiff.record.fused`)
@@ -95,7 +97,17 @@ class Reducer:
         return None
 
     def finish(self, host: dict[str, np.ndarray]) -> Result:
-        raise NotImplementedError
+        """The result from the host copy of `state()`; by default through `finish_columns`."""
+        if type(self).finish_columns.__func__ is Reducer.finish_columns.__func__:  # type: ignore[attr-defined]
+            raise NotImplementedError(f"{type(self).__name__} implements neither finish nor finish_columns")
+        return ResultBatch([0], type(self).finish_columns([self], {n: a[None] for n, a in host.items()})).rows()[0]
+
+    @classmethod
+    def finish_columns(cls, reducers: Sequence["Reducer"], host: dict[str, np.ndarray]) -> Columns:
+        """The results of many reducers of this class as columns; `host` holds their states stacked (K, ...).
+        By default through each reducer's `finish` (whose results then share their names); the built-ins
+        compute the columns at once, which is what keeps a recording's results quick to collect."""
+        return Columns.of([r.finish({name: a[k] for name, a in host.items()}) for k, r in enumerate(reducers)])
 
     def result(self) -> Result:
         if self.state() is None:
@@ -134,15 +146,18 @@ class Stats(Reducer):
             return self._slots
         return {} if self._state is None else {"state": self._state}
 
-    def finish(self, host: dict[str, np.ndarray]) -> Result:
+    @classmethod
+    def finish_columns(cls, reducers: Sequence["Stats"], host: dict[str, np.ndarray]) -> Columns:
         if not host:
-            return {}
-        lo, hi, mean, m2, sumsq, norm_sum = host["state"].tolist()
-        return {
-            "min": lo, "max": hi, "absmax": max(abs(lo), abs(hi)), "mean": mean,
-            "std": math.sqrt(max(m2, 0.0) / self.count), "l2": math.sqrt(sumsq),
-            "l2_per_sample": norm_sum / self.samples, "count": float(self.count),
-        }
+            return Columns({}, {})
+        lo, hi, mean, m2, sumsq, norm_sum = host["state"].astype(np.float64).T
+        count = np.array([r.count for r in reducers], dtype=np.float64)
+        samples = np.array([r.samples for r in reducers], dtype=np.float64)
+        return Columns({
+            "min": lo, "max": hi, "absmax": np.where(np.abs(hi) > np.abs(lo), np.abs(hi), np.abs(lo)), "mean": mean,
+            "std": np.sqrt(np.where(m2 < 0.0, 0.0, m2) / count), "l2": np.sqrt(sumsq),
+            "l2_per_sample": norm_sum / samples, "count": count,
+        }, {})
 
 
 def _merge_stats(a: torch.Tensor, n_a: int, b: torch.Tensor, n_b: int) -> torch.Tensor:
@@ -186,8 +201,9 @@ class ChannelAbsMax(Reducer):
             return self._slots
         return {} if self._absmax is None else {"absmax": self._absmax}
 
-    def finish(self, host: dict[str, np.ndarray]) -> Result:
-        return {"absmax": host["absmax"].astype(np.float64)} if host else {}
+    @classmethod
+    def finish_columns(cls, reducers: Sequence["ChannelAbsMax"], host: dict[str, np.ndarray]) -> Columns:
+        return Columns({}, {"absmax": host["absmax"].astype(np.float64)} if host else {})
 
 
 class Histogram(Reducer):
@@ -254,35 +270,46 @@ class Histogram(Reducer):
             return self._slots
         return {} if self._ge is None else {"ge": self._ge, "lo_hi": self._lo_hi}
 
-    def finish(self, host: dict[str, np.ndarray]) -> Result:
+    @classmethod
+    def finish_columns(cls, reducers: Sequence["Histogram"], host: dict[str, np.ndarray]) -> Columns:
         if not host:
-            return {}
+            return Columns({}, {})
         ge = host["ge"]
-        lo, hi = host["lo_hi"].astype(np.float64).tolist()
-        return {"counts": ge[:-1] - ge[1:], "edges": np.linspace(lo, hi, self.bins + 1),
-                "underflow": float(self._n - ge[0]), "overflow": float(ge[-1])}
+        under = np.array([r._n for r in reducers], dtype=np.int64) - ge[:, 0]
+        return Columns({"underflow": under.astype(np.float64), "overflow": ge[:, -1].astype(np.float64)},
+                       {"counts": ge[:, :-1] - ge[:, 1:], "edges": bin_edges(host["lo_hi"], ge.shape[1] - 1)})
 
 
-def quantiles_from_histogram(counts: np.ndarray, edges: np.ndarray, underflow: float, overflow: float,
-                             qs: Sequence[float]) -> list[float]:
-    """Values where the binned CDF reaches each q (linear inside a bin; clipped to the range's edges)."""
-    total = counts.sum() + underflow + overflow
-    if total == 0:
-        return [math.nan for _ in qs]
-    cum = underflow + np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])  # CDF at each edge
-    values = []
-    for q in qs:
-        target = q * total
-        if target <= cum[0]:
-            values.append(float(edges[0]))
-            continue
-        if target >= cum[-1]:
-            values.append(float(edges[-1]))
-            continue
-        j = int(np.searchsorted(cum, target, side="left")) - 1  # cum[j] < target <= cum[j + 1]
-        frac = (target - cum[j]) / max(cum[j + 1] - cum[j], 1e-300)
-        values.append(float(edges[j] + frac * (edges[j + 1] - edges[j])))
-    return values
+def bin_edges(lo_hi: np.ndarray, bins: int, at: Optional[np.ndarray] = None) -> np.ndarray:
+    """Edges of `bins` equal bins over each row's [lo, hi] of lo_hi (K, 2): np.linspace(lo, hi, bins + 1)
+    row by row, the same floats (j w + lo with w = (hi - lo) / bins; hi itself last). `at` (K, Q): only
+    the edges of these indices."""
+    lo, hi = (v.astype(np.float64)[:, None] for v in (lo_hi[:, 0], lo_hi[:, 1]))
+    j = np.arange(bins + 1, dtype=np.float64)[None, :] if at is None else at
+    return np.where(j == bins, hi, j * ((hi - lo) / bins) + lo)
+
+
+def quantiles_from_ge(ge: np.ndarray, n: np.ndarray, lo_hi: np.ndarray, qs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles of K histograms kept as ge (K, bins + 1) = #{x >= edge_j} over n (K,) values in the bins of
+    lo_hi (K, 2): where the binned CDF (underflow first) reaches q n, linear inside the bin, clipped to
+    [lo, hi]. Returns the (K, Q) values and the (K,) fraction outside [lo, hi]."""
+    k, bins = ge.shape[0], ge.shape[1] - 1
+    under, over = n - ge[:, 0], ge[:, -1]
+    total = n.astype(np.float64)  # = counts + underflow + overflow
+    cum = np.concatenate([np.zeros((k, 1)), np.cumsum(ge[:, :-1] - ge[:, 1:], axis=1, dtype=np.float64)], axis=1)
+    cum += under[:, None].astype(np.float64)  # the CDF at each edge
+    targets = np.asarray(qs, dtype=np.float64)[None, :] * total[:, None]
+    j = np.stack([np.searchsorted(row, t, side="left") for row, t in zip(cum, targets)]) - 1
+    j = np.clip(j, 0, bins - 1)  # cum[j] < target <= cum[j + 1] inside the range
+    rows = np.arange(k)[:, None]
+    cum_j, cum_next = cum[rows, j], cum[rows, j + 1]
+    edge_j, edge_next = bin_edges(lo_hi, bins, j), bin_edges(lo_hi, bins, j + 1)
+    inside = edge_j + (targets - cum_j) / np.maximum(cum_next - cum_j, 1e-300) * (edge_next - edge_j)
+    first, last = bin_edges(lo_hi, bins, np.zeros((k, 1))), bin_edges(lo_hi, bins, np.full((k, 1), bins))
+    values = np.where(targets <= cum[:, :1], first, np.where(targets >= cum[:, -1:], last, inside))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        outside = (under + over) / total
+    return np.where(total[:, None] == 0, np.nan, values), outside
 
 
 _DEFAULT_QS = (0.0001, 0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999, 0.9999)
@@ -323,15 +350,16 @@ class Quantiles(Reducer):
     def state(self) -> State:
         return self._hist.state()
 
-    def finish(self, host: dict[str, np.ndarray]) -> Result:
-        h = self._hist.finish(host)
-        if not h:
-            return {}
-        values = quantiles_from_histogram(h["counts"], h["edges"], h["underflow"], h["overflow"], self.qs)
-        total = h["counts"].sum() + h["underflow"] + h["overflow"]
-        out: Result = {f"q{q:g}": v for q, v in zip(self.qs, values)}
-        out["outside"] = float((h["underflow"] + h["overflow"]) / total)
-        return out
+    @classmethod
+    def finish_columns(cls, reducers: Sequence["Quantiles"], host: dict[str, np.ndarray]) -> Columns:
+        if not host:
+            return Columns({}, {})
+        qs = reducers[0].qs
+        if any(r.qs != qs for r in reducers):
+            raise ValueError("Quantiles.finish_columns: reducers of one batch must ask for the same qs")
+        n = np.array([r._hist._n for r in reducers], dtype=np.int64)
+        values, outside = quantiles_from_ge(host["ge"], n, host["lo_hi"], qs)
+        return Columns({**{f"q{q:g}": values[:, j] for j, q in enumerate(qs)}, "outside": outside}, {})
 
 
 class Outliers(Reducer):
@@ -371,14 +399,16 @@ class Outliers(Reducer):
             return self._slots
         return {} if self._hits is None else {"hits": self._hits}
 
-    def finish(self, host: dict[str, np.ndarray]) -> Result:
+    @classmethod
+    def finish_columns(cls, reducers: Sequence["Outliers"], host: dict[str, np.ndarray]) -> Columns:
         if not host:
-            return {}
-        hits = host["hits"].tolist()
-        names = [f"outliers_{k:g}std" for k in self.ks]
-        if self.threshold is not None:
-            names.append(f"outliers_gt_{self.threshold:g}")
-        return {n: float(h) / self.count for n, h in zip(names, hits)}
+            return Columns({}, {})
+        first = reducers[0]
+        names = [f"outliers_{k:g}std" for k in first.ks] + ([f"outliers_gt_{first.threshold:g}"] if first.threshold is not None else [])
+        if any(r.ks != first.ks or r.threshold != first.threshold for r in reducers):
+            raise ValueError("Outliers.finish_columns: reducers of one batch must share ks and threshold")
+        fraction = host["hits"].astype(np.float64) / np.array([r.count for r in reducers], dtype=np.float64)[:, None]
+        return Columns({name: fraction[:, j] for j, name in enumerate(names)}, {})
 
 
 def default_reducers() -> list[Reducer]:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
 
+from modiff.record.batched import ResultBatch
 from modiff.record.tensors import INDEX_FILE, tensor_key
 from modiff.runs import atomic_path, write_json
 
@@ -40,20 +41,38 @@ def array_key(site: str, capture: str, kind: str, step: int, call: int, reducer:
     return f"{site}/{capture}/{kind}/step={step:03d}/call={call}/{reducer}.{name}"
 
 
-def results_to_tables(results: Iterable[tuple[ResultKey, str, Mapping[str, Any]]],
+def results_to_tables(keys: Sequence[ResultKey], reducers: Sequence[str], batches: Iterable[ResultBatch],
                       timesteps: Mapping[int, int]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """(stats rows, arrays) from (key, reducer name, result dict) triples: scalars -> rows, arrays -> npz."""
-    rows: list[tuple[Any, ...]] = []
-    arrays: dict[str, np.ndarray] = {}
-    for (site, capture, kind, step, call), reducer, result in results:
-        t = timesteps.get(step)
-        for name, value in result.items():
-            if isinstance(value, np.ndarray):
-                arrays[array_key(site, capture, kind, step, call, reducer, name)] = value
-            else:
-                rows.append((site, capture, kind, step, t, call, reducer, name, float(value)))
-    frame = pd.DataFrame(rows, columns=STATS_COLUMNS)
-    return frame.astype({"step": "int64", "t": "Int64", "call": "int64", "value": "float64"}), arrays
+    """(stats rows, arrays) of results in column batches (`batched.result_batches`): result i belongs to
+    key keys[i] and the reducer named reducers[i]. Scalars become rows (ordered by i, then by statistic),
+    arrays the entries of arrays.npz."""
+    position: list[np.ndarray] = []  # result i of each row
+    rank: list[np.ndarray] = []  # the statistic's place in its result
+    names: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    entries: list[tuple[int, str, np.ndarray]] = []  # (i, array key, value)
+    for batch in batches:
+        index = np.asarray(batch.index, dtype=np.int64)
+        for j, (name, column) in enumerate(batch.columns.scalars.items()):
+            position.append(index)
+            rank.append(np.full(len(index), j))
+            names.append(np.full(len(index), name, dtype=object))
+            values.append(np.asarray(column, dtype=np.float64))
+        for name, column in batch.columns.arrays.items():
+            entries += [(i, array_key(*keys[i], reducers[i], name), value) for i, value in zip(batch.index, column)]
+    entries.sort(key=lambda entry: entry[0])  # stable: a result's arrays keep their order
+    at = np.concatenate(position) if position else np.zeros(0, dtype=np.int64)
+    order = np.lexsort((np.concatenate(rank), at)) if position else at
+    at = at[order]
+    site, capture, kind, step, call = (np.array(column, dtype=object) for column in zip(*keys)) if keys else (
+        np.zeros(0, dtype=object),) * 5
+    frame = pd.DataFrame({
+        "site": site[at], "capture": capture[at], "kind": kind[at], "step": step[at].astype(np.int64),
+        "t": pd.array([timesteps.get(s) for s in step.tolist()], dtype="Int64")[at], "call": call[at].astype(np.int64),
+        "reducer": np.array(reducers, dtype=object)[at],
+        "statistic": np.concatenate(names)[order] if names else np.zeros(0, dtype=object),
+        "value": np.concatenate(values)[order] if values else np.zeros(0)})
+    return frame, {key: value for _, key, value in entries}
 
 
 def write_recording(out: Path, manifest: Mapping[str, Any], stats: pd.DataFrame, arrays: Mapping[str, np.ndarray],

@@ -21,6 +21,15 @@ from modiff.record.batched import Observation, results_of, update_rows  # noqa: 
 from modiff.record.fused import FusedEngine, use_fused  # noqa: E402
 
 EXACT = {"min", "max", "absmax", "count", "counts", "edges", "underflow", "overflow", "outside"}
+# On CUDA every test runs with both count kernels: shared-memory CUDA C (`count_cuda`) and Triton.
+COUNT_BACKENDS = ["shared", "triton"] if DEVICE.type == "cuda" else ["triton"]
+
+
+@pytest.fixture(autouse=True, params=COUNT_BACKENDS)
+def count_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from modiff.record import fused
+    monkeypatch.setattr(fused, "COUNT_BACKEND", request.param)
+    return request.param
 
 
 def _templates() -> list:
@@ -179,6 +188,31 @@ def test_recorder_fused_engine_equals_reference(small_tiles: bool, monkeypatch: 
     assert ref_arrays.keys() == fused_arrays.keys()
     for name, value in ref_arrays.items():
         np.testing.assert_array_equal(value, fused_arrays[name], err_msg=name)
+
+
+def test_outlier_boundaries_and_grids_beyond_the_shared_kernel_are_counted_by_triton() -> None:
+    """Nine outlier boundaries (more than count_cuda.MAX_LIMITS) and a 16,000-bin grid (over 48 KB of shared
+    memory): the Triton kernel counts them, with the same results."""
+    pair = _Pair([Stats(), Outliers(ks=tuple(0.25 * k for k in range(1, 10))), Quantiles(bins=16000)])
+    x = torch.randn(4, 8, 9, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    pair.observe(x, step=0, diff=False)
+    pair.observe(x.roll(5) * 1.5, step=1)
+    pair.assert_equal()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the CUDA C count kernel needs CUDA")
+def test_shared_count_kernel_is_the_one_that_counts(count_backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modiff.record import count_cuda
+    assert count_cuda.count_kernel_for(DEVICE) is not None  # NVRTC compiled it: no silent fallback
+    launches = []
+    launch = count_cuda.launch_count
+    monkeypatch.setattr(count_cuda, "launch_count", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    pair = _Pair(default_reducers())
+    x = torch.randn(3, 6, 5, 7, generator=torch.Generator().manual_seed(5)).to(DEVICE)  # rows of 630 values: unaligned
+    pair.observe(x, step=0, diff=False)
+    pair.observe(x * 0.5 + 0.1, step=1)
+    pair.assert_equal()
+    assert len(launches) == (2 if count_backend == "shared" else 0)  # a pair of grids per launch, one flush per step
 
 
 def test_engine_choice() -> None:
