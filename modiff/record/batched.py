@@ -238,13 +238,13 @@ def update_rows(rows: Sequence[Sequence["Reducer"]], obs: Observation) -> None:
 @dataclass(frozen=True)
 class Slot:
     """A state tensor kept as a region of a larger device tensor (the fused path's arenas): `results_of`
-    copies each source to the host once and reads the regions of many reducers there at once; `convert`
-    gives the state's form (it works on stacked states: (K, *shape) -> (K, ...))."""
+    gathers the regions of many reducers at once on the source's device; `convert` gives the state's form
+    (it works on stacked states: (K, *shape) -> (K, ...))."""
 
     source: torch.Tensor
     start: int
     shape: tuple[int, ...]
-    convert: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    convert: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class Columns(NamedTuple):
@@ -280,8 +280,7 @@ _FINISH_BATCH = 4096  # reducers finished together at most: their stacked states
 
 
 def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
-    """`r.result()` for every reducer, with one device-to-host copy per (device, dtype) for all of them
-    (and one per `Slot` source)."""
+    """`r.result()` for every reducer, with few device-to-host copies (`result_batches`)."""
     out: list[dict[str, Any]] = [{} for _ in reducers]
     for batch in result_batches(reducers):
         for i, result in zip(batch.index, batch.rows()):
@@ -290,67 +289,47 @@ def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
 
 
 def result_batches(reducers: Sequence["Reducer"]) -> list[ResultBatch]:
-    """The results of every reducer as column batches: one device-to-host copy per (device, dtype) and
-    per `Slot` source for all of them, then `finish_columns` per batch of one class and name whose states
-    have the same shapes (reducers without state: `result()` each)."""
-    states = [r.state() for r in reducers]
-    groups: dict[tuple[Any, Any], list[torch.Tensor]] = {}
-    sources: dict[int, np.ndarray] = {}
-    for state in states:
-        for t in (state or {}).values():
-            if isinstance(t, Slot):
-                if id(t.source) not in sources:
-                    sources[id(t.source)] = t.source.cpu().numpy().reshape(-1)
-                continue
-            groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
-    host: dict[tuple[Any, Any], list[np.ndarray]] = {}
-    for key, tensors in groups.items():
-        flat = torch.cat(tensors).cpu().numpy() if tensors else np.empty(0)
-        host[key] = np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1])
-    cursor = {key: 0 for key in host}
+    """The results of every reducer as column batches: `finish_columns` per batch of one class and name
+    whose states have the same shapes, stacked where they live (Slot regions gathered from their arena on
+    its device); reducers without state: `result()`."""
     batches: list[ResultBatch] = []
     same: dict[tuple[Any, ...], tuple[list[int], list[list[Any]]]] = {}  # layout -> (reducers, states by name)
-    for i, (reducer, state) in enumerate(zip(reducers, states)):
+    for i, reducer in enumerate(reducers):
+        state = reducer.state()
         if state is None:
             batches.append(ResultBatch([i], Columns.of([reducer.result()])))
             continue
         layout: list[Any] = [type(reducer), reducer.name]
-        values: list[Any] = []
         for name, t in state.items():
-            if isinstance(t, Slot):
-                layout.append((name, t.shape, t.convert))
-                values.append(t)
-                continue
-            key = (t.device, t.dtype)
-            values.append(host[key][cursor[key]].reshape(t.shape))
-            layout.append((name, t.shape, None))
-            cursor[key] += 1
-        index, columns = same.setdefault(tuple(layout), ([], [[] for _ in values]))
+            layout.append((name, type(t), t.shape, t.convert if isinstance(t, Slot) else None))
+        index, columns = same.setdefault(tuple(layout), ([], [[] for _ in state]))
         index.append(i)
-        for column, value in zip(columns, values):
-            column.append(value)
+        for column, t in zip(columns, state.values()):
+            column.append(t)
     for (cls, _, *names), (index, columns) in same.items():
         for at in range(0, len(index), _FINISH_BATCH):
             part = slice(at, at + _FINISH_BATCH)
-            stacked = {name: _stack(column[part], sources) for (name, *_), column in zip(names, columns)}
+            stacked = {name: _stack(column[part]) for (name, *_), column in zip(names, columns)}
             batches.append(ResultBatch(index[part], cls.finish_columns([reducers[i] for i in index[part]], stacked)))
     return batches
 
 
-def _stack(states: Sequence[np.ndarray | Slot], sources: dict[int, np.ndarray]) -> np.ndarray:
-    """(K, ...) of host arrays, or of Slot regions of one shape (gathered per source at once, then converted)."""
+def _stack(states: Sequence[torch.Tensor | Slot]) -> torch.Tensor:
+    """(K, ...) of state tensors, or of Slot regions of one shape (gathered per source at once, then
+    converted), on their device."""
     first = states[0]
     if not isinstance(first, Slot):
-        return np.stack(states)  # type: ignore[arg-type]
+        return torch.stack(states)  # type: ignore[arg-type]
     size = math.prod(first.shape)
-    by_source: dict[int, tuple[list[int], list[int]]] = {}
+    by_source: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
     for k, slot in enumerate(states):
-        ks, starts = by_source.setdefault(id(slot.source), ([], []))  # type: ignore[union-attr]
+        _, ks, starts = by_source.setdefault(id(slot.source), (slot.source, [], []))  # type: ignore[union-attr]
         ks.append(k)
         starts.append(slot.start)  # type: ignore[union-attr]
-    out = np.empty((len(states), size), dtype=sources[id(first.source)].dtype)
-    for source, (ks, starts) in by_source.items():
-        out[ks] = np.lib.stride_tricks.sliding_window_view(sources[source], size)[starts]
+    out = first.source.new_empty((len(states), size))
+    for source, ks, starts in by_source.values():
+        windows = source.reshape(-1).unfold(0, size, 1)  # (n - size + 1, size): a view
+        out[torch.tensor(ks, device=out.device)] = windows[torch.tensor(starts, device=out.device)]
     out = out.reshape(len(states), *first.shape)
     return out if first.convert is None else first.convert(out)
 

@@ -110,14 +110,14 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _positions_to_ge(counts: np.ndarray) -> np.ndarray:
+def _positions_to_ge(counts: torch.Tensor) -> torch.Tensor:
     """Counts per position #{edges <= x} (..., bins + 2) -> ge_j = #{x >= edge_j} (..., bins + 1), as `Histogram` keeps."""
-    counts = counts.astype(np.int64)
-    return counts.sum(axis=-1, keepdims=True) - np.cumsum(counts, axis=-1)[..., :-1]  # ge_j = n - #{position <= j}
+    counts = counts.to(torch.int64)
+    return counts.sum(dim=-1, keepdim=True) - counts.cumsum(dim=-1)[..., :-1]  # ge_j = n - #{position <= j}
 
 
-def _as_int(values: np.ndarray) -> np.ndarray:
-    return values.astype(np.int64)
+def _as_int(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.int64)
 
 
 class Arena:

@@ -53,7 +53,7 @@ class Reducer:
     batched protocol used by the built-ins: `update_group(reducers, obs)` updates one reducer per row of
     `obs` (and may return a counting block, whose counts arrive in `take_counts`), `state()` returns the
     device tensors of the result and `finish(host_state)` turns their host copies into the result, or
-    `finish_columns(reducers, stacked_host_states)` the host copies of many reducers' states at once.
+    `finish_columns(reducers, stacked_states)` the states of many reducers at once into host columns.
     """
 
     _slots: Optional[State] = None  # the state's place in the fused path's arenas (`modiff.record.fused`)
@@ -100,13 +100,16 @@ class Reducer:
         """The result from the host copy of `state()`; by default through `finish_columns`."""
         if type(self).finish_columns.__func__ is Reducer.finish_columns.__func__:  # type: ignore[attr-defined]
             raise NotImplementedError(f"{type(self).__name__} implements neither finish nor finish_columns")
-        return ResultBatch([0], type(self).finish_columns([self], {n: a[None] for n, a in host.items()})).rows()[0]
+        states = {n: torch.as_tensor(a)[None] for n, a in host.items()}
+        return ResultBatch([0], type(self).finish_columns([self], states)).rows()[0]
 
     @classmethod
-    def finish_columns(cls, reducers: Sequence["Reducer"], host: dict[str, np.ndarray]) -> Columns:
-        """The results of many reducers of this class as columns; `host` holds their states stacked (K, ...).
-        By default through each reducer's `finish` (whose results then share their names); the built-ins
-        compute the columns at once, which is what keeps a recording's results quick to collect."""
+    def finish_columns(cls, reducers: Sequence["Reducer"], states: dict[str, torch.Tensor]) -> Columns:
+        """The results of many reducers of this class as host columns; `states` holds their states stacked
+        (K, ...) on their device. By default through each reducer's `finish` on the host copies (results
+        that share their names); the built-ins compute the columns at once, which keeps the results of a
+        recording quick to collect (quantiles and histograms on the device)."""
+        host = {name: t.cpu().numpy() for name, t in states.items()}
         return Columns.of([r.finish({name: a[k] for name, a in host.items()}) for k, r in enumerate(reducers)])
 
     def result(self) -> Result:
@@ -147,10 +150,10 @@ class Stats(Reducer):
         return {} if self._state is None else {"state": self._state}
 
     @classmethod
-    def finish_columns(cls, reducers: Sequence["Stats"], host: dict[str, np.ndarray]) -> Columns:
-        if not host:
+    def finish_columns(cls, reducers: Sequence["Stats"], states: dict[str, torch.Tensor]) -> Columns:
+        if not states:
             return Columns({}, {})
-        lo, hi, mean, m2, sumsq, norm_sum = host["state"].astype(np.float64).T
+        lo, hi, mean, m2, sumsq, norm_sum = states["state"].cpu().numpy().astype(np.float64).T
         count = np.array([r.count for r in reducers], dtype=np.float64)
         samples = np.array([r.samples for r in reducers], dtype=np.float64)
         return Columns({
@@ -202,8 +205,8 @@ class ChannelAbsMax(Reducer):
         return {} if self._absmax is None else {"absmax": self._absmax}
 
     @classmethod
-    def finish_columns(cls, reducers: Sequence["ChannelAbsMax"], host: dict[str, np.ndarray]) -> Columns:
-        return Columns({}, {"absmax": host["absmax"].astype(np.float64)} if host else {})
+    def finish_columns(cls, reducers: Sequence["ChannelAbsMax"], states: dict[str, torch.Tensor]) -> Columns:
+        return Columns({}, {"absmax": states["absmax"].cpu().numpy().astype(np.float64)} if states else {})
 
 
 class Histogram(Reducer):
@@ -271,45 +274,42 @@ class Histogram(Reducer):
         return {} if self._ge is None else {"ge": self._ge, "lo_hi": self._lo_hi}
 
     @classmethod
-    def finish_columns(cls, reducers: Sequence["Histogram"], host: dict[str, np.ndarray]) -> Columns:
-        if not host:
+    def finish_columns(cls, reducers: Sequence["Histogram"], states: dict[str, torch.Tensor]) -> Columns:
+        if not states:
             return Columns({}, {})
-        ge = host["ge"]
-        under = np.array([r._n for r in reducers], dtype=np.int64) - ge[:, 0]
-        return Columns({"underflow": under.astype(np.float64), "overflow": ge[:, -1].astype(np.float64)},
-                       {"counts": ge[:, :-1] - ge[:, 1:], "edges": bin_edges(host["lo_hi"], ge.shape[1] - 1)})
+        ge = states["ge"]
+        counts, edges = (ge[:, :-1] - ge[:, 1:]).cpu().numpy(), bin_edges(states["lo_hi"], ge.shape[1] - 1).cpu().numpy()
+        first, over = ge[:, 0].cpu().numpy(), ge[:, -1].cpu().numpy()
+        under = np.array([r._n for r in reducers], dtype=np.int64) - first
+        return Columns({"underflow": under.astype(np.float64), "overflow": over.astype(np.float64)},
+                       {"counts": counts, "edges": edges})
 
 
-def bin_edges(lo_hi: np.ndarray, bins: int, at: Optional[np.ndarray] = None) -> np.ndarray:
+def bin_edges(lo_hi: torch.Tensor, bins: int, at: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Edges of `bins` equal bins over each row's [lo, hi] of lo_hi (K, 2): np.linspace(lo, hi, bins + 1)
-    row by row, the same floats (j w + lo with w = (hi - lo) / bins; hi itself last). `at` (K, Q): only
-    the edges of these indices."""
-    lo, hi = (v.astype(np.float64)[:, None] for v in (lo_hi[:, 0], lo_hi[:, 1]))
-    j = np.arange(bins + 1, dtype=np.float64)[None, :] if at is None else at
-    return np.where(j == bins, hi, j * ((hi - lo) / bins) + lo)
+    row by row, the same float64 values (j w + lo with w = (hi - lo) / bins; hi itself last). `at` (K, Q):
+    only the edges of these indices."""
+    lo, hi = lo_hi[:, :1].double(), lo_hi[:, 1:].double()
+    j = torch.arange(bins + 1, dtype=torch.float64, device=lo_hi.device)[None, :] if at is None else at.double()
+    return torch.where(j == bins, hi, j * ((hi - lo) / bins) + lo)
 
 
-def quantiles_from_ge(ge: np.ndarray, n: np.ndarray, lo_hi: np.ndarray, qs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def quantiles_from_ge(ge: torch.Tensor, n: torch.Tensor, lo_hi: torch.Tensor, qs: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantiles of K histograms kept as ge (K, bins + 1) = #{x >= edge_j} over n (K,) values in the bins of
-    lo_hi (K, 2): where the binned CDF (underflow first) reaches q n, linear inside the bin, clipped to
-    [lo, hi]. Returns the (K, Q) values and the (K,) fraction outside [lo, hi]."""
+    lo_hi (K, 2), on their device: where the binned CDF (underflow first) reaches q n, linear inside the
+    bin, clipped to [lo, hi]. Returns the (K, Q) values and the (K,) fraction outside [lo, hi] (float64)."""
     k, bins = ge.shape[0], ge.shape[1] - 1
-    under, over = n - ge[:, 0], ge[:, -1]
-    total = n.astype(np.float64)  # = counts + underflow + overflow
-    cum = np.concatenate([np.zeros((k, 1)), np.cumsum(ge[:, :-1] - ge[:, 1:], axis=1, dtype=np.float64)], axis=1)
-    cum += under[:, None].astype(np.float64)  # the CDF at each edge
-    targets = np.asarray(qs, dtype=np.float64)[None, :] * total[:, None]
-    j = np.stack([np.searchsorted(row, t, side="left") for row, t in zip(cum, targets)]) - 1
-    j = np.clip(j, 0, bins - 1)  # cum[j] < target <= cum[j + 1] inside the range
-    rows = np.arange(k)[:, None]
-    cum_j, cum_next = cum[rows, j], cum[rows, j + 1]
+    ge, total = ge.double(), n.double()  # integers below 2^53: exact; total = counts + underflow + overflow
+    under, over = total - ge[:, 0], ge[:, -1]
+    cum = torch.cat([ge.new_zeros(k, 1), (ge[:, :-1] - ge[:, 1:]).cumsum(dim=1)], dim=1) + under[:, None]  # CDF at each edge
+    targets = torch.tensor(qs, dtype=torch.float64, device=ge.device)[None, :] * total[:, None]
+    j = (torch.searchsorted(cum, targets, side="left") - 1).clamp(0, bins - 1)  # cum[j] < target <= cum[j + 1] inside
+    cum_j, cum_next = cum.gather(1, j), cum.gather(1, j + 1)
     edge_j, edge_next = bin_edges(lo_hi, bins, j), bin_edges(lo_hi, bins, j + 1)
-    inside = edge_j + (targets - cum_j) / np.maximum(cum_next - cum_j, 1e-300) * (edge_next - edge_j)
-    first, last = bin_edges(lo_hi, bins, np.zeros((k, 1))), bin_edges(lo_hi, bins, np.full((k, 1), bins))
-    values = np.where(targets <= cum[:, :1], first, np.where(targets >= cum[:, -1:], last, inside))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        outside = (under + over) / total
-    return np.where(total[:, None] == 0, np.nan, values), outside
+    inside = edge_j + (targets - cum_j) / (cum_next - cum_j).clamp_min(1e-300) * (edge_next - edge_j)
+    first, last = lo_hi[:, :1].double(), lo_hi[:, 1:].double()
+    values = torch.where(targets <= cum[:, :1], first, torch.where(targets >= cum[:, -1:], last, inside))
+    return torch.where(total[:, None] == 0, torch.nan, values), (under + over) / total
 
 
 _DEFAULT_QS = (0.0001, 0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999, 0.9999)
@@ -351,14 +351,14 @@ class Quantiles(Reducer):
         return self._hist.state()
 
     @classmethod
-    def finish_columns(cls, reducers: Sequence["Quantiles"], host: dict[str, np.ndarray]) -> Columns:
-        if not host:
+    def finish_columns(cls, reducers: Sequence["Quantiles"], states: dict[str, torch.Tensor]) -> Columns:
+        if not states:
             return Columns({}, {})
         qs = reducers[0].qs
         if any(r.qs != qs for r in reducers):
             raise ValueError("Quantiles.finish_columns: reducers of one batch must ask for the same qs")
-        n = np.array([r._hist._n for r in reducers], dtype=np.int64)
-        values, outside = quantiles_from_ge(host["ge"], n, host["lo_hi"], qs)
+        n = torch.tensor([r._hist._n for r in reducers], device=states["ge"].device)
+        values, outside = (t.cpu().numpy() for t in quantiles_from_ge(states["ge"], n, states["lo_hi"], qs))
         return Columns({**{f"q{q:g}": values[:, j] for j, q in enumerate(qs)}, "outside": outside}, {})
 
 
@@ -400,14 +400,14 @@ class Outliers(Reducer):
         return {} if self._hits is None else {"hits": self._hits}
 
     @classmethod
-    def finish_columns(cls, reducers: Sequence["Outliers"], host: dict[str, np.ndarray]) -> Columns:
-        if not host:
+    def finish_columns(cls, reducers: Sequence["Outliers"], states: dict[str, torch.Tensor]) -> Columns:
+        if not states:
             return Columns({}, {})
         first = reducers[0]
         names = [f"outliers_{k:g}std" for k in first.ks] + ([f"outliers_gt_{first.threshold:g}"] if first.threshold is not None else [])
         if any(r.ks != first.ks or r.threshold != first.threshold for r in reducers):
             raise ValueError("Outliers.finish_columns: reducers of one batch must share ks and threshold")
-        fraction = host["hits"].astype(np.float64) / np.array([r.count for r in reducers], dtype=np.float64)[:, None]
+        fraction = states["hits"].cpu().numpy().astype(np.float64) / np.array([r.count for r in reducers], dtype=np.float64)[:, None]
         return Columns({name: fraction[:, j] for j, name in enumerate(names)}, {})
 
 

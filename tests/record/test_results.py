@@ -33,12 +33,12 @@ def _quantile_by_hand(counts: np.ndarray, edges: np.ndarray, under: float, over:
 
 def test_quantiles_of_a_small_histogram_by_hand() -> None:
     # bins [0, 1), [1, 2), [2, 3] holding 1, 2, 1 values: ge = #{x >= edge} = 4, 3, 1 and #{x > 3} = 0
-    ge, n, lo_hi = np.array([[4, 3, 1, 0]]), np.array([4]), np.array([[0.0, 3.0]])
+    ge, n, lo_hi = torch.tensor([[4, 3, 1, 0]]), torch.tensor([4]), torch.tensor([[0.0, 3.0]])
     values, outside = quantiles_from_ge(ge, n, lo_hi, [0.0, 0.25, 0.5, 0.75, 1.0])
     assert values.tolist() == [[0.0, 1.0, 1.5, 2.0, 3.0]]  # 0.5: halfway through the 2 values of [1, 2)
     assert outside.tolist() == [0.0]
     # one value below the range and one above: n = 6, the CDF starts at 1
-    values, outside = quantiles_from_ge(np.array([[5, 4, 2, 1]]), np.array([6]), lo_hi, [0.1, 0.5, 0.99])
+    values, outside = quantiles_from_ge(torch.tensor([[5, 4, 2, 1]]), torch.tensor([6]), lo_hi, [0.1, 0.5, 0.99])
     assert values.tolist() == [[0.0, 1.5, 3.0]]  # 0.1 n = 0.6 lies in the underflow: the lower edge
     assert outside.tolist() == [2 / 6]
 
@@ -52,12 +52,12 @@ def test_quantiles_of_many_histograms_equal_one_at_a_time() -> None:
     n = counts.sum(1) + under + over
     lo = rng.normal(size=40).astype(np.float32)
     lo_hi = np.stack([lo, lo + rng.random(40).astype(np.float32) * 3 + 0.1], axis=1)
-    values, outside = quantiles_from_ge(ge, n, lo_hi, qs)
+    values, outside = quantiles_from_ge(torch.from_numpy(ge), torch.from_numpy(n), torch.from_numpy(lo_hi), qs)
     for k in range(40):
         edges = np.linspace(float(lo_hi[k, 0]), float(lo_hi[k, 1]), 17)
         expected = [_quantile_by_hand(counts[k], edges, under[k], over[k], q) for q in qs]
-        np.testing.assert_allclose(values[k], expected, rtol=1e-12, atol=1e-12)
-        assert outside[k] == pytest.approx((under[k] + over[k]) / n[k])
+        np.testing.assert_allclose(values[k].numpy(), expected, rtol=1e-12, atol=1e-12)
+        assert float(outside[k]) == pytest.approx((under[k] + over[k]) / n[k])
 
 
 def test_bin_edges_are_linspace_row_by_row() -> None:
@@ -65,7 +65,7 @@ def test_bin_edges_are_linspace_row_by_row() -> None:
     lo = rng.normal(size=50).astype(np.float32) * 10
     lo_hi = np.stack([lo, lo + rng.random(50).astype(np.float32) * 5 + 1e-3], axis=1)
     for bins in (1, 7, 256, 1024):
-        edges = bin_edges(lo_hi, bins)
+        edges = bin_edges(torch.from_numpy(lo_hi), bins).numpy()
         for k in range(50):
             assert np.array_equal(edges[k], np.linspace(float(lo_hi[k, 0]), float(lo_hi[k, 1]), bins + 1))
 
@@ -114,3 +114,19 @@ def test_statistics_table_rows_follow_results_then_statistics() -> None:
     assert frame["value"].tolist()[:4] == [-2.0, 4.0, 4.0, 1.5]
     assert list(arrays) == ["a/input/raw/step=000/call=0/histogram.counts", "a/input/raw/step=000/call=0/histogram.edges"]
     assert arrays["a/input/raw/step=000/call=0/histogram.counts"].tolist() == [1, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantiles_on_the_gpu_equal_the_cpu() -> None:
+    """The same float64 operations on both devices: bit-equal results."""
+    g = torch.Generator().manual_seed(2)
+    counts = torch.randint(0, 50, (300, 1026), generator=g)
+    ge = counts.sum(1, keepdim=True) - counts.cumsum(1)[:, :-1]
+    n = counts.sum(1)
+    lo = torch.randn(300, generator=g)
+    lo_hi = torch.stack([lo, lo + torch.rand(300, generator=g) + 0.01], dim=1)
+    qs = [0.0001, 0.01, 0.5, 0.99, 0.9999]
+    cpu = quantiles_from_ge(ge, n, lo_hi, qs)
+    gpu = quantiles_from_ge(ge.cuda(), n.cuda(), lo_hi.cuda(), qs)
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
