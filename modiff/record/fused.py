@@ -3,9 +3,9 @@
 The reference path (`batched.update_rows`) dispatches about 400 small operators per site call for the
 default reducers; a GPU pays each as a kernel launch. Here the recorder's buffer update and every built-in
 reducer of the raw and the diff key run as the kernels of `modiff.record.kernels` (scan, summary, count,
-add_counts; on CUDA the count in CUDA C with shared-memory histograms, `modiff.record.count_cuda`), and the reducers' state lives in preallocated float64 arenas that the kernels update in
-place: a key takes its slot once, and `results_of` copies each arena chunk to the host once
-(`batched.Slot`). A site call launches its scan; the summaries and counts of all site calls of a model
+add_counts; on CUDA the count is CUDA C with shared-memory histograms, `modiff.record.count_cuda`), and
+the reducers' state lives in preallocated float64 arenas that the kernels update in place: a key takes
+its slot once, and `batched.result_batches` gathers the slots of many keys at once (`batched.Slot`). A site call launches its scan; the summaries and counts of all site calls of a model
 call run together at the next flush (`FusedEngine.flush`), four launches for the whole model call.
 
 The results equal the reference's (`search` count backend): counts, min, max and channel absmax exactly,
@@ -442,7 +442,6 @@ class FusedEngine:
                 NB_B=_pow2(bins[1]), LIMITS=limits, LP=_pow2(max(limits, 1)), BLOCK=_COUNT_BLOCK)
         pb, sb = _ADD_TILE
         k.add_counts_kernel[(-(-slots // sb), n)](desc, partials, slots, PB=pb, SB=sb)
-
 
     def _shared_count_kernel(self, bins: Sequence[int], limits: int) -> Optional[Any]:
         """The CUDA C count kernel (`count_cuda`) where it compiles and these grids fit; else None: Triton."""

@@ -10,7 +10,8 @@ and per model call one summary, up to two count and one add_counts launch for al
              the float32 bin edges (and their step and offset) and outlier boundaries exactly as `batched.Grid`/`Beyond` build them
     count    histograms of the positions #{edges <= x} (an arithmetic guess, corrected against the
              edges, so the counts equal the sorted-boundary search) and outlier hits, per program in
-             registers, stored as int32 into a (descriptor's program, count slot) scratch
+             registers, stored as int32 into a (descriptor's program, count slot) scratch (on CUDA the
+             engine takes the shared-memory CUDA C version of `modiff.record.count_cuda` where it compiles)
     add_counts  sums the scratch over the programs and adds it once into the keys' float64 state (exact
              below 2^53): one writer per slot, so no atomics anywhere
 
