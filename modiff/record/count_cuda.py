@@ -3,7 +3,8 @@
 Triton has no shared-memory atomics: its `tl.histogram` counts 16.7 M values into 1,024 bins in about
 350 us on an H200, where shared-memory atomics take 35-70 us (`benchmarks/bench_histogram_counting.py`,
 results/histogram_counting_h200.json). This kernel is a drop-in for `kernels.count_kernel`: the same
-descriptors, the same arguments, the same int32 scratch row per (descriptor, program), the same counts.
+descriptors, the same arguments, the same int32 scratch row per (descriptor, program), the same counts
+(its cheaper guess of a value's bin is corrected against the edges, as Triton's is).
 A block is one program: it loads the grids' edges into shared memory, counts every value of its part of
 the row into shared bins (positions #{edges <= x}: the arithmetic guess from the bin width, corrected
 against the edges, as in `kernels._positions`), counts outlier hits in registers, and stores its row.
@@ -22,7 +23,7 @@ import torch
 
 from modiff.record.fused import DESCRIPTOR
 
-__all__ = ["MAX_LIMITS", "count_kernel_for", "launch_count"]
+__all__ = ["MAX_LIMITS", "SHARED_LIMIT", "count_kernel_for", "fits", "launch_count", "shared_bytes", "source"]
 
 MAX_LIMITS = 8  # outlier boundaries per launch held in registers; more take the Triton kernel
 THREADS = 512
@@ -192,7 +193,9 @@ def shared_bytes(bins_a: int, bins_b: int, limits: int) -> int:
 def launch_count(kernel: Callable[..., None], desc: torch.Tensor, partials: torch.Tensor, slots: int,
                  programs: int, descriptors: int, edges: tuple[int, int], grids: tuple[int, int],
                  counts: tuple[int, int], outliers_at: int, bins: tuple[int, int], limits: int) -> None:
-    """One launch over (programs, descriptors), with the arguments of `kernels.count_kernel`."""
-    kernel(grid=(programs, descriptors, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(*bins, limits),
-           args=[desc, partials, slots, edges[0], grids[0], counts[0], edges[1], grids[1], counts[1], outliers_at,
-                 bins[0], bins[1], limits])
+    """One launch over (programs, descriptors), with the arguments of `kernels.count_kernel`, on the current
+    stream of the tensors' device (its context holds the compiled kernel)."""
+    with torch.cuda.device(desc.device):
+        kernel(grid=(programs, descriptors, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(*bins, limits),
+               args=[desc, partials, slots, edges[0], grids[0], counts[0], edges[1], grids[1], counts[1], outliers_at,
+                     bins[0], bins[1], limits])
