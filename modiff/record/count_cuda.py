@@ -194,8 +194,7 @@ def launch_count(kernel: Callable[..., None], desc: torch.Tensor, partials: torc
                  programs: int, descriptors: int, edges: tuple[int, int], grids: tuple[int, int],
                  counts: tuple[int, int], outliers_at: int, bins: tuple[int, int], limits: int) -> None:
     """One launch over (programs, descriptors), with the arguments of `kernels.count_kernel`, on the current
-    stream of the tensors' device (its context holds the compiled kernel)."""
-    with torch.cuda.device(desc.device):
-        kernel(grid=(programs, descriptors, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(*bins, limits),
-               args=[desc, partials, slots, edges[0], grids[0], counts[0], edges[1], grids[1], counts[1], outliers_at,
-                     bins[0], bins[1], limits])
+    device and stream (the caller makes it the tensors' device: its context holds the compiled kernel)."""
+    kernel(grid=(programs, descriptors, 1), block=(THREADS, 1, 1), shared_mem=shared_bytes(*bins, limits),
+           args=[desc, partials, slots, edges[0], grids[0], counts[0], edges[1], grids[1], counts[1], outliers_at,
+                 bins[0], bins[1], limits])

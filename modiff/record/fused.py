@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Literal, Optional, Sequence, get_args
+from typing import Any, ContextManager, Literal, Optional, Sequence, get_args
 
 import numpy as np
 import torch
@@ -100,6 +101,11 @@ def _kernels() -> ModuleType:
 def _count_cuda() -> ModuleType:
     from modiff.record import count_cuda  # imports DESCRIPTOR from here
     return count_cuda
+
+
+def _on(device: torch.device) -> ContextManager[Any]:
+    """Triton and NVRTC kernels launch on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _pow2(n: int) -> int:
@@ -359,10 +365,11 @@ class FusedEngine:
         keys = [self._key(plan, row, k) for k, row in enumerate(rows)]
         scratch = launch.scratch
         x = x if x.is_contiguous() else x.contiguous()
-        _kernels().scan_kernel[(launch.samples, launch.tiles)](
-            x, buffer, scratch.chmin, scratch.chmax, scratch.partials, launch.samples, launch.channels, launch.inner,
-            launch.tiles, HAS_DIFF=diff, STORE_DIFF=diff and plan.count_slots > 0, CB=launch.cb,
-            RB=launch.rb)
+        with _on(self.device):
+            _kernels().scan_kernel[(launch.samples, launch.tiles)](
+                x, buffer, scratch.chmin, scratch.chmax, scratch.partials, launch.samples, launch.channels,
+                launch.inner, launch.tiles, HAS_DIFF=diff, STORE_DIFF=diff and plan.count_slots > 0, CB=launch.cb,
+                RB=launch.rb)
         for k, (key, row) in enumerate(zip(keys, rows)):
             self.pending.append(plan.descriptor(k, key, launch, buffer))
             key.seen += launch.numel
@@ -401,11 +408,12 @@ class FusedEngine:
         tp = _pow2(int(table[:, DESCRIPTOR.index("tiles")].max()))
         cbs = min(_pow2(int(table[:, DESCRIPTOR.index("channels")].max())), 256)
         samples = _pow2(int(table[:, DESCRIPTOR.index("samples")].max()))
-        k.summary_kernel[(n,)](desc, plan.scales, len(plan.grids), plan.limits, plan.n_limits,
-                               STATS_AT=plan.stats_at, CHABS_AT=plan.chabs_at, BB=max(1, min(64, 4096 // tp)), TP=tp,
-                               SB=min(samples, max(1, 4096 // cbs)), CBS=cbs, EB=256)
-        if plan.count_slots:
-            self._count(k, plan, desc, n, int(programs.max()), int(programs.sum()))
+        with _on(self.device):
+            k.summary_kernel[(n,)](desc, plan.scales, len(plan.grids), plan.limits, plan.n_limits,
+                                   STATS_AT=plan.stats_at, CHABS_AT=plan.chabs_at, BB=max(1, min(64, 4096 // tp)),
+                                   TP=tp, SB=min(samples, max(1, 4096 // cbs)), CBS=cbs, EB=256)
+            if plan.count_slots:
+                self._count(k, plan, desc, n, int(programs.max()), int(programs.sum()))
         self.pending.clear()
         self._pending_plans.clear()
         self._pending_tensors.clear()

@@ -247,3 +247,22 @@ def test_pending_work_is_dropped_when_the_recording_fails() -> None:
             assert len(rec._fused.pending) == 2  # one descriptor per site call, summarised at the next model call
             raise RuntimeError("boom")
     assert not rec._fused.pending and not rec._handles
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_recording_on_a_second_gpu_while_the_first_is_current() -> None:
+    """Kernels compiled and launched for the tensors' device, not the current one."""
+    device = torch.device("cuda", 1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)).to(device).eval()
+    xs = [torch.randn(2, 3, 6, 6, device=device) * (1 + s) for s in range(3)]
+    frames = {}
+    for engine in ("reference", "fused"):
+        with record(model, engine=engine) as rec, torch.no_grad():
+            for s, x in enumerate(xs):
+                model(x)
+                rec.on_step(SimpleNamespace(index=s, t=900 - 300 * s))
+        frames[engine] = rec.stats_frame()
+    assert torch.cuda.current_device() == 0
+    ref, fused = frames["reference"], frames["fused"]
+    assert ref.drop(columns="value").equals(fused.drop(columns="value"))
+    np.testing.assert_allclose(ref["value"], fused["value"], rtol=1e-5, atol=1e-6)  # moments: float32 rounding
