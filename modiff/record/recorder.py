@@ -314,9 +314,9 @@ class Recorder:
         if self._fused is not None:
             self._fused.flush()
         keys = sorted(self._reducers, key=position)
-        flat = [(key, r) for key in keys for r in self._reducers[key]]
-        batches = result_batches([r for _, r in flat])  # one device-to-host copy per dtype
-        return results_to_tables([key for key, _ in flat], [r.name for _, r in flat], batches, self.timesteps)
+        names = [r.name for r in self.reducers]  # every key has one reducer per template, in this order
+        batches = result_batches([r for key in keys for r in self._reducers[key]])
+        return results_to_tables([key for key in keys for _ in names], names * len(keys), batches, self.timesteps)
 
     def stats_frame(self) -> pd.DataFrame:
         """The statistics so far as a DataFrame (columns `modiff.record.store.STATS_COLUMNS`)."""
