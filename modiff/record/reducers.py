@@ -31,7 +31,6 @@ CIFAR-10 UNet (113 sites) over 100 steps, raw and diff, about 250 MB.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Sequence, get_args
 
 import numpy as np
