@@ -451,6 +451,11 @@ class FusedEngine:
         pb, sb = _ADD_TILE
         k.add_counts_kernel[(-(-slots // sb), n)](desc, partials, slots, PB=pb, SB=sb)
 
+    def count_kernel(self) -> CountBackend:
+        """Which kernel counts: "shared" (CUDA C; Triton still takes grids it cannot hold) or "triton"."""
+        available = self.count_backend == "shared" and _count_cuda().count_kernel_for(self.device) is not None
+        return "shared" if available else "triton"
+
     def _shared_count_kernel(self, bins: Sequence[int], limits: int) -> Optional[Any]:
         """The CUDA C count kernel (`count_cuda`) where it compiles and these grids fit; else None: Triton."""
         if self.count_backend == "triton":

@@ -331,6 +331,7 @@ class Recorder:
             "tensor_sites": [s.name for s in self.sites if s.tensors],
             "capture": self.capture, "differences": self.differences,
             "engine": "fused" if self._fused is not None else "reference",
+            "count_kernel": None if self._fused is None else self._fused.count_kernel(),
             "reducers": [r.describe() for r in self.reducers],
             "steps": steps, "timesteps": [self.timesteps.get(s) for s in steps],
             "trajectories": self.trajectory + (1 if self.step or self._rows else 0),

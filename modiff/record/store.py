@@ -2,8 +2,9 @@
 
 Layout of a recording directory (every file written atomically; manifest.json last):
 
-    manifest.json              sites, capture, reducers, steps and their timesteps t, trajectories, samples,
-                               model description, environment, tensor spec, memory budget, user metadata
+    manifest.json              sites, capture, reducers, engine and count kernel, steps and their timesteps
+                               t, trajectories, samples, model description, environment, tensor spec,
+                               memory budget, user metadata
     stats.csv                  one row per site x capture x kind (raw|diff) x step x call x statistic:
                                columns site, capture, kind, step, t, call, reducer, statistic, value
     arrays.npz                 array results (histogram counts/edges, per-channel absmax), keyed

@@ -162,7 +162,8 @@ def test_partials_over_many_programs_and_sample_chunks(monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("small_tiles", [False, True])
-def test_recorder_fused_engine_equals_reference(small_tiles: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recorder_fused_engine_equals_reference(small_tiles: bool, count_backend: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The recorder on both engines: the same statistics rows and arrays. The summaries of a model call run
     in one launch; with small scan tiles its sites differ in tiles per sample (1 to 8) and chunks per tile (1 or 2)."""
     from modiff.record import fused
@@ -181,7 +182,8 @@ def test_recorder_fused_engine_equals_reference(small_tiles: bool, monkeypatch: 
                     rec.on_step(SimpleNamespace(index=s, t=900 - 300 * s))
                 rec.next_trajectory()
         tables[engine] = rec._tables()
-        assert rec._manifest()["engine"] == engine  # the engine used
+        assert rec._manifest()["engine"] == engine  # the engine used, and its count kernel
+        assert rec._manifest()["count_kernel"] == (None if engine == "reference" else count_backend)
     (ref_stats, ref_arrays), (fused_stats, fused_arrays) = tables["reference"], tables["fused"]
     assert ref_stats.drop(columns="value").equals(fused_stats.drop(columns="value"))
     np.testing.assert_allclose(ref_stats["value"], fused_stats["value"], rtol=2e-6, atol=1e-9)
