@@ -257,6 +257,10 @@ class Columns(NamedTuple):
     def of(cls, results: Sequence[dict[str, Any]]) -> "Columns":
         """Columns of result dicts that share their names (scalars: anything `float` takes)."""
         first = results[0] if results else {}
+        for result in results:
+            if result.keys() != first.keys():
+                raise ValueError(f"results of one reducer class with states of one shape must share their names, "
+                                 f"got {sorted(first)} and {sorted(result)}: implement finish_columns for such a reducer")
         arrays = [n for n, v in first.items() if isinstance(v, np.ndarray)]
         return cls({n: np.array([float(r[n]) for r in results]) for n in first if n not in arrays},
                    {n: np.stack([r[n] for r in results]) for n in arrays})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modiff.record import Histogram, Quantiles, Reducer, Stats
-from modiff.record.batched import results_of, result_batches
+from modiff.record.batched import Columns, results_of, result_batches
 from modiff.record.reducers import bin_edges, quantiles_from_ge
 from modiff.record.store import results_to_tables
 
@@ -130,3 +130,20 @@ def test_quantiles_on_the_gpu_equal_the_cpu() -> None:
     gpu = quantiles_from_ge(ge.cuda(), n.cuda(), lo_hi.cuda(), qs)
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+def test_columns_of_results_with_different_names_say_what_to_do() -> None:
+    assert Columns.of([{"a": 1.0, "b": np.arange(2)}, {"a": 2, "b": np.arange(2)}]).scalars["a"].tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="must share their names.*implement finish_columns"):
+        Columns.of([{"a": 1.0}, {"b": 2.0}])
+
+
+def test_one_batch_of_quantiles_must_ask_for_the_same_qs() -> None:
+    """Batches are keyed by class and name; two same-named Quantiles with different qs are refused."""
+    reducers = [Quantiles(qs=[0.5], bins=8), Quantiles(qs=[0.9], bins=8)]
+    for r in reducers:
+        r.update(torch.arange(12, dtype=torch.float32).reshape(3, 4))
+    with pytest.raises(ValueError, match="same qs"):
+        results_of(reducers)
+    reducers[1].name = "quantiles_90"
+    assert list(results_of(reducers)[1]) == ["q0.9", "outside"]
