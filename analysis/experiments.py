@@ -15,16 +15,17 @@ import torch
 from torch import nn
 
 import modiff as md
-from modiff.evaluate import seed_images
+from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
-from modiff.generate import SampleConfig, SamplerName, finished_run, generate, resolve_device
+from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
+from modiff.utils.device import resolve_device
 from modiff.metrics.compare import fidelity_to_reference
-from modiff.quant.bops import preset_report
-from modiff.quant.adaround import AdaRoundConfig
-from modiff.quant.calib_data import CalibDataConfig
-from modiff.quant.calibrate import CalibrationConfig
-from modiff.quant.calibrated import Calibration, quantized_model
-from modiff.quant.lsq import ActCalibConfig
+from modiff.quant.cost import preset_report
+from modiff.quant.ptq.adaround import AdaRoundConfig
+from modiff.quant.ptq.data import CalibDataConfig
+from modiff.quant.ptq.calibrate import CalibrationConfig
+from modiff.quant.ptq.reuse import Calibration, quantized_model
+from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
     "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "warmup_table",
@@ -136,7 +137,7 @@ def _static(preset: str) -> bool:
 def _waves(presets: Sequence[str]) -> list[list[str]]:
     """First the first static preset of each weight quantization (each computes the AdaRound weights the
     others reuse), then everything else."""
-    from modiff.quant.calibrate import weight_only_config
+    from modiff.quant.ptq.calibrate import weight_only_config
 
     firsts: dict[str, str] = {}
     for p in filter(_static, presets):
@@ -161,7 +162,7 @@ def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], co
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from modiff.quant.calibrated import calibration_data
+    from modiff.quant.ptq.reuse import calibration_data
 
     devices = _device_list(devices)
     if not devices:

@@ -20,7 +20,7 @@ __all__ = [
 
 def image_grid(images: np.ndarray, title: str, nrow: int = 10) -> plt.Figure:
     """(N, H, W, C) uint8 images as one grid."""
-    from modiff.images import make_grid
+    from modiff.utils.images import make_grid
 
     style.apply()
     grid = make_grid(images, nrow=nrow)

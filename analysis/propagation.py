@@ -33,7 +33,7 @@ Methods (`Method`):
 - ``cache`` / ``cache-noec``: like ``modiff`` / ``modulated`` but Q = 0 on steps with
                   i % N != 0 (N = ``cache_interval``); refresh steps use Q (or are exact if Q is None).
                   With compensation the skipped residual is carried into the next refresh.
-These follow `modiff.quant.modules.ModulatedLayer` step for step (its call counter is i).
+These follow `modiff.quant.layers.direct.ModulatedLayer` step for step (its call counter is i).
 
 Norms are Frobenius norms over the whole tensor of a step (batch included). The operator norm ||A||
 is the spectral norm of the map on one sample (equal to that of the batched, block-diagonal map).

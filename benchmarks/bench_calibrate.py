@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from modiff.cli_calibrate import apply_overrides
+from modiff.cli.calibrate import apply_overrides
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser, load_model
 from modiff.quant import presets, quantize
-from modiff.quant.calib_data import CalibData, CalibDataConfig, collect_calib_data
-from modiff.quant.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
-from modiff.quant.reconstruct import capture_unit, reconstruct_weights, reconstruction_units
-from modiff.runs import environment, write_json
+from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_calib_data
+from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
+from modiff.quant.ptq.reconstruct import capture_unit, reconstruct_weights, reconstruction_units
+from modiff.utils.runs import environment, write_json
 
 CIFAR = DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)
 TINY = DDIMUNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), in_channels=1, out_ch=1, image_size=16)

@@ -1,5 +1,5 @@
 """How fast a GPU counts values into fixed bins, measured side by side in one run: the cost under the
-fused recorder's histograms and quantiles (`modiff.record.kernels.count_kernel`).
+fused recorder's histograms and quantiles (`modiff.record.engines.fused.triton_kernels.count_kernel`).
 
     python benchmarks/bench_histogram_counting.py --out benchmarks/results/histogram_counting_h200.json
 

@@ -13,9 +13,9 @@ dtype), and the state a low-bit deployment of MoDiff needs (a_hat and o_hat in f
 `modiff_state_bytes`).
 
 A variant is a preset name; PRESET/torch runs per-sample presets with the torch modulation step compiled by
-inductor instead of the kernels of `modiff.quant.fused` (the library's choice on CUDA). `--repeats N` times N runs and reports
+inductor instead of the kernels of `modiff.quant.kernels.modulate` (the library's choice on CUDA). `--repeats N` times N runs and reports
 images per second at their median. `--cuda-graphs` replays every step after the first two of a trajectory as
-one CUDA graph (`modiff.cuda_graphs`), for every variant.
+one CUDA graph (`modiff.pipelines.cuda_graphs`), for every variant.
 """
 from __future__ import annotations
 
@@ -27,14 +27,15 @@ from contextlib import nullcontext
 
 import torch
 
-from modiff.cuda_graphs import CUDAGraphed
+from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.diffusion.sampling import sample_ddim
 from modiff.diffusion.schedules import linear_schedule, timesteps
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
-from modiff.quant import fused, presets, quantize, trajectory
-from modiff.quant.bops import measure_macs, modiff_state_bytes
-from modiff.quant.modulated import state_bytes
+from modiff.quant import presets, quantize, trajectory
+from modiff.quant.kernels import modulate as fused
+from modiff.quant.cost import measure_macs, modiff_state_bytes
+from modiff.quant.layers.state import state_bytes
 
 from profiling import kernel_table, write_profiles
 

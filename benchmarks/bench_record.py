@@ -6,7 +6,7 @@
 Every Conv/Linear input of the UNet (random weights; speed does not depend on them), at every step, raw
 and temporal differences. Variants: no recording ("none"), `Stats` only, and the default reducers (stats,
 per-channel absmax, histogram, quantiles, outliers), each with every engine of `--engines` ("reference":
-the torch path, "fused": the kernels of `modiff.record.fused`, whose count pass runs in CUDA C with
+the torch path, "fused": the kernels of `modiff.record.engines.fused.engine`, whose count pass runs in CUDA C with
 shared-memory histograms, "fused/triton-count": the same with the count pass in Triton; on the CPU the
 fused path runs in the Triton interpreter only, far too slow to time). Each recorded run ends with `stats_frame()`, so the
 copy of the results to the host is part of the time. After one warm-up run of every variant, the variants
@@ -29,7 +29,8 @@ from modiff.diffusion.sampling import sample_ddim
 from modiff.diffusion.schedules import linear_schedule, timesteps
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
-from modiff.record import Reducer, Stats, fused, record
+from modiff.record import Reducer, Stats, record
+from modiff.record.engines.fused import engine as fused
 from modiff.record.reducers import default_reducers
 
 from profiling import kernel_table, write_profiles

@@ -9,7 +9,7 @@ and what is left is the work of dispatching operators, which a GPU pays as kerne
 batch 256 the CIFAR-10 UNet's 36 ms step has room for about 160 us per site call within the 1.5x target
 of issue 5 (113 sites). Each variant records raw values and temporal differences at every step.
 Every variant runs on each engine of --engines ("reference": the torch path, "fused": the Triton kernels
-of `modiff.record.fused`, whose launches are not aten operators). On CUDA the device kernels per call are
+of `modiff.record.engines.fused.engine`, whose launches are not aten operators). On CUDA the device kernels per call are
 counted too (Triton's included). On the CPU the fused path needs the Triton interpreter, whose time means
 nothing; its operator count does. The CPU takes other code paths than CUDA in two
 places (two-pass moments, arithmetic bin counting), so compare devices by their own numbers.
@@ -79,7 +79,7 @@ class _Labelled:
 
 
 def _label_triton_launches() -> None:
-    from modiff.record import kernels
+    from modiff.record.engines.fused import triton_kernels as kernels
     for name in ("scan_kernel", "summary_kernel", "count_kernel", "add_counts_kernel"):
         setattr(kernels, name, _Labelled(name, getattr(kernels, name)))
 

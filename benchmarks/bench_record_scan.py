@@ -5,7 +5,7 @@ torch kernel that moves the same bytes (read a_s and a_{s-1}, write one tensor):
 
 The site shapes are those of every Conv/Linear input of the CIFAR-10 UNet at `--batch` (one forward,
 hooks), each timed once on random data and weighted by its number of sites. `--configs` lists
-(values per chunk, warps); the recorder uses `modiff.record.fused._TILE` values with 4 warps. Rows with
+(values per chunk, warps); the recorder uses `modiff.record.engines.fused.engine._TILE` values with 4 warps. Rows with
 and without storing the difference (it is stored only when a histogram or outlier count follows).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
-from modiff.record import kernels
-from modiff.record.fused import _pow2
+from modiff.record.engines.fused import triton_kernels as kernels
+from modiff.record.engines.fused.engine import _pow2
 
 from profiling import device_us
 

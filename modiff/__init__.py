@@ -1,5 +1,5 @@
 """modiff: quantized diffusion models, MoDiff (modulated diffusion) and Q-Diffusion, measured end to end."""
-__version__ = "0.1.0"
+from modiff._version import __version__
 
 from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample_dpm_solver
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
@@ -8,7 +8,7 @@ from modiff.models.latent import LatentDenoiser, to_images
 from modiff.models.registry import Denoiser, load_model
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
 from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats, TensorSpec, load_recording, record
-from modiff.rng import SeedStreams, noise, parse_seeds
+from modiff.utils.rng import SeedStreams, noise, parse_seeds
 
 __all__ = [
     "ChannelAbsMax",

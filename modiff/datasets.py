@@ -49,7 +49,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def fashion_mnist_dirs(data_dir: Optional[str | Path] = None) -> list[Path]:
     """The directories searched, in order."""
-    from modiff.models.registry import data_dir as repo_data_dir
+    from modiff.utils.paths import data_dir as repo_data_dir
 
     dirs = [Path(d) for d in (data_dir, os.environ.get("MODIFF_DATA_DIR")) if d]
     return dirs + [SYSTEM_DIR, repo_data_dir() / "fashion-mnist"]

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from modiff.models.latent import compvis_module
-from modiff.reproduce import NOTEBOOKS, notebook_dir, report_name, reproduce
-from modiff.train import DDIMTrainConfig, export_weights
+from modiff.pipelines.reproduce import NOTEBOOKS, notebook_dir, report_name, reproduce
+from modiff.pipelines.train import DDIMTrainConfig, export_weights
 
 from conftest import TINY, tiny_net
 from test_latent import SCALE, TINY_LDM, _tiny_model
@@ -136,7 +136,7 @@ def test_overlapping_runs_into_one_report_keep_each_others_results(tmp_path: Pat
     import json
     import threading
 
-    from modiff.reproduce import REPRODUCE_PRESETS, NotebookResult, _record
+    from modiff.pipelines.reproduce import REPRODUCE_PRESETS, NotebookResult, _record
 
     spec = REPRODUCE_PRESETS["paper"]
     results = [NotebookResult(name, True, 1.0, parameters={"num_samples": i, "device": f"cuda:{i % 2}"})
@@ -159,7 +159,7 @@ def test_results_of_older_runs_get_their_parameters_from_the_executed_notebook(t
     parameters papermill injected into the executed notebook."""
     import json
 
-    from modiff.reproduce import REPRODUCE_PRESETS, NotebookResult, _record
+    from modiff.pipelines.reproduce import REPRODUCE_PRESETS, NotebookResult, _record
 
     book = nbformat.v4.new_notebook()
     book.cells = [nbformat.v4.new_code_cell('# Parameters\nmodel = "m"\nout_dir = "/x"\nnum_samples = 1024\ncalibrate = False\n',

@@ -12,7 +12,7 @@ going from t to t_prev (the next entry, -1 after the last). Notation, with a = a
     DPM-Solver++(2M): data prediction, multistep, first order at the first and last step.
 
 Coefficients are Python floats computed up front, so the loop never waits on the device.
-Noise for eta > 0 and DDPM comes from `rng` (one stream per seed, see `modiff.rng`).
+Noise for eta > 0 and DDPM comes from `rng` (one stream per seed, see `modiff.utils.rng`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from modiff.diffusion.schedules import NoiseSchedule
-from modiff.rng import SeedStreams
+from modiff.utils.rng import SeedStreams
 
 __all__ = ["StepInfo", "sample_ddim", "sample_ddpm", "sample_dpm_solver", "SAMPLERS"]
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from modiff.runs import atomic_path, environment, write_json
+from modiff.utils.runs import atomic_path, environment, write_json
 
 __all__ = ["FMNISTClassifier", "ClassifierTrainConfig", "train_classifier", "load_classifier", "accuracy", "FEATURE_DIM"]
 

@@ -13,15 +13,11 @@ from torch import nn
 
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, unet_config_from_yaml
+from modiff.utils.paths import data_dir
 
 __all__ = ["Denoiser", "load_model", "MODEL_PRESETS", "data_dir", "load_state_dict_strict", "schedule_from_yaml"]
 
 log = logging.getLogger(__name__)
-
-
-def data_dir() -> Path:
-    """The repository's `data/` folder (embedded weights, reference statistics)."""
-    return Path(__file__).resolve().parents[2] / "data"
 
 
 class Denoiser(nn.Module):

@@ -1,14 +1,14 @@
 """Quantization: primitives, observers, quantized layers, MoDiff state, presets and BOPs."""
-from modiff.quant.adaround import AdaRoundConfig
+from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.api import quant_layers, quantize, select_layers
-from modiff.quant.calib_data import CalibData, CalibDataConfig, collect_calib_data, load_calib_data, save_calib_data
-from modiff.quant.calibrate import CalibrationConfig, calibrate, observe_activations
-from modiff.quant.lsq import ActCalibConfig
+from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_calib_data, load_calib_data, save_calib_data
+from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, observe_activations
+from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.config import ActQuant, QuantConfig, WeightQuant
-from modiff.quant.modulated import trajectory
+from modiff.quant.layers.state import trajectory
 from modiff.quant.presets import preset_table, presets
 from modiff.quant.primitives import QuantSpec
-from modiff.quant.saved import load_quantized, save_quantized
+from modiff.quant.ptq.saved import load_quantized, save_quantized
 
 __all__ = [
     "ActCalibConfig",

@@ -9,7 +9,7 @@ from typing import Iterator
 from torch import nn
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.modules import ModulatedLayer, QuantAttentionCore, QuantLayer
+from modiff.quant.layers.direct import ModulatedLayer, QuantAttentionCore, QuantLayer
 
 __all__ = ["quantize", "select_layers", "quant_layers", "network_modules"]
 

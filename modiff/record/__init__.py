@@ -8,11 +8,12 @@
     recording = load_recording("rec")
     recording.stats                    # DataFrame: site, capture, kind (raw|diff), step, t, call, reducer, statistic, value
 
-See `recorder` (keys, memory), `sites` (the site grammar), `reducers` (statistics), `batched` (the shared
-device passes of the hot path), `tensors` (shards and the memory budget) and `store` (the directory layout).
+What is measured: `recorder` (keys, memory), `sites` (the site grammar), `reducers` (statistics), `results`
+(observations and result batches), `tensors` (shards and the memory budget) and `store` (the directory
+layout). How it is computed: `engines` (`engines.reference`, the torch path; `engines.fused`, Triton and
+CUDA C). Sampling seeds under a recorder into a directory is a pipeline: `modiff.pipelines.record`.
 """
 from modiff.record.recorder import Capture, Recorder, record
-from modiff.record.run import record_sampling
 from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles, Reducer, Stats, default_reducers
 from modiff.record.sites import select_sites
 from modiff.record.store import Recording, load_recording
@@ -32,6 +33,5 @@ __all__ = [
     "default_reducers",
     "load_recording",
     "record",
-    "record_sampling",
     "select_sites",
 ]

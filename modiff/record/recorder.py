@@ -19,8 +19,8 @@ call is recorded as the site "<name>#k".
 Hot path (no host synchronisation, a fixed number of kernels per site): the recorder keeps one float32
 buffer (2, *shape) per site, capture and call index on the device; row 1 <- a_s - row 0, then row 0 <- a_s
 (so row 0 holds a_{s-1} when step s arrives), and the reducers of the raw and the diff key run on both
-rows at once (`modiff.record.batched`). On CUDA the default engine ("auto") runs the built-in reducers as
-Triton kernels instead (`modiff.record.fused`): one launch per site call, and the summaries and counts of
+rows at once (`modiff.record.results`). On CUDA the default engine ("auto") runs the built-in reducers as
+Triton kernels instead (`modiff.record.engines.fused.engine`): one launch per site call, and the summaries and counts of
 all site calls of a model call in four launches before the next model call (or before results are read).
 Same results; engine="reference" keeps the torch path, which records any reducer. Results stay on the device until `stats_frame`/`save`, which
 copies them to the host in one transfer per dtype.
@@ -43,13 +43,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from modiff.record.batched import Observation, result_batches, update_rows
-from modiff.record.fused import Engine, FusedEngine, use_fused
+from modiff.record.results import Observation, result_batches, update_rows
+from modiff.record.engines.fused.engine import Engine, FusedEngine, use_fused
 from modiff.record.reducers import Reducer, default_reducers
 from modiff.record.sites import SiteSpec, select_sites
 from modiff.record.store import ResultKey, results_to_tables, write_recording
 from modiff.record.tensors import ShardWriter, TensorSpec, tensor_key
-from modiff.runs import environment
+from modiff.utils.runs import environment
 
 __all__ = ["Capture", "Recorder", "record"]
 

@@ -36,7 +36,7 @@ from typing import Any, Literal, Optional, Sequence, get_args
 import numpy as np
 import torch
 
-from modiff.record.batched import Beyond, Columns, Grid, Observation, ResultBatch, Slot, fixed_range, results_of, update_rows
+from modiff.record.results import Beyond, Columns, Grid, Observation, ResultBatch, Slot, fixed_range, results_of, update_rows
 
 __all__ = ["Reducer", "Stats", "ChannelAbsMax", "Histogram", "Quantiles", "Outliers", "default_reducers", "RangeScope"]
 
@@ -55,7 +55,7 @@ class Reducer:
     `finish_columns(reducers, stacked_states)` the states of many reducers at once into host columns.
     """
 
-    _slots: Optional[State] = None  # the state's place in the fused path's arenas (`modiff.record.fused`)
+    _slots: Optional[State] = None  # the state's place in the fused path's arenas (`modiff.record.engines.fused.engine`)
 
     def __init__(self, name: str):
         if not name or "/" in name or "." in name:

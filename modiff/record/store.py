@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from modiff.record.batched import ResultBatch
+from modiff.record.results import ResultBatch
 from modiff.record.tensors import INDEX_FILE, tensor_key
-from modiff.runs import atomic_path, write_json
+from modiff.utils.runs import atomic_path, write_json
 
 __all__ = ["Recording", "load_recording", "write_recording", "results_to_tables", "array_key", "STATS_COLUMNS", "ResultKey"]
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from modiff.record.sites import SiteSpec
-from modiff.runs import atomic_path
+from modiff.utils.runs import atomic_path
 
 __all__ = ["TensorSpec", "ShardWriter", "tensor_key", "SHARD_PATTERN", "INDEX_FILE"]
 

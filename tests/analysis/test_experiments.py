@@ -75,7 +75,7 @@ def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
 
     import numpy as np
 
-    from modiff.train import DDIMTrainConfig, export_weights
+    from modiff.pipelines.train import DDIMTrainConfig, export_weights
     from conftest import TINY, tiny_net
 
     export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), str(tmp_path / "tiny"))  # a str path too

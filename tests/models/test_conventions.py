@@ -6,7 +6,7 @@ import torch
 
 import modiff as md
 from modiff.models.ldm import ldm_modules_from_config
-from modiff.train_ldm import LatentUNetTrainConfig, LDMTrainConfig
+from modiff.pipelines.train_ldm import LatentUNetTrainConfig, LDMTrainConfig
 
 from conftest import tiny_net
 from test_latent import _tiny_model

@@ -307,7 +307,7 @@ def test_unet_concat_splits_point_at_skip_inputs() -> None:
 def test_unet_quantizes_with_attention_cores() -> None:
     from modiff.quant.api import quantize
     from modiff.quant.config import QuantConfig
-    from modiff.quant.modules import QuantAttentionCore
+    from modiff.quant.layers.direct import QuantAttentionCore
 
     net = tiny_unet()
     qnet = quantize(net, QuantConfig(quantize_attention=True, split_shortcut=True))

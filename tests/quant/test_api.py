@@ -12,10 +12,10 @@ import modiff as md
 from modiff.cli import main
 from modiff.models.ddim_unet import DDIMUNetConfig, ddim_unet_from_config
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, select_layers, trajectory
-from modiff.quant.bops import bops_table, measure_macs, modiff_state_bytes
-from modiff.quant.calib_data import CalibDataConfig, collect_calib_data
-from modiff.quant.calibrate import observe_activations
-from modiff.quant.modules import QuantAttentionCore, QuantLayer, quantize_weight
+from modiff.quant.cost import bops_table, measure_macs, modiff_state_bytes
+from modiff.quant.ptq.data import CalibDataConfig, collect_calib_data
+from modiff.quant.ptq.calibrate import observe_activations
+from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer, quantize_weight
 from modiff.models.ddim_unet import AttentionCore
 
 
@@ -187,7 +187,7 @@ def test_cli_presets_and_bops(tmp_path) -> None:
 def test_bops_of_a_static_preset_need_no_calibration(tiny_denoiser) -> None:
     """BOPs depend on the layers and bit widths alone: a Q-Diffusion preset is counted like the dynamic
     preset of the same bits, without calibrating it (measuring it on its own forward would need qparams)."""
-    from modiff.quant.bops import compute_report, preset_report
+    from modiff.quant.cost import compute_report, preset_report
 
     model = tiny_denoiser
     static, dynamic = preset_report(model, presets["qdiff-w4a4"], 10), preset_report(model, presets["w4a4"], 10)

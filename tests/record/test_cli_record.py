@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from modiff.cli import main
 from modiff.record import load_recording
-from modiff.train import DDIMTrainConfig, export_weights
+from modiff.pipelines.train import DDIMTrainConfig, export_weights
 
 from conftest import TINY, tiny_net
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import modiff as md
 from modiff.quant import presets, quantize, trajectory
-from modiff.quant.modules import QuantLayer
+from modiff.quant.layers.direct import QuantLayer
 from modiff.record import (ChannelAbsMax, Histogram, Outliers, Quantiles, Stats, TensorSpec, load_recording, record,
                            select_sites)
 

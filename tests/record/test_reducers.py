@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from modiff.record import ChannelAbsMax, Histogram, Outliers, Quantiles, Stats
-from modiff.record.batched import Observation, results_of, update_rows
+from modiff.record.results import Observation, results_of, update_rows
 
 
 def _tensors() -> list[torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modiff.record import Histogram, Quantiles, Reducer, Stats
-from modiff.record.batched import Columns, results_of, result_batches
+from modiff.record.results import Columns, results_of, result_batches
 from modiff.record.reducers import bin_edges, quantiles_from_ge
 from modiff.record.store import results_to_tables
 

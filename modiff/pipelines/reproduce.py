@@ -1,0 +1,265 @@
+"""`modiff reproduce`: run every notebook with papermill for a preset and index what it wrote.
+
+reports/<name>/   <name> = <preset> for the default model fmnist-ddim, else <preset>-<model> (a path
+                  given as the model counts by its folder or file stem: reports/quick-fmnist-ldm/)
+    index.md, index.html     links to every notebook, figure and table, with run status
+    notebooks/NAME.ipynb     executed notebooks; NAME.html without input cells
+    figures/*.png|pdf        written by analysis.style.save
+    tables/*.csv|md
+A failed notebook is reported with its error and does not stop the others; run directories under
+data/runs/<name>/ are reused, so a re-run only computes what is missing. Each notebook's entry keeps the
+parameters it ran with, so a report assembled by several invocations (say, the bit-width table on one GPU
+and the figures on another, at the same time) says what each part used; the index and manifest are merged
+under a file lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import html
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args
+
+from modiff.utils.paths import notebook_dir
+from modiff.utils.runs import environment, write_json
+
+__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "DEFAULT_MODEL", "reproduce", "notebook_dir",
+           "parse_override", "report_name"]
+
+log = logging.getLogger(__name__)
+
+PresetName = Literal["quick", "paper"]
+
+
+@dataclass(frozen=True)
+class ReproducePreset:
+    """Sizes handed to every notebook as papermill parameters."""
+
+    name: PresetName
+    num_samples: int  # samples scored per preset (bit-width and sampler tables)
+    analysis_samples: int  # trajectories recorded or compared feature by feature (figures, bounds, grids, audit)
+    steps: int
+    device: str = "auto"
+    devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
+    batch_size: int = 64
+    calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
+    # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
+    calib_samples_per_step: int = 256
+    adaround_iters: int = 20_000
+    activation_iters: int = 5_000
+
+    def __post_init__(self) -> None:
+        sizes = {f.name: getattr(self, f.name) for f in fields(self) if f.type in (int, "int")}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"reproduce sizes must be >= 1, got {bad} (set them with --set key=N)")
+
+
+REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
+    "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, steps=20),
+    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, steps=100, batch_size=512,
+                             calibrate=True),
+}
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` of a ReproducePreset field, the value converted to the field's type."""
+    key, sep, raw = item.partition("=")
+    types = {f.name: f.type for f in fields(ReproducePreset) if f.name != "name"}
+    if not sep or key not in types:
+        raise ValueError(f"expected key=value with key one of {', '.join(types)}; got {item!r}")
+    if types[key] in (bool, "bool"):
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(f"{key} takes true or false, got {raw!r}")
+        return key, raw.lower() == "true"
+    if types[key] in (int, "int"):
+        try:
+            return key, int(raw)
+        except ValueError:
+            raise ValueError(f"{key} takes an integer, got {raw!r}") from None
+    return key, raw
+
+
+NOTEBOOKS: tuple[str, ...] = (
+    "model_card", "fig1b_activations", "fig1a_caching", "theory_bounds", "fig3_compensation", "table1_bitwidth",
+    "samplers", "bops_memory", "sample_grids", "published_audit",
+)
+
+
+DEFAULT_MODEL = "fmnist-ddim"
+
+
+def report_name(preset: str, model: str = DEFAULT_MODEL) -> str:
+    """The folder name under reports/ and data/runs/: the preset for the default model (so links to
+    reports/<preset>/ stay valid), else <preset>-<model>, a path counting by its folder or file stem."""
+    if model == DEFAULT_MODEL:
+        return preset
+    from modiff.models.registry import MODEL_PRESETS
+
+    return f"{preset}-{model if model in MODEL_PRESETS else Path(model).stem}"
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    ok: bool
+    seconds: float
+    error: str = ""
+    outputs: list[str] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)  # those it declares, as passed (paths left out)
+    machine: str = ""  # the device its `device` parameter resolved to: GPU name, or the CPU
+
+
+def _machine(device: object) -> str:
+    from modiff.utils.device import resolve_device
+
+    try:
+        return str(environment(resolve_device(str(device)))["device"])
+    except (ValueError, RuntimeError):  # a device this machine lacks: the notebook reports the error itself
+        return ""
+
+
+_PATH_PARAMETERS = ("model", "out_dir", "runs_dir")
+
+
+def _export_html(executed: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(exclude_input=True).from_notebook_node(nbformat.read(executed, as_version=4))
+    executed.with_suffix(".html").write_text(body)
+
+
+def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookResult:
+    import papermill
+
+    source = notebook_dir() / f"{name}.ipynb"
+    executed = out_dir / "notebooks" / f"{name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    declared = papermill.inspect_notebook(str(source))  # pass each notebook only the parameters it declares
+    passed = {k: v for k, v in parameters.items() if k in declared}
+    sizes = {k: v for k, v in passed.items() if k not in _PATH_PARAMETERS}
+    machine = _machine(passed.get("device", "cpu"))
+    try:
+        papermill.execute_notebook(str(source), str(executed), progress_bar=False, parameters=passed,
+                                   cwd=str(notebook_dir().parent), kernel_name="python3")
+        _export_html(executed)
+        return NotebookResult(name, True, round(time.time() - start, 1), parameters=sizes, machine=machine)
+    except Exception as err:  # a failing notebook must not stop the others; the error goes in the index
+        log.error("notebook %s failed: %s", name, err)
+        return NotebookResult(name, False, round(time.time() - start, 1), error=str(err).strip()[-2000:],
+                              parameters=sizes, machine=machine)
+
+
+def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
+    folder = out_dir / sub
+    return sorted(str(p.relative_to(out_dir)) for pat in patterns for p in folder.glob(pat)) if folder.is_dir() else []
+
+
+def _settings(result: NotebookResult) -> str:
+    return ", ".join(f"{k} {v}" for k, v in result.parameters.items() if not isinstance(v, (list, tuple)) and v != "")
+
+
+def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: list[NotebookResult]) -> None:
+    figures = _links(out_dir, "figures", ["*.png"])
+    tables = _links(out_dir, "tables", ["*.md"])
+    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "",
+             "Settings: the parameters each notebook ran with (its lists, such as presets, are in the notebook).", "",
+             "| notebook | status | seconds | ran on | settings |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
+        link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
+        lines.append(f"| {link} | {status} | {r.seconds} | {r.machine} | {_settings(r)} |")
+    ran = {r.name for r in results}
+    lines += [f"| {name} | not run yet (`--notebooks {name}`) | | | |" for name in NOTEBOOKS if name not in ran]
+    lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figures]
+    lines += ["", "## Tables", ""] + [f"- [{t}]({t})" for t in tables]
+    (out_dir / "index.md").write_text("\n".join(lines) + "\n")
+    items = "".join(f'<li><a href="{html.escape(f)}">{html.escape(f)}</a></li>' for f in figures + tables)
+    rows = "".join(
+        f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
+        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td>{html.escape(r.machine)}</td>"
+        f"<td>{html.escape(_settings(r))}</td>"
+        f"<td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
+        for r in results
+    )
+    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td><td></td><td></td></tr>"
+                    for name in NOTEBOOKS if name not in ran)
+    (out_dir / "index.html").write_text(
+        f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
+        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1>"
+        f"<table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
+    )
+
+
+def injected_parameters(executed: Path) -> dict[str, Any]:
+    """The parameters papermill injected into an executed notebook (paths left out); {} if it has none."""
+    import ast
+
+    import nbformat
+
+    book = nbformat.read(executed, as_version=4)
+    cell = next((c for c in book.cells if "injected-parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return {}
+    assignments = [node for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)]
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in assignments}
+    return {k: v for k, v in values.items() if k not in _PATH_PARAMETERS}
+
+
+def _with_earlier_results(out_dir: Path, results: list[NotebookResult]) -> list[NotebookResult]:
+    """Results of this run, plus those of notebooks an earlier run executed and this one did not (their
+    parameters read back from the executed notebook where an older manifest did not keep them)."""
+    manifest = out_dir / "manifest.json"
+    ran = {r.name for r in results}
+    earlier = json.loads(manifest.read_text()).get("notebooks", []) if manifest.exists() else []
+    kept = [NotebookResult(**r) for r in earlier if r["name"] not in ran and r["name"] in NOTEBOOKS]
+    for result in kept:
+        executed = out_dir / "notebooks" / f"{result.name}.ipynb"
+        if not result.parameters and executed.exists():
+            result.parameters = injected_parameters(executed)
+    return sorted(results + kept, key=lambda r: NOTEBOOKS.index(r.name))
+
+
+def _record(out_dir: Path, spec: ReproducePreset, model: str, parameters: dict[str, Any],
+            results: list[NotebookResult]) -> None:
+    """Merge this run's results into the manifest and index, holding a lock: runs into one report folder
+    may overlap (one per GPU), and each must keep what the others wrote."""
+    with open(out_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = _with_earlier_results(out_dir, results)
+        _write_index(out_dir, spec, model, merged)
+        write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
+                    "notebooks": [asdict(r) for r in merged]}, out_dir / "manifest.json")
+
+
+def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: str | Path = "reports",
+              runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None,
+              overrides: dict[str, Any] | None = None) -> list[NotebookResult]:
+    """Execute the notebooks into reports_dir/<name>/ (see `report_name`) and write the index; returns
+    per-notebook results.
+
+    `overrides` replaces `ReproducePreset` fields (num_samples, steps, calibrate, adaround_iters, ...) by name."""
+    if preset not in REPRODUCE_PRESETS:
+        raise ValueError(f"unknown reproduce preset {preset!r}; allowed: {', '.join(get_args(PresetName))}")
+    chosen = list(notebooks or NOTEBOOKS)
+    unknown = [n for n in chosen if n not in NOTEBOOKS]
+    if unknown:
+        raise ValueError(f"unknown notebooks {unknown}; allowed: {', '.join(NOTEBOOKS)}")
+    spec = REPRODUCE_PRESETS[preset]
+    known = {f for f in asdict(spec) if f != "name"}
+    bad = set(overrides or {}) - known
+    if bad:
+        raise ValueError(f"unknown parameters {sorted(bad)}; allowed: {', '.join(sorted(known))}")
+    spec = replace(spec, **(overrides or {}))
+    name = report_name(preset, model)
+    out_dir = Path(reports_dir).resolve() / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / name),
+                  **{k: v for k, v in asdict(spec).items() if k != "name"}}
+    results = [_run_one(name, parameters, out_dir) for name in chosen]
+    _record(out_dir, spec, model, parameters, results)
+    return results

@@ -1,0 +1,143 @@
+"""Triton kernels of MoDiff's per-sample dynamic modulation (`modiff.quant.kernels.modulate`): two launches per layer call.
+
+    ranges   program (b, g): per-half min and max of r = a_t - a_ref over one chunk of sample b (a NaN is
+             flagged apart, so min and max stay NaN-free), stored into partials (B, G, 2, 3) by their only writer
+    update   program (b, g): the sample's ranges from its partials -> (scale, zero point) per half, then for
+             the same chunk a_hat + Q(r) in float32, stored over a_hat in its dtype (each value is read
+             before it is written, by the same program)
+
+Indices are physical offsets within a sample (the tensors share one sample-major dense layout, so
+contiguous and channels_last both work); the channel of an offset is (offset // stride_c) % C, needed
+only with a split shortcut. Arithmetic follows `modiff.quant.primitives` step by step: IEEE divisions
+(`div_rn`), x * (1 / s), rounding half to even, clamps that keep NaN. Set TRITON_INTERPRET=1 before this
+module is imported to run the kernels on CPU tensors.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Module constants are plain numbers: inductor copies them into a compiled graph's source by repr.
+MIN_SCALE = tl.constexpr(1e-12)  # primitives.MIN_SCALE (a compiled kernel reads no other module globals)
+ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + ROUNDER - ROUNDER rounds |v| < 2^22 half to even
+EXACT = tl.constexpr(4194304.0)  # 2^22: above it every float32 is an integer and the code saturates anyway
+
+
+@triton.jit
+def _second_half(offs, stride_c, C, split, HAS_SPLIT: tl.constexpr):
+    if HAS_SPLIT:
+        return ((offs // stride_c) % C) >= split
+    return offs < 0
+
+
+@triton.jit
+def ranges_kernel(x_ptr, ref_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Program (b, g): values [g chunk, (g + 1) chunk) of sample b. part: (B, G, half, (min, max, has NaN))."""
+    b, g = tl.program_id(0), tl.program_id(1)
+    base = b.to(tl.int64) * N
+    lo0 = tl.full([BLOCK], float("inf"), tl.float32)
+    hi0 = tl.full([BLOCK], float("-inf"), tl.float32)
+    nan0 = tl.zeros([BLOCK], tl.int32)
+    lo1, hi1, nan1 = lo0, hi0, nan0
+    end = tl.minimum((g + 1) * chunk, N)
+    for start in range(g * chunk, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < end
+        r = (tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+             - tl.load(ref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32))
+        number = mask & (r == r)
+        second = _second_half(offs, stride_c, C, split, HAS_SPLIT)
+        lo0 = tl.minimum(lo0, tl.where(number & ~second, r, float("inf")))
+        hi0 = tl.maximum(hi0, tl.where(number & ~second, r, float("-inf")))
+        nan0 = tl.maximum(nan0, (mask & ~number & ~second).to(tl.int32))
+        if HAS_SPLIT:
+            lo1 = tl.minimum(lo1, tl.where(number & second, r, float("inf")))
+            hi1 = tl.maximum(hi1, tl.where(number & second, r, float("-inf")))
+            nan1 = tl.maximum(nan1, (mask & ~number & second).to(tl.int32))
+    out = part_ptr + (b * G + g) * 6
+    tl.store(out, tl.min(lo0))
+    tl.store(out + 1, tl.max(hi0))
+    tl.store(out + 2, tl.max(nan0).to(tl.float32))
+    tl.store(out + 3, tl.min(lo1))
+    tl.store(out + 4, tl.max(hi1))
+    tl.store(out + 5, tl.max(nan1).to(tl.float32))
+
+
+@triton.jit
+def _round_half_even(v):
+    rounded = tl.where(tl.abs(v) >= EXACT, v, (v + ROUNDER) - ROUNDER)
+    return tl.where(rounded == 0, v * 0.0, rounded)  # the sign of zero, as torch.round keeps it
+
+
+@triton.jit
+def _round_to_bfloat16(v):
+    """v rounded to the nearest bfloat16 (ties to even), still in float32: the cast after it is then exact
+    everywhere (the Triton interpreter's own float32 -> bfloat16 cast truncates)."""
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(v != v, v, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _sample_range(part_ptr, b, G, half, GP: tl.constexpr):
+    """(min, max) of one half of sample b over its G partials; NaN if any value was NaN."""
+    gs = tl.arange(0, GP)
+    mask = gs < G
+    at = part_ptr + (b * G + gs) * 6 + half * 3
+    lo = tl.min(tl.load(at, mask=mask, other=float("inf")))
+    hi = tl.max(tl.load(at + 1, mask=mask, other=float("-inf")))
+    nan = tl.max(tl.load(at + 2, mask=mask, other=0.0)) > 0
+    return tl.where(nan, float("nan"), lo), tl.where(nan, float("nan"), hi)
+
+
+@triton.jit
+def _qparams(lo, hi, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """(scale, zero point) as `primitives.qparams_from_range`; LEVELS = 2^b - 1 or 2^(b-1) - 1."""
+    if ASYMMETRIC:
+        x_min = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        x_max = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(tl.math.div_rn(x_max - x_min, LEVELS * 1.0), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        zero = _round_half_even(tl.math.div_rn(-x_min, scale))
+        zero = tl.minimum(tl.maximum(zero, QMIN * 1.0, propagate_nan=tl.PropagateNan.ALL), QMAX * 1.0, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        absmax = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(tl.math.div_rn(absmax, LEVELS * 1.0), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        zero = tl.full([], 0.0, tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
+                  LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                  FLOOR: tl.constexpr, SAME_REF: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b, g): a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over the chunk's values (`_modulate`)."""
+    b, g = tl.program_id(0), tl.program_id(1)
+    lo, hi = _sample_range(part_ptr, b, G, 0, GP)
+    scale0, zero0 = _qparams(lo, hi, LEVELS, ASYMMETRIC, QMIN, QMAX)
+    scale1, zero1 = scale0, zero0
+    if HAS_SPLIT:
+        lo, hi = _sample_range(part_ptr, b, G, 1, GP)
+        scale1, zero1 = _qparams(lo, hi, LEVELS, ASYMMETRIC, QMIN, QMAX)
+    inverse0, inverse1 = tl.math.div_rn(1.0, scale0), tl.math.div_rn(1.0, scale1)
+    base = b.to(tl.int64) * N
+    end = tl.minimum((g + 1) * chunk, N)
+    for start in range(g * chunk, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < end
+        ref = tl.load(ref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) - ref
+        second = _second_half(offs, stride_c, C, split, HAS_SPLIT)
+        scale, zero = tl.where(second, scale1, scale0), tl.where(second, zero1, zero0)
+        scaled = r * tl.where(second, inverse1, inverse0)
+        if FLOOR:
+            code = tl.floor(scaled)
+        else:
+            code = _round_half_even(scaled)
+        code = tl.minimum(tl.maximum(code + zero, QMIN * 1.0, propagate_nan=tl.PropagateNan.ALL), QMAX * 1.0, propagate_nan=tl.PropagateNan.ALL)
+        q = (code - zero) * scale
+        hat = ref if SAME_REF else tl.load(hat_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        new = hat + q
+        if hat_ptr.dtype.element_ty == tl.bfloat16:
+            new = _round_to_bfloat16(new)
+        tl.store(hat_ptr + base + offs, new.to(hat_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,292 @@
+"""Quantized layer wrappers: Conv1d/Conv2d/Linear, and the attention core.
+
+Notation (paper symbols): A the layer's linear operator with quantized weights (bias separate), a_t its
+input at sampling step t, Q the activation quantizer, a_hat / o_hat the MoDiff input / output estimates
+(o_hat = A(a_hat) + b, the error-feedback identity).
+Shapes: a (B, C_in, ...), o (B, C_out, ...).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modiff.quant.config import ActQuant, QuantConfig, WeightMethod, WeightQuant
+from modiff.quant.kernels.modulate import fused_modulate_supported, modulate_per_sample, use_fused_modulate
+from modiff.quant.layers.state import LayerState
+from modiff.quant.observers import make_observer
+from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
+
+__all__ = ["ActQuantizer", "ModulatedLayer", "QuantLayer", "QuantAttentionCore", "quantize_weight", "residual_step",
+           "weight_grid"]
+
+
+def _split(x: torch.Tensor, split: Optional[int]) -> list[torch.Tensor]:
+    return [x] if split is None else list(x.split([split, x.shape[1] - split], dim=1))
+
+
+def weight_grid(weight: torch.Tensor, config: WeightQuant, split: Optional[int] = None,
+                method: Optional[WeightMethod] = None, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of every weight's grid, broadcastable against ``weight``.
+
+    Per output channel: shape (out, 1, ...); with `split`, the two input-channel halves get their own
+    qparams, expanded to (out, in, ...) so one tensor describes both. ``method``/``p`` override the
+    config's range method (AdaRound starts from the Lp search of Q-Diffusion, p = 2.4).
+    """
+    parts = _split(weight, split)
+    grids = [weight_qparams(w, config.spec, method=method or config.method, p=p) for w in parts]
+    if len(grids) == 1:
+        return grids[0]
+    scale = torch.cat([s.expand(-1, w.shape[1], *s.shape[2:]) for (s, _), w in zip(grids, parts)], dim=1)
+    zero_point = torch.cat([z.expand(-1, w.shape[1], *z.shape[2:]) for (_, z), w in zip(grids, parts)], dim=1)
+    return scale, zero_point
+
+
+def quantize_weight(weight: torch.Tensor, config: WeightQuant, split: Optional[int] = None) -> torch.Tensor:
+    """Fake-quantized weight, per output channel; with `split`, the two input-channel halves separately."""
+    scale, zero_point = weight_grid(weight, config, split)
+    return fake_quantize(weight, scale, zero_point, config.spec)
+
+
+class ActQuantizer(nn.Module):
+    """Q for a layer's input (or residual). With `split`, the two channel halves get separate qparams.
+
+    Static quantizers learn their qparams while `observing` is set: inputs pass through unchanged and
+    every observer sees them; `freeze()` turns the observations into qparams.
+    """
+
+    def __init__(self, config: ActQuant, split: Optional[int] = None):
+        super().__init__()
+        self.config, self.split = config, split
+        self.observing = False
+        self.observers = [make_observer(config.observer, spec=config.spec) for _ in range(1 if split is None else 2)]
+        self.scales: list[torch.Tensor] = []
+        self.zero_points: list[torch.Tensor] = []
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.config.spec
+
+    def freeze(self) -> None:
+        """Static qparams from what the observers saw."""
+        qparams = [obs.qparams(self.spec) for obs in self.observers]
+        self.scales = [s.float() for s, _ in qparams]  # float32: the minimum scale underflows in fp16
+        self.zero_points = [z.float() for _, z in qparams]
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = _split(x, self.split)
+        if self.observing:
+            for obs, part in zip(self.observers, parts):
+                obs.update(part.detach())
+            return x
+        if self.config.dynamic:
+            return quantize_dynamic_split(x, self.spec, self.split)
+        if not self.scales:
+            raise RuntimeError("static activation quantizer has no qparams: calibrate first "
+                               "(modiff.quant.ptq.calibrate, or modiff.quant.load_quantized for a saved model)")
+        if self.scales[0].device != x.device:  # qparams are plain tensors: follow the model to its device
+            self.scales = [s.to(x.device) for s in self.scales]
+            self.zero_points = [z.to(x.device) for z in self.zero_points]
+        out = [fake_quantize(p, s, z, self.spec) for p, s, z in zip(parts, self.scales, self.zero_points)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def _linear_op(layer: nn.Module) -> Callable[..., torch.Tensor]:
+    if isinstance(layer, nn.Linear):
+        return F.linear
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        if layer.padding_mode != "zeros":
+            raise TypeError(f"only zero-padded convolutions are supported, got padding_mode={layer.padding_mode!r}")
+        conv = F.conv1d if isinstance(layer, nn.Conv1d) else F.conv2d
+        return partial(conv, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    raise TypeError(f"cannot quantize {type(layer).__name__}; supported: Conv1d, Conv2d, Linear")
+
+
+def quantize_dynamic_split(x: torch.Tensor, spec: QuantSpec, split: Optional[int]) -> torch.Tensor:
+    """Dynamic Q of x, with the two channel halves quantized separately when `split` is set."""
+    parts = [quantize_dynamic(p, spec) for p in _split(x, split)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tensor],
+              compensation: bool) -> None:
+    """One MoDiff step on the input side, in place: a_hat += Q(a_t - a_ref) (computed in float32).
+
+    With error compensation a_ref is a_hat itself; without it a_ref then holds the exact a_t. The state keeps
+    its addresses, so a CUDA graph of the network can replay the step (`modiff.pipelines.cuda_graphs`).
+    """
+    residual = x.float() - a_ref.float()
+    a_hat.copy_(a_hat.float() + quantize(residual))
+    if not compensation:
+        a_ref.copy_(x)
+
+
+def _modulate_dynamic(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, spec: Optional[QuantSpec],
+                      split: Optional[int], compensation: bool) -> None:
+    quantize = (lambda r: r) if spec is None else partial(quantize_dynamic_split, spec=spec, split=split)
+    _modulate(x, a_hat, a_ref, quantize, compensation)
+
+
+_COMPILED: dict[str, Callable[..., None]] = {}
+
+
+def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Optional[ActQuantizer],
+             compensation: bool) -> None:
+    """Advance a modulated layer's state (a_hat, a_ref) in place from its input a_t (see `_modulate`).
+
+    On CUDA, per-sample dynamic quantizers run as two Triton kernels (`modiff.quant.kernels.modulate`:
+    the ranges over chunks of every sample in parallel, then the quantized update), also inside a compiled
+    network. Other dynamic quantizers run eagerly as one compiled kernel per (spec, split): subtraction, range
+    reduction, quantization and the a_hat update fused; inside a compiled network the surrounding graph fuses
+    them. No host synchronisation on any path.
+    """
+    if act is not None and (act.observing or not act.config.dynamic):
+        return _modulate(x, a_hat, a_ref, act, compensation)
+    spec, split = (None, None) if act is None else (act.spec, act.split)
+    a_ref_distinct = None if compensation else a_ref
+    if use_fused_modulate(x) and fused_modulate_supported(x, a_hat, a_ref_distinct, spec):
+        modulate_per_sample(x, a_hat, a_ref_distinct, spec, split)
+        if not compensation:
+            a_ref.copy_(x)
+        return None
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation)
+    if "modulate" not in _COMPILED:
+        _COMPILED["modulate"] = torch.compile(_modulate_dynamic, dynamic=True)
+    return _COMPILED["modulate"](x, a_hat, a_ref, spec, split, compensation)
+
+
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer's operator consumes: the autocast dtype where autocast is on, else x's dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class QuantLayer(nn.Module):
+    """A Conv1d/Conv2d/Linear computing in the mode of its QuantConfig (see modiff.quant.config)."""
+
+    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
+        super().__init__()
+        self.name, self.config, self.kind = name, config, type(layer).__name__
+        self.op = _linear_op(layer)
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.split = split
+        grid = (None, None) if config.weight is None else weight_grid(self.weight, config.weight, split)
+        # The grid of weight_q, kept (not in the state_dict) so weight codes can be saved and replaced.
+        self.register_buffer("weight_scale", grid[0], persistent=False)
+        self.register_buffer("weight_zero_point", grid[1], persistent=False)
+        w_q = self.weight if config.weight is None else fake_quantize(self.weight, grid[0], grid[1], config.weight.spec)
+        self.register_buffer("weight_q", w_q.detach().clone())
+        self.rounding: Optional[nn.Module] = None  # AdaRound's soft weights replace weight_q while it is set
+        self.act = None if config.activation is None else ActQuantizer(config.activation, split)
+        if config.stateful != isinstance(self, ModulatedLayer):
+            raise TypeError(f"mode {config.mode!r} needs {'ModulatedLayer' if config.stateful else 'QuantLayer'}; "
+                            f"modiff.quantize picks the right one")
+
+    def extra_repr(self) -> str:
+        w = "fp" if self.config.weight is None else f"w{self.config.weight.spec.bits}"
+        a = "fp" if self.config.activation is None else f"a{self.config.activation.spec.bits}"
+        return f"{self.kind}, {self.config.mode}, {w}{a}"
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.act is None else self.act(x)
+
+    def weight_codes(self) -> torch.Tensor:
+        """Integer codes q of weight_q = s (q - z), as a float tensor (exact: |q - z| < 2^16)."""
+        if self.weight_scale is None or self.config.weight is None:
+            raise ValueError(f"layer {self.name} has full-precision weights; it has no weight codes")
+        spec = self.config.weight.spec
+        code = torch.round(self.weight_q.float() * self.weight_scale.reciprocal()) + self.weight_zero_point
+        return torch.clamp(code, spec.qmin, spec.qmax)
+
+    def set_weight_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Fix weight_q = s (q - z) from integer codes (AdaRound's decisions, or a saved model)."""
+        if codes.shape != self.weight.shape:
+            raise ValueError(f"layer {self.name}: codes of shape {tuple(codes.shape)} for a weight of shape "
+                             f"{tuple(self.weight.shape)}")
+        dev = self.weight.device
+        self.weight_scale, self.weight_zero_point = scale.to(dev, torch.float32), zero_point.to(dev, torch.float32)
+        w_q = (codes.to(dev, torch.float32) - self.weight_zero_point) * self.weight_scale
+        self.weight_q = w_q.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.config.mode
+        if mode == "fp":
+            return self.op(x, self.weight, self.bias)
+        weight = self.weight_q if self.rounding is None else self.rounding()
+        return self.op(self._quantize_input(x), weight, self.bias)
+
+
+class ModulatedLayer(QuantLayer):
+    """A QuantLayer in mode ``modulated`` or ``cache``: MoDiff state across steps (see trajectory()).
+
+    The output is computed through the error-feedback identity o_hat_t = A_q(a_hat_t) + b, with
+    a_hat_t = a_hat_{t+1} + Q(r_t). By induction it equals the accumulated form of the paper,
+    o_hat_t = o_hat_{t+1} + A_q(Q(r_t)) with o_hat at warm-up = A_q(a) + b (tests pin it step by step),
+    up to float rounding. Keeping a_hat alone, in the dtype the operator consumes (bf16 under autocast),
+    moves a quarter of the bytes per step that keeping a_hat and o_hat in float32 does: the storage
+    rounding enters the next residual, so error feedback corrects it too. Memory accounting of a real
+    low-bit deployment (a_hat and o_hat) is in `modiff.quant.cost.modiff_state_bytes`.
+
+    The forward reads the phase that trajectory() set for this call and has no Python-side counters, so
+    torch.compile traces it whole and fuses the state update with the surrounding graph. The state is
+    allocated at warm-up and updated in place after it: its addresses stay fixed for the rest of the
+    trajectory, so a CUDA graph captured at one step replays the next (`modiff.pipelines.cuda_graphs`).
+    """
+
+    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
+        super().__init__(layer, config, name, split)
+        self.state = LayerState()
+
+    def _check_call(self, x: torch.Tensor) -> None:
+        phase = self.state.phase
+        if phase == "inactive":
+            raise RuntimeError(
+                f"layer {self.name} is {self.config.mode}: it keeps state across sampling steps; call the "
+                f"model inside `with modiff.trajectory(qmodel):`"
+            )
+        if phase == "spent":
+            raise RuntimeError(
+                f"layer {self.name} ran twice in one step: inside trajectory(model), call `model` itself once per "
+                f"sampling step (not a submodule of it)"
+            )
+        if phase != "warmup" and x.shape != self.state.a_hat.shape:
+            raise RuntimeError(
+                f"layer {self.name}: input shape {tuple(x.shape)} differs from the previous step's "
+                f"{tuple(self.state.a_hat.shape)}; the batch must stay the same within one trajectory"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_call(x)
+        state, compensation = self.state, self.config.compensation
+        phase, state.phase = state.phase, "spent"
+        if phase == "warmup":  # a copy: layers sharing an input (q, k, v) must not share state
+            state.a_hat = x.to(state_dtype(x), copy=True)
+            state.a_ref = state.a_hat if compensation else state.a_hat.clone()
+        elif phase == "skip":
+            if not compensation:  # the skipped residual is dropped: no error feedback
+                state.a_ref.copy_(x)
+        else:
+            modulate(x, state.a_hat, state.a_ref, self.act, compensation)
+        return self.op(state.a_hat, self.weight_q, self.bias)
+
+
+class QuantAttentionCore(nn.Module):
+    """Q-Diffusion-style attention: q, k, v and the softmax output quantized (dynamic, per sample)."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.spec = QuantSpec(bits=bits, granularity="sample")
+        self.softmax_spec = QuantSpec(bits=bits, granularity="sample", scheme="asymmetric")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = q.shape
+        q, k, v = (quantize_dynamic(t, self.spec).reshape(b, c, hh * ww) for t in (q, k, v))
+        weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c**-0.5, dim=2)  # (B, HW_q, HW_k)
+        weights = quantize_dynamic(weights, self.softmax_spec)
+        return torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, hh, ww)

@@ -1,0 +1,291 @@
+"""BRECQ-style reconstruction: blocks (and lone layers) fitted in forward order to full-precision outputs.
+
+A unit is a block of the UNet (ResnetBlock, AttnBlock, Upsample, Downsample: the blocks of Q-Diffusion's
+DDIM model) or a quantized layer outside every block (time-embedding linears, conv_in, conv_out). For
+each unit in forward order:
+
+- inputs: the unit's inputs in the QUANTIZED model, where every earlier unit is already final (hard
+  rounding; learned step sizes), so each unit learns to absorb the error that reaches it;
+- target: the unit's output in the full-precision model;
+- loss: sum over channels of |out_q - out_fp|^p, mean over the other dims (`lp_loss`, as published).
+
+Inputs and targets of all calibration samples are captured with hooks: one forward pass per calibration
+batch and model, stopped right after the unit (so the rest of the network is not run), and cached on
+the device in a compact dtype for the iterations that follow. AdaRound learns the rounding of every
+layer of the unit at once (`reconstruct_weights`); learned step sizes refine the static activation
+scales of the unit's layers, weights fixed (`learn_step_sizes`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from modiff.quant.ptq.adaround import AdaRoundConfig, AdaRoundWeight, beta_at
+from modiff.quant.ptq.data import CalibData
+from modiff.quant.layers.direct import ActQuantizer, QuantLayer, weight_grid
+from modiff.quant.primitives import MIN_SCALE
+from modiff.quant.ptq.optimize import LoopConfig, cosine_lr, make_adam, run_loop
+
+__all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "lp_loss", "reconstruct_weights",
+           "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales", "progress_bar",
+           "unit_loss"]
+
+log = logging.getLogger(__name__)
+
+BLOCK_TYPES: tuple[str, ...] = ("ResnetBlock", "AttnBlock", "Upsample", "Downsample")
+Tap = Literal["input", "output"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One reconstruction unit: a block's (or a lone layer's) qualified name and its quantized layers."""
+
+    name: str
+    layers: tuple[str, ...]
+
+
+def lp_loss(pred: Tensor, target: Tensor, p: float) -> Tensor:
+    """sum over dim 1 of |pred - target|^p, mean over the other dims (BRECQ's reduction)."""
+    return (pred - target).abs().pow(p).sum(1).mean()
+
+
+def progress_bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="unit", disable=not enabled)
+
+
+@torch.no_grad()
+def reconstruction_units(qmodel: nn.Module, data: CalibData, block_types: Sequence[str] = BLOCK_TYPES) -> list[Unit]:
+    """The units of ``qmodel`` in forward order (found by one call on one calibration input).
+
+    The outermost module of a ``block_types`` type that holds quantized layers is a block; quantized
+    layers outside every block are units of their own. ``qmodel`` must run without calibration (weights
+    quantized, activations dynamic or full precision).
+    """
+    layers = [name for name, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+    blocks = [name for name, m in qmodel.named_modules() if type(m).__name__ in block_types]
+    blocks = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]
+    members = {b: tuple(n for n in layers if n.startswith(b + ".")) for b in blocks}
+    members = {b: m for b, m in members.items() if m}
+    inside = {n for m in members.values() for n in m}
+    members.update({n: (n,) for n in layers if n not in inside})
+    order: list[str] = []
+    handles = [qmodel.get_submodule(name).register_forward_pre_hook(
+        lambda _m, _a, name=name: order.append(name) if name not in order else None) for name in members]
+    try:
+        qmodel(data.x[:1].float(), data.t[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(members) - set(order))
+    if missing:
+        raise ValueError(f"units never called in a forward pass (cannot be reconstructed): {missing}")
+    return [Unit(name, members[name]) for name in order]
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the unit being captured has run."""
+
+
+@torch.no_grad()
+def capture(model: nn.Module, x: Tensor, t: Tensor, taps: Mapping[str, Tap], stop: str, batch_size: int,
+            dtype: torch.dtype) -> dict[str, list[Tensor]]:
+    """Tensors at ``taps`` (module name -> its positional tensor inputs, or its output) for all rows of x.
+
+    One forward per batch of ``batch_size`` rows, stopped after module ``stop`` has run. Returns, per tap,
+    a list of (N, ...) tensors in ``dtype`` on x's device (one per input argument, or the output).
+    """
+    store: dict[str, list[list[Tensor]]] = {name: [] for name in taps}
+
+    def keep(name: str, tensors: Sequence[Any]) -> None:
+        store[name].append([a.detach().to(dtype, copy=True) for a in tensors if isinstance(a, Tensor)])
+
+    handles = []
+    for name, kind in taps.items():
+        module = model.get_submodule(name)
+        if kind == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args)))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, name=name: keep(name, [out])))
+
+    def halt(_m: nn.Module, _a: Any, _o: Any) -> None:
+        raise _Stop
+
+    handles.append(model.get_submodule(stop).register_forward_hook(halt))  # after the taps: they run first
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            try:
+                model(x[start : start + batch_size].float(), t[start : start + batch_size])
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: [torch.cat(parts) for parts in zip(*batches)] for name, batches in store.items()}
+
+
+def capture_unit(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, unit: Unit, batch_size: int,
+             dtype: torch.dtype) -> list[Tensor]:
+    """[*inputs of the unit in qmodel, output of the unit in fp_model], each (N, ...)."""
+    inputs = capture(qmodel, data.x, data.t, {unit.name: "input"}, unit.name, batch_size, dtype)[unit.name]
+    target = capture(fp_model, data.x, data.t, {unit.name: "output"}, unit.name, batch_size, dtype)[unit.name]
+    return inputs + target
+
+
+def _loop(config: Any, desc: str) -> LoopConfig:
+    return LoopConfig(iters=config.iters, batch_size=config.batch_size, seed=config.seed, log_every=config.log_every,
+                      cuda_graphs=config.cuda_graphs, autocast=config.autocast)
+
+
+def _attach_rounding(layer: QuantLayer, config: AdaRoundConfig) -> tuple[AdaRoundWeight, Tensor, Tensor]:
+    assert layer.config.weight is not None
+    scale, zero_point = weight_grid(layer.weight, layer.config.weight, layer.split, method=config.init, p=config.init_p)
+    rounding = AdaRoundWeight(layer.weight, scale, zero_point, layer.config.weight.spec)
+    layer.rounding = rounding
+    return rounding, scale, zero_point
+
+
+def _fit_rounding(unit_module: nn.Module, roundings: list[AdaRoundWeight], cached: list[Tensor],
+                  config: AdaRoundConfig, desc: str) -> list[float]:
+    device = cached[0].device
+    loop = _loop(config, desc)
+    params = [r.v for r in roundings]
+    optimizer, _ = make_adam(params, config.lr, device, loop)
+    beta, weight = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def schedule(i: int) -> None:
+        b, w = beta_at(i, config)
+        beta.fill_(b)
+        weight.fill_(w)
+
+    def step(batch: Sequence[Tensor]) -> Tensor:
+        *args, target = batch
+        rec = lp_loss(unit_module(*args).float(), target, config.p)
+        reg = torch.stack([r.regulariser(beta) for r in roundings]).sum()
+        (rec + weight * reg).backward()
+        optimizer.step()
+        return rec.detach()
+
+    return run_loop(step, cached, loop, schedule, params, desc)
+
+
+def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit],
+                        config: AdaRoundConfig, capture_batch: int = 256, progress: bool = True) -> list[dict[str, Any]]:
+    """AdaRound every unit of the weight-quantized ``wq_model`` in order; hard rounding replaces weight_q.
+
+    Returns one record per unit: name, layers, seconds, reconstruction loss of the first and last
+    logging windows (soft rounding), the fraction of weights rounded away from the nearest grid point,
+    and the loss over all calibration inputs with hard weights, rounded to nearest (``loss_nearest``) and
+    as AdaRound decided (``loss_adaround``), on the same grid.
+    """
+    dtype = getattr(torch, config.storage_dtype)
+    records = []
+    for unit in progress_bar(units, "AdaRound", progress):
+        started = time.time()
+        cached = capture_unit(wq_model, fp_model, data, unit, capture_batch, dtype)
+        layers = [wq_model.get_submodule(n) for n in unit.layers]
+        attached = [_attach_rounding(layer, config) for layer in layers]
+        try:
+            history = _fit_rounding(wq_model.get_submodule(unit.name), [a[0] for a in attached], cached, config, unit.name)
+        finally:
+            for layer in layers:
+                layer.rounding = None
+        unit_module = wq_model.get_submodule(unit.name)
+        for layer, (rounding, scale, zero_point) in zip(layers, attached):
+            layer.set_weight_codes(rounding.nearest_codes(), scale, zero_point)
+        loss_nearest = unit_loss(unit_module, cached, config.p, capture_batch)
+        flipped, total = 0.0, 0
+        for layer, (rounding, scale, zero_point) in zip(layers, attached):
+            codes = rounding.hard_codes()
+            flipped += float((codes != rounding.nearest_codes()).sum())
+            total += codes.numel()
+            layer.set_weight_codes(codes, scale, zero_point)
+        records.append({"unit": unit.name, "layers": list(unit.layers), "seconds": round(time.time() - started, 3),
+                        "loss_first": history[0], "loss_last": history[-1], "flipped": flipped / max(total, 1),
+                        "loss_nearest": loss_nearest, "loss_adaround": unit_loss(unit_module, cached, config.p, capture_batch)})
+    return records
+
+
+@torch.no_grad()
+def unit_loss(unit_module: nn.Module, cached: Sequence[Tensor], p: float, batch: int) -> float:
+    """Reconstruction loss (`lp_loss`) of a unit over all its cached calibration inputs, hard weights:
+    how AdaRound's decisions compare with rounding to the nearest point of the same grid."""
+    total, count = 0.0, cached[0].shape[0]
+    for start in range(0, count, batch):
+        *args, target = (c[start:start + batch].float() for c in cached)
+        total += float(lp_loss(unit_module(*args).float(), target, p)) * target.shape[0]
+    return total / count
+
+
+def static_quantizers(layers: Sequence[QuantLayer]) -> list[ActQuantizer]:
+    return [layer.act for layer in layers if layer.act is not None and not layer.act.config.dynamic]
+
+
+def learnable_scales(quantizers: Sequence[ActQuantizer]) -> list[Tensor]:
+    """Make every quantizer's scales leaf tensors that require grad (in place); returns them."""
+    scales = []
+    for q in quantizers:
+        if not q.scales:
+            raise RuntimeError("activation quantizer has no initial qparams: initialise them (min-max/MSE) first")
+        q.scales = [s.detach().clone().requires_grad_(True) for s in q.scales]
+        scales.extend(q.scales)
+    return scales
+
+
+def freeze_scales(quantizers: Sequence[ActQuantizer]) -> None:
+    for q in quantizers:
+        q.scales = [s.detach().clamp(min=MIN_SCALE) for s in q.scales]
+
+
+def fit_scales(loss_fn: Callable[[Sequence[Tensor]], Tensor], scales: list[Tensor], cached: list[Tensor],
+               config: Any, desc: str) -> list[float]:
+    """Adam with cosine-annealed lr on ``scales`` minimising ``loss_fn(batch)``; scales kept >= MIN_SCALE."""
+    loop = _loop(config, desc)
+    optimizer, set_lr = make_adam(scales, config.lr, cached[0].device, loop)
+
+    def step(batch: Sequence[Tensor]) -> Tensor:
+        loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_clamp_min_(scales, MIN_SCALE)
+        return loss.detach()
+
+    return run_loop(step, cached, loop, lambda i: set_lr(cosine_lr(i, config.iters, config.lr)), scales, desc)
+
+
+def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit], config: Any,
+                     capture_batch: int = 256, progress: bool = True) -> list[dict[str, Any]]:
+    """Refine the static activation scales of a direct-mode ``qmodel`` unit by unit (weights fixed).
+
+    ``config`` is an `ActCalibConfig`. The scales must hold their min-max/MSE start already.
+    """
+    dtype = getattr(torch, config.storage_dtype)
+    records = []
+    for unit in progress_bar(units, "step sizes", progress):
+        quantizers = static_quantizers([qmodel.get_submodule(n) for n in unit.layers])
+        if not quantizers:
+            continue
+        started = time.time()
+        cached = capture_unit(qmodel, fp_model, data, unit, capture_batch, dtype)
+        module = qmodel.get_submodule(unit.name)
+        scales = learnable_scales(quantizers)
+
+        def loss_fn(batch: Sequence[Tensor], module: nn.Module = module) -> Tensor:
+            *args, target = batch
+            return lp_loss(module(*args).float(), target, config.p)
+
+        try:
+            history = fit_scales(loss_fn, scales, cached, config, unit.name)
+        finally:
+            freeze_scales(quantizers)
+        records.append({"unit": unit.name, "seconds": round(time.time() - started, 3),
+                        "loss_first": history[0], "loss_last": history[-1]})
+    return records
+

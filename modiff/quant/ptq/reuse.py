@@ -1,0 +1,97 @@
+"""Calibrate once, reuse: the quantized model a preset names, with static presets calibrated into a folder.
+
+`quantized_model(model, preset, folder, calibration)` returns `quantize(model, presets[preset])` for
+dynamic presets. For static ones (``qdiff-*``) it collects calibration data from ``model`` into
+``folder/calib-data`` and calibrates into ``folder/quantized/<preset>`` the first time, and loads them
+afterwards, so experiment drivers and notebooks can re-run without repeating hours of GPU work. A folder
+made with other settings is refused rather than silently reused.
+
+AdaRound weights are the expensive part and depend only on the weight quantization, so they are saved
+once into ``folder/quantized/weights/w<bits>-<hash of their settings>`` and shared: the ten presets
+qdiff-w4a{8,6,4,3,2}[-modiff] run one AdaRound, not ten.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from modiff.quant.api import quantize
+from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_and_save, load_calib_data
+from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
+from modiff.quant.presets import calibration_hint, needs_calibration, presets
+from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
+
+__all__ = ["Calibration", "calibration_data", "quantized_model"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How static presets are calibrated: the data (steps, samples per step) and the recipe."""
+
+    data: CalibDataConfig = field(default_factory=CalibDataConfig)
+    recipe: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": asdict(self.data), "recipe": self.recipe.to_dict()}
+
+
+def _check_same(saved: dict[str, Any], wanted: dict[str, Any], folder: Path) -> None:
+    if json.loads(json.dumps(saved)) != json.loads(json.dumps(wanted)):
+        raise ValueError(f"{folder} was made with other calibration settings ({saved}); delete it or use "
+                         f"another folder for these settings ({wanted})")
+
+
+def calibration_data(model: nn.Module, folder: Path, calibration: Calibration, device: torch.device) -> CalibData:
+    """The calibration data of ``folder`` (collected from ``model`` into folder/calib-data the first time)."""
+    data_dir = folder / "calib-data"
+    if not (data_dir / "manifest.json").exists():
+        collect_and_save(copy.deepcopy(model), calibration.data, data_dir, device,
+                         {"model": getattr(model, "name", None)})
+    data = load_calib_data(data_dir, device)
+    _check_same(asdict(data.config), asdict(calibration.data), data_dir)
+    return data
+
+
+def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Calibration,
+                    data: CalibData) -> nn.Module:
+    """The weight-only model for ``preset``'s weight quantization, calibrated once per folder and settings."""
+    config = weight_only_config(presets[preset])
+    recipe = calibration.recipe
+    settings = {"quant_config": config.to_dict(), "data": asdict(calibration.data),
+                "weights": None if recipe.weights is None else asdict(recipe.weights),
+                "capture_batch": recipe.capture_batch}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    bits = config.weight.spec.bits if config.weight is not None else 32
+    saved = folder / "quantized" / "weights" / f"w{bits}-{digest}"
+    if not (saved / "manifest.json").exists():
+        weights, report = calibrate_weights(model, config, data, recipe)
+        save_quantized(weights, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report,
+                                        "first_used_by": preset})
+    _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
+    return load_quantized(model, saved)
+
+
+def quantized_model(model: nn.Module, preset: str, folder: str | Path, calibration: Optional[Calibration] = None,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """The quantized copy of ``model`` that ``preset`` names (calibrated and cached for static presets)."""
+    config = presets[preset]
+    if not needs_calibration(config):
+        return quantize(model, config)
+    if calibration is None:
+        raise ValueError(f"{calibration_hint(preset)}; or pass calibration=Calibration(...) to calibrate it here")
+    saved = Path(folder) / "quantized" / preset
+    settings = {"preset": preset, **calibration.to_dict()}
+    if not (saved / "manifest.json").exists():
+        data = calibration_data(model, Path(folder), calibration, torch.device(device))
+        weights = _shared_weights(model, preset, Path(folder), calibration, data)
+        qmodel, report = calibrate(model, config, data, calibration.recipe, weights=weights)
+        save_quantized(qmodel, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report})
+    _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
+    return load_quantized(model, saved)

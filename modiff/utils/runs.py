@@ -1,0 +1,77 @@
+"""Run directories: atomic writes and manifests (config, git sha, versions, seeds, device, times)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from modiff._version import __version__
+from modiff.utils.paths import repo_root
+
+__all__ = ["atomic_path", "write_json", "environment", "ensure_writable_dir"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(data: Mapping[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` if needed and check that files can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe."):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write to the output directory {path}: {err.strerror or err}") from err
+    return path
+
+
+def _git_sha() -> str | None:
+    root = repo_root()
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a manifest records about where and with what a run was made."""
+    import numpy
+
+    env: dict[str, Any] = {
+        "modiff": __version__,
+        "git_sha": _git_sha(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "host": platform.node(),
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device is not None:
+        dev = torch.device(device)
+        env["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({platform.processor() or platform.machine()})"
+    return env

@@ -1,0 +1,151 @@
+"""The `modiff` command line, through click's test runner."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from modiff.cli import main
+from modiff.models.registry import data_dir
+from modiff.pipelines.train import DDIMTrainConfig, export_weights
+
+from conftest import TINY, tiny_net
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_unknown_model_lists_presets(tmp_path: Path) -> None:
+    """`sample --model nonexistent-preset` exits non-zero and names the valid presets."""
+    result = _invoke("sample", "--model", "nonexistent-preset", "--seeds", "0-1", "--device", "cpu", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "nonexistent-preset" in result.output and "fmnist-ddim" in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("seeds", ["1-", "3-1", "a,b", "1,1"])
+def test_malformed_seeds_is_a_usage_error(tmp_path: Path, seeds: str) -> None:
+    """A bad --seeds spec is a usage error (exit 2) that names the option."""
+    result = _invoke("sample", "--seeds", seeds, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "Invalid value for '--seeds'" in result.output
+
+
+def test_bad_choice_is_a_usage_error(tmp_path: Path) -> None:
+    """An unknown --sampler lists the allowed samplers."""
+    result = _invoke("sample", "--sampler", "euler", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "dpm-solver" in result.output
+
+
+def test_help_shows_examples() -> None:
+    """`sample --help` and `train ddim --help` show runnable examples."""
+    sample_help = _invoke("sample", "--help")
+    assert sample_help.exit_code == 0
+    assert "Examples:" in sample_help.output and "modiff sample --seeds 0-63 --out data/runs/fp" in sample_help.output
+    train_help = _invoke("train", "ddim", "--help")
+    assert train_help.exit_code == 0 and "modiff train ddim --out" in train_help.output
+
+
+def test_sample_from_exported_folder(tmp_path: Path) -> None:
+    """End to end on a tiny exported model: PNGs, grid, npz and a manifest naming the model."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    out = tmp_path / "run"
+    result = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-2", "--steps", "2", "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "wrote 3 samples" in result.output
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert (out / "grid.png").exists() and (out / "samples.npz").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["identity"]["model"]["model"] == str(tmp_path / "tiny")
+    assert manifest["identity"]["sample"]["steps"] == 2
+    again = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-2", "--steps", "3", "--device", "cpu", "--out", str(out))
+    assert again.exit_code == 1 and "another configuration" in again.output
+
+
+@pytest.mark.skipif(not (data_dir() / "fmnist-ddim" / "config.yaml").is_file(),
+                    reason="the shipped fmnist-ddim weights (data/fmnist-ddim/config.yaml) are not in the repository yet")
+def test_sample_shipped_preset(tmp_path: Path) -> None:
+    """`modiff sample` with the default fmnist-ddim preset writes 32x32 grey PNGs."""
+    from PIL import Image
+
+    result = _invoke("sample", "--seeds", "0-1", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    image = Image.open(tmp_path / "run" / "samples" / "000001.png")
+    assert image.size == (32, 32) and image.mode == "L"
+
+
+def test_sample_with_quant_preset_records_config(tmp_path: Path) -> None:
+    """`sample --preset w4a4-modiff` runs quantized sampling and the manifest records the quant config;
+    an unknown preset fails before anything is sampled."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-1", "--steps", "3", "--device", "cpu", "--out", str(out)]
+    result = _invoke(*args, "--preset", "w4a4-modiff")
+    assert result.exit_code == 0, result.output
+    identity = json.loads((out / "manifest.json").read_text())["identity"]["model"]
+    assert identity["quant_preset"] == "w4a4-modiff"
+    assert identity["quant_config"]["mode"] == "modulated" and identity["quant_config"]["activation"]["spec"]["bits"] == 4
+    bad = _invoke(*args[:-1], str(tmp_path / "other"), "--preset", "w4a5")
+    assert bad.exit_code == 1 and "valid presets" in bad.output and not (tmp_path / "other").exists()
+
+
+def test_cuda_graphs_need_cuda(tmp_path: Path) -> None:
+    """`sample --cuda-graphs` on the CPU is a clear error, raised before the run directory is made."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    result = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0", "--steps", "2", "--device", "cpu",
+                     "--cuda-graphs", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 1 and "needs a CUDA device" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_bops_of_cifar_config(tmp_path: Path) -> None:
+    """`modiff bops` on the CIFAR-10 architecture: 113 layers, about 6.05 GMAC in conv/linear layers."""
+    import torch
+    import yaml
+
+    from modiff.models.ddim_unet import DDIMUNetConfig, DDIMUNet
+
+    config = DDIMTrainConfig(model=DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)).official_yaml()
+    (tmp_path / "cifar10.yml").write_text(yaml.safe_dump(config))
+    torch.save(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)).state_dict(), tmp_path / "model.ckpt")
+    result = _invoke("bops", "--model", str(tmp_path / "model.ckpt"), "--config", str(tmp_path / "cifar10.yml"),
+                     "--preset", "w8a4-modiff")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["layers_counted"] == 113
+    assert report["gmacs_conv_linear"] == pytest.approx(6.05, abs=0.01)
+    assert report["gmacs_paper_convention"] * 8 * 32 == pytest.approx(1636, abs=1)  # the paper's W8A32 GBops
+    assert report["modiff_state_mb_per_image"] == pytest.approx(44.6, abs=0.1)
+
+
+def test_reproduce_takes_comma_separated_notebooks(tmp_path: Path) -> None:
+    """--notebooks a,b is split on commas (validated before anything runs: the unknown name is the error)."""
+    result = CliRunner().invoke(main, ["reproduce", "--model", "fmnist-ldm", "--notebooks", "model_card,fig1b,fig3_compensation",
+                                       "--reports", str(tmp_path)])
+    assert result.exit_code != 0 and "unknown notebooks ['fig1b']" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_reproduce_overrides_are_typed() -> None:
+    """`--set` values take the preset field's type; a wrong key or value says what is allowed."""
+    from modiff.pipelines.reproduce import parse_override
+
+    assert parse_override("num_samples=8") == ("num_samples", 8)
+    assert parse_override("calibrate=true") == ("calibrate", True)
+    assert parse_override("adaround_iters=5000") == ("adaround_iters", 5000)
+    assert parse_override("device=cuda:1") == ("device", "cuda:1")
+    with pytest.raises(ValueError, match="calibrate takes true or false"):
+        parse_override("calibrate=yes please")
+    with pytest.raises(ValueError, match="steps takes an integer"):
+        parse_override("steps=many")
+    with pytest.raises(ValueError, match="key one of num_samples"):
+        parse_override("sample_count=3")
+    result = CliRunner().invoke(main, ["reproduce", "--set", "steps=many"])
+    assert result.exit_code != 0 and "steps takes an integer" in result.output
+    from modiff.pipelines.reproduce import reproduce
+
+    with pytest.raises(ValueError, match=r"sizes must be >= 1, got \{'analysis_samples': 0\}"):
+        reproduce("quick", overrides={"analysis_samples": 0})

@@ -1,0 +1,154 @@
+"""Learned step sizes: the Lp loss, the loop, direct LSQ and MoDiff's residual calibration."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modiff.quant import ActQuant, QuantConfig, QuantSpec, quantize
+from modiff.quant.ptq.data import CalibData, CalibDataConfig
+from modiff.quant.ptq.calibrate import observe_activations
+from modiff.quant.ptq.lsq import ActCalibConfig, learn_residual_step_sizes, residual_pairs
+from modiff.quant.ptq.reconstruct import lp_loss, learn_step_sizes, reconstruction_units
+from modiff.quant.ptq.optimize import cosine_lr, draw_rows
+
+
+def test_published_defaults() -> None:
+    c = ActCalibConfig()
+    assert (c.iters, c.batch_size, c.lr, c.p, c.learn) == (5_000, 32, 4e-4, 2.4, True)
+
+
+def test_lp_loss_hand_value() -> None:
+    """Sum over channels of |diff|^p, mean over the rest: rows (1, -2) and (3, 0) give (5 + 9) / 2."""
+    pred = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    assert float(lp_loss(pred, torch.zeros(2, 2), 2.0)) == 7.0
+    assert float(lp_loss(pred, torch.zeros(()), 1.0)) == 3.0
+
+
+def test_cosine_lr_and_rows() -> None:
+    assert cosine_lr(0, 100, 4e-4) == pytest.approx(4e-4) and cosine_lr(50, 100, 4e-4) == pytest.approx(2e-4)
+    rows = draw_rows(10, iters=300, batch_size=4, device=torch.device("cpu"), seed=1, chunk=64)
+    assert rows.shape == (300, 4) and int(rows.min()) >= 0 and int(rows.max()) <= 9
+    assert all(len(set(r.tolist())) == 4 for r in rows)  # without replacement within a batch
+    assert torch.equal(rows, draw_rows(10, 300, 4, torch.device("cpu"), seed=1, chunk=64))
+    assert draw_rows(3, 2, 8, torch.device("cpu"), seed=0).shape == (2, 3)  # batch capped at N
+
+
+class _OneConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _heavy_tailed(n: int = 64) -> CalibData:
+    """Inputs and residuals with rare outliers (a min-max start wastes the grid on them)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, 5, 5, generator=gen)
+    x[::16, 0, 0, 0] = 40.0
+    before = x + 0.3 * torch.randn(n, 4, 5, 5, generator=gen)
+    before[::16, 1, 1, 1] -= 3.0  # residual outliers of about 10 sigma
+    zeros = torch.zeros(n, dtype=torch.long)
+    return CalibData(x=x, t=zeros, x_before=before, t_before=zeros + 1, index=zeros + 1,
+                     config=CalibDataConfig(steps=2, calib_steps=1, samples_per_step=n))
+
+
+def _loss(qmodel: nn.Module, fp: nn.Module, data: CalibData, p: float) -> float:
+    with torch.no_grad():
+        return float(lp_loss(qmodel(data.x, data.t), fp(data.x, data.t), p))
+
+
+def test_learned_step_sizes_lower_the_lp_loss() -> None:
+    torch.manual_seed(0)
+    fp, data = _OneConv().eval(), _heavy_tailed()
+    static = ActQuant(QuantSpec(bits=4, granularity="tensor"), dynamic=False, observer="minmax")
+    qmodel = quantize(fp, QuantConfig(weight=None, activation=static))
+    observe_activations(qmodel, data)
+    start_scale = qmodel.conv.act.scales[0].clone()
+    before = _loss(qmodel, fp, data, 2.4)
+    config = ActCalibConfig(iters=300, batch_size=16, lr=2e-2, log_every=100, storage_dtype="float32")
+    records = learn_step_sizes(qmodel, fp, data, reconstruction_units(qmodel, data), config, progress=False)
+    after = _loss(qmodel, fp, data, 2.4)
+    assert after < 0.7 * before, (before, after)
+    assert float(qmodel.conv.act.scales[0]) < float(start_scale)  # the outliers get clipped
+    assert not qmodel.conv.act.scales[0].requires_grad and records[0]["unit"] == "conv"
+
+
+def _modulated(scheme: str, learn_config: ActCalibConfig) -> tuple[nn.Module, nn.Module, CalibData]:
+    torch.manual_seed(0)
+    fp, data = _OneConv().eval(), _heavy_tailed()
+    static = ActQuant(QuantSpec(bits=4, scheme=scheme, granularity="tensor"), dynamic=False, observer="minmax")
+    mq = quantize(fp, QuantConfig(weight=None, activation=static, mode="modulated"))
+    units = reconstruction_units(quantize(fp, QuantConfig(weight=None, activation=None)), data)
+    learn_residual_step_sizes(mq, fp, data, units, learn_config, progress=False)
+    return mq, fp, data
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_residual_min_max_start(scheme: str) -> None:
+    """Symmetric: s = absmax(r) / 7; asymmetric: s = (max - min) / 15 with z = round(-min / s)."""
+    mq, fp, data = _modulated(scheme, ActCalibConfig(learn=False))
+    r = data.x - data.x_before  # conv input residuals (the conv is the first layer)
+    if scheme == "symmetric":
+        expected_scale, expected_zero = r.abs().max() / 7, 0.0
+    else:
+        expected_scale = (r.max() - r.min()) / 15
+        expected_zero = float(torch.round(-r.min() / expected_scale))
+        assert 0 < expected_zero < 15  # a real zero point (the published start keeps a stale one)
+    assert float(mq.conv.act.scales[0]) == pytest.approx(float(expected_scale), rel=1e-3)  # r stored in float16
+    assert float(mq.conv.act.zero_points[0]) == expected_zero
+
+
+def test_residual_step_sizes_lower_the_loss() -> None:
+    """The layer runs on the previous input (warm-up) then the current one: loss vs A(a_t) + b goes down."""
+    start, fp, data = _modulated("symmetric", ActCalibConfig(learn=False))
+    learned, _, _ = _modulated("symmetric", ActCalibConfig(iters=300, batch_size=16, lr=2e-2, log_every=100))
+    r, base = residual_pairs(start.conv, fp.conv, data.x, data.x_before, torch.float32)
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            out = base + model.conv.op(model.conv.act(r), model.conv.weight_q, None)
+            return float(lp_loss(out, torch.zeros(()), 2.4))
+
+    with torch.no_grad():  # base + A(r) = A(a_before) - A(a_t) + A(a_t - a_before) = 0 for exact residuals
+        torch.testing.assert_close(base + fp.conv(r) - fp.conv.bias.view(1, -1, 1, 1), torch.zeros_like(base),
+                                   atol=1e-4, rtol=0)
+    assert loss(learned) < 0.8 * loss(start), (loss(start), loss(learned))
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="lr and p must be > 0"):
+        ActCalibConfig(p=0)
+    with pytest.raises(ValueError, match="storage_dtype must be"):
+        ActCalibConfig(storage_dtype="int8")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_graph_replay_trains_on_a_device_that_is_not_current() -> None:
+    """A captured step on the last GPU (cuda:1 while the current device is 0, as in a parallel worker)
+    must train exactly like the eager loop: an empty capture would leave the weight at its warm-up value."""
+    from modiff.quant.ptq.optimize import LoopConfig, make_adam, run_loop
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    data = torch.randn(64, 4, device=device)
+    target = data @ torch.tensor([1.0, -2.0, 0.5, 3.0], device=device)
+
+    def train(graphs: bool) -> torch.Tensor:
+        weight = torch.zeros(4, device=device, requires_grad=True)
+        config = LoopConfig(iters=200, batch_size=16, cuda_graphs=graphs)
+        optimizer, _ = make_adam([weight], 0.05, device, config)
+
+        def step(batch):
+            loss = ((batch[0] @ weight - batch[1]) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        run_loop(step, [data, target], config, params=[weight])
+        return weight.detach()
+
+    eager, graphed = train(False), train(True)
+    assert graphed.abs().sum() > 1.0  # it moved well past the three eager warm-up steps
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
