@@ -84,7 +84,7 @@ def capture_features(
     """Sample from ``x_T`` with ``model`` and return the output of ``site`` at every model call.
 
     Stateful quantized models (modulated/cache configs; auto-detected from ``model.quant_config``
-    unless ``stateful`` is given) sample inside `modiff.quant.layers.state`.
+    unless ``stateful`` is given) sample inside `modiff.quant.layers.trajectory`.
     """
     store: list[torch.Tensor] = []
     module = model.get_submodule(resolve_site(model, site))

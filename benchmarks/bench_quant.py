@@ -35,7 +35,7 @@ from modiff.models.registry import Denoiser
 from modiff.quant import presets, quantize, trajectory
 from modiff.quant.kernels import modulate as fused
 from modiff.quant.cost import measure_macs, modiff_state_bytes
-from modiff.quant.layers.state import state_bytes
+from modiff.quant.layers.trajectory import state_bytes
 
 from profiling import kernel_table, write_profiles
 

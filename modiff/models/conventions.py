@@ -23,7 +23,7 @@ from torch import nn
 
 from modiff.diffusion.schedules import Spacing
 from modiff.models.ddim_unet import DDIMUNet
-from modiff.models.latent import LatentDenoiser
+from modiff.models.denoisers import LatentDenoiser
 from modiff.models.ldm_unet import UNetModel
 
 __all__ = ["default_spacing", "middle_block", "representative_layers"]

@@ -15,7 +15,7 @@ latent shape (`channels`, `image_size`). Conditional models are not supported.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -25,66 +25,17 @@ from modiff.models.ldm import (
     EMA_PREFIX,
     FIRST_STAGE_PREFIX,
     UNET_PREFIX,
-    DiagonalGaussianDistribution,
     LDMInfo,
     compvis_scale_factor,
     compvis_state_dict_split,
     ldm_modules_from_config,
 )
-from modiff.models.registry import Denoiser, load_state_dict_strict
+from modiff.models.checkpoints import load_state_dict_strict
+from modiff.models.denoisers import LatentDenoiser
 
-__all__ = ["LatentDenoiser", "is_compvis_ldm_config", "latent_denoiser_from_compvis", "compvis_schedule",
-           "compvis_module", "to_images"]
+__all__ = ["is_compvis_ldm_config", "latent_denoiser_from_compvis", "compvis_schedule", "compvis_module"]
 
 log = logging.getLogger(__name__)
-
-
-class LatentDenoiser(Denoiser):
-    """An eps-prediction UNet on latents (`net`), its schedule, and the first-stage autoencoder beside it.
-
-    `model(z_t, t) -> eps` as for pixel models; `decode(z)` turns sampled latents into images.
-    """
-
-    def __init__(self, net: nn.Module, first_stage: nn.Module, schedule: NoiseSchedule, name: str,
-                 config: Mapping[str, Any], scale_factor: float, latent_shape: tuple[int, int, int]):
-        super().__init__(net, schedule, name, config)
-        if not scale_factor > 0:
-            raise ValueError(f"scale_factor must be positive, got {scale_factor}")
-        self.first_stage = first_stage.requires_grad_(False)
-        self.scale_factor = float(scale_factor)
-        self.latent_shape = tuple(int(s) for s in latent_shape)
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.latent_shape  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) -> images (B, C', H, W) in [-1, 1] (clamped, as the LDM scripts do), float32."""
-        z = z.to(next(self.first_stage.parameters()).dtype) / self.scale_factor
-        return self.first_stage.decode(z).float().clamp(-1, 1)
-
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents. A KL posterior gives its mode, or a sample with `generator`."""
-        h = self.first_stage.encode(x)
-        if isinstance(h, DiagonalGaussianDistribution):  # a KL autoencoder
-            h = h.mode() if generator is None else h.sample(generator=generator)
-        return h * self.scale_factor
-
-    def describe(self) -> dict[str, Any]:
-        first = sum(p.numel() for p in self.first_stage.parameters())
-        return {**super().describe(), "first_stage_parameters": first, "scale_factor": self.scale_factor,
-                "latent_shape": list(self.latent_shape)}
-
-
-def to_images(model: nn.Module, x0: torch.Tensor) -> torch.Tensor:
-    """Sampler output -> images in [-1, 1]: decoded for a latent model, unchanged for a pixel model.
-
-    The one place where samples become pixels (generate, evaluate, the analysis drivers).
-    """
-    decode = getattr(model, "decode", None)
-    return decode(x0) if callable(decode) else x0
 
 
 def is_compvis_ldm_config(config: Mapping[str, Any]) -> bool:

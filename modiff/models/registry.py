@@ -1,55 +1,24 @@
-"""Loading models: embedded presets and official checkpoints, behind one `Denoiser` type."""
+"""Loading models: embedded presets and official checkpoints, behind one `Denoiser` type (`denoisers`)."""
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import yaml
 from safetensors.torch import load_file
-from torch import nn
 
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule
+from modiff.models.checkpoints import load_state_dict_strict
 from modiff.models.ddim_unet import DDIMUNet, unet_config_from_yaml
+from modiff.models.denoisers import Denoiser
 from modiff.utils.paths import data_dir
 
-__all__ = ["Denoiser", "load_model", "MODEL_PRESETS", "data_dir", "load_state_dict_strict", "schedule_from_yaml"]
+__all__ = ["load_model", "MODEL_PRESETS", "schedule_from_yaml"]
 
 log = logging.getLogger(__name__)
-
-
-class Denoiser(nn.Module):
-    """An eps-prediction network and its noise schedule: `model(x_t, t) -> eps`.
-
-    Layers live under `net`, so their qualified names read `net.down.0.block.0.conv1`.
-    """
-
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, name: str, config: Mapping[str, Any]):
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
-        self.name = name
-        self.source_config = dict(config)
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.net.sample_shape
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x, t)
-
-    def network_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """(qualified name, module) of the denoising network only, `net` itself included.
-
-        What quantization, recording and BOP counting see: a latent model keeps its first stage beside
-        `net`, in full precision, as the published LDM results do.
-        """
-        return self.net.named_modules(prefix="net")
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "config": self.source_config, "parameters": sum(p.numel() for p in self.net.parameters())}
 
 
 MODEL_PRESETS: dict[str, str] = {
@@ -68,27 +37,6 @@ def schedule_from_yaml(config: Mapping[str, Any]) -> NoiseSchedule:
     return linear_schedule(
         float(diffusion["beta_start"]), float(diffusion["beta_end"]), int(diffusion["num_diffusion_timesteps"])
     )
-
-
-def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, config: Mapping[str, Any]) -> None:
-    """load_state_dict(strict=True) with an error naming the first mismatches and the expected config."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong:
-        lines = [f"{what} does not match the model built from its config {dict(config)}:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-            if items:
-                more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
-                lines.append(f"  {label} ({len(items)}): {', '.join(items[:5])}{more}")
-        lines.append("Check that the checkpoint and the YAML config belong together.")
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

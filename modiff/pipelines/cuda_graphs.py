@@ -7,7 +7,7 @@ that graph from then on, copying the arguments into the graph's own input tensor
 
 A graph reads every tensor at the address it had at capture. Parameters and buffers stay put (replacing
 one, for instance with `set_weight_codes`, needs a new wrapper); the MoDiff state is allocated at warm-up
-and updated in place after it (`modiff.quant.layers.direct.ModulatedLayer`). The key of a graph therefore holds
+and updated in place after it (`modiff.quant.layers.modulated.ModulatedLayer`). The key of a graph therefore holds
 the arguments' shapes, strides and dtypes, the autocast setting, and every modulated layer's phase and state
 addresses. These calls always run plainly: warm-up calls (they allocate the state), calls with gradients,
 calls of non-CUDA tensors, and calls while any module of the network has hooks (a recorder's hooks must
@@ -22,7 +22,7 @@ from typing import Any, Hashable, Optional
 import torch
 from torch import Tensor, nn
 
-from modiff.quant.layers.state import replay_signature, stateful_layers
+from modiff.quant.layers.trajectory import replay_signature, stateful_layers
 
 __all__ = ["CUDAGraphed"]
 

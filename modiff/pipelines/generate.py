@@ -25,7 +25,7 @@ from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.diffusion.sampling import SAMPLERS, Callback
 from modiff.diffusion.schedules import Spacing, timesteps
 from modiff.utils.images import make_grid, save_png, to_uint8
-from modiff.models.latent import to_images
+from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
 from modiff.utils.rng import SeedStreams
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json

@@ -5,7 +5,7 @@ from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_calib_data
 from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, observe_activations
 from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.config import ActQuant, QuantConfig, WeightQuant
-from modiff.quant.layers.state import trajectory
+from modiff.quant.layers.trajectory import trajectory
 from modiff.quant.presets import preset_table, presets
 from modiff.quant.primitives import QuantSpec
 from modiff.quant.ptq.saved import load_quantized, save_quantized

@@ -9,7 +9,8 @@ from typing import Iterator
 from torch import nn
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.layers.direct import ModulatedLayer, QuantAttentionCore, QuantLayer
+from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
+from modiff.quant.layers.modulated import ModulatedLayer
 
 __all__ = ["quantize", "select_layers", "quant_layers", "network_modules"]
 

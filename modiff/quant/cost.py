@@ -47,7 +47,8 @@ def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[li
     and the MACs of the attention matmuls. `x` may hold one image."""
     from modiff.models.ddim_unet import AttentionCore
     from modiff.quant.api import network_modules
-    from modiff.quant.layers.direct import ModulatedLayer, QuantAttentionCore, QuantLayer
+    from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
+    from modiff.quant.layers.modulated import ModulatedLayer
 
     costs: list[LayerCost] = []
     attention = [0]
@@ -71,7 +72,7 @@ def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[li
             hooks.append(module.register_forward_hook(attention_hook))
     try:
         if any(isinstance(m, ModulatedLayer) and m.state.phase == "inactive" for m in model.modules()):
-            from modiff.quant.layers.state import trajectory
+            from modiff.quant.layers.trajectory import trajectory
 
             with trajectory(model):
                 model(x[:1], t[:1])

@@ -29,17 +29,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional, Sequence, Union, get_args
+from typing import Any, Callable, Literal, NamedTuple, Optional, Protocol, Sequence, Union, get_args
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from modiff.record.reducers import Reducer
-
-__all__ = ["Observation", "Grid", "Beyond", "CountBackend", "Slot", "Columns", "ResultBatch", "update_rows", "results_of", "result_batches"]
+__all__ = ["Observation", "Grid", "Beyond", "CountBackend", "Slot", "Columns", "ResultBatch", "update_rows", "results_of", "result_batches",
+           "ReducerLike"]
 
 CountBackend = Literal["auto", "search", "grid"]
+
+
+class ReducerLike(Protocol):
+    """What this module uses of a reducer (`modiff.record.reducers.Reducer` and its subclasses)."""
+
+    name: str
+
+    def state(self) -> Optional[dict[str, Union[torch.Tensor, "Slot"]]]: ...
+
+    def result(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -217,7 +225,7 @@ def _aminmax(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.amin(dim=dim), x.amax(dim=dim)
 
 
-def update_rows(rows: Sequence[Sequence["Reducer"]], obs: Observation) -> None:
+def update_rows(rows: Sequence[Sequence[ReducerLike]], obs: Observation) -> None:
     """Update reducer `rows[k][j]` with row k of `obs`; column j holds copies of one reducer (one per row).
 
     Each column is updated by its class's `update_group`; the counting blocks it returns are counted in
@@ -283,7 +291,7 @@ class ResultBatch(NamedTuple):
 _FINISH_BATCH = 4096  # reducers finished together at most: their stacked states stay some tens of MB
 
 
-def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
+def results_of(reducers: Sequence[ReducerLike]) -> list[dict[str, Any]]:
     """`r.result()` for every reducer, with few device-to-host copies (`result_batches`)."""
     out: list[dict[str, Any]] = [{} for _ in reducers]
     for batch in result_batches(reducers):
@@ -292,7 +300,7 @@ def results_of(reducers: Sequence["Reducer"]) -> list[dict[str, Any]]:
     return out
 
 
-def result_batches(reducers: Sequence["Reducer"]) -> list[ResultBatch]:
+def result_batches(reducers: Sequence[ReducerLike]) -> list[ResultBatch]:
     """The results of every reducer as column batches: `finish_columns` per batch of one class and name
     whose states have the same shapes, stacked where they live (Slot regions gathered from their arena on
     its device); reducers without state: `result()`."""

@@ -11,7 +11,8 @@ from analysis.propagation import (
     error_frame, explicit_matrix, iter_simulation, linear_operator, operator_norm, simulate,
 )
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, trajectory
-from modiff.quant.layers.direct import ModulatedLayer, QuantLayer
+from modiff.quant.layers.direct import QuantLayer
+from modiff.quant.layers.modulated import ModulatedLayer
 from modiff.quant.primitives import quantize_dynamic
 
 A4 = QuantSpec(bits=4, granularity="sample")

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import modiff
 from modiff.cli import main
 from modiff.diffusion.schedules import sqrt_linear_schedule
-from modiff.models.latent import LatentDenoiser, compvis_module, to_images
+from modiff.models.denoisers import LatentDenoiser, to_images
+from modiff.models.latent import compvis_module
 from modiff.models.ldm import ema_key, ldm_modules_from_config
 from modiff.models.registry import data_dir
 from modiff.quant.api import select_layers

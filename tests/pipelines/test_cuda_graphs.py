@@ -13,7 +13,7 @@ from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.pipelines.generate import generate
 from modiff.quant import presets, quantize, trajectory
 from modiff.quant.kernels import modulate as fused
-from modiff.quant.layers.state import replay_signature, stateful_layers
+from modiff.quant.layers.trajectory import replay_signature, stateful_layers
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")

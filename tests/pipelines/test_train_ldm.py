@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import modiff
 import modiff.pipelines.train_ldm as train_ldm
-from modiff.models.latent import LatentDenoiser
+from modiff.models.denoisers import LatentDenoiser
 from modiff.pipelines.train_ldm import train_ldm as run_training
 
 from test_latent import TINY_LDM

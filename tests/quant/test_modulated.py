@@ -7,7 +7,8 @@ from torch import nn
 
 import modiff as md
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
-from modiff.quant.layers.direct import ModulatedLayer, QuantLayer
+from modiff.quant.layers.direct import QuantLayer
+from modiff.quant.layers.modulated import ModulatedLayer
 from modiff.quant.primitives import quantize_dynamic
 
 

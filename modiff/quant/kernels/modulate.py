@@ -1,7 +1,7 @@
 """MoDiff's per-sample dynamic modulation step as two Triton kernels (`modiff.quant.kernels.modulate_triton`).
 
 a_hat_next = a_hat + Q(a_t - a_ref), Q per sample (and per half with a split shortcut), equal to
-`modiff.quant.layers.direct._modulate` with `quantize_dynamic` (bit for bit in the Triton interpreter; on CUDA
+`modiff.quant.layers.modulated._modulate` with `quantize_dynamic` (bit for bit in the Triton interpreter; on CUDA
 torch divides by a scalar through its reciprocal and the kernel may fuse the final multiply-add, so a
 value on a rounding boundary can land one step away). Torch code of the same step leaves the range
 reduction to inductor, which often gives each sample one program (at batch 512, 512 programs looping over up

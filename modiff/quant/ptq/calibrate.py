@@ -34,7 +34,7 @@ from modiff.quant.ptq.data import CalibData
 from modiff.quant.config import QuantConfig
 from modiff.quant.ptq.lsq import ActCalibConfig, learn_residual_step_sizes
 from modiff.quant.layers.direct import ActQuantizer
-from modiff.quant.layers.state import trajectory
+from modiff.quant.layers.trajectory import trajectory
 from modiff.quant.ptq.reconstruct import learn_step_sizes, reconstruct_weights, reconstruction_units
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_weights", "weight_only_config", "observe_activations",

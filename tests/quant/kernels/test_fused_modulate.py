@@ -1,4 +1,4 @@
-"""The Triton modulation step (`modiff.quant.kernels.modulate`) against the torch one (`modules._modulate_dynamic`).
+"""The Triton modulation step (`modiff.quant.kernels.modulate`) against the torch one (`modiff.quant.layers.modulated._modulate_dynamic`).
 
 Without CUDA the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before anything imports Triton), bit for bit like the torch step.
@@ -18,11 +18,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytest.importorskip("triton")
 
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
-from modiff.quant.layers import state as modulated  # noqa: E402
+from modiff.quant.layers import trajectory as modulated  # noqa: E402
 from modiff.quant.kernels import modulate as fused  # noqa: E402
 from modiff.quant.kernels.modulate import (fused_modulate_supported, modulate_per_sample, register_op,  # noqa: E402
                                 use_fused_modulate)
-from modiff.quant.layers.direct import _modulate_dynamic, _split  # noqa: E402
+from modiff.quant.layers.direct import _split  # noqa: E402
+from modiff.quant.layers.modulated import _modulate_dynamic  # noqa: E402
 from modiff.quant.primitives import QuantSpec, qparams_from_range, reduce_range  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modiff.record.engines.fused import cuda_count as count_cuda
-from modiff.record.engines.fused.engine import DESCRIPTOR
+from modiff.record.engines.fused.layout import DESCRIPTOR
 
 
 def test_shared_memory_per_block_by_hand() -> None:

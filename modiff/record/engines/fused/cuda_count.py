@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from modiff.record.engines.fused.engine import DESCRIPTOR
+from modiff.record.engines.fused.layout import DESCRIPTOR
 
 __all__ = ["MAX_LIMITS", "SHARED_LIMIT", "count_kernel_for", "fits", "launch_count", "shared_bytes", "source"]
 
@@ -152,7 +152,7 @@ extern "C" __global__ void __launch_bounds__(%(THREADS)d) count_shared(
 
 
 def source() -> str:
-    """The kernel's CUDA C, with the descriptor's field indices of `fused_layout.DESCRIPTOR`."""
+    """The kernel's CUDA C, with the descriptor's field indices of `layout.DESCRIPTOR`."""
     fields = "\n".join(f"#define D_{f.upper()} {DESCRIPTOR.index(f)}" for f in _FIELDS)
     return SOURCE % {"NF": len(DESCRIPTOR), "FIELDS": fields, "MAX_LIMITS": MAX_LIMITS, "THREADS": THREADS}
 

@@ -31,6 +31,7 @@ from typing import Any, ContextManager, Literal, Optional, Sequence, get_args
 import numpy as np
 import torch
 
+from modiff.record.engines.fused.layout import COUNTS, DATA, DESCRIPTOR, FIRST, N_OLD, NEW_SITE, PARTIAL_AT, STATE
 from modiff.record.results import Slot
 from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles, Reducer, Stats
 
@@ -49,17 +50,6 @@ _COUNT_BLOCK = 1024
 _COUNT_BLOCKS_PER_PROGRAM = 8  # at least, so that small layers do not pay for a wide scratch reduction
 _ADD_TILE = (64, 128)  # (programs, slots) per add_counts chunk
 _COUNT_PROGRAMS = 32  # count programs per descriptor at most (a model call has many: they fill the GPU together)
-# int64 fields of a descriptor: one (site call, row) for the summary, count and add_counts kernels. Addresses
-# point at the row's own part: partials (B, T, 2), channel extremes (B, C), the key state, the site's
-# histogram ranges (grids, 2), grid table, edges, bin approximations, outlier bounds, the buffer row, and the
-# key's count slots; partial_at: the first scratch row of its count programs.
-DESCRIPTOR = ("part", "chmin", "chmax", "state", "first", "n_old", "n_new", "site_range", "new_site", "grid", "edges",
-              "approx", "bounds", "samples", "channels", "inner", "tiles", "per_program", "data", "programs",
-              "partial_at", "counts")
-_STATE, _FIRST, _N_OLD, _NEW_SITE, _DATA, _PARTIAL_AT, _COUNTS = (
-    DESCRIPTOR.index(f) for f in ("state", "first", "n_old", "new_site", "data", "partial_at", "counts"))
-
-
 def fused_supported(reducers: Sequence[Reducer]) -> bool:
     """Whether every reducer has a fused implementation (exact built-in types, per-channel absmax on dim 1)."""
     return all(type(r) in _TYPES for r in reducers) and all(
@@ -99,8 +89,9 @@ def _kernels() -> ModuleType:
 
 
 def _count_cuda() -> ModuleType:
-    from modiff.record.engines.fused import cuda_count  # imports DESCRIPTOR from here
-    return count_cuda
+    from modiff.record.engines.fused import cuda_count
+
+    return cuda_count
 
 
 def _on(device: torch.device) -> ContextManager[Any]:
@@ -272,10 +263,10 @@ class SitePlan:
         """The DESCRIPTOR fields of row k (0 raw, 1 diff) of a site call (partial_at is set at the flush)."""
         fields = launch.descriptors[k].copy()
         state = key.chunk.data_ptr() + key.start * 8
-        fields[_STATE], fields[_FIRST], fields[_N_OLD], fields[_COUNTS] = state, int(key.seen == 0), key.seen, \
+        fields[STATE], fields[FIRST], fields[N_OLD], fields[COUNTS] = state, int(key.seen == 0), key.seen, \
             state + self.counts_at * 8
-        fields[_NEW_SITE] = int(not self.site_range_set[k])
-        fields[_DATA] = buffer.data_ptr() + k * launch.numel * 4
+        fields[NEW_SITE] = int(not self.site_range_set[k])
+        fields[DATA] = buffer.data_ptr() + k * launch.numel * 4
         self.site_range_set[k] = True
         return fields
 
@@ -402,7 +393,7 @@ class FusedEngine:
         plan = next(iter(self._pending_plans.values()))  # the reducers, hence the layout offsets, are shared
         table = np.asarray(self.pending, dtype=np.int64)
         programs = table[:, DESCRIPTOR.index("programs")]
-        table[:, _PARTIAL_AT] = np.cumsum(programs) - programs
+        table[:, PARTIAL_AT] = np.cumsum(programs) - programs
         desc = _upload(table, torch.int64, self.device)
         k, n = _kernels(), len(table)
         tp = _pow2(int(table[:, DESCRIPTOR.index("tiles")].max()))

@@ -16,7 +16,7 @@ and per model call one summary, up to two count and one add_counts launch for al
              below 2^53): one writer per slot, so no atomics anywhere
 
 The summary, count and add_counts kernels read their tensors and sizes from a table of int64 descriptors,
-one row per (site call, row), with the fields of `modiff.record.engines.fused.engine.DESCRIPTOR` (addresses point at the
+one row per (site call, row), with the fields of `modiff.record.engines.fused.layout.DESCRIPTOR` (addresses point at the
 row's own part of each tensor).
 
 Semantics follow `modiff.record.results`: NaN is above every boundary, a NaN boundary counts as -inf.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from modiff.record.engines.fused.engine import DESCRIPTOR
+from modiff.record.engines.fused.layout import DESCRIPTOR
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # a constexpr: compiled kernels read no other globals; torch.finfo(torch.float32).tiny: the smallest automatic histogram range
 _AT = {name: i for i, name in enumerate(DESCRIPTOR)}
