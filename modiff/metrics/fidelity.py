@@ -56,9 +56,13 @@ def _folder_images(folder: Path) -> np.ndarray:
         raise ValueError(f"no images (.png, .jpg, .jpeg, .bmp) in {folder}")
     arrays, kinds = [], {}
     for path in files:
-        with Image.open(path) as img:
-            kinds.setdefault((img.size, img.mode), path.name)
-            arrays.append(np.asarray(img))
+        try:
+            with Image.open(path) as img:
+                kinds.setdefault((img.size, img.mode), path.name)
+                arrays.append(np.asarray(img))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable image ({err}); delete it, or for a run folder run the same "
+                             f"`modiff sample` command again, which makes unreadable images again") from None
     if len(kinds) > 1:
         found = ", ".join(f"{size[0]}x{size[1]} {mode} (e.g. {name})" for (size, mode), name in kinds.items())
         raise ValueError(f"{folder} mixes image sizes or modes: {found}; all images must share one size and mode")
