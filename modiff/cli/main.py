@@ -307,7 +307,7 @@ def fid_command(samples: Path, ref: str, metrics: str, extractor: str, weights: 
     source = samples / "samples.npz" if (samples / "samples.npz").is_file() else samples
     try:
         result = compute_metrics(source, ref, [m.strip() for m in metrics.split(",")], extractor=extractor,
-                                 device=str(resolve_device(device)), weights=weights)
+                                 device=str(resolve_device(device)), weights=weights, progress=True)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result, indent=1))

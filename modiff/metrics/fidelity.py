@@ -173,10 +173,46 @@ def _register() -> None:
             register_dataset(name, _fmnist_split(name.split("-")[1]))
 
 
-def cache_root() -> Path:
-    from modiff.models.registry import data_dir
+def shipped_cache() -> Path:
+    """The statistics and features that ship in the repository (read-only: never written)."""
+    from modiff.utils.paths import data_dir
 
     return data_dir() / "fidelity-cache"
+
+
+def cache_root() -> Path:
+    """torch-fidelity's cache: ``$XDG_CACHE_HOME/modiff/fidelity`` (default ``~/.cache/modiff/fidelity``),
+    never a folder of the checkout or the installed package. The shipped statistics and features are
+    copied into it the first time."""
+    import os
+    import shutil
+
+    from modiff.utils.runs import atomic_path
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = base / "modiff" / "fidelity"
+    root.mkdir(parents=True, exist_ok=True)
+    for shipped in shipped_cache().glob("*.pt"):
+        if not (root / shipped.name).exists():
+            with atomic_path(root / shipped.name) as tmp:
+                shutil.copyfile(shipped, tmp)
+    return root
+
+
+def _features_reference(ref: str, extractor: str) -> str:
+    """The named reference KID and precision/recall use: ``ref``, unless its features are neither cached
+    nor computable (fmnist-train without the Fashion-MNIST images), then fmnist-test, whose features ship."""
+    from modiff.datasets import has_raw
+
+    split = ref.split("-")[1]
+    if extractor != EXTRACTOR or ref == "fmnist-test" or has_raw(split):
+        return ref
+    if (cache_root() / f"{ref}-{extractor}-features-penultimate.pt").exists():
+        return ref
+    log.warning("KID and precision/recall need the features of %s's images, which are not cached, and the "
+                "Fashion-MNIST images are not here: they are computed against fmnist-test (its features ship) "
+                "instead; FID still uses %s's shipped statistics (see kid_prc_reference in the result)", ref, ref)
+    return "fmnist-test"
 
 
 def _require_inception_weights(weights: Optional[str]) -> None:
@@ -197,12 +233,13 @@ def _require_inception_weights(weights: Optional[str]) -> None:
         )
 
 
-def _common_kwargs(extractor: str, batch_size: int, device: torch.device, weights: Optional[str]) -> dict[str, Any]:
+def _common_kwargs(extractor: str, batch_size: int, device: torch.device, weights: Optional[str],
+                   progress: bool = False) -> dict[str, Any]:
     if extractor == INCEPTION:
         _require_inception_weights(weights)
     kwargs: dict[str, Any] = {
         "feature_extractor": extractor, "batch_size": batch_size, "cuda": device.type == "cuda",
-        "cache_root": str(cache_root()), "verbose": False, "save_cpu_ram": True,
+        "cache_root": str(cache_root()), "verbose": progress, "save_cpu_ram": True,
     }
     if weights:
         kwargs["feature_extractor_weights_path"] = weights
@@ -279,8 +316,12 @@ def _fid_from_stats_file(images: np.ndarray, path: Path, extractor: str, batch_s
 
 def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
                     extractor: str = EXTRACTOR, batch_size: int = 250, device: str = "cpu",
-                    weights: Optional[str] = None) -> dict[str, Any]:
+                    weights: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
     """Scores of `samples` against `ref` (a reference name, a folder, an .npz of images or a stats file).
+
+    Against ``fmnist-train`` without the Fashion-MNIST images, KID and precision/recall use the shipped
+    features of ``fmnist-test`` and the result says so (``kid_prc_reference``). ``progress`` shows
+    torch-fidelity's progress bars (on stderr) while features are extracted.
 
     Returns fixed keys: fid, is_mean, is_std, kid_mean, kid_std, precision, recall, f_score (those asked
     for), with feature_space, extractor, num_samples and reference. Refuses NaN results.
@@ -299,30 +340,43 @@ def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metr
             raise ValueError("a statistics file supports FID only; pass metrics=('fid',) or a reference image set")
         result["fid"] = _fid_from_stats_file(images, Path(ref), extractor, batch_size, dev, weights)
         return _checked(result)
-    kwargs = _common_kwargs(extractor, batch_size, dev, weights)
+    kwargs = _common_kwargs(extractor, batch_size, dev, weights, progress)
     if isinstance(ref, str) and ref in reference_names():
-        input2: Any = ref
-        n_ref = 10_000 if ref == "fmnist-test" else 60_000
+        raw = _named_reference_metrics(images, ref, metrics, extractor, kwargs, result)
     else:
         ref_images = load_images(ref)
         _check_count(ref_images, "the reference")
-        input2, n_ref = UInt8Images(ref_images), len(ref_images)
-    import torch_fidelity
+        import torch_fidelity
 
-    if isinstance(input2, str) and not {"kid", "prc"} & set(metrics):
-        # FID needs only the reference's statistics (committed under data/fidelity-cache) and IS no reference:
-        # asked apart, torch-fidelity reads the cached statistics instead of loading the 60k reference images.
-        raw = {}
-        if "fid" in metrics:
-            raw.update(torch_fidelity.calculate_metrics(input1=UInt8Images(images), input2=input2, fid=True, **kwargs))
-        if "isc" in metrics:
-            raw.update(torch_fidelity.calculate_metrics(input1=UInt8Images(images), isc=True, **kwargs))
-    else:
         raw = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(images), input2=input2, fid="fid" in metrics, isc="isc" in metrics,
-            kid="kid" in metrics, prc="prc" in metrics, kid_subset_size=min(1000, len(images), n_ref), **kwargs)
+            input1=UInt8Images(images), input2=UInt8Images(ref_images), fid="fid" in metrics, isc="isc" in metrics,
+            kid="kid" in metrics, prc="prc" in metrics, kid_subset_size=min(1000, len(images), len(ref_images)),
+            **kwargs)
     result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
     return _checked(result)
+
+
+def _named_reference_metrics(images: np.ndarray, ref: str, metrics: Sequence[Metric], extractor: str,
+                             kwargs: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Against fmnist-train or fmnist-test, metric by metric: FID needs only the reference's statistics
+    (shipped) and IS no reference; KID and precision/recall need its features (`_features_reference`)."""
+    import torch_fidelity
+
+    samples = UInt8Images(images)
+    raw: dict[str, Any] = {}
+    if "fid" in metrics:
+        raw.update(torch_fidelity.calculate_metrics(input1=samples, input2=ref, fid=True, **kwargs))
+    if "isc" in metrics:
+        raw.update(torch_fidelity.calculate_metrics(input1=samples, isc=True, **kwargs))
+    if {"kid", "prc"} & set(metrics):
+        features_ref = _features_reference(ref, extractor)
+        if features_ref != ref:
+            result["kid_prc_reference"] = features_ref
+        n_ref = 10_000 if features_ref == "fmnist-test" else 60_000
+        raw.update(torch_fidelity.calculate_metrics(
+            input1=samples, input2=features_ref, kid="kid" in metrics, prc="prc" in metrics,
+            kid_subset_size=min(1000, len(images), n_ref), **kwargs))
+    return raw
 
 
 def _checked(result: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +388,7 @@ def _checked(result: dict[str, Any]) -> dict[str, Any]:
 
 def reference_floor(batch_size: int = 250, device: str = "cpu") -> dict[str, Any]:
     """Test set (10k) against train set (60k): the scores a perfect model would reach. Caches the
-    features and FID statistics of both splits under data/fidelity-cache/."""
+    features and FID statistics of both splits in the user cache (`cache_root`)."""
     import torch_fidelity
 
     _register()
