@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 from modiff.record.engines.fused.layout import COUNTS, DATA, DESCRIPTOR, FIRST, N_OLD, NEW_SITE, PARTIAL_AT, STATE
+from modiff.record.engines.reference import ReferenceEngine
 from modiff.record.results import Slot
 from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles, Reducer, Stats
 
-__all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
+__all__ = ["FusedEngine", "fused_supported", "use_fused"]
 
-Engine = Literal["auto", "reference", "fused"]
+EngineName = Literal["auto", "reference", "fused"]  # as modiff.record.engines.EngineName
 CountBackend = Literal["shared", "triton"]
 # How engines made from now on count: "shared", the CUDA C kernel of `count_cuda` (shared-memory atomics)
 # where it compiles and the grids fit, else Triton; "triton", always `kernels.count_kernel` (benchmarks
@@ -56,15 +57,15 @@ def fused_supported(reducers: Sequence[Reducer]) -> bool:
         r.dim == 1 for r in reducers if isinstance(r, ChannelAbsMax))
 
 
-def use_fused(engine: Engine, reducers: Sequence[Reducer], device: Optional[torch.device] = None) -> bool:
+def use_fused(engine: EngineName, reducers: Sequence[Reducer], device: Optional[torch.device] = None) -> bool:
     """Whether the fused kernels record these reducers on `device`.
 
     "fused": always (on a CPU that needs the Triton interpreter; unsupported reducers raise). "auto": on
     CUDA when Triton imports and every reducer is supported (on an H200 faster than the torch path for
     `Stats` and for the default reducers, see benchmarks/README.md); else the torch path. "reference": never.
     """
-    if engine not in get_args(Engine):
-        raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
+    if engine not in get_args(EngineName):
+        raise ValueError(f"engine must be one of {get_args(EngineName)}, got {engine!r}")
     if engine == "reference" or not reducers:  # without reducers only the buffer is updated: two torch ops
         return False
     if engine == "auto":
@@ -340,15 +341,21 @@ class FusedEngine:
             raise ValueError(f"engine='fused' runs Triton kernels, which need CUDA; on {self.device} only in the "
                              "Triton interpreter (set TRITON_INTERPRET=1 before recording). Use engine='reference'.")
         self.arena = Arena(self.device)
+        self.reference = ReferenceEngine()
         self.programs = _COUNT_PROGRAMS
         self.count_backend = COUNT_BACKEND
+
+    name = "fused"
 
     def accepts(self, x: torch.Tensor) -> bool:
         return x.ndim >= 2 and x.numel() > 0 and x.device == self.device
 
     def update(self, site: tuple[str, str], rows: Sequence[Sequence[Reducer]], buffer: torch.Tensor,
                x: torch.Tensor, diff: bool) -> None:
-        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) now; rows[k] (k = 0 raw, 1 diff) at the flush."""
+        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) now; rows[k] (k = 0 raw, 1 diff) at the flush.
+        Tensors the kernels do not take (scalars, empty, on another device) go the reference way."""
+        if not self.accepts(x):
+            return self.reference.update(site, rows, buffer, x, diff)
         plan = self._plan(site, x)
         if id(plan) in self._pending_plans:  # its scratch is about to be overwritten
             self.flush()
