@@ -346,7 +346,7 @@ class Recorder:
 
     def save(self, out_dir: Optional[str | Path] = None) -> Path:
         """Write the recording directory (default: the out_dir given to record) and return its path."""
-        if self._handles:
+        if self._hooks is not None:
             raise RuntimeError("save() after the `with record(...)` block: the recorder is still active")
         if out_dir is None and self.out_dir is None:
             raise ValueError("no directory: pass out_dir to save(...) or to record(...)")

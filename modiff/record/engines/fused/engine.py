@@ -220,7 +220,6 @@ class SitePlan:
         self._scratch_shape: tuple[int, int] = (0, 0)
         self.layouts = self._layouts(reducers)
         self._launches: dict[torch.Size, _Launch] = {}
-        self.account = [_ACCOUNT[type(r)] for r in reducers]
 
     def scratch(self, samples: int, tiles: int) -> _Scratch:
         """Per (sample, channel) extremes and per-tile moments, all written by the scan before being read."""
@@ -255,10 +254,9 @@ class SitePlan:
         """Point the reducers of a key (row `index`: 0 raw, 1 diff) at their state (`Reducer.state` form)."""
         site_at = index * self.site_ranges.shape[1] * 2
         for reducer, layout in zip(row, self.layouts):
-            target = reducer._hist if isinstance(reducer, Quantiles) else reducer
-            target._slots = {name: (Slot(self.site_ranges, site_at + at, shape, convert) if per_site
-                                    else Slot(key.chunk, key.start + at, shape, convert))
-                             for name, at, shape, convert, per_site in layout}
+            reducer.place({name: (Slot(self.site_ranges, site_at + at, shape, convert) if per_site
+                                  else Slot(key.chunk, key.start + at, shape, convert))
+                           for name, at, shape, convert, per_site in layout})
 
     def descriptor(self, k: int, key: _Key, launch: "_Launch", buffer: torch.Tensor) -> list[int]:
         """The DESCRIPTOR fields of row k (0 raw, 1 diff) of a site call (partial_at is set at the flush)."""
@@ -371,8 +369,8 @@ class FusedEngine:
         for k, (key, row) in enumerate(zip(keys, rows)):
             self.pending.append(plan.descriptor(k, key, launch, buffer))
             key.seen += launch.numel
-            for account, reducer in zip(plan.account, row):
-                account(reducer, launch.numel, launch.samples)
+            for reducer in row:
+                reducer.count_values(launch.numel, launch.samples)
         self._pending_plans[id(plan)] = plan
         self._pending_tensors += [scratch.partials, scratch.chmin, scratch.chmax, buffer]
 
@@ -468,29 +466,3 @@ def _scan_tiles(channels: int, inner: int) -> tuple[int, int]:
     """Chunk [channels CB, values RB] of the scan; a program reduces CB channels of one sample."""
     rb = min(_pow2(inner), _TILE)
     return max(1, min(_pow2(channels), _TILE // rb)), rb
-
-
-def _account_stats(reducer: Stats, numel: int, samples: int) -> None:
-    reducer.count += numel
-    reducer.samples += samples
-
-
-def _account_outliers(reducer: Outliers, numel: int, samples: int) -> None:
-    reducer.count += numel
-
-
-def _account_histogram(reducer: Histogram, numel: int, samples: int) -> None:
-    reducer._n += numel
-
-
-def _account_quantiles(reducer: Quantiles, numel: int, samples: int) -> None:
-    reducer._hist._n += numel
-
-
-def _account_nothing(reducer: Reducer, numel: int, samples: int) -> None:
-    pass
-
-
-# The host-side counters each reducer's `finish` reads, by reducer type.
-_ACCOUNT = {Stats: _account_stats, ChannelAbsMax: _account_nothing, Histogram: _account_histogram,
-            Quantiles: _account_quantiles, Outliers: _account_outliers}
