@@ -2,12 +2,12 @@
 a re-run) or computes in memory, and returns a DataFrame (data in, tables out; no plotting here)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.utils.device import resolve_device
+from modiff.utils.hooks import Capture, attach
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.adaround import AdaRoundConfig
@@ -33,18 +34,8 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def _input_hooks(model: nn.Module, sites: Sequence[str], store: dict[str, list[torch.Tensor]]) -> Iterator[None]:
-    handles = []
-    for site in sites:
-        module = model.get_submodule(site)
-        handles.append(module.register_forward_pre_hook(
-            lambda _m, args, site=site: store[site].append(args[0].detach().float().cpu())))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def _on_cpu(args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return args[0].detach().float().cpu()
 
 
 def _timesteps(model: nn.Module, steps: int, spacing: Optional[Spacing] = None) -> tuple[int, ...]:
@@ -71,10 +62,10 @@ def layer_inputs(model: nn.Module, sites: Sequence[str], seeds: Sequence[int], s
     timesteps (the model's own spacing unless ``spacing`` is given). Sampling runs on ``device``."""
     ts = _timesteps(model, steps, spacing)
     runner = _on_device(model, device)
-    store: dict[str, list[torch.Tensor]] = {site: [] for site in sites}
-    with _input_hooks(runner, sites, store):
+    captures = {site: Capture("input", keep=_on_cpu) for site in sites}
+    with attach("analysis.layer_inputs", [(runner.get_submodule(site), c) for site, c in captures.items()]):
         md.sample_ddim(runner, md.noise(seeds, model.sample_shape).to(resolve_device(device)), ts)
-    return store, ts
+    return {site: c.values for site, c in captures.items()}, ts
 
 
 def calibration_settings(model: nn.Module, steps: int, samples_per_step: int, adaround_iters: int,
@@ -104,9 +95,7 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
     if finished_run(run_dir, seeds, config, identity):  # reused without building, calibrating or loading the model
         return run_dir
     net = model if preset == "fp" else quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
-    prepare = None
-    if preset != "fp" and md.presets[preset].stateful:
-        prepare = lambda m: md.trajectory(m, reset=reset)  # noqa: E731 (a context factory)
+    prepare = partial(md.trajectory, reset=reset)  # does nothing for a model without MoDiff state
     return generate(net, seeds, run_dir, config, batch_size=batch_size, device=device,
                     identity=identity, prepare=prepare, progress=False)
 

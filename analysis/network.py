@@ -18,8 +18,7 @@ is averaged over samples (``rel_l2_mean``, ``rel_l2_std`` population std over sa
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +28,7 @@ from torch import nn
 from modiff.diffusion.sampling import sample_ddim
 from modiff.models.conventions import middle_block
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, quantize, trajectory
+from modiff.utils.hooks import Capture, attach
 
 __all__ = [
     "caching_error_curves",
@@ -57,41 +57,25 @@ def resolve_site(model: nn.Module, site: Optional[str] = None) -> str:
     return site
 
 
-def _is_stateful(model: nn.Module, stateful: Optional[bool]) -> bool:
-    if stateful is not None:
-        return stateful
-    config = getattr(model, "quant_config", None)
-    return bool(getattr(config, "stateful", False))
-
-
-@contextlib.contextmanager
-def _hooked(module: nn.Module, store: list[torch.Tensor]) -> Iterator[None]:
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        store.append(out.detach().float().clone())
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+def _features(output: Any) -> torch.Tensor:
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    return out.detach().float().clone()
 
 
 def capture_features(
     model: nn.Module, x_T: torch.Tensor, timesteps: Sequence[int], site: Optional[str] = None,
-    sampler: Sampler = sample_ddim, stateful: Optional[bool] = None, **sampler_kwargs: Any,
+    sampler: Sampler = sample_ddim, **sampler_kwargs: Any,
 ) -> list[torch.Tensor]:
     """Sample from ``x_T`` with ``model`` and return the output of ``site`` at every model call.
 
-    Stateful quantized models (modulated/cache configs; auto-detected from ``model.quant_config``
-    unless ``stateful`` is given) sample inside `modiff.quant.layers.trajectory`.
+    Sampling runs inside `modiff.trajectory` (which does nothing for a model without MoDiff state); the
+    features are captured by a `modiff.utils.hooks.Capture` hook.
     """
-    store: list[torch.Tensor] = []
+    capture = Capture("output", keep=_features)
     module = model.get_submodule(resolve_site(model, site))
-    state = trajectory(model) if _is_stateful(model, stateful) else contextlib.nullcontext()
-    with state, _hooked(module, store):
+    with trajectory(model), attach("analysis.capture_features", [(module, capture)]):
         sampler(model, x_T, timesteps, **sampler_kwargs)
-    return store
+    return capture.values
 
 
 def relative_l2(reference: Sequence[torch.Tensor], estimate: Sequence[torch.Tensor],
@@ -114,16 +98,15 @@ def relative_l2(reference: Sequence[torch.Tensor], estimate: Sequence[torch.Tens
 
 def feature_error_over_steps(
     model_fp: nn.Module, model_q: nn.Module, x_T: torch.Tensor, timesteps: Sequence[int],
-    site: Optional[str] = None, sampler: Sampler = sample_ddim, stateful: Optional[bool] = None,
-    **sampler_kwargs: Any,
+    site: Optional[str] = None, sampler: Sampler = sample_ddim, **sampler_kwargs: Any,
 ) -> pd.DataFrame:
     """Relative L2 distance of ``site`` features, ``model_q`` vs ``model_fp``, each on its own
-    trajectory from the same ``x_T`` (see `relative_l2`). ``stateful`` applies to ``model_q``.
+    trajectory from the same ``x_T`` (see `relative_l2`).
 
     Stochastic samplers: pass a fresh ``rng`` per call yourself; one kwargs set serves both runs here.
     """
     reference = capture_features(model_fp, x_T, timesteps, site, sampler, **sampler_kwargs)
-    estimate = capture_features(model_q, x_T, timesteps, site, sampler, stateful=stateful, **sampler_kwargs)
+    estimate = capture_features(model_q, x_T, timesteps, site, sampler, **sampler_kwargs)
     return relative_l2(reference, estimate, timesteps)
 
 

@@ -78,7 +78,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
         if quantized is not None:
             net, saved = load_quantized_run(model, model_config, quantized)
             identity.update(quantized=str(quantized), quant_config=saved["quant_config"])
-            prepare = trajectory if net.quant_config.stateful else None
+            prepare = trajectory
         else:
             net = load_model_option(model, model_config)
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), eta=eta,
@@ -86,7 +86,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
         if quant is not None:
             net = quantize(net, quant)
             identity["quant_config"] = quant.to_dict()
-            prepare = trajectory if quant.stateful else None
+            prepare = trajectory
         done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
                         prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
     except USER_ERRORS as err:
@@ -413,7 +413,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
         prepare = None
         if quant is not None:
             net = quantize(net, quant)
-            prepare = trajectory if quant.stateful else None
+            prepare = trajectory
         done = record_sampling(net, seeds, out, config, sites=sites, batch_size=batch_size, device=device,
                                tensors=None if tensor_sites is None else TensorSpec(sites=tensor_sites),
                                prepare=prepare, metadata={"model": model, "quant_preset": quant_preset})

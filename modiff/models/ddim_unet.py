@@ -223,6 +223,11 @@ class DDIMUNet(nn.Module):
         """Up-path layers whose input is cat([h, skip]): name -> channels of h (for split quantization)."""
         return dict(self._concat_splits)
 
+    def attention_cores(self) -> list[str]:
+        """The parameter-free attention matmuls (`AttentionCore`) by name: what attention quantization wraps
+        and BOP counting counts."""
+        return [name for name, module in self.named_modules() if isinstance(module, AttentionCore)]
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.config

@@ -79,7 +79,7 @@ def evaluate(model: torch.nn.Module, seeds: Sequence[int], out_dir: str | Path, 
         quant = presets[quant_preset]
         model = quantize(model, quant)
         identity["quant_config"] = quant.to_dict()
-        prepare = trajectory if quant.stateful else None
+        prepare = trajectory
     out = generate(model, seeds, out_dir, config, batch_size=batch_size, device=device, identity=identity,
                    prepare=prepare, compile=compile, progress=progress)
     images = seed_images(out, seeds)

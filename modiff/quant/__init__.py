@@ -1,4 +1,6 @@
-"""Quantization: primitives, observers, quantized layers, MoDiff state, presets and BOPs."""
+"""Quantization. The simulator: `primitives` (QuantSpec, fake quantization), `observers`, `config`,
+`layers/` (direct, modulated; the MoDiff state and `trajectory`), `kernels/`, `api` (`quantize`), `presets`
+and `cost` (BOPs, memory). Q-Diffusion calibration of static presets: `ptq/`."""
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.api import quant_layers, quantize, select_layers
 from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_calib_data, load_calib_data, save_calib_data

@@ -1,51 +1,77 @@
-"""`quantize(model, config)`: a quantized copy; the full-precision model is left untouched."""
+"""`quantize(model, config)`: a quantized copy; the full-precision model is left untouched.
+
+The layer class of a mode comes from a small registry (`register_layer`, `layer_class`), as torchao's
+`quantize_(model, config)` dispatches on its config: `direct` and `fp` wrap a layer in `QuantLayer`,
+`modulated` and `cache` in `ModulatedLayer` (state across steps, `trajectory()`). Layers are selected
+by type and name patterns (`modiff.utils.selection.select_modules`). What a model knows about itself it
+declares: `concat_splits()` (layers whose input is a concatenated skip) and `attention_cores()` (the
+parameter-free attention matmuls that `quantize_attention` wraps).
+"""
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
-from typing import Iterator
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
-from modiff.quant.config import QuantConfig
+from modiff.quant.config import Mode, QuantConfig
 from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer
+from modiff.utils.selection import network_modules, select_modules
 
-__all__ = ["quantize", "select_layers", "quant_layers", "network_modules"]
+__all__ = ["attention_cores", "layer_class", "quantize", "register_layer", "select_layers", "quant_layers",
+           "network_modules"]
 
 log = logging.getLogger(__name__)
 
+L = TypeVar("L", bound=type[QuantLayer])
+_LAYERS: dict[str, type[QuantLayer]] = {}
 
-def network_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The modules quantization may touch: a Denoiser's network (`model.network_modules()`, which leaves
-    a latent model's first stage out), or every module of any other model."""
-    own = getattr(model, "network_modules", None)
-    return own() if callable(own) else model.named_modules()
+
+def register_layer(*modes: Mode) -> Callable[[L], L]:
+    """Make a QuantLayer subclass the layer of `modes` (a class decorator; a mode has one class)."""
+    def register(cls: L) -> L:
+        for mode in modes:
+            if mode in _LAYERS and _LAYERS[mode] is not cls:
+                raise ValueError(f"mode {mode!r} already has the layer class {_LAYERS[mode].__name__}")
+            _LAYERS[mode] = cls
+        return cls
+    return register
+
+
+register_layer("fp", "direct")(QuantLayer)
+register_layer("modulated", "cache")(ModulatedLayer)
+
+
+def layer_class(config: QuantConfig) -> type[QuantLayer]:
+    """The layer class that computes in `config.mode`."""
+    if config.mode not in _LAYERS:
+        raise ValueError(f"no layer class for mode {config.mode!r}; registered: {sorted(_LAYERS)}")
+    return _LAYERS[config.mode]
 
 
 def select_layers(model: nn.Module, config: QuantConfig) -> list[str]:
     """Qualified names of the layers `config` selects, by type and name patterns (fnmatch)."""
-    names = []
-    for name, module in network_modules(model):
-        if type(module).__name__ not in config.layer_types:
-            continue
-        if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-            continue
-        names.append(name)
-    return names
+    return select_modules(model, config.layer_types, config.include, config.exclude)
 
 
-def _concat_splits(model: nn.Module) -> dict[str, int]:
-    """Layer name -> channels of the first half of its concatenated skip input, where a model says."""
-    splits: dict[str, int] = {}
+def _declared(model: nn.Module, method: str) -> list[tuple[str, Any]]:
+    """(qualified name, value) of what the modules of `model` declare through `method()` (a dict of
+    local name -> value, or a list of local names)."""
+    found: list[tuple[str, Any]] = []
     for prefix, module in model.named_modules():
-        describe = getattr(module, "concat_splits", None)
+        describe = getattr(module, method, None)
         if callable(describe):
-            splits.update({f"{prefix}.{k}" if prefix else k: v for k, v in describe().items()})
-    return splits
+            declared = describe()
+            items = declared.items() if isinstance(declared, dict) else ((name, None) for name in declared)
+            found.extend((f"{prefix}.{k}" if prefix else k, v) for k, v in items)
+    return found
+
+
+def attention_cores(model: nn.Module) -> list[str]:
+    """Qualified names of the attention cores the model declares (`attention_cores()` of its networks)."""
+    return [name for name, _ in _declared(model, "attention_cores")]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -67,15 +93,16 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
     if not names:
         raise ValueError(f"no layer matched layer_types={config.layer_types}, include={config.include}, "
                          f"exclude={config.exclude}")
-    splits = _concat_splits(qmodel) if config.split_shortcut else {}
-    layer_class = ModulatedLayer if config.stateful else QuantLayer
+    splits = dict(_declared(qmodel, "concat_splits")) if config.split_shortcut else {}
+    cls = layer_class(config)
     for name in names:
         layer = qmodel.get_submodule(name)
-        _replace(qmodel, name, layer_class(layer, config, name, splits.get(name)))
+        _replace(qmodel, name, cls(layer, config, name, splits.get(name)))
     if config.quantize_attention:
-        cores = [n for n, m in network_modules(qmodel) if type(m).__name__ == "AttentionCore"]
-        for name in cores:
-            _replace(qmodel, name, QuantAttentionCore(config.attention_bits))
+        network = {name for name, _ in network_modules(qmodel)}
+        for name in attention_cores(qmodel):
+            if name in network:  # a latent model's first stage stays in full precision
+                _replace(qmodel, name, QuantAttentionCore(config.attention_bits))
     qmodel.quant_config = config
     log.info("quantized %d layers (%s)", len(names), config.mode)
     return qmodel

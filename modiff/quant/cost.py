@@ -13,14 +13,19 @@ multiply-add. `compute_report` gives both conventions.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from modiff.quant.config import QuantConfig
+from modiff.quant.api import attention_cores, quantize
+from modiff.quant.config import QuantConfig
+from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
+from modiff.quant.layers.trajectory import stateful_layers, trajectory
+from modiff.utils.hooks import ModelHook, attach
+from modiff.utils.selection import network_modules
 
 __all__ = ["LayerCost", "measure_macs", "bops_table", "modiff_state_bytes", "compute_report", "preset_report"]
 
@@ -41,47 +46,46 @@ def _layer_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
     return out[0].numel() * per_output
 
 
+class _LayerMacs(ModelHook):
+    def __init__(self, name: str, costs: list[LayerCost]):
+        self.name, self.costs = name, costs
+
+    def post_forward(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        kind = getattr(module, "kind", type(module).__name__)
+        self.costs.append(LayerCost(self.name, kind, _layer_macs(module, args[0], out), args[0][0].numel(), out[0].numel()))
+
+
+class _AttentionMacs(ModelHook):
+    def __init__(self) -> None:
+        self.macs = 0
+
+    def post_forward(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        q = args[0]
+        tokens, channels = q.shape[2] * q.shape[3], q.shape[1]
+        self.macs += 2 * tokens * tokens * channels * q.shape[0]  # q k^T and attn v; dim 0 is heads (batch 1)
+
+    def reset_state(self) -> None:
+        self.macs = 0
+
+
 @torch.no_grad()
 def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[list[LayerCost], int]:
     """Per-layer MACs (per image) of every Conv/Linear (plain or quantized) on one real forward,
-    and the MACs of the attention matmuls. `x` may hold one image."""
-    from modiff.models.ddim_unet import AttentionCore
-    from modiff.quant.api import network_modules
-    from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
-    from modiff.quant.layers.modulated import ModulatedLayer
-
+    and the MACs of the attention matmuls (the cores the model declares, `attention_cores`). `x` may
+    hold one image."""
     costs: list[LayerCost] = []
-    attention = [0]
-    hooks = []
-
-    def layer_hook(name: str):
-        def hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-            kind = getattr(module, "kind", type(module).__name__)
-            costs.append(LayerCost(name, kind, _layer_macs(module, inputs[0], out), inputs[0][0].numel(), out[0].numel()))
-        return hook
-
-    def attention_hook(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        q = inputs[0]
-        tokens, channels = q.shape[2] * q.shape[3], q.shape[1]
-        attention[0] += 2 * tokens * tokens * channels * q.shape[0]  # q k^T and attn v; dim 0 is heads (batch 1)
-
+    attention = _AttentionMacs()
+    cores = set(attention_cores(model))
+    hooks: list[tuple[nn.Module, ModelHook]] = []
     for name, module in network_modules(model):  # a latent model's first stage is not counted
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear, QuantLayer)):
-            hooks.append(module.register_forward_hook(layer_hook(name)))
-        elif isinstance(module, (AttentionCore, QuantAttentionCore)):
-            hooks.append(module.register_forward_hook(attention_hook))
-    try:
-        if any(isinstance(m, ModulatedLayer) and m.state.phase == "inactive" for m in model.modules()):
-            from modiff.quant.layers.trajectory import trajectory
-
-            with trajectory(model):
-                model(x[:1], t[:1])
-        else:
-            model(x[:1], t[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return costs, attention[0]
+            hooks.append((module, _LayerMacs(name, costs)))
+        elif name in cores or isinstance(module, QuantAttentionCore):
+            hooks.append((module, attention))
+    active = any(layer.state.phase != "inactive" for layer in stateful_layers(model))
+    with attach("modiff.cost", hooks), (contextlib.nullcontext() if active else trajectory(model)):
+        model(x[:1], t[:1])
+    return costs, attention.macs
 
 
 def _bits(module: Optional[nn.Module]) -> tuple[int, int]:
@@ -134,12 +138,10 @@ def compute_report(model: nn.Module, steps: int) -> dict[str, object]:
     return _report(model, *_costs(model), steps)
 
 
-def preset_report(model: nn.Module, config: "QuantConfig", steps: int) -> dict[str, object]:
+def preset_report(model: nn.Module, config: QuantConfig, steps: int) -> dict[str, object]:
     """`compute_report` of ``quantize(model, config)``, with the MACs measured on the full-precision
     ``model``: BOPs depend only on the layers and their bit widths, so a static (Q-Diffusion) preset is
     counted without being calibrated, and a report needs no saved calibration."""
-    from modiff.quant.api import quantize
-
     return _report(quantize(model, config), *_costs(model), steps)
 
 

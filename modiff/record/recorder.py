@@ -32,6 +32,7 @@ are written to safetensors shards once they exceed `memory_budget_mb` (see `modi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -43,12 +44,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from modiff.record.results import Observation, result_batches, update_rows
-from modiff.record.engines.fused.engine import Engine, FusedEngine, use_fused
+from modiff.record.engines import Engine, EngineName, check_engine, make_engine
+from modiff.record.results import result_batches
 from modiff.record.reducers import Reducer, default_reducers
 from modiff.record.sites import SiteSpec, select_sites
 from modiff.record.store import ResultKey, results_to_tables, write_recording
 from modiff.record.tensors import ShardWriter, TensorSpec, tensor_key
+from modiff.utils.hooks import ModelHook, attach
 from modiff.utils.runs import environment
 
 __all__ = ["Capture", "Recorder", "record"]
@@ -65,6 +67,33 @@ class _Site:
     module: nn.Module
     stats: bool  # reducers run on it
     tensors: bool  # full tensors are kept
+
+
+HOOK_NAME = "modiff.record"  # the recorder's hooks (modiff.utils.hooks): the model's, ".input", ".output"
+
+
+class _ModelCall(ModelHook):
+    def __init__(self, recorder: "Recorder"):
+        self.recorder = recorder
+
+    def pre_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.recorder._on_model_call()
+
+
+class _SiteInput(ModelHook):
+    def __init__(self, recorder: "Recorder", site: _Site):
+        self.recorder, self.site = recorder, site
+
+    def pre_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.recorder._observe(self.site, "input", args)
+
+
+class _SiteOutput(ModelHook):
+    def __init__(self, recorder: "Recorder", site: _Site):
+        self.recorder, self.site = recorder, site
+
+    def post_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.recorder._observe(self.site, "output", output)
 
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
@@ -100,7 +129,7 @@ class Recorder:
     def __init__(self, model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None,
                  *, capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
                  memory_budget_mb: float = 512, differences: bool = True, metadata: Optional[Mapping[str, Any]] = None,
-                 engine: Engine = "auto"):
+                 engine: EngineName = "auto"):
         if capture not in get_args(Capture):
             raise ValueError(f"capture must be one of {', '.join(get_args(Capture))}; got {capture!r}")
         self.reducers = list(default_reducers() if reducers is None else reducers)
@@ -115,16 +144,15 @@ class Recorder:
             raise ValueError("tensors=TensorSpec(...) spills full tensors to disk: pass out_dir=...")
         if memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}")
-        use_fused(engine, self.reducers)  # a bad engine or unsupported reducers fail here, not at the first call
+        check_engine(engine, self.reducers)  # a bad engine or unsupported reducers fail here, not at the first call
         self.model, self.capture, self.differences, self.engine = model, capture, differences, engine
-        self._fused: Optional[FusedEngine] = None
-        self._fused_resolved = False
+        self._engine: Optional[Engine] = None  # chosen at the first observation, by `engine` and the device
         self.tensor_spec, self.memory_budget_mb = tensors, float(memory_budget_mb)
         self.metadata = dict(metadata or {})
         self.sites = self._build_sites(sites)  # a bad spec fails before any directory is made
         self.out_dir = None if out_dir is None else _check_empty_dir(Path(out_dir))
         self._writer = None if tensors is None else ShardWriter(self.out_dir, int(self.memory_budget_mb * 2**20))
-        self._handles: list[Any] = []
+        self._hooks: Optional[contextlib.ExitStack] = None
         self._reducers: dict[ResultKey, list[Reducer]] = {}
         self._shared: dict[tuple[str, str, str], dict[str, Any]] = {}
         # (site, capture, call) -> (step of row 0, buffer (2, *shape) float32: [a_step, a_step - a_step-1])
@@ -150,25 +178,22 @@ class Recorder:
 
     # -- context ---------------------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
-        if self._handles:
+        if self._hooks is not None:
             raise RuntimeError("this recorder is already active; make a new one with record(...)")
         self._started = time.time()
-        try:
-            self._handles.append(self.model.register_forward_pre_hook(self._on_model_call))
-            for site in self.sites:
-                if self.capture in ("input", "both"):
-                    self._handles.append(site.module.register_forward_pre_hook(self._input_hook(site)))
-                if self.capture in ("output", "both"):
-                    self._handles.append(site.module.register_forward_hook(self._output_hook(site)))
-        except BaseException:
-            self._remove_hooks()
-            raise
+        with contextlib.ExitStack() as stack:  # a hook that fails to register removes the others
+            stack.enter_context(attach(HOOK_NAME, [(self.model, _ModelCall(self))]))
+            if self.capture in ("input", "both"):
+                stack.enter_context(attach(HOOK_NAME + ".input", [(s.module, _SiteInput(self, s)) for s in self.sites]))
+            if self.capture in ("output", "both"):
+                stack.enter_context(attach(HOOK_NAME + ".output", [(s.module, _SiteOutput(self, s)) for s in self.sites]))
+            self._hooks = stack.pop_all()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._remove_hooks()
-        if self._fused is not None:  # the pending work of the last model call, before its buffers go
-            self._fused.flush() if exc_type is None else self._fused.discard()
+        if self._engine is not None:  # the pending work of the last model call, before its buffers go
+            self._engine.flush() if exc_type is None else self._engine.discard()
         self._prev.clear()  # frees the activation buffers
         self.seconds += time.time() - (self._started or time.time())
         if exc_type is not None:
@@ -183,9 +208,9 @@ class Recorder:
             self.save()
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
 
     # -- sampler side ----------------------------------------------------------------------------------
     def on_step(self, info: Any) -> None:
@@ -215,23 +240,13 @@ class Recorder:
         self._invocations.clear()
 
     # -- hooks -----------------------------------------------------------------------------------------
-    def _on_model_call(self, _module: nn.Module, _args: Any) -> None:
-        if self._fused is not None:  # summarise the previous call before its scratch is reused
-            self._fused.flush()
+    def _on_model_call(self) -> None:
+        if self._engine is not None:  # finish the previous call before its scratch is reused
+            self._engine.flush()
         self._call = self._calls_in_step
         self._calls_in_step += 1
         self.model_calls += 1
         self._invocations.clear()
-
-    def _input_hook(self, site: _Site) -> Any:
-        def hook(_module: nn.Module, args: Any) -> None:
-            self._observe(site, "input", args)
-        return hook
-
-    def _output_hook(self, site: _Site) -> Any:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            self._observe(site, "output", output)
-        return hook
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
         if key not in self._warned:
@@ -279,22 +294,9 @@ class Recorder:
         rows = [self._reducers_of((name, capture, "raw", step, call))]
         if diff:
             rows.append(self._reducers_of((name, capture, "diff", step, call)))
-        fused = self._fused_engine(x.device)
-        if fused is not None and fused.accepts(x):
-            fused.update((name, capture), rows, buffer, x, diff)
-            return
-        if diff:
-            torch.sub(x, buffer[0], out=buffer[1])  # in float32, as (a_s).float() - a_{s-1}
-        buffer[0].copy_(x)
-        update_rows(rows, Observation(buffer[: len(rows)]))
-
-    def _fused_engine(self, device: torch.device) -> Optional[FusedEngine]:
-        """The fused path, chosen at the first observation (by `engine` and the device)."""
-        if not self._fused_resolved:
-            self._fused_resolved = True
-            if use_fused(self.engine, self.reducers, device):
-                self._fused = FusedEngine(self.reducers, device)
-        return self._fused
+        if self._engine is None:
+            self._engine = make_engine(self.engine, self.reducers, x.device)
+        self._engine.update((name, capture), rows, buffer, x, diff)
 
     def _reducers_of(self, key: ResultKey) -> list[Reducer]:
         reducers = self._reducers.get(key)
@@ -311,8 +313,8 @@ class Recorder:
             site, capture, kind, step, call = key
             return order.get(site, len(order)), step, call, capture, kind != "raw"
 
-        if self._fused is not None:
-            self._fused.flush()
+        if self._engine is not None:
+            self._engine.flush()
         keys = sorted(self._reducers, key=position)
         names = [r.name for r in self.reducers]  # every key has one reducer per template, in this order
         batches = result_batches([r for key in keys for r in self._reducers[key]])
@@ -330,8 +332,8 @@ class Recorder:
             "stat_sites": [s.name for s in self.sites if s.stats],
             "tensor_sites": [s.name for s in self.sites if s.tensors],
             "capture": self.capture, "differences": self.differences,
-            "engine": "fused" if self._fused is not None else "reference",
-            "count_kernel": None if self._fused is None else self._fused.count_kernel(),
+            "engine": "reference" if self._engine is None else self._engine.name,
+            "count_kernel": None if self._engine is None else self._engine.count_kernel(),
             "reducers": [r.describe() for r in self.reducers],
             "steps": steps, "timesteps": [self.timesteps.get(s) for s in steps],
             "trajectories": self.trajectory + (1 if self.step or self._rows else 0),
@@ -344,7 +346,7 @@ class Recorder:
 
     def save(self, out_dir: Optional[str | Path] = None) -> Path:
         """Write the recording directory (default: the out_dir given to record) and return its path."""
-        if self._handles:
+        if self._hooks is not None:
             raise RuntimeError("save() after the `with record(...)` block: the recorder is still active")
         if out_dir is None and self.out_dir is None:
             raise ValueError("no directory: pass out_dir to save(...) or to record(...)")
@@ -363,7 +365,7 @@ class Recorder:
 def record(model: nn.Module, sites: SiteSpec = "conv,linear", reducers: Optional[Sequence[Reducer]] = None, *,
            capture: Capture = "input", tensors: Optional[TensorSpec] = None, out_dir: Optional[str | Path] = None,
            memory_budget_mb: float = 512, differences: bool = True,
-           metadata: Optional[Mapping[str, Any]] = None, engine: Engine = "auto") -> Recorder:
+           metadata: Optional[Mapping[str, Any]] = None, engine: EngineName = "auto") -> Recorder:
     """Record per-(site, step, call) statistics, and optionally full tensors, of `model` during sampling.
 
     Use as `with record(model, ...) as rec:` around a sampler called with `callback=rec.on_step`.

@@ -2,7 +2,7 @@
 
 A reducer sees the observations of one key (site, capture, raw|diff, step, call): `update(x)` once per
 observed tensor (one batch), `result()` at the end. Updates run only device kernels: no `.item()`, no
-host synchronisation; `result()` moves the state to the CPU once (`batched.results_of` does it for many
+host synchronisation; `result()` moves the state to the CPU once (`results.results_of` does it for many
 reducers with one copy, and the built-ins turn the states of many keys into results at once:
 `finish_columns`). The recorder updates the reducers of the raw and the diff key of a site together
 (`update_group` on a stacked `batched.Observation`), so the passes over the data are shared.
@@ -55,7 +55,7 @@ class Reducer:
     `finish_columns(reducers, stacked_states)` the states of many reducers at once into host columns.
     """
 
-    _slots: Optional[State] = None  # the state's place in the fused path's arenas (`modiff.record.engines.fused.engine`)
+    placed: Optional[State] = None  # where an engine keeps the state instead (`place`); None: the reducer's tensors
 
     def __init__(self, name: str):
         if not name or "/" in name or "." in name:
@@ -73,6 +73,14 @@ class Reducer:
         """An empty reducer with the same settings. `shared` is one dict per (site, capture, raw|diff)
         handed to the reducers of every step and call of that site (for per-site histogram ranges)."""
         return type(self)(**self.params())
+
+    def place(self, state: State) -> None:
+        """Keep the state where an engine updates it (regions of its arenas, `Slot`s); `state()` returns them."""
+        self.placed = state
+
+    def count_values(self, numel: int, samples: int) -> None:
+        """An engine that updated `placed` itself reports how many values (in how many samples) it saw,
+        for the host-side counters that `finish` reads (none here)."""
 
     def update(self, x: torch.Tensor) -> None:
         if type(self).update_group.__func__ is Reducer.update_group.__func__:  # type: ignore[attr-defined]
@@ -143,9 +151,13 @@ class Stats(Reducer):
             reducer.count += obs.numel
             reducer.samples += obs.samples
 
+    def count_values(self, numel: int, samples: int) -> None:
+        self.count += numel
+        self.samples += samples
+
     def state(self) -> State:
-        if self._slots is not None:
-            return self._slots
+        if self.placed is not None:
+            return self.placed
         return {} if self._state is None else {"state": self._state}
 
     @classmethod
@@ -199,8 +211,8 @@ class ChannelAbsMax(Reducer):
             reducer._absmax = new if old is None else torch.maximum(old, new)
 
     def state(self) -> State:
-        if self._slots is not None:
-            return self._slots
+        if self.placed is not None:
+            return self.placed
         return {} if self._absmax is None else {"absmax": self._absmax}
 
     @classmethod
@@ -267,9 +279,12 @@ class Histogram(Reducer):
             reducer._ge = row if reducer._ge is None else reducer._ge + row
             reducer._n += obs.numel
 
+    def count_values(self, numel: int, samples: int) -> None:
+        self._n += numel
+
     def state(self) -> State:
-        if self._slots is not None:
-            return self._slots
+        if self.placed is not None:
+            return self.placed
         return {} if self._ge is None else {"ge": self._ge, "lo_hi": self._lo_hi}
 
     @classmethod
@@ -346,6 +361,12 @@ class Quantiles(Reducer):
     def take_counts(cls, reducers: Sequence["Quantiles"], ge: torch.Tensor, obs: Observation) -> None:
         Histogram.take_counts([r._hist for r in reducers], ge, obs)
 
+    def place(self, state: State) -> None:
+        self._hist.place(state)
+
+    def count_values(self, numel: int, samples: int) -> None:
+        self._hist.count_values(numel, samples)
+
     def state(self) -> State:
         return self._hist.state()
 
@@ -393,9 +414,12 @@ class Outliers(Reducer):
             reducer._hits = row if reducer._hits is None else reducer._hits + row
             reducer.count += obs.numel
 
+    def count_values(self, numel: int, samples: int) -> None:
+        self.count += numel
+
     def state(self) -> State:
-        if self._slots is not None:
-            return self._slots
+        if self.placed is not None:
+            return self.placed
         return {} if self._hits is None else {"hits": self._hits}
 
     @classmethod

@@ -171,9 +171,16 @@ def test_calling_a_submodule_inside_trajectory_raises(tiny_denoiser: md.Denoiser
             qmodel.net(x, t)
 
 
-def test_trajectory_needs_stateful_layers(tiny_denoiser: md.Denoiser) -> None:
-    with pytest.raises(ValueError, match="no modulated or cached layers"):
-        with trajectory(quantize(tiny_denoiser, presets["w8a8"])):
+def test_trajectory_does_nothing_on_stateless_models(tiny_denoiser: md.Denoiser) -> None:
+    qmodel = quantize(tiny_denoiser, presets["w8a8"])
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 5])
+    outside = qmodel(x, t)
+    with trajectory(qmodel) as states, trajectory(tiny_denoiser) as fp_states:
+        assert states == [] and fp_states == []
+        assert not qmodel._forward_pre_hooks and "_modiff_hooks" not in qmodel.__dict__
+        torch.testing.assert_close(qmodel(x, t), outside, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reset must be one of"):
+        with trajectory(qmodel, reset="never"):  # type: ignore[arg-type]
             pass
 
 

@@ -4,8 +4,8 @@ a_hat_next = a_hat + Q(a_t - a_ref), Q per sample (and per half with a split sho
 `modiff.quant.layers.modulated._modulate` with `quantize_dynamic` (bit for bit in the Triton interpreter; on CUDA
 torch divides by a scalar through its reciprocal and the kernel may fuse the final multiply-add, so a
 value on a rounding boundary can land one step away). Torch code of the same step leaves the range
-reduction to inductor, which often gives each sample one program (at batch 512, 512 programs looping over up
-to 393 k values: 0.2-1.6 TB/s on an H200; at batch 64, persistent reductions of 110-180 us a call).
+reduction to inductor, which often gives each sample one program, a slow reduction over a whole sample
+(profiles and numbers: benchmarks/README.md, "The modulation step as two Triton kernels").
 Here the ranges are reduced over chunks of every sample in parallel, and the update reads the tensors once more
 and writes a_hat in place (its address stays fixed, so a CUDA graph can replay the step).
 
@@ -52,9 +52,8 @@ def fused_modulate_supported(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], 
 
 def use_fused_modulate(x: Tensor) -> bool:
     """Whether the layers take the kernels: on CUDA, where they beat the torch step compiled by inductor
-    (H200, CIFAR-10 UNet, 100 steps: batch 64 under CUDA graphs 90.7 vs 80.6 images/s in one process,
-    commit 7d23e5d; batch 512 128.9 vs 124.0 in separate runs of an earlier session). Only a host-bound run, batch 64 without CUDA graphs, went
-    the other way (36.0 vs 41.4): the kernels' two launches per layer cost host time there."""
+    except in a host-bound run (small batch without CUDA graphs), where their two launches per layer cost
+    host time (benchmarks/README.md, "Quantized sampling", has the measurements)."""
     return _KERNELS and x.is_cuda
 
 

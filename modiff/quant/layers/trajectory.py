@@ -6,8 +6,8 @@ model calls (one call = one sampling step; the first `warmup_steps` calls run on
 activations). The state is live only inside `with trajectory(qmodel):`; it is cleared on exit, also after
 an exception.
 
-The step bookkeeping runs in a forward pre-hook on the model passed to `trajectory()`, outside any compiled
-graph: it sets each layer's `phase` for the coming call. The layers only read their phase and tensors, so a
+The step bookkeeping runs in a pre-forward hook (`TrajectoryHook`, `modiff.utils.hooks`) on the model passed to
+`trajectory()`, outside any compiled graph: it sets each layer's `phase` for the coming call. The layers only read their phase and tensors, so a
 compiled network keeps the modulated layers (residual, quantization, state update) inside its
 graph; it compiles once per distinct phase pattern (warm-up, refresh, cache skip), not once per step.
 The layers allocate their state at warm-up and update it in place after it, so a CUDA graph recorded at
@@ -25,8 +25,11 @@ from modiff.quant.config import ResetPolicy, _check
 from modiff.quant.kernels.modulate import register_op
 from modiff.quant.layers.modulated import ModulatedLayer
 from modiff.quant.layers.state import LayerState
+from modiff.utils.hooks import ModelHook, attach
 
-__all__ = ["replay_signature", "state_bytes", "stateful_layers", "trajectory"]
+__all__ = ["HOOK_NAME", "TrajectoryHook", "replay_signature", "state_bytes", "stateful_layers", "trajectory"]
+
+HOOK_NAME = "modiff.trajectory"
 
 def stateful_layers(model: nn.Module) -> list[nn.Module]:
     """The modulated and cached layers of `model`, in module order."""
@@ -46,6 +49,29 @@ def replay_signature(layers: list[nn.Module]) -> Optional[tuple[tuple[str, int, 
     return tuple(signature)
 
 
+class TrajectoryHook(ModelHook):
+    """Before every model call (one sampling step), sets the phase of each stateful layer for that call.
+
+    Python bookkeeping outside any compiled graph, so graphs do not specialise on step counts.
+    `reset_state` clears every layer's state (a fresh trajectory; the phase waits for the next call).
+    """
+
+    def __init__(self, layers: list[ModulatedLayer], policy: ResetPolicy):
+        self.layers, self.policy = layers, policy
+
+    @torch.compiler.disable
+    def pre_forward(self, module: nn.Module, args: tuple) -> None:
+        for layer in self.layers:
+            if self.policy == "per_step":
+                layer.state.clear()
+            layer.state.advance(layer.config)
+
+    def reset_state(self) -> None:
+        for layer in self.layers:
+            layer.state.clear()
+            layer.state.phase = "spent"
+
+
 @contextlib.contextmanager
 def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterator[list[LayerState]]:
     """Give every modulated/cached layer of `model` fresh state for one sampling trajectory.
@@ -54,37 +80,31 @@ def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterato
     reset: ``per_trajectory`` (default from the config): state persists across the model calls of the
     block. ``per_step``: the state is cleared before every model call, so every call is a warm-up call on
     full-precision activations; this is the published CIFAR-10 loop, offered only to measure its effect.
+    On a model without modulated or cached layers (full precision, direct quantization) the block does
+    nothing and yields no states, so callers need not ask whether a model is stateful.
     """
+    if reset is not None:
+        _check(reset, ResetPolicy, "reset")
     layers = stateful_layers(model)
     if not layers:
-        raise ValueError("the model has no modulated or cached layers; trajectory() is only needed for those")
+        yield []
+        return
     policy = reset or layers[0].config.reset
     _check(policy, ResetPolicy, "reset")
     if any(layer.state.phase != "inactive" for layer in layers):
         raise RuntimeError("trajectory() is already active for this model; nesting is not allowed")
-    states = [layer.state for layer in layers]
     if any(layer.act is not None and layer.act.config.dynamic and layer.act.spec.granularity == "sample"
            for layer in layers):
         register_op()  # eagerly, before a compiled graph reads it (`modulate` takes it on CUDA)
-
-    @torch.compiler.disable  # Python bookkeeping: never traced, so graphs do not specialise on step counts
-    def next_step(_module: nn.Module, _args: tuple) -> None:
-        for layer in layers:
-            if policy == "per_step":
-                layer.state.clear()
-            layer.state.advance(layer.config)
-
-    for state in states:
-        state.clear()
-        state.phase = "spent"
-    hook = model.register_forward_pre_hook(next_step)
+    hook = TrajectoryHook(layers, policy)
+    hook.reset_state()
     try:
-        yield states
+        with attach(HOOK_NAME, [(model, hook)]):
+            yield [layer.state for layer in layers]
     finally:
-        hook.remove()
-        for state in states:
-            state.clear()
-            state.phase = "inactive"
+        for layer in layers:
+            layer.state.clear()
+            layer.state.phase = "inactive"
 
 
 def state_bytes(states: list[LayerState]) -> int:

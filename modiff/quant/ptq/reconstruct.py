@@ -30,6 +30,7 @@ from modiff.quant.ptq.data import CalibData
 from modiff.quant.layers.direct import ActQuantizer, QuantLayer, weight_grid
 from modiff.quant.primitives import MIN_SCALE
 from modiff.quant.ptq.optimize import LoopConfig, cosine_lr, make_adam, run_loop
+from modiff.utils.hooks import Capture, ModelHook, attach
 
 __all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "lp_loss", "reconstruct_weights",
            "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales", "progress_bar",
@@ -76,21 +77,32 @@ def reconstruction_units(qmodel: nn.Module, data: CalibData, block_types: Sequen
     inside = {n for m in members.values() for n in m}
     members.update({n: (n,) for n in layers if n not in inside})
     order: list[str] = []
-    handles = [qmodel.get_submodule(name).register_forward_pre_hook(
-        lambda _m, _a, name=name: order.append(name) if name not in order else None) for name in members]
-    try:
+    with attach("modiff.ptq.units", [(qmodel.get_submodule(name), _CallOrder(name, order)) for name in members]):
         qmodel(data.x[:1].float(), data.t[:1])
-    finally:
-        for h in handles:
-            h.remove()
     missing = sorted(set(members) - set(order))
     if missing:
         raise ValueError(f"units never called in a forward pass (cannot be reconstructed): {missing}")
     return [Unit(name, members[name]) for name in order]
 
 
+class _CallOrder(ModelHook):
+    """Appends its module's name to `order` at the module's first call."""
+
+    def __init__(self, name: str, order: list[str]):
+        self.name, self.order = name, order
+
+    def pre_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.name not in self.order:
+            self.order.append(self.name)
+
+
 class _Stop(Exception):
     """Ends a forward pass once the unit being captured has run."""
+
+
+class _Halt(ModelHook):
+    def post_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        raise _Stop
 
 
 @torch.no_grad()
@@ -101,33 +113,19 @@ def capture(model: nn.Module, x: Tensor, t: Tensor, taps: Mapping[str, Tap], sto
     One forward per batch of ``batch_size`` rows, stopped after module ``stop`` has run. Returns, per tap,
     a list of (N, ...) tensors in ``dtype`` on x's device (one per input argument, or the output).
     """
-    store: dict[str, list[list[Tensor]]] = {name: [] for name in taps}
+    def copies(tensors: Sequence[Any]) -> list[Tensor]:
+        return [a.detach().to(dtype, copy=True) for a in tensors if isinstance(a, Tensor)]
 
-    def keep(name: str, tensors: Sequence[Any]) -> None:
-        store[name].append([a.detach().to(dtype, copy=True) for a in tensors if isinstance(a, Tensor)])
-
-    handles = []
-    for name, kind in taps.items():
-        module = model.get_submodule(name)
-        if kind == "input":
-            handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args)))
-        else:
-            handles.append(module.register_forward_hook(lambda _m, _a, out, name=name: keep(name, [out])))
-
-    def halt(_m: nn.Module, _a: Any, _o: Any) -> None:
-        raise _Stop
-
-    handles.append(model.get_submodule(stop).register_forward_hook(halt))  # after the taps: they run first
-    try:
+    captures = {name: Capture("input", keep=copies) if kind == "input" else Capture("output", keep=lambda out: copies([out]))
+                for name, kind in taps.items()}
+    with attach("modiff.ptq.capture", [(model.get_submodule(name), c) for name, c in captures.items()]), \
+            attach("modiff.ptq.stop", [(model.get_submodule(stop), _Halt())]):  # after the taps: they run first
         for start in range(0, x.shape[0], batch_size):
             try:
                 model(x[start : start + batch_size].float(), t[start : start + batch_size])
             except _Stop:
                 pass
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: [torch.cat(parts) for parts in zip(*batches)] for name, batches in store.items()}
+    return {name: [torch.cat(parts) for parts in zip(*c.values)] for name, c in captures.items()}
 
 
 def capture_unit(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, unit: Unit, batch_size: int,

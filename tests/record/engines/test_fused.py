@@ -246,9 +246,9 @@ def test_pending_work_is_dropped_when_the_recording_fails() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with record(model, reducers=[Stats()], engine="fused") as rec, torch.no_grad():
             model(torch.randn(2, 3, 4, 4, device=DEVICE))
-            assert len(rec._fused.pending) == 2  # one descriptor per site call, summarised at the next model call
+            assert len(rec._engine.pending) == 2  # one descriptor per site call, summarised at the next model call
             raise RuntimeError("boom")
-    assert not rec._fused.pending and not rec._handles
+    assert not rec._engine.pending and rec._hooks is None
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

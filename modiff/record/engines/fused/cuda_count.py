@@ -1,13 +1,13 @@
 """The fused recorder's count pass in CUDA C: histograms in shared memory, compiled at run time by NVRTC.
 
-Triton has no shared-memory atomics: its `tl.histogram` counts 16.7 M values into 1,024 bins in about
-350 us on an H200, where shared-memory atomics take 35-70 us (`benchmarks/bench_histogram_counting.py`,
-results/histogram_counting_h200.json). This kernel is a drop-in for `kernels.count_kernel`: the same
+Triton has no shared-memory atomics, and its `tl.histogram` counts several times slower than they do
+(benchmarks/README.md, "Counting values into bins on a GPU"). This kernel is a drop-in for
+`triton_kernels.count_kernel`: the same
 descriptors, the same arguments, the same int32 scratch row per (descriptor, program), the same counts
 (its cheaper guess of a value's bin is corrected against the edges, as Triton's is).
 A block is one program: it loads the grids' edges into shared memory, counts every value of its part of
 the row into shared bins (positions #{edges <= x}: the arithmetic guess from the bin width, corrected
-against the edges, as in `kernels._positions`), counts outlier hits in registers, and stores its row.
+against the edges, as in `triton_kernels._positions`), counts outlier hits in registers, and stores its row.
 
 `count_kernel_for(device)` compiles once per device (`torch.cuda._compile_kernel`, NVRTC); it returns None
 where that is unavailable, and the fused engine then counts with Triton (as it does for grids whose

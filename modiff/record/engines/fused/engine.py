@@ -32,12 +32,13 @@ import numpy as np
 import torch
 
 from modiff.record.engines.fused.layout import COUNTS, DATA, DESCRIPTOR, FIRST, N_OLD, NEW_SITE, PARTIAL_AT, STATE
+from modiff.record.engines.reference import ReferenceEngine
 from modiff.record.results import Slot
 from modiff.record.reducers import ChannelAbsMax, Histogram, Outliers, Quantiles, Reducer, Stats
 
-__all__ = ["Engine", "FusedEngine", "fused_supported", "use_fused"]
+__all__ = ["FusedEngine", "fused_supported", "use_fused"]
 
-Engine = Literal["auto", "reference", "fused"]
+EngineName = Literal["auto", "reference", "fused"]  # as modiff.record.engines.EngineName
 CountBackend = Literal["shared", "triton"]
 # How engines made from now on count: "shared", the CUDA C kernel of `count_cuda` (shared-memory atomics)
 # where it compiles and the grids fit, else Triton; "triton", always `kernels.count_kernel` (benchmarks
@@ -56,15 +57,15 @@ def fused_supported(reducers: Sequence[Reducer]) -> bool:
         r.dim == 1 for r in reducers if isinstance(r, ChannelAbsMax))
 
 
-def use_fused(engine: Engine, reducers: Sequence[Reducer], device: Optional[torch.device] = None) -> bool:
+def use_fused(engine: EngineName, reducers: Sequence[Reducer], device: Optional[torch.device] = None) -> bool:
     """Whether the fused kernels record these reducers on `device`.
 
     "fused": always (on a CPU that needs the Triton interpreter; unsupported reducers raise). "auto": on
     CUDA when Triton imports and every reducer is supported (on an H200 faster than the torch path for
     `Stats` and for the default reducers, see benchmarks/README.md); else the torch path. "reference": never.
     """
-    if engine not in get_args(Engine):
-        raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
+    if engine not in get_args(EngineName):
+        raise ValueError(f"engine must be one of {get_args(EngineName)}, got {engine!r}")
     if engine == "reference" or not reducers:  # without reducers only the buffer is updated: two torch ops
         return False
     if engine == "auto":
@@ -219,7 +220,6 @@ class SitePlan:
         self._scratch_shape: tuple[int, int] = (0, 0)
         self.layouts = self._layouts(reducers)
         self._launches: dict[torch.Size, _Launch] = {}
-        self.account = [_ACCOUNT[type(r)] for r in reducers]
 
     def scratch(self, samples: int, tiles: int) -> _Scratch:
         """Per (sample, channel) extremes and per-tile moments, all written by the scan before being read."""
@@ -254,10 +254,9 @@ class SitePlan:
         """Point the reducers of a key (row `index`: 0 raw, 1 diff) at their state (`Reducer.state` form)."""
         site_at = index * self.site_ranges.shape[1] * 2
         for reducer, layout in zip(row, self.layouts):
-            target = reducer._hist if isinstance(reducer, Quantiles) else reducer
-            target._slots = {name: (Slot(self.site_ranges, site_at + at, shape, convert) if per_site
-                                    else Slot(key.chunk, key.start + at, shape, convert))
-                             for name, at, shape, convert, per_site in layout}
+            reducer.place({name: (Slot(self.site_ranges, site_at + at, shape, convert) if per_site
+                                  else Slot(key.chunk, key.start + at, shape, convert))
+                           for name, at, shape, convert, per_site in layout})
 
     def descriptor(self, k: int, key: _Key, launch: "_Launch", buffer: torch.Tensor) -> list[int]:
         """The DESCRIPTOR fields of row k (0 raw, 1 diff) of a site call (partial_at is set at the flush)."""
@@ -340,15 +339,21 @@ class FusedEngine:
             raise ValueError(f"engine='fused' runs Triton kernels, which need CUDA; on {self.device} only in the "
                              "Triton interpreter (set TRITON_INTERPRET=1 before recording). Use engine='reference'.")
         self.arena = Arena(self.device)
+        self.reference = ReferenceEngine()
         self.programs = _COUNT_PROGRAMS
         self.count_backend = COUNT_BACKEND
+
+    name = "fused"
 
     def accepts(self, x: torch.Tensor) -> bool:
         return x.ndim >= 2 and x.numel() > 0 and x.device == self.device
 
     def update(self, site: tuple[str, str], rows: Sequence[Sequence[Reducer]], buffer: torch.Tensor,
                x: torch.Tensor, diff: bool) -> None:
-        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) now; rows[k] (k = 0 raw, 1 diff) at the flush."""
+        """buffer[0] <- x (after buffer[1] <- x - buffer[0] if diff) now; rows[k] (k = 0 raw, 1 diff) at the flush.
+        Tensors the kernels do not take (scalars, empty, on another device) go the reference way."""
+        if not self.accepts(x):
+            return self.reference.update(site, rows, buffer, x, diff)
         plan = self._plan(site, x)
         if id(plan) in self._pending_plans:  # its scratch is about to be overwritten
             self.flush()
@@ -364,8 +369,8 @@ class FusedEngine:
         for k, (key, row) in enumerate(zip(keys, rows)):
             self.pending.append(plan.descriptor(k, key, launch, buffer))
             key.seen += launch.numel
-            for account, reducer in zip(plan.account, row):
-                account(reducer, launch.numel, launch.samples)
+            for reducer in row:
+                reducer.count_values(launch.numel, launch.samples)
         self._pending_plans[id(plan)] = plan
         self._pending_tensors += [scratch.partials, scratch.chmin, scratch.chmax, buffer]
 
@@ -461,29 +466,3 @@ def _scan_tiles(channels: int, inner: int) -> tuple[int, int]:
     """Chunk [channels CB, values RB] of the scan; a program reduces CB channels of one sample."""
     rb = min(_pow2(inner), _TILE)
     return max(1, min(_pow2(channels), _TILE // rb)), rb
-
-
-def _account_stats(reducer: Stats, numel: int, samples: int) -> None:
-    reducer.count += numel
-    reducer.samples += samples
-
-
-def _account_outliers(reducer: Outliers, numel: int, samples: int) -> None:
-    reducer.count += numel
-
-
-def _account_histogram(reducer: Histogram, numel: int, samples: int) -> None:
-    reducer._n += numel
-
-
-def _account_quantiles(reducer: Quantiles, numel: int, samples: int) -> None:
-    reducer._hist._n += numel
-
-
-def _account_nothing(reducer: Reducer, numel: int, samples: int) -> None:
-    pass
-
-
-# The host-side counters each reducer's `finish` reads, by reducer type.
-_ACCOUNT = {Stats: _account_stats, ChannelAbsMax: _account_nothing, Histogram: _account_histogram,
-            Quantiles: _account_quantiles, Outliers: _account_outliers}

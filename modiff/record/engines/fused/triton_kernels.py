@@ -101,8 +101,8 @@ def scan_kernel(x_ptr, buf_ptr, chmin_ptr, chmax_ptr, part_ptr, B, C, R, T,
     """Program (b, t): sample b, channels [t CB, (t + 1) CB), in chunks of RB values per channel.
     chmin, chmax: (2, B, C); part: (2, B, T, 2) mean and M2. The difference is stored (buffer row 1) only
     for the count kernel (STORE_DIFF). Every size is specialised (none in do_not_specialize): with R known
-    to be a multiple of 16, Triton proves the rows aligned and vectorises the loads (half the device time
-    on an H200, benchmarks/README.md)."""
+    to be a multiple of 16, Triton proves the rows aligned and vectorises the loads (benchmarks/README.md
+    gives the device time it saves)."""
     b, t = tl.program_id(0), tl.program_id(1)
     numel = B * C * R
     channels = t * CB + tl.arange(0, CB)
