@@ -5,6 +5,7 @@ Registered on the `modiff` group by `modiff.cli`; kept apart so the main CLI mod
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, get_args
@@ -117,6 +118,9 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
                       overrides: tuple[str, ...], weights_from: Optional[Path], device: str, out: Path) -> None:
     """Calibrate a quantized model (AdaRound weights, static activation scales) and save it into OUT.
 
+    Every finished unit is kept in OUT/progress: run the same command again after an interruption and
+    it resumes there (the result equals an uninterrupted run's).
+
     \b
     Examples:
       modiff calibrate --data data/calib/fmnist --preset qdiff-w4a4 --out data/quantized/qdiff-w4a4
@@ -144,11 +148,14 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
             raise ValueError(f"{data_dir} was sampled from model {data_model!r}, not {model!r}; use its data")
         net = load_model_option(model, None, takes_config=False)
         weights = None if weights_from is None else load_quantized(net, weights_from)
-        qmodel, report = calibrate(net, config, data, recipe, weights=weights)
+        if (out / "progress").is_dir():
+            click.echo(f"resuming the calibration kept in {out / 'progress'}", err=True)
+        qmodel, report = calibrate(net, config, data, recipe, weights=weights, checkpoints=out / "progress")
         metadata = {"model": model, "preset": name, "data": str(data_dir), "data_config": asdict(data.config),
                     "calibration": recipe.to_dict(), "report": report,
                     "weights_from": None if weights_from is None else str(weights_from)}
         save_quantized(qmodel, out, metadata)
+        shutil.rmtree(out / "progress")
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"calibrated {name} in {report['seconds']} s; saved to {out}")
