@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import modiff.datasets as datasets
-import modiff.models.registry as registry
+import modiff.utils.paths as paths
 from modiff.datasets import SYSTEM_DIR, fashion_mnist, read_idx
 
 FILES = {
@@ -48,7 +48,7 @@ def no_default_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Pat
     """Point the system and repository folders at empty dirs, clear MODIFF_DATA_DIR, disable download."""
     system, repo = tmp_path / "system-empty", tmp_path / "repo-empty"
     monkeypatch.setattr(datasets, "SYSTEM_DIR", system)
-    monkeypatch.setattr(registry, "data_dir", lambda: repo)
+    monkeypatch.setattr(paths, "data_dir", lambda: repo)
     monkeypatch.delenv("MODIFF_DATA_DIR", raising=False)
     monkeypatch.setattr(datasets, "_download", lambda split: None)
     return [system, repo / "fashion-mnist"]
