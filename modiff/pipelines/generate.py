@@ -9,7 +9,6 @@ Layout of a run directory:
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import nullcontext
