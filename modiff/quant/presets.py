@@ -8,7 +8,9 @@
 - ``published-wXaY`` / ``published-wXaY-modiff``: the published code's numerics: dynamic symmetric
   activations with its clamp [-2^(b-1), 2^(b-1) - 1] and ONE scale for the whole batch tensor, per-channel
   min-max weights, every Conv/Linear (time embedding, first and last layer included), attention core in
-  full precision, split shortcut on.
+  full precision, split shortcut on (as published: only the shortcut conv reading cat([h, skip]) in the
+  up path is quantized in two halves, its h and skip channels each with their own scale and weight grid;
+  `tests/quant/test_published_equivalence.py` pins every layer against the published formulas).
 - ``qdiff-wXaY`` / ``qdiff-wXaY-modiff``: Q-Diffusion (static activations, as the published DDIM
   CIFAR-10 runs: symmetric with the published clamp, one scale per tensor, split shortcut on, every
   Conv/Linear), direct or modulated. Static scales need calibration data: `modiff calibrate-data`, then

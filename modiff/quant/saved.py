@@ -112,17 +112,30 @@ def _layer_of(key: str) -> str:
     return head if kind in ("act_scale", "act_zero_point") else key.rsplit(".", 1)[0]
 
 
+def _split_mismatch(folder: str | Path, name: str, layer: nn.Module, what: str) -> ValueError:
+    halves = "whole" if layer.split is None else "in two halves"
+    return ValueError(f"{folder}: layer {name} was saved with {what}, but this model quantizes its input {halves} "
+                      f"(the split-shortcut layers differ: before the fix of the published split set, conv1 / "
+                      f"in_layers.2 were split too); calibrate it again with `modiff calibrate`")
+
+
 def _restore(layer: nn.Module, name: str, saved: Mapping[str, torch.Tensor], folder: str | Path) -> None:
     if layer.config.weight is not None:
         if f"{name}.weight_code" not in saved:
             raise ValueError(f"{folder} has no weight codes for layer {name}")
-        layer.set_weight_codes(saved[f"{name}.weight_code"], saved[f"{name}.weight_scale"],
-                               saved[f"{name}.weight_zero_point"])
+        scale = saved[f"{name}.weight_scale"]
+        if scale.shape != layer.weight_scale.shape:  # (out, 1, ...) for one grid per row, (out, in, ...) split
+            raise _split_mismatch(folder, name, layer, f"a weight grid of shape {tuple(scale.shape)} (this model "
+                                                       f"needs {tuple(layer.weight_scale.shape)})")
+        layer.set_weight_codes(saved[f"{name}.weight_code"], scale, saved[f"{name}.weight_zero_point"])
     act = layer.act
     if act is None or act.config.dynamic:
         return
     device = layer.weight.device
     parts = 1 if act.split is None else 2
+    if f"{name}.act_scale.{parts}" in saved or (parts == 2 and f"{name}.act_scale.0" in saved
+                                                    and f"{name}.act_scale.1" not in saved):
+        raise _split_mismatch(folder, name, layer, "a different number of activation scales")
     try:
         act.scales = [saved[f"{name}.act_scale.{k}"].to(device) for k in range(parts)]
         act.zero_points = [saved[f"{name}.act_zero_point.{k}"].to(device) for k in range(parts)]
