@@ -185,7 +185,6 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
       modiff calibrate-shipped --model data/train/mine --samples-per-step 32 --set adaround.iters=200 --device cpu
     """
     import shlex
-    import sys
 
     from modiff.generate import resolve_device
     from modiff.models.conventions import default_spacing
@@ -199,7 +198,10 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
         data = CalibDataConfig(steps=steps, spacing=default_spacing(net), calib_steps=calib_steps,
                                samples_per_step=samples_per_step)
         calibration = Calibration(data, apply_overrides(CalibrationConfig(), overrides))
-        command = shlex.join(["modiff", *sys.argv[1:]])
+        command = shlex.join(["modiff", "calibrate-shipped", "--model", model,
+                              *(a for p in quant_presets for a in ("--preset", p)), "--steps", str(steps),
+                              "--calib-steps", str(calib_steps), "--samples-per-step", str(samples_per_step),
+                              *(a for o in overrides for a in ("--set", o))])
         root = calibrate_shipped(net, quant_presets, calibration, resolve_device(device), command)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err

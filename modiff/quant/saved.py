@@ -187,6 +187,9 @@ def _restore(layer: nn.Module, name: str, saved: Mapping[str, torch.Tensor], fol
         return
     device = layer.weight.device
     parts = 1 if act.split is None else 2
+    if f"{name}.act_scale.{parts}" in saved:
+        raise ValueError(f"{folder} quantizes the input of {name} in more parts than this model ({parts}): it was "
+                         f"calibrated with another set of split-shortcut layers; calibrate it again")
     try:
         act.scales = [saved[f"{name}.act_scale.{k}"].to(device) for k in range(parts)]
         act.zero_points = [saved[f"{name}.act_zero_point.{k}"].to(device) for k in range(parts)]

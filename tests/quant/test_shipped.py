@@ -186,3 +186,29 @@ def test_cli_without_shipped_codes_says_how(tmp_path: Path) -> None:
                                            "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "run")])
         assert result.exit_code == 1 and "modiff calibrate-shipped" in result.output
         assert "Traceback" not in result.output
+
+
+def test_cli_calibrate_shipped_writes_the_model_folder(tmp_path: Path) -> None:
+    folder = _export(tmp_path / "tiny")
+    args = ["calibrate-shipped", "--model", str(folder), "--preset", "qdiff-w4a4", "--steps", "4", "--calib-steps", "2",
+            "--samples-per-step", "4", "--set", "adaround.iters=2", "--set", "adaround.batch_size=4",
+            "--set", "activations.iters=2", "--set", "activations.batch_size=4", "--set", "capture_batch=4",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "AdaRound lowered the reconstruction loss of" in result.output
+    manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
+    assert manifest["command"].startswith(f"modiff calibrate-shipped --model {folder} --preset qdiff-w4a4 --steps 4")
+    assert manifest["iterations"]["used"] == {"adaround": 2, "activations": 2}
+    assert list(manifest["presets"]) == ["qdiff-w4a4"]
+
+
+def test_a_calibration_with_another_split_set_is_refused(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static scales saved for a split input cannot silently serve a model that no longer splits it."""
+    from modiff.models.ddim_unet import DDIMUNet
+
+    model = md.load_model(shipped)
+    assert model.net.concat_splits(), "the tiny UNet has split-shortcut layers"
+    monkeypatch.setattr(DDIMUNet, "concat_splits", lambda self: {})
+    with pytest.raises(ValueError, match="the input of net.up.* in more parts than this model"):
+        shipped_model(model, "qdiff-w4a4")
