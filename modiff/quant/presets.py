@@ -18,7 +18,7 @@
   presets with Q-Diffusion's AdaRound weights, as the paper's W4 rows: the weight quantization of
   ``qdiff-w4aY`` (split shortcut on), whose AdaRound codes `modiff.quantize` loads from the model's
   shipped calibration (`modiff.quant.shipped`; `modiff calibrate-shipped` makes one), and per-sample
-  dynamic activations. Round-to-nearest W4 (``w4aY``) breaks the embedded models; these do not.
+  dynamic activations. Round-to-nearest W4 (``w4aY``) breaks the embedded models.
 - ``cacheN`` / ``cacheN-noec``: full-precision layers that reuse their output and refresh every N steps,
   with and without carrying the skipped residual (Figure 1a).
 """
