@@ -4,7 +4,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 from torch import nn
 
@@ -53,14 +54,23 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig, *, weights: Optional[str | Path] = None) -> nn.Module:
     """Return a deep copy of `model` whose selected Conv/Linear layers are `QuantLayer`s.
 
-    Weights are fake-quantized once here. Modulated and cached models must then be called inside
-    `with modiff.trajectory(qmodel):`.
+    Weights are fake-quantized once here: rounded to nearest, or, when ``config.weight.codes`` is
+    "adaround", with the AdaRound codes of ``weights`` (a folder saved by `modiff calibrate` with the same
+    weight quantization) or, when None, of the model's shipped calibration (`modiff.quant.shipped`).
+    Modulated and cached models must then be called inside `with modiff.trajectory(qmodel):`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (or modiff.presets[name]), got {type(config).__name__}")
+    if weights is not None and not config.adaround:
+        raise ValueError("weights= gives AdaRound codes, which only a config with weight codes 'adaround' "
+                         "uses (e.g. modiff.presets['w4a4-adaround-modiff'])")
+    if config.adaround:
+        from modiff.quant.shipped import with_adaround_weights
+
+        return with_adaround_weights(quantize(model, config.with_weight_codes("nearest")), model, config, weights)
     qmodel = copy.deepcopy(model)
     names = select_layers(qmodel, config)
     if not names:
