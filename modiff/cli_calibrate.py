@@ -165,12 +165,19 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
               help="Static preset to calibrate (repeatable); its AdaRound weights also serve the wXaY-adaround presets.")
 @click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps of the calibration trajectories.")
 @click.option("--calib-steps", type=int, default=20, show_default=True, help="Steps kept, spread over the trajectory.")
-@click.option("--samples-per-step", type=int, default=256, show_default=True, help="Trajectories (seeds 0..N-1).")
+@click.option("--samples-per-step", type=int, default=256, show_default=True,
+              help="Trajectories (seeds FIRST_SEED..FIRST_SEED+N-1).")
+@click.option("--first-seed", type=click.IntRange(min=0), default=1_000_000, show_default=True,
+              help="First calibration seed: far from the seeds that evaluations sample (0..), so no table is "
+                   "scored on its own calibration trajectories.")
+@click.option("--spacing", type=click.Choice(list(get_args(Spacing))), default=None,
+              help="Timestep spacing of the calibration trajectories [default: the model's].")
 @click.option("--set", "overrides", multiple=True, help="Recipe override, as for `modiff calibrate`: adaround.iters=5000, "
               "activations.iters=1000 (repeatable).")
 @click.option("--device", default="auto", show_default=True)
 def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps: int, calib_steps: int,
-                              samples_per_step: int, overrides: tuple[str, ...], device: str) -> None:
+                              samples_per_step: int, first_seed: int, spacing: Optional[str],
+                              overrides: tuple[str, ...], device: str) -> None:
     """Calibrate static presets into the model folder's calibration/, which ships with the model.
 
     Collects calibration data (calibration/calib-data, not shipped), runs AdaRound (BRECQ blocks) once per
@@ -195,12 +202,13 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
 
     try:
         net = load_model(model)
-        data = CalibDataConfig(steps=steps, spacing=default_spacing(net), calib_steps=calib_steps,
-                               samples_per_step=samples_per_step)
+        data = CalibDataConfig(steps=steps, spacing=spacing or default_spacing(net), calib_steps=calib_steps,
+                               samples_per_step=samples_per_step, first_seed=first_seed)
         calibration = Calibration(data, apply_overrides(CalibrationConfig(), overrides))
         command = shlex.join(["modiff", "calibrate-shipped", "--model", model,
                               *(a for p in quant_presets for a in ("--preset", p)), "--steps", str(steps),
                               "--calib-steps", str(calib_steps), "--samples-per-step", str(samples_per_step),
+                              "--first-seed", str(first_seed), *(("--spacing", spacing) if spacing else ()),
                               *(a for o in overrides for a in ("--set", o))])
         root = calibrate_shipped(net, quant_presets, calibration, resolve_device(device), command)
     except (ValueError, FileNotFoundError, KeyError) as err:
