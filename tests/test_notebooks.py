@@ -115,7 +115,7 @@ def test_bitwidth_table_with_qdiffusion_rows(tmp_path: Path) -> None:
             str(notebook_dir() / "table1_bitwidth.ipynb"), str(tmp_path / "table1.ipynb"), progress_bar=False,
             cwd=str(notebook_dir().parent), kernel_name="python3",
             parameters={"model": str(tmp_path / "tiny"), "out_dir": str(out), "runs_dir": str(runs), "num_samples": 10,
-                        "steps": 3, "device": "cpu", "presets": ["w8a4"], "published_presets": [], "calibrate": True,
+                        "steps": 3, "device": "cpu", "presets": ["w8a4"], "published_presets": [], "adaround": False, "calibrate": True,
                         "qdiff_presets": ["qdiff-w8a4", "qdiff-w8a4-modiff"], "calib_samples_per_step": 4,
                         "adaround_iters": 2, "activation_iters": 2})
         return pd.read_csv(out / "tables" / "table1_bitwidth.csv")
