@@ -46,7 +46,8 @@ def main(verbose: bool) -> None:
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
 @click.option("--seeds", default="0-63", show_default=True, callback=_seeds, help="e.g. 0-9999 or 0-9,100.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--precision", type=_choices(Precision), default="fp32", show_default=True)
+@click.option("--precision", type=_choices(Precision), default="fp32", show_default=True,
+              help="fp32: IEEE float32 (TF32 off on a GPU); tf32: TF32 matmuls and convolutions; bf16: autocast.")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
 @click.option("--quantized", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -212,3 +212,23 @@ def test_a_calibration_with_another_split_set_is_refused(shipped: Path, monkeypa
     monkeypatch.setattr(DDIMUNet, "concat_splits", lambda self: {})
     with pytest.raises(ValueError, match="split-shortcut layers differ"):
         shipped_model(model, "qdiff-w4a4")
+
+
+@pytest.mark.parametrize("name", ["fmnist-ddim", "fmnist-ldm"])
+def test_the_shipped_calibrations_load(name: str) -> None:
+    """The calibrations committed in data/ verify and load for every shipped W4 preset, so a change to configs
+    or their hashes cannot orphan them: AdaRound codes on the 4-bit grid that differ from round-to-nearest in
+    some weights (AdaRound's decisions), and static scales set."""
+    model = md.load_model(name)
+    adaround = quant_layers(quantize(model, presets["w4a4-adaround-modiff"]))
+    nearest = quant_layers(quantize(model, presets["w4a4-modiff"]))
+    changed = 0
+    for layer_name, layer in adaround.items():
+        codes = layer.weight_codes()
+        assert 0 <= int(codes.min()) and int(codes.max()) <= 15
+        if nearest[layer_name].split is None and layer.split is None:
+            changed += int((codes != nearest[layer_name].weight_codes()).sum())
+    assert changed > 0
+    for preset in ("qdiff-w4a4", "qdiff-w4a4-modiff"):
+        static = quant_layers(shipped_model(model, preset))
+        assert all(layer.act is not None and layer.act.scales for layer in static.values())
