@@ -25,12 +25,13 @@ import modiff as md
 from analysis import experiments
 from modiff.diffusion.schedules import Spacing
 from modiff.evaluate import seed_images
-from modiff.generate import SampleConfig, sample
+from modiff.generate import Precision, SampleConfig, sample
 from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.bops import preset_report
 from modiff.quant.calibrate import weight_only_config
 from modiff.quant.calibrated import Calibration
+from modiff.quant.shipped import has_shipped
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "table_config", "table_runs_dir", "table_calibration", "adaround_presets",
            "adaround_status", "row_presets", "describe", "scored_table", "run_precision", "paper_columns", "findings", "fp_device_distance"]
@@ -40,11 +41,13 @@ ADAROUND_ANCHOR = "w4a32-adaround"
 HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never one of the scored seeds
 
 
-def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None) -> SampleConfig:
+def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None,
+                 precision: Precision = "fp32") -> SampleConfig:
     """DDIM with ``spacing`` for a pixel model (its own, ``uniform``, when None; the paper's DDIM tables use
-    ``quad``); a latent model always samples with its own ``ldm`` timesteps, as the LDM tables do."""
+    ``quad``); a latent model always samples with its own ``ldm`` timesteps, as the LDM tables do. ``precision``
+    is the arithmetic of every run (each run's manifest records it, and the table shows it per row)."""
     own = md.default_spacing(model)
-    return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing)
+    return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing, precision=precision)
 
 
 def table_runs_dir(model: nn.Module, runs_dir: str | Path, config: SampleConfig) -> Path:
@@ -105,7 +108,10 @@ def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Seq
     if calibrate:
         rows += list(qdiff_presets)
     else:
-        notes.append("Q-Diffusion rows off (parameter `calibrate = False`: their calibration is GPU work).")
+        shipped = [p for p in qdiff_presets if has_shipped(model, p)]
+        rows += shipped
+        notes.append(f"Q-Diffusion rows from the model's shipped calibration: {', '.join(shipped) or 'none'}; the "
+                     f"other {len(qdiff_presets) - len(shipped)} need calibration (parameter `calibrate = True`, GPU work).")
     return list(dict.fromkeys(rows)), " ".join(notes)
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
+from modiff.generate import Precision
 from modiff.runs import environment, write_json
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "DEFAULT_MODEL", "reproduce", "notebook_dir",
@@ -44,6 +45,7 @@ class ReproducePreset:
     device: str = "auto"
     devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
     batch_size: int = 64
+    precision: str = "fp32"  # arithmetic of the bit-width table's runs: fp32 (TF32 off on CUDA), tf32 or bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
     calib_samples_per_step: int = 256
@@ -55,6 +57,8 @@ class ReproducePreset:
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ValueError(f"reproduce sizes must be >= 1, got {bad} (set them with --set key=N)")
+        if self.precision not in get_args(Precision):
+            raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {self.precision!r}")
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
