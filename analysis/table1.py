@@ -289,7 +289,7 @@ def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleCon
 
     if not torch.cuda.is_available():
         return pd.DataFrame([{"gpu_precision": "-", "note": "no GPU on this machine: the GPU-CPU distance is not measured"}])
-    cpu_out = sample(model, seeds, replace(config, precision="fp32"), torch.device("cpu"))
+    cpu_out = sample(copy.deepcopy(model).cpu(), seeds, replace(config, precision="fp32"), torch.device("cpu"))
     cpu_images = to_uint8(md.to_images(model, cpu_out)).astype(np.int16)
     gpu_model = copy.deepcopy(model).to("cuda")
     rows = []
