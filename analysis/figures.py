@@ -90,7 +90,7 @@ def error_bounds(df: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
-def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, **kwargs: object) -> None:
+def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, band_alpha: float = 0.15, **kwargs: object) -> None:
     """Mean curve with a +-1 std band over samples, cut at 0 (a distance is never negative; on a log axis,
     zeros and a zero band edge are gaps)."""
     x, mean, std = part["step"], part["rel_l2_mean"], part["rel_l2_std"]
@@ -98,7 +98,7 @@ def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, **kwargs: objec
     if log:
         mean, lower, upper = _positive(mean), _positive(lower), _positive(upper)
     (line,) = ax.plot(x, mean, **kwargs)
-    ax.fill_between(x, lower, upper, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.fill_between(x, lower, upper, color=line.get_color(), alpha=band_alpha, linewidth=0)
 
 
 def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block features)",
@@ -118,7 +118,7 @@ def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block fe
     intervals = sorted(int(n) for n in df["interval"].unique())
     for n, color in zip(intervals, style.PALETTE):
         part = df[df["interval"] == n].sort_values("step")
-        _curves(ax, part, color=color, lw=1.2, label=f"N = {n}")
+        _curves(ax, part, color=color, lw=1.2, label=f"N = {n}", band_alpha=0.08)
         refresh = part[part["step"].isin(refresh_steps(steps, n, warmup_steps))]
         ax.scatter(refresh["step"], refresh["rel_l2_mean"], color=color, s=18, zorder=3)
     common = steps_skipped_by_all(steps, intervals, warmup_steps)
@@ -127,7 +127,7 @@ def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block fe
     ax.set(xlabel="sampling step (dots: refresh steps)", ylabel="relative L2 distance", title=title)
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(title="refresh every", fontsize="small")
+    ax.legend(title="refresh every", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

@@ -60,7 +60,7 @@ class ReproducePreset:
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, warmup_samples=12, steps=20),
-    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, warmup_samples=128, steps=100,
+    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, warmup_samples=1024, steps=100,
                              batch_size=512, calibrate=True),
 }
 
