@@ -41,6 +41,7 @@ class ReproducePreset:
     name: PresetName
     num_samples: int  # samples scored per preset (bit-width and sampler tables)
     analysis_samples: int  # trajectories recorded or compared feature by feature (figures, bounds, grids, audit)
+    warmup_samples: int  # seeds of the warm-up table (Table 18): enough for its paired intervals to separate
     steps: int
     device: str = "auto"
     devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
@@ -62,9 +63,9 @@ class ReproducePreset:
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, steps=20),
-    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, steps=100, batch_size=512,
-                             calibrate=True),
+    "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, warmup_samples=12, steps=20),
+    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, warmup_samples=1024, steps=100,
+                             batch_size=512, calibrate=True),
 }
 
 def parse_override(item: str) -> tuple[str, Any]:
