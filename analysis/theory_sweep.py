@@ -205,7 +205,8 @@ class _LayerSimulator:
         """Q(r) and the per-sample Theorem 4.3 bound sum s^2 / 4 over the sample's elements."""
         x_min, x_max = reduce_range(r, spec)
         scale, zero_point = qparams_from_range(x_min, x_max, spec)
-        bound = _per_sample_sq(scale.to(r.dtype).expand_as(r)) / (4.0 if spec.rounding == "nearest" else 1.0)
+        per_sample = scale.to(r.dtype).expand(r.shape[0], *scale.shape[1:]).flatten(1)  # equal-size groups
+        bound = per_sample.square().mean(1) * (r[0].numel() / (4.0 if spec.rounding == "nearest" else 1.0))
         return fake_quantize(r, scale, zero_point, spec), bound
 
     def __call__(self, a: Tensor) -> None:
