@@ -49,6 +49,8 @@ class ReproducePreset:
     precision: str = "fp32"  # arithmetic of the bit-width table's runs: fp32 (TF32 off on CUDA), tf32 or bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
+    theory_calib_samples: int = 2  # trajectories that estimate c in the layer sweep of Theorems 4.3/4.4
+    theory_heldout_samples: int = 2  # other seeds, on which the bounds are checked
     calib_samples_per_step: int = 256
     adaround_iters: int = 20_000
     activation_iters: int = 5_000
@@ -65,7 +67,7 @@ class ReproducePreset:
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, warmup_samples=12, steps=20),
     "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, warmup_samples=1024, steps=100,
-                             batch_size=512, calibrate=True),
+                             batch_size=512, calibrate=True, theory_calib_samples=64, theory_heldout_samples=64),
 }
 
 def parse_override(item: str) -> tuple[str, Any]:
