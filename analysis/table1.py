@@ -25,12 +25,13 @@ import modiff as md
 from analysis import experiments
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines.evaluate import seed_images
-from modiff.pipelines.generate import SampleConfig, sample
+from modiff.pipelines.generate import Precision, SampleConfig, sample
 from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
+from modiff.quant.ptq.shipped import has_shipped
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "table_config", "table_runs_dir", "table_calibration", "adaround_presets",
            "adaround_status", "row_presets", "describe", "scored_table", "run_precision", "paper_columns", "findings", "fp_device_distance"]
@@ -40,11 +41,13 @@ ADAROUND_ANCHOR = "w4a32-adaround"
 HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never one of the scored seeds
 
 
-def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None) -> SampleConfig:
+def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None,
+                 precision: Precision = "fp32") -> SampleConfig:
     """DDIM with ``spacing`` for a pixel model (its own, ``uniform``, when None; the paper's DDIM tables use
-    ``quad``); a latent model always samples with its own ``ldm`` timesteps, as the LDM tables do."""
+    ``quad``); a latent model always samples with its own ``ldm`` timesteps, as the LDM tables do. ``precision``
+    is the arithmetic of every run (each run's manifest records it, and the table shows it per row)."""
     own = md.default_spacing(model)
-    return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing)
+    return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing, precision=precision)
 
 
 def table_runs_dir(model: nn.Module, runs_dir: str | Path, config: SampleConfig) -> Path:
@@ -105,7 +108,10 @@ def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Seq
     if calibrate:
         rows += list(qdiff_presets)
     else:
-        notes.append("Q-Diffusion rows off (parameter `calibrate = False`: their calibration is GPU work).")
+        shipped = [p for p in qdiff_presets if has_shipped(model, p)]
+        rows += shipped
+        notes.append(f"Q-Diffusion rows from the model's shipped calibration: {', '.join(shipped) or 'none'}; the "
+                     f"other {len(qdiff_presets) - len(shipped)} need calibration (parameter `calibrate = True`, GPU work).")
     return list(dict.fromkeys(rows)), " ".join(notes)
 
 
@@ -283,7 +289,7 @@ def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleCon
 
     if not torch.cuda.is_available():
         return pd.DataFrame([{"gpu_precision": "-", "note": "no GPU on this machine: the GPU-CPU distance is not measured"}])
-    cpu_out = sample(model, seeds, replace(config, precision="fp32"), torch.device("cpu"))
+    cpu_out = sample(copy.deepcopy(model).cpu(), seeds, replace(config, precision="fp32"), torch.device("cpu"))
     cpu_images = to_uint8(md.to_images(model, cpu_out)).astype(np.int16)
     gpu_model = copy.deepcopy(model).to("cuda")
     rows = []
