@@ -26,7 +26,7 @@ def test_row_presets_put_the_anchors_first_and_say_what_is_left_out(tiny_denoise
     rows, note = table1.row_presets(tiny_denoiser, ["w4a4", "w4a4-modiff"], ["published-w4a4"], ["qdiff-w4a4"],
                                     adaround=False, calibrate=False)
     assert rows == ["fp", "w8a32", "w4a32", "w4a4", "w4a4-modiff", "published-w4a4"]
-    assert "AdaRound W4 rows off" in note and "Q-Diffusion rows off" in note
+    assert "AdaRound W4 rows off" in note and "shipped calibration: none; the other 1 need calibration" in note
     assert table1.adaround_presets(["w8a4", "w4a4", "w4a4-modiff"]) == ["w4a32-adaround", "w4a4-adaround",
                                                                          "w4a4-adaround-modiff"]
     rows, note = table1.row_presets(tiny_denoiser, ["w4a4"], [], ["qdiff-w4a4"], adaround=True, calibrate=True)
