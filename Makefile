@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test install
+.PHONY: reproduce test install shipped-calibration
 
 install: $(STAMP)
 
@@ -21,3 +21,14 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The shipped calibrations data/fmnist-{ddim,ldm}/calibration/ (README "Shipped calibrations"): the published
+# Q-Diffusion recipe at 5k AdaRound / 1k step-size iterations (published: 20k / 5k), both models side by
+# side on one GPU; logs in data/<model>/calibration.log. Override: make shipped-calibration SHIP_SET='...'.
+SHIP_SET ?= --set adaround.iters=5000 --set activations.iters=1000
+
+shipped-calibration: $(STAMP)
+	$(BIN)/modiff calibrate-shipped --model fmnist-ddim $(SHIP_SET) > data/fmnist-ddim/calibration.log 2>&1 & ddim=$$!; \
+	$(BIN)/modiff calibrate-shipped --model fmnist-ldm $(SHIP_SET) > data/fmnist-ldm/calibration.log 2>&1 & ldm=$$!; \
+	wait $$ddim; a=$$?; wait $$ldm; b=$$?; tail -n 3 data/fmnist-ddim/calibration.log data/fmnist-ldm/calibration.log; \
+	test $$a -eq 0 -a $$b -eq 0

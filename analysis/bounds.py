@@ -30,7 +30,7 @@ A check holds where margin = bound - actual >= -1e-12 max(bound, actual) (float 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,7 @@ from torch import nn
 
 from analysis.propagation import Inputs, LinearOperator, Quantizer, error_frame, operator_norm
 
-__all__ = ["BOUNDS", "bound_summary", "bound_table", "input_differences", "theorem44_bounds"]
+__all__ = ["BOUNDS", "Form", "bound_summary", "bound_table", "input_differences", "theorem44_bounds", "theorem44_weights"]
 
 BOUNDS: tuple[str, ...] = ("bound30_printed", "bound30_unrolled", "bound31_printed", "bound31_unrolled")
 _PER_METHOD = (
@@ -59,25 +59,30 @@ def input_differences(inputs: Inputs) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+Form = Literal["bound30_printed", "bound30_unrolled", "bound31_printed", "bound31_unrolled"]
+
+
+def theorem44_weights(n: int, form: Form, c: float) -> np.ndarray:
+    """(n, n) weights W with bound_i = ||A||^2 sum_j W[i, j] d_j for the Theorem 4.4 ``form`` (module
+    docstring): W[i, j] = 0 unless 1 <= j <= i; c enters as the factor c (30) or the base 2c (31)."""
+    if form not in BOUNDS:
+        raise ValueError(f"form must be one of {BOUNDS}, got {form!r}")
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (n, n)
+    exponent = (j - 1 if form.endswith("printed") else i - j + 1).astype(np.float64)
+    base, factor = (2.0, float(c)) if form.startswith("bound30") else (2.0 * float(c), 1.0)
+    with np.errstate(over="ignore"):  # 2^j overflows to inf for j > 1023: the bound is then inf
+        return np.where((j >= 1) & (j <= i), factor * np.power(base, np.maximum(exponent, 0.0)), 0.0)
+
+
 def theorem44_bounds(diff_sq: np.ndarray, c30: float, c31: float, op_norm: float) -> pd.DataFrame:
     """The four Theorem 4.4 bounds (module docstring) for every sampling index i, one column each."""
     d = np.nan_to_num(np.asarray(diff_sq, dtype=np.float64), nan=0.0)  # (n,)
-    n = d.size
-    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")  # (n, n)
-    used = (j >= 1) & (j <= i) & (d[None, :] > 0)
-    a2 = op_norm**2
-
-    def total(base: float, exponent: np.ndarray, factor: float) -> np.ndarray:
-        with np.errstate(over="ignore"):  # 2^j overflows to inf for j > 1023: the bound is then inf
-            weights = np.where(used, np.power(base, exponent.astype(np.float64)), 0.0)
-            return (weights * d[None, :]).sum(axis=1) * factor * a2
-
-    return pd.DataFrame({
-        "bound30_printed": total(2.0, j - 1, c30),
-        "bound30_unrolled": total(2.0, i - j + 1, c30),
-        "bound31_printed": total(2.0 * c31, j - 1, 1.0),
-        "bound31_unrolled": total(2.0 * c31, i - j + 1, 1.0),
-    })
+    columns = {}
+    for form in BOUNDS:
+        weights = theorem44_weights(d.size, form, c30 if form.startswith("bound30") else c31)
+        with np.errstate(invalid="ignore"):  # inf weight times d_j = 0 (a zero difference) adds nothing
+            columns[form] = np.where(d[None, :] > 0, weights * d[None, :], 0.0).sum(axis=1) * op_norm**2
+    return pd.DataFrame(columns)
 
 
 def _max_c(frame: pd.DataFrame) -> float:

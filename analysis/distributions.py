@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "DEFAULT_QUANTILES",
+    "evenly_spaced_steps",
     "Activations",
     "activation_stats",
     "iter_steps",
@@ -132,6 +133,14 @@ def range_ratio_summary(stats: pd.DataFrame) -> dict[str, float]:
         "median_per_step": float(ratios.median()),
         "mean_per_step": float(ratios.mean()),
     }
+
+
+def evenly_spaced_steps(steps: int, count: int) -> tuple[int, ...]:
+    """At most ``count`` sampling indices spread evenly over 1..steps-1 (both ends included), the steps
+    that have a temporal difference: a readable subset for Figure 1b's violins."""
+    if steps < 2 or count < 1:
+        raise ValueError(f"need steps >= 2 and count >= 1, got steps={steps}, count={count}")
+    return tuple(sorted({int(round(v)) for v in np.linspace(1, steps - 1, min(count, steps - 1))}))
 
 
 def violin_data(

@@ -29,7 +29,8 @@ from modiff.quant.ptq.reuse import Calibration, quantized_model
 from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
-    "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "warmup_table",
+    "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "sampler_per_seed",
+    "warmup_table", "warmup_per_seed",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
 ]
 
@@ -201,12 +202,15 @@ def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
     return pd.DataFrame(rows)
 
 
-def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
-                  runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
-                  devices: str | Sequence[str] = ()) -> pd.DataFrame:
-    """Tables 5 and 15-18: per (sampler, steps) and preset, fidelity to the fp run of the same sampler.
-    With several ``devices`` the runs of each sampler are made in parallel first (`fill_runs`)."""
-    rows = []
+def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
+                     runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
+                     devices: str | Sequence[str] = ()) -> pd.DataFrame:
+    """Tables 5 and 15-17 per seed: relative L2 (pixels) of each preset's sample to the fp sample of the same
+    seed and sampler; columns sampler, steps, preset, seed, rel_l2_pixels. With several ``devices`` the runs
+    of each sampler are made in parallel first (`fill_runs`)."""
+    from modiff.metrics.compare import relative_l2
+
+    frames = []
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
         if len(_device_list(devices)) > 1:
@@ -214,30 +218,57 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
         fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
         for preset in presets:
             images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device), seeds)
-            close = fidelity_to_reference(images, fp_images, features=False)
-            rows.append({"sampler": sampler, "steps": steps, "preset": preset,
-                         "rel_l2_pixels": close["rel_l2_pixels"]["mean"], "rel_l2_ci95": close["rel_l2_pixels"]["ci95"]})
-    return pd.DataFrame(rows)
+            frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "seed": list(seeds),
+                                        "rel_l2_pixels": relative_l2(images, fp_images)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
+                  runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
+                  devices: str | Sequence[str] = ()) -> pd.DataFrame:
+    """Tables 5 and 15-17: per (sampler, steps) and preset, the mean relative L2 to the fp run of the same
+    sampler over seeds (`sampler_per_seed`) with its 95% bootstrap interval (ci95_low, ci95_high, n)."""
+    from analysis.intervals import summarize
+
+    per_seed = sampler_per_seed(model, presets, samplers, seeds, runs_dir, batch_size, device, devices)
+    return summarize(per_seed, ["sampler", "steps", "preset"], "rel_l2_pixels").rename(columns={"mean": "rel_l2_pixels"})
 
 
 @torch.no_grad()
-def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
-                 device: str = "cpu") -> pd.DataFrame:
-    """Table 18: MoDiff with k full-precision warm-up steps, relative L2 to fp samples (decoded images for a
-    latent model) of the same seeds, sampled on ``device``."""
+def warmup_per_seed(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
+                    device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
+    """Table 18 per seed: MoDiff with k full-precision warm-up steps, relative L2 to the fp sample (decoded
+    image for a latent model) of the same seed, sampled on ``device`` in batches of ``batch_size``; columns
+    preset, warmup_steps, seed, rel_l2_pixels."""
     from dataclasses import replace
 
-    runner = _on_device(model, device)
-    ts, x_T = _timesteps(model, steps), md.noise(seeds, model.sample_shape).to(resolve_device(device))
-    reference = md.to_images(runner, md.sample_ddim(runner, x_T, ts))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    runner, seeds = _on_device(model, device), list(seeds)
+    ts = _timesteps(model, steps)
     rows = []
-    for k in warmups:
-        qmodel = md.quantize(runner, replace(md.presets[preset], warmup_steps=k))
-        with md.trajectory(qmodel):
-            out = md.to_images(qmodel, md.sample_ddim(qmodel, x_T, ts))
-        per_sample = ((out - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)).cpu().numpy()
-        rows.append({"preset": preset, "warmup_steps": k, "rel_l2_pixels": float(per_sample.mean())})
-    return pd.DataFrame(rows)
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        x_T = md.noise(chunk, model.sample_shape).to(resolve_device(device))
+        reference = md.to_images(runner, md.sample_ddim(runner, x_T, ts)).flatten(1)
+        for k in warmups:
+            qmodel = md.quantize(runner, replace(md.presets[preset], warmup_steps=k))
+            with md.trajectory(qmodel):
+                out = md.to_images(qmodel, md.sample_ddim(qmodel, x_T, ts)).flatten(1)
+            rel = ((out - reference).norm(dim=1) / reference.norm(dim=1)).cpu().numpy()
+            rows += [{"preset": preset, "warmup_steps": k, "seed": s, "rel_l2_pixels": float(v)} for s, v in zip(chunk, rel)]
+    return pd.DataFrame(rows).sort_values(["warmup_steps", "seed"], kind="stable", ignore_index=True)
+
+
+def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
+                 device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
+    """Table 18: per warm-up setting, the mean relative L2 to fp over seeds (`warmup_per_seed`) with its 95%
+    bootstrap interval; columns preset, warmup_steps, rel_l2_pixels, ci95_low, ci95_high, n."""
+    from analysis.intervals import summarize
+
+    per_seed = warmup_per_seed(model, preset, warmups, seeds, steps, device, batch_size)
+    table = summarize(per_seed, ["preset", "warmup_steps"], "rel_l2_pixels")
+    return table.rename(columns={"mean": "rel_l2_pixels"})
 
 
 def bops_memory_table(model: nn.Module, presets: Sequence[str], batch_sizes: Sequence[int], steps: int) -> pd.DataFrame:

@@ -90,7 +90,7 @@ def error_bounds(df: pd.DataFrame, title: str = "") -> plt.Figure:
     return fig
 
 
-def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, **kwargs: object) -> None:
+def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, band_alpha: float = 0.15, **kwargs: object) -> None:
     """Mean curve with a +-1 std band over samples, cut at 0 (a distance is never negative; on a log axis,
     zeros and a zero band edge are gaps)."""
     x, mean, std = part["step"], part["rel_l2_mean"], part["rel_l2_std"]
@@ -98,21 +98,36 @@ def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, **kwargs: objec
     if log:
         mean, lower, upper = _positive(mean), _positive(lower), _positive(upper)
     (line,) = ax.plot(x, mean, **kwargs)
-    ax.fill_between(x, lower, upper, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.fill_between(x, lower, upper, color=line.get_color(), alpha=band_alpha, linewidth=0)
 
 
-def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block features)") -> plt.Figure:
-    """Figure 1a: relative L2 feature distance over steps, one curve per refresh interval N.
+def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block features)",
+                  warmup_steps: int = 1) -> plt.Figure:
+    """Figure 1a: relative L2 feature distance over steps, one line per refresh interval N through every
+    step's mean (no smoothing), a +-1 std band over samples, a filled marker on each step where that N
+    refreshes, and a dotted line at the last step every N skips (where `analysis.caching.caching_summary`
+    compares them).
 
     ``df``: `analysis.network.caching_error_curves` (step, interval, rel_l2_mean, rel_l2_std).
     """
+    from analysis.caching import refresh_steps, steps_skipped_by_all
+
     style.apply()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for n, color in zip(sorted(df["interval"].unique()), style.PALETTE):
-        _curves(ax, df[df["interval"] == n].sort_values("step"), color=color, label=f"N = {n}")
-    ax.set(xlabel="sampling step", ylabel="relative L2 distance", title=title)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = int(df["step"].max()) + 1
+    intervals = sorted(int(n) for n in df["interval"].unique())
+    for n, color in zip(intervals, style.PALETTE):
+        part = df[df["interval"] == n].sort_values("step")
+        _curves(ax, part, color=color, lw=1.2, label=f"N = {n}", band_alpha=0.08)
+        refresh = part[part["step"].isin(refresh_steps(steps, n, warmup_steps))]
+        ax.scatter(refresh["step"], refresh["rel_l2_mean"], color=color, s=18, zorder=3)
+    common = steps_skipped_by_all(steps, intervals, warmup_steps)
+    if common:
+        ax.axvline(common[-1], color="grey", ls=":", lw=1, label=f"step {common[-1]}: every N skips")
+    ax.set(xlabel="sampling step (dots: refresh steps)", ylabel="relative L2 distance", title=title)
+    ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(title="refresh every")
+    ax.legend(title="refresh every", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

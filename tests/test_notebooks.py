@@ -87,8 +87,9 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
     assert len(ratios) == 3 and ratios["layer"].iloc[0] == "net.middle_block.0.in_layers.2"
     assert pd.read_csv(out / "tables" / "table4_last_step_error.csv")["bits"].tolist() == [3, 4, 6, 8]
     table = pd.read_csv(out / "tables" / "table1_bitwidth.csv")
-    assert len(table) == 20 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()
-    assert table.preset.tolist()[:4] == ["w8a8", "w8a8-modiff", "w8a6", "w8a6-modiff"]
+    assert len(table) == 43 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()
+    assert table.preset.tolist()[:5] == ["fp", "w8a32", "w4a32", "w8a8", "w8a8-modiff"]  # anchors first
+    assert (table.spacing == "ldm").all() and (table.n == 10).all() and "published-w4a2-modiff" in set(table.preset)
     run = tmp_path / "runs" / "quick-tiny-ldm" / "fp-ddim4"
     assert '"spacing": "ldm"' in (run / "manifest.json").read_text()
     with np.load(run / "samples.npz") as data:
@@ -114,20 +115,22 @@ def test_bitwidth_table_with_qdiffusion_rows(tmp_path: Path) -> None:
             str(notebook_dir() / "table1_bitwidth.ipynb"), str(tmp_path / "table1.ipynb"), progress_bar=False,
             cwd=str(notebook_dir().parent), kernel_name="python3",
             parameters={"model": str(tmp_path / "tiny"), "out_dir": str(out), "runs_dir": str(runs), "num_samples": 10,
-                        "steps": 3, "device": "cpu", "presets": ["w8a4"], "calibrate": True,
+                        "steps": 3, "device": "cpu", "presets": ["w8a4"], "published_presets": [], "adaround": False, "calibrate": True,
                         "qdiff_presets": ["qdiff-w8a4", "qdiff-w8a4-modiff"], "calib_samples_per_step": 4,
                         "adaround_iters": 2, "activation_iters": 2})
         return pd.read_csv(out / "tables" / "table1_bitwidth.csv")
 
     table = table1()
-    assert table.preset.tolist() == ["w8a4", "qdiff-w8a4", "qdiff-w8a4-modiff"]
+    assert table.preset.tolist() == ["fp", "w8a32", "w4a32", "w8a4", "qdiff-w8a4", "qdiff-w8a4-modiff"]
     assert table.rel_l2_pixels.notna().all() and (table.gbops_per_step > 0).all()
-    assert (runs / "quantized" / "qdiff-w8a4-modiff" / "manifest.json").is_file()
+    assert (table.spacing == "quad").all() and table.set_index("preset").loc["qdiff-w8a4", "weights"] == "AdaRound"
+    quad = runs / "spacing-quad"  # the paper's timesteps: runs and calibrations of their own
+    assert (quad / "quantized" / "qdiff-w8a4-modiff" / "manifest.json").is_file()
     # Runs made on a GPU render anywhere: without the calibrated models, finished runs are reused as they are.
-    shutil.rmtree(runs / "quantized")
-    shutil.rmtree(runs / "calib-data")
+    shutil.rmtree(quad / "quantized")
+    shutil.rmtree(quad / "calib-data")
     pd.testing.assert_frame_equal(table1(), table)
-    assert not (runs / "quantized").exists()
+    assert not (quad / "quantized").exists()
 
 
 def test_overlapping_runs_into_one_report_keep_each_others_results(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Artifacts written by the code before the issue-21 layout (commit 413b885) load and reproduce bit for bit.
+"""Artifacts written by the code before the issue-21 layout (main at ab6644d) load and reproduce bit for bit.
 
 `tests/fixtures/before_issue21/make.py` wrote them with that code: a calibrated Q-Diff+MoDiff W4A4 model
 saved by `save_quantized`, a recording saved by `record(..., out_dir=...)`, and the samples of the

@@ -15,7 +15,8 @@ import click
 from modiff.cli.options import USER_ERRORS, check_device_option, load_model_option
 from modiff.diffusion.schedules import Spacing
 
-__all__ = ["calibrate_data_command", "calibrate_command", "apply_overrides", "load_quantized_run"]
+__all__ = ["calibrate_data_command", "calibrate_command", "calibrate_shipped_command", "apply_overrides",
+           "load_quantized_run"]
 
 
 def _parse(raw: str, current: Any, key: str) -> Any:
@@ -163,6 +164,67 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
         summary = report["adaround_vs_nearest"]
         click.echo(f"AdaRound lowered the reconstruction loss of {summary['units_lowered']} of {summary['units']} units "
                    f"against round-to-nearest on the same grids (median loss ratio {summary['median_loss_ratio']:.3f})")
+
+
+@click.command("calibrate-shipped")
+@click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name or exported model folder.")
+@click.option("--preset", "quant_presets", multiple=True, default=("qdiff-w4a4", "qdiff-w4a4-modiff"), show_default=True,
+              help="Static preset to calibrate (repeatable); its AdaRound weights also serve the wXaY-adaround presets.")
+@click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps of the calibration trajectories.")
+@click.option("--calib-steps", type=int, default=20, show_default=True, help="Steps kept, spread over the trajectory.")
+@click.option("--samples-per-step", type=int, default=256, show_default=True,
+              help="Trajectories (seeds FIRST_SEED..FIRST_SEED+N-1).")
+@click.option("--first-seed", type=click.IntRange(min=0), default=1_000_000, show_default=True,
+              help="First calibration seed: far from the seeds that evaluations sample (0..), so no table is "
+                   "scored on its own calibration trajectories.")
+@click.option("--spacing", type=click.Choice(list(get_args(Spacing))), default=None,
+              help="Timestep spacing of the calibration trajectories [default: the model's].")
+@click.option("--set", "overrides", multiple=True, help="Recipe override, as for `modiff calibrate`: adaround.iters=5000, "
+              "activations.iters=1000 (repeatable).")
+@click.option("--device", default="auto", show_default=True)
+def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps: int, calib_steps: int,
+                              samples_per_step: int, first_seed: int, spacing: Optional[str],
+                              overrides: tuple[str, ...], device: str) -> None:
+    """Calibrate static presets into the model folder's calibration/, which ships with the model.
+
+    Collects calibration data (calibration/calib-data, not shipped), runs AdaRound (BRECQ blocks) once per
+    weight quantization and learns the step sizes of every preset, as `modiff calibrate` does, then writes
+    calibration/manifest.json (settings, iterations against the published 20k / 5k, sha256 of every file)
+    and calibration/summary.json (AdaRound loss ratios per unit). Presets already there are kept.
+
+    \b
+    Examples:
+      modiff calibrate-shipped --model fmnist-ddim --set adaround.iters=5000 --set activations.iters=1000
+      modiff calibrate-shipped --model fmnist-ldm --preset qdiff-w4a4 --preset qdiff-w4a8
+      modiff calibrate-shipped --model data/train/mine --samples-per-step 32 --set adaround.iters=200 --device cpu
+    """
+    import shlex
+
+    from modiff.pipelines.generate import resolve_device
+    from modiff.models.conventions import default_spacing
+    from modiff.models.registry import load_model
+    from modiff.quant.ptq.data import CalibDataConfig
+    from modiff.quant.ptq.calibrate import CalibrationConfig
+    from modiff.quant.ptq.reuse import Calibration, calibrate_shipped
+
+    try:
+        net = load_model(model)
+        data = CalibDataConfig(steps=steps, spacing=spacing or default_spacing(net), calib_steps=calib_steps,
+                               samples_per_step=samples_per_step, first_seed=first_seed)
+        calibration = Calibration(data, apply_overrides(CalibrationConfig(), overrides))
+        command = shlex.join(["modiff", "calibrate-shipped", "--model", model,
+                              *(a for p in quant_presets for a in ("--preset", p)), "--steps", str(steps),
+                              "--calib-steps", str(calib_steps), "--samples-per-step", str(samples_per_step),
+                              "--first-seed", str(first_seed), *(("--spacing", spacing) if spacing else ()),
+                              *(a for o in overrides for a in ("--set", o))])
+        root = calibrate_shipped(net, quant_presets, calibration, resolve_device(device), command)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise click.ClickException(str(err)) from err
+    summary = json.loads((root / "summary.json").read_text())
+    for folder, adaround in summary["adaround"].items():
+        click.echo(f"{folder}: AdaRound lowered the reconstruction loss of {adaround.get('units_lowered')} of "
+                   f"{adaround.get('units')} units (median loss ratio {adaround.get('median_loss_ratio', float('nan')):.3f})")
+    click.echo(f"shipped calibration of {', '.join(quant_presets)} written to {root}")
 
 
 def load_quantized_run(model: str, model_config: Optional[str], run: Path) -> tuple[Any, dict[str, Any]]:

@@ -39,23 +39,32 @@ def main(verbose: bool) -> None:
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
 @click.option("--seeds", default="0-63", show_default=True, callback=parse_seeds_option, help="e.g. 0-9999 or 0-9,100.")
 @click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
-@click.option("--precision", type=_choices(Precision), default="fp32", show_default=True)
+@click.option("--precision", type=_choices(Precision), default="fp32", show_default=True,
+              help="fp32: IEEE float32 (TF32 off on a GPU); tf32: TF32 matmuls and convolutions; bf16: autocast.")
 @click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
 @click.option("--quantized", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A calibrated model saved by `modiff calibrate` (instead of --preset).")
+@click.option("--weights-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="AdaRound weights for an -adaround --preset: a folder saved by `modiff calibrate` "
+                   "[default: the model's shipped calibration].")
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
 @click.option("--cuda-graphs", is_flag=True, help="Replay each sampling step as one CUDA graph (CUDA only; "
                                                   "fastest at small batches).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: Optional[str], eta: float,
            seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
-           quantized: Optional[Path], compile_net: bool, cuda_graphs: bool, out: Path) -> None:
+           quantized: Optional[Path], weights_from: Optional[Path], compile_net: bool, cuda_graphs: bool,
+           out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
+
+    Static presets (qdiff-*) and the -adaround presets use the model's shipped calibration.
 
     \b
     Examples:
       modiff sample --seeds 0-63 --out data/runs/fp
+      modiff sample --preset w4a4-adaround-modiff --seeds 0-63 --out data/runs/w4a4-adaround-modiff
+      modiff sample --preset qdiff-w4a4-modiff --model fmnist-ldm --out data/runs/ldm-qdiff-w4a4-modiff
       modiff sample --preset w4a4-modiff --sampler dpm-solver --steps 20 --seeds 0-9,100 --out data/runs/q
       modiff sample --preset w4a4-modiff --precision bf16 --compile --cuda-graphs --out data/runs/q-fast
       modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
@@ -66,13 +75,15 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets, quantize, trajectory
     from modiff.quant.presets import calibration_hint, needs_calibration
+    from modiff.quant.ptq.shipped import has_shipped, shipped_model
 
     try:
         quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
         if quant is not None and quantized is not None:
             raise ValueError("give either --preset or --quantized (a calibrated model carries its own config)")
-        if quant is not None and needs_calibration(quant):
-            raise ValueError(calibration_hint(quant_preset))
+        if weights_from is not None and (quant is None or not quant.adaround):
+            raise ValueError("--weights-from gives AdaRound weights to an -adaround --preset (see `modiff presets`), "
+                             f"got --preset {quant_preset}")
         identity: dict = {"model": model, "config": model_config, "quant_preset": quant_preset}
         prepare = None
         if quantized is not None:
@@ -84,8 +95,12 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), eta=eta,
                               precision=precision)
         if quant is not None:
-            net = quantize(net, quant)
+            if needs_calibration(quant) and not has_shipped(net, quant_preset):
+                raise ValueError(calibration_hint(quant_preset))
+            net = shipped_model(net, quant_preset) if needs_calibration(quant) else quantize(net, quant, weights=weights_from)
             identity["quant_config"] = quant.to_dict()
+            if weights_from is not None:
+                identity["weights_from"] = str(weights_from)
             prepare = trajectory
         done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
                         prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
@@ -423,10 +438,11 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
 
 
 def _register_calibration() -> None:
-    from modiff.cli.calibrate import calibrate_command, calibrate_data_command
+    from modiff.cli.calibrate import calibrate_command, calibrate_data_command, calibrate_shipped_command
 
     main.add_command(calibrate_data_command)
     main.add_command(calibrate_command)
+    main.add_command(calibrate_shipped_command)
 
 
 _register_calibration()

@@ -13,18 +13,21 @@ statistics file written by `save_reference_stats` (FID only).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union, get_args
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from modiff.metrics.extractor import extractor_class
+from modiff.metrics.bootstrap import CI_METHOD, BootstrapConfig, fid_resamples, recentred_interval, resample_indices
+
 __all__ = [
     "EXTRACTOR", "FEATURE_SPACE", "Metric", "UInt8Images", "load_images", "compute_metrics", "reference_names",
-    "save_reference_stats", "frechet_distance", "classifier_features",
+    "save_reference_stats", "frechet_distance", "classifier_features", "score", "Scores",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,49 +108,6 @@ def _check_count(images: np.ndarray, what: str) -> None:
                          f"and FID/KID would be meaningless")
 
 
-def _extractor_class() -> type:
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    class FMNISTFeatureExtractor(FeatureExtractorBase):
-        """torch-fidelity adapter: uint8 (B, C, H, W) -> (penultimate (B, 128), logits (B, 10))."""
-
-        def __init__(self, name: str, features_list: Sequence[str], feature_extractor_weights_path: Optional[str] = None, **kwargs: Any):
-            from modiff.metrics.classifier import load_classifier
-
-            super().__init__(name, features_list)
-            self.classifier = load_classifier(Path(feature_extractor_weights_path).parent if feature_extractor_weights_path else None)
-
-        @staticmethod
-        def get_provided_features_list() -> tuple[str, ...]:
-            return ("penultimate", "logits_unbiased")
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric: str) -> str:
-            return "logits_unbiased" if metric == "isc" else "penultimate"
-
-        @staticmethod
-        def can_be_compiled() -> bool:
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile() -> torch.Tensor:
-            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            if x.dtype != torch.uint8:
-                raise TypeError(f"the feature extractor takes uint8 images, got {x.dtype}")
-            gray = x[:, :1].float() / 127.5 - 1.0  # RGB copies of a gray image: one channel suffices
-            pad_h, pad_w = 32 - gray.shape[2], 32 - gray.shape[3]
-            if pad_h < 0 or pad_w < 0:
-                raise ValueError(f"the classifier takes images up to 32x32, got {tuple(gray.shape[2:])}")
-            gray = F.pad(gray, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=-1.0)
-            features, logits = self.classifier(gray)
-            out = {"penultimate": features, "logits_unbiased": logits}
-            return tuple(out[name] for name in self.features_list)
-
-    return FMNISTFeatureExtractor
-
-
 def _fmnist_split(split: str):
     def create(root: str, download: bool) -> Dataset:
         from modiff.datasets import _load_raw
@@ -167,7 +127,7 @@ def _register() -> None:
     from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY, register_dataset, register_feature_extractor
 
     if EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(EXTRACTOR, _extractor_class())
+        register_feature_extractor(EXTRACTOR, extractor_class())
     for name in reference_names():
         if name not in DATASETS_REGISTRY:
             register_dataset(name, _fmnist_split(name.split("-")[1]))
@@ -300,8 +260,8 @@ def save_reference_stats(source: ImageInput, path: str | Path, extractor: str = 
     return path
 
 
-def _fid_from_stats_file(images: np.ndarray, path: Path, extractor: str, batch_size: int, device: torch.device,
-                         weights: Optional[str]) -> float:
+def _stats_file(path: Path, extractor: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mu, sigma, layer) of a statistics file written by `save_reference_stats` for ``extractor``."""
     with np.load(path) as stats:
         if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"{path} is not a statistics file (expected mu and sigma, got {list(stats)})")
@@ -309,74 +269,156 @@ def _fid_from_stats_file(images: np.ndarray, path: Path, extractor: str, batch_s
         if made_by != extractor:
             raise ValueError(f"{path} holds statistics from the feature extractor {made_by!r}, but {extractor!r} "
                              f"was asked for; recompute them with `modiff fid-ref` for {extractor!r}")
-        mu2, sigma2, layer = stats["mu"], stats["sigma"], str(stats["layer"])
-    mu1, sigma1 = _stats(_features(images, extractor, layer, batch_size, device, weights))
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
+        return stats["mu"], stats["sigma"], str(stats["layer"])
 
 
-def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
-                    extractor: str = EXTRACTOR, batch_size: int = 250, device: str = "cpu",
-                    weights: Optional[str] = None, progress: bool = False) -> dict[str, Any]:
-    """Scores of `samples` against `ref` (a reference name, a folder, an .npz of images or a stats file).
+@dataclass(frozen=True)
+class Scores:
+    """What `score` returns: the metrics dict (fixed keys, see `compute_metrics`) and the FID of every
+    bootstrap resample (None without FID), for paired comparisons of sets made from the same seeds."""
 
-    Against ``fmnist-train`` without the Fashion-MNIST images, KID and precision/recall use the shipped
-    features of ``fmnist-test`` and the result says so (``kid_prc_reference``). ``progress`` shows
-    torch-fidelity's progress bars (on stderr) while features are extracted.
+    metrics: dict[str, Any]
+    fid_resamples: Optional[np.ndarray]
 
-    Returns fixed keys: fid, is_mean, is_std, kid_mean, kid_std, precision, recall, f_score (those asked
-    for), with feature_space, extractor, num_samples and reference. Refuses NaN results.
-    """
+
+def _is_stats_file(ref: ImageInput) -> bool:
+    return isinstance(ref, (str, Path)) and str(ref).endswith(".npz") and "mu" in np.load(ref).files
+
+
+def _second_input(ref: ImageInput, stats_file: bool) -> tuple[Any, int]:
+    """torch-fidelity's input2 for ``ref`` (None for a statistics file) and the reference size."""
+    if stats_file:
+        return None, 0
+    if isinstance(ref, str) and ref in reference_names():
+        return ref, _named_size(ref)
+    ref_images = load_images(ref)
+    _check_count(ref_images, "the reference")
+    return UInt8Images(ref_images), len(ref_images)
+
+
+def _named_size(ref: str) -> int:
+    return 10_000 if ref == "fmnist-test" else 60_000
+
+
+def _with_fid(result: dict[str, Any], fid: float, features: torch.Tensor, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+              bootstrap: Optional[BootstrapConfig]) -> Optional[np.ndarray]:
+    """Put FID (and, with ``bootstrap``, its interval) into ``result``; returns the resampled FIDs."""
+    result["fid"] = fid
+    if bootstrap is None:
+        return None
+    resampled = fid_resamples(features, mu_ref, sigma_ref, resample_indices(len(features), bootstrap))
+    result["fid_ci95_low"], result["fid_ci95_high"] = recentred_interval(fid, resampled, bootstrap.level)
+    result.update(fid_ci_level=bootstrap.level, fid_bootstrap_resamples=bootstrap.resamples,
+                  fid_bootstrap_seed=bootstrap.seed, fid_ci_method=CI_METHOD)
+    return resampled
+
+
+def _reference_fid_stats(ref: ImageInput, stats_file: bool, other: Optional[dict], feat_extractor: Any, layer: str,
+                         kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the reference, as torch-fidelity gets them (its cache for a named reference);
+    ``other`` holds the reference's features when they were extracted (None otherwise)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_input_id_to_statistics_cached
+    from torch_fidelity.utils import get_cacheable_input_name
+
+    if stats_file:
+        mu, sigma, _ = _stats_file(Path(ref), kwargs["feature_extractor"])
+        return mu, sigma
+    if other is None:
+        stats = fid_input_id_to_statistics_cached(2, feat_extractor, layer, **kwargs)
+    else:
+        stats = fid_featuresdict_to_statistics_cached(other, get_cacheable_input_name(2, **kwargs), feat_extractor,
+                                                      layer, **kwargs)
+    return stats["mu"], stats["sigma"]
+
+
+def _other_features(ref: ImageInput, extractor: str, feat_extractor: Any, kwargs: dict[str, Any],
+                    result: dict[str, Any]) -> tuple[dict, bool]:
+    """The features KID and precision/recall compare against, and whether they are ``ref``'s own. Against
+    fmnist-train without the Fashion-MNIST images they are fmnist-test's (shipped), named in
+    ``result["kid_prc_reference"]``."""
+    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
+
+    features_ref = _features_reference(ref, extractor) if isinstance(ref, str) and ref in reference_names() else ref
+    if features_ref is ref:
+        return extract_featuresdict_from_input_id_cached(2, feat_extractor, **kwargs), True
+    result["kid_prc_reference"] = features_ref
+    subset = min(kwargs["kid_subset_size"], _named_size(features_ref))
+    other_kwargs = dict(kwargs, input2=features_ref, kid_subset_size=subset)
+    return extract_featuresdict_from_input_id_cached(2, feat_extractor, **other_kwargs), False
+
+
+def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
+          extractor: str = EXTRACTOR, batch_size: int = 250, device: str = "cpu", weights: Optional[str] = None,
+          bootstrap: Optional[BootstrapConfig] = BootstrapConfig(), progress: bool = False) -> Scores:
+    """`compute_metrics` with the FID of every bootstrap resample: the features of ``samples`` are
+    extracted once (torch-fidelity's extractor and its featuresdict functions, as `calculate_metrics`
+    uses them) and serve every metric and the bootstrap."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
+
     unknown = set(metrics) - set(get_args(Metric))
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; allowed: {', '.join(get_args(Metric))}")
     _register()
-    dev = torch.device(device)
     images = load_images(samples)
     _check_count(images, "the samples")
+    stats_file = _is_stats_file(ref)
+    if stats_file and set(metrics) != {"fid"}:
+        raise ValueError("a statistics file supports FID only; pass metrics=('fid',) or a reference image set")
+    input2, n_ref = _second_input(ref, stats_file)
+    kwargs = _common_kwargs(extractor, batch_size, torch.device(device), weights, progress)
+    kwargs.update(input1=UInt8Images(images), input2=input2, kid_subset_size=min(1000, len(images), n_ref or 1000))
+    layers = {m: FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(m) for m in metrics}
+    if stats_file:
+        layers["fid"] = _stats_file(Path(ref), extractor)[2]
+    feat_extractor = create_feature_extractor(extractor, sorted(set(layers.values())),
+                                              **{k: v for k, v in kwargs.items() if k != "feature_extractor"})
+    own = extract_featuresdict_from_input_id_cached(1, feat_extractor, **kwargs)  # the one feature pass
     result: dict[str, Any] = {"feature_space": FEATURE_SPACE.get(extractor, extractor), "extractor": extractor,
                               "num_samples": len(images), "reference": str(ref)}
-    if isinstance(ref, (str, Path)) and str(ref).endswith(".npz") and "mu" in np.load(ref).files:
-        if set(metrics) != {"fid"}:
-            raise ValueError("a statistics file supports FID only; pass metrics=('fid',) or a reference image set")
-        result["fid"] = _fid_from_stats_file(images, Path(ref), extractor, batch_size, dev, weights)
-        return _checked(result)
-    kwargs = _common_kwargs(extractor, batch_size, dev, weights, progress)
-    if isinstance(ref, str) and ref in reference_names():
-        raw = _named_reference_metrics(images, ref, metrics, extractor, kwargs, result)
-    else:
-        ref_images = load_images(ref)
-        _check_count(ref_images, "the reference")
-        import torch_fidelity
-
-        raw = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(images), input2=UInt8Images(ref_images), fid="fid" in metrics, isc="isc" in metrics,
-            kid="kid" in metrics, prc="prc" in metrics, kid_subset_size=min(1000, len(images), len(ref_images)),
-            **kwargs)
-    result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
-    return _checked(result)
-
-
-def _named_reference_metrics(images: np.ndarray, ref: str, metrics: Sequence[Metric], extractor: str,
-                             kwargs: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Against fmnist-train or fmnist-test, metric by metric: FID needs only the reference's statistics
-    (shipped) and IS no reference; KID and precision/recall need its features (`_features_reference`)."""
-    import torch_fidelity
-
-    samples = UInt8Images(images)
+    other, own_ref = _other_features(ref, extractor, feat_extractor, kwargs, result) \
+        if {"kid", "prc"} & set(metrics) else (None, False)
     raw: dict[str, Any] = {}
-    if "fid" in metrics:
-        raw.update(torch_fidelity.calculate_metrics(input1=samples, input2=ref, fid=True, **kwargs))
     if "isc" in metrics:
-        raw.update(torch_fidelity.calculate_metrics(input1=samples, isc=True, **kwargs))
-    if {"kid", "prc"} & set(metrics):
-        features_ref = _features_reference(ref, extractor)
-        if features_ref != ref:
-            result["kid_prc_reference"] = features_ref
-        n_ref = 10_000 if features_ref == "fmnist-test" else 60_000
-        raw.update(torch_fidelity.calculate_metrics(
-            input1=samples, input2=features_ref, kid="kid" in metrics, prc="prc" in metrics,
-            kid_subset_size=min(1000, len(images), n_ref), **kwargs))
-    return raw
+        raw.update(isc_featuresdict_to_metric(own, layers["isc"], **kwargs))
+        result["is_splits"] = kwargs.get("isc_splits", 10)
+    if "kid" in metrics:
+        raw.update(kid_featuresdict_to_metric(own, other, layers["kid"], **kwargs))
+    if "prc" in metrics:
+        raw.update(prc_featuresdict_to_metric(own, other, layers["prc"], **kwargs))
+    result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
+    resampled = None
+    if "fid" in metrics:
+        mu_ref, sigma_ref = _reference_fid_stats(ref, stats_file, other if own_ref else None, feat_extractor,
+                                                 layers["fid"], kwargs)
+        features = own[layers["fid"]]
+        fid = frechet_distance(*_stats(features), mu_ref, sigma_ref) if stats_file else fid_statistics_to_metric(
+            fid_features_to_statistics(features), {"mu": mu_ref, "sigma": sigma_ref}, False)["frechet_inception_distance"]
+        resampled = _with_fid(result, float(fid), features, mu_ref, sigma_ref, bootstrap)
+    return Scores(_checked(result), resampled)
+
+
+def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
+                    extractor: str = EXTRACTOR, batch_size: int = 250, device: str = "cpu",
+                    weights: Optional[str] = None, bootstrap: Optional[BootstrapConfig] = BootstrapConfig(),
+                    progress: bool = False) -> dict[str, Any]:
+    """Scores of `samples` against `ref` (a reference name, a folder, an .npz of images or a stats file).
+
+    Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's), kid_mean,
+    kid_std, precision, recall, f_score (those asked for), with feature_space, extractor, num_samples and
+    reference; with FID and ``bootstrap`` (the default), fid_ci95_low and fid_ci95_high (see
+    `modiff.metrics.bootstrap`), fid_ci_level, fid_bootstrap_resamples, fid_bootstrap_seed and fid_ci_method.
+    A named reference needs only its cached statistics for FID and IS. Against ``fmnist-train`` without the
+    Fashion-MNIST images, KID and precision/recall use the shipped features of ``fmnist-test`` and the
+    result says so (``kid_prc_reference``). ``progress`` shows torch-fidelity's progress bars (on stderr)
+    while features are extracted. Refuses NaN results.
+    """
+    return score(samples, ref, metrics, extractor=extractor, batch_size=batch_size, device=device, weights=weights,
+                 bootstrap=bootstrap, progress=progress).metrics
 
 
 def _checked(result: dict[str, Any]) -> dict[str, Any]:

@@ -158,6 +158,11 @@ class AttentionCore(nn.Module):
         return out.transpose(1, 2).reshape(b, c, hh, ww)
 
 
+# The published up path passes `split` to the blocks of levels 0-3 only (`i_level < 4`): all of CIFAR-10's
+# four levels, not levels 4 and 5 of the six-level LSUN models.
+_SPLIT_LEVELS = 4
+
+
 class _Level(nn.Module):
     """One resolution level; a plain container so state_dict keys read down.{i}.block.{j}..."""
 
@@ -205,8 +210,8 @@ class DDIMUNet(nn.Module):
             block_out = ch * mult[level]
             for i in range(config.num_res_blocks + 1):
                 skip_in = ch * (in_mult[level] if i == config.num_res_blocks else mult[level])
-                for layer in ("conv1", "nin_shortcut"):
-                    self._concat_splits[f"up.{level}.block.{i}.{layer}"] = block_in
+                if level < _SPLIT_LEVELS and block_in + skip_in != block_out:  # the block has a nin_shortcut
+                    self._concat_splits[f"up.{level}.block.{i}.nin_shortcut"] = block_in
                 up.block.append(ResnetBlock(block_in + skip_in, block_out, self.temb_ch, config.dropout))
                 block_in = block_out
                 if res in config.attn_resolutions:
@@ -220,7 +225,12 @@ class DDIMUNet(nn.Module):
         self.conv_out = nn.Conv2d(block_in, config.out_ch, 3, stride=1, padding=1)
 
     def concat_splits(self) -> dict[str, int]:
-        """Up-path layers whose input is cat([h, skip]): name -> channels of h (for split quantization)."""
+        """The layers the published split shortcut quantizes in two halves: name -> channels of h.
+
+        As the published Q-Diffusion/MoDiff code: only the 1x1 `nin_shortcut` of the up-path blocks, whose
+        input is cat([h, skip]) itself, and only at levels below 4. `conv1` reads
+        swish(norm1(cat([h, skip]))) and is quantized whole.
+        """
         return dict(self._concat_splits)
 
     def attention_cores(self) -> list[str]:

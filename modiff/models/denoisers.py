@@ -7,6 +7,7 @@ pixels for either.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
@@ -21,8 +22,11 @@ __all__ = ["Denoiser", "LatentDenoiser", "to_images"]
 class Denoiser(nn.Module):
     """An eps-prediction network and its noise schedule: `model(x_t, t) -> eps`.
 
-    Layers live under `net`, so their qualified names read `net.down.0.block.0.conv1`.
+    Layers live under `net`, so their qualified names read `net.down.0.block.0.conv1`. ``folder`` is the
+    model folder it was loaded from (None for checkpoint files): where its shipped calibration lives.
     """
+
+    folder: Optional[Path] = None
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, name: str, config: Mapping[str, Any]):
         super().__init__()

@@ -327,9 +327,10 @@ class UNetModel(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
-                name = f"output_blocks.{len(self.output_blocks)}.0"
-                self._concat_splits.update({f"{name}.in_layers.2": ch, f"{name}.skip_connection": ch})
-                layers: list[nn.Module] = [ResBlock(ch + skips.pop(), out_channels=mc * mult, **self._block)]
+                skip = skips.pop()
+                if ch + skip != mc * mult:  # the skip connection is a conv, not the identity
+                    self._concat_splits[f"output_blocks.{len(self.output_blocks)}.0.skip_connection"] = ch
+                layers: list[nn.Module] = [ResBlock(ch + skip, out_channels=mc * mult, **self._block)]
                 ch = mc * mult
                 if ds in self.attention_resolutions:
                     layers.append(self._attention(ch, up=True))
@@ -341,7 +342,12 @@ class UNetModel(nn.Module):
         return ch
 
     def concat_splits(self) -> dict[str, int]:
-        """Output-path layers whose input is cat([h, skip]): name -> channels of h (split quantization)."""
+        """The layers the published split shortcut quantizes in two halves: name -> channels of h.
+
+        As the published Q-Diffusion/MoDiff code: only the `skip_connection` conv of the output-path
+        ResBlocks, whose input is cat([h, skip]) itself; `in_layers.2` reads SiLU(GroupNorm(cat([h, skip])))
+        and is quantized whole.
+        """
         return dict(self._concat_splits)
 
     def attention_cores(self) -> list[str]:

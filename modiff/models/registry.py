@@ -98,10 +98,13 @@ def _load_folder(folder: Path, name: str, use_ema: bool = True) -> Denoiser:
     if _is_ldm(config):
         from modiff.models.latent import latent_denoiser_from_compvis
 
-        return latent_denoiser_from_compvis(config, _load_shards(folder), name, use_ema)
-    net = DDIMUNet(unet_config_from_yaml(config))
-    load_state_dict_strict(net, _load_shards(folder), f"model {name!r} ({folder})", config["model"])
-    return Denoiser(net, schedule_from_yaml(config), name, config).eval()
+        model = latent_denoiser_from_compvis(config, _load_shards(folder), name, use_ema)
+    else:
+        net = DDIMUNet(unet_config_from_yaml(config))
+        load_state_dict_strict(net, _load_shards(folder), f"model {name!r} ({folder})", config["model"])
+        model = Denoiser(net, schedule_from_yaml(config), name, config).eval()
+    model.folder = folder
+    return model
 
 
 def _is_ldm(config: Mapping[str, Any]) -> bool:

@@ -9,12 +9,13 @@ Layout of a run directory:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Literal, Optional, Sequence, get_args
+from typing import Any, Callable, ContextManager, Iterator, Literal, Optional, Sequence, get_args
 
 import numpy as np
 import torch
@@ -33,12 +34,12 @@ from modiff.utils.rng import SeedStreams, format_seeds
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
 __all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "finished_run", "sample", "read_samples",
-           "NonFiniteSamplesError"]
+           "NonFiniteSamplesError", "float32_precision", "precision_record"]
 
 log = logging.getLogger(__name__)
 
 SamplerName = Literal["ddim", "ddpm", "dpm-solver"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "tf32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class SampleConfig:
     steps: int = 100
     spacing: Spacing = "uniform"
     eta: float = 0.0
-    precision: Precision = "fp32"
+    precision: Precision = "fp32"  # fp32: IEEE float32 (TF32 off on CUDA); tf32: TF32 matmuls and convolutions; bf16: autocast
 
     def __post_init__(self) -> None:
         if self.sampler not in get_args(SamplerName):
@@ -61,6 +62,51 @@ class SampleConfig:
             raise ValueError(f"eta applies to the ddim sampler only; got eta={self.eta} with {self.sampler}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+def _tf32_switches() -> dict[str, tuple[Any, str]]:
+    """name -> (object, attribute) of every CUDA TF32 switch: the ``fp32_precision`` settings of torch >= 2.9
+    ("ieee" / "tf32" / "none"), else the legacy ``allow_tf32`` flags (torch refuses a mix of the two APIs)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return {"cuda.matmul.fp32_precision": (torch.backends.cuda.matmul, "fp32_precision"),
+                "cudnn.conv.fp32_precision": (torch.backends.cudnn.conv, "fp32_precision"),
+                "cudnn.rnn.fp32_precision": (torch.backends.cudnn.rnn, "fp32_precision")}
+    return {"cuda.matmul.allow_tf32": (torch.backends.cuda.matmul, "allow_tf32"),
+            "cudnn.allow_tf32": (torch.backends.cudnn, "allow_tf32")}
+
+
+def _tf32_value(attribute: str, allow: bool) -> Any:
+    return allow if attribute == "allow_tf32" else ("tf32" if allow else "ieee")
+
+
+@contextlib.contextmanager
+def float32_precision(precision: Precision) -> Iterator[None]:
+    """CUDA float32 matmuls and cuDNN convolutions in TF32 only for ``precision == "tf32"``; IEEE float32
+    otherwise (fp32, and the float32 parts of bf16 autocast). The previous settings are restored on exit."""
+    if precision not in get_args(Precision):
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(get_args(Precision))}")
+    switches = list(_tf32_switches().values())
+    before = [getattr(obj, name) for obj, name in switches]
+    try:
+        for obj, name in switches:
+            setattr(obj, name, _tf32_value(name, precision == "tf32"))
+        yield
+    finally:
+        for (obj, name), value in zip(switches, before):
+            setattr(obj, name, value)
+
+
+def precision_record(precision: Precision, device: torch.device) -> dict[str, Any]:
+    """What a manifest records about the arithmetic of a run: the precision asked for, the TF32 switches as
+    `float32_precision` sets them (read back from torch) and the autocast dtype; ``label`` for tables."""
+    with float32_precision(precision):
+        switches = {key: getattr(obj, name) for key, (obj, name) in _tf32_switches().items()}
+    tf32 = device.type == "cuda" and any(v in (True, "tf32") for v in switches.values())
+    label = {"bf16": "bf16 autocast", "tf32": "tf32", "fp32": "fp32"}[precision]
+    if device.type == "cuda" and precision != "tf32":
+        label += " (TF32 off)"
+    return {"precision": precision, "label": label, "device_type": device.type, "tf32": tf32,
+            "autocast": "bfloat16" if precision == "bf16" else None, "switches": switches}
 
 
 def sample(
@@ -83,7 +129,7 @@ def sample(
     autocast: ContextManager = (
         torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     )
-    with autocast:
+    with float32_precision(config.precision), autocast:
         return SAMPLERS[config.sampler](model, x_T, ts, **kwargs)
 
 
@@ -208,7 +254,8 @@ def generate(
         batches = _batches(seeds, batch_size, samples_dir)
         check_identity(out, manifest, ident, adding=bool(batches))
         session = {**me, "seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size,
-                   "execution": execution, "cuda_graphs": cuda_graphs, "environment": environment(dev)}
+                   "execution": execution, "cuda_graphs": cuda_graphs, "environment": environment(dev),
+                   "precision": precision_record(config.precision, dev)}
         manifest["sessions"].append(session)
         write_json(manifest, out / "manifest.json")  # the identity and this writer, before any image
         log.info("%d batches to sample into %s", len(batches), out)

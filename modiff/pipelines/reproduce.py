@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
+from modiff.pipelines.generate import Precision
 from modiff.utils.paths import notebook_dir
 from modiff.utils.runs import environment, write_json
 
@@ -41,12 +42,16 @@ class ReproducePreset:
     name: PresetName
     num_samples: int  # samples scored per preset (bit-width and sampler tables)
     analysis_samples: int  # trajectories recorded or compared feature by feature (figures, bounds, grids, audit)
+    warmup_samples: int  # seeds of the warm-up table (Table 18): enough for its paired intervals to separate
     steps: int
     device: str = "auto"
     devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
     batch_size: int = 64
+    precision: str = "fp32"  # arithmetic of the bit-width table's runs: fp32 (TF32 off on CUDA), tf32 or bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
+    theory_calib_samples: int = 2  # trajectories that estimate c in the layer sweep of Theorems 4.3/4.4
+    theory_heldout_samples: int = 2  # other seeds, on which the bounds are checked
     calib_samples_per_step: int = 256
     adaround_iters: int = 20_000
     activation_iters: int = 5_000
@@ -56,12 +61,14 @@ class ReproducePreset:
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ValueError(f"reproduce sizes must be >= 1, got {bad} (set them with --set key=N)")
+        if self.precision not in get_args(Precision):
+            raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {self.precision!r}")
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, steps=20),
-    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, steps=100, batch_size=512,
-                             calibrate=True),
+    "quick": ReproducePreset("quick", num_samples=12, analysis_samples=12, warmup_samples=12, steps=20),
+    "paper": ReproducePreset("paper", num_samples=10_000, analysis_samples=128, warmup_samples=1024, steps=100,
+                             batch_size=512, calibrate=True, theory_calib_samples=64, theory_heldout_samples=64),
 }
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -11,6 +11,7 @@ from modiff.quant.layers.trajectory import trajectory
 from modiff.quant.presets import preset_table, presets
 from modiff.quant.primitives import QuantSpec
 from modiff.quant.ptq.saved import load_quantized, save_quantized
+from modiff.quant.ptq.shipped import shipped_model  # also registers the AdaRound weight codes with quantize
 
 __all__ = [
     "ActCalibConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "observe_activations",
     "save_calib_data",
     "save_quantized",
+    "shipped_model",
     "ActQuant",
     "QuantConfig",
     "QuantSpec",

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
 
 from torch import nn
 
-from modiff.quant.config import Mode, QuantConfig
+from modiff.quant.config import Mode, QuantConfig, WeightCodes
 from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer
 from modiff.utils.selection import network_modules, select_modules
 
-__all__ = ["attention_cores", "layer_class", "quantize", "register_layer", "select_layers", "quant_layers",
-           "network_modules"]
+__all__ = ["attention_cores", "layer_class", "quantize", "register_layer", "register_weight_codes", "select_layers",
+           "quant_layers", "network_modules"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,20 @@ def register_layer(*modes: Mode) -> Callable[[L], L]:
 
 register_layer("fp", "direct")(QuantLayer)
 register_layer("modulated", "cache")(ModulatedLayer)
+
+
+# qmodel (weights rounded to nearest), fp model, config, folder or None -> qmodel with the codes of `config`
+WeightSource = Callable[[nn.Module, nn.Module, QuantConfig, Optional[Path]], nn.Module]
+_WEIGHT_CODES: dict[str, WeightSource] = {}
+
+
+def register_weight_codes(codes: WeightCodes) -> Callable[[WeightSource], WeightSource]:
+    """Make a function the source of weight codes `codes` other than "nearest" ("adaround": registered by
+    `modiff.quant.ptq.shipped`, which reads saved calibrations; `modiff.quant` imports it)."""
+    def register(source: WeightSource) -> WeightSource:
+        _WEIGHT_CODES[codes] = source
+        return source
+    return register
 
 
 def layer_class(config: QuantConfig) -> type[QuantLayer]:
@@ -80,14 +95,24 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig, *, weights: Optional[str | Path] = None) -> nn.Module:
     """Return a deep copy of `model` whose selected Conv/Linear layers are `QuantLayer`s.
 
-    Weights are fake-quantized once here. Modulated and cached models must then be called inside
-    `with modiff.trajectory(qmodel):`.
+    Weights are fake-quantized once here: rounded to nearest, or, when ``config.weight.codes`` is
+    "adaround", with the AdaRound codes of ``weights`` (a folder saved by `modiff calibrate` with the same
+    weight quantization) or, when None, of the model's shipped calibration (`modiff.quant.ptq.shipped`).
+    Modulated and cached models must then be called inside `with modiff.trajectory(qmodel):`.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (or modiff.presets[name]), got {type(config).__name__}")
+    if weights is not None and not config.adaround:
+        raise ValueError("weights= gives AdaRound codes, which only a config with weight codes 'adaround' "
+                         "uses (e.g. modiff.presets['w4a4-adaround-modiff'])")
+    if config.adaround:
+        if "adaround" not in _WEIGHT_CODES:
+            raise RuntimeError("no source of AdaRound weight codes is registered; import modiff.quant.ptq.shipped")
+        rounded = quantize(model, config.with_weight_codes("nearest"))
+        return _WEIGHT_CODES["adaround"](rounded, model, config, None if weights is None else Path(weights))
     qmodel = copy.deepcopy(model)
     names = select_layers(qmodel, config)
     if not names:

@@ -16,15 +16,17 @@ The first ``warmup_steps`` calls of a modulated/cached layer run on full-precisi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping, Optional, get_args
 
 from modiff.quant.observers import ObserverKind as Observer
 from modiff.quant.primitives import QuantSpec, WeightMethod
 
-__all__ = ["Mode", "ResetPolicy", "WeightMethod", "Observer", "WeightQuant", "ActQuant", "QuantConfig"]
+__all__ = ["Mode", "ResetPolicy", "WeightMethod", "WeightCodes", "Observer", "WeightQuant", "ActQuant",
+           "QuantConfig"]
 
 Mode = Literal["fp", "direct", "modulated", "cache"]
+WeightCodes = Literal["nearest", "adaround"]
 ResetPolicy = Literal["per_trajectory", "per_step"]
 LayerType = Literal["Conv1d", "Conv2d", "Linear"]
 
@@ -37,13 +39,21 @@ def _check(value: object, literal: Any, name: str) -> None:
 
 @dataclass(frozen=True)
 class WeightQuant:
-    """Weights: quantized once, per output channel by default (min-max or an MSE range search)."""
+    """Weights: quantized once, per output channel by default (min-max or an MSE range search).
+
+    ``codes``: "nearest" rounds every weight to the nearest point of its grid (a calibration may then
+    learn other codes); "adaround" takes the integer codes and grids of an AdaRound calibration of this
+    very model: `modiff.quantize` loads them from the model's shipped calibration (`modiff.quant.ptq.shipped`)
+    or from the folder passed as ``weights=``.
+    """
 
     spec: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, granularity="channel", channel_axis=0))
     method: WeightMethod = "minmax"
+    codes: WeightCodes = "nearest"
 
     def __post_init__(self) -> None:
         _check(self.method, WeightMethod, "weight method")
+        _check(self.codes, WeightCodes, "weight codes")
         if self.spec.bits == 0:
             raise ValueError("weights cannot have 0 bits; use activation bits 0 for caching")
 
@@ -95,6 +105,17 @@ class QuantConfig:
                 f"reusing a cached output, which is mode 'cache' alone (cache_interval=N; the cacheN presets)")
         if self.quantize_attention and not 2 <= self.attention_bits <= 16:
             raise ValueError(f"attention_bits must be in [2, 16], got {self.attention_bits}")
+
+    @property
+    def adaround(self) -> bool:
+        """Whether the weight codes are AdaRound's (loaded from a calibration, not rounded here)."""
+        return self.weight is not None and self.weight.codes == "adaround"
+
+    def with_weight_codes(self, codes: WeightCodes) -> "QuantConfig":
+        """The same config with weight codes from ``codes`` (itself when weights are fp)."""
+        if self.weight is None:
+            return self
+        return replace(self, weight=replace(self.weight, codes=codes))
 
     @property
     def stateful(self) -> bool:

@@ -141,8 +141,8 @@ def compute_report(model: nn.Module, steps: int) -> dict[str, object]:
 def preset_report(model: nn.Module, config: QuantConfig, steps: int) -> dict[str, object]:
     """`compute_report` of ``quantize(model, config)``, with the MACs measured on the full-precision
     ``model``: BOPs depend only on the layers and their bit widths, so a static (Q-Diffusion) preset is
-    counted without being calibrated, and a report needs no saved calibration."""
-    return _report(quantize(model, config), *_costs(model), steps)
+    counted without being calibrated, and a report needs no saved calibration (nor AdaRound codes)."""
+    return _report(quantize(model, config.with_weight_codes("nearest")), *_costs(model), steps)
 
 
 def _report(model: nn.Module, costs: list[LayerCost], attention_macs: int, steps: int) -> dict[str, object]:

@@ -8,12 +8,19 @@
 - ``published-wXaY`` / ``published-wXaY-modiff``: the published code's numerics: dynamic symmetric
   activations with its clamp [-2^(b-1), 2^(b-1) - 1] and ONE scale for the whole batch tensor, per-channel
   min-max weights, every Conv/Linear (time embedding, first and last layer included), attention core in
-  full precision, split shortcut on.
+  full precision, split shortcut on (as published: only the shortcut conv reading cat([h, skip]) in the
+  up path is quantized in two halves, its h and skip channels each with their own scale and weight grid;
+  `tests/quant/test_published_equivalence.py` pins every layer against the published formulas).
 - ``qdiff-wXaY`` / ``qdiff-wXaY-modiff``: Q-Diffusion (static activations, as the published DDIM
   CIFAR-10 runs: symmetric with the published clamp, one scale per tensor, split shortcut on, every
   Conv/Linear), direct or modulated. Static scales need calibration data: `modiff calibrate-data`, then
   `modiff calibrate --preset qdiff-w4a4 ...`, then `modiff sample --quantized RUN`. The start of the
   scales: MSE search for direct (Q-Diffusion), min-max of the residuals for modulated (the MoDiff README).
+- ``w4aY-adaround`` / ``w4aY-adaround-modiff`` (and ``w4a32-adaround``, weights only): the dynamic
+  presets with Q-Diffusion's AdaRound weights, as the paper's W4 rows: the weight quantization of
+  ``qdiff-w4aY`` (split shortcut on), whose AdaRound codes `modiff.quantize` loads from the model's
+  shipped calibration (`modiff.quant.ptq.shipped`; `modiff calibrate-shipped` makes one), and per-sample
+  dynamic activations. Round-to-nearest W4 (``w4aY``) breaks the embedded models.
 - ``cacheN`` / ``cacheN-noec``: full-precision layers that reuse their output and refresh every N steps,
   with and without carrying the skipped residual (Figure 1a).
 """
@@ -22,18 +29,20 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import Mapping
 
-from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightQuant
+from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightQuant, WeightCodes
 from modiff.quant.primitives import QuantSpec
 
-__all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "needs_calibration"]
+__all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "ADAROUND_WEIGHT_BITS",
+           "needs_calibration"]
 
 WEIGHT_BITS = (8, 4)
+ADAROUND_WEIGHT_BITS = (4,)
 ACT_BITS = (8, 6, 4, 3, 2)
 CACHE_INTERVALS = (2, 3, 5, 10)
 
 
-def _weights(bits: int) -> WeightQuant:
-    return WeightQuant(QuantSpec(bits=bits, granularity="channel", channel_axis=0))
+def _weights(bits: int, codes: WeightCodes = "nearest") -> WeightQuant:
+    return WeightQuant(QuantSpec(bits=bits, granularity="channel", channel_axis=0), codes=codes)
 
 
 def _acts(bits: int, published: bool = False) -> ActQuant:
@@ -66,6 +75,12 @@ def _build() -> dict[str, QuantConfig]:
             static = dict(weight=_weights(w), split_shortcut=True)
             table[f"qdiff-w{w}a{a}"] = QuantConfig(**static, activation=_static_acts(a, "mse"), mode="direct")
             table[f"qdiff-w{w}a{a}-modiff"] = QuantConfig(**static, activation=_static_acts(a, "minmax"), mode="modulated")
+    for w in ADAROUND_WEIGHT_BITS:
+        adaround = dict(weight=_weights(w, "adaround"), split_shortcut=True)  # qdiff-w{w}a*'s weights
+        table[f"w{w}a32-adaround"] = QuantConfig(**adaround, activation=None, mode="direct")
+        for a in ACT_BITS:
+            table[f"w{w}a{a}-adaround"] = QuantConfig(**adaround, activation=_acts(a), mode="direct")
+            table[f"w{w}a{a}-adaround-modiff"] = QuantConfig(**adaround, activation=_acts(a), mode="modulated")
     for n in CACHE_INTERVALS:
         table[f"cache{n}"] = QuantConfig(weight=None, activation=None, mode="cache", cache_interval=n)
         table[f"cache{n}-noec"] = QuantConfig(
@@ -111,7 +126,8 @@ def calibration_hint(name: str) -> str:
     """What to do with a preset whose static scales need calibration (for error messages)."""
     return (f"preset {name!r} has static activation scales, which need calibration data: run "
             f"`modiff calibrate-data --model M --out DATA`, then `modiff calibrate --model M --data DATA "
-            f"--preset {name} --out RUN`, and sample with `modiff sample --quantized RUN`")
+            f"--preset {name} --out RUN`, and sample with `modiff sample --quantized RUN` (or ship it with "
+            f"the model: `modiff calibrate-shipped --model M --preset {name}`)")
 
 
 def preset_table() -> list[dict[str, object]]:
@@ -122,7 +138,8 @@ def preset_table() -> list[dict[str, object]]:
         rows.append({
             "preset": name,
             "mode": c.mode + ("" if c.compensation or c.mode in ("fp", "direct") else " (no EC)"),
-            "weights": "fp" if c.weight is None else f"{c.weight.spec.bits}b {c.weight.spec.scheme} per-{c.weight.spec.granularity}",
+            "weights": "fp" if c.weight is None else f"{c.weight.spec.bits}b {c.weight.spec.scheme} per-{c.weight.spec.granularity}"
+                                                     + (" adaround" if c.adaround else ""),
             "activations": "fp" if act is None else f"{act.spec.bits}b {act.spec.scheme} per-{act.spec.granularity} {'dynamic' if act.dynamic else 'static'}",
             "warmup": c.warmup_steps if c.stateful else "-",
             "cache_every": c.cache_interval or "-",

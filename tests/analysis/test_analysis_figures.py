@@ -44,9 +44,15 @@ def test_error_bounds() -> None:
     assert len(fig.axes) == 2 and all(ax.get_yscale() == "log" for ax in fig.axes)
 
 
-def test_caching_error() -> None:
-    fig = figures.caching_error(_curve_frame("interval", [2, 3, 5]))
-    assert len(fig.axes[0].get_lines()) == 3
+def test_caching_error_marks_refresh_steps() -> None:
+    """One line per N through every step, a dot per refresh step (N = 2 over 6 steps: 0, 2, 4; N = 3: 0, 3),
+    and a dotted line at the last step every N skips (5)."""
+    fig = figures.caching_error(_curve_frame("interval", [2, 3]))
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 3 and len(lines[0].get_xdata()) == 6
+    assert list(lines[2].get_xdata()) == [5, 5] and lines[2].get_linestyle() == ":"
+    dots = [c.get_offsets()[:, 0].tolist() for c in fig.axes[0].collections if len(c.get_offsets()) and c.get_sizes().size]
+    assert [0.0, 2.0, 4.0] in dots and [0.0, 3.0] in dots
 
 
 def test_spread_band_stops_at_zero() -> None:

@@ -67,3 +67,14 @@ def test_errors() -> None:
         range_ratio(activation_stats(_trajectory(steps=1)))
     with pytest.raises(ValueError, match="timesteps"):
         activation_stats(_trajectory(steps=3), timesteps=[1])
+
+
+def test_evenly_spaced_steps_for_the_violins() -> None:
+    """Steps 1..n-1 (those with a difference), ends included, at most ``count``."""
+    from analysis.distributions import evenly_spaced_steps
+
+    assert evenly_spaced_steps(100, 10) == (1, 12, 23, 34, 45, 55, 66, 77, 88, 99)
+    assert evenly_spaced_steps(20, 8) == (1, 4, 6, 9, 11, 14, 16, 19)
+    assert evenly_spaced_steps(3, 10) == (1, 2)
+    with pytest.raises(ValueError, match="steps >= 2"):
+        evenly_spaced_steps(1, 5)

@@ -98,3 +98,42 @@ def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
         experiments.fill_runs(model, ["fp"], seeds, config, tmp_path / "x", "")
     with pytest.raises(ValueError, match=r"pass calibration=Calibration"):  # a worker's error reaches the caller
         experiments.fill_runs(model, ["qdiff-w8a4"], seeds, config, tmp_path / "uncalibrated", "cpu,cpu")
+
+
+def test_warmup_per_seed_is_batch_invariant_and_summarised(tiny_denoiser: md.Denoiser) -> None:
+    """Per-seed rows, the same in one batch or in batches of 2; the table is their mean with an interval."""
+    one = experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4)
+    split = experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, batch_size=2)
+    assert one["seed"].tolist() == [0, 1, 2, 0, 1, 2] and one["warmup_steps"].tolist() == [1, 1, 1, 2, 2, 2]
+    assert split["rel_l2_pixels"].to_numpy() == pytest.approx(one["rel_l2_pixels"].to_numpy(), abs=1e-4)
+    table = experiments.warmup_table(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4)
+    assert table["rel_l2_pixels"].to_numpy() == pytest.approx(one.groupby("warmup_steps")["rel_l2_pixels"].mean().to_numpy())
+    assert (table["ci95_low"] <= table["rel_l2_pixels"]).all() and (table["n"] == 3).all()
+    with pytest.raises(ValueError, match="batch_size"):
+        experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1], range(2), steps=4, batch_size=0)
+
+
+def test_layer_sensitivity_variants(tiny_denoiser: md.Denoiser) -> None:
+    """The preset on all layers, on the first or last convolution only, and on all but those two."""
+    from analysis import layer_sensitivity
+
+    assert layer_sensitivity.edge_convolutions(tiny_denoiser) == ("net.conv_in", "net.conv_out")
+    variants = layer_sensitivity.layer_variants(tiny_denoiser, md.presets["w4a32"])
+    assert variants["net.conv_out only"].include == ("net.conv_out",)
+    assert variants["all but net.conv_in and net.conv_out"].exclude == ("net.conv_in", "net.conv_out")
+    table = layer_sensitivity.layer_sensitivity(tiny_denoiser, ["w4a32"], range(2), steps=3)
+    assert table["layers"].tolist() == list(variants) and (table["n"] == 2).all()
+    assert (table["rel_l2_pixels"] > 0).all()
+
+
+def test_state_accounting_by_hand(tiny_denoiser: md.Denoiser) -> None:
+    """fp32 a_hat + o_hat is the bops_memory count; a_hat only is smaller; 3-bit codes are 3/32 of the first."""
+    from analysis import memory
+
+    table = memory.state_accounting(tiny_denoiser, "w8a3-modiff")
+    bops = experiments.bops_memory_table(tiny_denoiser, ["w8a3-modiff"], [1], steps=4)
+    mb = table["mb_per_image"].to_numpy()
+    assert mb[0] == pytest.approx(bops.modiff_state_mb.item())
+    assert mb[2] == pytest.approx(mb[1] / 2) and mb[3] == pytest.approx(mb[0] * 3 / 32) and mb[1] < mb[0]
+    with pytest.raises(ValueError, match="keeps no MoDiff state"):
+        memory.state_accounting(tiny_denoiser, "w8a8")

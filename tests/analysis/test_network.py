@@ -6,7 +6,9 @@ import torch
 
 import modiff as md
 from analysis.network import (
-    caching_error_curves, capture_features, compensation_ablation, feature_error_over_steps, resolve_site,
+    caching_error_curves, caching_error_samples, capture_features, compensation_ablation,
+    compensation_ablation_samples, compensation_table, curves_from_samples, feature_error_over_steps,
+    last_step_intervals, relative_l2_samples, resolve_site,
 )
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, quantize
 
@@ -85,3 +87,33 @@ def test_default_site_is_the_latent_middle_block() -> None:
     assert resolve_site(model) == "net.middle_block"
     feats = capture_features(model, md.noise(range(2), model.sample_shape), md.timesteps(4, "ldm"))
     assert len(feats) == 4 and feats[0].shape == (2, 64, 2, 2)
+
+
+def test_per_sample_rows_average_to_the_curves(setup) -> None:
+    """relative_l2_samples holds ||ref_b - est_b|| / ||ref_b|| per sample; the curves are their mean and std."""
+    ref = [torch.tensor([[3.0, 4.0], [1.0, 0.0]])]
+    est = [torch.tensor([[3.0, 4.0 + 5.0], [0.0, 0.0]])]
+    rows = relative_l2_samples(ref, est, timesteps=[7])
+    assert rows["rel_l2"].tolist() == pytest.approx([1.0, 1.0]) and rows["sample"].tolist() == [0, 1]
+    model, x_T, ts = setup
+    samples = caching_error_samples(model, intervals=(2,), x_T=x_T, timesteps=ts)
+    assert len(samples) == 2 * STEPS
+    pd_curves = curves_from_samples(samples, ["interval"])
+    assert pd_curves.equals(caching_error_curves(model, intervals=(2,), x_T=x_T, timesteps=ts))
+
+
+def test_table4_names_its_columns_and_gives_intervals(setup) -> None:
+    model, x_T, ts = setup
+    samples = compensation_ablation_samples(model, bits=(8, 3), x_T=x_T, timesteps=ts)
+    table = compensation_table(samples)
+    assert list(table.columns) == [
+        "bits", "without error compensation", "without error compensation: ci95_low",
+        "without error compensation: ci95_high", "with error compensation", "with error compensation: ci95_low",
+        "with error compensation: ci95_high", "n_samples"]
+    assert table["bits"].tolist() == [3, 8] and (table["n_samples"] == 2).all()
+    last = compensation_ablation(model, bits=(3,), x_T=x_T, timesteps=ts)
+    with_ec = last[(last.step == STEPS - 1) & last.compensation]["rel_l2_mean"].item()
+    assert table.loc[0, "with error compensation"] == pytest.approx(with_ec)
+    assert last_step_intervals(samples, 3)[True].mean == pytest.approx(with_ec)
+    with pytest.raises(ValueError, match="no rows for 5 bits"):
+        last_step_intervals(samples, 5)

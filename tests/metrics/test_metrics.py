@@ -196,3 +196,28 @@ def test_fid_and_is_against_a_named_reference_need_only_its_statistics(tmp_path:
     kid = compute_metrics(images, "fmnist-train", ["kid"])
     assert kid["kid_prc_reference"] == "fmnist-test"
     assert kid["kid_mean"] == compute_metrics(images, "fmnist-test", ["kid"])["kid_mean"]
+
+
+def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weights: str) -> None:
+    """`score` extracts the samples' features once; every score equals torch-fidelity's calculate_metrics,
+    and FID comes with its bootstrap interval (fixed keys), resampled FIDs for paired comparisons."""
+    import torch_fidelity
+
+    from modiff.metrics.bootstrap import BootstrapConfig
+    from modiff.metrics.fidelity import UInt8Images, _common_kwargs, score
+
+    a, b = _images(120, 5), _images(150, 6)
+    scored = score(a, b, ["fid", "isc", "kid", "prc"], weights=weights, bootstrap=BootstrapConfig(resamples=50, seed=3))
+    raw = torch_fidelity.calculate_metrics(input1=UInt8Images(a), input2=UInt8Images(b), fid=True, isc=True, kid=True,
+                                           prc=True, kid_subset_size=120,
+                                           **_common_kwargs(EXTRACTOR, 250, torch.device("cpu"), weights))
+    m = scored.metrics
+    assert m["fid"] == raw["frechet_inception_distance"] and m["is_mean"] == raw["inception_score_mean"]
+    assert m["is_std"] == raw["inception_score_std"] and m["is_splits"] == 10
+    assert m["kid_mean"] == raw["kernel_inception_distance_mean"] and m["precision"] == raw["precision"]
+    assert m["fid_ci95_low"] < m["fid"] < m["fid_ci95_high"]
+    assert m["fid_bootstrap_resamples"] == 50 and m["fid_bootstrap_seed"] == 3 and scored.fid_resamples.shape == (50,)
+    again = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=BootstrapConfig(resamples=50, seed=3))
+    assert (again["fid_ci95_low"], again["fid_ci95_high"]) == (m["fid_ci95_low"], m["fid_ci95_high"])  # deterministic
+    plain = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=None)
+    assert plain["fid"] == m["fid"] and "fid_ci95_low" not in plain

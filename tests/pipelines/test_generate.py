@@ -119,7 +119,7 @@ def test_sample_config_validation() -> None:
     """Unknown sampler/precision, eta with a non-DDIM sampler and steps < 1 are refused."""
     with pytest.raises(ValueError, match="allowed: ddim, ddpm, dpm-solver"):
         SampleConfig(sampler="euler")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="allowed: fp32, bf16"):
+    with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
         SampleConfig(precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ddim sampler only"):
         SampleConfig(sampler="ddpm", eta=0.5)
@@ -202,3 +202,41 @@ def test_atomic_path(tmp_path: Path) -> None:
             raise KeyError("boom")
     assert target.read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_float32_precision_sets_tf32_and_restores_it() -> None:
+    """fp32 (and bf16) turn TF32 off for CUDA matmuls and cuDNN convolutions, tf32 turns it on; whatever was
+    set before comes back on exit, after an exception too."""
+    from modiff.pipelines.generate import _tf32_switches, float32_precision
+
+    switches = _tf32_switches()
+    legacy = next(iter(switches.values()))[1] == "allow_tf32"
+    off, on = (False, True) if legacy else ("ieee", "tf32")
+    before = {k: getattr(o, a) for k, (o, a) in switches.items()}
+    with float32_precision("fp32"):
+        assert all(getattr(o, a) == off for o, a in switches.values())
+    with pytest.raises(RuntimeError):
+        with float32_precision("tf32"):
+            assert all(getattr(o, a) == on for o, a in switches.values())
+            raise RuntimeError("inside")
+    assert {k: getattr(o, a) for k, (o, a) in switches.items()} == before
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        with float32_precision("fp16"):  # type: ignore[arg-type]
+            pass
+
+
+def test_manifest_records_the_precision(tmp_path: Path, tame_denoiser) -> None:
+    import json
+
+    from modiff.pipelines.generate import precision_record
+
+    generate(tame_denoiser, range(2), tmp_path / "run", SampleConfig(steps=2), device="cpu", progress=False)
+    session = json.loads((tmp_path / "run" / "manifest.json").read_text())["sessions"][0]
+    assert session["precision"]["precision"] == "fp32" and session["precision"]["label"] == "fp32"
+    assert session["precision"]["tf32"] is False and session["precision"]["device_type"] == "cpu"
+    cuda = precision_record("fp32", torch.device("cuda"))  # reads torch's switches only: no GPU needed
+    assert cuda["label"] == "fp32 (TF32 off)" and cuda["tf32"] is False
+    assert precision_record("tf32", torch.device("cuda"))["tf32"] is True
+    assert precision_record("bf16", torch.device("cuda"))["autocast"] == "bfloat16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        SampleConfig(precision="fp16")  # type: ignore[arg-type]

@@ -104,7 +104,7 @@ def test_weights_quantized_once_per_output_channel() -> None:
 def test_split_shortcut_quantizes_halves_separately(tiny_denoiser: md.Denoiser) -> None:
     """Split layers get two qparam sets: a half with a 100x smaller range keeps its resolution."""
     splits = tiny_denoiser.net.concat_splits()
-    assert "up.0.block.0.conv1" in splits and "up.1.block.1.nin_shortcut" in splits
+    assert "up.1.block.1.nin_shortcut" in splits and "up.0.block.0.conv1" not in splits
     spec = QuantSpec(bits=4, granularity="tensor")
     layer = QuantLayer(nn.Conv2d(8, 2, 1), QuantConfig(activation=ActQuant(spec), split_shortcut=True), "c", split=4)
     x = torch.cat([100 * torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)], dim=1)

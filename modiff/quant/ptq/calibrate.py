@@ -103,9 +103,10 @@ def observe_activations(qmodel: nn.Module, data: CalibData, batch_size: int = 25
 
 def weight_only_config(config: QuantConfig) -> QuantConfig:
     """The weight-only, direct-mode config whose AdaRound weights ``config`` uses: presets that differ only
-    in activations or mode (qdiff-w4a8, qdiff-w4a4-modiff, ...) map to the same one and can share them."""
+    in activations or mode (qdiff-w4a8, qdiff-w4a4-modiff, w4a4-adaround, ...) map to the same one and can
+    share them. Its weights round to nearest: AdaRound starts there and replaces the codes."""
     return replace(config, mode="direct", activation=None, quantize_attention=False, compensation=True,
-                   warmup_steps=1, cache_interval=0, reset="per_trajectory")
+                   warmup_steps=1, cache_interval=0, reset="per_trajectory").with_weight_codes("nearest")
 
 
 def calibrate_weights(model: nn.Module, config: QuantConfig, data: CalibData,
@@ -187,7 +188,8 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
     weight_only = _with_weights_of(quantize(fp_model, weight_only_config(config)), weights)
     units = reconstruction_units(weight_only, data)
     report["units"] = len(units)
-    qmodel = _with_weights_of(quantize(fp_model, config), weight_only)
+    qmodel = _with_weights_of(quantize(fp_model, config.with_weight_codes("nearest")), weight_only)
+    qmodel.quant_config = config
     phase = time.time()
     if needs_data(config):
         report["activations"] = _calibrate_activations(qmodel, fp_model, data, units, recipe, progress, resume)

@@ -8,7 +8,11 @@ made with other settings is refused rather than silently reused.
 
 AdaRound weights are the expensive part and depend only on the weight quantization, so they are saved
 once into ``folder/quantized/weights/w<bits>-<hash of their settings>`` and shared: the ten presets
-qdiff-w4a{8,6,4,3,2}[-modiff] run one AdaRound, not ten.
+qdiff-w4a{8,6,4,3,2}[-modiff] run one AdaRound, not ten, and their folders read the weight codes from
+there (`save_quantized(..., weights_from=...)`). Dynamic presets with AdaRound weights
+(``w4a4-adaround-modiff``) take the same weights when ``calibration`` is given, and the model's shipped
+ones (`modiff.quant.ptq.shipped`) otherwise; without ``calibration``, a static preset comes from the model's
+shipped calibration when it has one.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +32,9 @@ from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_and_save, 
 from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
 from modiff.quant.presets import calibration_hint, needs_calibration, presets
 from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
+from modiff.quant.ptq.shipped import calibration_folder, has_shipped, shipped_model, write_shipped_manifest
 
-__all__ = ["Calibration", "calibration_data", "quantized_model"]
+__all__ = ["Calibration", "calibration_data", "quantized_model", "calibrate_shipped"]
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,9 @@ def calibration_data(model: nn.Module, folder: Path, calibration: Calibration, d
 
 
 def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Calibration,
-                    data: CalibData) -> nn.Module:
-    """The weight-only model for ``preset``'s weight quantization, calibrated once per folder and settings."""
+                    data: Callable[[], CalibData]) -> Path:
+    """The folder of the weight-only model for ``preset``'s weight quantization, calibrated once per folder
+    and settings (``data`` is called only when it must be)."""
     config = weight_only_config(presets[preset])
     recipe = calibration.recipe
     settings = {"quant_config": config.to_dict(), "data": asdict(calibration.data),
@@ -72,30 +78,56 @@ def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Ca
     bits = config.weight.spec.bits if config.weight is not None else 32
     saved = folder / "quantized" / "weights" / f"w{bits}-{digest}"
     if not (saved / "manifest.json").exists():
-        weights, report = calibrate_weights(model, config, data, recipe, checkpoints=saved / "progress")
+        weights, report = calibrate_weights(model, config, data(), recipe, checkpoints=saved / "progress")
         save_quantized(weights, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report,
                                         "first_used_by": preset})
         shutil.rmtree(saved / "progress")
     _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
-    return load_quantized(model, saved)
+    return saved
 
 
 def quantized_model(model: nn.Module, preset: str, folder: str | Path, calibration: Optional[Calibration] = None,
                     device: torch.device | str = "cpu") -> nn.Module:
     """The quantized copy of ``model`` that ``preset`` names (calibrated and cached for static presets)."""
     config = presets[preset]
+    folder = Path(folder)
     if not needs_calibration(config):
+        if config.adaround and calibration is not None:
+            weights = _shared_weights(model, preset, folder, calibration,
+                                      lambda: calibration_data(model, folder, calibration, torch.device(device)))
+            return quantize(model, config, weights=weights)
         return quantize(model, config)
+    saved = folder / "quantized" / preset
     if calibration is None:
+        if has_shipped(model, preset):
+            return shipped_model(model, preset)
         raise ValueError(f"{calibration_hint(preset)}; or pass calibration=Calibration(...) to calibrate it here")
-    saved = Path(folder) / "quantized" / preset
     settings = {"preset": preset, **calibration.to_dict()}
     if not (saved / "manifest.json").exists():
-        data = calibration_data(model, Path(folder), calibration, torch.device(device))
-        weights = _shared_weights(model, preset, Path(folder), calibration, data)
-        qmodel, report = calibrate(model, config, data, calibration.recipe, weights=weights,
+        data = calibration_data(model, folder, calibration, torch.device(device))
+        weights = _shared_weights(model, preset, folder, calibration, lambda: data)
+        qmodel, report = calibrate(model, config, data, calibration.recipe, weights=load_quantized(model, weights),
                                    checkpoints=saved / "progress")
-        save_quantized(qmodel, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report})
+        save_quantized(qmodel, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report},
+                       weights_from=weights)
         shutil.rmtree(saved / "progress")
     _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
     return load_quantized(model, saved)
+
+
+def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration: Calibration,
+                      device: torch.device | str = "cpu", command: str = "") -> Path:
+    """Calibrate the static presets into the model folder's ``calibration/`` (AdaRound once per weight
+    quantization; presets already there with the same settings are kept) and write its manifest, with
+    checksums, and ``summary.json``. The calibration data stays in ``calibration/calib-data`` (not shipped).
+    """
+    root = calibration_folder(model)
+    for name in preset_names:
+        if not needs_calibration(presets[name]):
+            raise ValueError(f"preset {name!r} needs no calibration data; ship static presets (qdiff-w4a4, "
+                             f"qdiff-w4a4-modiff): the dynamic AdaRound presets (w4a4-adaround-modiff) use their weights")
+    (root / "manifest.json").unlink(missing_ok=True)  # the folder changes: no stale checksums meanwhile
+    for name in preset_names:
+        quantized_model(model, name, root, calibration, device)
+    settings = {"data": asdict(calibration.data), "recipe": calibration.recipe.to_dict()}
+    return write_shipped_manifest(root, getattr(model, "name", str(model.folder)), settings, command)

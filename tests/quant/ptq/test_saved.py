@@ -128,3 +128,27 @@ def test_cli_calibrate_data_calibrate_and_sample(tmp_path: Path) -> None:
     result = run(main, ["calibrate", "--model", model, "--data", str(tmp_path / "data"), "--preset", "qdiff-w4a4",
                         "--weights-from", str(tmp_path / "q"), "--device", "cpu", "--out", str(tmp_path / "q-w4")])
     assert result.exit_code == 1 and "another weight quantization" in result.output
+
+
+def test_a_folder_with_another_split_set_is_refused(tiny_denoiser: md.Denoiser, tmp_path: Path) -> None:
+    """A folder saved while conv1 was split as well (before the published split set was fixed) holds a split
+    weight grid and two activation scales for conv1: loading it says so instead of misreading them."""
+    from modiff.quant.layers.direct import weight_grid
+
+    conv1, split = "net.up.0.block.0.conv1", tiny_denoiser.net.concat_splits()["up.0.block.0.nin_shortcut"]
+    qmodel = quantize(tiny_denoiser, presets["qdiff-w4a4"])
+    for layer in md.quant.quant_layers(qmodel).values():
+        parts = 1 if layer.split is None else 2
+        layer.act.scales = [torch.tensor(0.1) for _ in range(parts)]
+        layer.act.zero_points = [torch.tensor(0.0) for _ in range(parts)]
+    layer = md.quant.quant_layers(qmodel)[conv1]
+    scale, zero_point = weight_grid(layer.weight, layer.config.weight, split)
+    layer.set_weight_codes(layer.weight_codes(), scale, zero_point)
+    save_quantized(qmodel, tmp_path / "weights")
+    with pytest.raises(ValueError, match=rf"{conv1} was saved with a weight grid of shape \(32, 96, 1, 1\)"):
+        load_quantized(tiny_denoiser, tmp_path / "weights")
+    layer.set_weight_codes(layer.weight_codes(), *weight_grid(layer.weight, layer.config.weight))
+    layer.act.scales, layer.act.zero_points = [torch.tensor(0.1), torch.tensor(0.2)], [torch.zeros(()), torch.zeros(())]
+    save_quantized(qmodel, tmp_path / "acts")
+    with pytest.raises(ValueError, match=f"{conv1} was saved with a different number of activation scales"):
+        load_quantized(tiny_denoiser, tmp_path / "acts")

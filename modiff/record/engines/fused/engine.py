@@ -51,6 +51,8 @@ _COUNT_BLOCK = 1024
 _COUNT_BLOCKS_PER_PROGRAM = 8  # at least, so that small layers do not pay for a wide scratch reduction
 _ADD_TILE = (64, 128)  # (programs, slots) per add_counts chunk
 _COUNT_PROGRAMS = 32  # count programs per descriptor at most (a model call has many: they fill the GPU together)
+
+
 def fused_supported(reducers: Sequence[Reducer]) -> bool:
     """Whether every reducer has a fused implementation (exact built-in types, per-channel absmax on dim 1)."""
     return all(type(r) in _TYPES for r in reducers) and all(

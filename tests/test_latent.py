@@ -189,3 +189,24 @@ def test_fmnist_ldm_reconstruction_matches_manifest() -> None:
     assert recorded["num_images"] == 10_000 and measured["num_images"] == 500
     assert measured["mse"] == pytest.approx(recorded["mse"], rel=0.15)
     assert measured["psnr_db"] > 20 and math.isfinite(measured["psnr_db"])
+
+
+def test_shipped_calibration_of_an_exported_ldm(tmp_path: Path) -> None:
+    """`modiff calibrate-shipped` on a latent model (ldm spacing, the CompVis UNet's split layers), then
+    `modiff sample` with the static and the dynamic AdaRound preset from what it wrote."""
+    model = _tiny_model()
+    folder = tmp_path / "tiny-ldm"
+    export_weights(compvis_module(model.net, model.first_stage, SCALE), TINY_LDM.compvis_yaml(), folder)
+    fast = ["--set", "adaround.iters=2", "--set", "adaround.batch_size=4", "--set", "activations.iters=2",
+            "--set", "activations.batch_size=4", "--set", "capture_batch=4"]
+    result = CliRunner().invoke(main, ["calibrate-shipped", "--model", str(folder), "--steps", "4", "--calib-steps", "2",
+                                       "--samples-per-step", "4", *fast, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert '"spacing": "ldm"' in (folder / "calibration" / "calib-data" / "manifest.json").read_text()
+    for preset in ("qdiff-w4a4-modiff", "w4a4-adaround-modiff"):
+        out = tmp_path / preset
+        sampled = CliRunner().invoke(main, ["sample", "--model", str(folder), "--preset", preset, "--seeds", "0-1",
+                                            "--steps", "4", "--device", "cpu", "--out", str(out)])
+        assert sampled.exit_code == 0, sampled.output
+        with np.load(out / "samples.npz") as data:
+            assert data["images"].shape == (2, 16, 16, 1)

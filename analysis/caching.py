@@ -1,0 +1,114 @@
+"""Figure 1a summaries: which steps a cached model refreshes, and a fair comparison of refresh intervals.
+
+A layer cached with refresh interval N (QuantConfig mode ``cache``) computes exactly at its first
+``warmup_steps`` calls and at every sampling index i with i % N == 0; at the other indices it reuses its
+previous output ("skips"). The feature error is near its minimum on a refresh step and largest just before
+one, so the curves are sawtooths, and comparing intervals at one index mixes refresh and skip steps (at
+the last of 100 steps, index 99 is a refresh for N = 3 and a skip for N = 2 and 5). `caching_summary`
+compares them instead
+
+- at the last index that every N skips (``last common skip``),
+- averaged over all steps, and
+- averaged over the steps each N skips,
+
+each as a mean over samples (per-sample average over the steps first) with a 95% interval
+(`analysis.intervals.mean_interval`), and also gives the last step itself, labelled refresh or skip.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.intervals import Interval, mean_interval
+
+__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "caching_summary", "growth_with_step",
+           "growth_by_interval"]
+
+
+def _check(steps: int, interval: int, warmup_steps: int) -> None:
+    if steps < 1 or interval < 1 or warmup_steps < 1:
+        raise ValueError(f"steps, interval and warmup_steps must be >= 1, got {steps}, {interval}, {warmup_steps}")
+
+
+def refresh_steps(steps: int, interval: int, warmup_steps: int = 1) -> tuple[int, ...]:
+    """Sampling indices in [0, steps) at which a layer cached with refresh interval ``interval`` computes."""
+    _check(steps, interval, warmup_steps)
+    return tuple(i for i in range(steps) if i < warmup_steps or i % interval == 0)
+
+
+def skipped_steps(steps: int, interval: int, warmup_steps: int = 1) -> tuple[int, ...]:
+    """Sampling indices at which it reuses its previous output."""
+    refresh = set(refresh_steps(steps, interval, warmup_steps))
+    return tuple(i for i in range(steps) if i not in refresh)
+
+
+def steps_skipped_by_all(steps: int, intervals: Sequence[int], warmup_steps: int = 1) -> tuple[int, ...]:
+    """Sampling indices that every interval in ``intervals`` skips (none refreshes there)."""
+    if not intervals:
+        raise ValueError("steps_skipped_by_all needs at least one interval")
+    common = set(range(steps))
+    for n in intervals:
+        common &= set(skipped_steps(steps, int(n), warmup_steps))
+    return tuple(sorted(common))
+
+
+def _mean_over(part: pd.DataFrame, steps: Sequence[int]) -> pd.Series:
+    """Each sample's mean error over ``steps``."""
+    return part[part["step"].isin(list(steps))].groupby("sample")["rel_l2"].mean()
+
+
+def _row(interval: int, comparison: str, steps: Sequence[int], per_sample: pd.DataFrame) -> dict[str, object]:
+    """Mean over samples of each sample's mean over ``steps``, with its interval."""
+    interval_ = mean_interval(_mean_over(per_sample, steps).to_numpy())
+    label = ", ".join(map(str, steps)) if len(steps) <= 3 else f"{len(steps)} steps"
+    return {"interval": interval, "comparison": comparison, "steps": label, "mean": interval_.mean,
+            "ci95_low": interval_.low, "ci95_high": interval_.high, "n_samples": interval_.n}
+
+
+def caching_summary(samples: pd.DataFrame, warmup_steps: int = 1) -> pd.DataFrame:
+    """Per interval N (``samples``: `analysis.network.caching_error_samples`): rows for the last common
+    skip step, the mean over all steps, the mean over N's skipped steps and the last step (see the module
+    docstring); columns interval, comparison, steps, mean, ci95_low, ci95_high, n_samples."""
+    needed = {"interval", "step", "sample", "rel_l2"}
+    if not needed <= set(samples.columns):
+        raise ValueError(f"caching_summary needs columns {sorted(needed)}, got {list(samples.columns)}")
+    steps = int(samples["step"].max()) + 1
+    intervals = sorted(int(n) for n in samples["interval"].unique())
+    common = steps_skipped_by_all(steps, intervals, warmup_steps)
+    rows = []
+    for n in intervals:
+        part = samples[samples["interval"] == n]
+        if common:
+            rows.append(_row(n, "last step every N skips", [common[-1]], part))
+        rows.append(_row(n, "mean over all steps", range(steps), part))
+        skipped = skipped_steps(steps, n, warmup_steps)
+        if skipped:
+            rows.append(_row(n, "mean over its skipped steps", skipped, part))
+        kind = "refresh" if steps - 1 in refresh_steps(steps, n, warmup_steps) else "skip"
+        rows.append(_row(n, f"last step ({kind} for this N)", [steps - 1], part))
+    return pd.DataFrame(rows)
+
+
+def growth_with_step(samples: pd.DataFrame, interval: int, warmup_steps: int = 1) -> Interval:
+    """Does the error grow with the step? Per sample, the mean error over the steps ``interval`` skips in
+    the second half of sampling minus that over the first half; its mean over samples with a 95% interval
+    (above 0: it grows)."""
+    part = samples[samples["interval"] == interval]
+    if part.empty:
+        raise ValueError(f"no rows for interval {interval}; intervals present: {sorted(samples['interval'].unique())}")
+    steps = int(part["step"].max()) + 1
+    skipped = np.asarray(skipped_steps(steps, interval, warmup_steps))
+    early, late = skipped[skipped < steps / 2], skipped[skipped >= steps / 2]
+    if not early.size or not late.size:
+        raise ValueError(f"interval {interval} over {steps} steps skips no step in one half of sampling")
+    return mean_interval((_mean_over(part, late) - _mean_over(part, early)).to_numpy())
+
+
+def growth_by_interval(samples: pd.DataFrame, warmup_steps: int = 1) -> dict[int, Interval]:
+    """`growth_with_step` for every interval that skips steps in both halves of sampling (others left out)."""
+    steps = int(samples["step"].max()) + 1
+    return {int(n): growth_with_step(samples, int(n), warmup_steps) for n in sorted(samples["interval"].unique())
+            if any(i < steps / 2 for i in skipped_steps(steps, int(n), warmup_steps))
+            and any(i >= steps / 2 for i in skipped_steps(steps, int(n), warmup_steps))}

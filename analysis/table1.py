@@ -1,0 +1,304 @@
+"""Table 1 (Tables 2 and 3 for a latent model) with what a reviewer needs to read it: anchor rows (fp,
+W8A32, W4A32) made from the same seeds and N as every other row, FID with a bootstrap 95% interval and IS
+with its split std, paired-bootstrap verdicts (better / worse / no difference) against the fp anchor, the
+weights-only anchor and the direct counterpart of a MoDiff row, the timestep spacing, the arithmetic each
+run used (read from its manifest), and the paper's numbers beside ours.
+
+Rows are quantization presets, described from their configs: numerics "per-sample" (``wXaY``: dynamic,
+asymmetric, one scale per sample), "published" (``published-wXaY``: symmetric, one scale per batch tensor,
+split shortcut), "static" (``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
+(round-to-nearest), "AdaRound" (the ``-adaround`` presets and the Q-Diffusion rows) or "fp".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+import modiff as md
+from analysis import experiments
+from modiff.diffusion.schedules import Spacing
+from modiff.pipelines.evaluate import seed_images
+from modiff.pipelines.generate import Precision, SampleConfig, sample
+from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
+from modiff.metrics.compare import fidelity_to_reference
+from modiff.quant.cost import preset_report
+from modiff.quant.ptq.calibrate import weight_only_config
+from modiff.quant.ptq.reuse import Calibration
+from modiff.quant.ptq.shipped import has_shipped
+
+__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "table_config", "table_runs_dir", "table_calibration", "adaround_presets",
+           "adaround_status", "row_presets", "describe", "scored_table", "run_precision", "paper_columns", "findings", "fp_device_distance"]
+
+ANCHORS = ("fp", "w8a32", "w4a32")
+ADAROUND_ANCHOR = "w4a32-adaround"
+HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never one of the scored seeds
+
+
+def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None,
+                 precision: Precision = "fp32") -> SampleConfig:
+    """DDIM with ``spacing`` for a pixel model (its own, ``uniform``, when None; the paper's DDIM tables use
+    ``quad``); a latent model always samples with its own ``ldm`` timesteps, as the LDM tables do. ``precision``
+    is the arithmetic of every run (each run's manifest records it, and the table shows it per row)."""
+    own = md.default_spacing(model)
+    return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing, precision=precision)
+
+
+def table_runs_dir(model: nn.Module, runs_dir: str | Path, config: SampleConfig) -> Path:
+    """``runs_dir`` for the model's own spacing, else ``runs_dir/spacing-<name>``: run directories are named
+    by preset, sampler and steps, so each spacing keeps its runs (and its calibrations) apart."""
+    own = md.default_spacing(model)
+    return Path(runs_dir) if config.spacing == own else Path(runs_dir) / f"spacing-{config.spacing}"
+
+
+def table_calibration(calibration: Optional[Calibration], config: SampleConfig) -> Optional[Calibration]:
+    """The Q-Diffusion calibration on the table's timesteps, from trajectories of held-out seeds."""
+    if calibration is None:
+        return None
+    data = replace(calibration.data, spacing=config.spacing, first_seed=HELD_OUT_FIRST_SEED)
+    return replace(calibration, data=data)
+
+
+def adaround_presets(presets: Sequence[str]) -> list[str]:
+    """The AdaRound-weight counterparts (``w4aY-adaround[-modiff]``) of the per-sample W4 presets, and the
+    weights-only anchor ``w4a32-adaround`` first."""
+    out = [ADAROUND_ANCHOR]
+    for name in presets:
+        if name.startswith("w4a"):
+            base, modiff = (name[: -len("-modiff")], True) if name.endswith("-modiff") else (name, False)
+            out.append(f"{base}-adaround" + ("-modiff" if modiff else ""))
+    return out
+
+
+def adaround_status(model: nn.Module, calibrate: bool) -> tuple[bool, str]:
+    """Whether the AdaRound W4 rows can be made here, and what to do if not: their presets must exist and
+    the weights must come from calibration (``calibrate``) or from the model's shipped calibration."""
+    if ADAROUND_ANCHOR not in md.presets:
+        return False, (f"this modiff has no AdaRound weight presets ({ADAROUND_ANCHOR}, w4a4-adaround-modiff, ...): "
+                       f"the AdaRound rows are left out; update modiff to a version that ships them")
+    if calibrate:
+        return True, "AdaRound W4 weights: calibrated into the runs folder (the Q-Diffusion recipe)"
+    try:
+        md.quantize(model, md.presets[ADAROUND_ANCHOR])
+    except (ValueError, FileNotFoundError) as err:
+        return False, f"no AdaRound weights for this model, so the AdaRound rows are left out: {err}"
+    return True, "AdaRound W4 weights: the model's shipped calibration"
+
+
+def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Sequence[str],
+                qdiff_presets: Sequence[str], adaround: bool, calibrate: bool) -> tuple[list[str], str]:
+    """The table's presets in order (anchors, per-sample, AdaRound W4 when asked for and available,
+    published, Q-Diffusion when calibrating) and a Markdown note of what is in and what is left out."""
+    rows = [*ANCHORS, *presets]
+    notes = [f"Rows: the anchors {', '.join(ANCHORS)}, {len(presets)} per-sample presets, "
+             f"{len(published_presets)} published-numerics presets."]
+    if adaround:
+        available, message = adaround_status(model, calibrate)
+        rows += adaround_presets(presets) if available else []
+        notes.append(message + ".")
+    else:
+        notes.append("AdaRound W4 rows off (parameter `adaround = False`); the W4 rows use round-to-nearest weights.")
+    rows += list(published_presets)
+    if calibrate:
+        rows += list(qdiff_presets)
+    else:
+        shipped = [p for p in qdiff_presets if has_shipped(model, p)]
+        rows += shipped
+        notes.append(f"Q-Diffusion rows from the model's shipped calibration: {', '.join(shipped) or 'none'}; the "
+                     f"other {len(qdiff_presets) - len(shipped)} need calibration (parameter `calibrate = True`, GPU work).")
+    return list(dict.fromkeys(rows)), " ".join(notes)
+
+
+def describe(preset: str) -> dict[str, Any]:
+    """numerics, method, weights, w_bits, a_bits of a preset, read from its config."""
+    config = md.presets[preset]
+    act, weight = config.activation, config.weight
+    adaround = getattr(weight, "codes", "nearest") == "adaround" or (act is not None and not act.dynamic)
+    modulated = config.mode == "modulated"
+    if act is None:
+        numerics, method = "-", "full precision" if weight is None else "full-precision activations"
+    elif not act.dynamic:
+        numerics, method = "static", "Q-Diffusion + MoDiff" if modulated else "Q-Diffusion"
+    else:
+        numerics = "published" if act.spec.granularity == "tensor" else "per-sample"
+        method = "dynamic (LCQ)" if not modulated else "dynamic + MoDiff" if config.compensation else "dynamic + modulation (no EC)"
+    return {"numerics": numerics, "method": method,
+            "weights": "fp" if weight is None else "AdaRound" if adaround else "RTN",
+            "w_bits": 32 if weight is None else weight.spec.bits, "a_bits": 32 if act is None else act.spec.bits}
+
+
+def run_precision(run_dir: Path) -> str:
+    """The arithmetic of a run as its manifest records it (every session), e.g. "fp32 (TF32 off) on cuda"."""
+    sessions = json.loads((Path(run_dir) / "manifest.json").read_text()).get("sessions", [])
+    labels = {f"{s['precision']['label']} on {s['precision']['device_type']}" if "precision" in s
+              else "fp32, TF32 not recorded (older run)" for s in sessions}
+    return "; ".join(sorted(labels))
+
+
+def _counterparts(presets: Sequence[str]) -> dict[str, dict[str, Optional[str]]]:
+    """Per preset: its weights-only anchor and (for a MoDiff row) its direct counterpart, among ``presets``."""
+    weights_only = {json.dumps(weight_only_config(md.presets[p]).to_dict(), sort_keys=True, default=str): p
+                    for p in presets if p != "fp" and md.presets[p].activation is None}
+    out = {}
+    for p in presets:
+        config = md.presets[p]
+        key = json.dumps(weight_only_config(config).to_dict(), sort_keys=True, default=str)
+        direct = p.replace("-modiff", "") if config.mode == "modulated" else None
+        out[p] = {"weights_only": weights_only.get(key) if config.activation is not None else None,
+                  "direct": direct if direct in presets else None}
+    return out
+
+
+def _verdict(compared: dict[str, Any]) -> str:
+    return f"{compared['verdict']}: {compared['difference']:+.3g} [{compared['low']:+.3g}, {compared['high']:+.3g}]"
+
+
+def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], fp_images: np.ndarray, config: SampleConfig,
+                ref: str, bootstrap: BootstrapConfig) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+    from modiff.metrics.fidelity import score
+
+    images = seed_images(run, seeds)
+    close = fidelity_to_reference(images, fp_images, features=False)
+    row: dict[str, Any] = {"preset": preset, **describe(preset), "n": len(seeds), "steps": config.steps,
+                           "spacing": config.spacing, "precision": run_precision(run)}
+    try:
+        scored = score(images, ref, ["fid", "isc"], bootstrap=bootstrap)
+        metrics, resampled, note = scored.metrics, scored.fid_resamples, ""
+    except ValueError as err:  # a degenerate set (all images alike, non-finite scores): reported, not fatal
+        metrics, resampled, note = {}, None, str(err)
+    row.update(fid_classifier=metrics.get("fid", np.nan), fid_ci95_low=metrics.get("fid_ci95_low", np.nan),
+               fid_ci95_high=metrics.get("fid_ci95_high", np.nan), is_classifier=metrics.get("is_mean", np.nan),
+               is_std=metrics.get("is_std", np.nan),
+               psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
+               rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95=close["rel_l2_pixels"]["ci95"],
+               gbops_per_step=preset_report(model, md.presets[preset], config.steps)["gbops_per_step"], note=note)
+    return row, resampled
+
+
+def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarray]], level: float) -> None:
+    """Add the verdict columns: paired bootstrap of the FID difference against the fp anchor, the
+    weights-only anchor and the direct counterpart (empty where a side is missing or degenerate)."""
+    fid = {r["preset"]: r["fid_classifier"] for r in rows}
+    pairs = _counterparts([r["preset"] for r in rows])
+
+    def against(preset: str, other: Optional[str]) -> str:
+        if other is None or other == preset or resamples.get(preset) is None or resamples.get(other) is None:
+            return ""
+        return _verdict(paired_difference(fid[preset], fid[other], resamples[preset], resamples[other], level))
+
+    for row in rows:
+        p = row["preset"]
+        row.update(vs_fp=against(p, "fp" if "fp" in fid else None),
+                   vs_weights_only=against(p, pairs[p]["weights_only"]), modiff_vs_direct=against(p, pairs[p]["direct"]))
+
+
+COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
+           "fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_std", "vs_fp", "vs_weights_only",
+           "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95", "psnr_db", "gbops_per_step", "note"]
+
+
+def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
+           ref: str = "fmnist-train", batch_size: int = 64, device: str = "auto",
+           calibration: Optional[Calibration] = None, devices: str | Sequence[str] = (),
+           bootstrap: BootstrapConfig = BootstrapConfig()) -> pd.DataFrame:
+    """One row per preset (the anchors fp, w8a32 and w4a32 added first when missing), every row from the same
+    ``seeds``; runs are made (or reused) under `table_runs_dir`, static presets calibrated with
+    `table_calibration`. Columns: `COLUMNS`; the verdicts read "worse: +d [low, high]" (FID difference, 95%
+    paired-bootstrap interval; "no difference" when it holds 0)."""
+    rows_presets = list(dict.fromkeys([*ANCHORS, *presets]))
+    folder, calibration = table_runs_dir(model, runs_dir, config), table_calibration(calibration, config)
+    if len([d for d in (devices.split(",") if isinstance(devices, str) else devices) if d.strip()]) > 1:
+        experiments.fill_runs(model, rows_presets, seeds, config, folder, devices, batch_size, calibration)
+    runs = {p: experiments.sample_run(model, p, seeds, config, folder, batch_size, device, calibration=calibration)
+            for p in rows_presets}
+    fp_images = seed_images(runs["fp"], seeds)
+    rows, resamples = [], {}
+    for preset in rows_presets:
+        row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, fp_images, config, ref, bootstrap)
+        rows.append(row)
+    _compare(rows, resamples, bootstrap.level)
+    return pd.DataFrame(rows)[COLUMNS]
+
+
+def paper_columns(table: pd.DataFrame, model: nn.Module) -> pd.DataFrame:
+    """``table`` with the paper's FID (and its cell) for the same method and bit widths, and the paper's
+    GBops for the same bit widths, where `data/paper_values.csv` has them (Table 1 for a pixel model)."""
+    paper = experiments.paper_values(experiments.paper_tables(model))
+    fid = {(r.method, r.weight_bits, r.act_bits): (r.value, f"{r.table}, {r.cell}")
+           for r in paper[paper.metric == "FID"].itertuples()}
+    gbops = {(r.weight_bits, r.act_bits): r.value for r in paper[paper.metric == "GBops"].itertuples()}
+    keys = list(zip(table.method, table.w_bits, table.a_bits))
+    return table.assign(paper_fid=[fid.get(k, (np.nan, ""))[0] for k in keys],
+                        paper_cell=[fid.get(k, (np.nan, ""))[1] for k in keys],
+                        paper_gbops=[gbops.get(k[1:], np.nan) for k in keys])
+
+
+def _interval(row: pd.Series) -> str:
+    return f"{row.fid_classifier:.3g} [{row.fid_ci95_low:.3g}, {row.fid_ci95_high:.3g}]"
+
+
+def _paper_pairs(table: pd.DataFrame) -> list[str]:
+    """One line per MoDiff row whose direct counterpart and both paper values are in the table."""
+    by_preset = table.set_index("preset")
+    lines = []
+    for row in table[table.modiff_vs_direct != ""].itertuples():
+        direct = by_preset.loc[row.preset.replace("-modiff", "")]
+        if np.isnan(row.paper_fid) or np.isnan(direct.paper_fid):
+            continue
+        paper_better = row.paper_fid < direct.paper_fid
+        ours = row.modiff_vs_direct.split(":")[0]
+        agreement = ("agrees with the paper" if (ours == "better") == paper_better and ours != "no difference"
+                     else "does not show the paper's difference" if ours == "no difference" else "CONTRADICTS the paper")
+        lines.append(f"- W{row.w_bits}A{row.a_bits} {row.numerics} numerics, {row.weights} weights: paper FID "
+                     f"{direct.paper_fid:g} -> {row.paper_fid:g} with MoDiff; here {_interval(direct)} -> "
+                     f"{_interval(pd.Series(row._asdict()))}, MoDiff vs direct {row.modiff_vs_direct}: {agreement}.")
+    return lines
+
+
+def findings(table: pd.DataFrame) -> str:
+    """Markdown written from the numbers of a `paper_columns` table: settings, the fp anchor, how many rows
+    differ from fp, and each MoDiff-vs-direct pair the paper reports, with agreement or disagreement."""
+    fp = table.set_index("preset").loc["fp"]
+    scored = table[(table.preset != "fp") & (table.vs_fp != "")]
+    same = scored[scored.vs_fp.str.startswith("no difference")]
+    lines = [f"All {len(table)} rows: N = {fp.n} samples (seeds 0-{fp.n - 1}), {fp.steps} DDIM steps, "
+             f"`{fp.spacing}` timesteps; arithmetic: {'; '.join(sorted(set(table.precision)))}.",
+             f"- Full precision at this N: FID {_interval(fp)} (classifier feature space). FID is biased at "
+             f"small N, so each row is read against this anchor, not against an fp FID at another N.",
+             f"- {len(same)} of {len(scored)} quantized rows show no FID difference from fp (paired bootstrap, "
+             f"95%): {', '.join(same.preset) or 'none'}."]
+    lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
+                                     "(the paper's cells are in the paper_fid column)."]
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleConfig) -> pd.DataFrame:
+    """Full-precision samples of ``seeds`` on the GPU against the CPU (fp32): per-sample relative L2 of the
+    sampler output (mean and max) and the largest difference of a uint8 pixel, for the GPU in fp32 (TF32
+    off) and in TF32. Without a GPU, one row that says so."""
+    import copy
+
+    from modiff.utils.images import to_uint8
+
+    if not torch.cuda.is_available():
+        return pd.DataFrame([{"gpu_precision": "-", "note": "no GPU on this machine: the GPU-CPU distance is not measured"}])
+    cpu_out = sample(copy.deepcopy(model).cpu(), seeds, replace(config, precision="fp32"), torch.device("cpu"))
+    cpu_images = to_uint8(md.to_images(model, cpu_out)).astype(np.int16)
+    gpu_model = copy.deepcopy(model).to("cuda")
+    rows = []
+    for precision in ("fp32", "tf32"):
+        out = sample(gpu_model, seeds, replace(config, precision=precision), torch.device("cuda")).cpu()
+        rel = ((out - cpu_out).flatten(1).norm(dim=1) / cpu_out.flatten(1).norm(dim=1)).numpy()
+        pixels = np.abs(to_uint8(md.to_images(model, out)).astype(np.int16) - cpu_images)
+        rows.append({"gpu_precision": "fp32 (TF32 off)" if precision == "fp32" else "tf32", "n": len(seeds),
+                     "rel_l2_mean": float(rel.mean()), "rel_l2_max": float(rel.max()),
+                     "max_pixel_difference_uint8": int(pixels.max()),
+                     "pixels_differing_fraction": float((pixels > 0).mean()), "note": ""})
+    return pd.DataFrame(rows)

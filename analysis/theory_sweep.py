@@ -1,0 +1,316 @@
+"""Theorems 4.3 and 4.4 on every Conv/Linear layer: one streaming pass over sampling trajectories.
+
+The full-precision model samples a batch of trajectories; a forward pre-hook on each selected layer
+hands its exact input a_i (sampling index i, one model call per step) to a per-layer simulator, which
+replays the layer's activation quantization under every (quantizer, bit width) at once and keeps only
+per-trajectory scalars. Memory is the simulator state of one step (a_{i-1}, and per quantizer a_hat and
+the accumulated rounding error E), never a layer's inputs over all steps; `SweepConfig.layers_per_pass`
+splits the layers over several sampling passes when that state is too large. (The recorder in
+`modiff.record` summarises a_i and a_i - a_{i-1}; the MoDiff residual a_i - a_hat_{i-1} needs a state
+per quantizer that its reducers do not carry, hence these hooks.)
+
+Notation as in `analysis.propagation` and `analysis.bounds` (i = 0 is the exact warm-up step, paper
+t = T - i). Every quantity is per trajectory (one sample s of the batch; norms over that sample's part
+of the tensor); ``A`` is the layer without bias, r the residual handed to Q, delta = r - Q(r):
+
+==================  ==================================================================================
+``diff_sq``         d_i = ||a_i - a_{i-1}||^2
+``residual_sq_noec``  ||r_i||^2, standard modulation, r_i = a_i - a_{i-1}
+``rounding_sq_noec``  ||delta_i||^2; E_i = E_{i-1} + delta_i (E_0 = 0), ``err_sq_noec`` = ||A E_i||^2
+``residual_sq_ec``  ||r_i||^2, MoDiff, r_i = a_i - a_hat_{i-1}; a_hat_i = a_hat_{i-1} + Q(r_i)
+``rounding_sq_ec``  ||delta_i||^2; ``err_sq_ec`` = ||A delta_i||^2 = ||o_i - o_hat_i||^2 (error feedback)
+``thm43_bound_*``   Theorem 4.3 for that residual: sum over its elements of s^2 / 4 (round to nearest),
+                    s the scale Q used for the element
+==================  ==================================================================================
+
+Quantizers (`QuantizerName`): ``per-sample`` is this toolkit's default (asymmetric min-max, one scale
+per sample); ``per-tensor`` is the published one (symmetric with the published clamp, one scale for
+the whole batch tensor, so a trajectory's rounding depends on the others sampled with it: the batch is
+`SweepConfig.batch_size` trajectories, the calibration and the held-out ones never share a batch).
+The errors of held-out trajectories need A applied to every E and delta (two layer calls per
+quantizer and step, batched); calibration trajectories only need the residuals (``err_sq_*`` NaN).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Literal, Mapping, Optional, Sequence, Union, get_args
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+import modiff as md
+from analysis.propagation import LinearOperator, linear_operator, operator_norm
+from modiff.diffusion.schedules import Spacing
+from modiff.utils.device import resolve_device
+from modiff.utils.hooks import ModelHook, attach
+from modiff.quant.primitives import QuantSpec, fake_quantize, qparams_from_range, reduce_range
+
+__all__ = [
+    "QuantizerName", "Role", "STAT_COLUMNS", "SweepConfig", "layer_input_shapes", "operator_norms",
+    "quantizer_spec", "select_layers", "sweep_trajectories",
+]
+
+log = logging.getLogger(__name__)
+
+QuantizerName = Literal["per-sample", "per-tensor"]
+Role = Literal["calibration", "held-out"]
+STAT_COLUMNS: tuple[str, ...] = (
+    "residual_sq_noec", "rounding_sq_noec", "thm43_bound_noec", "err_sq_noec",
+    "residual_sq_ec", "rounding_sq_ec", "thm43_bound_ec", "err_sq_ec",
+)
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def quantizer_spec(name: QuantizerName, bits: int) -> QuantSpec:
+    """The activation quantizer ``name`` at ``bits`` (dynamic: qparams from the tensor it quantizes)."""
+    if name == "per-sample":
+        return QuantSpec(bits=bits, granularity="sample")
+    if name == "per-tensor":
+        return QuantSpec(bits=bits, scheme="symmetric-published", granularity="tensor")
+    raise ValueError(f"quantizer must be one of {get_args(QuantizerName)}, got {name!r}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What `sweep_trajectories` simulates and how it samples.
+
+    ``batch_size`` trajectories are sampled together (the per-tensor quantizer's batch);
+    ``layers_per_pass`` 0 simulates every layer in one sampling pass, else that many per pass (less
+    memory, more sampling); ``dtype`` of the simulation (the sampling itself runs in float32)."""
+
+    bits: tuple[int, ...] = (8, 6, 4, 3)
+    quantizers: tuple[QuantizerName, ...] = ("per-sample", "per-tensor")
+    steps: int = 20
+    spacing: Optional[Spacing] = None
+    batch_size: int = 64
+    layers_per_pass: int = 0
+    dtype: Literal["float32", "float64"] = "float64"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not self.bits or any(not 2 <= b <= 16 for b in self.bits):
+            raise ValueError(f"bits must be a non-empty list of widths in [2, 16], got {self.bits}")
+        for name in self.quantizers:
+            quantizer_spec(name, 8)
+        if not self.quantizers:
+            raise ValueError(f"quantizers must name at least one of {get_args(QuantizerName)}")
+        if self.steps < 2 or self.batch_size < 1 or self.layers_per_pass < 0:
+            raise ValueError(f"need steps >= 2, batch_size >= 1, layers_per_pass >= 0; got steps={self.steps}, "
+                             f"batch_size={self.batch_size}, layers_per_pass={self.layers_per_pass}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+
+    @property
+    def configs(self) -> list[tuple[QuantizerName, int]]:
+        """(quantizer, bits) in the order of the simulators' first axis."""
+        return [(q, b) for q in self.quantizers for b in self.bits]
+
+
+class _OnInput(ModelHook):
+    """Calls ``fn`` with the first input of its module (what the module computes from is not changed)."""
+
+    def __init__(self, fn: Callable[[Tensor], object]):
+        self.fn = fn
+
+    def pre_forward(self, module: nn.Module, args: tuple) -> None:
+        self.fn(args[0])
+
+
+def _pre_hooks(model: nn.Module, hooks: Mapping[str, Callable[[Tensor], object]]) -> ContextManager[None]:
+    return attach("analysis.theory_sweep", [(model.get_submodule(name), _OnInput(fn)) for name, fn in hooks.items()])
+
+
+@torch.no_grad()
+def layer_input_shapes(model: nn.Module, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The input shape (1, ...) of each layer in one denoiser call on one sample; layers the denoiser
+    does not call (a latent model's first stage) are left out."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = {name: (lambda a, name=name: shapes.setdefault(name, tuple(a.shape))) for name in layers}
+    device = next(model.parameters()).device
+    with _pre_hooks(model, hooks):
+        model(torch.zeros(1, *model.sample_shape, device=device), torch.full((1,), 500, device=device))
+    return {name: shapes[name] for name in layers if name in shapes}
+
+
+def select_layers(model: nn.Module, layers: Union[Literal["all"], Sequence[str]] = "all") -> list[str]:
+    """``"all"``: every Conv1d/Conv2d/Linear of the denoising network (`Denoiser.network_modules`) that
+    one model call reaches, in module order; else the names given
+    (each must be such a layer)."""
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all' or a list of layer names, got {layers!r}")
+        modules = model.network_modules() if hasattr(model, "network_modules") else model.named_modules()
+        names = [n for n, m in modules if isinstance(m, _LAYER_TYPES)]
+        return list(layer_input_shapes(model, names))
+    bad = [n for n in layers if not isinstance(dict(model.named_modules()).get(n), _LAYER_TYPES)]
+    if bad:
+        raise ValueError(f"not Conv1d/Conv2d/Linear layers of the model: {bad}; use layers='all' or names "
+                         "from model.named_modules()")
+    return list(layers)
+
+
+def _weight_digest(weight: Tensor) -> str:
+    return hashlib.sha1(weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Union[str, Path]] = None,
+                   iters: int = 300, tol: float = 1e-6) -> dict[str, float]:
+    """||A|| of each layer, the spectral norm of its linear map on ONE sample's input (bias excluded).
+
+    Linear: the largest singular value of W (SVD). Conv: `analysis.propagation.operator_norm`, power
+    iteration on A^T A, accelerated by Lanczos, with the conv as a linear map of the layer's real input
+    shape (padding and stride make the norm depend on it), A^T its vector-Jacobian product; the estimate
+    rises to ||A|| from below and stops when the Ritz residual is below ``tol`` (relative). Results are cached in the JSON file ``cache`` (keyed by layer,
+    input shape, a digest of the weight and the iteration settings), so a re-run does not iterate again.
+    """
+    path = Path(cache) if cache is not None else None
+    known = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    shapes = layer_input_shapes(model, layers)
+    norms = {}
+    for name in layers:
+        if name not in shapes:
+            raise ValueError(f"layer {name!r} is not called by the denoiser; pick layers with select_layers")
+        layer = model.get_submodule(name)
+        key = f"{name}|{shapes[name]}|{_weight_digest(layer.weight)}|{iters}|{tol:g}"
+        if key not in known:
+            known[key] = operator_norm(layer, input_shape=shapes[name], iters=iters, tol=tol)
+        norms[name] = float(known[key])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1, sort_keys=True))
+    return norms
+
+
+def _per_sample_sq(x: Tensor) -> Tensor:
+    return x.flatten(1).square().sum(1)  # (B,)
+
+
+class _LayerSimulator:
+    """Streaming simulation of one layer on one batch of trajectories, every (quantizer, bits) at once."""
+
+    def __init__(self, op: LinearOperator, specs: Sequence[QuantSpec], errors: bool, dtype: torch.dtype):
+        self.op, self.specs, self.errors, self.dtype = op.to(dtype), list(specs), errors, dtype
+        self.a_prev: Optional[Tensor] = None
+        self.a_hat: list[Tensor] = []
+        self.acc: list[Tensor] = []  # E per spec (held-out only)
+        self.rows: list[Tensor] = []  # per quantized step: (1 + len(STAT_COLUMNS), K, B)
+
+    def _round(self, r: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+        """Q(r) and the per-sample Theorem 4.3 bound sum s^2 / 4 over the sample's elements."""
+        x_min, x_max = reduce_range(r, spec)
+        scale, zero_point = qparams_from_range(x_min, x_max, spec)
+        per_sample = scale.to(r.dtype).expand(r.shape[0], *scale.shape[1:]).flatten(1)  # equal-size groups
+        bound = per_sample.square().mean(1) * (r[0].numel() / (4.0 if spec.rounding == "nearest" else 1.0))
+        return fake_quantize(r, scale, zero_point, spec), bound
+
+    def __call__(self, a: Tensor) -> None:
+        a = a.detach().to(self.dtype)
+        if self.a_prev is None:  # warm-up step: exact, a_hat = a, E = 0
+            self.a_prev, self.a_hat = a, [a.clone() for _ in self.specs]
+            self.acc = [torch.zeros_like(a) for _ in self.specs] if self.errors else []
+            return
+        diff = a - self.a_prev
+        stats, deltas = [], []
+        for k, spec in enumerate(self.specs):
+            q, bound_noec = self._round(diff, spec)
+            delta_noec = diff - q
+            r = a - self.a_hat[k]
+            q, bound_ec = self._round(r, spec)
+            delta_ec = r - q
+            self.a_hat[k] = self.a_hat[k] + q
+            if self.errors:
+                self.acc[k] = self.acc[k] + delta_noec
+                deltas += [self.acc[k], delta_ec]
+            stats.append([_per_sample_sq(diff), _per_sample_sq(delta_noec), bound_noec,
+                          _per_sample_sq(r), _per_sample_sq(delta_ec), bound_ec])
+        errors = self._errors(deltas, a.shape[0])
+        cols = [torch.stack([s[c] for s in stats]) for c in range(6)]  # each (K, B)
+        self.rows.append(torch.stack([cols[0], cols[0], cols[1], cols[2], errors[0],
+                                      cols[3], cols[4], cols[5], errors[1]]))
+        self.a_prev = a
+
+    def _errors(self, deltas: list[Tensor], batch: int) -> tuple[Tensor, Tensor]:
+        """(||A E_k||^2, ||A delta_k||^2) per spec and sample, (K, B) each; NaN without errors."""
+        k = len(self.specs)
+        if not self.errors:
+            nan = torch.full((k, batch), float("nan"), dtype=self.dtype, device=self.a_prev.device)
+            return nan, nan
+        out = self.op(torch.cat(deltas), with_bias=False).reshape(k, 2, batch, -1).square().sum(-1)
+        return out[:, 0], out[:, 1]
+
+    def result(self) -> np.ndarray:
+        """(quantized steps, 1 + len(STAT_COLUMNS), K, B): diff_sq then the STAT_COLUMNS."""
+        return torch.stack(self.rows).cpu().numpy()
+
+
+def _long_frame(name: str, data: np.ndarray, role: Role, seeds: Sequence[int], config: SweepConfig,
+                timesteps: Sequence[int]) -> pd.DataFrame:
+    """data (n - 1, 1 + len(STAT_COLUMNS), K, B) -> rows (step, config, seed) of one layer."""
+    steps, _, k, b = data.shape
+    step = np.repeat(np.arange(1, steps + 1), k * b)
+    configs = config.configs
+    frame = pd.DataFrame({
+        "role": role, "layer": name,
+        "quantizer": np.tile(np.repeat([q for q, _ in configs], b), steps),
+        "bits": np.tile(np.repeat([bb for _, bb in configs], b), steps).astype(np.int16),
+        "seed": np.tile(np.asarray(seeds, dtype=np.int64), steps * k),
+        "step": step.astype(np.int32), "paper_t": (steps + 1 - step).astype(np.int32),
+        "t": np.asarray(timesteps, dtype=np.int64)[step],
+        "diff_sq": data[:, 0].reshape(-1),
+    })
+    for c, column in enumerate(STAT_COLUMNS, start=1):
+        frame[column] = data[:, c].reshape(-1)
+    return frame
+
+
+@torch.no_grad()
+def _one_pass(runner: nn.Module, layers: Sequence[str], seeds: Sequence[int], role: Role, config: SweepConfig,
+              timesteps: Sequence[int], device: torch.device) -> list[pd.DataFrame]:
+    specs = [quantizer_spec(q, b) for q, b in config.configs]
+    dtype = getattr(torch, config.dtype)
+    sims = {name: _LayerSimulator(linear_operator(runner.get_submodule(name)), specs, role == "held-out", dtype)
+            for name in layers}
+    with _pre_hooks(runner, sims):
+        md.sample_ddim(runner, md.noise(seeds, runner.sample_shape).to(device), timesteps)
+    frames = []
+    for name, sim in sims.items():
+        if len(sim.rows) != len(timesteps) - 1:
+            raise ValueError(f"layer {name!r} was called {len(sim.rows) + 1} times in {len(timesteps)} steps; "
+                             "the sweep needs one call per model call (exclude layers called more than once)")
+        frames.append(_long_frame(name, sim.result(), role, seeds, config, timesteps))
+    return frames
+
+
+def _chunks(items: Sequence, size: int) -> list[list]:
+    size = size or max(1, len(items))
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def sweep_trajectories(model: nn.Module, layers: Sequence[str], calibration_seeds: Sequence[int],
+                       heldout_seeds: Sequence[int], config: SweepConfig) -> pd.DataFrame:
+    """One row per (role, layer, quantizer, bits, seed, quantized step i >= 1) with ``diff_sq`` and
+    the `STAT_COLUMNS` (module docstring); ``err_sq_*`` are NaN on calibration rows. The fp model
+    samples each role's seeds in batches of ``config.batch_size`` on ``config.device``."""
+    overlap = sorted(set(calibration_seeds) & set(heldout_seeds))
+    if overlap or not calibration_seeds or not heldout_seeds:
+        raise ValueError(f"calibration and held-out seeds must be non-empty and disjoint; shared: {overlap[:5]}")
+    device = resolve_device(config.device)
+    runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    timesteps = md.timesteps(config.steps, config.spacing or md.default_spacing(model), model.schedule.num_timesteps)
+    frames = []
+    for role, seeds in (("calibration", calibration_seeds), ("held-out", heldout_seeds)):
+        for batch in _chunks(list(seeds), config.batch_size):
+            for part in _chunks(list(layers), config.layers_per_pass):
+                log.info("sweep: %s seeds %s..%s, %d layers", role, batch[0], batch[-1], len(part))
+                frames += _one_pass(runner, part, batch, role, config, timesteps, device)
+    out = pd.concat(frames, ignore_index=True)
+    for column in ("role", "layer", "quantizer"):
+        out[column] = out[column].astype("category")
+    return out

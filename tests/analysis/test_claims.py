@@ -1,0 +1,204 @@
+"""Figure 1a step selection, intervals over samples, and the sentences that compare results with the paper."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis import caching, claims, intervals
+from analysis.intervals import Interval
+
+
+# --- which steps a cached model refreshes (N = 2, 3, 5 over 20 steps, one warm-up step) -------------------
+
+def test_refresh_and_skipped_steps_by_hand() -> None:
+    assert caching.refresh_steps(20, 3) == (0, 3, 6, 9, 12, 15, 18)
+    assert caching.skipped_steps(20, 5) == tuple(i for i in range(20) if i % 5)
+    assert caching.refresh_steps(6, 4, warmup_steps=2) == (0, 1, 4)  # warm-up steps compute exactly
+
+
+def test_steps_skipped_by_every_interval() -> None:
+    """1..19 minus multiples of 2, 3 and 5: the last common skip is 19; at 100 steps index 99 is a refresh for
+    N = 3, and the last common skip is 97."""
+    assert caching.steps_skipped_by_all(20, [2, 3, 5]) == (1, 7, 11, 13, 17, 19)
+    assert caching.steps_skipped_by_all(100, [2, 3, 5])[-1] == 97
+    assert 99 in caching.refresh_steps(100, 3)
+    assert caching.steps_skipped_by_all(4, [2, 3]) == (1,)
+    assert caching.steps_skipped_by_all(6, [1]) == ()  # N = 1 never skips
+    with pytest.raises(ValueError, match="at least one interval"):
+        caching.steps_skipped_by_all(20, [])
+    with pytest.raises(ValueError, match=">= 1"):
+        caching.refresh_steps(20, 0)
+
+
+def _sawtooth(steps: int = 20, intervals_: tuple[int, ...] = (2, 3, 5), samples: int = 4) -> pd.DataFrame:
+    """Per-sample error 0 on refresh steps, (steps since refresh) * 0.1 * (1 + sample / 10) otherwise."""
+    rows = []
+    for n in intervals_:
+        refresh = caching.refresh_steps(steps, n)
+        for i in range(steps):
+            since = i - max(r for r in refresh if r <= i)
+            rows += [{"interval": n, "step": i, "t": np.nan, "sample": s, "rel_l2": 0.1 * since * (1 + s / 10)}
+                     for s in range(samples)]
+    return pd.DataFrame(rows)
+
+
+def test_caching_summary_compares_at_the_common_skip_step() -> None:
+    summary = caching.caching_summary(_sawtooth()).set_index(["interval", "comparison"])
+    scale = np.mean([1 + s / 10 for s in range(4)])  # 1.15
+    # step 19: N = 2 one step since its refresh at 18, N = 3 one since 18, N = 5 four since 15
+    at = summary.xs("last step every N skips", level="comparison")
+    assert at["steps"].tolist() == ["19"] * 3
+    assert at["mean"].to_numpy() == pytest.approx([0.1 * scale, 0.1 * scale, 0.4 * scale])
+    assert (at["ci95_low"] <= at["mean"]).all() and (at["mean"] <= at["ci95_high"]).all()
+    # the last step itself is labelled: index 19 is a skip for all three here
+    assert summary.loc[(3, "last step (skip for this N)"), "mean"] == pytest.approx(0.1 * scale)
+    # mean over N = 2's skipped steps: every one is 1 step since a refresh
+    assert summary.loc[(2, "mean over its skipped steps"), "mean"] == pytest.approx(0.1 * scale)
+    assert summary.loc[(5, "mean over all steps"), "mean"] == pytest.approx(0.1 * scale * 40 / 20)
+
+
+def test_last_step_label_says_refresh() -> None:
+    summary = caching.caching_summary(_sawtooth(steps=19))  # index 18 is a refresh for N = 2 and 3
+    labels = summary[summary["comparison"].str.startswith("last step (")].set_index("interval")["comparison"]
+    assert labels.to_dict() == {2: "last step (refresh for this N)", 3: "last step (refresh for this N)",
+                                5: "last step (skip for this N)"}
+
+
+def test_growth_with_step() -> None:
+    flat = caching.growth_with_step(_sawtooth(), 2)  # always one step since refresh: no growth
+    assert flat.mean == pytest.approx(0.0, abs=1e-12)
+    rising = _sawtooth().assign(rel_l2=lambda d: d["rel_l2"] * (1 + d["step"]))
+    assert caching.growth_with_step(rising, 3).low > 0
+    assert set(caching.growth_by_interval(_sawtooth(steps=3))) == {3, 5}  # N = 2 skips only step 1: one half
+    with pytest.raises(ValueError, match="no rows for interval 7"):
+        caching.growth_with_step(_sawtooth(), 7)
+
+
+# --- intervals ------------------------------------------------------------------------------------------
+
+def test_t_interval_matches_the_formula() -> None:
+    values = np.array([1.0, 2.0, 4.0, 7.0])
+    half = stats.t.ppf(0.975, 3) * values.std(ddof=1) / 2
+    got = intervals.mean_interval(values, method="t")
+    assert (got.mean, got.low, got.high, got.n) == pytest.approx((3.5, 3.5 - half, 3.5 + half, 4))
+
+
+def test_bootstrap_interval_is_reproducible_and_close_to_t() -> None:
+    values = np.random.default_rng(1).normal(2.0, 1.0, size=200)
+    a, b = intervals.mean_interval(values), intervals.mean_interval(values)
+    assert a == b
+    t = intervals.mean_interval(values, method="t")
+    assert a.low == pytest.approx(t.low, abs=0.03) and a.high == pytest.approx(t.high, abs=0.03)
+    assert intervals.mean_interval([0.5]) == Interval(0.5, 0.5, 0.5, 1)
+
+
+def test_interval_failures() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        intervals.mean_interval([1.0, math.nan])
+    with pytest.raises(ValueError, match="level"):
+        intervals.mean_interval([1.0, 2.0], level=1.5)
+    with pytest.raises(ValueError, match="method"):
+        intervals.mean_interval([1.0, 2.0], method="normal")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one value per sample"):
+        intervals.paired_difference([1.0, 2.0], [1.0])
+
+
+def test_paired_difference_separates_what_overlapping_intervals_do_not() -> None:
+    """Two settings share a large seed-to-seed spread; their difference is small but constant."""
+    base = np.random.default_rng(0).uniform(0.1, 1.0, size=16)
+    a, b = base, base + 0.02
+    assert intervals.mean_interval(a).overlaps(intervals.mean_interval(b))
+    diff = intervals.paired_difference(b, a)
+    assert diff.mean == pytest.approx(0.02) and diff.excludes(0.0)
+
+
+def test_samples_to_separate_by_hand() -> None:
+    """mean 1, sd 2: (1.96 * 2 / 1)^2 = 15.4 -> 16."""
+    d = np.array([3.0, -1.0, 3.0, -1.0])  # mean 1, sd (ddof 1) 2.309
+    assert intervals.samples_to_separate(d) == math.ceil((stats.norm.ppf(0.975) * d.std(ddof=1)) ** 2)
+    assert intervals.samples_to_separate([1.0, -1.0]) == math.inf
+
+
+def test_paired_table_and_summarize() -> None:
+    per_seed = pd.DataFrame({"seed": [0, 1, 2, 0, 1, 2], "k": [1, 1, 1, 2, 2, 2],
+                             "v": [0.5, 0.7, 0.9, 0.4, 0.6, 0.8]})
+    paired = intervals.paired_table(per_seed, "k", "v", baseline=1)
+    assert paired.loc[0, "mean_difference"] == pytest.approx(-0.1) and bool(paired.loc[0, "separated"])
+    summary = intervals.summarize(per_seed, ["k"], "v")
+    assert summary["mean"].to_numpy() == pytest.approx([0.7, 0.6]) and summary["n"].tolist() == [3, 3]
+    with pytest.raises(ValueError, match="baseline 9"):
+        intervals.paired_table(per_seed, "k", "v", baseline=9)
+    with pytest.raises(ValueError, match=r"columns \['w'\]"):
+        intervals.summarize(per_seed, ["k"], "w")
+
+
+# --- sentences: both branches ---------------------------------------------------------------------------
+
+def _summary(at: dict[int, float], overall: dict[int, tuple[float, float, float]]) -> pd.DataFrame:
+    rows = [{"interval": n, "comparison": "last step every N skips", "steps": "97", "mean": v, "ci95_low": v - 0.01,
+             "ci95_high": v + 0.01, "n_samples": 16} for n, v in at.items()]
+    rows += [{"interval": n, "comparison": "mean over all steps", "steps": "100 steps", "mean": m, "ci95_low": lo,
+              "ci95_high": hi, "n_samples": 16} for n, (m, lo, hi) in overall.items()]
+    return pd.DataFrame(rows)
+
+
+def test_caching_claim_agrees() -> None:
+    summary = _summary({2: 0.3, 3: 0.41, 5: 0.6}, {2: (0.2, 0.19, 0.21), 3: (0.3, 0.29, 0.31), 5: (0.5, 0.4, 0.6)})
+    growth = {n: Interval(0.1, 0.05, 0.15, 16) for n in (2, 3, 5)}
+    text = claims.caching_claim(summary, growth, steps=100)
+    assert "N = 3: 0.41 [0.4, 0.42]" in text and "this agrees" in text
+    assert "Growth with N holds" in text and "holds for N = 2, 3, 5" in text and "Likely reason" not in text
+
+
+def test_caching_claim_disagrees() -> None:
+    summary = _summary({2: 0.1, 3: 0.12, 5: 0.09}, {2: (0.2, 0.1, 0.3), 3: (0.25, 0.15, 0.35), 5: (0.1, 0.05, 0.15)})
+    growth = {2: Interval(0.1, 0.05, 0.15, 16), 3: Interval(0.0, -0.1, 0.1, 16)}
+    text = claims.caching_claim(summary, growth, steps=20)
+    assert "here it is 0.12, below the paper's" in text and "20 steps instead of 100" in text
+    assert "change less" in text and "Growth with N does not hold" in text
+    assert "holds for N = 2; not shown for N = 3, 5" in text
+    with pytest.raises(ValueError, match="no common skip step for N = 4"):
+        claims.caching_claim(summary, growth, steps=20, paper_interval=4)
+
+
+def test_lossless_claim_both_branches() -> None:
+    same = claims.lossless_claim("W8A3 MoDiff", Interval(4.2, 4.0, 4.4, 1024), Interval(4.25, 4.1, 4.4, 1024))
+    assert "This agrees" in same and "intervals" in same and "not lossless" not in same
+    worse = claims.lossless_claim("W8A3 MoDiff", 3.8, 1.26)
+    assert "classifier FID 3.8 against 1.26" in worse and "not lossless" in worse and "resets the MoDiff state" in worse
+    assert "This agrees: no difference beyond 5%" in claims.lossless_claim("x", 1.27, 1.26)
+
+
+def test_compensation_claim_both_branches() -> None:
+    small = claims.compensation_claim(3, Interval(0.05, 0.04, 0.06, 16), 0.9, steps=100)
+    assert small.endswith("This agrees.") and "0.05 [0.04, 0.06]" in small
+    large = claims.compensation_claim(3, Interval(0.66, 0.6, 0.7, 16), Interval(1.65, 1.5, 1.8, 16), steps=100)
+    assert "does not stay small, although compensation lowers it" in large
+    assert "(1) each model samples its own trajectory" in large and "(3) the published" in large
+
+
+def test_memory_claim_both_branches() -> None:
+    def accounting(mb: list[float]) -> pd.DataFrame:
+        names = ["a_hat and o_hat, fp32", "a_hat only, fp32", "a_hat only, bf16", "a_hat and o_hat as 3-bit codes"]
+        return pd.DataFrame({"model": "m", "preset": "w8a3-modiff", "accounting": names, "layers": 113, "mb_per_image": mb})
+
+    ours = accounting([22.3, 12.8, 6.4, 2.1])
+    text = claims.memory_claim(ours, accounting([44.6, 25.6, 12.8, 3.9]))
+    assert "44.6 MB for a UNet of the CIFAR-10" in text and "disagrees, by 11.2x" in text
+    assert "Only a_hat and o_hat as 3-bit codes would fit" in text
+    assert "None of them fits" in claims.memory_claim(ours, accounting([44.6, 25.6, 12.8, 4.2]))
+    assert claims.memory_claim(ours, accounting([3.5, 2, 1, 0.5])).endswith("This agrees.")
+
+
+def test_warmup_claim() -> None:
+    paired = pd.DataFrame([{"warmup_steps": 2, "baseline": 1, "mean_difference": -0.01, "ci95_low": -0.02,
+                            "ci95_high": -0.005, "n": 64, "separated": True, "samples_to_separate": 20.0},
+                           {"warmup_steps": 4, "baseline": 1, "mean_difference": 0.002, "ci95_low": -0.01,
+                            "ci95_high": 0.014, "n": 64, "separated": False, "samples_to_separate": 900.0}])
+    text = claims.warmup_claim(paired, 1)
+    assert "2 steps vs 1: -0.01 [-0.02, -0.005] (lower)" in text
+    assert "4 steps vs 1: 0.002 [-0.01, 0.014] (no difference resolved; about 900 seeds" in text

@@ -1,0 +1,139 @@
+"""The layer sweep of Theorems 4.3/4.4: c from calibration seeds only, hand-computed c and bounds,
+power-iteration operator norms, the 2c >= 1 flags, and agreement with the single-layer simulator."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from analysis.bounds import bound_table
+from analysis.propagation import explicit_matrix, linear_operator, operator_norm
+from analysis.theory_checks import bound_checks, decay_failures, estimate_c, findings, tightness_summary
+from analysis.theory_sweep import (STAT_COLUMNS, SweepConfig, _LayerSimulator, operator_norms, quantizer_spec,
+                                   select_layers, sweep_trajectories)
+
+
+
+def _rows(role: str, seeds: list[int], rounding: dict[int, float], err_ec: float = 0.0, steps: int = 3,
+          layer: str = "l", bits: int = 4) -> pd.DataFrame:
+    """Hand-made sweep rows: residual ||r||^2 = 1 at every step, rounding error per seed."""
+    rows = []
+    for seed in seeds:
+        for step in range(1, steps + 1):
+            row = {"role": role, "layer": layer, "quantizer": "per-sample", "bits": bits, "seed": seed, "step": step,
+                   "paper_t": steps + 1 - step, "t": 100 * (steps - step), "diff_sq": 1.0}
+            row.update(dict.fromkeys(STAT_COLUMNS, 1.0))
+            row.update(rounding_sq_noec=rounding[seed], rounding_sq_ec=rounding[seed], thm43_bound_noec=2.0,
+                       thm43_bound_ec=2.0, err_sq_noec=err_ec if role == "held-out" else math.nan,
+                       err_sq_ec=err_ec if role == "held-out" else math.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_out_of_sample_c_comes_from_the_calibration_seeds_only() -> None:
+    """A quantizer that rounds seeds 0-1 with c = 0.1 and seeds 2-3 with c = 0.3: the out-of-sample
+    bounds use 0.1 (calibration), the in-sample ones 0.3 (held-out), and the numbers follow by hand."""
+    stats = pd.concat([_rows("calibration", [0, 1], {0: 0.1, 1: 0.05}),
+                       _rows("held-out", [2, 3], {2: 0.3, 3: 0.2}, err_ec=0.5)], ignore_index=True)
+    c_cal, c_held = estimate_c(stats, "calibration"), estimate_c(stats, "held-out")
+    assert c_cal["c31"].item() == pytest.approx(0.1) and c_held["c31"].item() == pytest.approx(0.3)
+    checks = bound_checks(stats, {"l": 1.0}).set_index(["reading", "check", "step"])
+    # step 3 (i = 3), d_j = 1 for j = 1..3: (31) unrolled = sum (2c)^(4-j) = (2c)^3 + (2c)^2 + 2c
+    for reading, c in (("out-of-sample", 0.1), ("in-sample", 0.3)):
+        bound = (2 * c) ** 3 + (2 * c) ** 2 + 2 * c
+        assert checks.loc[(reading, "bound31_unrolled", 3), "ratio_max"] == pytest.approx(0.5 / bound, rel=1e-5)
+        printed = 1 + 2 * c + (2 * c) ** 2  # (2c)^(j-1)
+        assert checks.loc[(reading, "bound31_printed", 3), "ratio_max"] == pytest.approx(0.5 / printed, rel=1e-5)
+    # out of sample the unrolled (31) fails at step 1 (0.5 > 2 * 0.1), in sample it holds (0.5 < 0.6)
+    assert checks.loc[("out-of-sample", "bound31_unrolled", 1), "fails"] == 2
+    assert checks.loc[("in-sample", "bound31_unrolled", 1), "fails"] == 0
+    assert checks.loc[("out-of-sample", "thm43_ec", 1), "ratio_max"] == pytest.approx(0.15, rel=1e-5)
+    summary = tightness_summary(bound_checks(stats, {"l": 1.0}))
+    text = findings(summary, c_cal, c_held)
+    assert "c31 held-out > c31 calibration" in text and "In 1 of 1 cases" in text and "3x" in text
+
+
+def test_decay_flags_and_their_list() -> None:
+    stats = pd.concat([_rows("calibration", [0], {0: 0.5}, bits=3), _rows("calibration", [0], {0: 1.2}, bits=2),
+                       _rows("calibration", [0], {0: 0.49}, bits=4)], ignore_index=True)
+    c = estimate_c(stats).set_index("bits")
+    assert c.loc[3, "two_c31_ge_1"] and not c.loc[3, "c31_ge_1"]
+    assert c.loc[2, "two_c31_ge_1"] and c.loc[2, "c31_ge_1"] and not c.loc[4, "two_c31_ge_1"]
+    flagged = decay_failures(c.reset_index())
+    assert flagged["bits"].tolist() == [2, 3] and flagged["growth"].tolist() == pytest.approx([2.4, 1.0])
+    with pytest.raises(ValueError, match="no rows with role 'held-out'"):
+        estimate_c(stats, "held-out")
+
+
+def test_power_iteration_norm_matches_the_unrolled_matrix() -> None:
+    torch.manual_seed(0)
+    for conv, shape in ((nn.Conv2d(3, 5, 3, padding=1), (2, 3, 7, 6)), (nn.Conv2d(4, 2, 3, stride=2, padding=1), (1, 4, 8, 8)),
+                        (nn.Conv1d(2, 3, 5, padding=2), (1, 2, 9))):
+        exact = float(torch.linalg.matrix_norm(explicit_matrix(linear_operator(conv), shape), ord=2))
+        assert operator_norm(conv, input_shape=shape) == pytest.approx(exact, rel=1e-7)
+
+
+def test_operator_norms_cached_per_layer(tmp_path, tiny_denoiser) -> None:
+    net = tiny_denoiser
+    layers = select_layers(net)
+    assert len(layers) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
+    cache = tmp_path / "norms.json"
+    norms = operator_norms(net, layers[:3], cache=cache)
+    assert len(cache.read_text().splitlines()) == 5  # three keys between the braces
+    with torch.no_grad():  # a changed weight is a new cache key, not a stale norm
+        net.get_submodule(layers[2]).weight.mul_(2)
+    again = operator_norms(net, layers[:3], cache=cache)
+    assert again[layers[2]] == pytest.approx(2 * norms[layers[2]]) and again[layers[0]] == norms[layers[0]]
+    with pytest.raises(ValueError, match="not Conv1d/Conv2d/Linear"):
+        select_layers(net, ["net"])
+
+
+def test_simulator_matches_the_single_layer_simulation() -> None:
+    """Per trajectory, the streaming simulator gives the errors and c_i of `analysis.bounds.bound_table`."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x, xs = torch.randn(2, 3, 6, 6), []
+    for _ in range(6):
+        x = x + 0.3 * torch.randn_like(x)
+        xs.append(x.clone())
+    spec = quantizer_spec("per-sample", 3)
+    sim = _LayerSimulator(linear_operator(conv), [spec, quantizer_spec("per-tensor", 3)], True, torch.float64)
+    for a in xs:
+        sim(a)
+    data = sim.result()  # (5, 9, 2, 2)
+    for s in range(2):
+        table = bound_table([a[s:s + 1] for a in xs], conv, spec).iloc[1:]
+        cols = {c: data[:, 1 + i, 0, s] for i, c in enumerate(STAT_COLUMNS)}
+        np.testing.assert_allclose(cols["err_sq_ec"], table["err_sq_ec"], rtol=1e-9)
+        np.testing.assert_allclose(cols["err_sq_noec"], table["err_sq_noec"], rtol=1e-9)
+        np.testing.assert_allclose(cols["rounding_sq_ec"] / cols["residual_sq_ec"], table["c_t_ec"], rtol=1e-9)
+        np.testing.assert_allclose(data[:, 0, 0, s], table["diff_sq"], rtol=1e-12)
+        assert (cols["rounding_sq_ec"] <= cols["thm43_bound_ec"]).all()
+    # per tensor: one scale for both samples, so Theorem 4.3's per-sample bounds share s^2 / 4 per element
+    bound = data[:, 1 + STAT_COLUMNS.index("thm43_bound_ec"), 1]
+    np.testing.assert_allclose(bound[:, 0], bound[:, 1], rtol=1e-12)
+
+
+def test_sweep_on_a_tiny_unet_separates_the_seeds(tiny_denoiser) -> None:
+    net = tiny_denoiser
+    layers = select_layers(net)[:4]
+    config = SweepConfig(bits=(4, 3), steps=4, batch_size=2, layers_per_pass=3)
+    stats = sweep_trajectories(net, layers, [0, 1, 2], [5, 6], config)
+    assert set(stats["layer"]) == set(layers) and len(stats) == (3 + 2) * 4 * 2 * 2 * 3  # seeds x layers x q x b x steps
+    cal, held = stats[stats["role"] == "calibration"], stats[stats["role"] == "held-out"]
+    assert set(cal["seed"]) == {0, 1, 2} and set(held["seed"]) == {5, 6}
+    assert cal["err_sq_ec"].isna().all() and held["err_sq_ec"].notna().all()
+    checks = bound_checks(stats, operator_norms(net, layers))
+    assert (checks.loc[checks["reading"] == "in-sample", "check"].str.endswith("unrolled")
+            | checks.loc[checks["reading"] == "in-sample", "check"].str.endswith("printed")).all()
+    in_unrolled = checks[(checks["reading"] == "in-sample") & checks["check"].str.endswith("unrolled")]
+    assert in_unrolled["fails"].sum() == 0  # by construction
+    assert checks.loc[checks["check"].str.startswith("thm43"), "fails"].sum() == 0
+    with pytest.raises(ValueError, match="disjoint"):
+        sweep_trajectories(net, layers, [0, 1], [1, 2], config)
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        SweepConfig(quantizers=("per-channel",))

@@ -1,0 +1,234 @@
+"""Shipped calibrations: AdaRound codes and static scales in a model folder, read without calibrating."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import modiff as md
+from modiff.cli import main
+from modiff.quant import presets, quant_layers, quantize
+from modiff.quant.ptq.adaround import AdaRoundConfig
+from modiff.quant.cost import preset_report
+from modiff.quant.ptq.data import CalibDataConfig
+from modiff.quant.ptq.calibrate import CalibrationConfig
+from modiff.quant.ptq.reuse import Calibration, calibrate_shipped, quantized_model
+from modiff.quant.ptq.lsq import ActCalibConfig
+from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
+from modiff.quant.ptq.shipped import CALIBRATION_DIR, shipped_model
+from modiff.pipelines.train import DDIMTrainConfig, export_weights
+
+from conftest import TINY, tiny_net
+
+FAST = Calibration(
+    CalibDataConfig(steps=4, calib_steps=2, samples_per_step=4, batch_size=4),
+    CalibrationConfig(AdaRoundConfig(iters=3, batch_size=4, log_every=3), ActCalibConfig(iters=2, batch_size=4, log_every=2),
+                      capture_batch=4),
+)
+X, T = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 300])
+
+
+def _export(folder: Path) -> Path:
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder with a shipped calibration of qdiff-w4a4 and qdiff-w4a4-modiff."""
+    folder = _export(tmp_path_factory.mktemp("shipped") / "tiny")
+    calibrate_shipped(md.load_model(folder), ["qdiff-w4a4", "qdiff-w4a4-modiff"], FAST, "cpu", "test")
+    return folder
+
+
+def _weights_folder(model_folder: Path) -> Path:
+    manifest = json.loads((model_folder / CALIBRATION_DIR / "manifest.json").read_text())
+    (weights,) = manifest["weights"]
+    return model_folder / CALIBRATION_DIR / weights
+
+
+def test_adaround_preset_equals_the_saved_weights_bit_for_bit(shipped: Path) -> None:
+    model = md.load_model(shipped)
+    reference = load_quantized(model, _weights_folder(shipped))
+    qmodel = quantize(model, presets["w4a32-adaround"])
+    assert qmodel.quant_config == presets["w4a32-adaround"]
+    ref_layers = quant_layers(reference)
+    for name, layer in quant_layers(qmodel).items():
+        assert torch.equal(layer.weight_codes(), ref_layers[name].weight_codes())
+        assert torch.equal(layer.weight_q, ref_layers[name].weight_q)
+    with torch.no_grad():
+        assert torch.equal(qmodel(X, T), reference(X, T))
+        assert not torch.equal(qmodel(X, T), quantize(model, presets["w4a32"])(X, T))
+    modulated = quantize(model, presets["w4a4-adaround-modiff"])
+    for name, layer in quant_layers(modulated).items():
+        assert torch.equal(layer.weight_q, ref_layers[name].weight_q)
+
+
+def _once(qmodel: torch.nn.Module) -> torch.Tensor:
+    """Two calls (a warm-up and a modulated step for stateful models) on X at T."""
+    with md.trajectory(qmodel) if qmodel.quant_config.stateful else torch.no_grad():
+        return torch.stack([qmodel(X, T), qmodel(X.flip(0), T)])
+
+
+def test_static_presets_come_from_the_shipped_calibration(shipped: Path, tmp_path: Path) -> None:
+    model = md.load_model(shipped)
+    root = shipped / CALIBRATION_DIR
+    for preset in ("qdiff-w4a4", "qdiff-w4a4-modiff"):
+        saved = root / "quantized" / preset
+        assert read_manifest(saved)["weights_from"] == f"../weights/{_weights_folder(shipped).name}"
+        assert torch.equal(_once(shipped_model(model, preset)), _once(load_quantized(model, saved)))
+    fallback = quantized_model(model, "qdiff-w4a4", tmp_path)  # no calibration given: the shipped one
+    with torch.no_grad():
+        assert torch.equal(fallback(X, T), shipped_model(model, "qdiff-w4a4")(X, T))
+    assert not any(tmp_path.iterdir())
+
+
+def test_manifest_and_summary_say_what_was_run(shipped: Path) -> None:
+    root = shipped / CALIBRATION_DIR
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["iterations"] == {"used": {"adaround": 3, "activations": 2},
+                                      "published": {"adaround": 20_000, "activations": 5_000}}
+    assert sorted(manifest["presets"]) == ["qdiff-w4a4", "qdiff-w4a4-modiff"]
+    assert not any(name.startswith("calib-data") for name in manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert (root / name).stat().st_size == entry["bytes"]
+    summary = json.loads((root / "summary.json").read_text())
+    (adaround,) = summary["adaround"].values()
+    report = read_manifest(_weights_folder(shipped))["metadata"]["report"]
+    assert len(adaround["per_unit"]) == adaround["units"] == len(report["weights"]) > 0
+    for unit, record in zip(adaround["per_unit"], report["weights"]):
+        assert unit["ratio"] == pytest.approx(record["loss_adaround"] / record["loss_nearest"])
+    assert sorted(summary["activations"]) == ["qdiff-w4a4", "qdiff-w4a4-modiff"]
+
+
+def test_weights_from_a_folder_for_a_model_without_shipped_codes(shipped: Path) -> None:
+    """A model without a folder (as from a checkpoint file) takes AdaRound codes from any saved model of the
+    same weight quantization (here a static preset, whose codes live in the weights folder it names)."""
+    model = md.load_model(shipped)
+    reference = quantize(model, presets["w4a4-adaround"])
+    model.folder = None
+    qmodel = quantize(model, presets["w4a4-adaround"], weights=shipped / CALIBRATION_DIR / "quantized" / "qdiff-w4a4")
+    with torch.no_grad():
+        assert torch.equal(qmodel(X, T), reference(X, T))
+
+
+def test_missing_codes_say_how_to_make_and_pass_them(tmp_path: Path, tiny_denoiser: md.Denoiser) -> None:
+    bare = md.load_model(_export(tmp_path / "bare"))
+    for model in (bare, tiny_denoiser):
+        with pytest.raises(ValueError, match="modiff calibrate-shipped --model .* --preset qdiff-w4a4") as err:
+            quantize(model, presets["w4a4-adaround-modiff"])
+        assert "--weights-from" in str(err.value) and "weights=" in str(err.value)
+    with pytest.raises(ValueError, match="modiff calibrate-data"):
+        quantized_model(bare, "qdiff-w4a4", tmp_path / "runs")
+
+
+def test_wrong_weights_are_refused(shipped: Path, tiny_denoiser: md.Denoiser, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only a config with weight codes 'adaround'"):
+        quantize(tiny_denoiser, presets["w4a4"], weights=_weights_folder(shipped))
+    save_quantized(quantize(tiny_denoiser, presets["w8a32"]), tmp_path / "w8")
+    with pytest.raises(ValueError, match="quantizes weights otherwise"):
+        quantize(tiny_denoiser, presets["w4a4-adaround"], weights=tmp_path / "w8")
+    nearest = quantize(tiny_denoiser, presets["w4a32-adaround"].with_weight_codes("nearest"))
+    with pytest.raises(ValueError, match="holds other weights"):
+        save_quantized(nearest, tmp_path / "dedup", weights_from=_weights_folder(shipped))
+
+
+def test_checksum_mismatch_is_a_clear_error(shipped: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "tiny"
+    shutil.copytree(shipped, copy)
+    codes = _weights_folder(copy) / "quantized.safetensors"
+    data = bytearray(codes.read_bytes())
+    data[-1] ^= 1
+    codes.write_bytes(bytes(data))
+    model = md.load_model(copy)
+    with pytest.raises(ValueError, match=r"checksum mismatch .*quantized\.safetensors"):
+        quantize(model, presets["w4a4-adaround"])
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        shipped_model(model, "qdiff-w4a4")
+
+
+def test_only_static_presets_are_shipped(shipped: Path) -> None:
+    with pytest.raises(ValueError, match="needs no calibration data"):
+        calibrate_shipped(md.load_model(shipped), ["w4a4-adaround-modiff"], FAST)
+
+
+def test_bops_need_no_codes(tiny_denoiser: md.Denoiser) -> None:
+    report = preset_report(tiny_denoiser, presets["w4a4-adaround-modiff"], steps=10)
+    assert report["gbops_per_step"] == preset_report(tiny_denoiser, presets["w4a4-modiff"], steps=10)["gbops_per_step"]
+
+
+def test_presets_are_listed() -> None:
+    result = CliRunner().invoke(main, ["presets"])
+    assert result.exit_code == 0
+    for name in ("w4a32-adaround", "w4a4-adaround", "w4a4-adaround-modiff", "w4a3-adaround-modiff"):
+        assert f"\n{name} " in result.output
+    assert "4b asymmetric per-channel adaround" in result.output
+
+
+@pytest.mark.parametrize("preset", ["w4a4-adaround-modiff", "qdiff-w4a4-modiff"])
+def test_cli_samples_with_shipped_calibration(shipped: Path, tmp_path: Path, preset: str) -> None:
+    out = tmp_path / "run"
+    args = ["sample", "--model", str(shipped), "--preset", preset, "--seeds", "0-1", "--steps", "2", "--device", "cpu",
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("samples/*.png")) == ["000000.png", "000001.png"]
+
+
+def test_cli_without_shipped_codes_says_how(tmp_path: Path) -> None:
+    bare = _export(tmp_path / "bare")
+    for preset in ("w4a4-adaround-modiff", "qdiff-w4a4"):
+        result = CliRunner().invoke(main, ["sample", "--model", str(bare), "--preset", preset, "--seeds", "0",
+                                           "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "run")])
+        assert result.exit_code == 1 and "modiff calibrate-shipped" in result.output
+        assert "Traceback" not in result.output
+
+
+def test_cli_calibrate_shipped_writes_the_model_folder(tmp_path: Path) -> None:
+    folder = _export(tmp_path / "tiny")
+    args = ["calibrate-shipped", "--model", str(folder), "--preset", "qdiff-w4a4", "--steps", "4", "--calib-steps", "2",
+            "--samples-per-step", "4", "--set", "adaround.iters=2", "--set", "adaround.batch_size=4",
+            "--set", "activations.iters=2", "--set", "activations.batch_size=4", "--set", "capture_batch=4",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "AdaRound lowered the reconstruction loss of" in result.output
+    manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
+    assert manifest["command"].startswith(f"modiff calibrate-shipped --model {folder} --preset qdiff-w4a4 --steps 4")
+    assert manifest["iterations"]["used"] == {"adaround": 2, "activations": 2}
+    assert list(manifest["presets"]) == ["qdiff-w4a4"]
+
+
+def test_a_calibration_with_another_split_set_is_refused(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static scales saved for a split input cannot silently serve a model that no longer splits it."""
+    from modiff.models.ddim_unet import DDIMUNet
+
+    model = md.load_model(shipped)
+    assert model.net.concat_splits(), "the tiny UNet has split-shortcut layers"
+    monkeypatch.setattr(DDIMUNet, "concat_splits", lambda self: {})
+    with pytest.raises(ValueError, match="split-shortcut layers differ"):
+        shipped_model(model, "qdiff-w4a4")
+
+
+@pytest.mark.parametrize("name", ["fmnist-ddim", "fmnist-ldm"])
+def test_the_shipped_calibrations_load(name: str) -> None:
+    """The calibrations committed in data/ verify and load for every shipped W4 preset, so a change to configs
+    or their hashes cannot orphan them: AdaRound codes on the 4-bit grid that differ from round-to-nearest in
+    some weights (AdaRound's decisions), and static scales set."""
+    model = md.load_model(name)
+    adaround = quant_layers(quantize(model, presets["w4a4-adaround-modiff"]))
+    nearest = quant_layers(quantize(model, presets["w4a4-modiff"]))
+    changed = 0
+    for layer_name, layer in adaround.items():
+        codes = layer.weight_codes()
+        assert 0 <= int(codes.min()) and int(codes.max()) <= 15
+        if nearest[layer_name].split is None and layer.split is None:
+            changed += int((codes != nearest[layer_name].weight_codes()).sum())
+    assert changed > 0
+    for preset in ("qdiff-w4a4", "qdiff-w4a4-modiff"):
+        static = quant_layers(shipped_model(model, preset))
+        assert all(layer.act is not None and layer.act.scales for layer in static.values())
