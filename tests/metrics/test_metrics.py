@@ -196,6 +196,8 @@ def test_fid_and_is_against_a_named_reference_need_only_its_statistics(tmp_path:
     kid = compute_metrics(images, "fmnist-train", ["kid"])
     assert kid["kid_prc_reference"] == "fmnist-test"
     assert kid["kid_mean"] == compute_metrics(images, "fmnist-test", ["kid"])["kid_mean"]
+    both = compute_metrics(images, "fmnist-train", ["fid", "kid"])  # FID keeps fmnist-train's statistics
+    assert both["fid"] == result["fid"] and both["kid_mean"] == kid["kid_mean"]
 
 
 def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weights: str) -> None:
