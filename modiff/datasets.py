@@ -62,6 +62,11 @@ def _find(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
+def has_raw(split: Split, data_dir: Optional[str | Path] = None) -> bool:
+    """Whether the idx files of ``split`` are in one of the searched folders (no download is tried)."""
+    return any(all(_find(folder, stem) for stem in _FILES[split]) for folder in fashion_mnist_dirs(data_dir))
+
+
 def _download(split: Split) -> Optional[tuple[np.ndarray, np.ndarray]]:
     target = fashion_mnist_dirs()[-1]
     try:

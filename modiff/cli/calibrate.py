@@ -5,12 +5,14 @@ Registered on the `modiff` group by `modiff.cli`; kept apart so the main CLI mod
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, get_args
 
 import click
 
+from modiff.cli.options import USER_ERRORS, check_device_option, load_model_option
 from modiff.diffusion.schedules import Spacing
 
 __all__ = ["calibrate_data_command", "calibrate_command", "calibrate_shipped_command", "apply_overrides",
@@ -72,7 +74,7 @@ def _replace_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
               help="Timestep spacing [default: the model's: uniform for pixel models, ldm for latent models].")
 @click.option("--calib-steps", type=int, default=20, show_default=True, help="Steps kept, spread over the trajectory.")
 @click.option("--samples-per-step", type=int, default=256, show_default=True, help="Trajectories (seeds 0..N-1).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New dataset folder.")
 def calibrate_data_command(model: str, model_config: Optional[str], steps: int, spacing: Optional[str], calib_steps: int,
                            samples_per_step: int, device: str, out: Path) -> None:
@@ -86,15 +88,15 @@ def calibrate_data_command(model: str, model_config: Optional[str], steps: int, 
     """
     from modiff.utils.device import resolve_device
     from modiff.models.conventions import default_spacing
-    from modiff.models.registry import load_model
-    from modiff.quant.ptq.data import CalibDataConfig, collect_and_save
+    from modiff.quant.ptq.data import CalibDataConfig, collect_and_save, refuse_existing
 
     try:
-        net = load_model(model, config=model_config)
+        refuse_existing(out)  # before loading and sampling, not after
+        net = load_model_option(model, model_config)
         config = CalibDataConfig(steps=steps, spacing=spacing or default_spacing(net), calib_steps=calib_steps,
                                  samples_per_step=samples_per_step)
         done = collect_and_save(net, config, out, resolve_device(device), metadata={"model": model, "config": model_config})
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {calib_steps * samples_per_step} calibration inputs to {done}")
 
@@ -111,11 +113,14 @@ def calibrate_data_command(model: str, model_config: Optional[str], steps: int, 
 @click.option("--weights-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Reuse the AdaRound weights of a model saved by `modiff calibrate` with the same weight "
                    "quantization (e.g. qdiff-w4a4 for qdiff-w4a4 --modiff or qdiff-w4a8): only activations are calibrated.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New folder for the model.")
 def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: bool, samples_per_step: Optional[int],
                       overrides: tuple[str, ...], weights_from: Optional[Path], device: str, out: Path) -> None:
     """Calibrate a quantized model (AdaRound weights, static activation scales) and save it into OUT.
+
+    Every finished unit is kept in OUT/progress: run the same command again after an interruption and
+    it resumes there (the result equals an uninterrupted run's).
 
     \b
     Examples:
@@ -125,7 +130,6 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
       modiff calibrate --data /tmp/calib --preset w4a8 --set adaround.iters=200 --device cpu --out /tmp/w4a8
     """
     from modiff.utils.device import resolve_device
-    from modiff.models.registry import load_model
     from modiff.quant.ptq.data import load_calib_data
     from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate
     from modiff.quant.presets import presets
@@ -143,14 +147,17 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
         data_model = json.loads((data_dir / "manifest.json").read_text()).get("metadata", {}).get("model")
         if data_model not in (None, model):
             raise ValueError(f"{data_dir} was sampled from model {data_model!r}, not {model!r}; use its data")
-        net = load_model(model)
+        net = load_model_option(model, None, takes_config=False)
         weights = None if weights_from is None else load_quantized(net, weights_from)
-        qmodel, report = calibrate(net, config, data, recipe, weights=weights)
+        if (out / "progress").is_dir():
+            click.echo(f"resuming the calibration kept in {out / 'progress'}", err=True)
+        qmodel, report = calibrate(net, config, data, recipe, weights=weights, checkpoints=out / "progress")
         metadata = {"model": model, "preset": name, "data": str(data_dir), "data_config": asdict(data.config),
                     "calibration": recipe.to_dict(), "report": report,
                     "weights_from": None if weights_from is None else str(weights_from)}
         save_quantized(qmodel, out, metadata)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+        shutil.rmtree(out / "progress")
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"calibrated {name} in {report['seconds']} s; saved to {out}")
     if "adaround_vs_nearest" in report:
@@ -222,12 +229,11 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
 
 def load_quantized_run(model: str, model_config: Optional[str], run: Path) -> tuple[Any, dict[str, Any]]:
     """The model of a `modiff calibrate` folder, with its manifest; the model names must agree."""
-    from modiff.models.registry import load_model
     from modiff.quant.ptq.saved import load_quantized, read_manifest
 
     manifest = read_manifest(run)
     saved_model = manifest.get("metadata", {}).get("model")
     if saved_model not in (None, model):
         raise ValueError(f"{run} was calibrated for model {saved_model!r}; pass --model {saved_model}")
-    return load_quantized(load_model(model, config=model_config), run), manifest
+    return load_quantized(load_model_option(model, model_config), run), manifest
 

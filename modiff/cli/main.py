@@ -8,8 +8,8 @@ from typing import Optional
 import click
 
 from modiff.diffusion.schedules import Spacing
+from modiff.cli.options import BATCH_SIZE, USER_ERRORS, check_device_option, load_model_option, parse_seeds_option
 from modiff.pipelines.generate import Precision, SampleConfig, SamplerName
-from modiff.utils.rng import parse_seeds
 
 __all__ = ["main"]
 
@@ -18,13 +18,6 @@ def _choices(literal: object) -> click.Choice:
     from typing import get_args
 
     return click.Choice(list(get_args(literal)))
-
-
-def _seeds(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
-    try:
-        return parse_seeds(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from err
 
 
 SPACING_HELP = "Timestep spacing [default: the model's: uniform for pixel models, ldm for latent models]."
@@ -44,11 +37,11 @@ def main(verbose: bool) -> None:
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--spacing", type=_choices(Spacing), default=None, help=SPACING_HELP)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
-@click.option("--seeds", default="0-63", show_default=True, callback=_seeds, help="e.g. 0-9999 or 0-9,100.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seeds", default="0-63", show_default=True, callback=parse_seeds_option, help="e.g. 0-9999 or 0-9,100.")
+@click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
 @click.option("--precision", type=_choices(Precision), default="fp32", show_default=True,
               help="fp32: IEEE float32 (TF32 off on a GPU); tf32: TF32 matmuls and convolutions; bf16: autocast.")
-@click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
+@click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
 @click.option("--quantized", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A calibrated model saved by `modiff calibrate` (instead of --preset).")
@@ -80,7 +73,6 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
     from modiff.cli.calibrate import load_quantized_run
     from modiff.pipelines.generate import generate
     from modiff.models.conventions import default_spacing
-    from modiff.models.registry import load_model
     from modiff.quant import presets, quantize, trajectory
     from modiff.quant.presets import calibration_hint, needs_calibration
     from modiff.quant.ptq.shipped import has_shipped, shipped_model
@@ -99,7 +91,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             identity.update(quantized=str(quantized), quant_config=saved["quant_config"])
             prepare = trajectory
         else:
-            net = load_model(model, config=model_config)
+            net = load_model_option(model, model_config)
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), eta=eta,
                               precision=precision)
         if quant is not None:
@@ -112,7 +104,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             prepare = trajectory
         done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
                         prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {len(seeds)} samples to {done}")
 
@@ -153,14 +145,13 @@ def bops(model: str, model_config: Optional[str], quant_preset: str, steps: int,
     """
     import json
 
-    from modiff.models.registry import load_model
     from modiff.quant import presets
     from modiff.quant.cost import preset_report
 
     try:
         quant = presets[quant_preset]
-        net = load_model(model, config=model_config)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+        net = load_model_option(model, model_config)
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     report = preset_report(net, quant, steps)
     if not per_layer:
@@ -176,9 +167,9 @@ def train() -> None:
 @train.command("ddim")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training directory (resumes).")
 @click.option("--iterations", type=int, default=30_000, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=BATCH_SIZE, default=128, show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST idx files.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--no-compile", is_flag=True, help="Skip torch.compile.")
 def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Optional[str], device: str, no_compile: bool) -> None:
     """Train fmnist-ddim: the DDIM CIFAR-10 UNet at ch 64 on Fashion-MNIST 32x32.
@@ -198,7 +189,7 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
         dev = str(resolve_device(device))
         export = train_ddim(config, out, Path(data_dir) if data_dir else None, dev)
         generate(load_model(export), range(100), out / "samples-ddim100", SampleConfig(steps=100), device=dev, batch_size=100)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"EMA weights exported to {export}; 10x10 grid (100 DDIM steps) in {out / 'samples-ddim100'}")
 
@@ -208,10 +199,10 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
               help="Model folder (exported weights; work/ holds the resumable checkpoints).")
 @click.option("--ae-iterations", type=int, default=5000, show_default=True, help="Autoencoder iterations.")
 @click.option("--unet-iterations", type=int, default=8000, show_default=True, help="Latent UNet iterations.")
-@click.option("--ae-batch-size", type=int, default=256, show_default=True)
-@click.option("--unet-batch-size", type=int, default=512, show_default=True)
+@click.option("--ae-batch-size", type=BATCH_SIZE, default=256, show_default=True)
+@click.option("--unet-batch-size", type=BATCH_SIZE, default=512, show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the Fashion-MNIST idx files.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--no-compile", is_flag=True, help="Skip torch.compile.")
 def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_batch_size: int, unet_batch_size: int,
                       data_dir: Optional[str], device: str, no_compile: bool) -> None:
@@ -241,7 +232,7 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
         run = generate(load_model(folder), range(100), folder / "work" / "samples-ddim100",
                        SampleConfig(steps=100, spacing="ldm"), device=dev, batch_size=100)
         shutil.copyfile(run / "grid.png", folder / "grid.png")
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"fmnist-ldm exported to {folder}; 10x10 grid (100 DDIM steps, ldm spacing) in {folder / 'grid.png'}")
 
@@ -276,7 +267,7 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
         parsed = dict(parse_override(item) for item in overrides)
         chosen = [name.strip() for item in notebooks for name in item.split(",") if name.strip()]
         results = run_all(preset, model, reports, runs, chosen or None, parsed)
-    except ValueError as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     for r in results:
         click.echo(f"{'ok    ' if r.ok else 'FAILED'} {r.name} ({r.seconds} s){'' if r.ok else ': ' + r.error.splitlines()[-1]}")
@@ -301,7 +292,7 @@ def train_classifier_command(out: Path, epochs: int, data_dir: Optional[str]) ->
 
     try:
         acc = train_classifier(ClassifierTrainConfig(epochs=epochs), out, Path(data_dir) if data_dir else None)
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"test accuracy {acc:.4f}; weights in {out}")
 
@@ -313,7 +304,7 @@ def train_classifier_command(out: Path, epochs: int, data_dir: Optional[str]) ->
 @click.option("--metrics", default="fid,isc,kid,prc", show_default=True, help="Comma-separated: fid, isc, kid, prc.")
 @click.option("--extractor", type=click.Choice(["fmnist-classifier", "inception-v3-compat"]), default="fmnist-classifier", show_default=True)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Feature-extractor weights file.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 def fid_command(samples: Path, ref: str, metrics: str, extractor: str, weights: Optional[str], device: str) -> None:
     """Score SAMPLES (a run directory, an image folder or an .npz) and print the metrics as JSON.
 
@@ -331,14 +322,14 @@ def fid_command(samples: Path, ref: str, metrics: str, extractor: str, weights: 
     source = samples / "samples.npz" if (samples / "samples.npz").is_file() else samples
     try:
         result = compute_metrics(source, ref, [m.strip() for m in metrics.split(",")], extractor=extractor,
-                                 device=str(resolve_device(device)), weights=weights)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+                                 device=str(resolve_device(device)), weights=weights, progress=True)
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result, indent=1))
 
 
 @main.command("fid-ref")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 def fid_ref_command(device: str) -> None:
     """Compute and cache the Fashion-MNIST reference statistics; print the test-vs-train floor.
 
@@ -355,7 +346,7 @@ def fid_ref_command(device: str) -> None:
 
     try:
         floor = reference_floor(device=str(resolve_device(device)))
-    except (ValueError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     write_json(floor, cache_root() / "floor.json")
     click.echo(json.dumps(floor, indent=1))
@@ -367,11 +358,11 @@ def fid_ref_command(device: str) -> None:
 @click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True)
 @click.option("--spacing", type=_choices(Spacing), default=None, help=SPACING_HELP)
-@click.option("--seeds", default="0-9999", show_default=True, callback=_seeds)
+@click.option("--seeds", default="0-9999", show_default=True, callback=parse_seeds_option)
 @click.option("--ref", default="fmnist-train", show_default=True, help="Reference set (see `modiff fid --help`).")
 @click.option("--fp-run", type=click.Path(exists=True, file_okay=False), help="Full-precision run of the same seeds.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=BATCH_SIZE, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: Optional[str], seeds: list[int],
              ref: str, fp_run: Optional[str], batch_size: int, device: str, out: Path) -> None:
@@ -387,17 +378,16 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
 
     from modiff.pipelines.evaluate import evaluate as run_evaluation
     from modiff.models.conventions import default_spacing
-    from modiff.models.registry import load_model
     from modiff.quant import presets
 
     try:
         if quant_preset is not None:
             presets[quant_preset]  # a typo fails before any sampling
-        net = load_model(model)
+        net = load_model_option(model, None, takes_config=False)
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
         result = run_evaluation(net, seeds, out, config,
                                 quant_preset=quant_preset, ref=ref, fp_run=fp_run, batch_size=batch_size, device=device)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result["metrics"], indent=1))
 
@@ -407,12 +397,12 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (default: full precision).")
 @click.option("--sampler", type=_choices(SamplerName), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--seeds", default="0-63", show_default=True, callback=_seeds, help="e.g. 0-63 or 0-9,100.")
+@click.option("--seeds", default="0-63", show_default=True, callback=parse_seeds_option, help="e.g. 0-63 or 0-9,100.")
 @click.option("--sites", default="conv,linear", show_default=True,
               help="Site spec: types (conv, linear, all, type:Name) and name patterns (net.mid.*, !net.temb.*).")
 @click.option("--tensors", "tensor_sites", default=None, help="Also keep full tensors of these sites (same grammar).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto (GPU when present), cpu, cuda, cuda:1.")
+@click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New recording directory.")
 def record_command(model: str, quant_preset: Optional[str], sampler: str, steps: int, seeds: list[int], sites: str,
                    tensor_sites: Optional[str], batch_size: int, device: str, out: Path) -> None:
@@ -425,7 +415,6 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
       modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
     """
     from modiff.models.conventions import default_spacing
-    from modiff.models.registry import load_model
     from modiff.quant import presets, quantize, trajectory
     from modiff.pipelines.record import record_sampling
     from modiff.record.tensors import TensorSpec
@@ -434,7 +423,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
         quant = None if quant_preset is None else presets[quant_preset]  # a typo fails before loading
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
-        net = load_model(model)
+        net = load_model_option(model, None, takes_config=False)
         config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net))
         prepare = None
         if quant is not None:
@@ -443,7 +432,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
         done = record_sampling(net, seeds, out, config, sites=sites, batch_size=batch_size, device=device,
                                tensors=None if tensor_sites is None else TensorSpec(sites=tensor_sites),
                                prepare=prepare, metadata={"model": model, "quant_preset": quant_preset})
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+    except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"recorded {len(seeds)} samples x {steps} steps into {done}")
 

@@ -14,10 +14,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from modiff.utils.checksums import add_checksums, load_checked
 from modiff.utils.runs import atomic_path, environment, write_json
 
 __all__ = ["FMNISTClassifier", "ClassifierTrainConfig", "train_classifier", "load_classifier", "accuracy", "FEATURE_DIM"]
@@ -113,6 +114,7 @@ def train_classifier(config: ClassifierTrainConfig, out_dir: Path, data_dir: Opt
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     write_json({"config": asdict(config), "test_accuracy": test_accuracy, "train_seconds": round(time.time() - start, 1),
                 "environment": environment("cpu")}, out_dir / "manifest.json")
+    add_checksums(out_dir, ["model.safetensors"])
     return test_accuracy
 
 
@@ -125,5 +127,5 @@ def load_classifier(folder: Optional[Path] = None) -> FMNISTClassifier:
     if not path.is_file():
         raise FileNotFoundError(f"classifier weights missing: {path}; train them with `modiff train classifier`")
     model = FMNISTClassifier()
-    model.load_state_dict(load_file(path))
+    model.load_state_dict(load_checked(folder, "model.safetensors"))
     return model.eval()

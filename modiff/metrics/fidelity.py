@@ -59,9 +59,13 @@ def _folder_images(folder: Path) -> np.ndarray:
         raise ValueError(f"no images (.png, .jpg, .jpeg, .bmp) in {folder}")
     arrays, kinds = [], {}
     for path in files:
-        with Image.open(path) as img:
-            kinds.setdefault((img.size, img.mode), path.name)
-            arrays.append(np.asarray(img))
+        try:
+            with Image.open(path) as img:
+                kinds.setdefault((img.size, img.mode), path.name)
+                arrays.append(np.asarray(img))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable image ({err}); delete it, or for a run folder run the same "
+                             f"`modiff sample` command again, which makes unreadable images again") from None
     if len(kinds) > 1:
         found = ", ".join(f"{size[0]}x{size[1]} {mode} (e.g. {name})" for (size, mode), name in kinds.items())
         raise ValueError(f"{folder} mixes image sizes or modes: {found}; all images must share one size and mode")
@@ -129,10 +133,46 @@ def _register() -> None:
             register_dataset(name, _fmnist_split(name.split("-")[1]))
 
 
-def cache_root() -> Path:
-    from modiff.models.registry import data_dir
+def shipped_cache() -> Path:
+    """The statistics and features that ship in the repository (read-only: never written)."""
+    from modiff.utils.paths import data_dir
 
     return data_dir() / "fidelity-cache"
+
+
+def cache_root() -> Path:
+    """torch-fidelity's cache: ``$XDG_CACHE_HOME/modiff/fidelity`` (default ``~/.cache/modiff/fidelity``),
+    never a folder of the checkout or the installed package. The shipped statistics and features are
+    copied into it the first time."""
+    import os
+    import shutil
+
+    from modiff.utils.runs import atomic_path
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = base / "modiff" / "fidelity"
+    root.mkdir(parents=True, exist_ok=True)
+    for shipped in shipped_cache().glob("*.pt"):
+        if not (root / shipped.name).exists():
+            with atomic_path(root / shipped.name) as tmp:
+                shutil.copyfile(shipped, tmp)
+    return root
+
+
+def _features_reference(ref: str, extractor: str) -> str:
+    """The named reference KID and precision/recall use: ``ref``, unless its features are neither cached
+    nor computable (fmnist-train without the Fashion-MNIST images), then fmnist-test, whose features ship."""
+    from modiff.datasets import has_raw
+
+    split = ref.split("-")[1]
+    if extractor != EXTRACTOR or ref == "fmnist-test" or has_raw(split):
+        return ref
+    if (cache_root() / f"{ref}-{extractor}-features-penultimate.pt").exists():
+        return ref
+    log.warning("KID and precision/recall need the features of %s's images, which are not cached, and the "
+                "Fashion-MNIST images are not here: they are computed against fmnist-test (its features ship) "
+                "instead; FID still uses %s's shipped statistics (see kid_prc_reference in the result)", ref, ref)
+    return "fmnist-test"
 
 
 def _require_inception_weights(weights: Optional[str]) -> None:
@@ -153,12 +193,13 @@ def _require_inception_weights(weights: Optional[str]) -> None:
         )
 
 
-def _common_kwargs(extractor: str, batch_size: int, device: torch.device, weights: Optional[str]) -> dict[str, Any]:
+def _common_kwargs(extractor: str, batch_size: int, device: torch.device, weights: Optional[str],
+                   progress: bool = False) -> dict[str, Any]:
     if extractor == INCEPTION:
         _require_inception_weights(weights)
     kwargs: dict[str, Any] = {
         "feature_extractor": extractor, "batch_size": batch_size, "cuda": device.type == "cuda",
-        "cache_root": str(cache_root()), "verbose": False, "save_cpu_ram": True,
+        "cache_root": str(cache_root()), "verbose": progress, "save_cpu_ram": True,
     }
     if weights:
         kwargs["feature_extractor_weights_path"] = weights
@@ -249,10 +290,14 @@ def _second_input(ref: ImageInput, stats_file: bool) -> tuple[Any, int]:
     if stats_file:
         return None, 0
     if isinstance(ref, str) and ref in reference_names():
-        return ref, 10_000 if ref == "fmnist-test" else 60_000
+        return ref, _named_size(ref)
     ref_images = load_images(ref)
     _check_count(ref_images, "the reference")
     return UInt8Images(ref_images), len(ref_images)
+
+
+def _named_size(ref: str) -> int:
+    return 10_000 if ref == "fmnist-test" else 60_000
 
 
 def _with_fid(result: dict[str, Any], fid: float, features: torch.Tensor, mu_ref: np.ndarray, sigma_ref: np.ndarray,
@@ -270,7 +315,8 @@ def _with_fid(result: dict[str, Any], fid: float, features: torch.Tensor, mu_ref
 
 def _reference_fid_stats(ref: ImageInput, stats_file: bool, other: Optional[dict], feat_extractor: Any, layer: str,
                          kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the reference, as torch-fidelity gets them (its cache for a named reference)."""
+    """(mu, sigma) of the reference, as torch-fidelity gets them (its cache for a named reference);
+    ``other`` holds the reference's features when they were extracted (None otherwise)."""
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_input_id_to_statistics_cached
     from torch_fidelity.utils import get_cacheable_input_name
 
@@ -285,9 +331,25 @@ def _reference_fid_stats(ref: ImageInput, stats_file: bool, other: Optional[dict
     return stats["mu"], stats["sigma"]
 
 
+def _other_features(ref: ImageInput, extractor: str, feat_extractor: Any, kwargs: dict[str, Any],
+                    result: dict[str, Any]) -> tuple[dict, bool]:
+    """The features KID and precision/recall compare against, and whether they are ``ref``'s own. Against
+    fmnist-train without the Fashion-MNIST images they are fmnist-test's (shipped), named in
+    ``result["kid_prc_reference"]``."""
+    from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
+
+    features_ref = _features_reference(ref, extractor) if isinstance(ref, str) and ref in reference_names() else ref
+    if features_ref is ref:
+        return extract_featuresdict_from_input_id_cached(2, feat_extractor, **kwargs), True
+    result["kid_prc_reference"] = features_ref
+    subset = min(kwargs["kid_subset_size"], _named_size(features_ref))
+    other_kwargs = dict(kwargs, input2=features_ref, kid_subset_size=subset)
+    return extract_featuresdict_from_input_id_cached(2, feat_extractor, **other_kwargs), False
+
+
 def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
           extractor: str = EXTRACTOR, batch_size: int = 250, device: str = "cpu", weights: Optional[str] = None,
-          bootstrap: Optional[BootstrapConfig] = BootstrapConfig()) -> Scores:
+          bootstrap: Optional[BootstrapConfig] = BootstrapConfig(), progress: bool = False) -> Scores:
     """`compute_metrics` with the FID of every bootstrap resample: the features of ``samples`` are
     extracted once (torch-fidelity's extractor and its featuresdict functions, as `calculate_metrics`
     uses them) and serve every metric and the bootstrap."""
@@ -308,7 +370,7 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
     if stats_file and set(metrics) != {"fid"}:
         raise ValueError("a statistics file supports FID only; pass metrics=('fid',) or a reference image set")
     input2, n_ref = _second_input(ref, stats_file)
-    kwargs = _common_kwargs(extractor, batch_size, torch.device(device), weights)
+    kwargs = _common_kwargs(extractor, batch_size, torch.device(device), weights, progress)
     kwargs.update(input1=UInt8Images(images), input2=input2, kid_subset_size=min(1000, len(images), n_ref or 1000))
     layers = {m: FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(m) for m in metrics}
     if stats_file:
@@ -316,9 +378,10 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
     feat_extractor = create_feature_extractor(extractor, sorted(set(layers.values())),
                                               **{k: v for k, v in kwargs.items() if k != "feature_extractor"})
     own = extract_featuresdict_from_input_id_cached(1, feat_extractor, **kwargs)  # the one feature pass
-    other = extract_featuresdict_from_input_id_cached(2, feat_extractor, **kwargs) if {"kid", "prc"} & set(metrics) else None
     result: dict[str, Any] = {"feature_space": FEATURE_SPACE.get(extractor, extractor), "extractor": extractor,
                               "num_samples": len(images), "reference": str(ref)}
+    other, own_ref = _other_features(ref, extractor, feat_extractor, kwargs, result) \
+        if {"kid", "prc"} & set(metrics) else (None, False)
     raw: dict[str, Any] = {}
     if "isc" in metrics:
         raw.update(isc_featuresdict_to_metric(own, layers["isc"], **kwargs))
@@ -330,7 +393,8 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
     result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
     resampled = None
     if "fid" in metrics:
-        mu_ref, sigma_ref = _reference_fid_stats(ref, stats_file, other, feat_extractor, layers["fid"], kwargs)
+        mu_ref, sigma_ref = _reference_fid_stats(ref, stats_file, other if own_ref else None, feat_extractor,
+                                                 layers["fid"], kwargs)
         features = own[layers["fid"]]
         fid = frechet_distance(*_stats(features), mu_ref, sigma_ref) if stats_file else fid_statistics_to_metric(
             fid_features_to_statistics(features), {"mu": mu_ref, "sigma": sigma_ref}, False)["frechet_inception_distance"]
@@ -340,18 +404,21 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
 
 def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
                     extractor: str = EXTRACTOR, batch_size: int = 250, device: str = "cpu",
-                    weights: Optional[str] = None,
-                    bootstrap: Optional[BootstrapConfig] = BootstrapConfig()) -> dict[str, Any]:
+                    weights: Optional[str] = None, bootstrap: Optional[BootstrapConfig] = BootstrapConfig(),
+                    progress: bool = False) -> dict[str, Any]:
     """Scores of `samples` against `ref` (a reference name, a folder, an .npz of images or a stats file).
 
     Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's), kid_mean,
     kid_std, precision, recall, f_score (those asked for), with feature_space, extractor, num_samples and
     reference; with FID and ``bootstrap`` (the default), fid_ci95_low and fid_ci95_high (see
     `modiff.metrics.bootstrap`), fid_ci_level, fid_bootstrap_resamples, fid_bootstrap_seed and fid_ci_method.
-    A named reference needs only its cached statistics for FID and IS. Refuses NaN results.
+    A named reference needs only its cached statistics for FID and IS. Against ``fmnist-train`` without the
+    Fashion-MNIST images, KID and precision/recall use the shipped features of ``fmnist-test`` and the
+    result says so (``kid_prc_reference``). ``progress`` shows torch-fidelity's progress bars (on stderr)
+    while features are extracted. Refuses NaN results.
     """
     return score(samples, ref, metrics, extractor=extractor, batch_size=batch_size, device=device, weights=weights,
-                 bootstrap=bootstrap).metrics
+                 bootstrap=bootstrap, progress=progress).metrics
 
 
 def _checked(result: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +430,7 @@ def _checked(result: dict[str, Any]) -> dict[str, Any]:
 
 def reference_floor(batch_size: int = 250, device: str = "cpu") -> dict[str, Any]:
     """Test set (10k) against train set (60k): the scores a perfect model would reach. Caches the
-    features and FID statistics of both splits under data/fidelity-cache/."""
+    features and FID statistics of both splits in the user cache (`cache_root`)."""
     import torch_fidelity
 
     _register()

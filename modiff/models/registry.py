@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule
 from modiff.models.checkpoints import load_state_dict_strict
 from modiff.models.ddim_unet import DDIMUNet, unet_config_from_yaml
 from modiff.models.denoisers import Denoiser
+from modiff.utils.checksums import load_checked
 from modiff.utils.paths import data_dir
 
 __all__ = ["load_model", "MODEL_PRESETS", "schedule_from_yaml"]
@@ -42,15 +43,37 @@ def schedule_from_yaml(config: Mapping[str, Any]) -> NoiseSchedule:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with path.open() as f:
-        config = yaml.safe_load(f)
+    try:
+        with path.open() as f:
+            config = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"{path} is not valid YAML ({problem}{where}); check that it is the model's config file") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} does not hold a YAML mapping")
     return config
 
 
+def _torch_load(path: Path) -> Any:
+    """torch.load of tensors only; a damaged or foreign file is a ValueError that says so (never the advice
+    to unpickle arbitrary objects)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        text = str(err)
+        if "Unsupported global" in text:
+            name = text.split("Unsupported global:", 1)[1].split()[1] if "GLOBAL" in text else "a Python object"
+            raise ValueError(f"{path} holds Python objects besides tensors ({name}), which modiff does not load "
+                             f"(unpickling them can run code); save its state_dict alone where you trust the file, "
+                             f"and load that") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is damaged, truncated or another kind of "
+                         f"file ({type(err).__name__}); check it against its source (size, checksum)") from None
+
+
 def _official_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _torch_load(path)
     if isinstance(state, (list, tuple)):  # the DDIM training code saves [model, optimizer, epoch, step, ema]
         state = state[-1] if isinstance(state[-1], dict) and len(state) == 5 else state[0]
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # CompVis (Lightning) .ckpt
@@ -65,7 +88,7 @@ def _load_shards(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update({k: v.float() for k, v in load_file(folder / name).items()})
+        state.update({k: v.float() for k, v in load_checked(folder, name).items()})
     return state
 
 
@@ -121,7 +144,7 @@ def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[s
     if config is None:
         raise ValueError(f"checkpoint {path} needs its YAML config: load_model(path, config='cifar10.yml')")
     parsed = dict(config) if isinstance(config, Mapping) else _read_yaml(Path(config))
-    state = load_file(path) if path.suffix == ".safetensors" else _official_state_dict(path)
+    state = load_checked(path.parent, path.name) if path.suffix == ".safetensors" else _official_state_dict(path)
     if _is_ldm(parsed):
         from modiff.models.latent import latent_denoiser_from_compvis
 

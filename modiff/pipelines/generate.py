@@ -1,7 +1,8 @@
 """Sampling into a run directory: one PNG per seed, resumable and shardable by seed.
 
 Layout of a run directory:
-    manifest.json      the sample config, seeds, environment and durations of every session
+    manifest.json      the run's identity (written first), seeds, and every session that wrote here
+    .lock              held by the one process writing (see `modiff.utils.locks`)
     samples/000007.png one image per seed, written atomically
     grid.png           the first (up to) 100 seeds
     samples.npz        uint8 images (N, H, W, C) and their seeds, in seed order
@@ -9,7 +10,6 @@ Layout of a run directory:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from contextlib import nullcontext
@@ -23,16 +23,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modiff.pipelines.cuda_graphs import CUDAGraphed
-from modiff.diffusion.sampling import SAMPLERS, Callback
+from modiff.diffusion.sampling import SAMPLERS, Callback, StepInfo
 from modiff.diffusion.schedules import Spacing, timesteps
 from modiff.utils.images import make_grid, save_png, to_uint8
 from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
-from modiff.utils.rng import SeedStreams
+from modiff.pipelines.run_folder import check_identity, execution_identity, open_manifest, png_path, remove_unreadable, run_identity
+from modiff.utils.locks import folder_lock
+from modiff.utils.rng import SeedStreams, format_seeds
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
 __all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "finished_run", "sample", "read_samples",
-           "float32_precision", "precision_record"]
+           "NonFiniteSamplesError", "float32_precision", "precision_record"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ Precision = Literal["fp32", "tf32", "bf16"]
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """What determines the images of a run (the batch size and device do not)."""
+    """How a run samples. With the model, the batch size, the device kind and torch.compile it makes the
+    run's identity (`modiff.pipelines.run_folder`): quantized images depend on all of them."""
 
     sampler: SamplerName = "ddim"
     steps: int = 100
@@ -130,28 +133,54 @@ def sample(
         return SAMPLERS[config.sampler](model, x_T, ts, **kwargs)
 
 
-def _png(samples_dir: Path, seed: int) -> Path:
-    return samples_dir / f"{seed:06d}.png"
+class NonFiniteSamplesError(ValueError):
+    """Some samples came out NaN or infinite; their PNGs are not written."""
 
 
-def _check_manifest(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    path = out_dir / "manifest.json"
-    if not path.exists():
-        return {"identity": identity, "sessions": []}
-    manifest = json.loads(path.read_text())
-    if manifest.get("identity") != identity:
-        old = manifest.get("identity", {})
-        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
-        raise ValueError(
-            f"{out_dir} holds a run made with another configuration (differences, old -> new: {diff}). "
-            f"Use a new --out directory, or delete the old one."
-        )
-    return manifest
+class _FiniteWatch:
+    """A sampler callback that flags, per sample and step, a non-finite step output x_prev. The flags stay
+    on the device (no synchronisation per step) and are read once, if a sample comes out non-finite."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int]] = []
+        self.flags: list[torch.Tensor] = []
+
+    def __call__(self, info: StepInfo) -> None:
+        self.steps.append((info.index, info.t))
+        self.flags.append(~torch.isfinite(info.x_prev).flatten(1).all(1))
+
+    def first_step(self, row: int) -> Optional[tuple[int, int]]:
+        """(step index, t) of the first non-finite output of sample ``row``; None if every step was finite."""
+        if not self.flags:
+            return None
+        hits = torch.stack(self.flags)[:, row].nonzero()
+        return self.steps[int(hits[0])] if len(hits) else None
 
 
-def _run_identity(model_identity: dict[str, Any], config: SampleConfig) -> dict[str, Any]:
-    ident = {"model": model_identity, "sample": asdict(config)}
-    return json.loads(json.dumps(ident, default=str))  # as the manifest stores it (tuples -> lists), so resumes match
+def _non_finite_message(bad: dict[int, Optional[tuple[int, int]]], steps: int) -> str:
+    where: dict[str, list[int]] = {}
+    for seed, step in bad.items():
+        at = "after the last step, in decoding the latents" if step is None else \
+            f"first at sampling step {step[0] + 1} of {steps} (t={step[1]})"
+        where.setdefault(at, []).append(seed)
+    parts = "; ".join(f"seeds {format_seeds(seeds)}: {at}" for at, seeds in where.items())
+    return (f"{len(bad)} samples came out NaN or infinite ({parts}); their PNGs were not written. Usual causes: a "
+            f"NaN in the checkpoint's weights, or an overflow (bf16, too few bits).")
+
+
+def _write_batch(batch: Sequence[int], x: torch.Tensor, watch: _FiniteWatch, samples_dir: Path) -> int:
+    """Write the missing PNGs of a batch whose samples are finite; raise for the others. Returns the count."""
+    finite = torch.isfinite(x).flatten(1).all(1).tolist()
+    written = 0
+    for seed, image, ok in zip(batch, to_uint8(x), finite):
+        path = png_path(samples_dir, seed)
+        if ok and not path.exists():
+            save_png(image, path)
+            written += 1
+    bad = {seed: watch.first_step(row) for row, (seed, ok) in enumerate(zip(batch, finite)) if not ok}
+    if bad:
+        raise NonFiniteSamplesError(_non_finite_message(bad, len(watch.steps)))
+    return written
 
 
 def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any]) -> bool:
@@ -161,9 +190,29 @@ def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig
     out = Path(out_dir)
     if not (out / "manifest.json").exists():
         return False
-    manifest = _check_manifest(out, _run_identity(identity, config))
+    manifest = open_manifest(out, out / "samples", run_identity(identity, asdict(config)))
     done = set(manifest.get("seeds", []))
-    return all(s in done and _png(out / "samples", s).exists() for s in seeds)
+    return all(s in done and png_path(out / "samples", s).exists() for s in seeds)
+
+
+def _batches(seeds: Sequence[int], batch_size: int, samples_dir: Path) -> list[list[int]]:
+    """The batches of the requested seeds, in order, that miss a PNG. A batch is always sampled whole (its
+    present PNGs are kept), so a seed's batch companions, on which quantized images depend, are those of
+    an uninterrupted run."""
+    chunks = [list(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
+    return [c for c in chunks if any(not png_path(samples_dir, s).exists() for s in c)]
+
+
+def _prepare_model(model: torch.nn.Module, dev: torch.device, compile: bool, cuda_graphs: bool) -> torch.nn.Module:
+    model = model.to(dev).eval()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.net = torch.compile(model.net, dynamic=False)
+    if cuda_graphs:
+        model.net = CUDAGraphed(model.net)
+    return model
 
 
 def generate(
@@ -182,51 +231,63 @@ def generate(
 ) -> Path:
     """Sample every seed whose PNG is not yet on disk into `out_dir`; returns `out_dir`.
 
-    `identity` describes the model (and quantization) for the manifest; a directory made with another
-    identity or sample config is refused. `prepare(model)` returns a context entered around each batch
-    (the MoDiff trajectory state, for instance). `compile` runs the network through torch.compile
-    (modulated layers included: one graph per phase) and `cuda_graphs` replays each step as one CUDA graph
-    (`modiff.pipelines.cuda_graphs`, CUDA only); both change speed, not the configuration.
+    `identity` describes the model (and quantization); with the sample config, the batch size, the
+    device kind and `compile` it is the run's identity, written to the manifest before the first image
+    and checked on every resume (`modiff.pipelines.run_folder`). One process writes at a time (a lock on
+    the folder); a PNG that does not decode is made again. `prepare(model)` returns a context entered
+    around each batch (the MoDiff trajectory state, for instance). `compile` runs the network through
+    torch.compile and `cuda_graphs` replays each step as one CUDA graph (CUDA only). Samples that come out
+    NaN or infinite raise `NonFiniteSamplesError` naming their seeds and the first step where it happened.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
     out = ensure_writable_dir(Path(out_dir))
-    samples_dir = ensure_writable_dir(out / "samples")
-    manifest = _check_manifest(out, _run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, config))
-    todo = [s for s in seeds if not _png(samples_dir, s).exists()]
-    log.info("%d of %d seeds to sample into %s", len(todo), len(seeds), out)
-    model = model.to(dev).eval()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model.net = torch.compile(model.net, dynamic=False)
-    if cuda_graphs:
-        model.net = CUDAGraphed(model.net)
-    started = time.time()
-    with tqdm(total=len(todo), desc="sampling", unit="img", disable=not progress) as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
-            with prepare(model) if prepare else nullcontext():
-                images = to_uint8(to_images(model, sample(model, batch, config, dev)))
-            for seed, image in zip(batch, images):
-                save_png(image, _png(samples_dir, seed))
-            bar.update(len(batch))
-    seconds = time.time() - started
-    manifest["sessions"].append({"environment": environment(dev), "precision": precision_record(config.precision, dev),
-                                 "seeds_sampled": len(todo), "batch_size": batch_size, "seconds": round(seconds, 2)})
-    manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
-    _write_outputs(out, samples_dir, manifest["seeds"])
-    write_json(manifest, out / "manifest.json")
+    execution = execution_identity(batch_size, dev, compile)
+    ident = run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, asdict(config), execution)
+    with folder_lock(out) as me:
+        samples_dir = ensure_writable_dir(out / "samples")
+        manifest = open_manifest(out, samples_dir, ident)
+        remove_unreadable(samples_dir, seeds)
+        batches = _batches(seeds, batch_size, samples_dir)
+        check_identity(out, manifest, ident, adding=bool(batches))
+        session = {**me, "seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size,
+                   "execution": execution, "cuda_graphs": cuda_graphs, "environment": environment(dev),
+                   "precision": precision_record(config.precision, dev)}
+        manifest["sessions"].append(session)
+        write_json(manifest, out / "manifest.json")  # the identity and this writer, before any image
+        log.info("%d batches to sample into %s", len(batches), out)
+        started, session["seeds_sampled"] = time.time(), 0
+        try:
+            _sample_batches(_prepare_model(model, dev, compile, cuda_graphs) if batches else model, batches, config,
+                            dev, samples_dir, prepare, session, progress)
+        finally:
+            session["seconds"] = round(time.time() - started, 2)
+        manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
+        _write_outputs(out, samples_dir, manifest["seeds"])
+        write_json(manifest, out / "manifest.json")
     return out
+
+
+def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
+                    samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
+                    session: dict[str, Any], progress: bool) -> None:
+    with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar:
+        for batch in batches:
+            watch = _FiniteWatch()
+            with prepare(model) if prepare else nullcontext():
+                x = to_images(model, sample(model, batch, config, dev, callback=watch))
+            session["seeds_sampled"] += _write_batch(batch, x, watch, samples_dir)
+            bar.update(len(batch))
 
 
 def read_samples(samples_dir: Path, seeds: Sequence[int]) -> np.ndarray:
     """(N, H, W, C) uint8 images of the given seeds from a samples/ folder."""
     arrays = []
     for seed in seeds:
-        array = np.asarray(Image.open(_png(samples_dir, seed)))
+        array = np.asarray(Image.open(png_path(samples_dir, seed)))
         arrays.append(array[..., None] if array.ndim == 2 else array)
     return np.stack(arrays)
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from modiff.datasets import fashion_mnist
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
+from modiff.utils.checksums import add_checksums
 from modiff.utils.runs import atomic_path, environment, write_json
 
 __all__ = ["DDIMTrainConfig", "train_ddim", "export_weights"]
@@ -168,6 +169,7 @@ def _train_ddim(config: DDIMTrainConfig, out_dir: Path, data_dir: Optional[Path]
     export_weights(ema, config.official_yaml(), export)
     write_json({"config": asdict(config), "environment": environment(dev), "iterations": step,
                 "seconds_this_session": round(time.time() - start, 1)}, export / "manifest.json")
+    add_checksums(export, shard_names(export))
     return export
 
 
@@ -180,8 +182,14 @@ def _append_log(path: Path, step: int, loss: float, seconds: float) -> None:
         writer.writerow([step, f"{loss:.6f}", f"{seconds:.1f}"])
 
 
+def shard_names(folder: Path) -> list[str]:
+    """The safetensors shards an exported folder's index names."""
+    return sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
 def export_weights(model: nn.Module, official_yaml: dict[str, Any], folder: str | Path) -> None:
-    """fp16 safetensors shards of at most 16 MiB each, an index, and the YAML config."""
+    """fp16 safetensors shards of at most 16 MiB each, an index, the YAML config, and the shards' SHA-256
+    in manifest.json (`modiff.utils.checksums`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
@@ -203,3 +211,4 @@ def export_weights(model: nn.Module, official_yaml: dict[str, Any], folder: str 
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1) + "\n")
     with atomic_path(folder / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(official_yaml, sort_keys=False))
+    add_checksums(folder, shard_names(folder))  # the manifest never lists stale checksums

@@ -38,7 +38,8 @@ from modiff.diffusion.schedules import sqrt_linear_schedule
 from modiff.models.latent import compvis_module
 from modiff.models.ldm import AutoencoderKL, UNetModel
 from modiff.utils.runs import atomic_path, environment, write_json
-from modiff.pipelines.train import _ema_update, export_weights
+from modiff.pipelines.train import _ema_update, export_weights, shard_names
+from modiff.utils.checksums import add_checksums
 
 __all__ = ["AutoencoderTrainConfig", "LatentUNetTrainConfig", "LDMTrainConfig", "train_ldm", "reconstruction_error"]
 
@@ -165,6 +166,7 @@ def _train_ldm(config: LDMTrainConfig, out_dir: Path, data_dir: Optional[Path], 
                 "autoencoder_parameters": sum(p.numel() for p in autoencoder.parameters()),
                 "seconds_this_session": {"autoencoder": round(seconds_ae, 1), "total": round(time.time() - started, 1)}},
                out_dir / "manifest.json")
+    add_checksums(out_dir, shard_names(out_dir))
     return out_dir
 
 

@@ -99,6 +99,10 @@ class QuantConfig:
             raise ValueError(f"mode 'cache' needs cache_interval >= 1 (refresh every N steps), got {self.cache_interval}")
         if self.mode != "cache" and self.cache_interval:
             raise ValueError(f"cache_interval only applies to mode 'cache' (got mode {self.mode!r})")
+        if self.activation is not None and self.activation.spec.bits == 0 and self.mode != "cache":
+            raise ValueError(
+                f"activation bits 0 (Q = 0) in mode {self.mode!r} would zero every layer's input; 0 bits means "
+                f"reusing a cached output, which is mode 'cache' alone (cache_interval=N; the cacheN presets)")
         if self.quantize_attention and not 2 <= self.attention_bits <= 16:
             raise ValueError(f"attention_bits must be in [2, 16], got {self.attention_bits}")
 

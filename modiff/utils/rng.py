@@ -42,10 +42,13 @@ def noise(seeds: Iterable[int], shape: Sequence[int], device: torch.device | str
 
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (samples.npz) and seed torch generators
+MAX_SEEDS = 1_000_000  # per run; larger runs are split into several (runs resume and shard by seed)
 
 
 def parse_seeds(spec: str) -> list[int]:
-    """'0-63' -> [0..63]; '0-9,100' -> [0..9, 100]. Ranges are inclusive; duplicates are refused."""
+    """'0-63' -> [0..63]; '0-9,100' -> [0..9, 100]. Ranges are inclusive; duplicates are refused, and so
+    are seeds above MAX_SEED and more than MAX_SEEDS seeds (checked before any list is built)."""
     seeds: list[int] = []
     for part in spec.split(","):
         match = _RANGE.match(part.strip())
@@ -58,6 +61,11 @@ def parse_seeds(spec: str) -> list[int]:
         last = int(match.group(2)) if match.group(2) is not None else first
         if last < first:
             raise ValueError(f"malformed seed range {part!r}: the end {last} is before the start {first}")
+        if last > MAX_SEED:
+            raise ValueError(f"seed {last} is too large: seeds go up to 2^63 - 1 = {MAX_SEED}")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise ValueError(f"{spec!r} names {len(seeds) + last - first + 1:,} seeds or more; one run takes at most "
+                             f"{MAX_SEEDS:,}: split it into several runs (e.g. 0-999999, then 1000000-1999999)")
         seeds.extend(range(first, last + 1))
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seed spec {spec!r} names some seeds more than once")

@@ -1,7 +1,12 @@
-"""Run directories: atomic writes and manifests (config, git sha, versions, seeds, device, times)."""
+"""Run directories: atomic writes and manifests (config, git sha, versions, seeds, device, times).
+
+Files written here get the mode a plain ``open(path, "w")`` would give them (0666 less the umask), and a
+full disk raises `DiskFullError` naming the folder; what was written before stays.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
@@ -16,21 +21,49 @@ import torch
 from modiff._version import __version__
 from modiff.utils.paths import repo_root
 
-__all__ = ["atomic_path", "write_json", "environment", "ensure_writable_dir"]
+__all__ = ["atomic_path", "write_json", "environment", "ensure_writable_dir", "DiskFullError", "disk_full_hint",
+           "file_mode"]
+
+
+class DiskFullError(OSError):
+    """No space left on the device of a folder being written (errno ENOSPC), with a message that says so."""
+
+
+def file_mode() -> int:
+    """0666 less the process umask: the mode ``open(path, "w")`` gives a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def disk_full_hint(folder: Path, what: str = "") -> Iterator[None]:
+    """Turn ``OSError(ENOSPC)`` raised in the block into a `DiskFullError` naming ``folder``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC or isinstance(err, DiskFullError):
+            raise
+        kept = f"; {what}" if what else ""
+        raise DiskFullError(errno.ENOSPC, f"no space left on the device of {folder}{kept}. Free some space "
+                                          f"and run the same command again") from err
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. The file
+    gets the umask's mode (a temporary file alone would be 0600). A full disk raises `DiskFullError`."""
+    with disk_full_hint(path.parent, f"{path.name} was not written, files written before are kept"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:

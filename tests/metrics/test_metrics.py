@@ -170,28 +170,34 @@ def test_fid_and_is_against_a_named_reference_need_only_its_statistics(tmp_path:
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """With only the committed FID statistics of fmnist-train (no dataset, no cached features), FID equals
     the Frechet distance to those statistics and IS is computed; KID, which needs the reference images,
-    says that the dataset is missing."""
+    uses the shipped fmnist-test features instead and says so."""
     import shutil
 
     import modiff.datasets
     from modiff.metrics import fidelity
 
     stats_file = "fmnist-train-fmnist-classifier-stat-fid-penultimate.pt"
-    shutil.copy(fidelity.cache_root() / stats_file, tmp_path / stats_file)
+    test_features = "fmnist-test-fmnist-classifier-features-penultimate.pt"
+    for name in (stats_file, test_features):
+        shutil.copy(fidelity.shipped_cache() / name, tmp_path / name)
     monkeypatch.setattr(fidelity, "cache_root", lambda: tmp_path)
 
     def no_dataset(*args, **kwargs):
         raise FileNotFoundError("Fashion-MNIST (train) not found")
 
     monkeypatch.setattr(modiff.datasets, "_load_raw", no_dataset)
+    monkeypatch.setattr(modiff.datasets, "has_raw", lambda *args, **kwargs: False)
     images = _images(64, 0)
     result = compute_metrics(images, "fmnist-train", ["fid", "isc"])
     stats = torch.load(tmp_path / stats_file, weights_only=False)
     features = fidelity.classifier_features(images).double().numpy()
     direct = frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), stats["mu"], stats["sigma"])
     assert result["fid"] == pytest.approx(direct, rel=1e-4) and result["is_mean"] >= 1.0
-    with pytest.raises(FileNotFoundError, match="Fashion-MNIST"):
-        compute_metrics(images, "fmnist-train", ["kid"])
+    kid = compute_metrics(images, "fmnist-train", ["kid"])
+    assert kid["kid_prc_reference"] == "fmnist-test"
+    assert kid["kid_mean"] == compute_metrics(images, "fmnist-test", ["kid"])["kid_mean"]
+    both = compute_metrics(images, "fmnist-train", ["fid", "kid"])  # FID keeps fmnist-train's statistics
+    assert both["fid"] == result["fid"] and both["kid_mean"] == kid["kid_mean"]
 
 
 def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weights: str) -> None:

@@ -84,6 +84,13 @@ def test_invalid_configs() -> None:
         quantize(nn.Linear(2, 2), "w4a4")
 
 
+@pytest.mark.parametrize("mode", ["direct", "modulated"])
+def test_activation_bits_0_belong_to_cache_mode(mode: str) -> None:
+    """0 activation bits (Q = 0) outside mode 'cache' zeroed every input and sampled garbage: refused."""
+    with pytest.raises(ValueError, match=f"activation bits 0 .*mode '{mode}'.*mode 'cache' alone"):
+        QuantConfig(activation=ActQuant(QuantSpec(bits=0)), mode=mode)
+
+
 def test_weights_quantized_once_per_output_channel() -> None:
     """weight_q is computed at quantize() time: per output channel, at most 2^b levels each."""
     layer = QuantLayer(nn.Conv2d(4, 6, 3), presets["w4a8"], "c")

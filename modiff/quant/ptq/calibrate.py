@@ -19,9 +19,11 @@ observers see residuals) and freeze what they saw.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +37,7 @@ from modiff.quant.config import QuantConfig
 from modiff.quant.ptq.lsq import ActCalibConfig, learn_residual_step_sizes
 from modiff.quant.layers.direct import ActQuantizer
 from modiff.quant.layers.trajectory import trajectory
+from modiff.quant.ptq.progress import UnitProgress
 from modiff.quant.ptq.reconstruct import learn_step_sizes, reconstruct_weights, reconstruction_units
 
 __all__ = ["CalibrationConfig", "calibrate", "calibrate_weights", "weight_only_config", "observe_activations",
@@ -107,18 +110,20 @@ def weight_only_config(config: QuantConfig) -> QuantConfig:
 
 
 def calibrate_weights(model: nn.Module, config: QuantConfig, data: CalibData,
-                      recipe: CalibrationConfig = CalibrationConfig(),
-                      progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+                      recipe: CalibrationConfig = CalibrationConfig(), progress: bool = True,
+                      checkpoints: Optional[str | Path | UnitProgress] = None) -> tuple[nn.Module, dict[str, Any]]:
     """The weight-only quantized copy of ``model`` for ``config`` (on data's device): AdaRound with block
-    reconstruction when the recipe has it, round to nearest otherwise. Returns it and a report."""
+    reconstruction when the recipe has it, round to nearest otherwise. Returns it and a report.
+    ``checkpoints``: a folder that keeps every finished unit, so an interrupted run resumes there."""
     started = time.time()
     fp_model = copy.deepcopy(model).to(data.device).eval()
     wq_model = quantize(fp_model, weight_only_config(config))
     report: dict[str, Any] = {}
     if config.weight is not None and recipe.weights is not None:
         units = reconstruction_units(wq_model, data)
+        resume = _progress(checkpoints, model, weight_only_config(config), recipe, data, None)
         report["weights"] = reconstruct_weights(wq_model, fp_model, data, units, recipe.weights,
-                                                recipe.capture_batch, progress)
+                                                recipe.capture_batch, progress, resume)
         report["adaround_vs_nearest"] = rounding_summary(report["weights"])
     report["seconds_weights"] = round(time.time() - started, 2)
     return wq_model, report
@@ -133,15 +138,36 @@ def rounding_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             "median_loss_ratio": float(np.median(ratios)) if ratios else float("nan")}
 
 
+def _progress(checkpoints: Optional[str | Path | UnitProgress], model: nn.Module, config: QuantConfig,
+              recipe: CalibrationConfig, data: CalibData, weights: Optional[nn.Module]) -> Optional[UnitProgress]:
+    """The finished-unit store of ``checkpoints``, keyed by everything that decides the result."""
+    if checkpoints is None or isinstance(checkpoints, UnitProgress):
+        return checkpoints
+    digest = None
+    if weights is not None:  # the reused weights themselves, not only their config
+        hasher = hashlib.sha256()
+        for name, layer in sorted(quant_layers(weights).items()):
+            if layer.config.weight is not None:
+                hasher.update(name.encode() + layer.weight_codes().cpu().numpy().tobytes())
+        digest = hasher.hexdigest()
+    return UnitProgress(Path(checkpoints), {
+        "model": getattr(model, "name", type(model).__name__), "quant_config": config.to_dict(),
+        "recipe": recipe.to_dict(), "data": asdict(data.config), "samples": len(data), "weights": digest})
+
+
 def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
               recipe: CalibrationConfig = CalibrationConfig(), progress: bool = True,
-              weights: Optional[nn.Module] = None) -> tuple[nn.Module, dict[str, Any]]:
+              weights: Optional[nn.Module] = None,
+              checkpoints: Optional[str | Path] = None) -> tuple[nn.Module, dict[str, Any]]:
     """A quantized copy of ``model`` for ``config``, calibrated on ``data`` (on data's device).
 
     ``weights``: a model whose weights are quantized as ``config`` quantizes them, from `calibrate_weights`
     or any calibrated preset (one AdaRound serves every preset with the same weight quantization); when
     None, AdaRound runs here.
     Returns the model and a report (per-unit losses and times, phase durations). ``model`` is not changed.
+    ``checkpoints``: a folder that keeps every finished unit (AdaRound, step sizes), so that a run
+    interrupted (Ctrl-C, a lost machine) and started again with the same arguments resumes there and
+    ends bit for bit as an uninterrupted one (`modiff.quant.ptq.progress`).
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -149,8 +175,9 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
         raise ValueError(f"calibration supports modes 'direct' and 'modulated', got {config.mode!r}")
     started = time.time()
     report: dict[str, Any] = {"recipe": recipe.to_dict(), "quant_config": config.to_dict()}
+    resume = _progress(checkpoints, model, config, recipe, data, weights)
     if weights is None:
-        weights, weight_report = calibrate_weights(model, config, data, recipe, progress)
+        weights, weight_report = calibrate_weights(model, config, data, recipe, progress, resume)
         report.update(weight_report)
     elif not _same_weights(weights, config):
         raise ValueError("weights were calibrated for another weight quantization: pass a model calibrated "
@@ -165,7 +192,7 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
     qmodel.quant_config = config
     phase = time.time()
     if needs_data(config):
-        report["activations"] = _calibrate_activations(qmodel, fp_model, data, units, recipe, progress)
+        report["activations"] = _calibrate_activations(qmodel, fp_model, data, units, recipe, progress, resume)
     report["seconds_activations"] = round(time.time() - phase, 2)
     report["seconds"] = round(time.time() - started, 2)
     return qmodel, report
@@ -188,11 +215,12 @@ def _with_weights_of(qmodel: nn.Module, source: nn.Module) -> nn.Module:
 
 
 def _calibrate_activations(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, units: list,
-                           recipe: CalibrationConfig, progress: bool) -> list[dict[str, Any]]:
+                           recipe: CalibrationConfig, progress: bool,
+                           resume: Optional[UnitProgress]) -> list[dict[str, Any]]:
     acts = recipe.activations
     if qmodel.quant_config.stateful:
-        return learn_residual_step_sizes(qmodel, fp_model, data, units, acts, recipe.capture_batch, progress)
+        return learn_residual_step_sizes(qmodel, fp_model, data, units, acts, recipe.capture_batch, progress, resume)
     observe_activations(qmodel, data, recipe.capture_batch)
     if not acts.learn:
         return []
-    return learn_step_sizes(qmodel, fp_model, data, units, acts, recipe.capture_batch, progress)
+    return learn_step_sizes(qmodel, fp_model, data, units, acts, recipe.capture_batch, progress, resume)

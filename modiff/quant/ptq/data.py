@@ -33,7 +33,7 @@ from modiff.utils.rng import SeedStreams
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
 __all__ = ["CalibDataConfig", "CalibData", "StorageDtype", "chosen_indices", "collect_calib_data",
-           "save_calib_data", "load_calib_data"]
+           "save_calib_data", "load_calib_data", "refuse_existing"]
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +171,17 @@ def _bar(items: range, desc: str) -> Any:
     return tqdm(items, desc=desc, unit="batch")
 
 
+def refuse_existing(out: str | Path) -> None:
+    """ValueError if ``out`` already holds a calibration dataset (checked before any sampling)."""
+    if (Path(out) / "manifest.json").exists():
+        raise ValueError(f"{out} already holds a calibration dataset; choose a new folder (another --out)")
+
+
 def save_calib_data(data: CalibData, out: str | Path, metadata: Optional[Mapping[str, Any]] = None,
                     seconds: Optional[float] = None) -> Path:
     """Write the tensors, then the manifest (its presence marks a complete dataset); returns the folder."""
+    refuse_existing(out)
     folder = ensure_writable_dir(Path(out))
-    if (folder / "manifest.json").exists():
-        raise ValueError(f"{folder} already holds a calibration dataset; choose a new folder")
     with atomic_path(folder / TENSORS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in data.tensors().items()}, str(tmp))
     manifest = {
@@ -209,6 +214,8 @@ def load_calib_data(folder: str | Path, device: torch.device | str = "cpu") -> C
 def collect_and_save(model: nn.Module, config: CalibDataConfig, out: str | Path, device: torch.device,
                      metadata: Optional[Mapping[str, Any]] = None) -> Path:
     """`collect_calib_data` then `save_calib_data`, with the duration in the manifest (the CLI's path)."""
+    refuse_existing(out)
+    ensure_writable_dir(Path(out))
     started = time.time()
     data = collect_calib_data(model.to(device).eval(), config, device, progress=True)
     log.info("collected %d calibration inputs at %d steps", len(data), config.calib_steps)

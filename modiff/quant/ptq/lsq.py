@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from modiff.quant.ptq.data import CalibData
+from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts
 from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.ptq.reconstruct import (Unit, capture, fit_scales, freeze_scales, learnable_scales, lp_loss,
                                       progress_bar, static_quantizers)
@@ -111,15 +112,21 @@ def _unit_pairs(fp_model: nn.Module, data: CalibData, unit: Unit, layers: Sequen
 
 
 def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit],
-                              config: ActCalibConfig, capture_batch: int = 256,
-                              progress: bool = True) -> list[dict[str, Any]]:
-    """Calibrate the residual quantizers of a modulated ``mq_model`` (weights final) unit by unit."""
+                              config: ActCalibConfig, capture_batch: int = 256, progress: bool = True,
+                              resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
+    """Calibrate the residual quantizers of a modulated ``mq_model`` (weights final) unit by unit; with
+    ``resume``, finished units are saved there and put back from there (see `modiff.quant.ptq.progress`)."""
     dtype = getattr(torch, config.storage_dtype)
     records = []
-    for unit in progress_bar(units, "residual step sizes", progress):
+    for index, unit in enumerate(progress_bar(units, "residual step sizes", progress)):
         layers = [mq_model.get_submodule(n) for n in unit.layers]
         layers = [layer for layer in layers if layer.act is not None and not layer.act.config.dynamic]
         if not layers:
+            continue
+        done = resume.load("residual-step-sizes", index, unit.name) if resume is not None else None
+        if done is not None:
+            restore_acts(layers, done[0])
+            records.append(done[1])
             continue
         started = time.time()
         cached = _unit_pairs(fp_model, data, unit, layers, capture_batch, dtype)
@@ -143,4 +150,6 @@ def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: Ca
             record.update(loss_first=history[0], loss_last=history[-1])
         record["seconds"] = round(time.time() - started, 3)
         records.append(record)
+        if resume is not None:
+            resume.save("residual-step-sizes", index, unit.name, act_tensors(layers), record)
     return records

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from modiff.quant.ptq.data import CalibData
 from modiff.quant.layers.direct import ActQuantizer, QuantLayer, weight_grid
 from modiff.quant.primitives import MIN_SCALE
 from modiff.quant.ptq.optimize import LoopConfig, cosine_lr, make_adam, run_loop
+from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts, restore_weights, weight_tensors
 from modiff.utils.hooks import Capture, ModelHook, attach
 
 __all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "lp_loss", "reconstruct_weights",
@@ -174,8 +175,10 @@ def _fit_rounding(unit_module: nn.Module, roundings: list[AdaRoundWeight], cache
 
 
 def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit],
-                        config: AdaRoundConfig, capture_batch: int = 256, progress: bool = True) -> list[dict[str, Any]]:
+                        config: AdaRoundConfig, capture_batch: int = 256, progress: bool = True,
+                        resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
     """AdaRound every unit of the weight-quantized ``wq_model`` in order; hard rounding replaces weight_q.
+    With ``resume``, every finished unit is saved there, and units found there are put back, not redone.
 
     Returns one record per unit: name, layers, seconds, reconstruction loss of the first and last
     logging windows (soft rounding), the fraction of weights rounded away from the nearest grid point,
@@ -184,7 +187,12 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
     """
     dtype = getattr(torch, config.storage_dtype)
     records = []
-    for unit in progress_bar(units, "AdaRound", progress):
+    for index, unit in enumerate(progress_bar(units, "AdaRound", progress)):
+        done = resume.load("adaround", index, unit.name) if resume is not None else None
+        if done is not None:  # finished before an interruption: put back as it was
+            restore_weights(wq_model, unit.layers, done[0])
+            records.append(done[1])
+            continue
         started = time.time()
         cached = capture_unit(wq_model, fp_model, data, unit, capture_batch, dtype)
         layers = [wq_model.get_submodule(n) for n in unit.layers]
@@ -207,6 +215,8 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
         records.append({"unit": unit.name, "layers": list(unit.layers), "seconds": round(time.time() - started, 3),
                         "loss_first": history[0], "loss_last": history[-1], "flipped": flipped / max(total, 1),
                         "loss_nearest": loss_nearest, "loss_adaround": unit_loss(unit_module, cached, config.p, capture_batch)})
+        if resume is not None:
+            resume.save("adaround", index, unit.name, weight_tensors(layers), records[-1])
     return records
 
 
@@ -259,16 +269,24 @@ def fit_scales(loss_fn: Callable[[Sequence[Tensor]], Tensor], scales: list[Tenso
 
 
 def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit], config: Any,
-                     capture_batch: int = 256, progress: bool = True) -> list[dict[str, Any]]:
+                     capture_batch: int = 256, progress: bool = True,
+                     resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
     """Refine the static activation scales of a direct-mode ``qmodel`` unit by unit (weights fixed).
 
-    ``config`` is an `ActCalibConfig`. The scales must hold their min-max/MSE start already.
+    ``config`` is an `ActCalibConfig`. The scales must hold their min-max/MSE start already. ``resume``
+    as in `reconstruct_weights`.
     """
     dtype = getattr(torch, config.storage_dtype)
     records = []
-    for unit in progress_bar(units, "step sizes", progress):
-        quantizers = static_quantizers([qmodel.get_submodule(n) for n in unit.layers])
+    for index, unit in enumerate(progress_bar(units, "step sizes", progress)):
+        layers = [qmodel.get_submodule(n) for n in unit.layers]
+        quantizers = static_quantizers(layers)
         if not quantizers:
+            continue
+        done = resume.load("step-sizes", index, unit.name) if resume is not None else None
+        if done is not None:
+            restore_acts([layer for layer in layers if layer.act in quantizers], done[0])
+            records.append(done[1])
             continue
         started = time.time()
         cached = capture_unit(qmodel, fp_model, data, unit, capture_batch, dtype)
@@ -285,5 +303,7 @@ def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, un
             freeze_scales(quantizers)
         records.append({"unit": unit.name, "seconds": round(time.time() - started, 3),
                         "loss_first": history[0], "loss_last": history[-1]})
+        if resume is not None:
+            resume.save("step-sizes", index, unit.name, act_tensors([layer for layer in layers if layer.act in quantizers]), records[-1])
     return records
 

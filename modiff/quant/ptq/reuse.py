@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -77,9 +78,10 @@ def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Ca
     bits = config.weight.spec.bits if config.weight is not None else 32
     saved = folder / "quantized" / "weights" / f"w{bits}-{digest}"
     if not (saved / "manifest.json").exists():
-        weights, report = calibrate_weights(model, config, data(), recipe)
+        weights, report = calibrate_weights(model, config, data(), recipe, checkpoints=saved / "progress")
         save_quantized(weights, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report,
                                         "first_used_by": preset})
+        shutil.rmtree(saved / "progress")
     _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
     return saved
 
@@ -104,9 +106,11 @@ def quantized_model(model: nn.Module, preset: str, folder: str | Path, calibrati
     if not (saved / "manifest.json").exists():
         data = calibration_data(model, folder, calibration, torch.device(device))
         weights = _shared_weights(model, preset, folder, calibration, lambda: data)
-        qmodel, report = calibrate(model, config, data, calibration.recipe, weights=load_quantized(model, weights))
+        qmodel, report = calibrate(model, config, data, calibration.recipe, weights=load_quantized(model, weights),
+                                   checkpoints=saved / "progress")
         save_quantized(qmodel, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report},
                        weights_from=weights)
+        shutil.rmtree(saved / "progress")
     _check_same(read_manifest(saved)["metadata"]["settings"], settings, saved)
     return load_quantized(model, saved)
 

@@ -1,0 +1,65 @@
+"""Options shared by the `modiff` commands, checked where click parses them, and model loading with
+errors in command-line words (``--config``, not ``config=``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+__all__ = ["USER_ERRORS", "BATCH_SIZE", "parse_seeds_option", "check_device_option", "load_model_option"]
+
+# What the library raises for a user's mistake or a damaged or full disk: one line, no traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
+BATCH_SIZE = click.IntRange(min=1)
+CHECKPOINTS = (".ckpt", ".pt", ".pth", ".safetensors")
+
+
+def parse_seeds_option(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+    from modiff.utils.rng import parse_seeds
+
+    try:
+        return parse_seeds(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+
+
+def check_device_option(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """The --device value as given, once `resolve_device` accepts it (gpu0, cuda without CUDA: usage errors)."""
+    from modiff.utils.device import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from err
+    return value
+
+
+def load_model_option(model: str, config: Optional[str], takes_config: bool = True) -> Any:
+    """`load_model(model, config)` for --model and --config, refusing in command-line words what the
+    library would refuse in Python words."""
+    from modiff.models.registry import MODEL_PRESETS, load_model
+
+    path = Path(model)
+    kinds = (f"a preset ({', '.join(sorted(MODEL_PRESETS))}), a folder exported by `modiff train`"
+             + (f", or a checkpoint file ({', '.join(CHECKPOINTS)}) with --config FILE" if takes_config else ""))
+    if model in MODEL_PRESETS:
+        if config is not None:
+            raise click.UsageError(f"--model {model} is a preset and brings its own config: drop --config")
+    elif path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise click.ClickException(f"--model {model} is a folder without config.yaml; use {kinds}")
+    elif path.suffix in CHECKPOINTS:
+        if not takes_config:
+            raise click.UsageError(f"this command takes {kinds}; sample a checkpoint with "
+                                   f"`modiff sample --model {model} --config FILE`")
+        if not path.is_file():
+            raise click.ClickException(f"--model {model}: no such file")
+        if config is None:
+            raise click.UsageError(f"--model {model} is a checkpoint: give its YAML config with --config FILE")
+    else:
+        raise click.ClickException(f"unknown --model {model!r}: use {kinds}")
+    try:
+        return load_model(model, config=config)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from err

@@ -1,0 +1,51 @@
+"""Files written by modiff (issue 23): the user's umask, and a full disk named."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from modiff.utils.device import resolve_device
+from modiff.utils.rng import MAX_SEED, parse_seeds
+from modiff.utils.runs import DiskFullError, atomic_path, write_json
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    """Atomic writes went through mkstemp and stayed 0600 whatever the umask; now they get 0666 & ~umask."""
+    old = os.umask(umask)
+    try:
+        write_json({"a": 1}, tmp_path / "m.json")
+        with atomic_path(tmp_path / "f.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == mode
+
+
+def test_full_disk_is_named_and_leaves_the_target(tmp_path: Path) -> None:
+    (tmp_path / "f.json").write_text("old")
+    with pytest.raises(DiskFullError, match=f"no space left on the device of {tmp_path}.*f.json was not written"):
+        with atomic_path(tmp_path / "f.json") as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (tmp_path / "f.json").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_seed_limits() -> None:
+    """Counts are checked before a list is built (0-99999999999 was a MemoryError); seeds fit int64."""
+    with pytest.raises(ValueError, match="at most 1,000,000"):
+        parse_seeds("0-99999999999")
+    with pytest.raises(ValueError, match="too large"):
+        parse_seeds(str(MAX_SEED + 1))
+    assert parse_seeds(f"{MAX_SEED}") == [MAX_SEED]
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", "mps"])
+def test_unknown_devices(device: str) -> None:
+    with pytest.raises(ValueError, match=r"use auto, cpu, cuda or cuda:N"):
+        resolve_device(device)
