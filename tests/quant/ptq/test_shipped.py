@@ -193,7 +193,7 @@ def test_cli_calibrate_shipped_writes_the_model_folder(tmp_path: Path) -> None:
     args = ["calibrate-shipped", "--model", str(folder), "--preset", "qdiff-w4a4", "--steps", "4", "--calib-steps", "2",
             "--samples-per-step", "4", "--set", "adaround.iters=2", "--set", "adaround.batch_size=4",
             "--set", "activations.iters=2", "--set", "activations.batch_size=4", "--set", "capture_batch=4",
-            "--device", "cpu"]
+            "--first-seed", "7", "--spacing", "quad", "--device", "cpu"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "AdaRound lowered the reconstruction loss of" in result.output
@@ -201,6 +201,9 @@ def test_cli_calibrate_shipped_writes_the_model_folder(tmp_path: Path) -> None:
     assert manifest["command"].startswith(f"modiff calibrate-shipped --model {folder} --preset qdiff-w4a4 --steps 4")
     assert manifest["iterations"]["used"] == {"adaround": 2, "activations": 2}
     assert list(manifest["presets"]) == ["qdiff-w4a4"]
+    data = manifest["settings"]["data"]  # calibration seeds held out from evaluation seeds, on the asked spacing
+    assert (data["first_seed"], data["spacing"]) == (7, "quad")
+    assert "--first-seed 7 --spacing quad" in manifest["command"]
 
 
 def test_a_calibration_with_another_split_set_is_refused(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
