@@ -16,7 +16,6 @@ a config whose weight codes are "adaround" (preset ``w4a4-adaround-modiff``, ...
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.config import QuantConfig
 from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.ptq.saved import load_quantized, load_weight_codes, read_manifest
+from modiff.utils.checksums import sha256_file
 from modiff.utils.runs import environment, write_json
 
 __all__ = ["CALIBRATION_DIR", "calibration_folder", "has_shipped", "shipped_model", "shipped_weights",
@@ -57,14 +57,6 @@ def calibration_folder(model: nn.Module) -> Path:
     return Path(folder) / CALIBRATION_DIR
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read(model: nn.Module, what: str) -> tuple[Path, dict[str, Any]]:
     """The shipped calibration folder and its manifest, checksums verified."""
     root = calibration_folder(model)
@@ -80,8 +72,9 @@ def _read(model: nn.Module, what: str) -> tuple[Path, dict[str, Any]]:
         if not file.is_file():
             raise ValueError(f"shipped calibration {root} lacks {name}, which its manifest lists; restore the "
                              f"folder (git checkout {root}) or {_how_to_make(model, what)}")
-        if _sha256(file) != entry["sha256"]:
-            raise ValueError(f"checksum mismatch in shipped calibration {root}: {name} has sha256 {_sha256(file)}, "
+        digest = sha256_file(file)
+        if digest != entry["sha256"]:
+            raise ValueError(f"checksum mismatch in shipped calibration {root}: {name} has sha256 {digest}, "
                              f"the manifest says {entry['sha256']}; the file is damaged or was changed: restore it "
                              f"(git checkout {root}) or {_how_to_make(model, what)}")
     return root, manifest
@@ -157,7 +150,7 @@ def write_shipped_manifest(root: Path, model_name: str, settings: dict[str, Any]
     manifest = {"kind": KIND, "model": model_name, "presets": presets, "weights": weights,
                 "iterations": {"used": used, "published": PUBLISHED_ITERS}, "settings": settings,
                 "command": command, "environment": environment(),
-                "files": {p.relative_to(root).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                           for p in files}}
     write_json(manifest, root / "manifest.json")
     return root
