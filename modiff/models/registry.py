@@ -61,7 +61,9 @@ def _torch_load(path: Path) -> Any:
     to unpickle arbitrary objects)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    # Foreign bytes fail inside the unpickler in many ways: a bad opcode, a pop from its empty stack, an
+    # unknown memo key, undecodable text.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as err:
         text = str(err)
         if "Unsupported global" in text:
             name = text.split("Unsupported global:", 1)[1].split()[1] if "GLOBAL" in text else "a Python object"
