@@ -14,7 +14,7 @@ import pandas as pd
 from analysis.intervals import Interval
 
 __all__ = ["PUBLISHED_RESET", "caching_claim", "lossless_claim", "compensation_claim", "memory_claim",
-           "warmup_claim"]
+           "warmup_claim", "range_claim", "sampler_claim", "audit_claim"]
 
 # Paper brief, section 6.1: the published CIFAR-10 DDIM sampler resets the MoDiff state before every step.
 PUBLISHED_RESET = ("the published CIFAR-10 DDIM sampler resets the MoDiff state before every step, so every call "
@@ -157,3 +157,57 @@ def warmup_claim(paired: pd.DataFrame, baseline: int, paper: str = "4-5 full-pre
                      + ")")
     return (f"Paired per-seed differences of relative L2 to fp: {'; '.join(parts)}. The paper: {paper}. "
             "A negative difference means more warm-up steps bring the samples closer to full precision.")
+
+
+def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -> str:
+    """Figure 1b. The paper: temporal differences are more than ``paper_ratio`` times narrower than the
+    activations. ``ratios``: one row per layer with the columns of
+    `analysis.distributions.range_ratio_summary` (per-step ratios of the activations' range to the
+    differences' range, and ``overall``, one range over the whole trajectory). It holds for a layer when
+    the median over steps of the per-step ratio is at least ``paper_ratio``."""
+    holds = ratios[ratios["median_per_step"] >= paper_ratio]
+    per_layer = "; ".join(f"`{r.layer}` median {r.median_per_step:.3g}, smallest {r.min_per_step:.3g}"
+                          for r in ratios.itertuples())
+    text = (f"Range of a_t divided by the range of a_t - a_(t+1), step by step over {samples} trajectories: "
+            f"{per_layer}. The paper finds the differences more than {paper_ratio:g}x narrower: ")
+    text += ("this agrees for every layer." if len(holds) == len(ratios) else
+             f"this holds for {len(holds)} of {len(ratios)} layers here (median over steps)"
+             + (", though the differences are narrower than the activations at every step." if (ratios["min_per_step"] > 1).all()
+                else "; at some steps the differences are as wide as the activations or wider."))
+    return text + (f" Pooled over the whole trajectory (one range of each) the ratio is {ratios['overall'].min():.3g} "
+                   f"to {ratios['overall'].max():.3g}: the activations' range moves from step to step, which a static "
+                   "quantizer must cover at once.")
+
+
+def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage with DDPM, DPM-Solver and fewer "
+                  "DDIM steps (Tables 5, 15-17)") -> str:
+    """Tables 5 and 15-17: per sampler and step count, the paired per-seed difference of relative L2 to fp,
+    MoDiff minus direct (``paired``: `analysis.intervals.paired_table` per sampler, with columns sampler
+    and steps). MoDiff is better where the interval of the difference lies below 0."""
+    parts, better = [], 0
+    for r in paired.itertuples():
+        effect = Interval(r.mean_difference, r.ci95_low, r.ci95_high, int(r.n))
+        verdict = ("lower with MoDiff" if effect.high < 0 else "higher with MoDiff") if r.separated else "no difference resolved"
+        better += effect.high < 0
+        parts.append(f"{r.sampler} {r.steps} steps: {effect} ({verdict})")
+    return (f"Relative L2 to the fp sample of the same seed, `{paired['preset'].iloc[0]}` minus `{paired['baseline'].iloc[0]}` "
+            f"(paired over {int(paired['n'].max())} seeds, 95% interval): {'; '.join(parts)}. The paper: {paper}. Here MoDiff is closer to full "
+            f"precision with {better} of {len(paired)} samplers.")
+
+
+def audit_claim(audit: pd.DataFrame) -> str:
+    """The published-code audit (`analysis.experiments.published_audit`): what each measured difference
+    means. Rows are found by their check's wording; a difference of exactly 0 means bit-identical."""
+    def value(words: str) -> float:
+        return float(audit.loc[audit["check"].str.contains(words, regex=False), "value"].iloc[0])
+
+    per_step, per_trajectory = value("per-step reset"), value("per-trajectory reset")
+    alone = value("alone vs in a batch")
+    return ("With the published per-step reset, MoDiff's images " + (
+        "equal weight-only quantization bit for bit (max |difference| 0): its activations are never quantized."
+        if per_step == 0 else f"differ from weight-only quantization by up to {per_step:.3g}: the reset does not make "
+        "it weight-only here.") + f" With one reset per trajectory they differ by up to {per_trajectory:.3g}: the "
+        "activations are quantized. " + (
+        f"A sample made alone differs from the same sample made in a batch by up to {alone:.3g}: with scales shared "
+        "by the batch, a published result depends on the batch it was sampled in." if alone > 0 else
+        "A sample made alone equals the same sample made in a batch: no batch dependence here."))

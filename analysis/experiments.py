@@ -17,6 +17,7 @@ from torch import nn
 import modiff as md
 from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
+from modiff.pipelines import run_usage
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
@@ -91,14 +92,18 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
                calibration: Optional[Calibration] = None) -> Path:
     """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
 
-    Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time."""
+    Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time. Whether
+    the run was made or reused is noted for the report (`modiff.pipelines.run_usage`)."""
     run_dir, identity = _run_location(model, preset, config, runs_dir, reset)
     if finished_run(run_dir, seeds, config, identity):  # reused without building, calibrating or loading the model
+        run_usage.note(run_dir, made=False)
         return run_dir
     net = model if preset == "fp" else quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
     prepare = partial(md.trajectory, reset=reset)  # does nothing for a model without MoDiff state
-    return generate(net, seeds, run_dir, config, batch_size=batch_size, device=device,
+    made = generate(net, seeds, run_dir, config, batch_size=batch_size, device=device,
                     identity=identity, prepare=prepare, progress=False)
+    run_usage.note(made, made=True)
+    return made
 
 
 def _fill_on_device(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,

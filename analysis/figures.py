@@ -45,7 +45,8 @@ def activation_violins(df: pd.DataFrame, x: str = "step", sharey: bool = True, t
         part = df[df["kind"] == kind]
         sns.violinplot(data=part, x=x, y="value", ax=ax, color=color, cut=0, inner=None,
                        density_norm="width", linewidth=0.6)
-        ax.set(title=labels[kind], xlabel="sampling step" if x == "step" else x, ylabel="value")
+        ax.set(title=labels[kind], xlabel="sampling step (0 = pure noise)" if x == "step" else x,
+               ylabel="value (unitless)")
         _thin_ticks(ax)
     if title:
         fig.suptitle(title)
@@ -80,10 +81,10 @@ def error_bounds(df: pd.DataFrame, title: str = "") -> plt.Figure:
         ax.plot(step, _positive(df[err]), color="black", marker="o", ms=3, label="actual $||o_t - \\hat o_t||^2$")
         ax.plot(step, _positive(df[f"bound{eq}_printed"]), ls="--", label=f"({eq}) as printed")
         ax.plot(step, _positive(df[f"bound{eq}_unrolled"]), ls="-.", label=f"({eq}) unrolled")
-        ax.set(yscale="log", xlabel="sampling step", title=f"{label}, c = {float(df[c].iloc[0]):.3g}")
+        ax.set(yscale="log", xlabel="sampling step (0 = pure noise)", title=f"{label}, c = {float(df[c].iloc[0]):.3g}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
-    axes[0].set_ylabel("squared output error")
+    axes[0].set_ylabel("squared output error ||o - o_hat||^2")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -124,7 +125,7 @@ def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block fe
     common = steps_skipped_by_all(steps, intervals, warmup_steps)
     if common:
         ax.axvline(common[-1], color="grey", ls=":", lw=1, label=f"step {common[-1]}: every N skips")
-    ax.set(xlabel="sampling step (dots: refresh steps)", ylabel="relative L2 distance", title=title)
+    ax.set(xlabel="sampling step (dots: refresh steps)", ylabel=style.REL_L2_LABEL, title=title)
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(title="refresh every", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -137,12 +138,14 @@ def compensation_ablation(df: pd.DataFrame, log: bool = True,
     compensation, dashed without. ``df``: `analysis.network.compensation_ablation`."""
     style.apply()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for b, color in zip(sorted(df["bits"].unique(), reverse=True), style.PALETTE):
+    for b in sorted(df["bits"].unique(), reverse=True):
+        color = style.bits_color(b)
         for ec, ls in ((True, "-"), (False, "--")):
             part = df[(df["bits"] == b) & (df["compensation"] == ec)].sort_values("step")
             if len(part):
                 _curves(ax, part, log=log, color=color, ls=ls, label=f"A{b} {'with' if ec else 'without'} EC")
-    ax.set(xlabel="sampling step", ylabel="relative L2 distance", title=title, yscale="log" if log else "linear")
+    ax.set(xlabel="sampling step (0 = pure noise)", ylabel=style.REL_L2_LABEL, title=title,
+           yscale="log" if log else "linear")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), title="solid: EC, dashed: none")
     return fig

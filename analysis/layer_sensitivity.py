@@ -22,7 +22,7 @@ from analysis.intervals import summarize
 from modiff.utils.device import resolve_device
 from modiff.quant import QuantConfig
 
-__all__ = ["edge_convolutions", "layer_variants", "layer_sensitivity"]
+__all__ = ["edge_convolutions", "layer_variants", "layer_sensitivity", "finding"]
 
 
 def edge_convolutions(model: nn.Module) -> tuple[str, str]:
@@ -68,3 +68,23 @@ def layer_sensitivity(model: nn.Module, presets: Sequence[str], seeds: Sequence[
             rows += [{"preset": preset, "layers": name, "seed": s, "rel_l2_pixels": float(v)} for s, v in zip(chunk, rel)]
     table = summarize(pd.DataFrame(rows), ["preset", "layers"], "rel_l2_pixels")
     return table.rename(columns={"mean": "rel_l2_pixels"})
+
+
+def finding(table: pd.DataFrame) -> str:
+    """Markdown from a `layer_sensitivity` table: per preset, the error with every layer quantized and the
+    layer group whose quantization alone comes closest to it."""
+    lines = []
+    for preset, part in table.groupby("preset", sort=False):
+        whole = part[part["layers"] == "all layers"].iloc[0]
+        groups = part[part["layers"] != "all layers"].sort_values("rel_l2_pixels", ascending=False)
+        worst = groups.iloc[0]
+        lines.append(f"- `{preset}`: relative L2 to fp {_interval(whole)} with every layer quantized; "
+                     + "; ".join(f"{r['layers']} {_interval(r)}" for _, r in groups.iterrows())
+                     + f" (n = {int(whole['n'])} seeds). The largest error comes from {worst['layers']}"
+                     + (", as large as with every layer: that group alone explains the collapse."
+                        if worst["ci95_high"] >= whole["ci95_low"] else "."))
+    return "\n".join(lines)
+
+
+def _interval(row: pd.Series) -> str:
+    return f"{row['rel_l2_pixels']:.3g} [{row['ci95_low']:.3g}, {row['ci95_high']:.3g}]"

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["to_markdown", "save"]
+__all__ = ["to_markdown", "save", "save_finding"]
 
 
 def _cell(value: object) -> str:
@@ -31,3 +31,17 @@ def save(df: pd.DataFrame, name: str, out_dir: str | Path) -> list[Path]:
     df.to_csv(csv, index=False)
     md.write_text(to_markdown(df))
     return [csv, md]
+
+
+def save_finding(markdown: str, name: str, out_dir: str | Path) -> Path:
+    """Write a notebook's finding (Markdown written from the numbers) as out_dir/tables/<name>_finding.md,
+    where the report's index embeds it in the notebook's section; returns the path."""
+    from modiff.pipelines.report_sections import FINDING_SUFFIX
+
+    if not markdown.strip():
+        raise ValueError(f"finding {name!r} is empty: a notebook saves the text it displays")
+    folder = Path(out_dir) / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{FINDING_SUFFIX}"
+    path.write_text(markdown.strip() + "\n")
+    return path

@@ -29,7 +29,7 @@ def tightness(checks: pd.DataFrame, reading: str = "out-of-sample") -> plt.Figur
         sns.boxplot(data=data, x="bits", y="ratio", hue="quantizer", ax=ax, whis=(1, 99), fliersize=1.5,
                     order=sorted(data["bits"].unique(), reverse=True), log_scale=True)
         ax.axhline(1.0, color="black", ls="--", lw=1)
-        ax.set(title=title, xlabel="activation bits", ylabel="error / bound")
+        ax.set(title=title, xlabel="activation bits", ylabel="measured error / bound (ratio)")
         ax.legend(fontsize="small", title=None)
     fig.suptitle(f"Theorem 4.4 on every layer, held-out trajectories, c {reading}")
     fig.tight_layout()
@@ -45,11 +45,12 @@ def c_per_layer(c_table: pd.DataFrame, column: str = "c31") -> plt.Figure:
     order = {name: i for i, name in enumerate(dict.fromkeys(c_table["layer"]))}
     for ax, quantizer in zip(axes[:, 0], quantizers):
         part = c_table[c_table["quantizer"] == quantizer]
-        for color, (bits, rows) in zip(style.PALETTE, part.groupby("bits", sort=True)):
-            ax.scatter(rows["layer"].map(order), rows[column], s=10, color=color, label=f"A{bits}")
+        for bits, rows in part.groupby("bits", sort=True):
+            ax.scatter(rows["layer"].map(order), rows[column], s=10, color=style.bits_color(bits), label=f"A{bits}")
         ax.axhline(0.5, color="black", ls="--", lw=1, label="c = 1/2")
         ax.axhline(1.0, color="black", ls=":", lw=1, label="c = 1")
-        ax.set(yscale="log", ylabel=column, title=f"{quantizer} quantizer")
+        ax.set(yscale="log", ylabel=f"{column} (unitless)",
+               title=f"{quantizer} quantizer: {column} = max over steps of ||r - Q(r)||^2 / ||r||^2")
         ax.legend(fontsize="small", ncol=6)
     axes[-1, 0].set_xlabel("layer (model order)")
     fig.tight_layout()

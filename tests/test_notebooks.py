@@ -1,6 +1,7 @@
 """Every notebook runs under papermill (tiny model, tiny sizes) and the index links only what exists."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -54,8 +55,13 @@ def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
     assert all("| cpu (" in row for row in rows.values())  # the machine each notebook ran on
     assert len(list((out / "figures").glob("*.png"))) >= 8 and len(list((out / "tables").glob("*.md"))) >= 6
     index = (out / "index.md").read_text()
-    links = re.findall(r"\]\(([^)]+)\)", index)
+    links = [link for link in re.findall(r"\]\(([^)]+)\)", index) if not link.startswith("#")]
     assert links and all((out / link).exists() for link in links)
+    findings = {p.name for p in (out / "tables").glob("*_finding.md")}  # each notebook saved what it displayed
+    assert {"fig1a_caching_finding.md", "table1_bitwidth_finding.md", "samplers_finding.md"} <= findings
+    assert "Finding not recorded" not in index
+    manifest = {r["name"]: r for r in json.loads((out / "manifest.json").read_text())["notebooks"]}
+    assert manifest["model_card"]["runs"]["made"] == 1 and manifest["fig1a_caching"]["runs"]["made"] == 0
     for name in NOTEBOOKS:
         assert (out / "notebooks" / f"{name}.html").exists()
     with pytest.raises(ValueError, match="unknown parameters"):
@@ -95,8 +101,9 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
     with np.load(run / "samples.npz") as data:
         assert data["images"].shape == (10, 16, 16, 1)
     index = (out / "index.md").read_text()
-    assert all((out / link).exists() for link in re.findall(r"\]\(([^)]+)\)", index))
-    assert "| samplers | not run yet (`--notebooks samplers`) |" in index  # notebooks left out are listed
+    assert all((out / link).exists() for link in re.findall(r"\]\(([^)]+)\)", index) if not link.startswith("#"))
+    assert "| samplers | not run yet |" in index  # notebooks left out are listed
+    assert "Tables 2 and 3: bit widths on a latent model" in index
 
 
 @pytest.mark.slow
@@ -153,7 +160,8 @@ def test_overlapping_runs_into_one_report_keep_each_others_results(tmp_path: Pat
     assert [r["name"] for r in kept] == list(NOTEBOOKS)
     assert [r["parameters"]["num_samples"] for r in kept] == list(range(len(NOTEBOOKS)))
     index = (tmp_path / "index.md").read_text()
-    assert "| [samplers](notebooks/samplers.html) | ok | 1.0 |  | num_samples 6, device cuda:0 |" in index
+    assert ("| [samplers](notebooks/samplers.html) | ok | 1.0 s | run reuse not recorded (made before it was tracked) "
+            "|  | num_samples 6, device cuda:0 |") in index
     assert "not run yet" not in index
 
 
@@ -174,5 +182,7 @@ def test_results_of_older_runs_get_their_parameters_from_the_executed_notebook(t
     _record(tmp_path, REPRODUCE_PRESETS["paper"], "fmnist-ddim", {},
             [NotebookResult("samplers", True, 1.0, parameters={"num_samples": 32, "device": "cpu"})])
     index = (tmp_path / "index.md").read_text()
-    assert "| [table1_bitwidth](notebooks/table1_bitwidth.html) | ok | 3.0 |  | num_samples 1024, calibrate False |" in index
-    assert "| [samplers](notebooks/samplers.html) | ok | 1.0 |  | num_samples 32, device cpu |" in index
+    assert "| [table1_bitwidth](notebooks/table1_bitwidth.html) | ok | 3.0 s | run reuse not recorded" in index
+    assert "|  | num_samples 1024, calibrate False |" in index
+    assert "| [samplers](notebooks/samplers.html) | ok | 1.0 s | run reuse not recorded" in index
+    assert "|  | num_samples 32, device cpu |" in index

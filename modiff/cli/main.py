@@ -249,7 +249,10 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
 @click.option("--set", "overrides", multiple=True,
               help="Override a preset parameter: num_samples=8, analysis_samples=4, steps=50, calibrate=true, adaround_iters=5000 "
                    "(repeatable).")
-def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+@click.option("--index-only", is_flag=True, help="Rewrite index.html and index.md from the report folder as it is; "
+                                                 "run no notebook.")
+def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tuple[str, ...], overrides: tuple[str, ...],
+              index_only: bool) -> None:
     """Run every notebook with papermill and write reports/PRESET/ (reports/PRESET-MODEL/ for another model
     than fmnist-ddim): the main job.
 
@@ -259,14 +262,22 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
       modiff reproduce --preset paper
       modiff reproduce --model fmnist-ldm --notebooks fig1b_activations,fig3_compensation,table1_bitwidth
       modiff reproduce --notebook model_card --reports /tmp/reports --set num_samples=8
+      modiff reproduce --preset paper --index-only
+
+    Each notebook's start and end (its time, its runs made and reused, the time so far) are printed on
+    stderr as it goes.
     """
-    from modiff.pipelines.reproduce import parse_override, report_name
+    from modiff.pipelines.reproduce import parse_override, rebuild_index, report_name
     from modiff.pipelines.reproduce import reproduce as run_all
 
     try:
+        if index_only:
+            click.echo(f"index: {rebuild_index(preset, model, reports)}")
+            return
         parsed = dict(parse_override(item) for item in overrides)
         chosen = [name.strip() for item in notebooks for name in item.split(",") if name.strip()]
-        results = run_all(preset, model, reports, runs, chosen or None, parsed)
+        results = run_all(preset, model, reports, runs, chosen or None, parsed,
+                          progress=lambda line: click.echo(line, err=True))
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     for r in results:

@@ -2,7 +2,8 @@
 
 reports/<name>/   <name> = <preset> for the default model fmnist-ddim, else <preset>-<model> (a path
                   given as the model counts by its folder or file stem: reports/quick-fmnist-ldm/)
-    index.md, index.html     links to every notebook, figure and table, with run status
+    index.md, index.html     the document to read (`modiff.pipelines.report_index`): the paper's claims judged,
+                             one section per paper artefact, the notebooks with their times and run reuse
     notebooks/NAME.ipynb     executed notebooks; NAME.html without input cells
     figures/*.png|pdf        written by analysis.style.save
     tables/*.csv|md
@@ -15,20 +16,23 @@ under a file lock.
 from __future__ import annotations
 
 import fcntl
-import html
 import json
 import logging
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, get_args
 
+from modiff.pipelines import run_usage
 from modiff.pipelines.generate import Precision
+from modiff.pipelines.report_index import write_index
 from modiff.utils.paths import notebook_dir
 from modiff.utils.runs import environment, write_json
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "NOTEBOOKS", "DEFAULT_MODEL", "reproduce", "notebook_dir",
-           "parse_override", "report_name"]
+           "parse_override", "report_name", "rebuild_index"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,7 @@ class NotebookResult:
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)  # those it declares, as passed (paths left out)
     machine: str = ""  # the device its `device` parameter resolved to: GPU name, or the CPU
+    runs: dict[str, Any] = field(default_factory=dict)  # run folders made and reused (`run_usage.RunUsage`)
 
 
 def _machine(device: object) -> str:
@@ -139,6 +144,16 @@ def _export_html(executed: Path) -> None:
     executed.with_suffix(".html").write_text(body)
 
 
+@contextmanager
+def _kernel_config() -> Iterator[Any]:
+    """Kernels talk to papermill over IPC sockets in a private temporary folder, so ipykernel has no
+    reason to warn, at every start, that its TCP traffic is unencrypted."""
+    from traitlets.config import Config
+
+    with tempfile.TemporaryDirectory(prefix="modiff-kernel-") as folder:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": str(Path(folder) / "kernel")}})
+
+
 def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookResult:
     import papermill
 
@@ -150,56 +165,20 @@ def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookRe
     passed = {k: v for k, v in parameters.items() if k in declared}
     sizes = {k: v for k, v in passed.items() if k not in _PATH_PARAMETERS}
     machine = _machine(passed.get("device", "cpu"))
+    usage_file = executed.parent / f".{name}.runs.jsonl"
+    error = ""
     try:
-        papermill.execute_notebook(str(source), str(executed), progress_bar=False, parameters=passed,
-                                   cwd=str(notebook_dir().parent), kernel_name="python3")
+        with run_usage.recording(usage_file), _kernel_config() as config:
+            papermill.execute_notebook(str(source), str(executed), progress_bar=False, parameters=passed,
+                                       cwd=str(notebook_dir().parent), kernel_name="python3", config=config)
         _export_html(executed)
-        return NotebookResult(name, True, round(time.time() - start, 1), parameters=sizes, machine=machine)
     except Exception as err:  # a failing notebook must not stop the others; the error goes in the index
         log.error("notebook %s failed: %s", name, err)
-        return NotebookResult(name, False, round(time.time() - start, 1), error=str(err).strip()[-2000:],
-                              parameters=sizes, machine=machine)
-
-
-def _links(out_dir: Path, sub: str, patterns: Sequence[str]) -> list[str]:
-    folder = out_dir / sub
-    return sorted(str(p.relative_to(out_dir)) for pat in patterns for p in folder.glob(pat)) if folder.is_dir() else []
-
-
-def _settings(result: NotebookResult) -> str:
-    return ", ".join(f"{k} {v}" for k, v in result.parameters.items() if not isinstance(v, (list, tuple)) and v != "")
-
-
-def _write_index(out_dir: Path, preset: ReproducePreset, model: str, results: list[NotebookResult]) -> None:
-    figures = _links(out_dir, "figures", ["*.png"])
-    tables = _links(out_dir, "tables", ["*.md"])
-    lines = [f"# modiff reports: preset `{preset.name}`, model `{model}`", "",
-             "Settings: the parameters each notebook ran with (its lists, such as presets, are in the notebook).", "",
-             "| notebook | status | seconds | ran on | settings |", "| --- | --- | --- | --- | --- |"]
-    for r in results:
-        status = "ok" if r.ok else f"FAILED: {r.error.splitlines()[-1] if r.error else ''}"
-        link = f"[{r.name}](notebooks/{r.name}.html)" if r.ok else r.name
-        lines.append(f"| {link} | {status} | {r.seconds} | {r.machine} | {_settings(r)} |")
-    ran = {r.name for r in results}
-    lines += [f"| {name} | not run yet (`--notebooks {name}`) | | | |" for name in NOTEBOOKS if name not in ran]
-    lines += ["", "## Figures", ""] + [f"- [{f}]({f})" for f in figures]
-    lines += ["", "## Tables", ""] + [f"- [{t}]({t})" for t in tables]
-    (out_dir / "index.md").write_text("\n".join(lines) + "\n")
-    items = "".join(f'<li><a href="{html.escape(f)}">{html.escape(f)}</a></li>' for f in figures + tables)
-    rows = "".join(
-        f"<tr><td>{'<a href=notebooks/' + r.name + '.html>' + r.name + '</a>' if r.ok else r.name}</td>"
-        f"<td>{'ok' if r.ok else 'FAILED'}</td><td>{r.seconds}</td><td>{html.escape(r.machine)}</td>"
-        f"<td>{html.escape(_settings(r))}</td>"
-        f"<td><pre>{html.escape(r.error[-500:])}</pre></td></tr>"
-        for r in results
-    )
-    rows += "".join(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td><td></td><td></td></tr>"
-                    for name in NOTEBOOKS if name not in ran)
-    (out_dir / "index.html").write_text(
-        f"<html><head><meta charset='utf-8'><title>modiff {preset.name} {html.escape(model)}</title></head><body>"
-        f"<h1>modiff reports: {preset.name}, {html.escape(model)}</h1>"
-        f"<table border=1>{rows}</table><ul>{items}</ul></body></html>\n"
-    )
+        error = str(err).strip()[-2000:] or type(err).__name__
+    runs = run_usage.RunUsage.read(usage_file).to_dict() if usage_file.exists() else {}
+    usage_file.unlink(missing_ok=True)
+    return NotebookResult(name, not error, round(time.time() - start, 1), error=error, parameters=sizes,
+                          machine=machine, runs=runs)
 
 
 def injected_parameters(executed: Path) -> dict[str, Any]:
@@ -238,18 +217,27 @@ def _record(out_dir: Path, spec: ReproducePreset, model: str, parameters: dict[s
     with open(out_dir / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         merged = _with_earlier_results(out_dir, results)
-        _write_index(out_dir, spec, model, merged)
         write_json({"preset": asdict(spec), "parameters": parameters, "environment": environment(),
                     "notebooks": [asdict(r) for r in merged]}, out_dir / "manifest.json")
+        write_index(out_dir)
+
+
+def _progress_line(done: int, total: int, result: NotebookResult, started: float) -> str:
+    runs = f", runs {result.runs['made']} made / {result.runs['reused']} reused" if result.runs else ""
+    return (f"[{done}/{total}] {result.name}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f} s{runs}; "
+            f"{time.time() - started:.0f} s so far")
 
 
 def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: str | Path = "reports",
               runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None,
-              overrides: dict[str, Any] | None = None) -> list[NotebookResult]:
+              overrides: dict[str, Any] | None = None,
+              progress: Optional[Callable[[str], None]] = None) -> list[NotebookResult]:
     """Execute the notebooks into reports_dir/<name>/ (see `report_name`) and write the index; returns
     per-notebook results.
 
-    `overrides` replaces `ReproducePreset` fields (num_samples, steps, calibrate, adaround_iters, ...) by name."""
+    `overrides` replaces `ReproducePreset` fields (num_samples, steps, calibrate, adaround_iters, ...) by name.
+    `progress` receives a line as each notebook starts and as it ends (its time, its runs made and reused,
+    the time so far); without it the lines go to this module's logger at INFO."""
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; allowed: {', '.join(get_args(PresetName))}")
     chosen = list(notebooks or NOTEBOOKS)
@@ -267,6 +255,21 @@ def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / name),
                   **{k: v for k, v in asdict(spec).items() if k != "name"}}
-    results = [_run_one(name, parameters, out_dir) for name in chosen]
+    say = progress or log.info
+    results: list[NotebookResult] = []
+    started = time.time()
+    for i, notebook in enumerate(chosen, 1):
+        say(f"[{i}/{len(chosen)}] {notebook}: started at {time.strftime('%H:%M:%S')}")
+        results.append(_run_one(notebook, parameters, out_dir))
+        say(_progress_line(i, len(chosen), results[-1], started))
     _record(out_dir, spec, model, parameters, results)
     return results
+
+
+def rebuild_index(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: str | Path = "reports") -> Path:
+    """Rewrite reports_dir/<name>/index.md and index.html from what the folder holds, running no
+    notebook (after a change to the index, or to recover one); returns the HTML path."""
+    out_dir = Path(reports_dir) / report_name(preset, model)
+    if not out_dir.is_dir():
+        raise ValueError(f"no report folder {out_dir}: run `modiff reproduce --preset {preset} --model {model}` first")
+    return write_index(out_dir)[1]

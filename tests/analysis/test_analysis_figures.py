@@ -68,3 +68,19 @@ def test_compensation_ablation() -> None:
     fig = figures.compensation_ablation(df)
     styles = [line.get_linestyle() for line in fig.axes[0].get_lines()]
     assert len(styles) == 4 and styles.count("--") == 2
+
+
+def test_a_bit_width_has_one_colour_in_every_figure() -> None:
+    """Figure 3 and the per-layer c figure colour A4 alike (and A8), whatever other widths they show."""
+    from analysis import style, theory_figures
+
+    df = pd.concat([_curve_frame("bits", [8, 4]).assign(compensation=ec) for ec in (True, False)])
+    lines = {line.get_label(): line.get_color() for line in figures.compensation_ablation(df).axes[0].get_lines()}
+    c_table = pd.DataFrame({"layer": ["a", "b"] * 3, "quantizer": "per-sample", "bits": [3, 3, 4, 4, 8, 8],
+                            "c31": [0.6, 0.5, 0.2, 0.1, 0.01, 0.02]})
+    points = {c.get_label(): tuple(c.get_facecolor()[0][:3]) for c in theory_figures.c_per_layer(c_table).axes[0].collections}
+    for bits in (8, 4):
+        assert tuple(lines[f"A{bits} with EC"]) == style.bits_color(bits) == pytest.approx(points[f"A{bits}"])
+    assert len(set(style.BITS_COLORS.values())) == len(style.BITS_COLORS)
+    with pytest.raises(ValueError, match="no colour for 5 bits"):
+        style.bits_color(5)

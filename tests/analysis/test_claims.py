@@ -202,3 +202,65 @@ def test_warmup_claim() -> None:
     text = claims.warmup_claim(paired, 1)
     assert "2 steps vs 1: -0.01 [-0.02, -0.005] (lower)" in text
     assert "4 steps vs 1: 0.002 [-0.01, 0.014] (no difference resolved; about 900 seeds" in text
+
+
+def _ratios(medians: list[float], mins: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"layer": [f"net.l{i}" for i in range(len(medians))], "overall": 1.5, "min_per_step": mins,
+                         "median_per_step": medians, "mean_per_step": medians})
+
+
+def test_range_claim_branches() -> None:
+    agrees = claims.range_claim(_ratios([12.0, 15.0], [2.0, 3.0]), samples=128)
+    assert "over 128 trajectories: `net.l0` median 12, smallest 2" in agrees and "this agrees for every layer" in agrees
+    partly = claims.range_claim(_ratios([12.0, 8.0], [2.0, 1.5]), samples=12)
+    assert "holds for 1 of 2 layers here (median over steps), though the differences are narrower" in partly
+    wider = claims.range_claim(_ratios([3.0, 8.0], [0.8, 1.5]), samples=12)
+    assert "holds for 0 of 2 layers" in wider and "as wide as the activations or wider" in wider
+    assert "the ratio is 1.5 to 1.5" in wider
+
+
+def test_sampler_claim_counts_samplers_where_modiff_is_closer() -> None:
+    paired = pd.DataFrame([{"preset": "w8a4-modiff", "baseline": "w8a4", "mean_difference": d, "ci95_low": lo,
+                            "ci95_high": hi, "n": 64, "separated": sep, "samples_to_separate": 3.0, "sampler": s,
+                            "steps": 20}
+                           for d, lo, hi, sep, s in ((-0.4, -0.5, -0.3, True, "ddim"), (0.01, -0.02, 0.04, False, "ddpm"))])
+    text = claims.sampler_claim(paired)
+    assert "`w8a4-modiff` minus `w8a4` (paired over 64 seeds, 95% interval)" in text
+    assert "ddim 20 steps: -0.4 [-0.5, -0.3] (lower with MoDiff)" in text
+    assert "ddpm 20 steps: 0.01 [-0.02, 0.04] (no difference resolved)" in text
+    assert text.endswith("closer to full precision with 1 of 2 samplers.")
+
+
+def test_audit_claim_reads_each_check() -> None:
+    def audit(per_step: float, alone: float) -> pd.DataFrame:
+        return pd.DataFrame({"check": ["per-step reset vs weight-only (max |difference|)",
+                                       "per-trajectory reset vs weight-only (max |difference|)",
+                                       "sample 0: alone vs in a batch of 4 (max |difference|, per-tensor scales)"],
+                             "value": [per_step, 0.47, alone]})
+
+    published = claims.audit_claim(audit(0.0, 0.035))
+    assert "equal weight-only quantization bit for bit" in published and "differ by up to 0.47" in published
+    assert "depends on the batch it was sampled in" in published
+    other = claims.audit_claim(audit(0.2, 0.0))
+    assert "differ from weight-only quantization by up to 0.2" in other and "no batch dependence" in other
+
+
+def test_layer_sensitivity_finding_names_the_group_that_breaks_w4() -> None:
+    from analysis import layer_sensitivity
+
+    table = pd.DataFrame({"preset": "w4a32", "layers": ["all layers", "net.conv_out only", "net.conv_in only",
+                                                        "all but net.conv_in and net.conv_out"],
+                          "rel_l2_pixels": [1.7, 1.9, 0.05, 0.14], "ci95_low": [1.6, 1.8, 0.04, 0.1],
+                          "ci95_high": [1.8, 2.0, 0.06, 0.2], "n": 128})
+    text = layer_sensitivity.finding(table)
+    assert text.startswith("- `w4a32`: relative L2 to fp 1.7 [1.6, 1.8] with every layer quantized; net.conv_out only")
+    assert "(n = 128 seeds). The largest error comes from net.conv_out only, as large as with every layer" in text
+
+
+def test_findings_are_saved_beside_the_tables(tmp_path) -> None:
+    from analysis import tables
+
+    path = tables.save_finding("Found **this**.\n\n", "fig1a_caching", tmp_path)
+    assert path == tmp_path / "tables" / "fig1a_caching_finding.md" and path.read_text() == "Found **this**.\n"
+    with pytest.raises(ValueError, match="finding 'x' is empty"):
+        tables.save_finding("  ", "x", tmp_path)

@@ -137,3 +137,27 @@ def test_state_accounting_by_hand(tiny_denoiser: md.Denoiser) -> None:
     assert mb[2] == pytest.approx(mb[1] / 2) and mb[3] == pytest.approx(mb[0] * 3 / 32) and mb[1] < mb[0]
     with pytest.raises(ValueError, match="keeps no MoDiff state"):
         memory.state_accounting(tiny_denoiser, "w8a8")
+
+
+def test_sample_run_notes_whether_it_made_or_reused_the_run(tiny_denoiser: md.Denoiser, tmp_path) -> None:
+    """Inside a recording (as `modiff reproduce` runs each notebook), a first sample_run is noted as made,
+    the same call again as reused, with the sampling time the run had taken."""
+    from modiff.pipelines import run_usage
+
+    config = experiments.sample_config(tiny_denoiser, 2)
+    with run_usage.recording(tmp_path / "usage.jsonl") as path:
+        experiments.sample_run(tiny_denoiser, "fp", range(2), config, tmp_path / "runs", device="cpu")
+        made = run_usage.RunUsage.read(path)
+        experiments.sample_run(tiny_denoiser, "fp", range(2), config, tmp_path / "runs", device="cpu")
+        experiments.sample_run(tiny_denoiser, "fp", range(2), config, tmp_path / "other", device="cpu")
+    assert made == run_usage.RunUsage(made=1, reused=0, reused_sampling_seconds=0.0)
+    usage = run_usage.RunUsage.read(path)
+    assert (usage.made, usage.reused) == (2, 0)  # a folder made here stays "made" when read back
+    with run_usage.recording(tmp_path / "again.jsonl") as path:
+        experiments.sample_run(tiny_denoiser, "fp", range(2), config, tmp_path / "runs", device="cpu")
+    again = run_usage.RunUsage.read(path)
+    import json
+
+    sessions = json.loads((tmp_path / "runs" / "fp-ddim2" / "manifest.json").read_text())["sessions"]
+    assert (again.made, again.reused) == (0, 1)
+    assert again.reused_sampling_seconds == round(sum(s["seconds"] for s in sessions), 1)

@@ -149,3 +149,17 @@ def test_reproduce_overrides_are_typed() -> None:
 
     with pytest.raises(ValueError, match=r"sizes must be >= 1, got \{'analysis_samples': 0\}"):
         reproduce("quick", overrides={"analysis_samples": 0})
+
+
+def test_reproduce_index_only_rewrites_the_index(tmp_path: Path) -> None:
+    """--index-only runs no notebook: it rewrites index.html and index.md of an existing report folder, and
+    names the command that makes a missing one."""
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "manifest.json").write_text(json.dumps({"preset": {"name": "quick"},
+                                                                  "parameters": {"model": "fmnist-ddim"}}))
+    result = CliRunner().invoke(main, ["reproduce", "--index-only", "--reports", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"index: {tmp_path / 'quick' / 'index.html'}"
+    assert "Notebook `fig1a_caching`: not run yet" in (tmp_path / "quick" / "index.md").read_text()
+    result = CliRunner().invoke(main, ["reproduce", "--index-only", "--preset", "paper", "--reports", str(tmp_path)])
+    assert result.exit_code != 0 and "run `modiff reproduce --preset paper --model fmnist-ddim` first" in result.output

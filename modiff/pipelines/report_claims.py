@@ -1,0 +1,263 @@
+"""The report's verdicts on the paper's claims, computed from the tables a report folder holds.
+
+Each claim function reads the saved tables (`SavedTables`: out_dir/tables/<name>.csv) and returns a
+`Claim`: the paper's claim in a few words, a verdict ("reproduced", "partly", "not reproduced", or "not
+measured" when its table is missing or in an older format) by the rule in its docstring, and the numbers
+the verdict rests on. The paper's numbers come from data/paper_values.csv. Nothing here samples or loads a
+model: an index can be rebuilt from a report folder alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import pandas as pd
+
+__all__ = ["Claim", "Verdict", "SavedTables", "CLAIMS", "claims", "paper_value", "interval"]
+
+Verdict = Literal["reproduced", "partly", "not reproduced", "not measured"]
+
+# The reading of "stays small" in Figure 3 (the paper gives no number): as in analysis.claims.compensation_claim.
+SMALL_FEATURE_ERROR = 0.1
+CACHING_TOLERANCE = 0.25  # "about 40%": within 25% (relative), as in analysis.claims.caching_claim
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str  # the paper's claim, in a few words
+    verdict: Verdict
+    evidence: str  # Markdown: the numbers the verdict rests on
+    section: str  # anchor of the index section that shows them
+    notebook: str  # the notebook that makes its tables
+
+
+class SavedTables:
+    """The CSV tables of a report folder, each read once; `get` gives None for a table that is missing
+    or lacks one of the ``columns`` asked for (a table from an older version of its notebook)."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.folder = Path(out_dir) / "tables"
+        self._read: dict[str, Optional[pd.DataFrame]] = {}
+
+    def get(self, name: str, columns: Sequence[str] = ()) -> Optional[pd.DataFrame]:
+        if name not in self._read:
+            path = self.folder / f"{name}.csv"
+            try:
+                self._read[name] = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+            except (OSError, ValueError, pd.errors.EmptyDataError):
+                self._read[name] = None
+        table = self._read[name]
+        return table if table is not None and set(columns) <= set(table.columns) else None
+
+
+@lru_cache(maxsize=1)
+def _paper_values() -> pd.DataFrame:
+    from modiff.models.registry import data_dir
+
+    return pd.read_csv(data_dir() / "paper_values.csv")
+
+
+def paper_value(table: str, cell: str) -> float:
+    """One number of data/paper_values.csv, by its table and cell."""
+    values = _paper_values()
+    match = values[(values["table"] == table) & (values["cell"] == cell)]
+    if match.empty:
+        raise KeyError(f"data/paper_values.csv has no cell {cell!r} of {table!r}")
+    return float(match["value"].iloc[0])
+
+
+def interval(mean: float, low: float, high: float) -> str:
+    return f"{mean:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def _unmeasured(claim: str, section: str, notebook: str, table: str) -> Claim:
+    return Claim(claim, "not measured", f"`{table}` is missing or in an older format: rerun `{notebook}`.", section,
+                 notebook)
+
+
+def caching_error(t: SavedTables) -> Claim:
+    """Figure 1a. Reproduced: at N = 3 the error at the last step every N skips is within 25% of the
+    paper's 0.40 and the mean over all steps rises with N (disjoint intervals); partly: one of the two."""
+    claim, section, notebook = "Caching error grows with N; about 40% at the last step for N = 3", "fig1a", "fig1a_caching"
+    table = t.get("fig1a_caching_summary", ["interval", "comparison", "mean", "ci95_low", "ci95_high", "steps"])
+    if table is None or not (table["comparison"] == "last step every N skips").any():
+        return _unmeasured(claim, section, notebook, "fig1a_caching_summary")
+    paper = paper_value("Figure 1a", "N=3 last step")
+    common = table[table["comparison"] == "last step every N skips"].set_index("interval")
+    overall = table[table["comparison"] == "mean over all steps"].sort_values("interval")
+    rising = bool((overall["ci95_high"].to_numpy()[:-1] < overall["ci95_low"].to_numpy()[1:]).all())
+    if 3 not in common.index:
+        return _unmeasured(claim, section, notebook, "fig1a_caching_summary (N = 3)")
+    row = common.loc[3]
+    level = abs(row["mean"] - paper) <= CACHING_TOLERANCE * paper
+    verdict: Verdict = "reproduced" if level and rising else "partly" if level or rising else "not reproduced"
+    evidence = (f"At step {row['steps']}, the last step every N skips, N = 3 gives {interval(row['mean'], row['ci95_low'], row['ci95_high'])} "
+                f"(paper: about {paper:g}). Mean over all steps "
+                + ", ".join(f"N = {int(r.interval)} {interval(r.mean, r.ci95_low, r.ci95_high)}" for r in overall.itertuples())
+                + f": {'rises' if rising else 'does not rise (overlapping intervals)'} with N.")
+    return Claim(claim, verdict, evidence, section, notebook)
+
+
+def residual_ranges(t: SavedTables) -> Claim:
+    """Figure 1b. Per layer, the median over steps of the per-step range ratio (activations / temporal
+    differences). Reproduced: at least the paper's 10 for every layer; partly: above 1 (narrower) for
+    every layer; not reproduced otherwise."""
+    claim, section, notebook = "Temporal differences are more than 10x narrower than activations", "fig1b", "fig1b_activations"
+    table = t.get("fig1b_range_ratios", ["layer", "overall", "median_per_step"])
+    if table is None or table.empty:
+        return _unmeasured(claim, section, notebook, "fig1b_range_ratios")
+    paper = paper_value("Figure 1b", "range ratio")
+    medians = table["median_per_step"]
+    verdict: Verdict = ("reproduced" if (medians >= paper).all() else "partly" if (medians > 1).all()
+                        else "not reproduced")
+    evidence = ("Median over steps of the per-step range ratio: "
+                + ", ".join(f"{r.median_per_step:.3g} (`{r.layer}`)" for r in table.itertuples())
+                + f"; {int((medians >= paper).sum())} of {len(table)} layers at {paper:g} or more. Pooled over all "
+                f"steps (one range per trajectory) the ratio is {table['overall'].min():.3g} to {table['overall'].max():.3g}.")
+    return Claim(claim, verdict, evidence, section, notebook)
+
+
+def _checks(table: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    return table[(table["reading"] == "out-of-sample") & table["check"].str.startswith(prefix)]
+
+
+def theorem_43(t: SavedTables) -> Claim:
+    """Theorem 4.3 on held-out trajectories. Reproduced: no check fails; partly: at most 1 in 10,000 fails."""
+    claim, section, notebook = "Theorem 4.3: the max-min quantizer's error bound", "theory", "theory_bounds"
+    table = t.get("theory_bound_summary", ["reading", "check", "checks", "fails", "ratio_max"])
+    if table is None or _checks(table, "thm43").empty:
+        return _unmeasured(claim, section, notebook, "theory_bound_summary")
+    rows = _checks(table, "thm43")
+    fails, checks = int(rows["fails"].sum()), int(rows["checks"].sum())
+    verdict: Verdict = "reproduced" if fails == 0 else "partly" if fails <= 1e-4 * checks else "not reproduced"
+    return Claim(claim, verdict, f"{fails:,} of {checks:,} checks fail (every layer, bit width and quantizer, held-out "
+                 f"trajectories); the largest error / bound is {rows['ratio_max'].max():.3g}.", section, notebook)
+
+
+def theorem_44(t: SavedTables) -> Claim:
+    """Theorem 4.4, bound (31) with compensation, out of sample. Reproduced: (31) as printed never fails
+    and 2c < 1 on every layer; partly: the unrolled (31) (the paper's proof, exponent k-t+1) fails in at
+    most 1 in 10,000 checks; not reproduced otherwise."""
+    claim, section, notebook = "Theorem 4.4: with compensation, past errors decay as (2c)^k", "theory", "theory_bounds"
+    table = t.get("theory_bound_summary", ["reading", "check", "checks", "fails", "fail_rate", "ratio_max"])
+    if table is None or _checks(table, "bound31").empty:
+        return _unmeasured(claim, section, notebook, "theory_bound_summary")
+    printed, unrolled = _checks(table, "bound31_printed"), _checks(table, "bound31_unrolled")
+    cases = t.get("theory_c_per_layer", ["two_c31_ge_1"])
+    decaying = cases is None or not cases["two_c31_ge_1"].astype(str).str.lower().eq("true").any()
+    unrolled_fails, checks = int(unrolled["fails"].sum()), int(unrolled["checks"].sum())
+    verdict: Verdict = ("reproduced" if printed["fails"].sum() == 0 and decaying
+                        else "partly" if unrolled_fails <= 1e-4 * checks else "not reproduced")
+    evidence = (f"(31) as printed fails in up to {printed['fail_rate'].max():.2%} of a case's checks (error up to "
+                f"{printed['ratio_max'].max():.3g}x the bound); unrolled from the proof it fails in {unrolled_fails:,} of "
+                f"{checks:,}.")
+    if cases is not None:
+        flagged = int(cases["two_c31_ge_1"].astype(str).str.lower().eq("true").sum())
+        evidence += f" 2c >= 1 (no decay) in {flagged} of {len(cases)} layer, bit-width and quantizer cases."
+    return Claim(claim, verdict, evidence, section, notebook)
+
+
+TABLE4 = ("without error compensation", "with error compensation")
+
+
+def error_compensation(t: SavedTables) -> Claim:
+    """Figure 3 / Table 4, last step. Reproduced: with compensation the error is below the error without
+    it (disjoint intervals) at every bit width and at most 0.1 (our reading of "stays small") at the
+    lowest; partly: below at some bit widths; not reproduced: at none."""
+    claim, section, notebook = "Error compensation stops the error from accumulating, even at 3 bits", "fig3", "fig3_compensation"
+    cols = [f"{name}{suffix}" for name in TABLE4 for suffix in ("", ": ci95_low", ": ci95_high")]
+    table = t.get("table4_last_step_error", ["bits", *cols])
+    if table is None or table.empty:
+        return _unmeasured(claim, section, notebook, "table4_last_step_error")
+    without, with_ec = TABLE4
+    lower = table[f"{with_ec}: ci95_high"] < table[f"{without}: ci95_low"]
+    small = table.loc[table[with_ec] <= SMALL_FEATURE_ERROR, "bits"]
+    lowest = int(table["bits"].min())
+    verdict: Verdict = ("reproduced" if lower.all() and lowest in set(small) else "partly" if lower.any()
+                        else "not reproduced")
+    per_bits = "; ".join(f"A{int(r['bits'])} {interval(r[with_ec], r[f'{with_ec}: ci95_low'], r[f'{with_ec}: ci95_high'])} "
+                         f"with, {interval(r[without], r[f'{without}: ci95_low'], r[f'{without}: ci95_high'])} without"
+                         for _, r in table.sort_values("bits").iterrows())
+    evidence = (f"Relative L2 of middle-block features at the last step: {per_bits}. Lower with compensation at "
+                f"{int(lower.sum())} of {len(table)} bit widths; at most {SMALL_FEATURE_ERROR:g} at "
+                + (", ".join(f"A{int(b)}" for b in sorted(small, reverse=True)) or "no bit width") + ".")
+    return Claim(claim, verdict, evidence, section, notebook)
+
+
+TABLE1 = ["preset", "numerics", "method", "w_bits", "a_bits", "fid_classifier", "fid_ci95_low", "fid_ci95_high",
+          "vs_fp", "modiff_vs_direct", "gbops_per_step"]
+
+
+def _near_fp(verdict: object) -> bool:
+    return str(verdict).startswith(("no difference", "better"))
+
+
+def low_bit_activations(t: SavedTables) -> Claim:
+    """Table 1: the dynamic + MoDiff rows at W8A4 and W8A3 (every numerics). Reproduced: each shows no FID
+    difference from full precision (or is better; paired bootstrap, 95%); partly: some do, or MoDiff beats
+    its direct counterpart in every row; not reproduced otherwise."""
+    claim, section, notebook = "3-4 bit activations near full precision with MoDiff", "table1", "table1_bitwidth"
+    table = t.get("table1_bitwidth", TABLE1)
+    rows = None if table is None else table[(table["method"] == "dynamic + MoDiff") & (table["w_bits"] == 8)
+                                            & table["a_bits"].isin([3, 4])]
+    if rows is None or rows.empty or not (table["preset"] == "fp").any():
+        return _unmeasured(claim, section, notebook, "table1_bitwidth")
+    fp = table[table["preset"] == "fp"].iloc[0]
+    near, better = rows["vs_fp"].map(_near_fp), rows["modiff_vs_direct"].astype(str).str.startswith("better")
+    verdict: Verdict = ("reproduced" if near.all() else "partly" if near.any() or better.all() else "not reproduced")
+    evidence = (f"FID (classifier features) against fp {interval(fp.fid_classifier, fp.fid_ci95_low, fp.fid_ci95_high)}: "
+                + "; ".join(f"W8A{int(r.a_bits)} {r.numerics} {interval(r.fid_classifier, r.fid_ci95_low, r.fid_ci95_high)} "
+                            f"({r.vs_fp})" for r in rows.itertuples())
+                + f". {int(near.sum())} of {len(rows)} rows are indistinguishable from fp; MoDiff beats direct "
+                f"quantization in {int(better.sum())} of {len(rows)}.")
+    return Claim(claim, verdict, evidence, section, notebook)
+
+
+def gbops_saving(t: SavedTables) -> Claim:
+    """Table 1 GBops per step, W8A32 against W8A3. Reproduced: a saving of at least 90% of the paper's
+    ratio (1636 / 153); partly: any saving; not reproduced: none."""
+    claim, section, notebook = "W8A3 needs >10x fewer GBops than W8A32", "table1", "table1_bitwidth"
+    table = t.get("table1_bitwidth", ["w_bits", "a_bits", "gbops_per_step"])
+    if table is None:
+        return _unmeasured(claim, section, notebook, "table1_bitwidth")
+    full, low = (table.loc[(table["w_bits"] == 8) & (table["a_bits"] == a), "gbops_per_step"] for a in (32, 3))
+    if full.empty or low.empty:
+        return _unmeasured(claim, section, notebook, "table1_bitwidth (W8A32 and W8A3 rows)")
+    ours = full.iloc[0] / low.iloc[0]
+    paper_full, paper_low = paper_value("Table 1", "W8A32 GBops"), paper_value("Table 1", "W8A3 GBops")
+    paper = paper_full / paper_low
+    verdict: Verdict = "reproduced" if ours >= 0.9 * paper else "partly" if ours > 1 else "not reproduced"
+    return Claim(claim, verdict, f"GBops per image per step: W8A32 {full.iloc[0]:.4g}, W8A3 {low.iloc[0]:.4g}, "
+                 f"{ours:.3g}x fewer (paper: {paper_full:g} and {paper_low:g}, {paper:.3g}x).", section, notebook)
+
+
+def extra_memory(t: SavedTables) -> Claim:
+    """Tables 6 and 19-21, batch 1, a UNet of the CIFAR-10 checkpoint's shape. Reproduced: our count
+    (the first accounting) is at most the paper's 4 MB; partly: another accounting fits; not reproduced
+    otherwise."""
+    claim, section, notebook = "MoDiff needs at most 4 MB extra memory at batch 1 (CIFAR-10)", "bops", "bops_memory"
+    table = t.get("modiff_state_accounting", ["model", "accounting", "mb_per_image"])
+    cifar = None if table is None else table[table["model"].astype(str).str.startswith("cifar10")]
+    if cifar is None or cifar.empty:
+        return _unmeasured(claim, section, notebook, "modiff_state_accounting")
+    paper = paper_value("Table 6", "batch 1 memory")
+    fits = cifar[cifar["mb_per_image"] <= paper]
+    verdict: Verdict = ("reproduced" if cifar["mb_per_image"].iloc[0] <= paper else "partly" if len(fits)
+                        else "not reproduced")
+    return Claim(claim, verdict, f"CIFAR-10-size UNet: {cifar['mb_per_image'].iloc[0]:.3g} MB per image "
+                 f"({cifar['accounting'].iloc[0]}); the smallest accounting, {cifar['accounting'].iloc[-1]}, "
+                 f"{cifar['mb_per_image'].iloc[-1]:.3g} MB (paper: at most {paper:g} MB).", section, notebook)
+
+
+CLAIMS: tuple[Callable[[SavedTables], Claim], ...] = (
+    caching_error, residual_ranges, theorem_43, theorem_44, error_compensation, low_bit_activations, gbops_saving,
+    extra_memory,
+)
+
+
+def claims(out_dir: str | Path) -> list[Claim]:
+    """Every claim of `CLAIMS`, in the paper's order, judged on the tables of ``out_dir``."""
+    tables = SavedTables(out_dir)
+    return [judge(tables) for judge in CLAIMS]

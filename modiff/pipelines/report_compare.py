@@ -1,0 +1,183 @@
+"""Ours beside the paper's: for each report section with paper values, a small table (the paper's number
+next to ours) and one computed line per trend saying whether it agrees; the setting that differs from the
+paper's, stated once; and the compact view of Table 1 with its paper columns.
+
+Everything is read from a report folder's saved tables (`report_claims.SavedTables`) and the run
+parameters of its manifest, so an index can be rebuilt without running a notebook.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from modiff.pipelines.report_claims import SavedTables, interval, paper_value
+
+__all__ = ["Comparison", "comparison", "setting_table", "table1_view", "is_latent"]
+
+
+@dataclass
+class Comparison:
+    table: Optional[pd.DataFrame] = None  # columns: quantity, paper, ours
+    lines: list[str] = field(default_factory=list)  # "agrees: ..." / "differs: ..."
+
+
+def _line(agrees: bool, text: str) -> str:
+    return f"{'agrees' if agrees else 'differs'}: {text}"
+
+
+def _fig1a(t: SavedTables) -> Optional[Comparison]:
+    table = t.get("fig1a_caching_summary", ["interval", "comparison", "mean", "ci95_low", "ci95_high", "steps"])
+    if table is None:
+        return None
+    common = table[table["comparison"] == "last step every N skips"].set_index("interval")
+    overall = table[table["comparison"] == "mean over all steps"].sort_values("interval")
+    if 3 not in common.index or overall.empty:
+        return None
+    paper, row = paper_value("Figure 1a", "N=3 last step"), common.loc[3]
+    rising = bool((overall["ci95_high"].to_numpy()[:-1] < overall["ci95_low"].to_numpy()[1:]).all())
+    rows = pd.DataFrame([
+        {"quantity": "relative L2, N = 3, late step", "paper": f"about {paper:g} (last step)",
+         "ours": f"{interval(row['mean'], row['ci95_low'], row['ci95_high'])} (step {row['steps']}, the last every N skips)"},
+        {"quantity": "mean over all steps, by N", "paper": "grows with N",
+         "ours": ", ".join(f"N = {int(r.interval)}: {r.mean:.3g}" for r in overall.itertuples())}])
+    ratio = row["mean"] / paper
+    return Comparison(rows, [
+        _line(rising, f"the error grows with N (disjoint 95% intervals of the mean over all steps): "
+                      f"{'yes' if rising else 'no'}, as in the paper."),
+        _line(abs(ratio - 1) <= 0.25, f"level at N = 3: {row['mean']:.3g} against the paper's {paper:g} "
+                                      f"({ratio:.2g}x the paper's).")])
+
+
+def _fig1b(t: SavedTables) -> Optional[Comparison]:
+    table = t.get("fig1b_range_ratios", ["layer", "min_per_step", "median_per_step"])
+    if table is None or table.empty:
+        return None
+    paper = paper_value("Figure 1b", "range ratio")
+    rows = pd.DataFrame([{"quantity": f"median per-step range ratio, `{r.layer}`", "paper": f"more than {paper:g}",
+                          "ours": f"{r.median_per_step:.3g}"} for r in table.itertuples()])
+    narrower = table["min_per_step"] > 1
+    ten = table["median_per_step"] >= paper
+    return Comparison(rows, [
+        _line(bool(narrower.all()), f"differences narrower than activations at every step in "
+                                    f"{int(narrower.sum())} of {len(table)} layers (smallest per-step ratio above 1)."),
+        _line(bool(ten.all()), f"more than {paper:g}x narrower (median over steps) in {int(ten.sum())} of {len(table)} layers.")])
+
+
+def _pair_lines(table: pd.DataFrame) -> list[str]:
+    """One line per MoDiff row whose direct counterpart also has a paper FID."""
+    by_preset = table.set_index("preset")
+    lines = []
+    for row in table[table["modiff_vs_direct"].astype(str) != ""].itertuples():
+        direct_name = str(row.preset).replace("-modiff", "")
+        if direct_name not in by_preset.index or pd.isna(row.paper_fid) or pd.isna(by_preset.loc[direct_name, "paper_fid"]):
+            continue
+        direct = by_preset.loc[direct_name]
+        ours = str(row.modiff_vs_direct).split(":")[0]
+        paper_better = row.paper_fid < direct.paper_fid
+        lines.append(_line(ours == ("better" if paper_better else "worse"),
+                           f"W{row.w_bits}A{row.a_bits} {row.numerics}: the paper's FID goes {direct.paper_fid:g} -> "
+                           f"{row.paper_fid:g} with MoDiff, ours {direct.fid_classifier:.3g} -> {row.fid_classifier:.3g} "
+                           f"(MoDiff vs direct {row.modiff_vs_direct})."))
+    return lines
+
+
+def _table1(t: SavedTables) -> Optional[Comparison]:
+    table = t.get("table1_bitwidth", ["preset", "numerics", "w_bits", "a_bits", "fid_classifier", "modiff_vs_direct",
+                                      "paper_fid", "gbops_per_step"])
+    if table is None:
+        return None
+    table = table.assign(modiff_vs_direct=table["modiff_vs_direct"].fillna(""))
+    lines = _pair_lines(table)
+    full, low = (table.loc[(table["w_bits"] == 8) & (table["a_bits"] == a), "gbops_per_step"] for a in (32, 3))
+    if len(full) and len(low):
+        paper = paper_value("Table 1", "W8A32 GBops") / paper_value("Table 1", "W8A3 GBops")
+        ours = full.iloc[0] / low.iloc[0]
+        lines.append(_line(ours >= 0.9 * paper, f"GBops W8A32 / W8A3: {ours:.3g}x here, {paper:.3g}x in the paper."))
+    return Comparison(None, lines) if lines else None
+
+
+def _bops(t: SavedTables) -> Optional[Comparison]:
+    table = t.get("modiff_state_accounting", ["model", "accounting", "mb_per_image"])
+    if table is None:
+        return None
+    cifar = table[table["model"].astype(str).str.startswith("cifar10")]
+    if cifar.empty:
+        return None
+    paper, ours = paper_value("Table 6", "batch 1 memory"), cifar.iloc[0]
+    rows = pd.DataFrame([{"quantity": "extra memory at batch 1, CIFAR-10-size UNet (MB)", "paper": f"at most {paper:g}",
+                          "ours": f"{r.mb_per_image:.3g} ({r.accounting})"} for r in cifar.itertuples()])
+    return Comparison(rows, [_line(ours["mb_per_image"] <= paper, f"{ours['mb_per_image']:.3g} MB with our count "
+                                                                  f"({ours['accounting']}) against at most {paper:g} MB.")])
+
+
+_COMPARISONS = {"fig1a": _fig1a, "fig1b": _fig1b, "table1": _table1, "bops": _bops}
+
+
+def comparison(anchor: str, tables: SavedTables) -> Optional[Comparison]:
+    """The paper's values beside ours for the section ``anchor``; None where it has none or its table is missing."""
+    build = _COMPARISONS.get(anchor)
+    return build(tables) if build else None
+
+
+def is_latent(tables: SavedTables, model: str) -> bool:
+    """A latent model samples with `ldm` timesteps (read from Table 1); without that table, by its name."""
+    table = tables.get("table1_bitwidth", ["spacing"])
+    return bool((table["spacing"] == "ldm").any()) if table is not None and len(table) else "ldm" in model
+
+
+_MODELS = {"fmnist-ddim": "`fmnist-ddim`: the shipped Fashion-MNIST pixel DDIM (32x32, one channel)",
+           "fmnist-ldm": "`fmnist-ldm`: the shipped Fashion-MNIST latent diffusion model"}
+
+
+def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]) -> pd.DataFrame:
+    """What differs between the paper's setting and this report's (model, metric space, sample size,
+    sampler), from the report's parameters and, where it has it, Table 1 itself."""
+    latent = is_latent(tables, model)
+    table1 = tables.get("table1_bitwidth", ["n", "steps", "spacing", "precision"])
+    n = int(table1["n"].max()) if table1 is not None and len(table1) else parameters.get("num_samples", "?")
+    steps = int(table1["steps"].max()) if table1 is not None and len(table1) else parameters.get("steps", "?")
+    spacing = table1["spacing"].iloc[0] if table1 is not None and len(table1) else ("ldm" if latent else "quad")
+    precision = "; ".join(sorted(set(table1["precision"]))) if table1 is not None and len(table1) else parameters.get("precision", "?")
+    paper_model = ("LSUN-Bedrooms LDM-4 and LSUN-Churches LDM-8 (Tables 2, 3)" if latent
+                   else "the official CIFAR-10 DDIM UNet (35.7M parameters, 32x32 RGB)")
+    return pd.DataFrame([
+        {"": "model", "paper": paper_model, "this report": _MODELS.get(model, f"`{model}`")},
+        {"": "FID feature space", "paper": "Inception-v3, against the data set's training images",
+         "this report": "a Fashion-MNIST classifier (shipped), against Fashion-MNIST train: values are not comparable "
+                        "with the paper's, directions and verdicts are"},
+        {"": "samples per FID", "paper": "50,000", "this report": f"{n:,}" if isinstance(n, int) else str(n)},
+        {"": "trajectories per figure", "paper": "not stated",
+         "this report": f"{parameters.get('analysis_samples', '?')} (Figures 1a, 1b, 3, grids); theory: "
+                        f"{parameters.get('theory_calib_samples', '?')} calibration + "
+                        f"{parameters.get('theory_heldout_samples', '?')} held-out; warm-up: "
+                        f"{parameters.get('warmup_samples', '?')} seeds"},
+        {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
+         "this report": f"DDIM, {steps} steps, {spacing} timesteps"},
+        {"": "arithmetic", "paper": "not stated", "this report": str(precision)},
+    ])
+
+
+def _fid(row: pd.Series) -> str:
+    return interval(row["fid_classifier"], row["fid_ci95_low"], row["fid_ci95_high"]) if np.isfinite(row["fid_classifier"]) else ""
+
+
+TABLE1_VIEW = ["preset", "numerics", "method", "weights", "w_bits", "a_bits", "n", "fid_classifier", "fid_ci95_low",
+               "fid_ci95_high", "vs_fp", "modiff_vs_direct", "rel_l2_pixels", "gbops_per_step", "paper_fid", "paper_gbops"]
+
+
+def table1_view(tables: SavedTables) -> Optional[pd.DataFrame]:
+    """Table 1 as the index shows it: FID with its interval in one column, the verdicts, and the paper's
+    FID and GBops beside ours; None when the table is missing or in an older format."""
+    table = tables.get("table1_bitwidth", TABLE1_VIEW)
+    if table is None:
+        return None
+    return pd.DataFrame({
+        "preset": table["preset"], "numerics": table["numerics"], "method": table["method"], "weights": table["weights"],
+        "W/A bits": [f"W{w}A{a}" for w, a in zip(table["w_bits"], table["a_bits"])], "n": table["n"],
+        "FID [95%] (classifier)": [_fid(r) for _, r in table.iterrows()],
+        "vs fp": table["vs_fp"].fillna(""), "MoDiff vs direct": table["modiff_vs_direct"].fillna(""),
+        "rel. L2 to fp": table["rel_l2_pixels"], "GBops/step": table["gbops_per_step"],
+        "paper FID (Inception)": table["paper_fid"], "paper GBops": table["paper_gbops"]})

@@ -1,0 +1,179 @@
+"""The index's verdicts on the paper's claims and its paper-beside-ours lines, each rule pinned on small
+tables written the way the notebooks write them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from modiff.pipelines import report_claims as rc
+from modiff.pipelines.report_compare import comparison, setting_table, table1_view
+
+
+def write(out_dir: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    (out_dir / "tables").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out_dir / "tables" / f"{name}.csv", index=False)
+
+
+def judge(out_dir: Path, claim) -> rc.Claim:
+    return claim(rc.SavedTables(out_dir))
+
+
+@pytest.mark.parametrize("medians, verdict", [([12.0, 15.0], "reproduced"), ([12.0, 8.0], "partly"),
+                                              ([12.0, 0.9], "not reproduced")])
+def test_residual_ranges_against_ten_x(tmp_path: Path, medians: list[float], verdict: str) -> None:
+    write(tmp_path, "fig1b_range_ratios", [{"layer": f"l{i}", "overall": 1.5, "min_per_step": 1.1, "median_per_step": m}
+                                           for i, m in enumerate(medians)])
+    claim = judge(tmp_path, rc.residual_ranges)
+    assert claim.verdict == verdict and claim.section == "fig1b"
+    assert f"{sum(m >= 10 for m in medians)} of 2 layers at 10 or more" in claim.evidence
+
+
+def test_every_claim_without_its_table_is_not_measured(tmp_path: Path) -> None:
+    found = rc.claims(tmp_path)
+    assert [c.verdict for c in found] == ["not measured"] * len(rc.CLAIMS)
+    assert all("rerun `" in c.evidence for c in found)
+    write(tmp_path, "table1_bitwidth", [{"preset": "w8a8", "fid_classifier": 3.0}])  # an older Table 1
+    assert judge(tmp_path, rc.low_bit_activations).verdict == "not measured"
+
+
+def _table4(with_ec: list[float], without: list[float]) -> list[dict[str, Any]]:
+    rows = []
+    for bits, w, wo in zip((3, 4, 6, 8), with_ec, without):
+        rows.append({"bits": bits, **{f"{name}{suffix}": value * scale for name, value in
+                                      (("without error compensation", wo), ("with error compensation", w))
+                                      for suffix, scale in (("", 1.0), (": ci95_low", 0.9), (": ci95_high", 1.1))},
+                     "n_samples": 16})
+    return rows
+
+
+@pytest.mark.parametrize("with_ec, without, verdict", [
+    ([0.08, 0.05, 0.02, 0.01], [1.6, 1.5, 1.0, 0.6], "reproduced"),
+    ([0.7, 0.2, 0.03, 0.01], [1.6, 1.5, 1.0, 0.6], "partly"),  # lower everywhere, not small at 3 bits
+    ([1.7, 1.6, 1.1, 0.7], [1.6, 1.5, 1.0, 0.6], "not reproduced"),
+])
+def test_error_compensation(tmp_path: Path, with_ec: list[float], without: list[float], verdict: str) -> None:
+    write(tmp_path, "table4_last_step_error", _table4(with_ec, without))
+    claim = judge(tmp_path, rc.error_compensation)
+    assert claim.verdict == verdict
+    assert "A3 " in claim.evidence and "bit widths" in claim.evidence
+
+
+def table1_rows(w8a4_vs_fp: str, w8a3_vs_fp: str, vs_direct: str = "better: -3 [-4, -2]",
+                w8a3_gbops: float = 36.31) -> list[dict[str, Any]]:
+    base = {"numerics": "per-sample", "weights": "RTN", "n": 64, "steps": 20, "spacing": "quad",
+            "precision": "fp32 (TF32 off) on cpu", "fid_ci95_low": 1.0, "fid_ci95_high": 3.0, "rel_l2_pixels": 0.1,
+            "paper_cell": "", "paper_gbops": float("nan")}
+    return [
+        {**base, "preset": "fp", "numerics": "-", "method": "full precision", "w_bits": 32, "a_bits": 32,
+         "fid_classifier": 2.0, "vs_fp": "", "modiff_vs_direct": "", "gbops_per_step": 1549.0, "paper_fid": float("nan")},
+        {**base, "preset": "w8a32", "numerics": "-", "method": "full-precision activations", "w_bits": 8, "a_bits": 32,
+         "fid_classifier": 2.0, "vs_fp": "no difference: 0 [-1, 1]", "modiff_vs_direct": "", "gbops_per_step": 387.3,
+         "paper_fid": 4.24},
+        {**base, "preset": "w8a4", "method": "dynamic (LCQ)", "w_bits": 8, "a_bits": 4, "fid_classifier": 6.0,
+         "vs_fp": "worse: +4 [+3, +5]", "modiff_vs_direct": "", "gbops_per_step": 48.41, "paper_fid": 24.09},
+        {**base, "preset": "w8a4-modiff", "method": "dynamic + MoDiff", "w_bits": 8, "a_bits": 4, "fid_classifier": 2.1,
+         "vs_fp": w8a4_vs_fp, "modiff_vs_direct": vs_direct, "gbops_per_step": 48.41, "paper_fid": 4.31},
+        {**base, "preset": "w8a3", "method": "dynamic (LCQ)", "w_bits": 8, "a_bits": 3, "fid_classifier": 70.0,
+         "vs_fp": "worse: +68 [+67, +69]", "modiff_vs_direct": "", "gbops_per_step": w8a3_gbops, "paper_fid": 143.39},
+        {**base, "preset": "w8a3-modiff", "method": "dynamic + MoDiff", "w_bits": 8, "a_bits": 3, "fid_classifier": 2.2,
+         "vs_fp": w8a3_vs_fp, "modiff_vs_direct": vs_direct, "gbops_per_step": w8a3_gbops, "paper_fid": 4.14},
+    ]
+
+
+@pytest.mark.parametrize("w8a4, w8a3, vs_direct, verdict", [
+    ("no difference: +0.1 [-0.1, +0.3]", "better: -0.1 [-0.2, -0.01]", "better: -3 [-4, -2]", "reproduced"),
+    ("no difference: +0.1 [-0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]", "worse: +1 [+0.5, +2]", "partly"),
+    ("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]", "better: -3 [-4, -2]", "partly"),  # beats direct
+    ("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]", "no difference: 0 [-1, 1]", "not reproduced"),
+])
+def test_low_bit_activations(tmp_path: Path, w8a4: str, w8a3: str, vs_direct: str, verdict: str) -> None:
+    write(tmp_path, "table1_bitwidth", table1_rows(w8a4, w8a3, vs_direct))
+    claim = judge(tmp_path, rc.low_bit_activations)
+    assert claim.verdict == verdict and claim.section == "table1"
+    assert "W8A4 per-sample 2.1 [1, 3]" in claim.evidence
+
+
+@pytest.mark.parametrize("w8a3_gbops, verdict", [(36.31, "reproduced"), (200.0, "partly"), (400.0, "not reproduced")])
+def test_gbops_saving_against_the_papers_ratio(tmp_path: Path, w8a3_gbops: float, verdict: str) -> None:
+    write(tmp_path, "table1_bitwidth", table1_rows("worse: +1 [+0.5, +2]", "worse: +1 [+0.5, +2]", w8a3_gbops=w8a3_gbops))
+    claim = judge(tmp_path, rc.gbops_saving)
+    assert claim.verdict == verdict and "(paper: 1636 and 153, 10.7x)" in claim.evidence
+
+
+def _bound_rows(printed_fails: int, unrolled_fails: int) -> list[dict[str, Any]]:
+    return [{"reading": reading, "check": check, "quantizer": "per-sample", "bits": 4, "checks": 10_000,
+             "fails": fails, "fail_rate": fails / 10_000, "ratio_max": 5.0 if fails else 0.5}
+            for reading in ("out-of-sample", "in-sample")
+            for check, fails in (("bound31_printed", printed_fails), ("bound31_unrolled", unrolled_fails),
+                                 ("thm43_ec", 0))]
+
+
+@pytest.mark.parametrize("printed, unrolled, flagged, verdict", [(0, 0, False, "reproduced"), (0, 0, True, "partly"),
+                                                                  (30, 1, False, "partly"), (30, 5, False, "not reproduced")])
+def test_theorem_44(tmp_path: Path, printed: int, unrolled: int, flagged: bool, verdict: str) -> None:
+    write(tmp_path, "theory_bound_summary", _bound_rows(printed, unrolled))
+    write(tmp_path, "theory_c_per_layer", [{"layer": "a", "two_c31_ge_1": flagged}, {"layer": "b", "two_c31_ge_1": False}])
+    claim = judge(tmp_path, rc.theorem_44)
+    assert claim.verdict == verdict
+    assert f"2c >= 1 (no decay) in {int(flagged)} of 2" in claim.evidence
+    assert judge(tmp_path, rc.theorem_43).verdict == "reproduced"
+
+
+def _caching_rows(level: float, means: tuple[float, float]) -> list[dict[str, Any]]:
+    rows = [{"interval": 3, "comparison": "last step every N skips", "steps": "97", "mean": level,
+             "ci95_low": level * 0.9, "ci95_high": level * 1.1, "n_samples": 16}]
+    return rows + [{"interval": n, "comparison": "mean over all steps", "steps": "100 steps", "mean": m,
+                    "ci95_low": m * 0.95, "ci95_high": m * 1.05, "n_samples": 16} for n, m in zip((2, 3), means)]
+
+
+@pytest.mark.parametrize("level, means, verdict", [(0.42, (0.1, 0.2), "reproduced"), (0.09, (0.1, 0.2), "partly"),
+                                                   (0.09, (0.2, 0.2), "not reproduced")])
+def test_caching_error(tmp_path: Path, level: float, means: tuple[float, float], verdict: str) -> None:
+    write(tmp_path, "fig1a_caching_summary", _caching_rows(level, means))
+    assert judge(tmp_path, rc.caching_error).verdict == verdict
+    lines = comparison("fig1a", rc.SavedTables(tmp_path)).lines
+    assert lines[0].startswith("agrees" if means[1] > means[0] else "differs")
+    assert lines[1].startswith("agrees" if level == 0.42 else "differs")
+
+
+@pytest.mark.parametrize("counts, verdict", [((3.5, 1.0), "reproduced"), ((44.6, 4.2), "not reproduced"),
+                                             ((44.6, 3.9), "partly")])
+def test_extra_memory(tmp_path: Path, counts: tuple[float, float], verdict: str) -> None:
+    write(tmp_path, "modiff_state_accounting",
+          [{"model": "fmnist-ddim", "accounting": "a_hat and o_hat, fp32", "mb_per_image": 22.3}]
+          + [{"model": "cifar10-size DDIM UNet", "accounting": name, "mb_per_image": mb}
+             for name, mb in zip(("a_hat and o_hat, fp32", "3-bit codes"), counts)])
+    assert judge(tmp_path, rc.extra_memory).verdict == verdict
+    compared = comparison("bops", rc.SavedTables(tmp_path))
+    assert len(compared.table) == 2 and compared.lines[0].startswith("agrees" if counts[0] <= 4 else "differs")
+
+
+def test_table1_lines_and_view(tmp_path: Path) -> None:
+    write(tmp_path, "table1_bitwidth", table1_rows("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]"))
+    tables = rc.SavedTables(tmp_path)
+    lines = comparison("table1", tables).lines
+    assert lines[0] == ("agrees: W8A4 per-sample: the paper's FID goes 24.09 -> 4.31 with MoDiff, ours 6 -> 2.1 "
+                        "(MoDiff vs direct better: -3 [-4, -2]).")
+    assert lines[-1] == "agrees: GBops W8A32 / W8A3: 10.7x here, 10.7x in the paper."
+    view = table1_view(tables)
+    assert list(view.columns[-2:]) == ["paper FID (Inception)", "paper GBops"]
+    assert view.set_index("preset").loc["w8a4-modiff", "FID [95%] (classifier)"] == "2.1 [1, 3]"
+
+
+def test_setting_states_model_metric_and_sample_size(tmp_path: Path) -> None:
+    write(tmp_path, "table1_bitwidth", table1_rows("worse: +1 [0.5, 2]", "worse: +1 [0.5, 2]"))
+    setting = setting_table(rc.SavedTables(tmp_path), "fmnist-ddim", {"analysis_samples": 128}).set_index("")
+    assert setting.loc["samples per FID", "paper"] == "50,000" and setting.loc["samples per FID", "this report"] == "64"
+    assert "Fashion-MNIST classifier" in setting.loc["FID feature space", "this report"]
+    assert setting.loc["sampler", "this report"] == "DDIM, 20 steps, quad timesteps"
+    latent = setting_table(rc.SavedTables(tmp_path / "none"), "fmnist-ldm", {}).set_index("")
+    assert "LSUN" in latent.loc["model", "paper"]
+
+
+def test_paper_value_names_a_missing_cell() -> None:
+    assert rc.paper_value("Table 1", "W8A3 GBops") == 153
+    with pytest.raises(KeyError, match="no cell 'W9A9'"):
+        rc.paper_value("Table 1", "W9A9")
