@@ -137,10 +137,15 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
     sampler), from the report's parameters and, where it has it, Table 1 itself."""
     latent = is_latent(tables, model)
     table1 = tables.get("table1_bitwidth", ["n", "steps", "spacing", "precision"])
-    n = int(table1["n"].max()) if table1 is not None and len(table1) else parameters.get("num_samples", "?")
-    steps = int(table1["steps"].max()) if table1 is not None and len(table1) else parameters.get("steps", "?")
-    spacing = table1["spacing"].iloc[0] if table1 is not None and len(table1) else ("ldm" if latent else "quad")
-    precision = "; ".join(sorted(set(table1["precision"]))) if table1 is not None and len(table1) else parameters.get("precision", "?")
+    known = dict(parameters)
+    if table1 is not None and len(table1):
+        known.update(num_samples=int(table1["n"].max()), steps=int(table1["steps"].max()),
+                     spacing=table1["spacing"].iloc[0], precision="; ".join(sorted(set(table1["precision"]))))
+
+    def get(key: str) -> str:
+        value = known.get(key)
+        return "not recorded" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
     paper_model = ("LSUN-Bedrooms LDM-4 and LSUN-Churches LDM-8 (Tables 2, 3)" if latent
                    else "the official CIFAR-10 DDIM UNet (35.7M parameters, 32x32 RGB)")
     return pd.DataFrame([
@@ -148,15 +153,13 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
         {"": "FID feature space", "paper": "Inception-v3, against the data set's training images",
          "this report": "a Fashion-MNIST classifier (shipped), against Fashion-MNIST train: values are not comparable "
                         "with the paper's, directions and verdicts are"},
-        {"": "samples per FID", "paper": "50,000", "this report": f"{n:,}" if isinstance(n, int) else str(n)},
+        {"": "samples per FID", "paper": "50,000", "this report": get("num_samples")},
         {"": "trajectories per figure", "paper": "not stated",
-         "this report": f"{parameters.get('analysis_samples', '?')} (Figures 1a, 1b, 3, grids); theory: "
-                        f"{parameters.get('theory_calib_samples', '?')} calibration + "
-                        f"{parameters.get('theory_heldout_samples', '?')} held-out; warm-up: "
-                        f"{parameters.get('warmup_samples', '?')} seeds"},
+         "this report": f"{get('analysis_samples')} (Figures 1a, 1b, 3, grids); theory: {get('theory_calib_samples')} "
+                        f"calibration + {get('theory_heldout_samples')} held-out; warm-up: {get('warmup_samples')} seeds"},
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
-         "this report": f"DDIM, {steps} steps, {spacing} timesteps"},
-        {"": "arithmetic", "paper": "not stated", "this report": str(precision)},
+         "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
+        {"": "arithmetic", "paper": "not stated", "this report": get("precision")},
     ])
 
 
@@ -176,7 +179,7 @@ def table1_view(tables: SavedTables) -> Optional[pd.DataFrame]:
         return None
     return pd.DataFrame({
         "preset": table["preset"], "numerics": table["numerics"], "method": table["method"], "weights": table["weights"],
-        "W/A bits": [f"W{w}A{a}" for w, a in zip(table["w_bits"], table["a_bits"])], "n": table["n"],
+        "W/A bits": [f"W{w}A{a}" for w, a in zip(table["w_bits"], table["a_bits"])],
         "FID [95%] (classifier)": [_fid(r) for _, r in table.iterrows()],
         "vs fp": table["vs_fp"].fillna(""), "MoDiff vs direct": table["modiff_vs_direct"].fillna(""),
         "rel. L2 to fp": table["rel_l2_pixels"], "GBops/step": table["gbops_per_step"],

@@ -188,7 +188,9 @@ def write_index(out_dir: str | Path) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     manifest = _manifest(out_dir)
     preset = manifest.get("preset", {}).get("name", "?")
-    parameters = manifest.get("parameters", {})
+    # The sizes each notebook ran with win over the last invocation's, which win over the preset's.
+    ran_with = {k: v for entry in manifest.get("notebooks", []) for k, v in entry.get("parameters", {}).items()}
+    parameters = {**manifest.get("preset", {}), **manifest.get("parameters", {}), **ran_with}
     model = str(parameters.get("model", "?"))
     tables = SavedTables(out_dir)
     context = {"tables": tables, "preset": preset, "model": model, "latent": is_latent(tables, model),
