@@ -146,7 +146,8 @@ def theorem_44(t: SavedTables) -> Claim:
         return _unmeasured(claim, section, notebook, "theory_bound_summary")
     printed, unrolled = _checks(table, "bound31_printed"), _checks(table, "bound31_unrolled")
     cases = t.get("theory_c_per_layer", ["two_c31_ge_1"])
-    decaying = cases is None or not cases["two_c31_ge_1"].astype(str).str.lower().eq("true").any()
+    flagged = 0 if cases is None else int(cases["two_c31_ge_1"].astype(str).str.lower().eq("true").sum())
+    decaying = flagged == 0
     unrolled_fails, checks = int(unrolled["fails"].sum()), int(unrolled["checks"].sum())
     verdict: Verdict = ("reproduced" if printed["fails"].sum() == 0 and decaying
                         else "partly" if unrolled_fails <= 1e-4 * checks else "not reproduced")
@@ -154,7 +155,6 @@ def theorem_44(t: SavedTables) -> Claim:
                 f"{printed['ratio_max'].max():.3g}x the bound); unrolled from the proof it fails in {unrolled_fails:,} of "
                 f"{checks:,}.")
     if cases is not None:
-        flagged = int(cases["two_c31_ge_1"].astype(str).str.lower().eq("true").sum())
         evidence += f" 2c >= 1 (no decay) in {flagged} of {len(cases)} layer, bit-width and quantizer cases."
     return Claim(claim, verdict, evidence, section, notebook)
 

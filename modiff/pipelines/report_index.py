@@ -12,6 +12,7 @@ of an existing report without running a notebook.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -111,20 +112,34 @@ def _title(section: Section, latent: bool) -> str:
     return section.title
 
 
-def _section(doc: Document, out_dir: Path, section: Section, context: Mapping[str, Any]) -> None:
-    tables: SavedTables = context["tables"]
-    entry = context["notebooks"].get(section.notebook)
-    doc.heading(2, _title(section, context["latent"]), section.anchor)
+@dataclass(frozen=True)
+class _Report:
+    """What every section reads: the folder, its tables, its preset and model, the judged claims and the
+    manifest's entry per notebook."""
+
+    out_dir: Path
+    tables: SavedTables
+    preset: str
+    model: str
+    latent: bool
+    claims: list[Claim]
+    notebooks: dict[str, dict[str, Any]]
+
+
+def _section(doc: Document, report: _Report, section: Section) -> None:
+    out_dir, tables = report.out_dir, report.tables
+    entry = report.notebooks.get(section.notebook)
+    doc.heading(2, _title(section, report.latent), section.anchor)
     doc.paragraph(section.about)
-    doc.paragraph(_notebook_line(entry, section.notebook, context["preset"], context["model"]), small=True)
+    doc.paragraph(_notebook_line(entry, section.notebook, report.preset, report.model), small=True)
     for figure in figure_files(out_dir, section):
         doc.figure(figure, Path(figure).stem)
     for name in section.findings:
         text = _finding(out_dir, name)
         doc.finding(text if text is not None else
-                    f"Finding not recorded: rerun {_rerun(section.notebook, context['preset'], context['model'])} "
+                    f"Finding not recorded: rerun {_rerun(section.notebook, report.preset, report.model)} "
                     "(its notebook now saves what it finds).", missing=text is None)
-    verdicts = [c for c in context["claims"] if c.section == section.anchor]
+    verdicts = [c for c in report.claims if c.section == section.anchor]
     compared = comparison(section.anchor, tables)
     if verdicts or compared:
         doc.heading(3, "Ours beside the paper's")
@@ -193,8 +208,8 @@ def write_index(out_dir: str | Path) -> tuple[Path, Path]:
     parameters = {**manifest.get("preset", {}), **manifest.get("parameters", {}), **ran_with}
     model = str(parameters.get("model", "?"))
     tables = SavedTables(out_dir)
-    context = {"tables": tables, "preset": preset, "model": model, "latent": is_latent(tables, model),
-               "claims": claims(out_dir), "notebooks": {n["name"]: n for n in manifest.get("notebooks", [])}}
+    report = _Report(out_dir, tables, preset, model, is_latent(tables, model), claims(out_dir),
+                     {n["name"]: n for n in manifest.get("notebooks", [])})
     environment = manifest.get("environment", {})
     doc = Document(f"MoDiff on {model}: preset {preset}")
     doc.heading(1, f"MoDiff reproduced on `{model}`, preset `{preset}`")
@@ -204,13 +219,13 @@ def write_index(out_dir: str | Path) -> tuple[Path, Path]:
     doc.paragraph(f"Made by modiff {environment.get('modiff', '?')} at commit `{str(environment.get('git_sha', '?'))[:12]}`, "
                   f"{environment.get('time_utc', '?')}. Every number below is read from the tables beside this page; "
                   "every finding was written by its notebook from the numbers.", small=True)
-    _summary(doc, context["claims"])
+    _summary(doc, report.claims)
     doc.heading(2, "What differs from the paper's setting", "setting")
     doc.table(setting_table(tables, model, parameters))
-    doc.contents([(s.anchor, _title(s, context["latent"])) for s in SECTIONS] + [("notebooks", "Notebooks")])
+    doc.contents([(s.anchor, _title(s, report.latent)) for s in SECTIONS] + [("notebooks", "Notebooks")])
     for section in SECTIONS:
-        _section(doc, out_dir, section, context)
-    _notebooks_table(doc, context["notebooks"])
+        _section(doc, report, section)
+    _notebooks_table(doc, report.notebooks)
     md_path, html_path = out_dir / "index.md", out_dir / "index.html"
     md_path.write_text(doc.markdown())
     html_path.write_text(doc.html())
