@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,6 +16,7 @@ from torch import nn
 import modiff as md
 from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
+from modiff.pipelines.distributed import World
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
@@ -101,36 +101,29 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
                     identity=identity, prepare=prepare, progress=False)
 
 
-def _fill_on_device(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
-                    runs_dir: str, batch_size: int, device: str, calibration: Optional[Calibration],
-                    workers: int) -> list[str]:
-    """One worker of `fill_runs`: its presets in turn on its device (CPU workers share the cores)."""
-    where = resolve_device(device)
-    if where.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    else:
-        torch.cuda.set_device(where)  # streams and graphs of this worker go to its own device
-    return [str(sample_run(model, p, seeds, config, runs_dir, batch_size, device, calibration=calibration))
-            for p in presets]
-
-
-def _deal(items: Sequence[str], n: int) -> list[list[str]]:
-    return [list(items[i::n]) for i in range(n)]
-
-
 def _static(preset: str) -> bool:
     from modiff.quant.presets import needs_calibration
 
     return preset != "fp" and needs_calibration(md.presets[preset])
 
 
+def _adaround_weights(preset: str) -> bool:
+    """Whether the preset's weights come from AdaRound: static presets and the ``-adaround`` ones."""
+    return _static(preset) or (preset != "fp" and md.presets[preset].adaround)
+
+
+def _calibrates(preset: str, calibration: Optional[Calibration]) -> bool:
+    """Whether `quantized_model` calibrates (and saves) something for ``preset`` when given ``calibration``."""
+    return calibration is not None and _adaround_weights(preset)
+
+
 def _waves(presets: Sequence[str]) -> list[list[str]]:
-    """First the first static preset of each weight quantization (each computes the AdaRound weights the
+    """First the first AdaRound preset of each weight quantization (each computes the AdaRound weights the
     others reuse), then everything else."""
     from modiff.quant.ptq.calibrate import weight_only_config
 
     firsts: dict[str, str] = {}
-    for p in filter(_static, presets):
+    for p in filter(_adaround_weights, presets):
         firsts.setdefault(json.dumps(weight_only_config(md.presets[p]).to_dict(), sort_keys=True, default=str), p)
     return [list(firsts.values()), [p for p in presets if p not in firsts.values()]]
 
@@ -140,37 +133,47 @@ def _device_list(devices: str | Sequence[str]) -> list[str]:
     return [d.strip() for d in devices.split(",") if d.strip()] if isinstance(devices, str) else list(devices)
 
 
+def _fill_rank(device: str, model: nn.Module, presets: list[str], seeds: list[int], config: SampleConfig,
+               runs_dir: str, batch_size: int, calibration: Optional[Calibration]) -> None:
+    """One rank of `fill_runs`: the calibrations dealt over the ranks, wave by wave (`_waves`), then every
+    run sampled by all ranks together (`generate` deals its batches over them)."""
+    world = World.current()
+    for wave in _waves([p for p in presets if _calibrates(p, calibration)]):
+        for preset in wave[world.rank :: world.size]:
+            quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
+        world.barrier()
+    for preset in presets:
+        sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration)
+
+
 def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
               runs_dir: str | Path, devices: str | Sequence[str], batch_size: int = 64,
               calibration: Optional[Calibration] = None) -> None:
-    """Make the runs `sample_run` would make for ``presets``, in parallel: one worker process per entry of
-    ``devices`` (say ``["cuda:0", "cuda:1"]``); the table functions then reuse them.
+    """Make the runs `sample_run` would make for ``presets`` on several devices, one torch.distributed rank
+    per entry of ``devices`` (say ``["cuda:0", "cuda:1"]``; `modiff.pipelines.distributed.launch`); the
+    table functions then reuse them. Each run is sampled by all ranks, its batches dealt over them, so its
+    images are those of a one-process run.
 
-    Static presets share the AdaRound weights of their weight quantization (see `quantized_model`), so the
-    first preset of each weight quantization runs in a first wave, one per worker, and the others are
-    dealt round-robin in a second; the calibration data is collected once, before either."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
+    Calibrations come first, dealt over the ranks: the first preset of each weight quantization (its
+    AdaRound weights, which the others reuse, see `quantized_model`), then the others. The calibration data
+    is collected once, before the ranks start."""
+    from modiff.pipelines.distributed import launch
     from modiff.quant.ptq.reuse import calibration_data
 
     devices = _device_list(devices)
     if not devices:
         raise ValueError("fill_runs needs at least one device")
+
     def finished(preset: str) -> bool:
         run_dir, identity = _run_location(model, preset, config, runs_dir)
         return finished_run(run_dir, seeds, config, identity)
 
     pending = [p for p in dict.fromkeys(presets) if not finished(p)]
-    if any(_static(p) for p in pending) and calibration is not None:  # without it, workers raise the usual error
+    if not pending:
+        return
+    if any(_calibrates(p, calibration) for p in pending):
         calibration_data(model, Path(runs_dir), calibration, resolve_device(devices[0]))
-    with ProcessPoolExecutor(len(devices), mp_context=get_context("spawn")) as pool:
-        for wave in _waves(pending):
-            jobs = [pool.submit(_fill_on_device, model, part, list(seeds), config, str(runs_dir), batch_size, device,
-                                calibration, len(devices))
-                    for part, device in zip(_deal(wave, len(devices)), devices) if part]
-            for job in jobs:
-                job.result()  # a worker's exception surfaces here
+    launch(_fill_rank, devices, model, pending, list(seeds), config, str(runs_dir), batch_size, calibration)
 
 
 def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from modiff.pipelines.distributed import World
 from modiff.pipelines.generate import SampleConfig, generate
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.metrics.fidelity import EXTRACTOR, Metric, compute_metrics
@@ -82,6 +83,12 @@ def evaluate(model: torch.nn.Module, seeds: Sequence[int], out_dir: str | Path, 
         prepare = trajectory
     out = generate(model, seeds, out_dir, config, batch_size=batch_size, device=device, identity=identity,
                    prepare=prepare, compile=compile, progress=progress)
+    # Under torch.distributed every rank sampled its share; rank 0 scores and every rank returns its result.
+    return World.current().from_leader(lambda: _score(out, seeds, config, identity, ref, metrics, fp_run, progress))
+
+
+def _score(out: Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any], ref: str,
+           metrics: Sequence[Metric], fp_run: Optional[str | Path], progress: bool) -> dict[str, Any]:
     images = seed_images(out, seeds)
     result: dict[str, Any] = {"metrics": compute_metrics(images, ref, metrics, device="cpu", progress=progress)}
     if fp_run is not None:
