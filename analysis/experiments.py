@@ -18,9 +18,9 @@ from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines.distributed import World
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
+from modiff.pipelines.summary import per_seed_fidelity, run_scores
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
-from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.ptq.data import CalibDataConfig
@@ -90,6 +90,7 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
                batch_size: int = 64, device: str = "auto", reset: Optional[str] = None,
                calibration: Optional[Calibration] = None) -> Path:
     """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
+    A summary of the run there (`modiff summarize`) is reused in its place: the tables read both alike.
 
     Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time."""
     run_dir, identity = _run_location(model, preset, config, runs_dir, reset)
@@ -184,22 +185,19 @@ def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
 
     ``qdiff-*`` presets (Q-Diffusion, static scales) need ``calibration``; they are calibrated once into
     runs_dir and reused. With several ``devices`` the runs are made in parallel first (`fill_runs`)."""
-    from modiff.metrics.fidelity import compute_metrics
-
     if len(_device_list(devices)) > 1:
         fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size, calibration)
-    fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
+    fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
     rows = []
     for preset in presets:
-        images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration),
-                             seeds)
-        close = fidelity_to_reference(images, fp_images, features=False)
+        run = sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration)
+        close = per_seed_fidelity(run, fp_run, seeds).averaged()
         report = preset_report(model, md.presets[preset], config.steps)
         row = {"preset": preset, "psnr_db": close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                "rel_l2_pixels": close["rel_l2_pixels"]["mean"], "rel_l2_ci95": close["rel_l2_pixels"]["ci95"],
                "gbops_per_step": report["gbops_per_step"]}
         if fid:
-            scores = compute_metrics(images, ref, ["fid", "isc"])
+            scores = run_scores(run, seeds, ref).metrics
             row.update(fid_classifier=scores["fid"], is_classifier=scores["is_mean"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -211,18 +209,16 @@ def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequenc
     """Tables 5 and 15-17 per seed: relative L2 (pixels) of each preset's sample to the fp sample of the same
     seed and sampler; columns sampler, steps, preset, seed, rel_l2_pixels. With several ``devices`` the runs
     of each sampler are made in parallel first (`fill_runs`)."""
-    from modiff.metrics.compare import relative_l2
-
     frames = []
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
         if len(_device_list(devices)) > 1:
             fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size)
-        fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
+        fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
         for preset in presets:
-            images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device), seeds)
+            run = sample_run(model, preset, seeds, config, runs_dir, batch_size, device)
             frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "seed": list(seeds),
-                                        "rel_l2_pixels": relative_l2(images, fp_images)}))
+                                        "rel_l2_pixels": per_seed_fidelity(run, fp_run, seeds).rel_l2_pixels}))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -465,3 +465,12 @@ def _register_calibration() -> None:
 
 
 _register_calibration()
+
+
+def _register_summarize() -> None:
+    from modiff.cli.summarize import summarize_command
+
+    main.add_command(summarize_command)
+
+
+_register_summarize()

@@ -2,7 +2,7 @@
 
 Layout of a run directory:
     manifest.json      the run's identity (written first), seeds, and every session that wrote here
-    .lock              held by the one process writing (see `modiff.utils.locks`)
+    .lock              held by the one job writing (its rank 0 under torch.distributed; `modiff.utils.locks`)
     samples/000007.png one image per seed, written atomically
     grid.png           the first (up to) 100 seeds
     samples.npz        uint8 images (N, H, W, C) and their seeds, in seed order
@@ -247,10 +247,11 @@ def generate(
     device kind and `compile` it is the run's identity, written to the manifest before the first image
     and checked on every resume (`modiff.pipelines.run_folder`). One job writes at a time (a lock on
     the folder); a PNG that does not decode is made again. Under torch.distributed the batches are dealt
-    over the ranks and each image equals the one-process image (`modiff.pipelines.distributed`). `prepare(model)` returns a context entered
-    around each batch (the MoDiff trajectory state, for instance). `compile` runs the network through
-    torch.compile and `cuda_graphs` replays each step as one CUDA graph (CUDA only). Samples that come out
-    NaN or infinite raise `NonFiniteSamplesError` naming their seeds and the first step where it happened.
+    over the ranks and each image equals the one-process image (`modiff.pipelines.distributed`).
+    `prepare(model)` returns a context entered around each batch (the MoDiff trajectory state, for
+    instance). `compile` runs the network through torch.compile and `cuda_graphs` replays each step as one
+    CUDA graph (CUDA only). Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their
+    seeds and the first step where it happened.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")

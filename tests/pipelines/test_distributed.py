@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +146,29 @@ def test_torchrun_sample_equals_one_process(tmp_path: Path) -> None:
     assert _files(tmp_path / "ranks") == _files(tmp_path / "single")
     (session,) = json.loads((tmp_path / "ranks" / "manifest.json").read_text())["sessions"]
     assert session["world_size"] == 2 and session["seeds_sampled"] == 7
+
+
+def _torchrun_env(monkeypatch: pytest.MonkeyPatch, rank: int, size: int, local_size: int) -> None:
+    for name, value in {"RANK": rank, "LOCAL_RANK": rank % local_size, "WORLD_SIZE": size,
+                        "LOCAL_WORLD_SIZE": local_size, "MASTER_PORT": 29500}.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_reproduce_under_torchrun_runs_on_rank_0_with_every_local_device(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """Rank 0 gets one device per local rank and an environment its notebook kernels cannot mistake for a
+    rank's; the other ranks leave the work to it (`modiff reproduce` exits at once); several machines are refused."""
+    from click.testing import CliRunner
+
+    from modiff.cli import main
+
+    _torchrun_env(monkeypatch, 1, 2, 2)
+    assert distributed.torchrun_devices("cpu") == []
+    result = CliRunner().invoke(main, ["reproduce", "--reports", str(tmp_path / "reports"), "--set", "device=cpu"])
+    assert result.exit_code == 0 and result.output == "" and not (tmp_path / "reports").exists()
+    _torchrun_env(monkeypatch, 0, 4, 2)
+    with pytest.raises(ValueError, match="one machine"):
+        distributed.torchrun_devices("cpu")
+    _torchrun_env(monkeypatch, 0, 2, 2)
+    assert distributed.torchrun_devices("cpu") == ["cpu", "cpu"]
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ and "PATH" in os.environ
