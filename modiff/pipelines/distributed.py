@@ -79,15 +79,16 @@ class World:
         if self.size == 1:
             return compute()
         box: list[Any] = [None]
+        own: Optional[Exception] = None
         if self.leader:
             try:
                 box[0] = (True, compute())
-            except Exception as err:  # re-raised on every rank, this one included
-                box[0] = (False, portable_error(err))
+            except Exception as err:  # raised on every rank: here as it was, elsewhere as it arrives
+                own, box[0] = err, (False, portable_error(err))
         dist.broadcast_object_list(box, src=0)
         ok, value = box[0]
         if not ok:
-            raise value
+            raise own if own is not None else value
         return value
 
     def gather(self, value: T) -> list[T]:

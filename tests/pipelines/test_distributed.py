@@ -27,6 +27,11 @@ def _quantized_run(device: str, model, seeds, out: Path, prepare=None) -> None:
              prepare=prepare or trajectory, progress=False)
 
 
+def _four_step_run(device: str, model, seeds, out: Path) -> None:
+    generate(model, list(seeds), out, SampleConfig(steps=4), batch_size=2, device=device,
+             identity={"name": "tame", "preset": PRESET}, progress=False)
+
+
 class FailOnRank:
     """A `prepare` that raises on one rank (the others sample as usual)."""
 
@@ -68,7 +73,8 @@ def test_two_ranks_resume_a_run_into_the_images_of_one_process(tmp_path: Path, t
 @pytest.mark.slow
 def test_a_failing_rank_leaves_the_run_unfinished(tmp_path: Path, tame_denoiser) -> None:
     """Rank 1 fails: its error reaches the caller, the seeds are not recorded as done and no samples.npz is
-    written; rank 0's PNGs stay, and a one-process re-run finishes the run as if nothing had happened."""
+    written; rank 0's PNGs stay, and a one-process re-run finishes the run as if nothing had happened. Two
+    ranks with another sample config are refused before any image."""
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="rank 1 broke"):
         distributed.launch(_quantized_run, ["cpu", "cpu"], tame_denoiser, range(6), out, FailOnRank(1))
@@ -78,6 +84,9 @@ def test_a_failing_rank_leaves_the_run_unfinished(tmp_path: Path, tame_denoiser)
     _quantized_run("cpu", tame_denoiser, range(6), out)
     _quantized_run("cpu", tame_denoiser, range(6), tmp_path / "single")
     assert _files(out) == _files(tmp_path / "single")
+    with pytest.raises(ValueError, match=r"another configuration .*sample.steps: 3 -> 4"):  # rank 0's check, every rank
+        distributed.launch(_four_step_run, ["cpu", "cpu"], tame_denoiser, range(8), out)
+    assert len(json.loads((out / "manifest.json").read_text())["sessions"]) == 2 and len(_files(out)) == 6
 
 
 def test_launch_refuses_no_devices_and_mixed_devices() -> None:
