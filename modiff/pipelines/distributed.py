@@ -136,20 +136,18 @@ def torchrun_session(device: str) -> Iterator[str]:
         return
     _, local_rank, size, _ = found
     mine = rank_device(device, local_rank, size)
-    joined = _join(torch.device(mine))
+    _join(torch.device(mine))
     try:
         yield mine
     finally:
-        if joined:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
-def _join(device: torch.device) -> bool:
+def _join(device: torch.device) -> None:
     """Initialise the default group from the environment (env://) for a rank on ``device``."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method="env://", timeout=TIMEOUT)
-    return True
 
 
 def local_devices(device: str, count: int) -> list[str]:
