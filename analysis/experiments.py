@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,10 +17,11 @@ import modiff as md
 from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines import run_usage
+from modiff.pipelines.distributed import World
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
+from modiff.pipelines.summary import per_seed_fidelity, run_scores
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
-from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.ptq.data import CalibDataConfig
@@ -91,6 +91,7 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
                batch_size: int = 64, device: str = "auto", reset: Optional[str] = None,
                calibration: Optional[Calibration] = None) -> Path:
     """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
+    A summary of the run there (`modiff summarize`) is reused in its place: the tables read both alike.
 
     Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time. Whether
     the run was made or reused is noted for the report (`modiff.pipelines.run_usage`)."""
@@ -106,36 +107,29 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
     return made
 
 
-def _fill_on_device(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
-                    runs_dir: str, batch_size: int, device: str, calibration: Optional[Calibration],
-                    workers: int) -> list[str]:
-    """One worker of `fill_runs`: its presets in turn on its device (CPU workers share the cores)."""
-    where = resolve_device(device)
-    if where.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    else:
-        torch.cuda.set_device(where)  # streams and graphs of this worker go to its own device
-    return [str(sample_run(model, p, seeds, config, runs_dir, batch_size, device, calibration=calibration))
-            for p in presets]
-
-
-def _deal(items: Sequence[str], n: int) -> list[list[str]]:
-    return [list(items[i::n]) for i in range(n)]
-
-
 def _static(preset: str) -> bool:
     from modiff.quant.presets import needs_calibration
 
     return preset != "fp" and needs_calibration(md.presets[preset])
 
 
+def _adaround_weights(preset: str) -> bool:
+    """Whether the preset's weights come from AdaRound: static presets and the ``-adaround`` ones."""
+    return _static(preset) or (preset != "fp" and md.presets[preset].adaround)
+
+
+def _calibrates(preset: str, calibration: Optional[Calibration]) -> bool:
+    """Whether `quantized_model` calibrates (and saves) something for ``preset`` when given ``calibration``."""
+    return calibration is not None and _adaround_weights(preset)
+
+
 def _waves(presets: Sequence[str]) -> list[list[str]]:
-    """First the first static preset of each weight quantization (each computes the AdaRound weights the
+    """First the first AdaRound preset of each weight quantization (each computes the AdaRound weights the
     others reuse), then everything else."""
     from modiff.quant.ptq.calibrate import weight_only_config
 
     firsts: dict[str, str] = {}
-    for p in filter(_static, presets):
+    for p in filter(_adaround_weights, presets):
         firsts.setdefault(json.dumps(weight_only_config(md.presets[p]).to_dict(), sort_keys=True, default=str), p)
     return [list(firsts.values()), [p for p in presets if p not in firsts.values()]]
 
@@ -145,37 +139,47 @@ def _device_list(devices: str | Sequence[str]) -> list[str]:
     return [d.strip() for d in devices.split(",") if d.strip()] if isinstance(devices, str) else list(devices)
 
 
+def _fill_rank(device: str, model: nn.Module, presets: list[str], seeds: list[int], config: SampleConfig,
+               runs_dir: str, batch_size: int, calibration: Optional[Calibration]) -> None:
+    """One rank of `fill_runs`: the calibrations dealt over the ranks, wave by wave (`_waves`), then every
+    run sampled by all ranks together (`generate` deals its batches over them)."""
+    world = World.current()
+    for wave in _waves([p for p in presets if _calibrates(p, calibration)]):
+        for preset in wave[world.rank :: world.size]:
+            quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
+        world.barrier()
+    for preset in presets:
+        sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration)
+
+
 def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
               runs_dir: str | Path, devices: str | Sequence[str], batch_size: int = 64,
               calibration: Optional[Calibration] = None) -> None:
-    """Make the runs `sample_run` would make for ``presets``, in parallel: one worker process per entry of
-    ``devices`` (say ``["cuda:0", "cuda:1"]``); the table functions then reuse them.
+    """Make the runs `sample_run` would make for ``presets`` on several devices, one torch.distributed rank
+    per entry of ``devices`` (say ``["cuda:0", "cuda:1"]``; `modiff.pipelines.distributed.launch`); the
+    table functions then reuse them. Each run is sampled by all ranks, its batches dealt over them, so its
+    images are those of a one-process run.
 
-    Static presets share the AdaRound weights of their weight quantization (see `quantized_model`), so the
-    first preset of each weight quantization runs in a first wave, one per worker, and the others are
-    dealt round-robin in a second; the calibration data is collected once, before either."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
+    Calibrations come first, dealt over the ranks: the first preset of each weight quantization (its
+    AdaRound weights, which the others reuse, see `quantized_model`), then the others. The calibration data
+    is collected once, before the ranks start."""
+    from modiff.pipelines.distributed import launch
     from modiff.quant.ptq.reuse import calibration_data
 
     devices = _device_list(devices)
     if not devices:
         raise ValueError("fill_runs needs at least one device")
+
     def finished(preset: str) -> bool:
         run_dir, identity = _run_location(model, preset, config, runs_dir)
         return finished_run(run_dir, seeds, config, identity)
 
     pending = [p for p in dict.fromkeys(presets) if not finished(p)]
-    if any(_static(p) for p in pending) and calibration is not None:  # without it, workers raise the usual error
+    if not pending:
+        return
+    if any(_calibrates(p, calibration) for p in pending):
         calibration_data(model, Path(runs_dir), calibration, resolve_device(devices[0]))
-    with ProcessPoolExecutor(len(devices), mp_context=get_context("spawn")) as pool:
-        for wave in _waves(pending):
-            jobs = [pool.submit(_fill_on_device, model, part, list(seeds), config, str(runs_dir), batch_size, device,
-                                calibration, len(devices))
-                    for part, device in zip(_deal(wave, len(devices)), devices) if part]
-            for job in jobs:
-                job.result()  # a worker's exception surfaces here
+    launch(_fill_rank, devices, model, pending, list(seeds), config, str(runs_dir), batch_size, calibration)
 
 
 def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
@@ -186,22 +190,19 @@ def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
 
     ``qdiff-*`` presets (Q-Diffusion, static scales) need ``calibration``; they are calibrated once into
     runs_dir and reused. With several ``devices`` the runs are made in parallel first (`fill_runs`)."""
-    from modiff.metrics.fidelity import compute_metrics
-
     if len(_device_list(devices)) > 1:
         fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size, calibration)
-    fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
+    fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
     rows = []
     for preset in presets:
-        images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration),
-                             seeds)
-        close = fidelity_to_reference(images, fp_images, features=False)
+        run = sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration)
+        close = per_seed_fidelity(run, fp_run, seeds).averaged()
         report = preset_report(model, md.presets[preset], config.steps)
         row = {"preset": preset, "psnr_db": close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                "rel_l2_pixels": close["rel_l2_pixels"]["mean"], "rel_l2_ci95": close["rel_l2_pixels"]["ci95"],
                "gbops_per_step": report["gbops_per_step"]}
         if fid:
-            scores = compute_metrics(images, ref, ["fid", "isc"])
+            scores = run_scores(run, seeds, ref).metrics
             row.update(fid_classifier=scores["fid"], is_classifier=scores["is_mean"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -213,18 +214,16 @@ def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequenc
     """Tables 5 and 15-17 per seed: relative L2 (pixels) of each preset's sample to the fp sample of the same
     seed and sampler; columns sampler, steps, preset, seed, rel_l2_pixels. With several ``devices`` the runs
     of each sampler are made in parallel first (`fill_runs`)."""
-    from modiff.metrics.compare import relative_l2
-
     frames = []
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
         if len(_device_list(devices)) > 1:
             fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size)
-        fp_images = seed_images(sample_run(model, "fp", seeds, config, runs_dir, batch_size, device), seeds)
+        fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
         for preset in presets:
-            images = seed_images(sample_run(model, preset, seeds, config, runs_dir, batch_size, device), seeds)
+            run = sample_run(model, preset, seeds, config, runs_dir, batch_size, device)
             frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "seed": list(seeds),
-                                        "rel_l2_pixels": relative_l2(images, fp_images)}))
+                                        "rel_l2_pixels": per_seed_fidelity(run, fp_run, seeds).rel_l2_pixels}))
     return pd.concat(frames, ignore_index=True)
 
 

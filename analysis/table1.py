@@ -24,10 +24,9 @@ from torch import nn
 import modiff as md
 from analysis import experiments
 from modiff.diffusion.schedules import Spacing
-from modiff.pipelines.evaluate import seed_images
 from modiff.pipelines.generate import Precision, SampleConfig, sample
+from modiff.pipelines.summary import SummaryMismatchError, per_seed_fidelity, run_scores
 from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
-from modiff.metrics.compare import fidelity_to_reference
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
@@ -159,17 +158,17 @@ def _verdict(compared: dict[str, Any]) -> str:
     return f"{compared['verdict']}: {compared['difference']:+.3g} [{compared['low']:+.3g}, {compared['high']:+.3g}]"
 
 
-def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], fp_images: np.ndarray, config: SampleConfig,
+def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], fp_run: Path, config: SampleConfig,
                 ref: str, bootstrap: BootstrapConfig) -> tuple[dict[str, Any], Optional[np.ndarray]]:
-    from modiff.metrics.fidelity import score
-
-    images = seed_images(run, seeds)
-    close = fidelity_to_reference(images, fp_images, features=False)
+    """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way."""
+    close = per_seed_fidelity(run, fp_run, seeds).averaged()
     row: dict[str, Any] = {"preset": preset, **describe(preset), "n": len(seeds), "steps": config.steps,
                            "spacing": config.spacing, "precision": run_precision(run)}
     try:
-        scored = score(images, ref, ["fid", "isc"], bootstrap=bootstrap)
+        scored = run_scores(run, seeds, ref, bootstrap)
         metrics, resampled, note = scored.metrics, scored.fid_resamples, ""
+    except SummaryMismatchError:
+        raise
     except ValueError as err:  # a degenerate set (all images alike, non-finite scores): reported, not fatal
         metrics, resampled, note = {}, None, str(err)
     row.update(fid_classifier=metrics.get("fid", np.nan), fid_ci95_low=metrics.get("fid_ci95_low", np.nan),
@@ -208,7 +207,7 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
            calibration: Optional[Calibration] = None, devices: str | Sequence[str] = (),
            bootstrap: BootstrapConfig = BootstrapConfig()) -> pd.DataFrame:
     """One row per preset (the anchors fp, w8a32 and w4a32 added first when missing), every row from the same
-    ``seeds``; runs are made (or reused) under `table_runs_dir`, static presets calibrated with
+    ``seeds``; runs are made (or reused, full or summarized) under `table_runs_dir`, static presets calibrated with
     `table_calibration`. Columns: `COLUMNS`; the verdicts read "worse: +d [low, high]" (FID difference, 95%
     paired-bootstrap interval; "no difference" when it holds 0)."""
     rows_presets = list(dict.fromkeys([*ANCHORS, *presets]))
@@ -217,10 +216,9 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
         experiments.fill_runs(model, rows_presets, seeds, config, folder, devices, batch_size, calibration)
     runs = {p: experiments.sample_run(model, p, seeds, config, folder, batch_size, device, calibration=calibration)
             for p in rows_presets}
-    fp_images = seed_images(runs["fp"], seeds)
     rows, resamples = [], {}
     for preset in rows_presets:
-        row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, fp_images, config, ref, bootstrap)
+        row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, runs["fp"], config, ref, bootstrap)
         rows.append(row)
     _compare(rows, resamples, bootstrap.level)
     return pd.DataFrame(rows)[COLUMNS]

@@ -69,8 +69,10 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
       modiff sample --preset w4a4-modiff --precision bf16 --compile --cuda-graphs --out data/runs/q-fast
       modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
       modiff sample --quantized data/quantized/qdiff-w4a4 --seeds 0-63 --out data/runs/qdiff-w4a4
+      torchrun --nproc-per-node 2 -m modiff sample --seeds 0-9999 --batch-size 500 --out data/runs/fp-10k
     """
     from modiff.cli.calibrate import load_quantized_run
+    from modiff.pipelines.distributed import World, torchrun_session
     from modiff.pipelines.generate import generate
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets, quantize, trajectory
@@ -102,11 +104,14 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             if weights_from is not None:
                 identity["weights_from"] = str(weights_from)
             prepare = trajectory
-        done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
-                        prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
+        with torchrun_session(device) as rank_device:  # under torchrun: this rank's share of the batches
+            done = generate(net, seeds, out, config, batch_size=batch_size, device=rank_device, identity=identity,
+                            prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
+            leader = World.current().leader
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"wrote {len(seeds)} samples to {done}")
+    if leader:
+        click.echo(f"wrote {len(seeds)} samples to {done}")
 
 
 @main.command("presets")
@@ -243,7 +248,8 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
 @click.option("--model", default="fmnist-ddim", show_default=True,
               help="A preset (fmnist-ddim, fmnist-ldm) or an exported folder; reports go to REPORTS/PRESET-MODEL.")
 @click.option("--reports", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), show_default=True)
-@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("data/runs"), show_default=True)
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("data/runs"), show_default=True,
+              help="Runs under RUNS/<name>/ are reused: full runs, or their summaries (`modiff summarize`).")
 @click.option("--notebook", "--notebooks", "notebooks", multiple=True,
               help="Run only these notebooks (repeatable, or comma-separated).")
 @click.option("--set", "overrides", multiple=True,
@@ -263,10 +269,13 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
       modiff reproduce --model fmnist-ldm --notebooks fig1b_activations,fig3_compensation,table1_bitwidth
       modiff reproduce --notebook model_card --reports /tmp/reports --set num_samples=8
       modiff reproduce --preset paper --index-only
+      modiff reproduce --preset paper --set devices=cuda:0,cuda:1    # runs made by two torch.distributed ranks
+      modiff reproduce --preset paper --runs summaries               # from `modiff summarize` folders, no GPU
 
     Each notebook's start and end (its time, its runs made and reused, the time so far) are printed on
     stderr as it goes.
     """
+    from modiff.pipelines.distributed import torchrun_devices
     from modiff.pipelines.reproduce import parse_override, rebuild_index, report_name
     from modiff.pipelines.reproduce import reproduce as run_all
 
@@ -275,6 +284,11 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
             click.echo(f"index: {rebuild_index(preset, model, reports)}")
             return
         parsed = dict(parse_override(item) for item in overrides)
+        devices = torchrun_devices(str(parsed.get("device", "auto")))  # under torchrun: rank 0 uses every rank's device
+        if devices is not None and not devices:
+            return  # another rank of a torchrun job: rank 0 runs the notebooks
+        if devices:
+            parsed.setdefault("devices", ",".join(devices))
         chosen = [name.strip() for item in notebooks for name in item.split(",") if name.strip()]
         results = run_all(preset, model, reports, runs, chosen or None, parsed,
                           progress=lambda line: click.echo(line, err=True))
@@ -384,9 +398,11 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
       modiff evaluate --seeds 0-9999 --out data/runs/fp-10k
       modiff evaluate --preset w4a4-modiff --seeds 0-255 --fp-run data/runs/fp-10k --out data/runs/w4a4-modiff
       modiff evaluate --sampler dpm-solver --steps 20 --seeds 0-999 --ref fmnist-test --out data/runs/dpm20
+      torchrun --nproc-per-node 4 -m modiff evaluate --preset w8a4-modiff --out data/runs/w8a4-modiff
     """
     import json
 
+    from modiff.pipelines.distributed import World, torchrun_session
     from modiff.pipelines.evaluate import evaluate as run_evaluation
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets
@@ -396,11 +412,14 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
             presets[quant_preset]  # a typo fails before any sampling
         net = load_model_option(model, None, takes_config=False)
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
-        result = run_evaluation(net, seeds, out, config,
-                                quant_preset=quant_preset, ref=ref, fp_run=fp_run, batch_size=batch_size, device=device)
+        with torchrun_session(device) as rank_device:  # under torchrun: ranks sample, rank 0 scores
+            result = run_evaluation(net, seeds, out, config, quant_preset=quant_preset, ref=ref, fp_run=fp_run,
+                                    batch_size=batch_size, device=rank_device)
+            leader = World.current().leader
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    click.echo(json.dumps(result["metrics"], indent=1))
+    if leader:
+        click.echo(json.dumps(result["metrics"], indent=1))
 
 
 @main.command("record")
@@ -457,3 +476,12 @@ def _register_calibration() -> None:
 
 
 _register_calibration()
+
+
+def _register_summarize() -> None:
+    from modiff.cli.summarize import summarize_command
+
+    main.add_command(summarize_command)
+
+
+_register_summarize()

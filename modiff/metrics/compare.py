@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["mean_ci", "psnr", "relative_l2", "fidelity_to_reference"]
+__all__ = ["mean_ci", "psnr", "relative_l2", "averaged_distances", "fidelity_to_reference"]
 
 
 def mean_ci(values: np.ndarray, level: float = 0.95) -> dict[str, float]:
@@ -45,17 +45,19 @@ def relative_l2(estimate: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return diff / norm
 
 
+def averaged_distances(psnr_db: np.ndarray, rel_l2_pixels: np.ndarray) -> dict[str, Any]:
+    """Per-seed PSNR and relative L2 averaged with 95% CIs (identical samples, PSNR +inf, counted apart)."""
+    psnr_db = np.asarray(psnr_db, dtype=np.float64)
+    finite = psnr_db[np.isfinite(psnr_db)]
+    return {"identical_samples": int((~np.isfinite(psnr_db)).sum()),
+            "psnr_db": mean_ci(finite) if finite.size else None, "rel_l2_pixels": mean_ci(rel_l2_pixels)}
+
+
 def fidelity_to_reference(estimate: np.ndarray, reference: np.ndarray, features: bool = True) -> dict[str, Any]:
     """Per-seed distances of uint8 image sets (same seeds, same order), averaged with 95% CIs."""
     if estimate.shape != reference.shape:
         raise ValueError(f"image sets differ in shape: {estimate.shape} vs {reference.shape}; use the same seeds")
-    values = psnr(estimate, reference)
-    finite = values[np.isfinite(values)]
-    out: dict[str, Any] = {
-        "identical_samples": int((~np.isfinite(values)).sum()),
-        "psnr_db": mean_ci(finite) if finite.size else None,
-        "rel_l2_pixels": mean_ci(relative_l2(estimate, reference)),
-    }
+    out = averaged_distances(psnr(estimate, reference), relative_l2(estimate, reference))
     if features:
         from modiff.metrics.fidelity import classifier_features
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from modiff.pipelines.distributed import World
 from modiff.pipelines.generate import SampleConfig, generate
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.metrics.fidelity import EXTRACTOR, Metric, compute_metrics
@@ -24,12 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def seed_images(run_dir: Path, seeds: Sequence[int]) -> np.ndarray:
-    """Images of the given seeds from a run directory's samples.npz, in the order of `seeds`."""
-    with np.load(Path(run_dir) / "samples.npz") as data:
+    """Images of the given seeds from a run directory's samples.npz, in the order of `seeds`; from a run's
+    summary (`modiff.pipelines.summary`), the images it keeps (images.npz)."""
+    summary = not (Path(run_dir) / "samples.npz").is_file() and (Path(run_dir) / "images.npz").is_file()
+    with np.load(Path(run_dir) / ("images.npz" if summary else "samples.npz")) as data:
         index = {int(s): i for i, s in enumerate(data["seeds"])}
         missing = [s for s in seeds if s not in index]
+        named = f"{missing[:5]}{'...' if len(missing) > 5 else ''}"
+        if missing and summary:
+            kept = format_seeds(index) if index else "none"
+            raise ValueError(f"{run_dir} is a summary that keeps the images of seeds {kept} only, not {named}: use "
+                             f"the full run, or summarize it keeping more images (`modiff summarize --images N`)")
         if missing:
-            raise ValueError(f"{run_dir} lacks seeds {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise ValueError(f"{run_dir} lacks seeds {named}")
         return data["images"][[index[s] for s in seeds]]
 
 
@@ -82,6 +90,12 @@ def evaluate(model: torch.nn.Module, seeds: Sequence[int], out_dir: str | Path, 
         prepare = trajectory
     out = generate(model, seeds, out_dir, config, batch_size=batch_size, device=device, identity=identity,
                    prepare=prepare, compile=compile, progress=progress)
+    # Under torch.distributed every rank sampled its share; rank 0 scores and every rank returns its result.
+    return World.current().from_leader(lambda: _score(out, seeds, config, identity, ref, metrics, fp_run, progress))
+
+
+def _score(out: Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any], ref: str,
+           metrics: Sequence[Metric], fp_run: Optional[str | Path], progress: bool) -> dict[str, Any]:
     images = seed_images(out, seeds)
     result: dict[str, Any] = {"metrics": compute_metrics(images, ref, metrics, device="cpu", progress=progress)}
     if fp_run is not None:

@@ -2,7 +2,7 @@
 
 Layout of a run directory:
     manifest.json      the run's identity (written first), seeds, and every session that wrote here
-    .lock              held by the one process writing (see `modiff.utils.locks`)
+    .lock              held by the one job writing (its rank 0 under torch.distributed; `modiff.utils.locks`)
     samples/000007.png one image per seed, written atomically
     grid.png           the first (up to) 100 seeds
     samples.npz        uint8 images (N, H, W, C) and their seeds, in seed order
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -23,12 +25,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from modiff.pipelines.cuda_graphs import CUDAGraphed
+from modiff.pipelines.distributed import World, portable_error
 from modiff.diffusion.sampling import SAMPLERS, Callback, StepInfo
 from modiff.diffusion.schedules import Spacing, timesteps
 from modiff.utils.images import make_grid, save_png, to_uint8
 from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
-from modiff.pipelines.run_folder import check_identity, execution_identity, open_manifest, png_path, remove_unreadable, run_identity
+from modiff.pipelines.run_folder import (check_identity, execution_identity, is_summary, open_manifest, png_path,
+                                         remove_unreadable, run_identity)
 from modiff.utils.locks import folder_lock
 from modiff.utils.rng import SeedStreams, format_seeds
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
@@ -186,12 +190,20 @@ def _write_batch(batch: Sequence[int], x: torch.Tensor, watch: _FiniteWatch, sam
 def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any]) -> bool:
     """Whether `out_dir` already holds every seed, sampled with this model identity and config (what
     `generate` would reuse), so a caller can skip building the model. A folder made with another
-    identity or config is refused (ValueError), as `generate` refuses it."""
+    identity or config is refused (ValueError), as `generate` refuses it; so is a summary of a run
+    (`modiff.pipelines.summary`) that lacks some of the seeds."""
     out = Path(out_dir)
     if not (out / "manifest.json").exists():
         return False
     manifest = open_manifest(out, out / "samples", run_identity(identity, asdict(config)))
     done = set(manifest.get("seeds", []))
+    if is_summary(manifest):  # a summary stands for its finished run; it cannot take new seeds
+        missing = [s for s in seeds if s not in done]
+        if missing:
+            raise ValueError(f"{out} is a summary (`modiff summarize`) of a run of seeds {format_seeds(sorted(done))}, "
+                             f"which lacks {len(missing)} of the seeds asked for (e.g. {format_seeds(missing[:5])}): "
+                             f"summarize a run of those seeds, or remove the summary to sample here")
+        return True
     return all(s in done and png_path(out / "samples", s).exists() for s in seeds)
 
 
@@ -233,11 +245,13 @@ def generate(
 
     `identity` describes the model (and quantization); with the sample config, the batch size, the
     device kind and `compile` it is the run's identity, written to the manifest before the first image
-    and checked on every resume (`modiff.pipelines.run_folder`). One process writes at a time (a lock on
-    the folder); a PNG that does not decode is made again. `prepare(model)` returns a context entered
-    around each batch (the MoDiff trajectory state, for instance). `compile` runs the network through
-    torch.compile and `cuda_graphs` replays each step as one CUDA graph (CUDA only). Samples that come out
-    NaN or infinite raise `NonFiniteSamplesError` naming their seeds and the first step where it happened.
+    and checked on every resume (`modiff.pipelines.run_folder`). One job writes at a time (a lock on
+    the folder); a PNG that does not decode is made again. Under torch.distributed the batches are dealt
+    over the ranks and each image equals the one-process image (`modiff.pipelines.distributed`).
+    `prepare(model)` returns a context entered around each batch (the MoDiff trajectory state, for
+    instance). `compile` runs the network through torch.compile and `cuda_graphs` replays each step as one
+    CUDA graph (CUDA only). Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their
+    seeds and the first step where it happened.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -247,40 +261,82 @@ def generate(
     out = ensure_writable_dir(Path(out_dir))
     execution = execution_identity(batch_size, dev, compile)
     ident = run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, asdict(config), execution)
-    with folder_lock(out) as me:
-        samples_dir = ensure_writable_dir(out / "samples")
-        manifest = open_manifest(out, samples_dir, ident)
-        remove_unreadable(samples_dir, seeds)
-        batches = _batches(seeds, batch_size, samples_dir)
-        check_identity(out, manifest, ident, adding=bool(batches))
-        session = {**me, "seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size,
-                   "execution": execution, "cuda_graphs": cuda_graphs, "environment": environment(dev),
-                   "precision": precision_record(config.precision, dev)}
-        manifest["sessions"].append(session)
-        write_json(manifest, out / "manifest.json")  # the identity and this writer, before any image
-        log.info("%d batches to sample into %s", len(batches), out)
-        started, session["seeds_sampled"] = time.time(), 0
+    world = World.current()  # several ranks under torch.distributed (`modiff.pipelines.distributed`)
+    ranks = world.gather({"host": platform.node(), "pid": os.getpid(), "device": str(dev), "execution": execution})
+    asked = {"seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size, "execution": execution,
+             "cuda_graphs": cuda_graphs, "environment": environment(dev),
+             "precision": precision_record(config.precision, dev)}
+    with contextlib.ExitStack() as held:  # the leader's folder lock, until the run is recorded
+        manifest, session, batches = world.from_leader(lambda: _open_run(held, out, seeds, ident, asked, ranks))
+        mine = batches[world.rank :: world.size]  # batch k to rank k mod N: the batches of a one-process run
+        started, sampled, error = time.time(), 0, None
         try:
-            _sample_batches(_prepare_model(model, dev, compile, cuda_graphs) if batches else model, batches, config,
-                            dev, samples_dir, prepare, session, progress)
-        finally:
-            session["seconds"] = round(time.time() - started, 2)
-        manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
-        _write_outputs(out, samples_dir, manifest["seeds"])
-        write_json(manifest, out / "manifest.json")
+            sampled = _sample_batches(_prepare_model(model, dev, compile, cuda_graphs) if mine else model, mine, config,
+                                      dev, out / "samples", prepare, progress and world.leader)
+        except Exception as err:  # every rank learns of it before the leader decides what to record
+            error = err
+        outcomes = world.gather((sampled, round(time.time() - started, 2), error and portable_error(error)))
+        world.from_leader(lambda: _close_run(out, manifest, session, seeds, outcomes))
+        failed = next((e for _, _, e in outcomes if e is not None), None)
+        if failed is not None:
+            raise error if error is not None else failed
     return out
+
+
+def _open_run(held: contextlib.ExitStack, out: Path, seeds: Sequence[int], ident: dict[str, Any],
+              asked: dict[str, Any], ranks: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], list[list[int]]]:
+    """On the leader: take the folder's lock (held until ``held`` closes), check the identity, record this
+    session (every rank of it) in the manifest before any image; returns the manifest, the session and the
+    batches to sample."""
+    me = held.enter_context(folder_lock(out))
+    samples_dir = ensure_writable_dir(out / "samples")
+    manifest = open_manifest(out, samples_dir, ident)
+    remove_unreadable(samples_dir, seeds)
+    batches = _batches(seeds, asked["batch_size"], samples_dir)
+    check_identity(out, manifest, ident, adding=bool(batches))
+    other = [r for r in ranks if r["execution"] != asked["execution"]]
+    if other:
+        raise ValueError(f"the ranks of this job differ in execution settings ({asked['execution']} on rank 0, "
+                         f"{other[0]['execution']} on {other[0]['host']}), so their images would not match one run: "
+                         f"give every rank the same kind of device")
+    session = {**me, **asked, "seeds_sampled": 0}
+    if len(ranks) > 1:
+        session.update(world_size=len(ranks), ranks=[{"rank": i, **{k: r[k] for k in ("host", "pid", "device")}}
+                                                      for i, r in enumerate(ranks)])
+    manifest["sessions"].append(session)
+    write_json(manifest, out / "manifest.json")  # the identity and every writer, before any image
+    log.info("%d batches to sample into %s", len(batches), out)
+    return manifest, session, batches
+
+
+def _close_run(out: Path, manifest: dict[str, Any], session: dict[str, Any], seeds: Sequence[int],
+               outcomes: list[tuple[int, float, Optional[Exception]]]) -> None:
+    """On the leader, once every rank has finished: record the session and, if no rank failed, the seeds
+    as done, grid.png and samples.npz. After a failure the folder keeps what was written (a re-run resumes)."""
+    session["seeds_sampled"] = sum(n for n, _, _ in outcomes)
+    session["seconds"] = max(seconds for _, seconds, _ in outcomes)
+    for rank, (n, seconds, _) in zip(session.get("ranks", []), outcomes):
+        rank.update(seeds_sampled=n, seconds=seconds)
+    if any(e is not None for _, _, e in outcomes):
+        return
+    manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
+    _write_outputs(out, out / "samples", manifest["seeds"])
+    write_json(manifest, out / "manifest.json")
 
 
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
-                    session: dict[str, Any], progress: bool) -> None:
+                    progress: bool) -> int:
+    """Sample and write the batches; returns the number of PNGs written."""
+    written = 0
     with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar:
         for batch in batches:
             watch = _FiniteWatch()
             with prepare(model) if prepare else nullcontext():
                 x = to_images(model, sample(model, batch, config, dev, callback=watch))
-            session["seeds_sampled"] += _write_batch(batch, x, watch, samples_dir)
+            written += _write_batch(batch, x, watch, samples_dir)
             bar.update(len(batch))
+    return written
 
 
 def read_samples(samples_dir: Path, seeds: Sequence[int]) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 __all__ = ["run_identity", "execution_identity", "open_manifest", "check_identity", "png_path", "remove_unreadable",
-           "readable_png", "identity_differences"]
+           "readable_png", "identity_differences", "is_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,11 @@ def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any], parts: 
     return found
 
 
+def is_summary(manifest: Mapping[str, Any]) -> bool:
+    """Whether a manifest is that of a run's summary (`modiff.pipelines.summary`), not of a run."""
+    return "summary" in manifest
+
+
 def check_identity(out_dir: Path, manifest: Mapping[str, Any], identity: Mapping[str, Any], adding: bool) -> None:
     """Refuse a run folder made with another identity (ValueError naming the fields, old -> new). When
     no image is to be added (``adding`` False), only the model and the sample config must match."""
@@ -73,6 +78,9 @@ def check_identity(out_dir: Path, manifest: Mapping[str, Any], identity: Mapping
                          f"Use a new --out folder, or delete the old one.")
     if not adding:
         return
+    if is_summary(manifest):
+        raise ValueError(f"{out_dir} is a summary of a run (`modiff summarize`): it holds statistics, not images, "
+                         f"and takes no new ones; sample into the full run, or into a new --out folder")
     if "execution" not in old:
         raise ValueError(f"{out_dir} was made before run folders recorded their batch size and device, so new images "
                          f"could not be guaranteed to match the old ones; sample into a new --out folder")

@@ -61,16 +61,25 @@ def test_trajectories_run_on_the_device_and_come_back_to_the_cpu(tiny_denoiser: 
 
 
 def test_parallel_runs_start_with_one_adaround_per_weight_quantization() -> None:
-    """The first wave computes each weight quantization's AdaRound once; the presets reusing it follow."""
-    presets = ["fp", "w8a4", "qdiff-w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4", "qdiff-w4a4-modiff", "qdiff-w8a2"]
+    """The first wave computes each weight quantization's AdaRound once (an -adaround preset shares the
+    W4 weights of qdiff-w4a4); the presets reusing them follow. Only presets that calibrate take part."""
+    presets = ["fp", "w8a4", "qdiff-w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4", "qdiff-w4a4-modiff", "qdiff-w8a2",
+               "w4a4-adaround-modiff"]
     assert experiments._waves(presets) == [["qdiff-w8a4", "qdiff-w4a4"],
-                                           ["fp", "w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4-modiff", "qdiff-w8a2"]]
+                                           ["fp", "w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4-modiff", "qdiff-w8a2",
+                                            "w4a4-adaround-modiff"]]
+    from modiff.quant.ptq.reuse import Calibration
+
+    assert [p for p in presets if experiments._calibrates(p, Calibration())] == \
+        ["qdiff-w8a4", "qdiff-w8a6-modiff", "qdiff-w4a4", "qdiff-w4a4-modiff", "qdiff-w8a2", "w4a4-adaround-modiff"]
+    assert not any(experiments._calibrates(p, None) for p in presets)
 
 
 @pytest.mark.slow
 def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
-    """fill_runs on two workers makes every run sample_run would make, with one AdaRound per weight
-    quantization; the table functions then reuse them, and the images match runs made in one process."""
+    """fill_runs on two torch.distributed ranks (gloo) makes every run sample_run would make, with one
+    AdaRound per weight quantization; the table functions then reuse them, and the images equal, bit for
+    bit, runs made in one process."""
     import json
 
     import numpy as np
@@ -88,12 +97,14 @@ def test_runs_made_in_parallel_equal_those_made_in_turn(tmp_path) -> None:
     assert len(weights) == 1  # the three qdiff-w8 presets share one AdaRound
     for preset in ["fp", *presets]:
         run = experiments.sample_run(model, preset, seeds, config, tmp_path / "parallel", device="cpu")
-        assert len(json.loads((run / "manifest.json").read_text())["sessions"]) == 1  # reused, not re-sampled
+        (session,) = json.loads((run / "manifest.json").read_text())["sessions"]  # reused, not re-sampled
+        assert session["world_size"] == 2
     for preset in ["fp", "w8a4", "w8a4-modiff"]:
         alone = experiments.sample_run(model, preset, seeds, config, tmp_path / "alone", device="cpu")
         ours = tmp_path / "parallel" / alone.name
         with np.load(alone / "samples.npz") as a, np.load(ours / "samples.npz") as b:
-            assert np.abs(a["images"].astype(int) - b["images"].astype(int)).max() <= 1  # thread-count rounding
+            assert np.array_equal(a["images"], b["images"])
+    experiments.fill_runs(model, ["fp"], seeds, config, tmp_path / "parallel", "cpu,cpu")  # done: nothing launched
     with pytest.raises(ValueError, match="at least one device"):
         experiments.fill_runs(model, ["fp"], seeds, config, tmp_path / "x", "")
     with pytest.raises(ValueError, match=r"pass calibration=Calibration"):  # a worker's error reaches the caller

@@ -1,0 +1,67 @@
+"""`modiff summarize`: finished runs into small folders that travel (`modiff.pipelines.summary`).
+
+Registered on the `modiff` group by `modiff.cli.main`; kept apart so the main CLI module stays short.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from modiff.cli.options import USER_ERRORS, check_device_option, parse_seeds_option
+
+__all__ = ["summarize_command"]
+
+
+def _optional_seeds(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[int]]:
+    return None if value is None else parse_seeds_option(ctx, param, value)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+@click.command("summarize")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of the summaries: a run goes to OUT/<its name>, a folder of runs keeps its layout.")
+@click.option("--fp-run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Full-precision run of the per-seed distances [default: the fp run beside each run].")
+@click.option("--seeds", default=None, callback=_optional_seeds, help="Seeds to summarize [default: all of the run's].")
+@click.option("--ref", default="fmnist-train", show_default=True, help="FID reference, as the notebooks use it.")
+@click.option("--bootstrap-resamples", type=click.IntRange(min=10), default=300, show_default=True,
+              help="FID bootstrap resamples (the table1 notebook's bootstrap_resamples).")
+@click.option("--images", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Images kept, of the first seeds (the notebooks' grids show analysis_samples of them).")
+@click.option("--device", default="cpu", show_default=True, callback=check_device_option,
+              help="Device of the feature extraction (cpu: the numbers the notebooks compute from a full run).")
+def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path], seeds: Optional[list[int]], ref: str,
+                      bootstrap_resamples: int, images: int, device: str) -> None:
+    """Summarize finished RUNS (run folders, or folders of runs) into small folders that stand in for them:
+    manifest, FID with its bootstrap interval and resamples, IS, per-seed distances to the fp run, the first
+    images and the grid (under 1 MB for 10,000 seeds). The notebooks read a summary where they would read
+    its run, so `modiff reproduce --runs DIR` rebuilds the reports from summaries on a machine without the
+    runs (or a GPU). Unfinished runs, and runs being written, are refused.
+
+    \b
+    Examples:
+      modiff summarize data/runs/paper --out summaries/paper
+      modiff reproduce --preset paper --runs summaries
+      modiff summarize data/runs/w4a4-modiff --fp-run data/runs/fp --out summaries
+    """
+    from modiff.metrics.bootstrap import BootstrapConfig
+    from modiff.pipelines.summary import SummarySettings, summarize
+
+    try:
+        settings = SummarySettings(ref=ref, bootstrap=BootstrapConfig(resamples=bootstrap_resamples), images=images,
+                                   device=device)
+        made, refused = summarize(runs, out, fp_run, settings, seeds)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    for folder in made:
+        click.echo(f"summary {folder} ({_size(folder) / 1e3:.0f} kB)")
+    for run, why in refused.items():
+        click.echo(f"REFUSED {run}: {why}", err=True)
+    if refused:
+        raise SystemExit(1)

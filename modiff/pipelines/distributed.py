@@ -1,0 +1,235 @@
+"""Sampling on torch.distributed: one process per device, the batches of a run dealt over the ranks.
+
+Three ways in, one mechanism:
+
+- ``torchrun --nproc-per-node N -m modiff sample|evaluate ...``: the command joins the group torchrun
+  describes in its environment (`torchrun_session`), each rank on its own device;
+- `launch(fn, devices, *args)`: one process per device, joined by an ``env://`` rendezvous on localhost
+  (what ``modiff reproduce --set devices=...`` uses, through `analysis.experiments.fill_runs`);
+- a script that initialises its own process group: `generate` uses the default group when there is one.
+
+`generate` then deals the batches of a run over the ranks: rank r samples batches r, r+N, ... of the
+batches a one-process run would sample, so every image equals the one-process image of its seed (quantized
+images depend on their batch companions, see `modiff.pipelines.run_folder`); with ``--batch-size 1``
+rank r samples seeds r, r+N, .... Rank 0 alone holds the folder's lock, checks the identity and writes the
+manifest; every rank writes its own PNGs; the seeds are recorded as done, and grid.png and samples.npz
+written, only once every rank has finished. Backend: NCCL on CUDA, gloo on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from modiff.utils.device import resolve_device
+
+__all__ = ["World", "launch", "portable_error", "torchrun_world", "torchrun_session", "torchrun_devices", "local_devices",
+           "rank_device", "without_torchrun_environment", "backend_for"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Ranks wait for each other through work that can take hours (a calibration dealt to one rank): the
+# launcher ends every rank as soon as one fails, so a long timeout never hides a dead peer.
+TIMEOUT = timedelta(hours=12)
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def portable_error(err: BaseException) -> BaseException:
+    """``err`` if it survives pickling (to reach the other ranks or the parent), else a RuntimeError naming it."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # any exception type may refuse pickling; its text still reaches the others
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the default process group: rank ``rank`` of ``size`` (0 of 1 without one)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def current(cls) -> "World":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def from_leader(self, compute: Callable[[], T]) -> T:
+        """``compute()`` on rank 0; its result, or the exception it raised, reaches every rank."""
+        if self.size == 1:
+            return compute()
+        box: list[Any] = [None]
+        own: Optional[Exception] = None
+        if self.leader:
+            try:
+                box[0] = (True, compute())
+            except Exception as err:  # raised on every rank: here as it was, elsewhere as it arrives
+                own, box[0] = err, (False, portable_error(err))
+        dist.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if not ok:
+            raise own if own is not None else value
+        return value
+
+    def gather(self, value: T) -> list[T]:
+        """``value`` of every rank, in rank order, on every rank."""
+        if self.size == 1:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def torchrun_world() -> Optional[tuple[int, int, int, int]]:
+    """(rank, local rank, world size, local world size) from the environment torchrun sets; None when
+    this process was not started by torchrun (or by a launcher that sets the same variables)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    size = int(os.environ["WORLD_SIZE"])
+    return (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), size,
+            int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+
+
+def rank_device(device: str, local_rank: int, world_size: int) -> str:
+    """The device of one rank: ``auto`` and ``cuda`` mean the rank's own GPU (cuda:LOCAL_RANK) where there
+    is CUDA; ``cpu`` stays; a fixed ``cuda:N`` is refused with several ranks (they would share one GPU)."""
+    dev = resolve_device(device)
+    if dev.type == "cpu" or world_size == 1:
+        return str(dev)
+    if dev.index is not None:
+        raise ValueError(f"--device {device} under torchrun would put all {world_size} ranks on one GPU; pass "
+                         f"--device cuda (or auto): each rank then takes cuda:LOCAL_RANK")
+    return str(resolve_device(f"cuda:{local_rank}"))
+
+
+@contextlib.contextmanager
+def torchrun_session(device: str) -> Iterator[str]:
+    """Under torchrun with several ranks: join the process group for the block and yield this rank's
+    device (`rank_device`); otherwise yield ``device`` unchanged and start nothing."""
+    found = torchrun_world()
+    if found is None or found[2] == 1 or dist.is_initialized():
+        yield device
+        return
+    _, local_rank, size, _ = found
+    mine = rank_device(device, local_rank, size)
+    _join(torch.device(mine))
+    try:
+        yield mine
+    finally:
+        dist.destroy_process_group()
+
+
+def _join(device: torch.device) -> None:
+    """Initialise the default group from the environment (env://) for a rank on ``device``."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), init_method="env://", timeout=TIMEOUT)
+
+
+def local_devices(device: str, count: int) -> list[str]:
+    """``count`` devices for the ranks of one machine: cuda:0 ... cuda:count-1 where there is CUDA (and
+    ``device`` asks for it), else ``count`` times cpu."""
+    return [rank_device(device, rank, count) for rank in range(count)]
+
+
+def torchrun_devices(device: str) -> Optional[list[str]]:
+    """For a command that starts its own ranks (`modiff reproduce`, through `launch`) run under torchrun
+    with N ranks on one machine: on rank 0 the N local devices (`local_devices`), with torchrun's variables
+    removed from this process's environment so that the processes it starts (notebook kernels) do not take
+    themselves for ranks of this job; ``[]`` on the other ranks, which leave the work to rank 0; None
+    outside torchrun or with one rank."""
+    found = torchrun_world()
+    if found is None or found[2] == 1:
+        return None
+    rank, _, size, local_size = found
+    if size != local_size:
+        raise ValueError(f"this command runs on one machine: torchrun gave {size} ranks of which {local_size} are "
+                         f"here; use --nnodes 1 (or --set devices=cuda:0,cuda:1,... without torchrun)")
+    if rank != 0:
+        return []
+    devices = local_devices(device, size)
+    kept = without_torchrun_environment()
+    os.environ.clear()
+    os.environ.update(kept)
+    return devices
+
+
+def without_torchrun_environment() -> dict[str, str]:
+    """A copy of the environment without torchrun's variables, for child processes that must not take
+    themselves for ranks of the parent's job (notebook kernels, for instance)."""
+    return {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES and not k.startswith("TORCHELASTIC_")}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rank_main(index: int, fn: Callable[..., None], devices: list[str], port: int, threads: int, errors: Any,
+               args: tuple[Any, ...]) -> None:
+    """The body of one launched process: join the group as rank ``index`` and run ``fn(device, *args)``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(index), LOCAL_RANK=str(index),
+                      WORLD_SIZE=str(len(devices)), LOCAL_WORLD_SIZE=str(len(devices)))
+    device = resolve_device(devices[index])
+    if device.type == "cpu":
+        torch.set_num_threads(threads)  # CPU ranks share the parent's cores
+    _join(device)
+    try:
+        fn(devices[index], *args)
+    except Exception as err:
+        errors.put(portable_error(err))  # the parent raises it as it was raised here
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., None], devices: Sequence[str], *args: Any) -> None:
+    """Run ``fn(device, *args)`` in one new process per entry of ``devices``, all joined in one
+    torch.distributed group (rendezvous env:// on localhost; NCCL for GPUs, gloo for CPUs); returns when
+    all have finished. ``fn`` and ``args`` must pickle. The first exception a rank raises is raised here
+    (the other ranks are stopped); CPU ranks share the caller's threads."""
+    import torch.multiprocessing as mp
+
+    devices = list(devices)
+    if not devices:
+        raise ValueError("launch needs at least one device, e.g. ['cuda:0', 'cuda:1'] or ['cpu', 'cpu']")
+    kinds = {resolve_device(d).type for d in devices}
+    if len(kinds) > 1:
+        raise ValueError(f"devices {devices} mix CPU and GPU; one process group uses one backend: give only GPUs "
+                         f"or only cpu entries")
+    errors = mp.get_context("spawn").SimpleQueue()
+    threads = max(1, torch.get_num_threads() // len(devices))
+    context = mp.start_processes(_rank_main, args=(fn, devices, _free_port(), threads, errors, args),
+                                 nprocs=len(devices), join=False, start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as failure:
+        if not errors.empty():
+            raise errors.get() from failure
+        raise

@@ -1,0 +1,330 @@
+"""Run summaries: a finished run in a small folder that stands in for it wherever the notebooks read runs.
+
+A paper-scale run holds 10,000 PNGs; what the notebooks read from it is much smaller:
+
+    SUMMARY/manifest.json  the run's manifest (identity, seeds, sessions: read as a run's is, so
+                           `finished_run` reuses the summary and Table 1 shows its arithmetic), plus
+                           ``summary``: what it was made from, with which settings, against which fp run
+    SUMMARY/metrics.json   FID (classifier space) with its bootstrap interval, IS, and the FID of every
+                           bootstrap resample (Table 1's paired verdicts), over the summarized seeds
+    SUMMARY/per_seed.npz   per seed: relative L2 and PSNR of the image to the full-precision run's image of
+                           the same seed (Table 1's fidelity columns, the sampler tables)
+    SUMMARY/images.npz     the images of the first seeds (128 by default: the notebooks' grids)
+    SUMMARY/grid.png       the run's grid
+
+About 0.4 MB for 10,000 seeds. The classifier features behind FID (5 MB at 10,000 seeds) are not kept: the
+bootstrap resamples are what the table needs. So a summary cannot score another set of seeds, use other
+bootstrap settings, compare with another reference run or show images beyond those it keeps; each is
+refused (`SummaryMismatchError`) with what to do.
+
+`per_seed_fidelity` and `run_scores` read a run or a summary alike: a summary holds what they compute from
+the run it summarizes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from modiff.metrics.bootstrap import BootstrapConfig
+from modiff.metrics.compare import averaged_distances, psnr, relative_l2
+from modiff.pipelines.evaluate import seed_images
+from modiff.pipelines.run_folder import READ_ONLY_PARTS, identity_differences, is_summary
+from modiff.utils.checksums import sha256_file
+from modiff.utils.locks import folder_lock
+from modiff.utils.rng import format_seeds, parse_seeds
+from modiff.utils.runs import environment, write_json
+
+__all__ = ["SummarySettings", "SummaryMismatchError", "PerSeedFidelity", "per_seed_fidelity", "run_scores",
+           "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+SCORED = ("fid", "isc")  # what Table 1 computes from a run
+QUANTIZATION_KEYS = ("quant_preset", "quant_config", "quantized", "weights_from", "reset")
+
+
+class SummaryMismatchError(ValueError):
+    """A summary cannot answer what was asked (other seeds, bootstrap settings or reference run)."""
+
+
+@dataclass(frozen=True)
+class SummarySettings:
+    """How a summary scores its run: the FID reference and bootstrap (as Table 1 asks for them), how many
+    leading seeds keep their images, and the device of the feature extraction."""
+
+    ref: str = "fmnist-train"
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    images: int = 128
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.images < 0:
+            raise ValueError(f"the number of kept images must be >= 0, got {self.images}")
+
+    def record(self) -> dict[str, Any]:
+        return {"ref": self.ref, "bootstrap": asdict(self.bootstrap), "images": self.images}
+
+
+@dataclass(frozen=True)
+class PerSeedFidelity:
+    """Per seed (in the order asked for): distances of a run's images to a reference run's."""
+
+    seeds: np.ndarray
+    rel_l2_pixels: np.ndarray
+    psnr_db: np.ndarray
+
+    def averaged(self) -> dict[str, Any]:
+        """As `modiff.metrics.compare.fidelity_to_reference` (without features) reports them."""
+        return averaged_distances(self.psnr_db, self.rel_l2_pixels)
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} is neither a run nor a summary (no manifest.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the folder is damaged") from None
+
+
+def is_summary_folder(folder: str | Path) -> bool:
+    path = Path(folder) / "manifest.json"
+    return path.is_file() and is_summary(_manifest(Path(folder)))
+
+
+def _is_run(folder: Path) -> bool:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return isinstance(manifest, dict) and {"identity", "seeds", "sessions"} <= set(manifest) and not is_summary(manifest)
+
+
+def per_seed_fidelity(run: str | Path, reference: str | Path, seeds: Sequence[int]) -> PerSeedFidelity:
+    """Relative L2 and PSNR of each seed's image in ``run`` to its image in ``reference`` (a full-precision
+    run of the same seeds). Either may be a summary: a summarized run gives the distances it stored, if they
+    are to this reference; a summarized reference has no images beyond those it keeps."""
+    run, reference, seeds = Path(run), Path(reference), [int(s) for s in seeds]
+    if is_summary_folder(run):
+        return _stored_fidelity(run, reference, seeds)
+    try:
+        images, base = seed_images(run, seeds), seed_images(reference, seeds)
+    except ValueError as err:
+        if is_summary_folder(reference):
+            raise SummaryMismatchError(f"the distances of {run} to {reference} need the images of the full run "
+                                       f"{reference} summarizes ({err}); summarize {run} beside that run instead") from None
+        raise
+    return PerSeedFidelity(np.asarray(seeds, dtype=np.int64), relative_l2(images, base), psnr(images, base))
+
+
+def _stored_fidelity(summary: Path, reference: Path, seeds: list[int]) -> PerSeedFidelity:
+    stored = _manifest(summary)["summary"]["reference"]
+    if stored is None:
+        raise SummaryMismatchError(f"{summary} holds no per-seed distances: no full-precision run was beside the run "
+                                   f"when it was summarized; summarize it again with --fp-run")
+    diff = identity_differences(stored["identity"], _manifest(reference).get("identity", {}), READ_ONLY_PARTS)
+    if diff:
+        raise SummaryMismatchError(f"{summary} holds distances to another reference run than {reference} "
+                                   f"({'; '.join(diff)}); summarize the run again with --fp-run {reference}")
+    with np.load(summary / "per_seed.npz") as data:
+        index = {int(s): i for i, s in enumerate(data["seeds"])}
+        missing = [s for s in seeds if s not in index]
+        if missing:
+            raise SummaryMismatchError(f"{summary} holds distances for seeds {format_seeds(index)}, not for "
+                                       f"{format_seeds(missing[:5])}...; summarize a run of those seeds")
+        rows = [index[s] for s in seeds]
+        return PerSeedFidelity(data["seeds"][rows], data["rel_l2_pixels"][rows], data["psnr_db"][rows])
+
+
+def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
+               bootstrap: BootstrapConfig = BootstrapConfig(), device: str = "cpu") -> Any:
+    """FID (with its bootstrap interval and resamples) and IS of the run's images of ``seeds``
+    (`modiff.metrics.fidelity.score`, as Table 1 asks for them). A summary gives the scores it stored, if
+    they are over these seeds with this reference and bootstrap; a degenerate set raises ValueError either way."""
+    from modiff.metrics.fidelity import Scores, score
+
+    run = Path(run)
+    if not is_summary_folder(run):
+        return score(seed_images(run, seeds), ref, SCORED, bootstrap=bootstrap, device=device)
+    record = json.loads((run / "metrics.json").read_text())
+    asked = {"seeds": format_seeds(seeds) if len(seeds) else "", "ref": str(ref), "bootstrap": asdict(bootstrap)}
+    stored = {k: record[k] for k in asked}
+    if stored != asked or [int(s) for s in seeds] != parse_seeds(record["seeds"]):
+        diff = "; ".join(f"{k}: {stored[k]!r} (summary) vs {asked[k]!r} (asked)" for k in asked if stored[k] != asked[k])
+        raise SummaryMismatchError(f"{run} was scored with other settings ({diff or 'seed order'}); summarize the run "
+                                   f"again with these (`modiff summarize --seeds ... --ref ... --bootstrap-resamples ...`)")
+    if "error" in record:
+        raise ValueError(record["error"])
+    resamples = record.get("fid_resamples")
+    return Scores(record["metrics"], None if resamples is None else np.asarray(resamples, dtype=np.float64))
+
+
+def _model_part(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.get("model", {}).items() if k not in QUANTIZATION_KEYS}
+
+
+def _full_precision(identity: Mapping[str, Any]) -> bool:
+    model = identity.get("model", {})
+    return model.get("quant_preset") in (None, "fp") and not any(k in model for k in ("quant_config", "quantized"))
+
+
+def full_precision_reference(run: str | Path) -> Optional[Path]:
+    """The run itself if it is full precision, else the full-precision run beside it (same folder) of the
+    same model and sample identity; None when there is none."""
+    run = Path(run)
+    identity = _manifest(run)["identity"]
+    if _full_precision(identity):
+        return run
+    for other in sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run and _is_run(p)):
+        theirs = _manifest(other)["identity"]
+        if _full_precision(theirs) and theirs.get("sample") == identity.get("sample") and \
+                _model_part(theirs) == _model_part(identity):
+            return other
+    return None
+
+
+def _finished_seeds(run: Path, manifest: Mapping[str, Any], seeds: Optional[Sequence[int]]) -> list[int]:
+    """The seeds to summarize, once the run is known finished for them; ValueError saying why not."""
+    if is_summary(manifest):
+        raise ValueError(f"{run} is already a summary; summarize the run it was made from")
+    done = [int(s) for s in manifest.get("seeds", [])]
+    npz = run / "samples.npz"
+    if not done or not npz.is_file():
+        raise ValueError(f"{run} is not a finished run (no seed recorded as done, or no samples.npz): finish it with "
+                         f"the command that made it, then summarize it")
+    with np.load(npz) as data:
+        if sorted(int(s) for s in data["seeds"]) != sorted(done):
+            raise ValueError(f"{run}/samples.npz does not hold the seeds its manifest records: the run was interrupted "
+                             f"while writing; run the command that made it again, then summarize it")
+    wanted = sorted(done) if seeds is None else sorted(int(s) for s in seeds)
+    missing = sorted(set(wanted) - set(done))
+    if missing:
+        raise ValueError(f"{run} has not sampled {len(missing)} of the seeds asked for (e.g. "
+                         f"{format_seeds(missing[:5])}); it holds {format_seeds(done)}")
+    return wanted
+
+
+def _scores_record(run: Path, seeds: list[int], settings: SummarySettings) -> dict[str, Any]:
+    record: dict[str, Any] = {"seeds": format_seeds(seeds), "ref": settings.ref, "bootstrap": asdict(settings.bootstrap)}
+    try:
+        scored = run_scores(run, seeds, settings.ref, settings.bootstrap, settings.device)
+    except ValueError as err:  # a degenerate set: the summary keeps the reason, as Table 1 shows it
+        return {**record, "error": str(err)}
+    resamples = None if scored.fid_resamples is None else [float(v) for v in scored.fid_resamples]
+    return {**record, "metrics": scored.metrics, "fid_resamples": resamples}
+
+
+def _summary_block(run: Path, reference: Optional[Path], seeds: list[int], settings: SummarySettings) -> dict[str, Any]:
+    ref_identity = None if reference is None else _manifest(reference).get("identity")
+    return {"format": FORMAT, "source": str(run.resolve()), "source_manifest_sha256": sha256_file(run / "manifest.json"),
+            "seeds": format_seeds(seeds), "settings": settings.record(),
+            "reference": None if reference is None else {"run": str(reference.resolve()), "identity": ref_identity}}
+
+
+def _up_to_date(out: Path, block: Mapping[str, Any]) -> bool:
+    if not is_summary_folder(out):
+        return False
+    old = _manifest(out)["summary"]
+    return all(old.get(k) == block[k] for k in ("format", "source_manifest_sha256", "seeds", "settings", "reference"))
+
+
+def summarize_run(run: str | Path, out: str | Path, reference: Optional[str | Path] = None,
+                  settings: SummarySettings = SummarySettings(), seeds: Optional[Sequence[int]] = None) -> Path:
+    """Write the summary of the finished run ``run`` (its seeds, or ``seeds``) into ``out``; per-seed
+    distances to ``reference`` (a full-precision run of the same model and sampling; none when None).
+
+    Refused: an unfinished run, a run being written (its lock), a reference of another model or sampling or
+    lacking seeds, and an ``out`` that exists and is not a summary. An up-to-date summary is kept as it is."""
+    from modiff.pipelines.evaluate import check_reference_run
+    from modiff.pipelines.generate import SampleConfig
+
+    run, out = Path(run), Path(out)
+    if out.exists() and not is_summary_folder(out):
+        raise ValueError(f"{out} exists and is not a summary: give a new --out folder")
+    with folder_lock(run):  # no writer meanwhile
+        manifest = _manifest(run)
+        chosen = _finished_seeds(run, manifest, seeds)
+        if reference is not None:
+            identity = manifest["identity"]
+            check_reference_run(reference, chosen, SampleConfig(**identity["sample"]),
+                                str(identity["model"].get("model", identity["model"].get("name"))))
+        block = _summary_block(run, None if reference is None else Path(reference), chosen, settings)
+        if _up_to_date(out, block):
+            return out
+        staging = out.parent / f".{out.name}.summary-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            _write_summary(run, staging, manifest, block, chosen, reference, settings)
+            _replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_summary(run: Path, staging: Path, manifest: dict[str, Any], block: dict[str, Any], seeds: list[int],
+                   reference: Optional[str | Path], settings: SummarySettings) -> None:
+    write_json(_scores_record(run, seeds, settings), staging / "metrics.json")
+    if reference is not None:
+        fidelity = per_seed_fidelity(run, reference, seeds)
+        np.savez_compressed(staging / "per_seed.npz", seeds=fidelity.seeds, rel_l2_pixels=fidelity.rel_l2_pixels,
+                            psnr_db=fidelity.psnr_db)
+    kept = seeds[: settings.images]
+    np.savez_compressed(staging / "images.npz", images=seed_images(run, kept), seeds=np.asarray(kept, dtype=np.int64))
+    shutil.copyfile(run / "grid.png", staging / "grid.png")
+    write_json({**manifest, "seeds": seeds, "summary": {**block, "kept_images": format_seeds(kept) if kept else "",
+                                                        "made": environment()}}, staging / "manifest.json")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Put the staged summary at ``out``: a rename, the old summary (if any) moved away first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """``root`` if it is a run, else every run below it (calibrations and other folders skipped)."""
+    root = Path(root)
+    if _is_run(root):
+        return [root]
+    return sorted(p.parent for p in root.rglob("manifest.json") if _is_run(p.parent))
+
+
+def summarize(paths: Sequence[str | Path], out: str | Path, fp_run: Optional[str | Path] = None,
+              settings: SummarySettings = SummarySettings(),
+              seeds: Optional[Sequence[int]] = None) -> tuple[list[Path], dict[Path, str]]:
+    """Summarize runs into ``out``: a run given itself goes to out/<its name>, a folder of runs keeps its
+    layout (``summarize(["data/runs/paper"], "summaries/paper")``, then ``modiff reproduce --runs summaries``).
+    Per-seed distances are to ``fp_run``, else to the full-precision run beside each run. Returns the
+    summaries written (or already up to date) and, per refused run, why (unfinished, being written, ...)."""
+    made, refused = [], {}
+    for given in map(Path, paths):
+        runs = find_runs(given)
+        if not runs:
+            raise ValueError(f"{given} holds no run folder (a folder with a manifest.json written by `modiff sample` "
+                             f"or the notebooks)")
+        for run in runs:
+            target = Path(out) / (run.relative_to(given) if run != given else run.name)
+            try:
+                reference = fp_run if fp_run is not None else full_precision_reference(run)
+                made.append(summarize_run(run, target, reference, settings, seeds))
+            except ValueError as err:
+                log.warning("%s not summarized: %s", run, err)
+                refused[run] = str(err)
+    return made, refused

@@ -1,0 +1,183 @@
+"""Sampling on torch.distributed: two gloo ranks on the CPU write the run one process would write."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from modiff.pipelines import distributed
+from modiff.pipelines.generate import SampleConfig, generate
+from modiff.quant import presets, quantize, trajectory
+
+CONFIG = SampleConfig(steps=3)
+PRESET = "published-w4a4"  # one activation scale per batch tensor: an image depends on its batch companions
+
+
+def _quantized_run(device: str, model, seeds, out: Path, prepare=None) -> None:
+    """What each rank (and the one-process reference) runs: the preset's model sampled into ``out``."""
+    net = quantize(model, presets[PRESET])
+    generate(net, list(seeds), out, CONFIG, batch_size=2, device=device, identity={"name": "tame", "preset": PRESET},
+             prepare=prepare or trajectory, progress=False)
+
+
+def _four_step_run(device: str, model, seeds, out: Path) -> None:
+    generate(model, list(seeds), out, SampleConfig(steps=4), batch_size=2, device=device,
+             identity={"name": "tame", "preset": PRESET}, progress=False)
+
+
+class FailOnRank:
+    """A `prepare` that raises on one rank (the others sample as usual)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self, model):
+        if dist.get_rank() == self.rank:
+            raise RuntimeError(f"rank {self.rank} broke")
+        return trajectory(model)
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "samples").iterdir())}
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_a_run_into_the_images_of_one_process(tmp_path: Path, tame_denoiser) -> None:
+    """A run begun by one process (seeds 0-3) and finished by two gloo ranks (0-8, batches dealt k mod 2)
+    holds, bit for bit, the PNGs, samples.npz and grid of one uninterrupted process; one session records
+    both ranks, and the seeds are recorded once."""
+    single, shared = tmp_path / "single", tmp_path / "shared"
+    _quantized_run("cpu", tame_denoiser, range(9), single)
+    _quantized_run("cpu", tame_denoiser, range(4), shared)
+    distributed.launch(_quantized_run, ["cpu", "cpu"], tame_denoiser, range(9), shared)
+    assert _files(shared) == _files(single) and len(_files(shared)) == 9
+    assert (shared / "grid.png").read_bytes() == (single / "grid.png").read_bytes()
+    with np.load(shared / "samples.npz") as a, np.load(single / "samples.npz") as b:
+        assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["seeds"], b["seeds"])
+    manifest = json.loads((shared / "manifest.json").read_text())
+    first, second = manifest["sessions"]
+    assert "ranks" not in first and first["seeds_sampled"] == 4
+    assert second["world_size"] == 2 and [r["rank"] for r in second["ranks"]] == [0, 1]
+    assert [r["seeds_sampled"] for r in second["ranks"]] == [3, 2]  # batches [4, 5], [8] and [6, 7]
+    assert second["seeds_sampled"] == 5 and manifest["seeds"] == list(range(9))
+    assert not [p for p in shared.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_leaves_the_run_unfinished(tmp_path: Path, tame_denoiser) -> None:
+    """Rank 1 fails: its error reaches the caller, the seeds are not recorded as done and no samples.npz is
+    written; rank 0's PNGs stay, and a one-process re-run finishes the run as if nothing had happened. Two
+    ranks with another sample config are refused before any image."""
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="rank 1 broke"):
+        distributed.launch(_quantized_run, ["cpu", "cpu"], tame_denoiser, range(6), out, FailOnRank(1))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seeds"] == [] and not (out / "samples.npz").exists()
+    assert sorted(_files(out)) == ["000000.png", "000001.png", "000004.png", "000005.png"]
+    _quantized_run("cpu", tame_denoiser, range(6), out)
+    _quantized_run("cpu", tame_denoiser, range(6), tmp_path / "single")
+    assert _files(out) == _files(tmp_path / "single")
+    with pytest.raises(ValueError, match=r"another configuration .*sample.steps: 3 -> 4"):  # rank 0's check, every rank
+        distributed.launch(_four_step_run, ["cpu", "cpu"], tame_denoiser, range(8), out)
+    assert len(json.loads((out / "manifest.json").read_text())["sessions"]) == 2 and len(_files(out)) == 6
+
+
+def test_launch_refuses_no_devices_and_mixed_devices() -> None:
+    with pytest.raises(ValueError, match="at least one device"):
+        distributed.launch(_quantized_run, [])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="mix CPU and GPU"):
+            distributed.launch(_quantized_run, ["cpu", "cuda:0"])
+
+
+def test_one_process_world_runs_the_leader_code_in_place() -> None:
+    """Without a process group: rank 0 of 1, the leader's exception raised as is, gather of one value."""
+    world = distributed.World.current()
+    assert world == distributed.World(0, 1) and world.leader
+    assert world.from_leader(lambda: 7) == 7 and world.gather("x") == ["x"]
+    with pytest.raises(KeyError):
+        world.from_leader(lambda: {}["missing"])
+
+
+def test_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank and sizes read from torchrun's variables; the CPU stays the CPU on every rank; a scrubbed
+    environment for child processes drops them."""
+    for name in distributed.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.torchrun_world() is None
+    with distributed.torchrun_session("cpu") as device:  # not under torchrun: nothing started
+        assert device == "cpu" and not dist.is_initialized()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert distributed.torchrun_world() == (3, 1, 4, 2)
+    assert distributed.local_devices("cpu", 2) == ["cpu", "cpu"]
+    kept = distributed.without_torchrun_environment()
+    assert not {"RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & set(kept) and "PATH" in kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_each_rank_takes_its_own_gpu() -> None:
+    assert distributed.rank_device("auto", 0, 1) == "cuda:0"
+    assert distributed.rank_device("cuda", 0, 2) == "cuda:0"
+    with pytest.raises(ValueError, match="all 2 ranks on one GPU"):
+        distributed.rank_device("cuda:0", 1, 2)
+
+
+@pytest.mark.slow
+def test_torchrun_sample_equals_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m modiff sample` (gloo, CPU) writes the run `modiff sample` writes."""
+    from click.testing import CliRunner
+
+    from conftest import TINY, tiny_net
+    from modiff.cli import main
+    from modiff.pipelines.train import DDIMTrainConfig, export_weights
+
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    args = ["sample", "--model", str(tmp_path / "tiny"), "--preset", "w8a4-modiff", "--seeds", "0-6", "--steps", "2",
+            "--batch-size", "2", "--device", "cpu"]
+    single = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the threads of the reference run
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "modiff",
+                            *args, "--out", str(tmp_path / "ranks")], capture_output=True, text=True, env=env, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert ranks.stdout.count("wrote 7 samples") == 1  # rank 0 speaks for the job
+    assert _files(tmp_path / "ranks") == _files(tmp_path / "single")
+    (session,) = json.loads((tmp_path / "ranks" / "manifest.json").read_text())["sessions"]
+    assert session["world_size"] == 2 and session["seeds_sampled"] == 7
+
+
+def _torchrun_env(monkeypatch: pytest.MonkeyPatch, rank: int, size: int, local_size: int) -> None:
+    for name, value in {"RANK": rank, "LOCAL_RANK": rank % local_size, "WORLD_SIZE": size,
+                        "LOCAL_WORLD_SIZE": local_size, "MASTER_PORT": 29500}.items():
+        monkeypatch.setenv(name, str(value))
+
+
+def test_reproduce_under_torchrun_runs_on_rank_0_with_every_local_device(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """Rank 0 gets one device per local rank and an environment its notebook kernels cannot mistake for a
+    rank's; the other ranks leave the work to it (`modiff reproduce` exits at once); several machines are refused."""
+    from click.testing import CliRunner
+
+    from modiff.cli import main
+
+    _torchrun_env(monkeypatch, 1, 2, 2)
+    assert distributed.torchrun_devices("cpu") == []
+    result = CliRunner().invoke(main, ["reproduce", "--reports", str(tmp_path / "reports"), "--set", "device=cpu"])
+    assert result.exit_code == 0 and result.output == "" and not (tmp_path / "reports").exists()
+    _torchrun_env(monkeypatch, 0, 4, 2)
+    with pytest.raises(ValueError, match="one machine"):
+        distributed.torchrun_devices("cpu")
+    _torchrun_env(monkeypatch, 0, 2, 2)
+    assert distributed.torchrun_devices("cpu") == ["cpu", "cpu"]
+    assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ and "PATH" in os.environ

@@ -1,0 +1,150 @@
+"""Run summaries: the tables read the same numbers from them as from the runs, in well under 1 MB."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import modiff.pipelines.generate as gen
+from analysis import experiments, table1
+from modiff.cli import main
+from modiff.metrics.bootstrap import BootstrapConfig
+from modiff.pipelines.evaluate import seed_images
+from modiff.pipelines.generate import SampleConfig, finished_run, generate
+from modiff.pipelines.summary import (SummaryMismatchError, SummarySettings, per_seed_fidelity, run_scores, summarize,
+                                      summarize_run)
+from modiff.utils.locks import FolderLockedError, folder_lock
+
+BOOTSTRAP = BootstrapConfig(resamples=20)
+SETTINGS = SummarySettings(bootstrap=BOOTSTRAP, images=4)
+SAMPLERS = [("ddim", 3), ("ddpm", 3)]
+
+
+def _tables(model, runs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the table1 and samplers notebooks compute from a runs folder."""
+    config = table1.table_config(model, 3, "quad")
+    scored = table1.scored_table(model, ["w8a4", "w8a4-modiff"], range(10), config, runs, device="cpu",
+                                 bootstrap=BOOTSTRAP)
+    per_seed = experiments.sampler_per_seed(model, ["w8a4-modiff"], SAMPLERS, range(10), runs, device="cpu")
+    return scored, per_seed
+
+
+@pytest.mark.slow
+def test_tables_from_summaries_equal_tables_from_runs(tmp_path: Path, tame_denoiser) -> None:
+    """Runs made, summarized, deleted: Table 1 (FID, interval, verdicts, fidelity, precision) and the
+    samplers' per-seed table come out the same from the summaries; each summary is small; grids work
+    from the kept images."""
+    runs, summaries = tmp_path / "runs", tmp_path / "summaries"
+    scored, per_seed = _tables(tame_denoiser, runs)
+    grid_images = seed_images(runs / "spacing-quad" / "w8a4-ddim3", range(4))
+    made, refused = summarize([runs], summaries, settings=SETTINGS)
+    assert not refused and len(made) == 5 + 2 * 2  # five table rows (three anchors), fp and w8a4-modiff per sampler
+    assert (summaries / "spacing-quad" / "w8a4-modiff-ddim3" / "per_seed.npz").is_file()  # the layout kept
+    for summary in made:
+        assert sum(p.stat().st_size for p in summary.iterdir()) < 100_000
+    shutil.rmtree(runs)
+    scored_again, per_seed_again = _tables(tame_denoiser, summaries)
+    pd.testing.assert_frame_equal(scored_again, scored)
+    pd.testing.assert_frame_equal(per_seed_again, per_seed)
+    assert (scored.note == "").any() and scored.fid_classifier.notna().any()  # real scores compared, not only notes
+    assert {p.name for p in summaries.rglob("*.png")} == {"grid.png"}  # nothing sampled into the summaries
+    assert np.array_equal(seed_images(summaries / "spacing-quad" / "w8a4-ddim3", range(4)), grid_images)
+    with pytest.raises(ValueError, match=r"keeps the images of seeds 0-3 only.*--images N"):
+        seed_images(summaries / "spacing-quad" / "w8a4-ddim3", range(5))
+
+
+def _run(model, seeds, out: Path, config: SampleConfig = SampleConfig(steps=3), name: str = "tame") -> Path:
+    return generate(model, seeds, out, config, batch_size=4, device="cpu", identity={"model": name, "quant_preset": None},
+                    progress=False)
+
+
+def _quantized_run(model, seeds, out: Path) -> Path:
+    from modiff.quant import presets, quantize, trajectory
+
+    return generate(quantize(model, presets["w8a4"]), seeds, out, SampleConfig(steps=3), batch_size=4, device="cpu",
+                    identity={"model": "tame", "quant_preset": "w8a4"}, prepare=trajectory, progress=False)
+
+
+def test_summary_stands_for_its_run_and_refuses_what_it_cannot_answer(tmp_path: Path, tame_denoiser) -> None:
+    """Reused by finished_run for its seeds; refused for more seeds, for another identity, as a place to
+    sample into, and for questions about other seeds, bootstrap settings or reference runs."""
+    fp, q = _run(tame_denoiser, range(12), tmp_path / "runs" / "fp"), _quantized_run(tame_denoiser, range(12), tmp_path / "runs" / "q")
+    summary = summarize_run(q, tmp_path / "s" / "q", fp, SETTINGS)
+    identity, config = {"model": "tame", "quant_preset": "w8a4"}, SampleConfig(steps=3)
+    assert finished_run(summary, range(12), config, identity) and finished_run(summary, [3, 1], config, identity)
+    with pytest.raises(ValueError, match="summary .* lacks 1 of the seeds"):
+        finished_run(summary, range(13), config, identity)
+    with pytest.raises(ValueError, match="another configuration"):
+        finished_run(summary, range(12), config, {"model": "tame", "quant_preset": "w4a4"})
+    with pytest.raises(ValueError, match="takes no new ones"):
+        _quantized_run(tame_denoiser, range(13), summary)
+    assert per_seed_fidelity(summary, fp, [5, 2]).rel_l2_pixels.tolist() == \
+        per_seed_fidelity(q, fp, [5, 2]).rel_l2_pixels.tolist()
+    other_fp = _run(tame_denoiser, range(12), tmp_path / "other", SampleConfig(steps=3, spacing="quad"))
+    with pytest.raises(SummaryMismatchError, match="another reference run"):
+        per_seed_fidelity(summary, other_fp, range(12))
+    with pytest.raises(SummaryMismatchError, match="bootstrap"):
+        run_scores(summary, range(12), bootstrap=BootstrapConfig(resamples=30))
+    with pytest.raises(SummaryMismatchError, match="seeds"):
+        run_scores(summary, range(10), bootstrap=BOOTSTRAP)
+    scores = run_scores(summary, range(12), bootstrap=BOOTSTRAP)
+    assert scores.metrics == run_scores(q, range(12), bootstrap=BOOTSTRAP).metrics
+    with pytest.raises(SummaryMismatchError, match="need the images of the full run"):
+        per_seed_fidelity(q, summarize_run(fp, tmp_path / "s" / "fp", fp, SETTINGS), range(12))
+
+
+def test_unfinished_busy_and_mismatched_runs_are_refused(tmp_path: Path, tame_denoiser,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted run, a run being written, a reference of another sampling and an --out that is not a
+    summary are refused with what to do; an up-to-date summary is kept, a changed run summarized again."""
+    real_sample = gen.sample
+
+    def dying_sample(model, seeds, *args, **kwargs):
+        if 4 in seeds:
+            raise RuntimeError("out of memory")
+        return real_sample(model, seeds, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "sample", dying_sample)
+    with pytest.raises(RuntimeError):
+        _run(tame_denoiser, range(12), tmp_path / "broken")
+    monkeypatch.setattr(gen, "sample", real_sample)
+    with pytest.raises(ValueError, match="not a finished run"):
+        summarize_run(tmp_path / "broken", tmp_path / "s" / "broken", settings=SETTINGS)
+    fp = _run(tame_denoiser, range(12), tmp_path / "fp")
+    with folder_lock(fp), pytest.raises(FolderLockedError, match="being written"):
+        summarize_run(fp, tmp_path / "s" / "fp", settings=SETTINGS)
+    other = _run(tame_denoiser, range(12), tmp_path / "other", SampleConfig(steps=4))
+    with pytest.raises(ValueError, match="other settings .*steps: 4 -> 3"):
+        summarize_run(fp, tmp_path / "s" / "fp", other, SETTINGS)
+    with pytest.raises(ValueError, match="not a summary"):
+        summarize_run(fp, tmp_path / "fp", fp, SETTINGS)
+    summary = summarize_run(fp, tmp_path / "s" / "fp", fp, SETTINGS)
+    made = (summary / "metrics.json").stat().st_mtime_ns
+    assert summarize_run(fp, summary, fp, SETTINGS) == summary and (summary / "metrics.json").stat().st_mtime_ns == made
+    _run(tame_denoiser, range(14), fp)
+    summarize_run(fp, summary, fp, SETTINGS)
+    assert json.loads((summary / "manifest.json").read_text())["seeds"] == list(range(14))
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_summarize_command(tmp_path: Path, tame_denoiser) -> None:
+    """Summaries of a folder of runs, with their sizes; the unfinished run beside them is refused (exit 1),
+    the fp run found beside the others; a folder without runs is an error."""
+    _run(tame_denoiser, range(12), tmp_path / "runs" / "fp")
+    _quantized_run(tame_denoiser, range(12), tmp_path / "runs" / "q")
+    (tmp_path / "runs" / "fresh").mkdir()
+    (tmp_path / "runs" / "fresh" / "manifest.json").write_text(json.dumps({"identity": {}, "seeds": [], "sessions": []}))
+    args = ["summarize", str(tmp_path / "runs"), "--out", str(tmp_path / "s"), "--bootstrap-resamples", "20"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "summary " + str(tmp_path / "s" / "q") in result.output and " kB)" in result.output
+    assert "REFUSED" in result.output and "fresh: " in result.output and "not a finished run" in result.output
+    manifest = json.loads((tmp_path / "s" / "q" / "manifest.json").read_text())
+    assert manifest["summary"]["reference"]["run"] == str((tmp_path / "runs" / "fp").resolve())
+    empty = CliRunner().invoke(main, ["summarize", str(tmp_path / "s" / "q"), "--out", str(tmp_path / "t")])
+    assert empty.exit_code == 1 and "holds no run folder" in empty.output
