@@ -39,6 +39,7 @@ __all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "finished_run
 log = logging.getLogger(__name__)
 
 SamplerName = Literal["ddim", "ddpm", "dpm-solver"]
+Condition = Callable[[torch.nn.Module, Sequence[int]], ContextManager]  # (model, the batch's seeds) -> context
 Precision = Literal["fp32", "tf32", "bf16"]
 
 
@@ -228,6 +229,7 @@ def generate(
     compile: bool = False,
     cuda_graphs: bool = False,
     progress: bool = True,
+    condition: Optional[Condition] = None,
 ) -> Path:
     """Sample every seed whose PNG is not yet on disk into `out_dir`; returns `out_dir`.
 
@@ -235,7 +237,8 @@ def generate(
     device kind and `compile` it is the run's identity, written to the manifest before the first image
     and checked on every resume (`modiff.pipelines.run_folder`). One process writes at a time (a lock on
     the folder); a PNG that does not decode is made again. `prepare(model)` returns a context entered
-    around each batch (the MoDiff trajectory state, for instance). `compile` runs the network through
+    around each batch (the MoDiff trajectory state, for instance); `condition(model, seeds)` one entered
+    inside it, given the batch's seeds (the prompts of a text-conditioned model; describe them in `identity`). `compile` runs the network through
     torch.compile and `cuda_graphs` replays each step as one CUDA graph (CUDA only). Samples that come out
     NaN or infinite raise `NonFiniteSamplesError` naming their seeds and the first step where it happened.
     """
@@ -262,7 +265,7 @@ def generate(
         started, session["seeds_sampled"] = time.time(), 0
         try:
             _sample_batches(_prepare_model(model, dev, compile, cuda_graphs) if batches else model, batches, config,
-                            dev, samples_dir, prepare, session, progress)
+                            dev, samples_dir, prepare, session, progress, condition)
         finally:
             session["seconds"] = round(time.time() - started, 2)
         manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
@@ -273,11 +276,11 @@ def generate(
 
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
-                    session: dict[str, Any], progress: bool) -> None:
+                    session: dict[str, Any], progress: bool, condition: Optional[Condition]) -> None:
     with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar:
         for batch in batches:
             watch = _FiniteWatch()
-            with prepare(model) if prepare else nullcontext():
+            with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():
                 x = to_images(model, sample(model, batch, config, dev, callback=watch))
             session["seeds_sampled"] += _write_batch(batch, x, watch, samples_dir)
             bar.update(len(batch))

@@ -67,9 +67,6 @@ def _require(folder: Path, names: tuple[str, ...], what: str) -> None:
 
 
 def _import_class(library: str, class_name: str, component: str) -> type:
-    if library not in LIBRARIES:
-        raise ValueError(f"component {component!r} comes from {library!r}; modiff loads components of "
-                         f"{' and '.join(LIBRARIES)} only")
     try:
         module = importlib.import_module(library)
     except ImportError as err:
@@ -83,6 +80,9 @@ def _import_class(library: str, class_name: str, component: str) -> type:
 
 def _load_component(folder: Path, library: str, class_name: str, component: str) -> Any:
     what = f"component {component!r} ({class_name})"
+    if library not in LIBRARIES:
+        raise ValueError(f"component {component!r} comes from {library!r}; modiff loads components of "
+                         f"{' and '.join(LIBRARIES)} only")
     if component == "scheduler":
         _require(folder, ("scheduler_config.json",), what)
     elif component == "tokenizer":
