@@ -3,6 +3,7 @@ quantization, recording and BOPs on the wrapped network."""
 from __future__ import annotations
 
 import ast
+import json
 import contextlib
 from pathlib import Path
 from typing import Iterator
@@ -270,3 +271,22 @@ def test_diffusers_is_imported_lazily() -> None:
                     [inner.module or ""] if isinstance(inner, ast.ImportFrom) else []
                 found += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in ("diffusers", "transformers")]
     assert not found
+
+
+def test_sd15_unet_counts_on_the_meta_device_as_the_committed_table() -> None:
+    """SD v1.5's UNet from its config, without weights: its parameter count, and the cost module's count
+    of one evaluation equals the fp row of benchmarks/results/sd15_unet_bops.json."""
+    from diffusers import DDIMScheduler
+
+    from modiff.models.diffusers.reference import SD15_SCHEDULER, sd15_unet_on_meta
+
+    net = sd15_unet_on_meta()
+    assert sum(p.numel() for p in net.parameters()) == 859_520_964
+    model = md.load_model(net, scheduler=DDIMScheduler(**SD15_SCHEDULER))
+    with model.placeholder_condition():
+        report = compute_report(model, steps=50)
+    committed = json.loads((Path(__file__).parents[2] / "benchmarks/results/sd15_unet_bops.json").read_text())
+    fp = next(row for row in committed["rows"] if row["preset"] == "fp")
+    for key in ("layers_counted", "gmacs_conv_linear", "gmacs_attention_matmuls", "gbops_per_trajectory"):
+        assert report[key] == pytest.approx(fp[key], rel=1e-12), key
+    assert report["layers_counted"] == 282 and round(report["gmacs_conv_linear"], 1) == 338.6
