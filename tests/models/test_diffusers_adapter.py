@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+from diffusers import EulerDiscreteScheduler, PNDMScheduler  # noqa: E402
+
 import modiff as md  # noqa: E402
 from modiff.models.conventions import default_spacing, edge_layers, middle_block, representative_layers  # noqa: E402
 from modiff.models.diffusers.sampling import sample_scheduler, scheduler_timesteps  # noqa: E402
@@ -77,6 +79,17 @@ def test_scheduler_loop_is_the_text_pipeline_bit_for_bit(pipe, sd) -> None:
     with sd.conditioned(PROMPTS, guidance_scale=5.0):
         assert torch.equal(sample_scheduler(sd, x_T, 3), reference)
         _close(md.sample_ddim(sd, x_T, scheduler_timesteps(sd, 3)), reference)
+    ddim = pipe.scheduler
+    try:
+        for other in (PNDMScheduler, EulerDiscreteScheduler):  # multistep and sigma-space schedulers too
+            pipe.scheduler = other.from_config(ddim.config)
+            model = md.load_model(pipe)
+            reference = pipe(PROMPTS, num_inference_steps=4, guidance_scale=5.0, latents=x_T.clone(),
+                             output_type="latent").images
+            with model.conditioned(PROMPTS, guidance_scale=5.0):
+                assert torch.equal(sample_scheduler(model, x_T, 4), reference), other.__name__
+    finally:
+        pipe.scheduler = ddim
     images = pipe.image_processor.postprocess(pipe.vae.decode(reference / pipe.vae.config.scaling_factor).sample,
                                               output_type="pt")
     _close(md.to_images(sd, reference) * 0.5 + 0.5, images)

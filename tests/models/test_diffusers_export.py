@@ -179,3 +179,24 @@ def test_bops_of_a_text_folder(text_folder: Path) -> None:
     layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in md.load_model(text_folder).net.modules())
     assert report["layers_counted"] == layers and report["gmacs_attention_matmuls"] > 0
     assert report["gbops_per_step"] == pytest.approx(report["gmacs_conv_linear"] * 8 * 4)
+
+
+def test_exported_folder_samples_and_records_from_the_command_line(tmp_path: Path) -> None:
+    from modiff.pipelines.train import DDIMTrainConfig, export_weights
+
+    from conftest import TINY
+
+    export_weights(tiny_net(2), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    exported = _invoke("export-diffusers", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "pipe"))
+    assert exported.exit_code == 0, exported.output
+    run = ["--steps", "2", "--seeds", "0-1", "--device", "cpu"]
+    for name in ("tiny", "pipe"):
+        result = _invoke("sample", "--model", str(tmp_path / name), *run, "--out", str(tmp_path / f"run-{name}"))
+        assert result.exit_code == 0, result.output
+    images = [__import__("numpy").load(tmp_path / f"run-{name}" / "samples.npz")["images"].astype(int) for name in ("tiny", "pipe")]
+    assert abs(images[0] - images[1]).max() <= 1  # equal eps to float rounding: at most one grey level apart
+    recorded = _invoke("record", "--model", str(tmp_path / "pipe"), *run, "--sites", "net.mid_block.*",
+                       "--out", str(tmp_path / "rec"))
+    assert recorded.exit_code == 0, recorded.output
+    sites = set(md.load_recording(tmp_path / "rec").stats["site"])
+    assert sites and all(site.startswith("net.mid_block.") for site in sites)

@@ -71,16 +71,18 @@ def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:
 
 
 def scheduler_spacing(scheduler: Any) -> Spacing:
-    """The toolkit spacing that gives the scheduler's DDIM timesteps: ``uniform`` for "leading" spacing
-    with steps_offset 0 (range(0, T, T // S)), ``ldm`` for steps_offset 1 (Stable Diffusion). Other
-    spacings ("trailing", "linspace") have no toolkit equivalent: sample with their own timesteps
-    (`scheduler_timesteps`) or with `sample_scheduler`."""
-    config = scheduler.config
-    spacing, offset = getattr(config, "timestep_spacing", "leading"), int(getattr(config, "steps_offset", 0))
+    """The toolkit spacing of the DDIM timesteps of the scheduler's config (a DDIMScheduler made from it, as
+    a pipeline switched to DDIM): ``uniform`` for "leading" spacing with steps_offset 0 (range(0, T, T // S)),
+    ``ldm`` for steps_offset 1 (Stable Diffusion). Other spacings ("trailing", "linspace") have no toolkit
+    equivalent: sample with `sample_scheduler`."""
+    from diffusers import DDIMScheduler
+
+    config = DDIMScheduler.from_config(scheduler.config).config
+    spacing, offset = config.timestep_spacing, int(config.steps_offset)
     if spacing != "leading" or offset not in (0, 1):
         raise ValueError(f"timestep_spacing={spacing!r} with steps_offset={offset} has no toolkit spacing (allowed: "
-                         f"'leading' with steps_offset 0 or 1); pass its timesteps yourself "
-                         f"(modiff.models.diffusers.scheduler_timesteps) or use sample_scheduler")
+                         f"'leading' with steps_offset 0 or 1); sample with "
+                         f"modiff.models.diffusers.sampling.sample_scheduler, or load another scheduler")
     return "uniform" if offset == 0 else "ldm"
 
 

@@ -30,16 +30,19 @@ def _fresh(scheduler: Any, steps: int, device: torch.device) -> Any:
 
 
 def scheduler_timesteps(model: Any, steps: int) -> tuple[int, ...]:
-    """The timesteps the model's scheduler takes for `steps` inference steps (descending).
+    """The timesteps of diffusers' DDIMScheduler made from the model's scheduler config (as a pipeline
+    switched to DDIM takes them), for the toolkit's DDIM.
 
-    With DDIMScheduler these are also the steps of the toolkit's DDIM when each step goes to the next
-    one (its t - T // S rule): true for "leading" spacing; other spacings are refused with the reason.
+    The toolkit's DDIM steps from each timestep to the next one; DDIMScheduler from t to t - T // S. The two
+    agree for "leading" spacing; other spacings are refused with the reason.
     """
-    scheduler = _fresh(model.scheduler, steps, torch.device("cpu"))
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps)
     ts = tuple(int(t) for t in scheduler.timesteps)
     stride = scheduler.config.num_train_timesteps // steps
-    jumps = [a - b for a, b in zip(ts, ts[1:])]
-    if type(scheduler).__name__ == "DDIMScheduler" and (any(j != stride for j in jumps) or ts[-1] - stride >= 0):
+    if any(a - b != stride for a, b in zip(ts, ts[1:])) or ts[-1] - stride >= 0:
         raise ValueError(f"DDIMScheduler with timestep_spacing={scheduler.config.timestep_spacing!r} steps from t to "
                          f"t - {stride}, not to the next of its timesteps {ts[:4]}...; the toolkit's DDIM cannot "
                          f"follow it: use sample_scheduler, or 'leading' spacing")
