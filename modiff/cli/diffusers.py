@@ -14,7 +14,7 @@ import click
 
 from modiff.cli.options import USER_ERRORS, load_model_option
 
-__all__ = ["export_diffusers_command", "read_prompts", "prompt_condition"]
+__all__ = ["export_diffusers_command", "read_prompts", "prompt_condition", "refuse_conditional"]
 
 
 def read_prompts(prompt: Sequence[str], prompts_file: Optional[Path]) -> Optional[list[str]]:
@@ -49,6 +49,13 @@ def prompt_condition(net: Any, prompts: Optional[list[str]], guidance: float) ->
         return model.conditioned([prompts[s % len(prompts)] for s in seeds], guidance_scale=guidance)
 
     return condition, {"prompts": prompts, "guidance_scale": guidance}
+
+
+def refuse_conditional(net: Any, command: str) -> None:
+    """A usage error for commands that take no prompts or labels, on a conditional model."""
+    if getattr(net, "requires_condition", False):
+        raise click.UsageError(f"`modiff {command}` takes no prompts or class labels, which {net.name} needs; run it "
+                               f"from Python inside `with model.conditioned(...)`, or use `modiff sample --prompt`")
 
 
 @click.command("export-diffusers")

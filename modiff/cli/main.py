@@ -391,6 +391,7 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
     """
     import json
 
+    from modiff.cli.diffusers import refuse_conditional
     from modiff.pipelines.evaluate import evaluate as run_evaluation
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets
@@ -399,6 +400,7 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
         if quant_preset is not None:
             presets[quant_preset]  # a typo fails before any sampling
         net = load_model_option(model, None, takes_config=False)
+        refuse_conditional(net, "evaluate")
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
         result = run_evaluation(net, seeds, out, config,
                                 quant_preset=quant_preset, ref=ref, fp_run=fp_run, batch_size=batch_size, device=device)
@@ -429,6 +431,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
       modiff record --preset w8a4-modiff --sites 'net.mid.*' --tensors net.mid.block_1.conv1 --out data/recordings/q
       modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
     """
+    from modiff.cli.diffusers import refuse_conditional
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets, quantize, trajectory
     from modiff.pipelines.record import record_sampling
@@ -439,6 +442,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
         net = load_model_option(model, None, takes_config=False)
+        refuse_conditional(net, "record")
         config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net))
         prepare = None
         if quant is not None:

@@ -170,6 +170,8 @@ def test_prompt_errors(text_folder: Path, tmp_path: Path) -> None:
         assert unconditional.exit_code == 2 and "apply to text-conditioned models" in unconditional.output
     config = _invoke("sample", "--model", str(text_folder), "--config", __file__, "--prompt", "x", *out)
     assert config.exit_code == 2 and "drop --config" in config.output
+    record = _invoke("record", "--model", str(text_folder), *out)
+    assert record.exit_code == 2 and "`modiff record` takes no prompts" in record.output
 
 
 def test_bops_of_a_text_folder(text_folder: Path) -> None:

@@ -161,7 +161,7 @@ class DiffusersDenoiser(Denoiser):
                 yield name, module
 
     def attention_cores(self) -> list[str]:
-        """None: diffusers attention runs inside its processors; the matmuls stay in full precision, as in
+        """No cores: diffusers attention runs inside its processors; the matmuls stay in full precision, as in
         the published MoDiff runs (`quantize_attention` has nothing to wrap). Their MACs are counted by
         `count_attention_macs`."""
         return []
