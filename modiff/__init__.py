@@ -3,7 +3,7 @@ from modiff._version import __version__
 
 from modiff.diffusion.sampling import StepInfo, sample_ddim, sample_ddpm, sample_dpm_solver
 from modiff.diffusion.schedules import NoiseSchedule, linear_schedule, timesteps
-from modiff.models.conventions import default_spacing, middle_block, representative_layers
+from modiff.models.conventions import default_spacing, edge_layers, middle_block, representative_layers
 from modiff.models.denoisers import Denoiser, LatentDenoiser, to_images
 from modiff.models.registry import load_model
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
@@ -41,6 +41,7 @@ __all__ = [
     "timesteps",
     "to_images",
     "default_spacing",
+    "edge_layers",
     "middle_block",
     "representative_layers",
 ]

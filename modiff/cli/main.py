@@ -51,11 +51,17 @@ def main(verbose: bool) -> None:
 @click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
 @click.option("--cuda-graphs", is_flag=True, help="Replay each sampling step as one CUDA graph (CUDA only; "
                                                   "fastest at small batches).")
+@click.option("--prompt", "prompt_texts", multiple=True, help="Prompt of a text-conditioned model (repeatable; "
+                                                                "seed s gets prompt s mod N).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File of prompts, one per line (instead of --prompt).")
+@click.option("--guidance", type=float, default=7.5, show_default=True,
+              help="Classifier-free guidance scale of text-conditioned models (1: none).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: Optional[str], eta: float,
            seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
            quantized: Optional[Path], weights_from: Optional[Path], compile_net: bool, cuda_graphs: bool,
-           out: Path) -> None:
+           prompt_texts: tuple[str, ...], prompts_file: Optional[Path], guidance: float, out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
 
     Static presets (qdiff-*) and the -adaround presets use the model's shipped calibration.
@@ -70,8 +76,10 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
       modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
       modiff sample --quantized data/quantized/qdiff-w4a4 --seeds 0-63 --out data/runs/qdiff-w4a4
       torchrun --nproc-per-node 2 -m modiff sample --seeds 0-9999 --batch-size 500 --out data/runs/fp-10k
+      modiff sample --model path/to/sd-pipeline --prompts prompts.txt --preset w8a4-modiff --steps 50 --out data/runs/sd
     """
     from modiff.cli.calibrate import load_quantized_run
+    from modiff.cli.diffusers import prompt_condition, read_prompts
     from modiff.pipelines.distributed import World, torchrun_session
     from modiff.pipelines.generate import generate
     from modiff.models.conventions import default_spacing
@@ -94,6 +102,11 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             prepare = trajectory
         else:
             net = load_model_option(model, model_config)
+        condition, described = prompt_condition(net, read_prompts(prompt_texts, prompts_file), guidance)
+        identity.update(described)
+        if cuda_graphs and condition is not None:
+            raise ValueError("--cuda-graphs replays networks called with tensors alone; a text-conditioned "
+                             "diffusers network takes keywords: use --compile")
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), eta=eta,
                               precision=precision)
         if quant is not None:
@@ -106,7 +119,8 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             prepare = trajectory
         with torchrun_session(device) as rank_device:  # under torchrun: this rank's share of the batches
             done = generate(net, seeds, out, config, batch_size=batch_size, device=rank_device, identity=identity,
-                            prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
+                            prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs,
+                            condition=condition)
             leader = World.current().leader
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
@@ -148,6 +162,7 @@ def bops(model: str, model_config: Optional[str], quant_preset: str, steps: int,
       modiff bops --model model-790000.ckpt --config cifar10.yml --preset published-w8a3-modiff
       modiff bops --preset cache3 --steps 20 --per-layer
     """
+    import contextlib
     import json
 
     from modiff.quant import presets
@@ -158,7 +173,8 @@ def bops(model: str, model_config: Optional[str], quant_preset: str, steps: int,
         net = load_model_option(model, model_config)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    report = preset_report(net, quant, steps)
+    with getattr(net, "placeholder_condition", contextlib.nullcontext)():  # a conditional model's batch-1 condition
+        report = preset_report(net, quant, steps)
     if not per_layer:
         report.pop("layers")
     click.echo(json.dumps(report, indent=1))
@@ -402,6 +418,7 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
     """
     import json
 
+    from modiff.cli.diffusers import refuse_conditional
     from modiff.pipelines.distributed import World, torchrun_session
     from modiff.pipelines.evaluate import evaluate as run_evaluation
     from modiff.models.conventions import default_spacing
@@ -411,6 +428,7 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
         if quant_preset is not None:
             presets[quant_preset]  # a typo fails before any sampling
         net = load_model_option(model, None, takes_config=False)
+        refuse_conditional(net, "evaluate")
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
         with torchrun_session(device) as rank_device:  # under torchrun: ranks sample, rank 0 scores
             result = run_evaluation(net, seeds, out, config, quant_preset=quant_preset, ref=ref, fp_run=fp_run,
@@ -444,6 +462,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
       modiff record --preset w8a4-modiff --sites 'net.mid.*' --tensors net.mid.block_1.conv1 --out data/recordings/q
       modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
     """
+    from modiff.cli.diffusers import refuse_conditional
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets, quantize, trajectory
     from modiff.pipelines.record import record_sampling
@@ -454,6 +473,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
         net = load_model_option(model, None, takes_config=False)
+        refuse_conditional(net, "record")
         config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net))
         prepare = None
         if quant is not None:
@@ -467,21 +487,16 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
     click.echo(f"recorded {len(seeds)} samples x {steps} steps into {done}")
 
 
-def _register_calibration() -> None:
+def _register_commands() -> None:
     from modiff.cli.calibrate import calibrate_command, calibrate_data_command, calibrate_shipped_command
+    from modiff.cli.diffusers import export_diffusers_command
+    from modiff.cli.summarize import summarize_command
 
     main.add_command(calibrate_data_command)
     main.add_command(calibrate_command)
     main.add_command(calibrate_shipped_command)
-
-
-_register_calibration()
-
-
-def _register_summarize() -> None:
-    from modiff.cli.summarize import summarize_command
-
+    main.add_command(export_diffusers_command)
     main.add_command(summarize_command)
 
 
-_register_summarize()
+_register_commands()

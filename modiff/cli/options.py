@@ -40,14 +40,20 @@ def load_model_option(model: str, config: Optional[str], takes_config: bool = Tr
     library would refuse in Python words."""
     from modiff.models.registry import MODEL_PRESETS, load_model
 
+    from modiff.models.diffusers.loading import is_diffusers_folder
+
     path = Path(model)
-    kinds = (f"a preset ({', '.join(sorted(MODEL_PRESETS))}), a folder exported by `modiff train`"
+    kinds = (f"a preset ({', '.join(sorted(MODEL_PRESETS))}), a folder exported by `modiff train`, a diffusers "
+             f"folder (model_index.json or config.json)"
              + (f", or a checkpoint file ({', '.join(CHECKPOINTS)}) with --config FILE" if takes_config else ""))
     if model in MODEL_PRESETS:
         if config is not None:
             raise click.UsageError(f"--model {model} is a preset and brings its own config: drop --config")
     elif path.is_dir():
-        if not (path / "config.yaml").is_file():
+        diffusers = _diffusers_folder(path, is_diffusers_folder)
+        if diffusers and config is not None:
+            raise click.UsageError(f"--model {model} is a diffusers folder and brings its own config: drop --config")
+        if not diffusers and not (path / "config.yaml").is_file():
             raise click.ClickException(f"--model {model} is a folder without config.yaml; use {kinds}")
     elif path.suffix in CHECKPOINTS:
         if not takes_config:
@@ -61,5 +67,12 @@ def load_model_option(model: str, config: Optional[str], takes_config: bool = Tr
         raise click.ClickException(f"unknown --model {model!r}: use {kinds}")
     try:
         return load_model(model, config=config)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ImportError) as err:  # ImportError: a diffusers folder without diffusers installed
+        raise click.ClickException(str(err)) from err
+
+
+def _diffusers_folder(path: Path, is_diffusers_folder: Any) -> bool:
+    try:
+        return bool(is_diffusers_folder(path))
+    except ValueError as err:  # an unreadable config.json
         raise click.ClickException(str(err)) from err

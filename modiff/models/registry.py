@@ -115,15 +115,44 @@ def _is_ldm(config: Mapping[str, Any]) -> bool:
     return is_compvis_ldm_config(config)
 
 
-def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[str, Any]] = None,
-               *, use_ema: bool = True) -> Denoiser:
-    """A preset name (see MODEL_PRESETS), a folder exported by `modiff train`, or a checkpoint plus its
-    YAML config: an official DDIM `.ckpt`, or a CompVis LDM `.ckpt` (weights under "state_dict").
+def _load_diffusers(source: Any, config: Any, scheduler: Any) -> Denoiser:
+    if config is not None:
+        raise ValueError("a diffusers model brings its own config; pass config=None (and scheduler= if needed)")
+    from modiff.models.diffusers.loading import from_diffusers, load_diffusers_folder
 
-    Returns a `Denoiser` in eval mode on the CPU: the network and its noise schedule (a `LatentDenoiser`,
-    which also holds the first stage, for a CompVis config). `use_ema` picks a CompVis checkpoint's
-    EMA UNet weights (model_ema.*) when it holds them, as the published LDM scripts do.
+    if isinstance(source, (str, Path)):
+        return load_diffusers_folder(source, scheduler=scheduler)
+    return from_diffusers(source, scheduler=scheduler)
+
+
+def _is_diffusers(source: Any) -> bool:
+    from modiff.models.diffusers.loading import is_diffusers_folder, is_diffusers_object
+
+    if isinstance(source, (str, Path)):
+        return str(source) not in MODEL_PRESETS and Path(source).is_dir() and is_diffusers_folder(Path(source))
+    return is_diffusers_object(source)
+
+
+def load_model(name_or_path: Any, config: Optional[str | Path | Mapping[str, Any]] = None,
+               *, use_ema: bool = True, scheduler: Any = None) -> Denoiser:
+    """A preset name (see MODEL_PRESETS), a folder exported by `modiff train`, a checkpoint plus its
+    YAML config (an official DDIM `.ckpt`, or a CompVis LDM `.ckpt` with weights under "state_dict"), or
+    a diffusers model: a pipeline or network object, or a folder saved with `save_pretrained` (read
+    offline; `modiff.models.diffusers`). A diffusers network alone needs `scheduler` (an object or a
+    scheduler folder; a folder's default is the ``scheduler`` folder beside it).
+
+    Returns a `Denoiser` in eval mode: the network and its noise schedule (a `LatentDenoiser`, which also
+    holds the first stage, for a CompVis config; a `DiffusersDenoiser` for diffusers, on the device of its
+    weights). `use_ema` picks a CompVis checkpoint's EMA UNet weights (model_ema.*) when it holds them, as
+    the published LDM scripts do.
     """
+    if _is_diffusers(name_or_path):
+        return _load_diffusers(name_or_path, config, scheduler)
+    if scheduler is not None:
+        raise ValueError("scheduler= applies to diffusers models only")
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"load_model takes a preset name, a path, or a diffusers pipeline or network; got "
+                        f"{type(name_or_path).__name__}")
     key = str(name_or_path)
     if key in MODEL_PRESETS:
         if config is not None:
@@ -138,8 +167,8 @@ def load_model(name_or_path: str | Path, config: Optional[str | Path | Mapping[s
     if path.suffix not in {".ckpt", ".pt", ".pth", ".safetensors"}:
         raise ValueError(
             f"unknown model {key!r}: valid presets are {', '.join(sorted(MODEL_PRESETS))}, "
-            f"a folder exported by `modiff train`, or a checkpoint file (.ckpt, .pt, .pth, .safetensors) "
-            f"with config=its YAML"
+            f"a folder exported by `modiff train`, a diffusers folder (model_index.json or config.json), "
+            f"or a checkpoint file (.ckpt, .pt, .pth, .safetensors) with config=its YAML"
         )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")

@@ -43,6 +43,7 @@ __all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "finished_run
 log = logging.getLogger(__name__)
 
 SamplerName = Literal["ddim", "ddpm", "dpm-solver"]
+Condition = Callable[[torch.nn.Module, Sequence[int]], ContextManager]  # (model, the batch's seeds) -> context
 Precision = Literal["fp32", "tf32", "bf16"]
 
 
@@ -240,6 +241,7 @@ def generate(
     compile: bool = False,
     cuda_graphs: bool = False,
     progress: bool = True,
+    condition: Optional[Condition] = None,
 ) -> Path:
     """Sample every seed whose PNG is not yet on disk into `out_dir`; returns `out_dir`.
 
@@ -249,8 +251,9 @@ def generate(
     the folder); a PNG that does not decode is made again. Under torch.distributed the batches are dealt
     over the ranks and each image equals the one-process image (`modiff.pipelines.distributed`).
     `prepare(model)` returns a context entered around each batch (the MoDiff trajectory state, for
-    instance). `compile` runs the network through torch.compile and `cuda_graphs` replays each step as one
-    CUDA graph (CUDA only). Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their
+    instance); `condition(model, seeds)` one entered inside it, given the batch's seeds (the prompts of a
+    text-conditioned model; describe them in `identity`). `compile` runs the network through torch.compile
+    and `cuda_graphs` replays each step as one CUDA graph (CUDA only). Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their
     seeds and the first step where it happened.
     """
     if batch_size < 1:
@@ -272,7 +275,7 @@ def generate(
         started, sampled, error = time.time(), 0, None
         try:
             sampled = _sample_batches(_prepare_model(model, dev, compile, cuda_graphs) if mine else model, mine, config,
-                                      dev, out / "samples", prepare, progress and world.leader)
+                                      dev, out / "samples", prepare, progress and world.leader, condition)
         except Exception as err:  # every rank learns of it before the leader decides what to record
             error = err
         outcomes = world.gather((sampled, round(time.time() - started, 2), error and portable_error(error)))
@@ -326,13 +329,13 @@ def _close_run(out: Path, manifest: dict[str, Any], session: dict[str, Any], see
 
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
-                    progress: bool) -> int:
+                    progress: bool, condition: Optional[Condition] = None) -> int:
     """Sample and write the batches; returns the number of PNGs written."""
     written = 0
     with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar:
         for batch in batches:
             watch = _FiniteWatch()
-            with prepare(model) if prepare else nullcontext():
+            with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():
                 x = to_images(model, sample(model, batch, config, dev, callback=watch))
             written += _write_batch(batch, x, watch, samples_dir)
             bar.update(len(batch))

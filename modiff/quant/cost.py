@@ -71,8 +71,8 @@ class _AttentionMacs(ModelHook):
 @torch.no_grad()
 def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[list[LayerCost], int]:
     """Per-layer MACs (per image) of every Conv/Linear (plain or quantized) on one real forward,
-    and the MACs of the attention matmuls (the cores the model declares, `attention_cores`). `x` may
-    hold one image."""
+    and the MACs of the attention matmuls (the cores the model declares, `attention_cores`, or what its
+    `count_attention_macs()` context counts). `x` may hold one image."""
     costs: list[LayerCost] = []
     attention = _AttentionMacs()
     cores = set(attention_cores(model))
@@ -83,9 +83,12 @@ def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[li
         elif name in cores or isinstance(module, QuantAttentionCore):
             hooks.append((module, attention))
     active = any(layer.state.phase != "inactive" for layer in stateful_layers(model))
-    with attach("modiff.cost", hooks), (contextlib.nullcontext() if active else trajectory(model)):
+    # Models whose attention matmuls are no modules (diffusers: inside processors) count them themselves.
+    count_own = getattr(model, "count_attention_macs", None)
+    own = count_own() if callable(count_own) else contextlib.nullcontext()
+    with attach("modiff.cost", hooks), (contextlib.nullcontext() if active else trajectory(model)), own as counted:
         model(x[:1], t[:1])
-    return costs, attention.macs
+    return costs, attention.macs + (counted.macs if counted is not None else 0)
 
 
 def _bits(module: Optional[nn.Module]) -> tuple[int, int]:
