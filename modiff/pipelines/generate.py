@@ -20,7 +20,6 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Optional, S
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.diffusion.sampling import SAMPLERS, Callback, StepInfo
@@ -30,6 +29,7 @@ from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
 from modiff.pipelines.run_folder import check_identity, execution_identity, open_manifest, png_path, remove_unreadable, run_identity
 from modiff.utils.locks import folder_lock
+from modiff.utils.progress import progress_bar
 from modiff.utils.rng import SeedStreams, format_seeds
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
@@ -274,7 +274,7 @@ def generate(
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
                     session: dict[str, Any], progress: bool) -> None:
-    with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar:
+    with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar:
         for batch in batches:
             watch = _FiniteWatch()
             with prepare(model) if prepare else nullcontext():
