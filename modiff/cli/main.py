@@ -102,11 +102,19 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             if weights_from is not None:
                 identity["weights_from"] = str(weights_from)
             prepare = trajectory
+        there = _samples_on_disk(out, seeds)
         done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
                         prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"wrote {len(seeds)} samples to {done}")
+    click.echo(f"wrote {len(seeds) - there} new samples to {done}" + (f"; reused {there} already there" if there else ""))
+
+
+def _samples_on_disk(out: Path, seeds: list[int]) -> int:
+    """How many of the seeds' PNGs a run folder holds already (a re-run reuses them)."""
+    from modiff.pipelines.run_folder import png_path
+
+    return sum(png_path(out / "samples", seed).is_file() for seed in seeds)
 
 
 @main.command("presets")

@@ -55,7 +55,7 @@ def test_sample_from_exported_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-2", "--steps", "2", "--device", "cpu", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert "wrote 3 samples" in result.output
+    assert f"wrote 3 new samples to {out}\n" in result.output
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert (out / "grid.png").exists() and (out / "samples.npz").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -63,6 +63,21 @@ def test_sample_from_exported_folder(tmp_path: Path) -> None:
     assert manifest["identity"]["sample"]["steps"] == 2
     again = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-2", "--steps", "3", "--device", "cpu", "--out", str(out))
     assert again.exit_code == 1 and "another configuration" in again.output
+
+
+def test_rerun_says_what_it_reused(tmp_path: Path) -> None:
+    """A re-run of a finished run writes nothing new and says so; a longer seed range adds only the new seeds."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["sample", "--model", str(tmp_path / "tiny"), "--steps", "2", "--device", "cpu", "--out", str(out)]
+    assert _invoke(*args, "--seeds", "0-2").exit_code == 0
+    again = _invoke(*args, "--seeds", "0-2")
+    assert again.exit_code == 0, again.output
+    assert f"wrote 0 new samples to {out}; reused 3 already there\n" in again.output
+    more = _invoke(*args, "--seeds", "0-4")
+    assert more.exit_code == 0, more.output
+    assert f"wrote 2 new samples to {out}; reused 3 already there\n" in more.output
+    assert len(list((out / "samples").iterdir())) == 5
 
 
 @pytest.mark.skipif(not (data_dir() / "fmnist-ddim" / "config.yaml").is_file(),
