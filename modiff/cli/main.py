@@ -9,6 +9,7 @@ import click
 
 from modiff.diffusion.schedules import Spacing
 from modiff.cli.options import BATCH_SIZE, USER_ERRORS, check_device_option, load_model_option, parse_seeds_option
+from modiff.cli.summaries import fidelity_lines, samples_on_disk
 from modiff.pipelines.generate import Precision, SampleConfig, SamplerName
 
 __all__ = ["main"]
@@ -102,19 +103,12 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             if weights_from is not None:
                 identity["weights_from"] = str(weights_from)
             prepare = trajectory
-        there = _samples_on_disk(out, seeds)
+        there = samples_on_disk(out, seeds)
         done = generate(net, seeds, out, config, batch_size=batch_size, device=device, identity=identity,
                         prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {len(seeds) - there} new samples to {done}" + (f"; reused {there} already there" if there else ""))
-
-
-def _samples_on_disk(out: Path, seeds: list[int]) -> int:
-    """How many of the seeds' PNGs a run folder holds already (a re-run reuses them)."""
-    from modiff.pipelines.run_folder import png_path
-
-    return sum(png_path(out / "samples", seed).is_file() for seed in seeds)
 
 
 @main.command("presets")
@@ -398,6 +392,11 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result["metrics"], indent=1))
+    if "fidelity_to_fp" in result:
+        click.echo("\n".join(fidelity_lines(result["fidelity_to_fp"])))
+    else:
+        click.echo("per-seed PSNR and relative L2 to full precision: add --fp-run RUN (an fp run of these seeds)")
+    click.echo(f"written to {out / 'metrics.json'}")
 
 
 @main.command("record")
