@@ -322,8 +322,10 @@ def paper_tables(model: nn.Module) -> tuple[str, ...]:
 
 
 def paper_values(tables: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """The paper's numbers, with their table and cell (data/paper_values.csv), optionally only ``tables``."""
+    """The paper's numbers, with their table and cell (data/paper_values.csv), optionally only ``tables``;
+    a value without a note has an empty one."""
     from modiff.models.registry import data_dir
 
     values = pd.read_csv(data_dir() / "paper_values.csv")
+    values["note"] = values["note"].fillna("")
     return values if tables is None else values[values["table"].isin(list(tables))].reset_index(drop=True)

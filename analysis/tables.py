@@ -9,17 +9,29 @@ import pandas as pd
 __all__ = ["to_markdown", "save", "save_finding"]
 
 
-def _cell(value: object) -> str:
+def _text(value: object) -> str:
+    """Cell text that keeps the table one row per line: ``|`` escaped, line breaks as spaces."""
+    return str(value).replace("|", "\\|").replace("\r\n", " ").replace("\n", " ")
+
+
+def _cell(value: object, text_column: bool) -> str:
+    """Floats to 4 significant digits; a missing value in a text column (None, NaN) is an empty cell,
+    in a numeric one ``nan``."""
+    missing = value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
+    if missing and text_column:
+        return ""
     if isinstance(value, (float, np.floating)):
         return "nan" if np.isnan(value) else f"{value:.4g}"
-    return str(value)
+    return _text(value)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (4 significant digits for floats)."""
-    header = "| " + " | ".join(map(str, df.columns)) + " |"
+    """A GitHub-flavoured Markdown table (4 significant digits for floats, ``|`` in text escaped)."""
+    header = "| " + " | ".join(_text(c) for c in df.columns) + " |"
     rule = "| " + " | ".join("---" for _ in df.columns) + " |"
-    rows = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    text_columns = [not pd.api.types.is_numeric_dtype(dtype) for dtype in df.dtypes]
+    rows = ["| " + " | ".join(_cell(v, text) for v, text in zip(row, text_columns)) + " |"
+            for row in df.itertuples(index=False)]
     return "\n".join([header, rule, *rows]) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Fashion-MNIST from idx files, padded to 32x32 and scaled to [-1, 1].
 
-Search order for the idx files (gzipped or not): the directory given (`data_dir=` / `--data-dir`), the
+Search order for the idx files (gzipped or not): the directory given (`data_dir=`; `modiff train --data-dir`), the
 environment variable MODIFF_DATA_DIR, /usr/share/datasets/fashion-mnist (Debian package
 `dataset-fashion-mnist`), the repository's data/fashion-mnist/, and last torchvision's download where a
 network exists.
@@ -93,8 +93,8 @@ def _load_raw(split: Split, data_dir: Optional[str | Path]) -> tuple[np.ndarray,
     raise FileNotFoundError(
         f"Fashion-MNIST ({split}) not found. Searched for {_FILES[split][0]}[.gz] in:\n{places}\n"
         f"  - torchvision download (no network?)\n"
-        f"Get it with `apt-get install dataset-fashion-mnist`, or put the four idx files in a folder and pass "
-        f"--data-dir FOLDER (or set MODIFF_DATA_DIR)."
+        f"Get it with `apt-get install dataset-fashion-mnist`, or put the four idx files in a folder and set "
+        f"MODIFF_DATA_DIR=FOLDER (`modiff train` also takes --data-dir FOLDER, Python calls data_dir=FOLDER)."
     )
 
 

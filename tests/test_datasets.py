@@ -87,7 +87,7 @@ def test_search_order_and_env_var(tmp_path: Path, no_default_dirs, monkeypatch: 
 
 
 def test_missing_dataset_lists_every_place(tmp_path: Path, no_default_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FileNotFoundError names each folder searched, the apt package and --data-dir."""
+    """FileNotFoundError names each folder searched, the apt package, MODIFF_DATA_DIR and `modiff train --data-dir`."""
     monkeypatch.setenv("MODIFF_DATA_DIR", str(tmp_path / "env-empty"))
     with pytest.raises(FileNotFoundError) as err:
         fashion_mnist("train", data_dir=tmp_path / "given-empty")
@@ -95,7 +95,8 @@ def test_missing_dataset_lists_every_place(tmp_path: Path, no_default_dirs, monk
     for place in [tmp_path / "given-empty", tmp_path / "env-empty", *no_default_dirs]:
         assert str(place) in message
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "--data-dir" in message and "train-images-idx3-ubyte" in message
+    assert "set MODIFF_DATA_DIR=FOLDER" in message and "`modiff train` also takes --data-dir" in message
+    assert "train-images-idx3-ubyte" in message
 
 
 def test_only_one_split_present(tmp_path: Path, no_default_dirs) -> None:

@@ -9,6 +9,7 @@ import click
 
 from modiff.diffusion.schedules import Spacing
 from modiff.cli.options import BATCH_SIZE, USER_ERRORS, check_device_option, load_model_option, parse_seeds_option
+from modiff.cli.summaries import fidelity_lines, samples_on_disk
 from modiff.pipelines.generate import Precision, SampleConfig, SamplerName
 
 __all__ = ["main"]
@@ -117,6 +118,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
             if weights_from is not None:
                 identity["weights_from"] = str(weights_from)
             prepare = trajectory
+        there = samples_on_disk(out, seeds)
         with torchrun_session(device) as rank_device:  # under torchrun: this rank's share of the batches
             done = generate(net, seeds, out, config, batch_size=batch_size, device=rank_device, identity=identity,
                             prepare=prepare, compile=compile_net, cuda_graphs=cuda_graphs,
@@ -125,7 +127,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     if leader:
-        click.echo(f"wrote {len(seeds)} samples to {done}")
+        click.echo(f"wrote {len(seeds) - there} new samples to {done}" + (f"; reused {there} already there" if there else ""))
 
 
 @main.command("presets")
@@ -436,8 +438,14 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
             leader = World.current().leader
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    if leader:
-        click.echo(json.dumps(result["metrics"], indent=1))
+    if not leader:
+        return
+    click.echo(json.dumps(result["metrics"], indent=1))
+    if "fidelity_to_fp" in result:
+        click.echo("\n".join(fidelity_lines(result["fidelity_to_fp"])))
+    else:
+        click.echo("per-seed PSNR and relative L2 to full precision: add --fp-run RUN (an fp run of these seeds)")
+    click.echo(f"written to {out / 'metrics.json'}")
 
 
 @main.command("record")

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from modiff.utils.checksums import add_checksums, load_checked
 from modiff.utils.runs import atomic_path, environment, write_json
+from modiff.utils.progress import progress_bar
 
 __all__ = ["FMNISTClassifier", "ClassifierTrainConfig", "train_classifier", "load_classifier", "accuracy", "FEATURE_DIM"]
 
@@ -94,7 +94,7 @@ def train_classifier(config: ClassifierTrainConfig, out_dir: Path, data_dir: Opt
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
     start = time.time()
-    for epoch in tqdm(range(config.epochs), desc="train classifier"):
+    for epoch in progress_bar(range(config.epochs), "train classifier"):
         model.train()
         order = torch.randperm(len(train_x), generator=generator)
         for i in range(steps_per_epoch):

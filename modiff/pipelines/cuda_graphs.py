@@ -5,8 +5,9 @@ call, and MoDiff's modulated layers add their own. `CUDAGraphed(net)` runs the f
 plainly (compilation, autotuning, lazy initialisation), records the second into a CUDA graph and replays
 that graph from then on, copying the arguments into the graph's own input tensors.
 
-A graph reads every tensor at the address it had at capture. Parameters and buffers stay put (replacing
-one, for instance with `set_weight_codes`, needs a new wrapper); the MoDiff state is allocated at warm-up
+A graph reads every tensor at the address it had at capture. Parameters, buffers and static activation
+qparams stay put (they move with `.to()`, never inside a call; replacing one, for instance with
+`set_weight_codes`, needs a new wrapper); the MoDiff state is allocated at warm-up
 and updated in place after it (`modiff.quant.layers.modulated.ModulatedLayer`). The key of a graph therefore holds
 the arguments' shapes, strides and dtypes, the autocast setting, and every modulated layer's phase and state
 addresses. These calls always run plainly: warm-up calls (they allocate the state), calls with gradients,

@@ -22,7 +22,6 @@ from typing import Any, Callable, ContextManager, Iterator, Literal, Optional, S
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.pipelines.distributed import World, portable_error
@@ -34,6 +33,7 @@ from modiff.utils.device import resolve_device
 from modiff.pipelines.run_folder import (check_identity, execution_identity, is_summary, open_manifest, png_path,
                                          remove_unreadable, run_identity)
 from modiff.utils.locks import folder_lock
+from modiff.utils.progress import progress_bar
 from modiff.utils.rng import SeedStreams, format_seeds
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
@@ -332,7 +332,7 @@ def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: Sa
                     progress: bool, condition: Optional[Condition] = None) -> int:
     """Sample and write the batches; returns the number of PNGs written."""
     written = 0
-    with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar:
+    with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar:
         for batch in batches:
             watch = _FiniteWatch()
             with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():

@@ -20,12 +20,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from modiff.datasets import fashion_mnist
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.utils.checksums import add_checksums
+from modiff.utils.progress import progress_bar
 from modiff.utils.runs import atomic_path, environment, write_json
 
 __all__ = ["DDIMTrainConfig", "train_ddim", "export_weights"]
@@ -135,7 +135,7 @@ def _train_ddim(config: DDIMTrainConfig, out_dir: Path, data_dir: Optional[Path]
 
     running: list[torch.Tensor] = []
     start = time.time()
-    bar = tqdm(total=config.iterations, initial=step, desc="train ddim", mininterval=5)
+    bar = progress_bar(desc="train ddim", total=config.iterations, initial=step, mininterval=5)
     while step < config.iterations:
         idx = torch.randint(0, len(images), (config.batch_size,), device=dev, generator=generator)
         x0 = images[idx]

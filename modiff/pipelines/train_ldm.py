@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from modiff.datasets import fashion_mnist
 from modiff.diffusion.schedules import sqrt_linear_schedule
@@ -40,6 +39,7 @@ from modiff.models.ldm import AutoencoderKL, UNetModel
 from modiff.utils.runs import atomic_path, environment, write_json
 from modiff.pipelines.train import _ema_update, export_weights, shard_names
 from modiff.utils.checksums import add_checksums
+from modiff.utils.progress import progress_bar
 
 __all__ = ["AutoencoderTrainConfig", "LatentUNetTrainConfig", "LDMTrainConfig", "train_ldm", "reconstruction_error"]
 
@@ -240,7 +240,7 @@ def _run_stage(config: LDMTrainConfig, stage: str, build: Callable[[], nn.Module
     log_path = out_dir / ("train_log.csv" if stage == "unet" else "autoencoder_log.csv")
     running: list[dict[str, torch.Tensor]] = []
     start = time.time()
-    with tqdm(total=settings.iterations, initial=step, desc=f"train ldm {stage}", mininterval=5) as bar:
+    with progress_bar(desc=f"train ldm {stage}", total=settings.iterations, initial=step, mininterval=5) as bar:
         while step < settings.iterations:
             idx = torch.randint(0, num_items, (settings.batch_size,), device=dev, generator=generator)
             for group in optimizer.param_groups:

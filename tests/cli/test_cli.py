@@ -55,7 +55,7 @@ def test_sample_from_exported_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-2", "--steps", "2", "--device", "cpu", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert "wrote 3 samples" in result.output
+    assert f"wrote 3 new samples to {out}\n" in result.output
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert (out / "grid.png").exists() and (out / "samples.npz").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -63,6 +63,21 @@ def test_sample_from_exported_folder(tmp_path: Path) -> None:
     assert manifest["identity"]["sample"]["steps"] == 2
     again = _invoke("sample", "--model", str(tmp_path / "tiny"), "--seeds", "0-2", "--steps", "3", "--device", "cpu", "--out", str(out))
     assert again.exit_code == 1 and "another configuration" in again.output
+
+
+def test_rerun_says_what_it_reused(tmp_path: Path) -> None:
+    """A re-run of a finished run writes nothing new and says so; a longer seed range adds only the new seeds."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = ["sample", "--model", str(tmp_path / "tiny"), "--steps", "2", "--device", "cpu", "--out", str(out)]
+    assert _invoke(*args, "--seeds", "0-2").exit_code == 0
+    again = _invoke(*args, "--seeds", "0-2")
+    assert again.exit_code == 0, again.output
+    assert f"wrote 0 new samples to {out}; reused 3 already there\n" in again.output
+    more = _invoke(*args, "--seeds", "0-4")
+    assert more.exit_code == 0, more.output
+    assert f"wrote 2 new samples to {out}; reused 3 already there\n" in more.output
+    assert len(list((out / "samples").iterdir())) == 5
 
 
 @pytest.mark.skipif(not (data_dir() / "fmnist-ddim" / "config.yaml").is_file(),
@@ -163,3 +178,37 @@ def test_reproduce_index_only_rewrites_the_index(tmp_path: Path) -> None:
     assert "Notebook `fig1a_caching`: not run yet" in (tmp_path / "quick" / "index.md").read_text()
     result = CliRunner().invoke(main, ["reproduce", "--index-only", "--preset", "paper", "--reports", str(tmp_path)])
     assert result.exit_code != 0 and "run `modiff reproduce --preset paper --model fmnist-ddim` first" in result.output
+
+
+@pytest.mark.skipif(not (data_dir() / "fmnist-classifier" / "model.safetensors").is_file(), reason="no shipped classifier")
+def test_evaluate_prints_the_fidelity_to_the_fp_run(tmp_path: Path, tame_denoiser, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Besides the metrics block, `evaluate --fp-run` prints PSNR and relative L2 to the fp run, the numbers of
+    metrics.json; without --fp-run it says how to get them."""
+    import importlib
+
+    cli_module = importlib.import_module("modiff.cli.main")  # the module; `modiff.cli.main` is the click group
+    monkeypatch.setattr(cli_module, "load_model_option", lambda *args, **kwargs: tame_denoiser)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a fresh machine: only the shipped statistics
+    common = ["evaluate", "--seeds", "0-9", "--steps", "2", "--ref", "fmnist-test", "--device", "cpu"]
+    fp = _invoke(*common, "--out", str(tmp_path / "fp"))
+    assert fp.exit_code == 0, fp.output
+    assert "add --fp-run RUN" in fp.output and f"written to {tmp_path / 'fp' / 'metrics.json'}" in fp.output
+    result = _invoke(*common, "--preset", "w8a4-modiff", "--fp-run", str(tmp_path / "fp"), "--out", str(tmp_path / "q"))
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads((tmp_path / "q" / "metrics.json").read_text())["fidelity_to_fp"]
+    psnr, pixels = fidelity["psnr_db"], fidelity["rel_l2_pixels"]
+    assert f"fidelity to the fp run {tmp_path / 'fp'}, per seed over 10 seeds (mean ± 95% CI):" in result.output
+    assert f"  PSNR{' ' * 30}{psnr['mean']:.2f} ± {psnr['ci95']:.2f} dB\n" in result.output
+    assert f"  relative L2 (pixels){' ' * 14}{pixels['mean']:.4f} ± {pixels['ci95']:.4f}\n" in result.output
+    features = fidelity["rel_l2_features"]
+    assert f"  relative L2 (classifier features) {features['mean']:.4f} ± {features['ci95']:.4f}\n" in result.output
+
+
+def test_fidelity_lines_when_samples_equal_fp() -> None:
+    """Seeds identical to fp have an infinite PSNR: they are left out of its mean, and the line says so."""
+    from modiff.cli.summaries import fidelity_lines
+
+    same = {"fp_run": "fp", "identical_samples": 4, "psnr_db": None, "rel_l2_pixels": {"mean": 0.0, "ci95": 0.0, "n": 4}}
+    assert fidelity_lines(same) == ["fidelity to the fp run fp, per seed over 4 seeds (mean ± 95% CI):",
+                                    f"  PSNR{' ' * 30}- (4 seeds identical to fp, left out)",
+                                    f"  relative L2 (pixels){' ' * 14}0.0000 ± 0.0000"]

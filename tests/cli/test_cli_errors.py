@@ -132,6 +132,30 @@ def test_garbage_png_in_a_folder_given_to_fid(tmp_path: Path) -> None:
     assert "005.png is not a readable image" in output
 
 
+def test_fid_without_fashion_mnist_names_what_fid_takes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the images and with no statistics cached, `fid --ref fmnist-train` says where it looked and
+    how to point it at the files: MODIFF_DATA_DIR, not an option that `fid` does not have."""
+    import modiff.datasets
+    from modiff.metrics import fidelity
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((28, 28), i * 20, np.uint8)).save(images / f"{i:03d}.png")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(fidelity, "shipped_cache", lambda: tmp_path / "nothing-shipped")
+    monkeypatch.setattr(modiff.datasets, "fashion_mnist_dirs", lambda data_dir=None: [tmp_path / "empty"])
+    monkeypatch.setattr(modiff.datasets, "_download", lambda split: None)
+    result = _invoke("fid", str(images), "--ref", "fmnist-train", "--metrics", "fid", "--device", "cpu")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    output = result.output[result.output.index("Error: "):]  # after torch-fidelity's progress lines
+    assert "Fashion-MNIST (train) not found" in output and str(tmp_path / "empty") in output
+    assert "set MODIFF_DATA_DIR=FOLDER" in output
+    fid_options = {opt for param in main.commands["fid"].params for opt in getattr(param, "opts", [])}
+    told = {word.strip("`.,()") for word in output.split() if word.startswith("--")}
+    assert told - fid_options == {"--data-dir"} and "`modiff train` also takes --data-dir" in output
+
+
 def test_full_disk_names_the_folder(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_save, calls = Image.Image.save, []
 

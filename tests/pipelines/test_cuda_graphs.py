@@ -10,10 +10,15 @@ import torch
 
 import modiff as md
 from modiff.pipelines.cuda_graphs import CUDAGraphed
-from modiff.pipelines.generate import generate
+from modiff.pipelines.generate import SampleConfig, generate, read_samples
 from modiff.quant import presets, quantize, trajectory
 from modiff.quant.kernels import modulate as fused
 from modiff.quant.layers.trajectory import replay_signature, stateful_layers
+from modiff.quant.ptq.adaround import AdaRoundConfig
+from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate
+from modiff.quant.ptq.data import CalibDataConfig, collect_calib_data
+from modiff.quant.ptq.lsq import ActCalibConfig
+from modiff.quant.ptq.saved import load_quantized, save_quantized
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
@@ -138,3 +143,53 @@ def test_least_recently_used_graph_is_dropped(tiny_denoiser: md.Denoiser) -> Non
             assert torch.equal(graphed(x, t), net(x, t))
             assert graphed.graphs <= 1
         assert graphed.graphs == 1
+
+
+# Every kind of quantized model: direct, modulated (MoDiff), cache (0-bit skips), and calibrated static models
+# saved by `modiff calibrate` and loaded back on the CPU, as `modiff sample --quantized RUN` loads them.
+KINDS = ["w4a4", "w4a4-modiff", "cache2", "loaded:qdiff-w4a4", "loaded:qdiff-w4a4-modiff"]
+FAST = CalibrationConfig(AdaRoundConfig(iters=4, batch_size=4, log_every=2), ActCalibConfig(iters=4, batch_size=4, log_every=2))
+
+
+def _builder(tiny_denoiser: md.Denoiser, kind: str, folder):
+    """A function that makes the model of ``kind`` afresh on the CPU (calibrated and saved once, on the CPU)."""
+    if not kind.startswith("loaded:"):
+        return lambda: quantize(tiny_denoiser, presets[kind])
+    preset = kind.split(":")[1]
+    data = collect_calib_data(tiny_denoiser, CalibDataConfig(steps=6, calib_steps=2, samples_per_step=4))
+    save_quantized(calibrate(tiny_denoiser, presets[preset], data, FAST, progress=False)[0], folder)
+    return lambda: load_quantized(tiny_denoiser, folder)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind, compile_net", [*((kind, False) for kind in KINDS),
+                                               *((kind, True) for kind in KINDS if kind.startswith("loaded:"))])
+def test_every_kind_of_quantized_model_is_captured(tiny_denoiser: md.Denoiser, tmp_path, kind: str,
+                                                   compile_net: bool) -> None:
+    """Made on the CPU, moved to the GPU, then sampled twice with graphs: graphs are recorded and the samples
+    equal the plain model's bit for bit; the loaded calibrated models also compiled (the compiled modulated
+    model: `test_compiled_modiff_replays_equal_plain_calls`). A loaded calibrated model used to move its
+    activation scales to the GPU on its first call, inside what was being recorded."""
+    build = _builder(tiny_denoiser, kind, tmp_path / "saved")
+    plain, graphed = build().cuda(), build().cuda()
+    if compile_net:
+        plain.net = torch.compile(plain.net, dynamic=False)
+        graphed.net = torch.compile(graphed.net, dynamic=False)
+    graphed.net = CUDAGraphed(graphed.net)
+    for expected, got in zip(_sample(plain, True), _sample(graphed, True)):
+        assert torch.equal(got, expected)
+    assert graphed.net.graphs >= 1
+
+
+@needs_cuda
+def test_sample_a_loaded_calibrated_model_with_cuda_graphs(tiny_denoiser: md.Denoiser, tmp_path) -> None:
+    """The path of `modiff sample --quantized RUN --cuda-graphs`: generate() with graphs writes the images
+    that it writes without them."""
+    build = _builder(tiny_denoiser, "loaded:qdiff-w4a4-modiff", tmp_path / "saved")
+    runs = {}
+    for cuda_graphs in (False, True):
+        out = tmp_path / f"graphs-{cuda_graphs}"
+        generate(build(), range(6), out, SampleConfig(steps=6), batch_size=3, device="cuda", prepare=trajectory,
+                 cuda_graphs=cuda_graphs, progress=False)
+        runs[cuda_graphs] = read_samples(out / "samples", range(6))
+    assert (runs[True] == runs[False]).all()

@@ -52,7 +52,9 @@ class ActQuantizer(nn.Module):
     """Q for a layer's input (or residual). With `split`, the two channel halves get separate qparams.
 
     Static quantizers learn their qparams while `observing` is set: inputs pass through unchanged and
-    every observer sees them; `freeze()` turns the observations into qparams.
+    every observer sees them; `freeze()` turns the observations into qparams. The qparams are plain float32
+    tensors that move with the module (`.to`, `.cuda`) and are never replaced by a call, so a compiled or
+    CUDA-graphed network reads them where they were when it was recorded.
     """
 
     def __init__(self, config: ActQuant, split: Optional[int] = None):
@@ -66,6 +68,15 @@ class ActQuantizer(nn.Module):
     @property
     def spec(self) -> QuantSpec:
         return self.config.spec
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "ActQuantizer":
+        """Move the qparams with the module, as buffers move, but keep their dtype (float32: the minimum
+        scale underflows in fp16): of ``fn``'s result only the device is taken."""
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            self.scales = [s.to(fn(s).device) for s in self.scales]
+            self.zero_points = [z.to(fn(z).device) for z in self.zero_points]
+        return self
 
     def freeze(self) -> None:
         """Static qparams from what the observers saw."""
@@ -85,9 +96,9 @@ class ActQuantizer(nn.Module):
         if not self.scales:
             raise RuntimeError("static activation quantizer has no qparams: calibrate first "
                                "(modiff.quant.ptq.calibrate, or modiff.quant.load_quantized for a saved model)")
-        if self.scales[0].device != x.device:  # qparams are plain tensors: follow the model to its device
-            self.scales = [s.to(x.device) for s in self.scales]
-            self.zero_points = [z.to(x.device) for z in self.zero_points]
+        if self.scales[0].device != x.device:
+            raise RuntimeError(f"static activation qparams are on {self.scales[0].device}, the input on {x.device}: "
+                               f"move the model with .to(device), which moves them too")
         out = [fake_quantize(p, s, z, self.spec) for p, s, z in zip(parts, self.scales, self.zero_points)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from modiff.diffusion.sampling import StepInfo, sample_ddim
 from modiff.diffusion.schedules import Spacing, timesteps
+from modiff.utils.progress import progress_bar
 from modiff.utils.rng import SeedStreams
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
@@ -146,7 +147,7 @@ def collect_calib_data(model: nn.Module, config: CalibDataConfig = CalibDataConf
 
     seeds = list(range(config.first_seed, config.first_seed + config.samples_per_step))
     batches = range(0, len(seeds), config.batch_size)
-    for start in (batches if not progress else _bar(batches, "calibration data")):
+    for start in progress_bar(batches, "calibration data", progress, unit="batch"):
         rng = SeedStreams(seeds[start : start + config.batch_size])
         x_T = rng.randn(model.sample_shape, device=device)
         sample_ddim(model, x_T, ts, eta=config.eta, rng=rng if config.eta > 0 else None, callback=grab)
@@ -163,12 +164,6 @@ def collect_calib_data(model: nn.Module, config: CalibDataConfig = CalibDataConf
         index=column(wanted),
         config=config,
     )
-
-
-def _bar(items: range, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="batch")
 
 
 def refuse_existing(out: str | Path) -> None:

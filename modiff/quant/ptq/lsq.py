@@ -32,7 +32,8 @@ from modiff.quant.ptq.data import CalibData
 from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts
 from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.ptq.reconstruct import (Unit, capture, fit_scales, freeze_scales, learnable_scales, lp_loss,
-                                      progress_bar, static_quantizers)
+                                      static_quantizers)
+from modiff.utils.progress import progress_bar
 
 __all__ = ["ActCalibConfig", "learn_residual_step_sizes", "residual_pairs"]
 
@@ -118,7 +119,7 @@ def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: Ca
     ``resume``, finished units are saved there and put back from there (see `modiff.quant.ptq.progress`)."""
     dtype = getattr(torch, config.storage_dtype)
     records = []
-    for index, unit in enumerate(progress_bar(units, "residual step sizes", progress)):
+    for index, unit in enumerate(progress_bar(units, "residual step sizes", progress, unit="unit")):
         layers = [mq_model.get_submodule(n) for n in unit.layers]
         layers = [layer for layer in layers if layer.act is not None and not layer.act.config.dynamic]
         if not layers:

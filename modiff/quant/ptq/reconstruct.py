@@ -32,9 +32,10 @@ from modiff.quant.primitives import MIN_SCALE
 from modiff.quant.ptq.optimize import LoopConfig, cosine_lr, make_adam, run_loop
 from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts, restore_weights, weight_tensors
 from modiff.utils.hooks import Capture, ModelHook, attach
+from modiff.utils.progress import progress_bar
 
 __all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "lp_loss", "reconstruct_weights",
-           "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales", "progress_bar",
+           "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales",
            "unit_loss"]
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,6 @@ class Unit:
 def lp_loss(pred: Tensor, target: Tensor, p: float) -> Tensor:
     """sum over dim 1 of |pred - target|^p, mean over the other dims (BRECQ's reduction)."""
     return (pred - target).abs().pow(p).sum(1).mean()
-
-
-def progress_bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="unit", disable=not enabled)
 
 
 @torch.no_grad()
@@ -187,7 +182,7 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
     """
     dtype = getattr(torch, config.storage_dtype)
     records = []
-    for index, unit in enumerate(progress_bar(units, "AdaRound", progress)):
+    for index, unit in enumerate(progress_bar(units, "AdaRound", progress, unit="unit")):
         done = resume.load("adaround", index, unit.name) if resume is not None else None
         if done is not None:  # finished before an interruption: put back as it was
             restore_weights(wq_model, unit.layers, done[0])
@@ -278,7 +273,7 @@ def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, un
     """
     dtype = getattr(torch, config.storage_dtype)
     records = []
-    for index, unit in enumerate(progress_bar(units, "step sizes", progress)):
+    for index, unit in enumerate(progress_bar(units, "step sizes", progress, unit="unit")):
         layers = [qmodel.get_submodule(n) for n in unit.layers]
         quantizers = static_quantizers(layers)
         if not quantizers:

@@ -152,3 +152,44 @@ def test_a_folder_with_another_split_set_is_refused(tiny_denoiser: md.Denoiser, 
     save_quantized(qmodel, tmp_path / "acts")
     with pytest.raises(ValueError, match=f"{conv1} was saved with a different number of activation scales"):
         load_quantized(tiny_denoiser, tmp_path / "acts")
+
+
+def _static_quantizers(model: torch.nn.Module) -> list:
+    from modiff.quant.layers.direct import ActQuantizer
+
+    return [m for m in model.modules() if isinstance(m, ActQuantizer) and not m.config.dynamic]
+
+
+@pytest.mark.parametrize("preset", ["qdiff-w4a4", "qdiff-w4a4-modiff"])
+def test_a_loaded_model_is_static(tiny_denoiser: md.Denoiser, data: md.quant.CalibData, tmp_path: Path,
+                                  preset: str) -> None:
+    """The activation qparams of a loaded model move with `.to()` (they used to stay behind and move on the
+    first call, inside whatever a compiled network or a CUDA graph was recording: `modiff sample --quantized
+    RUN --cuda-graphs` crashed), keep float32, and no call replaces any tensor the network reads."""
+    qmodel, _ = calibrate(tiny_denoiser, presets[preset], data, FAST, progress=False)
+    save_quantized(qmodel, tmp_path / "q")
+    moved = load_quantized(tiny_denoiser, tmp_path / "q").to("meta")
+    qparams = [t for q in _static_quantizers(moved) for t in (*q.scales, *q.zero_points)]
+    assert qparams and all(t.device.type == "meta" for t in qparams)
+    halved = load_quantized(tiny_denoiser, tmp_path / "q").half()
+    assert all(s.dtype == torch.float32 for q in _static_quantizers(halved) for s in q.scales)
+
+    loaded = load_quantized(tiny_denoiser, tmp_path / "q")
+
+    def read_by_calls() -> list[int]:
+        tensors = [*loaded.parameters(), *loaded.buffers()]
+        return [id(t) for t in tensors] + [id(t) for q in _static_quantizers(loaded) for t in (*q.scales, *q.zero_points)]
+
+    before = read_by_calls()
+    with md.trajectory(loaded):
+        md.sample_ddim(loaded, md.noise(range(2), loaded.sample_shape), md.timesteps(3))
+    assert read_by_calls() == before
+
+
+def test_qparams_on_another_device_than_the_input_are_an_error(tiny_denoiser: md.Denoiser) -> None:
+    qmodel = quantize(tiny_denoiser, presets["qdiff-w4a4"])
+    for quantizer in _static_quantizers(qmodel):
+        quantizer.scales = [torch.tensor(0.1, device="meta") for _ in quantizer.observers]
+        quantizer.zero_points = [torch.tensor(0.0, device="meta") for _ in quantizer.observers]
+    with pytest.raises(RuntimeError, match=r"qparams are on meta, the input on cpu: move the model with \.to\(device\)"):
+        md.sample_ddim(qmodel, md.noise(range(1), qmodel.sample_shape), md.timesteps(2))

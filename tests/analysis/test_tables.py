@@ -1,0 +1,49 @@
+"""The one writer of tables (`analysis.tables`): Markdown that renders as the table it holds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import experiments, tables
+
+
+def _cells(markdown: str) -> list[list[str]]:
+    """Split the rows of a Markdown table into cells as a renderer does: on ``|`` not escaped."""
+    rows = []
+    for line in markdown.strip().splitlines():
+        cells, current, chars = [], "", iter(line.strip()[1:-1])
+        for char in chars:
+            if char == "\\":
+                current += char + next(chars)
+            elif char == "|":
+                cells.append(current.strip())
+                current = ""
+            else:
+                current += char
+        rows.append([*cells, current.strip()])
+    return rows
+
+
+def test_bars_in_text_are_escaped(tmp_path: Path) -> None:
+    """A `|` in a header or a cell (`max |difference|` in the published audit) no longer adds columns."""
+    df = pd.DataFrame({"check": ["per-step reset (max |difference|)", "two\nlines"], "value | unit": [0.0, 0.3645]})
+    paths = tables.save(df, "audit", tmp_path)
+    rows = _cells(paths[1].read_text())
+    assert all(len(row) == 2 for row in rows)
+    assert rows[0] == ["check", "value \\| unit"]
+    assert rows[2] == ["per-step reset (max \\|difference\\|)", "0"] and rows[3] == ["two lines", "0.3645"]
+    assert pd.read_csv(paths[0])["check"][0] == "per-step reset (max |difference|)"  # the CSV keeps the text
+
+
+def test_missing_text_is_an_empty_cell_and_missing_numbers_stay_nan() -> None:
+    df = pd.DataFrame({"note": ["CIFAR-10", np.nan, None], "value": [4.24, np.nan, 1.0], "ok": [True, False, True]})
+    rows = _cells(tables.to_markdown(df))
+    assert rows[2:] == [["CIFAR-10", "4.24", "True"], ["", "nan", "False"], ["", "1", "True"]]
+
+
+def test_paper_values_have_no_nan_notes() -> None:
+    values = experiments.paper_values()
+    assert values["note"].notna().all() and (values["note"] == "").any()
+    assert "nan" not in tables.to_markdown(values)
