@@ -40,14 +40,31 @@ def _on_cpu(args: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return args[0].detach().float().cpu()
 
 
+def paper_spacing(model: nn.Module) -> Spacing:
+    """The timesteps the paper's experiments use on this kind of model: the published ``quad`` sequence for
+    the toolkit's pixel DDIM models (the MoDiff CIFAR-10 runs: ``--skip_type quad``), the model's own
+    spacing otherwise (``ldm`` for a latent model, the scheduler's for a diffusers one)."""
+    from modiff.models.diffusers.denoiser import DiffusersDenoiser
+
+    own = md.default_spacing(model)
+    return "quad" if own == "uniform" and not isinstance(model, DiffusersDenoiser) else own
+
+
 def _timesteps(model: nn.Module, steps: int, spacing: Optional[Spacing] = None) -> tuple[int, ...]:
-    """The model's DDIM timesteps: its own spacing (`modiff.default_spacing`) unless one is given."""
-    return md.timesteps(steps, spacing or md.default_spacing(model), model.schedule.num_timesteps)
+    """DDIM timesteps: the paper's spacing for the model (`paper_spacing`) unless one is given."""
+    return md.timesteps(steps, spacing or paper_spacing(model), model.schedule.num_timesteps)
 
 
 def sample_config(model: nn.Module, steps: int, sampler: SamplerName = "ddim") -> SampleConfig:
-    """A SampleConfig with the model's timestep spacing (``ldm`` for a latent model, else ``uniform``)."""
-    return SampleConfig(sampler=sampler, steps=steps, spacing=md.default_spacing(model))
+    """A SampleConfig with the paper's timestep spacing for the model (`paper_spacing`)."""
+    return SampleConfig(sampler=sampler, steps=steps, spacing=paper_spacing(model))
+
+
+def spacing_runs_dir(model: nn.Module, runs_dir: str | Path, config: SampleConfig) -> Path:
+    """``runs_dir`` for the model's own spacing, else ``runs_dir/spacing-<name>``: run directories are named
+    by preset, sampler and steps, so each spacing keeps its runs (and its calibrations) apart."""
+    own = md.default_spacing(model)
+    return Path(runs_dir) if config.spacing == own else Path(runs_dir) / f"spacing-{config.spacing}"
 
 
 def _on_device(model: nn.Module, device: str) -> nn.Module:
@@ -74,7 +91,7 @@ def calibration_settings(model: nn.Module, steps: int, samples_per_step: int, ad
                          activation_iters: int) -> Calibration:
     """Q-Diffusion calibration as published, scaled by the arguments: 1 in 5 of the model's sampling steps
     (20 of 100), ``samples_per_step`` trajectories, AdaRound and step-size iterations per block."""
-    data = CalibDataConfig(steps=steps, spacing=md.default_spacing(model), calib_steps=max(1, steps // 5),
+    data = CalibDataConfig(steps=steps, spacing=paper_spacing(model), calib_steps=max(1, steps // 5),
                            samples_per_step=samples_per_step, batch_size=min(256, samples_per_step))
     recipe = CalibrationConfig(AdaRoundConfig(iters=adaround_iters, log_every=min(1000, adaround_iters)),
                                ActCalibConfig(iters=activation_iters, log_every=min(1000, activation_iters)))
@@ -190,6 +207,7 @@ def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
 
     ``qdiff-*`` presets (Q-Diffusion, static scales) need ``calibration``; they are calibrated once into
     runs_dir and reused. With several ``devices`` the runs are made in parallel first (`fill_runs`)."""
+    runs_dir = spacing_runs_dir(model, runs_dir, config)
     if len(_device_list(devices)) > 1:
         fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size, calibration)
     fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
@@ -217,11 +235,12 @@ def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequenc
     frames = []
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
+        folder = spacing_runs_dir(model, runs_dir, config)
         if len(_device_list(devices)) > 1:
-            fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size)
-        fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
+            fill_runs(model, ["fp", *presets], seeds, config, folder, devices, batch_size)
+        fp_run = sample_run(model, "fp", seeds, config, folder, batch_size, device)
         for preset in presets:
-            run = sample_run(model, preset, seeds, config, runs_dir, batch_size, device)
+            run = sample_run(model, preset, seeds, config, folder, batch_size, device)
             frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "seed": list(seeds),
                                         "rel_l2_pixels": per_seed_fidelity(run, fp_run, seeds).rel_l2_pixels}))
     return pd.concat(frames, ignore_index=True)

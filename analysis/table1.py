@@ -32,7 +32,7 @@ from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import has_shipped
 
-__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "table_config", "table_runs_dir", "table_calibration", "adaround_presets",
+__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "table_config", "table_calibration", "adaround_presets",
            "adaround_status", "row_presets", "describe", "scored_table", "run_precision", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
@@ -47,13 +47,6 @@ def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None
     is the arithmetic of every run (each run's manifest records it, and the table shows it per row)."""
     own = md.default_spacing(model)
     return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing, precision=precision)
-
-
-def table_runs_dir(model: nn.Module, runs_dir: str | Path, config: SampleConfig) -> Path:
-    """``runs_dir`` for the model's own spacing, else ``runs_dir/spacing-<name>``: run directories are named
-    by preset, sampler and steps, so each spacing keeps its runs (and its calibrations) apart."""
-    own = md.default_spacing(model)
-    return Path(runs_dir) if config.spacing == own else Path(runs_dir) / f"spacing-{config.spacing}"
 
 
 def table_calibration(calibration: Optional[Calibration], config: SampleConfig) -> Optional[Calibration]:
@@ -207,11 +200,11 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
            calibration: Optional[Calibration] = None, devices: str | Sequence[str] = (),
            bootstrap: BootstrapConfig = BootstrapConfig()) -> pd.DataFrame:
     """One row per preset (the anchors fp, w8a32 and w4a32 added first when missing), every row from the same
-    ``seeds``; runs are made (or reused, full or summarized) under `table_runs_dir`, static presets calibrated with
+    ``seeds``; runs are made (or reused, full or summarized) under `experiments.spacing_runs_dir`, static presets calibrated with
     `table_calibration`. Columns: `COLUMNS`; the verdicts read "worse: +d [low, high]" (FID difference, 95%
     paired-bootstrap interval; "no difference" when it holds 0)."""
     rows_presets = list(dict.fromkeys([*ANCHORS, *presets]))
-    folder, calibration = table_runs_dir(model, runs_dir, config), table_calibration(calibration, config)
+    folder, calibration = experiments.spacing_runs_dir(model, runs_dir, config), table_calibration(calibration, config)
     if len([d for d in (devices.split(",") if isinstance(devices, str) else devices) if d.strip()]) > 1:
         experiments.fill_runs(model, rows_presets, seeds, config, folder, devices, batch_size, calibration)
     runs = {p: experiments.sample_run(model, p, seeds, config, folder, batch_size, device, calibration=calibration)

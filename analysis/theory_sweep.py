@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 import modiff as md
+from analysis.experiments import paper_spacing
 from analysis.propagation import LinearOperator, linear_operator, operator_norm
 from modiff.diffusion.schedules import Spacing
 from modiff.utils.device import resolve_device
@@ -303,7 +304,7 @@ def sweep_trajectories(model: nn.Module, layers: Sequence[str], calibration_seed
         raise ValueError(f"calibration and held-out seeds must be non-empty and disjoint; shared: {overlap[:5]}")
     device = resolve_device(config.device)
     runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
-    timesteps = md.timesteps(config.steps, config.spacing or md.default_spacing(model), model.schedule.num_timesteps)
+    timesteps = md.timesteps(config.steps, config.spacing or paper_spacing(model), model.schedule.num_timesteps)
     frames = []
     for role, seeds in (("calibration", calibration_seeds), ("held-out", heldout_seeds)):
         for batch in _chunks(list(seeds), config.batch_size):

@@ -42,7 +42,16 @@ def test_paper_values_follow_the_model(tiny_denoiser: md.Denoiser) -> None:
     table1 = experiments.paper_values(["Table 1"])
     assert len(table1) and set(table1.table) == {"Table 1"}
     assert len(experiments.paper_values()) > len(table1)
-    assert experiments.sample_config(tiny_denoiser, 4, "ddpm").spacing == "uniform"
+    assert experiments.sample_config(tiny_denoiser, 4, "ddpm").spacing == "quad"
+
+
+def test_the_paper_spacing_is_quad_for_a_pixel_model_and_the_model_own_otherwise(tiny_denoiser: md.Denoiser) -> None:
+    """The paper's DDIM runs use the published quad timesteps; a latent model keeps its ldm ones."""
+    from test_latent import _tiny_model
+
+    assert experiments.paper_spacing(tiny_denoiser) == "quad" and md.default_spacing(tiny_denoiser) == "uniform"
+    assert experiments.paper_spacing(_tiny_model()) == "ldm"
+    assert experiments.layer_inputs(tiny_denoiser, ["net.conv_out"], range(1), steps=5)[1] == md.timesteps(5, "quad")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import modiff as md
-from analysis import table1
+from analysis import experiments, table1
 
 
 def test_rows_are_described_from_their_configs() -> None:
@@ -42,8 +42,8 @@ def test_spacing_and_run_folders(tiny_denoiser: md.Denoiser, tmp_path: Path) -> 
     quad = table1.table_config(tiny_denoiser, 10, "quad")
     assert quad.spacing == "quad" and table1.table_config(tiny_denoiser, 10).spacing == "uniform"
     assert table1.table_config(_tiny_model(), 10, "quad").spacing == "ldm"  # a latent model keeps its timesteps
-    assert table1.table_runs_dir(tiny_denoiser, tmp_path, quad) == tmp_path / "spacing-quad"
-    assert table1.table_runs_dir(tiny_denoiser, tmp_path, table1.table_config(tiny_denoiser, 10)) == tmp_path
+    assert experiments.spacing_runs_dir(tiny_denoiser, tmp_path, quad) == tmp_path / "spacing-quad"
+    assert experiments.spacing_runs_dir(tiny_denoiser, tmp_path, table1.table_config(tiny_denoiser, 10)) == tmp_path
     from analysis.experiments import calibration_settings
 
     calibration = table1.table_calibration(calibration_settings(tiny_denoiser, 10, 4, 2, 2), quad)
