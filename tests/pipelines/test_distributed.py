@@ -151,7 +151,7 @@ def test_torchrun_sample_equals_one_process(tmp_path: Path) -> None:
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "modiff",
                             *args, "--out", str(tmp_path / "ranks")], capture_output=True, text=True, env=env, timeout=300)
     assert ranks.returncode == 0, ranks.stderr[-3000:]
-    assert ranks.stdout.count("wrote 7 samples") == 1  # rank 0 speaks for the job
+    assert ranks.stdout.count("wrote 7 new samples") == 1  # rank 0 speaks for the job
     assert _files(tmp_path / "ranks") == _files(tmp_path / "single")
     (session,) = json.loads((tmp_path / "ranks" / "manifest.json").read_text())["sessions"]
     assert session["world_size"] == 2 and session["seeds_sampled"] == 7
