@@ -3,16 +3,22 @@ errors in command-line words (``--config``, not ``config=``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import click
 
-__all__ = ["USER_ERRORS", "BATCH_SIZE", "parse_seeds_option", "check_device_option", "load_model_option"]
+__all__ = ["USER_ERRORS", "BATCH_SIZE", "literal_choices", "parse_seeds_option", "check_device_option",
+           "load_model_option"]
 
 # What the library raises for a user's mistake or a damaged or full disk: one line, no traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
 BATCH_SIZE = click.IntRange(min=1)
 CHECKPOINTS = (".ckpt", ".pt", ".pth", ".safetensors")
+
+
+def literal_choices(literal: object) -> click.Choice:
+    """The values of a ``Literal`` type (a sampler, a spacing, a precision) as a click choice."""
+    return click.Choice(list(get_args(literal)))
 
 
 def parse_seeds_option(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:

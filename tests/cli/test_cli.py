@@ -184,10 +184,9 @@ def test_reproduce_index_only_rewrites_the_index(tmp_path: Path) -> None:
 def test_evaluate_prints_the_fidelity_to_the_fp_run(tmp_path: Path, tame_denoiser, monkeypatch: pytest.MonkeyPatch) -> None:
     """Besides the metrics block, `evaluate --fp-run` prints PSNR and relative L2 to the fp run, the numbers of
     metrics.json; without --fp-run it says how to get them."""
-    import importlib
+    from modiff.cli import sampling
 
-    cli_module = importlib.import_module("modiff.cli.main")  # the module; `modiff.cli.main` is the click group
-    monkeypatch.setattr(cli_module, "load_model_option", lambda *args, **kwargs: tame_denoiser)
+    monkeypatch.setattr(sampling, "load_model_option", lambda *args, **kwargs: tame_denoiser)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a fresh machine: only the shipped statistics
     common = ["evaluate", "--seeds", "0-9", "--steps", "2", "--ref", "fmnist-test", "--device", "cpu"]
     fp = _invoke(*common, "--out", str(tmp_path / "fp"))
