@@ -8,8 +8,9 @@ from typing import Optional
 import click
 
 from modiff.diffusion.schedules import Spacing
-from modiff.cli.options import BATCH_SIZE, USER_ERRORS, check_device_option, load_model_option, parse_seeds_option
-from modiff.pipelines.generate import Precision, SampleConfig, SamplerName
+from modiff.cli.options import (BATCH_SIZE, USER_ERRORS, check_device_option, execution_options, load_model_option,
+                                parse_seeds_option, precision_option)
+from modiff.pipelines.generate import SampleConfig, SamplerName
 
 __all__ = ["main"]
 
@@ -39,8 +40,7 @@ def main(verbose: bool) -> None:
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
 @click.option("--seeds", default="0-63", show_default=True, callback=parse_seeds_option, help="e.g. 0-9999 or 0-9,100.")
 @click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
-@click.option("--precision", type=_choices(Precision), default="fp32", show_default=True,
-              help="fp32: IEEE float32 (TF32 off on a GPU); tf32: TF32 matmuls and convolutions; bf16: autocast.")
+@execution_options
 @click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
 @click.option("--quantized", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -48,17 +48,16 @@ def main(verbose: bool) -> None:
 @click.option("--weights-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="AdaRound weights for an -adaround --preset: a folder saved by `modiff calibrate` "
                    "[default: the model's shipped calibration].")
-@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
-@click.option("--cuda-graphs", is_flag=True, help="Replay each sampling step as one CUDA graph (CUDA only; "
-                                                  "fastest at small batches).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: Optional[str], eta: float,
-           seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
-           quantized: Optional[Path], weights_from: Optional[Path], compile_net: bool, cuda_graphs: bool,
+           seeds: list[int], batch_size: int, precision: str, compile_net: Optional[bool], cuda_graphs: Optional[bool],
+           device: str, quant_preset: Optional[str], quantized: Optional[Path], weights_from: Optional[Path],
            out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
 
-    Static presets (qdiff-*) and the -adaround presets use the model's shipped calibration.
+    Static presets (qdiff-*) and the -adaround presets use the model's shipped calibration. On a GPU the
+    network runs the fast path (bf16 autocast, channels_last, torch.compile, CUDA graphs); --precision fp32,
+    --no-compile and --no-cuda-graphs opt out.
 
     \b
     Examples:
@@ -66,7 +65,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
       modiff sample --preset w4a4-adaround-modiff --seeds 0-63 --out data/runs/w4a4-adaround-modiff
       modiff sample --preset qdiff-w4a4-modiff --model fmnist-ldm --out data/runs/ldm-qdiff-w4a4-modiff
       modiff sample --preset w4a4-modiff --sampler dpm-solver --steps 20 --seeds 0-9,100 --out data/runs/q
-      modiff sample --preset w4a4-modiff --precision bf16 --compile --cuda-graphs --out data/runs/q-fast
+      modiff sample --preset w4a4-modiff --precision fp32 --no-compile --no-cuda-graphs --out data/runs/q-fp32
       modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
       modiff sample --quantized data/quantized/qdiff-w4a4 --seeds 0-63 --out data/runs/qdiff-w4a4
     """
@@ -188,7 +187,8 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
         config = DDIMTrainConfig(iterations=iterations, batch_size=batch_size, compile=not no_compile)
         dev = str(resolve_device(device))
         export = train_ddim(config, out, Path(data_dir) if data_dir else None, dev)
-        generate(load_model(export), range(100), out / "samples-ddim100", SampleConfig(steps=100), device=dev, batch_size=100)
+        generate(load_model(export), range(100), out / "samples-ddim100", SampleConfig(steps=100, precision="fp32"), device=dev,
+                 batch_size=100, compile=False, cuda_graphs=False)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"EMA weights exported to {export}; 10x10 grid (100 DDIM steps) in {out / 'samples-ddim100'}")
@@ -230,7 +230,8 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
         dev = str(resolve_device(device))
         folder = train_ldm(config, out, Path(data_dir) if data_dir else None, dev)
         run = generate(load_model(folder), range(100), folder / "work" / "samples-ddim100",
-                       SampleConfig(steps=100, spacing="ldm"), device=dev, batch_size=100)
+                       SampleConfig(steps=100, spacing="ldm", precision="fp32"), device=dev, batch_size=100, compile=False,
+                       cuda_graphs=False)
         shutil.copyfile(run / "grid.png", folder / "grid.png")
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
@@ -362,11 +363,14 @@ def fid_ref_command(device: str) -> None:
 @click.option("--ref", default="fmnist-train", show_default=True, help="Reference set (see `modiff fid --help`).")
 @click.option("--fp-run", type=click.Path(exists=True, file_okay=False), help="Full-precision run of the same seeds.")
 @click.option("--batch-size", type=BATCH_SIZE, default=256, show_default=True)
+@execution_options
 @click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: Optional[str], seeds: list[int],
-             ref: str, fp_run: Optional[str], batch_size: int, device: str, out: Path) -> None:
-    """Sample the seeds into OUT (resuming), score them, and write OUT/metrics.json.
+             ref: str, fp_run: Optional[str], batch_size: int, precision: str, compile_net: Optional[bool],
+             cuda_graphs: Optional[bool], device: str, out: Path) -> None:
+    """Sample the seeds into OUT (resuming), score them, and write OUT/metrics.json (on a GPU with the fast
+    path, as `modiff sample`).
 
     \b
     Examples:
@@ -384,9 +388,9 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
         if quant_preset is not None:
             presets[quant_preset]  # a typo fails before any sampling
         net = load_model_option(model, None, takes_config=False)
-        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
-        result = run_evaluation(net, seeds, out, config,
-                                quant_preset=quant_preset, ref=ref, fp_run=fp_run, batch_size=batch_size, device=device)
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), precision=precision)
+        result = run_evaluation(net, seeds, out, config, quant_preset=quant_preset, ref=ref, fp_run=fp_run,
+                                batch_size=batch_size, device=device, compile=compile_net, cuda_graphs=cuda_graphs)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result["metrics"], indent=1))
@@ -402,11 +406,15 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
               help="Site spec: types (conv, linear, all, type:Name) and name patterns (net.mid.*, !net.temb.*).")
 @click.option("--tensors", "tensor_sites", default=None, help="Also keep full tensors of these sites (same grammar).")
 @click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
+@precision_option
 @click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New recording directory.")
 def record_command(model: str, quant_preset: Optional[str], sampler: str, steps: int, seeds: list[int], sites: str,
-                   tensor_sites: Optional[str], batch_size: int, device: str, out: Path) -> None:
+                   tensor_sites: Optional[str], batch_size: int, precision: str, device: str, out: Path) -> None:
     """Record per-layer, per-step activation statistics (and optionally full tensors) of sampling runs into OUT.
+
+    On a GPU in bf16 autocast (--precision fp32 opts out); the network runs eagerly, so that the recorder's
+    hooks see every layer call.
 
     \b
     Examples:
@@ -424,7 +432,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
         net = load_model_option(model, None, takes_config=False)
-        config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net))
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net), precision=precision)
         prepare = None
         if quant is not None:
             net = quantize(net, quant)
