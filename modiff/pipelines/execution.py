@@ -32,8 +32,8 @@ from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.quant.layers.trajectory import stateful_layers
 
 __all__ = ["Precision", "PrecisionChoice", "ExecutionConfig", "resolve_precision", "resolve_execution",
-           "CompiledNet", "prepare_network", "float32_precision", "precision_context", "precision_record",
-           "RECOMPILE_LIMIT"]
+           "CompiledNet", "prepare_network", "prepared_network", "float32_precision", "precision_context",
+           "precision_record", "RECOMPILE_LIMIT"]
 
 Precision = Literal["fp32", "tf32", "bf16"]
 PrecisionChoice = Literal["auto", "fp32", "tf32", "bf16"]  # auto: bf16 on CUDA, fp32 on the CPU
@@ -128,7 +128,8 @@ class CompiledNet(nn.Module):
 
 def prepare_network(model: nn.Module, device: torch.device, execution: ExecutionConfig) -> nn.Module:
     """``model`` on ``device`` in eval mode, its ``net`` wrapped as ``execution`` says: channels_last and
-    cudnn.benchmark on CUDA, then `CompiledNet`, then `CUDAGraphed` (graphs of the compiled network)."""
+    cudnn.benchmark on CUDA, then `CompiledNet`, then `CUDAGraphed` (graphs of the compiled network). The
+    model itself is changed; `prepared_network` gives its network back afterwards."""
     if execution.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
     model = model.to(device).eval()
@@ -140,6 +141,18 @@ def prepare_network(model: nn.Module, device: torch.device, execution: Execution
     if execution.cuda_graphs:
         model.net = CUDAGraphed(model.net)
     return model
+
+
+@contextlib.contextmanager
+def prepared_network(model: nn.Module, device: torch.device, execution: ExecutionConfig) -> Iterator[nn.Module]:
+    """`prepare_network` for the block; on exit ``model.net`` is the caller's network again (on ``device``),
+    so that a later quantize() or prepare starts from the plain network, never from a wrapper (and the CUDA
+    graphs' memory is released)."""
+    net = model.net
+    try:
+        yield prepare_network(model, device, execution)
+    finally:
+        model.net = net
 
 
 def _tf32_switches() -> dict[str, tuple[Any, str]]:

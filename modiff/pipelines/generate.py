@@ -27,7 +27,7 @@ from modiff.utils.images import PngWriter, make_grid, save_png, to_uint8
 from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
 from modiff.pipelines.execution import (Precision, PrecisionChoice, float32_precision, precision_context,
-                                        precision_record, prepare_network, resolve_execution, resolve_precision)
+                                        precision_record, prepared_network, resolve_execution, resolve_precision)
 from modiff.pipelines.run_folder import check_identity, execution_identity, open_manifest, png_path, remove_unreadable, run_identity
 from modiff.utils.locks import folder_lock
 from modiff.utils.rng import SeedStreams, format_seeds
@@ -210,8 +210,9 @@ def generate(
         log.info("%d batches to sample into %s", len(batches), out)
         started, session["seeds_sampled"], written = time.time(), 0, {}
         try:
-            _sample_batches(prepare_network(model, dev, run_execution) if batches else model, batches, config,
-                            dev, samples_dir, prepare, written, progress)
+            if batches:
+                with prepared_network(model, dev, run_execution) as runner:
+                    _sample_batches(runner, batches, config, dev, samples_dir, prepare, written, progress)
         finally:
             session["seconds"], session["seeds_sampled"] = round(time.time() - started, 2), len(written)
         manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
@@ -234,7 +235,8 @@ def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: Sa
             bar.update(len(batch))
 
 
-def read_samples(samples_dir: Path, seeds: Sequence[int], known: Optional[Mapping[int, np.ndarray]] = None) -> np.ndarray:
+def read_samples(samples_dir: Path, seeds: Sequence[int],
+                 known: Optional[Mapping[int, np.ndarray]] = None) -> np.ndarray:
     """(N, H, W, C) uint8 images of the given seeds from a samples/ folder; those in ``known`` (by seed, as
     just written there) are taken from memory."""
     arrays = []

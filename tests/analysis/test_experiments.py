@@ -137,3 +137,17 @@ def test_state_accounting_by_hand(tiny_denoiser: md.Denoiser) -> None:
     assert mb[2] == pytest.approx(mb[1] / 2) and mb[3] == pytest.approx(mb[0] * 3 / 32) and mb[1] < mb[0]
     with pytest.raises(ValueError, match="keeps no MoDiff state"):
         memory.state_accounting(tiny_denoiser, "w8a8")
+
+
+def test_run_folders_keep_precisions_apart(tiny_denoiser: md.Denoiser, tmp_path) -> None:
+    """Sample runs take the device's precision ("auto"); a bf16 run (the GPU default) gets its own folder
+    beside the fp32 one (which keeps the older name), so neither refuses the other's identity."""
+    config = experiments.sample_config(tiny_denoiser, 2)
+    assert config.precision == "auto"
+    cpu = experiments._run_location(tiny_denoiser, "w8a8", config.resolved(torch.device("cpu")), tmp_path)[0]
+    gpu = experiments._run_location(tiny_denoiser, "w8a8", config.resolved(torch.device("cuda")), tmp_path)[0]
+    assert cpu.name == "w8a8-ddim2" and gpu.name == "w8a8-ddim2-bf16"
+    run = experiments.sample_run(tiny_denoiser, "fp", range(2), config, tmp_path, device="cpu")
+    assert run.name == "fp-ddim2"
+    with pytest.raises(AssertionError, match="resolve the precision"):
+        experiments._run_location(tiny_denoiser, "fp", config, tmp_path)

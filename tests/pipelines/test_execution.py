@@ -7,8 +7,8 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import modiff as md
-from modiff.pipelines.execution import (CompiledNet, ExecutionConfig, prepare_network, resolve_execution,
-                                        resolve_precision)
+from modiff.pipelines.execution import (CompiledNet, ExecutionConfig, prepare_network, prepared_network,
+                                        resolve_execution, resolve_precision)
 from modiff.pipelines.generate import SampleConfig
 from modiff.quant import presets, quantize, trajectory
 
@@ -51,6 +51,16 @@ def test_prepare_network_on_the_cpu(tiny_denoiser: md.Denoiser) -> None:
     assert compiled.net.sample_shape == net.sample_shape  # read through the wrapper
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         prepare_network(tiny_denoiser, CPU, ExecutionConfig(cuda_graphs=True))
+
+
+def test_prepared_network_gives_the_network_back(tiny_denoiser: md.Denoiser) -> None:
+    """A later quantize() or run must start from the plain network, never from a wrapper of an earlier run."""
+    net = tiny_denoiser.net
+    with pytest.raises(KeyError):
+        with prepared_network(tiny_denoiser, CPU, ExecutionConfig(compile=True)) as runner:
+            assert runner is tiny_denoiser and isinstance(runner.net, CompiledNet)
+            raise KeyError("the run failed")
+    assert tiny_denoiser.net is net
 
 
 def _sample(model: md.Denoiser, steps: int = 5) -> torch.Tensor:

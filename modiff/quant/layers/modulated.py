@@ -101,7 +101,8 @@ class ModulatedLayer(QuantLayer):
     def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
         super().__init__(layer, config, name, split)
         self.state = LayerState()
-        self.fused_spec = fused_spec_supported(None if self.act is None else self.act.spec)  # asked once: see `modulate`
+        # asked once, here: a compiled forward then never reads the bit width (see `modulate`)
+        self.fused_spec = fused_spec_supported(None if self.act is None else self.act.spec)
 
     def _check_call(self, x: torch.Tensor) -> None:
         phase = self.state.phase
