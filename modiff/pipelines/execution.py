@@ -17,7 +17,8 @@ What the user gives wins: precision ``fp32`` (IEEE float32, TF32 off) or ``tf32`
 identity (inductor fuses and reorders float operations: the images change); CUDA graphs replay the kernels
 they recorded and change no number, so run manifests record them without making them part of the identity
 (`modiff.pipelines.run_folder`). channels_last and cudnn.benchmark come with the device kind, which is part
-of the identity.
+of the identity. A compiled network sees every batch of a run at the run's batch size (`PaddedBatch`), so
+the last, smaller batch reuses the graphs instead of compiling its own.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.quant.layers.trajectory import stateful_layers
 
 __all__ = ["Precision", "PrecisionChoice", "ExecutionConfig", "resolve_precision", "resolve_execution",
-           "CompiledNet", "prepare_network", "prepared_network", "float32_precision", "precision_context",
+           "CompiledNet", "PaddedBatch", "prepare_network", "prepared_network", "float32_precision", "precision_context",
            "precision_record", "RECOMPILE_LIMIT"]
 
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -126,10 +127,52 @@ class CompiledNet(nn.Module):
             return self.compiled(*args)
 
 
-def prepare_network(model: nn.Module, device: torch.device, execution: ExecutionConfig) -> nn.Module:
+class PaddedBatch(nn.Module):
+    """`net(x, t, ...)` on exactly ``batch_size`` rows: a smaller batch (a run's last) is filled up with repeats
+    of its own rows and the output cut back, so that one compiled graph (and one set of CUDA graphs) serves
+    every batch of a run, instead of a compilation (tens of seconds) for the last one.
+
+    The rows come out as the network computes them in a batch of ``batch_size``: the networks work per
+    sample (convolutions, GroupNorm, attention, per-sample quantizers), and a quantizer with one range for
+    the whole batch (the published per-tensor numerics) sees the same minimum and maximum, since repeated
+    rows add no value. The MoDiff state then holds the filled batch, for the whole trajectory.
+    """
+
+    def __init__(self, net: nn.Module, batch_size: int):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.net, self.batch_size = net, batch_size
+        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "net":
+                raise
+            return getattr(self.net, name)
+
+    def _filled(self, n: int, device: torch.device) -> torch.Tensor:
+        key = (n, device)
+        if key not in self._rows:
+            self._rows[key] = torch.arange(self.batch_size, device=device) % n
+        return self._rows[key]
+
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n >= self.batch_size:
+            return self.net(x, *args)
+        rows = self._filled(n, x.device)
+        return self.net(x[rows], *(a[rows] for a in args))[:n]
+
+
+def prepare_network(model: nn.Module, device: torch.device, execution: ExecutionConfig,
+                    batch_size: Optional[int] = None) -> nn.Module:
     """``model`` on ``device`` in eval mode, its ``net`` wrapped as ``execution`` says: channels_last and
-    cudnn.benchmark on CUDA, then `CompiledNet`, then `CUDAGraphed` (graphs of the compiled network). The
-    model itself is changed; `prepared_network` gives its network back afterwards."""
+    cudnn.benchmark on CUDA, then `CompiledNet`, then `CUDAGraphed` (graphs of the compiled network), and
+    for a compiled network with a ``batch_size``, `PaddedBatch` around them. The model itself is changed;
+    `prepared_network` gives its network back afterwards."""
     if execution.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
     model = model.to(device).eval()
@@ -140,17 +183,20 @@ def prepare_network(model: nn.Module, device: torch.device, execution: Execution
         model.net = CompiledNet(model.net)
     if execution.cuda_graphs:
         model.net = CUDAGraphed(model.net)
+    if execution.compile and batch_size is not None:
+        model.net = PaddedBatch(model.net, batch_size)
     return model
 
 
 @contextlib.contextmanager
-def prepared_network(model: nn.Module, device: torch.device, execution: ExecutionConfig) -> Iterator[nn.Module]:
+def prepared_network(model: nn.Module, device: torch.device, execution: ExecutionConfig,
+                     batch_size: Optional[int] = None) -> Iterator[nn.Module]:
     """`prepare_network` for the block; on exit ``model.net`` is the caller's network again (on ``device``),
     so that a later quantize() or prepare starts from the plain network, never from a wrapper (and the CUDA
     graphs' memory is released)."""
     net = model.net
     try:
-        yield prepare_network(model, device, execution)
+        yield prepare_network(model, device, execution, batch_size)
     finally:
         model.net = net
 

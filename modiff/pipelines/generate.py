@@ -184,8 +184,10 @@ def generate(
     the folder); a PNG that does not decode is made again. `prepare(model)` returns a context entered
     around each batch (the MoDiff trajectory state, for instance). `compile` runs the network through
     torch.compile and `cuda_graphs` replays each step as one CUDA graph (CUDA only); with "auto" precision,
-    None means the device's default (`modiff.pipelines.execution`: the fast path on CUDA). PNGs are
-    written on background threads while the next batch samples. Samples that come out NaN or infinite
+    None means the device's default (`modiff.pipelines.execution`: the fast path on CUDA). A compiled
+    network sees every batch at `batch_size` rows (`PaddedBatch`: the last batch is filled up with repeats of
+    its own rows), so one graph serves the run. PNGs are written on a background thread while the next
+    batch samples. Samples that come out NaN or infinite
     raise `NonFiniteSamplesError` naming their seeds and the first step where it happened.
     """
     if batch_size < 1:
@@ -211,7 +213,7 @@ def generate(
         started, session["seeds_sampled"], written = time.time(), 0, {}
         try:
             if batches:
-                with prepared_network(model, dev, run_execution) as runner:
+                with prepared_network(model, dev, run_execution, batch_size) as runner:
                     _sample_batches(runner, batches, config, dev, samples_dir, prepare, written, progress)
         finally:
             session["seconds"], session["seeds_sampled"] = round(time.time() - started, 2), len(written)
@@ -224,7 +226,7 @@ def generate(
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
                     written: dict[int, np.ndarray], progress: bool) -> None:
-    """Sample the batches; their new PNGs are written on background threads and kept in ``written``."""
+    """Sample the batches; their new PNGs are written on a background thread and kept in ``written``."""
     with tqdm(total=sum(map(len, batches)), desc="sampling", unit="img", disable=not progress) as bar, \
             PngWriter(save_png) as writer:
         for batch in batches:

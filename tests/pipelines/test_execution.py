@@ -114,3 +114,70 @@ def test_calls_outside_trajectory_raise_the_layers_error(tiny_denoiser: md.Denoi
     with pytest.raises(RuntimeError, match="inside `with modiff.trajectory"):
         net(x, torch.zeros(1, dtype=torch.long))
     assert net.compiled._orig_mod is qmodel.net
+
+
+def test_padded_batch_fills_the_last_batch_with_its_own_rows(tiny_denoiser: md.Denoiser) -> None:
+    """A last batch of 2 runs as the 5 rows 0, 1, 0, 1, 0 over a whole MoDiff trajectory (the state holds 5);
+    one call gives what the 2 rows get alone, up to the float rounding of kernels that depend on the batch
+    size, also under the published per-tensor quantizers (repeated rows add no value to the range)."""
+    from modiff.pipelines.execution import PaddedBatch
+
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(4)
+    qmodel = quantize(tiny_denoiser, presets["published-w8a4-modiff"])
+    padded = md.Denoiser(PaddedBatch(qmodel.net, 5), qmodel.schedule, "tiny", {})
+    with trajectory(padded) as states:
+        out = md.sample_ddim(padded, x_T, ts)
+        assert states[0].a_hat.shape[0] == 5
+    with trajectory(qmodel):
+        filled = md.sample_ddim(qmodel, x_T[[0, 1, 0, 1, 0]], ts)
+    assert torch.equal(out, filled[:2])
+    t = torch.full((2,), 500)
+    for preset in ("fp", "published-w8a8"):
+        net = quantize(tiny_denoiser, presets[preset]).net
+        torch.testing.assert_close(PaddedBatch(net, 5)(x_T, t), net(x_T, t), rtol=1e-5, atol=1e-5)
+        assert PaddedBatch(net, 2)(x_T, t).shape == x_T.shape  # a full batch passes through
+    assert padded.net.sample_shape == tiny_denoiser.sample_shape
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        PaddedBatch(qmodel.net, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: inductor, the Triton step and CUDA graphs")
+def test_fast_path_on_cuda_shares_graphs_between_bit_widths(tiny_denoiser: md.Denoiser) -> None:
+    """Inductor on CUDA, bf16 autocast: w4a4-modiff reuses w8a8-modiff's graph (the Triton step reads the
+    bit width from memory) and stays close to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("inductor")
+    x_T, ts = md.noise(range(3), tiny_denoiser.sample_shape).cuda(), md.timesteps(6)
+    for preset, new_graphs in (("w8a8-modiff", 1), ("w4a4-modiff", 0)):
+        qmodel = quantize(tiny_denoiser, presets[preset]).cuda().to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16), trajectory(qmodel):
+            eager = md.sample_ddim(qmodel, x_T, ts)
+        before = backend.frame_count
+        compiled = md.Denoiser(CompiledNet(qmodel.net, backend=backend), qmodel.schedule, "tiny", {})
+        with torch.autocast("cuda", dtype=torch.bfloat16), trajectory(compiled):
+            out = md.sample_ddim(compiled, x_T, ts)
+        assert backend.frame_count - before == new_graphs, preset
+        assert ((out - eager).abs().mean() / eager.abs().mean()) < 0.05, preset
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_takes_the_fast_path_on_cuda_and_opts_out(tmp_path, tame_denoiser: md.Denoiser) -> None:
+    import json
+
+    from modiff.pipelines.generate import generate
+
+    net = tame_denoiser.net
+    for name, kwargs, expected in (("fast", {}, ("bf16", True, True)),
+                                   ("plain", dict(compile=False, cuda_graphs=False), ("fp32", False, False))):
+        config = SampleConfig(steps=4, precision="auto" if name == "fast" else "fp32")
+        out = generate(tame_denoiser, range(5), tmp_path / name, config, batch_size=4, device="cuda", progress=False,
+                       **kwargs)
+        manifest = json.loads((out / "manifest.json").read_text())
+        found = (manifest["identity"]["sample"]["precision"], manifest["identity"]["execution"]["compile"],
+                 manifest["sessions"][0]["cuda_graphs"])
+        assert found == expected and len(list((out / "samples").glob("*.png"))) == 5
+        assert tame_denoiser.net is net  # given back
