@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Literal, Optional, get_args
+from typing import Any, Callable, Iterator, Literal, Optional, get_args
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ class CompiledNet(nn.Module):
     during calls, so that running many presets never falls back to eager silently.
     """
 
-    def __init__(self, net: nn.Module, backend: str = "inductor", mode: Optional[str] = None,
+    def __init__(self, net: nn.Module, backend: str | Callable[..., Any] = "inductor", mode: Optional[str] = None,
                  options: Optional[dict[str, Any]] = None):
         super().__init__()
         self.compiled = torch.compile(net, backend=backend, mode=mode, options=options, dynamic=False)

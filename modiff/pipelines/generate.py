@@ -187,8 +187,8 @@ def generate(
     None means the device's default (`modiff.pipelines.execution`: the fast path on CUDA). A compiled
     network sees every batch at `batch_size` rows (`PaddedBatch`: the last batch is filled up with repeats of
     its own rows), so one graph serves the run. PNGs are written on a background thread while the next
-    batch samples. Samples that come out NaN or infinite
-    raise `NonFiniteSamplesError` naming their seeds and the first step where it happened.
+    batch samples. Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their seeds
+    and the first step where it happened.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -210,7 +210,7 @@ def generate(
         manifest["sessions"].append(session)
         write_json(manifest, out / "manifest.json")  # the identity and this writer, before any image
         log.info("%d batches to sample into %s", len(batches), out)
-        started, session["seeds_sampled"], written = time.time(), 0, {}
+        started, written = time.time(), {}
         try:
             if batches:
                 with prepared_network(model, dev, run_execution, batch_size) as runner:
