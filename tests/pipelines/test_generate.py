@@ -88,16 +88,17 @@ def test_other_config_in_same_dir_is_refused(tmp_path: Path, tame_denoiser) -> N
 
 
 def test_finished_run_tells_whether_generate_would_reuse_every_seed(tmp_path: Path, tame_denoiser) -> None:
-    """Callers skip building (or calibrating) a model when the run is complete for their seeds."""
+    """Callers skip building (or calibrating) a model when the run is complete for their seeds (asked for the
+    device the run was made on: on a GPU machine "auto" precision would resolve to bf16)."""
     out, identity = tmp_path / "run", {"name": "tame", "quant": [4, 8]}
-    assert not finished_run(out, range(3), CONFIG, identity)
+    assert not finished_run(out, range(3), CONFIG, identity, device="cpu")
     _run(tame_denoiser, range(3), out, identity=identity)
-    assert finished_run(out, range(3), CONFIG, identity) and finished_run(out, [2, 0], CONFIG, identity)
-    assert not finished_run(out, range(4), CONFIG, identity)
+    assert finished_run(out, range(3), CONFIG, identity, device="cpu") and finished_run(out, [2, 0], CONFIG, identity, device="cpu")
+    assert not finished_run(out, range(4), CONFIG, identity, device="cpu")
     (out / "samples" / "000001.png").unlink()
-    assert not finished_run(out, range(3), CONFIG, identity)
+    assert not finished_run(out, range(3), CONFIG, identity, device="cpu")
     with pytest.raises(ValueError, match="another configuration"):
-        finished_run(out, range(3), SampleConfig(steps=4), identity)
+        finished_run(out, range(3), SampleConfig(steps=4), identity, device="cpu")
 
 
 def test_identity_with_tuples_resumes(tmp_path: Path, tame_denoiser) -> None:
