@@ -140,7 +140,8 @@ class PaddedBatch(nn.Module):
     The rows come out as the network computes them in a batch of ``batch_size``: the networks work per
     sample (convolutions, GroupNorm, attention, per-sample quantizers), and a quantizer with one range for
     the whole batch (the published per-tensor numerics) sees the same minimum and maximum, since repeated
-    rows add no value. The MoDiff state then holds the filled batch, for the whole trajectory.
+    rows add no value. The MoDiff state then holds the filled batch, for the whole trajectory. A call with
+    keywords (a diffusers network: conditioning in keywords, a tuple out) passes through unpadded.
     """
 
     def __init__(self, net: nn.Module, batch_size: int):

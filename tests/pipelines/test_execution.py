@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import modiff as md
-from modiff.pipelines.execution import (CompiledNet, ExecutionConfig, prepare_network, prepared_network,
+from modiff.pipelines.execution import (CompiledNet, ExecutionConfig, PaddedBatch, prepare_network, prepared_network,
                                         resolve_execution, resolve_precision)
 from modiff.pipelines.generate import SampleConfig
 from modiff.quant import presets, quantize, trajectory
@@ -33,6 +33,34 @@ def test_explicit_choices_win() -> None:
         resolve_execution(CUDA, "fp16")
     with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
         ExecutionConfig(precision="auto")  # type: ignore[arg-type]  # a resolved config holds a real precision
+
+
+def test_networks_called_with_keywords_default_to_no_cuda_graphs() -> None:
+    """A diffusers network (called with timestep=, encoder_hidden_states=) is compiled on CUDA, never
+    replayed as CUDA graphs (they take tensors by position); asking for them is refused."""
+    assert resolve_execution(CUDA, keyword_net=True) == ExecutionConfig(precision="bf16", compile=True, cuda_graphs=False)
+    assert resolve_execution(CUDA, keyword_net=True, cuda_graphs=False).compile
+    with pytest.raises(ValueError, match="takes keywords: leave CUDA graphs off"):
+        resolve_execution(CUDA, keyword_net=True, cuda_graphs=True)
+    from modiff.models.diffusers.denoiser import DiffusersDenoiser
+
+    assert DiffusersDenoiser.net_takes_keywords and not md.Denoiser.net_takes_keywords
+
+
+class _KeywordNet(torch.nn.Module):
+    """A network called the diffusers way: keywords in, a tuple out."""
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> tuple[torch.Tensor]:
+        assert not return_dict
+        return (x * timestep.view(-1, 1),)
+
+
+def test_compiled_and_padded_networks_pass_keyword_calls_through() -> None:
+    x, t = torch.randn(3, 2), torch.arange(3.0)
+    expected = _KeywordNet()(x, timestep=t, return_dict=False)[0]
+    padded = PaddedBatch(CompiledNet(_KeywordNet(), backend="eager"), batch_size=8)
+    out = padded(x, timestep=t, return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], expected)  # not padded to 8 rows, not cut as a tensor
 
 
 def test_sample_config_resolves_auto_precision_only() -> None:
