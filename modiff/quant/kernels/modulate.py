@@ -23,7 +23,7 @@ from torch import Tensor
 from modiff.quant.primitives import Grid, QuantSpec, quant_grid
 
 __all__ = ["use_fused_modulate", "fused_spec_supported", "fused_tensors_supported", "fused_modulate_supported",
-           "modulate_per_sample", "register_op"]
+           "modulate_per_sample", "launch_modulate", "register_op"]
 
 _BLOCK = 1024  # values per loop iteration of a program
 _MIN_CHUNK = 4096  # values of one sample per program
@@ -114,6 +114,13 @@ def modulate_per_sample(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec:
                          "of one shape and one contiguous or channels_last layout (see fused_modulate_supported)")
     if split is not None and not 0 < split < x.shape[1]:
         raise ValueError(f"split must be in (0, {x.shape[1]}) channels, got {split}")
+    launch_modulate(x, a_hat, a_ref, spec, split, grid)
+
+
+def launch_modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: QuantSpec, split: Optional[int],
+                    grid: Optional[Grid] = None) -> None:
+    """`modulate_per_sample` without its checks, for layers that made them when they were built: a compiled
+    network tracing ``spec.bits >= 2`` would guard on the bit width and compile again for every preset."""
     register_op()
     levels, qmin, qmax = (t.to(x.device) for t in (grid or quant_grid(spec)))
     _OP(x, a_hat, a_ref, levels, qmin, qmax, spec.scheme, spec.rounding == "floor", split or 0)

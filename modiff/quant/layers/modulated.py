@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.kernels.modulate import (fused_spec_supported, fused_tensors_supported, modulate_per_sample,
+from modiff.quant.kernels.modulate import (fused_spec_supported, fused_tensors_supported, launch_modulate,
                                            use_fused_modulate)
 from modiff.quant.layers.direct import ActQuantizer, QuantLayer, quantize_dynamic_split
 from modiff.quant.layers.state import LayerState
@@ -62,7 +62,7 @@ def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Opt
     if fused_spec is None:
         fused_spec = fused_spec_supported(spec)
     if fused_spec and use_fused_modulate(x) and fused_tensors_supported(x, a_hat, a_ref_distinct):
-        modulate_per_sample(x, a_hat, a_ref_distinct, spec, split, grid)
+        launch_modulate(x, a_hat, a_ref_distinct, spec, split, grid)
         if not compensation:
             a_ref.copy_(x)
         return None
