@@ -18,6 +18,7 @@ from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
+from modiff.pipelines.execution import PrecisionChoice
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.pipelines.summary import per_seed_fidelity, run_scores
 from modiff.utils.device import resolve_device
@@ -55,9 +56,11 @@ def _timesteps(model: nn.Module, steps: int, spacing: Optional[Spacing] = None) 
     return md.timesteps(steps, spacing or paper_spacing(model), model.schedule.num_timesteps)
 
 
-def sample_config(model: nn.Module, steps: int, sampler: SamplerName = "ddim") -> SampleConfig:
-    """A SampleConfig with the paper's timestep spacing for the model (`paper_spacing`)."""
-    return SampleConfig(sampler=sampler, steps=steps, spacing=paper_spacing(model))
+def sample_config(model: nn.Module, steps: int, sampler: SamplerName = "ddim",
+                  precision: PrecisionChoice = "auto") -> SampleConfig:
+    """A SampleConfig with the paper's timestep spacing for the model (`paper_spacing`); "auto" precision
+    is the device's (`modiff.pipelines.execution`), resolved by `sample_run`."""
+    return SampleConfig(sampler=sampler, steps=steps, spacing=paper_spacing(model), precision=precision)
 
 
 def spacing_runs_dir(model: nn.Module, runs_dir: str | Path, config: SampleConfig) -> Path:
@@ -100,20 +103,27 @@ def calibration_settings(model: nn.Module, steps: int, samples_per_step: int, ad
 
 def _run_location(model: nn.Module, preset: str, config: SampleConfig, runs_dir: str | Path,
                   reset: Optional[str] = None) -> tuple[Path, dict[str, object]]:
-    run_dir = Path(runs_dir) / (f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else ""))
+    """runs_dir/<preset>-<sampler><steps>[-<reset>][-<precision>] (fp32 runs keep the older, shorter name),
+    and the model identity; ``config`` has its precision resolved."""
+    assert config.precision != "auto", "resolve the precision first (SampleConfig.resolved)"
+    name = f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else "")
+    run_dir = Path(runs_dir) / (name if config.precision == "fp32" else f"{name}-{config.precision}")
     return run_dir, {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
 
 
 def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
                batch_size: int = 64, device: str = "auto", reset: Optional[str] = None,
                calibration: Optional[Calibration] = None) -> Path:
-    """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>] for the seeds; returns the run dir.
-    A summary of the run there (`modiff summarize`) is reused in its place: the tables read both alike.
+    """Generate (or reuse) runs_dir/<preset>-<sampler><steps>[-<reset>][-<precision>] for the seeds; returns
+    the run dir. A summary of the run there (`modiff summarize`) is reused in its place: the tables read
+    both alike. On CUDA the run takes the fast path (`modiff.pipelines.execution`) unless ``config`` sets
+    another precision; torch.compile shares its graphs between presets in one process.
 
     Static (``qdiff-*``) presets are calibrated with ``calibration`` into runs_dir the first time. Whether
     the run was made or reused is noted for the report (`modiff.pipelines.run_usage`)."""
+    config = config.resolved(resolve_device(device))
     run_dir, identity = _run_location(model, preset, config, runs_dir, reset)
-    if finished_run(run_dir, seeds, config, identity):  # reused without building, calibrating or loading the model
+    if finished_run(run_dir, seeds, config, identity, device):  # reused without building, calibrating or loading the model
         run_usage.note(run_dir, made=False)
         return run_dir
     net = model if preset == "fp" else quantized_model(model, preset, runs_dir, calibration, resolve_device(device))
@@ -188,8 +198,9 @@ def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], co
         raise ValueError("fill_runs needs at least one device")
 
     def finished(preset: str) -> bool:
-        run_dir, identity = _run_location(model, preset, config, runs_dir)
-        return finished_run(run_dir, seeds, config, identity)
+        resolved = config.resolved(resolve_device(devices[0]))
+        run_dir, identity = _run_location(model, preset, resolved, runs_dir)
+        return finished_run(run_dir, seeds, resolved, identity, devices[0])
 
     pending = [p for p in dict.fromkeys(presets) if not finished(p)]
     if not pending:

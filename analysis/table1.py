@@ -24,7 +24,8 @@ from torch import nn
 import modiff as md
 from analysis import experiments
 from modiff.diffusion.schedules import Spacing
-from modiff.pipelines.generate import Precision, SampleConfig, sample
+from modiff.pipelines.execution import PrecisionChoice
+from modiff.pipelines.generate import SampleConfig, sample
 from modiff.pipelines.summary import SummaryMismatchError, per_seed_fidelity, run_scores
 from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.quant.cost import preset_report
@@ -41,10 +42,11 @@ HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never on
 
 
 def table_config(model: nn.Module, steps: int, spacing: Optional[Spacing] = None,
-                 precision: Precision = "fp32") -> SampleConfig:
+                 precision: PrecisionChoice = "auto") -> SampleConfig:
     """DDIM with ``spacing`` for a pixel model (its own, ``uniform``, when None; the paper's DDIM tables use
     ``quad``); a latent model always samples with its own ``ldm`` timesteps, as the LDM tables do. ``precision``
-    is the arithmetic of every run (each run's manifest records it, and the table shows it per row)."""
+    is the arithmetic of every run ("auto": the device's, bf16 on CUDA and fp32 on the CPU; each run's manifest
+    records it, and the table shows it per row)."""
     own = md.default_spacing(model)
     return SampleConfig(steps=steps, spacing=own if own == "ldm" or spacing is None else spacing, precision=precision)
 

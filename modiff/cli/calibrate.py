@@ -12,7 +12,7 @@ from typing import Any, Optional, get_args
 
 import click
 
-from modiff.cli.options import USER_ERRORS, check_device_option, load_model_option
+from modiff.cli.options import USER_ERRORS, check_device_option, execution_options, load_model_option
 from modiff.diffusion.schedules import Spacing
 
 __all__ = ["calibrate_data_command", "calibrate_command", "calibrate_shipped_command", "apply_overrides",
@@ -74,11 +74,14 @@ def _replace_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
               help="Timestep spacing [default: the model's: uniform for pixel models, ldm for latent models].")
 @click.option("--calib-steps", type=int, default=20, show_default=True, help="Steps kept, spread over the trajectory.")
 @click.option("--samples-per-step", type=int, default=256, show_default=True, help="Trajectories (seeds 0..N-1).")
+@execution_options
 @click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New dataset folder.")
 def calibrate_data_command(model: str, model_config: Optional[str], steps: int, spacing: Optional[str], calib_steps: int,
-                           samples_per_step: int, device: str, out: Path) -> None:
-    """Collect time-step-aware calibration inputs (x_t, t) and their predecessors in one DDIM pass.
+                           samples_per_step: int, precision: str, compile_net: Optional[bool], cuda_graphs: Optional[bool],
+                           device: str, out: Path) -> None:
+    """Collect time-step-aware calibration inputs (x_t, t) and their predecessors in one DDIM pass (on a GPU
+    with the fast path, as `modiff sample`; the manifest's metadata records it).
 
     \b
     Examples:
@@ -88,14 +91,21 @@ def calibrate_data_command(model: str, model_config: Optional[str], steps: int, 
     """
     from modiff.utils.device import resolve_device
     from modiff.models.conventions import default_spacing
+    from modiff.pipelines.execution import precision_context, prepare_network, resolve_execution
     from modiff.quant.ptq.data import CalibDataConfig, collect_and_save, refuse_existing
 
     try:
         refuse_existing(out)  # before loading and sampling, not after
+        dev = resolve_device(device)
         net = load_model_option(model, model_config)
+        execution = resolve_execution(dev, precision, compile_net, cuda_graphs,
+                                      keyword_net=getattr(net, "net_takes_keywords", False))
+        net = prepare_network(net, dev, execution)
         config = CalibDataConfig(steps=steps, spacing=spacing or default_spacing(net), calib_steps=calib_steps,
                                  samples_per_step=samples_per_step)
-        done = collect_and_save(net, config, out, resolve_device(device), metadata={"model": model, "config": model_config})
+        with precision_context(execution.precision, dev):
+            done = collect_and_save(net, config, out, dev, metadata={"model": model, "config": model_config,
+                                                                     "execution": execution.to_dict()})
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {calib_steps * samples_per_step} calibration inputs to {done}")

@@ -3,12 +3,16 @@ errors in command-line words (``--config``, not ``config=``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Callable, Optional, TypeVar, get_args
 
 import click
 
+from modiff.pipelines.execution import PrecisionChoice
+
 __all__ = ["USER_ERRORS", "BATCH_SIZE", "literal_choices", "parse_seeds_option", "check_device_option",
-           "load_model_option"]
+           "load_model_option", "precision_option", "execution_options"]
+
+Command = TypeVar("Command", bound=Callable[..., Any])
 
 # What the library raises for a user's mistake or a damaged or full disk: one line, no traceback.
 USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
@@ -82,3 +86,23 @@ def _diffusers_folder(path: Path, is_diffusers_folder: Any) -> bool:
         return bool(is_diffusers_folder(path))
     except ValueError as err:  # an unreadable config.json
         raise click.ClickException(str(err)) from err
+
+
+PRECISION_HELP = ("auto: bf16 autocast on a GPU, fp32 on the CPU; fp32: IEEE float32 (TF32 off on a GPU); tf32: TF32 "
+                  "matmuls and convolutions; bf16: autocast.")
+
+
+def precision_option(command: Command) -> Command:
+    """``--precision`` (auto, fp32, tf32, bf16) as the ``precision`` argument."""
+    return click.option("--precision", type=click.Choice(list(get_args(PrecisionChoice))), default="auto",
+                        show_default=True, help=PRECISION_HELP)(command)
+
+
+def execution_options(command: Command) -> Command:
+    """``--precision``, ``--compile/--no-compile`` and ``--cuda-graphs/--no-cuda-graphs`` as the ``precision``,
+    ``compile_net`` and ``cuda_graphs`` arguments (None: the device's default, `modiff.pipelines.execution`)."""
+    command = click.option("--cuda-graphs/--no-cuda-graphs", "cuda_graphs", default=None,
+                           help="Replay each sampling step as one CUDA graph [default: on a GPU].")(command)
+    command = click.option("--compile/--no-compile", "compile_net", default=None,
+                           help="torch.compile the network [default: on a GPU].")(command)
+    return precision_option(command)

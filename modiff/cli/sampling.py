@@ -10,10 +10,10 @@ from typing import Optional
 import click
 
 from modiff.diffusion.schedules import Spacing
-from modiff.cli.options import (BATCH_SIZE, USER_ERRORS, check_device_option, literal_choices, load_model_option,
-                                parse_seeds_option)
+from modiff.cli.options import (BATCH_SIZE, USER_ERRORS, check_device_option, execution_options, literal_choices,
+                                load_model_option, parse_seeds_option, precision_option)
 from modiff.cli.summaries import fidelity_lines, samples_on_disk
-from modiff.pipelines.generate import Precision, SampleConfig, SamplerName
+from modiff.pipelines.generate import SampleConfig, SamplerName
 
 __all__ = ["sample", "evaluate", "record_command"]
 
@@ -29,8 +29,7 @@ SPACING_HELP = "Timestep spacing [default: the model's: uniform for pixel models
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity (ddim only).")
 @click.option("--seeds", default="0-63", show_default=True, callback=parse_seeds_option, help="e.g. 0-9999 or 0-9,100.")
 @click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
-@click.option("--precision", type=literal_choices(Precision), default="fp32", show_default=True,
-              help="fp32: IEEE float32 (TF32 off on a GPU); tf32: TF32 matmuls and convolutions; bf16: autocast.")
+@execution_options
 @click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (see `modiff presets`).")
 @click.option("--quantized", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -38,9 +37,6 @@ SPACING_HELP = "Timestep spacing [default: the model's: uniform for pixel models
 @click.option("--weights-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="AdaRound weights for an -adaround --preset: a folder saved by `modiff calibrate` "
                    "[default: the model's shipped calibration].")
-@click.option("--compile", "compile_net", is_flag=True, help="torch.compile the network (faster on GPU).")
-@click.option("--cuda-graphs", is_flag=True, help="Replay each sampling step as one CUDA graph (CUDA only; "
-                                                  "fastest at small batches).")
 @click.option("--prompt", "prompt_texts", multiple=True, help="Prompt of a text-conditioned model (repeatable; "
                                                                 "seed s gets prompt s mod N).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -49,12 +45,14 @@ SPACING_HELP = "Timestep spacing [default: the model's: uniform for pixel models
               help="Classifier-free guidance scale of text-conditioned models (1: none).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
 def sample(model: str, model_config: Optional[str], sampler: str, steps: int, spacing: Optional[str], eta: float,
-           seeds: list[int], batch_size: int, precision: str, device: str, quant_preset: Optional[str],
-           quantized: Optional[Path], weights_from: Optional[Path], compile_net: bool, cuda_graphs: bool,
+           seeds: list[int], batch_size: int, precision: str, compile_net: Optional[bool], cuda_graphs: Optional[bool],
+           device: str, quant_preset: Optional[str], quantized: Optional[Path], weights_from: Optional[Path],
            prompt_texts: tuple[str, ...], prompts_file: Optional[Path], guidance: float, out: Path) -> None:
     """Sample one PNG per seed into OUT (re-running resumes; seeds already on disk are skipped).
 
-    Static presets (qdiff-*) and the -adaround presets use the model's shipped calibration.
+    Static presets (qdiff-*) and the -adaround presets use the model's shipped calibration. On a GPU the
+    network runs the fast path (bf16 autocast, channels_last, torch.compile, CUDA graphs; no CUDA graphs for
+    a diffusers network); --precision fp32, --no-compile and --no-cuda-graphs opt out.
 
     \b
     Examples:
@@ -62,7 +60,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
       modiff sample --preset w4a4-adaround-modiff --seeds 0-63 --out data/runs/w4a4-adaround-modiff
       modiff sample --preset qdiff-w4a4-modiff --model fmnist-ldm --out data/runs/ldm-qdiff-w4a4-modiff
       modiff sample --preset w4a4-modiff --sampler dpm-solver --steps 20 --seeds 0-9,100 --out data/runs/q
-      modiff sample --preset w4a4-modiff --precision bf16 --compile --cuda-graphs --out data/runs/q-fast
+      modiff sample --preset w4a4-modiff --precision fp32 --no-compile --no-cuda-graphs --out data/runs/q-fp32
       modiff sample --model model-790000.ckpt --config cifar10.yml --spacing quad --out data/runs/cifar
       modiff sample --quantized data/quantized/qdiff-w4a4 --seeds 0-63 --out data/runs/qdiff-w4a4
       torchrun --nproc-per-node 2 -m modiff sample --seeds 0-9999 --batch-size 500 --out data/runs/fp-10k
@@ -96,7 +94,7 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
         identity.update(described)
         if cuda_graphs and condition is not None:
             raise ValueError("--cuda-graphs replays networks called with tensors alone; a text-conditioned "
-                             "diffusers network takes keywords: use --compile")
+                             "diffusers network takes keywords: use --no-cuda-graphs")
         config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), eta=eta,
                               precision=precision)
         if quant is not None:
@@ -129,11 +127,14 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
 @click.option("--ref", default="fmnist-train", show_default=True, help="Reference set (see `modiff fid --help`).")
 @click.option("--fp-run", type=click.Path(exists=True, file_okay=False), help="Full-precision run of the same seeds.")
 @click.option("--batch-size", type=BATCH_SIZE, default=256, show_default=True)
+@execution_options
 @click.option("--device", default="auto", show_default=True, callback=check_device_option)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: Optional[str], seeds: list[int],
-             ref: str, fp_run: Optional[str], batch_size: int, device: str, out: Path) -> None:
-    """Sample the seeds into OUT (resuming), score them, and write OUT/metrics.json.
+             ref: str, fp_run: Optional[str], batch_size: int, precision: str, compile_net: Optional[bool],
+             cuda_graphs: Optional[bool], device: str, out: Path) -> None:
+    """Sample the seeds into OUT (resuming), score them, and write OUT/metrics.json (on a GPU with the fast
+    path, as `modiff sample`).
 
     \b
     Examples:
@@ -155,10 +156,11 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
             presets[quant_preset]  # a typo fails before any sampling
         net = load_model_option(model, None, takes_config=False)
         refuse_conditional(net, "evaluate")
-        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net))
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), precision=precision)
         with torchrun_session(device) as rank_device:  # under torchrun: ranks sample, rank 0 scores
             result = run_evaluation(net, seeds, out, config, quant_preset=quant_preset, ref=ref, fp_run=fp_run,
-                                    batch_size=batch_size, device=rank_device)
+                                    batch_size=batch_size, device=rank_device, compile=compile_net,
+                                    cuda_graphs=cuda_graphs)
             leader = World.current().leader
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
@@ -182,11 +184,15 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
               help="Site spec: types (conv, linear, all, type:Name) and name patterns (net.mid.*, !net.temb.*).")
 @click.option("--tensors", "tensor_sites", default=None, help="Also keep full tensors of these sites (same grammar).")
 @click.option("--batch-size", type=BATCH_SIZE, default=64, show_default=True)
+@precision_option
 @click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New recording directory.")
 def record_command(model: str, quant_preset: Optional[str], sampler: str, steps: int, seeds: list[int], sites: str,
-                   tensor_sites: Optional[str], batch_size: int, device: str, out: Path) -> None:
+                   tensor_sites: Optional[str], batch_size: int, precision: str, device: str, out: Path) -> None:
     """Record per-layer, per-step activation statistics (and optionally full tensors) of sampling runs into OUT.
+
+    On a GPU in bf16 autocast (--precision fp32 opts out); the network runs eagerly, so that the recorder's
+    hooks see every layer call.
 
     \b
     Examples:
@@ -206,7 +212,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
         net = load_model_option(model, None, takes_config=False)
         refuse_conditional(net, "record")
-        config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net))
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net), precision=precision)
         prepare = None
         if quant is not None:
             net = quantize(net, quant)

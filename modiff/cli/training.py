@@ -44,7 +44,8 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
         config = DDIMTrainConfig(iterations=iterations, batch_size=batch_size, compile=not no_compile)
         dev = str(resolve_device(device))
         export = train_ddim(config, out, Path(data_dir) if data_dir else None, dev)
-        generate(load_model(export), range(100), out / "samples-ddim100", SampleConfig(steps=100), device=dev, batch_size=100)
+        generate(load_model(export), range(100), out / "samples-ddim100", SampleConfig(steps=100, precision="fp32"), device=dev,
+                 batch_size=100, compile=False, cuda_graphs=False)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"EMA weights exported to {export}; 10x10 grid (100 DDIM steps) in {out / 'samples-ddim100'}")
@@ -86,7 +87,8 @@ def train_ldm_command(out: Path, ae_iterations: int, unet_iterations: int, ae_ba
         dev = str(resolve_device(device))
         folder = train_ldm(config, out, Path(data_dir) if data_dir else None, dev)
         run = generate(load_model(folder), range(100), folder / "work" / "samples-ddim100",
-                       SampleConfig(steps=100, spacing="ldm"), device=dev, batch_size=100)
+                       SampleConfig(steps=100, spacing="ldm", precision="fp32"), device=dev, batch_size=100,
+                       compile=False, cuda_graphs=False)
         shutil.copyfile(run / "grid.png", folder / "grid.png")
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err

@@ -27,6 +27,7 @@ class Denoiser(nn.Module):
     """
 
     folder: Optional[Path] = None
+    net_takes_keywords = False  # whether `net` is called with keyword arguments (no CUDA graphs for it)
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, name: str, config: Mapping[str, Any]):
         super().__init__()

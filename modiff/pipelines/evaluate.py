@@ -73,11 +73,16 @@ def check_reference_run(fp_run: str | Path, seeds: Sequence[int], config: Sample
 def evaluate(model: torch.nn.Module, seeds: Sequence[int], out_dir: str | Path, config: SampleConfig, *,
              quant_preset: Optional[str] = None, ref: str = "fmnist-train",
              metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), fp_run: Optional[str | Path] = None,
-             batch_size: int = 64, device: str = "auto", compile: bool = False, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 64, device: str = "auto", compile: Optional[bool] = None,
+             cuda_graphs: Optional[bool] = None, progress: bool = True) -> dict[str, Any]:
     """Generate (skipping seeds on disk), score against `ref`, and compare with `fp_run` per seed (refused
     when `fp_run` was sampled with another model, sampler, steps, spacing or eta, or lacks seeds).
-    ``progress`` shows progress bars while sampling and extracting features."""
+    ``compile`` and ``cuda_graphs`` as `generate` takes them (None: the device's default); ``progress``
+    shows progress bars while sampling and extracting features."""
     from modiff.quant import presets, quantize, trajectory
+    from modiff.utils.device import resolve_device
+
+    config = config.resolved(resolve_device(device))
 
     identity: dict[str, Any] = {"model": getattr(model, "name", type(model).__name__), "quant_preset": quant_preset}
     if fp_run is not None:
@@ -89,7 +94,7 @@ def evaluate(model: torch.nn.Module, seeds: Sequence[int], out_dir: str | Path, 
         identity["quant_config"] = quant.to_dict()
         prepare = trajectory
     out = generate(model, seeds, out_dir, config, batch_size=batch_size, device=device, identity=identity,
-                   prepare=prepare, compile=compile, progress=progress)
+                   prepare=prepare, compile=compile, cuda_graphs=cuda_graphs, progress=progress)
     # Under torch.distributed every rank sampled its share; rank 0 scores and every rank returns its result.
     return World.current().from_leader(lambda: _score(out, seeds, config, identity, ref, metrics, fp_run, progress))
 

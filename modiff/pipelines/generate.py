@@ -15,21 +15,22 @@ import os
 import platform
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Literal, Optional, Sequence, get_args
+from typing import Any, Callable, ContextManager, Literal, Mapping, Optional, Sequence, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 
-from modiff.pipelines.cuda_graphs import CUDAGraphed
 from modiff.pipelines.distributed import World, portable_error
 from modiff.diffusion.sampling import SAMPLERS, Callback, StepInfo
 from modiff.diffusion.schedules import Spacing, timesteps
-from modiff.utils.images import make_grid, save_png, to_uint8
+from modiff.utils.images import PngWriter, make_grid, save_png, to_uint8
 from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
+from modiff.pipelines.execution import (Precision, PrecisionChoice, float32_precision, precision_context,
+                                        precision_record, prepared_network, resolve_execution, resolve_precision)
 from modiff.pipelines.run_folder import (check_identity, execution_identity, is_summary, open_manifest, png_path,
                                          remove_unreadable, run_identity)
 from modiff.utils.locks import folder_lock
@@ -44,74 +45,34 @@ log = logging.getLogger(__name__)
 
 SamplerName = Literal["ddim", "ddpm", "dpm-solver"]
 Condition = Callable[[torch.nn.Module, Sequence[int]], ContextManager]  # (model, the batch's seeds) -> context
-Precision = Literal["fp32", "tf32", "bf16"]
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     """How a run samples. With the model, the batch size, the device kind and torch.compile it makes the
-    run's identity (`modiff.pipelines.run_folder`): quantized images depend on all of them."""
+    run's identity (`modiff.pipelines.run_folder`): quantized images depend on all of them. ``precision``
+    "auto" is the device's (`modiff.pipelines.execution`: bf16 on CUDA, fp32 on the CPU); a run resolves it
+    (`resolved`) before it records its identity."""
 
     sampler: SamplerName = "ddim"
     steps: int = 100
     spacing: Spacing = "uniform"
     eta: float = 0.0
-    precision: Precision = "fp32"  # fp32: IEEE float32 (TF32 off on CUDA); tf32: TF32 matmuls and convolutions; bf16: autocast
+    precision: PrecisionChoice = "auto"  # fp32: IEEE float32 (TF32 off on CUDA); tf32: TF32 matmuls and convolutions; bf16: autocast
 
     def __post_init__(self) -> None:
         if self.sampler not in get_args(SamplerName):
             raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(get_args(SamplerName))}")
-        if self.precision not in get_args(Precision):
-            raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(get_args(Precision))}")
+        if self.precision not in get_args(PrecisionChoice):
+            raise ValueError(f"unknown precision {self.precision!r}; allowed: {', '.join(get_args(PrecisionChoice))}")
         if self.sampler != "ddim" and self.eta != 0.0:
             raise ValueError(f"eta applies to the ddim sampler only; got eta={self.eta} with {self.sampler}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
-
-def _tf32_switches() -> dict[str, tuple[Any, str]]:
-    """name -> (object, attribute) of every CUDA TF32 switch: the ``fp32_precision`` settings of torch >= 2.9
-    ("ieee" / "tf32" / "none"), else the legacy ``allow_tf32`` flags (torch refuses a mix of the two APIs)."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        return {"cuda.matmul.fp32_precision": (torch.backends.cuda.matmul, "fp32_precision"),
-                "cudnn.conv.fp32_precision": (torch.backends.cudnn.conv, "fp32_precision"),
-                "cudnn.rnn.fp32_precision": (torch.backends.cudnn.rnn, "fp32_precision")}
-    return {"cuda.matmul.allow_tf32": (torch.backends.cuda.matmul, "allow_tf32"),
-            "cudnn.allow_tf32": (torch.backends.cudnn, "allow_tf32")}
-
-
-def _tf32_value(attribute: str, allow: bool) -> Any:
-    return allow if attribute == "allow_tf32" else ("tf32" if allow else "ieee")
-
-
-@contextlib.contextmanager
-def float32_precision(precision: Precision) -> Iterator[None]:
-    """CUDA float32 matmuls and cuDNN convolutions in TF32 only for ``precision == "tf32"``; IEEE float32
-    otherwise (fp32, and the float32 parts of bf16 autocast). The previous settings are restored on exit."""
-    if precision not in get_args(Precision):
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(get_args(Precision))}")
-    switches = list(_tf32_switches().values())
-    before = [getattr(obj, name) for obj, name in switches]
-    try:
-        for obj, name in switches:
-            setattr(obj, name, _tf32_value(name, precision == "tf32"))
-        yield
-    finally:
-        for (obj, name), value in zip(switches, before):
-            setattr(obj, name, value)
-
-
-def precision_record(precision: Precision, device: torch.device) -> dict[str, Any]:
-    """What a manifest records about the arithmetic of a run: the precision asked for, the TF32 switches as
-    `float32_precision` sets them (read back from torch) and the autocast dtype; ``label`` for tables."""
-    with float32_precision(precision):
-        switches = {key: getattr(obj, name) for key, (obj, name) in _tf32_switches().items()}
-    tf32 = device.type == "cuda" and any(v in (True, "tf32") for v in switches.values())
-    label = {"bf16": "bf16 autocast", "tf32": "tf32", "fp32": "fp32"}[precision]
-    if device.type == "cuda" and precision != "tf32":
-        label += " (TF32 off)"
-    return {"precision": precision, "label": label, "device_type": device.type, "tf32": tf32,
-            "autocast": "bfloat16" if precision == "bf16" else None, "switches": switches}
+    def resolved(self, device: torch.device) -> "SampleConfig":
+        """This config with "auto" precision replaced by the device's."""
+        return replace(self, precision=resolve_precision(self.precision, device))
 
 
 def sample(
@@ -131,10 +92,7 @@ def sample(
         kwargs["eta"] = config.eta
     if config.sampler == "ddpm" or config.eta > 0:
         kwargs["rng"] = rng
-    autocast: ContextManager = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
-    )
-    with float32_precision(config.precision), autocast:
+    with precision_context(resolve_precision(config.precision, device), device):
         return SAMPLERS[config.sampler](model, x_T, ts, **kwargs)
 
 
@@ -173,29 +131,31 @@ def _non_finite_message(bad: dict[int, Optional[tuple[int, int]]], steps: int) -
             f"NaN in the checkpoint's weights, or an overflow (bf16, too few bits).")
 
 
-def _write_batch(batch: Sequence[int], x: torch.Tensor, watch: _FiniteWatch, samples_dir: Path) -> int:
-    """Write the missing PNGs of a batch whose samples are finite; raise for the others. Returns the count."""
-    finite = torch.isfinite(x).flatten(1).all(1).tolist()
-    written = 0
-    for seed, image, ok in zip(batch, to_uint8(x), finite):
-        path = png_path(samples_dir, seed)
-        if ok and not path.exists():
-            save_png(image, path)
-            written += 1
+def _write_batch(batch: Sequence[int], x: torch.Tensor, watch: _FiniteWatch, samples_dir: Path, writer: PngWriter,
+                 written: dict[int, np.ndarray]) -> None:
+    """Queue the missing PNGs of a batch whose samples are finite (kept in ``written`` by seed); raise for
+    the others."""
+    finite = torch.isfinite(x).flatten(1).all(1)
+    images, finite = to_uint8(x), finite.tolist()  # the batch's only waits on the device
+    new = {seed: image for seed, image, ok in zip(batch, images, finite)
+           if ok and not png_path(samples_dir, seed).exists()}
+    writer.submit(list(new.values()), [png_path(samples_dir, seed) for seed in new])
+    written.update(new)
     bad = {seed: watch.first_step(row) for row, (seed, ok) in enumerate(zip(batch, finite)) if not ok}
     if bad:
         raise NonFiniteSamplesError(_non_finite_message(bad, len(watch.steps)))
-    return written
 
 
-def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any]) -> bool:
+def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig, identity: dict[str, Any],
+                 device: str = "auto") -> bool:
     """Whether `out_dir` already holds every seed, sampled with this model identity and config (what
-    `generate` would reuse), so a caller can skip building the model. A folder made with another
-    identity or config is refused (ValueError), as `generate` refuses it; so is a summary of a run
-    (`modiff.pipelines.summary`) that lacks some of the seeds."""
+    `generate` on `device` would reuse: "auto" precision is the device's), so a caller can skip building the
+    model. A folder made with another identity or config is refused (ValueError), as `generate` refuses it;
+    so is a summary of a run (`modiff.pipelines.summary`) that lacks some of the seeds."""
     out = Path(out_dir)
     if not (out / "manifest.json").exists():
         return False
+    config = config.resolved(resolve_device(device))
     manifest = open_manifest(out, out / "samples", run_identity(identity, asdict(config)))
     done = set(manifest.get("seeds", []))
     if is_summary(manifest):  # a summary stands for its finished run; it cannot take new seeds
@@ -216,18 +176,6 @@ def _batches(seeds: Sequence[int], batch_size: int, samples_dir: Path) -> list[l
     return [c for c in chunks if any(not png_path(samples_dir, s).exists() for s in c)]
 
 
-def _prepare_model(model: torch.nn.Module, dev: torch.device, compile: bool, cuda_graphs: bool) -> torch.nn.Module:
-    model = model.to(dev).eval()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model.net = torch.compile(model.net, dynamic=False)
-    if cuda_graphs:
-        model.net = CUDAGraphed(model.net)
-    return model
-
-
 def generate(
     model: torch.nn.Module,
     seeds: Sequence[int],
@@ -238,8 +186,8 @@ def generate(
     device: str = "auto",
     identity: Optional[dict[str, Any]] = None,
     prepare: Optional[Callable[[torch.nn.Module], ContextManager]] = None,
-    compile: bool = False,
-    cuda_graphs: bool = False,
+    compile: Optional[bool] = None,
+    cuda_graphs: Optional[bool] = None,
     progress: bool = True,
     condition: Optional[Condition] = None,
 ) -> Path:
@@ -253,33 +201,40 @@ def generate(
     `prepare(model)` returns a context entered around each batch (the MoDiff trajectory state, for
     instance); `condition(model, seeds)` one entered inside it, given the batch's seeds (the prompts of a
     text-conditioned model; describe them in `identity`). `compile` runs the network through torch.compile
-    and `cuda_graphs` replays each step as one CUDA graph (CUDA only). Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their
+    and `cuda_graphs` replays each step as one CUDA graph (CUDA only); with "auto" precision, None means
+    the device's default (`modiff.pipelines.execution`: the fast path on CUDA). A compiled network sees
+    every batch at `batch_size` rows (`PaddedBatch`: a rank's last batch is filled up with repeats of its
+    own rows), so one graph serves the run. Each rank writes its PNGs on a background thread while its
+    next batch samples. Samples that come out NaN or infinite raise `NonFiniteSamplesError` naming their
     seeds and the first step where it happened.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    if cuda_graphs and dev.type != "cuda":
-        raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
+    run_execution = resolve_execution(dev, config.precision, compile, cuda_graphs,
+                                      keyword_net=getattr(model, "net_takes_keywords", False))
+    config = replace(config, precision=run_execution.precision)
     out = ensure_writable_dir(Path(out_dir))
-    execution = execution_identity(batch_size, dev, compile)
+    execution = execution_identity(batch_size, dev, run_execution.compile)
     ident = run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, asdict(config), execution)
     world = World.current()  # several ranks under torch.distributed (`modiff.pipelines.distributed`)
     ranks = world.gather({"host": platform.node(), "pid": os.getpid(), "device": str(dev), "execution": execution})
     asked = {"seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size, "execution": execution,
-             "cuda_graphs": cuda_graphs, "environment": environment(dev),
+             "cuda_graphs": run_execution.cuda_graphs, "environment": environment(dev),
              "precision": precision_record(config.precision, dev)}
     with contextlib.ExitStack() as held:  # the leader's folder lock, until the run is recorded
         manifest, session, batches = world.from_leader(lambda: _open_run(held, out, seeds, ident, asked, ranks))
         mine = batches[world.rank :: world.size]  # batch k to rank k mod N: the batches of a one-process run
-        started, sampled, error = time.time(), 0, None
+        started, written, error = time.time(), {}, None
         try:
-            sampled = _sample_batches(_prepare_model(model, dev, compile, cuda_graphs) if mine else model, mine, config,
-                                      dev, out / "samples", prepare, progress and world.leader, condition)
+            if mine:
+                with prepared_network(model, dev, run_execution, batch_size) as runner:
+                    _sample_batches(runner, mine, config, dev, out / "samples", prepare, written,
+                                    progress and world.leader, condition)
         except Exception as err:  # every rank learns of it before the leader decides what to record
             error = err
-        outcomes = world.gather((sampled, round(time.time() - started, 2), error and portable_error(error)))
-        world.from_leader(lambda: _close_run(out, manifest, session, seeds, outcomes))
+        outcomes = world.gather((len(written), round(time.time() - started, 2), error and portable_error(error)))
+        world.from_leader(lambda: _close_run(out, manifest, session, seeds, outcomes, written))
         failed = next((e for _, _, e in outcomes if e is not None), None)
         if failed is not None:
             raise error if error is not None else failed
@@ -313,9 +268,10 @@ def _open_run(held: contextlib.ExitStack, out: Path, seeds: Sequence[int], ident
 
 
 def _close_run(out: Path, manifest: dict[str, Any], session: dict[str, Any], seeds: Sequence[int],
-               outcomes: list[tuple[int, float, Optional[Exception]]]) -> None:
+               outcomes: list[tuple[int, float, Optional[Exception]]], written: Mapping[int, np.ndarray]) -> None:
     """On the leader, once every rank has finished: record the session and, if no rank failed, the seeds
-    as done, grid.png and samples.npz. After a failure the folder keeps what was written (a re-run resumes)."""
+    as done, grid.png and samples.npz (the leader's new images from memory, ``written``; the other ranks'
+    from their PNGs). After a failure the folder keeps what was written (a re-run resumes)."""
     session["seeds_sampled"] = sum(n for n, _, _ in outcomes)
     session["seconds"] = max(seconds for _, seconds, _ in outcomes)
     for rank, (n, seconds, _) in zip(session.get("ranks", []), outcomes):
@@ -323,36 +279,41 @@ def _close_run(out: Path, manifest: dict[str, Any], session: dict[str, Any], see
     if any(e is not None for _, _, e in outcomes):
         return
     manifest["seeds"] = sorted(set(manifest.get("seeds", [])) | set(int(s) for s in seeds))
-    _write_outputs(out, out / "samples", manifest["seeds"])
+    _write_outputs(out, out / "samples", manifest["seeds"], written)
     write_json(manifest, out / "manifest.json")
 
 
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
-                    progress: bool, condition: Optional[Condition] = None) -> int:
-    """Sample and write the batches; returns the number of PNGs written."""
-    written = 0
-    with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar:
+                    written: dict[int, np.ndarray], progress: bool, condition: Optional[Condition] = None) -> None:
+    """Sample the batches; their new PNGs are written on a background thread (every file is on disk when
+    this returns) and kept in ``written`` by seed."""
+    with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar, \
+            PngWriter(save_png) as writer:
         for batch in batches:
             watch = _FiniteWatch()
             with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():
                 x = to_images(model, sample(model, batch, config, dev, callback=watch))
-            written += _write_batch(batch, x, watch, samples_dir)
+            _write_batch(batch, x, watch, samples_dir, writer, written)
             bar.update(len(batch))
-    return written
 
 
-def read_samples(samples_dir: Path, seeds: Sequence[int]) -> np.ndarray:
-    """(N, H, W, C) uint8 images of the given seeds from a samples/ folder."""
+def read_samples(samples_dir: Path, seeds: Sequence[int],
+                 known: Optional[Mapping[int, np.ndarray]] = None) -> np.ndarray:
+    """(N, H, W, C) uint8 images of the given seeds from a samples/ folder; those in ``known`` (by seed, as
+    just written there) are taken from memory."""
     arrays = []
     for seed in seeds:
+        if known is not None and seed in known:
+            arrays.append(known[seed])
+            continue
         array = np.asarray(Image.open(png_path(samples_dir, seed)))
         arrays.append(array[..., None] if array.ndim == 2 else array)
     return np.stack(arrays)
 
 
-def _write_outputs(out: Path, samples_dir: Path, seeds: Sequence[int]) -> None:
-    images = read_samples(samples_dir, seeds)
+def _write_outputs(out: Path, samples_dir: Path, seeds: Sequence[int], written: Mapping[int, np.ndarray]) -> None:
+    images = read_samples(samples_dir, seeds, written)
     save_png(make_grid(images[:100], nrow=10), out / "grid.png")
     with atomic_path(out / "samples.npz") as tmp:
         with tmp.open("wb") as f:

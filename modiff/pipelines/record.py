@@ -30,12 +30,15 @@ def record_sampling(model: nn.Module, seeds: Sequence[int], out_dir: str | Path,
     """Sample `seeds` (in batches; each batch one trajectory) while recording, and save into `out_dir`.
 
     `out_dir` must be new or empty. `prepare(model)` is entered around each batch (e.g. modiff.trajectory
-    for modulated models). Sample indices of `tensors.samples` are positions in `seeds`.
+    for modulated models). Sample indices of `tensors.samples` are positions in `seeds`. The network runs
+    in `config`'s precision ("auto": bf16 autocast on CUDA), eagerly and in the default memory format: the
+    recorder's hooks see every layer call and read its tensors in that order.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seeds = [int(s) for s in seeds]
     dev = resolve_device(device)
+    config = config.resolved(dev)
     model = model.to(dev).eval()
     meta = {"seeds": format_seeds(seeds), "sample": asdict(config), "batch_size": batch_size, **dict(metadata or {})}
     with record(model, sites, reducers, tensors=tensors, out_dir=out_dir, memory_budget_mb=memory_budget_mb,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence, get_args
 
 from modiff.pipelines import run_usage
-from modiff.pipelines.generate import Precision
+from modiff.pipelines.execution import PrecisionChoice
 from modiff.pipelines.report_index import write_index
 from modiff.utils.paths import notebook_dir
 from modiff.utils.runs import environment, write_json
@@ -51,7 +51,7 @@ class ReproducePreset:
     device: str = "auto"
     devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
     batch_size: int = 64
-    precision: str = "fp32"  # arithmetic of the bit-width table's runs: fp32 (TF32 off on CUDA), tf32 or bf16
+    precision: str = "auto"  # the bit-width table's runs (others take the device's): auto (bf16 on CUDA, fp32 on CPU), fp32, tf32, bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
     theory_calib_samples: int = 2  # trajectories that estimate c in the layer sweep of Theorems 4.3/4.4
@@ -65,8 +65,8 @@ class ReproducePreset:
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ValueError(f"reproduce sizes must be >= 1, got {bad} (set them with --set key=N)")
-        if self.precision not in get_args(Precision):
-            raise ValueError(f"precision must be one of {', '.join(get_args(Precision))}, got {self.precision!r}")
+        if self.precision not in get_args(PrecisionChoice):
+            raise ValueError(f"precision must be one of {', '.join(get_args(PrecisionChoice))}, got {self.precision!r}")
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {

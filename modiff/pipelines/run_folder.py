@@ -94,7 +94,7 @@ def check_identity(out_dir: Path, manifest: Mapping[str, Any], identity: Mapping
 
 def _as_options(execution: Mapping[str, Any]) -> str:
     parts = [f"--batch-size {execution.get('batch_size')}", f"device {execution.get('device')}"]
-    return ", ".join(parts) + (", --compile" if execution.get("compile") else ", without --compile")
+    return ", ".join(parts) + (", --compile" if execution.get("compile") else ", --no-compile")
 
 
 def readable_png(path: Path) -> Optional[str]:

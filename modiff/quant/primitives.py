@@ -27,6 +27,12 @@ Rounding ``nearest`` is round-half-to-even (`torch.round`), the tie rule of
 `torch.fake_quantize_per_tensor_affine` (C ``nearbyint``); like that kernel, x / s is computed as
 x * (1 / s), so results agree with PyTorch bit for bit.
 
+Bit widths as data (``Grid``): `quant_grid(spec)` gives (levels, qmin, qmax) as 0-dim float32 tensors, with
+levels = 2^b - 1 (asymmetric) or 2^(b-1) - 1 (symmetric). Passed as ``grid=``, they replace the bit width
+read from ``spec``, so a compiled network that holds them as buffers reads bit widths as data and serves
+every bit width with one graph (`modiff.quant.layers`). The values are the same (the division by the levels
+is an IEEE division on every device); 0 bits is the grid (1, 0, 0): Q(x) = 0 for finite x.
+
 Granularities (which elements share one (s, z)): ``tensor`` one pair for the whole tensor (batch
 dependent: the published default); ``sample`` one per index of dim 0; ``channel`` one per index of
 ``channel_axis``; ``token`` one per position of every dim but ``channel_axis`` (per sample and pixel
@@ -37,7 +43,7 @@ over the channels of their group, shape (B, C, 1, ...), so they broadcast agains
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Callable, Literal, NamedTuple, Optional, get_args
 
 import torch
 from torch import Tensor
@@ -45,6 +51,7 @@ from torch import Tensor
 __all__ = [
     "MIN_SCALE",
     "Granularity",
+    "Grid",
     "QuantSpec",
     "Rounding",
     "Scheme",
@@ -55,6 +62,7 @@ __all__ = [
     "lp_search_qparams",
     "qparams_from_range",
     "quant_error_bound",
+    "quant_grid",
     "quantize_dynamic",
     "reduce_dims",
     "reduce_range",
@@ -119,6 +127,23 @@ class QuantSpec:
         if self.bits == 0:
             return 0
         return 2**self.bits - 1 if self.scheme == "asymmetric" else 2 ** (self.bits - 1) - 1
+
+
+class Grid(NamedTuple):
+    """The integer grid of a spec as 0-dim float32 tensors (see "Bit widths as data" above)."""
+
+    levels: Tensor  # steps between the ends of the range: 2^b - 1 (asymmetric), 2^(b-1) - 1 (symmetric)
+    qmin: Tensor
+    qmax: Tensor
+
+
+def quant_grid(spec: QuantSpec) -> Grid:
+    """``spec``'s (levels, qmin, qmax) as 0-dim float32 CPU tensors; 0 bits gives (1, 0, 0)."""
+    if spec.bits == 0:
+        levels = 1
+    else:
+        levels = 2**spec.bits - 1 if spec.scheme == "asymmetric" else 2 ** (spec.bits - 1) - 1
+    return Grid(*(torch.tensor(float(v)) for v in (levels, spec.qmin, spec.qmax)))
 
 
 def _check_choice(name: str, value: object, choices: object) -> None:
@@ -207,24 +232,33 @@ def _param_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def qparams_from_range(x_min: Tensor, x_max: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+def qparams_from_range(x_min: Tensor, x_max: Tensor, spec: QuantSpec,
+                       grid: Optional[Grid] = None) -> tuple[Tensor, Tensor]:
     """(scale, zero_point) for ranges [x_min, x_max] (same shapes), as float32/float64 tensors.
 
     Asymmetric ranges are widened to contain 0; scales are clamped below by `MIN_SCALE`. For
-    ``bits == 0`` the result is a placeholder (s = 1, z = 0): Q(x) = 0 whatever the parameters.
+    ``bits == 0`` the result is a placeholder (s = 1, z = 0): Q(x) = 0 whatever the parameters. ``grid``
+    (`quant_grid`) replaces the bit width of ``spec``.
     """
     dtype = _param_dtype(x_min)
     x_min, x_max = x_min.to(dtype), x_max.to(dtype)
-    if spec.bits == 0:
-        return torch.ones_like(x_min), torch.zeros_like(x_min)
+    if grid is None:
+        if spec.bits == 0:
+            return torch.ones_like(x_min), torch.zeros_like(x_min)
+        asymmetric = spec.scheme == "asymmetric"
+        levels: Tensor | int = 2**spec.bits - 1 if asymmetric else 2 ** (spec.bits - 1) - 1
+        qmin: Tensor | int = spec.qmin
+        qmax: Tensor | int = spec.qmax
+    else:
+        levels, qmin, qmax = grid
     if spec.scheme == "asymmetric":
         x_min = torch.clamp(x_min, max=0.0)
         x_max = torch.clamp(x_max, min=0.0)
-        scale = torch.clamp((x_max - x_min) / (2**spec.bits - 1), min=MIN_SCALE)
-        zero_point = torch.clamp(torch.round(-x_min / scale), spec.qmin, spec.qmax)
+        scale = torch.clamp((x_max - x_min) / levels, min=MIN_SCALE)
+        zero_point = torch.clamp(torch.round(-x_min / scale), qmin, qmax)
         return scale, zero_point
     absmax = torch.maximum(x_min.abs(), x_max.abs())
-    scale = torch.clamp(absmax / (2 ** (spec.bits - 1) - 1), min=MIN_SCALE)
+    scale = torch.clamp(absmax / levels, min=MIN_SCALE)
     return scale, torch.zeros_like(scale)
 
 
@@ -238,28 +272,35 @@ def floor_ste(x: Tensor) -> Tensor:
     return x + (torch.floor(x) - x).detach()
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec,
+                  grid: Optional[Grid] = None) -> Tensor:
     """Q(x) = s (clamp(round(x / s) + z, qmin, qmax) - z), same shape and dtype as ``x``.
 
     ``scale`` and ``zero_point`` broadcast against ``x``. Gradients: straight-through for ``x`` (1 where
     the code is inside [qmin, qmax], 0 where clamped); LSQ for ``scale`` (round(x/s) - x/s inside,
     qmin - z or qmax - z outside), without LSQ's 1/sqrt(N qmax) gradient scaling (apply it to ``scale``
-    before the call if wanted). ``bits == 0`` gives zeros.
+    before the call if wanted). ``bits == 0`` gives zeros. ``grid`` (`quant_grid`) replaces the bit
+    width of ``spec``.
     """
-    if spec.bits == 0:
-        return torch.zeros_like(x)
+    if grid is None:
+        if spec.bits == 0:
+            return torch.zeros_like(x)
+        qmin: Tensor | int = spec.qmin
+        qmax: Tensor | int = spec.qmax
+    else:
+        _, qmin, qmax = grid
     compute = x.to(torch.promote_types(x.dtype, scale.dtype))  # at least float32 for the grid math
     scaled = compute * scale.reciprocal()  # x / s as PyTorch's kernels compute it: bit-exact agreement
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
         code = round_ste(scaled) if spec.rounding == "nearest" else floor_ste(scaled)
-        code = _clamp_ste(code + zero_point, spec.qmin, spec.qmax)
+        code = _clamp_ste(code + zero_point, qmin, qmax)
     else:  # the same values with fewer kernels
         code = torch.round(scaled) if spec.rounding == "nearest" else torch.floor(scaled)
-        code = torch.clamp(code + zero_point, spec.qmin, spec.qmax)
+        code = torch.clamp(code + zero_point, qmin, qmax)
     return ((code - zero_point) * scale).to(x.dtype)
 
 
-def _clamp_ste(code: Tensor, qmin: int, qmax: int) -> Tensor:
+def _clamp_ste(code: Tensor, qmin: Tensor | int, qmax: Tensor | int) -> Tensor:
     """clamp(code, qmin, qmax); gradient 1 on [qmin, qmax] (ends included, as PyTorch's fake-quant
     mask), 0 outside. torch.clamp's own gradient is 0 at the ends, which would drop the gradient of
     codes that round exactly to qmin or qmax."""
@@ -268,17 +309,18 @@ def _clamp_ste(code: Tensor, qmin: int, qmax: int) -> Tensor:
     return torch.where(inside, code, torch.clamp(fixed, qmin, qmax))
 
 
-def quantize_dynamic(x: Tensor, spec: QuantSpec) -> Tensor:
+def quantize_dynamic(x: Tensor, spec: QuantSpec, grid: Optional[Grid] = None) -> Tensor:
     """Fake-quantize ``x`` with qparams from its own per-group min/max (no host sync).
 
     With ``tensor`` granularity the result for one sample depends on the rest of the batch, as in the
     published code; ``sample`` granularity removes that dependence. The range is not differentiated.
+    ``grid`` (`quant_grid`) replaces the bit width of ``spec``.
     """
-    if spec.bits == 0:
+    if grid is None and spec.bits == 0:
         return torch.zeros_like(x)
     x_min, x_max = reduce_range(x.detach(), spec)
-    scale, zero_point = qparams_from_range(x_min, x_max, spec)
-    return fake_quantize(x, scale, zero_point, spec)
+    scale, zero_point = qparams_from_range(x_min, x_max, spec, grid)
+    return fake_quantize(x, scale, zero_point, spec, grid)
 
 
 def quant_error_bound(x_min: Tensor, x_max: Tensor, numel: int, spec: QuantSpec) -> Tensor:

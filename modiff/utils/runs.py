@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -21,7 +22,7 @@ import torch
 from modiff._version import __version__
 from modiff.utils.paths import repo_root
 
-__all__ = ["atomic_path", "write_json", "environment", "ensure_writable_dir", "DiskFullError", "disk_full_hint",
+__all__ = ["atomic_path", "write_bytes_atomic", "write_json", "environment", "ensure_writable_dir", "DiskFullError", "disk_full_hint",
            "file_mode"]
 
 
@@ -64,6 +65,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` into `path` (an existing folder) through a temporary name beside it, renamed once complete.
+    The same guarantees as `atomic_path` with fewer system calls, for many small files: the temporary name
+    is this thread's own (`open` gives it the umask's mode), and a full disk raises `DiskFullError`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    with disk_full_hint(path.parent, f"{path.name} was not written, files written before are kept"):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:

@@ -181,3 +181,17 @@ def test_sample_run_notes_whether_it_made_or_reused_the_run(tiny_denoiser: md.De
     sessions = json.loads((tmp_path / "runs" / "fp-ddim2" / "manifest.json").read_text())["sessions"]
     assert (again.made, again.reused) == (0, 1)
     assert again.reused_sampling_seconds == round(sum(s["seconds"] for s in sessions), 1)
+
+
+def test_run_folders_keep_precisions_apart(tiny_denoiser: md.Denoiser, tmp_path) -> None:
+    """Sample runs take the device's precision ("auto"); a bf16 run (the GPU default) gets its own folder
+    beside the fp32 one (which keeps the older name), so neither refuses the other's identity."""
+    config = experiments.sample_config(tiny_denoiser, 2)
+    assert config.precision == "auto"
+    cpu = experiments._run_location(tiny_denoiser, "w8a8", config.resolved(torch.device("cpu")), tmp_path)[0]
+    gpu = experiments._run_location(tiny_denoiser, "w8a8", config.resolved(torch.device("cuda")), tmp_path)[0]
+    assert cpu.name == "w8a8-ddim2" and gpu.name == "w8a8-ddim2-bf16"
+    run = experiments.sample_run(tiny_denoiser, "fp", range(2), config, tmp_path, device="cpu")
+    assert run.name == "fp-ddim2"
+    with pytest.raises(AssertionError, match="resolve the precision"):
+        experiments._run_location(tiny_denoiser, "fp", config, tmp_path)

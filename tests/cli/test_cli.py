@@ -116,6 +116,27 @@ def test_cuda_graphs_need_cuda(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_execution_defaults_and_opt_outs_are_recorded(tmp_path: Path) -> None:
+    """On the CPU `sample`, `evaluate`'s options and `calibrate-data` keep fp32 eager; --precision is part of
+    the run identity and the manifests record compile and CUDA graphs."""
+    export_weights(tiny_net(0), DDIMTrainConfig(model=TINY).official_yaml(), tmp_path / "tiny")
+    common = ("--model", str(tmp_path / "tiny"), "--seeds", "0-1", "--steps", "2", "--device", "cpu")
+    assert _invoke("sample", *common, "--out", str(tmp_path / "auto")).exit_code == 0
+    manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    session = manifest["sessions"][0]
+    assert manifest["identity"]["sample"]["precision"] == "fp32" and manifest["identity"]["execution"]["compile"] is False
+    assert session["cuda_graphs"] is False and session["precision"]["label"] == "fp32"
+    result = _invoke("sample", *common, "--precision", "bf16", "--no-compile", "--no-cuda-graphs", "--out", str(tmp_path / "auto"))
+    assert result.exit_code == 1 and "sample.precision: 'fp32' -> 'bf16'" in result.output
+    assert "--no-compile" in _invoke("evaluate", "--help").output
+    data = tmp_path / "calib"
+    result = _invoke("calibrate-data", "--model", str(tmp_path / "tiny"), "--steps", "3", "--calib-steps", "1",
+                     "--samples-per-step", "2", "--device", "cpu", "--out", str(data))
+    assert result.exit_code == 0, result.output
+    metadata = json.loads((data / "manifest.json").read_text())["metadata"]
+    assert metadata["execution"] == {"precision": "fp32", "compile": False, "cuda_graphs": False}
+
+
 def test_bops_of_cifar_config(tmp_path: Path) -> None:
     """`modiff bops` on the CIFAR-10 architecture: 113 layers, about 6.05 GMAC in conv/linear layers."""
     import torch

@@ -70,7 +70,8 @@ def problems(line: str) -> list[str]:
     command, args = _resolve(words)
     if isinstance(command, click.Group):  # a group named alone (`modiff train`) is a reference to its commands
         return [f"{line}: no subcommand {args[:1]}"] if args else []
-    options = {opt: param for param in command.params for opt in getattr(param, "opts", [])}
+    options = {opt: param for param in command.params  # secondary_opts: the --no-x of a --x/--no-x flag
+               for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]}
     found = []
     for i, word in enumerate(args):
         if not word.startswith("--"):

@@ -1,6 +1,7 @@
 """Run directories written by `generate`: files, manifest, resumption, refusals and atomic writes."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -87,16 +88,17 @@ def test_other_config_in_same_dir_is_refused(tmp_path: Path, tame_denoiser) -> N
 
 
 def test_finished_run_tells_whether_generate_would_reuse_every_seed(tmp_path: Path, tame_denoiser) -> None:
-    """Callers skip building (or calibrating) a model when the run is complete for their seeds."""
+    """Callers skip building (or calibrating) a model when the run is complete for their seeds (asked for the
+    device the run was made on: on a GPU machine "auto" precision would resolve to bf16)."""
     out, identity = tmp_path / "run", {"name": "tame", "quant": [4, 8]}
-    assert not finished_run(out, range(3), CONFIG, identity)
+    assert not finished_run(out, range(3), CONFIG, identity, device="cpu")
     _run(tame_denoiser, range(3), out, identity=identity)
-    assert finished_run(out, range(3), CONFIG, identity) and finished_run(out, [2, 0], CONFIG, identity)
-    assert not finished_run(out, range(4), CONFIG, identity)
+    assert finished_run(out, range(3), CONFIG, identity, device="cpu") and finished_run(out, [2, 0], CONFIG, identity, device="cpu")
+    assert not finished_run(out, range(4), CONFIG, identity, device="cpu")
     (out / "samples" / "000001.png").unlink()
-    assert not finished_run(out, range(3), CONFIG, identity)
+    assert not finished_run(out, range(3), CONFIG, identity, device="cpu")
     with pytest.raises(ValueError, match="another configuration"):
-        finished_run(out, range(3), SampleConfig(steps=4), identity)
+        finished_run(out, range(3), SampleConfig(steps=4), identity, device="cpu")
 
 
 def test_identity_with_tuples_resumes(tmp_path: Path, tame_denoiser) -> None:
@@ -119,7 +121,7 @@ def test_sample_config_validation() -> None:
     """Unknown sampler/precision, eta with a non-DDIM sampler and steps < 1 are refused."""
     with pytest.raises(ValueError, match="allowed: ddim, ddpm, dpm-solver"):
         SampleConfig(sampler="euler")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="allowed: fp32, tf32, bf16"):
+    with pytest.raises(ValueError, match="allowed: auto, fp32, tf32, bf16"):
         SampleConfig(precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ddim sampler only"):
         SampleConfig(sampler="ddpm", eta=0.5)
@@ -136,22 +138,25 @@ def test_resolve_device_without_cuda() -> None:
 
 
 def test_failed_png_write_leaves_no_partial_file(tmp_path: Path, tame_denoiser, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A save that dies half-way leaves earlier PNGs whole, no partial/tmp file, and a clean resume."""
-    real_save = Image.Image.save
+    """A PNG write that dies half-way (on the writer thread) fails the run, leaves earlier PNGs whole, no
+    partial/tmp file, and a clean resume."""
+    from modiff.utils import runs
+
     calls: list[object] = []
 
-    def dying_save(self, fp, *args, **kwargs):
-        calls.append(fp)
-        if len(calls) == 3:
-            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
-            raise OSError("disk full")
-        return real_save(self, fp, *args, **kwargs)
+    class DyingFile(io.FileIO):
+        def write(self, data):  # type: ignore[override]
+            calls.append(self.name)
+            if len(calls) == 3:
+                super().write(bytes(data)[: len(data) // 2])
+                raise OSError("disk full")
+            return super().write(data)
 
-    monkeypatch.setattr(Image.Image, "save", dying_save)
+    monkeypatch.setattr(runs, "open", lambda path, mode: DyingFile(path, "w"), raising=False)
     out = tmp_path / "run"
     with pytest.raises(OSError, match="disk full"):
         _run(tame_denoiser, range(4), out)
-    monkeypatch.setattr(Image.Image, "save", real_save)
+    monkeypatch.undo()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["000000.png", "000001.png"]
     for png in (out / "samples").iterdir():
         Image.open(png).load()  # complete, decodable
@@ -207,7 +212,7 @@ def test_atomic_path(tmp_path: Path) -> None:
 def test_float32_precision_sets_tf32_and_restores_it() -> None:
     """fp32 (and bf16) turn TF32 off for CUDA matmuls and cuDNN convolutions, tf32 turns it on; whatever was
     set before comes back on exit, after an exception too."""
-    from modiff.pipelines.generate import _tf32_switches, float32_precision
+    from modiff.pipelines.execution import _tf32_switches, float32_precision
 
     switches = _tf32_switches()
     legacy = next(iter(switches.values()))[1] == "allow_tf32"

@@ -113,6 +113,8 @@ class DiffusersDenoiser(Denoiser):
     `sample_scheduler` and export; ``text_encoder``/``tokenizer`` encode prompts (text models only).
     """
 
+    net_takes_keywords = True  # timestep=, encoder_hidden_states=, return_dict=
+
     def __init__(self, net: nn.Module, scheduler: Any, name: str, *, text_encoder: Optional[nn.Module] = None,
                  tokenizer: Any = None):
         kind = type(net).__name__

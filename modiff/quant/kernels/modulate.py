@@ -20,9 +20,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from modiff.quant.primitives import QuantSpec
+from modiff.quant.primitives import Grid, QuantSpec, quant_grid
 
-__all__ = ["use_fused_modulate", "fused_modulate_supported", "modulate_per_sample", "register_op"]
+__all__ = ["use_fused_modulate", "fused_spec_supported", "fused_tensors_supported", "fused_modulate_supported",
+           "modulate_per_sample", "launch_modulate", "register_op"]
 
 _BLOCK = 1024  # values per loop iteration of a program
 _MIN_CHUNK = 4096  # values of one sample per program
@@ -40,14 +41,25 @@ def _sample_major_dense(x: Tensor) -> bool:
     return x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
 
+def fused_spec_supported(spec: Optional[QuantSpec]) -> bool:
+    """The quantizer part of `fused_modulate_supported`: per-sample dynamic ranges with bits >= 2. Layers
+    ask it once, when they are built: a compiled network then never reads the bit width."""
+    return spec is not None and spec.granularity == "sample" and spec.bits >= 2
+
+
+def fused_tensors_supported(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor]) -> bool:
+    """The tensor part of `fused_modulate_supported`: CUDA with Triton (or the Triton interpreter), and x,
+    a_hat, a_ref (None: a_hat) of one shape and one sample-major dense layout."""
+    on_device = _TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    a_ref = a_hat if a_ref is None else a_ref
+    return (on_device and x.ndim >= 2 and x.shape == a_hat.shape == a_ref.shape
+            and x.stride() == a_hat.stride() == a_ref.stride() and x.numel() > 0 and _sample_major_dense(x))
+
+
 def fused_modulate_supported(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: Optional[QuantSpec]) -> bool:
     """Whether `modulate_per_sample` applies: CUDA with Triton (or the Triton interpreter), per-sample dynamic
     ranges with bits >= 2, and x, a_hat, a_ref (None: a_hat) of one shape and one sample-major dense layout."""
-    on_device = _TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-    a_ref = a_hat if a_ref is None else a_ref
-    return (spec is not None and spec.granularity == "sample" and spec.bits >= 2 and on_device and x.ndim >= 2
-            and x.shape == a_hat.shape == a_ref.shape and x.stride() == a_hat.stride() == a_ref.stride()
-            and x.numel() > 0 and _sample_major_dense(x))
+    return fused_spec_supported(spec) and fused_tensors_supported(x, a_hat, a_ref)
 
 
 def use_fused_modulate(x: Tensor) -> bool:
@@ -57,8 +69,8 @@ def use_fused_modulate(x: Tensor) -> bool:
     return _KERNELS and x.is_cuda
 
 
-def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], bits: int, scheme: str, floor: bool, qmin: int,
-              qmax: int, split: int) -> None:
+def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor, qmin: Tensor, qmax: Tensor,
+              scheme: str, floor: bool, split: int) -> None:
     from modiff.quant.kernels import modulate_triton as kernels  # imported on first use: TRITON_INTERPRET is read when it is
 
     samples = x.shape[0]
@@ -71,12 +83,10 @@ def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], bits: int, sche
     has_split = split > 0
     torch.library.wrap_triton(kernels.ranges_kernel)[(samples, chunks)](
         x, a_ref, partials, n, chunks, chunk, channels, stride_c, split, HAS_SPLIT=has_split, BLOCK=_BLOCK)
-    asymmetric = scheme == "asymmetric"
-    levels = 2**bits - 1 if asymmetric else 2 ** (bits - 1) - 1
     torch.library.wrap_triton(kernels.update_kernel)[(samples, chunks)](
-        x, a_ref, a_hat, partials, n, chunks, chunk, channels, stride_c, split, HAS_SPLIT=has_split,
-        LEVELS=levels, ASYMMETRIC=asymmetric, QMIN=qmin, QMAX=qmax, FLOOR=floor, SAME_REF=same_ref,
-        GP=_pow2(chunks), BLOCK=_BLOCK)
+        x, a_ref, a_hat, partials, levels, qmin, qmax, n, chunks, chunk, channels, stride_c, split,
+        HAS_SPLIT=has_split, ASYMMETRIC=scheme == "asymmetric", FLOOR=floor, SAME_REF=same_ref, GP=_pow2(chunks),
+        BLOCK=_BLOCK)
 
 
 _OP: Optional[Callable[..., Tensor]] = None  # `_modulate` as a triton_op, registered by `register_op`
@@ -91,15 +101,26 @@ def register_op() -> None:
         _OP = torch.library.triton_op("modiff::modulate_per_sample", _modulate, mutates_args=("a_hat",))
 
 
-def modulate_per_sample(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: QuantSpec, split: Optional[int]) -> None:
+def modulate_per_sample(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: QuantSpec, split: Optional[int],
+                        grid: Optional[Grid] = None) -> None:
     """a_hat += Q(x - a_ref) in place, in a_hat's dtype, Q dynamic per sample (per channel half with `split`).
 
-    a_ref None means a_hat itself (MoDiff's error compensation): it is then read once per value.
+    a_ref None means a_hat itself (MoDiff's error compensation): it is then read once per value. ``grid``:
+    the quantizer's grid on x's device (the layers pass their buffers); None builds it from ``spec`` (a
+    host-to-device copy).
     """
     if not fused_modulate_supported(x, a_hat, a_ref, spec):
         raise ValueError("modulate_per_sample needs per-sample dynamic quantization (bits >= 2) of CUDA tensors "
                          "of one shape and one contiguous or channels_last layout (see fused_modulate_supported)")
     if split is not None and not 0 < split < x.shape[1]:
         raise ValueError(f"split must be in (0, {x.shape[1]}) channels, got {split}")
+    launch_modulate(x, a_hat, a_ref, spec, split, grid)
+
+
+def launch_modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: QuantSpec, split: Optional[int],
+                    grid: Optional[Grid] = None) -> None:
+    """`modulate_per_sample` without its checks, for layers that made them when they were built: a compiled
+    network tracing ``spec.bits >= 2`` would guard on the bit width and compile again for every preset."""
     register_op()
-    _OP(x, a_hat, a_ref, spec.bits, spec.scheme, spec.rounding == "floor", spec.qmin, spec.qmax, split or 0)
+    levels, qmin, qmax = (t.to(x.device) for t in (grid or quant_grid(spec)))
+    _OP(x, a_hat, a_ref, levels, qmin, qmax, spec.scheme, spec.rounding == "floor", split or 0)

@@ -92,33 +92,39 @@ def _sample_range(part_ptr, b, G, half, GP: tl.constexpr):
 
 
 @triton.jit
-def _qparams(lo, hi, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """(scale, zero point) as `primitives.qparams_from_range`; LEVELS = 2^b - 1 or 2^(b-1) - 1."""
+def _clamp(v, qmin, qmax):
+    return tl.minimum(tl.maximum(v, qmin, propagate_nan=tl.PropagateNan.ALL), qmax, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC: tl.constexpr):
+    """(scale, zero point) as `primitives.qparams_from_range`; levels = 2^b - 1 or 2^(b-1) - 1 (float32)."""
     if ASYMMETRIC:
         x_min = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
         x_max = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        scale = tl.maximum(tl.math.div_rn(x_max - x_min, LEVELS * 1.0), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
-        zero = _round_half_even(tl.math.div_rn(-x_min, scale))
-        zero = tl.minimum(tl.maximum(zero, QMIN * 1.0, propagate_nan=tl.PropagateNan.ALL), QMAX * 1.0, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(tl.math.div_rn(x_max - x_min, levels), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        zero = _clamp(_round_half_even(tl.math.div_rn(-x_min, scale)), qmin, qmax)
     else:
         absmax = tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
-        scale = tl.maximum(tl.math.div_rn(absmax, LEVELS * 1.0), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(tl.math.div_rn(absmax, levels), MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
         zero = tl.full([], 0.0, tl.float32)
     return scale, zero
 
 
 @triton.jit
-def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
-                  LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                  FLOOR: tl.constexpr, SAME_REF: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (b, g): a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over the chunk's values (`_modulate`)."""
+def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, levels_ptr, qmin_ptr, qmax_ptr, N, G, chunk, C, stride_c, split,
+                  HAS_SPLIT: tl.constexpr, ASYMMETRIC: tl.constexpr, FLOOR: tl.constexpr, SAME_REF: tl.constexpr,
+                  GP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b, g): a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over the chunk's values (`_modulate`).
+    The grid (levels, qmin, qmax) is read from memory, so one compiled kernel serves every bit width."""
     b, g = tl.program_id(0), tl.program_id(1)
+    levels, qmin, qmax = tl.load(levels_ptr), tl.load(qmin_ptr), tl.load(qmax_ptr)
     lo, hi = _sample_range(part_ptr, b, G, 0, GP)
-    scale0, zero0 = _qparams(lo, hi, LEVELS, ASYMMETRIC, QMIN, QMAX)
+    scale0, zero0 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
     scale1, zero1 = scale0, zero0
     if HAS_SPLIT:
         lo, hi = _sample_range(part_ptr, b, G, 1, GP)
-        scale1, zero1 = _qparams(lo, hi, LEVELS, ASYMMETRIC, QMIN, QMAX)
+        scale1, zero1 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
     inverse0, inverse1 = tl.math.div_rn(1.0, scale0), tl.math.div_rn(1.0, scale1)
     base = b.to(tl.int64) * N
     end = tl.minimum((g + 1) * chunk, N)
@@ -134,7 +140,7 @@ def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, N, G, chunk, C, stride_c, s
             code = tl.floor(scaled)
         else:
             code = _round_half_even(scaled)
-        code = tl.minimum(tl.maximum(code + zero, QMIN * 1.0, propagate_nan=tl.PropagateNan.ALL), QMAX * 1.0, propagate_nan=tl.PropagateNan.ALL)
+        code = _clamp(code + zero, qmin, qmax)
         q = (code - zero) * scale
         hat = ref if SAME_REF else tl.load(hat_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         new = hat + q

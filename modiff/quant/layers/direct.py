@@ -4,6 +4,11 @@ Notation (paper symbols): A the layer's linear operator with quantized weights (
 input at sampling step t, Q the activation quantizer, a_hat / o_hat the MoDiff input / output estimates
 (o_hat = A(a_hat) + b, the error-feedback identity).
 Shapes: a (B, C_in, ...), o (B, C_out, ...).
+
+Bit widths are data: every activation quantizer keeps its grid (`modiff.quant.primitives.quant_grid`) as
+buffers and the forward passes never read a bit width from the config, so a compiled network serves every
+bit width with one graph. What they branch on (mode, scheme, granularity, split, dynamic or static) is
+the structure of the computation.
 """
 from __future__ import annotations
 
@@ -16,9 +21,21 @@ from torch import nn
 
 from modiff.quant.config import ActQuant, QuantConfig, WeightMethod, WeightQuant
 from modiff.quant.observers import make_observer
-from modiff.quant.primitives import QuantSpec, fake_quantize, quantize_dynamic, weight_qparams
+from modiff.quant.primitives import Grid, QuantSpec, fake_quantize, quant_grid, quantize_dynamic, weight_qparams
 
-__all__ = ["ActQuantizer", "QuantLayer", "QuantAttentionCore", "quantize_dynamic_split", "quantize_weight", "weight_grid"]
+__all__ = ["ActQuantizer", "QuantLayer", "QuantAttentionCore", "quantize_dynamic_split", "quantize_weight", "weight_grid",
+           "register_grid", "module_grid"]
+
+
+def register_grid(module: nn.Module, prefix: str, spec: QuantSpec) -> None:
+    """Keep ``spec``'s grid on ``module`` as non-persistent buffers (they follow the module to its device)."""
+    for field, value in zip(Grid._fields, quant_grid(spec)):
+        module.register_buffer(f"{prefix}_{field}", value, persistent=False)
+
+
+def module_grid(module: nn.Module, prefix: str) -> Grid:
+    """The grid `register_grid` kept under ``prefix``."""
+    return Grid(*(getattr(module, f"{prefix}_{field}") for field in Grid._fields))
 
 
 def _split(x: torch.Tensor, split: Optional[int]) -> list[torch.Tensor]:
@@ -64,6 +81,7 @@ class ActQuantizer(nn.Module):
         self.observers = [make_observer(config.observer, spec=config.spec) for _ in range(1 if split is None else 2)]
         self.scales: list[torch.Tensor] = []
         self.zero_points: list[torch.Tensor] = []
+        register_grid(self, "grid", config.spec)
 
     @property
     def spec(self) -> QuantSpec:
@@ -77,6 +95,10 @@ class ActQuantizer(nn.Module):
             self.scales = [s.to(fn(s).device) for s in self.scales]
             self.zero_points = [z.to(fn(z).device) for z in self.zero_points]
         return self
+
+    @property
+    def grid(self) -> Grid:
+        return module_grid(self, "grid")
 
     def freeze(self) -> None:
         """Static qparams from what the observers saw."""
@@ -92,14 +114,15 @@ class ActQuantizer(nn.Module):
                 obs.update(part.detach())
             return x
         if self.config.dynamic:
-            return quantize_dynamic_split(x, self.spec, self.split)
+            return quantize_dynamic_split(x, self.spec, self.split, self.grid)
         if not self.scales:
             raise RuntimeError("static activation quantizer has no qparams: calibrate first "
                                "(modiff.quant.ptq.calibrate, or modiff.quant.load_quantized for a saved model)")
         if self.scales[0].device != x.device:
             raise RuntimeError(f"static activation qparams are on {self.scales[0].device}, the input on {x.device}: "
                                f"move the model with .to(device), which moves them too")
-        out = [fake_quantize(p, s, z, self.spec) for p, s, z in zip(parts, self.scales, self.zero_points)]
+        grid = self.grid
+        out = [fake_quantize(p, s, z, self.spec, grid) for p, s, z in zip(parts, self.scales, self.zero_points)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
@@ -114,9 +137,11 @@ def _linear_op(layer: nn.Module) -> Callable[..., torch.Tensor]:
     raise TypeError(f"cannot quantize {type(layer).__name__}; supported: Conv1d, Conv2d, Linear")
 
 
-def quantize_dynamic_split(x: torch.Tensor, spec: QuantSpec, split: Optional[int]) -> torch.Tensor:
-    """Dynamic Q of x, with the two channel halves quantized separately when `split` is set."""
-    parts = [quantize_dynamic(p, spec) for p in _split(x, split)]
+def quantize_dynamic_split(x: torch.Tensor, spec: QuantSpec, split: Optional[int],
+                           grid: Optional[Grid] = None) -> torch.Tensor:
+    """Dynamic Q of x, with the two channel halves quantized separately when `split` is set; ``grid``
+    replaces the bit width of ``spec`` (see `modiff.quant.primitives.quant_grid`)."""
+    parts = [quantize_dynamic(p, spec, grid) for p in _split(x, split)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -185,10 +210,13 @@ class QuantAttentionCore(nn.Module):
         super().__init__()
         self.spec = QuantSpec(bits=bits, granularity="sample")
         self.softmax_spec = QuantSpec(bits=bits, granularity="sample", scheme="asymmetric")
+        register_grid(self, "grid", self.spec)
+        register_grid(self, "softmax_grid", self.softmax_spec)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, c, hh, ww = q.shape
-        q, k, v = (quantize_dynamic(t, self.spec).reshape(b, c, hh * ww) for t in (q, k, v))
+        grid = module_grid(self, "grid")
+        q, k, v = (quantize_dynamic(t, self.spec, grid).reshape(b, c, hh * ww) for t in (q, k, v))
         weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c**-0.5, dim=2)  # (B, HW_q, HW_k)
-        weights = quantize_dynamic(weights, self.softmax_spec)
+        weights = quantize_dynamic(weights, self.softmax_spec, module_grid(self, "softmax_grid"))
         return torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, hh, ww)

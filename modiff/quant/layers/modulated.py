@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from modiff.quant.config import QuantConfig
-from modiff.quant.kernels.modulate import fused_modulate_supported, modulate_per_sample, use_fused_modulate
+from modiff.quant.kernels.modulate import (fused_spec_supported, fused_tensors_supported, launch_modulate,
+                                           use_fused_modulate)
 from modiff.quant.layers.direct import ActQuantizer, QuantLayer, quantize_dynamic_split
 from modiff.quant.layers.state import LayerState
-from modiff.quant.primitives import QuantSpec
+from modiff.quant.primitives import Grid, QuantSpec
 
 __all__ = ["ModulatedLayer", "modulate", "state_dtype"]
 
@@ -35,8 +36,8 @@ def _modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, quantiz
 
 
 def _modulate_dynamic(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, spec: Optional[QuantSpec],
-                      split: Optional[int], compensation: bool) -> None:
-    quantize = (lambda r: r) if spec is None else partial(quantize_dynamic_split, spec=spec, split=split)
+                      split: Optional[int], compensation: bool, grid: Optional[Grid] = None) -> None:
+    quantize = (lambda r: r) if spec is None else partial(quantize_dynamic_split, spec=spec, split=split, grid=grid)
     _modulate(x, a_hat, a_ref, quantize, compensation)
 
 
@@ -44,29 +45,32 @@ _COMPILED: dict[str, Callable[..., None]] = {}
 
 
 def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Optional[ActQuantizer],
-             compensation: bool) -> None:
+             compensation: bool, fused_spec: Optional[bool] = None) -> None:
     """Advance a modulated layer's state (a_hat, a_ref) in place from its input a_t (see `_modulate`).
 
     On CUDA, per-sample dynamic quantizers run as two Triton kernels (`modiff.quant.kernels.modulate`:
     the ranges over chunks of every sample in parallel, then the quantized update), also inside a compiled
-    network. Other dynamic quantizers run eagerly as one compiled kernel per (spec, split): subtraction, range
-    reduction, quantization and the a_hat update fused; inside a compiled network the surrounding graph fuses
-    them. No host synchronisation on any path.
+    network. Other dynamic quantizers run eagerly as one compiled kernel per structure (scheme, granularity,
+    split; the bit width is data, `act.grid`): subtraction, range reduction, quantization and the a_hat
+    update fused; inside a compiled network the surrounding graph fuses them. No host synchronisation on any
+    path. ``fused_spec``: `fused_spec_supported(act.spec)`, as the layer asked it when it was built.
     """
     if act is not None and (act.observing or not act.config.dynamic):
         return _modulate(x, a_hat, a_ref, act, compensation)
-    spec, split = (None, None) if act is None else (act.spec, act.split)
+    spec, split, grid = (None, None, None) if act is None else (act.spec, act.split, act.grid)
     a_ref_distinct = None if compensation else a_ref
-    if use_fused_modulate(x) and fused_modulate_supported(x, a_hat, a_ref_distinct, spec):
-        modulate_per_sample(x, a_hat, a_ref_distinct, spec, split)
+    if fused_spec is None:
+        fused_spec = fused_spec_supported(spec)
+    if fused_spec and use_fused_modulate(x) and fused_tensors_supported(x, a_hat, a_ref_distinct):
+        launch_modulate(x, a_hat, a_ref_distinct, spec, split, grid)
         if not compensation:
             a_ref.copy_(x)
         return None
     if not x.is_cuda or torch.compiler.is_compiling():
-        return _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation)
+        return _modulate_dynamic(x, a_hat, a_ref, spec, split, compensation, grid)
     if "modulate" not in _COMPILED:
         _COMPILED["modulate"] = torch.compile(_modulate_dynamic, dynamic=True)
-    return _COMPILED["modulate"](x, a_hat, a_ref, spec, split, compensation)
+    return _COMPILED["modulate"](x, a_hat, a_ref, spec, split, compensation, grid)
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -97,6 +101,8 @@ class ModulatedLayer(QuantLayer):
     def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
         super().__init__(layer, config, name, split)
         self.state = LayerState()
+        # asked once, here: a compiled forward then never reads the bit width (see `modulate`)
+        self.fused_spec = fused_spec_supported(None if self.act is None else self.act.spec)
 
     def _check_call(self, x: torch.Tensor) -> None:
         phase = self.state.phase
@@ -127,5 +133,5 @@ class ModulatedLayer(QuantLayer):
             if not compensation:  # the skipped residual is dropped: no error feedback
                 state.a_ref.copy_(x)
         else:
-            modulate(x, state.a_hat, state.a_ref, self.act, compensation)
+            modulate(x, state.a_hat, state.a_ref, self.act, compensation, self.fused_spec)
         return self.op(state.a_hat, self.weight_q, self.bias)
