@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -189,61 +190,101 @@ def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Unio
     return norms
 
 
-def _per_sample_sq(x: Tensor) -> Tensor:
-    return x.flatten(1).square().sum(1)  # (B,)
+def _sum_sq(x: Tensor, dims_kept: int) -> Tensor:
+    return x.flatten(dims_kept).square().sum(dims_kept)  # sum of squares over all but the first dims_kept dims
 
 
 class _LayerSimulator:
-    """Streaming simulation of one layer on one batch of trajectories, every (quantizer, bits) at once."""
+    """Streaming simulation of one layer on one batch of trajectories, every (quantizer, bits) at once.
+
+    The state of the K = len(specs) configurations is stacked, (K, B, ...), so a step is a few elementwise
+    kernels over the stack; only the qparams (one scale per sample or per batch, tiny tensors) are computed
+    per configuration, by `qparams_from_range` itself, so every rounding is the one the quantizer makes."""
 
     def __init__(self, op: LinearOperator, specs: Sequence[QuantSpec], errors: bool, dtype: torch.dtype):
+        if len({spec.rounding for spec in specs}) != 1 or any(s.granularity not in ("sample", "tensor") for s in specs):
+            raise ValueError("the specs of one sweep must share their rounding and quantize per sample or per tensor, "
+                             f"got {[(s.rounding, s.granularity) for s in specs]}")
         self.op, self.specs, self.errors, self.dtype = op.to(dtype), list(specs), errors, dtype
         self.a_prev: Optional[Tensor] = None
-        self.a_hat: list[Tensor] = []
-        self.acc: list[Tensor] = []  # E per spec (held-out only)
+        self.a_hat: Optional[Tensor] = None  # (K, B, ...)
+        self.acc: Optional[Tensor] = None  # E, (K, B, ...) (held-out only)
+        self.grid: Optional[tuple[Tensor, Tensor]] = None  # qmin, qmax per spec, (K, 1, ...)
+        self.layout = torch.contiguous_format  # the layer input's: conv kernels, and their rounding, follow it
         self.rows: list[Tensor] = []  # per quantized step: (1 + len(STAT_COLUMNS), K, B)
 
-    def _round(self, r: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-        """Q(r) and the per-sample Theorem 4.3 bound sum s^2 / 4 over the sample's elements."""
-        x_min, x_max = reduce_range(r, spec)
-        scale, zero_point = qparams_from_range(x_min, x_max, spec)
-        per_sample = scale.to(r.dtype).expand(r.shape[0], *scale.shape[1:]).flatten(1)  # equal-size groups
-        bound = per_sample.square().mean(1) * (r[0].numel() / (4.0 if spec.rounding == "nearest" else 1.0))
-        return fake_quantize(r, scale, zero_point, spec), bound
+    def _start(self, a: Tensor) -> None:
+        """The warm-up step: exact, a_hat = a, E = 0."""
+        k, shape = len(self.specs), (len(self.specs),) + (1,) * a.ndim
+        self.a_prev, self.a_hat = a, a.expand(k, *a.shape).clone()
+        self.acc = torch.zeros_like(self.a_hat) if self.errors else None
+        if a.ndim == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+            self.layout = torch.channels_last
+        bounds = [[float(spec.qmin) for spec in self.specs], [float(spec.qmax) for spec in self.specs]]
+        qmin, qmax = torch.tensor(bounds, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+        self.grid = (qmin.to(a.device).view(shape), qmax.to(a.device).view(shape))
+
+    def _runs(self) -> list[tuple[slice, str]]:
+        """Consecutive specs of one granularity, (slice of K, granularity)."""
+        runs, start = [], 0
+        for granularity, members in itertools.groupby(spec.granularity for spec in self.specs):
+            n = len(list(members))
+            runs.append((slice(start, start + n), granularity))
+            start += n
+        return runs
+
+    def _round(self, r: Tensor, shared: bool) -> tuple[Tensor, Tensor]:
+        """Q(r) per spec (K, B, ...) of residuals r (K, B, ...), and the per-sample Theorem 4.3 bound sum
+        s^2 / 4 over the sample's elements (K, B). ``shared``: r[k] is the same tensor for every k, so
+        its ranges are reduced once. Min and max are exact, so ranges reduced over a run of specs are
+        the ones `reduce_range` gives each spec."""
+        scales, zero_points = [], []
+        for run, granularity in self._runs():
+            part = r[:1] if shared else r[run]
+            dims = tuple(range(2 if granularity == "sample" else 1, part.ndim))
+            x_min, x_max = part.amin(dims, keepdim=True), part.amax(dims, keepdim=True)
+            for i, spec in enumerate(self.specs[run]):
+                j = 0 if shared else i
+                scale, zero_point = qparams_from_range(x_min[j], x_max[j], spec)
+                scales.append(scale.expand(r.shape[1], *scale.shape[1:]))
+                zero_points.append(zero_point.expand(r.shape[1], *scale.shape[1:]))
+        scale, zero_point = torch.stack(scales), torch.stack(zero_points)
+        spec = self.specs[0]
+        q = fake_quantize(r, scale, zero_point, spec, grid=(None, *self.grid))
+        per_element = 4.0 if spec.rounding == "nearest" else 1.0
+        bound = scale.to(r.dtype).flatten(2).square().mean(2) * (r[0, 0].numel() / per_element)
+        return q, bound
 
     def __call__(self, a: Tensor) -> None:
         a = a.detach().to(self.dtype)
-        if self.a_prev is None:  # warm-up step: exact, a_hat = a, E = 0
-            self.a_prev, self.a_hat = a, [a.clone() for _ in self.specs]
-            self.acc = [torch.zeros_like(a) for _ in self.specs] if self.errors else []
+        if self.a_prev is None:
+            self._start(a)
             return
+        k = len(self.specs)
         diff = a - self.a_prev
-        stats, deltas = [], []
-        for k, spec in enumerate(self.specs):
-            q, bound_noec = self._round(diff, spec)
-            delta_noec = diff - q
-            r = a - self.a_hat[k]
-            q, bound_ec = self._round(r, spec)
-            delta_ec = r - q
-            self.a_hat[k] = self.a_hat[k] + q
-            if self.errors:
-                self.acc[k] = self.acc[k] + delta_noec
-                deltas += [self.acc[k], delta_ec]
-            stats.append([_per_sample_sq(diff), _per_sample_sq(delta_noec), bound_noec,
-                          _per_sample_sq(r), _per_sample_sq(delta_ec), bound_ec])
-        errors = self._errors(deltas, a.shape[0])
-        cols = [torch.stack([s[c] for s in stats]) for c in range(6)]  # each (K, B)
-        self.rows.append(torch.stack([cols[0], cols[0], cols[1], cols[2], errors[0],
-                                      cols[3], cols[4], cols[5], errors[1]]))
+        q, bound_noec = self._round(diff.expand(k, *diff.shape), shared=True)
+        delta_noec = diff - q
+        r = a - self.a_hat
+        q, bound_ec = self._round(r, shared=False)
+        delta_ec = r - q
+        self.a_hat = self.a_hat + q
+        if self.errors:
+            self.acc = self.acc + delta_noec
+        diff_sq = _sum_sq(diff, 1).expand(k, -1)
+        err_noec, err_ec = self._errors(delta_ec, a.shape[0])
+        self.rows.append(torch.stack([diff_sq, diff_sq, _sum_sq(delta_noec, 2), bound_noec, err_noec,
+                                      _sum_sq(r, 2), _sum_sq(delta_ec, 2), bound_ec, err_ec]))
         self.a_prev = a
 
-    def _errors(self, deltas: list[Tensor], batch: int) -> tuple[Tensor, Tensor]:
+    def _errors(self, delta_ec: Tensor, batch: int) -> tuple[Tensor, Tensor]:
         """(||A E_k||^2, ||A delta_k||^2) per spec and sample, (K, B) each; NaN without errors."""
         k = len(self.specs)
         if not self.errors:
-            nan = torch.full((k, batch), float("nan"), dtype=self.dtype, device=self.a_prev.device)
+            nan = torch.full((k, batch), float("nan"), dtype=self.dtype, device=delta_ec.device)
             return nan, nan
-        out = self.op(torch.cat(deltas), with_bias=False).reshape(k, 2, batch, -1).square().sum(-1)
+        both = torch.stack([self.acc, delta_ec], dim=1).flatten(0, 2)  # (K * 2 * B, ...): spec, method, sample
+        both = both.contiguous(memory_format=self.layout)
+        out = self.op(both, with_bias=False).reshape(k, 2, batch, -1).square().sum(-1)
         return out[:, 0], out[:, 1]
 
     def result(self) -> np.ndarray:
