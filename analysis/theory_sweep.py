@@ -50,6 +50,7 @@ import modiff as md
 from analysis.experiments import paper_spacing
 from analysis.propagation import LinearOperator, linear_operator, operator_norm
 from modiff.diffusion.schedules import Spacing
+from modiff.pipelines.execution import float32_precision
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import ModelHook, attach
 from modiff.quant.primitives import QuantSpec, fake_quantize, qparams_from_range, reduce_range
@@ -163,7 +164,7 @@ def _weight_digest(weight: Tensor) -> str:
 
 
 def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Union[str, Path]] = None,
-                   iters: int = 300, tol: float = 1e-6) -> dict[str, float]:
+                   iters: int = 300, tol: float = 1e-6, device: str = "cpu") -> dict[str, float]:
     """||A|| of each layer, the spectral norm of its linear map on ONE sample's input (bias excluded).
 
     Linear: the largest singular value of W (SVD). Conv: `analysis.propagation.operator_norm`, power
@@ -171,18 +172,20 @@ def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Unio
     shape (padding and stride make the norm depend on it), A^T its vector-Jacobian product; the estimate
     rises to ||A|| from below and stops when the Ritz residual is below ``tol`` (relative). Results are cached in the JSON file ``cache`` (keyed by layer,
     input shape, a digest of the weight and the iteration settings), so a re-run does not iterate again.
+    The iterations run on ``device`` (a copy of each layer there; the model stays where it is).
     """
     path = Path(cache) if cache is not None else None
     known = json.loads(path.read_text()) if path is not None and path.exists() else {}
     shapes = layer_input_shapes(model, layers)
-    norms = {}
+    norms, dev = {}, resolve_device(device)
     for name in layers:
         if name not in shapes:
             raise ValueError(f"layer {name!r} is not called by the denoiser; pick layers with select_layers")
         layer = model.get_submodule(name)
         key = f"{name}|{shapes[name]}|{_weight_digest(layer.weight)}|{iters}|{tol:g}"
         if key not in known:
-            known[key] = operator_norm(layer, input_shape=shapes[name], iters=iters, tol=tol)
+            on_device = layer if dev.type == "cpu" else copy.deepcopy(layer).to(dev)
+            known[key] = operator_norm(on_device, input_shape=shapes[name], iters=iters, tol=tol)
         norms[name] = float(known[key])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,41 +295,57 @@ class _LayerSimulator:
         return torch.stack(self.rows).cpu().numpy()
 
 
+def _categories(layers: Sequence[str], config: SweepConfig) -> dict[str, pd.CategoricalDtype]:
+    """The categorical dtypes of the role, layer and quantizer columns (sorted values, as astype gives)."""
+    return {"role": pd.CategoricalDtype(sorted(get_args(Role))), "layer": pd.CategoricalDtype(sorted(layers)),
+            "quantizer": pd.CategoricalDtype(sorted(config.quantizers))}
+
+
+def _codes(dtype: pd.CategoricalDtype, values: Sequence[str]) -> np.ndarray:
+    return dtype.categories.get_indexer(list(values)).astype(np.int32)
+
+
 def _long_frame(name: str, data: np.ndarray, role: Role, seeds: Sequence[int], config: SweepConfig,
-                timesteps: Sequence[int]) -> pd.DataFrame:
+                timesteps: Sequence[int], categories: Mapping[str, pd.CategoricalDtype]) -> pd.DataFrame:
     """data (n - 1, 1 + len(STAT_COLUMNS), K, B) -> rows (step, config, seed) of one layer."""
     steps, _, k, b = data.shape
+    rows = steps * k * b
     step = np.repeat(np.arange(1, steps + 1), k * b)
     configs = config.configs
+
+    def column(key: str, values: Sequence[str]) -> pd.Categorical:
+        return pd.Categorical.from_codes(np.resize(_codes(categories[key], values), rows), dtype=categories[key])
+
     frame = pd.DataFrame({
-        "role": role, "layer": name,
-        "quantizer": np.tile(np.repeat([q for q, _ in configs], b), steps),
+        "role": column("role", [role]), "layer": column("layer", [name]),
+        "quantizer": column("quantizer", np.repeat([q for q, _ in configs], b)),
         "bits": np.tile(np.repeat([bb for _, bb in configs], b), steps).astype(np.int16),
         "seed": np.tile(np.asarray(seeds, dtype=np.int64), steps * k),
         "step": step.astype(np.int32), "paper_t": (steps + 1 - step).astype(np.int32),
         "t": np.asarray(timesteps, dtype=np.int64)[step],
         "diff_sq": data[:, 0].reshape(-1),
     })
-    for c, column in enumerate(STAT_COLUMNS, start=1):
-        frame[column] = data[:, c].reshape(-1)
+    for c, column_name in enumerate(STAT_COLUMNS, start=1):
+        frame[column_name] = data[:, c].reshape(-1)
     return frame
 
 
 @torch.no_grad()
 def _one_pass(runner: nn.Module, layers: Sequence[str], seeds: Sequence[int], role: Role, config: SweepConfig,
-              timesteps: Sequence[int], device: torch.device) -> list[pd.DataFrame]:
+              timesteps: Sequence[int], device: torch.device,
+              categories: Mapping[str, pd.CategoricalDtype]) -> list[pd.DataFrame]:
     specs = [quantizer_spec(q, b) for q, b in config.configs]
     dtype = getattr(torch, config.dtype)
     sims = {name: _LayerSimulator(linear_operator(runner.get_submodule(name)), specs, role == "held-out", dtype)
             for name in layers}
-    with _pre_hooks(runner, sims):
+    with _pre_hooks(runner, sims), float32_precision("fp32"):
         md.sample_ddim(runner, md.noise(seeds, runner.sample_shape).to(device), timesteps)
     frames = []
     for name, sim in sims.items():
         if len(sim.rows) != len(timesteps) - 1:
             raise ValueError(f"layer {name!r} was called {len(sim.rows) + 1} times in {len(timesteps)} steps; "
                              "the sweep needs one call per model call (exclude layers called more than once)")
-        frames.append(_long_frame(name, sim.result(), role, seeds, config, timesteps))
+        frames.append(_long_frame(name, sim.result(), role, seeds, config, timesteps, categories))
     return frames
 
 
@@ -339,20 +358,18 @@ def sweep_trajectories(model: nn.Module, layers: Sequence[str], calibration_seed
                        heldout_seeds: Sequence[int], config: SweepConfig) -> pd.DataFrame:
     """One row per (role, layer, quantizer, bits, seed, quantized step i >= 1) with ``diff_sq`` and
     the `STAT_COLUMNS` (module docstring); ``err_sq_*`` are NaN on calibration rows. The fp model
-    samples each role's seeds in batches of ``config.batch_size`` on ``config.device``."""
+    samples each role's seeds in batches of ``config.batch_size`` on ``config.device``, where the
+    simulation runs too, in IEEE arithmetic (TF32 off on CUDA: its rounding would blur the errors measured)."""
     overlap = sorted(set(calibration_seeds) & set(heldout_seeds))
     if overlap or not calibration_seeds or not heldout_seeds:
         raise ValueError(f"calibration and held-out seeds must be non-empty and disjoint; shared: {overlap[:5]}")
     device = resolve_device(config.device)
     runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     timesteps = md.timesteps(config.steps, config.spacing or paper_spacing(model), model.schedule.num_timesteps)
-    frames = []
+    frames, categories = [], _categories(layers, config)
     for role, seeds in (("calibration", calibration_seeds), ("held-out", heldout_seeds)):
         for batch in _chunks(list(seeds), config.batch_size):
             for part in _chunks(list(layers), config.layers_per_pass):
                 log.info("sweep: %s seeds %s..%s, %d layers", role, batch[0], batch[-1], len(part))
-                frames += _one_pass(runner, part, batch, role, config, timesteps, device)
-    out = pd.concat(frames, ignore_index=True)
-    for column in ("role", "layer", "quantizer"):
-        out[column] = out[column].astype("category")
-    return out
+                frames += _one_pass(runner, part, batch, role, config, timesteps, device, categories)
+    return pd.concat(frames, ignore_index=True)
