@@ -184,17 +184,18 @@ def main() -> None:
                         row["user_over_network"] = round(row["user_img_s"] / row["network_img_s"], 3)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                if args.profile:
-                    profiles[f"{preset} {variant} batch {batch_sizes[-1]}"] = _profile(
-                        model, execution, batch_sizes[-1], replace(config, steps=args.profile_steps), device,
-                        args.profile_rows)
+                if args.profile:  # printed at once, so a run stopped by a time limit keeps its tables
+                    name = f"{preset} {variant} batch {batch_sizes[-1]}"
+                    profiles[name] = _profile(model, execution, batch_sizes[-1],
+                                              replace(config, steps=args.profile_steps), device, args.profile_rows)
+                    print(f"\n=== {name}: top kernels over {args.profile_steps} steps ===\n{profiles[name]}",
+                          flush=True)
     _print_table(rows)
-    for name, table in profiles.items():
-        print(f"\n=== {name}: top kernels over {args.profile_steps} steps ===\n{table}")
     if args.out:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         with open(args.out, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "inductor": args.inductor, "rows": rows}, f, indent=1)
+            json.dump({"device": name, "torch": torch.__version__, "inductor": args.inductor, "rows": rows,
+                       "profiles": profiles}, f, indent=1)
 
 
 if __name__ == "__main__":

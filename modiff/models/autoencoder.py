@@ -14,10 +14,9 @@ import math
 from typing import Literal, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from modiff.models.ddim_unet import Downsample, Upsample, group_norm, swish
+from modiff.models.ddim_unet import Downsample, Upsample, group_norm, swish, token_attention
 
 __all__ = ["Encoder", "Decoder", "DiagonalGaussianDistribution", "AutoencoderKL", "VectorQuantizer", "VQModel"]
 
@@ -60,7 +59,7 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
         b, c, hh, ww = x.shape
         q, k, v = (conv(h).reshape(b, c, hh * ww).transpose(1, 2) for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
+        out = token_attention(q, k, v)  # (B, HW, C)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, hh, ww))
 
 

@@ -154,8 +154,17 @@ class AttentionCore(nn.Module):
         q = q.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
         k = k.reshape(b, c, hh * ww).transpose(1, 2)
         v = v.reshape(b, c, hh * ww).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C); scale 1/sqrt(C) as published
+        out = token_attention(q, k, v)  # (B, HW, C); scale 1/sqrt(C) as published
         return out.transpose(1, 2).reshape(b, c, hh, ww)
+
+
+def token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-head scaled dot-product attention over (B, L, C) tokens. In bf16/fp16 the tokens go in as one
+    head of a 4-D batch, so the fused (flash) kernels qualify: for 3-D inputs only the math kernel runs, and it
+    computes in float32. Float32 inputs keep the math kernel, the reference arithmetic."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 # The published up path passes `split` to the blocks of levels 0-3 only (`i_level < 4`): all of CIFAR-10's

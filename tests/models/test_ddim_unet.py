@@ -164,6 +164,17 @@ def test_attention_core_matches_official() -> None:
     torch.testing.assert_close(AttentionCore()(q2, k, v), official_attention(q2, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_core_in_bfloat16_takes_a_fused_kernel_and_matches_float32() -> None:
+    """In bf16 the core's tokens go in 4-D (a fused kernel may run; the 3-D math kernel computes in float32):
+    the result matches the float32 attention within bf16 rounding, and keeps bf16."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 64, 8, 6, generator=gen) for _ in range(3))
+    low = AttentionCore()(*(t.bfloat16() for t in (q, k, v)))
+    assert low.dtype == torch.bfloat16
+    reference = official_attention(*(t.bfloat16().float() for t in (q, k, v)))
+    torch.testing.assert_close(low.float(), reference, atol=2e-2, rtol=2e-2)
+
+
 def test_attn_block_residual_structure() -> None:
     """AttnBlock is x + proj_out(attention(q(norm x), k(norm x), v(norm x)))."""
     block = tiny_net(0).mid.attn_1
