@@ -140,4 +140,12 @@ class ModulatedLayer(QuantLayer):
                 state.a_ref.copy_(x)
         else:
             modulate(x, state.a_hat, state.a_ref, self.act, compensation, self.fused_spec)
-        return self.op(state.a_hat, self.weight_q, self.bias)
+        return self.op(self.operand(x), self.weight_q, self.bias)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """a_hat as the operator takes it: in x's dtype when the state has another (`QuantConfig.state_dtype`)
+        and no autocast converts it."""
+        a_hat = self.state.a_hat
+        if a_hat.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            a_hat = a_hat.to(x.dtype)
+        return a_hat

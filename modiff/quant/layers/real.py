@@ -126,7 +126,7 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
         if phase == "warmup":  # full-precision activations; copies: layers sharing an input must not share state
             dtype = state_dtype(x, self.config.state_dtype)
             state.a_hat = state.a_ref = x.to(dtype, copy=True)
-            out = self.op(state.a_hat, self.weight_q, self.bias)
+            out = self.op(self.operand(x), self.weight_q, self.bias)
             state.o_hat = _nhwc(out.to(dtype, copy=True))
             return out
         geometry = self._geometry(x)
