@@ -139,3 +139,12 @@ def test_state_dtype_sets_the_simulator_state(tiny_denoiser: md.Denoiser) -> Non
     with trajectory(qmodel) as states:
         qmodel(md.noise(range(2), tiny_denoiser.sample_shape), torch.tensor([500, 500]))
         assert {s.a_hat.dtype for s in states} == {torch.bfloat16}
+
+
+def test_loading_a_state_dict_packs_the_loaded_weights() -> None:
+    """The kernels' packed codes follow a loaded weight_q, so both paths compute with one weight."""
+    torch.manual_seed(0)
+    source, target = (quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), presets["w8a8-int8-real"]) for _ in range(2))
+    target[0].weight_scale.copy_(source[0].weight_scale)
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target[0].weight_packed, source[0].weight_packed)

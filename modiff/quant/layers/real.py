@@ -73,6 +73,11 @@ class _RealWeights:
         super().set_weight_codes(codes, scale, zero_point)
         self._pack()
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """A loaded weight_q is packed again, so the kernels and the simulator's fallback compute with one weight."""
+        super()._load_from_state_dict(*args, **kwargs)
+        self._pack()
+
     def _geometry(self, x: Tensor) -> Geometry:
         n = self.weight.shape[0]
         if self.conv_geometry is None:  # Linear: a 1x1 convolution over the tokens of each sample
