@@ -25,12 +25,23 @@ from modiff.quant.kernels.real import TRITON, Geometry, pack_weight, real_direct
 from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer, state_dtype
 
-__all__ = ["RealQuantLayer", "RealModulatedLayer", "use_real_kernels"]
+__all__ = ["RealQuantLayer", "RealModulatedLayer", "use_real_kernels", "backend_record"]
 
 
 def use_real_kernels(x: Tensor) -> bool:
     """Whether a call on ``x`` runs the kernels (CUDA with Triton) rather than the simulator."""
     return TRITON and x.is_cuda
+
+
+def backend_record(model: nn.Module, device: torch.device) -> Optional[dict[str, str]]:
+    """What computes a quantized model's layers on ``device``, for manifests: the backend its config asks for,
+    the one that runs ("real": the kernels; "simulated": the simulator, also as the real backend's fallback) and
+    the number format. None for a model without a quantization config."""
+    config = getattr(model, "quant_config", None)
+    if not isinstance(config, QuantConfig):
+        return None
+    runs = "real" if config.backend == "real" and TRITON and device.type == "cuda" else "simulated"
+    return {"asked": config.backend, "runs": runs, "format": config.format}
 
 
 def _nhwc(x: Tensor) -> Tensor:
