@@ -68,7 +68,7 @@ def _fast_eps(model: md.Denoiser, x_T: torch.Tensor, ts, graphs: bool = True) ->
     return eps, 0 if graphed is None else graphed.graphs
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8"])  # FP8 takes the same path; one compilation pair keeps the GPU job short
 def test_fast_path_modiff_trajectory_follows_the_simulator(tiny_denoiser: md.Denoiser, fmt: str) -> None:
     """A whole MoDiff trajectory of a tiny UNet on the fast path, real vs simulated (same config, same fast path):
     the steps replay as CUDA graphs, and the relative error of eps per step stays within a few times the
