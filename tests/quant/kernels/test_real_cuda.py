@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import modiff as md  # noqa: E402
 from modiff.pipelines.cuda_graphs import CUDAGraphed  # noqa: E402
-from modiff.pipelines.execution import ExecutionConfig, precision_context, prepare_network  # noqa: E402
+from modiff.pipelines.execution import ExecutionConfig, precision_context, prepared_network  # noqa: E402
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
 
 DEVICE = torch.device("cuda")
@@ -26,8 +26,8 @@ class _ConvLinear(nn.Module):
         self.conv = nn.Conv2d(5, 16, 3, padding=1)
         self.proj = nn.Linear(16, 8)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.conv(x).mean(dim=(2, 3)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # no reduction between the layers: compiled = eager inputs
+        return self.proj(self.conv(x).permute(0, 2, 3, 1))
 
 
 class _Holder(nn.Module):
@@ -60,12 +60,12 @@ def test_compiled_graph_launches_the_registered_ops(preset: str) -> None:
 
 def _fast_eps(model: md.Denoiser, x_T: torch.Tensor, ts, graphs: bool = True) -> tuple[list[torch.Tensor], int]:
     """eps per step on the fast path (bf16 autocast, channels_last, CompiledNet, CUDA graphs) and the graphs kept."""
-    model = prepare_network(model, DEVICE, ExecutionConfig(precision="bf16", compile=True, cuda_graphs=graphs))
     eps = []
-    with trajectory(model), precision_context("bf16", DEVICE):
-        md.sample_ddim(model, x_T, ts, callback=lambda s: eps.append(s.eps.float()))
-    graphed = model.net if isinstance(model.net, CUDAGraphed) else None
-    return eps, 0 if graphed is None else graphed.graphs
+    with prepared_network(model, DEVICE, ExecutionConfig(precision="bf16", compile=True, cuda_graphs=graphs)) as runner:
+        with trajectory(runner), precision_context("bf16", DEVICE):
+            md.sample_ddim(runner, x_T, ts, callback=lambda s: eps.append(s.eps.float()))
+        graphs_kept = runner.net.graphs if isinstance(runner.net, CUDAGraphed) else 0
+    return eps, graphs_kept
 
 
 @pytest.mark.parametrize("fmt", ["int8"])  # FP8 takes the same path; one compilation pair keeps the GPU job short
