@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
@@ -28,7 +28,9 @@ from modiff.pipelines.execution import float32_precision  # noqa: E402
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant.formats import FP8_MAX, fp8_codes  # noqa: E402
 from modiff.quant.kernels import real as kernels  # noqa: E402
+from modiff.quant.kernels.real_triton import round_e4m3  # noqa: E402
 from modiff.quant.layers import real as real_layers  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 LEVELS = {"int8": 127.0, "fp8": FP8_MAX}
 E4M3_SMALL = torch.tensor([v for v in range(-16, 17)], dtype=torch.float32)  # integers e4m3 holds exactly
@@ -170,6 +172,27 @@ def test_codes_and_scales_equal_the_simulators(fmt: str) -> None:
         got = codes.cpu().view(torch.float8_e4m3fn).float()
     assert torch.equal(got, expect)
     torch.testing.assert_close(hat.cpu(), a_hat + expect * s, rtol=2**-23, atol=0)
+
+
+@triton.jit
+def _apply_round_e4m3(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, round_e4m3(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+def test_e4m3_rounding_is_the_torch_cast() -> None:
+    """The kernels' float32 rounding to e4m3 (`round_e4m3`) against torch's float8_e4m3fn cast: every e4m3 value,
+    every midpoint between neighbours (ties to even), values just off them, subnormals, zeros and the ends."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-1e9)),
+                        torch.tensor([0.0, -0.0, 2.0**-10, 3 * 2.0**-11, FP8_MAX, -FP8_MAX])])
+    x = values.to(DEVICE)
+    out = torch.empty_like(x)
+    _apply_round_e4m3[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+    assert torch.equal(out.cpu(), values.to(torch.float8_e4m3fn).float())
 
 
 def _eps_trajectory(model, x_T: torch.Tensor, ts) -> list[torch.Tensor]:
