@@ -25,7 +25,8 @@ of the real MoDiff model against the simulated one (same config), and of both ag
 eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of real and
 simulated W8A8 INT8 MoDiff against the shipped Fashion-MNIST statistics. ``--profile``: a kernel table of 5 steps
 per variant at the largest batch. Every variant runs in try/except: an error is recorded in its row and the
-run continues; the JSON (``--out``) is rewritten after every row. ``--budget`` seconds stops starting new rows.
+run continues; the JSON (``--out``) is rewritten after every row. The error runs come first; ``--budget``
+seconds (from the start) stops starting new rows.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from modiff.models.registry import Denoiser
 from modiff.pipelines.execution import ExecutionConfig, prepared_network
 from modiff.pipelines.generate import SampleConfig, sample
 from modiff.quant import presets, quantize, trajectory
+from modiff.quant.layers.real import backend_record
 
 from profiling import kernel_table
 
@@ -228,6 +230,9 @@ def main() -> None:
     except Exception as err:  # noqa: BLE001 - any import failure means: no torchao rows
         result["torchao"] = f"not importable: {type(err).__name__}: {err}"
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    if args.error_batch:  # first: cheap (eager), and the quality half of the question
+        result["errors"] = _errors(args.archs.split(",")[0], args.error_batch, args.steps, device)
+        _write(args.out, result)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for arch in args.archs.split(","):
             for variant in variants:
@@ -240,8 +245,8 @@ def main() -> None:
                     try:
                         model, notes = _build(arch, variant)
                         row.update(notes)
-                        row["backend"] = "real" if variant.startswith("real") else (
-                            "torchao" if variant.startswith("torchao") else "simulated" if notes else "fp")
+                        ran = backend_record(model, device)  # what computes the layers here, not the name
+                        row["backend"] = ran["runs"] if ran else ("torchao" if variant.startswith("torchao") else "fp")
                         row.update(_time_row(model, FAST if device.type == "cuda" else EAGER, batch, args, device))
                     except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
                         row["error"] = f"{type(err).__name__}: {err}"
@@ -254,10 +259,6 @@ def main() -> None:
                 if "profile" in row:
                     print(row["profile"], flush=True)
                 _write(args.out, result)
-    if args.error_batch:
-        arch = args.archs.split(",")[0]
-        result["errors"] = _errors(arch, args.error_batch, args.steps, device)
-        _write(args.out, result)
     if args.fid:
         with tempfile.TemporaryDirectory(prefix="bench-real-fid-") as work:
             result["fid"] = _fid(args.fid, args.fid_batch, Path(work))
