@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from modiff.quant.formats import FP8_MAX, NumberFormat
+from modiff.quant.formats import NumberFormat
 
 __all__ = ["Geometry", "pack_weight", "real_direct", "real_modulated", "register_ops", "TRITON"]
 
@@ -85,7 +85,7 @@ def _codes(x: Tensor, a_hat: Optional[Tensor], fp8: bool) -> tuple[Tensor, Tenso
     torch.library.wrap_triton(kernels.absmax_kernel)[(samples, chunks)](
         x, hat, partials, n, chunks, chunk, MODULATED=modulated, BLOCK=_BLOCK)
     torch.library.wrap_triton(kernels.quantize_kernel)[(samples, chunks)](
-        x, hat, codes, scales, partials, n, chunks, chunk, FP8_MAX if fp8 else 127.0,
+        x, hat, codes, scales, partials, n, chunks, chunk,
         MODULATED=modulated, FP8=fp8, GP=_pow2(chunks), BLOCK=_BLOCK)
     return codes, scales
 

@@ -61,10 +61,16 @@ def round_e4m3(v):
 
 
 @triton.jit
-def quantize_kernel(x_ptr, hat_ptr, code_ptr, scale_ptr, part_ptr, N, G, chunk, levels,
+def quantize_kernel(x_ptr, hat_ptr, code_ptr, scale_ptr, part_ptr, N, G, chunk,
                     MODULATED: tl.constexpr, FP8: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (b, g): codes of the chunk's residuals (see the module docstring); a_hat += s q if MODULATED."""
+    """Program (b, g): codes of the chunk's residuals (see the module docstring); a_hat += s q if MODULATED.
+    The levels are a float32 made here: a float argument reaches a kernel compiled by inductor as float64,
+    which div_rn refuses."""
     b, g = tl.program_id(0), tl.program_id(1)
+    if FP8:
+        levels = tl.full([], 448.0, tl.float32)
+    else:
+        levels = tl.full([], 127.0, tl.float32)
     gs = tl.arange(0, GP)
     absmax = tl.max(tl.load(part_ptr + b * G + gs, mask=gs < G, other=0.0), axis=0)
     scale = tl.maximum(tl.math.div_rn(absmax, levels), MIN_SCALE)
@@ -136,7 +142,9 @@ def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o_hat_ptr, 
         if FP8:
             a = a.to(tl.float8e4nv, bitcast=True)
             bw = bw.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, bw, acc)
+            acc = tl.dot(a, bw, acc)
+        else:
+            acc = tl.dot(a, bw, acc, out_dtype=tl.int32)  # Triton's default out_dtype (float32) refuses an int32 acc
     a_scale = tl.load(a_scale_ptr + b, mask=m_ok, other=0.0)
     w_scale = tl.load(w_scale_ptr + rn, mask=n_ok, other=0.0)
     delta = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]

@@ -171,7 +171,10 @@ def test_codes_and_scales_equal_the_simulators(fmt: str) -> None:
         expect = fp8_codes(r, s).float()
         got = codes.cpu().view(torch.float8_e4m3fn).float()
     assert torch.equal(got, expect)
-    torch.testing.assert_close(hat.cpu(), a_hat + expect * s, rtol=2**-23, atol=0)
+    # On CUDA a_hat + q s is one fused multiply-add: it differs from torch's two roundings by at most one rounding
+    # of each operand's size (under cancellation the result is small and the relative difference large).
+    step = expect * s
+    assert torch.all((hat.cpu() - (a_hat + step)).abs() <= 2**-22 * (a_hat.abs() + step.abs()))
 
 
 @triton.jit
