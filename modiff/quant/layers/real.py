@@ -8,7 +8,7 @@ simulator bit for bit (a CPU model, a machine without Triton). The choice is mad
 which stays the same within a trajectory.
 
 Modulated state on the kernel path: a_hat (input-shaped) and o_hat (output-shaped), both in
-`QuantConfig.state_dtype` ("auto": the dtype the operator consumes, bf16 under autocast) and in the NHWC-dense
+`QuantConfig.state_dtype` ("auto": float32 here; see `_REAL_AUTO_STATE`) and in the NHWC-dense
 layout of the kernels, allocated at warm-up (o_hat = A_q(a) + b: the bias enters once) and updated in place by
 the kernels after it, so a CUDA graph of one step replays the next.
 """
@@ -26,6 +26,11 @@ from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer, state_dtype
 
 __all__ = ["RealQuantLayer", "RealModulatedLayer", "use_real_kernels", "backend_record"]
+
+# o_hat accumulates its own rounding, which the error feedback does not correct: on the H200, a bf16 state put
+# the real FP8 path 0.016-0.032 from its simulator (growing over 100 steps), float32 0.007-0.017
+# (benchmarks/README.md, "Real W8A8 MoDiff"). So "auto" keeps the real state in float32.
+_REAL_AUTO_STATE = torch.float32
 
 
 def use_real_kernels(x: Tensor) -> bool:
@@ -140,7 +145,7 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
         phase, state.phase = state.phase, "spent"
         x = _nhwc(x)
         if phase == "warmup":  # full-precision activations; copies: layers sharing an input must not share state
-            dtype = state_dtype(x, self.config.state_dtype)
+            dtype = _REAL_AUTO_STATE if self.config.state_dtype == "auto" else state_dtype(x, self.config.state_dtype)
             state.a_hat = state.a_ref = x.to(dtype, copy=True)
             out = self.op(self.operand(x), self.weight_q, self.bias)
             state.o_hat = _nhwc(out.to(dtype, copy=True))
