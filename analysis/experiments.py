@@ -18,7 +18,7 @@ from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
-from modiff.pipelines.execution import PrecisionChoice
+from modiff.pipelines.execution import PrecisionChoice, float32_precision
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.pipelines.summary import per_seed_fidelity, run_scores
 from modiff.utils.device import resolve_device
@@ -318,25 +318,28 @@ def bops_memory_table(model: nn.Module, presets: Sequence[str], batch_sizes: Seq
 
 
 @torch.no_grad()
-def published_audit(model: nn.Module, bits: int, seeds: Sequence[int], steps: int) -> pd.DataFrame:
+def published_audit(model: nn.Module, bits: int, seeds: Sequence[int], steps: int, device: str = "cpu") -> pd.DataFrame:
     """The published code's two behaviours, measured: (1) a per-step reset makes MoDiff weight-only
     quantization; (2) one activation scale per batch tensor makes a sample depend on its batch-mates.
-    Differences are measured on images (decoded for a latent model)."""
+    Differences are measured on images (decoded for a latent model). Sampling runs on ``device`` in IEEE
+    float32 (TF32 off on CUDA), four sampling runs of ``steps`` model calls each."""
     from dataclasses import replace
 
     ts = _timesteps(model, steps)
-    x_T = md.noise(seeds, model.sample_shape)
+    runner = _on_device(model, device)
+    x_T = md.noise(seeds, model.sample_shape).to(resolve_device(device))
     config = md.presets[f"published-w{bits}a{bits}-modiff"]
-    q = md.quantize(model, config)
-    with md.trajectory(q, reset="per_step"):
-        per_step = md.to_images(q, md.sample_ddim(q, x_T, ts))
-    # The same weights (split-shortcut quantization included), activations in full precision.
-    weight_only_model = md.quantize(model, replace(config, activation=None, mode="direct"))
-    weight_only = md.to_images(weight_only_model, md.sample_ddim(weight_only_model, x_T, ts))
-    with md.trajectory(q):
-        per_trajectory = md.to_images(q, md.sample_ddim(q, x_T, ts))
-    with md.trajectory(q):
-        alone = md.to_images(q, md.sample_ddim(q, x_T[:1], ts))
+    with float32_precision("fp32"):
+        q = md.quantize(runner, config)
+        with md.trajectory(q, reset="per_step"):
+            per_step = md.to_images(q, md.sample_ddim(q, x_T, ts))
+        # The same weights (split-shortcut quantization included), activations in full precision.
+        weight_only_model = md.quantize(runner, replace(config, activation=None, mode="direct"))
+        weight_only = md.to_images(weight_only_model, md.sample_ddim(weight_only_model, x_T, ts))
+        with md.trajectory(q):
+            per_trajectory = md.to_images(q, md.sample_ddim(q, x_T, ts))
+        with md.trajectory(q):
+            alone = md.to_images(q, md.sample_ddim(q, x_T[:1], ts))
     return pd.DataFrame([
         {"check": "per-step reset vs weight-only (max |difference|)", "value": float((per_step - weight_only).abs().max())},
         {"check": "per-trajectory reset vs weight-only (max |difference|)", "value": float((per_trajectory - weight_only).abs().max())},

@@ -33,6 +33,7 @@ __all__ = ["CHECKS", "READINGS", "bound_checks", "decay_failures", "estimate_c",
 KEYS = ["layer", "quantizer", "bits"]
 READINGS: tuple[str, ...] = ("out-of-sample", "in-sample")
 CHECKS: tuple[str, ...] = (*BOUNDS, "thm43_noec", "thm43_ec")
+_CASES_PER_PASS = 16  # unrolled bounds: (16, steps, trajectories) float64 blocks stay in the CPU cache
 _RTOL = 1e-6  # float slack (the simulation may run in float32): a bound holds where error <= bound (1 + 1e-6)
 
 
@@ -69,39 +70,81 @@ def _ratio(actual: np.ndarray, bound: np.ndarray) -> np.ndarray:
     return np.where((actual == 0) & (bound == 0), 0.0, ratio)
 
 
-def _layer_block(block: pd.DataFrame, c30: float, c31: float, op_norm: float) -> dict[str, np.ndarray]:
-    """Ratios (steps, trajectories) of every check for one (layer, quantizer, bits) of held-out rows."""
-    wide = block.pivot(index="step", columns="seed")
-    n = len(wide) + 1  # sampling indices 0..n-1; row k of ``wide`` is index k + 1
-    d = np.nan_to_num(wide["diff_sq"].to_numpy(np.float64))
-    d = np.vstack([np.zeros((1, d.shape[1])), d])  # (n, S): d_0 = 0 (the warm-up step has no difference)
+class _HeldOut:
+    """The held-out rows as arrays (G cases (layer, quantizer, bits), steps, S trajectories), steps and
+    seeds in sorted order; ``keys`` the cases in order of first appearance (as groupby(sort=False))."""
+
+    def __init__(self, held: pd.DataFrame):
+        grouped = held.groupby(KEYS, observed=True, sort=False)
+        case = grouped.ngroup().to_numpy()
+        first = np.unique(case, return_index=True)[1]
+        self.keys = held[KEYS].iloc[first].reset_index(drop=True)
+        self.steps, step = np.unique(held["step"].to_numpy(), return_inverse=True)
+        self.seeds, seed = np.unique(held["seed"].to_numpy(), return_inverse=True)
+        self.shape = (len(first), len(self.steps), len(self.seeds))
+        self.flat = np.ravel_multi_index((case, step, seed), self.shape)
+        if len(self.flat) != np.prod(self.shape) or np.bincount(self.flat, minlength=len(self.flat)).max() > 1:
+            raise ValueError("the held-out rows must hold one row per (layer, quantizer, bits, step, seed), with the "
+                             "same steps and seeds for every (layer, quantizer, bits), as sweep_trajectories gives")
+        self.frame = held
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        out = np.empty(self.shape)
+        out.reshape(-1)[self.flat] = self.frame[column].to_numpy(np.float64)
+        return out
+
+    def t(self) -> np.ndarray:
+        """Timestep t per (case, step), (G, steps)."""
+        out = np.empty(self.shape[:2], dtype=np.int64)
+        out.reshape(-1)[self.flat // self.shape[2]] = self.frame["t"].to_numpy(np.int64)
+        return out
+
+
+def _unrolled_sums(weights: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
+    """out[g, i] += sum over j = 1..i of W[g, i, j] d[g, j], added in order of j (one pass per j over the
+    rows i >= j). Where every weight is finite and every d >= 0, the mask d_j > 0 changes nothing
+    (W * 0 = 0) and is skipped."""
+    masked = not np.isfinite(weights).all() or (d < 0).any()
+    buffer = np.empty_like(out)
+    for j in range(1, d.shape[1]):
+        term = np.multiply(weights[:, j:, j, None], d[:, None, j], out=buffer[:, j:])
+        if masked:
+            term[np.broadcast_to(~(d[:, None, j] > 0), term.shape)] = 0.0
+        out[:, j:] += term
+
+
+def _bounds(d: np.ndarray, form: str, c: np.ndarray, op_sq: np.ndarray) -> np.ndarray:
+    """Theorem 4.4 ``form`` at every sampling index i >= 1, (G, n - 1, S), for d (G, n, S) (d_0 = 0) and
+    c, ||A||^2 per case (G,). The weights come from `theorem44_weights` and every bound is the sum over
+    j = 1..i of W[i, j] d_j added in order of j, the order of a sum over the j axis of (n, n, S) terms."""
+    n = d.shape[1]
+    weights = np.stack([theorem44_weights(n, form, value) for value in c])  # (G, n, n)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if form.endswith("printed"):  # W[i, j] does not depend on i (j <= i): running sums over j
+            total = np.cumsum(np.where(d > 0, weights[:, -1, :, None] * d, 0.0), axis=1)
+        else:
+            total = np.zeros_like(d)
+            for chunk in range(0, len(d), _CASES_PER_PASS):
+                part = slice(chunk, chunk + _CASES_PER_PASS)
+                _unrolled_sums(weights[part], d[part], total[part])
+        return total[:, 1:] * op_sq[:, None, None]
+
+
+def _ratios(cube: _HeldOut, c: pd.DataFrame, op_norms: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """Ratios (G, steps, S) of every Theorem 4.4 form with the c of ``c`` (indexed by KEYS)."""
+    cases = pd.MultiIndex.from_frame(cube.keys)
+    est = c.reindex(cases)
+    if est["c30"].isna().any():
+        missing = cube.keys[est["c30"].isna().to_numpy()].iloc[0].to_dict()
+        raise ValueError(f"no calibration rows for {missing}: sweep both roles")
+    d = np.nan_to_num(cube["diff_sq"])
+    d = np.concatenate([np.zeros_like(d[:, :1]), d], axis=1)  # d_0 = 0 (the warm-up step has no difference)
+    op_sq = np.array([float(op_norms[layer]) ** 2 for layer in cube.keys["layer"]])
     out = {}
     for form in BOUNDS:
-        weights = theorem44_weights(n, form, c30 if form.startswith("bound30") else c31)
-        with np.errstate(invalid="ignore", over="ignore"):
-            bound = (np.where(d[None] > 0, weights[:, :, None] * d[None], 0.0).sum(axis=1) * op_norm**2)[1:]
-        actual = wide["err_sq_noec" if form.startswith("bound30") else "err_sq_ec"].to_numpy(np.float64)
-        out[form] = _ratio(actual, bound)
-    for method in ("noec", "ec"):
-        bound = wide[f"thm43_bound_{method}"].to_numpy(np.float64)
-        actual = wide[f"rounding_sq_{method}"].to_numpy(np.float64)
-        out[f"thm43_{method}"] = _ratio(actual, bound)
-    out["_t"] = np.asarray(block.groupby("step")["t"].first().sort_index())
-    return out
-
-
-def _summarise_block(keys: tuple, reading: str, ratios: dict[str, np.ndarray]) -> pd.DataFrame:
-    parts = []
-    for check in CHECKS:
-        if reading == "in-sample" and check.startswith("thm43"):
-            continue  # Theorem 4.3 has no c: reported once, under out-of-sample
-        r = ratios[check]  # (steps, S)
-        parts.append(pd.DataFrame({"reading": reading, "check": check, "step": np.arange(1, r.shape[0] + 1),
-                                   "t": ratios["_t"], "trajectories": r.shape[1], "fails": (r > 1).sum(axis=1),
-                                   "ratio_max": r.max(axis=1), "ratio_median": np.median(r, axis=1)}))
-    out = pd.concat(parts, ignore_index=True)
-    for key, value in zip(KEYS, keys):
-        out.insert(KEYS.index(key), key, value)
+        eq = form[5:7]
+        out[form] = _ratio(cube[f"err_sq_{'noec' if eq == '30' else 'ec'}"],
+                           _bounds(d, form, est[f"c{eq}"].to_numpy(np.float64), op_sq))
     return out
 
 
@@ -114,18 +157,31 @@ def bound_checks(stats: pd.DataFrame, op_norms: Mapping[str, float]) -> pd.DataF
         raise ValueError(f"op_norms lacks layers {missing[:5]}; compute them with theory_sweep.operator_norms")
     c = {reading: estimate_c(stats, role).set_index(KEYS)
          for reading, role in zip(READINGS, ("calibration", "held-out"))}
-    held = stats[stats["role"] == "held-out"]
-    columns = ["step", "seed", "t", "diff_sq", "err_sq_noec", "err_sq_ec", "rounding_sq_noec", "rounding_sq_ec",
-               "thm43_bound_noec", "thm43_bound_ec"]
-    parts: list[pd.DataFrame] = []
-    for keys, block in held.groupby(KEYS, observed=True, sort=False):
-        for reading in READINGS:
-            if keys not in c[reading].index:
-                raise ValueError(f"no calibration rows for {dict(zip(KEYS, keys))}: sweep both roles")
-            est = c[reading].loc[keys]
-            ratios = _layer_block(block[columns], float(est["c30"]), float(est["c31"]), float(op_norms[keys[0]]))
-            parts.append(_summarise_block(keys, reading, ratios))
-    return pd.concat(parts, ignore_index=True)
+    cube = _HeldOut(stats[stats["role"] == "held-out"])
+    thm43 = {f"thm43_{m}": _ratio(cube[f"rounding_sq_{m}"], cube[f"thm43_bound_{m}"]) for m in ("noec", "ec")}
+    parts = []  # (reading, check, ratios (G, steps, S)) in output order
+    for reading in READINGS:
+        ratios = {**_ratios(cube, c[reading], op_norms), **thm43}
+        # Theorem 4.3 has no c: reported once, under out-of-sample
+        parts += [(reading, check, ratios[check]) for check in CHECKS
+                  if not (reading == "in-sample" and check.startswith("thm43"))]
+    return _summary_rows(cube, parts)
+
+
+def _summary_rows(cube: _HeldOut, parts: list[tuple[str, str, np.ndarray]]) -> pd.DataFrame:
+    """Per case, then (reading, check), then step: trajectories, fails, max and median ratio."""
+    (g, steps, s), p = cube.shape, len(parts)
+    out = pd.DataFrame({key: np.repeat(cube.keys[key].to_numpy(), p * steps) for key in KEYS})
+    out["bits"] = out["bits"].astype(np.int64)
+    out["reading"] = np.tile(np.repeat([reading for reading, _, _ in parts], steps), g)
+    out["check"] = np.tile(np.repeat([check for _, check, _ in parts], steps), g)
+    out["step"] = np.tile(np.arange(1, steps + 1), g * p)
+    out["t"] = np.repeat(cube.t()[:, None], p, axis=1).reshape(-1)
+    out["trajectories"] = s
+    for column, reduce in (("fails", lambda r: (r > 1).sum(axis=-1)), ("ratio_max", lambda r: r.max(axis=-1)),
+                           ("ratio_median", lambda r: np.median(r, axis=-1))):
+        out[column] = np.stack([reduce(r) for _, _, r in parts], axis=1).reshape(-1)  # (G, P, steps)
+    return out
 
 
 def tightness_summary(checks: pd.DataFrame, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> pd.DataFrame:

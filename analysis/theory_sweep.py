@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ import modiff as md
 from analysis.experiments import paper_spacing
 from analysis.propagation import LinearOperator, linear_operator, operator_norm
 from modiff.diffusion.schedules import Spacing
+from modiff.pipelines.execution import float32_precision
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import ModelHook, attach
 from modiff.quant.primitives import QuantSpec, fake_quantize, qparams_from_range, reduce_range
@@ -162,7 +164,7 @@ def _weight_digest(weight: Tensor) -> str:
 
 
 def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Union[str, Path]] = None,
-                   iters: int = 300, tol: float = 1e-6) -> dict[str, float]:
+                   iters: int = 300, tol: float = 1e-6, device: str = "cpu") -> dict[str, float]:
     """||A|| of each layer, the spectral norm of its linear map on ONE sample's input (bias excluded).
 
     Linear: the largest singular value of W (SVD). Conv: `analysis.propagation.operator_norm`, power
@@ -170,18 +172,20 @@ def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Unio
     shape (padding and stride make the norm depend on it), A^T its vector-Jacobian product; the estimate
     rises to ||A|| from below and stops when the Ritz residual is below ``tol`` (relative). Results are cached in the JSON file ``cache`` (keyed by layer,
     input shape, a digest of the weight and the iteration settings), so a re-run does not iterate again.
+    The iterations run on ``device`` (a copy of each layer there; the model stays where it is).
     """
     path = Path(cache) if cache is not None else None
     known = json.loads(path.read_text()) if path is not None and path.exists() else {}
     shapes = layer_input_shapes(model, layers)
-    norms = {}
+    norms, dev = {}, resolve_device(device)
     for name in layers:
         if name not in shapes:
             raise ValueError(f"layer {name!r} is not called by the denoiser; pick layers with select_layers")
         layer = model.get_submodule(name)
         key = f"{name}|{shapes[name]}|{_weight_digest(layer.weight)}|{iters}|{tol:g}"
         if key not in known:
-            known[key] = operator_norm(layer, input_shape=shapes[name], iters=iters, tol=tol)
+            on_device = layer if dev.type == "cpu" else copy.deepcopy(layer).to(dev)
+            known[key] = operator_norm(on_device, input_shape=shapes[name], iters=iters, tol=tol)
         norms[name] = float(known[key])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,61 +193,101 @@ def operator_norms(model: nn.Module, layers: Sequence[str], cache: Optional[Unio
     return norms
 
 
-def _per_sample_sq(x: Tensor) -> Tensor:
-    return x.flatten(1).square().sum(1)  # (B,)
+def _sum_sq(x: Tensor, dims_kept: int) -> Tensor:
+    return x.flatten(dims_kept).square().sum(dims_kept)  # sum of squares over all but the first dims_kept dims
 
 
 class _LayerSimulator:
-    """Streaming simulation of one layer on one batch of trajectories, every (quantizer, bits) at once."""
+    """Streaming simulation of one layer on one batch of trajectories, every (quantizer, bits) at once.
+
+    The state of the K = len(specs) configurations is stacked, (K, B, ...), so a step is a few elementwise
+    kernels over the stack; only the qparams (one scale per sample or per batch, tiny tensors) are computed
+    per configuration, by `qparams_from_range` itself, so every rounding is the one the quantizer makes."""
 
     def __init__(self, op: LinearOperator, specs: Sequence[QuantSpec], errors: bool, dtype: torch.dtype):
+        if len({spec.rounding for spec in specs}) != 1 or any(s.granularity not in ("sample", "tensor") for s in specs):
+            raise ValueError("the specs of one sweep must share their rounding and quantize per sample or per tensor, "
+                             f"got {[(s.rounding, s.granularity) for s in specs]}")
         self.op, self.specs, self.errors, self.dtype = op.to(dtype), list(specs), errors, dtype
         self.a_prev: Optional[Tensor] = None
-        self.a_hat: list[Tensor] = []
-        self.acc: list[Tensor] = []  # E per spec (held-out only)
+        self.a_hat: Optional[Tensor] = None  # (K, B, ...)
+        self.acc: Optional[Tensor] = None  # E, (K, B, ...) (held-out only)
+        self.grid: Optional[tuple[Tensor, Tensor]] = None  # qmin, qmax per spec, (K, 1, ...)
+        self.layout = torch.contiguous_format  # the layer input's: conv kernels, and their rounding, follow it
         self.rows: list[Tensor] = []  # per quantized step: (1 + len(STAT_COLUMNS), K, B)
 
-    def _round(self, r: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-        """Q(r) and the per-sample Theorem 4.3 bound sum s^2 / 4 over the sample's elements."""
-        x_min, x_max = reduce_range(r, spec)
-        scale, zero_point = qparams_from_range(x_min, x_max, spec)
-        per_sample = scale.to(r.dtype).expand(r.shape[0], *scale.shape[1:]).flatten(1)  # equal-size groups
-        bound = per_sample.square().mean(1) * (r[0].numel() / (4.0 if spec.rounding == "nearest" else 1.0))
-        return fake_quantize(r, scale, zero_point, spec), bound
+    def _start(self, a: Tensor) -> None:
+        """The warm-up step: exact, a_hat = a, E = 0."""
+        k, shape = len(self.specs), (len(self.specs),) + (1,) * a.ndim
+        self.a_prev, self.a_hat = a, a.expand(k, *a.shape).clone()
+        self.acc = torch.zeros_like(self.a_hat) if self.errors else None
+        if a.ndim == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+            self.layout = torch.channels_last
+        bounds = [[float(spec.qmin) for spec in self.specs], [float(spec.qmax) for spec in self.specs]]
+        qmin, qmax = torch.tensor(bounds, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+        self.grid = (qmin.to(a.device).view(shape), qmax.to(a.device).view(shape))
+
+    def _runs(self) -> list[tuple[slice, str]]:
+        """Consecutive specs of one granularity, (slice of K, granularity)."""
+        runs, start = [], 0
+        for granularity, members in itertools.groupby(spec.granularity for spec in self.specs):
+            n = len(list(members))
+            runs.append((slice(start, start + n), granularity))
+            start += n
+        return runs
+
+    def _round(self, r: Tensor, shared: bool) -> tuple[Tensor, Tensor]:
+        """Q(r) per spec (K, B, ...) of residuals r (K, B, ...), and the per-sample Theorem 4.3 bound sum
+        s^2 / 4 over the sample's elements (K, B). ``shared``: r[k] is the same tensor for every k, so
+        its ranges are reduced once. Min and max are exact, so ranges reduced over a run of specs are
+        the ones `reduce_range` gives each spec."""
+        scales, zero_points = [], []
+        for run, granularity in self._runs():
+            part = r[:1] if shared else r[run]
+            dims = tuple(range(2 if granularity == "sample" else 1, part.ndim))
+            x_min, x_max = part.amin(dims, keepdim=True), part.amax(dims, keepdim=True)
+            for i, spec in enumerate(self.specs[run]):
+                j = 0 if shared else i
+                scale, zero_point = qparams_from_range(x_min[j], x_max[j], spec)
+                scales.append(scale.expand(r.shape[1], *scale.shape[1:]))
+                zero_points.append(zero_point.expand(r.shape[1], *scale.shape[1:]))
+        scale, zero_point = torch.stack(scales), torch.stack(zero_points)
+        spec = self.specs[0]
+        q = fake_quantize(r, scale, zero_point, spec, grid=(None, *self.grid))
+        per_element = 4.0 if spec.rounding == "nearest" else 1.0
+        bound = scale.to(r.dtype).flatten(2).square().mean(2) * (r[0, 0].numel() / per_element)
+        return q, bound
 
     def __call__(self, a: Tensor) -> None:
         a = a.detach().to(self.dtype)
-        if self.a_prev is None:  # warm-up step: exact, a_hat = a, E = 0
-            self.a_prev, self.a_hat = a, [a.clone() for _ in self.specs]
-            self.acc = [torch.zeros_like(a) for _ in self.specs] if self.errors else []
+        if self.a_prev is None:
+            self._start(a)
             return
+        k = len(self.specs)
         diff = a - self.a_prev
-        stats, deltas = [], []
-        for k, spec in enumerate(self.specs):
-            q, bound_noec = self._round(diff, spec)
-            delta_noec = diff - q
-            r = a - self.a_hat[k]
-            q, bound_ec = self._round(r, spec)
-            delta_ec = r - q
-            self.a_hat[k] = self.a_hat[k] + q
-            if self.errors:
-                self.acc[k] = self.acc[k] + delta_noec
-                deltas += [self.acc[k], delta_ec]
-            stats.append([_per_sample_sq(diff), _per_sample_sq(delta_noec), bound_noec,
-                          _per_sample_sq(r), _per_sample_sq(delta_ec), bound_ec])
-        errors = self._errors(deltas, a.shape[0])
-        cols = [torch.stack([s[c] for s in stats]) for c in range(6)]  # each (K, B)
-        self.rows.append(torch.stack([cols[0], cols[0], cols[1], cols[2], errors[0],
-                                      cols[3], cols[4], cols[5], errors[1]]))
+        q, bound_noec = self._round(diff.expand(k, *diff.shape), shared=True)
+        delta_noec = diff - q
+        r = a - self.a_hat
+        q, bound_ec = self._round(r, shared=False)
+        delta_ec = r - q
+        self.a_hat = self.a_hat + q
+        if self.errors:
+            self.acc = self.acc + delta_noec
+        diff_sq = _sum_sq(diff, 1).expand(k, -1)
+        err_noec, err_ec = self._errors(delta_ec, a.shape[0])
+        self.rows.append(torch.stack([diff_sq, diff_sq, _sum_sq(delta_noec, 2), bound_noec, err_noec,
+                                      _sum_sq(r, 2), _sum_sq(delta_ec, 2), bound_ec, err_ec]))
         self.a_prev = a
 
-    def _errors(self, deltas: list[Tensor], batch: int) -> tuple[Tensor, Tensor]:
+    def _errors(self, delta_ec: Tensor, batch: int) -> tuple[Tensor, Tensor]:
         """(||A E_k||^2, ||A delta_k||^2) per spec and sample, (K, B) each; NaN without errors."""
         k = len(self.specs)
         if not self.errors:
-            nan = torch.full((k, batch), float("nan"), dtype=self.dtype, device=self.a_prev.device)
+            nan = torch.full((k, batch), float("nan"), dtype=self.dtype, device=delta_ec.device)
             return nan, nan
-        out = self.op(torch.cat(deltas), with_bias=False).reshape(k, 2, batch, -1).square().sum(-1)
+        both = torch.stack([self.acc, delta_ec], dim=1).flatten(0, 2)  # (K * 2 * B, ...): spec, method, sample
+        both = both.contiguous(memory_format=self.layout)
+        out = self.op(both, with_bias=False).reshape(k, 2, batch, -1).square().sum(-1)
         return out[:, 0], out[:, 1]
 
     def result(self) -> np.ndarray:
@@ -251,41 +295,57 @@ class _LayerSimulator:
         return torch.stack(self.rows).cpu().numpy()
 
 
+def _categories(layers: Sequence[str], config: SweepConfig) -> dict[str, pd.CategoricalDtype]:
+    """The categorical dtypes of the role, layer and quantizer columns (sorted values, as astype gives)."""
+    return {"role": pd.CategoricalDtype(sorted(get_args(Role))), "layer": pd.CategoricalDtype(sorted(layers)),
+            "quantizer": pd.CategoricalDtype(sorted(config.quantizers))}
+
+
+def _codes(dtype: pd.CategoricalDtype, values: Sequence[str]) -> np.ndarray:
+    return dtype.categories.get_indexer(list(values)).astype(np.int32)
+
+
 def _long_frame(name: str, data: np.ndarray, role: Role, seeds: Sequence[int], config: SweepConfig,
-                timesteps: Sequence[int]) -> pd.DataFrame:
+                timesteps: Sequence[int], categories: Mapping[str, pd.CategoricalDtype]) -> pd.DataFrame:
     """data (n - 1, 1 + len(STAT_COLUMNS), K, B) -> rows (step, config, seed) of one layer."""
     steps, _, k, b = data.shape
+    rows = steps * k * b
     step = np.repeat(np.arange(1, steps + 1), k * b)
     configs = config.configs
+
+    def column(key: str, values: Sequence[str]) -> pd.Categorical:
+        return pd.Categorical.from_codes(np.resize(_codes(categories[key], values), rows), dtype=categories[key])
+
     frame = pd.DataFrame({
-        "role": role, "layer": name,
-        "quantizer": np.tile(np.repeat([q for q, _ in configs], b), steps),
+        "role": column("role", [role]), "layer": column("layer", [name]),
+        "quantizer": column("quantizer", np.repeat([q for q, _ in configs], b)),
         "bits": np.tile(np.repeat([bb for _, bb in configs], b), steps).astype(np.int16),
         "seed": np.tile(np.asarray(seeds, dtype=np.int64), steps * k),
         "step": step.astype(np.int32), "paper_t": (steps + 1 - step).astype(np.int32),
         "t": np.asarray(timesteps, dtype=np.int64)[step],
         "diff_sq": data[:, 0].reshape(-1),
     })
-    for c, column in enumerate(STAT_COLUMNS, start=1):
-        frame[column] = data[:, c].reshape(-1)
+    for c, column_name in enumerate(STAT_COLUMNS, start=1):
+        frame[column_name] = data[:, c].reshape(-1)
     return frame
 
 
 @torch.no_grad()
 def _one_pass(runner: nn.Module, layers: Sequence[str], seeds: Sequence[int], role: Role, config: SweepConfig,
-              timesteps: Sequence[int], device: torch.device) -> list[pd.DataFrame]:
+              timesteps: Sequence[int], device: torch.device,
+              categories: Mapping[str, pd.CategoricalDtype]) -> list[pd.DataFrame]:
     specs = [quantizer_spec(q, b) for q, b in config.configs]
     dtype = getattr(torch, config.dtype)
     sims = {name: _LayerSimulator(linear_operator(runner.get_submodule(name)), specs, role == "held-out", dtype)
             for name in layers}
-    with _pre_hooks(runner, sims):
+    with _pre_hooks(runner, sims), float32_precision("fp32"):
         md.sample_ddim(runner, md.noise(seeds, runner.sample_shape).to(device), timesteps)
     frames = []
     for name, sim in sims.items():
         if len(sim.rows) != len(timesteps) - 1:
             raise ValueError(f"layer {name!r} was called {len(sim.rows) + 1} times in {len(timesteps)} steps; "
                              "the sweep needs one call per model call (exclude layers called more than once)")
-        frames.append(_long_frame(name, sim.result(), role, seeds, config, timesteps))
+        frames.append(_long_frame(name, sim.result(), role, seeds, config, timesteps, categories))
     return frames
 
 
@@ -298,20 +358,18 @@ def sweep_trajectories(model: nn.Module, layers: Sequence[str], calibration_seed
                        heldout_seeds: Sequence[int], config: SweepConfig) -> pd.DataFrame:
     """One row per (role, layer, quantizer, bits, seed, quantized step i >= 1) with ``diff_sq`` and
     the `STAT_COLUMNS` (module docstring); ``err_sq_*`` are NaN on calibration rows. The fp model
-    samples each role's seeds in batches of ``config.batch_size`` on ``config.device``."""
+    samples each role's seeds in batches of ``config.batch_size`` on ``config.device``, where the
+    simulation runs too, in IEEE arithmetic (TF32 off on CUDA: its rounding would blur the errors measured)."""
     overlap = sorted(set(calibration_seeds) & set(heldout_seeds))
     if overlap or not calibration_seeds or not heldout_seeds:
         raise ValueError(f"calibration and held-out seeds must be non-empty and disjoint; shared: {overlap[:5]}")
     device = resolve_device(config.device)
     runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     timesteps = md.timesteps(config.steps, config.spacing or paper_spacing(model), model.schedule.num_timesteps)
-    frames = []
+    frames, categories = [], _categories(layers, config)
     for role, seeds in (("calibration", calibration_seeds), ("held-out", heldout_seeds)):
         for batch in _chunks(list(seeds), config.batch_size):
             for part in _chunks(list(layers), config.layers_per_pass):
                 log.info("sweep: %s seeds %s..%s, %d layers", role, batch[0], batch[-1], len(part))
-                frames += _one_pass(runner, part, batch, role, config, timesteps, device)
-    out = pd.concat(frames, ignore_index=True)
-    for column in ("role", "layer", "quantizer"):
-        out[column] = out[column].astype("category")
-    return out
+                frames += _one_pass(runner, part, batch, role, config, timesteps, device, categories)
+    return pd.concat(frames, ignore_index=True)

@@ -23,6 +23,7 @@ from typing import Any, Hashable, Optional
 import torch
 from torch import Tensor, nn
 
+from modiff.pipelines.net_wrapper import NetWrapper
 from modiff.quant.layers.trajectory import replay_signature, stateful_layers
 
 __all__ = ["CUDAGraphed"]
@@ -35,7 +36,7 @@ class _Recorded:
     output: Tensor
 
 
-class CUDAGraphed(nn.Module):
+class CUDAGraphed(NetWrapper):
     """`net(*tensors) -> tensor` replayed through CUDA graphs; see the module docstring for when.
 
     max_graphs: graphs kept, least recently used dropped first (a new trajectory whose state lands at new
@@ -53,15 +54,6 @@ class CUDAGraphed(nn.Module):
         self._graphs: OrderedDict[Hashable, _Recorded] = OrderedDict()
         self._seen: set[Hashable] = set()
         self._pool: Optional[Any] = None
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes of the wrapped network (`sample_shape`, for instance) read through the wrapper."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "net":
-                raise
-            return getattr(self.net, name)
 
     @property
     def graphs(self) -> int:

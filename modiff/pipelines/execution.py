@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from modiff.pipelines.cuda_graphs import CUDAGraphed
+from modiff.pipelines.net_wrapper import NetWrapper
 from modiff.quant.layers.trajectory import stateful_layers
 
 __all__ = ["Precision", "PrecisionChoice", "ExecutionConfig", "resolve_precision", "resolve_execution",
@@ -90,7 +91,7 @@ def resolve_execution(device: torch.device, precision: str = "auto", compile: Op
                            cuda_graphs=cuda and not keyword_net if cuda_graphs is None else bool(cuda_graphs))
 
 
-class CompiledNet(nn.Module):
+class CompiledNet(NetWrapper):
     """`net` through torch.compile, one cache for every quantization preset of an architecture.
 
     Dynamo keeps compiled graphs on the code of `net.forward`, shared by every instance and guarded by what
@@ -103,6 +104,8 @@ class CompiledNet(nn.Module):
     during calls, so that running many presets never falls back to eager silently.
     """
 
+    _inner = "compiled"  # `net` is read from it
+
     def __init__(self, net: nn.Module, backend: str | Callable[..., Any] = "inductor", mode: Optional[str] = None,
                  options: Optional[dict[str, Any]] = None):
         super().__init__()
@@ -112,15 +115,6 @@ class CompiledNet(nn.Module):
     @property
     def net(self) -> nn.Module:
         return self.compiled._orig_mod
-
-    def __getattr__(self, name: str) -> Any:
-        """Attributes of the wrapped network (`sample_shape`, for instance) read through the wrapper."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "compiled":
-                raise
-            return getattr(self.net, name)
 
     def _compiles(self) -> bool:
         return all(layer.state.phase in ("refresh", "skip") for layer in self._layers)
@@ -132,7 +126,7 @@ class CompiledNet(nn.Module):
             return self.compiled(*args, **kwargs)
 
 
-class PaddedBatch(nn.Module):
+class PaddedBatch(NetWrapper):
     """`net(x, t, ...)` on exactly ``batch_size`` rows: a smaller batch (a run's last) is filled up with repeats
     of its own rows and the output cut back, so that one compiled graph (and one set of CUDA graphs) serves
     every batch of a run, instead of a compilation (tens of seconds) for the last one.
@@ -150,14 +144,6 @@ class PaddedBatch(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.net, self.batch_size = net, batch_size
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "net":
-                raise
-            return getattr(self.net, name)
 
     def _filled(self, n: int, device: torch.device) -> torch.Tensor:
         key = (n, device)

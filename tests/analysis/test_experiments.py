@@ -15,6 +15,14 @@ def test_published_audit_measures_both_behaviours(tiny_denoiser: md.Denoiser) ->
     assert audit.iloc[1] > 0.0 and audit.iloc[2] > 0.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_published_audit_samples_on_the_device(tiny_denoiser: md.Denoiser) -> None:
+    """On CUDA the audit samples there (the caller's model stays on the CPU) and measures the same behaviours."""
+    audit = experiments.published_audit(tiny_denoiser, 4, range(3), steps=4, device="cuda")["value"]
+    assert audit.iloc[0] == 0.0 and audit.iloc[1] > 0.0 and audit.iloc[2] > 0.0
+    assert next(tiny_denoiser.parameters()).device.type == "cpu"
+
+
 def test_bops_memory_table_scales_with_batch(tiny_denoiser: md.Denoiser) -> None:
     table = experiments.bops_memory_table(tiny_denoiser, ["w8a4-modiff"], [1, 4], steps=10)
     assert table.modiff_state_mb.iloc[1] == 4 * table.modiff_state_mb.iloc[0] > 0
