@@ -91,13 +91,15 @@ def _codes(x: Tensor, a_hat: Optional[Tensor], fp8: bool) -> tuple[Tensor, Tenso
 
 
 def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-          o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype) -> Tensor:
+          o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype,
+          blocks: Optional[dict[str, int]] = None) -> Tensor:
+    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `_gemm_blocks`."""
     from modiff.quant.kernels import real_triton as kernels
 
     b, h, w, c, ho, wo, n, kh, kw, sh, sw, ph, pw = geometry
     m = b * ho * wo
     out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
-    blocks = _gemm_blocks(m, n, c)
+    blocks = blocks or _gemm_blocks(m, n, c)
     grid = (_cdiv(m, blocks["BLOCK_M"]), _cdiv(n, blocks["BLOCK_N"]))
     torch.library.wrap_triton(kernels.gemm_kernel)[grid](
         codes, weight, scales, weight_scale, scales if bias is None else bias, out if o_hat is None else o_hat, out,
