@@ -12,8 +12,8 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
   fp                 the baseline: full precision, compiled bf16 with CUDA graphs
   sim-int8-modiff    the simulator of W8A8 MoDiff (fake-quantized bf16 convolutions)
   real-int8, real-fp8                 direct W8A8 on the real kernels (`modiff.quant.kernels.real`)
-  real-int8-modiff, real-fp8-modiff   W8A8 MoDiff on them, state (a_hat, o_hat) in bf16 (state_dtype auto)
-  real-int8-modiff-f32                the same with float32 state
+  real-int8-modiff, real-fp8-modiff   W8A8 MoDiff on them, state (a_hat, o_hat) in float32 (state_dtype auto)
+  real-int8-modiff-bf16               the same with a bfloat16 state
   torchao-fp8, torchao-int8           torchao's Float8DynamicActivationFloat8WeightConfig and
                      Int8DynamicActivationInt8WeightConfig (default arguments) through `quantize_` on the
                      bf16 network, asked for Conv2d and Linear; if it refuses Conv2d, Linear only (the row
@@ -61,9 +61,9 @@ VARIANTS: dict[str, Optional[str]] = {  # name -> preset (None: fp; torchao-*: t
     "fp": None, "real-int8-modiff": "w8a8-int8-modiff-real", "real-fp8-modiff": "w8a8-fp8-modiff-real",
     "real-int8": "w8a8-int8-real", "real-fp8": "w8a8-fp8-real", "sim-int8-modiff": "w8a8-int8-modiff",
     "torchao-fp8": "Float8DynamicActivationFloat8WeightConfig", "torchao-int8": "Int8DynamicActivationInt8WeightConfig",
-    "real-int8-modiff-f32": "w8a8-int8-modiff-real",
+    "real-int8-modiff-bf16": "w8a8-int8-modiff-real",
 }
-STATE = {"real-int8-modiff-f32": "float32"}
+STATE = {"real-int8-modiff-bf16": "bfloat16"}
 
 
 def _base(arch: str) -> Denoiser:
@@ -160,8 +160,8 @@ def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str
     out: dict[str, Any] = {"batch": batch, "steps": steps}
     fp = _eps(_base(arch), batch, steps, device)
     for fmt in ("int8", "fp8"):
-        for state in ("auto", "float32"):
-            key = f"{fmt}-state-{'bf16' if state == 'auto' else state}"
+        for state in ("float32", "bfloat16"):
+            key = f"{fmt}-state-{state}"
             try:
                 real = _eps(_quantized(arch, f"w8a8-{fmt}-modiff-real", state), batch, steps, device)
                 sim = _eps(_quantized(arch, f"w8a8-{fmt}-modiff", state), batch, steps, device)

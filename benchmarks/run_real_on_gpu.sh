@@ -55,7 +55,7 @@ fi
 #    variant and batch size, so expect fp and the real MoDiff rows at batch 512 first). JSON rewritten after every row.
 cd benchmarks
 timeout 300 python3 bench_real.py --archs cifar10,fmnist-ddim --batch-sizes 512,64 --steps 100 --repeats 1 \
-    --variants fp,real-int8-modiff,real-fp8-modiff,real-int8,torchao-fp8,sim-int8-modiff,real-fp8,torchao-int8,real-int8-modiff-f32 \
+    --variants fp,real-int8-modiff,real-fp8-modiff,real-int8,torchao-fp8,sim-int8-modiff,real-fp8,torchao-int8,real-int8-modiff-bf16 \
     --error-batch 16 --budget 200 --profile --out "$OUT/i27-bench.json" > "$OUT/i27-bench.log" 2>&1
 rc=$?
 cd ..
