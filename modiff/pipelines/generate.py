@@ -31,6 +31,7 @@ from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
 from modiff.pipelines.execution import (Precision, PrecisionChoice, float32_precision, precision_context,
                                         precision_record, prepared_network, resolve_execution, resolve_precision)
+from modiff.quant.layers.real import backend_record
 from modiff.pipelines.run_folder import (check_identity, execution_identity, is_summary, open_manifest, png_path,
                                          remove_unreadable, run_identity)
 from modiff.utils.locks import folder_lock
@@ -221,7 +222,7 @@ def generate(
     ranks = world.gather({"host": platform.node(), "pid": os.getpid(), "device": str(dev), "execution": execution})
     asked = {"seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size, "execution": execution,
              "cuda_graphs": run_execution.cuda_graphs, "environment": environment(dev),
-             "precision": precision_record(config.precision, dev)}
+             "precision": precision_record(config.precision, dev), "quant_backend": backend_record(model, dev)}
     with contextlib.ExitStack() as held:  # the leader's folder lock, until the run is recorded
         manifest, session, batches = world.from_leader(lambda: _open_run(held, out, seeds, ident, asked, ranks))
         mine = batches[world.rank :: world.size]  # batch k to rank k mod N: the batches of a one-process run

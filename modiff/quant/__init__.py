@@ -1,6 +1,7 @@
-"""Quantization. The simulator: `primitives` (QuantSpec, fake quantization), `observers`, `config`,
-`layers/` (direct, modulated; the MoDiff state and `trajectory`), `kernels/`, `api` (`quantize`), `presets`
-and `cost` (BOPs, memory). Q-Diffusion calibration of static presets: `ptq/`."""
+"""Quantization. The simulator: `primitives` (QuantSpec, fake quantization), `formats` (FP8 e4m3), `observers`,
+`config`, `layers/` (direct, modulated; the MoDiff state and `trajectory`), `kernels/`, `api` (`quantize`),
+`presets` and `cost` (BOPs, memory). The real W8A8 backend (``QuantConfig(backend="real")``): `layers/real` and
+`kernels/real`. Q-Diffusion calibration of static presets: `ptq/`."""
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.api import quant_layers, quantize, select_layers
 from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_calib_data, load_calib_data, save_calib_data

@@ -1,8 +1,10 @@
 """`quantize(model, config)`: a quantized copy; the full-precision model is left untouched.
 
-The layer class of a mode comes from a small registry (`register_layer`, `layer_class`), as torchao's
+The layer class of a mode and backend comes from a small registry (`register_layer`, `layer_class`), as torchao's
 `quantize_(model, config)` dispatches on its config: `direct` and `fp` wrap a layer in `QuantLayer`,
-`modulated` and `cache` in `ModulatedLayer` (state across steps, `trajectory()`). Layers are selected
+`modulated` and `cache` in `ModulatedLayer` (state across steps, `trajectory()`); with ``backend="real"``,
+`direct` and `modulated` in `RealQuantLayer` and `RealModulatedLayer` (W8A8 kernels on CUDA, the simulator
+elsewhere; `modiff.quant.layers.real`). Layers are selected
 by type and name patterns (`modiff.utils.selection.select_modules`). What a model knows about itself it
 declares: `concat_splits()` (layers whose input is a concatenated skip) and `attention_cores()` (the
 parameter-free attention matmuls that `quantize_attention` wraps).
@@ -16,9 +18,10 @@ from typing import Any, Callable, Optional, TypeVar
 
 from torch import nn
 
-from modiff.quant.config import Mode, QuantConfig, WeightCodes
+from modiff.quant.config import Backend, Mode, QuantConfig, WeightCodes
 from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer
+from modiff.quant.layers.real import RealModulatedLayer, RealQuantLayer
 from modiff.utils.selection import network_modules, select_modules
 
 __all__ = ["attention_cores", "layer_class", "quantize", "register_layer", "register_weight_codes", "select_layers",
@@ -27,22 +30,27 @@ __all__ = ["attention_cores", "layer_class", "quantize", "register_layer", "regi
 log = logging.getLogger(__name__)
 
 L = TypeVar("L", bound=type[QuantLayer])
-_LAYERS: dict[str, type[QuantLayer]] = {}
+_LAYERS: dict[tuple[str, str], type[QuantLayer]] = {}
 
 
-def register_layer(*modes: Mode) -> Callable[[L], L]:
-    """Make a QuantLayer subclass the layer of `modes` (a class decorator; a mode has one class)."""
+def register_layer(*modes: Mode, backend: Backend = "simulated") -> Callable[[L], L]:
+    """Make a QuantLayer subclass the layer of `modes` on `backend` (a class decorator; a mode has one class
+    per backend)."""
     def register(cls: L) -> L:
         for mode in modes:
-            if mode in _LAYERS and _LAYERS[mode] is not cls:
-                raise ValueError(f"mode {mode!r} already has the layer class {_LAYERS[mode].__name__}")
-            _LAYERS[mode] = cls
+            key = (mode, backend)
+            if key in _LAYERS and _LAYERS[key] is not cls:
+                raise ValueError(f"mode {mode!r} on backend {backend!r} already has the layer class "
+                                 f"{_LAYERS[key].__name__}")
+            _LAYERS[key] = cls
         return cls
     return register
 
 
 register_layer("fp", "direct")(QuantLayer)
 register_layer("modulated", "cache")(ModulatedLayer)
+register_layer("direct", backend="real")(RealQuantLayer)
+register_layer("modulated", backend="real")(RealModulatedLayer)
 
 
 # qmodel (weights rounded to nearest), fp model, config, folder or None -> qmodel with the codes of `config`
@@ -60,10 +68,12 @@ def register_weight_codes(codes: WeightCodes) -> Callable[[WeightSource], Weight
 
 
 def layer_class(config: QuantConfig) -> type[QuantLayer]:
-    """The layer class that computes in `config.mode`."""
-    if config.mode not in _LAYERS:
-        raise ValueError(f"no layer class for mode {config.mode!r}; registered: {sorted(_LAYERS)}")
-    return _LAYERS[config.mode]
+    """The layer class that computes in `config.mode` on `config.backend`."""
+    key = (config.mode, config.backend)
+    if key not in _LAYERS:
+        raise ValueError(f"no layer class for mode {config.mode!r} on backend {config.backend!r}; registered "
+                         f"(mode, backend): {sorted(_LAYERS)}")
+    return _LAYERS[key]
 
 
 def select_layers(model: nn.Module, config: QuantConfig) -> list[str]:
@@ -129,7 +139,7 @@ def quantize(model: nn.Module, config: QuantConfig, *, weights: Optional[str | P
             if name in network:  # a latent model's first stage stays in full precision
                 _replace(qmodel, name, QuantAttentionCore(config.attention_bits))
     qmodel.quant_config = config
-    log.info("quantized %d layers (%s)", len(names), config.mode)
+    log.info("quantized %d layers (%s, %s backend)", len(names), config.mode, config.backend)
     return qmodel
 
 

@@ -13,22 +13,45 @@ and how the layer computes across sampling steps (`mode`):
 
 The first ``warmup_steps`` calls of a modulated/cached layer run on full-precision activations
 (a_hat = a, o_hat = A_q(a) + b): the bias enters once, there.
+
+``format``: the number format of weights and activations, ``int`` (the grids of `QuantSpec`) or
+``fp8_e4m3`` (`modiff.quant.formats`). ``backend``: ``simulated`` computes with fake-quantized float
+tensors; ``real`` runs W8A8 on tensor cores in that format (`modiff.quant.layers.real`, CUDA with Triton)
+and falls back to the simulator, bit for bit, elsewhere. It supports one numerics only, refused otherwise
+(`REAL_SUPPORT`). ``state_dtype``: the dtype of the MoDiff state (a_hat, and o_hat on the real backend);
+``auto`` is the dtype the layer's operator consumes (bf16 under autocast).
+
+`to_dict` leaves out ``format``, ``backend`` and ``state_dtype`` at their defaults: run identities and
+calibration digests made before they existed stay valid. Read the backend of a recorded config with
+`recorded_backend`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping, Optional, get_args
 
+from modiff.quant.formats import NumberFormat, check_fp8_spec
 from modiff.quant.observers import ObserverKind as Observer
 from modiff.quant.primitives import QuantSpec, WeightMethod
 
 __all__ = ["Mode", "ResetPolicy", "WeightMethod", "WeightCodes", "Observer", "WeightQuant", "ActQuant",
-           "QuantConfig"]
+           "QuantConfig", "Backend", "StateDtype", "NumberFormat", "REAL_SUPPORT", "recorded_backend"]
 
 Mode = Literal["fp", "direct", "modulated", "cache"]
 WeightCodes = Literal["nearest", "adaround"]
 ResetPolicy = Literal["per_trajectory", "per_step"]
 LayerType = Literal["Conv1d", "Conv2d", "Linear"]
+Backend = Literal["simulated", "real"]
+StateDtype = Literal["auto", "float32", "bfloat16"]
+
+# Fields added after configs were first recorded, with their defaults: left out of `to_dict` at these values.
+_ADDED_DEFAULTS = {"format": "int", "backend": "simulated", "state_dtype": "auto"}
+
+REAL_SUPPORT = ("backend 'real' supports: mode 'direct' or 'modulated' (with compensation), weights bits=8 "
+                "scheme='symmetric' per output channel (granularity='channel', channel_axis=0, codes='nearest'), "
+                "activations bits=8 scheme='symmetric' dynamic per sample (granularity='sample', rounding='nearest'), "
+                "format 'int' (INT8) or 'fp8_e4m3', layer_types Conv2d and Linear, no split_shortcut, no "
+                "quantize_attention (presets w8a8-int8[-modiff]-real, w8a8-fp8[-modiff]-real)")
 
 
 def _check(value: object, literal: Any, name: str) -> None:
@@ -85,10 +108,16 @@ class QuantConfig:
     attention_bits: int = 8
     split_shortcut: bool = False
     reset: ResetPolicy = "per_trajectory"
+    format: NumberFormat = "int"
+    backend: Backend = "simulated"
+    state_dtype: StateDtype = "auto"
 
     def __post_init__(self) -> None:
         _check(self.mode, Mode, "mode")
         _check(self.reset, ResetPolicy, "reset")
+        _check(self.format, NumberFormat, "format")
+        _check(self.backend, Backend, "backend")
+        _check(self.state_dtype, StateDtype, "state_dtype")
         for t in self.layer_types:
             _check(t, LayerType, "layer type")
         if self.warmup_steps < 0:
@@ -105,6 +134,49 @@ class QuantConfig:
                 f"reusing a cached output, which is mode 'cache' alone (cache_interval=N; the cacheN presets)")
         if self.quantize_attention and not 2 <= self.attention_bits <= 16:
             raise ValueError(f"attention_bits must be in [2, 16], got {self.attention_bits}")
+        if self.format == "fp8_e4m3":
+            self._check_fp8()
+        if self.backend == "real":
+            problems = self._real_problems()
+            if problems:
+                raise ValueError(f"{REAL_SUPPORT}; got {'; '.join(problems)}")
+
+    def _check_fp8(self) -> None:
+        if self.weight is not None:
+            check_fp8_spec(self.weight.spec, "weights")
+            if self.weight.method != "minmax" or self.weight.codes != "nearest":
+                raise ValueError("format 'fp8_e4m3' takes min-max weight scales rounded to nearest (method='minmax', "
+                                 f"codes='nearest'); got method={self.weight.method!r}, codes={self.weight.codes!r}")
+        if self.activation is not None:
+            check_fp8_spec(self.activation.spec, "activations")
+            if not self.activation.dynamic:
+                raise ValueError("format 'fp8_e4m3' takes dynamic activation scales (ActQuant(dynamic=True))")
+
+    def _real_problems(self) -> list[str]:
+        """What in this config no kernel of the real backend computes (empty: supported)."""
+        problems = []
+        if self.mode not in ("direct", "modulated"):
+            problems.append(f"mode={self.mode!r}")
+        if not self.compensation:
+            problems.append("compensation=False")
+        w, a = self.weight, self.activation
+        if w is None:
+            problems.append("weight=None")
+        elif (w.spec.bits, w.spec.scheme, w.spec.granularity, w.spec.channel_axis, w.spec.rounding, w.codes) != \
+                (8, "symmetric", "channel", 0, "nearest", "nearest"):
+            problems.append(f"weight={w}")
+        if a is None:
+            problems.append("activation=None")
+        elif (a.spec.bits, a.spec.scheme, a.spec.granularity, a.spec.rounding, a.dynamic) != \
+                (8, "symmetric", "sample", "nearest", True):
+            problems.append(f"activation={a}")
+        if "Conv1d" in self.layer_types:
+            problems.append("layer_types with Conv1d")
+        if self.split_shortcut:
+            problems.append("split_shortcut=True")
+        if self.quantize_attention:
+            problems.append("quantize_attention=True")
+        return problems
 
     @property
     def adaround(self) -> bool:
@@ -126,7 +198,13 @@ class QuantConfig:
         """A JSON-ready description (for manifests); `from_dict` inverts it."""
         from dataclasses import asdict
 
-        return {f.name: asdict(self)[f.name] for f in fields(self)}
+        values = asdict(self)
+        return {f.name: values[f.name] for f in fields(self)
+                if not (f.name in _ADDED_DEFAULTS and values[f.name] == _ADDED_DEFAULTS[f.name])}
+
+    def simulated(self) -> "QuantConfig":
+        """The simulator's config of the same numerics: the reference of the real backend."""
+        return replace(self, backend="simulated")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
@@ -146,3 +224,10 @@ class QuantConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def recorded_backend(recorded: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """"real" or "simulated" for a config as `to_dict` recorded it (None: no quantization recorded)."""
+    if recorded is None:
+        return None
+    return str(recorded.get("backend", _ADDED_DEFAULTS["backend"]))

@@ -23,13 +23,18 @@
   dynamic activations. Round-to-nearest W4 (``w4aY``) breaks the embedded models.
 - ``cacheN`` / ``cacheN-noec``: full-precision layers that reuse their output and refresh every N steps,
   with and without carrying the skipped residual (Figure 1a).
+- ``w8a8-int8[-modiff]`` / ``w8a8-fp8[-modiff]``: the numerics of the real W8A8 kernels, simulated: symmetric
+  weights per output channel and symmetric per-sample dynamic activations (residuals), as INT8 codes or FP8
+  e4m3 values (`modiff.quant.kernels.real`), Conv2d and Linear layers. The ``-real`` presets run the same
+  on tensor cores (``backend="real"``; CUDA with Triton, the simulator elsewhere).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Mapping
 
-from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightQuant, WeightCodes
+from modiff.quant.config import ActQuant, NumberFormat, Observer, QuantConfig, WeightCodes, WeightQuant
 from modiff.quant.primitives import QuantSpec
 
 __all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "ADAROUND_WEIGHT_BITS",
@@ -81,11 +86,28 @@ def _build() -> dict[str, QuantConfig]:
         for a in ACT_BITS:
             table[f"w{w}a{a}-adaround"] = QuantConfig(**adaround, activation=_acts(a), mode="direct")
             table[f"w{w}a{a}-adaround-modiff"] = QuantConfig(**adaround, activation=_acts(a), mode="modulated")
+    table.update(_w8a8_presets())
     for n in CACHE_INTERVALS:
         table[f"cache{n}"] = QuantConfig(weight=None, activation=None, mode="cache", cache_interval=n)
         table[f"cache{n}-noec"] = QuantConfig(
             weight=None, activation=None, mode="cache", cache_interval=n, compensation=False
         )
+    return table
+
+
+REAL_FORMATS: dict[str, NumberFormat] = {"int8": "int", "fp8": "fp8_e4m3"}
+
+
+def _w8a8_presets() -> dict[str, QuantConfig]:
+    """The real backend's numerics (see the module docstring), simulated and real."""
+    table = {}
+    weights = WeightQuant(QuantSpec(bits=8, scheme="symmetric", granularity="channel", channel_axis=0))
+    acts = ActQuant(QuantSpec(bits=8, scheme="symmetric", granularity="sample"))
+    for name, number_format in REAL_FORMATS.items():
+        base = QuantConfig(weight=weights, activation=acts, format=number_format, layer_types=("Conv2d", "Linear"))
+        for suffix, mode in (("", "direct"), ("-modiff", "modulated")):
+            table[f"w8a8-{name}{suffix}"] = replace(base, mode=mode)
+            table[f"w8a8-{name}{suffix}-real"] = replace(base, mode=mode, backend="real")
     return table
 
 
@@ -144,5 +166,7 @@ def preset_table() -> list[dict[str, object]]:
             "warmup": c.warmup_steps if c.stateful else "-",
             "cache_every": c.cache_interval or "-",
             "split_shortcut": c.split_shortcut,
+            "format": c.format,
+            "backend": c.backend,
         })
     return rows

@@ -112,6 +112,7 @@ def _describe_model(model: nn.Module) -> dict[str, Any]:
     quant = getattr(model, "quant_config", None)
     if quant is not None and callable(getattr(quant, "to_dict", None)):
         out["quant_config"] = quant.to_dict()
+        out["quant_backend"] = getattr(quant, "backend", "simulated")
     return out
 
 

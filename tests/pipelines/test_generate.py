@@ -245,3 +245,21 @@ def test_manifest_records_the_precision(tmp_path: Path, tame_denoiser) -> None:
     assert precision_record("bf16", torch.device("cuda"))["autocast"] == "bfloat16"
     with pytest.raises(ValueError, match="unknown precision"):
         SampleConfig(precision="fp16")  # type: ignore[arg-type]
+
+
+def test_manifest_records_the_quant_backend(tmp_path: Path, tame_denoiser) -> None:
+    """Every session says which backend computed the quantized layers: a real config falls back to the simulator
+    on the CPU, and the run's identity records the config as asked (backend "real")."""
+    import json
+
+    from modiff.quant import presets, quantize, trajectory
+
+    qmodel = quantize(tame_denoiser, presets["w8a8-int8-modiff-real"])
+    identity = {"model": "tame", "quant_config": presets["w8a8-int8-modiff-real"].to_dict()}
+    generate(qmodel, range(2), tmp_path / "q", SampleConfig(steps=2), device="cpu", progress=False,
+             identity=identity, prepare=trajectory)
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["sessions"][0]["quant_backend"] == {"asked": "real", "runs": "simulated", "format": "int"}
+    assert manifest["identity"]["model"]["quant_config"]["backend"] == "real"
+    generate(tame_denoiser, range(2), tmp_path / "fp", SampleConfig(steps=2), device="cpu", progress=False)
+    assert json.loads((tmp_path / "fp" / "manifest.json").read_text())["sessions"][0]["quant_backend"] is None

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from modiff.quant.config import ActQuant, QuantConfig, WeightMethod, WeightQuant
+from modiff.quant.formats import NumberFormat, fake_quantize_fp8, fp8_scale, quantize_dynamic_fp8
 from modiff.quant.observers import make_observer
-from modiff.quant.primitives import Grid, QuantSpec, fake_quantize, quant_grid, quantize_dynamic, weight_qparams
+from modiff.quant.primitives import (Grid, QuantSpec, fake_quantize, quant_grid, quantize_dynamic, reduce_range,
+                                     weight_qparams)
 
 __all__ = ["ActQuantizer", "QuantLayer", "QuantAttentionCore", "quantize_dynamic_split", "quantize_weight", "weight_grid",
            "register_grid", "module_grid"]
@@ -42,16 +44,26 @@ def _split(x: torch.Tensor, split: Optional[int]) -> list[torch.Tensor]:
     return [x] if split is None else list(x.split([split, x.shape[1] - split], dim=1))
 
 
+def _fp8_weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = fp8_scale(*reduce_range(weight.detach(), spec))
+    return scale, torch.zeros_like(scale)
+
+
 def weight_grid(weight: torch.Tensor, config: WeightQuant, split: Optional[int] = None,
-                method: Optional[WeightMethod] = None, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+                method: Optional[WeightMethod] = None, p: float = 2.0,
+                format: NumberFormat = "int") -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of every weight's grid, broadcastable against ``weight``.
 
     Per output channel: shape (out, 1, ...); with `split`, the two input-channel halves get their own
     qparams, expanded to (out, in, ...) so one tensor describes both. ``method``/``p`` override the
-    config's range method (AdaRound starts from the Lp search of Q-Diffusion, p = 2.4).
+    config's range method (AdaRound starts from the Lp search of Q-Diffusion, p = 2.4). ``format``
+    "fp8_e4m3": min-max scales absmax / 448 (`modiff.quant.formats`), zero points 0.
     """
     parts = _split(weight, split)
-    grids = [weight_qparams(w, config.spec, method=method or config.method, p=p) for w in parts]
+    if format == "fp8_e4m3":
+        grids = [_fp8_weight_qparams(w, config.spec) for w in parts]
+    else:
+        grids = [weight_qparams(w, config.spec, method=method or config.method, p=p) for w in parts]
     if len(grids) == 1:
         return grids[0]
     scale = torch.cat([s.expand(-1, w.shape[1], *s.shape[2:]) for (s, _), w in zip(grids, parts)], dim=1)
@@ -74,9 +86,9 @@ class ActQuantizer(nn.Module):
     CUDA-graphed network reads them where they were when it was recorded.
     """
 
-    def __init__(self, config: ActQuant, split: Optional[int] = None):
+    def __init__(self, config: ActQuant, split: Optional[int] = None, format: NumberFormat = "int"):
         super().__init__()
-        self.config, self.split = config, split
+        self.config, self.split, self.format = config, split, format
         self.observing = False
         self.observers = [make_observer(config.observer, spec=config.spec) for _ in range(1 if split is None else 2)]
         self.scales: list[torch.Tensor] = []
@@ -114,6 +126,8 @@ class ActQuantizer(nn.Module):
                 obs.update(part.detach())
             return x
         if self.config.dynamic:
+            if self.format == "fp8_e4m3":
+                return quantize_dynamic_fp8(x, self.spec, self.split)
             return quantize_dynamic_split(x, self.spec, self.split, self.grid)
         if not self.scales:
             raise RuntimeError("static activation quantizer has no qparams: calibrate first "
@@ -157,14 +171,20 @@ class QuantLayer(nn.Module):
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         self.split = split
-        grid = (None, None) if config.weight is None else weight_grid(self.weight, config.weight, split)
+        grid = (None, None) if config.weight is None else weight_grid(self.weight, config.weight, split,
+                                                                      format=config.format)
         # The grid of weight_q, kept (not in the state_dict) so weight codes can be saved and replaced.
         self.register_buffer("weight_scale", grid[0], persistent=False)
         self.register_buffer("weight_zero_point", grid[1], persistent=False)
-        w_q = self.weight if config.weight is None else fake_quantize(self.weight, grid[0], grid[1], config.weight.spec)
+        if config.weight is None:
+            w_q = self.weight
+        elif config.format == "fp8_e4m3":
+            w_q = fake_quantize_fp8(self.weight, grid[0])
+        else:
+            w_q = fake_quantize(self.weight, grid[0], grid[1], config.weight.spec)
         self.register_buffer("weight_q", w_q.detach().clone())
         self.rounding: Optional[nn.Module] = None  # AdaRound's soft weights replace weight_q while it is set
-        self.act = None if config.activation is None else ActQuantizer(config.activation, split)
+        self.act = None if config.activation is None else ActQuantizer(config.activation, split, config.format)
         if config.stateful != self.stateful:
             raise TypeError(f"mode {config.mode!r} needs {'ModulatedLayer' if config.stateful else 'QuantLayer'}; "
                             f"modiff.quantize picks the right one")
@@ -172,7 +192,8 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         w = "fp" if self.config.weight is None else f"w{self.config.weight.spec.bits}"
         a = "fp" if self.config.activation is None else f"a{self.config.activation.spec.bits}"
-        return f"{self.kind}, {self.config.mode}, {w}{a}"
+        fmt = "" if self.config.format == "int" else f" {self.config.format}"
+        return f"{self.kind}, {self.config.mode}, {w}{a}{fmt}, {self.config.backend}"
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act is None else self.act(x)
@@ -181,6 +202,8 @@ class QuantLayer(nn.Module):
         """Integer codes q of weight_q = s (q - z), as a float tensor (exact: |q - z| < 2^16)."""
         if self.weight_scale is None or self.config.weight is None:
             raise ValueError(f"layer {self.name} has full-precision weights; it has no weight codes")
+        if self.config.format != "int":
+            raise ValueError(f"layer {self.name} has {self.config.format} weights: its values are not integer codes")
         spec = self.config.weight.spec
         code = torch.round(self.weight_q.float() * self.weight_scale.reciprocal()) + self.weight_zero_point
         return torch.clamp(code, spec.qmin, spec.qmax)

@@ -55,7 +55,7 @@ def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Opt
     update fused; inside a compiled network the surrounding graph fuses them. No host synchronisation on any
     path. ``fused_spec``: `fused_spec_supported(act.spec)`, as the layer asked it when it was built.
     """
-    if act is not None and (act.observing or not act.config.dynamic):
+    if act is not None and (act.observing or not act.config.dynamic or act.format != "int"):
         return _modulate(x, a_hat, a_ref, act, compensation)
     spec, split, grid = (None, None, None) if act is None else (act.spec, act.split, act.grid)
     a_ref_distinct = None if compensation else a_ref
@@ -73,8 +73,14 @@ def modulate(x: torch.Tensor, a_hat: torch.Tensor, a_ref: torch.Tensor, act: Opt
     return _COMPILED["modulate"](x, a_hat, a_ref, spec, split, compensation, grid)
 
 
-def state_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the layer's operator consumes: the autocast dtype where autocast is on, else x's dtype."""
+_STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def state_dtype(x: torch.Tensor, choice: str = "auto") -> torch.dtype:
+    """The dtype of the MoDiff state: ``choice`` (`QuantConfig.state_dtype`), or for "auto" the dtype the
+    layer's operator consumes: the autocast dtype where autocast is on, else x's dtype."""
+    if choice != "auto":
+        return _STATE_DTYPES[choice]
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -102,7 +108,7 @@ class ModulatedLayer(QuantLayer):
         super().__init__(layer, config, name, split)
         self.state = LayerState()
         # asked once, here: a compiled forward then never reads the bit width (see `modulate`)
-        self.fused_spec = fused_spec_supported(None if self.act is None else self.act.spec)
+        self.fused_spec = config.format == "int" and fused_spec_supported(None if self.act is None else self.act.spec)
 
     def _check_call(self, x: torch.Tensor) -> None:
         phase = self.state.phase
@@ -127,11 +133,19 @@ class ModulatedLayer(QuantLayer):
         state, compensation = self.state, self.config.compensation
         phase, state.phase = state.phase, "spent"
         if phase == "warmup":  # a copy: layers sharing an input (q, k, v) must not share state
-            state.a_hat = x.to(state_dtype(x), copy=True)
+            state.a_hat = x.to(state_dtype(x, self.config.state_dtype), copy=True)
             state.a_ref = state.a_hat if compensation else state.a_hat.clone()
         elif phase == "skip":
             if not compensation:  # the skipped residual is dropped: no error feedback
                 state.a_ref.copy_(x)
         else:
             modulate(x, state.a_hat, state.a_ref, self.act, compensation, self.fused_spec)
-        return self.op(state.a_hat, self.weight_q, self.bias)
+        return self.op(self.operand(x), self.weight_q, self.bias)
+
+    def operand(self, x: torch.Tensor) -> torch.Tensor:
+        """a_hat as the operator takes it: in x's dtype when the state has another (`QuantConfig.state_dtype`)
+        and no autocast converts it."""
+        a_hat = self.state.a_hat
+        if a_hat.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            a_hat = a_hat.to(x.dtype)
+        return a_hat

@@ -1,6 +1,7 @@
 """The cross-step state of one modulated/cached layer and the phase of its coming call.
 
-A layer keeps a_hat (input-shaped; its output is o_hat = A_q(a_hat) + b) and, without error compensation,
+A layer keeps a_hat (input-shaped; its output is o_hat = A_q(a_hat) + b; the real backend keeps o_hat too,
+`modiff.quant.layers.real`) and, without error compensation,
 a_ref (the previous exact input, the reference of the next residual), and counts model calls (one call =
 one sampling step). `trajectory()` advances the phase before every model call; the layer only reads it.
 """
@@ -23,11 +24,12 @@ Phase = Literal["inactive", "warmup", "refresh", "skip", "spent"]
 class LayerState:
     a_hat: Optional[torch.Tensor] = None  # (B, C_in, ...) input estimate: the layer outputs A_q(a_hat) + b
     a_ref: Optional[torch.Tensor] = None  # (B, C_in, ...) next residual's reference: a_hat with EC, else a_{t+1}
+    o_hat: Optional[torch.Tensor] = None  # (B, C_out, ...) output estimate, kept by the real backend only
     calls: int = 0
     phase: Phase = "inactive"
 
     def clear(self) -> None:
-        self.a_hat = self.a_ref = None
+        self.a_hat = self.a_ref = self.o_hat = None
         self.calls = 0
 
     def advance(self, config: QuantConfig) -> None:

@@ -108,6 +108,7 @@ def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterato
 
 
 def state_bytes(states: list[LayerState]) -> int:
-    """Bytes of state the simulator holds over all layers (for the whole batch; a_ref counted when distinct)."""
-    tensors = {id(t): t for s in states for t in (s.a_hat, s.a_ref) if t is not None}
+    """Bytes of state the layers hold over all layers (for the whole batch; a_ref counted when distinct, o_hat
+    where the real backend keeps it)."""
+    tensors = {id(t): t for s in states for t in (s.a_hat, s.a_ref, s.o_hat) if t is not None}
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,271 @@
+"""Real low-bit MoDiff on one GPU: images/s of W8A8 on tensor cores against compiled bf16, and its error.
+
+    python benchmarks/bench_real.py --out benchmarks/results/real_h200.json
+    python benchmarks/bench_real.py --archs cifar10 --batch-sizes 512 --variants fp,real-int8-modiff --profile
+    python benchmarks/bench_real.py --fid 10000 --variants none --out fid.json    # FID only
+    python benchmarks/bench_real.py --device cpu --archs fmnist-ddim --batch-sizes 2 --steps 3 --variants fp,real-int8-modiff
+
+One process. Every variant runs the real sampling loop (`modiff.pipelines.generate.sample`, DDIM, ``--steps``) on
+the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, torch.compile, CUDA graphs) after a
+3-step warm-up trajectory (compilation, graph recording), then ``--repeats`` timed trajectories (median):
+
+  fp                 the baseline: full precision, compiled bf16 with CUDA graphs
+  sim-int8-modiff    the simulator of W8A8 MoDiff (fake-quantized bf16 convolutions)
+  real-int8, real-fp8                 direct W8A8 on the real kernels (`modiff.quant.kernels.real`)
+  real-int8-modiff, real-fp8-modiff   W8A8 MoDiff on them, state (a_hat, o_hat) in float32 (state_dtype auto)
+  real-int8-modiff-bf16               the same with a bfloat16 state
+  torchao-fp8, torchao-int8           torchao's Float8DynamicActivationFloat8WeightConfig and
+                     Int8DynamicActivationInt8WeightConfig (default arguments) through `quantize_` on the
+                     bf16 network, asked for Conv2d and Linear; if it refuses Conv2d, Linear only (the row
+                     records which layers it quantized). Skipped with the reason when torchao does not import.
+
+Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
+Per-step error (``--error-batch``, 0 skips): for INT8 and FP8 and both state dtypes, the relative L2 error of eps
+of the real MoDiff model against the simulated one (same config), and of both against the fp model, per step,
+eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of real and
+simulated W8A8 INT8 MoDiff against the shipped Fashion-MNIST statistics. ``--profile``: a kernel table of 5 steps
+per variant at the largest batch. Every variant runs in try/except: an error is recorded in its row and the
+run continues; the JSON (``--out``) is rewritten after every row. The error runs come first; ``--budget``
+seconds (from the start) stops starting new rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+import modiff as md
+from modiff.diffusion.schedules import linear_schedule
+from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
+from modiff.models.registry import Denoiser
+from modiff.pipelines.execution import ExecutionConfig, prepared_network
+from modiff.pipelines.generate import SampleConfig, sample
+from modiff.quant import presets, quantize, trajectory
+from modiff.quant.layers.real import backend_record
+
+from profiling import kernel_table
+
+FAST = ExecutionConfig(precision="bf16", compile=True, cuda_graphs=True)
+EAGER = ExecutionConfig(precision="bf16")
+VARIANTS: dict[str, Optional[str]] = {  # name -> preset (None: fp; torchao-*: the torchao config)
+    "fp": None, "real-int8-modiff": "w8a8-int8-modiff-real", "real-fp8-modiff": "w8a8-fp8-modiff-real",
+    "real-int8": "w8a8-int8-real", "real-fp8": "w8a8-fp8-real", "sim-int8-modiff": "w8a8-int8-modiff",
+    "torchao-fp8": "Float8DynamicActivationFloat8WeightConfig", "torchao-int8": "Int8DynamicActivationInt8WeightConfig",
+    "real-int8-modiff-bf16": "w8a8-int8-modiff-real",
+}
+STATE = {"real-int8-modiff-bf16": "bfloat16"}
+
+
+def _base(arch: str) -> Denoiser:
+    if arch == "cifar10":
+        torch.manual_seed(0)
+        return Denoiser(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)), linear_schedule(), "cifar10", {})
+    return md.load_model(arch)
+
+
+def _quantized(arch: str, preset: str, state_dtype: str = "auto") -> Denoiser:
+    return quantize(_base(arch), dataclasses.replace(presets[preset], state_dtype=state_dtype))
+
+
+def _torchao(arch: str, config_name: str) -> tuple[Denoiser, dict[str, Any]]:
+    """The bf16 network through torchao's quantize_, Conv2d and Linear asked for (Linear only if refused)."""
+    import torchao
+    from torchao import quantization
+
+    notes: dict[str, Any] = {"torchao": torchao.__version__, "config": f"{config_name}()"}
+    for layers in ((nn.Conv2d, nn.Linear), (nn.Linear,)):
+        model = _base(arch)
+        model.net = model.net.to(torch.bfloat16).cuda()
+        try:
+            quantization.quantize_(model.net, getattr(quantization, config_name)(),
+                                   filter_fn=lambda m, fqn, layers=layers: isinstance(m, layers))
+        except Exception as err:  # noqa: BLE001 - torchao's refusal of Conv2d is a result to record
+            notes[f"refused {'+'.join(t.__name__ for t in layers)}"] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        counts: dict[str, int] = {}
+        for module in model.net.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and type(getattr(weight, "data", weight)) is not torch.Tensor:
+                counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+        notes["quantized_layers"] = counts
+        return model, notes
+    raise RuntimeError(f"torchao refused every layer kind: {notes}")
+
+
+def _build(arch: str, variant: str) -> tuple[Denoiser, dict[str, Any]]:
+    preset = VARIANTS[variant]
+    if variant.startswith("torchao-"):
+        return _torchao(arch, preset)
+    if preset is None:
+        return _base(arch), {}
+    return _quantized(arch, preset, STATE.get(variant, "auto")), {"preset": preset,
+                                                                   "state_dtype": STATE.get(variant, "auto")}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _trajectory(runner: nn.Module, batch: int, steps: int, device: torch.device,
+                callback: Optional[Callable] = None) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    with trajectory(runner):
+        sample(runner, range(batch), SampleConfig(steps=steps, precision="bf16"), device, callback)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _time_row(model: Denoiser, execution: ExecutionConfig, batch: int, args: argparse.Namespace,
+              device: torch.device) -> dict[str, Any]:
+    with prepared_network(model, device, execution) as runner:
+        started = time.perf_counter()
+        _trajectory(runner, batch, 3, device)  # compilation, autotuning, graph recording
+        warmup = time.perf_counter() - started
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runs = [_trajectory(runner, batch, args.steps, device) for _ in range(args.repeats)]
+        row = {"warmup_s": round(warmup, 1), "runs_s": [round(r, 3) for r in runs],
+               "images_per_s": round(batch / statistics.median(runs), 2),
+               "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else 0}
+        if args.profile:
+            row["profile"] = kernel_table(lambda: _trajectory(runner, batch, 5, device), device, rows=25)
+    return row
+
+
+def _eps(model: Denoiser, batch: int, steps: int, device: torch.device) -> list[torch.Tensor]:
+    eps: list[torch.Tensor] = []
+    with prepared_network(model, device, EAGER) as runner:
+        _trajectory(runner, batch, steps, device, callback=lambda s: eps.append(s.eps.float()))
+    return eps
+
+
+def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [round(float((x - y).norm() / y.norm()), 6) for x, y in zip(a, b)]
+
+
+def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Per-step relative error of eps: real vs simulated MoDiff (same config), and each against fp."""
+    out: dict[str, Any] = {"batch": batch, "steps": steps}
+    fp = _eps(_base(arch), batch, steps, device)
+    for fmt in ("int8", "fp8"):
+        for state in ("float32", "bfloat16"):
+            key = f"{fmt}-state-{state}"
+            try:
+                real = _eps(_quantized(arch, f"w8a8-{fmt}-modiff-real", state), batch, steps, device)
+                sim = _eps(_quantized(arch, f"w8a8-{fmt}-modiff", state), batch, steps, device)
+                pairs = {"real_vs_sim": _relative(real, sim), "real_vs_fp": _relative(real, fp),
+                         "sim_vs_fp": _relative(sim, fp)}
+                out[key] = {name: {"max": max(v), "mean": round(sum(v) / len(v), 6), "per_step": v}
+                            for name, v in pairs.items()}
+            except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+                out[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
+            print(json.dumps({key: {k: v.get("max") if isinstance(v, dict) else v for k, v in out[key].items()}}),
+                  flush=True)
+    return out
+
+
+def _fid(samples: int, batch: int, work: Path) -> dict[str, Any]:
+    """FID of real and simulated W8A8 INT8 MoDiff on fmnist-ddim, with bootstrap intervals."""
+    from modiff.metrics.fidelity import score
+    from modiff.pipelines.evaluate import evaluate, seed_images
+
+    out: dict[str, Any] = {"samples": samples}
+    for preset in ("w8a8-int8-modiff-real", "w8a8-int8-modiff"):
+        try:
+            run = work / f"fid-{preset}"
+            evaluate(md.load_model("fmnist-ddim"), range(samples), run, SampleConfig(steps=100, precision="bf16"),
+                     quant_preset=preset, metrics=("fid",), batch_size=batch, device="cuda", progress=False)
+            scores = score(seed_images(run, range(samples)), "fmnist-train", ("fid",), device="cuda")
+            out[preset] = scores.metrics
+        except Exception as err:  # noqa: BLE001
+            out[preset] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
+        print(json.dumps({preset: out[preset]}, default=str), flush=True)
+    return out
+
+
+def _write(path: Optional[str], result: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--archs", default="cifar10,fmnist-ddim")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, or 'none'")
+    parser.add_argument("--batch-sizes", default="512,64")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--error-batch", type=int, default=16, help="batch of the per-step error runs (0: skip)")
+    parser.add_argument("--fid", type=int, default=0, help="samples for the FID of real vs simulated (0: skip)")
+    parser.add_argument("--fid-batch", type=int, default=512)
+    parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; no new row starts after")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    variants = [] if args.variants == "none" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+        "triton": importlib.util.find_spec("triton") is not None, "args": vars(args), "rows": []}
+    try:
+        import torchao
+        result["torchao"] = torchao.__version__
+    except Exception as err:  # noqa: BLE001 - any import failure means: no torchao rows
+        result["torchao"] = f"not importable: {type(err).__name__}: {err}"
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
+    if args.error_batch:  # first: cheap (eager), and the quality half of the question
+        result["errors"] = _errors(args.archs.split(",")[0], args.error_batch, args.steps, device)
+        _write(args.out, result)
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        for arch in args.archs.split(","):
+            for variant in variants:
+                row: dict[str, Any] = {"arch": arch, "variant": variant, "batch": batch, "steps": args.steps}
+                if time.perf_counter() - started > args.budget:
+                    row["skipped"] = f"time budget of {args.budget} s spent"
+                elif variant.startswith("torchao-") and result["torchao"].startswith("not importable"):
+                    row["skipped"] = result["torchao"]
+                else:
+                    try:
+                        model, notes = _build(arch, variant)
+                        row.update(notes)
+                        ran = backend_record(model, device)  # what computes the layers here, not the name
+                        row["backend"] = ran["runs"] if ran else ("torchao" if variant.startswith("torchao") else "fp")
+                        row.update(_time_row(model, FAST if device.type == "cuda" else EAGER, batch, args, device))
+                    except Exception as err:  # noqa: BLE001 - one variant's failure must not lose the others
+                        row["error"] = f"{type(err).__name__}: {err}"
+                        row["traceback"] = traceback.format_exc()[-3000:]
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                result["rows"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("profile", "traceback")}), flush=True)
+                if "profile" in row:
+                    print(row["profile"], flush=True)
+                _write(args.out, result)
+    if args.fid:
+        with tempfile.TemporaryDirectory(prefix="bench-real-fid-") as work:
+            result["fid"] = _fid(args.fid, args.fid_batch, Path(work))
+        _write(args.out, result)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    _write(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

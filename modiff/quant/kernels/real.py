@@ -1,0 +1,163 @@
+"""The real W8A8 backend's kernels as torch ops: direct and modulated (MoDiff) Conv2d/Linear in INT8 or FP8 e4m3.
+
+What they compute (the numerics the simulator reproduces with `QuantConfig.simulated()`):
+
+- weights: per output channel, symmetric, s_w = max(absmax / L, MIN_SCALE) with L = 127 (INT8: codes in
+  [-127, 127], round half to even) or 448 (FP8: e4m3 values, `modiff.quant.formats`), packed once at quantize
+  time into a (kh kw C_in, C_out) matrix of codes (`pack_weight`);
+- activations: r = a_t - a_hat (modulated) or a_t (direct), one dynamic scale per sample
+  s_a = max(max |r| / L, MIN_SCALE), codes q = Q(r / s_a) as above;
+- product: sum q_a q_w on tensor cores, int32 (INT8, exact) or float32 (FP8) accumulation;
+- modulated: a_hat += s_a q_a and o_hat += s_a s_w acc, in the state's dtype, both in place (their addresses
+  stay fixed, so CUDA graphs replay the step); the layer's output is o_hat. The bias entered o_hat at warm-up.
+  direct: output = s_a s_w acc + bias.
+
+The simulator computes the same codes; its output A_q(a_hat) + b is recomputed in floating point where the
+kernels accumulate o_hat, so the two agree exactly when every value is exact in float32 (tests pick such
+inputs) and to float32 rounding otherwise, plus the rounding of o_hat's dtype once per step (bf16 state: the
+error feedback does not see o_hat's rounding; `benchmarks/bench_real.py` measures it against float32 state).
+
+Registered as `torch.library.triton_op`s (`register_ops`), so a compiled network launches the kernels from its
+own graph; no host synchronisation anywhere. Tensors: the input and the state in one NHWC-dense layout
+(channels_last (B, C, H, W), or contiguous (B, ..., C) for Linear).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from modiff.quant.formats import NumberFormat
+
+__all__ = ["Geometry", "pack_weight", "real_direct", "real_modulated", "register_ops", "TRITON"]
+
+TRITON = importlib.util.find_spec("triton") is not None
+_BLOCK = 1024  # values per loop iteration of the absmax/quantize programs
+_MIN_CHUNK = 4096  # values of one sample per program
+_MAX_CHUNKS = 256
+
+# (B, H, W, C, Ho, Wo, N, kh, kw, stride_h, stride_w, pad_h, pad_w) of one call: the implicit GEMM's geometry
+Geometry = list[int]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def pack_weight(codes: Tensor, format: NumberFormat) -> Tensor:
+    """Weight codes (C_out, C_in[, kh, kw]) as the GEMM's (kh kw C_in, C_out) matrix, tap-major: int8, or the
+    bits of e4m3 values as uint8 (`codes` then holds e4m3-exact values)."""
+    matrix = (codes.permute(0, 2, 3, 1) if codes.ndim == 4 else codes).reshape(codes.shape[0], -1).t().contiguous()
+    if format == "fp8_e4m3":
+        return matrix.float().to(torch.float8_e4m3fn).view(torch.uint8)
+    return matrix.to(torch.int8)
+
+
+def _gemm_blocks(m: int, n: int, c: int) -> dict[str, int]:
+    """Tile sizes for the GEMM: 8-bit operands want K tiles of 64 (128 bytes per row); tl.dot needs >= 16 per dim
+    and Hopper's 8-bit MMA K >= 32. Not autotuned (an autotuner would time kernels inside a CUDA graph capture)."""
+    block_n = 128 if n > 64 else (64 if n > 32 else 32)
+    block_m = 128 if m >= 4096 else 64
+    block_k = 64 if c > 32 else 32
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+
+
+def _codes(x: Tensor, a_hat: Optional[Tensor], fp8: bool) -> tuple[Tensor, Tensor]:
+    """(codes shaped like x, per-sample scales (B,)); a_hat (None: direct) is advanced in place."""
+    from modiff.quant.kernels import real_triton as kernels  # imported on first use: TRITON_INTERPRET is read then
+
+    samples = x.shape[0]
+    n = x.numel() // samples
+    chunk = max(_MIN_CHUNK, _cdiv(n, _MAX_CHUNKS))
+    chunks = _cdiv(n, chunk)
+    partials = torch.empty((samples, chunks), dtype=torch.float32, device=x.device)
+    codes = torch.empty_like(x, dtype=torch.uint8 if fp8 else torch.int8)
+    scales = torch.empty((samples,), dtype=torch.float32, device=x.device)
+    modulated = a_hat is not None
+    hat = a_hat if modulated else x
+    torch.library.wrap_triton(kernels.absmax_kernel)[(samples, chunks)](
+        x, hat, partials, n, chunks, chunk, MODULATED=modulated, BLOCK=_BLOCK)
+    torch.library.wrap_triton(kernels.quantize_kernel)[(samples, chunks)](
+        x, hat, codes, scales, partials, n, chunks, chunk,
+        MODULATED=modulated, FP8=fp8, GP=_pow2(chunks), BLOCK=_BLOCK)
+    return codes, scales
+
+
+def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+          o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype,
+          blocks: Optional[dict[str, int]] = None) -> Tensor:
+    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `_gemm_blocks`."""
+    from modiff.quant.kernels import real_triton as kernels
+
+    b, h, w, c, ho, wo, n, kh, kw, sh, sw, ph, pw = geometry
+    m = b * ho * wo
+    out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
+    blocks = blocks or _gemm_blocks(m, n, c)
+    grid = (_cdiv(m, blocks["BLOCK_M"]), _cdiv(n, blocks["BLOCK_N"]))
+    torch.library.wrap_triton(kernels.gemm_kernel)[grid](
+        codes, weight, scales, weight_scale, scales if bias is None else bias, out if o_hat is None else o_hat, out,
+        m, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, KW=kw, TAPS=kh * kw, FP8=weight.dtype == torch.uint8,
+        MODULATED=o_hat is not None, HAS_BIAS=bias is not None, **blocks)
+    return out
+
+
+def _direct(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], geometry: list[int],
+            out_dtype: torch.dtype) -> Tensor:
+    codes, scales = _codes(x, None, weight.dtype == torch.uint8)
+    return _gemm(codes, scales, weight, weight_scale, bias, None, geometry, out_dtype)
+
+
+def _modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weight_scale: Tensor, geometry: list[int],
+               out_dtype: torch.dtype) -> Tensor:
+    codes, scales = _codes(x, a_hat, weight.dtype == torch.uint8)
+    return _gemm(codes, scales, weight, weight_scale, None, o_hat, geometry, out_dtype)
+
+
+_OPS: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_ops() -> None:
+    """Register the two triton_ops (once; a no-op without Triton). Registering imports Triton and
+    torch._inductor, so the layers call it when built on a machine with CUDA, not modiff on import."""
+    if _OPS or not TRITON:
+        return
+    _OPS["direct"] = torch.library.triton_op("modiff::real_w8a8_direct", _direct, mutates_args=())
+    _OPS["modulated"] = torch.library.triton_op("modiff::real_w8a8_modulated", _modulated,
+                                                mutates_args=("a_hat", "o_hat"))
+
+
+def _nhwc_dense(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t.is_contiguous()
+
+
+def _check(x: Tensor, *state: Tensor) -> None:
+    if not _nhwc_dense(x):
+        raise ValueError(f"the real kernels read NHWC-dense inputs (channels_last, or contiguous for Linear); got "
+                         f"shape {tuple(x.shape)} with strides {x.stride()}")
+    for t in state:
+        if t.shape != x.shape or not _nhwc_dense(t):
+            raise ValueError(f"the MoDiff state must have the input's shape {tuple(x.shape)} and NHWC-dense layout; "
+                             f"got shape {tuple(t.shape)} with strides {t.stride()}")
+
+
+def real_direct(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], geometry: Geometry,
+                out_dtype: torch.dtype) -> Tensor:
+    """Direct W8A8: (M, N) = s_a s_w (codes @ weight) + bias, M = B Ho Wo (see the module docstring)."""
+    _check(x)
+    register_ops()
+    return _OPS["direct"](x, weight, weight_scale, bias, geometry, out_dtype)
+
+
+def real_modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weight_scale: Tensor,
+                   geometry: Geometry, out_dtype: torch.dtype) -> Tensor:
+    """One MoDiff step: a_hat and o_hat advanced in place; returns o_hat as (M, N) in ``out_dtype``."""
+    _check(x, a_hat)
+    register_ops()
+    return _OPS["modulated"](x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype)
