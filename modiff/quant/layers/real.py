@@ -64,6 +64,10 @@ class _RealWeights:
     weight_packed: Tensor
     weight_scale_n: Tensor
 
+    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
+        super().__init__(layer, config, name, split)  # type: ignore[call-arg]  # QuantLayer, next in the MRO
+        self._prepare(layer)
+
     def _prepare(self, layer: nn.Module) -> None:
         if isinstance(layer, nn.Conv2d):
             if layer.groups != 1 or layer.dilation != (1, 1) or not isinstance(layer.padding, tuple):
@@ -117,10 +121,6 @@ class _RealWeights:
 class RealQuantLayer(_RealWeights, QuantLayer):
     """Direct W8A8 on the real backend: o = s_a s_w (codes of a) @ (codes of W) + b."""
 
-    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
-        super().__init__(layer, config, name, split)
-        self._prepare(layer)
-
     def forward(self, x: Tensor) -> Tensor:
         if not use_real_kernels(x):
             return super().forward(x)
@@ -132,10 +132,6 @@ class RealQuantLayer(_RealWeights, QuantLayer):
 
 class RealModulatedLayer(_RealWeights, ModulatedLayer):
     """MoDiff W8A8 on the real backend: r = a - a_hat, a_hat += Q(r), o_hat += A_q(Q(r)); returns o_hat."""
-
-    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
-        super().__init__(layer, config, name, split)
-        self._prepare(layer)
 
     def forward(self, x: Tensor) -> Tensor:
         if not use_real_kernels(x):
