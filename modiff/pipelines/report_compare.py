@@ -159,7 +159,8 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
                         f"calibration + {get('theory_heldout_samples')} held-out; warm-up: {get('warmup_samples')} seeds"},
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
-        {"": "arithmetic", "paper": "not stated", "this report": get("precision")},
+        {"": "arithmetic", "paper": "not stated",
+         "this report": f"sample runs: {get('precision')}; theory sweep and published-code audit: IEEE float32"},
     ])
 
 
