@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The real backend on one GPU machine: the real W8A8 backend's CUDA tests, then bench_real.py, in at most about 7.5 minutes (tests <= 150 s, benchmark <= 300 s).
-# Run on the GPU box from the repository root, with the torchao wheel in .whl/ (carried from
-# /work/coord/wheels-i27/) and $OUT set (what is written there comes back):
-#     bash /path/to/gpu-i27.sh            (or copy it into the tree and run it from the root)
-# Writes: $OUT/i27-env.log, i27-pip.log, i27-tests.log, i27-bench.log, i27-bench.json, i27-summary.txt
+# The real backend on one GPU machine: the real W8A8 backend's CUDA tests, bench_real_gemm.py, then bench_real.py, in at most about 9.5 minutes (tests <= 150 s, GEMM <= 120 s, benchmark <= 300 s).
+# Run from the repository root on the GPU machine, with $OUT set (what is written there comes back) and torchao's
+# wheel in .whl/ for the peer rows (pip download torchao==0.17.0 --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 --implementation cp -d .whl):  bash benchmarks/run_real_on_gpu.sh
+# Writes: $OUT/i27-env.log, i27-pip.log, i27-tests.log, i27-gemm.log, i27-gemm.json, i27-bench.log, i27-bench.json, i27-summary.txt
 set -u
 OUT=${OUT:-/tmp/i27-out}
 mkdir -p "$OUT"
@@ -50,7 +50,12 @@ else
     grep -E "^(FAILED|ERROR)" "$OUT/i27-tests.log" | head -20 | tee -a "$SUMMARY"
 fi
 
-# 3. The benchmark: CIFAR-10 UNet first (batch 512, then 64), fmnist-ddim after, 100 DDIM steps, one timed run
+# 3. The GEMM alone against cuDNN's bf16 convolution, per layer shape and tiling (<= 120 s)
+timeout 120 python3 benchmarks/bench_real_gemm.py --batch 512 --out "$OUT/i27-gemm.json" > "$OUT/i27-gemm.log" 2>&1
+rc=$?
+if [ $rc -eq 0 ]; then note "ok: GEMM benchmark finished"; else note "FAILED: GEMM benchmark, exit $rc (see i27-gemm.log)"; fi
+
+# 4. The benchmark: CIFAR-10 UNet first (batch 512, then 64), fmnist-ddim after, 100 DDIM steps, one timed run
 #    each, after the per-step error runs (eager, batch 16); no new row after 200 s (rows in priority order: compilation takes about a minute per
 #    variant and batch size, so expect fp and the real MoDiff rows at batch 512 first). JSON rewritten after every row.
 cd benchmarks
