@@ -21,8 +21,8 @@ Variants (``--variants``), the execution settings of `modiff.pipelines.execution
 
 ``--model``: a model preset (fmnist-ddim, fmnist-ldm; real weights) or cifar10 (the CIFAR-10 DDIM UNet with
 random weights). ``--inductor key=value`` patches torch._inductor.config for the whole run (the compiled
-variants of both paths). ``--profile`` prints, per preset and variant, the top kernels by device time of
-``--profile-steps`` network steps at the largest batch.
+variants of both paths). ``--profile`` prints, per preset and variant, the top kernels by device time of one
+trajectory of ``--profile-steps`` steps (default ``--steps``) at the largest batch.
 """
 from __future__ import annotations
 
@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where run folders go")
     parser.add_argument("--inductor", action="append", default=[], help="torch._inductor.config key=value")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of each preset and variant")
-    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=None,
+                        help="steps of the profiled trajectory (default: --steps; fewer over-weight MoDiff's warm-up)")
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -186,10 +187,10 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                 if args.profile:  # printed at once, so a run stopped by a time limit keeps its tables
                     name = f"{preset} {variant} batch {batch_sizes[-1]}"
-                    profiles[name] = _profile(model, execution, batch_sizes[-1],
-                                              replace(config, steps=args.profile_steps), device, args.profile_rows)
-                    print(f"\n=== {name}: top kernels over {args.profile_steps} steps ===\n{profiles[name]}",
-                          flush=True)
+                    steps = args.profile_steps or args.steps
+                    profiles[name] = _profile(model, execution, batch_sizes[-1], replace(config, steps=steps), device,
+                                              args.profile_rows)
+                    print(f"\n=== {name}: top kernels over {steps} steps ===\n{profiles[name]}", flush=True)
     _print_table(rows)
     if args.out:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
