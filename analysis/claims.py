@@ -163,8 +163,9 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
     """Figure 1b. The paper: temporal differences are more than ``paper_ratio`` times narrower than the
     activations. ``ratios``: one row per layer with the columns of
     `analysis.distributions.range_ratio_summary` (per-step ratios of the activations' range to the
-    differences' range, and ``overall``, one range over the whole trajectory). It holds for a layer when
-    the median over steps of the per-step ratio is at least ``paper_ratio``."""
+    differences' range, and ``overall``, one range over the whole trajectory), and where present those of
+    `analysis.distributions.layer_range_ratios` (the per-trajectory ratio with its interval). It holds for a
+    layer when the median over steps of the per-step ratio is at least ``paper_ratio``."""
     holds = ratios[ratios["median_per_step"] >= paper_ratio]
     per_layer = "; ".join(f"`{r.layer}` median {r.median_per_step:.3g}, smallest {r.min_per_step:.3g}"
                           for r in ratios.itertuples())
@@ -174,6 +175,12 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
              f"this holds for {len(holds)} of {len(ratios)} layers here (median over steps)"
              + (", though the differences are narrower than the activations at every step." if (ratios["min_per_step"] > 1).all()
                 else "; at some steps the differences are as wide as the activations or wider."))
+    if "per_trajectory_median" in ratios:
+        within = "; ".join(
+            f"`{r.layer}` {Interval(r.per_trajectory_median, r.per_trajectory_ci95_low, r.per_trajectory_ci95_high, 1)}"
+            for r in ratios.itertuples())
+        text += (f" Within each trajectory (ranges over its own elements), the median per-step ratio averages, over "
+                 f"trajectories with its 95% interval: {within}.")
     return text + (f" Pooled over the whole trajectory (one range of each) the ratio is {ratios['overall'].min():.3g} "
                    f"to {ratios['overall'].max():.3g}: the activations' range moves from step to step, which a static "
                    "quantizer must cover at once.")

@@ -17,6 +17,9 @@ Notation:
 ``outlier_Kstd``  fraction of elements with |x - mean| > K std
 ``ratio``       range(raw) / range(diff) at one step (the paper claims > 10x)
 ==============  ======================================================================================
+
+`trajectory_range_ratios` takes the same ratio within each trajectory (the leading dimension of a step's
+tensor) instead of over the pooled batch, so the ratio gets an interval over trajectories.
 """
 from __future__ import annotations
 
@@ -26,15 +29,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.intervals import mean_interval
+
 __all__ = [
     "DEFAULT_QUANTILES",
     "evenly_spaced_steps",
     "Activations",
     "activation_stats",
     "iter_steps",
+    "layer_range_ratios",
     "range_ratio",
     "range_ratio_summary",
     "tensor_stats",
+    "trajectory_range_ratios",
     "violin_data",
 ]
 
@@ -133,6 +140,36 @@ def range_ratio_summary(stats: pd.DataFrame) -> dict[str, float]:
         "median_per_step": float(ratios.median()),
         "mean_per_step": float(ratios.mean()),
     }
+
+
+def layer_range_ratios(activations: Activations, timesteps: Optional[Sequence[int]] = None) -> dict[str, float]:
+    """One layer's row of Figure 1b's table: `range_ratio_summary` of the pooled batch, and the per-trajectory
+    median ratio (`trajectory_range_ratios`) as a mean over trajectories with its 95% bootstrap interval."""
+    per_trajectory = mean_interval(trajectory_range_ratios(activations))
+    return {**range_ratio_summary(activation_stats(activations, timesteps=timesteps)),
+            "per_trajectory_median": per_trajectory.mean, "per_trajectory_ci95_low": per_trajectory.low,
+            "per_trajectory_ci95_high": per_trajectory.high, "trajectories": per_trajectory.n}
+
+
+def trajectory_range_ratios(activations: Activations) -> np.ndarray:
+    """Per trajectory (dimension 0 of every step's tensor), the median over steps i >= 1 of
+    range(a_i) / range(a_i - a_{i-1}), both ranges over that trajectory's elements only: one value per
+    trajectory, the unit a mean interval resamples. Steps where a trajectory's difference has range 0 are
+    left out of its median."""
+    ratios, previous = [], None
+    for a in activations:
+        a = torch.as_tensor(a).detach().to("cpu", torch.float64)
+        if a.ndim < 1 or (previous is not None and a.shape != previous.shape):
+            raise ValueError("every step needs the same shape with a leading trajectory dimension, got "
+                             f"{tuple(a.shape)}" + ("" if previous is None else f" after {tuple(previous.shape)}"))
+        if previous is not None:
+            raw, diff = a.flatten(1), (a - previous).flatten(1)
+            raw_range, diff_range = raw.amax(1) - raw.amin(1), diff.amax(1) - diff.amin(1)
+            ratios.append(torch.where(diff_range > 0, raw_range / diff_range, torch.nan))
+        previous = a
+    if not ratios:
+        raise ValueError("trajectory_range_ratios needs at least two steps (one temporal difference)")
+    return np.nanmedian(torch.stack(ratios).numpy(), axis=0)
 
 
 def evenly_spaced_steps(steps: int, count: int) -> tuple[int, ...]:

@@ -216,7 +216,12 @@ def test_range_claim_branches() -> None:
     assert "holds for 1 of 2 layers here (median over steps), though the differences are narrower" in partly
     wider = claims.range_claim(_ratios([3.0, 8.0], [0.8, 1.5]), samples=12)
     assert "holds for 0 of 2 layers" in wider and "as wide as the activations or wider" in wider
-    assert "the ratio is 1.5 to 1.5" in wider
+    assert "the ratio is 1.5 to 1.5" in wider and "Within each trajectory" not in wider
+    with_intervals = _ratios([12.0, 15.0], [2.0, 3.0]).assign(per_trajectory_median=[9.0, 11.0],
+                                                              per_trajectory_ci95_low=[8.5, 10.0],
+                                                              per_trajectory_ci95_high=[9.5, 12.0], trajectories=128)
+    assert ("median per-step ratio averages, over trajectories with its 95% interval: `net.l0` 9 [8.5, 9.5]; "
+            "`net.l1` 11 [10, 12].") in claims.range_claim(with_intervals, samples=128)
 
 
 def test_sampler_claim_counts_samplers_where_modiff_is_closer() -> None:

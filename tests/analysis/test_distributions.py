@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.distributions import activation_stats, range_ratio, range_ratio_summary, tensor_stats, violin_data
+from analysis.distributions import (activation_stats, layer_range_ratios, range_ratio, range_ratio_summary, tensor_stats,
+                                    trajectory_range_ratios, violin_data)
 
 
 def _trajectory(steps: int = 4, shape: tuple[int, ...] = (2, 3, 5, 5)) -> torch.Tensor:
@@ -78,3 +79,21 @@ def test_evenly_spaced_steps_for_the_violins() -> None:
     assert evenly_spaced_steps(3, 10) == (1, 2)
     with pytest.raises(ValueError, match="steps >= 2"):
         evenly_spaced_steps(1, 5)
+
+
+def test_trajectory_range_ratios_hand_computed() -> None:
+    """Trajectory 0: ratios 4/2 and 4/0 (left out), median 2. Trajectory 1: 2/2 and 4/2, median 1.5."""
+    steps = [torch.tensor([[0.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 4.0], [1.0, 3.0]]),
+             torch.tensor([[1.0, 5.0], [2.0, 6.0]])]
+    np.testing.assert_allclose(trajectory_range_ratios(steps), [2.0, 1.5])
+    row = layer_range_ratios(steps, timesteps=[20, 10, 0])
+    assert row["trajectories"] == 2 and row["per_trajectory_median"] == pytest.approx(1.75)
+    assert row["per_trajectory_ci95_low"] <= 1.75 <= row["per_trajectory_ci95_high"]
+    assert row["median_per_step"] == pytest.approx(range_ratio_summary(activation_stats(steps))["median_per_step"])
+
+
+def test_trajectory_range_ratios_errors() -> None:
+    with pytest.raises(ValueError, match="at least two steps"):
+        trajectory_range_ratios([torch.zeros(2, 3)])
+    with pytest.raises(ValueError, match=r"same shape .* got \(3, 3\) after \(2, 3\)"):
+        trajectory_range_ratios([torch.zeros(2, 3), torch.zeros(3, 3)])
