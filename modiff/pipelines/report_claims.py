@@ -116,6 +116,12 @@ def residual_ranges(t: SavedTables) -> Claim:
                 + ", ".join(f"{r.median_per_step:.3g} (`{r.layer}`)" for r in table.itertuples())
                 + f"; {int((medians >= paper).sum())} of {len(table)} layers at {paper:g} or more. Pooled over all "
                 f"steps (one range per trajectory) the ratio is {table['overall'].min():.3g} to {table['overall'].max():.3g}.")
+    within = t.get("fig1b_range_ratios", ["layer", "per_trajectory_median", "per_trajectory_ci95_low",
+                                           "per_trajectory_ci95_high"])
+    if within is not None:
+        evidence += (" Within each trajectory, mean over trajectories [95%]: " + ", ".join(
+            f"{interval(r.per_trajectory_median, r.per_trajectory_ci95_low, r.per_trajectory_ci95_high)} (`{r.layer}`)"
+            for r in within.itertuples()) + ".")
     return Claim(claim, verdict, evidence, section, notebook)
 
 

@@ -29,6 +29,15 @@ def test_residual_ranges_against_ten_x(tmp_path: Path, medians: list[float], ver
     claim = judge(tmp_path, rc.residual_ranges)
     assert claim.verdict == verdict and claim.section == "fig1b"
     assert f"{sum(m >= 10 for m in medians)} of 2 layers at 10 or more" in claim.evidence
+    assert "Within each trajectory" not in claim.evidence  # an older table, without the per-trajectory columns
+
+
+def test_residual_ranges_states_the_per_trajectory_interval(tmp_path: Path) -> None:
+    write(tmp_path, "fig1b_range_ratios", [{"layer": "l0", "overall": 1.5, "min_per_step": 1.1, "median_per_step": 12.0,
+                                           "per_trajectory_median": 9.0, "per_trajectory_ci95_low": 8.5,
+                                           "per_trajectory_ci95_high": 9.5}])
+    assert "Within each trajectory, mean over trajectories [95%]: 9 [8.5, 9.5] (`l0`)." in judge(
+        tmp_path, rc.residual_ranges).evidence
 
 
 def test_every_claim_without_its_table_is_not_measured(tmp_path: Path) -> None:
