@@ -45,14 +45,13 @@ import torch
 from torch import nn
 
 import modiff as md
-from modiff.diffusion.schedules import linear_schedule
-from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
 from modiff.pipelines.execution import ExecutionConfig, prepared_network
 from modiff.pipelines.generate import SampleConfig, sample
 from modiff.quant import presets, quantize, trajectory
 from modiff.quant.layers.real import backend_record
 
+from bench_models import benchmark_model
 from profiling import kernel_table
 
 FAST = ExecutionConfig(precision="bf16", compile=True, cuda_graphs=True)
@@ -66,15 +65,8 @@ VARIANTS: dict[str, Optional[str]] = {  # name -> preset (None: fp; torchao-*: t
 STATE = {"real-int8-modiff-bf16": "bfloat16"}
 
 
-def _base(arch: str) -> Denoiser:
-    if arch == "cifar10":
-        torch.manual_seed(0)
-        return Denoiser(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)), linear_schedule(), "cifar10", {})
-    return md.load_model(arch)
-
-
 def _quantized(arch: str, preset: str, state_dtype: str = "auto") -> Denoiser:
-    return quantize(_base(arch), dataclasses.replace(presets[preset], state_dtype=state_dtype))
+    return quantize(benchmark_model(arch), dataclasses.replace(presets[preset], state_dtype=state_dtype))
 
 
 def _torchao(arch: str, config_name: str) -> tuple[Denoiser, dict[str, Any]]:
@@ -84,7 +76,7 @@ def _torchao(arch: str, config_name: str) -> tuple[Denoiser, dict[str, Any]]:
 
     notes: dict[str, Any] = {"torchao": torchao.__version__, "config": f"{config_name}()"}
     for layers in ((nn.Conv2d, nn.Linear), (nn.Linear,)):
-        model = _base(arch)
+        model = benchmark_model(arch)
         model.net = model.net.to(torch.bfloat16).cuda()
         try:
             quantization.quantize_(model.net, getattr(quantization, config_name)(),
@@ -107,7 +99,7 @@ def _build(arch: str, variant: str) -> tuple[Denoiser, dict[str, Any]]:
     if variant.startswith("torchao-"):
         return _torchao(arch, preset)
     if preset is None:
-        return _base(arch), {}
+        return benchmark_model(arch), {}
     return _quantized(arch, preset, STATE.get(variant, "auto")), {"preset": preset,
                                                                    "state_dtype": STATE.get(variant, "auto")}
 
@@ -158,7 +150,7 @@ def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Per-step relative error of eps: real vs simulated MoDiff (same config), and each against fp."""
     out: dict[str, Any] = {"batch": batch, "steps": steps}
-    fp = _eps(_base(arch), batch, steps, device)
+    fp = _eps(benchmark_model(arch), batch, steps, device)
     for fmt in ("int8", "fp8"):
         for state in ("float32", "bfloat16"):
             key = f"{fmt}-state-{state}"

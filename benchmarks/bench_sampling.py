@@ -40,13 +40,11 @@ from typing import Any
 import torch
 
 import modiff as md
-from modiff.diffusion.schedules import linear_schedule
-from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
-from modiff.models.registry import Denoiser
 from modiff.pipelines.execution import ExecutionConfig, prepared_network
 from modiff.pipelines.generate import SampleConfig, generate, sample
 from modiff.quant import presets, quantize, trajectory
 
+from bench_models import benchmark_model
 from profiling import kernel_table
 
 VARIANTS = {
@@ -55,13 +53,6 @@ VARIANTS = {
     "bf16-eager": ExecutionConfig(precision="bf16"),
     "fp32": ExecutionConfig(precision="fp32"),
 }
-
-
-def _base_model(name: str) -> torch.nn.Module:
-    if name == "cifar10":
-        torch.manual_seed(0)
-        return Denoiser(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)), linear_schedule(), "cifar10", {})
-    return md.load_model(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -162,7 +153,7 @@ def main() -> None:
     if device.type != "cuda" and any(VARIANTS[v].cuda_graphs for v in variants):
         parser.error("CUDA graphs (variant fast) need --device cuda")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    base = _base_model(args.model)
+    base = benchmark_model(args.model)
     rows, profiles = [], {}
     with ExitStack() as stack:
         if args.inductor:
