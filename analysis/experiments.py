@@ -20,7 +20,7 @@ from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
-from modiff.pipelines.summary import per_seed_fidelity, run_scores
+from modiff.pipelines.summary import per_seed_fidelity
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
 from modiff.quant.cost import preset_report
@@ -31,7 +31,7 @@ from modiff.quant.ptq.reuse import Calibration, quantized_model
 from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
-    "layer_inputs", "sample_config", "sample_run", "seed_images", "bitwidth_table", "sampler_table", "sampler_per_seed",
+    "layer_inputs", "sample_config", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
     "warmup_table", "warmup_per_seed",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
 ]
@@ -208,33 +208,6 @@ def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], co
     if any(_calibrates(p, calibration) for p in pending):
         calibration_data(model, Path(runs_dir), calibration, resolve_device(devices[0]))
     launch(_fill_rank, devices, model, pending, list(seeds), config, str(runs_dir), batch_size, calibration)
-
-
-def bitwidth_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
-                   runs_dir: str | Path, ref: str = "fmnist-train", batch_size: int = 64,
-                   device: str = "auto", fid: bool = True, calibration: Optional[Calibration] = None,
-                   devices: str | Sequence[str] = ()) -> pd.DataFrame:
-    """Per preset: fidelity to the fp run of the same seeds, FID/IS (classifier space) and GBops.
-
-    ``qdiff-*`` presets (Q-Diffusion, static scales) need ``calibration``; they are calibrated once into
-    runs_dir and reused. With several ``devices`` the runs are made in parallel first (`fill_runs`)."""
-    runs_dir = spacing_runs_dir(model, runs_dir, config)
-    if len(_device_list(devices)) > 1:
-        fill_runs(model, ["fp", *presets], seeds, config, runs_dir, devices, batch_size, calibration)
-    fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
-    rows = []
-    for preset in presets:
-        run = sample_run(model, preset, seeds, config, runs_dir, batch_size, device, calibration=calibration)
-        close = per_seed_fidelity(run, fp_run, seeds).averaged()
-        report = preset_report(model, md.presets[preset], config.steps)
-        row = {"preset": preset, "psnr_db": close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
-               "rel_l2_pixels": close["rel_l2_pixels"]["mean"], "rel_l2_ci95": close["rel_l2_pixels"]["ci95"],
-               "gbops_per_step": report["gbops_per_step"]}
-        if fid:
-            scores = run_scores(run, seeds, ref).metrics
-            row.update(fid_classifier=scores["fid"], is_classifier=scores["is_mean"])
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],

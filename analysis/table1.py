@@ -168,6 +168,7 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
         metrics, resampled, note = {}, None, str(err)
     row.update(fid_classifier=metrics.get("fid", np.nan), fid_ci95_low=metrics.get("fid_ci95_low", np.nan),
                fid_ci95_high=metrics.get("fid_ci95_high", np.nan), is_classifier=metrics.get("is_mean", np.nan),
+               is_ci95_low=metrics.get("is_ci95_low", np.nan), is_ci95_high=metrics.get("is_ci95_high", np.nan),
                is_std=metrics.get("is_std", np.nan),
                psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95=close["rel_l2_pixels"]["ci95"],
@@ -193,8 +194,9 @@ def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarra
 
 
 COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
-           "fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_std", "vs_fp", "vs_weights_only",
-           "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95", "psnr_db", "gbops_per_step", "note"]
+           "fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_ci95_low", "is_ci95_high", "is_std",
+           "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95", "psnr_db", "gbops_per_step",
+           "note"]
 
 
 def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,

@@ -27,7 +27,7 @@ from modiff.metrics.bootstrap import CI_METHOD, BootstrapConfig, fid_resamples, 
 
 __all__ = [
     "EXTRACTOR", "FEATURE_SPACE", "Metric", "UInt8Images", "load_images", "compute_metrics", "reference_names",
-    "save_reference_stats", "frechet_distance", "classifier_features", "score", "Scores",
+    "save_reference_stats", "frechet_distance", "classifier_features", "score", "Scores", "inception_score_resamples",
 ]
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,28 @@ def _with_fid(result: dict[str, Any], fid: float, features: torch.Tensor, mu_ref
     return resampled
 
 
+def inception_score_resamples(logits: torch.Tensor, indices: np.ndarray, splits: int = 10, shuffle: bool = True,
+                              rng_seed: int = 2020) -> np.ndarray:
+    """torch-fidelity's Inception Score (the same splits, shuffle and seed) of each resample of ``logits``
+    (N, classes), one per row of ``indices`` (`modiff.metrics.bootstrap.resample_indices`)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+    scores = (isc_features_to_metric(logits[torch.from_numpy(rows)], splits, shuffle, rng_seed) for rows in indices)
+    return np.array([s[KEY_METRIC_ISC_MEAN] for s in scores])
+
+
+def _with_is_interval(result: dict[str, Any], logits: torch.Tensor, kwargs: dict[str, Any],
+                      bootstrap: BootstrapConfig) -> None:
+    """IS's interval, resampled and recentred as FID's (the samples drawn with replacement, the estimator
+    unchanged), into ``result``."""
+    from torch_fidelity.helpers import get_kwarg
+
+    resampled = inception_score_resamples(logits, resample_indices(len(logits), bootstrap),
+                                          get_kwarg("isc_splits", kwargs), get_kwarg("samples_shuffle", kwargs),
+                                          get_kwarg("rng_seed", kwargs))
+    result["is_ci95_low"], result["is_ci95_high"] = recentred_interval(result["is_mean"], resampled, bootstrap.level)
+
+
 def _reference_fid_stats(ref: ImageInput, stats_file: bool, other: Optional[dict], feat_extractor: Any, layer: str,
                          kwargs: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the reference, as torch-fidelity gets them (its cache for a named reference);
@@ -391,6 +413,8 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
     if "prc" in metrics:
         raw.update(prc_featuresdict_to_metric(own, other, layers["prc"], **kwargs))
     result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
+    if "isc" in metrics and bootstrap is not None:
+        _with_is_interval(result, own[layers["isc"]], kwargs, bootstrap)
     resampled = None
     if "fid" in metrics:
         mu_ref, sigma_ref = _reference_fid_stats(ref, stats_file, other if own_ref else None, feat_extractor,
@@ -410,7 +434,8 @@ def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metr
 
     Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's), kid_mean,
     kid_std, precision, recall, f_score (those asked for), with feature_space, extractor, num_samples and
-    reference; with FID and ``bootstrap`` (the default), fid_ci95_low and fid_ci95_high (see
+    reference; with IS and ``bootstrap``, is_ci95_low and is_ci95_high (resampled as FID);
+    with FID and ``bootstrap`` (the default), fid_ci95_low and fid_ci95_high (see
     `modiff.metrics.bootstrap`), fid_ci_level, fid_bootstrap_resamples, fid_bootstrap_seed and fid_ci_method.
     A named reference needs only its cached statistics for FID and IS. Against ``fmnist-train`` without the
     Fashion-MNIST images, KID and precision/recall use the shipped features of ``fmnist-test`` and the

@@ -68,6 +68,7 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
     assert (tmp_path / "spacing-quad" / "fp-ddim3" / "manifest.json").is_file()
     ok = table[table.note == ""]
     assert ((ok.fid_ci95_low <= ok.fid_classifier) & (ok.fid_classifier <= ok.fid_ci95_high)).all()
+    assert ((ok.is_ci95_low <= ok.is_classifier) & (ok.is_classifier <= ok.is_ci95_high)).all()
     rows = table.set_index("preset")
     assert rows.loc["fp", "vs_fp"] == "" and rows.loc["fp", "rel_l2_pixels"] == 0.0
     verdicts = ("worse:", "better:", "no difference:")

@@ -218,8 +218,25 @@ def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weig
     assert m["is_std"] == raw["inception_score_std"] and m["is_splits"] == 10
     assert m["kid_mean"] == raw["kernel_inception_distance_mean"] and m["precision"] == raw["precision"]
     assert m["fid_ci95_low"] < m["fid"] < m["fid_ci95_high"]
+    assert m["is_ci95_low"] <= m["is_mean"] <= m["is_ci95_high"] and m["is_ci95_low"] < m["is_ci95_high"]
     assert m["fid_bootstrap_resamples"] == 50 and m["fid_bootstrap_seed"] == 3 and scored.fid_resamples.shape == (50,)
     again = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=BootstrapConfig(resamples=50, seed=3))
     assert (again["fid_ci95_low"], again["fid_ci95_high"]) == (m["fid_ci95_low"], m["fid_ci95_high"])  # deterministic
     plain = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=None)
     assert plain["fid"] == m["fid"] and "fid_ci95_low" not in plain
+    assert "is_ci95_low" not in compute_metrics(a, b, ["isc"], weights=weights, bootstrap=None)
+
+
+def test_inception_score_resamples_use_torch_fidelitys_estimator() -> None:
+    """The rows in their own order reproduce torch-fidelity's IS (same splits, shuffle and seed); a set whose
+    class probabilities are all alike scores exactly 1 in every resample (no KL from the marginal)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    from modiff.metrics.bootstrap import BootstrapConfig, resample_indices
+    from modiff.metrics.fidelity import inception_score_resamples
+
+    logits = torch.randn(40, 10, generator=torch.Generator().manual_seed(0))
+    own_order = inception_score_resamples(logits, np.arange(40)[None, :])
+    assert own_order[0] == isc_features_to_metric(logits)["inception_score_mean"]
+    alike = inception_score_resamples(torch.ones(40, 10), resample_indices(40, BootstrapConfig(resamples=20)))
+    np.testing.assert_allclose(alike, 1.0)
