@@ -169,7 +169,12 @@ def trajectory_range_ratios(activations: Activations) -> np.ndarray:
         previous = a
     if not ratios:
         raise ValueError("trajectory_range_ratios needs at least two steps (one temporal difference)")
-    return np.nanmedian(torch.stack(ratios).numpy(), axis=0)
+    per_step = torch.stack(ratios).numpy()  # (steps - 1, trajectories)
+    still = np.flatnonzero(np.isnan(per_step).all(axis=0))
+    if still.size:
+        raise ValueError(f"trajectories {still.tolist()} never change from step to step (every difference has "
+                         "range 0), so they have no ratio: check the recording (the same tensor at every step?)")
+    return np.nanmedian(per_step, axis=0)
 
 
 def evenly_spaced_steps(steps: int, count: int) -> tuple[int, ...]:

@@ -97,3 +97,6 @@ def test_trajectory_range_ratios_errors() -> None:
         trajectory_range_ratios([torch.zeros(2, 3)])
     with pytest.raises(ValueError, match=r"same shape .* got \(3, 3\) after \(2, 3\)"):
         trajectory_range_ratios([torch.zeros(2, 3), torch.zeros(3, 3)])
+    frozen = [torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [1.0, 3.0]])]
+    with pytest.raises(ValueError, match=r"trajectories \[0\] never change from step to step"):
+        trajectory_range_ratios(frozen)
