@@ -35,7 +35,8 @@ def test_hand_computed_convolution_and_groupnorm() -> None:
 
 def test_unet_flops_match_modiffs_mac_counter(tiny_denoiser) -> None:
     moved, flops = traffic_floor.count(tiny_denoiser)
-    costs, attention_macs = measure_macs(tiny_denoiser, torch.zeros(1, *tiny_denoiser.sample_shape), torch.tensor([500]))
+    x = torch.zeros(1, *tiny_denoiser.sample_shape)
+    costs, attention_macs = measure_macs(tiny_denoiser, x, torch.tensor([500]))
     conv_macs = sum(c.macs for c in costs if c.kind == "Conv2d")
     assert flops["convolution"] == 2 * conv_macs and flops["attention"] == 2 * attention_macs
     assert set(moved) >= {"convolution", "groupnorm", "residual add", "concatenation", "attention"}
