@@ -20,7 +20,7 @@ from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
-from modiff.pipelines.summary import per_seed_fidelity
+from modiff.pipelines.summary import per_seed_fidelity, require_reference_images
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
 from modiff.quant.cost import preset_report
@@ -34,6 +34,7 @@ __all__ = [
     "layer_inputs", "sample_config", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
     "warmup_table", "warmup_per_seed",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
+    "run_is_finished", "fp_reference_run",
 ]
 
 
@@ -134,6 +135,25 @@ def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: Samp
     return made
 
 
+def run_is_finished(model: nn.Module, preset: str, seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
+                    device: str = "auto") -> bool:
+    """Whether `sample_run` would reuse a run (or its summary) of ``preset`` for ``seeds``."""
+    resolved = config.resolved(resolve_device(device))
+    run_dir, identity = _run_location(model, preset, resolved, runs_dir)
+    return finished_run(run_dir, seeds, resolved, identity, device)
+
+
+def fp_reference_run(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
+                     runs_dir: str | Path, batch_size: int = 64, device: str = "auto") -> Path:
+    """The fp run (made or reused by `sample_run`) that the per-seed distances of ``presets`` are measured
+    against. A summary of it that lacks images is refused here, before any sampling, if one of ``presets``
+    still has to be sampled (its distances need the fp image of every seed)."""
+    fp_run = sample_run(model, "fp", seeds, config, runs_dir, batch_size, device)
+    pending = [p for p in presets if p != "fp" and not run_is_finished(model, p, seeds, config, runs_dir, device)]
+    require_reference_images(fp_run, seeds, pending)
+    return fp_run
+
+
 def _static(preset: str) -> bool:
     from modiff.quant.presets import needs_calibration
 
@@ -197,12 +217,7 @@ def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], co
     if not devices:
         raise ValueError("fill_runs needs at least one device")
 
-    def finished(preset: str) -> bool:
-        resolved = config.resolved(resolve_device(devices[0]))
-        run_dir, identity = _run_location(model, preset, resolved, runs_dir)
-        return finished_run(run_dir, seeds, resolved, identity, devices[0])
-
-    pending = [p for p in dict.fromkeys(presets) if not finished(p)]
+    pending = [p for p in dict.fromkeys(presets) if not run_is_finished(model, p, seeds, config, runs_dir, devices[0])]
     if not pending:
         return
     if any(_calibrates(p, calibration) for p in pending):
@@ -220,9 +235,9 @@ def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequenc
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
         folder = spacing_runs_dir(model, runs_dir, config)
+        fp_run = fp_reference_run(model, presets, seeds, config, folder, batch_size, device)
         if len(_device_list(devices)) > 1:
-            fill_runs(model, ["fp", *presets], seeds, config, folder, devices, batch_size)
-        fp_run = sample_run(model, "fp", seeds, config, folder, batch_size, device)
+            fill_runs(model, presets, seeds, config, folder, devices, batch_size)
         for preset in presets:
             run = sample_run(model, preset, seeds, config, folder, batch_size, device)
             frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "seed": list(seeds),

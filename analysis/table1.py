@@ -209,10 +209,11 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
     paired-bootstrap interval; "no difference" when it holds 0)."""
     rows_presets = list(dict.fromkeys([*ANCHORS, *presets]))
     folder, calibration = experiments.spacing_runs_dir(model, runs_dir, config), table_calibration(calibration, config)
+    runs = {"fp": experiments.fp_reference_run(model, rows_presets, seeds, config, folder, batch_size, device)}
     if len([d for d in (devices.split(",") if isinstance(devices, str) else devices) if d.strip()]) > 1:
         experiments.fill_runs(model, rows_presets, seeds, config, folder, devices, batch_size, calibration)
-    runs = {p: experiments.sample_run(model, p, seeds, config, folder, batch_size, device, calibration=calibration)
-            for p in rows_presets}
+    runs.update({p: experiments.sample_run(model, p, seeds, config, folder, batch_size, device, calibration=calibration)
+                 for p in rows_presets if p != "fp"})
     rows, resamples = [], {}
     for preset in rows_presets:
         row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, runs["fp"], config, ref, bootstrap)

@@ -9,10 +9,11 @@ A paper-scale run holds 10,000 PNGs; what the notebooks read from it is much sma
                            bootstrap resample (Table 1's paired verdicts), over the summarized seeds
     SUMMARY/per_seed.npz   per seed: relative L2 and PSNR of the image to the full-precision run's image of
                            the same seed (Table 1's fidelity columns, the sampler tables)
-    SUMMARY/images.npz     the images of the first seeds (128 by default: the notebooks' grids)
+    SUMMARY/images.npz     the images of the first seeds (128 by default: the notebooks' grids); a
+                           full-precision run keeps every image, being the reference of runs sampled later
     SUMMARY/grid.png       the run's grid
 
-About 0.4 MB for 10,000 seeds. The classifier features behind FID (5 MB at 10,000 seeds) are not kept: the
+About 0.4 MB for 10,000 seeds, 5.7 MB for a full-precision run. The classifier features behind FID (5 MB at 10,000 seeds) are not kept: the
 bootstrap resamples are what the table needs. So a summary cannot score another set of seeds, use other
 bootstrap settings, compare with another reference run or show images beyond those it keeps; each is
 refused (`SummaryMismatchError`) with what to do.
@@ -42,11 +43,12 @@ from modiff.utils.rng import format_seeds, parse_seeds
 from modiff.utils.runs import environment, write_json
 
 __all__ = ["SummarySettings", "SummaryMismatchError", "PerSeedFidelity", "per_seed_fidelity", "run_scores",
-           "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder"]
+           "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder",
+           "require_reference_images"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: a full-precision run keeps every image (summarizing a format-1 summary's run again rewrites it)
 SCORED = ("fid", "isc")  # what Table 1 computes from a run
 QUANTIZATION_KEYS = ("quant_preset", "quant_config", "quantized", "weights_from", "reset")
 
@@ -58,7 +60,8 @@ class SummaryMismatchError(ValueError):
 @dataclass(frozen=True)
 class SummarySettings:
     """How a summary scores its run: the FID reference and bootstrap (as Table 1 asks for them), how many
-    leading seeds keep their images, and the device of the feature extraction."""
+    leading seeds of a quantized run keep their images (a full-precision run keeps all), and the device of
+    the feature extraction."""
 
     ref: str = "fmnist-train"
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
@@ -124,9 +127,29 @@ def per_seed_fidelity(run: str | Path, reference: str | Path, seeds: Sequence[in
     except ValueError as err:
         if is_summary_folder(reference):
             raise SummaryMismatchError(f"the distances of {run} to {reference} need the images of the full run "
-                                       f"{reference} summarizes ({err}); summarize {run} beside that run instead") from None
+                                       f"{reference} summarizes ({err}); {_REFERENCE_ADVICE}") from None
         raise
     return PerSeedFidelity(np.asarray(seeds, dtype=np.int64), relative_l2(images, base), psnr(images, base))
+
+
+_REFERENCE_ADVICE = ("remove that summary so the full-precision run is sampled again, or summarize the full run anew "
+                     "(`modiff summarize` keeps every image of a full-precision run)")
+
+
+def require_reference_images(reference: str | Path, seeds: Sequence[int], pending: Sequence[str]) -> None:
+    """Refuse, before anything is sampled, a full-precision ``reference`` that is a summary without the
+    image of every seed when ``pending`` (runs still to be sampled) will need it for their per-seed distances."""
+    reference = Path(reference)
+    if not pending or not is_summary_folder(reference):
+        return
+    with np.load(reference / "images.npz") as data:
+        kept = {int(s) for s in data["seeds"]}
+    missing = [int(s) for s in seeds if int(s) not in kept]
+    if missing:
+        raise SummaryMismatchError(
+            f"{reference} is a summary keeping the images of {len(kept)} seeds, not of {len(missing)} others (e.g. "
+            f"{format_seeds(missing[:5])}); {', '.join(pending)} will be sampled here and compared with the "
+            f"full-precision image of every seed: {_REFERENCE_ADVICE}")
 
 
 def _stored_fidelity(summary: Path, reference: Path, seeds: list[int]) -> PerSeedFidelity:
@@ -281,7 +304,7 @@ def _write_summary(run: Path, staging: Path, manifest: dict[str, Any], block: di
         fidelity = per_seed_fidelity(run, reference, seeds)
         np.savez_compressed(staging / "per_seed.npz", seeds=fidelity.seeds, rel_l2_pixels=fidelity.rel_l2_pixels,
                             psnr_db=fidelity.psnr_db)
-    kept = seeds[: settings.images]
+    kept = seeds if _full_precision(manifest["identity"]) else seeds[: settings.images]
     np.savez_compressed(staging / "images.npz", images=seed_images(run, kept), seeds=np.asarray(kept, dtype=np.int64))
     shutil.copyfile(run / "grid.png", staging / "grid.png")
     write_json({**manifest, "seeds": seeds, "summary": {**block, "kept_images": format_seeds(kept) if kept else "",

@@ -96,8 +96,41 @@ def test_summary_stands_for_its_run_and_refuses_what_it_cannot_answer(tmp_path: 
         run_scores(summary, range(10), bootstrap=BOOTSTRAP)
     scores = run_scores(summary, range(12), bootstrap=BOOTSTRAP)
     assert scores.metrics == run_scores(q, range(12), bootstrap=BOOTSTRAP).metrics
-    with pytest.raises(SummaryMismatchError, match="need the images of the full run"):
-        per_seed_fidelity(q, summarize_run(fp, tmp_path / "s" / "fp", fp, SETTINGS), range(12))
+    fp_summary = summarize_run(fp, tmp_path / "s" / "fp", fp, SETTINGS)
+    assert np.array_equal(seed_images(fp_summary, range(12)), seed_images(fp, range(12)))  # fp keeps every image
+    assert per_seed_fidelity(q, fp_summary, range(12)).rel_l2_pixels.tolist() == \
+        per_seed_fidelity(q, fp, range(12)).rel_l2_pixels.tolist()
+    _keep_images(fp_summary, range(4))
+    with pytest.raises(SummaryMismatchError, match="need the images of the full run.*remove that summary"):
+        per_seed_fidelity(q, fp_summary, range(12))
+
+
+def _keep_images(summary: Path, seeds) -> None:
+    """Cut a summary's kept images down to ``seeds``, as a quantized run's summary keeps them."""
+    images = seed_images(summary, seeds)
+    np.savez_compressed(summary / "images.npz", images=images, seeds=np.asarray(list(seeds), dtype=np.int64))
+
+
+def test_a_row_to_sample_against_an_fp_summary_without_images_is_refused_first(tmp_path: Path, tame_denoiser) -> None:
+    """Table 1 from summaries plus a row still to sample: refused before anything is sampled when the fp
+    summary lacks images (its distances need them); sampled and scored when the fp summary keeps them all."""
+    runs, summaries, seeds = tmp_path / "runs", tmp_path / "summaries", range(6)
+    config = table1.table_config(tame_denoiser, 3, "quad")
+    folder = experiments.spacing_runs_dir(tame_denoiser, runs, config)
+    for preset in table1.ANCHORS:
+        experiments.sample_run(tame_denoiser, preset, seeds, config, folder, device="cpu")
+    summarize([runs], summaries, settings=SETTINGS)
+    fp_summary, row = (experiments.spacing_runs_dir(tame_denoiser, summaries, config) / n for n in ("fp-ddim3", "w8a4-ddim3"))
+    assert fp_summary.is_dir() and not row.exists()
+    _keep_images(fp_summary, range(2))
+    with pytest.raises(SummaryMismatchError, match=r"keeping the images of 2 seeds, not of 4 .*w8a4 will be sampled"):
+        table1.scored_table(tame_denoiser, ["w8a4"], seeds, config, summaries, device="cpu", bootstrap=BOOTSTRAP)
+    assert not row.exists()
+    shutil.rmtree(fp_summary)
+    summarize([runs], summaries, settings=SETTINGS)  # the fp summary made anew keeps every image
+    scored = table1.scored_table(tame_denoiser, ["w8a4"], seeds, config, summaries, device="cpu", bootstrap=BOOTSTRAP)
+    assert scored.preset.tolist() == [*table1.ANCHORS, "w8a4"] and (row / "samples.npz").is_file()
+    assert scored.rel_l2_pixels.iloc[-1] > 0
 
 
 def test_unfinished_busy_and_mismatched_runs_are_refused(tmp_path: Path, tame_denoiser,
