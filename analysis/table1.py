@@ -257,9 +257,31 @@ def _paper_pairs(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:
+    """One line per MoDiff row worse than its direct counterpart: both read against their weights-only
+    anchor (what MoDiff converges to as its residuals are quantized finely), with that anchor against fp."""
+    by_preset = table.set_index("preset")
+    anchors = _counterparts(list(table.preset))
+    lines = []
+    for row in table[table.modiff_vs_direct.str.startswith("worse")].itertuples():
+        direct, anchor = by_preset.loc[row.preset.replace("-modiff", "")], anchors[row.preset]["weights_only"]
+        if anchor is None or anchor not in by_preset.index:
+            continue
+        base = by_preset.loc[anchor]
+        nearer = abs(row.fid_classifier - base.fid_classifier) < abs(direct.fid_classifier - base.fid_classifier)
+        lines.append(
+            f"- {row.preset} is worse than {direct.name} ({row.modiff_vs_direct}). Its weights-only anchor {anchor} is "
+            f"{base.vs_fp or 'not compared'} against fp (relative L2 to fp {base.rel_l2_pixels:.3g}). Against that anchor: "
+            f"{row.preset} {row.vs_weights_only}, {direct.name} {direct.vs_weights_only}; "
+            + ("MoDiff stays nearer the weights-only model, direct quantization moves the FID further from it."
+               if nearer else "MoDiff is not the nearer of the two to the weights-only model."))
+    return lines
+
+
 def findings(table: pd.DataFrame) -> str:
     """Markdown written from the numbers of a `paper_columns` table: settings, the fp anchor, how many rows
-    differ from fp, and each MoDiff-vs-direct pair the paper reports, with agreement or disagreement."""
+    differ from fp, each MoDiff-vs-direct pair the paper reports, with agreement or disagreement, and each
+    pair where MoDiff is worse, read against its weights-only anchor."""
     fp = table.set_index("preset").loc["fp"]
     scored = table[(table.preset != "fp") & (table.vs_fp != "")]
     same = scored[scored.vs_fp.str.startswith("no difference")]
@@ -271,6 +293,7 @@ def findings(table: pd.DataFrame) -> str:
              f"95%): {', '.join(same.preset) or 'none'}."]
     lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
                                      "(the paper's cells are in the paper_fid column)."]
+    lines += _modiff_worse_lines(table)
     return "\n".join(lines) + "\n"
 
 

@@ -80,3 +80,25 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
     assert np.isnan(with_paper.set_index("preset").loc["w4a32", "paper_fid"])
     text = table1.findings(with_paper)
     assert "N = 10 samples" in text and "`quad` timesteps" in text and "fp32 on cpu" in text
+
+
+def test_a_modiff_row_worse_than_direct_is_read_against_its_weights_only_anchor() -> None:
+    """Hand-made rows: W4A4 MoDiff worse than direct, both better than the broken W4A32 anchor; MoDiff
+    nearer to it (|27.5 - 28.5| < |22.6 - 28.5|) is said, and the opposite case is said too."""
+    import pandas as pd
+
+    def table(modiff_fid: float) -> pd.DataFrame:
+        return pd.DataFrame({
+            "preset": ["fp", "w4a32", "w4a4", "w4a4-modiff"], "fid_classifier": [1.6, 28.5, 22.6, modiff_fid],
+            "rel_l2_pixels": [0.0, 0.861, 0.72, 0.85], "vs_fp": ["", "worse: +26.9 [+26.4, +27.5]", "w", "m"],
+            "vs_weights_only": ["", "", "better: -5.89 [-6.32, -5.54]", "better: -0.978 [-1.08, -0.864]"],
+            "modiff_vs_direct": ["", "", "", "worse: +4.91 [+4.55, +5.29]"]})
+
+    (line,) = table1._modiff_worse_lines(table(27.5))
+    assert line.startswith("- w4a4-modiff is worse than w4a4 (worse: +4.91 [+4.55, +5.29])")
+    assert "anchor w4a32 is worse: +26.9 [+26.4, +27.5] against fp (relative L2 to fp 0.861)" in line
+    assert "w4a4-modiff better: -0.978 [-1.08, -0.864], w4a4 better: -5.89 [-6.32, -5.54]" in line
+    assert line.endswith("MoDiff stays nearer the weights-only model, direct quantization moves the FID further from it.")
+    (line,) = table1._modiff_worse_lines(table(40.0))
+    assert line.endswith("MoDiff is not the nearer of the two to the weights-only model.")
+    assert table1._modiff_worse_lines(table(27.5).assign(modiff_vs_direct="")) == []
