@@ -33,11 +33,12 @@ from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import has_shipped
 
-__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "table_config", "table_calibration", "adaround_presets",
+__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "adaround_presets",
            "adaround_status", "row_presets", "describe", "scored_table", "run_precision", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"
+PUBLISHED_ANCHORS = ("published-w8a32", "published-w4a32")  # the published rows' weights alone (split shortcut)
 HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never one of the scored seeds
 
 
@@ -88,17 +89,19 @@ def adaround_status(model: nn.Module, calibrate: bool) -> tuple[bool, str]:
 def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Sequence[str],
                 qdiff_presets: Sequence[str], adaround: bool, calibrate: bool) -> tuple[list[str], str]:
     """The table's presets in order (anchors, per-sample, AdaRound W4 when asked for and available,
-    published, Q-Diffusion when calibrating) and a Markdown note of what is in and what is left out."""
+    published after their weights-only anchors, Q-Diffusion when calibrating) and a Markdown note of what
+    is in and what is left out."""
     rows = [*ANCHORS, *presets]
     notes = [f"Rows: the anchors {', '.join(ANCHORS)}, {len(presets)} per-sample presets, "
-             f"{len(published_presets)} published-numerics presets."]
+             f"{len(published_presets)} published-numerics presets"
+             + (f" after their weights-only anchors {', '.join(PUBLISHED_ANCHORS)}." if published_presets else ".")]
     if adaround:
         available, message = adaround_status(model, calibrate)
         rows += adaround_presets(presets) if available else []
         notes.append(message + ".")
     else:
         notes.append("AdaRound W4 rows off (parameter `adaround = False`); the W4 rows use round-to-nearest weights.")
-    rows += list(published_presets)
+    rows += [*PUBLISHED_ANCHORS, *published_presets] if published_presets else []
     if calibrate:
         rows += list(qdiff_presets)
     else:
@@ -116,7 +119,8 @@ def describe(preset: str) -> dict[str, Any]:
     adaround = getattr(weight, "codes", "nearest") == "adaround" or (act is not None and not act.dynamic)
     modulated = config.mode == "modulated"
     if act is None:
-        numerics, method = "-", "full precision" if weight is None else "full-precision activations"
+        numerics = "published" if config.split_shortcut and not adaround else "-"  # the published rows' weights alone
+        method = "full precision" if weight is None else "full-precision activations"
     elif not act.dynamic:
         numerics, method = "static", "Q-Diffusion + MoDiff" if modulated else "Q-Diffusion"
     else:
@@ -136,15 +140,19 @@ def run_precision(run_dir: Path) -> str:
 
 
 def _counterparts(presets: Sequence[str]) -> dict[str, dict[str, Optional[str]]]:
-    """Per preset: its weights-only anchor and (for a MoDiff row) its direct counterpart, among ``presets``."""
-    weights_only = {json.dumps(weight_only_config(md.presets[p]).to_dict(), sort_keys=True, default=str): p
-                    for p in presets if p != "fp" and md.presets[p].activation is None}
+    """Per preset: its weights-only anchor and (for a MoDiff row) its direct counterpart, among ``presets``.
+    The anchor quantizes the same layers the same way (split shortcut included: it gives the second half of a
+    concatenation's weights their own scales) with weights of the same origin, round to nearest or AdaRound."""
+    def key(preset: str) -> str:
+        return json.dumps([weight_only_config(md.presets[preset]).to_dict(), describe(preset)["weights"]],
+                          sort_keys=True, default=str)
+
+    weights_only = {key(p): p for p in presets if p != "fp" and md.presets[p].activation is None}
     out = {}
     for p in presets:
         config = md.presets[p]
-        key = json.dumps(weight_only_config(config).to_dict(), sort_keys=True, default=str)
         direct = p.replace("-modiff", "") if config.mode == "modulated" else None
-        out[p] = {"weights_only": weights_only.get(key) if config.activation is not None else None,
+        out[p] = {"weights_only": weights_only.get(key(p)) if config.activation is not None else None,
                   "direct": direct if direct in presets else None}
     return out
 
@@ -271,7 +279,8 @@ def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:
         nearer = abs(row.fid_classifier - base.fid_classifier) < abs(direct.fid_classifier - base.fid_classifier)
         lines.append(
             f"- {row.preset} is worse than {direct.name} ({row.modiff_vs_direct}). Its weights-only anchor {anchor} is "
-            f"{base.vs_fp or 'not compared'} against fp (relative L2 to fp {base.rel_l2_pixels:.3g}). Against that anchor: "
+            f"{base.vs_fp or 'not compared'} against fp (relative L2 to fp {base.rel_l2_pixels:.3g}). "
+            f"Against that anchor: "
             f"{row.preset} {row.vs_weights_only}, {direct.name} {direct.vs_weights_only}; "
             + ("MoDiff stays nearer the weights-only model, direct quantization moves the FID further from it."
                if nearer else "MoDiff is not the nearer of the two to the weights-only model."))

@@ -13,10 +13,10 @@ A paper-scale run holds 10,000 PNGs; what the notebooks read from it is much sma
                            full-precision run keeps every image, being the reference of runs sampled later
     SUMMARY/grid.png       the run's grid
 
-About 0.4 MB for 10,000 seeds, 5.7 MB for a full-precision run. The classifier features behind FID (5 MB at 10,000 seeds) are not kept: the
-bootstrap resamples are what the table needs. So a summary cannot score another set of seeds, use other
-bootstrap settings, compare with another reference run or show images beyond those it keeps; each is
-refused (`SummaryMismatchError`) with what to do.
+About 0.4 MB for 10,000 seeds (about 5 MB for a full-precision run). The classifier features behind FID
+(5 MB at 10,000 seeds) are not kept: the bootstrap resamples are what the table needs. So a summary cannot
+score another set of seeds, use other bootstrap settings, compare with another reference run or show
+images beyond those it keeps; each is refused (`SummaryMismatchError`) with what to do.
 
 `per_seed_fidelity` and `run_scores` read a run or a summary alike: a summary holds what they compute from
 the run it summarizes.

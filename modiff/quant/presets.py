@@ -11,6 +11,8 @@
   full precision, split shortcut on (as published: only the shortcut conv reading cat([h, skip]) in the
   up path is quantized in two halves, its h and skip channels each with their own scale and weight grid;
   `tests/quant/test_published_equivalence.py` pins every layer against the published formulas).
+  ``published-wXa32``: their weights alone (round to nearest, split shortcut on), the weights-only
+  anchor of the published rows.
 - ``qdiff-wXaY`` / ``qdiff-wXaY-modiff``: Q-Diffusion (static activations, as the published DDIM
   CIFAR-10 runs: symmetric with the published clamp, one scale per tensor, split shortcut on, every
   Conv/Linear), direct or modulated. Static scales need calibration data: `modiff calibrate-data`, then
@@ -65,6 +67,8 @@ def _build() -> dict[str, QuantConfig]:
     table: dict[str, QuantConfig] = {"fp": QuantConfig(weight=None, activation=None, mode="fp")}
     for w in WEIGHT_BITS:
         table[f"w{w}a32"] = QuantConfig(weight=_weights(w), activation=None, mode="direct")
+        table[f"published-w{w}a32"] = QuantConfig(weight=_weights(w), activation=None, mode="direct",
+                                                  split_shortcut=True)
         for a in ACT_BITS:
             base = QuantConfig(weight=_weights(w), activation=_acts(a), mode="direct")
             table[f"w{w}a{a}"] = base

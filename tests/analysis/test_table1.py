@@ -25,7 +25,9 @@ def test_rows_are_described_from_their_configs() -> None:
 def test_row_presets_put_the_anchors_first_and_say_what_is_left_out(tiny_denoiser: md.Denoiser) -> None:
     rows, note = table1.row_presets(tiny_denoiser, ["w4a4", "w4a4-modiff"], ["published-w4a4"], ["qdiff-w4a4"],
                                     adaround=False, calibrate=False)
-    assert rows == ["fp", "w8a32", "w4a32", "w4a4", "w4a4-modiff", "published-w4a4"]
+    assert rows == ["fp", "w8a32", "w4a32", "w4a4", "w4a4-modiff", "published-w8a32", "published-w4a32",
+                    "published-w4a4"]
+    assert "published-numerics presets after their weights-only anchors published-w8a32, published-w4a32" in note
     assert "AdaRound W4 rows off" in note and "shipped calibration: none; the other 1 need calibration" in note
     assert table1.adaround_presets(["w8a4", "w4a4", "w4a4-modiff"]) == ["w4a32-adaround", "w4a4-adaround",
                                                                          "w4a4-adaround-modiff"]
@@ -98,7 +100,24 @@ def test_a_modiff_row_worse_than_direct_is_read_against_its_weights_only_anchor(
     assert line.startswith("- w4a4-modiff is worse than w4a4 (worse: +4.91 [+4.55, +5.29])")
     assert "anchor w4a32 is worse: +26.9 [+26.4, +27.5] against fp (relative L2 to fp 0.861)" in line
     assert "w4a4-modiff better: -0.978 [-1.08, -0.864], w4a4 better: -5.89 [-6.32, -5.54]" in line
-    assert line.endswith("MoDiff stays nearer the weights-only model, direct quantization moves the FID further from it.")
+    assert line.endswith("MoDiff stays nearer the weights-only model, direct quantization moves the FID "
+                         "further from it.")
     (line,) = table1._modiff_worse_lines(table(40.0))
     assert line.endswith("MoDiff is not the nearer of the two to the weights-only model.")
     assert table1._modiff_worse_lines(table(27.5).assign(modiff_vs_direct="")) == []
+
+
+def test_each_row_is_compared_with_the_weights_only_anchor_of_the_same_weights() -> None:
+    """Same bits, layers, split shortcut and weight origin (round to nearest or AdaRound): the published
+    rows (split shortcut, which gives the second half of a concatenation's weights their own scales) have
+    their own anchor, the AdaRound and Q-Diffusion rows theirs; a weights-only preset has none."""
+    presets = ["fp", "w8a32", "w4a32", "w4a32-adaround", *table1.PUBLISHED_ANCHORS, "w4a4", "w4a4-modiff",
+               "w4a4-adaround-modiff", "published-w4a4-modiff", "published-w8a4", "qdiff-w4a4"]
+    anchors = {p: pair["weights_only"] for p, pair in table1._counterparts(presets).items()}
+    assert anchors == {"fp": None, "w8a32": None, "w4a32": None, "w4a32-adaround": None, "published-w8a32": None,
+                       "published-w4a32": None, "w4a4": "w4a32", "w4a4-modiff": "w4a32",
+                       "w4a4-adaround-modiff": "w4a32-adaround", "published-w4a4-modiff": "published-w4a32",
+                       "published-w8a4": "published-w8a32", "qdiff-w4a4": "w4a32-adaround"}
+    assert table1.describe("published-w4a32") == {"numerics": "published", "method": "full-precision activations",
+                                                  "weights": "RTN", "w_bits": 4, "a_bits": 32}
+    assert table1.describe("w4a32-adaround")["numerics"] == "-"

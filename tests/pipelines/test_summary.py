@@ -120,7 +120,8 @@ def test_a_row_to_sample_against_an_fp_summary_without_images_is_refused_first(t
     for preset in table1.ANCHORS:
         experiments.sample_run(tame_denoiser, preset, seeds, config, folder, device="cpu")
     summarize([runs], summaries, settings=SETTINGS)
-    fp_summary, row = (experiments.spacing_runs_dir(tame_denoiser, summaries, config) / n for n in ("fp-ddim3", "w8a4-ddim3"))
+    folder_of_summaries = experiments.spacing_runs_dir(tame_denoiser, summaries, config)
+    fp_summary, row = folder_of_summaries / "fp-ddim3", folder_of_summaries / "w8a4-ddim3"
     assert fp_summary.is_dir() and not row.exists()
     _keep_images(fp_summary, range(2))
     with pytest.raises(SummaryMismatchError, match=r"keeping the images of 2 seeds, not of 4 .*w8a4 will be sampled"):
