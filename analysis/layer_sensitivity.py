@@ -20,14 +20,16 @@ import modiff as md
 from analysis.experiments import _on_device, _timesteps
 from analysis.intervals import summarize
 from modiff.utils.device import resolve_device
+from modiff.utils.selection import network_modules
 from modiff.quant import QuantConfig
 
 __all__ = ["edge_convolutions", "layer_variants", "layer_sensitivity", "finding"]
 
 
 def edge_convolutions(model: nn.Module) -> tuple[str, str]:
-    """Qualified names of the first and the last Conv2d of ``model``, in module order."""
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    """Qualified names of the first and the last Conv2d of ``model``'s network, in module order (what
+    quantization touches: a latent model's first stage is not part of it)."""
+    convs = [name for name, m in network_modules(model) if isinstance(m, nn.Conv2d)]
     if len(convs) < 2:
         raise ValueError(f"the model has {len(convs)} Conv2d layers; layer_sensitivity needs at least 2")
     return convs[0], convs[-1]

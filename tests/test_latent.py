@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 import modiff
+from analysis import layer_sensitivity
 from modiff.cli import main
 from modiff.diffusion.schedules import sqrt_linear_schedule
 from modiff.models.denoisers import LatentDenoiser, to_images
@@ -119,6 +120,10 @@ def test_only_the_unet_is_quantized_recorded_and_counted() -> None:
     assert report["layers_counted"] == len(unet_layers)
     unet_macs = compute_report(modiff.quantize(model, modiff.presets["fp"]), steps=10)["gmacs_conv_linear"]
     assert report["gmacs_conv_linear"] == unet_macs > 0
+    unet_convs = [n for n, m in model.net.named_modules(prefix="net") if isinstance(m, torch.nn.Conv2d)]
+    assert layer_sensitivity.edge_convolutions(model) == (unet_convs[0], unet_convs[-1])  # not the decoder's
+    for config in layer_sensitivity.layer_variants(model, quant).values():
+        modiff.quantize(model, config)  # each variant selects UNet layers
 
 
 def test_quantized_ldm_sampling_decodes_to_images() -> None:
