@@ -310,7 +310,9 @@ def findings(table: pd.DataFrame) -> str:
 def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleConfig) -> pd.DataFrame:
     """Full-precision samples of ``seeds`` on the GPU against the CPU (fp32): per-sample relative L2 of the
     sampler output (mean and max) and the largest difference of a uint8 pixel, for the GPU in fp32 (TF32
-    off) and in TF32. Without a GPU, one row that says so."""
+    off), in TF32 and with bf16 autocast (the fast path's arithmetic: set beside the table's relative L2 of
+    the W8 rows, it says whether bf16 alone would move images as far as 8-bit quantization does). Without a
+    GPU, one row that says so."""
     import copy
 
     from modiff.utils.images import to_uint8
@@ -321,11 +323,12 @@ def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleCon
     cpu_images = to_uint8(md.to_images(model, cpu_out)).astype(np.int16)
     gpu_model = copy.deepcopy(model).to("cuda")
     rows = []
-    for precision in ("fp32", "tf32"):
+    labels = {"fp32": "fp32 (TF32 off)", "tf32": "tf32", "bf16": "bf16 autocast"}
+    for precision, label in labels.items():
         out = sample(gpu_model, seeds, replace(config, precision=precision), torch.device("cuda")).cpu()
         rel = ((out - cpu_out).flatten(1).norm(dim=1) / cpu_out.flatten(1).norm(dim=1)).numpy()
         pixels = np.abs(to_uint8(md.to_images(model, out)).astype(np.int16) - cpu_images)
-        rows.append({"gpu_precision": "fp32 (TF32 off)" if precision == "fp32" else "tf32", "n": len(seeds),
+        rows.append({"gpu_precision": label, "n": len(seeds),
                      "rel_l2_mean": float(rel.mean()), "rel_l2_max": float(rel.max()),
                      "max_pixel_difference_uint8": int(pixels.max()),
                      "pixels_differing_fraction": float((pixels > 0).mean()), "note": ""})
