@@ -287,10 +287,24 @@ def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _better_than_fp_line(scored: pd.DataFrame) -> list[str]:
+    """The rows with a lower FID than fp, with their distance to fp: FID measures closeness to the data, not
+    to the fp model, so a quantized row can score below fp while its images differ from fp's."""
+    better = scored[scored.vs_fp.str.startswith("better")]
+    if better.empty:
+        return []
+    listed = ", ".join(f"{r.preset} ({r.vs_fp.removeprefix('better: ')}; relative L2 to fp {r.rel_l2_pixels:.3g})"
+                       for r in better.itertuples())
+    rows = "row has" if len(better) == 1 else "rows have"
+    return [f"- {len(better)} {rows} a lower FID than fp: {listed}. FID compares a row with the data, not "
+            f"with fp; a lower FID says quantization moved the samples' statistics nearer the data's in this "
+            f"feature space, not that the row reproduces fp better."]
+
+
 def findings(table: pd.DataFrame) -> str:
     """Markdown written from the numbers of a `paper_columns` table: settings, the fp anchor, how many rows
-    differ from fp, each MoDiff-vs-direct pair the paper reports, with agreement or disagreement, and each
-    pair where MoDiff is worse, read against its weights-only anchor."""
+    differ from fp (and which score below it), each MoDiff-vs-direct pair the paper reports, with agreement or
+    disagreement, and each pair where MoDiff is worse, read against its weights-only anchor."""
     fp = table.set_index("preset").loc["fp"]
     scored = table[(table.preset != "fp") & (table.vs_fp != "")]
     same = scored[scored.vs_fp.str.startswith("no difference")]
@@ -300,6 +314,7 @@ def findings(table: pd.DataFrame) -> str:
              f"small N, so each row is read against this anchor, not against an fp FID at another N.",
              f"- {len(same)} of {len(scored)} quantized rows show no FID difference from fp (paired bootstrap, "
              f"95%): {', '.join(same.preset) or 'none'}."]
+    lines += _better_than_fp_line(scored)
     lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
                                      "(the paper's cells are in the paper_fid column)."]
     lines += _modiff_worse_lines(table)

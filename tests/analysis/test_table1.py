@@ -121,3 +121,15 @@ def test_each_row_is_compared_with_the_weights_only_anchor_of_the_same_weights()
     assert table1.describe("published-w4a32") == {"numerics": "published", "method": "full-precision activations",
                                                   "weights": "RTN", "w_bits": 4, "a_bits": 32}
     assert table1.describe("w4a32-adaround")["numerics"] == "-"
+
+
+def test_rows_below_fp_are_listed_with_their_distance_to_fp() -> None:
+    import pandas as pd
+
+    scored = pd.DataFrame({"preset": ["w8a32", "w8a4", "w4a4"], "rel_l2_pixels": [0.0668, 0.37, 0.72],
+                           "vs_fp": ["better: -0.169 [-0.209, -0.137]", "worse: +3.54 [+3.4, +3.69]",
+                                     "no difference: +0.1 [-0.2, +0.3]"]})
+    (line,) = table1._better_than_fp_line(scored)
+    assert line.startswith("- 1 row has a lower FID than fp: w8a32 (-0.169 [-0.209, -0.137]; relative L2 to fp "
+                           "0.0668). FID compares a row with the data, not with fp")
+    assert table1._better_than_fp_line(scored.iloc[1:]) == []
