@@ -14,7 +14,6 @@ and the largest difference between the two outputs. CUDA only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profiling import device_us  # noqa: E402
+from profiling import cuda_kernel_args, device_us  # noqa: E402
 
 GROUPS, EPS = 32, 1e-6
 HBM_BYTES_PER_US = 4.8e6  # H200 datasheet, 4.8 TB/s
@@ -56,12 +55,7 @@ FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_group_norm.py needs CUDA")
+    args = cuda_kernel_args(__doc__, "bench_group_norm.py", batch=1024)
     device, rows = torch.device("cuda"), []
     compiled = {name: torch.compile(fn, dynamic=False) for name, fn in FORMULATIONS.items()}
     for channels, res in SHAPES:

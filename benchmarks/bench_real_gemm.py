@@ -9,7 +9,6 @@ reader sees whether the kernel or the tiling is what keeps the real path behind.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profiling import device_us  # noqa: E402
+from profiling import cuda_kernel_args, device_us  # noqa: E402
 
 from modiff.quant.kernels import real  # noqa: E402
 
@@ -35,12 +34,7 @@ def _tflops(flops: float, us: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_real_gemm.py needs CUDA")
+    args = cuda_kernel_args(__doc__, "bench_real_gemm.py", batch=512)
     device = torch.device("cuda")
     rows = []
     for name, c, res in SHAPES:

@@ -1,7 +1,8 @@
 """Where the time of one run goes: a kernel table from torch.profiler, for the benchmarks' --profile, and
-the device time of a launch."""
+the device time of a launch; the arguments of the CUDA kernel micro-benchmarks."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Callable
 
@@ -41,3 +42,14 @@ def device_us(run: Callable[[], object], repeats: int = 20, warmup: int = 3) -> 
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats * 1e3
+
+
+def cuda_kernel_args(doc: str, script: str, batch: int) -> argparse.Namespace:
+    """``--batch`` and ``--out`` of a kernel micro-benchmark; exits with a message without CUDA."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs CUDA")
+    return args
