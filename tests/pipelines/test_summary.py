@@ -113,7 +113,8 @@ def _keep_images(summary: Path, seeds) -> None:
 
 def test_a_row_to_sample_against_an_fp_summary_without_images_is_refused_first(tmp_path: Path, tame_denoiser) -> None:
     """Table 1 from summaries plus a row still to sample: refused before anything is sampled when the fp
-    summary lacks images (its distances need them); sampled and scored when the fp summary keeps them all."""
+    summary lacks images (its distances need them); sampled and scored when the fp summary keeps them all,
+    and then the same table as from the runs in one sitting (how the paper preset's Table 1 is made)."""
     runs, summaries, seeds = tmp_path / "runs", tmp_path / "summaries", range(6)
     config = table1.table_config(tame_denoiser, 3, "quad")
     folder = experiments.spacing_runs_dir(tame_denoiser, runs, config)
@@ -132,6 +133,8 @@ def test_a_row_to_sample_against_an_fp_summary_without_images_is_refused_first(t
     scored = table1.scored_table(tame_denoiser, ["w8a4"], seeds, config, summaries, device="cpu", bootstrap=BOOTSTRAP)
     assert scored.preset.tolist() == [*table1.ANCHORS, "w8a4"] and (row / "samples.npz").is_file()
     assert scored.rel_l2_pixels.iloc[-1] > 0
+    one_sitting = table1.scored_table(tame_denoiser, ["w8a4"], seeds, config, runs, device="cpu", bootstrap=BOOTSTRAP)
+    pd.testing.assert_frame_equal(scored, one_sitting)
 
 
 def test_unfinished_busy_and_mismatched_runs_are_refused(tmp_path: Path, tame_denoiser,
