@@ -160,7 +160,7 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
         {"": "arithmetic", "paper": "not stated",
-         "this report": f"sample runs: {get('precision')}; theory sweep and published-code audit: IEEE float32"},
+         "this report": f"Table 1's sample runs: {get('precision')}; theory sweep and published-code audit: IEEE float32"},
     ])
 
 
