@@ -23,3 +23,16 @@ def test_per_channel_sums_equal_group_norm(with_time_add: bool) -> None:
     # both round a float32 result to bf16: at most one bf16 step apart where a value sits near a rounding boundary
     assert torch.allclose(candidate, reference, rtol=2 ** -7, atol=1e-5)
     assert (candidate == reference).float().mean() > 0.95
+
+
+def test_kernel_benchmarks_refuse_to_run_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared arguments of the kernel micro-benchmarks: --batch and --out parsed, and a plain exit
+    message (not a traceback) on a machine without CUDA."""
+    profiling = pytest.importorskip("profiling")
+    monkeypatch.setattr(sys, "argv", ["bench_group_norm.py", "--batch", "8", "--out", "x.json"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = profiling.cuda_kernel_args("doc", "bench_group_norm.py", batch=1024)
+    assert (args.batch, args.out) == (8, "x.json")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="bench_group_norm.py needs CUDA"):
+        profiling.cuda_kernel_args("doc", "bench_group_norm.py", batch=1024)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import modiff as md
 from analysis import experiments, table1
@@ -133,3 +134,19 @@ def test_rows_below_fp_are_listed_with_their_distance_to_fp() -> None:
     assert line.startswith("- 1 row has a lower FID than fp: w8a32 (-0.169 [-0.209, -0.137]; relative L2 to fp "
                            "0.0668). FID compares a row with the data, not with fp")
     assert table1._better_than_fp_line(scored.iloc[1:]) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp_device_distance_measures_each_gpu_arithmetic(tiny_denoiser: md.Denoiser) -> None:
+    """On a GPU: one row per arithmetic (IEEE fp32, tf32, bf16 autocast) against the CPU; IEEE fp32 closest."""
+    config = table1.table_config(tiny_denoiser, 3, "quad")
+    rows = table1.fp_device_distance(tiny_denoiser, range(2), config).set_index("gpu_precision")
+    assert list(rows.index) == ["fp32 (TF32 off)", "tf32", "bf16 autocast"] and (rows.n == 2).all()
+    assert rows.loc["fp32 (TF32 off)", "rel_l2_mean"] <= rows.loc["bf16 autocast", "rel_l2_mean"]
+
+
+def test_fp_device_distance_says_when_there_is_no_gpu(tiny_denoiser: md.Denoiser,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = table1.fp_device_distance(tiny_denoiser, range(2), table1.table_config(tiny_denoiser, 3, "quad"))
+    assert rows.note.tolist() == ["no GPU on this machine: the GPU-CPU distance is not measured"]

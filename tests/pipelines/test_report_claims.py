@@ -178,6 +178,7 @@ def test_setting_states_model_metric_and_sample_size(tmp_path: Path) -> None:
     assert setting.loc["samples per FID", "paper"] == "50,000" and setting.loc["samples per FID", "this report"] == "64"
     assert "Fashion-MNIST classifier" in setting.loc["FID feature space", "this report"]
     assert setting.loc["sampler", "this report"] == "DDIM, 20 steps, quad timesteps"
+    assert setting.loc["arithmetic", "this report"].startswith("Table 1's sample runs: ")  # where the value comes from
     assert setting.loc["arithmetic", "this report"].endswith("theory sweep and published-code audit: IEEE float32")
     latent = setting_table(rc.SavedTables(tmp_path / "none"), "fmnist-ldm", {}).set_index("")
     assert "LSUN" in latent.loc["model", "paper"]
