@@ -18,7 +18,7 @@ from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
-from modiff.pipelines.execution import PrecisionChoice, float32_precision
+from modiff.pipelines.execution import PrecisionChoice, float32_precision, precision_record
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.pipelines.summary import per_seed_fidelity, require_reference_images
 from modiff.utils.device import resolve_device
@@ -34,7 +34,7 @@ __all__ = [
     "layer_inputs", "sample_config", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
     "warmup_table", "warmup_per_seed",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
-    "run_is_finished", "fp_reference_run",
+    "run_is_finished", "fp_reference_run", "run_precision", "analysis_precision",
 ]
 
 
@@ -82,11 +82,13 @@ def layer_inputs(model: nn.Module, sites: Sequence[str], seeds: Sequence[int], s
                  spacing: Optional[Spacing] = None,
                  device: str = "cpu") -> tuple[dict[str, list[torch.Tensor]], tuple[int, ...]]:
     """Inputs a_t of each site at every step (one call per step), in sampling order, on the CPU, and the
-    timesteps (the model's own spacing unless ``spacing`` is given). Sampling runs on ``device``."""
+    timesteps (the model's own spacing unless ``spacing`` is given). Sampling runs on ``device`` in IEEE
+    float32 (TF32 off on CUDA)."""
     ts = _timesteps(model, steps, spacing)
     runner = _on_device(model, device)
     captures = {site: Capture("input", keep=_on_cpu) for site in sites}
-    with attach("analysis.layer_inputs", [(runner.get_submodule(site), c) for site, c in captures.items()]):
+    hooks = [(runner.get_submodule(site), c) for site, c in captures.items()]
+    with attach("analysis.layer_inputs", hooks), float32_precision("fp32"):
         md.sample_ddim(runner, md.noise(seeds, model.sample_shape).to(resolve_device(device)), ts)
     return {site: c.values for site, c in captures.items()}, ts
 
@@ -141,6 +143,21 @@ def run_is_finished(model: nn.Module, preset: str, seeds: Sequence[int], config:
     resolved = config.resolved(resolve_device(device))
     run_dir, identity = _run_location(model, preset, resolved, runs_dir)
     return finished_run(run_dir, seeds, resolved, identity, device)
+
+
+def run_precision(run_dir: Path) -> str:
+    """The arithmetic of a run as its manifest records it (every session), e.g. "fp32 (TF32 off) on cuda"."""
+    sessions = json.loads((Path(run_dir) / "manifest.json").read_text()).get("sessions", [])
+    labels = {f"{s['precision']['label']} on {s['precision']['device_type']}" if "precision" in s
+              else "fp32, TF32 not recorded (older run)" for s in sessions}
+    return "; ".join(sorted(labels))
+
+
+def analysis_precision(device: str | torch.device) -> str:
+    """The arithmetic of the trajectories the analysis functions run themselves (always IEEE float32), as a
+    table's precision column reads it, e.g. "fp32 (TF32 off) on cuda" (`run_precision` for sample runs)."""
+    where = resolve_device(device) if isinstance(device, str) else device
+    return f"{precision_record('fp32', where)['label']} on {where.type}"
 
 
 def fp_reference_run(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
@@ -229,8 +246,8 @@ def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequenc
                      runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
                      devices: str | Sequence[str] = ()) -> pd.DataFrame:
     """Tables 5 and 15-17 per seed: relative L2 (pixels) of each preset's sample to the fp sample of the same
-    seed and sampler; columns sampler, steps, preset, seed, rel_l2_pixels. With several ``devices`` the runs
-    of each sampler are made in parallel first (`fill_runs`)."""
+    seed and sampler; columns sampler, steps, preset, precision (the run's arithmetic, `run_precision`), seed,
+    rel_l2_pixels. With several ``devices`` the runs of each sampler are made in parallel first (`fill_runs`)."""
     frames = []
     for sampler, steps in samplers:
         config = sample_config(model, steps, sampler)
@@ -240,7 +257,8 @@ def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequenc
             fill_runs(model, presets, seeds, config, folder, devices, batch_size)
         for preset in presets:
             run = sample_run(model, preset, seeds, config, folder, batch_size, device)
-            frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "seed": list(seeds),
+            frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset,
+                                        "precision": run_precision(run), "seed": list(seeds),
                                         "rel_l2_pixels": per_seed_fidelity(run, fp_run, seeds).rel_l2_pixels}))
     return pd.concat(frames, ignore_index=True)
 
@@ -253,43 +271,47 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
     from analysis.intervals import summarize
 
     per_seed = sampler_per_seed(model, presets, samplers, seeds, runs_dir, batch_size, device, devices)
-    return summarize(per_seed, ["sampler", "steps", "preset"], "rel_l2_pixels").rename(columns={"mean": "rel_l2_pixels"})
+    return summarize(per_seed, ["sampler", "steps", "preset", "precision"], "rel_l2_pixels").rename(columns={"mean": "rel_l2_pixels"})
 
 
 @torch.no_grad()
 def warmup_per_seed(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
                     device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
     """Table 18 per seed: MoDiff with k full-precision warm-up steps, relative L2 to the fp sample (decoded
-    image for a latent model) of the same seed, sampled on ``device`` in batches of ``batch_size``; columns
-    preset, warmup_steps, seed, rel_l2_pixels."""
+    image for a latent model) of the same seed, sampled on ``device`` in IEEE float32 (TF32 off on CUDA) in
+    batches of ``batch_size``; columns preset, warmup_steps, precision, seed, rel_l2_pixels."""
     from dataclasses import replace
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     runner, seeds = _on_device(model, device), list(seeds)
     ts = _timesteps(model, steps)
+    where = resolve_device(device)
+    arithmetic = analysis_precision(where)
     rows = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
-        x_T = md.noise(chunk, model.sample_shape).to(resolve_device(device))
-        reference = md.to_images(runner, md.sample_ddim(runner, x_T, ts)).flatten(1)
+        x_T = md.noise(chunk, model.sample_shape).to(where)
+        with float32_precision("fp32"):
+            reference = md.to_images(runner, md.sample_ddim(runner, x_T, ts)).flatten(1)
         for k in warmups:
             qmodel = md.quantize(runner, replace(md.presets[preset], warmup_steps=k))
-            with md.trajectory(qmodel):
+            with md.trajectory(qmodel), float32_precision("fp32"):
                 out = md.to_images(qmodel, md.sample_ddim(qmodel, x_T, ts)).flatten(1)
             rel = ((out - reference).norm(dim=1) / reference.norm(dim=1)).cpu().numpy()
-            rows += [{"preset": preset, "warmup_steps": k, "seed": s, "rel_l2_pixels": float(v)} for s, v in zip(chunk, rel)]
+            rows += [{"preset": preset, "warmup_steps": k, "precision": arithmetic, "seed": s, "rel_l2_pixels": float(v)}
+                     for s, v in zip(chunk, rel)]
     return pd.DataFrame(rows).sort_values(["warmup_steps", "seed"], kind="stable", ignore_index=True)
 
 
 def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
                  device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
     """Table 18: per warm-up setting, the mean relative L2 to fp over seeds (`warmup_per_seed`) with its 95%
-    bootstrap interval; columns preset, warmup_steps, rel_l2_pixels, ci95_low, ci95_high, n."""
+    bootstrap interval; columns preset, warmup_steps, precision, rel_l2_pixels, ci95_low, ci95_high, n."""
     from analysis.intervals import summarize
 
     per_seed = warmup_per_seed(model, preset, warmups, seeds, steps, device, batch_size)
-    table = summarize(per_seed, ["preset", "warmup_steps"], "rel_l2_pixels")
+    table = summarize(per_seed, ["preset", "warmup_steps", "precision"], "rel_l2_pixels")
     return table.rename(columns={"mean": "rel_l2_pixels"})
 
 

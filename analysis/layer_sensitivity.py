@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 import modiff as md
-from analysis.experiments import _on_device, _timesteps
+from analysis.experiments import _on_device, _timesteps, analysis_precision
 from analysis.intervals import summarize
+from modiff.pipelines.execution import float32_precision
 from modiff.utils.device import resolve_device
 from modiff.utils.selection import network_modules
 from modiff.quant import QuantConfig
@@ -45,15 +46,16 @@ def layer_variants(model: nn.Module, config: QuantConfig) -> dict[str, QuantConf
 
 
 def _images(model: nn.Module, x_T: torch.Tensor, ts: Sequence[int]) -> torch.Tensor:
-    with md.trajectory(model):  # nothing to do for a model without MoDiff state
+    with md.trajectory(model), float32_precision("fp32"):  # trajectory: nothing to do without MoDiff state
         return md.to_images(model, md.sample_ddim(model, x_T, ts)).flatten(1).double()
 
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], steps: int,
                       device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
-    """Per preset and variant (`layer_variants`): relative L2 to fp over seeds, mean with a 95% interval;
-    columns preset, layers, rel_l2_pixels, ci95_low, ci95_high, n."""
+    """Per preset and variant (`layer_variants`): relative L2 to fp over seeds, mean with a 95% interval,
+    sampled in IEEE float32 (TF32 off on CUDA); columns preset, layers, rel_l2_pixels, ci95_low, ci95_high, n,
+    precision."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     runner, seeds, ts = _on_device(model, device), list(seeds), _timesteps(model, steps)
@@ -69,7 +71,7 @@ def layer_sensitivity(model: nn.Module, presets: Sequence[str], seeds: Sequence[
             rel = ((out - reference).norm(dim=1) / reference.norm(dim=1)).cpu().numpy()
             rows += [{"preset": preset, "layers": name, "seed": s, "rel_l2_pixels": float(v)} for s, v in zip(chunk, rel)]
     table = summarize(pd.DataFrame(rows), ["preset", "layers"], "rel_l2_pixels")
-    return table.rename(columns={"mean": "rel_l2_pixels"})
+    return table.rename(columns={"mean": "rel_l2_pixels"}).assign(precision=analysis_precision(device))
 
 
 def finding(table: pd.DataFrame) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from analysis.intervals import Interval, mean_interval
 from modiff.diffusion.sampling import sample_ddim
 from modiff.models.conventions import middle_block
+from modiff.pipelines.execution import float32_precision
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, quantize, trajectory
 from modiff.utils.hooks import Capture, attach
 
@@ -76,12 +77,13 @@ def capture_features(
 ) -> list[torch.Tensor]:
     """Sample from ``x_T`` with ``model`` and return the output of ``site`` at every model call.
 
-    Sampling runs inside `modiff.trajectory` (which does nothing for a model without MoDiff state); the
-    features are captured by a `modiff.utils.hooks.Capture` hook.
+    Sampling runs inside `modiff.trajectory` (which does nothing for a model without MoDiff state), in IEEE
+    float32 on every device (cuDNN's default TF32 convolutions would add their own error to the error being
+    measured); the features are captured by a `modiff.utils.hooks.Capture` hook.
     """
     capture = Capture("output", keep=_features)
     module = model.get_submodule(resolve_site(model, site))
-    with trajectory(model), attach("analysis.capture_features", [(module, capture)]):
+    with trajectory(model), attach("analysis.capture_features", [(module, capture)]), float32_precision("fp32"):
         sampler(model, x_T, timesteps, **sampler_kwargs)
     return capture.values
 

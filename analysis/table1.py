@@ -34,7 +34,7 @@ from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import has_shipped
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "adaround_presets",
-           "adaround_status", "row_presets", "describe", "scored_table", "run_precision", "paper_columns", "findings", "fp_device_distance"]
+           "adaround_status", "row_presets", "describe", "scored_table", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"
@@ -131,14 +131,6 @@ def describe(preset: str) -> dict[str, Any]:
             "w_bits": 32 if weight is None else weight.spec.bits, "a_bits": 32 if act is None else act.spec.bits}
 
 
-def run_precision(run_dir: Path) -> str:
-    """The arithmetic of a run as its manifest records it (every session), e.g. "fp32 (TF32 off) on cuda"."""
-    sessions = json.loads((Path(run_dir) / "manifest.json").read_text()).get("sessions", [])
-    labels = {f"{s['precision']['label']} on {s['precision']['device_type']}" if "precision" in s
-              else "fp32, TF32 not recorded (older run)" for s in sessions}
-    return "; ".join(sorted(labels))
-
-
 def _counterparts(presets: Sequence[str]) -> dict[str, dict[str, Optional[str]]]:
     """Per preset: its weights-only anchor and (for a MoDiff row) its direct counterpart, among ``presets``.
     The anchor quantizes the same layers the same way (split shortcut included: it gives the second half of a
@@ -166,7 +158,7 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
     """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way."""
     close = per_seed_fidelity(run, fp_run, seeds).averaged()
     row: dict[str, Any] = {"preset": preset, **describe(preset), "n": len(seeds), "steps": config.steps,
-                           "spacing": config.spacing, "precision": run_precision(run)}
+                           "spacing": config.spacing, "precision": experiments.run_precision(run)}
     try:
         scored = run_scores(run, seeds, ref, bootstrap)
         metrics, resampled, note = scored.metrics, scored.fid_resamples, ""

@@ -132,15 +132,36 @@ _MODELS = {"fmnist-ddim": "`fmnist-ddim`: the shipped Fashion-MNIST pixel DDIM (
            "fmnist-ldm": "`fmnist-ldm`: the shipped Fashion-MNIST latent diffusion model"}
 
 
+# Tables whose precision column records the arithmetic of their numbers, and what the report calls them.
+_ARITHMETIC_SOURCES = {"table1_bitwidth": "Table 1's sample runs", "samplers": "the sampler table's runs",
+                      "warmup_steps": "warm-up steps", "fig1a_caching_summary": "Figure 1a",
+                      "fig1b_range_ratios": "Figure 1b", "table4_last_step_error": "Figure 3",
+                      "w4_layer_sensitivity": "layer sensitivity"}
+
+
+def _arithmetic(tables: SavedTables) -> str:
+    """The arithmetic of the report's numbers as their tables record it, grouped by value ("not recorded"
+    for a table saved without its precision column); the theory sweep and the audit always run IEEE float32."""
+    sources: dict[str, list[str]] = {}
+    for name, label in _ARITHMETIC_SOURCES.items():
+        table = tables.get(name)
+        if table is not None:
+            recorded = "precision" in table.columns and len(table)
+            value = "; ".join(sorted(set(table["precision"]))) if recorded else "not recorded"
+            sources.setdefault(value, []).append(label)
+    parts = [f"{', '.join(labels)}: {value}" for value, labels in sources.items()]
+    return "; ".join([*parts, "theory sweep and published-code audit: IEEE float32"])
+
+
 def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]) -> pd.DataFrame:
     """What differs between the paper's setting and this report's (model, metric space, sample size,
-    sampler), from the report's parameters and, where it has it, Table 1 itself."""
+    sampler, arithmetic), from the report's parameters and, where it has them, Table 1 and the sampler table."""
     latent = is_latent(tables, model)
     table1 = tables.get("table1_bitwidth", ["n", "steps", "spacing", "precision"])
     known = dict(parameters)
     if table1 is not None and len(table1):
         known.update(num_samples=int(table1["n"].max()), steps=int(table1["steps"].max()),
-                     spacing=table1["spacing"].iloc[0], precision="; ".join(sorted(set(table1["precision"]))))
+                     spacing=table1["spacing"].iloc[0])
 
     def get(key: str) -> str:
         value = known.get(key)
@@ -159,8 +180,7 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
                         f"calibration + {get('theory_heldout_samples')} held-out; warm-up: {get('warmup_samples')} seeds"},
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
-        {"": "arithmetic", "paper": "not stated",
-         "this report": f"Table 1's sample runs: {get('precision')}; theory sweep and published-code audit: IEEE float32"},
+        {"": "arithmetic", "paper": "not stated", "this report": _arithmetic(tables)},
     ])
 
 

@@ -1,6 +1,9 @@
 """Experiment drivers behind the notebooks."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -203,3 +206,33 @@ def test_run_folders_keep_precisions_apart(tiny_denoiser: md.Denoiser, tmp_path)
     assert run.name == "fp-ddim2"
     with pytest.raises(AssertionError, match="resolve the precision"):
         experiments._run_location(tiny_denoiser, "fp", config, tmp_path)
+
+
+def test_analysis_trajectories_run_in_ieee_float32(tiny_denoiser: md.Denoiser) -> None:
+    """Figures 1a, 1b and 3, the warm-up table and the layer sensitivity sample with TF32 off even where it is
+    on around them (cuDNN's default on a GPU), and their tables say so; the switch is restored afterwards."""
+    from analysis import layer_sensitivity, network
+    from modiff.pipelines.execution import float32_precision
+
+    seen = []
+    conv_switch = torch.backends.cudnn.conv
+    hook = tiny_denoiser.net.conv_out.register_forward_pre_hook(lambda *_: seen.append(conv_switch.fp32_precision))
+    try:
+        with float32_precision("tf32"):
+            experiments.layer_inputs(tiny_denoiser, ["net.conv_out"], range(1), steps=2)
+            ts = md.timesteps(2, "quad")
+            network.caching_error_samples(tiny_denoiser, [2], x_T=md.noise(range(1), tiny_denoiser.sample_shape), timesteps=ts)
+            warm = experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1], range(1), steps=2)
+            table = layer_sensitivity.layer_sensitivity(tiny_denoiser, ["w4a32"], range(1), steps=2)
+            assert conv_switch.fp32_precision == "tf32"
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {"ieee"}
+    assert set(warm["precision"]) == set(table["precision"]) == {"fp32 on cpu"}
+    assert experiments.analysis_precision(torch.device("cuda")) == "fp32 (TF32 off) on cuda"
+
+
+def test_run_precision_reads_every_session(tmp_path: Path) -> None:
+    sessions = [{"precision": {"label": "fp32 (TF32 off)", "device_type": "cuda"}}, {"environment": {}}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"sessions": sessions}))
+    assert experiments.run_precision(tmp_path) == "fp32 (TF32 off) on cuda; fp32, TF32 not recorded (older run)"

@@ -1,7 +1,6 @@
 """Table 1 with anchors, intervals, verdicts, spacing and precision (analysis.table1)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +51,6 @@ def test_spacing_and_run_folders(tiny_denoiser: md.Denoiser, tmp_path: Path) -> 
     calibration = table1.table_calibration(calibration_settings(tiny_denoiser, 10, 4, 2, 2), quad)
     assert calibration.data.spacing == "quad" and calibration.data.steps == 10
     assert calibration.data.first_seed == table1.HELD_OUT_FIRST_SEED  # calibrated on seeds never scored
-
-
-def test_run_precision_reads_every_session(tmp_path: Path) -> None:
-    sessions = [{"precision": {"label": "fp32 (TF32 off)", "device_type": "cuda"}}, {"environment": {}}]
-    (tmp_path / "manifest.json").write_text(json.dumps({"sessions": sessions}))
-    assert table1.run_precision(tmp_path) == "fp32 (TF32 off) on cuda; fp32, TF32 not recorded (older run)"
 
 
 def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoiser, tmp_path: Path) -> None:

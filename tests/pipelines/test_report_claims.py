@@ -184,6 +184,19 @@ def test_setting_states_model_metric_and_sample_size(tmp_path: Path) -> None:
     assert "LSUN" in latent.loc["model", "paper"]
 
 
+def test_arithmetic_is_read_from_the_tables_and_grouped(tmp_path: Path) -> None:
+    """Each table's recorded precision, tables of one arithmetic named together; a table saved before it had a
+    precision column reads "not recorded", a table never saved is left out."""
+    write(tmp_path, "table1_bitwidth", [{**row, "precision": "tf32 on cuda"} for row in table1_rows("", "")])
+    write(tmp_path, "fig1a_caching_summary", [{"mean": 0.1, "precision": "fp32 (TF32 off) on cuda"}])
+    write(tmp_path, "table4_last_step_error", [{"mean": 0.2, "precision": "fp32 (TF32 off) on cuda"}])
+    write(tmp_path, "samplers", [{"mean": 0.3}])
+    setting = setting_table(rc.SavedTables(tmp_path), "fmnist-ddim", {}).set_index("")
+    assert setting.loc["arithmetic", "this report"] == (
+        "Table 1's sample runs: tf32 on cuda; the sampler table's runs: not recorded; "
+        "Figure 1a, Figure 3: fp32 (TF32 off) on cuda; theory sweep and published-code audit: IEEE float32")
+
+
 def test_paper_value_names_a_missing_cell() -> None:
     assert rc.paper_value("Table 1", "W8A3 GBops") == 153
     with pytest.raises(KeyError, match="no cell 'W9A9'"):
