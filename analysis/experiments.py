@@ -111,7 +111,11 @@ def _run_location(model: nn.Module, preset: str, config: SampleConfig, runs_dir:
     assert config.precision != "auto", "resolve the precision first (SampleConfig.resolved)"
     name = f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else "")
     run_dir = Path(runs_dir) / (name if config.precision == "fp32" else f"{name}-{config.precision}")
-    return run_dir, {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
+    identity = {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
+    quant = md.presets[preset]
+    if quant.samples_per_scale:  # these numerics no longer follow the batch size: runs made before are refused
+        identity["quant_config"] = quant.to_dict()
+    return run_dir, identity
 
 
 def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
@@ -330,7 +334,8 @@ def bops_memory_table(model: nn.Module, presets: Sequence[str], batch_sizes: Seq
 @torch.no_grad()
 def published_audit(model: nn.Module, bits: int, seeds: Sequence[int], steps: int, device: str = "cpu") -> pd.DataFrame:
     """The published code's two behaviours, measured: (1) a per-step reset makes MoDiff weight-only
-    quantization; (2) one activation scale per batch tensor makes a sample depend on its batch-mates.
+    quantization; (2) one activation scale per batch tensor (up to the published batch of 64 samples) makes a
+    sample depend on its batch-mates.
     Differences are measured on images (decoded for a latent model). Sampling runs on ``device`` in IEEE
     float32 (TF32 off on CUDA), four sampling runs of ``steps`` model calls each."""
     from dataclasses import replace

@@ -5,8 +5,8 @@ weights-only anchor and the direct counterpart of a MoDiff row, the timestep spa
 run used (read from its manifest), and the paper's numbers beside ours.
 
 Rows are quantization presets, described from their configs: numerics "per-sample" (``wXaY``: dynamic,
-asymmetric, one scale per sample), "published" (``published-wXaY``: symmetric, one scale per batch tensor,
-split shortcut), "static" (``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
+asymmetric, one scale per sample), "published" (``published-wXaY``: symmetric, one scale per batch tensor of the
+published code's 64 samples, split shortcut), "static" (``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
 (round-to-nearest), "AdaRound" (the ``-adaround`` presets and the Q-Diffusion rows) or "fp".
 """
 from __future__ import annotations

@@ -128,14 +128,15 @@ class CompiledNet(NetWrapper):
 
 class PaddedBatch(NetWrapper):
     """`net(x, t, ...)` on exactly ``batch_size`` rows: a smaller batch (a run's last) is filled up with repeats
-    of its own rows and the output cut back, so that one compiled graph (and one set of CUDA graphs) serves
+    of its last row and the output cut back, so that one compiled graph (and one set of CUDA graphs) serves
     every batch of a run, instead of a compilation (tens of seconds) for the last one.
 
     The rows come out as the network computes them in a batch of ``batch_size``: the networks work per
-    sample (convolutions, GroupNorm, attention, per-sample quantizers), and a quantizer with one range for
-    the whole batch (the published per-tensor numerics) sees the same minimum and maximum, since repeated
-    rows add no value. The MoDiff state then holds the filled batch, for the whole trajectory. A call with
-    keywords (a diffusers network: conditioning in keywords, a tuple out) passes through unpadded.
+    sample (convolutions, GroupNorm, attention, per-sample quantizers), and a quantizer with one range per
+    run of consecutive samples (the published per-tensor numerics, `QuantSpec.samples_per_scale`) sees the
+    same minimum and maximum for every real row, since the repeats of the last row join the last row's run
+    and add no value to it. The MoDiff state then holds the filled batch, for the whole trajectory. A call
+    with keywords (a diffusers network: conditioning in keywords, a tuple out) passes through unpadded.
     """
 
     def __init__(self, net: nn.Module, batch_size: int):
@@ -148,7 +149,7 @@ class PaddedBatch(NetWrapper):
     def _filled(self, n: int, device: torch.device) -> torch.Tensor:
         key = (n, device)
         if key not in self._rows:
-            self._rows[key] = torch.arange(self.batch_size, device=device) % n
+            self._rows[key] = torch.arange(self.batch_size, device=device).clamp(max=n - 1)
         return self._rows[key]
 
     def forward(self, x: torch.Tensor, *args: torch.Tensor, **kwargs: Any) -> Any:

@@ -211,6 +211,7 @@ def generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    _check_scale_runs(model, batch_size, len(seeds))
     dev = resolve_device(device)
     run_execution = resolve_execution(dev, config.precision, compile, cuda_graphs,
                                       keyword_net=getattr(model, "net_takes_keywords", False))
@@ -240,6 +241,17 @@ def generate(
         if failed is not None:
             raise error if error is not None else failed
     return out
+
+
+def _check_scale_runs(model: torch.nn.Module, batch_size: int, num_seeds: int) -> None:
+    """A quantizer whose scale spans g consecutive samples (the published numerics) gives each seed the
+    companions it has in a run sampled g at a time only if every batch but the last holds whole runs of g."""
+    config = getattr(model, "quant_config", None)
+    per_scale = config.samples_per_scale if config is not None else 0
+    if per_scale and batch_size % per_scale and num_seeds > batch_size:
+        raise ValueError(f"this quantization shares each activation scale over {per_scale} consecutive samples (as "
+                         f"the published code's batch of {per_scale}); a batch size of {batch_size} would split those "
+                         f"runs across batches: use a multiple of {per_scale}")
 
 
 def _open_run(held: contextlib.ExitStack, out: Path, seeds: Sequence[int], ident: dict[str, Any],

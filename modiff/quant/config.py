@@ -46,6 +46,7 @@ StateDtype = Literal["auto", "float32", "bfloat16"]
 
 # Fields added after configs were first recorded, with their defaults: left out of `to_dict` at these values.
 _ADDED_DEFAULTS = {"format": "int", "backend": "simulated", "state_dtype": "auto"}
+_ADDED_SPEC_DEFAULTS = {"samples_per_scale": 0}  # the same for QuantSpec fields
 
 REAL_SUPPORT = ("backend 'real' supports: mode 'direct' or 'modulated' (with compensation), weights bits=8 "
                 "scheme='symmetric' per output channel (granularity='channel', channel_axis=0, codes='nearest'), "
@@ -79,6 +80,8 @@ class WeightQuant:
         _check(self.codes, WeightCodes, "weight codes")
         if self.spec.bits == 0:
             raise ValueError("weights cannot have 0 bits; use activation bits 0 for caching")
+        if self.spec.samples_per_scale:
+            raise ValueError("samples_per_scale groups the samples of an activation batch; weights have none")
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,19 @@ class QuantConfig:
         from dataclasses import asdict
 
         values = asdict(self)
+        for part in ("weight", "activation"):
+            spec = (values[part] or {}).get("spec", {})
+            if spec.get("samples_per_scale") == _ADDED_SPEC_DEFAULTS["samples_per_scale"]:
+                del spec["samples_per_scale"]
         return {f.name: values[f.name] for f in fields(self)
                 if not (f.name in _ADDED_DEFAULTS and values[f.name] == _ADDED_DEFAULTS[f.name])}
+
+    @property
+    def samples_per_scale(self) -> int:
+        """Consecutive samples that share a dynamic activation scale (`QuantSpec.samples_per_scale`); 0 when
+        no scale spans samples in runs of a fixed length (per-sample scales, static scales, or none)."""
+        act = self.activation
+        return act.spec.samples_per_scale if act is not None and act.dynamic else 0
 
     def simulated(self) -> "QuantConfig":
         """The simulator's config of the same numerics: the reference of the real backend."""

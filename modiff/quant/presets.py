@@ -6,8 +6,10 @@
 - ``wXaY-modiff``: the same quantizers, modulated with error compensation, one full-precision warm-up step.
 - ``wXaY-modiff-noec``: modulated without error compensation ("standard modulation").
 - ``published-wXaY`` / ``published-wXaY-modiff``: the published code's numerics: dynamic symmetric
-  activations with its clamp [-2^(b-1), 2^(b-1) - 1] and ONE scale for the whole batch tensor, per-channel
-  min-max weights, every Conv/Linear (time embedding, first and last layer included), attention core in
+  activations with its clamp [-2^(b-1), 2^(b-1) - 1] and ONE scale for the whole batch tensor of the
+  published code's batch (64 samples; `PUBLISHED_BATCH`: here each run of 64 consecutive samples shares its
+  scale, so a batch of 512 quantizes as eight batches of 64 and the numbers do not depend on the batch size
+  used here; the published LSUN code's batch of 8 is not modelled), per-channel min-max weights, every Conv/Linear (time embedding, first and last layer included), attention core in
   full precision, split shortcut on (as published: only the shortcut conv reading cat([h, skip]) in the
   up path is quantized in two halves, its h and skip channels each with their own scale and weight grid;
   `tests/quant/test_published_equivalence.py` pins every layer against the published formulas).
@@ -40,12 +42,15 @@ from modiff.quant.config import ActQuant, NumberFormat, Observer, QuantConfig, W
 from modiff.quant.primitives import QuantSpec
 
 __all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "ADAROUND_WEIGHT_BITS",
-           "needs_calibration"]
+           "PUBLISHED_BATCH", "needs_calibration"]
 
 WEIGHT_BITS = (8, 4)
 ADAROUND_WEIGHT_BITS = (4,)
 ACT_BITS = (8, 6, 4, 3, 2)
 CACHE_INTERVALS = (2, 3, 5, 10)
+# The published DDIM code samples CIFAR-10 in batches of 64, and its dynamic scales span the batch tensor: the
+# published presets share each scale over 64 consecutive samples, whatever batch size samples them here.
+PUBLISHED_BATCH = 64
 
 
 def _weights(bits: int, codes: WeightCodes = "nearest") -> WeightQuant:
@@ -54,7 +59,8 @@ def _weights(bits: int, codes: WeightCodes = "nearest") -> WeightQuant:
 
 def _acts(bits: int, published: bool = False) -> ActQuant:
     if published:
-        return ActQuant(QuantSpec(bits=bits, scheme="symmetric-published", granularity="tensor"))
+        return ActQuant(QuantSpec(bits=bits, scheme="symmetric-published", granularity="tensor",
+                                  samples_per_scale=PUBLISHED_BATCH))
     return ActQuant(QuantSpec(bits=bits, granularity="sample"))
 
 

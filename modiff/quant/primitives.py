@@ -85,7 +85,10 @@ class QuantSpec:
 
     ``bits`` 0 means skip (Q(x) = 0), otherwise 2..16. ``group_size`` (channels per group) must be > 0
     exactly when ``granularity == "group"``. ``channel_axis`` is 1 for activations (B, C, ...), 0 for
-    weights (out, in, ...) and -1 for token-major activations (B, N, C).
+    weights (out, in, ...) and -1 for token-major activations (B, N, C). ``samples_per_scale`` (granularity
+    ``tensor`` only): 0 shares one scale over the whole batch tensor; g > 0 over each run of g consecutive
+    samples (the last run of a batch may be shorter), so that a batch of k * g samples quantizes as k
+    batches of g: the published code's per-tensor scales at its own batch size, whatever batch runs here.
     """
 
     bits: int = 8
@@ -94,9 +97,10 @@ class QuantSpec:
     granularity: Granularity = "tensor"
     group_size: int = 0
     channel_axis: int = 1
+    samples_per_scale: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("bits", "group_size", "channel_axis"):
+        for name in ("bits", "group_size", "channel_axis", "samples_per_scale"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"QuantSpec.{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -112,6 +116,9 @@ class QuantSpec:
                 f"group_size={self.group_size} is only used with granularity 'group', got granularity "
                 f"{self.granularity!r}; set group_size=0 or granularity='group'"
             )
+        if self.samples_per_scale < 0 or (self.samples_per_scale and self.granularity != "tensor"):
+            raise ValueError(f"samples_per_scale={self.samples_per_scale} needs granularity 'tensor' and a value >= 0 "
+                             f"(0: one scale for the whole batch tensor), got granularity {self.granularity!r}")
 
     @property
     def qmin(self) -> int:
@@ -207,6 +214,8 @@ def reduce_dims(x: Tensor, spec: QuantSpec) -> tuple[int, ...]:
 
 def _reduce(x: Tensor, spec: QuantSpec, op: Callable[..., Tensor]) -> Tensor:
     """``op(x, dim=..., keepdim=True)`` over the qparam groups, shaped to broadcast against ``x``."""
+    if spec.samples_per_scale:
+        return _reduce_sample_runs(x, spec.samples_per_scale, op)
     dims = reduce_dims(x, spec)
     if spec.granularity != "group":
         return op(x, dim=dims, keepdim=True)
@@ -216,6 +225,18 @@ def _reduce(x: Tensor, spec: QuantSpec, op: Callable[..., Tensor]) -> Tensor:
     shape[axis + 1] = spec.group_size
     out_shape = shape[:axis] + [x.shape[axis]] + shape[axis + 2 :]
     return grouped.expand(shape).reshape(out_shape)  # (.., C, ..): each group's value repeated g times
+
+
+def _reduce_sample_runs(x: Tensor, per_scale: int, op: Callable[..., Tensor]) -> Tensor:
+    """``op`` over each run of ``per_scale`` consecutive samples (the last may be shorter), shaped (B, 1, ..):
+    every sample carries its run's value. ``op`` is amin, amax or sum: an op of per-sample ops."""
+    batch = x.shape[0]
+    per_sample = op(x.reshape(batch, -1), dim=1)
+    whole = batch - batch % per_scale
+    runs = [op(per_sample[:whole].reshape(-1, per_scale), dim=1).repeat_interleave(per_scale)] if whole else []
+    if whole < batch:
+        runs.append(op(per_sample[whole:], dim=0, keepdim=True).expand(batch - whole))
+    return torch.cat(runs).reshape(batch, *([1] * (x.ndim - 1)))
 
 
 def reduce_range(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:

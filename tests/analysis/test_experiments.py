@@ -236,3 +236,19 @@ def test_run_precision_reads_every_session(tmp_path: Path) -> None:
     sessions = [{"precision": {"label": "fp32 (TF32 off)", "device_type": "cuda"}}, {"environment": {}}]
     (tmp_path / "manifest.json").write_text(json.dumps({"sessions": sessions}))
     assert experiments.run_precision(tmp_path) == "fp32 (TF32 off) on cuda; fp32, TF32 not recorded (older run)"
+
+
+def test_published_runs_record_their_config_and_older_ones_are_refused(tiny_denoiser: md.Denoiser, tmp_path: Path) -> None:
+    """A published preset's run identity holds its config (scales per run of 64 samples), so a run made
+    when the scale spanned the whole execution batch (identity without it) is refused, not reused; the
+    other presets' identities keep their form, and their older runs stay reusable."""
+    config = experiments.sample_config(tiny_denoiser, 2)
+    run = experiments.sample_run(tiny_denoiser, "published-w8a4", range(2), config, tmp_path, device="cpu")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["identity"]["model"]["quant_config"]["activation"]["spec"]["samples_per_scale"] == 64
+    del manifest["identity"]["model"]["quant_config"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="quant_config"):
+        experiments.sample_run(tiny_denoiser, "published-w8a4", range(2), config, tmp_path, device="cpu")
+    direct = experiments.sample_run(tiny_denoiser, "w8a4", range(2), config, tmp_path, device="cpu")
+    assert "quant_config" not in json.loads((direct / "manifest.json").read_text())["identity"]["model"]

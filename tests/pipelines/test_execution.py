@@ -2,6 +2,8 @@
 structure, shared by every preset of an architecture and every sampling step, equal to eager."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -145,9 +147,10 @@ def test_calls_outside_trajectory_raise_the_layers_error(tiny_denoiser: md.Denoi
 
 
 def test_padded_batch_fills_the_last_batch_with_its_own_rows(tiny_denoiser: md.Denoiser) -> None:
-    """A last batch of 2 runs as the 5 rows 0, 1, 0, 1, 0 over a whole MoDiff trajectory (the state holds 5);
+    """A last batch of 2 runs as the 5 rows 0, 1, 1, 1, 1 over a whole MoDiff trajectory (the state holds 5);
     one call gives what the 2 rows get alone, up to the float rounding of kernels that depend on the batch
-    size, also under the published per-tensor quantizers (repeated rows add no value to the range)."""
+    size, also under the published per-tensor quantizers (repeats of the last row join its run of samples
+    and add no value to its range, even where runs of 2 samples share a scale)."""
     from modiff.pipelines.execution import PaddedBatch
 
     x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(4)
@@ -157,13 +160,18 @@ def test_padded_batch_fills_the_last_batch_with_its_own_rows(tiny_denoiser: md.D
         out = md.sample_ddim(padded, x_T, ts)
         assert states[0].a_hat.shape[0] == 5
     with trajectory(qmodel):
-        filled = md.sample_ddim(qmodel, x_T[[0, 1, 0, 1, 0]], ts)
+        filled = md.sample_ddim(qmodel, x_T[[0, 1, 1, 1, 1]], ts)
     assert torch.equal(out, filled[:2])
     t = torch.full((2,), 500)
     for preset in ("fp", "published-w8a8"):
         net = quantize(tiny_denoiser, presets[preset]).net
         torch.testing.assert_close(PaddedBatch(net, 5)(x_T, t), net(x_T, t), rtol=1e-5, atol=1e-5)
         assert PaddedBatch(net, 2)(x_T, t).shape == x_T.shape  # a full batch passes through
+    published = presets["published-w8a4"]
+    runs_of_two = replace(published, activation=replace(published.activation,
+                                                        spec=replace(published.activation.spec, samples_per_scale=2)))
+    net, x, t = quantize(tiny_denoiser, runs_of_two).net, md.noise(range(3), tiny_denoiser.sample_shape), torch.full((3,), 500)
+    torch.testing.assert_close(PaddedBatch(net, 6)(x, t), net(x, t), rtol=1e-5, atol=1e-5)  # runs (0, 1), (2)
     assert padded.net.sample_shape == tiny_denoiser.sample_shape
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         PaddedBatch(qmodel.net, 0)

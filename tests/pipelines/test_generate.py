@@ -77,6 +77,27 @@ def test_images_do_not_depend_on_batch_size(tmp_path: Path, tame_denoiser) -> No
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
 
 
+def test_published_numerics_do_not_depend_on_batch_size(tmp_path: Path, tame_denoiser) -> None:
+    """Scales shared by runs of 4 consecutive samples: batches of 8 give the images of batches of 4 (up to
+    float32 kernel rounding); a batch size that splits those runs is refused before sampling."""
+    from dataclasses import replace
+
+    from modiff.quant import presets, quantize
+
+    published = presets["published-w8a4"]
+    runs_of_four = replace(published, activation=replace(published.activation,
+                                                         spec=replace(published.activation.spec, samples_per_scale=4)))
+    qmodel = quantize(tame_denoiser, runs_of_four)
+    a = _run(qmodel, range(10), tmp_path / "a", batch_size=8)
+    b = _run(qmodel, range(10), tmp_path / "b", batch_size=4)
+    diff = np.abs(read_samples(a / "samples", range(10)).astype(int) - read_samples(b / "samples", range(10)).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-2
+    with pytest.raises(ValueError, match="shares each activation scale over 4 consecutive samples.*multiple of 4"):
+        _run(qmodel, range(10), tmp_path / "c", batch_size=6)
+    assert not (tmp_path / "c").exists()
+    _run(qmodel, range(5), tmp_path / "d", batch_size=6)  # one batch holds every seed: nothing is split
+
+
 def test_other_config_in_same_dir_is_refused(tmp_path: Path, tame_denoiser) -> None:
     """A different SampleConfig or model identity raises ValueError naming the differing values."""
     out = _run(tame_denoiser, range(2), tmp_path / "run")

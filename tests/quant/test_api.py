@@ -55,6 +55,12 @@ def test_presets_and_unknown_name() -> None:
     published = presets["published-w4a4-modiff"]
     assert published.activation.spec.scheme == "symmetric-published"
     assert published.activation.spec.granularity == "tensor" and published.split_shortcut
+    assert published.samples_per_scale == published.activation.spec.samples_per_scale == 64  # the published batch
+    assert presets["w8a4"].samples_per_scale == presets["qdiff-w8a4"].samples_per_scale == 0
+    assert QuantConfig.from_dict(published.to_dict()) == published
+    assert "samples_per_scale" not in str(presets["w8a4"].to_dict())  # configs recorded before keep their form
+    with pytest.raises(ValueError, match="weights have none"):
+        WeightQuant(QuantSpec(bits=8, granularity="tensor", samples_per_scale=2))
     with pytest.raises(KeyError, match="valid presets: fp, w8a32"):
         presets["w5a5"]
 

@@ -1,6 +1,8 @@
 """Numerics of modiff.quant.primitives, pinned against hand-computed values and PyTorch's kernels."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -325,6 +327,29 @@ def test_per_sample_result_does_not_depend_on_the_batch() -> None:
     assert torch.equal(quantize_dynamic(batch, per_sample)[0], quantize_dynamic(other, per_sample)[0])
     per_tensor = QuantSpec(bits=4, granularity="tensor")
     assert not torch.equal(quantize_dynamic(batch, per_tensor)[0], quantize_dynamic(other, per_tensor)[0])
+
+
+def test_samples_per_scale_quantizes_as_separate_batches() -> None:
+    """Runs of g consecutive samples share a scale: a batch of 10 with g = 4 quantizes as the batches 4, 4
+    and 2 (the last run shorter), scales by hand for a tiny case, and the Theorem 4.3 bound per sample."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 3, 4, 4, generator=gen) * torch.arange(1, 11.0).view(10, 1, 1, 1)
+    grouped = QuantSpec(bits=4, scheme="symmetric-published", granularity="tensor", samples_per_scale=4)
+    whole = QuantSpec(bits=4, scheme="symmetric-published", granularity="tensor")
+    alone = torch.cat([quantize_dynamic(x[i:i + 4], whole) for i in range(0, 10, 4)])
+    assert torch.equal(quantize_dynamic(x, grouped), alone)
+    x_min, x_max = reduce_range(t(1, -2, 3, -8, 5).view(5, 1), replace(grouped, samples_per_scale=2))
+    assert x_min.flatten().tolist() == [-2, -2, -8, -8, 5] and x_max.flatten().tolist() == [1, 1, 3, 3, 5]
+    assert torch.equal(quantize_dynamic(x[:3], grouped), quantize_dynamic(x[:3], whole))  # fewer than g: one run
+    err = (x - quantize_dynamic(x, grouped)).square().sum()
+    assert err <= quant_error_bound(*reduce_range(x, grouped), x.numel(), grouped)
+
+
+@pytest.mark.parametrize("kwargs", [dict(granularity="sample", samples_per_scale=4),
+                                    dict(granularity="tensor", samples_per_scale=-1)])
+def test_samples_per_scale_needs_tensor_granularity(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="samples_per_scale=.* needs granularity 'tensor'"):
+        QuantSpec(bits=4, **kwargs)
 
 
 # --- Theorem 4.3 ------------------------------------------------------------------------------------
