@@ -262,7 +262,7 @@ def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: st
         say(f"[{i}/{len(chosen)}] {notebook}: started at {time.strftime('%H:%M:%S')}")
         results.append(_run_one(notebook, parameters, out_dir))
         say(_progress_line(i, len(chosen), results[-1], started))
-    _record(out_dir, spec, model, parameters, results)
+        _record(out_dir, spec, model, parameters, results)  # each notebook as it ends: a stopped run keeps them
     return results
 
 

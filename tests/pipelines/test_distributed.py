@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,15 @@ from modiff.pipelines.generate import SampleConfig, generate
 from modiff.quant import presets, quantize, trajectory
 
 CONFIG = SampleConfig(steps=3)
-PRESET = "published-w4a4"  # one activation scale per batch tensor: an image depends on its batch companions
+PRESET = "published-w4a4"  # one activation scale per run of samples: an image depends on its batch companions
+_PUBLISHED = presets[PRESET]
+PAIRS = replace(_PUBLISHED, activation=replace(_PUBLISHED.activation,  # runs of 2, the batch size of these runs
+                                               spec=replace(_PUBLISHED.activation.spec, samples_per_scale=2)))
 
 
 def _quantized_run(device: str, model, seeds, out: Path, prepare=None) -> None:
     """What each rank (and the one-process reference) runs: the preset's model sampled into ``out``."""
-    net = quantize(model, presets[PRESET])
+    net = quantize(model, PAIRS)
     generate(net, list(seeds), out, CONFIG, batch_size=2, device=device, identity={"name": "tame", "preset": PRESET},
              prepare=prepare or trajectory, progress=False)
 

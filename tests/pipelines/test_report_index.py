@@ -142,6 +142,24 @@ def test_reproduce_reports_progress_per_notebook(tmp_path: Path, monkeypatch: py
     assert "1 sample runs made here, 4 reused" in (tmp_path / "quick" / "index.md").read_text()
 
 
+def test_reproduce_records_each_notebook_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped in its second notebook (a time limit, Ctrl-C) keeps the first one's entry in the
+    manifest and the index: its tables and figures are already written."""
+    from modiff.pipelines import reproduce as rp
+
+    def stopped_in_samplers(name: str, parameters: dict[str, Any], out_dir: Path) -> rp.NotebookResult:
+        if name == "samplers":
+            raise KeyboardInterrupt
+        return rp.NotebookResult(name, True, 3.5, machine="cpu (x86_64)")
+
+    monkeypatch.setattr(rp, "_run_one", stopped_in_samplers)
+    with pytest.raises(KeyboardInterrupt):
+        rp.reproduce("quick", reports_dir=tmp_path, notebooks=["model_card", "samplers"], progress=lambda line: None)
+    manifest = json.loads((tmp_path / "quick" / "manifest.json").read_text())
+    assert [n["name"] for n in manifest["notebooks"]] == ["model_card"]
+    assert "3.5 s on cpu (x86_64)" in (tmp_path / "quick" / "index.md").read_text()
+
+
 def test_kernels_use_ipc_in_a_private_folder() -> None:
     from modiff.pipelines.reproduce import _kernel_config
 
