@@ -31,7 +31,7 @@ from modiff.quant.ptq.reuse import Calibration, quantized_model
 from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
-    "layer_inputs", "sample_config", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
+    "layer_inputs", "sample_config", "run_location", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
     "warmup_table", "warmup_per_seed",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
     "run_is_finished", "fp_reference_run", "run_precision", "analysis_precision",
@@ -116,6 +116,11 @@ def _run_location(model: nn.Module, preset: str, config: SampleConfig, runs_dir:
     if quant.samples_per_scale:  # these numerics no longer follow the batch size: runs made before are refused
         identity["quant_config"] = quant.to_dict()
     return run_dir, identity
+
+
+def run_location(model: nn.Module, preset: str, config: SampleConfig, runs_dir: str | Path) -> Path:
+    """Where `sample_run` keeps the run of ``preset`` under ``runs_dir`` (``config`` with its precision resolved)."""
+    return _run_location(model, preset, config, runs_dir)[0]
 
 
 def sample_run(model: nn.Module, preset: str, seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -34,11 +34,12 @@ from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import has_shipped
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "adaround_presets",
-           "adaround_status", "row_presets", "describe", "scored_table", "paper_columns", "findings", "fp_device_distance"]
+           "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"
 PUBLISHED_ANCHORS = ("published-w8a32", "published-w4a32")  # the published rows' weights alone (split shortcut)
+MissingRuns = Literal["sample", "skip"]  # what the table does with a row whose run is not there
 HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never one of the scored seeds
 
 
@@ -110,6 +111,27 @@ def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Seq
         notes.append(f"Q-Diffusion rows from the model's shipped calibration: {', '.join(shipped) or 'none'}; the "
                      f"other {len(qdiff_presets) - len(shipped)} need calibration (parameter `calibrate = True`, GPU work).")
     return list(dict.fromkeys(rows)), " ".join(notes)
+
+
+def rows_to_score(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
+                  runs_dir: str | Path, missing_runs: MissingRuns = "sample",
+                  device: str = "auto") -> tuple[list[str], list[str]]:
+    """The rows `scored_table` is given, and those left out. ``missing_runs="sample"``: every row (runs not
+    there are sampled). ``"skip"``: only the rows with a finished run or summary of ``seeds`` under the table's
+    folder, so a machine that cannot sample the rest (a CPU rendering GPU summaries) still renders the table;
+    the anchors must be there, every row is read against them."""
+    if missing_runs not in get_args(MissingRuns):
+        raise ValueError(f"missing_runs must be one of {', '.join(get_args(MissingRuns))}, got {missing_runs!r}")
+    if missing_runs == "sample":
+        return list(presets), []
+    folder = experiments.spacing_runs_dir(model, runs_dir, config)
+    there = {p for p in dict.fromkeys([*ANCHORS, *presets])
+             if experiments.run_is_finished(model, p, seeds, config, folder, device)}
+    absent_anchors = [a for a in ANCHORS if a not in there]
+    if absent_anchors:
+        raise ValueError(f"missing_runs='skip' still needs the anchor rows, and {', '.join(absent_anchors)} "
+                         f"{'has' if len(absent_anchors) == 1 else 'have'} no run of these seeds under {folder}")
+    return [p for p in presets if p in there], [p for p in presets if p not in there]
 
 
 def describe(preset: str) -> dict[str, Any]:
@@ -293,10 +315,11 @@ def _better_than_fp_line(scored: pd.DataFrame) -> list[str]:
             f"feature space, not that the row reproduces fp better."]
 
 
-def findings(table: pd.DataFrame) -> str:
+def findings(table: pd.DataFrame, left_out: Sequence[str] = ()) -> str:
     """Markdown written from the numbers of a `paper_columns` table: settings, the fp anchor, how many rows
     differ from fp (and which score below it), each MoDiff-vs-direct pair the paper reports, with agreement or
-    disagreement, and each pair where MoDiff is worse, read against its weights-only anchor."""
+    disagreement, and each pair where MoDiff is worse, read against its weights-only anchor; ``left_out`` names
+    the rows not in the table for want of runs (`rows_to_score`)."""
     fp = table.set_index("preset").loc["fp"]
     scored = table[(table.preset != "fp") & (table.vs_fp != "")]
     same = scored[scored.vs_fp.str.startswith("no difference")]
@@ -310,21 +333,28 @@ def findings(table: pd.DataFrame) -> str:
     lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
                                      "(the paper's cells are in the paper_fid column)."]
     lines += _modiff_worse_lines(table)
+    if left_out:
+        lines.append(f"- Not in this table (no run or summary at this N yet): {', '.join(left_out)}.")
     return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
-def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleConfig) -> pd.DataFrame:
+def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleConfig,
+                       earlier: Optional[str | Path] = None) -> pd.DataFrame:
     """Full-precision samples of ``seeds`` on the GPU against the CPU (fp32): per-sample relative L2 of the
     sampler output (mean and max) and the largest difference of a uint8 pixel, for the GPU in fp32 (TF32
     off), in TF32 and with bf16 autocast (the fast path's arithmetic: set beside the table's relative L2 of
     the W8 rows, it says whether bf16 alone would move images as far as 8-bit quantization does). Without a
-    GPU, one row that says so."""
+    GPU: the measured rows of ``earlier`` (this table as a GPU run saved it, so rendering the report on a CPU
+    keeps what only a GPU can measure), each noted as kept; else one row that says nothing was measured."""
     import copy
 
     from modiff.utils.images import to_uint8
 
     if not torch.cuda.is_available():
+        kept = pd.read_csv(earlier) if earlier is not None and Path(earlier).is_file() else pd.DataFrame()
+        if not kept.empty and (kept["gpu_precision"] != "-").all():
+            return kept.assign(note="kept from an earlier run of this notebook on a GPU (none on this machine)")
         return pd.DataFrame([{"gpu_precision": "-", "note": "no GPU on this machine: the GPU-CPU distance is not measured"}])
     cpu_out = sample(copy.deepcopy(model).cpu(), seeds, replace(config, precision="fp32"), torch.device("cpu"))
     cpu_images = to_uint8(md.to_images(model, cpu_out)).astype(np.int16)

@@ -53,6 +53,7 @@ class ReproducePreset:
     batch_size: int = 64
     precision: str = "auto"  # the bit-width table's runs (others take the device's): auto (bf16 on CUDA, fp32 on CPU), fp32, tf32, bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
+    missing_runs: str = "sample"  # the bit-width table's rows without a run: "sample" them, or "skip" them (rendering summaries on a CPU)
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
     theory_calib_samples: int = 2  # trajectories that estimate c in the layer sweep of Theorems 4.3/4.4
     theory_heldout_samples: int = 2  # other seeds, on which the bounds are checked
@@ -65,6 +66,8 @@ class ReproducePreset:
         bad = {k: v for k, v in sizes.items() if v < 1}
         if bad:
             raise ValueError(f"reproduce sizes must be >= 1, got {bad} (set them with --set key=N)")
+        if self.missing_runs not in ("sample", "skip"):
+            raise ValueError(f"missing_runs must be sample or skip, got {self.missing_runs!r}")
         if self.precision not in get_args(PrecisionChoice):
             raise ValueError(f"precision must be one of {', '.join(get_args(PrecisionChoice))}, got {self.precision!r}")
 

@@ -71,7 +71,12 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
     if rows.loc["w8a4-modiff", "note"] == "" and rows.loc["w8a4", "note"] == "":
         assert rows.loc["w8a4-modiff", "modiff_vs_direct"].startswith(verdicts)
         assert rows.loc["w8a4", "vs_weights_only"].startswith(verdicts) and rows.loc["w8a4", "modiff_vs_direct"] == ""
+    rows, left_out = table1.rows_to_score(tiny_denoiser, [*table1.ANCHORS, "w8a4", "w8a6", "w8a4-modiff"], range(10),
+                                          config, tmp_path, "skip", device="cpu")
+    assert rows == [*table1.ANCHORS, "w8a4", "w8a4-modiff"] and left_out == ["w8a6"]  # w8a6 was never sampled
+    assert table1.rows_to_score(tiny_denoiser, ["w8a6"], range(10), config, tmp_path, "sample") == (["w8a6"], [])
     with_paper = table1.paper_columns(table, tiny_denoiser)
+    assert "- Not in this table (no run or summary at this N yet): w8a6." in table1.findings(with_paper, ["w8a6"])
     assert with_paper.set_index("preset").loc["w8a32", "paper_fid"] == 4.24
     assert np.isnan(with_paper.set_index("preset").loc["w4a32", "paper_fid"])
     text = table1.findings(with_paper)
@@ -138,8 +143,28 @@ def test_fp_device_distance_measures_each_gpu_arithmetic(tiny_denoiser: md.Denoi
     assert rows.loc["fp32 (TF32 off)", "rel_l2_mean"] <= rows.loc["bf16 autocast", "rel_l2_mean"]
 
 
-def test_fp_device_distance_says_when_there_is_no_gpu(tiny_denoiser: md.Denoiser,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp_device_distance_says_when_there_is_no_gpu(tiny_denoiser: md.Denoiser, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    import pandas as pd
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rows = table1.fp_device_distance(tiny_denoiser, range(2), table1.table_config(tiny_denoiser, 3, "quad"))
     assert rows.note.tolist() == ["no GPU on this machine: the GPU-CPU distance is not measured"]
+    measured = pd.DataFrame({"gpu_precision": ["fp32 (TF32 off)", "tf32"], "n": [8, 8], "rel_l2_mean": [8e-7, 1.6e-4],
+                             "note": ["", ""]})
+    earlier = tmp_path / "table1_fp_gpu_vs_cpu.csv"
+    measured.to_csv(earlier, index=False)
+    kept = table1.fp_device_distance(tiny_denoiser, range(2), table1.table_config(tiny_denoiser, 3, "quad"), earlier)
+    assert kept.rel_l2_mean.tolist() == [8e-7, 1.6e-4] and kept.note.str.startswith("kept from an earlier run").all()
+    rows.to_csv(earlier, index=False)  # an earlier CPU render measured nothing: nothing to keep
+    again = table1.fp_device_distance(tiny_denoiser, range(2), table1.table_config(tiny_denoiser, 3, "quad"), earlier)
+    assert again.gpu_precision.tolist() == ["-"]
+
+
+def test_skipping_missing_rows_still_needs_the_anchors_and_a_known_choice(tiny_denoiser: md.Denoiser,
+                                                                        tmp_path: Path) -> None:
+    config = table1.table_config(tiny_denoiser, 3, "quad")
+    with pytest.raises(ValueError, match="still needs the anchor rows, and fp, w8a32, w4a32 have no run"):
+        table1.rows_to_score(tiny_denoiser, ["w8a4"], range(4), config, tmp_path, "skip", device="cpu")
+    with pytest.raises(ValueError, match="missing_runs must be one of sample, skip, got 'ignore'"):
+        table1.rows_to_score(tiny_denoiser, ["w8a4"], range(4), config, tmp_path, "ignore")  # type: ignore[arg-type]

@@ -185,6 +185,9 @@ def test_reproduce_overrides_are_typed() -> None:
 
     with pytest.raises(ValueError, match=r"sizes must be >= 1, got \{'analysis_samples': 0\}"):
         reproduce("quick", overrides={"analysis_samples": 0})
+    assert parse_override("missing_runs=skip") == ("missing_runs", "skip")
+    with pytest.raises(ValueError, match="missing_runs must be sample or skip, got 'drop'"):
+        reproduce("quick", overrides={"missing_runs": "drop"})
 
 
 def test_reproduce_index_only_rewrites_the_index(tmp_path: Path) -> None:

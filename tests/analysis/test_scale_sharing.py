@@ -1,0 +1,105 @@
+"""Published rows scored against the same presets with the activation scale shared by another number of
+samples (analysis.scale_sharing)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import modiff as md
+from analysis import experiments, scale_sharing, table1
+from modiff.metrics.bootstrap import BootstrapConfig
+from modiff.pipelines.evaluate import seed_images
+from modiff.pipelines.generate import generate
+from modiff.pipelines.summary import run_scores
+from modiff.quant.presets import PUBLISHED_BATCH
+from modiff.utils.device import resolve_device
+
+
+def _scale_over(preset: str, samples: int) -> md.QuantConfig:
+    config = md.presets[preset]
+    return replace(config, activation=replace(config.activation, spec=replace(config.activation.spec,
+                                                                               samples_per_scale=samples)))
+
+
+def _run_with_scale_over(model, preset: str, samples: int, seeds, config, runs_dir: Path) -> Path:
+    """A run of ``preset`` with each scale over ``samples`` samples, where `sample_run` would keep ``preset``'s."""
+    quant = _scale_over(preset, samples)
+    folder = experiments.spacing_runs_dir(model, runs_dir, config)
+    run = experiments.run_location(model, preset, config.resolved(resolve_device("cpu")), folder)
+    identity = {"model": model.name, "quant_preset": preset, "reset": None, "quant_config": quant.to_dict()}
+    return generate(md.quantize(model, quant), seeds, run, config, batch_size=len(seeds), device="cpu",
+                    identity=identity, prepare=md.trajectory, progress=False)
+
+
+def test_published_presets_are_those_sharing_a_dynamic_scale() -> None:
+    names = scale_sharing.published_presets()
+    assert "published-w8a4" in names and "published-w4a2-modiff" in names
+    assert not {"w8a4", "published-w8a32", "qdiff-w8a4", "fp"} & set(names)
+    assert all(md.presets[n].samples_per_scale == PUBLISHED_BATCH for n in names)
+
+
+def _manifest(folder: Path, identity: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"identity": identity}))
+    return folder
+
+
+def test_samples_per_scale_is_read_from_the_manifest(tmp_path: Path) -> None:
+    quant = _scale_over("published-w8a6", 16).to_dict()
+    made = {"model": {"model": "m", "quant_preset": "published-w8a6", "quant_config": quant},
+            "execution": {"batch_size": 512}}
+    assert scale_sharing.samples_per_scale(_manifest(tmp_path / "now", made)) == 16
+    older = {"model": {"model": "m", "quant_preset": "published-w8a6"}, "execution": {"batch_size": 512}}
+    assert scale_sharing.samples_per_scale(_manifest(tmp_path / "older", older)) == 512  # the scale spanned the batch
+    per_sample = {"model": {"model": "m", "quant_preset": "w8a6"}, "execution": {"batch_size": 512}}
+    with pytest.raises(ValueError, match="no dynamic per-tensor activation scale"):
+        scale_sharing.samples_per_scale(_manifest(tmp_path / "per-sample", per_sample))
+
+
+def test_comparison_pairs_the_same_seeds_and_leaves_out_unpaired_presets(tame_denoiser, tmp_path: Path) -> None:
+    config, seeds, bootstrap = table1.table_config(tame_denoiser, 3, "quad"), range(12), BootstrapConfig(resamples=50)
+    presets = ["published-w8a4", "published-w8a4-modiff"]
+    ours = experiments.spacing_runs_dir(tame_denoiser, tmp_path / "table", config)
+    runs = {p: experiments.sample_run(tame_denoiser, p, seeds, config, ours, device="cpu") for p in presets}
+    other = _run_with_scale_over(tame_denoiser, "published-w8a4", 3, seeds, config, tmp_path / "scale3")
+
+    table = scale_sharing.comparison(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "scale3",
+                                     bootstrap=bootstrap, device="cpu")
+    assert list(table.columns) == scale_sharing.COLUMNS and table["preset"].tolist() == ["published-w8a4"]
+    row = table.iloc[0]
+    assert (row["samples_per_scale"], row["other_samples_per_scale"], row["n"]) == (64, 3, 12)
+    a, b = (run_scores(r, seeds, bootstrap=bootstrap) for r in (runs["published-w8a4"], other))
+    assert row["fid"] == a.metrics["fid"] and row["other_fid"] == b.metrics["fid"]
+    assert row["difference"] == pytest.approx(a.metrics["fid"] - b.metrics["fid"])
+    assert row["difference_ci95_low"] <= row["difference"] <= row["difference_ci95_high"]
+    expected = ("lower" if row["difference_ci95_high"] < 0 else "higher" if row["difference_ci95_low"] > 0
+                else "no difference")
+    assert row["verdict"] == expected
+    assert not np.array_equal(seed_images(runs["published-w8a4"], seeds), seed_images(other, seeds))
+
+    with pytest.raises(ValueError, match="no preset of"):
+        scale_sharing.comparison(tame_denoiser, ["published-w8a4-modiff"], seeds, config, tmp_path / "table",
+                                 tmp_path / "scale3", bootstrap=bootstrap, device="cpu")
+    empty, why = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "none",
+                                       bootstrap=bootstrap, device="cpu")
+    assert empty.empty and list(empty.columns) == scale_sharing.COLUMNS and why.startswith("Not compared")
+
+
+def test_finding_reads_the_largest_change_per_method() -> None:
+    rows = [("published-w8a3", "direct", 57.37, 64.86, -7.49, -7.70, -7.25, "lower"),
+            ("published-w8a4", "direct", 60.79, 60.78, 0.01, -0.13, 0.15, "no difference"),
+            ("published-w8a4-modiff", "MoDiff", 1.89, 1.90, -0.02, -0.03, -0.01, "lower")]
+    table = pd.DataFrame([{"preset": p, "method": m, "n": 10_000, "samples_per_scale": 64, "other_samples_per_scale": 512,
+                           "fid": f, "other_fid": o, "difference": d, "difference_ci95_low": lo,
+                           "difference_ci95_high": hi, "verdict": v} for p, m, f, o, d, lo, hi, v in rows])
+    text = scale_sharing.finding(table)
+    assert "shared by 64 samples minus FID with it shared by 512, the same 10,000 seeds" in text
+    assert "- direct: 1 of 2 rows moved; the largest change is published-w8a3 64.9 -> 57.4 (-7.49 [-7.7, -7.25])" in text
+    assert "- MoDiff: 1 of 1 rows moved" in text
+    assert "The MoDiff rows move by at most 0.02 FID, the direct rows by up to 7.49: a published MoDiff number " \
+           "depends less" in text
