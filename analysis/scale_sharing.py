@@ -124,6 +124,13 @@ def finding(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _shown(folder: str | Path) -> str:
+    """A folder as a report shows it: relative to the working directory (the repository root for the
+    notebooks) when inside it, so a committed report names no machine's paths."""
+    path = Path(folder).resolve()
+    return str(path.relative_to(Path.cwd().resolve())) if path.is_relative_to(Path.cwd().resolve()) else str(path)
+
+
 def section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,
             other_runs_dir: str | Path, ref: str = "fmnist-train", bootstrap: BootstrapConfig = BootstrapConfig(),
             device: str = "auto") -> tuple[pd.DataFrame, str]:
@@ -131,7 +138,8 @@ def section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], conf
     folders (the quick preset has none: the runs compared are paper-scale ones, under `data/summaries/paper/`)."""
     resolved = config.resolved(resolve_device(device))
     if not _paired_runs(model, presets, resolved, runs_dir, other_runs_dir):
-        return pd.DataFrame(columns=COLUMNS), (f"Not compared: no published preset has runs under both {runs_dir} and {other_runs_dir} "
-                      f"for {config.sampler} with {config.steps} steps, {config.spacing} spacing, {resolved.precision}.")
+        why = (f"Not compared: no published preset has runs under both {_shown(runs_dir)} and {_shown(other_runs_dir)} "
+               f"for {config.sampler} with {config.steps} steps, {config.spacing} spacing, {resolved.precision}.")
+        return pd.DataFrame(columns=COLUMNS), why
     table = comparison(model, presets, seeds, config, runs_dir, other_runs_dir, ref, bootstrap, device)
     return table, finding(table)

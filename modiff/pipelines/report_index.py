@@ -75,7 +75,7 @@ def _size_line(tables: SavedTables, names: tuple[str, ...]) -> Optional[str]:
     sizes, ci = [], False
     for name in names:
         table = tables.get(name)
-        if table is None:
+        if table is None or table.empty:  # an empty table (a comparison with nothing to compare) has no size
             continue
         ci = ci or any("ci95" in str(c) for c in table.columns)
         for column in SIZE_COLUMNS:

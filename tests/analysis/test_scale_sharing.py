@@ -61,7 +61,8 @@ def test_samples_per_scale_is_read_from_the_manifest(tmp_path: Path) -> None:
         scale_sharing.samples_per_scale(_manifest(tmp_path / "per-sample", per_sample))
 
 
-def test_comparison_pairs_the_same_seeds_and_leaves_out_unpaired_presets(tame_denoiser, tmp_path: Path) -> None:
+def test_comparison_pairs_the_same_seeds_and_leaves_out_unpaired_presets(tame_denoiser, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     config, seeds, bootstrap = table1.table_config(tame_denoiser, 3, "quad"), range(12), BootstrapConfig(resamples=50)
     presets = ["published-w8a4", "published-w8a4-modiff"]
     ours = experiments.spacing_runs_dir(tame_denoiser, tmp_path / "table", config)
@@ -88,6 +89,11 @@ def test_comparison_pairs_the_same_seeds_and_leaves_out_unpaired_presets(tame_de
     empty, why = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "none",
                                        bootstrap=bootstrap, device="cpu")
     assert empty.empty and list(empty.columns) == scale_sharing.COLUMNS and why.startswith("Not compared")
+    monkeypatch.chdir(tmp_path)  # as the notebooks run, from the repository root: no machine's paths in a report
+    _, why = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "none",
+                                   bootstrap=bootstrap, device="cpu")
+    assert why == "Not compared: no published preset has runs under both table and none for ddim with 3 steps, " \
+                  "quad spacing, fp32."
 
 
 def test_finding_reads_the_largest_change_per_method() -> None:

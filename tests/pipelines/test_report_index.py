@@ -168,3 +168,16 @@ def test_kernels_use_ipc_in_a_private_folder() -> None:
         folder = Path(config.KernelManager.ip).parent
         assert folder.is_dir()
     assert not folder.exists()
+
+
+def test_an_empty_table_gives_no_sample_size(tmp_path: Path) -> None:
+    """A comparison with nothing to compare (the quick preset's scale-sharing table) writes a table with
+    columns and no rows: its section shows the finding that says why, and no "Sample size: n" line."""
+    import pandas as pd
+
+    out = make_report(tmp_path)
+    pd.DataFrame(columns=["preset", "n", "fid_ci95"]).to_csv(out / "tables" / "published_scale_sharing.csv", index=False)
+    write(out, "published_audit", [{"check": "per-step reset vs weight-only", "value": 0.0}])
+    markdown = write_index(out)[0].read_text()
+    audit = markdown[markdown.index('<a id="audit"></a>'):markdown.index('<a id="model"></a>')]
+    assert "(`published_scale_sharing`)" not in audit and "Sample size: n" not in audit
