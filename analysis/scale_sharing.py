@@ -30,13 +30,15 @@ COLUMNS = ["preset", "method", "w_bits", "a_bits", "n", "samples_per_scale", "fi
 _VERDICTS = {"better": "lower", "worse": "higher", "no difference": "no difference"}  # of FID(runs_dir)
 
 
+def _shares_a_scale(quant: md.QuantConfig) -> bool:
+    """Whether a config's dynamic activation scale spans samples (one per tensor: the published numerics)."""
+    act = quant.activation
+    return act is not None and act.dynamic and act.spec.granularity == "tensor"
+
+
 def published_presets() -> list[str]:
     """The presets whose dynamic activation scale spans samples (the published numerics), in registry order."""
-    def shared(name: str) -> bool:
-        act = md.presets[name].activation
-        return act is not None and act.dynamic and act.spec.granularity == "tensor"
-
-    return [name for name in md.presets if shared(name)]
+    return [name for name in md.presets if _shares_a_scale(md.presets[name])]
 
 
 def samples_per_scale(run: str | Path) -> int:
@@ -45,8 +47,7 @@ def samples_per_scale(run: str | Path) -> int:
     batch size (its scale spanned each batch tensor; the last batch holds the remainder either way)."""
     identity = json.loads((Path(run) / "manifest.json").read_text())["identity"]
     preset = identity["model"]["quant_preset"]
-    activation = md.presets[preset].activation
-    if activation is None or not activation.dynamic or activation.spec.granularity != "tensor":
+    if not _shares_a_scale(md.presets[preset]):
         raise ValueError(f"{run}: preset {preset} has no dynamic per-tensor activation scale to share")
     recorded = identity["model"].get("quant_config", {}).get("activation", {}).get("spec", {})
     return int(recorded.get("samples_per_scale") or identity["execution"]["batch_size"])
