@@ -34,7 +34,8 @@ from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import has_shipped
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "adaround_presets",
-           "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings", "fp_device_distance"]
+           "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
+           "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"
