@@ -1,5 +1,6 @@
-"""GroupNorm + swish on the fast path, alone: inductor's kernels for F.group_norm against a formulation from
-per-channel sums, at the shapes of `fmnist-ddim`'s ResBlocks.
+"""GroupNorm + swish on the fast path, alone: inductor's kernels for F.group_norm against
+`modiff.models.ddim_unet.per_channel_group_norm` (statistics from per-channel sums), at the shapes of
+`fmnist-ddim`'s ResBlocks.
 
     python benchmarks/bench_group_norm.py --batch 1024 --out benchmarks/results/group_norm_h200.json
 
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profiling import cuda_kernel_args, device_us  # noqa: E402
 
+from modiff.models.ddim_unet import per_channel_group_norm  # noqa: E402
+
 GROUPS, EPS = 32, 1e-6
 HBM_BYTES_PER_US = 4.8e6  # H200 datasheet, 4.8 TB/s
 # (channels, resolution) of the GroupNorms in fmnist-ddim (ch 64, ch_mult 1, 2, 2, 2; up path concatenations)
@@ -40,14 +43,7 @@ def aten_group_norm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def channel_sum_group_norm_swish(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                  temb: Optional[torch.Tensor]) -> torch.Tensor:
     h = x.float() if temb is None else x.float() + temb[:, :, None, None]
-    batch, channels = h.shape[:2]
-    mean_c, meansq_c = h.mean(dim=(2, 3)), (h * h).mean(dim=(2, 3))  # (B, C): one read, C contiguous
-    mean = mean_c.view(batch, GROUPS, -1).mean(-1)
-    var = (meansq_c.view(batch, GROUPS, -1).mean(-1) - mean * mean).clamp_min(0.0)
-    per_group = channels // GROUPS
-    scale = torch.rsqrt(var + EPS).repeat_interleave(per_group, dim=1) * weight
-    shift = bias - mean.repeat_interleave(per_group, dim=1) * scale
-    return F.silu(h * scale[:, :, None, None] + shift[:, :, None, None]).bfloat16()
+    return F.silu(per_channel_group_norm(h, GROUPS, weight, bias, EPS)).bfloat16()
 
 
 FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {

@@ -303,3 +303,41 @@ def test_norms_and_dropout_as_published() -> None:
     assert norms and all(m.num_groups == 32 and m.eps == 1e-6 and m.affine for m in norms)
     drops = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
     assert drops and all(m.p == 0.25 for m in drops)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_channel_group_norm_equals_group_norm(channels_last: bool) -> None:
+    """The fast path's GroupNorm statistics from per-channel sums equal F.group_norm's (float32, a mean a
+    few standard deviations from zero as after a convolution); the module takes F.group_norm itself on the
+    CPU, even under autocast, so the reference arithmetic is unchanged."""
+    from modiff.models.ddim_unet import GroupNorm, fast_path_input, per_channel_group_norm
+
+    generator = torch.Generator().manual_seed(0)
+    x = 2.0 + 0.5 * torch.randn(3, 64, 8, 8, generator=generator)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    norm = GroupNorm(32, 64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=generator))
+        norm.bias.copy_(torch.randn(64, generator=generator))
+    expected = F.group_norm(x, 32, norm.weight, norm.bias, 1e-6)
+    got = per_channel_group_norm(x, 32, norm.weight, norm.bias, 1e-6)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_path_input(x)
+        assert torch.equal(norm(x), torch.nn.GroupNorm.forward(norm, x))
+    assert set(norm.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_group_norm_on_the_fast_path_equals_group_norm() -> None:
+    """On CUDA under bf16 autocast with channels_last the module takes per-channel sums; its output equals
+    nn.GroupNorm's under the same autocast within float32 rounding."""
+    from modiff.models.ddim_unet import GroupNorm, fast_path_input
+
+    x = (1.0 + torch.randn(4, 128, 16, 16, device="cuda")).bfloat16().to(memory_format=torch.channels_last)
+    norm = GroupNorm(32, 128, eps=1e-6).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        assert fast_path_input(x)
+        got, expected = norm(x), torch.nn.GroupNorm.forward(norm, x)
+    assert got.dtype == expected.dtype == torch.float32
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
