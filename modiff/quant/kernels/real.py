@@ -4,7 +4,7 @@ What they compute (the numerics the simulator reproduces with `QuantConfig.simul
 
 - weights: per output channel, symmetric, s_w = max(absmax / L, MIN_SCALE) with L = 127 (INT8: codes in
   [-127, 127], round half to even) or 448 (FP8: e4m3 values, `modiff.quant.formats`), packed once at quantize
-  time into a (kh kw C_in, C_out) matrix of codes (`pack_weight`);
+  time into a (C_out, kh kw C_in) matrix of codes, K contiguous (`pack_weight`);
 - activations: r = a_t - a_hat (modulated) or a_t (direct), one dynamic scale per sample
   s_a = max(max |r| / L, MIN_SCALE), codes q = Q(r / s_a) as above;
 - product: sum q_a q_w on tensor cores, int32 (INT8, exact) or float32 (FP8) accumulation;
@@ -51,9 +51,10 @@ def _pow2(n: int) -> int:
 
 
 def pack_weight(codes: Tensor, format: NumberFormat) -> Tensor:
-    """Weight codes (C_out, C_in[, kh, kw]) as the GEMM's (kh kw C_in, C_out) matrix, tap-major: int8, or the
-    bits of e4m3 values as uint8 (`codes` then holds e4m3-exact values)."""
-    matrix = (codes.permute(0, 2, 3, 1) if codes.ndim == 4 else codes).reshape(codes.shape[0], -1).t().contiguous()
+    """Weight codes (C_out, C_in[, kh, kw]) as the GEMM's (C_out, kh kw C_in) matrix, tap-major along K and
+    K contiguous (Hopper's 8-bit tensor-core instructions read both operands K-major; an N-major B would be
+    transposed on chip): int8, or the bits of e4m3 values as uint8 (`codes` then holds e4m3-exact values)."""
+    matrix = (codes.permute(0, 2, 3, 1) if codes.ndim == 4 else codes).reshape(codes.shape[0], -1).contiguous()
     if format == "fp8_e4m3":
         return matrix.float().to(torch.float8_e4m3fn).view(torch.uint8)
     return matrix.to(torch.int8)

@@ -113,7 +113,7 @@ def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o_hat_ptr, 
                 M, N, C, H, W, HoWo, Wo, stride_h, stride_w, pad_h, pad_w,
                 KW: tl.constexpr, TAPS: tl.constexpr, FP8: tl.constexpr, MODULATED: tl.constexpr,
                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (tile m, tile n) of out (M, N) = codes (M, K) @ w (K, N), K = TAPS C, with the epilogue above."""
+    """Program (tile m, tile n) of out (M, N) = codes (M, K) @ w (N, K)^T, K = TAPS C, with the epilogue above."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -138,7 +138,8 @@ def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o_hat_ptr, 
         c_ok = c < C
         a = tl.load(code_ptr + row[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
         k = (tap * C + c).to(tl.int64)
-        bw = tl.load(w_ptr + k[:, None] * N + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0)
+        bw = tl.load(w_ptr + rn[None, :].to(tl.int64) * (TAPS * C) + k[:, None], mask=c_ok[:, None] & n_ok[None, :],
+                     other=0)
         if FP8:
             a = a.to(tl.float8e4nv, bitcast=True)
             bw = bw.to(tl.float8e4nv, bitcast=True)
