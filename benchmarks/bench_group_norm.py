@@ -53,11 +53,14 @@ FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
 def main() -> None:
     args = cuda_kernel_args(__doc__, "bench_group_norm.py", batch=1024)
     device, rows = torch.device("cuda"), []
-    compiled = {name: torch.compile(fn, dynamic=False) for name, fn in FORMULATIONS.items()}
     for channels, res in SHAPES:
         x = torch.randn(args.batch, channels, res, res, device=device).bfloat16().to(memory_format=torch.channels_last)
         weight, bias = torch.randn(channels, device=device), torch.randn(channels, device=device)
         for temb in (None, torch.randn(args.batch, channels, device=device)):
+            # A fresh compilation per case: 7 shapes x 2 cases are 14 graphs per function, past dynamo's recompile
+            # limit of 8, beyond which it would run the function eagerly
+            torch._dynamo.reset()
+            compiled = {name: torch.compile(fn, dynamic=False) for name, fn in FORMULATIONS.items()}
             floor_us = 2 * x.numel() * x.element_size() / HBM_BYTES_PER_US
             outputs = {}
             for name, fn in compiled.items():
