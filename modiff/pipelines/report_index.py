@@ -47,9 +47,11 @@ def run_usage_text(runs: Mapping[str, Any]) -> str:
     if made == reused == 0:
         return "no sample-run folders (everything computed in the notebook)"
     if made == 0:
-        return (f"**all {reused} sample runs reused**, made earlier (their sampling took "
-                f"{duration(runs.get('reused_sampling_seconds', 0))} then): this time is not the cost of the work")
-    return f"{made} sample runs made here, {reused} reused"
+        reused_runs = "its sample run reused**, made earlier (its" if reused == 1 else \
+            f"all {reused} sample runs reused**, made earlier (their"
+        return (f"**{reused_runs} sampling took {duration(runs.get('reused_sampling_seconds', 0))} then): "
+                f"this time is not the cost of the work")
+    return f"{made} sample {'run' if made == 1 else 'runs'} made here, {reused} reused"
 
 
 def _rerun(notebook: str, preset: str, model: str) -> str:
@@ -99,6 +101,8 @@ def _section_table(doc: Document, tables: SavedTables, name: str, folded: bool) 
     link = f"tables/{name}.md"
     if table is None:
         doc.paragraph(f"Table `{name}`: not written (its notebook has not run, or failed).")
+    elif table.empty:
+        doc.paragraph(f"Table [`{name}`]({link}): no rows (nothing to compare; the finding above says why).")
     elif len(table) > MAX_RENDERED_ROWS:
         doc.paragraph(f"Table [`{name}`]({link}): {len(table)} rows, too long to show here (CSV beside it).")
     else:

@@ -80,7 +80,10 @@ def test_quick_preset_carries_its_banner(tmp_path: Path) -> None:
     ({"made": 0, "reused": 0, "reused_sampling_seconds": 0}, "no sample-run folders"),
     ({"made": 0, "reused": 3, "reused_sampling_seconds": 900}, "**all 3 sample runs reused**, made earlier (their "
                                                                "sampling took 15.0 min then)"),
+    ({"made": 0, "reused": 1, "reused_sampling_seconds": 41.3}, "**its sample run reused**, made earlier (its "
+                                                                "sampling took 41.3 s then)"),
     ({"made": 2, "reused": 1, "reused_sampling_seconds": 5}, "2 sample runs made here, 1 reused"),
+    ({"made": 1, "reused": 0, "reused_sampling_seconds": 0}, "1 sample run made here, 0 reused"),
 ])
 def test_times_say_whether_runs_were_made_or_reused(tmp_path: Path, runs: dict[str, Any], text: str) -> None:
     assert run_usage_text(runs).startswith(text)
@@ -139,7 +142,7 @@ def test_reproduce_reports_progress_per_notebook(tmp_path: Path, monkeypatch: py
     assert re.fullmatch(r"\[2/2\] samplers: FAILED in 2\.5 s, runs 1 made / 4 reused; \d+ s so far", lines[3])
     manifest = json.loads((tmp_path / "quick" / "manifest.json").read_text())
     assert manifest["notebooks"][0]["runs"] == {"made": 1, "reused": 4, "reused_sampling_seconds": 9.0}
-    assert "1 sample runs made here, 4 reused" in (tmp_path / "quick" / "index.md").read_text()
+    assert "1 sample run made here, 4 reused" in (tmp_path / "quick" / "index.md").read_text()
 
 
 def test_reproduce_records_each_notebook_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +175,7 @@ def test_kernels_use_ipc_in_a_private_folder() -> None:
 
 def test_an_empty_table_gives_no_sample_size(tmp_path: Path) -> None:
     """A comparison with nothing to compare (the quick preset's scale-sharing table) writes a table with
-    columns and no rows: its section shows the finding that says why, and no "Sample size: n" line."""
+    columns and no rows: its section says so in words (no header-only table), and has no "Sample size: n" line."""
     import pandas as pd
 
     out = make_report(tmp_path)
@@ -181,3 +184,5 @@ def test_an_empty_table_gives_no_sample_size(tmp_path: Path) -> None:
     markdown = write_index(out)[0].read_text()
     audit = markdown[markdown.index('<a id="audit"></a>'):markdown.index('<a id="model"></a>')]
     assert "(`published_scale_sharing`)" not in audit and "Sample size: n" not in audit
+    assert "[`published_scale_sharing`](tables/published_scale_sharing.md): no rows" in audit
+    assert "| preset | n | fid_ci95 |" not in audit
