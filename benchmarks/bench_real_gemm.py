@@ -5,11 +5,13 @@
 For each 3x3 convolution shape of the CIFAR-10 DDIM UNet (and the 64-channel one of `fmnist-ddim`) at the given
 batch: microseconds and TFLOP/s of F.conv2d in bf16, channels_last (what the fast path runs), and of the
 Triton GEMM (INT8 and FP8 codes, direct epilogue) under the default tile choice and a few other tilings, so a
-reader sees whether the kernel or the tiling is what keeps the real path behind. CUDA only.
+reader sees whether the kernel or the tiling is what keeps the real path behind. Each time is the median of five
+trials, all five recorded (`trials_us`). CUDA only.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profiling import cuda_kernel_args, device_us  # noqa: E402
+from profiling import cuda_kernel_args, device_us, device_us_trials  # noqa: E402
 
 from modiff.quant.kernels import real  # noqa: E402
 
@@ -59,10 +61,11 @@ def main() -> None:
                     ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), tiling))
                 label = "default " + str(tuple(real._gemm_blocks(m, c, c).values())) if tiling is None else str(tiling)
                 try:
-                    us = device_us(lambda: real._gemm(codes, scales, packed, w_scale, None, None, geometry,
-                                                      torch.bfloat16, blocks))
+                    trials = device_us_trials(lambda: real._gemm(codes, scales, packed, w_scale, None, None, geometry,
+                                                                 torch.bfloat16, blocks))
+                    us = statistics.median(trials)
                     row = {"shape": name, "kernel": f"triton {fmt}", "tiling": label, "us": round(us, 1),
-                           "tflops": _tflops(flops, us)}
+                           "tflops": _tflops(flops, us), "trials_us": [round(t, 1) for t in trials]}
                 except Exception as err:  # a tiling the compiler or the GPU refuses (shared memory)
                     row = {"shape": name, "kernel": f"triton {fmt}", "tiling": label, "error": str(err)[:200]}
                 rows.append(row)

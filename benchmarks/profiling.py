@@ -3,6 +3,7 @@ the device time of a launch; the arguments of the CUDA kernel micro-benchmarks."
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -30,18 +31,28 @@ def write_profiles(tables: dict[str, str], path: str | Path) -> None:
     print(f"wrote {path}")
 
 
-def device_us(run: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Microseconds of device time per call of `run` (CUDA events around `repeats` calls, after `warmup`)."""
+def device_us_trials(run: Callable[[], object], trials: int = 5, repeats: int = 20, warmup: int = 3) -> list[float]:
+    """Microseconds of device time per call of `run`, once per trial: CUDA events around `repeats` calls, after
+    `warmup` calls. Several trials show whether a timing repeats (benchmarks/README.md has a case where it
+    did not)."""
     for _ in range(warmup):
         run()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1e3
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / repeats * 1e3)
+    return times
+
+
+def device_us(run: Callable[[], object], trials: int = 5, repeats: int = 20, warmup: int = 3) -> float:
+    """The median over `device_us_trials`."""
+    return statistics.median(device_us_trials(run, trials, repeats, warmup))
 
 
 def cuda_kernel_args(doc: str, script: str, batch: int) -> argparse.Namespace:
