@@ -21,14 +21,17 @@ dominated by recent differences. Where c >= 1 the quantizer does no better than 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from analysis.bounds import BOUNDS, theorem44_weights
+from analysis.intervals import mean_interval
 
-__all__ = ["CHECKS", "READINGS", "bound_checks", "decay_failures", "estimate_c", "findings", "tightness_summary"]
+__all__ = ["CHECKS", "READINGS", "BoundChecks", "bound_checks", "decay_failures", "estimate_c", "findings",
+           "tightness_summary"]
 
 KEYS = ["layer", "quantizer", "bits"]
 READINGS: tuple[str, ...] = ("out-of-sample", "in-sample")
@@ -148,10 +151,21 @@ def _ratios(cube: _HeldOut, c: pd.DataFrame, op_norms: Mapping[str, float]) -> d
     return out
 
 
-def bound_checks(stats: pd.DataFrame, op_norms: Mapping[str, float]) -> pd.DataFrame:
-    """One row per (layer, quantizer, bits, reading, check, step) over the held-out trajectories:
-    ``trajectories`` checked, ``fails`` (ratio > 1), ``ratio_max`` (worst trajectory) and
-    ``ratio_median``. Theorem 4.3 rows carry reading ``out-of-sample`` (they need no c)."""
+@dataclass(frozen=True)
+class BoundChecks:
+    """The held-out checks two ways: ``per_step``, one row per (layer, quantizer, bits, reading, check, step)
+    with ``trajectories`` checked, ``fails`` (ratio > 1), ``ratio_max`` (worst trajectory) and
+    ``ratio_median``; ``per_trajectory``, one row per (reading, check, quantizer, bits, seed) with the
+    ``checks`` (layers x steps) and ``fails`` of that held-out trajectory, for intervals over trajectories
+    (steps of one trajectory are not independent). Theorem 4.3 rows carry reading ``out-of-sample``."""
+
+    per_step: pd.DataFrame
+    per_trajectory: pd.DataFrame
+
+
+def bound_checks(stats: pd.DataFrame, op_norms: Mapping[str, float]) -> BoundChecks:
+    """Every bound on every held-out trajectory and step, with c from the calibration trajectories
+    (out-of-sample) and from the held-out ones (in-sample); see `BoundChecks`."""
     missing = sorted(set(stats["layer"].unique()) - set(op_norms))
     if missing:
         raise ValueError(f"op_norms lacks layers {missing[:5]}; compute them with theory_sweep.operator_norms")
@@ -165,7 +179,21 @@ def bound_checks(stats: pd.DataFrame, op_norms: Mapping[str, float]) -> pd.DataF
         # Theorem 4.3 has no c: reported once, under out-of-sample
         parts += [(reading, check, ratios[check]) for check in CHECKS
                   if not (reading == "in-sample" and check.startswith("thm43"))]
-    return _summary_rows(cube, parts)
+    return BoundChecks(_summary_rows(cube, parts), _trajectory_rows(cube, parts))
+
+
+def _trajectory_rows(cube: _HeldOut, parts: list[tuple[str, str, np.ndarray]]) -> pd.DataFrame:
+    """Per (reading, check, quantizer, bits) and held-out seed: checks and fails summed over layers and steps."""
+    groups = cube.keys.groupby(["quantizer", "bits"], observed=True, sort=False).indices
+    steps, seeds = cube.shape[1], cube.seeds
+    frames = []
+    for reading, check, ratios in parts:
+        fails = (ratios > 1).sum(axis=1)  # (G, S)
+        for (quantizer, bits), cases in groups.items():
+            frames.append(pd.DataFrame({"reading": reading, "check": check, "quantizer": quantizer,
+                                        "bits": int(bits), "seed": seeds, "checks": len(cases) * steps,
+                                        "fails": fails[cases].sum(axis=0)}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _summary_rows(cube: _HeldOut, parts: list[tuple[str, str, np.ndarray]]) -> pd.DataFrame:
@@ -184,18 +212,24 @@ def _summary_rows(cube: _HeldOut, parts: list[tuple[str, str, np.ndarray]]) -> p
     return out
 
 
-def tightness_summary(checks: pd.DataFrame, quantiles: Sequence[float] = (0.5, 0.9, 0.99)) -> pd.DataFrame:
-    """Per (reading, check, quantizer, bits): checks (trajectory-steps over all layers), fails and
-    fail rate, quantiles over (layer, step) of the worst-trajectory ratio ``ratio_max``, its maximum
-    and where it is (layer and step)."""
+def tightness_summary(checks: BoundChecks, quantiles: Sequence[float] = (0.5, 0.9, 0.99),
+                      resamples: int = 10_000) -> pd.DataFrame:
+    """Per (reading, check, quantizer, bits): checks (trajectory-steps over all layers), fails, the fail rate
+    with its 95% interval over held-out trajectories (bootstrap of the per-trajectory fail fraction: a
+    trajectory's steps are not independent) and how many trajectories fail anywhere; quantiles over (layer,
+    step) of the worst-trajectory ratio ``ratio_max``, its maximum and where it is (layer and step)."""
+    per_seed = checks.per_trajectory.groupby(["reading", "check", "quantizer", "bits"], observed=True, sort=False)
     rows = []
-    for (reading, check, quantizer, bits), part in checks.groupby(["reading", "check", "quantizer", "bits"],
-                                                                 observed=True, sort=False):
+    for (reading, check, quantizer, bits), part in checks.per_step.groupby(["reading", "check", "quantizer", "bits"],
+                                                                           observed=True, sort=False):
         worst = part.loc[part["ratio_max"].idxmax()]
         finite = part["ratio_max"].replace(np.inf, np.nan)
+        trajectories = per_seed.get_group((reading, check, quantizer, bits))
+        rate = mean_interval(trajectories["fails"] / trajectories["checks"], resamples=resamples)
         row = {"reading": reading, "check": check, "quantizer": quantizer, "bits": int(bits),
                "checks": int(part["trajectories"].sum()), "fails": int(part["fails"].sum())}
-        row["fail_rate"] = row["fails"] / row["checks"]
+        row.update(fail_rate=row["fails"] / row["checks"], fail_rate_ci95_low=rate.low, fail_rate_ci95_high=rate.high,
+                   trajectories=len(trajectories), trajectories_failing=int((trajectories["fails"] > 0).sum()))
         row.update({f"ratio_q{round(q * 100)}": float(finite.quantile(q)) for q in quantiles})
         row.update(ratio_max=float(worst["ratio_max"]), worst_layer=worst["layer"], worst_step=int(worst["step"]))
         rows.append(row)
@@ -216,11 +250,25 @@ def decay_failures(c_table: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["quantizer", "bits", "c31"], ascending=[True, True, False]).reset_index(drop=True)
 
 
+def _percent(share: float) -> str:
+    """A share as a percentage with two significant digits and no exponent (0.000017%, 33%, 100%)."""
+    return np.format_float_positional(100 * share, precision=2, unique=False, fractional=False, trim="-") + "%"
+
+
 def _share(fails: int, checks: int) -> str:
-    return f"{fails:,} of {checks:,} ({100 * fails / checks:.2g}%)" if checks else "none checked"
+    return f"{fails:,} of {checks:,} ({_percent(fails / checks)})" if checks else "none checked"
 
 
-def _check_line(summary: pd.DataFrame, reading: str, check: str) -> str:
+def _trajectory_spread(per_trajectory: pd.DataFrame, reading: str, check: str) -> str:
+    """In how many held-out trajectories the check fails, and the fail rate's 95% interval over them."""
+    part = per_trajectory[(per_trajectory["reading"] == reading) & (per_trajectory["check"] == check)]
+    per_seed = part.groupby("seed")[["checks", "fails"]].sum()
+    rate = mean_interval(per_seed["fails"] / per_seed["checks"])
+    return (f"in {int((per_seed['fails'] > 0).sum())} of {len(per_seed)} trajectories; 95% interval of the rate over "
+            f"trajectories [{_percent(rate.low)}, {_percent(rate.high)}]")
+
+
+def _check_line(summary: pd.DataFrame, per_trajectory: pd.DataFrame, reading: str, check: str) -> str:
     part = summary[(summary["reading"] == reading) & (summary["check"] == check)]
     fails, checks = int(part["fails"].sum()), int(part["checks"].sum())
     line = f"`{check}` fails at {_share(fails, checks)} held-out trajectory-steps"
@@ -228,33 +276,39 @@ def _check_line(summary: pd.DataFrame, reading: str, check: str) -> str:
         worst = part.loc[part["ratio_max"].idxmax()]
         failing = part[part["fails"] > 0]
         where = ", ".join(f"{r.quantizer} A{r.bits}: {r.fails:,}" for r in failing.itertuples())
-        line += (f" ({where}); worst: error {worst['ratio_max']:.3g}x the bound at `{worst['worst_layer']}`, "
-                 f"{worst['quantizer']} A{worst['bits']}, step {worst['worst_step']}")
+        line += (f" ({where}; {_trajectory_spread(per_trajectory, reading, check)}); worst: error "
+                 f"{worst['ratio_max']:.3g}x the bound at `{worst['worst_layer']}`, {worst['quantizer']} "
+                 f"A{worst['bits']}, step {worst['worst_step']}")
     median = part["ratio_q50"].median()
     return line + f"; median error/bound over layers and steps {median:.2g}."
 
 
-def findings(summary: pd.DataFrame, c_calibration: pd.DataFrame, c_heldout: pd.DataFrame) -> str:
+def findings(summary: pd.DataFrame, checks: BoundChecks, c_calibration: pd.DataFrame, c_heldout: pd.DataFrame) -> str:
     """Markdown paragraphs written from the numbers: what holds by construction (in sample), what the
-    held-out trajectories show (out of sample), Theorem 4.3, and where 2c >= 1."""
+    held-out trajectories show (out of sample, with how many trajectories fail), Theorem 4.3, and where
+    2c >= 1. ``summary``: `tightness_summary` of ``checks``."""
     n_cal, n_held = int(c_calibration["trajectories"].max()), int(c_heldout["trajectories"].max())
     units = len(c_calibration)
+
+    def line(reading: str, check: str) -> str:
+        return _check_line(summary, checks.per_trajectory, reading, check)
+
     lines = [f"**Setup.** {c_calibration['layer'].nunique()} layers x {c_calibration['bits'].nunique()} bit widths x "
              f"{c_calibration['quantizer'].nunique()} quantizers ({units} cases). c estimated on {n_cal} calibration "
              f"trajectories; the bounds checked on {n_held} held-out trajectories (other seeds), every quantized step.",
              "", "**In sample (c from the held-out trajectories themselves): holds by construction, not evidence.**"]
-    lines += [f"- {_check_line(summary, 'in-sample', c)}" for c in ("bound30_unrolled", "bound31_unrolled")]
+    lines += [f"- {line('in-sample', c)}" for c in ("bound30_unrolled", "bound31_unrolled")]
     lines += ["", "**Out of sample (c from the calibration trajectories): the evidence.**"]
-    lines += [f"- {_check_line(summary, 'out-of-sample', c)}" for c in ("bound30_unrolled", "bound31_unrolled")]
+    lines += [f"- {line('out-of-sample', c)}" for c in ("bound30_unrolled", "bound31_unrolled")]
     merged = c_calibration.merge(c_heldout, on=KEYS, suffixes=("_cal", "_held"))
     above = merged[merged["c31_held"] > merged["c31_cal"]]
     lines.append(f"- In {len(above)} of {units} cases a held-out MoDiff residual rounds worse than every "
                  "calibration residual (c31 held-out > c31 calibration): only there can the unrolled (31) fail"
                  + (f"; the largest excess is {(above['c31_held'] / above['c31_cal']).max():.3g}x." if len(above) else "."))
     lines += ["", "**As printed (exponent T-k-1), both readings:**"]
-    lines += [f"- {r}: {_check_line(summary, r, c)}" for r in READINGS for c in ("bound30_printed", "bound31_printed")]
+    lines += [f"- {r}: {line(r, c)}" for r in READINGS for c in ("bound30_printed", "bound31_printed")]
     lines += ["", "**Theorem 4.3** (no c, so no in/out-of-sample distinction):"]
-    lines += [f"- {_check_line(summary, 'out-of-sample', c)}" for c in ("thm43_noec", "thm43_ec")]
+    lines += [f"- {line('out-of-sample', c)}" for c in ("thm43_noec", "thm43_ec")]
     lines += ["", _decay_paragraph(c_calibration)]
     return "\n".join(lines)
 

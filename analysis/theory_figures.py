@@ -16,7 +16,7 @@ _TITLES = {"bound30_printed": "(30) as printed, no compensation", "bound30_unrol
 def tightness(checks: pd.DataFrame, reading: str = "out-of-sample") -> plt.Figure:
     """Measured error / Theorem 4.4 bound (worst held-out trajectory), distribution over layers and
     steps: one panel per bound, boxes per bit width and quantizer (whiskers 1% to 99%), log scale;
-    above the dashed line at 1 the bound fails. ``checks``: `analysis.theory_checks.bound_checks`."""
+    above the dashed line at 1 the bound fails. ``checks``: the ``per_step`` rows of `analysis.theory_checks.bound_checks`."""
     import seaborn as sns
 
     style.apply()

@@ -51,7 +51,7 @@ def _theory(net: md.Denoiser, args: argparse.Namespace, times: dict[str, float],
     with _timed(times, "summary", device):
         summary = theory_checks.tightness_summary(checks)
         theory_checks.decay_failures(c_calibration)
-        theory_checks.findings(summary, c_calibration, c_heldout)
+        theory_checks.findings(summary, checks, c_calibration, c_heldout)
     return len(stats)
 
 

@@ -93,7 +93,10 @@ def test_bound_checks_equal_the_per_case_per_trajectory_bounds() -> None:
     """Every row of bound_checks from `theorem44_bounds` on one trajectory at a time (n < 8 terms: numpy
     sums them in order, as bound_checks does)."""
     stats, norms = _random_stats(), {"a": 1.7, "b": 0.4}
-    checks = bound_checks(stats, norms).set_index(["layer", "bits", "reading", "check", "step"]).sort_index()
+    result = bound_checks(stats, norms)
+    checks = result.per_step.set_index(["layer", "bits", "reading", "check", "step"]).sort_index()
+    per_seed = result.per_trajectory.set_index(["reading", "check", "bits", "seed"])
+    expected_fails: dict[tuple, int] = {}  # (reading, form, bits, seed): fails over both layers and all steps
     held = stats[stats["role"] == "held-out"]
     for reading, role in (("out-of-sample", "calibration"), ("in-sample", "held-out")):
         c = estimate_c(stats, role).set_index(["layer", "bits"])
@@ -111,7 +114,12 @@ def test_bound_checks_equal_the_per_case_per_trajectory_bounds() -> None:
                 np.testing.assert_array_equal(got["ratio_max"], r.max(axis=1))
                 np.testing.assert_array_equal(got["ratio_median"], np.median(r, axis=1))
                 np.testing.assert_array_equal(got["fails"], (r > 1).sum(axis=1))
+                for seed, fails in zip(sorted(case["seed"].unique()), (r > 1).sum(axis=0)):
+                    key = (reading, form, bits, seed)
+                    expected_fails[key] = expected_fails.get(key, 0) + int(fails)
     assert checks["fails"].sum() > 0  # the 3-bit cases round worse than c allows out of sample
+    for key, fails in expected_fails.items():
+        assert per_seed.loc[key, "fails"] == fails and per_seed.loc[key, "checks"] == 2 * 5  # 2 layers x 5 steps
 
 
 def test_bound_checks_refuse_incomplete_rows() -> None:

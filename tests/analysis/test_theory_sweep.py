@@ -41,7 +41,8 @@ def test_out_of_sample_c_comes_from_the_calibration_seeds_only() -> None:
                        _rows("held-out", [2, 3], {2: 0.3, 3: 0.2}, err_ec=0.5)], ignore_index=True)
     c_cal, c_held = estimate_c(stats, "calibration"), estimate_c(stats, "held-out")
     assert c_cal["c31"].item() == pytest.approx(0.1) and c_held["c31"].item() == pytest.approx(0.3)
-    checks = bound_checks(stats, {"l": 1.0}).set_index(["reading", "check", "step"])
+    result = bound_checks(stats, {"l": 1.0})
+    checks = result.per_step.set_index(["reading", "check", "step"])
     # step 3 (i = 3), d_j = 1 for j = 1..3: (31) unrolled = sum (2c)^(4-j) = (2c)^3 + (2c)^2 + 2c
     for reading, c in (("out-of-sample", 0.1), ("in-sample", 0.3)):
         bound = (2 * c) ** 3 + (2 * c) ** 2 + 2 * c
@@ -52,9 +53,42 @@ def test_out_of_sample_c_comes_from_the_calibration_seeds_only() -> None:
     assert checks.loc[("out-of-sample", "bound31_unrolled", 1), "fails"] == 2
     assert checks.loc[("in-sample", "bound31_unrolled", 1), "fails"] == 0
     assert checks.loc[("out-of-sample", "thm43_ec", 1), "ratio_max"] == pytest.approx(0.15, rel=1e-5)
-    summary = tightness_summary(bound_checks(stats, {"l": 1.0}))
-    text = findings(summary, c_cal, c_held)
+    summary = tightness_summary(result)
+    text = findings(summary, result, c_cal, c_held)
     assert "c31 held-out > c31 calibration" in text and "In 1 of 1 cases" in text and "3x" in text
+    # out of sample both held-out trajectories fail the unrolled (31) at all 3 steps (error 0.5 against
+    # 0.2, 0.24, 0.248), the printed (31) at none (its first weight is (2c)^0 = 1: 0.5 against 1, 1.2, 1.24)
+    rows = summary.set_index(["reading", "check"])
+    unrolled, printed = rows.loc[("out-of-sample", "bound31_unrolled")], rows.loc[("out-of-sample", "bound31_printed")]
+    assert (unrolled["fails"], unrolled["checks"], unrolled["trajectories"], unrolled["trajectories_failing"]) == (6, 6, 2, 2)
+    assert unrolled["fail_rate"] == unrolled["fail_rate_ci95_low"] == unrolled["fail_rate_ci95_high"] == 1.0
+    assert "fails at 6 of 6 (100%) held-out trajectory-steps" in text
+    assert "in 2 of 2 trajectories; 95% interval of the rate over trajectories [100%, 100%]" in text
+    assert printed["fail_rate_ci95_low"] == printed["fail_rate_ci95_high"] == printed["trajectories_failing"] == 0
+
+
+def test_fail_rate_interval_is_over_trajectories() -> None:
+    """The fail rate's interval resamples whole held-out trajectories (their steps are not independent):
+    fails 0, 0 and 4 of 10 checks give the interval of the mean of 0, 0, 0.4; none failing gives [0, 0]."""
+    from analysis.intervals import mean_interval
+    from analysis.theory_checks import BoundChecks
+
+    keys = {"reading": "out-of-sample", "quantizer": "per-sample", "bits": 3}
+    per_step = pd.DataFrame([{**keys, "check": check, "layer": "l", "step": 1, "trajectories": 3, "fails": fails,
+                              "ratio_max": 2.0 if fails else 0.5, "ratio_median": 0.1}
+                             for check, fails in (("bound31_unrolled", 4), ("bound30_unrolled", 0))])
+    per_step.loc[0, "trajectories"], per_step.loc[1, "trajectories"] = 30, 30  # 10 checks per trajectory
+    per_trajectory = pd.DataFrame([{**keys, "check": check, "seed": seed, "checks": 10, "fails": fails}
+                                   for check, by_seed in (("bound31_unrolled", (0, 0, 4)), ("bound30_unrolled", (0, 0, 0)))
+                                   for seed, fails in zip((5, 6, 7), by_seed)])
+    summary = tightness_summary(BoundChecks(per_step, per_trajectory), resamples=1000).set_index("check")
+    expected = mean_interval([0.0, 0.0, 0.4], resamples=1000)
+    failing = summary.loc["bound31_unrolled"]
+    assert failing["fail_rate"] == pytest.approx(4 / 30) == pytest.approx(expected.mean)
+    assert (failing["fail_rate_ci95_low"], failing["fail_rate_ci95_high"]) == (expected.low, expected.high)
+    assert failing["trajectories_failing"] == 1 and failing["trajectories"] == 3
+    holding = summary.loc["bound30_unrolled"]
+    assert holding["fail_rate_ci95_low"] == holding["fail_rate_ci95_high"] == 0.0 and holding["trajectories_failing"] == 0
 
 
 def test_decay_flags_and_their_list() -> None:
@@ -127,7 +161,7 @@ def test_sweep_on_a_tiny_unet_separates_the_seeds(tiny_denoiser) -> None:
     cal, held = stats[stats["role"] == "calibration"], stats[stats["role"] == "held-out"]
     assert set(cal["seed"]) == {0, 1, 2} and set(held["seed"]) == {5, 6}
     assert cal["err_sq_ec"].isna().all() and held["err_sq_ec"].notna().all()
-    checks = bound_checks(stats, operator_norms(net, layers))
+    checks = bound_checks(stats, operator_norms(net, layers)).per_step
     assert (checks.loc[checks["reading"] == "in-sample", "check"].str.endswith("unrolled")
             | checks.loc[checks["reading"] == "in-sample", "check"].str.endswith("printed")).all()
     in_unrolled = checks[(checks["reading"] == "in-sample") & checks["check"].str.endswith("unrolled")]
