@@ -216,7 +216,8 @@ def tightness_summary(checks: BoundChecks, quantiles: Sequence[float] = (0.5, 0.
                       resamples: int = 10_000) -> pd.DataFrame:
     """Per (reading, check, quantizer, bits): checks (trajectory-steps over all layers), fails, the fail rate
     with its 95% interval over held-out trajectories (bootstrap of the per-trajectory fail fraction: a
-    trajectory's steps are not independent) and how many trajectories fail anywhere; quantiles over (layer,
+    trajectory's steps are not independent; nor, for the per-tensor quantizer, are the trajectories of one
+    batch, so its intervals are too narrow) and how many trajectories fail anywhere; quantiles over (layer,
     step) of the worst-trajectory ratio ``ratio_max``, its maximum and where it is (layer and step)."""
     per_seed = checks.per_trajectory.groupby(["reading", "check", "quantizer", "bits"], observed=True, sort=False)
     rows = []
@@ -295,7 +296,9 @@ def findings(summary: pd.DataFrame, checks: BoundChecks, c_calibration: pd.DataF
 
     lines = [f"**Setup.** {c_calibration['layer'].nunique()} layers x {c_calibration['bits'].nunique()} bit widths x "
              f"{c_calibration['quantizer'].nunique()} quantizers ({units} cases). c estimated on {n_cal} calibration "
-             f"trajectories; the bounds checked on {n_held} held-out trajectories (other seeds), every quantized step.",
+             f"trajectories; the bounds checked on {n_held} held-out trajectories (other seeds), every quantized step. "
+             "Fail-rate intervals resample held-out trajectories; the per-tensor quantizer's trajectories share a "
+             "scale within their batch, so for it they are not independent either and its intervals are too narrow.",
              "", "**In sample (c from the held-out trajectories themselves): holds by construction, not evidence.**"]
     lines += [f"- {line('in-sample', c)}" for c in ("bound30_unrolled", "bound31_unrolled")]
     lines += ["", "**Out of sample (c from the calibration trajectories): the evidence.**"]
