@@ -14,7 +14,7 @@ import pandas as pd
 from analysis.intervals import Interval
 
 __all__ = ["PUBLISHED_RESET", "caching_claim", "lossless_claim", "compensation_claim", "memory_claim",
-           "warmup_claim", "range_claim", "sampler_claim", "audit_claim"]
+           "warmup_claim", "range_claim", "sampler_claim", "sampler_fid_claim", "audit_claim"]
 
 # Paper brief, section 6.1: the published CIFAR-10 DDIM sampler resets the MoDiff state before every step.
 PUBLISHED_RESET = ("the published CIFAR-10 DDIM sampler resets the MoDiff state before every step, so every call "
@@ -200,6 +200,25 @@ def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage
     return (f"Relative L2 to the fp sample of the same seed, `{paired['preset'].iloc[0]}` minus `{paired['baseline'].iloc[0]}` "
             f"(paired over {int(paired['n'].max())} seeds, 95% interval): {'; '.join(parts)}. The paper: {paper}. Here MoDiff is closer to full "
             f"precision with {better} of {len(paired)} samplers.")
+
+
+def sampler_fid_claim(scores: pd.DataFrame, paper: str = "MoDiff keeps its FID close to full precision with "
+                      "DDPM, DPM-Solver and 20-step DDIM, where direct quantization does not (Tables 5, 15-17)") -> str:
+    """Tables 5 and 15-17 in the paper's measure: per sampler and step count, the FID of each ``-modiff``
+    preset against its direct counterpart and against the sampler's fp run (``scores``:
+    `analysis.experiments.sampler_scores`; the verdict columns read "worse/better/no difference: d [low, high]",
+    paired bootstrap over the same seeds). MoDiff keeps its advantage where its verdict against direct is better."""
+    modiff = scores[scores["modiff_vs_direct"] != ""]
+    if modiff.empty:
+        return "No MoDiff preset with its direct counterpart was scored: nothing to compare."
+    parts = [f"{r.sampler} {r.steps} steps: FID {r.fid_classifier:.3g} [{r.fid_ci95_low:.3g}, {r.fid_ci95_high:.3g}], "
+             f"against direct {r.modiff_vs_direct}, against fp {r.vs_fp}" for r in modiff.itertuples()]
+    better = int(modiff["modiff_vs_direct"].str.startswith("better").sum())
+    as_fp = int(modiff["vs_fp"].str.startswith("no difference").sum())
+    return (f"FID (classifier features) of `{modiff['preset'].iloc[0]}` per sampler, paired over {int(modiff['n'].max())} "
+            f"seeds (difference, 95% interval): {'; '.join(parts)}. The paper: {paper}. Here MoDiff's FID is lower "
+            f"than direct quantization's with {better} of {len(modiff)} samplers, and indistinguishable from full "
+            f"precision with {as_fp} of {len(modiff)}.")
 
 
 def audit_claim(audit: pd.DataFrame) -> str:

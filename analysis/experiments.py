@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 import modiff as md
+from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision, precision_record
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
-from modiff.pipelines.summary import per_seed_fidelity, require_reference_images
+from modiff.pipelines.summary import per_seed_fidelity, require_reference_images, run_scores
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
 from modiff.quant.cost import preset_report
@@ -32,6 +33,7 @@ from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
     "layer_inputs", "sample_config", "run_location", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
+    "paper_samplers", "sampler_runs", "sampler_scores",
     "warmup_table", "warmup_per_seed",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
     "run_is_finished", "fp_reference_run", "run_precision", "analysis_precision",
@@ -251,35 +253,94 @@ def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], co
     launch(_fill_rank, devices, model, pending, list(seeds), config, str(runs_dir), batch_size, calibration)
 
 
-def sampler_per_seed(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
-                     runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
-                     devices: str | Sequence[str] = ()) -> pd.DataFrame:
-    """Tables 5 and 15-17 per seed: relative L2 (pixels) of each preset's sample to the fp sample of the same
-    seed and sampler; columns sampler, steps, preset, precision (the run's arithmetic, `run_precision`), seed,
-    rel_l2_pixels. With several ``devices`` the runs of each sampler are made in parallel first (`fill_runs`)."""
-    frames = []
+SamplerRuns = dict[tuple[str, int], dict[str, Path]]  # (sampler, steps) -> preset -> run folder, "fp" included
+
+
+def paper_samplers(steps: int) -> list[tuple[str, int]]:
+    """The samplers of Tables 5 and 15-17 for a table at ``steps``: DDIM at 20 steps (the paper's short
+    schedule), at half and at all ``steps``, then DDPM and DPM-Solver++(2M) at ``steps``; a step count that
+    repeats (a short quick-preset table) appears once."""
+    ddim = sorted({min(20, steps), max(1, steps // 2), steps})
+    return [("ddim", k) for k in ddim] + [("ddpm", steps), ("dpm-solver", steps)]
+
+
+def sampler_runs(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
+                 runs_dir: str | Path, batch_size: int = 64, device: str = "auto", devices: str | Sequence[str] = (),
+                 precision: PrecisionChoice = "auto") -> SamplerRuns:
+    """Tables 5 and 15-17: the fp run and a run of each preset per sampler and step count, made or reused (full
+    or summarized) by `sample_run` in ``precision``. With several ``devices`` the runs of each sampler are made
+    in parallel first (`fill_runs`)."""
+    runs: SamplerRuns = {}
     for sampler, steps in samplers:
-        config = sample_config(model, steps, sampler)
+        config = sample_config(model, steps, sampler, precision)
         folder = spacing_runs_dir(model, runs_dir, config)
         fp_run = fp_reference_run(model, presets, seeds, config, folder, batch_size, device)
         if len(_device_list(devices)) > 1:
             fill_runs(model, presets, seeds, config, folder, devices, batch_size)
-        for preset in presets:
-            run = sample_run(model, preset, seeds, config, folder, batch_size, device)
-            frames.append(pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset,
-                                        "precision": run_precision(run), "seed": list(seeds),
-                                        "rel_l2_pixels": per_seed_fidelity(run, fp_run, seeds).rel_l2_pixels}))
+        runs[(sampler, steps)] = {"fp": fp_run, **{p: sample_run(model, p, seeds, config, folder, batch_size, device)
+                                                  for p in presets if p != "fp"}}
+    return runs
+
+
+def sampler_per_seed(runs: SamplerRuns, seeds: Sequence[int]) -> pd.DataFrame:
+    """Per seed, the relative L2 (pixels) of each preset's sample to the fp sample of the same seed and
+    sampler (``runs``: `sampler_runs`); columns sampler, steps, preset, precision (`run_precision`), seed,
+    rel_l2_pixels."""
+    frames = [pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "precision": run_precision(run),
+                            "seed": list(seeds), "rel_l2_pixels": per_seed_fidelity(run, by_preset["fp"], seeds).rel_l2_pixels})
+              for (sampler, steps), by_preset in runs.items() for preset, run in by_preset.items() if preset != "fp"]
     return pd.concat(frames, ignore_index=True)
+
+
+def _fid_verdict(scores: dict, preset: str, other: str, level: float) -> str:
+    """"worse: +d [low, high]" for FID(preset) - FID(other) (paired bootstrap), "" where a side has no resamples."""
+    a, b = scores.get(preset), scores.get(other)
+    if a is None or b is None or a.fid_resamples is None or b.fid_resamples is None:
+        return ""
+    d = paired_difference(a.metrics["fid"], b.metrics["fid"], a.fid_resamples, b.fid_resamples, level)
+    return f"{d['verdict']}: {d['difference']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
+
+
+def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-train",
+                   bootstrap: BootstrapConfig = BootstrapConfig(), device: str = "cpu") -> pd.DataFrame:
+    """The paper's measure for Tables 5 and 15-17: FID (classifier features against ``ref``) with its 95%
+    bootstrap interval for every run of ``runs`` (fp included), and paired-bootstrap verdicts over the same
+    seeds against the sampler's fp run (vs_fp) and, for a ``-modiff`` preset, against its direct counterpart
+    (modiff_vs_direct), as Table 1 reads them; features of a full run are extracted on ``device`` (a summary
+    holds its scores); columns sampler, steps, preset, precision, n, fid_classifier,
+    fid_ci95_low, fid_ci95_high, is_classifier, vs_fp, modiff_vs_direct, note."""
+    rows = []
+    for (sampler, steps), by_preset in runs.items():
+        scores, notes = {}, {}
+        for preset, run in by_preset.items():
+            try:
+                scores[preset] = run_scores(run, seeds, ref, bootstrap, device)
+            except ValueError as err:  # a degenerate set (all images alike): reported in its row, not fatal
+                notes[preset] = str(err)
+        for preset, run in by_preset.items():
+            metrics = scores[preset].metrics if preset in scores else {}
+            direct = preset.removesuffix("-modiff")
+            rows.append({"sampler": sampler, "steps": steps, "preset": preset, "precision": run_precision(run),
+                         "n": len(seeds), "fid_classifier": metrics.get("fid", np.nan),
+                         "fid_ci95_low": metrics.get("fid_ci95_low", np.nan),
+                         "fid_ci95_high": metrics.get("fid_ci95_high", np.nan),
+                         "is_classifier": metrics.get("is_mean", np.nan),
+                         "vs_fp": "" if preset == "fp" else _fid_verdict(scores, preset, "fp", bootstrap.level),
+                         "modiff_vs_direct": _fid_verdict(scores, preset, direct, bootstrap.level)
+                         if direct != preset and direct in by_preset else "",
+                         "note": notes.get(preset, "")})
+    return pd.DataFrame(rows)
 
 
 def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
                   runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
-                  devices: str | Sequence[str] = ()) -> pd.DataFrame:
+                  devices: str | Sequence[str] = (), precision: PrecisionChoice = "auto") -> pd.DataFrame:
     """Tables 5 and 15-17: per (sampler, steps) and preset, the mean relative L2 to the fp run of the same
     sampler over seeds (`sampler_per_seed`) with its 95% bootstrap interval (ci95_low, ci95_high, n)."""
     from analysis.intervals import summarize
 
-    per_seed = sampler_per_seed(model, presets, samplers, seeds, runs_dir, batch_size, device, devices)
+    runs = sampler_runs(model, presets, samplers, seeds, runs_dir, batch_size, device, devices, precision)
+    per_seed = sampler_per_seed(runs, seeds)
     return summarize(per_seed, ["sampler", "steps", "preset", "precision"], "rel_l2_pixels").rename(columns={"mean": "rel_l2_pixels"})
 
 

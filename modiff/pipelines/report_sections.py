@@ -55,10 +55,11 @@ SECTIONS: tuple[Section, ...] = (
             tables=("table1_bitwidth",), folded=("table1_fp_gpu_vs_cpu", "table1_paper_values"),
             findings=("table1_bitwidth",)),
     Section("samplers", "Tables 5 and 15-18: samplers, step counts and warm-up steps", "samplers",
-            "Relative L2 of quantized samples to full-precision samples of the same seeds and sampler (DDIM at two "
-            "step counts, DDPM, DPM-Solver), and MoDiff with k full-precision warm-up steps.",
-            tables=("samplers", "samplers_paired", "warmup_steps", "warmup_steps_paired"),
-            findings=("samplers", "warmup_steps")),
+            "FID of full-precision and quantized samples per sampler (DDIM at 20 steps, half and all the steps, DDPM, "
+            "DPM-Solver), their relative L2 to the full-precision samples of the same seeds, and MoDiff with k "
+            "full-precision warm-up steps.",
+            tables=("samplers_fid", "samplers", "samplers_paired", "warmup_steps", "warmup_steps_paired"),
+            findings=("samplers_fid", "samplers", "warmup_steps")),
     Section("bops", "Tables 6 and 19-21: BOPs and memory", "bops_memory",
             "GBops per image and the MoDiff state (a_hat, o_hat of every modulated layer) against batch size, and "
             "the state per image under several accountings, here and for a CIFAR-10-size UNet.",

@@ -51,7 +51,7 @@ class ReproducePreset:
     device: str = "auto"
     devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device
     batch_size: int = 64
-    precision: str = "auto"  # the bit-width table's runs (others take the device's): auto (bf16 on CUDA, fp32 on CPU), fp32, tf32, bf16
+    precision: str = "auto"  # the bit-width and sampler tables' runs (others take the device's): auto (bf16 on CUDA, fp32 on CPU), fp32, tf32, bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
     # The bit-width table's rows without a run: "sample" them, or "skip" them (rendering summaries on a CPU).
     missing_runs: str = "sample"

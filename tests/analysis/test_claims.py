@@ -236,6 +236,23 @@ def test_sampler_claim_counts_samplers_where_modiff_is_closer() -> None:
     assert text.endswith("closer to full precision with 1 of 2 samplers.")
 
 
+def test_sampler_fid_claim_reads_the_verdicts_per_sampler() -> None:
+    def row(preset: str, sampler: str, fid: float, vs_fp: str, vs_direct: str) -> dict:
+        return {"sampler": sampler, "steps": 20, "preset": preset, "n": 64, "fid_classifier": fid,
+                "fid_ci95_low": fid - 0.5, "fid_ci95_high": fid + 0.5, "vs_fp": vs_fp, "modiff_vs_direct": vs_direct}
+
+    scores = pd.DataFrame([row("fp", "ddim", 2.0, "", ""), row("w8a4", "ddim", 9.0, "worse: +7 [+6, +8]", ""),
+                           row("w8a4-modiff", "ddim", 2.1, "no difference: +0.1 [-0.2, +0.4]", "better: -6.9 [-7.9, -5.9]"),
+                           row("w8a4-modiff", "ddpm", 5.0, "worse: +3 [+2, +4]", "no difference: +0.1 [-1, +1.2]")])
+    text = claims.sampler_fid_claim(scores)
+    assert "of `w8a4-modiff` per sampler, paired over 64 seeds" in text
+    assert ("ddim 20 steps: FID 2.1 [1.6, 2.6], against direct better: -6.9 [-7.9, -5.9], against fp no difference: "
+            "+0.1 [-0.2, +0.4]") in text
+    assert text.endswith("lower than direct quantization's with 1 of 2 samplers, and indistinguishable from full "
+                         "precision with 1 of 2.")
+    assert claims.sampler_fid_claim(scores[scores.preset != "w8a4-modiff"]).startswith("No MoDiff preset")
+
+
 def test_audit_claim_reads_each_check() -> None:
     def audit(per_step: float, alone: float) -> pd.DataFrame:
         return pd.DataFrame({"check": ["per-step reset vs weight-only (max |difference|)",

@@ -252,3 +252,10 @@ def test_published_runs_record_their_config_and_older_ones_are_refused(tiny_deno
         experiments.sample_run(tiny_denoiser, "published-w8a4", range(2), config, tmp_path, device="cpu")
     direct = experiments.sample_run(tiny_denoiser, "w8a4", range(2), config, tmp_path, device="cpu")
     assert "quant_config" not in json.loads((direct / "manifest.json").read_text())["identity"]["model"]
+
+
+def test_paper_samplers_are_ddim_20_half_and_all_steps_then_ddpm_and_dpm_solver() -> None:
+    assert experiments.paper_samplers(100) == [("ddim", 20), ("ddim", 50), ("ddim", 100), ("ddpm", 100),
+                                               ("dpm-solver", 100)]
+    assert experiments.paper_samplers(20) == [("ddim", 10), ("ddim", 20), ("ddpm", 20), ("dpm-solver", 20)]
+    assert experiments.paper_samplers(1) == [("ddim", 1), ("ddpm", 1), ("dpm-solver", 1)]

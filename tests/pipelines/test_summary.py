@@ -25,13 +25,14 @@ SETTINGS = SummarySettings(bootstrap=BOOTSTRAP, images=4)
 SAMPLERS = [("ddim", 3), ("ddpm", 3)]
 
 
-def _tables(model, runs: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _tables(model, runs: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """What the table1 and samplers notebooks compute from a runs folder."""
     config = table1.table_config(model, 3, "quad")
     scored = table1.scored_table(model, ["w8a4", "w8a4-modiff"], range(10), config, runs, device="cpu",
                                  bootstrap=BOOTSTRAP)
-    per_seed = experiments.sampler_per_seed(model, ["w8a4-modiff"], SAMPLERS, range(10), runs, device="cpu")
-    return scored, per_seed
+    sampler_runs = experiments.sampler_runs(model, ["w8a4-modiff"], SAMPLERS, range(10), runs, device="cpu")
+    per_seed = experiments.sampler_per_seed(sampler_runs, range(10))
+    return scored, per_seed, experiments.sampler_scores(sampler_runs, range(10), bootstrap=BOOTSTRAP)
 
 
 @pytest.mark.slow
@@ -40,7 +41,7 @@ def test_tables_from_summaries_equal_tables_from_runs(tmp_path: Path, tame_denoi
     samplers' per-seed table come out the same from the summaries; each summary is small; grids work
     from the kept images."""
     runs, summaries = tmp_path / "runs", tmp_path / "summaries"
-    scored, per_seed = _tables(tame_denoiser, runs)
+    scored, per_seed, sampler_fid = _tables(tame_denoiser, runs)
     grid_images = seed_images(runs / "spacing-quad" / "w8a4-ddim3", range(4))
     made, refused = summarize([runs], summaries, settings=SETTINGS)
     # five table rows (three anchors), and fp and w8a4-modiff per sampler: the DDIM sampler's two are the
@@ -50,9 +51,11 @@ def test_tables_from_summaries_equal_tables_from_runs(tmp_path: Path, tame_denoi
     for summary in made:
         assert sum(p.stat().st_size for p in summary.iterdir()) < 100_000
     shutil.rmtree(runs)
-    scored_again, per_seed_again = _tables(tame_denoiser, summaries)
+    scored_again, per_seed_again, sampler_fid_again = _tables(tame_denoiser, summaries)
     pd.testing.assert_frame_equal(scored_again, scored)
     pd.testing.assert_frame_equal(per_seed_again, per_seed)
+    pd.testing.assert_frame_equal(sampler_fid_again, sampler_fid)
+    assert sampler_fid.fid_classifier.notna().all() and (sampler_fid.vs_fp != "").sum() == 2
     assert (scored.note == "").any() and scored.fid_classifier.notna().any()  # real scores compared, not only notes
     assert {p.name for p in summaries.rglob("*.png")} == {"grid.png"}  # nothing sampled into the summaries
     assert np.array_equal(seed_images(summaries / "spacing-quad" / "w8a4-ddim3", range(4)), grid_images)
