@@ -73,7 +73,8 @@ class SummarySettings:
             raise ValueError(f"the number of kept images must be >= 0, got {self.images}")
 
     def record(self) -> dict[str, Any]:
-        return {"ref": self.ref, "bootstrap": asdict(self.bootstrap), "images": self.images}
+        return {"ref": self.ref, "bootstrap": asdict(self.bootstrap), "images": self.images,
+                "feature_device": self.device}
 
 
 @dataclass(frozen=True)

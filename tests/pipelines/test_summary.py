@@ -47,6 +47,7 @@ def test_tables_from_summaries_equal_tables_from_runs(tmp_path: Path, tame_denoi
     # five table rows (three anchors), and fp and w8a4-modiff per sampler: the DDIM sampler's two are the
     # table's own runs (same quad timesteps, seeds and identity), so only the other sampler adds two
     assert not refused and len(made) == 5 + 2
+    assert json.loads((made[0] / "manifest.json").read_text())["summary"]["settings"]["feature_device"] == "cpu"
     assert (summaries / "spacing-quad" / "w8a4-modiff-ddim3" / "per_seed.npz").is_file()  # the layout kept
     for summary in made:
         assert sum(p.stat().st_size for p in summary.iterdir()) < 100_000
