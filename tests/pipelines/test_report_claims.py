@@ -160,6 +160,35 @@ def test_extra_memory(tmp_path: Path, counts: tuple[float, float], verdict: str)
     assert len(compared.table) == 2 and compared.lines[0].startswith("agrees" if counts[0] <= 4 else "differs")
 
 
+@pytest.mark.parametrize("vs_fp, vs_direct, verdict", [
+    (("no difference: +0.01 [-0.02, +0.04]", "better: -0.1 [-0.2, -0.05]"), ("better: -3 [-4, -2]",) * 2, "reproduced"),
+    (("worse: +0.8 [+0.6, +0.9]", "worse: +0.1 [+0.05, +0.2]"), ("better: -3 [-4, -2]",) * 2, "partly"),
+    (("worse: +0.8 [+0.6, +0.9]", "worse: +0.1 [+0.05, +0.2]"), ("better: -3 [-4, -2]", "no difference: +1 [-1, +3]"),
+     "not reproduced")])
+def test_samplers_hold(tmp_path: Path, vs_fp: tuple[str, str], vs_direct: tuple[str, str], verdict: str) -> None:
+    rows = []
+    for sampler, fp_verdict, direct_verdict in zip(("ddim", "ddpm"), vs_fp, vs_direct):
+        rows += [{"sampler": sampler, "steps": 20, "preset": "fp", "fid_classifier": 2.0, "fid_ci95_low": 1.9,
+                  "fid_ci95_high": 2.1, "vs_fp": "", "modiff_vs_direct": ""},
+                 {"sampler": sampler, "steps": 20, "preset": "w8a4-modiff", "fid_classifier": 2.5, "fid_ci95_low": 2.4,
+                  "fid_ci95_high": 2.6, "vs_fp": fp_verdict, "modiff_vs_direct": direct_verdict}]
+    write(tmp_path, "samplers_fid", rows)
+    claim = judge(tmp_path, rc.samplers_hold)
+    assert claim.verdict == verdict and claim.section == "samplers"
+    assert f"ddim 20 steps 2.5 [2.4, 2.6] ({vs_fp[0]})" in claim.evidence
+
+
+@pytest.mark.parametrize("highs, verdict", [((-0.01, -0.02), "reproduced"), ((0.004, -0.01), "partly"),
+                                            ((-0.01, 0.003), "not reproduced")])
+def test_warmup_helps(tmp_path: Path, highs: tuple[float, float], verdict: str) -> None:
+    write(tmp_path, "warmup_steps_paired", [{"warmup_steps": k, "baseline": 1, "mean_difference": h - 0.002,
+                                             "ci95_low": h - 0.004, "ci95_high": h} for k, h in zip((4, 2), highs[::-1])])
+    claim = judge(tmp_path, rc.warmup_helps)
+    assert claim.verdict == verdict
+    assert claim.evidence.startswith(f"Relative L2 to fp, paired against 1 step: 2 steps {highs[0] - 0.002:+.3g}")
+    assert claim.evidence.endswith("Steps beyond 4 not measured.")
+
+
 def test_table1_lines_and_view(tmp_path: Path) -> None:
     write(tmp_path, "table1_bitwidth", table1_rows("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]"))
     tables = rc.SavedTables(tmp_path)
