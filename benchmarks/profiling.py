@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -55,11 +55,15 @@ def device_us(run: Callable[[], object], trials: int = 5, repeats: int = 20, war
     return statistics.median(device_us_trials(run, trials, repeats, warmup))
 
 
-def cuda_kernel_args(doc: str, script: str, batch: int) -> argparse.Namespace:
-    """``--batch`` and ``--out`` of a kernel micro-benchmark; exits with a message without CUDA."""
+def cuda_kernel_args(doc: str, script: str, batch: int,
+                     more: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """``--batch`` and ``--out`` of a kernel micro-benchmark (and the options ``more`` adds); exits with a
+    message without CUDA."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--out")
+    if more:
+        more(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit(f"{script} needs CUDA")

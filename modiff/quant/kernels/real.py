@@ -24,6 +24,9 @@ own graph; no host synchronisation anywhere. Tensors: the input and the state in
 from __future__ import annotations
 
 import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -31,7 +34,8 @@ from torch import Tensor
 
 from modiff.quant.formats import NumberFormat
 
-__all__ = ["Geometry", "pack_weight", "real_direct", "real_modulated", "register_ops", "TRITON"]
+__all__ = ["Geometry", "pack_weight", "real_direct", "real_modulated", "register_ops", "TRITON", "CANDIDATE_TILINGS",
+           "gemm_blocks", "heuristic_blocks", "measured_tilings", "tiling_key"]
 
 TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK = 1024  # values per loop iteration of the absmax/quantize programs
@@ -60,14 +64,51 @@ def pack_weight(codes: Tensor, format: NumberFormat) -> Tensor:
     return matrix.to(torch.int8)
 
 
-def _gemm_blocks(m: int, n: int, c: int) -> dict[str, int]:
+TILING_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+Tiling = tuple[int, int, int, int, int]  # in the order of TILING_KEYS
+# The tilings `benchmarks/bench_real_gemm.py` times beside the heuristic, and the only ones a measured table may
+# name: the value tests run each of them.
+CANDIDATE_TILINGS: tuple[Tiling, ...] = (
+    (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4))
+TUNED_MIN_ROWS = 16_384  # GEMM rows (batch x output pixels) from which a measured tiling replaces the heuristic
+TILINGS_FILE = Path(__file__).with_name("gemm_tilings.json")
+
+
+def tiling_key(fp8: bool, taps: int, c: int, n: int) -> str:
+    """How `gemm_tilings.json` names a convolution shape: format, taps (kh kw), channels in, channels out."""
+    return f"{'fp8' if fp8 else 'int8'} taps{taps} c{c} n{n}"
+
+
+@lru_cache(maxsize=1)
+def measured_tilings() -> dict[str, Tiling]:
+    """The per-shape tilings chosen from a benchmark (`bench_real_gemm.py --tilings-out`), if the file is there;
+    ValueError for a tiling outside CANDIDATE_TILINGS (only those are value-tested)."""
+    if not TILINGS_FILE.is_file():
+        return {}
+    table = {key: tuple(value) for key, value in json.loads(TILINGS_FILE.read_text())["tilings"].items()}
+    unknown = {key: t for key, t in table.items() if t not in CANDIDATE_TILINGS}
+    if unknown:
+        raise ValueError(f"{TILINGS_FILE} names tilings outside CANDIDATE_TILINGS (not value-tested): {unknown}")
+    return table
+
+
+def heuristic_blocks(m: int, n: int, c: int) -> dict[str, int]:
     """Tile sizes for the GEMM: 8-bit operands want K tiles of 64 (128 bytes per row); tl.dot needs >= 16 per dim
-    and Hopper's 8-bit MMA K >= 32. Not autotuned (an autotuner would time kernels inside a CUDA graph capture)."""
+    and Hopper's 8-bit MMA K >= 32. Not autotuned (an autotuner would time kernels inside a CUDA graph capture,
+    and replay the modulated epilogue's in-place o_hat accumulation)."""
     block_n = 128 if n > 64 else (64 if n > 32 else 32)
     block_m = 128 if m >= 4096 else 64
     block_k = 64 if c > 32 else 32
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
+
+
+def gemm_blocks(m: int, n: int, c: int, taps: int, fp8: bool) -> dict[str, int]:
+    """The measured tiling of this shape (`measured_tilings`) for a GEMM of at least TUNED_MIN_ROWS rows,
+    else `heuristic_blocks`."""
+    tuned = measured_tilings().get(tiling_key(fp8, taps, c, n)) if m >= TUNED_MIN_ROWS else None
+    return dict(zip(TILING_KEYS, tuned)) if tuned else heuristic_blocks(m, n, c)
 
 
 def _codes(x: Tensor, a_hat: Optional[Tensor], fp8: bool) -> tuple[Tensor, Tensor]:
@@ -94,17 +135,18 @@ def _codes(x: Tensor, a_hat: Optional[Tensor], fp8: bool) -> tuple[Tensor, Tenso
 def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
           o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype,
           blocks: Optional[dict[str, int]] = None) -> Tensor:
-    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `_gemm_blocks`."""
+    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `gemm_blocks`."""
     from modiff.quant.kernels import real_triton as kernels
 
     b, h, w, c, ho, wo, n, kh, kw, sh, sw, ph, pw = geometry
     m = b * ho * wo
     out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
-    blocks = blocks or _gemm_blocks(m, n, c)
+    fp8 = weight.dtype == torch.uint8
+    blocks = blocks or gemm_blocks(m, n, c, kh * kw, fp8)
     grid = (_cdiv(m, blocks["BLOCK_M"]), _cdiv(n, blocks["BLOCK_N"]))
     torch.library.wrap_triton(kernels.gemm_kernel)[grid](
         codes, weight, scales, weight_scale, scales if bias is None else bias, out if o_hat is None else o_hat, out,
-        m, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, KW=kw, TAPS=kh * kw, FP8=weight.dtype == torch.uint8,
+        m, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, KW=kw, TAPS=kh * kw, FP8=fp8,
         MODULATED=o_hat is not None, HAS_BIAS=bias is not None, **blocks)
     return out
 
@@ -129,6 +171,7 @@ def register_ops() -> None:
     torch._inductor, so the layers call it when built on a machine with CUDA, not modiff on import."""
     if _OPS or not TRITON:
         return
+    measured_tilings()  # read (and checked) here, eagerly, not first under a compiler's tracing
     _OPS["direct"] = torch.library.triton_op("modiff::real_w8a8_direct", _direct, mutates_args=())
     _OPS["modulated"] = torch.library.triton_op("modiff::real_w8a8_modulated", _modulated,
                                                 mutates_args=("a_hat", "o_hat"))

@@ -121,6 +121,29 @@ def test_modulated_is_exact_on_representable_residuals(kind: str, fmt: str) -> N
             assert torch.equal(states[0].a_hat.double().cpu(), x.double())
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("tiling", kernels.CANDIDATE_TILINGS, ids=str)
+def test_every_candidate_tiling_is_exact(tiling: tuple[int, ...], fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measured tilings table may name any candidate: each gives the exact result, direct and modulated (the
+    interpreter checks the tile arithmetic; only CUDA checks warps and stages)."""
+    gen = torch.Generator().manual_seed(2)
+    layer = _layer("conv3x3", fmt, gen)
+    key = kernels.tiling_key(fmt == "fp8", 9, layer[0].in_channels, layer[0].out_channels)
+    monkeypatch.setattr(kernels, "measured_tilings", lambda: {key: tiling})
+    monkeypatch.setattr(kernels, "TUNED_MIN_ROWS", 0)
+    assert kernels.gemm_blocks(1, layer[0].out_channels, layer[0].in_channels, 9, fmt == "fp8") == dict(
+        zip(kernels.TILING_KEYS, tiling))
+    direct, direct_sim = _models(layer, f"w8a8-{fmt}-real")
+    modiff, modiff_sim = _models(layer, f"w8a8-{fmt}-modiff-real")
+    x = _grid_codes(_input_shape("conv3x3"), fmt, gen) * 2.0**-3
+    with float32_precision("fp32"):
+        _assert_exact(direct(_on_device(x)), direct_sim(x.double()), fmt)
+        with trajectory(modiff), trajectory(modiff_sim):
+            for step in range(2):
+                x = x + step * _grid_codes(x.shape, fmt, gen) * 2.0**-5
+                _assert_exact(modiff(_on_device(x)), modiff_sim(x.double()), fmt)
+
+
 def _rounding_bound(layer: nn.Module, x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Per output element: one grid step of every input code (s_a for INT8, the e4m3 step at the value for FP8)
     through |W_q|, plus float32 accumulation over the K terms, all in float64."""

@@ -1,0 +1,49 @@
+"""How the real GEMM picks its tiling: a measured per-shape table for large GEMMs, the heuristic otherwise."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from modiff.quant.kernels import real
+
+
+@pytest.fixture
+def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Write a tilings file where the kernels read it; the cached table is dropped before and after."""
+    path = tmp_path / "gemm_tilings.json"
+    monkeypatch.setattr(real, "TILINGS_FILE", path)
+    real.measured_tilings.cache_clear()
+
+    def write(tilings: dict) -> None:
+        path.write_text(json.dumps({"measured": {"device": "test"}, "tilings": tilings}))
+        real.measured_tilings.cache_clear()
+
+    yield write
+    real.measured_tilings.cache_clear()
+
+
+def test_without_a_table_every_shape_takes_the_heuristic(table) -> None:
+    assert real.measured_tilings() == {}
+    assert real.gemm_blocks(1 << 20, 128, 128, 9, False) == real.heuristic_blocks(1 << 20, 128, 128)
+    assert real.heuristic_blocks(1 << 20, 128, 128) == dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    assert real.heuristic_blocks(100, 32, 16) == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def test_a_measured_tiling_serves_its_shape_and_format_above_the_row_threshold(table) -> None:
+    tiling = real.CANDIDATE_TILINGS[1]
+    table({real.tiling_key(False, 9, 128, 128): list(tiling)})
+    chosen = dict(zip(real.TILING_KEYS, tiling))
+    assert real.gemm_blocks(real.TUNED_MIN_ROWS, 128, 128, 9, False) == chosen
+    assert real.gemm_blocks(real.TUNED_MIN_ROWS - 1, 128, 128, 9, False) == real.heuristic_blocks(
+        real.TUNED_MIN_ROWS - 1, 128, 128)  # a small GEMM (batch 1-8) keeps the heuristic
+    for other in ((128, 128, 9, True), (128, 128, 1, False), (256, 128, 9, False)):  # FP8, 1x1, other channels
+        n, c, taps, fp8 = other
+        assert real.gemm_blocks(1 << 20, n, c, taps, fp8) == real.heuristic_blocks(1 << 20, n, c)
+
+
+def test_a_table_naming_an_untested_tiling_is_refused(table) -> None:
+    table({real.tiling_key(True, 9, 64, 64): [32, 32, 32, 2, 2]})
+    with pytest.raises(ValueError, match="outside CANDIDATE_TILINGS"):
+        real.gemm_blocks(1 << 20, 64, 64, 9, True)
