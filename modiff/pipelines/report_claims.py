@@ -200,6 +200,14 @@ def _near_fp(verdict: object) -> bool:
     return str(verdict).startswith(("no difference", "better"))
 
 
+def _modiff_rows_verdict(rows: pd.DataFrame) -> tuple[Verdict, int, int]:
+    """MoDiff rows with FID verdicts vs_fp and modiff_vs_direct: reproduced if every row is near fp (no
+    difference or better), partly if some are or every row beats direct; with the two counts."""
+    near, better = rows["vs_fp"].map(_near_fp), rows["modiff_vs_direct"].astype(str).str.startswith("better")
+    verdict: Verdict = ("reproduced" if near.all() else "partly" if near.any() or better.all() else "not reproduced")
+    return verdict, int(near.sum()), int(better.sum())
+
+
 def low_bit_activations(t: SavedTables) -> Claim:
     """Table 1: the dynamic + MoDiff rows at W8A4 and W8A3 (every numerics). Reproduced: each shows no FID
     difference from full precision (or is better; paired bootstrap, 95%); partly: some do, or MoDiff beats
@@ -211,13 +219,12 @@ def low_bit_activations(t: SavedTables) -> Claim:
     if rows is None or rows.empty or not (table["preset"] == "fp").any():
         return _unmeasured(claim, section, notebook, "table1_bitwidth")
     fp = table[table["preset"] == "fp"].iloc[0]
-    near, better = rows["vs_fp"].map(_near_fp), rows["modiff_vs_direct"].astype(str).str.startswith("better")
-    verdict: Verdict = ("reproduced" if near.all() else "partly" if near.any() or better.all() else "not reproduced")
+    verdict, near, better = _modiff_rows_verdict(rows)
     evidence = (f"FID (classifier features) against fp {interval(fp.fid_classifier, fp.fid_ci95_low, fp.fid_ci95_high)}: "
                 + "; ".join(f"W8A{int(r.a_bits)} {r.numerics} {interval(r.fid_classifier, r.fid_ci95_low, r.fid_ci95_high)} "
                             f"({r.vs_fp})" for r in rows.itertuples())
-                + f". {int(near.sum())} of {len(rows)} rows are indistinguishable from fp; MoDiff beats direct "
-                f"quantization in {int(better.sum())} of {len(rows)}.")
+                + f". {near} of {len(rows)} rows are indistinguishable from fp; MoDiff beats direct "
+                f"quantization in {better} of {len(rows)}.")
     return Claim(claim, verdict, evidence, section, notebook)
 
 
@@ -253,13 +260,12 @@ def samplers_hold(t: SavedTables) -> Claim:
     rows = None if table is None else table[table["modiff_vs_direct"].notna() & (table["modiff_vs_direct"] != "")]
     if rows is None or rows.empty:
         return _unmeasured(claim, section, notebook, "samplers_fid")
-    near, better = rows["vs_fp"].map(_near_fp), rows["modiff_vs_direct"].astype(str).str.startswith("better")
-    verdict: Verdict = ("reproduced" if near.all() else "partly" if near.any() or better.all() else "not reproduced")
+    verdict, near, better = _modiff_rows_verdict(rows)
     evidence = (f"`{rows['preset'].iloc[0]}` FID against the same sampler's fp: "
                 + "; ".join(f"{r.sampler} {int(r.steps)} steps {interval(r.fid_classifier, r.fid_ci95_low, r.fid_ci95_high)} "
                             f"({r.vs_fp})" for r in rows.itertuples())
-                + f". {int(near.sum())} of {len(rows)} indistinguishable from fp or better; MoDiff beats direct "
-                f"quantization with {int(better.sum())} of {len(rows)}.")
+                + f". {near} of {len(rows)} indistinguishable from fp or better; MoDiff beats direct "
+                f"quantization with {better} of {len(rows)}.")
     return Claim(claim, verdict, evidence, section, notebook)
 
 
