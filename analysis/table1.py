@@ -32,6 +32,7 @@ from modiff.quant.cost import preset_report
 from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import has_shipped
+from modiff.utils.device import resolve_device
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "adaround_presets",
            "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
@@ -177,13 +178,14 @@ def _verdict(compared: dict[str, Any]) -> str:
 
 
 def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], fp_run: Path, config: SampleConfig,
-                ref: str, bootstrap: BootstrapConfig) -> tuple[dict[str, Any], Optional[np.ndarray]]:
-    """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way."""
+                ref: str, bootstrap: BootstrapConfig, device: str) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+    """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way (a run's
+    classifier features extracted on ``device``; CPU and GPU features move FID by about 1e-4)."""
     close = per_seed_fidelity(run, fp_run, seeds).averaged()
     row: dict[str, Any] = {"preset": preset, **describe(preset), "n": len(seeds), "steps": config.steps,
                            "spacing": config.spacing, "precision": experiments.run_precision(run)}
     try:
-        scored = run_scores(run, seeds, ref, bootstrap)
+        scored = run_scores(run, seeds, ref, bootstrap, device)
         metrics, resampled, note = scored.metrics, scored.fid_resamples, ""
     except SummaryMismatchError:
         raise
@@ -239,7 +241,8 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
                  for p in rows_presets if p != "fp"})
     rows, resamples = [], {}
     for preset in rows_presets:
-        row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, runs["fp"], config, ref, bootstrap)
+        row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, runs["fp"], config, ref, bootstrap,
+                                             str(resolve_device(device)))
         rows.append(row)
     _compare(rows, resamples, bootstrap.level)
     return pd.DataFrame(rows)[COLUMNS]
