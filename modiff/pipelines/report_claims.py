@@ -8,6 +8,7 @@ model: an index can be rebuilt from a report folder alone.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,11 +18,14 @@ import pandas as pd
 
 __all__ = ["Claim", "Verdict", "SavedTables", "CLAIMS", "claims", "paper_value", "interval"]
 
-Verdict = Literal["reproduced", "partly", "not reproduced", "not measured"]
+Verdict = Literal["reproduced", "partly", "not reproduced", "inconclusive", "not measured"]
 
 # The reading of "stays small" in Figure 3 (the paper gives no number): as in analysis.claims.compensation_claim.
 SMALL_FEATURE_ERROR = 0.1
 CACHING_TOLERANCE = 0.25  # "about 40%": within 25% (relative), as in analysis.claims.caching_claim
+# "Near full precision": the paired FID difference to fp lies, with its whole 95% interval, within 10% of fp's FID
+# (an equivalence reading: "no difference" with a wider interval is no evidence of nearness, only inconclusive).
+EQUIVALENCE_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -196,22 +200,47 @@ TABLE1 = ["preset", "numerics", "method", "w_bits", "a_bits", "fid_classifier", 
           "vs_fp", "modiff_vs_direct", "gbops_per_step"]
 
 
-def _near_fp(verdict: object) -> bool:
-    return str(verdict).startswith(("no difference", "better"))
+def _interval_of(verdict: object) -> Optional[tuple[float, float]]:
+    """The [low, high] of a verdict string such as "no difference: +0.1 [-0.2, +0.4]"."""
+    found = re.search(r"\[([-+0-9.eE]+), ([-+0-9.eE]+)\]", str(verdict))
+    return None if found is None else (float(found.group(1)), float(found.group(2)))
 
 
-def _modiff_rows_verdict(rows: pd.DataFrame) -> tuple[Verdict, int, int]:
-    """MoDiff rows with FID verdicts vs_fp and modiff_vs_direct: reproduced if every row is near fp (no
-    difference or better), partly if some are or every row beats direct; with the two counts."""
-    near, better = rows["vs_fp"].map(_near_fp), rows["modiff_vs_direct"].astype(str).str.startswith("better")
-    verdict: Verdict = ("reproduced" if near.all() else "partly" if near.any() or better.all() else "not reproduced")
-    return verdict, int(near.sum()), int(better.sum())
+def _near_fp(verdict: object, fp_fid: float) -> bool:
+    """Better than fp, or no difference with the whole interval within EQUIVALENCE_MARGIN of fp's FID."""
+    text, bounds = str(verdict), _interval_of(verdict)
+    return text.startswith("better") or (text.startswith("no difference") and bounds is not None
+                                         and max(abs(b) for b in bounds) <= EQUIVALENCE_MARGIN * fp_fid)
+
+
+@dataclass(frozen=True)
+class _ModiffRows:
+    verdict: Verdict
+    near: int  # rows near fp (`_near_fp`)
+    inconclusive: int  # rows with no difference from fp but an interval too wide to call them near
+    better: int  # rows better than their direct counterpart
+
+    def counts(self, rows: int) -> str:
+        return (f"{self.near} of {rows} within {EQUIVALENCE_MARGIN:.0%} of fp's FID (paired 95% interval) or better"
+                + (f", {self.inconclusive} inconclusive (no difference, but an interval wider than that)"
+                   if self.inconclusive else "") + f"; MoDiff beats direct quantization in {self.better} of {rows}")
+
+
+def _modiff_rows_verdict(rows: pd.DataFrame, fp_fid: pd.Series) -> _ModiffRows:
+    """MoDiff rows with FID verdicts vs_fp and modiff_vs_direct (``fp_fid``: the fp FID each row is compared
+    with): reproduced if every row is near fp, partly if some are or every row beats direct, inconclusive if
+    none is shown near or worse (intervals too wide), not reproduced otherwise."""
+    near = pd.Series([_near_fp(v, f) for v, f in zip(rows["vs_fp"], fp_fid)], index=rows.index)
+    wide = rows["vs_fp"].astype(str).str.startswith("no difference") & ~near
+    better = rows["modiff_vs_direct"].astype(str).str.startswith("better")
+    verdict: Verdict = ("reproduced" if near.all() else "partly" if near.any() or better.all()
+                        else "inconclusive" if wide.all() else "not reproduced")
+    return _ModiffRows(verdict, int(near.sum()), int(wide.sum()), int(better.sum()))
 
 
 def low_bit_activations(t: SavedTables) -> Claim:
-    """Table 1: the dynamic + MoDiff rows at W8A4 and W8A3 (every numerics). Reproduced: each shows no FID
-    difference from full precision (or is better; paired bootstrap, 95%); partly: some do, or MoDiff beats
-    its direct counterpart in every row; not reproduced otherwise."""
+    """Table 1: the dynamic + MoDiff rows at W8A4 and W8A3 (every numerics), by `_modiff_rows_verdict`: near
+    full precision is a paired FID difference within EQUIVALENCE_MARGIN of fp's FID (or better)."""
     claim, section, notebook = "3-4 bit activations near full precision with MoDiff", "table1", "table1_bitwidth"
     table = t.get("table1_bitwidth", TABLE1)
     rows = None if table is None else table[(table["method"] == "dynamic + MoDiff") & (table["w_bits"] == 8)
@@ -219,13 +248,12 @@ def low_bit_activations(t: SavedTables) -> Claim:
     if rows is None or rows.empty or not (table["preset"] == "fp").any():
         return _unmeasured(claim, section, notebook, "table1_bitwidth")
     fp = table[table["preset"] == "fp"].iloc[0]
-    verdict, near, better = _modiff_rows_verdict(rows)
+    judged = _modiff_rows_verdict(rows, pd.Series(fp.fid_classifier, index=rows.index))
     evidence = (f"FID (classifier features) against fp {interval(fp.fid_classifier, fp.fid_ci95_low, fp.fid_ci95_high)}: "
                 + "; ".join(f"W8A{int(r.a_bits)} {r.numerics} {interval(r.fid_classifier, r.fid_ci95_low, r.fid_ci95_high)} "
                             f"({r.vs_fp})" for r in rows.itertuples())
-                + f". {near} of {len(rows)} rows are indistinguishable from fp; MoDiff beats direct "
-                f"quantization in {better} of {len(rows)}.")
-    return Claim(claim, verdict, evidence, section, notebook)
+                + f". {judged.counts(len(rows))}.")
+    return Claim(claim, judged.verdict, evidence, section, notebook)
 
 
 def gbops_saving(t: SavedTables) -> Claim:
@@ -251,22 +279,22 @@ SAMPLERS_FID = ["sampler", "steps", "preset", "fid_classifier", "fid_ci95_low", 
 
 
 def samplers_hold(t: SavedTables) -> Claim:
-    """Tables 5 and 15-17: the MoDiff row of every sampler and step count (FID, paired bootstrap, 95%).
-    Reproduced: each is indistinguishable from the sampler's fp run or better; partly: some are, or MoDiff
-    beats its direct counterpart with every sampler; not reproduced otherwise (as `low_bit_activations`)."""
+    """Tables 5 and 15-17: the MoDiff row of every sampler and step count against that sampler's fp run (FID,
+    paired bootstrap, 95%), by `_modiff_rows_verdict` as `low_bit_activations`."""
     claim = "MoDiff stays near full precision with DDPM, DPM-Solver and 20-step DDIM"
     section, notebook = "samplers", "samplers"
     table = t.get("samplers_fid", SAMPLERS_FID)
     rows = None if table is None else table[table["modiff_vs_direct"].notna() & (table["modiff_vs_direct"] != "")]
     if rows is None or rows.empty:
         return _unmeasured(claim, section, notebook, "samplers_fid")
-    verdict, near, better = _modiff_rows_verdict(rows)
+    fp = table[table["preset"] == "fp"].set_index(["sampler", "steps"])["fid_classifier"]
+    judged = _modiff_rows_verdict(rows, pd.Series([fp.get((r.sampler, r.steps), float("nan")) for r in rows.itertuples()],
+                                                  index=rows.index))
     evidence = (f"`{rows['preset'].iloc[0]}` FID against the same sampler's fp: "
                 + "; ".join(f"{r.sampler} {int(r.steps)} steps {interval(r.fid_classifier, r.fid_ci95_low, r.fid_ci95_high)} "
                             f"({r.vs_fp})" for r in rows.itertuples())
-                + f". {near} of {len(rows)} indistinguishable from fp or better; MoDiff beats direct "
-                f"quantization with {better} of {len(rows)}.")
-    return Claim(claim, verdict, evidence, section, notebook)
+                + f". {judged.counts(len(rows))}.")
+    return Claim(claim, judged.verdict, evidence, section, notebook)
 
 
 def warmup_helps(t: SavedTables) -> Claim:

@@ -167,7 +167,8 @@ def _section(doc: Document, report: _Report, section: Section) -> None:
 def _summary(doc: Document, found: list[Claim]) -> None:
     doc.heading(2, "Summary: the paper's claims on this model", "summary")
     doc.paragraph("Each verdict is computed from the saved tables by the rule in `modiff.pipelines.report_claims` "
-                  "(reproduced, partly, not reproduced; not measured when its table is missing).")
+                  "(reproduced, partly, not reproduced, inconclusive when the intervals are too wide to tell; not "
+                  "measured when its table is missing).")
     rows = pd.DataFrame([{"claim": f"[{c.claim}](#{c.section})", "verdict": c.verdict, "evidence": c.evidence}
                          for c in found])
     doc.table(rows, verdict_column="verdict")

@@ -11,7 +11,8 @@ import pandas as pd
 
 __all__ = ["Document", "duration", "cell_text"]
 
-VERDICT_CLASSES = {"reproduced": "ok", "partly": "partly", "not reproduced": "no", "not measured": "none"}
+VERDICT_CLASSES = {"reproduced": "ok", "partly": "partly", "not reproduced": "no", "inconclusive": "none",
+                   "not measured": "none"}
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;
