@@ -86,7 +86,11 @@ def measured_tilings() -> dict[str, Tiling]:
     ValueError for a tiling outside CANDIDATE_TILINGS (only those are value-tested)."""
     if not TILINGS_FILE.is_file():
         return {}
-    table = {key: tuple(value) for key, value in json.loads(TILINGS_FILE.read_text())["tilings"].items()}
+    try:
+        table = {key: tuple(value) for key, value in json.loads(TILINGS_FILE.read_text())["tilings"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{TILINGS_FILE} is not a tilings table ({err!r}); write it again with "
+                         f"`benchmarks/bench_real_gemm.py --tilings-out`, or delete it to use the heuristic") from None
     unknown = {key: t for key, t in table.items() if t not in CANDIDATE_TILINGS}
     if unknown:
         raise ValueError(f"{TILINGS_FILE} names tilings outside CANDIDATE_TILINGS (not value-tested): {unknown}")

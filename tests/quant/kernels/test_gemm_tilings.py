@@ -47,3 +47,13 @@ def test_a_table_naming_an_untested_tiling_is_refused(table) -> None:
     table({real.tiling_key(True, 9, 64, 64): [32, 32, 32, 2, 2]})
     with pytest.raises(ValueError, match="outside CANDIDATE_TILINGS"):
         real.gemm_blocks(1 << 20, 64, 64, 9, True)
+
+
+def test_a_file_that_is_not_a_tilings_table_is_refused_with_what_to_do(table) -> None:
+    real.TILINGS_FILE.write_text('{"measured": {}}')
+    with pytest.raises(ValueError, match=r"not a tilings table.*--tilings-out`, or delete it"):
+        real.measured_tilings()
+    real.TILINGS_FILE.write_text("not json")
+    real.measured_tilings.cache_clear()
+    with pytest.raises(ValueError, match="not a tilings table"):
+        real.measured_tilings()
