@@ -8,7 +8,7 @@ batch: microseconds and TFLOP/s of F.conv2d in bf16, channels_last (what the fas
 Triton GEMM (INT8 and FP8 codes, direct epilogue) under the heuristic tile choice ("default") and each of
 `real.CANDIDATE_TILINGS`, so a reader sees whether the kernel or the tiling is what keeps the real path behind.
 Each time is the median of five trials, all five recorded (`trials_us`). With --tilings-out, the fastest tiling
-of each shape and format, where its median beats the heuristic's by more than MARGIN, is written as the table
+of each shape, format and row scale, where its median beats the heuristic's by more than MARGIN, is written as the table
 the kernels read (`real.measured_tilings`). CUDA only.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ FORMATS = {"int": False, "fp8_e4m3": True}  # format label -> fp8
 
 
 def choose_tilings(rows: list[dict], margin: float = MARGIN) -> dict[str, list[int]]:
-    """From this benchmark's rows: per shape and format (`real.tiling_key`), the candidate tiling with the lowest
+    """From this benchmark's rows: per shape, format and row scale (`real.tiling_key`), the candidate tiling with the lowest
     median time, where it is faster than the heuristic's ("candidate" None) by more than ``margin`` (relative)."""
     timed = [r for r in rows if "key" in r and "us" in r]
     chosen = {}
@@ -78,8 +78,8 @@ def main() -> None:
             for tiling in [None, *real.CANDIDATE_TILINGS]:
                 blocks = heuristic if tiling is None else dict(zip(real.TILING_KEYS, tiling))
                 label = f"default {tuple(heuristic.values())}" if tiling is None else str(tiling)
-                where = {"shape": name, "kernel": f"triton {fmt}", "tiling": label, "key": real.tiling_key(fp8, 9, c, c),
-                         "candidate": tiling}
+                where = {"shape": name, "kernel": f"triton {fmt}", "tiling": label,
+                         "key": real.tiling_key(fp8, 9, c, c, m), "candidate": tiling}
                 try:
                     trials = device_us_trials(lambda: real._gemm(codes, scales, packed, w_scale, None, None, geometry,
                                                                  torch.bfloat16, blocks))

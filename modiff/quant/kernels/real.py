@@ -71,13 +71,14 @@ Tiling = tuple[int, int, int, int, int]  # in the order of TILING_KEYS
 CANDIDATE_TILINGS: tuple[Tiling, ...] = (
     (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
     (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4))
-TUNED_MIN_ROWS = 16_384  # GEMM rows (batch x output pixels) from which a measured tiling replaces the heuristic
 TILINGS_FILE = Path(__file__).with_name("gemm_tilings.json")
 
 
-def tiling_key(fp8: bool, taps: int, c: int, n: int) -> str:
-    """How `gemm_tilings.json` names a convolution shape: format, taps (kh kw), channels in, channels out."""
-    return f"{'fp8' if fp8 else 'int8'} taps{taps} c{c} n{n}"
+def tiling_key(fp8: bool, taps: int, c: int, n: int, m: int) -> str:
+    """How `gemm_tilings.json` names a GEMM: format, taps (kh kw), channels in, channels out, and its rows (batch x
+    output pixels) to the power of two below them: the best tiling of 8x8 and 16x16 maps of 256 channels differs,
+    and a tiling measured at one batch says nothing of another an order of magnitude away."""
+    return f"{'fp8' if fp8 else 'int8'} taps{taps} c{c} n{n} m2^{max(m, 1).bit_length() - 1}"
 
 
 @lru_cache(maxsize=1)
@@ -109,9 +110,8 @@ def heuristic_blocks(m: int, n: int, c: int) -> dict[str, int]:
 
 
 def gemm_blocks(m: int, n: int, c: int, taps: int, fp8: bool) -> dict[str, int]:
-    """The measured tiling of this shape (`measured_tilings`) for a GEMM of at least TUNED_MIN_ROWS rows,
-    else `heuristic_blocks`."""
-    tuned = measured_tilings().get(tiling_key(fp8, taps, c, n)) if m >= TUNED_MIN_ROWS else None
+    """The measured tiling of this GEMM's shape and row scale (`measured_tilings`), else `heuristic_blocks`."""
+    tuned = measured_tilings().get(tiling_key(fp8, taps, c, n, m))
     return dict(zip(TILING_KEYS, tuned)) if tuned else heuristic_blocks(m, n, c)
 
 

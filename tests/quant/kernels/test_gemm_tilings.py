@@ -1,4 +1,4 @@
-"""How the real GEMM picks its tiling: a measured per-shape table for large GEMMs, the heuristic otherwise."""
+"""How the real GEMM picks its tiling: a measured table per shape and row scale, the heuristic otherwise."""
 from __future__ import annotations
 
 import json
@@ -31,20 +31,28 @@ def test_without_a_table_every_shape_takes_the_heuristic(table) -> None:
     assert real.heuristic_blocks(100, 32, 16) == dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3)
 
 
-def test_a_measured_tiling_serves_its_shape_and_format_above_the_row_threshold(table) -> None:
+def test_the_key_names_format_taps_channels_and_rows_to_the_power_of_two_below() -> None:
+    assert real.tiling_key(False, 9, 64, 128, 512 * 32 * 32) == "int8 taps9 c64 n128 m2^19"
+    assert real.tiling_key(True, 1, 256, 256, 512 * 8 * 8 + 100) == "fp8 taps1 c256 n256 m2^15"
+    assert real.tiling_key(True, 1, 256, 256, 2**16 - 1) == "fp8 taps1 c256 n256 m2^15"
+
+
+def test_a_measured_tiling_serves_its_shape_format_and_row_scale_only(table) -> None:
     tiling = real.CANDIDATE_TILINGS[1]
-    table({real.tiling_key(False, 9, 128, 128): list(tiling)})
+    rows = 512 * 16 * 16  # batch 512, 16x16 maps
+    table({real.tiling_key(False, 9, 128, 128, rows): list(tiling)})
     chosen = dict(zip(real.TILING_KEYS, tiling))
-    assert real.gemm_blocks(real.TUNED_MIN_ROWS, 128, 128, 9, False) == chosen
-    assert real.gemm_blocks(real.TUNED_MIN_ROWS - 1, 128, 128, 9, False) == real.heuristic_blocks(
-        real.TUNED_MIN_ROWS - 1, 128, 128)  # a small GEMM (batch 1-8) keeps the heuristic
+    assert real.gemm_blocks(rows, 128, 128, 9, False) == chosen
+    assert real.gemm_blocks(2 * rows - 1, 128, 128, 9, False) == chosen
+    for m in (rows // 4, 2 * rows):  # 8x8 maps, or batch 1024: another scale, the heuristic
+        assert real.gemm_blocks(m, 128, 128, 9, False) == real.heuristic_blocks(m, 128, 128)
     for other in ((128, 128, 9, True), (128, 128, 1, False), (256, 128, 9, False)):  # FP8, 1x1, other channels
         n, c, taps, fp8 = other
-        assert real.gemm_blocks(1 << 20, n, c, taps, fp8) == real.heuristic_blocks(1 << 20, n, c)
+        assert real.gemm_blocks(rows, n, c, taps, fp8) == real.heuristic_blocks(rows, n, c)
 
 
 def test_a_table_naming_an_untested_tiling_is_refused(table) -> None:
-    table({real.tiling_key(True, 9, 64, 64): [32, 32, 32, 2, 2]})
+    table({real.tiling_key(True, 9, 64, 64, 1 << 20): [32, 32, 32, 2, 2]})
     with pytest.raises(ValueError, match="outside CANDIDATE_TILINGS"):
         real.gemm_blocks(1 << 20, 64, 64, 9, True)
 
