@@ -7,7 +7,8 @@ For each 3x3 convolution shape of the CIFAR-10 DDIM UNet (and the 64-channel one
 batch: microseconds and TFLOP/s of F.conv2d in bf16, channels_last (what the fast path runs), and of the
 Triton GEMM (INT8 and FP8 codes, direct epilogue) under the heuristic tile choice ("default") and each of
 `real.CANDIDATE_TILINGS`, so a reader sees whether the kernel or the tiling is what keeps the real path behind.
-Each time is the median of five trials, all five recorded (`trials_us`). With --tilings-out, the fastest tiling
+Each time is the device time of 20 calls replayed as one CUDA graph (what the fast path runs), the median of
+five trials, all five recorded (`trials_us`); `eager_us` is the same timed on eager launches, host included. With --tilings-out, the fastest tiling
 of each shape, format and row scale, where its median beats the heuristic's by more than MARGIN, is written as the table
 the kernels read (`real.measured_tilings`). CUDA only.
 """
@@ -62,8 +63,10 @@ def main() -> None:
         x = torch.randn(args.batch, c, res, res, device=device).to(memory_format=torch.channels_last)
         weight = torch.randn(c, c, 3, 3, device=device)
         x16, w16 = x.bfloat16(), weight.bfloat16().to(memory_format=torch.channels_last)
-        us = device_us(lambda: F.conv2d(x16, w16, padding=1))
-        rows.append({"shape": name, "kernel": "cudnn bf16", "us": round(us, 1), "tflops": _tflops(flops, us)})
+        us = device_us(lambda: F.conv2d(x16, w16, padding=1), graph=True)
+        eager_us = device_us(lambda: F.conv2d(x16, w16, padding=1))
+        rows.append({"shape": name, "kernel": "cudnn bf16", "us": round(us, 1), "tflops": _tflops(flops, us),
+                     "eager_us": round(eager_us, 1)})
         print(json.dumps(rows[-1]), flush=True)
         geometry = [args.batch, res, res, c, res, res, c, 3, 3, 1, 1, 1, 1]
         scales = torch.ones(args.batch, device=device)
@@ -80,12 +83,14 @@ def main() -> None:
                 label = f"default {tuple(heuristic.values())}" if tiling is None else str(tiling)
                 where = {"shape": name, "kernel": f"triton {fmt}", "tiling": label,
                          "key": real.tiling_key(fp8, 9, c, c, m), "candidate": tiling}
+                def gemm() -> torch.Tensor:
+                    return real._gemm(codes, scales, packed, w_scale, None, None, geometry, torch.bfloat16, blocks)
+
                 try:
-                    trials = device_us_trials(lambda: real._gemm(codes, scales, packed, w_scale, None, None, geometry,
-                                                                 torch.bfloat16, blocks))
+                    trials = device_us_trials(gemm, graph=True)
                     us = statistics.median(trials)
                     row = {**where, "us": round(us, 1), "tflops": _tflops(flops, us),
-                           "trials_us": [round(t, 1) for t in trials]}
+                           "trials_us": [round(t, 1) for t in trials], "eager_us": round(device_us(gemm), 1)}
                 except Exception as err:  # a tiling the compiler or the GPU refuses (shared memory)
                     row = {**where, "error": str(err)[:200]}
                 rows.append(row)

@@ -31,28 +31,40 @@ def write_profiles(tables: dict[str, str], path: str | Path) -> None:
     print(f"wrote {path}")
 
 
-def device_us_trials(run: Callable[[], object], trials: int = 5, repeats: int = 20, warmup: int = 3) -> list[float]:
-    """Microseconds of device time per call of `run`, once per trial: CUDA events around `repeats` calls, after
-    `warmup` calls. Several trials show whether a timing repeats (benchmarks/README.md has a case where it
-    did not)."""
+def device_us_trials(run: Callable[[], object], trials: int = 5, repeats: int = 20, warmup: int = 3,
+                     graph: bool = False) -> list[float]:
+    """Microseconds per call of `run`, once per trial: CUDA events around `repeats` calls, after `warmup` calls.
+    Eager, the events also take in whatever the host adds when it launches slower than the device computes;
+    with ``graph`` the `repeats` calls are captured once as a CUDA graph and its replays are timed: device time
+    alone. Several trials show whether a timing repeats (benchmarks/README.md has cases where it did not)."""
     for _ in range(warmup):
         run()
     torch.cuda.synchronize()
+    launch, launches = run, repeats
+    if graph:
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(repeats):
+                run()
+        launch, launches = captured.replay, 1
+        launch()
+        torch.cuda.synchronize()
     times = []
     for _ in range(trials):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(repeats):
-            run()
+        for _ in range(launches):
+            launch()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / repeats * 1e3)
     return times
 
 
-def device_us(run: Callable[[], object], trials: int = 5, repeats: int = 20, warmup: int = 3) -> float:
+def device_us(run: Callable[[], object], trials: int = 5, repeats: int = 20, warmup: int = 3,
+              graph: bool = False) -> float:
     """The median over `device_us_trials`."""
-    return statistics.median(device_us_trials(run, trials, repeats, warmup))
+    return statistics.median(device_us_trials(run, trials, repeats, warmup, graph))
 
 
 def cuda_kernel_args(doc: str, script: str, batch: int,
