@@ -8,9 +8,9 @@ batch: microseconds and TFLOP/s of F.conv2d in bf16, channels_last (what the fas
 Triton GEMM (INT8 and FP8 codes, direct epilogue) under the heuristic tile choice ("default") and each of
 `real.CANDIDATE_TILINGS`, so a reader sees whether the kernel or the tiling is what keeps the real path behind.
 Each time is the device time of 20 calls replayed as one CUDA graph (what the fast path runs), the median of
-five trials, all five recorded (`trials_us`); `eager_us` is the same timed on eager launches, host included. With --tilings-out, the fastest tiling
-of each shape, format and row scale, where its median beats the heuristic's by more than MARGIN, is written as the table
-the kernels read (`real.measured_tilings`). CUDA only.
+five trials, all five recorded (`trials_us`); `eager_us` is the same timed on eager launches, host included.
+With --tilings-out, the fastest tiling of each shape, format and row scale, where its median beats the
+heuristic's by more than MARGIN, is written as the table the kernels read (`real.measured_tilings`). CUDA only.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ FORMATS = {"int": False, "fp8_e4m3": True}  # format label -> fp8
 
 
 def choose_tilings(rows: list[dict], margin: float = MARGIN) -> dict[str, list[int]]:
-    """From this benchmark's rows: per shape, format and row scale (`real.tiling_key`), the candidate tiling with the lowest
-    median time, where it is faster than the heuristic's ("candidate" None) by more than ``margin`` (relative)."""
+    """From this benchmark's rows: per shape, format and row scale (`real.tiling_key`), the candidate tiling with
+    the lowest median time, where it beats the heuristic's ("candidate" None) by more than ``margin`` (relative)."""
     timed = [r for r in rows if "key" in r and "us" in r]
     chosen = {}
     for key in dict.fromkeys(r["key"] for r in timed):
@@ -83,6 +83,7 @@ def main() -> None:
                 label = f"default {tuple(heuristic.values())}" if tiling is None else str(tiling)
                 where = {"shape": name, "kernel": f"triton {fmt}", "tiling": label,
                          "key": real.tiling_key(fp8, 9, c, c, m), "candidate": tiling}
+
                 def gemm() -> torch.Tensor:
                     return real._gemm(codes, scales, packed, w_scale, None, None, geometry, torch.bfloat16, blocks)
 

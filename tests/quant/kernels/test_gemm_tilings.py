@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,15 @@ def test_a_measured_tiling_serves_its_shape_format_and_row_scale_only(table) -> 
     for other in ((128, 128, 9, True), (128, 128, 1, False), (256, 128, 9, False)):  # FP8, 1x1, other channels
         n, c, taps, fp8 = other
         assert real.gemm_blocks(rows, n, c, taps, fp8) == real.heuristic_blocks(rows, n, c)
+
+
+def test_the_shipped_table_names_only_value_tested_tilings_by_well_formed_keys() -> None:
+    real.measured_tilings.cache_clear()
+    shipped = real.measured_tilings()  # raises if the committed file is not a table or names an untested tiling
+    assert shipped, "modiff/quant/kernels/gemm_tilings.json is committed with the H200 measurement"
+    key = re.compile(r"(int8|fp8) taps\d+ c\d+ n\d+ m2\^\d+")
+    assert all(key.fullmatch(name) and tiling in real.CANDIDATE_TILINGS for name, tiling in shipped.items())
+    real.measured_tilings.cache_clear()
 
 
 def test_a_table_naming_an_untested_tiling_is_refused(table) -> None:
