@@ -360,15 +360,18 @@ def fp_device_distance(model: nn.Module, seeds: Sequence[int], config: SampleCon
         if not kept.empty and (kept["gpu_precision"] != "-").all():
             return kept.assign(note="kept from an earlier run of this notebook on a GPU (none on this machine)")
         return pd.DataFrame([{"gpu_precision": "-", "note": "no GPU on this machine: the GPU-CPU distance is not measured"}])
-    cpu_out = sample(copy.deepcopy(model).cpu(), seeds, replace(config, precision="fp32"), torch.device("cpu"))
-    cpu_images = to_uint8(md.to_images(model, cpu_out)).astype(np.int16)
+    cpu_model = copy.deepcopy(model).cpu()  # a latent model decodes on its own device: each output with its copy
+    cpu_out = sample(cpu_model, seeds, replace(config, precision="fp32"), torch.device("cpu"))
+    cpu_images = to_uint8(md.to_images(cpu_model, cpu_out)).astype(np.int16)
     gpu_model = copy.deepcopy(model).to("cuda")
     rows = []
     labels = {"fp32": "fp32 (TF32 off)", "tf32": "tf32", "bf16": "bf16 autocast"}
     for precision, label in labels.items():
-        out = sample(gpu_model, seeds, replace(config, precision=precision), torch.device("cuda")).cpu()
+        out = sample(gpu_model, seeds, replace(config, precision=precision), torch.device("cuda"))
+        images = to_uint8(md.to_images(gpu_model, out).cpu()).astype(np.int16)
+        out = out.cpu()
         rel = ((out - cpu_out).flatten(1).norm(dim=1) / cpu_out.flatten(1).norm(dim=1)).numpy()
-        pixels = np.abs(to_uint8(md.to_images(model, out)).astype(np.int16) - cpu_images)
+        pixels = np.abs(images - cpu_images)
         rows.append({"gpu_precision": label, "n": len(seeds),
                      "rel_l2_mean": float(rel.mean()), "rel_l2_max": float(rel.max()),
                      "max_pixel_difference_uint8": int(pixels.max()),

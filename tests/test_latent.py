@@ -143,6 +143,19 @@ def test_quantized_ldm_sampling_decodes_to_images() -> None:
     assert torch.equal(to_images(torch.nn.Identity(), z0), z0)  # pixel models pass through
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp_device_distance_decodes_each_output_with_its_own_copy() -> None:
+    """Table 1's GPU-CPU distance on a latent model that an earlier run left on the GPU: the CPU output is
+    decoded on the CPU and each GPU output on the GPU (decoding the CPU latents with the caller's GPU model
+    raised a device mismatch on the H200)."""
+    from analysis import table1
+
+    model = _tiny_model().cuda()
+    rows = table1.fp_device_distance(model, range(2), table1.table_config(model, 4))
+    assert rows.gpu_precision.tolist() == ["fp32 (TF32 off)", "tf32", "bf16 autocast"] and (rows.n == 2).all()
+    assert next(model.parameters()).is_cuda  # the caller's model stays where it was
+
+
 def test_encode_applies_scale_factor() -> None:
     """encode(x) = scale_factor * posterior mode; with a generator, a posterior sample."""
     model = _tiny_model()
