@@ -36,8 +36,10 @@ def _size(folder: Path) -> int:
               help="Images kept, of the first seeds (the notebooks' grids show analysis_samples of them).")
 @click.option("--device", default="cpu", show_default=True, callback=check_device_option,
               help="Device of the feature extraction (recorded; GPU and CPU features move FID by about 1e-4).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs summarized at once, in processes sharing the CPU cores (a paper-scale folder of runs).")
 def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path], seeds: Optional[list[int]], ref: str,
-                      bootstrap_resamples: int, images: int, device: str) -> None:
+                      bootstrap_resamples: int, images: int, device: str, jobs: int) -> None:
     """Summarize finished RUNS (run folders, or folders of runs) into small folders that stand in for them:
     manifest, FID with its bootstrap interval and resamples, IS, per-seed distances to the fp run, the first
     images and the grid (under 1 MB for 10,000 seeds). The notebooks read a summary where they would read
@@ -46,7 +48,7 @@ def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path],
 
     \b
     Examples:
-      modiff summarize data/runs/paper --out summaries/paper
+      modiff summarize data/runs/paper --out summaries/paper --jobs 8
       modiff reproduce --preset paper --runs summaries
       modiff summarize data/runs/w4a4-modiff --fp-run data/runs/fp --out summaries
     """
@@ -56,7 +58,7 @@ def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path],
     try:
         settings = SummarySettings(ref=ref, bootstrap=BootstrapConfig(resamples=bootstrap_resamples), images=images,
                                    device=device)
-        made, refused = summarize(runs, out, fp_run, settings, seeds)
+        made, refused = summarize(runs, out, fp_run, settings, seeds, jobs)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
     for folder in made:

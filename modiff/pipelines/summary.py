@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -330,25 +331,56 @@ def find_runs(root: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("manifest.json") if _is_run(p.parent))
 
 
+def _summarize_one(run: Path, target: Path, fp_run: Optional[str | Path], settings: SummarySettings,
+                   seeds: Optional[Sequence[int]]) -> tuple[Optional[Path], str]:
+    """One run's summary, or why it was refused (a worker of `summarize`: errors come back as values)."""
+    try:
+        reference = fp_run if fp_run is not None else full_precision_reference(run)
+        return summarize_run(run, target, reference, settings, seeds), ""
+    except ValueError as err:
+        return None, str(err)
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def summarize(paths: Sequence[str | Path], out: str | Path, fp_run: Optional[str | Path] = None,
               settings: SummarySettings = SummarySettings(),
-              seeds: Optional[Sequence[int]] = None) -> tuple[list[Path], dict[Path, str]]:
+              seeds: Optional[Sequence[int]] = None, jobs: int = 1) -> tuple[list[Path], dict[Path, str]]:
     """Summarize runs into ``out``: a run given itself goes to out/<its name>, a folder of runs keeps its
     layout (``summarize(["data/runs/paper"], "summaries/paper")``, then ``modiff reproduce --runs summaries``).
-    Per-seed distances are to ``fp_run``, else to the full-precision run beside each run. Returns the
+    Per-seed distances are to ``fp_run``, else to the full-precision run beside each run. ``jobs`` > 1
+    summarizes that many runs at once, in processes that share the CPU's threads (a summary is mostly
+    feature extraction and bootstrap linear algebra, which do not fill many cores alone). Returns the
     summaries written (or already up to date) and, per refused run, why (unfinished, being written, ...)."""
-    made, refused = [], {}
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    work = []
     for given in map(Path, paths):
         runs = find_runs(given)
         if not runs:
             raise ValueError(f"{given} holds no run folder (a folder with a manifest.json written by `modiff sample` "
                              f"or the notebooks)")
-        for run in runs:
-            target = Path(out) / (run.relative_to(given) if run != given else run.name)
-            try:
-                reference = fp_run if fp_run is not None else full_precision_reference(run)
-                made.append(summarize_run(run, target, reference, settings, seeds))
-            except ValueError as err:
-                log.warning("%s not summarized: %s", run, err)
-                refused[run] = str(err)
+        work += [(run, Path(out) / (run.relative_to(given) if run != given else run.name)) for run in runs]
+    if jobs == 1 or len(work) < 2:
+        results = [_summarize_one(run, target, fp_run, settings, seeds) for run, target in work]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = min(jobs, len(work))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_threads,
+                                 initargs=(max(1, (os.cpu_count() or 1) // workers),)) as pool:
+            one = partial(_summarize_one, fp_run=fp_run, settings=settings, seeds=seeds)
+            results = list(pool.map(one, *zip(*work)))
+    made, refused = [], {}
+    for (run, _), (summary, why) in zip(work, results):
+        if summary is not None:
+            made.append(summary)
+        else:
+            log.warning("%s not summarized: %s", run, why)
+            refused[run] = why
     return made, refused

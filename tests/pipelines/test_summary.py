@@ -191,3 +191,24 @@ def test_summarize_command(tmp_path: Path, tame_denoiser) -> None:
     assert manifest["summary"]["reference"]["run"] == str((tmp_path / "runs" / "fp").resolve())
     empty = CliRunner().invoke(main, ["summarize", str(tmp_path / "s" / "q"), "--out", str(tmp_path / "t")])
     assert empty.exit_code == 1 and "holds no run folder" in empty.output
+
+
+def test_parallel_jobs_write_the_same_summaries(tmp_path: Path, tame_denoiser) -> None:
+    """--jobs 2: the same summaries (scores, per-seed distances, kept images) and the same refusals as one
+    run at a time, in the same order; a job count below 1 is refused."""
+    _run(tame_denoiser, range(12), tmp_path / "runs" / "fp")
+    _quantized_run(tame_denoiser, range(12), tmp_path / "runs" / "q")
+    (tmp_path / "runs" / "fresh").mkdir()
+    (tmp_path / "runs" / "fresh" / "manifest.json").write_text(json.dumps({"identity": {}, "seeds": [], "sessions": []}))
+    one = summarize([tmp_path / "runs"], tmp_path / "one", settings=SETTINGS)
+    two = summarize([tmp_path / "runs"], tmp_path / "two", settings=SETTINGS, jobs=2)
+    assert [p.name for p in one[0]] == [p.name for p in two[0]] == ["fp", "q"]
+    assert list(one[1]) == list(two[1]) == [tmp_path / "runs" / "fresh"]
+    for name in ("fp", "q"):
+        a, b = tmp_path / "one" / name, tmp_path / "two" / name
+        assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+        for part in ("per_seed.npz", "images.npz"):
+            with np.load(a / part) as x, np.load(b / part) as y:
+                assert all(np.array_equal(x[k], y[k]) for k in x.files)
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        summarize([tmp_path / "runs"], tmp_path / "three", settings=SETTINGS, jobs=0)
