@@ -207,9 +207,11 @@ def _interval_of(verdict: object) -> Optional[tuple[float, float]]:
 
 
 def _near_fp(verdict: object, fp_fid: float) -> bool:
-    """Better than fp, or no difference with the whole interval within EQUIVALENCE_MARGIN of fp's FID."""
+    """Better than fp, or the whole interval within EQUIVALENCE_MARGIN of fp's FID: an equivalence reading,
+    so a difference that is significant ("worse") but inside the margin is near, and "no difference" with an
+    interval reaching past the margin is not."""
     text, bounds = str(verdict), _interval_of(verdict)
-    return text.startswith("better") or (text.startswith("no difference") and bounds is not None
+    return text.startswith("better") or (bounds is not None
                                          and max(abs(b) for b in bounds) <= EQUIVALENCE_MARGIN * fp_fid)
 
 

@@ -97,6 +97,7 @@ def table1_rows(w8a4_vs_fp: str, w8a3_vs_fp: str, vs_direct: str = "better: -3 [
     ("no difference: +0.05 [-0.1, +0.15]", "worse: +0.4 [+0.2, +0.6]", "worse: +1 [+0.5, +2]", "partly"),
     ("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]", "better: -3 [-4, -2]", "partly"),  # beats direct
     ("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]", "no difference: 0 [-1, 1]", "not reproduced"),
+    ("worse: +0.1 [+0.05, +0.15]", "worse: +0.4 [+0.2, +0.6]", "no difference: 0 [-1, 1]", "partly"),  # worse, inside the margin
     ("no difference: +0.1 [-0.1, +0.3]", "no difference: +1 [-2, +4]", "no difference: 0 [-1, 1]", "inconclusive"),
     ("no difference: +0.1 [-0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]", "no difference: 0 [-1, 1]", "not reproduced"),
 ])
@@ -165,9 +166,11 @@ def test_extra_memory(tmp_path: Path, counts: tuple[float, float], verdict: str)
 
 @pytest.mark.parametrize("vs_fp, vs_direct, verdict", [
     (("no difference: +0.01 [-0.02, +0.04]", "better: -0.1 [-0.2, -0.05]"), ("better: -3 [-4, -2]",) * 2, "reproduced"),
-    (("worse: +0.8 [+0.6, +0.9]", "worse: +0.1 [+0.05, +0.2]"), ("better: -3 [-4, -2]",) * 2, "partly"),
+    (("worse: +0.8 [+0.6, +0.9]", "worse: +0.15 [+0.05, +0.25]"), ("better: -3 [-4, -2]",) * 2, "partly"),
+    (("worse: +0.8 [+0.6, +0.9]", "worse: +0.15 [+0.05, +0.25]"), ("better: -3 [-4, -2]", "no difference: +1 [-1, +3]"),
+     "not reproduced"),
     (("worse: +0.8 [+0.6, +0.9]", "worse: +0.1 [+0.05, +0.2]"), ("better: -3 [-4, -2]", "no difference: +1 [-1, +3]"),
-     "not reproduced")])
+     "partly")])  # DDPM worse than fp, but its whole interval within 10% of fp's FID 2: near
 def test_samplers_hold(tmp_path: Path, vs_fp: tuple[str, str], vs_direct: tuple[str, str], verdict: str) -> None:
     rows = []
     for sampler, fp_verdict, direct_verdict in zip(("ddim", "ddpm"), vs_fp, vs_direct):
