@@ -22,8 +22,10 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
 Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
 Per-step error (``--error-batch``, 0 skips): for INT8 and FP8 and both state dtypes, the relative L2 error of eps
 of the real MoDiff model against the simulated one (same config), and of both against the fp model, per step,
-eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of real and
-simulated W8A8 INT8 MoDiff against the shipped Fashion-MNIST statistics. ``--profile``: a kernel table of 5 steps
+eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp, real
+W8A8 INT8 MoDiff and its simulator (under bf16 autocast and in IEEE float32) against the shipped Fashion-MNIST
+statistics, with the paired-bootstrap FID difference of real against simulated, of the two simulators, and of
+each against fp (`FID_PAIRS`). ``--profile``: a kernel table of 5 steps
 per variant at the largest batch. Every variant runs in try/except: an error is recorded in its row and the
 run continues; the JSON (``--out``) is rewritten after every row. The error runs come first; ``--budget``
 seconds (from the start) stops starting new rows.
@@ -41,6 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -168,22 +171,47 @@ def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str
     return out
 
 
-def _fid(samples: int, batch: int, work: Path) -> dict[str, Any]:
-    """FID of real and simulated W8A8 INT8 MoDiff on fmnist-ddim, with bootstrap intervals."""
-    from modiff.metrics.fidelity import score
-    from modiff.pipelines.evaluate import evaluate, seed_images
+FID_RUNS: dict[str, tuple[Optional[str], str]] = {  # name -> (preset, None for fp; the run's arithmetic)
+    "fp": (None, "bf16"),
+    "real-int8-modiff": ("w8a8-int8-modiff-real", "bf16"),
+    "sim-int8-modiff": ("w8a8-int8-modiff", "bf16"),
+    "sim-int8-modiff-fp32": ("w8a8-int8-modiff", "fp32"),
+}
+FID_PAIRS = (("real-int8-modiff", "sim-int8-modiff"), ("sim-int8-modiff-fp32", "sim-int8-modiff"),
+             ("real-int8-modiff", "sim-int8-modiff-fp32"), ("real-int8-modiff", "fp"), ("sim-int8-modiff", "fp"),
+             ("sim-int8-modiff-fp32", "fp"))
 
-    out: dict[str, Any] = {"samples": samples}
-    for preset in ("w8a8-int8-modiff-real", "w8a8-int8-modiff"):
+
+def _fid(samples: int, batch: int, steps: int, work: Path, device: str) -> dict[str, Any]:
+    """FID of fmnist-ddim's fp, real and simulated W8A8 INT8 MoDiff (the simulator under bf16 autocast and in
+    IEEE float32) from the same seeds, each with its bootstrap interval; the paired-bootstrap FID difference of
+    each pair in `FID_PAIRS` (the same resample indices), and the mean per-seed relative L2 between their images."""
+    from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
+    from modiff.metrics.compare import relative_l2
+    from modiff.pipelines.evaluate import evaluate, seed_images
+    from modiff.pipelines.summary import run_scores
+
+    seeds, bootstrap = range(samples), BootstrapConfig()
+    out: dict[str, Any] = {"samples": samples, "steps": steps, "bootstrap": dataclasses.asdict(bootstrap), "runs": {}, "pairs": {}}
+    scores, images = {}, {}
+    for name, (preset, precision) in FID_RUNS.items():
         try:
-            run = work / f"fid-{preset}"
-            evaluate(md.load_model("fmnist-ddim"), range(samples), run, SampleConfig(steps=100, precision="bf16"),
-                     quant_preset=preset, metrics=("fid",), batch_size=batch, device="cuda", progress=False)
-            scores = score(seed_images(run, range(samples)), "fmnist-train", ("fid",), device="cuda")
-            out[preset] = scores.metrics
-        except Exception as err:  # noqa: BLE001
-            out[preset] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
-        print(json.dumps({preset: out[preset]}, default=str), flush=True)
+            run = work / f"fid-{name}"
+            evaluate(md.load_model("fmnist-ddim"), seeds, run, SampleConfig(steps=steps, precision=precision),
+                     quant_preset=preset, metrics=("fid",), batch_size=batch, device=device, progress=False)
+            scores[name] = run_scores(run, seeds, "fmnist-train", bootstrap, device=device)
+            images[name] = seed_images(run, seeds).astype(np.float64)
+            out["runs"][name] = {"preset": preset, "precision": precision, **scores[name].metrics}
+        except Exception as err:  # noqa: BLE001 - one run's failure must not lose the others
+            out["runs"][name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
+        print(json.dumps({name: out["runs"][name]}, default=str), flush=True)
+    for a, b in FID_PAIRS:
+        if a in scores and b in scores:
+            fid_a, fid_b = scores[a].metrics["fid"], scores[b].metrics["fid"]
+            out["pairs"][f"{a} - {b}"] = {
+                **paired_difference(fid_a, fid_b, scores[a].fid_resamples, scores[b].fid_resamples),
+                "rel_l2_images_mean": float(relative_l2(images[a], images[b]).mean())}
+    print(json.dumps({"pairs": out["pairs"]}), flush=True)
     return out
 
 
@@ -201,7 +229,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-batch", type=int, default=16, help="batch of the per-step error runs (0: skip)")
-    parser.add_argument("--fid", type=int, default=0, help="samples for the FID of real vs simulated (0: skip)")
+    parser.add_argument("--fid", type=int, default=0, help="samples of each FID run, fp, real and simulated (0: skip)")
     parser.add_argument("--fid-batch", type=int, default=512)
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; no new row starts after")
     parser.add_argument("--profile", action="store_true")
@@ -253,7 +281,7 @@ def main() -> None:
                 _write(args.out, result)
     if args.fid:
         with tempfile.TemporaryDirectory(prefix="bench-real-fid-") as work:
-            result["fid"] = _fid(args.fid, args.fid_batch, Path(work))
+            result["fid"] = _fid(args.fid, args.fid_batch, args.steps, Path(work), args.device)
         _write(args.out, result)
     result["seconds"] = round(time.perf_counter() - started, 1)
     _write(args.out, result)
