@@ -353,8 +353,8 @@ def summarize(paths: Sequence[str | Path], out: str | Path, fp_run: Optional[str
     """Summarize runs into ``out``: a run given itself goes to out/<its name>, a folder of runs keeps its
     layout (``summarize(["data/runs/paper"], "summaries/paper")``, then ``modiff reproduce --runs summaries``).
     Per-seed distances are to ``fp_run``, else to the full-precision run beside each run. ``jobs`` > 1
-    summarizes that many runs at once, in processes that share the CPU's threads (a summary is mostly
-    feature extraction and bootstrap linear algebra, which do not fill many cores alone). Returns the
+    summarizes that many runs at once, in processes that share the CPU's threads: for a many-core host,
+    where one summary at a time fell behind the GPU sampling the runs (benchmarks/README.md). Returns the
     summaries written (or already up to date) and, per refused run, why (unfinished, being written, ...)."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
