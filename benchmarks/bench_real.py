@@ -192,7 +192,8 @@ def _fid(samples: int, batch: int, steps: int, work: Path, device: str) -> dict[
     from modiff.pipelines.summary import run_scores
 
     seeds, bootstrap = range(samples), BootstrapConfig()
-    out: dict[str, Any] = {"samples": samples, "steps": steps, "bootstrap": dataclasses.asdict(bootstrap), "runs": {}, "pairs": {}}
+    out: dict[str, Any] = {"samples": samples, "steps": steps, "bootstrap": dataclasses.asdict(bootstrap),
+                           "runs": {}, "pairs": {}}
     scores, images = {}, {}
     for name, (preset, precision) in FID_RUNS.items():
         try:
