@@ -24,6 +24,7 @@ import json
 import statistics
 import time
 from contextlib import nullcontext
+from typing import Callable, Optional
 
 import torch
 
@@ -73,12 +74,13 @@ def _deployment_state_bytes(arch: str, preset: str) -> int:
     return modiff_state_bytes(model, costs)
 
 
-def _run(model: torch.nn.Module, preset: str, batch: int, steps: int, device: torch.device) -> int:
+def _run(model: torch.nn.Module, preset: str, batch: int, steps: int, device: torch.device,
+         callback: Optional[Callable] = None) -> int:
     x_T = torch.randn(batch, *model.sample_shape, device=device)
     ts = timesteps(steps, "uniform")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with autocast, trajectory(model) as states:  # no states (and nothing done) for stateless presets
-        sample_ddim(model, x_T, ts)
+        sample_ddim(model, x_T, ts, callback=callback)
         return state_bytes(states)
 
 
@@ -105,7 +107,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="replay the steps as CUDA graphs (CUDA only)")
     parser.add_argument("--out")
     parser.add_argument("--profile", help="also write a kernel table of one run per variant and batch size "
-                                          "(--profile-steps steps, after the timed run)")
+                                          "(--profile-steps steps after a first, MoDiff's warm-up, left out; "
+                                          "after the timed run)")
     parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -136,8 +139,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile:
-                profiles[f"{variant} batch {batch}"] = kernel_table(
-                    lambda: _run(model, preset, batch, args.profile_steps, device), device)
+                profiles[f"{variant} batch {batch}"] = kernel_table(  # after MoDiff's eager warm-up step
+                    lambda after_step: _run(model, preset, batch, args.profile_steps + 1, device, after_step), device,
+                    skip_steps=1)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

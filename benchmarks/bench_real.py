@@ -25,8 +25,9 @@ of the real MoDiff model against the simulated one (same config), and of both ag
 eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp, real
 W8A8 INT8 MoDiff and its simulator (under bf16 autocast and in IEEE float32) against the shipped Fashion-MNIST
 statistics, with the paired-bootstrap FID difference of real against simulated, of the two simulators, and of
-each against fp (`FID_PAIRS`). ``--profile``: a kernel table of 5 steps
-per variant at the largest batch. Every variant runs in try/except: an error is recorded in its row and the
+each against fp (`FID_PAIRS`). ``--profile``: a kernel table per variant at the largest batch of a 6-step trajectory
+(uniform timesteps: 7 steps) after its first step (MoDiff's warm-up, eager and in full precision, once per
+trajectory); the table's first line says how many steps it covers. Every variant runs in try/except: an error is recorded in its row and the
 run continues; the JSON (``--out``) is rewritten after every row. The error runs come first; ``--budget``
 seconds (from the start) stops starting new rows.
 """
@@ -135,7 +136,8 @@ def _time_row(model: Denoiser, execution: ExecutionConfig, batch: int, args: arg
                "images_per_s": round(batch / statistics.median(runs), 2),
                "peak_gpu_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else 0}
         if args.profile:
-            row["profile"] = kernel_table(lambda: _trajectory(runner, batch, 5, device), device, rows=25)
+            row["profile"] = kernel_table(lambda after_step: _trajectory(runner, batch, 6, device, after_step),
+                                          device, rows=25, skip_steps=1)  # the steps after MoDiff's warm-up
     return row
 
 

@@ -11,18 +11,41 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def kernel_table(run: Callable[[], object], device: torch.device, rows: int = 30) -> str:
+def kernel_table(run: Callable[..., object], device: torch.device, rows: int = 30, skip_steps: int = 0) -> str:
     """Profile one call of `run`: the operators with the most device time (CPU time on the CPU), and the
-    number of kernel launches, which matters when a step is launch-bound."""
+    number of kernel launches, which matters when a step is launch-bound. With ``skip_steps``, `run` takes a
+    callback that the sampler calls after each step, and the table covers only the steps after the first
+    ``skip_steps``: a MoDiff trajectory's first step is its warm-up, run eagerly in full precision, and in a
+    short profiled trajectory it would weigh as much as the steps being studied."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        run()
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    prof = profile(activities=activities)
+    if skip_steps:
+        done = [0]
+
+        def after_step(*_: object) -> None:
+            done[0] += 1
+            if done[0] == skip_steps:
+                sync()
+                prof.start()
+
+        run(after_step)
+        if done[0] < skip_steps + 1:
+            raise ValueError(f"the profiled run took {done[0]} steps: nothing is left after skipping {skip_steps}")
+    else:
+        prof.start()
+        run()
+    sync()
+    prof.stop()
     events = prof.key_averages()
     sort_by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch"))
-    return f"kernel launches: {launches}\n" + events.table(sort_by=sort_by, row_limit=rows)
+    steps = f"steps profiled: {done[0] - skip_steps} (the first {skip_steps} skipped)\n" if skip_steps else ""
+    return f"{steps}kernel launches: {launches}\n" + events.table(sort_by=sort_by, row_limit=rows)
 
 
 def write_profiles(tables: dict[str, str], path: str | Path) -> None:
