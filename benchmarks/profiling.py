@@ -23,24 +23,32 @@ def kernel_table(run: Callable[..., object], device: torch.device, rows: int = 3
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    prof = profile(activities=activities)
-    if skip_steps:
-        done = [0]
+    prof, done = profile(activities=activities), [0]
+    started = False
 
-        def after_step(*_: object) -> None:
-            done[0] += 1
-            if done[0] == skip_steps:
-                sync()
-                prof.start()
-
-        run(after_step)
-        if done[0] < skip_steps + 1:
-            raise ValueError(f"the profiled run took {done[0]} steps: nothing is left after skipping {skip_steps}")
-    else:
+    def begin() -> None:
+        nonlocal started
+        sync()
         prof.start()
-        run()
-    sync()
-    prof.stop()
+        started = True
+
+    def after_step(*_: object) -> None:
+        done[0] += 1
+        if done[0] == skip_steps:
+            begin()
+
+    try:
+        if skip_steps:
+            run(after_step)
+        else:
+            begin()
+            run()
+        sync()
+    finally:
+        if started:  # a profiler left running breaks the interpreter's exit
+            prof.stop()
+    if skip_steps and done[0] <= skip_steps:
+        raise ValueError(f"the profiled run took {done[0]} steps: nothing is left after skipping {skip_steps}")
     events = prof.key_averages()
     sort_by = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch"))

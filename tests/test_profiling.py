@@ -30,6 +30,7 @@ def test_kernel_table_leaves_out_the_steps_it_skips() -> None:
     assert "linalg_inv" in profiling.kernel_table(lambda: run(lambda: None), torch.device("cpu"))
     with pytest.raises(ValueError, match="took 1 steps: nothing is left after skipping 1"):
         profiling.kernel_table(lambda after_step: after_step(), torch.device("cpu"), skip_steps=1)
+    assert not torch._C._autograd._profiler_enabled()  # stopped, also when refused (a running one crashed the exit)
 
 
 @needs_cuda
