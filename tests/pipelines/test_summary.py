@@ -191,6 +191,8 @@ def test_summarize_command(tmp_path: Path, tame_denoiser) -> None:
     assert manifest["summary"]["reference"]["run"] == str((tmp_path / "runs" / "fp").resolve())
     empty = CliRunner().invoke(main, ["summarize", str(tmp_path / "s" / "q"), "--out", str(tmp_path / "t")])
     assert empty.exit_code == 1 and "holds no run folder" in empty.output
+    no_jobs = CliRunner().invoke(main, [*args, "--jobs", "0"])
+    assert no_jobs.exit_code == 2 and "--jobs" in no_jobs.output and ">=1" in no_jobs.output
 
 
 def test_parallel_jobs_write_the_same_summaries(tmp_path: Path, tame_denoiser) -> None:
