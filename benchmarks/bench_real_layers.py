@@ -1,0 +1,193 @@
+"""Every real W8A8 MoDiff layer of a UNet, its kernels timed alone, against the bf16 op the fp path runs.
+
+    python benchmarks/bench_real_layers.py --arch cifar10 --batch 512 --out benchmarks/results/real_layers_h200.json
+    python benchmarks/bench_real_layers.py --arch cifar10 --batch 512 --tilings --tilings-out modiff/quant/kernels/gemm_tilings.json
+
+The end-to-end profile (`bench_real.py --profile`) gives the real path's kernels summed over a step; this splits
+them by layer, so a reader sees which shapes make the gap. The network is quantized with the real preset
+(``--format``), one warm-up step and one modulated step run eagerly under bf16 autocast on channels_last
+inputs, and each real layer's input, state (a_hat, o_hat) and weights are taken from that second step. Per layer:
+
+  fp_us        the layer in bf16 as the fp path runs it: F.conv2d (cuDNN) or F.linear (cuBLAS), bias included
+  quantize_us  the quantize kernels (`real._codes`: per-sample absmax of r = x - a_hat, codes, a_hat advanced)
+  gemm_us      the implicit GEMM with the modulated epilogue (o_hat += s_a s_w acc), the tiling the layer
+               uses (`real.gemm_blocks`); with --tilings, also each of `real.CANDIDATE_TILINGS`
+  op_us        the whole registered op (`real.real_modulated`), what a step launches
+
+Each is the device time of 20 calls replayed as one CUDA graph, the median of five trials (`profiling.device_us`).
+The totals sum the layers: one step's worth of each kernel kind. With --tilings-out (needs --tilings), the
+fastest candidate of each GEMM shape that beats the layer's current tiling by more than `bench_real_gemm.MARGIN`
+is merged into the tilings table the kernels read. CUDA only.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import benchmark_model  # noqa: E402
+from bench_real_gemm import MARGIN  # noqa: E402
+from profiling import cuda_kernel_args, device_us, device_us_trials  # noqa: E402
+
+from modiff.quant import presets, quantize, trajectory  # noqa: E402
+from modiff.quant.kernels import real  # noqa: E402
+from modiff.quant.layers.real import RealModulatedLayer  # noqa: E402
+
+PRESETS = {"int8": "w8a8-int8-modiff-real", "fp8_e4m3": "w8a8-fp8-modiff-real"}
+
+
+@dataclass
+class Captured:
+    """One real layer's call in the modulated step: its input and its state before the call."""
+    name: str
+    layer: RealModulatedLayer
+    x: Tensor
+    a_hat: Tensor
+    o_hat: Optional[Tensor]
+
+
+def capture(arch: str, fmt: str, batch: int, device: torch.device) -> list[Captured]:
+    """The real layers' calls of one modulated step (the second model call of a trajectory)."""
+    model = quantize(benchmark_model(arch), presets[PRESETS[fmt]]).to(device)
+    model.net.to(memory_format=torch.channels_last)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, RealModulatedLayer)]
+    calls: list[Captured] = []
+    recording = [False]
+
+    def hook(name: str, layer: RealModulatedLayer, args: tuple) -> None:
+        if recording[0]:
+            state = layer.state
+            o_hat = None if state.o_hat is None else state.o_hat.clone()  # None: the simulator's fallback (CPU)
+            calls.append(Captured(name, layer, args[0].detach().clone(), state.a_hat.clone(), o_hat))
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(name, mod, args)) for name, m in layers]
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, *model.sample_shape, device=device, generator=generator)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16), trajectory(model):
+            model(x.contiguous(memory_format=torch.channels_last), t)
+            recording[0] = True
+            model(x.contiguous(memory_format=torch.channels_last), t - 10)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _fp_op(call: Captured) -> Any:
+    """The layer as the fp path runs it under bf16 autocast (weights in bf16, channels_last for convolutions)."""
+    layer = call.layer
+    weight, bias = layer.weight.detach().bfloat16(), None if layer.bias is None else layer.bias.detach().bfloat16()
+    x = call.x.bfloat16()
+    if layer.conv_geometry is None:
+        return lambda: F.linear(x, weight, bias)
+    (sh, sw), (ph, pw) = layer.conv_geometry
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return lambda: F.conv2d(x, weight, bias, (sh, sw), (ph, pw))
+
+
+def time_layer(call: Captured, tilings: bool) -> dict[str, Any]:
+    layer = call.layer
+    x = call.x.contiguous(memory_format=torch.channels_last) if call.x.ndim == 4 else call.x.contiguous()
+    geometry = layer._geometry(x)
+    b, _, _, c, ho, wo, n, kh, kw = geometry[:9]
+    m, fp8 = b * ho * wo, layer.weight_packed.dtype == torch.uint8
+    a_hat, o_hat = call.a_hat.clone(), call.o_hat.clone()
+    packed, w_scale = layer.weight_packed, layer.weight_scale_n
+    codes, scales = real._codes(x, a_hat.clone(), fp8)
+    blocks = real.gemm_blocks(m, n, c, kh * kw, fp8)
+
+    def gemm(with_blocks: dict[str, int]) -> Any:
+        return lambda: real._gemm(codes, scales, packed, w_scale, None, o_hat, geometry, torch.bfloat16, with_blocks)
+
+    row: dict[str, Any] = {
+        "layer": call.name, "kind": "linear" if layer.conv_geometry is None else f"conv{kh}x{kw}",
+        "geometry": geometry, "m": m, "n": n, "k": c * kh * kw, "input_dtype": str(call.x.dtype).removeprefix("torch."),
+        "state_dtype": str(a_hat.dtype).removeprefix("torch."), "key": real.tiling_key(fp8, kh * kw, c, n, m),
+        "tiling": [blocks[k] for k in real.TILING_KEYS],
+        "fp_us": round(device_us(_fp_op(call), graph=True), 1),
+        "quantize_us": round(device_us(lambda: real._codes(x, a_hat, fp8), graph=True), 1),
+        "gemm_us": round(device_us(gemm(blocks), graph=True), 1),
+        "op_us": round(device_us(lambda: real.real_modulated(x, a_hat, o_hat, packed, w_scale, geometry,
+                                                             torch.bfloat16), graph=True), 1),
+    }
+    row["gemm_tflops"] = round(2.0 * m * n * row["k"] / row["gemm_us"] / 1e6, 1)
+    if tilings:
+        row["candidates"] = {}
+        for tiling in real.CANDIDATE_TILINGS:
+            try:
+                trials = device_us_trials(gemm(dict(zip(real.TILING_KEYS, tiling))), graph=True)
+                row["candidates"][str(list(tiling))] = round(statistics.median(trials), 1)
+            except Exception as err:  # noqa: BLE001 - a tiling the compiler or the GPU refuses (shared memory)
+                row["candidates"][str(list(tiling))] = f"error: {str(err)[:120]}"
+    return row
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per kernel kind, one step's microseconds over every layer, and by layer kind."""
+    keys = ("fp_us", "quantize_us", "gemm_us", "op_us")
+    out: dict[str, Any] = {"all": {k: round(sum(r[k] for r in rows), 1) for k in keys}}
+    for kind in sorted({r["kind"] for r in rows}):
+        chosen = [r for r in rows if r["kind"] == kind]
+        out[kind] = {"layers": len(chosen), **{k: round(sum(r[k] for r in chosen), 1) for k in keys}}
+    return out
+
+
+def better_tilings(rows: list[dict[str, Any]], margin: float = MARGIN) -> dict[str, list[int]]:
+    """Per GEMM key, the candidate with the lowest summed time over the layers of that key, where it beats their
+    current tilings' summed time by more than ``margin``."""
+    chosen: dict[str, list[int]] = {}
+    for key in dict.fromkeys(r["key"] for r in rows):
+        same = [r for r in rows if r["key"] == key and "candidates" in r]
+        sums = {t: sum(r["candidates"][t] for r in same) for t in same[0]["candidates"]
+                if all(isinstance(r["candidates"][t], float) for r in same)} if same else {}
+        if sums:
+            best = min(sums, key=sums.get)
+            if sums[best] < (1 - margin) * sum(r["gemm_us"] for r in same):
+                chosen[key] = json.loads(best)
+    return chosen
+
+
+def main() -> None:
+    def more(parser: Any) -> None:
+        parser.add_argument("--arch", default="cifar10", help="cifar10 or a shipped model name (fmnist-ddim)")
+        parser.add_argument("--format", choices=sorted(PRESETS), default="int8")
+        parser.add_argument("--tilings", action="store_true", help="also time every candidate tiling per layer")
+        parser.add_argument("--tilings-out", help="merge the tilings that beat the current ones into this table")
+
+    args = cuda_kernel_args(__doc__, "bench_real_layers.py", batch=512, more=more)
+    if args.tilings_out and not args.tilings:
+        raise SystemExit("--tilings-out needs --tilings")
+    device = torch.device("cuda")
+    rows = []
+    for call in capture(args.arch, args.format, args.batch, device):
+        rows.append(time_layer(call, args.tilings))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "candidates"}), flush=True)
+    summary = totals(rows)
+    print(json.dumps(summary, indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "arch": args.arch,
+                                              "format": args.format, "batch": args.batch, "totals": summary,
+                                              "rows": rows}, indent=1))
+    if args.tilings_out:
+        path = Path(args.tilings_out)
+        table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
+        table["tilings"].update(better_tilings(rows))
+        table.setdefault("measured_layers", []).append({"device": torch.cuda.get_device_name(), "arch": args.arch,
+                                                         "batch": args.batch, "margin": MARGIN,
+                                                         "by": "benchmarks/bench_real_layers.py"})
+        path.write_text(json.dumps(table, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks/bench_real_layers.py: the capture of the real layers' calls, the per-step totals and the tiling
+choice from its rows (the timings themselves need CUDA)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench_real_layers = pytest.importorskip("bench_real_layers")
+
+
+def test_capture_takes_every_real_layer_once_from_the_modulated_step() -> None:
+    calls = bench_real_layers.capture("fmnist-ddim", "int8", 2, torch.device("cpu"))
+    names = [c.name for c in calls]
+    assert len(names) == len(set(names)) == 113  # every Conv2d and Linear of the UNet, each called once per step
+    for call in calls:
+        assert call.x.shape == call.a_hat.shape and call.x.shape[0] == 2
+        assert not torch.equal(call.x.float(), call.a_hat.float())  # a_hat is the warm-up step's input: t changed
+
+
+def _row(kind: str, key: str, gemm: float, candidates: dict) -> dict:
+    return {"kind": kind, "key": key, "fp_us": 10.0, "quantize_us": 5.0, "gemm_us": gemm, "op_us": gemm + 5.0,
+            "candidates": candidates}
+
+
+def test_totals_sum_a_step_and_tilings_are_chosen_on_the_summed_time_of_a_key() -> None:
+    fast, slow = "[128, 128, 128, 8, 3]", "[64, 128, 128, 4, 4]"
+    rows = [_row("conv3x3", "a", 100.0, {fast: 70.0, slow: 120.0}),
+            _row("conv3x3", "a", 100.0, {fast: 100.0, slow: 120.0}),  # summed: 170 against 200, 15% faster
+            _row("conv1x1", "b", 50.0, {fast: 47.0, slow: "error: smem"}),  # 6%: timing noise
+            _row("linear", "c", 20.0, {fast: 10.0, slow: "error: smem"})]
+    sums = bench_real_layers.totals(rows)
+    assert sums["all"] == {"fp_us": 40.0, "quantize_us": 20.0, "gemm_us": 270.0, "op_us": 290.0}
+    assert sums["conv3x3"]["layers"] == 2 and sums["conv3x3"]["gemm_us"] == 200.0
+    assert bench_real_layers.better_tilings(rows) == {"a": [128, 128, 128, 8, 3], "c": [128, 128, 128, 8, 3]}
