@@ -156,6 +156,26 @@ def test_fp_device_distance_decodes_each_output_with_its_own_copy() -> None:
     assert next(model.parameters()).is_cuda  # the caller's model stays where it was
 
 
+def test_ddpm_leaves_latent_x0_pred_unclipped() -> None:
+    """The DDPM sampler clips x0_pred to the pixel range [-1, 1] for pixel models only: a latent model's run is
+    sample_ddpm with clip_denoised=False (the clamp had cut fmnist-ldm's latents and taken its FID to 21.7)."""
+    from modiff.diffusion.sampling import sample_ddpm
+    from modiff.pipelines.generate import SampleConfig, sample
+    from modiff.utils.rng import SeedStreams
+
+    model = _tiny_model()
+    config = SampleConfig(steps=4, sampler="ddpm", spacing="ldm")
+    ts = modiff.timesteps(4, "ldm", model.schedule.num_timesteps)
+    with torch.no_grad():
+        run = sample(model, range(2), config, torch.device("cpu"))
+        outputs = []
+        for clip in (False, True):
+            rng = SeedStreams(range(2))  # x_T first, then the steps' noise, from each seed's stream as `sample` draws
+            outputs.append(sample_ddpm(model, rng.randn(model.sample_shape), ts, rng=rng, clip_denoised=clip))
+    unclipped, clipped = outputs
+    assert model.clip_denoised is False and torch.equal(run, unclipped) and not torch.equal(run, clipped)
+
+
 def test_encode_applies_scale_factor() -> None:
     """encode(x) = scale_factor * posterior mode; with a generator, a posterior sample."""
     model = _tiny_model()

@@ -27,6 +27,7 @@ class Denoiser(nn.Module):
     """
 
     folder: Optional[Path] = None
+    clip_denoised = True  # whether the DDPM sampler clips x0_pred to [-1, 1], the data range of pixel models
     net_takes_keywords = False  # whether `net` is called with keyword arguments (no CUDA graphs for it)
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, name: str, config: Mapping[str, Any]):
@@ -60,6 +61,8 @@ class LatentDenoiser(Denoiser):
 
     `model(z_t, t) -> eps` as for pixel models; `decode(z)` turns sampled latents into images.
     """
+
+    clip_denoised = False  # latents have no [-1, 1] range (CompVis' LatentDiffusion: clip_denoised = False)
 
     def __init__(self, net: nn.Module, first_stage: nn.Module, schedule: NoiseSchedule, name: str,
                  config: Mapping[str, Any], scale_factor: float, latent_shape: tuple[int, int, int]):

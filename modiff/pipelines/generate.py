@@ -93,6 +93,8 @@ def sample(
         kwargs["eta"] = config.eta
     if config.sampler == "ddpm" or config.eta > 0:
         kwargs["rng"] = rng
+    if config.sampler == "ddpm":
+        kwargs["clip_denoised"] = getattr(model, "clip_denoised", True)
     with precision_context(resolve_precision(config.precision, device), device):
         return SAMPLERS[config.sampler](model, x_T, ts, **kwargs)
 

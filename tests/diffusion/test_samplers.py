@@ -245,6 +245,19 @@ def test_ddpm_clips_x0_pred_and_ddim_does_not() -> None:
     assert seen["ddpm"] <= 1.0 < seen["ddim"], seen
 
 
+def test_ddpm_without_clipping_keeps_x0_pred_as_predicted() -> None:
+    """clip_denoised=False (latent models): x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) as predicted, beyond
+    [-1, 1] here (eps = -x_t at the first step, x_T of scale 3)."""
+    x_T = 3 * SeedStreams([0, 1]).randn(SHAPE)
+    steps: list = []
+    sample_ddpm(lambda x, t: -x, x_T, timesteps(5), schedule=SCHEDULE, rng=SeedStreams([0, 1]), clip_denoised=False,
+                callback=steps.append)
+    a_t = SCHEDULE.alpha_bar_at(steps[0].t)
+    expected = (x_T + math.sqrt(1 - a_t) * x_T) / math.sqrt(a_t)
+    torch.testing.assert_close(steps[0].x0_pred, expected)
+    assert steps[0].x0_pred.abs().max() > 1
+
+
 def test_ddpm_last_step_adds_no_noise() -> None:
     """The step from t = 0 is the posterior mean only (published mask 1 - (t == 0)); earlier steps are noisy."""
     x = SeedStreams([0, 1]).randn(SHAPE)
