@@ -7,7 +7,7 @@ so no number in a report's text is typed by hand.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import pandas as pd
 
@@ -203,14 +203,18 @@ def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage
 
 
 def sampler_fid_claim(scores: pd.DataFrame, paper: str = "MoDiff keeps its FID close to full precision with "
-                      "DDPM, DPM-Solver and 20-step DDIM, where direct quantization does not (Tables 5, 15-17)") -> str:
+                      "DDPM, DPM-Solver and 20-step DDIM, where direct quantization does not (Tables 5, 15-17)",
+                      left_out: Sequence[tuple[str, int]] = ()) -> str:
     """Tables 5 and 15-17 in the paper's measure: per sampler and step count, the FID of each ``-modiff``
     preset against its direct counterpart and against the sampler's fp run (``scores``:
     `analysis.experiments.sampler_scores`; the verdict columns read "worse/better/no difference: d [low, high]",
-    paired bootstrap over the same seeds). MoDiff keeps its advantage where its verdict against direct is better."""
-    modiff = scores[scores["modiff_vs_direct"] != ""]
+    paired bootstrap over the same seeds). MoDiff keeps its advantage where its verdict against direct is better.
+    ``left_out``: the (sampler, steps) without runs (`analysis.experiments.samplers_to_run`), named as not measured."""
+    absent = (" Not measured here (no run or summary at this N yet): "
+              + ", ".join(f"{s} {k} steps" for s, k in left_out) + ".") if left_out else ""
+    modiff = scores[scores["modiff_vs_direct"] != ""] if len(scores) else scores
     if modiff.empty:
-        return "No MoDiff preset with its direct counterpart was scored: nothing to compare."
+        return "No MoDiff preset with its direct counterpart was scored: nothing to compare." + absent
     parts = [f"{r.sampler} {r.steps} steps: FID {r.fid_classifier:.3g} [{r.fid_ci95_low:.3g}, {r.fid_ci95_high:.3g}], "
              f"against direct {r.modiff_vs_direct}, against fp {r.vs_fp}" for r in modiff.itertuples()]
     better = int(modiff["modiff_vs_direct"].str.startswith("better").sum())
@@ -218,7 +222,7 @@ def sampler_fid_claim(scores: pd.DataFrame, paper: str = "MoDiff keeps its FID c
     return (f"FID (classifier features) of `{modiff['preset'].iloc[0]}` per sampler, paired over {int(modiff['n'].max())} "
             f"seeds (difference, 95% interval): {'; '.join(parts)}. The paper: {paper}. Here MoDiff's FID is lower "
             f"than direct quantization's with {better} of {len(modiff)} samplers, and indistinguishable from full "
-            f"precision with {as_fp} of {len(modiff)}.")
+            f"precision with {as_fp} of {len(modiff)}." + absent)
 
 
 def audit_claim(audit: pd.DataFrame) -> str:

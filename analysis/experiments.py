@@ -6,7 +6,7 @@ import copy
 import json
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -256,12 +256,39 @@ def fill_runs(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], co
 SamplerRuns = dict[tuple[str, int], dict[str, Path]]  # (sampler, steps) -> preset -> run folder, "fp" included
 
 
+MissingRuns = Literal["sample", "skip"]  # what a table does with a row whose run is not there
+
+
+def check_missing_runs(missing_runs: str) -> str:
+    if missing_runs not in get_args(MissingRuns):
+        raise ValueError(f"missing_runs must be one of {', '.join(get_args(MissingRuns))}, got {missing_runs!r}")
+    return missing_runs
+
+
 def paper_samplers(steps: int) -> list[tuple[str, int]]:
     """The samplers of Tables 5 and 15-17 for a table at ``steps``: DDIM at 20 steps (the paper's short
     schedule), at half and at all ``steps``, then DDPM and DPM-Solver++(2M) at ``steps``; a step count that
     repeats (a short quick-preset table) appears once."""
     ddim = sorted({min(20, steps), max(1, steps // 2), steps})
     return [("ddim", k) for k in ddim] + [("ddpm", steps), ("dpm-solver", steps)]
+
+
+def samplers_to_run(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]],
+                    seeds: Sequence[int], runs_dir: str | Path, missing_runs: MissingRuns = "sample",
+                    device: str = "auto", precision: PrecisionChoice = "auto") -> tuple[list[tuple[str, int]],
+                                                                                      list[tuple[str, int]]]:
+    """The (sampler, steps) of ``samplers`` that `sampler_runs` is given, and those left out, as
+    `analysis.table1.rows_to_score` does for Table 1's rows: ``"sample"`` keeps all (runs not there are
+    sampled); ``"skip"`` keeps those whose fp run and every preset's run (or summary) of ``seeds`` is there."""
+    if check_missing_runs(missing_runs) == "sample":
+        return list(samplers), []
+    kept, left_out = [], []
+    for sampler, steps in samplers:
+        config = sample_config(model, steps, sampler, precision)
+        folder = spacing_runs_dir(model, runs_dir, config)
+        there = all(run_is_finished(model, p, seeds, config, folder, device) for p in dict.fromkeys(["fp", *presets]))
+        (kept if there else left_out).append((sampler, steps))
+    return kept, left_out
 
 
 def sampler_runs(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, get_args
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,6 @@ __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "t
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"
 PUBLISHED_ANCHORS = ("published-w8a32", "published-w4a32")  # the published rows' weights alone (split shortcut)
-MissingRuns = Literal["sample", "skip"]  # what the table does with a row whose run is not there
 HELD_OUT_FIRST_SEED = 1_000_000  # calibration trajectories start here: never one of the scored seeds
 
 
@@ -116,15 +115,13 @@ def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Seq
 
 
 def rows_to_score(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
-                  runs_dir: str | Path, missing_runs: MissingRuns = "sample",
+                  runs_dir: str | Path, missing_runs: experiments.MissingRuns = "sample",
                   device: str = "auto") -> tuple[list[str], list[str]]:
     """The rows `scored_table` is given, and those left out. ``missing_runs="sample"``: every row (runs not
     there are sampled). ``"skip"``: only the rows with a finished run or summary of ``seeds`` under the table's
     folder, so a machine that cannot sample the rest (a CPU rendering GPU summaries) still renders the table;
     the anchors must be there, every row is read against them."""
-    if missing_runs not in get_args(MissingRuns):
-        raise ValueError(f"missing_runs must be one of {', '.join(get_args(MissingRuns))}, got {missing_runs!r}")
-    if missing_runs == "sample":
+    if experiments.check_missing_runs(missing_runs) == "sample":
         return list(presets), []
     folder = experiments.spacing_runs_dir(model, runs_dir, config)
     there = {p for p in dict.fromkeys([*ANCHORS, *presets])

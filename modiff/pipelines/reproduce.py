@@ -53,7 +53,7 @@ class ReproducePreset:
     batch_size: int = 64
     precision: str = "auto"  # the bit-width and sampler tables' runs (others take the device's): auto (bf16 on CUDA, fp32 on CPU), fp32, tf32, bf16
     calibrate: bool = False  # Q-Diffusion rows (AdaRound + step sizes): GPU work, so paper preset only
-    # The bit-width table's rows without a run: "sample" them, or "skip" them (rendering summaries on a CPU).
+    # The bit-width and sampler tables' rows without a run: "sample" them, or "skip" them (rendering summaries on a CPU).
     missing_runs: str = "sample"
     # The Q-Diffusion recipe of those rows: published settings by default (`analysis.experiments.calibration_settings`).
     theory_calib_samples: int = 2  # trajectories that estimate c in the layer sweep of Theorems 4.3/4.4

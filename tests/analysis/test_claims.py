@@ -251,6 +251,8 @@ def test_sampler_fid_claim_reads_the_verdicts_per_sampler() -> None:
     assert text.endswith("lower than direct quantization's with 1 of 2 samplers, and indistinguishable from full "
                          "precision with 1 of 2.")
     assert claims.sampler_fid_claim(scores[scores.preset != "w8a4-modiff"]).startswith("No MoDiff preset")
+    assert claims.sampler_fid_claim(scores, left_out=[("ddpm", 100)]).endswith(
+        "precision with 1 of 2. Not measured here (no run or summary at this N yet): ddpm 100 steps.")
 
 
 def test_audit_claim_reads_each_check() -> None:

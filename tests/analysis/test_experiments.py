@@ -259,3 +259,20 @@ def test_paper_samplers_are_ddim_20_half_and_all_steps_then_ddpm_and_dpm_solver(
                                                ("dpm-solver", 100)]
     assert experiments.paper_samplers(20) == [("ddim", 10), ("ddim", 20), ("ddpm", 20), ("dpm-solver", 20)]
     assert experiments.paper_samplers(1) == [("ddim", 1), ("ddpm", 1), ("dpm-solver", 1)]
+
+
+def test_samplers_without_runs_are_skipped_or_sampled_as_asked(tiny_denoiser: md.Denoiser, tmp_path: Path) -> None:
+    """missing_runs="skip" keeps the samplers whose fp and preset runs are all there (a CPU rendering GPU
+    summaries), "sample" keeps every one; anything else is refused."""
+    samplers = [("ddim", 2), ("ddpm", 2)]
+    experiments.sampler_runs(tiny_denoiser, ["w8a4"], samplers[:1], range(3), tmp_path, device="cpu")
+    experiments.sample_run(tiny_denoiser, "fp", range(3), experiments.sample_config(tiny_denoiser, 2, "ddpm"),
+                           experiments.spacing_runs_dir(tiny_denoiser, tmp_path, experiments.sample_config(
+                               tiny_denoiser, 2, "ddpm")), device="cpu")  # ddpm has its fp run, not the preset's
+    assert experiments.samplers_to_run(tiny_denoiser, ["w8a4"], samplers, range(3), tmp_path, "skip", "cpu") == (
+        [("ddim", 2)], [("ddpm", 2)])
+    assert experiments.samplers_to_run(tiny_denoiser, ["w8a4"], samplers, range(4), tmp_path, "skip", "cpu") == (
+        [], samplers)  # a seed more than the runs hold
+    assert experiments.samplers_to_run(tiny_denoiser, ["w8a4"], samplers, range(3), tmp_path) == (samplers, [])
+    with pytest.raises(ValueError, match="missing_runs must be one of sample, skip"):
+        experiments.samplers_to_run(tiny_denoiser, ["w8a4"], samplers, range(3), tmp_path, "ignore")  # type: ignore[arg-type]
