@@ -195,6 +195,21 @@ def test_warmup_helps(tmp_path: Path, highs: tuple[float, float], verdict: str) 
     assert claim.evidence.endswith("Steps beyond 4 not measured.")
 
 
+def test_warmup_helps_only_partly_where_more_steps_sit_above_fewer(tmp_path: Path) -> None:
+    """fmnist-ldm's warm-up table: 2 and 4 steps both below 1 (paired), but 4 above 2 with the intervals apart."""
+    write(tmp_path, "warmup_steps_paired", [{"warmup_steps": k, "baseline": 1, "mean_difference": d, "ci95_low": d - 0.002,
+                                             "ci95_high": d + 0.002} for k, d in ((2, -0.0128), (4, -0.0051))])
+    summary = [{"warmup_steps": k, "mean": m, "ci95_low": m - 0.003, "ci95_high": m + 0.003}
+               for k, m in ((1, 0.0411), (2, 0.0283), (4, 0.0360))]
+    write(tmp_path, "warmup_steps", summary)
+    claim = judge(tmp_path, rc.warmup_helps)
+    assert claim.verdict == "partly"
+    assert "Not monotonic: 4 steps 0.036 [0.033, 0.039] above 2 steps 0.0283 [0.0253, 0.0313]." in claim.evidence
+    write(tmp_path, "warmup_steps", [{**row, "ci95_low": row["mean"] - 0.004, "ci95_high": row["mean"] + 0.004}
+                                     for row in summary])  # overlapping intervals: no reversal resolved
+    assert judge(tmp_path, rc.warmup_helps).verdict == "reproduced"
+
+
 def test_table1_lines_and_view(tmp_path: Path) -> None:
     write(tmp_path, "table1_bitwidth", table1_rows("worse: +0.2 [+0.1, +0.3]", "worse: +0.4 [+0.2, +0.6]"))
     tables = rc.SavedTables(tmp_path)
