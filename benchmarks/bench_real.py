@@ -22,10 +22,10 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
 Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
 Per-step error (``--error-batch``, 0 skips): for INT8 and FP8 and both state dtypes, the relative L2 error of eps
 of the real MoDiff model against the simulated one (same config), and of both against the fp model, per step,
-eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp, real
-W8A8 INT8 MoDiff and its simulator (under bf16 autocast and in IEEE float32) against the shipped Fashion-MNIST
-statistics, with the paired-bootstrap FID difference of real against simulated, of the two simulators, and of
-each against fp (`FID_PAIRS`). ``--profile``: a kernel table per variant at the largest batch of a 6-step trajectory
+eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp (bf16 and IEEE
+float32), real W8A8 INT8 MoDiff and its simulator (under bf16 autocast and in IEEE float32) against the shipped
+Fashion-MNIST statistics, with the paired-bootstrap FID difference of real against simulated, of the two
+simulators, and of each against fp (`FID_PAIRS`); ``--fid-runs`` picks some of the runs (`FID_RUNS`). ``--profile``: a kernel table per variant at the largest batch of a 6-step trajectory
 (uniform timesteps: 7 steps) after its first step (MoDiff's warm-up, eager and in full precision, once per
 trajectory); the table's first line says how many steps it covers. Every variant runs in try/except: an error is recorded in its row and the
 run continues; the JSON (``--out``) is rewritten after every row. The error runs come first; ``--budget``
@@ -178,13 +178,14 @@ FID_RUNS: dict[str, tuple[Optional[str], str]] = {  # name -> (preset, None for 
     "real-int8-modiff": ("w8a8-int8-modiff-real", "bf16"),
     "sim-int8-modiff": ("w8a8-int8-modiff", "bf16"),
     "sim-int8-modiff-fp32": ("w8a8-int8-modiff", "fp32"),
+    "fp-fp32": (None, "fp32"),  # the float32 simulator's own anchor
 }
 FID_PAIRS = (("real-int8-modiff", "sim-int8-modiff"), ("sim-int8-modiff-fp32", "sim-int8-modiff"),
              ("real-int8-modiff", "sim-int8-modiff-fp32"), ("real-int8-modiff", "fp"), ("sim-int8-modiff", "fp"),
-             ("sim-int8-modiff-fp32", "fp"))
+             ("sim-int8-modiff-fp32", "fp"), ("sim-int8-modiff-fp32", "fp-fp32"), ("fp-fp32", "fp"))
 
 
-def _fid(samples: int, batch: int, steps: int, work: Path, device: str) -> dict[str, Any]:
+def _fid(samples: int, batch: int, steps: int, work: Path, device: str, names: list[str]) -> dict[str, Any]:
     """FID of fmnist-ddim's fp, real and simulated W8A8 INT8 MoDiff (the simulator under bf16 autocast and in
     IEEE float32) from the same seeds, each with its bootstrap interval; the paired-bootstrap FID difference of
     each pair in `FID_PAIRS` (the same resample indices), and the mean per-seed relative L2 between their images."""
@@ -197,7 +198,7 @@ def _fid(samples: int, batch: int, steps: int, work: Path, device: str) -> dict[
     out: dict[str, Any] = {"samples": samples, "steps": steps, "bootstrap": dataclasses.asdict(bootstrap),
                            "runs": {}, "pairs": {}}
     scores, images = {}, {}
-    for name, (preset, precision) in FID_RUNS.items():
+    for name, (preset, precision) in [(n, FID_RUNS[n]) for n in names]:
         try:
             run = work / f"fid-{name}"
             evaluate(md.load_model("fmnist-ddim"), seeds, run, SampleConfig(steps=steps, precision=precision),
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--error-batch", type=int, default=16, help="batch of the per-step error runs (0: skip)")
     parser.add_argument("--fid", type=int, default=0, help="samples of each FID run, fp, real and simulated (0: skip)")
     parser.add_argument("--fid-batch", type=int, default=512)
+    parser.add_argument("--fid-runs", default=",".join(FID_RUNS), help="comma-separated runs of --fid (pairs need both)")
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; no new row starts after")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out")
@@ -242,6 +244,9 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    fid_runs = args.fid_runs.split(",")
+    if [r for r in fid_runs if r not in FID_RUNS]:
+        parser.error(f"unknown --fid-runs {[r for r in fid_runs if r not in FID_RUNS]}; known: {', '.join(FID_RUNS)}")
     device = torch.device(args.device)
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -284,7 +289,7 @@ def main() -> None:
                 _write(args.out, result)
     if args.fid:
         with tempfile.TemporaryDirectory(prefix="bench-real-fid-") as work:
-            result["fid"] = _fid(args.fid, args.fid_batch, args.steps, Path(work), args.device)
+            result["fid"] = _fid(args.fid, args.fid_batch, args.steps, Path(work), args.device, fid_runs)
         _write(args.out, result)
     result["seconds"] = round(time.perf_counter() - started, 1)
     _write(args.out, result)
