@@ -172,16 +172,29 @@ def test_extra_memory(tmp_path: Path, counts: tuple[float, float], verdict: str)
     (("worse: +0.8 [+0.6, +0.9]", "worse: +0.1 [+0.05, +0.2]"), ("better: -3 [-4, -2]", "no difference: +1 [-1, +3]"),
      "partly")])  # DDPM worse than fp, but its whole interval within 10% of fp's FID 2: near
 def test_samplers_hold(tmp_path: Path, vs_fp: tuple[str, str], vs_direct: tuple[str, str], verdict: str) -> None:
+    write(tmp_path, "samplers_fid", _sampler_rows(("ddim", "ddpm", "dpm-solver"), (*vs_fp, vs_fp[0]),
+                                                  (*vs_direct, vs_direct[0])))
+    claim = judge(tmp_path, rc.samplers_hold)
+    assert claim.verdict == verdict and claim.section == "samplers"
+    assert f"ddim 20 steps 2.5 [2.4, 2.6] ({vs_fp[0]})" in claim.evidence and "Not measured" not in claim.evidence
+
+
+def _sampler_rows(samplers, vs_fp, vs_direct) -> list[dict]:
     rows = []
-    for sampler, fp_verdict, direct_verdict in zip(("ddim", "ddpm"), vs_fp, vs_direct):
+    for sampler, fp_verdict, direct_verdict in zip(samplers, vs_fp, vs_direct):
         rows += [{"sampler": sampler, "steps": 20, "preset": "fp", "fid_classifier": 2.0, "fid_ci95_low": 1.9,
                   "fid_ci95_high": 2.1, "vs_fp": "", "modiff_vs_direct": ""},
                  {"sampler": sampler, "steps": 20, "preset": "w8a4-modiff", "fid_classifier": 2.5, "fid_ci95_low": 2.4,
                   "fid_ci95_high": 2.6, "vs_fp": fp_verdict, "modiff_vs_direct": direct_verdict}]
-    write(tmp_path, "samplers_fid", rows)
+    return rows
+
+
+def test_samplers_hold_at_most_partly_without_a_sampler_the_claim_names(tmp_path: Path) -> None:
+    """fmnist-ldm's sampler table without DDPM: every measured sampler near fp still reads partly."""
+    near, better = "no difference: +0.01 [-0.02, +0.04]", "better: -3 [-4, -2]"
+    write(tmp_path, "samplers_fid", _sampler_rows(("ddim", "dpm-solver"), (near, near), (better, better)))
     claim = judge(tmp_path, rc.samplers_hold)
-    assert claim.verdict == verdict and claim.section == "samplers"
-    assert f"ddim 20 steps 2.5 [2.4, 2.6] ({vs_fp[0]})" in claim.evidence
+    assert claim.verdict == "partly" and claim.evidence.endswith("Not measured: DDPM.")
 
 
 @pytest.mark.parametrize("highs, verdict", [((-0.01, -0.02), "reproduced"), ((0.004, -0.01), "partly"),
