@@ -17,7 +17,17 @@ inputs, and each real layer's input, state (a_hat, o_hat) and weights are taken 
 Each is the device time of 20 calls replayed as one CUDA graph, the median of five trials (`profiling.device_us`).
 The totals sum the layers: one step's worth of each kernel kind. With --tilings-out (needs --tilings), the
 fastest candidate of each GEMM shape that beats the layer's current tiling by more than `bench_real_gemm.MARGIN`
-is merged into the tilings table the kernels read. CUDA only.
+is merged into the tilings table the kernels read. CUDA only, except:
+
+    python benchmarks/bench_real_layers.py --arch cifar10 --batch 512 --floors      # any machine
+
+which prints, without timing anything, what no kernel can beat on an H200 (`H200`): the bytes each kernel kind
+must move per step (`traffic`: the quantize kernels read the input and a_hat twice, once for the per-sample range
+and once to quantize, and write the codes and a_hat; the GEMM reads the codes once and o_hat, and writes o_hat and
+the output; the fp op reads its input and writes its output, bf16) at the HBM bandwidth, and the multiply-adds at
+the dense INT8 or BF16 tensor-core peak, for MoDiff with a float32 and a bfloat16 state and for direct W8A8 (no
+state: the same two passes over the input, no a_hat or o_hat). The shapes come from a capture at batch 1 (bytes
+and MACs scale with the batch).
 """
 from __future__ import annotations
 
@@ -133,6 +143,41 @@ def time_layer(call: Captured, tilings: bool) -> dict[str, Any]:
     return row
 
 
+STATES = {"MoDiff, float32 state": 4, "MoDiff, bfloat16 state": 2, "direct (no state)": 0}  # label -> state bytes
+# H200 SXM peaks (NVIDIA's datasheet): HBM3e bandwidth, dense INT8 and BF16 tensor-core throughput
+H200 = {"bytes_per_s": 4.8e12, "int8_ops_per_s": 1979e12, "bf16_flops_per_s": 989e12}
+
+
+def traffic(call: Captured, batch: int, state_bytes: int, input_bytes: int = 2) -> dict[str, float]:
+    """The least one step of this layer must move and compute at ``batch`` (from a capture at any batch):
+    bytes of the quantize kernels (range pass and quantize pass), of the GEMM with the MoDiff epilogue, of the bf16
+    fp op, and its multiply-adds. ``state_bytes`` 0 is direct W8A8 (no a_hat, no o_hat); ``input_bytes``: the
+    layers' inputs are bf16 on the fast path."""
+    x = call.x.contiguous(memory_format=torch.channels_last) if call.x.ndim == 4 else call.x.contiguous()
+    geometry = call.layer._geometry(x)
+    per_sample_out = geometry[4] * geometry[5] * geometry[6] * (x[0].numel() // (geometry[1] * geometry[2] * geometry[3]))
+    n_in, n_out = x[0].numel() * batch, per_sample_out * batch
+    k = geometry[3] * geometry[7] * geometry[8]
+    return {"range_bytes": n_in * (input_bytes + state_bytes),
+            "quantize_bytes": n_in * (input_bytes + 2 * state_bytes + 1),
+            "gemm_bytes": n_in + n_out * (2 * state_bytes + 2), "fp_bytes": 2 * (n_in + n_out), "macs": n_out * k}
+
+
+def floors(calls: list[Captured], batch: int, state_bytes: int, peaks: dict[str, float] = H200) -> dict[str, float]:
+    """Per step, in ms: the quantize kernels' and the GEMM's memory floors, the GEMM's INT8 and the fp op's BF16
+    compute floors, and the fp op's memory floor, summed over the layers."""
+    summed: dict[str, float] = {}
+    for call in calls:
+        for key, value in traffic(call, batch, state_bytes).items():
+            summed[key] = summed.get(key, 0.0) + value
+    ms = 1e3 / peaks["bytes_per_s"]
+    return {"quantize_memory_ms": round((summed["range_bytes"] + summed["quantize_bytes"]) * ms, 2),
+            "gemm_memory_ms": round(summed["gemm_bytes"] * ms, 2),
+            "gemm_int8_compute_ms": round(2 * summed["macs"] / peaks["int8_ops_per_s"] * 1e3, 2),
+            "fp_memory_ms": round(summed["fp_bytes"] * ms, 2),
+            "fp_bf16_compute_ms": round(2 * summed["macs"] / peaks["bf16_flops_per_s"] * 1e3, 2)}
+
+
 def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per kernel kind, one step's microseconds over every layer, and by layer kind."""
     keys = ("fp_us", "quantize_us", "gemm_us", "op_us")
@@ -164,10 +209,15 @@ def main() -> None:
         parser.add_argument("--format", choices=sorted(PRESETS), default="int8")
         parser.add_argument("--tilings", action="store_true", help="also time every candidate tiling per layer")
         parser.add_argument("--tilings-out", help="merge the tilings that beat the current ones into this table")
+        parser.add_argument("--floors", action="store_true", help="print the per-step floors only (no CUDA needed)")
 
-    args = cuda_kernel_args(__doc__, "bench_real_layers.py", batch=512, more=more)
+    args = cuda_kernel_args(__doc__, "bench_real_layers.py", batch=512, more=more, needs_cuda=lambda a: not a.floors)
     if args.tilings_out and not args.tilings:
         raise SystemExit("--tilings-out needs --tilings")
+    if args.floors:
+        calls = capture(args.arch, args.format, 1, torch.device("cpu"))
+        print(json.dumps({label: floors(calls, args.batch, size) for label, size in STATES.items()}, indent=1))
+        return
     device = torch.device("cuda")
     rows = []
     for call in capture(args.arch, args.format, args.batch, device):

@@ -99,15 +99,16 @@ def device_us(run: Callable[[], object], trials: int = 5, repeats: int = 20, war
 
 
 def cuda_kernel_args(doc: str, script: str, batch: int,
-                     more: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+                     more: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                     needs_cuda: Callable[[argparse.Namespace], bool] = lambda args: True) -> argparse.Namespace:
     """``--batch`` and ``--out`` of a kernel micro-benchmark (and the options ``more`` adds); exits with a
-    message without CUDA."""
+    message without CUDA, unless ``needs_cuda`` says these arguments do not need it."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--out")
     if more:
         more(parser)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if needs_cuda(args) and not torch.cuda.is_available():
         raise SystemExit(f"{script} needs CUDA")
     return args

@@ -36,3 +36,20 @@ def test_totals_sum_a_step_and_tilings_are_chosen_on_the_summed_time_of_a_key() 
     assert sums["all"] == {"fp_us": 40.0, "quantize_us": 20.0, "gemm_us": 270.0, "op_us": 290.0}
     assert sums["conv3x3"]["layers"] == 2 and sums["conv3x3"]["gemm_us"] == 200.0
     assert bench_real_layers.better_tilings(rows) == {"a": [128, 128, 128, 8, 3], "c": [128, 128, 128, 8, 3]}
+
+
+def test_traffic_and_floors_by_hand() -> None:
+    """fmnist-ddim's conv_in (1 -> 64 channels, 3x3, 32x32) at batch 512: bytes and MACs of one step as counted by
+    hand, and its floors at the H200's peaks; state 0 is direct W8A8 (no a_hat, no o_hat)."""
+    call = next(c for c in bench_real_layers.capture("fmnist-ddim", "int8", 1, torch.device("cpu")) if c.name == "net.conv_in")
+    n_in, n_out = 512 * 32 * 32, 512 * 64 * 32 * 32
+    assert bench_real_layers.traffic(call, 512, 4) == {
+        "range_bytes": n_in * 6, "quantize_bytes": n_in * 11, "gemm_bytes": n_in + n_out * 10,
+        "fp_bytes": 2 * (n_in + n_out), "macs": n_out * 9}
+    direct = bench_real_layers.traffic(call, 512, 0)
+    assert (direct["quantize_bytes"], direct["gemm_bytes"]) == (n_in * 3, n_in + n_out * 2)
+    peaks = {"bytes_per_s": 1e12, "int8_ops_per_s": 2e12, "bf16_flops_per_s": 1e12}
+    assert bench_real_layers.floors([call], 512, 4, peaks) == {
+        "quantize_memory_ms": round(n_in * 17 / 1e9, 2), "gemm_memory_ms": round((n_in + n_out * 10) / 1e9, 2),
+        "gemm_int8_compute_ms": round(n_out * 9 / 1e9, 2), "fp_memory_ms": round(2 * (n_in + n_out) / 1e9, 2),
+        "fp_bf16_compute_ms": round(2 * n_out * 9 / 1e9, 2)}
