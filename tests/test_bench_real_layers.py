@@ -53,3 +53,27 @@ def test_traffic_and_floors_by_hand() -> None:
         "quantize_memory_ms": round(n_in * 17 / 1e9, 2), "gemm_memory_ms": round((n_in + n_out * 10) / 1e9, 2),
         "gemm_int8_compute_ms": round(n_out * 9 / 1e9, 2), "fp_memory_ms": round(2 * (n_in + n_out) / 1e9, 2),
         "fp_bf16_compute_ms": round(2 * n_out * 9 / 1e9, 2)}
+
+
+def test_floors_run_without_cuda_and_timings_refuse_it(monkeypatch, capsys) -> None:
+    """--floors prints the three designs' floors on any machine; the timed benchmark exits with a message."""
+    import json
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench_real_layers.py", "--arch", "fmnist-ddim", "--batch", "8", "--floors"])
+    bench_real_layers.main()
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed) == list(bench_real_layers.STATES)
+    assert printed["MoDiff, float32 state"]["quantize_memory_ms"] > printed["direct (no state)"]["quantize_memory_ms"]
+    monkeypatch.setattr(sys, "argv", ["bench_real_layers.py", "--arch", "fmnist-ddim"])
+    with pytest.raises(SystemExit, match="needs CUDA"):
+        bench_real_layers.main()
+
+
+def test_bench_real_refuses_unknown_fid_runs(monkeypatch, capsys) -> None:
+    bench_real = pytest.importorskip("bench_real")
+    monkeypatch.setattr(sys, "argv", ["bench_real.py", "--variants", "none", "--fid-runs", "fp,bogus"])
+    with pytest.raises(SystemExit):
+        bench_real.main()
+    assert "unknown --fid-runs ['bogus']" in capsys.readouterr().err
+    assert ("sim-int8-modiff-fp32", "fp-fp32") in bench_real.FID_PAIRS and bench_real.FID_RUNS["fp-fp32"] == (None, "fp32")
