@@ -40,3 +40,22 @@ def test_unet_flops_match_modiffs_mac_counter(tiny_denoiser) -> None:
     conv_macs = sum(c.macs for c in costs if c.kind == "Conv2d")
     assert flops["convolution"] == 2 * conv_macs and flops["attention"] == 2 * attention_macs
     assert set(moved) >= {"convolution", "groupnorm", "residual add", "concatenation", "attention"}
+
+
+@pytest.mark.parametrize("preset, passes", [("w8a4-modiff", 5), ("w8a4", 3)])
+def test_preset_adds_its_quantize_passes_over_each_selected_input(preset: str, passes: int) -> None:
+    """The conv's input holds 16 values: modulated quantization moves 5 x 16 (ranges read a_t and a_hat, the
+    update reads both and writes a_hat), direct 3 x 16; the other kinds are unchanged."""
+    moved, flops = traffic_floor.count(_ConvNorm(), preset)
+    assert moved == {"convolution": 48, "groupnorm": 96, "quantize": passes * 16}
+    assert flops == {"convolution": 576}
+
+
+@pytest.mark.parametrize("preset", ["fp", "w8a32"])
+def test_presets_with_exact_activations_add_nothing(preset: str) -> None:
+    assert traffic_floor.count(_ConvNorm(), preset) == traffic_floor.count(_ConvNorm())
+
+
+def test_caching_presets_are_refused() -> None:
+    with pytest.raises(ValueError, match="only direct and modulated"):
+        traffic_floor.count(_ConvNorm(), "cache3")
