@@ -219,6 +219,7 @@ def main() -> None:
         print(json.dumps({label: floors(calls, args.batch, size) for label, size in STATES.items()}, indent=1))
         return
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True  # as the fast path runs cuDNN (`modiff.pipelines.execution`): the fp column
     rows = []
     for call in capture(args.arch, args.format, args.batch, device):
         rows.append(time_layer(call, args.tilings))
