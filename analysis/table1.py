@@ -31,11 +31,11 @@ from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
-from modiff.quant.ptq.shipped import has_shipped
+from modiff.quant.ptq.shipped import PUBLISHED_ITERS, has_shipped, shipped_iterations
 from modiff.utils.device import resolve_device
 
-__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "adaround_presets",
-           "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
+__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
+           "adaround_presets", "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
            "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
@@ -60,6 +60,21 @@ def table_calibration(calibration: Optional[Calibration], config: SampleConfig) 
         return None
     data = replace(calibration.data, spacing=config.spacing, first_seed=HELD_OUT_FIRST_SEED)
     return replace(calibration, data=data)
+
+
+def calibration_record(model: nn.Module, calibrate: bool, adaround_iters: int, activation_iters: int) -> pd.DataFrame:
+    """One row: where the table's AdaRound W4 weights and Q-Diffusion scales come from and the iterations they
+    were made with, beside the published recipe's (the report index states it). ``calibrate=False`` takes the
+    model's shipped calibration, whatever the notebook's iteration parameters say."""
+    if calibrate:
+        source, used = "calibrated by the notebook", {"adaround": adaround_iters, "activations": activation_iters}
+    else:
+        shipped = shipped_iterations(model)
+        source, used = ("the model's shipped calibration", shipped) if shipped else ("none: no calibrated rows", {})
+    return pd.DataFrame([{"source": source, "adaround_iters": used.get("adaround"),
+                          "activation_iters": used.get("activations"),
+                          "published_adaround_iters": PUBLISHED_ITERS["adaround"],
+                          "published_activation_iters": PUBLISHED_ITERS["activations"]}])
 
 
 def adaround_presets(presets: Sequence[str]) -> list[str]:

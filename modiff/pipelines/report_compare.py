@@ -153,6 +153,22 @@ def _arithmetic(tables: SavedTables) -> str:
     return "; ".join([*parts, "theory sweep and published-code audit: IEEE float32"])
 
 
+def _calibration(tables: SavedTables) -> str:
+    """Where Table 1's AdaRound weights and Q-Diffusion scales come from, with their iterations against the
+    published recipe's, as the Table 1 notebook recorded them."""
+    record = tables.get("table1_calibration", ["source", "adaround_iters", "activation_iters",
+                                               "published_adaround_iters", "published_activation_iters"])
+    if record is None or not len(record):
+        return "not recorded (run table1_bitwidth again)"
+    row = record.iloc[0]
+    if pd.isna(row["adaround_iters"]):
+        return str(row["source"])
+    used = (int(row["adaround_iters"]), int(row["activation_iters"]))
+    published = (int(row["published_adaround_iters"]), int(row["published_activation_iters"]))
+    reduced = "" if used == published else f" (reduced from the published {published[0]:,} and {published[1]:,})"
+    return f"{row['source']}: AdaRound {used[0]:,} iterations per block, step sizes {used[1]:,}{reduced}"
+
+
 def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]) -> pd.DataFrame:
     """What differs between the paper's setting and this report's (model, metric space, sample size,
     sampler, arithmetic), from the report's parameters and, where it has them, Table 1 and the sampler table."""
@@ -181,6 +197,9 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
         {"": "arithmetic", "paper": "not stated", "this report": _arithmetic(tables)},
+        {"": "calibration (AdaRound W4 and Q-Diffusion rows)",
+         "paper": "AdaRound 20,000 iterations per block, step sizes 5,000 (Q-Diffusion's recipe)",
+         "this report": _calibration(tables)},
     ])
 
 

@@ -38,6 +38,19 @@ def test_row_presets_put_the_anchors_first_and_say_what_is_left_out(tiny_denoise
         assert "left out" in note
 
 
+def test_calibration_record_says_which_iterations_made_the_calibrated_rows(tiny_denoiser: md.Denoiser) -> None:
+    """Calibrating here records the notebook's iterations; otherwise the shipped calibration's, whatever the
+    iteration parameters say (here none is shipped); the published recipe's beside them."""
+    here = table1.calibration_record(tiny_denoiser, True, 300, 40).iloc[0].to_dict()
+    assert here == {"source": "calibrated by the notebook", "adaround_iters": 300, "activation_iters": 40,
+                    "published_adaround_iters": 20_000, "published_activation_iters": 5_000}
+    none = table1.calibration_record(tiny_denoiser, False, 20_000, 5_000).iloc[0]
+    assert none["source"] == "none: no calibrated rows" and none["adaround_iters"] is None
+    shipped = table1.calibration_record(md.load_model("fmnist-ddim"), False, 20_000, 5_000).iloc[0]
+    assert shipped["source"] == "the model's shipped calibration"
+    assert (shipped["adaround_iters"], shipped["activation_iters"]) == (5_000, 1_000)  # data/fmnist-ddim/calibration
+
+
 def test_spacing_and_run_folders(tiny_denoiser: md.Denoiser, tmp_path: Path) -> None:
     from test_latent import _tiny_model
 

@@ -260,6 +260,26 @@ def test_arithmetic_is_read_from_the_tables_and_grouped(tmp_path: Path) -> None:
         "Figure 1a, Figure 3: fp32 (TF32 off) on cuda; theory sweep and published-code audit: IEEE float32")
 
 
+def test_calibration_row_states_the_iterations_against_the_published_ones(tmp_path: Path) -> None:
+    def row(source: str, adaround: Any, activations: Any) -> str:
+        folder = tmp_path / f"{source}-{adaround}"
+        write(folder, "table1_calibration", [{"source": source, "adaround_iters": adaround,
+                                              "activation_iters": activations, "published_adaround_iters": 20000,
+                                              "published_activation_iters": 5000}])
+        return setting_table(rc.SavedTables(folder), "fmnist-ddim", {}).set_index("").loc[
+            "calibration (AdaRound W4 and Q-Diffusion rows)", "this report"]
+
+    assert row("the model's shipped calibration", 5000, 1000) == (
+        "the model's shipped calibration: AdaRound 5,000 iterations per block, step sizes 1,000 (reduced from the "
+        "published 20,000 and 5,000)")
+    assert row("calibrated by the notebook", 20000, 5000) == (
+        "calibrated by the notebook: AdaRound 20,000 iterations per block, step sizes 5,000")
+    assert row("none: no calibrated rows", None, None) == "none: no calibrated rows"
+    missing = setting_table(rc.SavedTables(tmp_path / "missing"), "fmnist-ddim", {}).set_index("")
+    assert missing.loc["calibration (AdaRound W4 and Q-Diffusion rows)", "this report"] == (
+        "not recorded (run table1_bitwidth again)")
+
+
 def test_paper_value_names_a_missing_cell() -> None:
     assert rc.paper_value("Table 1", "W8A3 GBops") == 153
     with pytest.raises(KeyError, match="no cell 'W9A9'"):

@@ -31,8 +31,8 @@ from modiff.quant.ptq.saved import load_quantized, load_weight_codes, read_manif
 from modiff.utils.checksums import sha256_file
 from modiff.utils.runs import environment, write_json
 
-__all__ = ["CALIBRATION_DIR", "calibration_folder", "has_shipped", "shipped_model", "shipped_weights",
-           "with_adaround_weights", "write_shipped_manifest"]
+__all__ = ["CALIBRATION_DIR", "PUBLISHED_ITERS", "calibration_folder", "has_shipped", "shipped_iterations",
+           "shipped_model", "shipped_weights", "with_adaround_weights", "write_shipped_manifest"]
 
 CALIBRATION_DIR = "calibration"
 KIND = "shipped-calibration"
@@ -80,11 +80,24 @@ def _read(model: nn.Module, what: str) -> tuple[Path, dict[str, Any]]:
     return root, manifest
 
 
-def has_shipped(model: nn.Module, preset: str) -> bool:
-    """Whether ``model`` ships a calibration of the static ``preset`` (checksums not read)."""
+def _shipped_manifest(model: nn.Module) -> Optional[dict[str, Any]]:
+    """The shipped calibration's manifest, None when the model ships none (checksums not read)."""
     folder = getattr(model, "folder", None)
     path = Path(folder) / CALIBRATION_DIR / "manifest.json" if folder is not None else None
-    return path is not None and path.is_file() and preset in json.loads(path.read_text()).get("presets", {})
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def has_shipped(model: nn.Module, preset: str) -> bool:
+    """Whether ``model`` ships a calibration of the static ``preset`` (checksums not read)."""
+    manifest = _shipped_manifest(model)
+    return manifest is not None and preset in manifest.get("presets", {})
+
+
+def shipped_iterations(model: nn.Module) -> Optional[dict[str, int]]:
+    """The iterations ``model``'s shipped calibration was made with (``{"adaround": n, "activations": n}``, as
+    `PUBLISHED_ITERS`); None when it ships none (checksums not read)."""
+    manifest = _shipped_manifest(model)
+    return None if manifest is None else {k: int(v) for k, v in manifest["iterations"]["used"].items()}
 
 
 def shipped_model(model: nn.Module, preset: str) -> nn.Module:

@@ -19,7 +19,7 @@ from modiff.quant.ptq.calibrate import CalibrationConfig
 from modiff.quant.ptq.reuse import Calibration, calibrate_shipped, quantized_model
 from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
-from modiff.quant.ptq.shipped import CALIBRATION_DIR, shipped_model
+from modiff.quant.ptq.shipped import CALIBRATION_DIR, shipped_iterations, shipped_model
 from modiff.pipelines.train import DDIMTrainConfig, export_weights
 
 from conftest import TINY, tiny_net
@@ -103,6 +103,12 @@ def test_manifest_and_summary_say_what_was_run(shipped: Path) -> None:
     for unit, record in zip(adaround["per_unit"], report["weights"]):
         assert unit["ratio"] == pytest.approx(record["loss_adaround"] / record["loss_nearest"])
     assert sorted(summary["activations"]) == ["qdiff-w4a4", "qdiff-w4a4-modiff"]
+    assert shipped_iterations(md.load_model(shipped)) == {"adaround": 3, "activations": 2}
+
+
+def test_a_model_without_shipped_calibration_has_no_iterations(tmp_path: Path, tiny_denoiser: md.Denoiser) -> None:
+    assert shipped_iterations(md.load_model(_export(tmp_path / "bare"))) is None
+    assert shipped_iterations(tiny_denoiser) is None  # not loaded from a folder
 
 
 def test_weights_from_a_folder_for_a_model_without_shipped_codes(shipped: Path) -> None:
