@@ -22,17 +22,21 @@ Variants (``--variants``), the execution settings of `modiff.pipelines.execution
 ``--model``: a model preset (fmnist-ddim, fmnist-ldm; real weights) or cifar10 (the CIFAR-10 DDIM UNet with
 random weights). ``--inductor key=value`` patches torch._inductor.config for the whole run (the compiled
 variants of both paths). ``--profile`` prints, per preset and variant, the top kernels by device time of one
-trajectory of ``--profile-steps`` steps (default ``--steps``) at the largest batch.
+trajectory of ``--profile-steps`` steps (default ``--steps``) at the largest batch. ``--host-profile ROWS``
+keeps the host's profile of each timed user-path call (cProfile, its top ROWS functions by cumulative time).
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -79,18 +83,27 @@ def _network(model: torch.nn.Module, execution: ExecutionConfig, batch: int, con
 
 
 def _user(model: torch.nn.Module, execution: ExecutionConfig, batch: int, batches: int, config: SampleConfig,
-          device: torch.device, work: Path) -> float:
-    """Images per second of `generate` (a warm-up call of one batch first, into another folder)."""
-    def run(seeds: range, name: str) -> float:
+          device: torch.device, work: Path, host_rows: int = 0) -> tuple[float, str]:
+    """Images per second of `generate` (a warm-up call of one batch first, into another folder) and, with
+    ``host_rows``, the host's profile of the timed call: its functions by cumulative time (waits on the device
+    included), which says where the user path spends what the network path does not."""
+    def run(seeds: range, name: str, profiler: cProfile.Profile | None = None) -> float:
         with tempfile.TemporaryDirectory(dir=work, prefix=f"bench-{name}-") as folder:
             start = time.perf_counter()
-            generate(model, seeds, Path(folder) / "run", config, batch_size=batch, device=str(device),
-                     prepare=trajectory, compile=execution.compile, cuda_graphs=execution.cuda_graphs, progress=False)
+            with profiler or nullcontext():
+                generate(model, seeds, Path(folder) / "run", config, batch_size=batch, device=str(device),
+                         prepare=trajectory, compile=execution.compile, cuda_graphs=execution.cuda_graphs,
+                         progress=False)
             return time.perf_counter() - start
 
     run(range(batch), "warmup")
-    images = batch * batches
-    return images / run(range(10**6, 10**6 + images), "timed")
+    images, profiler = batch * batches, cProfile.Profile() if host_rows else None
+    seconds = run(range(10**6, 10**6 + images), "timed", profiler)
+    if profiler is None:
+        return images / seconds, ""
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(host_rows)
+    return images / seconds, text.getvalue()
 
 
 def _profile(model: torch.nn.Module, execution: ExecutionConfig, batch: int, config: SampleConfig,
@@ -142,6 +155,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=None,
                         help="steps of the profiled trajectory (default: --steps; fewer over-weight MoDiff's warm-up)")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--host-profile", type=int, default=0, metavar="ROWS",
+                        help="profile the timed user-path call on the host (cProfile) and keep its top ROWS functions")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -171,7 +186,12 @@ def main() -> None:
                     if "network" in paths:
                         row["network_img_s"] = round(_network(model, execution, batch, config, device, args.repeats), 1)
                     if "user" in paths:
-                        row["user_img_s"] = round(_user(model, execution, batch, args.batches, config, device, args.work), 1)
+                        user_img_s, host = _user(model, execution, batch, args.batches, config, device, args.work,
+                                                 args.host_profile)
+                        row["user_img_s"] = round(user_img_s, 1)
+                        if host:
+                            profiles[f"{preset} {variant} batch {batch} user path, host"] = host
+                            print(host, flush=True)
                     if "network_img_s" in row and "user_img_s" in row:
                         row["user_over_network"] = round(row["user_img_s"] / row["network_img_s"], 3)
                     rows.append(row)
