@@ -335,7 +335,7 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
     seeds against the sampler's fp run (vs_fp) and, for a ``-modiff`` preset, against its direct counterpart
     (modiff_vs_direct), as Table 1 reads them; features of a full run are extracted on ``device`` (a summary
     holds its scores); columns sampler, steps, preset, precision, n, fid_classifier,
-    fid_ci95_low, fid_ci95_high, is_classifier, vs_fp, modiff_vs_direct, note."""
+    fid_ci95_low, fid_ci95_high, is_classifier, is_ci95_low, is_ci95_high, vs_fp, modiff_vs_direct, note."""
     rows = []
     for (sampler, steps), by_preset in runs.items():
         scores, notes = {}, {}
@@ -352,6 +352,8 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
                          "fid_ci95_low": metrics.get("fid_ci95_low", np.nan),
                          "fid_ci95_high": metrics.get("fid_ci95_high", np.nan),
                          "is_classifier": metrics.get("is_mean", np.nan),
+                         "is_ci95_low": metrics.get("is_ci95_low", np.nan),
+                         "is_ci95_high": metrics.get("is_ci95_high", np.nan),
                          "vs_fp": "" if preset == "fp" else _fid_verdict(scores, preset, "fp", bootstrap.level),
                          "modiff_vs_direct": _fid_verdict(scores, preset, direct, bootstrap.level)
                          if direct != preset and direct in by_preset else "",

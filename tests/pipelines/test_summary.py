@@ -56,6 +56,9 @@ def test_tables_from_summaries_equal_tables_from_runs(tmp_path: Path, tame_denoi
     pd.testing.assert_frame_equal(scored_again, scored)
     pd.testing.assert_frame_equal(per_seed_again, per_seed)
     pd.testing.assert_frame_equal(sampler_fid_again, sampler_fid)
+    for metric in ("fid", "is"):  # every score of the sampler table carries its interval
+        value = sampler_fid[f"{metric}_classifier"]
+        assert ((sampler_fid[f"{metric}_ci95_low"] <= value) & (value <= sampler_fid[f"{metric}_ci95_high"])).all()
     assert sampler_fid.fid_classifier.notna().all() and (sampler_fid.vs_fp != "").sum() == 2
     assert (scored.note == "").any() and scored.fid_classifier.notna().any()  # real scores compared, not only notes
     assert {p.name for p in summaries.rglob("*.png")} == {"grid.png"}  # nothing sampled into the summaries
