@@ -165,6 +165,8 @@ def main() -> None:
     bad += [p for p in args.presets.split(",") if p != "fp" and p not in presets]
     if bad:
         parser.error(f"unknown variants, paths or presets: {bad}")
+    if args.host_profile < 0:
+        parser.error(f"--host-profile takes a number of rows >= 0, got {args.host_profile}")
     if device.type != "cuda" and any(VARIANTS[v].cuda_graphs for v in variants):
         parser.error("CUDA graphs (variant fast) need --device cuda")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
