@@ -51,6 +51,7 @@ class CUDAGraphed(NetWrapper):
         self.net = net
         self.max_graphs = max_graphs
         self._layers = stateful_layers(net)
+        self._hookable = tuple(net.modules())  # walked at every call for hooks: a tuple, not named_modules
         self._graphs: OrderedDict[Hashable, _Recorded] = OrderedDict()
         self._seen: set[Hashable] = set()
         self._pool: Optional[Any] = None
@@ -64,7 +65,7 @@ class CUDAGraphed(NetWrapper):
         hooks = nn.modules.module
         if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.net.modules())
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable)
 
     def _key(self, args: tuple[Any, ...]) -> Optional[Hashable]:
         """What a recorded call depends on besides parameters; None when the call must run plainly."""

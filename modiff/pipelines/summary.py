@@ -205,14 +205,19 @@ def _full_precision(identity: Mapping[str, Any]) -> bool:
     return model.get("quant_preset") in (None, "fp") and not any(k in model for k in ("quant_config", "quantized"))
 
 
-def full_precision_reference(run: str | Path) -> Optional[Path]:
+def full_precision_reference(run: str | Path, summaries: Optional[str | Path] = None) -> Optional[Path]:
     """The run itself if it is full precision, else the full-precision run beside it (same folder) of the
-    same model and sample identity; None when there is none."""
+    same model and sample identity, else such a full-precision summary in ``summaries`` (where the run's own
+    summary goes: a full-precision summary keeps every image, so runs sampled in a later sitting, away from
+    the fp run, still get their per-seed distances); None when there is none."""
     run = Path(run)
     identity = _manifest(run)["identity"]
     if _full_precision(identity):
         return run
-    for other in sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run and _is_run(p)):
+    candidates = sorted(p for p in run.parent.iterdir() if p.is_dir() and p != run and _is_run(p))
+    if summaries is not None and Path(summaries).is_dir():
+        candidates += sorted(p for p in Path(summaries).iterdir() if p.is_dir() and is_summary_folder(p))
+    for other in candidates:
         theirs = _manifest(other)["identity"]
         if _full_precision(theirs) and theirs.get("sample") == identity.get("sample") and \
                 _model_part(theirs) == _model_part(identity):
@@ -335,7 +340,11 @@ def _summarize_one(run: Path, target: Path, fp_run: Optional[str | Path], settin
                    seeds: Optional[Sequence[int]]) -> tuple[Optional[Path], str]:
     """One run's summary, or why it was refused (a worker of `summarize`: errors come back as values)."""
     try:
-        reference = fp_run if fp_run is not None else full_precision_reference(run)
+        reference = fp_run if fp_run is not None else full_precision_reference(run, target.parent)
+        if reference is None:
+            log.warning("%s is summarized without per-seed distances: no full-precision run of its model and sampling "
+                        "beside it, nor a summary of one in %s; the notebooks that compare per seed (the sampler "
+                        "table, Table 1's distances) will refuse the summary (give --fp-run)", run, target.parent)
         return summarize_run(run, target, reference, settings, seeds), ""
     except ValueError as err:
         return None, str(err)

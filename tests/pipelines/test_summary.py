@@ -217,3 +217,22 @@ def test_parallel_jobs_write_the_same_summaries(tmp_path: Path, tame_denoiser) -
                 assert all(np.array_equal(x[k], y[k]) for k in x.files)
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         summarize([tmp_path / "runs"], tmp_path / "three", settings=SETTINGS, jobs=0)
+
+
+def test_a_run_sampled_away_from_the_fp_run_takes_its_distances_from_the_fp_summary(
+        tmp_path: Path, tame_denoiser, caplog: pytest.LogCaptureFixture) -> None:
+    """Runs of two sittings: the fp run summarized in the first, a quantized run sampled in the second with no
+    fp run beside it. Its summary finds the fp summary where it goes and stores the distances the fp run gives;
+    with no fp summary there either, it is made without distances and the command says so."""
+    fp = _run(tame_denoiser, range(6), tmp_path / "sitting1" / "fp")
+    q = _quantized_run(tame_denoiser, range(6), tmp_path / "sitting2" / "q")
+    summarize([tmp_path / "sitting2"], tmp_path / "bare", settings=SETTINGS)
+    assert json.loads((tmp_path / "bare" / "q" / "manifest.json").read_text())["summary"]["reference"] is None
+    assert "q is summarized without per-seed distances" in caplog.text and "give --fp-run" in caplog.text
+    summarize([tmp_path / "sitting1"], tmp_path / "s", settings=SETTINGS)
+    made, refused = summarize([tmp_path / "sitting2"], tmp_path / "s", settings=SETTINGS)
+    assert made == [tmp_path / "s" / "q"] and not refused
+    reference = json.loads((tmp_path / "s" / "q" / "manifest.json").read_text())["summary"]["reference"]
+    assert reference["run"] == str((tmp_path / "s" / "fp").resolve())
+    assert per_seed_fidelity(tmp_path / "s" / "q", tmp_path / "s" / "fp", range(6)).rel_l2_pixels.tolist() == \
+        per_seed_fidelity(q, fp, range(6)).rel_l2_pixels.tolist()

@@ -1,0 +1,75 @@
+"""The user path's tail: one batch of PNGs written by `PngWriter` with 1, 2, ... threads, side by side in one process.
+
+    python benchmarks/bench_png_writer.py --images 2048 --threads 1,2,4 --out benchmarks/results/png_writer_cpu.json
+
+Why: `modiff sample` writes each batch's PNGs on background threads while the GPU samples the next batch, so
+only the last batch's files are written after sampling ends; the host profile of the user path
+(`bench_sampling.py --host-profile`) put that tail at 0.5 ms per file on one thread. The images are Fashion-MNIST
+test images at the models' 32x32 (what `fmnist-ddim` samples look like to the PNG encoder), written atomically
+into a fresh temporary folder per trial. Printed per thread count: the median seconds from the first submit to
+the last file on disk, files per second, and the speed-up over one thread. Any machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from modiff.datasets import fashion_mnist
+from modiff.utils.images import PngWriter, to_uint8
+
+
+def test_images(count: int) -> np.ndarray:
+    """(count, 32, 32, 1) uint8 Fashion-MNIST test images, repeated if more are asked for than the split has."""
+    images, _ = fashion_mnist("test")
+    chosen = images[np.arange(count) % len(images)]
+    return to_uint8(chosen)
+
+
+def tail_seconds(images: np.ndarray, threads: int) -> float:
+    """Seconds to write every image through one `PngWriter` submission, until the last file is on disk."""
+    with tempfile.TemporaryDirectory(prefix="bench-png-") as folder:
+        paths = [Path(folder) / f"{i:06d}.png" for i in range(len(images))]
+        start = time.perf_counter()
+        with PngWriter(threads=threads) as writer:
+            writer.submit(list(images), paths)
+        return time.perf_counter() - start
+
+
+def measure(images: np.ndarray, thread_counts: list[int], repeats: int) -> list[dict[str, float]]:
+    """Trials interleaved over the thread counts (so drift in the machine touches each alike); medians."""
+    seconds: dict[int, list[float]] = {t: [] for t in thread_counts}
+    for _ in range(repeats):
+        for threads in thread_counts:
+            seconds[threads].append(tail_seconds(images, threads))
+    base = statistics.median(seconds[thread_counts[0]])
+    return [{"threads": t, "seconds": round(statistics.median(s), 4), "files_per_s": round(len(images) / statistics.median(s), 1),
+             "speedup": round(base / statistics.median(s), 2)} for t, s in seconds.items()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--threads", default="1,2,4", help="comma-separated thread counts; the first is the base")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.images < 1 or args.repeats < 1 or min(thread_counts) < 1:
+        parser.error("--images, --repeats and every --threads count must be >= 1")
+    rows = measure(test_images(args.images), thread_counts, args.repeats)
+    for row in rows:
+        print(f"{row['threads']:>3} threads  {row['seconds']:.3f} s  {row['files_per_s']:>8.1f} files/s  x{row['speedup']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "images": args.images, "repeats": args.repeats,
+                                              "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""benchmarks/bench_png_writer.py times one batch of PNGs per thread count: every file written, the first
+count the base of the speed-ups, bad arguments refused."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench_png_writer = pytest.importorskip("bench_png_writer")
+
+
+def test_rows_per_thread_count_with_the_first_as_base() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 1), dtype=np.uint8)
+    rows = bench_png_writer.measure(images, [1, 3], repeats=2)
+    assert [r["threads"] for r in rows] == [1, 3] and rows[0]["speedup"] == 1.0
+    assert all(r["seconds"] > 0 and r["files_per_s"] > 0 for r in rows)
+
+
+def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_png_writer.py", "--threads", "1,0"])
+    with pytest.raises(SystemExit):
+        bench_png_writer.main()
+    assert "must be >= 1" in capsys.readouterr().err
