@@ -56,27 +56,22 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
 
 
 class PngWriter:
-    """Writes PNGs on background threads while the caller goes on (sampling the next batch).
+    """Writes PNGs on a background thread, in order, while the caller goes on (sampling the next batch).
 
-    `submit(images, paths)` splits the files over ``threads`` threads and returns at once; it waits only while
-    more than ``max_pending`` submissions are unfinished, and raises the error of a finished one. After an
-    error no thread starts another file, as if the process had stopped there (a full disk, Ctrl-C); a
-    re-run finds the missing files by name. Leaving the ``with`` block waits for every queued file, also when
-    the block failed, and then raises the first error of a write. ``save(image, path)`` writes one file
-    (`save_png`: atomically). One thread writes in submission order and keeps pace with sampling; more
-    threads are for the last batch, written after sampling ends, where the file system allows parallel
-    creates in one folder (`benchmarks/bench_png_writer.py` measures it).
+    `submit(images, paths)` queues the files and returns at once; it waits only while more than
+    ``max_pending`` submissions are unfinished, and raises the error of a finished one. After an error the
+    thread writes nothing more, as if the process had stopped there (a full disk, Ctrl-C). Leaving the
+    ``with`` block waits for every queued file, also when the block failed, and then raises the first error
+    of a write. ``save(image, path)`` writes one file (`save_png`: atomically). One thread keeps pace with
+    sampling (a small PNG takes a fraction of a millisecond) and keeps the files in submission order.
     """
 
-    def __init__(self, save: Callable[[np.ndarray, Path], None] = save_png, max_pending: int = 4,
-                 threads: int = 1):
+    def __init__(self, save: Callable[[np.ndarray, Path], None] = save_png, max_pending: int = 4):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.save, self.max_pending, self.threads = save, max_pending, threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="modiff-png")
-        self._pending: deque[list[Future]] = deque()
+        self.save, self.max_pending = save, max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="modiff-png")
+        self._pending: deque[Future] = deque()
         self._failed = threading.Event()
 
     def __enter__(self) -> "PngWriter":
@@ -95,18 +90,15 @@ class PngWriter:
     def submit(self, images: Sequence[np.ndarray], paths: Sequence[Path]) -> None:
         if len(images) != len(paths):
             raise ValueError(f"{len(images)} images for {len(paths)} paths")
-        self._collect(lambda group: all(f.done() for f in group) or len(self._pending) > self.max_pending)
-        size = -(-len(images) // self.threads) or 1
-        self._pending.append([self._pool.submit(self._write, list(images[i:i + size]), list(paths[i:i + size]))
-                              for i in range(0, len(images), size)])
+        self._collect(lambda future: future.done() or len(self._pending) > self.max_pending)
+        self._pending.append(self._pool.submit(self._write, list(images), list(paths)))
 
-    def _collect(self, ready: Callable[[list[Future]], bool]) -> None:
+    def _collect(self, ready: Callable[[Future], bool]) -> None:
         """Take finished (or, while too many are queued, the oldest) submissions off the queue; raise their errors."""
         while self._pending and ready(self._pending[0]):
-            for future in self._pending.popleft():
-                future.result()
+            self._pending.popleft().result()
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         self._pool.shutdown(wait=True)
         if kind is None:
-            self._collect(lambda group: True)
+            self._collect(lambda future: True)

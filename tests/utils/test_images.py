@@ -35,7 +35,7 @@ def test_save_png_round_trips_with_the_umask_mode(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.png"]  # no temporary file left
 
 
-def test_writer_with_one_thread_writes_in_order_on_another_thread(tmp_path: Path) -> None:
+def test_writer_writes_in_order_on_another_thread(tmp_path: Path) -> None:
     threads: list[str] = []
 
     def save(image: np.ndarray, path: Path) -> None:
@@ -43,7 +43,7 @@ def test_writer_with_one_thread_writes_in_order_on_another_thread(tmp_path: Path
         save_png(image, path)
 
     images = [np.full((2, 2, 1), i, dtype=np.uint8) for i in range(6)]
-    with PngWriter(save, max_pending=1, threads=1) as writer:
+    with PngWriter(save, max_pending=1) as writer:
         for start in (0, 2, 4):
             writer.submit(images[start:start + 2], [tmp_path / f"{i}.png" for i in range(start, start + 2)])
         writer.submit([], [])
@@ -61,46 +61,10 @@ def test_writer_stops_at_the_first_error_and_raises_it(tmp_path: Path) -> None:
 
     image = np.zeros((2, 2, 1), dtype=np.uint8)
     with pytest.raises(OSError, match="disk full"):
-        with PngWriter(save, threads=1) as writer:
+        with PngWriter(save) as writer:
             writer.submit([image] * 3, [tmp_path / f"{i}.png" for i in range(3)])
             writer.submit([image] * 2, [tmp_path / f"{i}.png" for i in range(3, 5)])
     assert written == ["0.png", "1.png"]  # nothing after the failed file, as if the process had stopped
-
-
-def test_writer_splits_a_batch_over_its_threads(tmp_path: Path) -> None:
-    started = threading.Barrier(3, timeout=10)  # every thread holds a file at once, or the barrier breaks
-    names: set[str] = set()
-
-    def save(image: np.ndarray, path: Path) -> None:
-        if path.name in ("0.png", "3.png", "6.png"):
-            started.wait()
-        names.add(threading.current_thread().name)
-        save_png(image, path)
-
-    images = [np.full((2, 2, 1), i, dtype=np.uint8) for i in range(8)]
-    with PngWriter(save, threads=3) as writer:
-        writer.submit(images, [tmp_path / f"{i}.png" for i in range(8)])
-    assert [int(np.asarray(Image.open(tmp_path / f"{i}.png"))[0, 0]) for i in range(8)] == list(range(8))
-    assert len(names) == 3
-
-
-def test_writer_threads_start_no_file_after_an_error(tmp_path: Path) -> None:
-    written: list[str] = []
-    second_started = threading.Event()
-
-    def save(image: np.ndarray, path: Path) -> None:
-        if path.name == "0.png":
-            assert second_started.wait(10)
-            raise OSError("disk full")
-        second_started.set()
-        assert writer._failed.wait(10)  # the other thread's first file ends after the writer saw the failure
-        written.append(path.name)
-
-    image = np.zeros((2, 2, 1), dtype=np.uint8)
-    with pytest.raises(OSError, match="disk full"):
-        with PngWriter(save, threads=2) as writer:
-            writer.submit([image] * 6, [tmp_path / f"{i}.png" for i in range(6)])
-    assert written == ["3.png"]  # the file in progress ends; "4.png" and "5.png" are never started
 
 
 def test_writer_finishes_queued_files_when_the_caller_fails(tmp_path: Path) -> None:
@@ -115,7 +79,5 @@ def test_writer_finishes_queued_files_when_the_caller_fails(tmp_path: Path) -> N
 def test_writer_refuses_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_pending must be >= 1, got 0"):
         PngWriter(max_pending=0)
-    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
-        PngWriter(threads=0)
     with PngWriter() as writer, pytest.raises(ValueError, match="2 images for 1 paths"):
         writer.submit([np.zeros((1, 1, 1), np.uint8)] * 2, [tmp_path / "a.png"])
