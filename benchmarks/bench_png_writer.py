@@ -7,7 +7,8 @@ only the last batch's files are written after sampling ends; the host profile of
 (`bench_sampling.py --host-profile`) put that tail at 0.5 ms per file on one thread. The images are Fashion-MNIST
 test images at the models' 32x32 (what `fmnist-ddim` samples look like to the PNG encoder), written atomically
 into a fresh temporary folder per trial. Printed per thread count: the median seconds from the first submit to
-the last file on disk, files per second, and the speed-up over one thread. Any machine.
+the last file on disk, files per second, and the speed-up over one thread; then the encoding alone, in memory
+(the rest of a file's time is the file system's). Any machine.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from modiff.datasets import fashion_mnist
-from modiff.utils.images import PngWriter, save_png, to_uint8
+from modiff.utils.images import PngWriter, encode_png, save_png, to_uint8
 
 
 def test_images(count: int) -> np.ndarray:
@@ -56,6 +57,15 @@ def _save_all(images: np.ndarray, paths: list[Path]) -> None:
         save_png(image, path)
 
 
+def encode_ms_per_file(images: np.ndarray) -> float:
+    """Milliseconds to encode one image as PNG bytes in memory: the part of a file's cost that is not the file
+    system's."""
+    start = time.perf_counter()
+    for image in images:
+        encode_png(image)
+    return (time.perf_counter() - start) / len(images) * 1e3
+
+
 def measure(images: np.ndarray, thread_counts: list[int], repeats: int) -> list[dict[str, float]]:
     """Trials interleaved over the thread counts (so drift in the machine touches each alike); medians."""
     seconds: dict[int, list[float]] = {t: [] for t in thread_counts}
@@ -77,12 +87,15 @@ def main() -> None:
     thread_counts = [int(t) for t in args.threads.split(",")]
     if args.images < 1 or args.repeats < 1 or min(thread_counts) < 1:
         parser.error("--images, --repeats and every --threads count must be >= 1")
-    rows = measure(test_images(args.images), thread_counts, args.repeats)
+    images = test_images(args.images)
+    rows = measure(images, thread_counts, args.repeats)
+    encode_ms = encode_ms_per_file(images)
     for row in rows:
         print(f"{row['threads']:>3} threads  {row['seconds']:.3f} s  {row['files_per_s']:>8.1f} files/s  x{row['speedup']:.2f}")
+    print(f"encoding alone (no file): {encode_ms:.3f} ms per image")
     if args.out:
         Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "images": args.images, "repeats": args.repeats,
-                                              "rows": rows}, indent=1) + "\n")
+                                              "encode_ms_per_file": round(encode_ms, 4), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,3 +24,8 @@ def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     with pytest.raises(SystemExit):
         bench_png_writer.main()
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_encoding_time_is_per_image() -> None:
+    images = np.zeros((4, 32, 32, 1), dtype=np.uint8)
+    assert 0 < bench_png_writer.encode_ms_per_file(images) < 1e3

@@ -10,7 +10,7 @@ from torch import nn
 
 import modiff as md
 from modiff.cli import main
-from modiff.models.ddim_unet import DDIMUNetConfig, ddim_unet_from_config
+from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig, ddim_unet_from_config
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, select_layers, trajectory
 from modiff.quant.cost import bops_table, measure_macs, modiff_state_bytes
 from modiff.quant.ptq.data import CalibDataConfig, collect_calib_data
@@ -208,3 +208,18 @@ def test_bops_of_a_static_preset_need_no_calibration(tiny_denoiser) -> None:
     assert dynamic == compute_report(quantize(model, presets["w4a4"]), 10)
     with pytest.raises(RuntimeError, match="no qparams"):
         compute_report(quantize(model, presets["qdiff-w4a4"]), 10)
+
+
+def test_cifar10_unet_counts_give_the_papers_gbops() -> None:
+    """The CIFAR-10 DDIM UNet (ch 128, the official checkpoint's shape; weights do not matter for counts): 6.054
+    GMAC in its 113 Conv/Linear layers and 0.168 G in the attention matmuls; with the attention counted twice,
+    the paper's 1636 GBops at W8A32 and 153 at W8A3 per image per step (README, `modiff.quant.cost`)."""
+    from modiff.quant.cost import compute_report
+
+    net = md.Denoiser(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)),
+                      md.linear_schedule(), "cifar10", {})
+    report = compute_report(net, steps=100)
+    assert report["layers_counted"] == 113
+    assert round(report["gmacs_conv_linear"], 3) == 6.054 and round(report["gmacs_attention_matmuls"], 3) == 0.168
+    assert round(report["gmacs_paper_convention"] * 8 * 32, 1) == 1635.8
+    assert round(report["gmacs_paper_convention"] * 8 * 3, 1) == 153.4
