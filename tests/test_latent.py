@@ -158,7 +158,7 @@ def test_fp_device_distance_decodes_each_output_with_its_own_copy() -> None:
 
 def test_ddpm_leaves_latent_x0_pred_unclipped() -> None:
     """The DDPM sampler clips x0_pred to the pixel range [-1, 1] for pixel models only: a latent model's run is
-    sample_ddpm with clip_denoised=False (the clamp had cut fmnist-ldm's latents and taken its FID to 21.7)."""
+    sample_ddpm with clip_denoised=False (the clamp had cut fmnist-ldm's latents)."""
     from modiff.diffusion.sampling import sample_ddpm
     from modiff.pipelines.generate import SampleConfig, sample
     from modiff.utils.rng import SeedStreams

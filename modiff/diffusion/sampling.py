@@ -133,7 +133,7 @@ def sample_ddpm(
 
     `eta` is accepted for a uniform signature and must be 1. ``clip_denoised=False`` leaves x0_pred as
     predicted: for latents, which are not confined to [-1, 1] (CompVis' LatentDiffusion hardcodes it; on
-    `fmnist-ldm` the clamp cut latents whose 99th percentile |z| is 2.4 and took FID from 3.0 to 21.7).
+    `fmnist-ldm` the clamp cut latents whose 99th percentile |z| is 2.4 and broke the samples; README.md).
     """
     if eta != 1.0:
         raise ValueError(f"DDPM is ancestral sampling (eta = 1); got eta={eta}. Use sample_ddim for other eta")
