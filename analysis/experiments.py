@@ -466,9 +466,9 @@ def paper_tables(model: nn.Module) -> tuple[str, ...]:
 
 def paper_values(tables: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """The paper's numbers, with their table and cell (data/paper_values.csv), optionally only ``tables``;
-    a value without a note has an empty one."""
+    a value without a note has an empty one, one without bit widths (the paper gives none) empty bit widths."""
     from modiff.models.registry import data_dir
 
-    values = pd.read_csv(data_dir() / "paper_values.csv")
+    values = pd.read_csv(data_dir() / "paper_values.csv", dtype={"weight_bits": "Int64", "act_bits": "Int64"})
     values["note"] = values["note"].fillna("")
     return values if tables is None else values[values["table"].isin(list(tables))].reset_index(drop=True)

@@ -15,10 +15,10 @@ def _text(value: object) -> str:
 
 
 def _cell(value: object, text_column: bool) -> str:
-    """Floats to 4 significant digits; a missing value in a text column (None, NaN) is an empty cell,
-    in a numeric one ``nan``."""
+    """Floats to 4 significant digits; a missing value in a text column (None, NaN) or a nullable integer
+    column (pd.NA: nothing to confuse it with) is an empty cell, in a float one ``nan``."""
     missing = value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
-    if missing and text_column:
+    if (missing and text_column) or value is pd.NA:
         return ""
     if isinstance(value, (float, np.floating)):
         return "nan" if np.isnan(value) else f"{value:.4g}"

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from modiff.pipelines.report_claims import SavedTables, interval, paper_value
+from modiff.pipelines.report_claims import SavedTables, interval, near_reference, paper_value
 
 __all__ = ["Comparison", "comparison", "setting_table", "table1_view", "is_latent"]
 
@@ -84,13 +84,45 @@ def _pair_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _near_anchor_lines(table: pd.DataFrame) -> list[str]:
+    """One line per MoDiff row with a paper FID at W8A4 or W8A3: the paper's FID against its W8A32 anchor
+    (full-precision activations), ours against our W8A32 row, near as the index's claim reads it."""
+    by_preset, lines = table.set_index("preset"), []
+    paper_anchor = paper_value("Table 1", "W8A32")
+    for row in table[(table["method"] == "dynamic + MoDiff") & table["paper_fid"].notna()].itertuples():
+        anchor = str(row.preset).replace(f"a{row.a_bits}-modiff", "a32")
+        if anchor not in by_preset.index or not isinstance(row.vs_weights_only, str):
+            continue
+        ours = by_preset.loc[anchor, "fid_classifier"]
+        lines.append(_line(near_reference(row.vs_weights_only, ours),
+                           f"W{row.w_bits}A{row.a_bits} {row.numerics} MoDiff against full-precision activations: the "
+                           f"paper's FID {row.paper_fid:g} against its W8A32 {paper_anchor:g} "
+                           f"({row.paper_fid / paper_anchor:.2f}x), ours {row.fid_classifier:.3g} against {ours:.3g} "
+                           f"({row.fid_classifier / ours:.2f}x; {row.vs_weights_only})."))
+    return lines
+
+
+def _unmatched_paper_cells(t: SavedTables, table: pd.DataFrame) -> list[str]:
+    """The paper's Table 1 FID cells that no row of ours measures (its Q-Diffusion cells, for instance)."""
+    paper = t.get("table1_paper_values", ["table", "cell", "metric", "value"])
+    if paper is None:
+        return []
+    cells = paper[(paper["table"] == "Table 1") & (paper["metric"] == "FID")]
+    matched = set(table["paper_cell"].dropna().astype(str)) if "paper_cell" in table else set()
+    missing = [f"{r.cell} ({r.value:g})" for r in cells.itertuples() if f"Table 1, {r.cell}" not in matched]
+    return [f"not measured here: {', '.join(missing)}."] if missing else []
+
+
 def _table1(t: SavedTables) -> Optional[Comparison]:
-    table = t.get("table1_bitwidth", ["preset", "numerics", "w_bits", "a_bits", "fid_classifier", "modiff_vs_direct",
-                                      "paper_fid", "gbops_per_step"])
+    table = t.get("table1_bitwidth", ["preset", "numerics", "method", "w_bits", "a_bits", "fid_classifier",
+                                      "modiff_vs_direct", "paper_fid", "gbops_per_step"])
     if table is None:
         return None
     table = table.assign(modiff_vs_direct=table["modiff_vs_direct"].fillna(""))
     lines = _pair_lines(table)
+    if "vs_weights_only" in table:
+        lines += _near_anchor_lines(table)
+    lines += _unmatched_paper_cells(t, table)
     full, low = (table.loc[(table["w_bits"] == 8) & (table["a_bits"] == a), "gbops_per_step"] for a in (32, 3))
     if len(full) and len(low):
         paper = paper_value("Table 1", "W8A32 GBops") / paper_value("Table 1", "W8A3 GBops")
@@ -183,10 +215,15 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
         value = known.get(key)
         return "not recorded" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
-    paper_model = ("LSUN-Bedrooms LDM-4 and LSUN-Churches LDM-8 (Tables 2, 3)" if latent
-                   else "the official CIFAR-10 DDIM UNet (35.7M parameters, 32x32 RGB)")
+    paper_model = ("LSUN-Bedrooms LDM-4 and LSUN-Churches LDM-8" if latent
+                   else "the official CIFAR-10 DDIM UNet (35.75M parameters, 32x32 RGB)")
+    compared = ([{"": "paper numbers compared", "paper": "its CIFAR-10 DDIM numbers (Table 1's FIDs and GBops, Figure "
+                  "1a's 0.4, Figure 1b's 10x, 4 MB of state, 4-5 warm-up steps)",
+                  "this report": "set beside this latent model's: the paper's brief gives no LSUN values to compare"}]
+                if latent else [])
     return pd.DataFrame([
         {"": "model", "paper": paper_model, "this report": _MODELS.get(model, f"`{model}`")},
+        *compared,
         {"": "FID feature space", "paper": "Inception-v3, against the data set's training images",
          "this report": "a Fashion-MNIST classifier (shipped), against Fashion-MNIST train: values are not comparable "
                         "with the paper's, directions and verdicts are"},
@@ -196,6 +233,8 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
                         f"calibration + {get('theory_heldout_samples')} held-out; warm-up: {get('warmup_samples')} seeds"},
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
+        {"": "other samplers", "paper": "DDPM and DPM-Solver (the variant not stated in the paper's brief)",
+         "this report": "DDPM as the DDIM code's `ddpm_steps`; DPM-Solver++(2M), data prediction, multistep"},
         {"": "arithmetic", "paper": "not stated", "this report": _arithmetic(tables)},
         {"": "calibration (AdaRound W4 and Q-Diffusion rows)",
          "paper": "AdaRound 20,000 iterations per block, step sizes 5,000 (Q-Diffusion's recipe)",
@@ -223,4 +262,5 @@ def table1_view(tables: SavedTables) -> Optional[pd.DataFrame]:
         "FID [95%] (classifier)": [_fid(r) for _, r in table.iterrows()],
         "vs fp": table["vs_fp"].fillna(""), "MoDiff vs direct": table["modiff_vs_direct"].fillna(""),
         "rel. L2 to fp": table["rel_l2_pixels"], "GBops/step": table["gbops_per_step"],
-        "paper FID (Inception)": table["paper_fid"], "paper GBops": table["paper_gbops"]})
+        "paper FID (Inception)": [f"{v:g}" if np.isfinite(v) else "" for v in table["paper_fid"]],  # as printed: 143.39
+        "paper GBops": table["paper_gbops"]})

@@ -55,7 +55,7 @@ def test_sections_follow_the_paper(tmp_path: Path) -> None:
     assert headings[:2] == ["Summary: the paper's claims on this model", "What differs from the paper's setting"]
     assert headings[2:-1] == [s.title for s in SECTIONS] and headings[-1] == "Notebooks"
     assert [a for a in re.findall(r'<h2 id="([^"]+)"', page)] == section_anchors()
-    assert "[3-4 bit activations near full precision with MoDiff](#table1) | partly |" in markdown
+    assert "[3-4 bit activations near full-precision activations (W8A32) with MoDiff](#table1) | partly |" in markdown
     assert "<span class='v partly'>partly</span>" in page
     assert "id=banner" not in page
 
