@@ -266,7 +266,7 @@ def check_missing_runs(missing_runs: str) -> str:
 
 
 def paper_samplers(steps: int) -> list[tuple[str, int]]:
-    """The samplers of Tables 5 and 15-17 for a table at ``steps``: DDIM at 20 steps (the paper's short
+    """The samplers of Tables 5 and 15-18 (samplers) for a table at ``steps``: DDIM at 20 steps (the paper's short
     schedule), at half and at all ``steps``, then DDPM and DPM-Solver++(2M) at ``steps``; a step count that
     repeats (a short quick-preset table) appears once."""
     ddim = sorted({min(20, steps), max(1, steps // 2), steps})
@@ -294,7 +294,7 @@ def samplers_to_run(model: nn.Module, presets: Sequence[str], samplers: Sequence
 def sampler_runs(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
                  runs_dir: str | Path, batch_size: int = 64, device: str = "auto", devices: str | Sequence[str] = (),
                  precision: PrecisionChoice = "auto") -> SamplerRuns:
-    """Tables 5 and 15-17: the fp run and a run of each preset per sampler and step count, made or reused (full
+    """Tables 5 and 15-18 (samplers): the fp run and a run of each preset per sampler and step count, made or reused (full
     or summarized) by `sample_run` in ``precision``. With several ``devices`` the runs of each sampler are made
     in parallel first (`fill_runs`)."""
     runs: SamplerRuns = {}
@@ -330,7 +330,7 @@ def _fid_verdict(scores: dict, preset: str, other: str, level: float) -> str:
 
 def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-train",
                    bootstrap: BootstrapConfig = BootstrapConfig(), device: str = "cpu") -> pd.DataFrame:
-    """The paper's measure for Tables 5 and 15-17: FID (classifier features against ``ref``) with its 95%
+    """The paper's measure for Tables 5 and 15-18 (samplers): FID (classifier features against ``ref``) with its 95%
     bootstrap interval for every run of ``runs`` (fp included), and paired-bootstrap verdicts over the same
     seeds against the sampler's fp run (vs_fp) and, for a ``-modiff`` preset, against its direct counterpart
     (modiff_vs_direct), as Table 1 reads them; features of a full run are extracted on ``device`` (a summary
@@ -364,7 +364,7 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
 def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[tuple[str, int]], seeds: Sequence[int],
                   runs_dir: str | Path, batch_size: int = 64, device: str = "auto",
                   devices: str | Sequence[str] = (), precision: PrecisionChoice = "auto") -> pd.DataFrame:
-    """Tables 5 and 15-17: per (sampler, steps) and preset, the mean relative L2 to the fp run of the same
+    """Tables 5 and 15-18 (samplers): per (sampler, steps) and preset, the mean relative L2 to the fp run of the same
     sampler over seeds (`sampler_per_seed`) with its 95% bootstrap interval (ci95_low, ci95_high, n)."""
     from analysis.intervals import summarize
 
@@ -376,7 +376,7 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
 @torch.no_grad()
 def warmup_per_seed(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
                     device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
-    """Table 18 per seed: MoDiff with k full-precision warm-up steps, relative L2 to the fp sample (decoded
+    """Tables 5 and 15-18 (warm-up) per seed: MoDiff with k full-precision warm-up steps, relative L2 to the fp sample (decoded
     image for a latent model) of the same seed, sampled on ``device`` in IEEE float32 (TF32 off on CUDA) in
     batches of ``batch_size``; columns preset, warmup_steps, precision, seed, rel_l2_pixels."""
     from dataclasses import replace
@@ -405,7 +405,7 @@ def warmup_per_seed(model: nn.Module, preset: str, warmups: Sequence[int], seeds
 
 def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
                  device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
-    """Table 18: per warm-up setting, the mean relative L2 to fp over seeds (`warmup_per_seed`) with its 95%
+    """Tables 5 and 15-18 (warm-up): per warm-up setting, the mean relative L2 to fp over seeds (`warmup_per_seed`) with its 95%
     bootstrap interval; columns preset, warmup_steps, precision, rel_l2_pixels, ci95_low, ci95_high, n."""
     from analysis.intervals import summarize
 

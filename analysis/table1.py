@@ -208,6 +208,8 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
                is_ci95_low=metrics.get("is_ci95_low", np.nan), is_ci95_high=metrics.get("is_ci95_high", np.nan),
                is_std=metrics.get("is_std", np.nan),
                psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
+               psnr_ci95=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
+               identical_to_fp=close["identical_samples"],
                rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95=close["rel_l2_pixels"]["ci95"],
                gbops_per_step=preset_report(model, md.presets[preset], config.steps)["gbops_per_step"], note=note)
     return row, resampled
@@ -232,7 +234,8 @@ def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarra
 
 COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
            "fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_ci95_low", "is_ci95_high", "is_std",
-           "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95", "psnr_db", "gbops_per_step",
+           "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95", "psnr_db", "psnr_ci95",
+           "identical_to_fp", "gbops_per_step",
            "note"]
 
 
@@ -291,8 +294,25 @@ def _paper_pairs(table: pd.DataFrame) -> list[str]:
                      else "does not show the paper's difference" if ours == "no difference" else "CONTRADICTS the paper")
         lines.append(f"- W{row.w_bits}A{row.a_bits} {row.numerics} numerics, {row.weights} weights: paper FID "
                      f"{direct.paper_fid:g} -> {row.paper_fid:g} with MoDiff; here {_interval(direct)} -> "
-                     f"{_interval(pd.Series(row._asdict()))}, MoDiff vs direct {row.modiff_vs_direct}: {agreement}.")
+                     f"{_interval(pd.Series(row._asdict()))}, MoDiff vs direct {row.modiff_vs_direct}: {agreement}."
+                     + _anchor_sentence(row, by_preset))
     return lines
+
+
+def _anchor_sentence(row: Any, by_preset: pd.DataFrame) -> str:
+    """The paper's other reading of its MoDiff cells: against full-precision activations at the same weights
+    (its W8A32, 4.24), near as the index's claim reads it (`report_claims.near_reference`)."""
+    from modiff.pipelines.report_claims import near_reference, paper_value
+
+    anchor = _counterparts(list(by_preset.index))[row.preset]["weights_only"]
+    if anchor is None or anchor not in by_preset.index or not row.vs_weights_only:
+        return ""
+    paper_anchor, ours = paper_value("Table 1", "W8A32"), by_preset.loc[anchor]
+    near = near_reference(row.vs_weights_only, ours.fid_classifier)
+    return (f" Against full-precision activations at these weights (the paper's {paper_anchor:g}, "
+            f"{row.paper_fid / paper_anchor:.2f}x there): {anchor} {_interval(ours)}, MoDiff {row.vs_weights_only} "
+            f"({row.fid_classifier / ours.fid_classifier:.2f}x): "
+            + ("near it, as in the paper." if near else "DIFFERS from the paper (not within 10% of it)."))
 
 
 def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:

@@ -46,7 +46,7 @@ class ReproducePreset:
     name: PresetName
     num_samples: int  # samples scored per preset (bit-width and sampler tables)
     analysis_samples: int  # trajectories recorded or compared feature by feature (figures, bounds, grids, audit)
-    warmup_samples: int  # seeds of the warm-up table (Table 18): enough for its paired intervals to separate
+    warmup_samples: int  # seeds of the warm-up table (Tables 5, 15-18): enough for its paired intervals to separate
     steps: int
     device: str = "auto"
     devices: str = ""  # "cuda:0,cuda:1": the bit-width and sampler runs are made in parallel, one process per device

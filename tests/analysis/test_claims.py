@@ -156,11 +156,13 @@ def test_caching_claim_agrees() -> None:
 
 def test_caching_claim_disagrees() -> None:
     summary = _summary({2: 0.1, 3: 0.12, 5: 0.09}, {2: (0.2, 0.1, 0.3), 3: (0.25, 0.15, 0.35), 5: (0.1, 0.05, 0.15)})
-    growth = {2: Interval(0.1, 0.05, 0.15, 16), 3: Interval(0.0, -0.1, 0.1, 16)}
-    text = claims.caching_claim(summary, growth, steps=20)
+    growth = {2: Interval(0.1, 0.05, 0.15, 16), 3: Interval(0.0, -0.1, 0.1, 16), 5: Interval(-0.2, -0.3, -0.1, 16)}
+    text = claims.caching_claim(summary, growth, steps=20, model="fmnist-ldm")
     assert "here it is 0.12, below the paper's" in text and "20 steps instead of 100" in text
+    assert "(`fmnist-ldm` on Fashion-MNIST, where the paper has CIFAR-10's DDIM UNet" in text
     assert "change less" in text and "Growth with N does not hold" in text
-    assert "holds for N = 2; not shown for N = 3, 5" in text
+    assert ("holds for N = 2; the opposite (the error falls with the step, unlike the paper) for N = 5; "
+            "not shown for N = 3") in text
     with pytest.raises(ValueError, match="no common skip step for N = 4"):
         claims.caching_claim(summary, growth, steps=20, paper_interval=4)
 
@@ -248,11 +250,15 @@ def test_sampler_fid_claim_reads_the_verdicts_per_sampler() -> None:
     assert "of `w8a4-modiff` per sampler, paired over 64 seeds" in text
     assert ("ddim 20 steps: FID 2.1 [1.6, 2.6], against direct better: -6.9 [-7.9, -5.9], against fp no difference: "
             "+0.1 [-0.2, +0.4]") in text
-    assert text.endswith("lower than direct quantization's with 1 of 2 samplers, and indistinguishable from full "
-                         "precision with 1 of 2.")
+    assert text.endswith("lower than direct quantization's with 1 of 2 samplers, and within 10% of the same sampler's "
+                         "fp FID (paired 95% interval, the index's reading of near) with 0 of 2; inconclusive (no "
+                         "difference, but an interval wider than that): ddim 20 steps; not near, so unlike full "
+                         "precision: ddpm 20 steps.")  # fp's 2.0: near is within +-0.2; ddpm has no fp row here
     assert claims.sampler_fid_claim(scores[scores.preset != "w8a4-modiff"]).startswith("No MoDiff preset")
     assert claims.sampler_fid_claim(scores, left_out=[("ddpm", 100)]).endswith(
-        "precision with 1 of 2. Not measured here (no run or summary at this N yet): ddpm 100 steps.")
+        "ddpm 20 steps. Not measured here (no run or summary at this N yet): ddpm 100 steps.")
+    close = scores.assign(vs_fp=scores.vs_fp.replace("no difference: +0.1 [-0.2, +0.4]", "worse: +0.1 [+0.05, +0.15]"))
+    assert "with 1 of 2; not near, so unlike full precision: ddpm 20 steps." in claims.sampler_fid_claim(close)
 
 
 def test_audit_claim_reads_each_check() -> None:

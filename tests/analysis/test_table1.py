@@ -181,3 +181,25 @@ def test_skipping_missing_rows_still_needs_the_anchors_and_a_known_choice(tiny_d
         table1.rows_to_score(tiny_denoiser, ["w8a4"], range(4), config, tmp_path, "skip", device="cpu")
     with pytest.raises(ValueError, match="missing_runs must be one of sample, skip, got 'ignore'"):
         table1.rows_to_score(tiny_denoiser, ["w8a4"], range(4), config, tmp_path, "ignore")  # type: ignore[arg-type]
+
+
+def test_a_paper_pair_is_also_read_against_full_precision_activations() -> None:
+    """Hand-made W8A3 rows with the paper's cells: MoDiff vs direct as the paper reports it, then against the
+    paper's anchor W8A32 (4.14 against 4.24 there): near within 10% of our W8A32's FID, else DIFFERS."""
+    import pandas as pd
+
+    def table(vs_weights_only: str) -> pd.DataFrame:
+        return pd.DataFrame({
+            "preset": ["w8a32", "w8a3", "w8a3-modiff"], "w_bits": [8, 8, 8], "a_bits": [32, 3, 3],
+            "numerics": ["-", "per-sample", "per-sample"], "weights": ["RTN"] * 3,
+            "fid_classifier": [1.4, 71.3, 1.73], "fid_ci95_low": [1.3, 71.1, 1.62], "fid_ci95_high": [1.5, 71.5, 1.83],
+            "paper_fid": [4.24, 143.39, 4.14], "vs_weights_only": ["", "w", vs_weights_only],
+            "modiff_vs_direct": ["", "", "better: -69.6 [-69.8, -69.4]"]})
+
+    (line,) = table1._paper_pairs(table("worse: +0.33 [+0.25, +0.41]"))
+    assert "MoDiff vs direct better: -69.6 [-69.8, -69.4]: agrees with the paper." in line
+    assert line.endswith("Against full-precision activations at these weights (the paper's 4.24, 0.98x there): "
+                         "w8a32 1.4 [1.3, 1.5], MoDiff worse: +0.33 [+0.25, +0.41] (1.24x): DIFFERS from the paper "
+                         "(not within 10% of it).")
+    (line,) = table1._paper_pairs(table("worse: +0.05 [+0.02, +0.08]"))
+    assert line.endswith("near it, as in the paper.")
