@@ -16,7 +16,8 @@ from typing import Callable, Literal, Optional, Sequence
 
 import pandas as pd
 
-__all__ = ["Claim", "Verdict", "SavedTables", "CLAIMS", "claims", "paper_value", "interval", "near_reference"]
+__all__ = ["Claim", "Verdict", "SavedTables", "CLAIMS", "claims", "paper_value", "interval", "near_reference",
+           "weights_only_preset"]
 
 Verdict = Literal["reproduced", "partly", "not reproduced", "inconclusive", "not measured"]
 
@@ -241,7 +242,7 @@ def _modiff_rows_verdict(rows: pd.DataFrame, anchor_fid: pd.Series, against: str
     return _ModiffRows(verdict, int(near.sum()), int(wide.sum()), int(better.sum()))
 
 
-def _weights_only(preset: str, a_bits: int) -> str:
+def weights_only_preset(preset: str, a_bits: int) -> str:
     """The weights-only row of a MoDiff row: w8a4-modiff -> w8a32, published-w8a3-modiff -> published-w8a32."""
     return preset.replace(f"a{a_bits}-modiff", "a32")
 
@@ -258,7 +259,7 @@ def low_bit_activations(t: SavedTables) -> Claim:
     if rows is None or rows.empty or not (table["preset"] == "fp").any():
         return _unmeasured(claim, section, notebook, "table1_bitwidth")
     by_preset = table.set_index("preset")
-    anchors = [_weights_only(r.preset, int(r.a_bits)) for r in rows.itertuples()]
+    anchors = [weights_only_preset(r.preset, int(r.a_bits)) for r in rows.itertuples()]
     if any(a not in by_preset.index for a in anchors):
         return _unmeasured(claim, section, notebook, "table1_bitwidth")
     fp = by_preset.loc["fp"]

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from modiff.pipelines.report_claims import SavedTables, interval, near_reference, paper_value
+from modiff.pipelines.report_claims import SavedTables, interval, near_reference, paper_value, weights_only_preset
 
 __all__ = ["Comparison", "comparison", "setting_table", "table1_view", "is_latent"]
 
@@ -90,7 +90,7 @@ def _near_anchor_lines(table: pd.DataFrame) -> list[str]:
     by_preset, lines = table.set_index("preset"), []
     paper_anchor = paper_value("Table 1", "W8A32")
     for row in table[(table["method"] == "dynamic + MoDiff") & table["paper_fid"].notna()].itertuples():
-        anchor = str(row.preset).replace(f"a{row.a_bits}-modiff", "a32")
+        anchor = weights_only_preset(str(row.preset), int(row.a_bits))
         if anchor not in by_preset.index or not isinstance(row.vs_weights_only, str):
             continue
         ours = by_preset.loc[anchor, "fid_classifier"]
