@@ -7,7 +7,7 @@ so no number in a report's text is typed by hand.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import pandas as pd
 
@@ -172,10 +172,16 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
     `analysis.distributions.range_ratio_summary` (per-step ratios of the activations' range to the
     differences' range, and ``overall``, one range over the whole trajectory), and where present those of
     `analysis.distributions.layer_range_ratios` (the per-trajectory ratio with its interval). It holds for a
-    layer when the median over steps of the per-step ratio is at least ``paper_ratio``."""
+    layer when the median over steps of the per-step ratio is at least ``paper_ratio`` (its interval over
+    trajectories, where the table has it, is shown beside it)."""
     holds = ratios[ratios["median_per_step"] >= paper_ratio]
-    per_layer = "; ".join(f"`{r.layer}` median {r.median_per_step:.3g}, smallest {r.min_per_step:.3g}"
-                          for r in ratios.itertuples())
+
+    def median(r: Any) -> str:  # with its interval over trajectories where the table has it
+        if "median_per_step_ci95_low" not in ratios:
+            return f"{r.median_per_step:.3g}"
+        return f"{Interval(r.median_per_step, r.median_per_step_ci95_low, r.median_per_step_ci95_high, 1)}"
+
+    per_layer = "; ".join(f"`{r.layer}` median {median(r)}, smallest {r.min_per_step:.3g}" for r in ratios.itertuples())
     text = (f"Range of a_t divided by the range of a_t - a_(t+1), step by step over {samples} trajectories: "
             f"{per_layer}. The paper finds the differences more than {paper_ratio:g}x narrower: ")
     text += ("this agrees for every layer." if len(holds) == len(ratios) else

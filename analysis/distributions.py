@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.intervals import mean_interval
+from analysis.intervals import Interval, mean_interval
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -38,6 +38,7 @@ __all__ = [
     "activation_stats",
     "iter_steps",
     "layer_range_ratios",
+    "pooled_median_interval",
     "range_ratio",
     "range_ratio_summary",
     "tensor_stats",
@@ -143,20 +144,21 @@ def range_ratio_summary(stats: pd.DataFrame) -> dict[str, float]:
 
 
 def layer_range_ratios(activations: Activations, timesteps: Optional[Sequence[int]] = None) -> dict[str, float]:
-    """One layer's row of Figure 1b's table: `range_ratio_summary` of the pooled batch, and the per-trajectory
-    median ratio (`trajectory_range_ratios`) as a mean over trajectories with its 95% bootstrap interval."""
+    """One layer's row of Figure 1b's table: `range_ratio_summary` of the pooled batch with the interval of its
+    median over steps (`pooled_median_interval`), and the per-trajectory median ratio (`trajectory_range_ratios`)
+    as a mean over trajectories with its 95% bootstrap interval."""
     per_trajectory = mean_interval(trajectory_range_ratios(activations))
+    pooled = pooled_median_interval(activations)
     return {**range_ratio_summary(activation_stats(activations, timesteps=timesteps)),
+            "median_per_step_ci95_low": pooled.low, "median_per_step_ci95_high": pooled.high,
             "per_trajectory_median": per_trajectory.mean, "per_trajectory_ci95_low": per_trajectory.low,
             "per_trajectory_ci95_high": per_trajectory.high, "trajectories": per_trajectory.n}
 
 
-def trajectory_range_ratios(activations: Activations) -> np.ndarray:
-    """Per trajectory (dimension 0 of every step's tensor), the median over steps i >= 1 of
-    range(a_i) / range(a_i - a_{i-1}), both ranges over that trajectory's elements only: one value per
-    trajectory, the unit a mean interval resamples. Steps where a trajectory's difference has range 0 are
-    left out of its median."""
-    ratios, previous = [], None
+def _trajectory_extrema(activations: Activations) -> tuple[np.ndarray, ...]:
+    """Per step i >= 1 and trajectory (dimension 0 of every step's tensor): min and max of a_i and of
+    a_i - a_{i-1} over that trajectory's elements, four (steps - 1, trajectories) arrays."""
+    extrema, previous = [], None
     for a in activations:
         a = torch.as_tensor(a).detach().to("cpu", torch.float64)
         if a.ndim < 1 or (previous is not None and a.shape != previous.shape):
@@ -164,12 +166,44 @@ def trajectory_range_ratios(activations: Activations) -> np.ndarray:
                              f"{tuple(a.shape)}" + ("" if previous is None else f" after {tuple(previous.shape)}"))
         if previous is not None:
             raw, diff = a.flatten(1), (a - previous).flatten(1)
-            raw_range, diff_range = raw.amax(1) - raw.amin(1), diff.amax(1) - diff.amin(1)
-            ratios.append(torch.where(diff_range > 0, raw_range / diff_range, torch.nan))
+            extrema.append(torch.stack([raw.amin(1), raw.amax(1), diff.amin(1), diff.amax(1)]))
         previous = a
-    if not ratios:
-        raise ValueError("trajectory_range_ratios needs at least two steps (one temporal difference)")
-    per_step = torch.stack(ratios).numpy()  # (steps - 1, trajectories)
+    if not extrema:
+        raise ValueError("the range ratios need at least two steps (one temporal difference)")
+    raw_lo, raw_hi, diff_lo, diff_hi = torch.stack(extrema, dim=1).numpy()
+    return raw_lo, raw_hi, diff_lo, diff_hi
+
+
+def pooled_median_interval(activations: Activations, level: float = 0.95, resamples: int = 1000,
+                           seed: int = 0) -> Interval:
+    """`range_ratio_summary`'s ``median_per_step`` (the median over steps of range(a_i) / range(a_i - a_{i-1}),
+    ranges over the whole batch) with a percentile bootstrap interval over trajectories: the batch resampled,
+    each step's pooled ranges recomputed from the trajectories' extrema (a pooled range is the largest max
+    minus the smallest min). Steps whose difference has range 0 are left out, as there."""
+    raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations)
+
+    def median(chosen: np.ndarray) -> np.ndarray:  # chosen: (..., trajectories) indices -> (...) medians
+        raw = raw_hi[:, chosen].max(-1) - raw_lo[:, chosen].min(-1)
+        diff = diff_hi[:, chosen].max(-1) - diff_lo[:, chosen].min(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.nanmedian(np.where(diff > 0, raw / diff, np.nan), axis=0)
+
+    trajectories = raw_lo.shape[1]
+    estimate = float(median(np.arange(trajectories)))
+    draws = median(np.random.default_rng(seed).integers(0, trajectories, size=(resamples, trajectories)))
+    low, high = np.quantile(draws, [0.5 - level / 2, 0.5 + level / 2])
+    return Interval(estimate, float(low), float(high), trajectories, level)
+
+
+def trajectory_range_ratios(activations: Activations) -> np.ndarray:
+    """Per trajectory (dimension 0 of every step's tensor), the median over steps i >= 1 of
+    range(a_i) / range(a_i - a_{i-1}), both ranges over that trajectory's elements only: one value per
+    trajectory, the unit a mean interval resamples. Steps where a trajectory's difference has range 0 are
+    left out of its median."""
+    raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations)
+    raw_range, diff_range = raw_hi - raw_lo, diff_hi - diff_lo
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_step = np.where(diff_range > 0, raw_range / diff_range, np.nan)  # (steps - 1, trajectories)
     still = np.flatnonzero(np.isnan(per_step).all(axis=0))
     if still.size:
         raise ValueError(f"trajectories {still.tolist()} never change from step to step (every difference has "

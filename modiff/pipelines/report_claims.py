@@ -118,8 +118,14 @@ def residual_ranges(t: SavedTables) -> Claim:
     medians = table["median_per_step"]
     verdict: Verdict = ("reproduced" if (medians >= paper).all() else "partly" if (medians > 1).all()
                         else "not reproduced")
-    evidence = ("Median over steps of the per-step range ratio: "
-                + ", ".join(f"{r.median_per_step:.3g} (`{r.layer}`)" for r in table.itertuples())
+    with_ci = {"median_per_step_ci95_low", "median_per_step_ci95_high"} <= set(table.columns)
+
+    def median(r: object) -> str:  # with its bootstrap interval over trajectories where the table has it
+        return (interval(r.median_per_step, r.median_per_step_ci95_low, r.median_per_step_ci95_high) if with_ci
+                else f"{r.median_per_step:.3g}")
+
+    evidence = ("Median over steps of the per-step range ratio" + (" [95% over trajectories]" if with_ci else "") + ": "
+                + ", ".join(f"{median(r)} (`{r.layer}`)" for r in table.itertuples())
                 + f"; {int((medians >= paper).sum())} of {len(table)} layers at {paper:g} or more. Pooled over all "
                 f"steps (one range per trajectory) the ratio is {table['overall'].min():.3g} to {table['overall'].max():.3g}.")
     within = t.get("fig1b_range_ratios", ["layer", "per_trajectory_median", "per_trajectory_ci95_low",

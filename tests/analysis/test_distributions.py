@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.distributions import (activation_stats, layer_range_ratios, range_ratio, range_ratio_summary, tensor_stats,
-                                    trajectory_range_ratios, violin_data)
+from analysis.distributions import (activation_stats, layer_range_ratios, pooled_median_interval, range_ratio,
+                                    range_ratio_summary, tensor_stats, trajectory_range_ratios, violin_data)
 
 
 def _trajectory(steps: int = 4, shape: tuple[int, ...] = (2, 3, 5, 5)) -> torch.Tensor:
@@ -90,6 +90,22 @@ def test_trajectory_range_ratios_hand_computed() -> None:
     assert row["trajectories"] == 2 and row["per_trajectory_median"] == pytest.approx(1.75)
     assert row["per_trajectory_ci95_low"] <= 1.75 <= row["per_trajectory_ci95_high"]
     assert row["median_per_step"] == pytest.approx(range_ratio_summary(activation_stats(steps))["median_per_step"])
+
+
+def test_pooled_median_interval_resamples_trajectories() -> None:
+    """Pooled over both trajectories of the hand-computed case: step 1 raw range 4, diff range 3 (4/3); step 2
+    raw range 5, diff range 2 (2.5); median 1.92, as `range_ratio_summary` says. A resample of one trajectory
+    twice gives that trajectory's own median (2, its step-2 difference having range 0; 1.5), a mixed one 1.92:
+    the 95% interval runs from 1.5 to 2."""
+    steps = [torch.tensor([[0.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 4.0], [1.0, 3.0]]),
+             torch.tensor([[1.0, 5.0], [2.0, 6.0]])]
+    pooled = pooled_median_interval(steps, resamples=200)
+    assert pooled.mean == pytest.approx(range_ratio_summary(activation_stats(steps))["median_per_step"])
+    assert pooled.low <= pooled.mean <= pooled.high and pooled.n == 2
+    alone = [pooled_median_interval([s[i:i + 1] for s in steps], resamples=200).mean for i in (0, 1)]
+    assert pooled.low == pytest.approx(min(alone)) and pooled.high == pytest.approx(max(alone))
+    row = layer_range_ratios(steps)
+    assert (row["median_per_step_ci95_low"], row["median_per_step_ci95_high"]) == (pooled.low, pooled.high)
 
 
 def test_trajectory_range_ratios_errors() -> None:

@@ -38,6 +38,9 @@ def test_residual_ranges_states_the_per_trajectory_interval(tmp_path: Path) -> N
                                            "per_trajectory_ci95_high": 9.5}])
     assert "Within each trajectory, mean over trajectories [95%]: 9 [8.5, 9.5] (`l0`)." in judge(
         tmp_path, rc.residual_ranges).evidence
+    write(tmp_path, "fig1b_range_ratios", [{"layer": "l0", "overall": 1.5, "min_per_step": 1.1, "median_per_step": 12.0,
+                                           "median_per_step_ci95_low": 11.0, "median_per_step_ci95_high": 13.5}])
+    assert "per-step range ratio [95% over trajectories]: 12 [11, 13.5] (`l0`)" in judge(tmp_path, rc.residual_ranges).evidence
 
 
 def test_every_claim_without_its_table_is_not_measured(tmp_path: Path) -> None:
