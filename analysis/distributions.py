@@ -180,6 +180,10 @@ def pooled_median_interval(activations: Activations, level: float = 0.95, resamp
     ranges over the whole batch) with a percentile bootstrap interval over trajectories: the batch resampled,
     each step's pooled ranges recomputed from the trajectories' extrema (a pooled range is the largest max
     minus the smallest min). Steps whose difference has range 0 are left out, as there."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 100:
+        raise ValueError(f"resamples must be >= 100 for a percentile interval, got {resamples}")
     raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations)
 
     def median(chosen: np.ndarray) -> np.ndarray:  # chosen: (..., trajectories) indices -> (...) medians

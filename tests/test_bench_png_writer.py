@@ -29,3 +29,11 @@ def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 def test_encoding_time_is_per_image() -> None:
     images = np.zeros((4, 32, 32, 1), dtype=np.uint8)
     assert 0 < bench_png_writer.encode_ms_per_file(images) < 1e3
+
+
+def test_threaded_variant_writes_every_file_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[str] = []
+    monkeypatch.setattr(bench_png_writer, "save_png", lambda image, path: written.append(path.name))
+    images = np.zeros((7, 4, 4, 1), dtype=np.uint8)
+    assert bench_png_writer.tail_seconds(images, threads=3) > 0
+    assert sorted(written) == [f"{i:06d}.png" for i in range(7)]

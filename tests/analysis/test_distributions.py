@@ -106,6 +106,12 @@ def test_pooled_median_interval_resamples_trajectories() -> None:
     assert pooled.low == pytest.approx(min(alone)) and pooled.high == pytest.approx(max(alone))
     row = layer_range_ratios(steps)
     assert (row["median_per_step_ci95_low"], row["median_per_step_ci95_high"]) == (pooled.low, pooled.high)
+    with pytest.raises(ValueError, match="resamples must be >= 100"):
+        pooled_median_interval(steps, resamples=10)
+    with pytest.raises(ValueError, match=r"level must lie in \(0, 1\)"):
+        pooled_median_interval(steps, level=1.0)
+    with pytest.raises(ValueError, match="at least two steps"):
+        pooled_median_interval(steps[:1])
 
 
 def test_trajectory_range_ratios_errors() -> None:
