@@ -193,3 +193,17 @@ def test_sample_a_loaded_calibrated_model_with_cuda_graphs(tiny_denoiser: md.Den
                  cuda_graphs=cuda_graphs, progress=False)
         runs[cuda_graphs] = read_samples(out / "samples", range(6))
     assert (runs[True] == runs[False]).all()
+
+
+def test_hook_check_sees_hooks_added_after_wrapping(tiny_denoiser: md.Denoiser) -> None:
+    """The check walks the modules listed at wrapping (no CUDA needed): a forward or pre-forward hook added
+    later on any of them, or a global one, is seen; removing it makes calls recordable again."""
+    graphed = CUDAGraphed(tiny_denoiser.net)
+    deep = list(tiny_denoiser.net.modules())[-1]
+    assert not graphed._has_hooks()
+    for register in (deep.register_forward_hook, deep.register_forward_pre_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *_: None)
+        assert graphed._has_hooks()
+        handle.remove()
+        assert not graphed._has_hooks()
