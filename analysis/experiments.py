@@ -21,6 +21,7 @@ from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision, precision_record
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
+from modiff.pipelines.run_folder import sampler_identity
 from modiff.pipelines.summary import per_seed_fidelity, require_reference_images, run_scores
 from modiff.utils.device import resolve_device
 from modiff.utils.hooks import Capture, attach
@@ -113,7 +114,8 @@ def _run_location(model: nn.Module, preset: str, config: SampleConfig, runs_dir:
     assert config.precision != "auto", "resolve the precision first (SampleConfig.resolved)"
     name = f"{preset}-{config.sampler}{config.steps}" + (f"-{reset}" if reset else "")
     run_dir = Path(runs_dir) / (name if config.precision == "fp32" else f"{name}-{config.precision}")
-    identity = {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset}
+    identity = {"model": getattr(model, "name", "model"), "quant_preset": preset, "reset": reset,
+                **sampler_identity(model, config.sampler)}
     quant = md.presets[preset]
     if quant.samples_per_scale:  # these numerics no longer follow the batch size: runs made before are refused
         identity["quant_config"] = quant.to_dict()

@@ -176,6 +176,28 @@ def test_ddpm_leaves_latent_x0_pred_unclipped() -> None:
     assert model.clip_denoised is False and torch.equal(run, unclipped) and not torch.equal(run, clipped)
 
 
+def test_latent_ddpm_runs_record_unclipped_x0(tmp_path: Path) -> None:
+    """A latent model's DDPM run records ``ddpm_clip_denoised: False`` in its model identity, so a run made
+    before the fix (clipped, no field) is refused rather than continued or reused; DDIM runs of the same model
+    and pixel models' DDPM runs keep the identity they had."""
+    from modiff.pipelines.generate import SampleConfig, finished_run, generate
+    from modiff.pipelines.run_folder import sampler_identity
+
+    model = _tiny_model()
+    ddpm = SampleConfig(steps=2, sampler="ddpm", spacing="ldm")
+    run = generate(model, [0], tmp_path / "run", ddpm, batch_size=1, device="cpu", identity={"model": "tiny"},
+                   progress=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["identity"]["model"] == {"model": "tiny", "ddpm_clip_denoised": False}
+    assert finished_run(run, [0], ddpm, {"model": "tiny", **sampler_identity(model, "ddpm")}, "cpu")
+    del manifest["identity"]["model"]["ddpm_clip_denoised"]  # as a run made before commit 68f5759 recorded it
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"another configuration .*model\.ddpm_clip_denoised: None -> False"):
+        generate(model, [0, 1], run, ddpm, batch_size=1, device="cpu", identity={"model": "tiny"}, progress=False)
+    assert sampler_identity(model, "ddim") == {}
+    assert sampler_identity(torch.nn.Identity(), "ddpm") == {}  # pixel models clip (`Denoiser.clip_denoised`)
+
+
 def test_encode_applies_scale_factor() -> None:
     """encode(x) = scale_factor * posterior mode; with a generator, a posterior sample."""
     model = _tiny_model()

@@ -33,7 +33,7 @@ from modiff.pipelines.execution import (Precision, PrecisionChoice, float32_prec
                                         precision_record, prepared_network, resolve_execution, resolve_precision)
 from modiff.quant.layers.real import backend_record
 from modiff.pipelines.run_folder import (check_identity, execution_identity, is_summary, open_manifest, png_path,
-                                         remove_unreadable, run_identity)
+                                         remove_unreadable, run_identity, sampler_identity)
 from modiff.utils.locks import folder_lock
 from modiff.utils.progress import progress_bar
 from modiff.utils.rng import SeedStreams, format_seeds
@@ -220,7 +220,9 @@ def generate(
     config = replace(config, precision=run_execution.precision)
     out = ensure_writable_dir(Path(out_dir))
     execution = execution_identity(batch_size, dev, run_execution.compile)
-    ident = run_identity(identity or {"name": getattr(model, "name", type(model).__name__)}, asdict(config), execution)
+    model_ident = {**(identity or {"name": getattr(model, "name", type(model).__name__)}),
+                   **sampler_identity(model, config.sampler)}
+    ident = run_identity(model_ident, asdict(config), execution)
     world = World.current()  # several ranks under torch.distributed (`modiff.pipelines.distributed`)
     ranks = world.gather({"host": platform.node(), "pid": os.getpid(), "device": str(dev), "execution": execution})
     asked = {"seeds": format_seeds(seeds) if len(seeds) else "", "batch_size": batch_size, "execution": execution,

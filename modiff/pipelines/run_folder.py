@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from PIL import Image
 
-__all__ = ["run_identity", "execution_identity", "open_manifest", "check_identity", "png_path", "remove_unreadable",
+__all__ = ["run_identity", "execution_identity", "sampler_identity", "open_manifest", "check_identity", "png_path", "remove_unreadable",
            "readable_png", "identity_differences", "is_summary"]
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,15 @@ def execution_identity(batch_size: int, device: torch.device, compile: bool) -> 
     """The part of a run's identity that does not show in its config but changes quantized images."""
     kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"batch_size": int(batch_size), "device": kind, "compile": bool(compile)}
+
+
+def sampler_identity(model: Any, sampler: str) -> dict[str, Any]:
+    """Fields of the model's identity that a sampler's treatment of it adds: an unclipped DDPM x0 (latent
+    models, `Denoiser.clip_denoised`). DDPM runs of such a model made before commit 68f5759 were clipped and
+    lack the field, so `check_identity` refuses to continue or reuse them; other runs' identities are unchanged."""
+    if sampler == "ddpm" and not getattr(model, "clip_denoised", True):
+        return {"ddpm_clip_denoised": False}
+    return {}
 
 
 def run_identity(model: Mapping[str, Any], sample: Mapping[str, Any],
