@@ -2,7 +2,8 @@
 W8A32, W4A32) made from the same seeds and N as every other row, FID with a bootstrap 95% interval and IS
 with its split std, paired-bootstrap verdicts (better / worse / no difference) against the fp anchor, the
 weights-only anchor and the direct counterpart of a MoDiff row, the timestep spacing, the arithmetic each
-run used (read from its manifest), and the paper's numbers beside ours.
+run used (read from its manifest), the distance of each row's images to fp's of the same seed (mean relative L2
+and PSNR, each with the half-width of its t-based 95% interval over the seeds), and the paper's numbers beside ours.
 
 Rows are quantization presets, described from their configs: numerics "per-sample" (``wXaY``: dynamic,
 asymmetric, one scale per sample), "published" (``published-wXaY``: symmetric, one scale per batch tensor of the
@@ -208,9 +209,9 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
                is_ci95_low=metrics.get("is_ci95_low", np.nan), is_ci95_high=metrics.get("is_ci95_high", np.nan),
                is_std=metrics.get("is_std", np.nan),
                psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
-               psnr_ci95=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
+               psnr_ci95_halfwidth=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
                identical_to_fp=close["identical_samples"],
-               rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95=close["rel_l2_pixels"]["ci95"],
+               rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95_halfwidth=close["rel_l2_pixels"]["ci95"],
                gbops_per_step=preset_report(model, md.presets[preset], config.steps)["gbops_per_step"], note=note)
     return row, resampled
 
@@ -234,9 +235,8 @@ def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarra
 
 COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
            "fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_ci95_low", "is_ci95_high", "is_std",
-           "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95", "psnr_db", "psnr_ci95",
-           "identical_to_fp", "gbops_per_step",
-           "note"]
+           "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95_halfwidth", "psnr_db",
+           "psnr_ci95_halfwidth", "identical_to_fp", "gbops_per_step", "note"]
 
 
 def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,

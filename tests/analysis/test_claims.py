@@ -208,7 +208,7 @@ def test_warmup_claim() -> None:
 
 def _ratios(medians: list[float], mins: list[float]) -> pd.DataFrame:
     return pd.DataFrame({"layer": [f"net.l{i}" for i in range(len(medians))], "overall": 1.5, "min_per_step": mins,
-                         "median_per_step": medians, "mean_per_step": medians})
+                         "median_per_step": medians})
 
 
 def test_range_claim_branches() -> None:
