@@ -21,9 +21,11 @@ from modiff.pipelines import run_usage
 from modiff.pipelines.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision, precision_record
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
-from modiff.pipelines.run_folder import sampler_identity
+from modiff.pipelines.run_folder import identity_differences, sampler_identity
 from modiff.pipelines.summary import per_seed_fidelity, require_reference_images, run_scores
 from modiff.utils.device import resolve_device
+from modiff.utils.rng import format_seeds
+from modiff.utils.runs import atomic_path, environment, write_json
 from modiff.utils.hooks import Capture, attach
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.adaround import AdaRoundConfig
@@ -35,7 +37,7 @@ from modiff.quant.ptq.lsq import ActCalibConfig
 __all__ = [
     "layer_inputs", "sample_config", "run_location", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
     "paper_samplers", "sampler_runs", "sampler_scores",
-    "warmup_table", "warmup_per_seed",
+    "warmup_table", "warmup_per_seed", "warmup_location",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
     "run_is_finished", "fp_reference_run", "run_precision", "analysis_precision",
 ]
@@ -377,15 +379,60 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
 
 @torch.no_grad()
 def warmup_per_seed(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
-                    device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
+                    device: str = "cpu", batch_size: int = 64, runs_dir: Optional[str | Path] = None) -> pd.DataFrame:
     """Tables 5 and 15-18 (warm-up) per seed: MoDiff with k full-precision warm-up steps, relative L2 to the fp sample (decoded
     image for a latent model) of the same seed, sampled on ``device`` in IEEE float32 (TF32 off on CUDA) in
-    batches of ``batch_size``; columns preset, warmup_steps, precision, seed, rel_l2_pixels."""
-    from dataclasses import replace
+    batches of ``batch_size``; columns preset, warmup_steps, precision, seed, rel_l2_pixels.
 
+    With ``runs_dir`` the table travels as the sampler runs' summaries do: it is kept there (`warmup_location`)
+    and a later call asking for the same model, preset, warm-ups, seeds and steps reads it on any device instead
+    of sampling (its precision column still says where it was made); a file made for other settings is refused."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    runner, seeds = _on_device(model, device), list(seeds)
+    seeds = list(seeds)
+    if runs_dir is None:
+        return _sample_warmup(model, preset, warmups, seeds, steps, device, batch_size)
+    path, identity = warmup_location(model, preset, warmups, seeds, steps, runs_dir)
+    kept = _read_warmup(path, identity)
+    if kept is not None:
+        return kept
+    table = _sample_warmup(model, preset, warmups, seeds, steps, device, batch_size)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+    write_json({"identity": identity, "environment": environment(resolve_device(device))}, _warmup_manifest(path))
+    return table
+
+
+def warmup_location(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
+                    runs_dir: str | Path) -> tuple[Path, dict[str, object]]:
+    """runs_dir/warmup-<preset>-ddim<steps>.csv (its identity in the .json beside it) and that identity."""
+    identity = {"model": getattr(model, "name", "model"), "preset": preset, "warmups": [int(k) for k in warmups],
+                "seeds": format_seeds(seeds), "sampler": "ddim", "steps": int(steps), "spacing": paper_spacing(model)}
+    return Path(runs_dir) / f"warmup-{preset}-ddim{steps}.csv", identity
+
+
+def _warmup_manifest(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _read_warmup(path: Path, identity: dict[str, object]) -> Optional[pd.DataFrame]:
+    """The kept table, None when there is none (the .json is written last: a table without it is unfinished)."""
+    manifest = _warmup_manifest(path)
+    if not (path.exists() and manifest.exists()):
+        return None
+    diff = identity_differences({"warmup": json.loads(manifest.read_text())["identity"]}, {"warmup": identity},
+                                ("warmup",))
+    if diff:
+        raise ValueError(f"{path} holds warm-up results made with other settings (old -> new: {'; '.join(diff)}); "
+                         f"delete it and {manifest.name}, or use another runs folder")
+    return pd.read_csv(path)
+
+
+def _sample_warmup(model: nn.Module, preset: str, warmups: Sequence[int], seeds: list[int], steps: int,
+                   device: str, batch_size: int) -> pd.DataFrame:
+    from dataclasses import replace
+
+    runner = _on_device(model, device)
     ts = _timesteps(model, steps)
     where = resolve_device(device)
     arithmetic = analysis_precision(where)
@@ -406,12 +453,12 @@ def warmup_per_seed(model: nn.Module, preset: str, warmups: Sequence[int], seeds
 
 
 def warmup_table(model: nn.Module, preset: str, warmups: Sequence[int], seeds: Sequence[int], steps: int,
-                 device: str = "cpu", batch_size: int = 64) -> pd.DataFrame:
+                 device: str = "cpu", batch_size: int = 64, runs_dir: Optional[str | Path] = None) -> pd.DataFrame:
     """Tables 5 and 15-18 (warm-up): per warm-up setting, the mean relative L2 to fp over seeds (`warmup_per_seed`) with its 95%
     bootstrap interval; columns preset, warmup_steps, precision, rel_l2_pixels, ci95_low, ci95_high, n."""
     from analysis.intervals import summarize
 
-    per_seed = warmup_per_seed(model, preset, warmups, seeds, steps, device, batch_size)
+    per_seed = warmup_per_seed(model, preset, warmups, seeds, steps, device, batch_size, runs_dir)
     table = summarize(per_seed, ["preset", "warmup_steps", "precision"], "rel_l2_pixels")
     return table.rename(columns={"mean": "rel_l2_pixels"})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -142,6 +143,24 @@ def test_warmup_per_seed_is_batch_invariant_and_summarised(tiny_denoiser: md.Den
     assert (table["ci95_low"] <= table["rel_l2_pixels"]).all() and (table["n"] == 3).all()
     with pytest.raises(ValueError, match="batch_size"):
         experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1], range(2), steps=4, batch_size=0)
+
+
+def test_warmup_per_seed_travels_with_the_runs(tiny_denoiser: md.Denoiser, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With runs_dir the per-seed table is kept and read back exactly, without sampling; a call asking for other
+    settings is refused; a table whose .json was never written (an interrupted write) is made again."""
+    made = experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, runs_dir=tmp_path)
+    path, identity = experiments.warmup_location(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), 4, tmp_path)
+    assert path.exists() and json.loads(path.with_suffix(".json").read_text())["identity"] == identity
+    monkeypatch.setattr(experiments, "_sample_warmup", lambda *args: pytest.fail("sampled again"))
+    kept = experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, runs_dir=tmp_path)
+    pd.testing.assert_frame_equal(kept, made, check_exact=True)
+    with pytest.raises(ValueError, match=r"other settings .*warmup\.seeds: '0-2' -> '0-3'"):
+        experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1, 2], range(4), steps=4, runs_dir=tmp_path)
+    monkeypatch.undo()
+    path.with_suffix(".json").unlink()
+    again = experiments.warmup_per_seed(tiny_denoiser, "w8a8-modiff", [1, 2], range(3), steps=4, runs_dir=tmp_path)
+    pd.testing.assert_frame_equal(again, made)
 
 
 def test_layer_sensitivity_variants(tiny_denoiser: md.Denoiser) -> None:
