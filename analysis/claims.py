@@ -52,7 +52,7 @@ def caching_claim(summary: pd.DataFrame, growth: Mapping[int, Interval], steps: 
     `analysis.caching.growth_with_step` per N. "About" means within ``tolerance`` (relative) at the last
     step every N skips; growth with N means the means over all steps rise with N with disjoint intervals;
     growth with the step means an N's interval of late-minus-early error lies above 0, and the opposite one
-    below 0. ``model`` names this model in the likely reason for a level unlike the paper's."""
+    below 0. ``model`` names this model in the hypothesis offered for a level unlike the paper's."""
     common = summary[summary["comparison"] == "last step every N skips"].set_index("interval")
     overall = {int(n): _interval(r) for n, r in
                summary[summary["comparison"] == "mean over all steps"].set_index("interval").iterrows()}
@@ -69,11 +69,12 @@ def caching_claim(summary: pd.DataFrame, growth: Mapping[int, Interval], steps: 
     else:
         lower = level.mean < paper_value
         text += (f"here it is {level.mean:.3g}, {'below' if lower else 'above'} the paper's by more than "
-                 f"{tolerance:.0%}. Likely reason: another model and data set (`{model}` on Fashion-MNIST, where the "
-                 f"paper has CIFAR-10's DDIM UNet"
+                 f"{tolerance:.0%}. Not explained by a measurement here; a hypothesis, untested because no "
+                 f"CIFAR-10 weights ship with the toolkit: another model and data set (`{model}` on Fashion-MNIST, "
+                 f"where the paper has CIFAR-10's DDIM UNet"
                  + (f", {steps} steps instead of {paper_steps}" if steps != paper_steps else "")
-                 + f"), whose middle-block features change {'less' if lower else 'more'} from one step to the "
-                 "next than CIFAR-10's, so a reused output is " + ("closer to" if lower else "farther from")
+                 + f") whose middle-block features change {'less' if lower else 'more'} from one step to the "
+                 "next than CIFAR-10's would put a reused output " + ("closer to" if lower else "farther from")
                  + " the fresh one.")
     ns = sorted(overall)
     by_n = all(overall[a].high < overall[b].low for a, b in zip(ns, ns[1:]))

@@ -151,7 +151,7 @@ def test_caching_claim_agrees() -> None:
     growth = {n: Interval(0.1, 0.05, 0.15, 16) for n in (2, 3, 5)}
     text = claims.caching_claim(summary, growth, steps=100)
     assert "N = 3: 0.41 [0.4, 0.42]" in text and "this agrees" in text
-    assert "Growth with N holds" in text and "holds for N = 2, 3, 5" in text and "Likely reason" not in text
+    assert "Growth with N holds" in text and "holds for N = 2, 3, 5" in text and "hypothesis" not in text
 
 
 def test_caching_claim_disagrees() -> None:
@@ -160,6 +160,7 @@ def test_caching_claim_disagrees() -> None:
     text = claims.caching_claim(summary, growth, steps=20, model="fmnist-ldm")
     assert "here it is 0.12, below the paper's" in text and "20 steps instead of 100" in text
     assert "(`fmnist-ldm` on Fashion-MNIST, where the paper has CIFAR-10's DDIM UNet" in text
+    assert "Not explained by a measurement here; a hypothesis, untested" in text
     assert "change less" in text and "Growth with N does not hold" in text
     assert ("holds for N = 2; the opposite (the error falls with the step, unlike the paper) for N = 5; "
             "not shown for N = 3") in text
