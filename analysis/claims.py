@@ -65,7 +65,8 @@ def caching_claim(summary: pd.DataFrame, growth: Mapping[int, Interval], steps: 
             f"relative L2 distance is {values} (mean [95% interval] over {level.n} samples). The paper reports "
             f"about {paper_value:g} at the last of {paper_steps} steps already for N = {paper_interval}: ")
     if abs(level.mean - paper_value) <= tolerance * paper_value:
-        text += f"this agrees (within {tolerance:.0%})."
+        text += (f"this agrees (within {tolerance:.0%})"
+                 + (f", although at {steps} steps, not {paper_steps}." if steps != paper_steps else "."))
     else:
         lower = level.mean < paper_value
         text += (f"here it is {level.mean:.3g}, {'below' if lower else 'above'} the paper's by more than "

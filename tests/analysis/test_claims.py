@@ -152,6 +152,8 @@ def test_caching_claim_agrees() -> None:
     text = claims.caching_claim(summary, growth, steps=100)
     assert "N = 3: 0.41 [0.4, 0.42]" in text and "this agrees" in text
     assert "Growth with N holds" in text and "holds for N = 2, 3, 5" in text and "hypothesis" not in text
+    assert "this agrees (within 25%)." in text
+    assert "this agrees (within 25%), although at 20 steps, not 100." in claims.caching_claim(summary, growth, steps=20)
 
 
 def test_caching_claim_disagrees() -> None:
