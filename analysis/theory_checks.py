@@ -244,9 +244,11 @@ def tightness_summary(checks: BoundChecks, quantiles: Sequence[float] = (0.5, 0.
 def decay_failures(c_table: pd.DataFrame) -> pd.DataFrame:
     """The (layer, quantizer, bits) where 2c >= 1 for c30 or c31: Theorem 4.4's assumption fails there,
     and (31) unrolled, a sum of (2c)^(j+1) d over past differences j, no longer decays (``growth`` = 2 c31,
-    the factor each step further back multiplies its weight by)."""
+    the factor each step further back multiplies its weight by). ``trajectories`` and ``steps`` say how many
+    calibration trajectories and steps each c is the maximum over."""
     flagged = c_table[c_table["two_c30_ge_1"] | c_table["two_c31_ge_1"]]
-    out = flagged[["layer", "quantizer", "bits", "c30", "c31", "c30_ge_1", "c31_ge_1"]].copy()
+    columns = ["layer", "quantizer", "bits", "c30", "c31", "c30_ge_1", "c31_ge_1", "trajectories", "steps"]
+    out = flagged[columns].copy()
     out["growth"] = 2 * out["c31"]
     return out.sort_values(["quantizer", "bits", "c31"], ascending=[True, True, False]).reset_index(drop=True)
 

@@ -92,13 +92,14 @@ def test_fail_rate_interval_is_over_trajectories() -> None:
 
 
 def test_decay_flags_and_their_list() -> None:
-    stats = pd.concat([_rows("calibration", [0], {0: 0.5}, bits=3), _rows("calibration", [0], {0: 1.2}, bits=2),
+    stats = pd.concat([_rows("calibration", [0, 1], {0: 0.5, 1: 0.3}, bits=3), _rows("calibration", [0], {0: 1.2}, bits=2),
                        _rows("calibration", [0], {0: 0.49}, bits=4)], ignore_index=True)
     c = estimate_c(stats).set_index("bits")
     assert c.loc[3, "two_c31_ge_1"] and not c.loc[3, "c31_ge_1"]
     assert c.loc[2, "two_c31_ge_1"] and c.loc[2, "c31_ge_1"] and not c.loc[4, "two_c31_ge_1"]
     flagged = decay_failures(c.reset_index())
     assert flagged["bits"].tolist() == [2, 3] and flagged["growth"].tolist() == pytest.approx([2.4, 1.0])
+    assert flagged["trajectories"].tolist() == [1, 2] and flagged["steps"].tolist() == [3, 3]
     with pytest.raises(ValueError, match="no rows with role 'held-out'"):
         estimate_c(stats, "held-out")
 
