@@ -15,9 +15,12 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
   real-int8-modiff, real-fp8-modiff   W8A8 MoDiff on them, state (a_hat, o_hat) in float32 (state_dtype auto)
   real-int8-modiff-bf16               the same with a bfloat16 state
   torchao-fp8, torchao-int8           torchao's Float8DynamicActivationFloat8WeightConfig and
-                     Int8DynamicActivationInt8WeightConfig (default arguments) through `quantize_` on the
-                     bf16 network, asked for Conv2d and Linear; if it refuses Conv2d, Linear only (the row
-                     records which layers it quantized). Skipped with the reason when torchao does not import.
+                     Int8DynamicActivationInt8WeightConfig (default arguments but set_inductor_config=False)
+                     through `quantize_` on the bf16 network, asked for Conv2d and Linear; if it refuses Conv2d,
+                     Linear only (the row records which layers it quantized). Skipped with the reason when torchao
+                     does not import. set_inductor_config=True (torchao's default) would switch on inductor's
+                     coordinate-descent tuning of every kernel for the rest of the process, and TF32 matmuls: the
+                     rows would no longer share fp's compiler settings (and tuning a UNet's kernels takes minutes).
 
 Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
 Per-step error (``--error-batch``, 0 skips): for INT8 and FP8 and both state dtypes, the relative L2 error of eps
@@ -78,12 +81,12 @@ def _torchao(arch: str, config_name: str) -> tuple[Denoiser, dict[str, Any]]:
     import torchao
     from torchao import quantization
 
-    notes: dict[str, Any] = {"torchao": torchao.__version__, "config": f"{config_name}()"}
+    notes: dict[str, Any] = {"torchao": torchao.__version__, "config": f"{config_name}(set_inductor_config=False)"}
     for layers in ((nn.Conv2d, nn.Linear), (nn.Linear,)):
         model = benchmark_model(arch)
         model.net = model.net.to(torch.bfloat16).cuda()
         try:
-            quantization.quantize_(model.net, getattr(quantization, config_name)(),
+            quantization.quantize_(model.net, getattr(quantization, config_name)(set_inductor_config=False),
                                    filter_fn=lambda m, fqn, layers=layers: isinstance(m, layers))
         except Exception as err:  # noqa: BLE001 - torchao's refusal of Conv2d is a result to record
             notes[f"refused {'+'.join(t.__name__ for t in layers)}"] = f"{type(err).__name__}: {err}"[:300]
