@@ -11,8 +11,8 @@ every 128. Summing per channel over the pixels first reads whole rows of channel
 then come from the (batch, channels) sums. Both run compiled, bf16 channels_last in, float32 statistics,
 bf16 out (what the next convolution reads), with the time-embedding add where it precedes the GroupNorm (a
 ResBlock's second). Printed per case: microseconds, the bandwidth floor (read once, write once) and the
-largest difference between the two outputs; then the microseconds per network call of each formulation,
-of the model's rule (`takes_per_channel_sums`) and of the faster one per case. CUDA only.
+largest difference between the two outputs; then the microseconds per network call of each formulation
+and of the faster one per case. CUDA only.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profiling import cuda_kernel_args, device_us  # noqa: E402
 
-from modiff.models.ddim_unet import PER_CHANNEL_MIN_PIXELS, per_channel_group_norm  # noqa: E402
+from modiff.models.ddim_unet import per_channel_group_norm  # noqa: E402
 from modiff.models.registry import load_model  # noqa: E402
 
 GROUPS, EPS = 32, 1e-6
@@ -93,17 +93,15 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         first, second = outputs.values()
         rows[-1]["max_abs_difference"] = float((first.float() - second.float()).abs().max())
-        rule = "per-channel sums" if res * res >= PER_CHANNEL_MIN_PIXELS else "aten group_norm"
         for name, us in times.items():
             per_call[name] += calls * us
-        per_call["the model's rule"] += calls * times[rule]
         per_call["faster per case"] += calls * min(times.values())
     totals = {name: round(us, 1) for name, us in per_call.items()}
     print(json.dumps({"us_per_network_call": totals}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                               "model": args.model, "batch": args.batch,
-                                              "per_channel_min_pixels": PER_CHANNEL_MIN_PIXELS, "rows": rows,
+                                              "rows": rows,
                                               "us_per_network_call": totals}, indent=1) + "\n")
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DDIMUNetConfig", "DDIMUNet", "ddim_unet_from_config", "timestep_embedding", "GroupNorm", "per_channel_group_norm",
-           "takes_per_channel_sums", "fast_path_input"]
+           "fast_path_input"]
 
 
 @dataclass(frozen=True)
@@ -102,23 +102,11 @@ def fast_path_input(x: torch.Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
-# Below 16x16 pixels the per-channel sums lose to inductor's F.group_norm kernels: a reduction over a few values
-# per (sample, channel) costs more than the data it reads (benchmarks/README.md, "Full-precision sampling").
-PER_CHANNEL_MIN_PIXELS = 256
-
-
-def takes_per_channel_sums(x: torch.Tensor) -> bool:
-    """Whether a GroupNorm takes `per_channel_group_norm`: a fast-path input with at least
-    `PER_CHANNEL_MIN_PIXELS` pixels per channel."""
-    return fast_path_input(x) and x.shape[2] * x.shape[3] >= PER_CHANNEL_MIN_PIXELS
-
-
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state_dict keys) that takes `per_channel_group_norm` on the fast path
-    where it pays (`takes_per_channel_sums`)."""
+    """nn.GroupNorm (same parameters and state_dict keys) that takes `per_channel_group_norm` on the fast path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes_per_channel_sums(x) and self.affine:
+        if fast_path_input(x) and self.affine:
             return per_channel_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 

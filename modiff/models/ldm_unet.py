@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from modiff.models.ddim_unet import AttentionCore, per_channel_group_norm, takes_per_channel_sums
+from modiff.models.ddim_unet import AttentionCore, fast_path_input, per_channel_group_norm
 
 __all__ = ["UNetModel", "ResBlock", "AttentionBlock", "QKVAttentionLegacy", "QKVAttention", "GroupNorm32",
            "timestep_embedding"]
@@ -47,7 +47,7 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and cast back, as CompVis does (fp16-safe statistics)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes_per_channel_sums(x) and self.affine:
+        if fast_path_input(x) and self.affine:
             return per_channel_group_norm(x, self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()

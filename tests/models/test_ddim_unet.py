@@ -328,30 +328,16 @@ def test_per_channel_group_norm_equals_group_norm(channels_last: bool) -> None:
     assert set(norm.state_dict()) == {"weight", "bias"}
 
 
-def test_per_channel_sums_only_from_16x16_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the fast path a GroupNorm takes per-channel sums from 16x16 pixels per channel up and F.group_norm
-    below (where its kernels are faster); off the fast path, never."""
-    from modiff.models import ddim_unet
-
-    def shaped(res: int) -> torch.Tensor:
-        return torch.empty(2, 64, res, res, device="meta")
-
-    assert not any(ddim_unet.takes_per_channel_sums(shaped(res)) for res in (4, 16, 32))
-    monkeypatch.setattr(ddim_unet, "fast_path_input", lambda x: True)
-    assert [ddim_unet.takes_per_channel_sums(shaped(res)) for res in (4, 8, 15, 16, 32)] == [False] * 3 + [True] * 2
-    assert ddim_unet.takes_per_channel_sums(torch.empty(2, 64, 8, 32, device="meta"))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_group_norm_on_the_fast_path_equals_group_norm() -> None:
     """On CUDA under bf16 autocast with channels_last the module takes per-channel sums; its output equals
     nn.GroupNorm's under the same autocast within float32 rounding."""
-    from modiff.models.ddim_unet import GroupNorm, fast_path_input, takes_per_channel_sums
+    from modiff.models.ddim_unet import GroupNorm, fast_path_input
 
     x = (1.0 + torch.randn(4, 128, 16, 16, device="cuda")).bfloat16().to(memory_format=torch.channels_last)
     norm = GroupNorm(32, 128, eps=1e-6).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
-        assert fast_path_input(x) and takes_per_channel_sums(x)
+        assert fast_path_input(x)
         got, expected = norm(x), torch.nn.GroupNorm.forward(norm, x)
     assert got.dtype == expected.dtype == torch.float32
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
