@@ -36,3 +36,15 @@ def test_kernel_benchmarks_refuse_to_run_without_cuda(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="bench_group_norm.py needs CUDA"):
         profiling.cuda_kernel_args("doc", "bench_group_norm.py", batch=1024)
+
+
+def test_group_norm_cases_are_the_models() -> None:
+    """The cases come from one call of the model: every GroupNorm once, a ResBlock's second one marked as
+    following the time-embedding add, keyed by its input's channels and resolution."""
+    cases = bench_group_norm.group_norm_cases("fmnist-ddim")
+    denoiser = bench_group_norm.load_model("fmnist-ddim")
+    norms = [name for name, module in denoiser.net.named_modules() if isinstance(module, torch.nn.GroupNorm)]
+    assert sum(cases.values()) == len(norms) == 51
+    assert sum(calls for (_, _, after_add), calls in cases.items() if after_add) == sum(
+        name.endswith("norm2") for name in norms)
+    assert cases[(64, 32, True)] == 5 and cases[(128, 4, False)] == 5
