@@ -2,7 +2,8 @@
 `modiff.models.ddim_unet.per_channel_group_norm` (statistics from per-channel sums), at every GroupNorm
 shape of a model (default `fmnist-ddim`), each weighted by how often one network call meets it.
 
-    python benchmarks/bench_group_norm.py --batch 1024 --out benchmarks/results/group_norm_h200.json
+    python benchmarks/bench_group_norm.py --batch 1024 --out benchmarks/results/group_norm_h200_cases.json
+    python benchmarks/bench_group_norm.py --model fmnist-ldm --batch 1024
 
 Why: in the fp kernel table of `fmnist-ddim` at batch 1024 (`sampling_profile_h200.json`) inductor's
 GroupNorm reductions move data at well under the H200's bandwidth. With channels_last and 32 groups of 64
@@ -100,8 +101,7 @@ def main() -> None:
     print(json.dumps({"us_per_network_call": totals}), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                              "model": args.model, "batch": args.batch,
-                                              "rows": rows,
+                                              "model": args.model, "batch": args.batch, "rows": rows,
                                               "us_per_network_call": totals}, indent=1) + "\n")
 
 
