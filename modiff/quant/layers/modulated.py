@@ -85,6 +85,15 @@ def state_dtype(x: torch.Tensor, choice: str = "auto") -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def consumed(x: torch.Tensor) -> torch.Tensor:
+    """x as the layer's operator consumes it: in the autocast dtype where autocast is on (bf16 on the fast path).
+    The residual is then formed against the values the product sees, and a compiled network writes x once in
+    that dtype rather than in the float32 its producer (GroupNorm, swish) computes in under autocast (the
+    measured gain: benchmarks/README.md, "Quantized sampling")."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 class ModulatedLayer(QuantLayer):
     """A QuantLayer in mode ``modulated`` or ``cache``: MoDiff state across steps (see trajectory()).
 
@@ -139,7 +148,7 @@ class ModulatedLayer(QuantLayer):
             if not compensation:  # the skipped residual is dropped: no error feedback
                 state.a_ref.copy_(x)
         else:
-            modulate(x, state.a_hat, state.a_ref, self.act, compensation, self.fused_spec)
+            modulate(consumed(x), state.a_hat, state.a_ref, self.act, compensation, self.fused_spec)
         return self.op(self.operand(x), self.weight_q, self.bias)
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
