@@ -8,7 +8,7 @@ from torch import nn
 import modiff as md
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
 from modiff.quant.layers.direct import QuantLayer
-from modiff.quant.layers.modulated import ModulatedLayer
+from modiff.quant.layers.modulated import ModulatedLayer, consumed
 from modiff.quant.primitives import quantize_dynamic
 
 
@@ -65,6 +65,27 @@ def test_state_follows_the_autocast_dtype() -> None:
                 step = (residual.amax(1) - residual.amin(1)) / 15
                 error = (x - states[0].a_hat.float()).flatten(1).abs().amax(1)
                 assert torch.all(error <= step / 2 + 2**-8 * x.flatten(1).abs().amax(1))
+
+
+def test_residual_is_formed_against_the_input_the_operator_consumes() -> None:
+    """Under autocast the operator consumes bf16(a_t), so the residual is bf16(a_t) - a_hat and one step gives
+    a_hat = bf16(a_hat + Q(bf16(a_t) - a_hat)), Q and the sum in float32 (not the float32 a_t's residual)."""
+    layer = _single_layer(QuantConfig(weight=None, activation=A4, mode="modulated"))
+    xs = _inputs(4, (2, 3, 6, 6))
+    with trajectory(layer) as states, torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(xs[0])
+        for x in xs[1:]:
+            previous = states[0].a_hat.float()
+            layer(x)
+            residual = x.to(torch.bfloat16).float() - previous
+            assert torch.equal(states[0].a_hat, (previous + quantize_dynamic(residual, A4.spec)).to(torch.bfloat16))
+
+
+def test_consumed_input_is_x_itself_without_autocast() -> None:
+    x = torch.randn(2, 3)
+    assert consumed(x) is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert consumed(x).dtype == torch.bfloat16 and torch.equal(consumed(x), x.to(torch.bfloat16))
 
 
 def test_error_equals_current_residual_rounding_only() -> None:

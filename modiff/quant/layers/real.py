@@ -23,7 +23,7 @@ from modiff.quant.config import QuantConfig
 from modiff.quant.formats import fp8_codes
 from modiff.quant.kernels.real import TRITON, Geometry, pack_weight, real_direct, real_modulated, register_ops
 from modiff.quant.layers.direct import QuantLayer
-from modiff.quant.layers.modulated import ModulatedLayer, state_dtype
+from modiff.quant.layers.modulated import ModulatedLayer, consumed, state_dtype
 
 __all__ = ["RealQuantLayer", "RealModulatedLayer", "use_real_kernels", "backend_record"]
 
@@ -131,7 +131,8 @@ class RealQuantLayer(_RealWeights, QuantLayer):
 
 
 class RealModulatedLayer(_RealWeights, ModulatedLayer):
-    """MoDiff W8A8 on the real backend: r = a - a_hat, a_hat += Q(r), o_hat += A_q(Q(r)); returns o_hat."""
+    """MoDiff W8A8 on the real backend: r = a - a_hat, a_hat += Q(r), o_hat += A_q(Q(r)); returns o_hat. Under
+    autocast a is the input in the autocast dtype, as in the simulator (`consumed`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not use_real_kernels(x):
@@ -146,6 +147,7 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
             out = self.op(self.operand(x), self.weight_q, self.bias)
             state.o_hat = _nhwc(out.to(dtype, copy=True))
             return out
+        x = consumed(x)  # the residual against what the operator consumes, as in the simulator
         geometry = self._geometry(x)
         out = real_modulated(x, state.a_hat, state.o_hat, self.weight_packed, self.weight_scale_n, geometry,
                              _output_dtype(x))
