@@ -81,12 +81,14 @@ def capture(arch: str, fmt: str, batch: int, device: torch.device) -> list[Captu
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(name, mod, args)) for name, m in layers]
     generator = torch.Generator(device).manual_seed(0)
     x = torch.randn(batch, *model.sample_shape, device=device, generator=generator)
+    # the next step's input, as a sampler would give it: every layer's input changes, also before the time embedding
+    x_next = x + 0.1 * torch.randn(x.shape, device=device, generator=generator)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     try:
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16), trajectory(model):
             model(x.contiguous(memory_format=torch.channels_last), t)
             recording[0] = True
-            model(x.contiguous(memory_format=torch.channels_last), t - 10)
+            model(x_next.contiguous(memory_format=torch.channels_last), t - 10)
     finally:
         for handle in handles:
             handle.remove()

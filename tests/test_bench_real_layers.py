@@ -18,7 +18,7 @@ def test_capture_takes_every_real_layer_once_from_the_modulated_step() -> None:
     assert len(names) == len(set(names)) == 113  # every Conv2d and Linear of the UNet, each called once per step
     for call in calls:
         assert call.x.shape == call.a_hat.shape and call.x.shape[0] == 2
-        assert not torch.equal(call.x.float(), call.a_hat.float())  # a_hat is the warm-up step's input: t changed
+        assert not torch.equal(call.x.float(), call.a_hat.float())  # a_hat is the warm-up step's input: x and t changed
 
 
 def _row(kind: str, key: str, gemm: float, candidates: dict) -> dict:
