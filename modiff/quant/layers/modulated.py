@@ -89,7 +89,7 @@ def consumed(x: torch.Tensor) -> torch.Tensor:
     """x as the layer's operator consumes it: in the autocast dtype where autocast is on (bf16 on the fast path).
     The residual is then formed against the values the product sees, and a compiled network writes x once in
     that dtype rather than in the float32 its producer (GroupNorm, swish) computes in under autocast (the
-    measured gain: benchmarks/README.md, "Quantized sampling")."""
+    measured gain: benchmarks/README.md, "Full-precision sampling", sitting 28)."""
     device = x.device.type
     return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
