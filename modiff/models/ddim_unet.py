@@ -166,6 +166,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention; `attention` is a separate module so it can be quantized."""
 
+    shared_input = ("q", "k", "v")  # read one tensor, in this order (`modiff.quant.trajectory`)
+
     def __init__(self, channels: int):
         super().__init__()
         self.norm = group_norm(channels)

@@ -9,6 +9,7 @@ import modiff as md
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, presets, quantize, trajectory
 from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer, consumed
+from modiff.quant.layers.trajectory import shared_input_pairs, state_bytes
 from modiff.quant.primitives import quantize_dynamic
 
 
@@ -260,3 +261,54 @@ def test_compiled_modulated_model_has_one_graph_per_phase(tiny_denoiser: md.Deno
     assert not counters["graph_break"]
     phases = {"w4a4-modiff": 2, "cache5": 3}[preset]  # warm-up and refresh; cache adds the skip step
     assert counters["stats"]["unique_graphs"] == phases
+
+
+def _attention_layers(qmodel: md.Denoiser) -> list[nn.Module]:
+    """q, k, v of the model's first attention block."""
+    block = next(m for m in qmodel.modules() if getattr(m, "shared_input", None))
+    return [block.q, block.k, block.v]
+
+
+@pytest.mark.parametrize("preset", ["w4a4-modiff", "w8a4-modiff", "cache5"])
+def test_attention_inputs_share_one_state_and_change_nothing(tiny_denoiser: md.Denoiser, preset: str) -> None:
+    """q, k and v read one tensor: under a dynamic quantizer k and v read q's a_hat instead of repeating its
+    update, with the same samples bit for bit and two input-sized tensors less of state."""
+    qmodel = quantize(tiny_denoiser, presets[preset])
+    x_T, ts = md.noise(range(2), tiny_denoiser.sample_shape), md.timesteps(6)
+    outputs, sizes = {}, {}
+    for share in (True, False):
+        with trajectory(qmodel, share_inputs=share) as states:
+            outputs[share] = md.sample_ddim(qmodel, x_T, ts)
+            sizes[share] = state_bytes(states)
+            q, k, v = _attention_layers(qmodel)
+            assert (k.state.a_hat is q.state.a_hat and v.state.a_hat is q.state.a_hat) == share
+            input_bytes = q.state.a_hat.numel() * q.state.a_hat.element_size()
+    assert torch.equal(outputs[True], outputs[False])
+    blocks = [m for m in qmodel.modules() if getattr(m, "shared_input", None)]
+    assert len(blocks) > 1 and sizes[False] - sizes[True] >= 2 * input_bytes
+    assert all(m.state.shared_with is None for m in qmodel.modules() if isinstance(m, ModulatedLayer))
+
+
+def test_static_quantizers_keep_one_state_per_layer(tiny_denoiser: md.Denoiser) -> None:
+    """Ranges learned per layer make each layer's state its own: nothing is shared, and neither while observing."""
+    config = QuantConfig(activation=ActQuant(QuantSpec(bits=4), dynamic=False), mode="modulated")
+    qmodel = quantize(tiny_denoiser, config)
+    q, k, v = _attention_layers(qmodel)
+    assert q.input_state_key() is None and not shared_input_pairs(qmodel)
+    dynamic = quantize(tiny_denoiser, presets["w4a4-modiff"])
+    q, k, v = _attention_layers(dynamic)
+    pairs = [(f.name, l.name) for f, l in shared_input_pairs(dynamic)]
+    assert pairs[:2] == [(k.name, q.name), (v.name, q.name)] and len(pairs) % 2 == 0
+    q.act.observing = True
+    assert [(f.name, l.name) for f, l in shared_input_pairs(dynamic)][0] == (v.name, k.name)
+
+
+def test_a_follower_called_before_its_leader_raises(tiny_denoiser: md.Denoiser) -> None:
+    """The sharing relies on the declared call order; a module that breaks it gets an error, not k's input as q's."""
+    qmodel = quantize(tiny_denoiser, presets["w4a4-modiff"])
+    attention = next(m for m in qmodel.modules() if getattr(m, "shared_input", None))
+    attention.shared_input = ("k", "q", "v")  # declares k first, but forward still calls q first
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 5])
+    with trajectory(qmodel):
+        with pytest.raises(RuntimeError, match="has not run in this step"):
+            qmodel(x, t)

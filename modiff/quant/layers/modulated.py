@@ -137,11 +137,33 @@ class ModulatedLayer(QuantLayer):
                 f"{tuple(self.state.a_hat.shape)}; the batch must stay the same within one trajectory"
             )
 
+    def input_state_key(self) -> Optional[tuple]:
+        """What decides how this layer's a_hat and a_ref follow its input, or None where they also depend on
+        the layer itself (static ranges learned per layer, observers collecting). Two layers with one key that
+        read one tensor keep identical states, so `trajectory()` lets the second read the first one's."""
+        act, config = self.act, self.config
+        if act is not None and (act.observing or not act.config.dynamic):
+            return None
+        act_key = None if act is None else (act.config, act.split, act.format)
+        return (type(self), config.mode, config.compensation, config.warmup_steps, config.cache_interval,
+                config.reset, config.state_dtype, act_key)
+
+    def _read_shared_state(self, phase: str) -> None:
+        leader = self.state.shared_with
+        if leader.phase != "spent":
+            raise RuntimeError(
+                f"layer {self.name} shares its input's MoDiff state with a layer that has not run in this step; "
+                f"the module declaring them in `shared_input` must call them in that order")
+        if phase == "warmup":
+            self.state.a_hat, self.state.a_ref = leader.a_hat, leader.a_ref
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_call(x)
         state, compensation = self.state, self.config.compensation
         phase, state.phase = state.phase, "spent"
-        if phase == "warmup":  # a copy: layers sharing an input (q, k, v) must not share state
+        if state.shared_with is not None:  # the first layer reading x has advanced a_hat as this one would
+            self._read_shared_state(phase)
+        elif phase == "warmup":  # a copy: x may be another layer's input, and a_hat is updated in place
             state.a_hat = x.to(state_dtype(x, self.config.state_dtype), copy=True)
             state.a_ref = state.a_hat if compensation else state.a_hat.clone()
         elif phase == "skip":

@@ -4,6 +4,8 @@ A layer keeps a_hat (input-shaped; its output is o_hat = A_q(a_hat) + b; the rea
 `modiff.quant.layers.real`) and, without error compensation,
 a_ref (the previous exact input, the reference of the next residual), and counts model calls (one call =
 one sampling step). `trajectory()` advances the phase before every model call; the layer only reads it.
+Layers that read one tensor with interchangeable quantizers (an attention block's q, k, v) can share a_hat
+and a_ref: `shared_with` points the later ones at the first one's state.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ class LayerState:
     o_hat: Optional[torch.Tensor] = None  # (B, C_out, ...) output estimate, kept by the real backend only
     calls: int = 0
     phase: Phase = "inactive"
+    # the state of a layer that reads the same input before this one and advances a_hat (and a_ref) exactly as
+    # this layer would: this layer then reads them instead of computing the same update (set by trajectory())
+    shared_with: Optional["LayerState"] = None
 
     def clear(self) -> None:
         self.a_hat = self.a_ref = self.o_hat = None

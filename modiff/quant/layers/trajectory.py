@@ -27,13 +27,33 @@ from modiff.quant.layers.modulated import ModulatedLayer
 from modiff.quant.layers.state import LayerState
 from modiff.utils.hooks import ModelHook, attach
 
-__all__ = ["HOOK_NAME", "TrajectoryHook", "replay_signature", "state_bytes", "stateful_layers", "trajectory"]
+__all__ = ["HOOK_NAME", "TrajectoryHook", "replay_signature", "shared_input_pairs", "state_bytes", "stateful_layers",
+           "trajectory"]
 
 HOOK_NAME = "modiff.trajectory"
 
 def stateful_layers(model: nn.Module) -> list[nn.Module]:
     """The modulated and cached layers of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, ModulatedLayer)]
+
+
+def shared_input_pairs(model: nn.Module) -> list[tuple[ModulatedLayer, ModulatedLayer]]:
+    """(follower, leader) pairs of layers whose input-side state is one: children a module names in its
+    ``shared_input`` attribute (they read one tensor, in that order, at every call) with equal
+    `ModulatedLayer.input_state_key`. The first of each key leads; the others read its a_hat and a_ref."""
+    pairs = []
+    for module in model.modules():
+        leaders: dict[tuple, ModulatedLayer] = {}
+        for name in getattr(module, "shared_input", ()):
+            layer = getattr(module, name, None)
+            key = layer.input_state_key() if isinstance(layer, ModulatedLayer) else None
+            if key is None:
+                continue
+            if key in leaders:
+                pairs.append((layer, leaders[key]))
+            else:
+                leaders[key] = layer
+    return pairs
 
 
 def replay_signature(layers: list[nn.Module]) -> Optional[tuple[tuple[str, int, int], ...]]:
@@ -73,13 +93,17 @@ class TrajectoryHook(ModelHook):
 
 
 @contextlib.contextmanager
-def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterator[list[LayerState]]:
+def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None,
+               share_inputs: bool = True) -> Iterator[list[LayerState]]:
     """Give every modulated/cached layer of `model` fresh state for one sampling trajectory.
 
     Every call of `model` inside the block is one sampling step (call `model`, not a submodule of it).
     reset: ``per_trajectory`` (default from the config): state persists across the model calls of the
     block. ``per_step``: the state is cleared before every model call, so every call is a warm-up call on
     full-precision activations; this is the published CIFAR-10 loop, offered only to measure its effect.
+    share_inputs: layers that read one tensor with interchangeable quantizers (`shared_input_pairs`: an
+    attention block's q, k, v under a dynamic quantizer) keep one a_hat, updated once per step. Their states
+    would be identical, so the outputs are the same bit for bit either way; False keeps one state per layer.
     On a model without modulated or cached layers (full precision, direct quantization) the block does
     nothing and yields no states, so callers need not ask whether a model is stateful.
     """
@@ -99,12 +123,15 @@ def trajectory(model: nn.Module, reset: Optional[ResetPolicy] = None) -> Iterato
     hook = TrajectoryHook(layers, policy)
     hook.reset_state()
     try:
+        for follower, leader in shared_input_pairs(model) if share_inputs else ():
+            follower.state.shared_with = leader.state
         with attach(HOOK_NAME, [(model, hook)]):
             yield [layer.state for layer in layers]
     finally:
         for layer in layers:
             layer.state.clear()
             layer.state.phase = "inactive"
+            layer.state.shared_with = None
 
 
 def state_bytes(states: list[LayerState]) -> int:
