@@ -207,6 +207,23 @@ def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: flo
         assert ((fast - eager).norm() / eager.norm()).item() < tolerance
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: compiled networks launch the Triton step on CUDA only")
+def test_compiled_shared_attention_state_equals_one_state_per_layer(tiny_denoiser) -> None:
+    """Under inductor and bf16 autocast, k and v read the a_hat that q's Triton step updated in place earlier
+    in the same graph: the graph must order that write before their reads. Same samples as one state per layer."""
+    outs = {}
+    for share in (True, False):
+        torch._dynamo.reset()
+        model = quantize(tiny_denoiser, presets["w8a4-modiff"]).cuda().to(memory_format=torch.channels_last)
+        model.net = torch.compile(model.net, dynamic=False)
+        x = torch.randn(4, *model.sample_shape, generator=torch.Generator().manual_seed(6)).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16), trajectory(model, share_inputs=share), torch.no_grad():
+            outs[share] = [model(x * (1 - s / 8), torch.full((4,), 900 - 100 * s, device="cuda")).float()
+                           for s in range(4)]
+    for shared, separate in zip(outs[True], outs[False]):
+        assert ((shared - separate).norm() / separate.norm()).item() < 1e-3
+
+
 def test_inductor_can_copy_the_kernels(tmp_path) -> None:
     """A compiled graph imports a copy of each kernel's source with the module constants it reads, written
     out by repr: every constant must survive that (an enum constexpr once did not, failing every compile on
