@@ -138,6 +138,14 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
         """Never shared: the real kernels keep each layer's codes and o_hat beside a_hat."""
         return None
 
+    def _float32_output(self, x: Tensor) -> Tensor:
+        """A_q(a) + b in float32, outside autocast: o_hat's start. The steps after it add exact integer products
+        to o_hat and never correct it, so a start rounded to bf16 would stay in every later output (measured:
+        benchmarks/README.md, "Real W8A8 MoDiff", teacher-forced errors)."""
+        bias = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return self.op(x.float(), self.weight_q.float(), bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if not use_real_kernels(x):
             return super().forward(x)
@@ -148,9 +156,9 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
         if phase == "warmup":  # full-precision activations; copies: layers sharing an input must not share state
             dtype = _REAL_AUTO_STATE if self.config.state_dtype == "auto" else state_dtype(x, self.config.state_dtype)
             state.a_hat = state.a_ref = x.to(dtype, copy=True)
-            out = self.op(self.operand(x), self.weight_q, self.bias)
-            state.o_hat = _nhwc(out.to(dtype, copy=True))
-            return out
+            exact = self._float32_output(x)
+            state.o_hat = _nhwc(exact.to(dtype, copy=True))
+            return exact.to(_output_dtype(x))
         x = consumed(x)  # the residual against what the operator consumes, as in the simulator
         geometry = self._geometry(x)
         out = real_modulated(x, state.a_hat, state.o_hat, self.weight_packed, self.weight_scale_n, geometry,

@@ -16,6 +16,7 @@ import modiff as md  # noqa: E402
 from modiff.pipelines.cuda_graphs import CUDAGraphed  # noqa: E402
 from modiff.pipelines.execution import ExecutionConfig, precision_context, prepared_network  # noqa: E402
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
+from modiff.quant.layers.real import RealModulatedLayer  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -83,3 +84,20 @@ def test_fast_path_modiff_trajectory_follows_the_simulator(tiny_denoiser: md.Den
     assert graphs >= 1
     assert all(torch.isfinite(e).all() for e in real_eps)
     assert max(errors) <= 3 * max(sensitivity) + 2e-2, (errors, sensitivity)
+
+
+def test_modiff_warmup_starts_o_hat_in_float32(tiny_denoiser: md.Denoiser) -> None:
+    """Under bf16 autocast the warm-up's o_hat is A_q(a) + b in float32: later steps only add exact integer
+    products to it, so a start rounded to bf16 would stay in every output of the trajectory."""
+    qmodel = quantize(tiny_denoiser, presets["w8a8-int8-modiff-real"]).to(DEVICE)
+    layer = next(m for m in qmodel.modules() if isinstance(m, RealModulatedLayer) and m.weight.ndim == 4)
+    x, t = torch.randn(2, *qmodel.sample_shape, device=DEVICE), torch.full((2,), 500, device=DEVICE)
+    inputs = []
+    hook = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().float()))
+    with trajectory(qmodel), precision_context("bf16", DEVICE):
+        qmodel(x, t)
+        o_hat = layer.state.o_hat.clone()
+    hook.remove()
+    with precision_context("fp32", DEVICE):  # IEEE float32, as inside bf16's context (TF32 off)
+        exact = layer.op(inputs[0], layer.weight_q.float(), layer.bias.float())
+    torch.testing.assert_close(o_hat, exact, rtol=1e-5, atol=1e-5)
