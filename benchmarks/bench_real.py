@@ -25,7 +25,8 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
 Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
 Per-step error (``--error-batch``, 0 skips): for INT8 and FP8 and both state dtypes, the relative L2 error of eps
 of the real MoDiff model against the simulated one (same config), and of both against the fp model, per step,
-eager under bf16 autocast. ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp (bf16 and IEEE
+eager under bf16 autocast: teacher-forced (every model called on the fp trajectory's x_t, its MoDiff state
+carried) and free-running (each model on its own trajectory). ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp (bf16 and IEEE
 float32), real W8A8 INT8 MoDiff and its simulator (under bf16 autocast and in IEEE float32) against the shipped
 Fashion-MNIST statistics, with the paired-bootstrap FID difference of real against simulated, of the two
 simulators, and of each against fp (`FID_PAIRS`); ``--fid-runs`` picks some of the runs (`FID_RUNS`). ``--profile``: a kernel table per variant at the largest batch of a 6-step trajectory
@@ -53,7 +54,8 @@ from torch import nn
 
 import modiff as md
 from modiff.models.registry import Denoiser
-from modiff.pipelines.execution import ExecutionConfig, prepared_network
+from modiff.diffusion.sampling import StepInfo
+from modiff.pipelines.execution import ExecutionConfig, precision_context, prepared_network, resolve_precision
 from modiff.pipelines.generate import SampleConfig, sample
 from modiff.quant import presets, quantize, trajectory
 from modiff.quant.layers.real import backend_record
@@ -144,10 +146,28 @@ def _time_row(model: Denoiser, execution: ExecutionConfig, batch: int, args: arg
     return row
 
 
-def _eps(model: Denoiser, batch: int, steps: int, device: torch.device) -> list[torch.Tensor]:
+def _eps(model: Denoiser, batch: int, steps: int, device: torch.device) -> tuple[list[torch.Tensor], list[tuple]]:
+    """eps of each step of the model's own trajectory, and the (x_t, t) it was called with."""
     eps: list[torch.Tensor] = []
+    inputs: list[tuple[torch.Tensor, int]] = []
+
+    def keep(step: StepInfo) -> None:
+        eps.append(step.eps.float())
+        inputs.append((step.x_t.clone(), step.t))
     with prepared_network(model, device, EAGER) as runner:
-        _trajectory(runner, batch, steps, device, callback=lambda s: eps.append(s.eps.float()))
+        _trajectory(runner, batch, steps, device, callback=keep)
+    return eps, inputs
+
+
+def _eps_teacher_forced(model: Denoiser, inputs: list[tuple[torch.Tensor, int]],
+                        device: torch.device) -> list[torch.Tensor]:
+    """eps of the model called on another model's x_t at every step, its MoDiff state carried across the calls:
+    the difference to that model's eps is one step's arithmetic, not a diverged trajectory."""
+    eps: list[torch.Tensor] = []
+    with prepared_network(model, device, EAGER) as runner, trajectory(runner), \
+            precision_context(resolve_precision("bf16", device), device):
+        for x, t in inputs:
+            eps.append(runner(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long)).float())
     return eps
 
 
@@ -155,20 +175,31 @@ def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
     return [round(float((x - y).norm() / y.norm()), 6) for x, y in zip(a, b)]
 
 
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {"max": max(values), "mean": round(sum(values) / len(values), 6), "per_step": values}
+
+
 def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
-    """Per-step relative error of eps: real vs simulated MoDiff (same config), and each against fp."""
+    """Per-step relative error of eps, real vs simulated MoDiff (same config) and each against fp: teacher-forced
+    (both called on the fp trajectory's x_t, `_eps_teacher_forced`) and free-running (each on its own trajectory,
+    where the chaotic dynamics of a quantized net amplify one-step differences)."""
     out: dict[str, Any] = {"batch": batch, "steps": steps}
-    fp = _eps(benchmark_model(arch), batch, steps, device)
+    fp, fp_inputs = _eps(benchmark_model(arch), batch, steps, device)
     for fmt in ("int8", "fp8"):
         for state in ("float32", "bfloat16"):
             key = f"{fmt}-state-{state}"
             try:
-                real = _eps(_quantized(arch, f"w8a8-{fmt}-modiff-real", state), batch, steps, device)
-                sim = _eps(_quantized(arch, f"w8a8-{fmt}-modiff", state), batch, steps, device)
-                pairs = {"real_vs_sim": _relative(real, sim), "real_vs_fp": _relative(real, fp),
-                         "sim_vs_fp": _relative(sim, fp)}
-                out[key] = {name: {"max": max(v), "mean": round(sum(v) / len(v), 6), "per_step": v}
-                            for name, v in pairs.items()}
+                real_model = _quantized(arch, f"w8a8-{fmt}-modiff-real", state)
+                sim_model = _quantized(arch, f"w8a8-{fmt}-modiff", state)
+                real_forced = _eps_teacher_forced(real_model, fp_inputs, device)
+                sim_forced = _eps_teacher_forced(sim_model, fp_inputs, device)
+                real, sim = _eps(real_model, batch, steps, device)[0], _eps(sim_model, batch, steps, device)[0]
+                pairs = {"teacher_forced_real_vs_sim": _relative(real_forced, sim_forced),
+                         "teacher_forced_real_vs_fp": _relative(real_forced, fp),
+                         "teacher_forced_sim_vs_fp": _relative(sim_forced, fp),
+                         "free_running_real_vs_sim": _relative(real, sim), "free_running_real_vs_fp": _relative(real, fp),
+                         "free_running_sim_vs_fp": _relative(sim, fp)}
+                out[key] = {name: _summary(v) for name, v in pairs.items()}
             except Exception as err:  # noqa: BLE001 - recorded, the run goes on
                 out[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
             print(json.dumps({key: {k: v.get("max") if isinstance(v, dict) else v for k, v in out[key].items()}}),
