@@ -164,7 +164,7 @@ def _eps_teacher_forced(model: Denoiser, inputs: list[tuple[torch.Tensor, int]],
     """eps of the model called on another model's x_t at every step, its MoDiff state carried across the calls:
     the difference to that model's eps is one step's arithmetic, not a diverged trajectory."""
     eps: list[torch.Tensor] = []
-    with prepared_network(model, device, EAGER) as runner, trajectory(runner), \
+    with prepared_network(model, device, EAGER) as runner, trajectory(runner), torch.no_grad(), \
             precision_context(resolve_precision("bf16", device), device):
         for x, t in inputs:
             eps.append(runner(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long)).float())
