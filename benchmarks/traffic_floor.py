@@ -18,7 +18,8 @@ fusion inductor can do at best around cuDNN's convolutions, which read their inp
 With ``--preset`` the simulated quantization of every selected Conv2d/Linear input adds (bf16, as under autocast):
 
   modulated        the range kernel reads a_t and a_hat, the update kernel reads both again and writes a_hat
-                   (5 input-size passes; the layer then convolves a_hat, which the convolution row counts)
+                   (5 input-size passes; the layer then convolves a_hat, which the convolution row counts), once
+                   per input that layers share (`shared_input_pairs` of `modiff.quant.layers.trajectory`: q, k, v)
   direct           the range pass reads a_t, the quantize pass reads it again and writes Q(a_t) (3 passes)
 
 Weights and the time embedding are left out (small). FLOPs: 2 x MACs of the convolutions and 4 L^2 C per
@@ -37,7 +38,8 @@ from torch import nn
 
 from bench_models import benchmark_model
 from modiff.models.ddim_unet import AttentionCore, AttnBlock, ResnetBlock, Upsample
-from modiff.quant import presets, select_layers
+from modiff.quant import presets, quantize, select_layers
+from modiff.quant.layers.trajectory import shared_input_pairs
 
 BYTES = 2  # bf16
 QUANTIZE_PASSES = {"modulated": 5, "direct": 3}  # input-size passes per quantized layer, as the docstring counts
@@ -49,6 +51,13 @@ def quantize_passes(preset: str) -> int:
     if config.mode not in ("fp", *QUANTIZE_PASSES):
         raise ValueError(f"preset {preset!r} has mode {config.mode!r}: only direct and modulated presets are counted")
     return QUANTIZE_PASSES[config.mode] if config.activation is not None and config.mode != "fp" else 0
+
+
+def shared_state_followers(model: nn.Module, preset: str) -> set[str]:
+    """Names of the layers that read another layer's MoDiff state under ``preset`` (no modulation of their own)."""
+    qmodel = quantize(model, presets[preset])
+    names = {id(module): name for name, module in qmodel.named_modules()}
+    return {names[id(follower)] for follower, _ in shared_input_pairs(qmodel)}
 
 
 def count(model: nn.Module, preset: str | None = None) -> tuple[dict[str, float], dict[str, float]]:
@@ -82,6 +91,8 @@ def count(model: nn.Module, preset: str | None = None) -> tuple[dict[str, float]
 
     passes = quantize_passes(preset) if preset is not None else 0
     quantized = set(select_layers(model, presets[preset])) if passes else set()
+    if passes and presets[preset].mode == "modulated":
+        quantized -= shared_state_followers(model, preset)
 
     def quantize(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         moved["quantize"] += passes * inputs[0].numel()

@@ -51,6 +51,21 @@ def test_preset_adds_its_quantize_passes_over_each_selected_input(preset: str, p
     assert flops == {"convolution": 576}
 
 
+def test_modulation_of_a_shared_input_counts_once(tiny_denoiser) -> None:
+    """q, k and v of an attention block share one MoDiff state: their input is modulated once, not three
+    times; direct quantization still counts every layer's input."""
+    direct_inputs = traffic_floor.count(tiny_denoiser, "w8a4")[0]["quantize"] / 3
+    modulated_inputs = traffic_floor.count(tiny_denoiser, "w8a4-modiff")[0]["quantize"] / 5
+    blocks = [m for m in tiny_denoiser.net.modules() if getattr(m, "shared_input", None)]
+    shared = []
+    hooks = [b.q.register_forward_pre_hook(lambda m, args: shared.append(args[0].numel())) for b in blocks]
+    tiny_denoiser(torch.zeros(1, *tiny_denoiser.sample_shape), torch.tensor([500]))
+    for hook in hooks:
+        hook.remove()
+    assert len(shared) == len(blocks) > 1
+    assert direct_inputs - modulated_inputs == 2 * sum(shared)
+
+
 @pytest.mark.parametrize("preset", ["fp", "w8a32"])
 def test_presets_with_exact_activations_add_nothing(preset: str) -> None:
     assert traffic_floor.count(_ConvNorm(), preset) == traffic_floor.count(_ConvNorm())
