@@ -186,6 +186,64 @@ def test_attn_block_residual_structure() -> None:
         torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def _on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the fast path's projections on the CPU (its own predicate asks for CUDA, autocast and
+    channels_last); GroupNorm keeps F.group_norm, whose float64 the fast path's float32 statistics would round."""
+    from modiff.models.ddim_unet import GroupNorm
+
+    monkeypatch.setattr("modiff.models.ddim_unet.fast_path_input", lambda x: True)
+    monkeypatch.setattr(GroupNorm, "forward", torch.nn.GroupNorm.forward)
+
+
+def test_pointwise_projections_as_one_matmul_equal_the_three_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the fast path q, k and v of an attention block run as one matmul with the stacked weights and biases:
+    in float64 the same maps as the three 1x1 convolutions (views of one output), the block's
+    output the same; the CPU (no fast path) calls the modules themselves."""
+    from modiff.models.ddim_unet import pointwise_projections
+
+    block = tiny_net(0).mid.attn_1.double()
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = x.to(memory_format=torch.channels_last)
+    convs = (block.q, block.k, block.v)
+    with torch.no_grad():
+        expected, reference_block = [m(x) for m in convs], block(x)
+        _on_the_fast_path(monkeypatch)
+        got = pointwise_projections(x, convs)
+        fused_block = block(x)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.stride()[1] == 1  # channels innermost, as the attention reads tokens
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_block, reference_block, rtol=1e-12, atol=1e-12)
+    assert got[0].untyped_storage().data_ptr() == got[2].untyped_storage().data_ptr()  # one matmul's output
+
+
+def test_pointwise_projections_call_hooked_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook on any of the modules (a recorder, an observer) or a global module hook: every module is called,
+    so the hook sees its call; so is a module that is not a plain 1x1 convolution."""
+    from modiff.models.ddim_unet import pointwise_projections
+
+    block = tiny_net(0).mid.attn_1
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(3))
+    _on_the_fast_path(monkeypatch)
+    seen: list[str] = []
+    handle = block.k.register_forward_hook(lambda m, i, o: seen.append("k"))
+    with torch.no_grad():
+        pointwise_projections(x, (block.q, block.k, block.v))
+        handle.remove()
+        pointwise_projections(x, (block.q, block.k, block.v))
+        assert seen == ["k"]
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        try:
+            pointwise_projections(x, (block.q, block.k, block.v))
+        finally:
+            handle.remove()
+        assert seen == ["k", "Conv2d", "Conv2d", "Conv2d"]
+        padded = torch.nn.Conv2d(64, 64, 1, padding=1)
+        before = len(seen)
+        out = pointwise_projections(x, (block.q, padded))
+        assert out[1].shape[-1] == 10 and len(seen) == before
+
+
 def test_timestep_embedding_hand_computed() -> None:
     """dim=4, t=1: freqs [1, 1e-4] (log(10000)/(half-1) spacing) -> [sin 1, sin 1e-4, cos 1, cos 1e-4]."""
     emb = timestep_embedding(torch.tensor([1]), 4)
@@ -341,3 +399,21 @@ def test_group_norm_on_the_fast_path_equals_group_norm() -> None:
         got, expected = norm(x), torch.nn.GroupNorm.forward(norm, x)
     assert got.dtype == expected.dtype == torch.float32
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_projections_on_the_fast_path_are_one_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA under bf16 autocast with channels_last, an attention block's q, k and v come from one matmul
+    (views of one output) and the block's output equals the three convolutions' within bf16 rounding."""
+    from modiff.models import ddim_unet
+
+    block = tiny_net(0).mid.attn_1.cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 8, 8, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        h = block.norm(x)
+        q, k, v = ddim_unet.pointwise_projections(h, (block.q, block.k, block.v))
+        fused = block(x)
+        monkeypatch.setattr(ddim_unet, "_exposes_operands", lambda module: False)
+        separate = block(x)
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() and q.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), separate.float(), atol=3e-2, rtol=3e-2)

@@ -11,6 +11,7 @@ from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer, consumed
 from modiff.quant.layers.trajectory import shared_input_pairs, state_bytes
 from modiff.quant.primitives import quantize_dynamic
+from modiff.models.ddim_unet import GroupNorm
 
 
 def _single_layer(config: QuantConfig, kind: str = "conv") -> QuantLayer:
@@ -287,6 +288,47 @@ def test_attention_inputs_share_one_state_and_change_nothing(tiny_denoiser: md.D
     blocks = [m for m in qmodel.modules() if getattr(m, "shared_input", None)]
     assert len(blocks) > 1 and sizes[False] - sizes[True] >= 2 * input_bytes
     assert all(m.state.shared_with is None for m in qmodel.modules() if isinstance(m, ModulatedLayer))
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_attention_projections_as_one_matmul_change_nothing(tiny_denoiser: md.Denoiser, share: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the fast path an attention block's modulated q, k and v hand their operands to one matmul where they
+    share one a_hat (`linear_operands`), and to three convolutions where they do not: in float64 (where no
+    rounding tie of the 4-bit residuals can flip between the two) every step's output equals that of the
+    layers' own forwards, which did not run."""
+    qmodel = quantize(tiny_denoiser, presets["w8a4-modiff"]).double()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, *tiny_denoiser.sample_shape, generator=generator, dtype=torch.float64)
+              for _ in range(4)]
+
+    def steps() -> list[torch.Tensor]:
+        with torch.no_grad(), trajectory(qmodel, share_inputs=share):
+            return [qmodel(x, torch.full((2,), t)) for x, t in zip(inputs, (900, 800, 700, 600))]
+
+    expected = steps()
+    qkv = {layer.name for block in qmodel.modules() if getattr(block, "shared_input", None)
+           for layer in (block.q, block.k, block.v)}
+    calls: list[str] = []
+    monkeypatch.setattr(ModulatedLayer, "forward", lambda self, x: self.op(*self.linear_operands(x))
+                        if self.name not in qkv else calls.append(self.name))
+    monkeypatch.setattr("modiff.models.ddim_unet.fast_path_input", lambda x: True)
+    monkeypatch.setattr(GroupNorm, "forward", nn.GroupNorm.forward)  # the reference's statistics
+    got = steps()
+    assert not calls
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_real_modulated_layers_are_not_multiplied_from_their_operands() -> None:
+    """The real backend multiplies the residual's codes in its forward: `pointwise_projections` calls it."""
+    from modiff.models.ddim_unet import _exposes_operands
+    from modiff.quant.layers.real import RealModulatedLayer
+
+    config = QuantConfig(activation=A4, mode="modulated")
+    plain = ModulatedLayer(nn.Conv2d(8, 8, 1), config, "plain")
+    assert _exposes_operands(plain) and not _exposes_operands(ModulatedLayer(nn.Conv2d(8, 8, 3), config, "k3"))
+    assert RealModulatedLayer.product_of_operands is False
 
 
 def test_static_quantizers_keep_one_state_per_layer(tiny_denoiser: md.Denoiser) -> None:

@@ -112,6 +112,7 @@ class ModulatedLayer(QuantLayer):
     """
 
     stateful = True
+    product_of_operands = True  # forward(x) is self.op(*self.linear_operands(x)): see `linear_operands`
 
     def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
         super().__init__(layer, config, name, split)
@@ -158,6 +159,12 @@ class ModulatedLayer(QuantLayer):
             self.state.a_hat, self.state.a_ref = leader.a_hat, leader.a_ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(*self.linear_operands(x))
+
+    def linear_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Advance the state from the input x of this step; return what the operator takes: (a_hat, A_q's
+        weights, b), so that forward(x) is self.op(*linear_operands(x)). Layers reading one tensor through a
+        shared state return one a_hat, which `modiff.models.ddim_unet.pointwise_projections` multiplies once."""
         self._check_call(x)
         state, compensation = self.state, self.config.compensation
         phase, state.phase = state.phase, "spent"
@@ -171,7 +178,7 @@ class ModulatedLayer(QuantLayer):
                 state.a_ref.copy_(x)
         else:
             modulate(consumed(x), state.a_hat, state.a_ref, self.act, compensation, self.fused_spec)
-        return self.op(self.operand(x), self.weight_q, self.bias)
+        return self.operand(x), self.weight_q, self.bias
 
     def operand(self, x: torch.Tensor) -> torch.Tensor:
         """a_hat as the operator takes it: in x's dtype when the state has another (`QuantConfig.state_dtype`)

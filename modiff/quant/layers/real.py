@@ -134,6 +134,8 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
     """MoDiff W8A8 on the real backend: r = a - a_hat, a_hat += Q(r), o_hat += A_q(Q(r)); returns o_hat. Under
     autocast a is the input in the autocast dtype, as in the simulator (`consumed`)."""
 
+    product_of_operands = False  # on the kernels its forward multiplies the residual's codes, not linear_operands
+
     def input_state_key(self) -> None:
         """Never shared: the real kernels keep each layer's codes and o_hat beside a_hat."""
         return None

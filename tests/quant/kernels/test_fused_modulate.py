@@ -208,9 +208,14 @@ def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: flo
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: compiled networks launch the Triton step on CUDA only")
-def test_compiled_shared_attention_state_equals_one_state_per_layer(tiny_denoiser) -> None:
+def test_compiled_shared_attention_state_equals_one_state_per_layer(tiny_denoiser, monkeypatch) -> None:
     """Under inductor and bf16 autocast, k and v read the a_hat that q's Triton step updated in place earlier
-    in the same graph: the graph must order that write before their reads. Same samples as one state per layer."""
+    in the same graph: the graph must order that write before their reads. Same samples as one state per layer.
+    Both sides take the three convolutions: shared, the fast path would multiply the one a_hat in one matmul
+    (`pointwise_projections`), whose bf16 rounding differs from the convolutions' and, through the 4-bit
+    residuals, moves the samples by more than this tolerance (on the H200: 0.9%); the float64 test of that path
+    is in tests/quant/test_modulated.py, and the compiled-against-eager test above runs it."""
+    monkeypatch.setattr("modiff.models.ddim_unet._exposes_operands", lambda module: False)
     outs = {}
     for share in (True, False):
         torch._dynamo.reset()
