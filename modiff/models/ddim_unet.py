@@ -209,9 +209,15 @@ def _exposes_operands(module: nn.Module) -> bool:
             or module._forward_pre_hooks:
         return False
     if type(module) is nn.Conv2d:
-        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0) \
-            and module.dilation == (1, 1) and module.groups == 1 and module.bias is not None
-    return getattr(module, "product_of_operands", False) and module.weight.shape[2:] == (1, 1)
+        geometry = {key: getattr(module, key) for key in _POINTWISE}
+    elif getattr(module, "product_of_operands", False):
+        geometry = dict(getattr(module.op, "keywords", {}))  # a QuantLayer's op: F.conv2d with the layer's geometry
+    else:
+        return False
+    return geometry == _POINTWISE and module.weight.shape[2:] == (1, 1) and module.bias is not None
+
+
+_POINTWISE = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}  # a 1x1 product over the pixels
 
 
 def _one_matmul(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -320,15 +320,19 @@ def test_attention_projections_as_one_matmul_change_nothing(tiny_denoiser: md.De
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
 
 
-def test_real_modulated_layers_are_not_multiplied_from_their_operands() -> None:
-    """The real backend multiplies the residual's codes in its forward: `pointwise_projections` calls it."""
+def test_only_pointwise_simulated_layers_are_multiplied_from_their_operands(tiny_denoiser: md.Denoiser) -> None:
+    """`pointwise_projections` computes a modulated layer's product itself only for a 1x1, stride-1, unpadded
+    convolution with a bias; the real backend (its forward multiplies the residual's codes) is always called."""
     from modiff.models.ddim_unet import _exposes_operands
-    from modiff.quant.layers.real import RealModulatedLayer
 
     config = QuantConfig(activation=A4, mode="modulated")
-    plain = ModulatedLayer(nn.Conv2d(8, 8, 1), config, "plain")
-    assert _exposes_operands(plain) and not _exposes_operands(ModulatedLayer(nn.Conv2d(8, 8, 3), config, "k3"))
-    assert RealModulatedLayer.product_of_operands is False
+    assert _exposes_operands(ModulatedLayer(nn.Conv2d(8, 8, 1), config, "pointwise"))
+    for conv in (nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 1, padding=1),
+                 nn.Conv2d(8, 8, 1, bias=False)):
+        assert not _exposes_operands(ModulatedLayer(conv, config, "other"))
+    real = quantize(tiny_denoiser, presets["w8a8-int8-modiff-real"])
+    q, k, v = _attention_layers(real)
+    assert type(q).__name__ == "RealModulatedLayer" and not any(_exposes_operands(m) for m in (q, k, v))
 
 
 def test_static_quantizers_keep_one_state_per_layer(tiny_denoiser: md.Denoiser) -> None:
