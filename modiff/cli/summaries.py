@@ -9,9 +9,9 @@ __all__ = ["samples_on_disk", "fidelity_lines"]
 
 def samples_on_disk(out: Path, seeds: Sequence[int]) -> int:
     """How many of the seeds' PNGs a run folder holds already (a re-run reuses them)."""
-    from modiff.pipelines.run_folder import png_path
+    from modiff.pipelines.run_folder import seeds_on_disk
 
-    return sum(png_path(out / "samples", seed).is_file() for seed in seeds)
+    return len(seeds_on_disk(out / "samples", seeds))
 
 
 def _mean_ci(value: Optional[Mapping[str, Any]], digits: int, unit: str = "") -> str:

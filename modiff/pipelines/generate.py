@@ -33,7 +33,7 @@ from modiff.pipelines.execution import (Precision, PrecisionChoice, float32_prec
                                         precision_record, prepared_network, resolve_execution, resolve_precision)
 from modiff.quant.layers.real import backend_record
 from modiff.pipelines.run_folder import (check_identity, execution_identity, is_summary, open_manifest, png_path,
-                                         remove_unreadable, run_identity, sampler_identity)
+                                         remove_unreadable, run_identity, sampler_identity, seeds_on_disk)
 from modiff.utils.locks import folder_lock
 from modiff.utils.progress import progress_bar
 from modiff.utils.rng import SeedStreams, format_seeds
@@ -135,13 +135,12 @@ def _non_finite_message(bad: dict[int, Optional[tuple[int, int]]], steps: int) -
 
 
 def _write_batch(batch: Sequence[int], x: torch.Tensor, watch: _FiniteWatch, samples_dir: Path, writer: PngWriter,
-                 written: dict[int, np.ndarray]) -> None:
-    """Queue the missing PNGs of a batch whose samples are finite (kept in ``written`` by seed); raise for
-    the others."""
+                 written: dict[int, np.ndarray], present: set[int]) -> None:
+    """Queue the PNGs of a batch's finite samples that are not ``present`` (on disk before the run; kept in
+    ``written`` by seed); raise for the others."""
     finite = torch.isfinite(x).flatten(1).all(1)
     images, finite = to_uint8(x), finite.tolist()  # the batch's only waits on the device
-    new = {seed: image for seed, image, ok in zip(batch, images, finite)
-           if ok and not png_path(samples_dir, seed).exists()}
+    new = {seed: image for seed, image, ok in zip(batch, images, finite) if ok and seed not in present}
     writer.submit(list(new.values()), [png_path(samples_dir, seed) for seed in new])
     written.update(new)
     bad = {seed: watch.first_step(row) for row, (seed, ok) in enumerate(zip(batch, finite)) if not ok}
@@ -168,7 +167,8 @@ def finished_run(out_dir: str | Path, seeds: Sequence[int], config: SampleConfig
                              f"which lacks {len(missing)} of the seeds asked for (e.g. {format_seeds(missing[:5])}): "
                              f"summarize a run of those seeds, or remove the summary to sample here")
         return True
-    return all(s in done and png_path(out / "samples", s).exists() for s in seeds)
+    present = seeds_on_disk(out / "samples", seeds)
+    return all(s in done and s in present for s in seeds)
 
 
 def _batches(seeds: Sequence[int], batch_size: int, samples_dir: Path) -> list[list[int]]:
@@ -176,7 +176,8 @@ def _batches(seeds: Sequence[int], batch_size: int, samples_dir: Path) -> list[l
     present PNGs are kept), so a seed's batch companions, on which quantized images depend, are those of
     an uninterrupted run."""
     chunks = [list(seeds[i : i + batch_size]) for i in range(0, len(seeds), batch_size)]
-    return [c for c in chunks if any(not png_path(samples_dir, s).exists() for s in c)]
+    present = seeds_on_disk(samples_dir, seeds)
+    return [c for c in chunks if any(s not in present for s in c)]
 
 
 def generate(
@@ -304,14 +305,16 @@ def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: Sa
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
                     written: dict[int, np.ndarray], progress: bool, condition: Optional[Condition] = None) -> None:
     """Sample the batches; their new PNGs are written on a background thread (every file is on disk when
-    this returns) and kept in ``written`` by seed."""
+    this returns) and kept in ``written`` by seed. A batch's PNGs already on disk (from an interrupted run)
+    are kept."""
+    present = seeds_on_disk(samples_dir, [seed for batch in batches for seed in batch])
     with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar, \
             PngWriter(save_png) as writer:
         for batch in batches:
             watch = _FiniteWatch()
             with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():
                 x = to_images(model, sample(model, batch, config, dev, callback=watch))
-            _write_batch(batch, x, watch, samples_dir, writer, written)
+            _write_batch(batch, x, watch, samples_dir, writer, written, present)
             bar.update(len(batch))
 
 

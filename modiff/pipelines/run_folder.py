@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image
 
-__all__ = ["run_identity", "execution_identity", "sampler_identity", "open_manifest", "check_identity", "png_path", "remove_unreadable",
+__all__ = ["run_identity", "execution_identity", "sampler_identity", "open_manifest", "check_identity", "png_path", "seeds_on_disk", "remove_unreadable",
            "readable_png", "identity_differences", "is_summary"]
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,22 @@ def run_identity(model: Mapping[str, Any], sample: Mapping[str, Any],
 
 
 def png_path(samples_dir: Path, seed: int) -> Path:
-    return samples_dir / f"{seed:06d}.png"
+    return samples_dir / _png_name(seed)
+
+
+def _png_name(seed: int) -> str:
+    return f"{seed:06d}.png"
+
+
+def seeds_on_disk(samples_dir: Path, seeds: Iterable[int]) -> set[int]:
+    """The seeds whose PNG ``samples_dir`` holds, from one listing of the folder rather than one file-system
+    call per seed (a paper-scale run has 10,000 seeds or more, and on a network file system every call is a
+    round trip). An absent folder holds none."""
+    try:
+        names = set(os.listdir(samples_dir))
+    except FileNotFoundError:
+        return set()
+    return {seed for seed in seeds if _png_name(seed) in names}
 
 
 def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any], parts: Sequence[str]) -> list[str]:
@@ -119,11 +135,9 @@ def readable_png(path: Path) -> Optional[str]:
 def remove_unreadable(samples_dir: Path, seeds: Sequence[int]) -> list[int]:
     """Delete the PNGs of ``seeds`` that do not decode (truncated, garbage), each named in a warning, so
     that the run makes them again; returns their seeds."""
-    bad = []
-    for seed in seeds:
+    bad, present = [], seeds_on_disk(samples_dir, seeds)
+    for seed in (s for s in seeds if s in present):
         path = png_path(samples_dir, seed)
-        if not path.exists():
-            continue
         why = readable_png(path)
         if why is not None:
             log.warning("%s is not a readable PNG (%s): removed, this run makes it again", path, why)

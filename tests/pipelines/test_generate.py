@@ -284,3 +284,34 @@ def test_manifest_records_the_quant_backend(tmp_path: Path, tame_denoiser) -> No
     assert manifest["identity"]["model"]["quant_config"]["backend"] == "real"
     generate(tame_denoiser, range(2), tmp_path / "fp", SampleConfig(steps=2), device="cpu", progress=False)
     assert json.loads((tmp_path / "fp" / "manifest.json").read_text())["sessions"][0]["quant_backend"] is None
+
+
+def test_seeds_on_disk_reads_one_listing(tmp_path: Path) -> None:
+    """The seeds whose PNG is in the folder, by name: temporary files and other names are not seeds, and an
+    absent folder holds none."""
+    from modiff.pipelines.run_folder import seeds_on_disk
+
+    for name in ("000003.png", "1000000.png", ".000004.png.12-34.tmp", "000005.jpg", "grid.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert seeds_on_disk(tmp_path, range(10)) == {3}
+    assert seeds_on_disk(tmp_path, [10**6, 4, 5]) == {10**6}
+    assert seeds_on_disk(tmp_path / "absent", range(10)) == set()
+
+
+def test_resume_keeps_a_batchs_pngs_without_asking_for_each_file(tmp_path: Path, tame_denoiser,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch missing one PNG is sampled whole and only the missing file is written (the others keep their
+    bytes); which PNGs exist comes from listings of the folder, not from a file-system call per seed."""
+    out = _run(tame_denoiser, range(8), tmp_path / "run")
+    (out / "samples" / "000005.png").unlink()
+    kept = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "samples").iterdir()}
+    asked: list[str] = []
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self, **kw: asked.append(self.name) or real_exists(self, **kw))
+    _run(tame_denoiser, range(8), out)
+    assert not [name for name in asked if name.endswith(".png") and name != "grid.png"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sessions"][-1]["seeds_sampled"] == 1 and (out / "samples" / "000005.png").is_file()
+    for name, (data, mtime) in kept.items():
+        path = out / "samples" / name
+        assert path.read_bytes() == data and path.stat().st_mtime_ns == mtime, name
