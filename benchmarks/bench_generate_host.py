@@ -58,7 +58,7 @@ def profile_run(seeds: int, batch_size: int, steps: int, folder: Path) -> dict[s
         for (suffix, function), label in FUNCTIONS.items():
             if file.endswith(suffix) and name == function:
                 seconds[label] += cumulative
-    return {key: round(value, 3) for key, value in seconds.items()}
+    return seconds
 
 
 def main() -> None:
@@ -76,8 +76,9 @@ def main() -> None:
     for label, value in seconds.items():
         print(f"{value:8.3f} s  {label}")
     if args.out:
+        rounded = {label: round(value, 4) for label, value in seconds.items()}
         Path(args.out).write_text(json.dumps({"seeds": args.seeds, "batch_size": args.batch_size, "steps": args.steps,
-                                              "seconds": seconds}, indent=1) + "\n")
+                                              "seconds": rounded}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
