@@ -15,16 +15,42 @@ from PIL import Image
 
 from modiff.utils.runs import disk_full_hint, write_bytes_atomic
 
-__all__ = ["to_uint8", "make_grid", "encode_png", "save_png", "PngWriter"]
+__all__ = ["to_uint8", "ImagesToHost", "make_grid", "encode_png", "save_png", "PngWriter"]
+
+
+def _uint8_on_device(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W), got shape {tuple(x.shape)}")
+    scaled = ((x.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255)
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding as torchvision's save_image does. Computed
     on x's device (the same float32 operations, so the same bytes), then one copy of a quarter the size."""
-    if x.ndim != 4:
-        raise ValueError(f"expected (B, C, H, W), got shape {tuple(x.shape)}")
-    scaled = ((x.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255)
-    return scaled.to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return _uint8_on_device(x).cpu().numpy()
+
+
+class ImagesToHost:
+    """A batch's `to_uint8` images and per-sample finiteness, copied to the host without waiting: on CUDA the
+    conversion and the copy (into pinned memory) are queued on x's stream, so the caller can queue the next
+    batch's work first; `result()` then waits for this copy alone, not for work queued after it."""
+
+    def __init__(self, x: torch.Tensor):
+        images, finite = _uint8_on_device(x), torch.isfinite(x).flatten(1).all(1)
+        self._ready: torch.cuda.Event | None = None
+        if x.is_cuda:
+            images, finite = (t.to("cpu", non_blocking=True) for t in (images, finite))
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(x.device))
+        self._images, self._finite = images, finite
+
+    def result(self) -> tuple[np.ndarray, list[bool]]:
+        """(B, H, W, C) uint8 images and, per sample, whether every value of x was finite."""
+        if self._ready is None:
+            return self._images.numpy(), self._finite.tolist()
+        self._ready.synchronize()
+        return self._images.numpy().copy(), self._finite.tolist()  # a copy: pinned memory goes back to its pool
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:

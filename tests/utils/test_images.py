@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modiff.utils.images import PngWriter, encode_png, save_png, to_uint8
+from modiff.utils.images import ImagesToHost, PngWriter, encode_png, save_png, to_uint8
 
 
 def test_to_uint8_rounds_as_save_image() -> None:
@@ -22,6 +22,22 @@ def test_to_uint8_rounds_as_save_image() -> None:
     assert rgb.shape == (2, 4, 5, 3) and rgb.dtype == np.uint8 and rgb.flags.c_contiguous
     with pytest.raises(ValueError, match=r"expected \(B, C, H, W\)"):
         to_uint8(torch.zeros(3, 4, 5))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_images_to_host_equals_to_uint8_and_flags_non_finite_samples(device: str) -> None:
+    """The copy without waiting gives to_uint8's bytes and, per sample, whether all of x was finite, also
+    when more work is queued on the device after it (the next batch) and x is changed by it."""
+    x = torch.rand(3, 1, 4, 5, device=device) * 2 - 1
+    x[1, 0, 2, 3] = float("inf")
+    expected = to_uint8(x)
+    copy = ImagesToHost(x)
+    for _ in range(20):
+        x.mul_(-1.0001)
+    images, finite = copy.result()
+    np.testing.assert_array_equal(images, expected)
+    assert finite == [True, False, True] and images.flags.writeable
 
 
 def test_save_png_round_trips_with_the_umask_mode(tmp_path: Path) -> None:

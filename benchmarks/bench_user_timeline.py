@@ -1,0 +1,145 @@
+"""Where the user path's seconds go: one `generate` call, phase by phase, on the host's clock and the device's.
+
+    python benchmarks/bench_user_timeline.py --device cuda --batch-size 4096 --batches 4 --out benchmarks/results/user_timeline_h200.json
+    python benchmarks/bench_user_timeline.py --device cpu --batch-size 8 --batches 2 --steps 3
+
+Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
+the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
+`modiff.pipelines.generate` are timed by wrapping them, which costs a few microseconds per call: opening the
+run, wrapping the network (CUDA graphs are recorded on its first batch), each batch's initial noise, sampling
+loop (enqueued, then finished on the device), bookkeeping, the wait for the PNG writer and closing the run. On
+CUDA each batch's device time comes from events around its sampling loop, so "device idle" = the call's wall
+time minus the device's busy time. A warm-up call (one batch, another folder) compiles the network first.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+import modiff as md
+from modiff.pipelines import generate as generate_module
+from modiff.pipelines.generate import SampleConfig, generate
+from modiff.quant import presets, quantize, trajectory
+from modiff.utils.images import PngWriter
+from modiff.utils.rng import SeedStreams
+
+from bench_models import benchmark_model
+
+PHASES = {  # label -> (object, attribute) timed around each call
+    "open the run": (generate_module, "_open_run"),
+    "initial noise": (SeedStreams, "randn"),
+    "sampling loop, enqueued": (generate_module, "sample"),
+    "batch bookkeeping (waits for the device)": (generate_module, "_write_batch"),
+    "wait for the PNG writer": (PngWriter, "__exit__"),
+    "close the run (grid, samples.npz, manifest)": (generate_module, "_close_run"),
+}
+
+
+class Timeline:
+    """Seconds of each phase (summed over its calls) and, on CUDA, the device's busy seconds per batch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _timed(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
+        return wrapper
+
+    def _device_timed(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            out = function(*args, **kwargs)
+            end.record()
+            self.events.append((begin, end))
+            return out
+        return wrapper
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["Timeline"]:
+        originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES.values()]
+        try:
+            for label, (owner, name) in PHASES.items():
+                timed = self._timed(label, getattr(owner, name))
+                if label == "sampling loop, enqueued" and self.device.type == "cuda":
+                    timed = self._device_timed(timed)
+                setattr(owner, name, timed)
+            yield self
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+
+    def device_busy(self) -> list[float]:
+        """Seconds from each batch's first queued work to its sampled x_0 on the device."""
+        torch.cuda.synchronize(self.device)
+        return [begin.elapsed_time(end) / 1e3 for begin, end in self.events]
+
+
+def timed_call(model: torch.nn.Module, batch: int, batches: int, config: SampleConfig, device: torch.device,
+               work: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=work, prefix="bench-timeline-") as folder:
+        run = lambda seeds, name: generate(model, seeds, Path(folder) / name, config, batch_size=batch,  # noqa: E731
+                                           device=str(device), prepare=trajectory, progress=False)
+        run(range(batch), "warmup")
+        timeline = Timeline(device)
+        with timeline.installed():
+            start = time.perf_counter()
+            run(range(10**6, 10**6 + batch * batches), "timed")
+            wall = time.perf_counter() - start
+    result: dict[str, Any] = {"images": batch * batches, "wall_s": round(wall, 3),
+                              "images_per_s": round(batch * batches / wall, 1),
+                              "phases_s": {k: round(v, 6) for k, v in timeline.seconds.items()},
+                              "calls": dict(timeline.calls)}
+    if device.type == "cuda":
+        busy = timeline.device_busy()
+        result.update(device_busy_s=[round(b, 3) for b in busy], device_idle_s=round(wall - sum(busy), 3),
+                      network_only_images_per_s=round(batch * batches / sum(busy), 1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--model", default="fmnist-ddim")
+    parser.add_argument("--preset", default="fp", help="fp or a quantization preset")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where run folders go")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    if min(args.batch_size, args.batches, args.steps) < 1:
+        parser.error("--batch-size, --batches and --steps must be >= 1")
+    if args.preset != "fp" and args.preset not in presets:
+        parser.error(f"unknown preset {args.preset!r}")
+    device = torch.device(args.device)
+    base = benchmark_model(args.model)
+    model = base if args.preset == "fp" else quantize(base, presets[args.preset])
+    config = SampleConfig(steps=args.steps, spacing=md.default_spacing(base))
+    result = {"model": args.model, "preset": args.preset, "batch": args.batch_size, "steps": args.steps,
+              **timed_call(model, args.batch_size, args.batches, config, device, args.work)}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, **result}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/bench_user_timeline.py times the phases of one `generate` call: each phase once per batch or
+once per run, within the call's wall time, the library's functions given back afterwards."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import modiff.pipelines.generate as gen
+from modiff.pipelines.generate import SampleConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench_user_timeline = pytest.importorskip("bench_user_timeline")
+
+
+def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoiser) -> None:
+    originals = {label: getattr(owner, name) for label, (owner, name) in bench_user_timeline.PHASES.items()}
+    result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=3, config=SampleConfig(steps=2),
+                                            device=torch.device("cpu"), work=tmp_path)
+    assert result["images"] == 6 and result["calls"] == {
+        "open the run": 1, "initial noise": 3, "sampling loop, enqueued": 3,
+        "batch bookkeeping (waits for the device)": 3, "wait for the PNG writer": 1,
+        "close the run (grid, samples.npz, manifest)": 1}
+    assert all(0 < s <= result["wall_s"] + 1e-3 for s in result["phases_s"].values())
+    assert {label: getattr(owner, name) for label, (owner, name) in bench_user_timeline.PHASES.items()} == originals
+    assert gen.sample is originals["sampling loop, enqueued"]
+
+
+def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_user_timeline.py", "--batches", "0"])
+    with pytest.raises(SystemExit):
+        bench_user_timeline.main()
+    assert "must be >= 1" in capsys.readouterr().err
