@@ -7,7 +7,8 @@ Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, sa
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
 `modiff.pipelines.generate` are timed by wrapping them, which costs a few microseconds per call: opening the
 run, wrapping the network (CUDA graphs are recorded on its first batch), each batch's initial noise, sampling
-loop (enqueued, then finished on the device), bookkeeping, the wait for the PNG writer and closing the run. On
+loop (enqueued, then finished on the device), bookkeeping, the wait for the PNG writer and closing the run,
+and how many PNGs the writer thread still had to write when each batch was read back. On
 CUDA each batch's device time comes from events around its sampling loop, so "device idle" = the call's wall
 time minus the device's busy time. A warm-up call (one batch, another folder) compiles the network first.
 """
@@ -51,6 +52,8 @@ class Timeline:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.file_times: list[float] = []  # when the writer thread finished each PNG
+        self.batch_reads: list[float] = []  # when each batch's images were on the host and queued for writing
 
     def _timed(self, label: str, function: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -72,19 +75,35 @@ class Timeline:
             return out
         return wrapper
 
+    def _stamped(self, times: list[float], function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            out = function(*args, **kwargs)
+            times.append(time.perf_counter())  # list.append is atomic: safe from the writer thread
+            return out
+        return wrapper
+
     @contextlib.contextmanager
     def installed(self) -> Iterator["Timeline"]:
         originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES.values()]
+        originals.append((generate_module, "save_png", generate_module.save_png))
         try:
             for label, (owner, name) in PHASES.items():
                 timed = self._timed(label, getattr(owner, name))
                 if label == "sampling loop, enqueued" and self.device.type == "cuda":
                     timed = self._device_timed(timed)
+                if label == "batch bookkeeping (waits for the device)":
+                    timed = self._stamped(self.batch_reads, timed)
                 setattr(owner, name, timed)
+            generate_module.save_png = self._stamped(self.file_times, generate_module.save_png)
             yield self
         finally:
             for owner, name, original in originals:
                 setattr(owner, name, original)
+
+    def writer_backlog(self, batch: int) -> list[int]:
+        """PNGs queued but not yet written when each batch was read back (the last: the files left for after
+        the device is done)."""
+        return [(k + 1) * batch - sum(t <= read for t in self.file_times) for k, read in enumerate(self.batch_reads)]
 
     def device_busy(self) -> list[float]:
         """Seconds from each batch's first queued work to its sampled x_0 on the device."""
@@ -106,7 +125,8 @@ def timed_call(model: torch.nn.Module, batch: int, batches: int, config: SampleC
     result: dict[str, Any] = {"images": batch * batches, "wall_s": round(wall, 3),
                               "images_per_s": round(batch * batches / wall, 1),
                               "phases_s": {k: round(v, 6) for k, v in timeline.seconds.items()},
-                              "calls": dict(timeline.calls)}
+                              "calls": dict(timeline.calls),
+                              "writer_backlog_at_each_batch_read": timeline.writer_backlog(batch)}
     if device.type == "cuda":
         busy = timeline.device_busy()
         result.update(device_busy_s=[round(b, 3) for b in busy], device_idle_s=round(wall - sum(busy), 3),

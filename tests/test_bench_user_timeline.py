@@ -10,6 +10,7 @@ import torch
 
 import modiff.pipelines.generate as gen
 from modiff.pipelines.generate import SampleConfig
+from modiff.utils.images import save_png
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench_user_timeline = pytest.importorskip("bench_user_timeline")
@@ -24,8 +25,10 @@ def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoise
         "batch bookkeeping (waits for the device)": 3, "wait for the PNG writer": 1,
         "close the run (grid, samples.npz, manifest)": 1}
     assert all(0 < s <= result["wall_s"] + 1e-3 for s in result["phases_s"].values())
+    assert len(result["writer_backlog_at_each_batch_read"]) == 3
+    assert all(0 <= n <= 6 for n in result["writer_backlog_at_each_batch_read"])
     assert {label: getattr(owner, name) for label, (owner, name) in bench_user_timeline.PHASES.items()} == originals
-    assert gen.sample is originals["sampling loop, enqueued"]
+    assert gen.sample is originals["sampling loop, enqueued"] and gen.save_png is save_png
 
 
 def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

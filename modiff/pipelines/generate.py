@@ -26,7 +26,7 @@ from PIL import Image
 from modiff.pipelines.distributed import World, portable_error
 from modiff.diffusion.sampling import SAMPLERS, Callback, StepInfo
 from modiff.diffusion.schedules import Spacing, timesteps
-from modiff.utils.images import ImagesToHost, PngWriter, make_grid, save_png
+from modiff.utils.images import PngWriter, make_grid, save_png, to_uint8
 from modiff.models.denoisers import to_images
 from modiff.utils.device import resolve_device
 from modiff.pipelines.execution import (Precision, PrecisionChoice, float32_precision, precision_context,
@@ -134,11 +134,12 @@ def _non_finite_message(bad: dict[int, Optional[tuple[int, int]]], steps: int) -
             f"NaN in the checkpoint's weights, or an overflow (bf16, too few bits).")
 
 
-def _write_batch(batch: Sequence[int], copy: ImagesToHost, watch: _FiniteWatch, samples_dir: Path,
-                 writer: PngWriter, written: dict[int, np.ndarray], present: set[int]) -> None:
+def _write_batch(batch: Sequence[int], x: torch.Tensor, watch: _FiniteWatch, samples_dir: Path, writer: PngWriter,
+                 written: dict[int, np.ndarray], present: set[int]) -> None:
     """Queue the PNGs of a batch's finite samples that are not ``present`` (on disk before the run; kept in
     ``written`` by seed); raise for the others."""
-    images, finite = copy.result()  # the batch's only wait on the device
+    finite = torch.isfinite(x).flatten(1).all(1)
+    images, finite = to_uint8(x), finite.tolist()  # the batch's only waits on the device
     new = {seed: image for seed, image, ok in zip(batch, images, finite) if ok and seed not in present}
     writer.submit(list(new.values()), [png_path(samples_dir, seed) for seed in new])
     written.update(new)
@@ -305,32 +306,16 @@ def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: Sa
                     written: dict[int, np.ndarray], progress: bool, condition: Optional[Condition] = None) -> None:
     """Sample the batches; their new PNGs are written on a background thread (every file is on disk when
     this returns) and kept in ``written`` by seed. A batch's PNGs already on disk (from an interrupted run)
-    are kept. Each batch is queued on the device before the previous one's images are waited for, so the
-    host's work between batches (the copy's bookkeeping, the next initial noise) overlaps the device's; a
-    batch whose sampling fails still has the batch before it written."""
+    are kept."""
     present = seeds_on_disk(samples_dir, [seed for batch in batches for seed in batch])
     with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar, \
             PngWriter(save_png) as writer:
-        def write(queued: tuple[list[int], ImagesToHost, _FiniteWatch]) -> None:
-            _write_batch(*queued, samples_dir, writer, written, present)
-            bar.update(len(queued[0]))
-
-        queued = None
         for batch in batches:
             watch = _FiniteWatch()
-            try:
-                with prepare(model) if prepare else nullcontext(), \
-                        condition(model, batch) if condition else nullcontext():
-                    x = to_images(model, sample(model, batch, config, dev, callback=watch))
-            except BaseException:
-                if queued is not None:
-                    write(queued)
-                raise
-            previous, queued = queued, (batch, ImagesToHost(x), watch)
-            if previous is not None:
-                write(previous)
-        if queued is not None:
-            write(queued)
+            with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():
+                x = to_images(model, sample(model, batch, config, dev, callback=watch))
+            _write_batch(batch, x, watch, samples_dir, writer, written, present)
+            bar.update(len(batch))
 
 
 def read_samples(samples_dir: Path, seeds: Sequence[int],

@@ -215,49 +215,6 @@ def test_failed_batch_keeps_finished_batches(tmp_path: Path, tame_denoiser, monk
     assert batches == [[2, 3], [4, 5]]
 
 
-def test_next_batch_is_queued_before_a_batch_is_waited_for(tmp_path: Path, tame_denoiser,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batch k+1's sampling is queued before batch k's images are read back (the device never waits for the
-    host's work between batches); the run equals one sampled a batch at a time."""
-    events, real_sample, real_result = [], gen.sample, gen.ImagesToHost.result
-
-    def logged_sample(model, seeds, *args, **kwargs):
-        events.append(("sample", seeds[0]))
-        return real_sample(model, seeds, *args, **kwargs)
-
-    def logged_result(self):
-        images, finite = real_result(self)
-        events.append(("wait", len(finite)))
-        return images, finite
-
-    monkeypatch.setattr(gen, "sample", logged_sample)
-    monkeypatch.setattr(gen.ImagesToHost, "result", logged_result)
-    out = _run(tame_denoiser, range(5), tmp_path / "run", batch_size=2)
-    assert events == [("sample", 0), ("sample", 2), ("wait", 2), ("sample", 4), ("wait", 2), ("wait", 1)]
-    monkeypatch.undo()
-    one_by_one = [_run(tame_denoiser, range(i, min(i + 2, 5)), tmp_path / f"alone{i}", batch_size=2) for i in (0, 2, 4)]
-    for seed in range(5):
-        alone = one_by_one[seed // 2] / f"samples/{seed:06d}.png"
-        assert (out / f"samples/{seed:06d}.png").read_bytes() == alone.read_bytes()
-
-
-def test_non_finite_batch_stops_the_run_before_the_batch_after_it_is_written(tmp_path: Path, tame_denoiser,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A NaN in batch 1 (of 3) raises once batch 1 is read back: batch 0's PNGs are on disk, batch 1's finite
-    samples too, and batch 2 (already queued) writes nothing."""
-    real_sample = gen.sample
-
-    def nan_in_seed_3(model, seeds, *args, **kwargs):
-        x = real_sample(model, seeds, *args, **kwargs)
-        return torch.where(torch.tensor([s == 3 for s in seeds]).view(-1, 1, 1, 1), float("nan"), x)
-
-    monkeypatch.setattr(gen, "sample", nan_in_seed_3)
-    with pytest.raises(gen.NonFiniteSamplesError, match="seeds 3: "):
-        _run(tame_denoiser, range(6), tmp_path / "run", batch_size=2)
-    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["000000.png", "000001.png",
-                                                                                 "000002.png"]
-
-
 def test_atomic_path(tmp_path: Path) -> None:
     """atomic_path renames onto the target on success; on error the target is untouched and no tmp remains."""
     target = tmp_path / "f.txt"

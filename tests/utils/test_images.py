@@ -1,6 +1,7 @@
 """Image conversion and the background PNG writer (`modiff.utils.images`)."""
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modiff.utils.images import ImagesToHost, PngWriter, encode_png, save_png, to_uint8
+from modiff.utils.images import PngWriter, encode_png, save_png, to_uint8
 
 
 def test_to_uint8_rounds_as_save_image() -> None:
@@ -24,22 +25,6 @@ def test_to_uint8_rounds_as_save_image() -> None:
         to_uint8(torch.zeros(3, 4, 5))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_images_to_host_equals_to_uint8_and_flags_non_finite_samples(device: str) -> None:
-    """The copy without waiting gives to_uint8's bytes and, per sample, whether all of x was finite, also
-    when more work is queued on the device after it (the next batch) and x is changed by it."""
-    x = torch.rand(3, 1, 4, 5, device=device) * 2 - 1
-    x[1, 0, 2, 3] = float("inf")
-    expected = to_uint8(x)
-    copy = ImagesToHost(x)
-    for _ in range(20):
-        x.mul_(-1.0001)
-    images, finite = copy.result()
-    np.testing.assert_array_equal(images, expected)
-    assert finite == [True, False, True] and images.flags.writeable
-
-
 def test_save_png_round_trips_with_the_umask_mode(tmp_path: Path) -> None:
     image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
     save_png(image, tmp_path / "sub" / "a.png")  # the folder is made
@@ -49,6 +34,25 @@ def test_save_png_round_trips_with_the_umask_mode(tmp_path: Path) -> None:
     assert (tmp_path / "sub" / "a.png").stat().st_mode & 0o777 == 0o666 & ~mask
     assert encode_png(image[..., :1]) == encode_png(image[..., :1].copy())  # grey images as mode "L"
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("shape", [(32, 32, 1), (7, 5, 3), (1, 1, 1), (342, 342, 3)])
+def test_encode_png_decodes_to_the_image(shape: tuple[int, int, int]) -> None:
+    """PIL reads the bytes back to the same pixels, as mode L (one channel) or RGB, and its checks of the
+    chunks' CRCs pass."""
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    data = encode_png(image)
+    Image.open(io.BytesIO(data)).verify()
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.mode == ("L" if shape[-1] == 1 else "RGB") and decoded.size == (shape[1], shape[0])
+    np.testing.assert_array_equal(np.asarray(decoded).reshape(shape), image)
+
+
+@pytest.mark.parametrize("image", [np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4, 1), np.float32),
+                                   np.zeros((4, 4), np.uint8)])
+def test_encode_png_refuses_what_it_cannot_write(image: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"expected \(H, W, C\) uint8 with C in \(1, 3\)"):
+        encode_png(image)
 
 
 def test_writer_writes_in_order_on_another_thread(tmp_path: Path) -> None:
