@@ -1,6 +1,7 @@
 """Shared tiny models and configs for the CPU test suite."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter; read
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig
 from modiff.models.registry import Denoiser
+from modiff.utils import runs
 
 # Tiny CPU tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
 # competing with other processes made the suite ~7x slower (6.5 min vs 1 min). MODIFF_TEST_THREADS overrides.
@@ -74,3 +76,22 @@ def tiny_denoiser() -> Denoiser:
 def tame_denoiser() -> Denoiser:
     """A Denoiser whose samples are real-valued images in range (for PNG tests)."""
     return Denoiser(TameNet(0), linear_schedule(), "tame", {})
+
+
+def fail_file_write(monkeypatch: pytest.MonkeyPatch, nth: int, error: OSError, partial: bool = False) -> list[str]:
+    """Make the ``nth`` file write of `modiff.utils.runs.write_bytes_atomic` (the PNG writer's) raise ``error``,
+    after writing half its bytes if ``partial``; returns the names of the files written to, in order."""
+    names: list[str] = []
+
+    class FailingFile(io.FileIO):
+        def write(self, data):  # type: ignore[override]
+            names.append(self.name)
+            if len(names) == nth:
+                if partial:
+                    super().write(bytes(data)[: len(data) // 2])
+                raise error
+            return super().write(data)
+
+    monkeypatch.setattr(runs, "open", lambda path, mode: FailingFile(path, "w"), raising=False)
+    return names
+

@@ -3,7 +3,6 @@ command-line words, never a traceback."""
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 from pathlib import Path
@@ -16,9 +15,8 @@ from PIL import Image
 
 from modiff.cli import main
 from modiff.pipelines.train import DDIMTrainConfig, export_weights
-from modiff.utils import runs
 
-from conftest import TINY, official_yaml, tiny_net
+from conftest import TINY, fail_file_write, official_yaml, tiny_net
 
 
 def _invoke(*args: str):
@@ -159,16 +157,7 @@ def test_fid_without_fashion_mnist_names_what_fid_takes(tmp_path: Path, monkeypa
 
 
 def test_full_disk_names_the_folder(tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-
-    class FullDisk(io.FileIO):
-        def write(self, data):  # type: ignore[override]
-            calls.append(self.name)
-            if len(calls) == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
-
-    monkeypatch.setattr(runs, "open", lambda path, mode: FullDisk(path, "w"), raising=False)
+    fail_file_write(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
     out = tmp_path / "run"
     output = _clean_error(_sample("--model", str(tiny_folder), out=out))
     assert f"no space left on the device of {out / 'samples'}" in output.replace("\n", " ")

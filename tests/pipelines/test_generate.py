@@ -1,7 +1,6 @@
 """Run directories written by `generate`: files, manifest, resumption, refusals and atomic writes."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from PIL import Image
 import modiff.pipelines.generate as gen
 from modiff.pipelines.generate import SampleConfig, finished_run, generate, read_samples
 from modiff.utils.runs import atomic_path
+
+from conftest import fail_file_write
 
 CONFIG = SampleConfig(steps=3)
 
@@ -161,19 +162,7 @@ def test_resolve_device_without_cuda() -> None:
 def test_failed_png_write_leaves_no_partial_file(tmp_path: Path, tame_denoiser, monkeypatch: pytest.MonkeyPatch) -> None:
     """A PNG write that dies half-way (on the writer thread) fails the run, leaves earlier PNGs whole, no
     partial/tmp file, and a clean resume."""
-    from modiff.utils import runs
-
-    calls: list[object] = []
-
-    class DyingFile(io.FileIO):
-        def write(self, data):  # type: ignore[override]
-            calls.append(self.name)
-            if len(calls) == 3:
-                super().write(bytes(data)[: len(data) // 2])
-                raise OSError("disk full")
-            return super().write(data)
-
-    monkeypatch.setattr(runs, "open", lambda path, mode: DyingFile(path, "w"), raising=False)
+    fail_file_write(monkeypatch, 3, OSError("disk full"), partial=True)
     out = tmp_path / "run"
     with pytest.raises(OSError, match="disk full"):
         _run(tame_denoiser, range(4), out)

@@ -3,7 +3,6 @@ recorded, damaged PNGs made again, non-finite samples refused, a full disk named
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
 import os
@@ -22,10 +21,9 @@ from modiff.diffusion.schedules import linear_schedule
 from modiff.models.denoisers import Denoiser
 from modiff.pipelines.generate import NonFiniteSamplesError, SampleConfig, generate
 from modiff.utils.locks import FolderLockedError, folder_lock
-from modiff.utils import runs
 from modiff.utils.runs import DiskFullError
 
-from conftest import TameNet
+from conftest import TameNet, fail_file_write
 
 CONFIG = SampleConfig(steps=3)
 
@@ -214,16 +212,7 @@ def test_unreadable_png_of_a_resumed_run_is_made_again(tmp_path: Path, tame_deno
 def test_full_disk_names_the_folder_and_keeps_the_images(tmp_path: Path, tame_denoiser,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC while writing the third PNG's bytes: DiskFullError names the samples folder; two PNGs stay whole."""
-    calls: list[str] = []
-
-    class FullDisk(io.FileIO):
-        def write(self, data):  # type: ignore[override]
-            calls.append(self.name)
-            if len(calls) == 3:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
-
-    monkeypatch.setattr(runs, "open", lambda path, mode: FullDisk(path, "w"), raising=False)
+    fail_file_write(monkeypatch, 3, OSError(errno.ENOSPC, "No space left on device"))
     out = tmp_path / "run"
     with pytest.raises(DiskFullError, match=f"no space left on the device of {out / 'samples'}"):
         _run(tame_denoiser, range(4), out)
