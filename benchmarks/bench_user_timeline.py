@@ -6,9 +6,10 @@
 Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
 `modiff.pipelines.generate` are timed by wrapping them, which costs a few microseconds per call: opening the
-run, wrapping the network (CUDA graphs are recorded on its first batch), each batch's initial noise, sampling
-loop (enqueued, then finished on the device), bookkeeping, the wait for the PNG writer and closing the run,
-and how many PNGs the writer thread still had to write when each batch was read back. On
+run, each batch's initial noise (inside its sampling loop), sampling loop (enqueued; CUDA graphs are recorded
+in the first batch's), bookkeeping (which waits for the device), the wait for the PNG writer and closing the
+run (the rest of the wall time is wrapping the network and the folder lock), and how many PNGs the writer
+thread still had to write when each batch was read back. On
 CUDA each batch's device time comes from events around its sampling loop, so "device idle" = the call's wall
 time minus the device's busy time. A warm-up call (one batch, another folder) compiles the network first.
 """

@@ -31,6 +31,15 @@ def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoise
     assert gen.sample is originals["sampling loop, enqueued"] and gen.save_png is save_png
 
 
+def test_writer_backlog_counts_files_queued_but_not_written_at_each_read_back() -> None:
+    """Batches of 3 read back at t=2.5 and 5.5, files done at t=1..5: 3 - 2 and 6 - 5 files still queued."""
+    timeline = bench_user_timeline.Timeline(torch.device("cpu"))
+    timeline.file_times, timeline.batch_reads = [1.0, 2.0, 3.0, 4.0, 5.0], [2.5, 5.5]
+    assert timeline.writer_backlog(3) == [1, 1]
+    timeline.file_times = []
+    assert timeline.writer_backlog(3) == [3, 6]
+
+
 def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(sys, "argv", ["bench_user_timeline.py", "--batches", "0"])
     with pytest.raises(SystemExit):
