@@ -1,10 +1,10 @@
-"""The user path's tail: one batch of PNGs written on 1, 2, ... threads, side by side in one process.
+"""The user path's tail: one batch of PNGs written by `PngWriter` on 1, 2, ... threads, side by side in one process.
 
     python benchmarks/bench_png_writer.py --images 2048 --threads 1,2,4 --out benchmarks/results/png_writer_cpu.json
 
 Why: `modiff sample` writes each batch's PNGs on background threads while the GPU samples the next batch, so
-only the last batch's files are written after sampling ends; the host profile of the user path
-(`bench_sampling.py --host-profile`) put that tail at 0.5 ms per file on one thread. The images are Fashion-MNIST
+only the last batch's files are written after sampling ends (`bench_user_timeline.py`); the writer splits a batch
+into contiguous parts, one per thread. The images are Fashion-MNIST
 test images at the models' 32x32 (what `fmnist-ddim` samples look like to the PNG encoder), written atomically
 into a fresh temporary folder per trial. Printed per thread count: the median seconds from the first submit to
 the last file on disk, files per second, and the speed-up over one thread; then the encoding alone, in memory
@@ -18,13 +18,12 @@ import os
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from modiff.datasets import fashion_mnist
-from modiff.utils.images import PngWriter, encode_png, save_png, to_uint8
+from modiff.utils.images import PngWriter, encode_pngs, to_uint8
 
 
 def test_images(count: int) -> np.ndarray:
@@ -35,34 +34,21 @@ def test_images(count: int) -> np.ndarray:
 
 
 def tail_seconds(images: np.ndarray, threads: int) -> float:
-    """Seconds until every image is on disk: one thread is `PngWriter` as `modiff sample` runs it, more split
-    the files into contiguous parts, one `save_png` loop per thread (what a threaded writer would do)."""
+    """Seconds until every image is on disk, written by `PngWriter` as `modiff sample` runs it, on ``threads``
+    threads (one submission, the whole batch)."""
     with tempfile.TemporaryDirectory(prefix="bench-png-") as folder:
         paths = [Path(folder) / f"{i:06d}.png" for i in range(len(images))]
         start = time.perf_counter()
-        if threads == 1:
-            with PngWriter() as writer:
-                writer.submit(list(images), paths)
-        else:
-            size = -(-len(images) // threads)
-            with ThreadPoolExecutor(threads) as pool:
-                parts = [pool.submit(_save_all, images[i:i + size], paths[i:i + size]) for i in range(0, len(images), size)]
-                for part in parts:
-                    part.result()
+        with PngWriter(threads=threads) as writer:
+            writer.submit(images, paths)
         return time.perf_counter() - start
-
-
-def _save_all(images: np.ndarray, paths: list[Path]) -> None:
-    for image, path in zip(images, paths):
-        save_png(image, path)
 
 
 def encode_ms_per_file(images: np.ndarray) -> float:
     """Milliseconds to encode one image as PNG bytes in memory: the part of a file's cost that is not the file
     system's."""
     start = time.perf_counter()
-    for image in images:
-        encode_png(image)
+    encode_pngs(images)
     return (time.perf_counter() - start) / len(images) * 1e3
 
 

@@ -1,7 +1,6 @@
 """Shared tiny models and configs for the CPU test suite."""
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -78,20 +77,19 @@ def tame_denoiser() -> Denoiser:
     return Denoiser(TameNet(0), linear_schedule(), "tame", {})
 
 
-def fail_file_write(monkeypatch: pytest.MonkeyPatch, nth: int, error: OSError, partial: bool = False) -> list[str]:
+def fail_file_write(monkeypatch: pytest.MonkeyPatch, nth: int, error: OSError, partial: bool = False) -> None:
     """Make the ``nth`` file write of `modiff.utils.runs.write_bytes_atomic` (the PNG writer's) raise ``error``,
-    after writing half its bytes if ``partial``; returns the names of the files written to, in order."""
-    names: list[str] = []
+    after writing half its bytes if ``partial``."""
+    calls: list[int] = []
+    real_write_all = runs.write_all
 
-    class FailingFile(io.FileIO):
-        def write(self, data):  # type: ignore[override]
-            names.append(self.name)
-            if len(names) == nth:
-                if partial:
-                    super().write(bytes(data)[: len(data) // 2])
-                raise error
-            return super().write(data)
+    def failing_write_all(descriptor: int, data: bytes) -> None:
+        calls.append(descriptor)
+        if len(calls) == nth:
+            if partial:
+                real_write_all(descriptor, bytes(data)[: len(data) // 2])
+            raise error
+        real_write_all(descriptor, data)
 
-    monkeypatch.setattr(runs, "open", lambda path, mode: FailingFile(path, "w"), raising=False)
-    return names
+    monkeypatch.setattr(runs, "write_all", failing_write_all)
 

@@ -67,20 +67,35 @@ def atomic_path(path: Path) -> Iterator[Path]:
                 os.unlink(tmp)
 
 
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """`data` into `path` (an existing folder) through a temporary name beside it, renamed once complete.
-    The same guarantees as `atomic_path` with fewer system calls, for many small files: the temporary name
-    is this thread's own (`open` gives it the umask's mode), and a full disk raises `DiskFullError`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    with disk_full_hint(path.parent, f"{path.name} was not written, files written before are kept"):
+    The same guarantees as `atomic_path` with fewer system calls and little Python per file, for many small
+    files (the PNG writer's): the temporary name is this thread's own, the file gets the umask's mode, and a
+    full disk raises `DiskFullError`."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        descriptor = os.open(tmp, _NEW_FILE_FLAGS, 0o666)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            write_all(descriptor, data)
+        finally:
+            os.close(descriptor)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        with disk_full_hint(Path(folder), f"{name} was not written, files written before are kept"):
             raise
+
+
+def write_all(descriptor: int, data: bytes) -> None:
+    """Every byte of ``data`` to an open file (`os.write` may take fewer than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
 
 
 def write_json(data: Mapping[str, Any], path: Path) -> None:

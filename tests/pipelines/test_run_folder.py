@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import modiff.pipelines.generate as gen
+import modiff.utils.images as images_module
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.denoisers import Denoiser
 from modiff.pipelines.generate import NonFiniteSamplesError, SampleConfig, generate
@@ -34,15 +34,15 @@ def _run(model, seeds, out: Path, config: SampleConfig = CONFIG, **kw) -> Path:
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, pngs: int) -> None:
     """Make the run die (as Ctrl-C or kill would) once `pngs` PNGs are written."""
-    real, count = gen.save_png, []
+    real, count = images_module.write_bytes_atomic, []
 
-    def save_then_die(image, path):
+    def write_then_die(path, data):
         if len(count) == pngs:
             raise KeyboardInterrupt
         count.append(path)
-        real(image, path)
+        real(path, data)
 
-    monkeypatch.setattr(gen, "save_png", save_then_die)
+    monkeypatch.setattr(images_module, "write_bytes_atomic", write_then_die)
 
 
 def _manifest(out: Path) -> dict:

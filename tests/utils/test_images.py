@@ -5,13 +5,16 @@ import io
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from modiff.utils.images import PngWriter, encode_png, save_png, to_uint8
+import modiff.utils.images as images_module
+from modiff.utils.images import PngWriter, encode_png, encode_pngs, save_png, to_uint8, writer_threads
+from modiff.utils.runs import write_bytes_atomic
 
 
 def test_to_uint8_rounds_as_save_image() -> None:
@@ -55,36 +58,78 @@ def test_encode_png_refuses_what_it_cannot_write(image: np.ndarray) -> None:
         encode_png(image)
 
 
-def test_writer_writes_in_order_on_another_thread(tmp_path: Path) -> None:
-    threads: list[str] = []
+def test_encode_pngs_equals_one_image_at_a_time() -> None:
+    images = np.random.default_rng(1).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    assert encode_pngs(images) == [encode_png(image) for image in images]
+    with pytest.raises(ValueError, match=r"expected \(N, H, W, C\) uint8 with C in \(1, 3\), got uint8 of shape \(6, 7, 3\)"):
+        encode_pngs(images[0])
 
-    def save(image: np.ndarray, path: Path) -> None:
+
+def _recording_writer(threads: list[str], written: list[str], fail_at: str = "") -> Callable[[Path, bytes], None]:
+    def write(path: Path, data: bytes) -> None:
         threads.append(threading.current_thread().name)
-        save_png(image, path)
+        if path.name == fail_at:
+            raise OSError("disk full")
+        written.append(path.name)
+        write_bytes_atomic(path, data)
+    return write
 
+
+def test_writer_writes_small_submissions_in_order_on_one_thread(tmp_path: Path) -> None:
+    threads: list[str] = []
+    written: list[str] = []
     images = [np.full((2, 2, 1), i, dtype=np.uint8) for i in range(6)]
-    with PngWriter(save, max_pending=1) as writer:
-        for start in (0, 2, 4):
+    with PngWriter(_recording_writer(threads, written), max_pending=1, threads=4, min_part=2) as writer:
+        for start in (0, 2, 4):  # below 2 * min_part: not split
             writer.submit(images[start:start + 2], [tmp_path / f"{i}.png" for i in range(start, start + 2)])
         writer.submit([], [])
     assert [int(np.asarray(Image.open(tmp_path / f"{i}.png"))[0, 0]) for i in range(6)] == list(range(6))
-    assert len(threads) == 6 and all(name.startswith("modiff-png") for name in threads)
+    assert written == [f"{i}.png" for i in range(6)] and set(threads) == {"modiff-png_0"}
+
+
+def test_writer_splits_a_large_submission_over_its_threads(tmp_path: Path) -> None:
+    """11 files with min_part 3 over 4 threads: 3 contiguous parts (11 // 3), each on its own thread, every
+    file the PNG of its image."""
+    threads: list[str] = []
+    written: list[str] = []
+    images = np.arange(11, dtype=np.uint8).reshape(11, 1, 1, 1).repeat(3, axis=1)
+    with PngWriter(_recording_writer(threads, written), threads=4, min_part=3) as writer:
+        writer.submit(images, [tmp_path / f"{i:02d}.png" for i in range(11)])
+    assert sorted(written) == [f"{i:02d}.png" for i in range(11)]
+    assert [int(np.asarray(Image.open(tmp_path / f"{i:02d}.png"))[2, 0]) for i in range(11)] == list(range(11))
+    parts = [[name for name, thread in zip(written, threads) if thread == t] for t in dict.fromkeys(threads)]
+    assert sorted(map(len, parts)) == [3, 4, 4] and all(part == sorted(part) for part in parts)
+    assert sorted(p[0] for p in parts) == ["00.png", "03.png", "07.png"]  # contiguous: 0-2, 3-6, 7-10
 
 
 def test_writer_stops_at_the_first_error_and_raises_it(tmp_path: Path) -> None:
+    threads: list[str] = []
     written: list[str] = []
-
-    def save(image: np.ndarray, path: Path) -> None:
-        if path.name == "2.png":
-            raise OSError("disk full")
-        written.append(path.name)
-
     image = np.zeros((2, 2, 1), dtype=np.uint8)
     with pytest.raises(OSError, match="disk full"):
-        with PngWriter(save) as writer:
+        with PngWriter(_recording_writer(threads, written, fail_at="2.png")) as writer:
             writer.submit([image] * 3, [tmp_path / f"{i}.png" for i in range(3)])
             writer.submit([image] * 2, [tmp_path / f"{i}.png" for i in range(3, 5)])
     assert written == ["0.png", "1.png"]  # nothing after the failed file, as if the process had stopped
+
+
+def test_writer_parts_start_no_file_after_an_error(tmp_path: Path) -> None:
+    """The second of two parts fails at its first file. The first part, if it had started its first file (held
+    there until the writer has seen the error), finishes that file and starts no other; the error is raised once
+    both parts are done."""
+    written: list[str] = []
+
+    def write(path: Path, data: bytes) -> None:
+        if path.name == "2.png":
+            raise OSError("disk full")
+        assert writer._failed.wait(5)
+        written.append(path.name)
+
+    writer = PngWriter(write, threads=2, min_part=2)
+    with pytest.raises(OSError, match="disk full"):
+        with writer:
+            writer.submit(np.zeros((4, 2, 2, 1), np.uint8), [tmp_path / f"{i}.png" for i in range(4)])
+    assert written in ([], ["0.png"])
 
 
 def test_writer_finishes_queued_files_when_the_caller_fails(tmp_path: Path) -> None:
@@ -96,8 +141,18 @@ def test_writer_finishes_queued_files_when_the_caller_fails(tmp_path: Path) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
+@pytest.mark.parametrize("usable, expected", [(1, 1), (2, 2), (3, 3), (16, 4)])
+def test_writer_threads_follow_the_usable_cpus_up_to_four(usable: int, expected: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images_module.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    with PngWriter() as writer:
+        assert writer_threads() == expected and writer.threads == expected
+
+
 def test_writer_refuses_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_pending must be >= 1, got 0"):
         PngWriter(max_pending=0)
+    with pytest.raises(ValueError, match="threads and min_part must be >= 1, got 0 and 128"):
+        PngWriter(threads=0)
     with PngWriter() as writer, pytest.raises(ValueError, match="2 images for 1 paths"):
         writer.submit([np.zeros((1, 1, 1), np.uint8)] * 2, [tmp_path / "a.png"])

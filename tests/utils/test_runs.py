@@ -10,7 +10,8 @@ import pytest
 
 from modiff.utils.device import resolve_device
 from modiff.utils.rng import MAX_SEED, parse_seeds
-from modiff.utils.runs import DiskFullError, atomic_path, write_json
+from modiff.utils import runs
+from modiff.utils.runs import DiskFullError, atomic_path, write_bytes_atomic, write_json
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
@@ -21,10 +22,32 @@ def test_written_files_get_the_umask(tmp_path: Path, umask: int, mode: int) -> N
         write_json({"a": 1}, tmp_path / "m.json")
         with atomic_path(tmp_path / "f.bin") as tmp:
             tmp.write_bytes(b"x")
+        write_bytes_atomic(tmp_path / "g.bin", b"y")
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == mode
-    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == mode
+    for name in ("m.json", "f.bin", "g.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_write_bytes_atomic_writes_every_byte_of_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`os.write` may take fewer bytes than given (a signal, a pipe): the rest is written, not dropped."""
+    real_write = os.write
+    monkeypatch.setattr(runs.os, "write", lambda descriptor, data: real_write(descriptor, bytes(data[:3])))
+    write_bytes_atomic(tmp_path / "a.bin", b"0123456789")
+    monkeypatch.undo()
+    assert (tmp_path / "a.bin").read_bytes() == b"0123456789" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_write_bytes_atomic_on_a_full_disk_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.png").write_bytes(b"old")
+
+    def full(descriptor: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "write_all", full)
+    with pytest.raises(DiskFullError, match=f"no space left on the device of {tmp_path}; a.png was not written"):
+        write_bytes_atomic(tmp_path / "a.png", b"new")
+    assert (tmp_path / "a.png").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.png"]
 
 
 def test_full_disk_is_named_and_leaves_the_target(tmp_path: Path) -> None:
