@@ -6,7 +6,8 @@
 Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
 `modiff.pipelines.generate` are timed by wrapping them, which costs a few microseconds per call: opening the
-run, each batch's initial noise (inside its sampling loop), sampling loop (enqueued; CUDA graphs are recorded
+run, each batch's initial noise (drawn on a background thread while the batch before it samples; before
+sitting 33 inside its sampling loop, with the device waiting), sampling loop (enqueued; CUDA graphs are recorded
 in the first batch's), bookkeeping (which waits for the device), the wait for the PNG writer and closing the
 run (the rest of the wall time is wrapping the network and the folder lock), and how many PNGs the writer
 thread still had to write when each batch was read back. On
@@ -30,6 +31,7 @@ import modiff as md
 from modiff.pipelines import generate as generate_module
 from modiff.pipelines.generate import SampleConfig, generate
 from modiff.quant import presets, quantize, trajectory
+from modiff.utils import images as images_module
 from modiff.utils.images import PngWriter
 from modiff.utils.rng import SeedStreams
 
@@ -86,7 +88,7 @@ class Timeline:
     @contextlib.contextmanager
     def installed(self) -> Iterator["Timeline"]:
         originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES.values()]
-        originals.append((generate_module, "save_png", generate_module.save_png))
+        originals.append((images_module, "write_bytes_atomic", images_module.write_bytes_atomic))
         try:
             for label, (owner, name) in PHASES.items():
                 timed = self._timed(label, getattr(owner, name))
@@ -95,7 +97,7 @@ class Timeline:
                 if label == "batch bookkeeping (waits for the device)":
                     timed = self._stamped(self.batch_reads, timed)
                 setattr(owner, name, timed)
-            generate_module.save_png = self._stamped(self.file_times, generate_module.save_png)
+            images_module.write_bytes_atomic = self._stamped(self.file_times, images_module.write_bytes_atomic)
             yield self
         finally:
             for owner, name, original in originals:

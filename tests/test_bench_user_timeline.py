@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import modiff.pipelines.generate as gen
+import modiff.utils.images as images_module
 from modiff.pipelines.generate import SampleConfig
-from modiff.utils.images import save_png
+from modiff.utils.runs import write_bytes_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench_user_timeline = pytest.importorskip("bench_user_timeline")
@@ -28,7 +29,7 @@ def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoise
     assert len(result["writer_backlog_at_each_batch_read"]) == 3
     assert all(0 <= n <= 6 for n in result["writer_backlog_at_each_batch_read"])
     assert {label: getattr(owner, name) for label, (owner, name) in bench_user_timeline.PHASES.items()} == originals
-    assert gen.sample is originals["sampling loop, enqueued"] and gen.save_png is save_png
+    assert gen.sample is originals["sampling loop, enqueued"] and images_module.write_bytes_atomic is write_bytes_atomic
 
 
 def test_writer_backlog_counts_files_queued_but_not_written_at_each_read_back() -> None:

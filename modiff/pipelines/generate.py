@@ -36,7 +36,7 @@ from modiff.pipelines.run_folder import (check_identity, execution_identity, is_
                                          remove_unreadable, run_identity, sampler_identity, seeds_on_disk)
 from modiff.utils.locks import folder_lock
 from modiff.utils.progress import progress_bar
-from modiff.utils.rng import SeedStreams, format_seeds
+from modiff.utils.rng import FirstDraw, first_draws_ahead, format_seeds, to_device
 from modiff.utils.runs import atomic_path, ensure_writable_dir, environment, write_json
 
 __all__ = ["SampleConfig", "Precision", "SamplerName", "generate", "finished_run", "sample", "read_samples",
@@ -82,12 +82,16 @@ def sample(
     config: SampleConfig,
     device: torch.device,
     callback: Optional[Callback] = None,
+    first_draw: Optional[FirstDraw] = None,
 ) -> torch.Tensor:
     """One batch of sampler outputs x_0 (B, C, H, W), float32 on `device`, for the given seeds: images
-    in [-1, 1] for a pixel model, latents for a latent one (`to_images` decodes them)."""
+    in [-1, 1] for a pixel model, latents for a latent one (`to_images` decodes them). ``first_draw``: the
+    seeds' initial noise drawn beforehand (`first_draws_ahead`), else it is drawn here."""
     ts = timesteps(config.steps, config.spacing, model.schedule.num_timesteps)
-    rng = SeedStreams(seeds)
-    x_T = rng.randn(model.sample_shape, device=device)
+    first_draw = first_draw or FirstDraw.of(seeds, model.sample_shape)
+    if first_draw.streams.seeds != [int(s) for s in seeds]:
+        raise ValueError(f"first_draw holds seeds {format_seeds(first_draw.streams.seeds)}, not {format_seeds(seeds)}")
+    rng, x_T = first_draw.streams, to_device(first_draw.x_T, device)
     kwargs: dict[str, Any] = {"callback": callback}
     if config.sampler == "ddim":
         kwargs["eta"] = config.eta
@@ -304,16 +308,16 @@ def _close_run(out: Path, manifest: dict[str, Any], session: dict[str, Any], see
 def _sample_batches(model: torch.nn.Module, batches: list[list[int]], config: SampleConfig, dev: torch.device,
                     samples_dir: Path, prepare: Optional[Callable[[torch.nn.Module], ContextManager]],
                     written: dict[int, np.ndarray], progress: bool, condition: Optional[Condition] = None) -> None:
-    """Sample the batches; their new PNGs are written on a background thread (every file is on disk when
-    this returns) and kept in ``written`` by seed. A batch's PNGs already on disk (from an interrupted run)
-    are kept."""
+    """Sample the batches; their new PNGs are written on background threads (every file is on disk when
+    this returns) and kept in ``written`` by seed, and each batch's initial noise is drawn on another while
+    the batch before it samples. A batch's PNGs already on disk (from an interrupted run) are kept."""
     present = seeds_on_disk(samples_dir, [seed for batch in batches for seed in batch])
     with progress_bar(desc="sampling", enabled=progress, total=sum(map(len, batches)), unit="img") as bar, \
-            PngWriter(save_png) as writer:
-        for batch in batches:
+            PngWriter() as writer, first_draws_ahead(batches, model.sample_shape) as first_draws:
+        for batch, first_draw in zip(batches, first_draws):
             watch = _FiniteWatch()
             with prepare(model) if prepare else nullcontext(), condition(model, batch) if condition else nullcontext():
-                x = to_images(model, sample(model, batch, config, dev, callback=watch))
+                x = to_images(model, sample(model, batch, config, dev, callback=watch, first_draw=first_draw))
             _write_batch(batch, x, watch, samples_dir, writer, written, present)
             bar.update(len(batch))
 

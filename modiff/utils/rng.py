@@ -6,12 +6,22 @@ size, its position in the batch, the number of devices or the device type.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
-__all__ = ["SeedStreams", "noise", "parse_seeds", "format_seeds"]
+__all__ = ["SeedStreams", "FirstDraw", "first_draws_ahead", "to_device", "noise", "parse_seeds", "format_seeds"]
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, without waiting for the copy."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 class SeedStreams:
@@ -29,11 +39,41 @@ class SeedStreams:
         return len(self.seeds)
 
     def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        draws = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in self._generators]
-        out = torch.stack(draws)
-        if torch.device(device).type == "cuda":
-            out = out.pin_memory().to(device, non_blocking=True)
-        return out.to(device=device, dtype=dtype)
+        out = torch.empty((len(self._generators), *shape), dtype=torch.float32)
+        for row, generator in zip(out, self._generators):  # what torch.randn(shape, generator=...) does, in place
+            row.normal_(generator=generator)
+        return to_device(out, device).to(dtype=dtype)
+
+
+@dataclass(frozen=True)
+class FirstDraw:
+    """A batch's streams after their first draw, and that draw: x_T (B, *shape), float32 on the CPU."""
+
+    streams: SeedStreams
+    x_T: torch.Tensor
+
+    @classmethod
+    def of(cls, seeds: Sequence[int], shape: Sequence[int]) -> "FirstDraw":
+        streams = SeedStreams(seeds)
+        return cls(streams, streams.randn(shape))
+
+
+@contextlib.contextmanager
+def first_draws_ahead(batches: Sequence[Sequence[int]], shape: Sequence[int]) -> Iterator[Iterator[FirstDraw]]:
+    """Each batch's `FirstDraw`, in order, the next batch's drawn on a background thread while the caller uses
+    the current one (samples it on a GPU): the per-seed draws run on the host (about 0.1 s per 4,096 seeds on an
+    H200 host), which would otherwise leave the device waiting before every batch. The CPU only: a thread that
+    touched the GPU could break a CUDA graph being captured on the caller's."""
+    with ThreadPoolExecutor(1, thread_name_prefix="modiff-noise") as pool:
+        def draws() -> Iterator[FirstDraw]:
+            upcoming = [pool.submit(FirstDraw.of, batch, shape) for batch in batches[:1]]
+            for following in batches[1:]:
+                current = upcoming.pop().result()
+                upcoming.append(pool.submit(FirstDraw.of, following, shape))
+                yield current
+            if upcoming:
+                yield upcoming.pop().result()
+        yield draws()
 
 
 def noise(seeds: Iterable[int], shape: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:

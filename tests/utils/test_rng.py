@@ -1,22 +1,26 @@
 """Per-seed random streams and the seed-spec parser."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import modiff
 from modiff.pipelines.generate import SampleConfig, sample
-from modiff.utils.rng import SeedStreams, noise, parse_seeds
+from modiff.utils.rng import FirstDraw, SeedStreams, first_draws_ahead, noise, parse_seeds
 
 SHAPE = (1, 16, 16)
 
 
-def test_noise_is_the_seeds_own_generator() -> None:
-    """noise([7], shape)[0] is torch.randn(shape) from a CPU generator seeded with 7."""
-    expected = torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
-    got = modiff.noise([7], SHAPE)
-    assert got.shape == (1, *SHAPE) and got.dtype == torch.float32
-    assert torch.equal(got[0], expected)
+@pytest.mark.parametrize("shape", [SHAPE, (3,), (2, 3, 5), (4, 64, 64)])
+def test_noise_is_the_seeds_own_generator(shape: tuple[int, ...]) -> None:
+    """noise([7, 2], shape)[i] is torch.randn(shape) from a CPU generator seeded with the seed, for sizes
+    below and above the 16 values from which torch's CPU normal sampler changes its method."""
+    got = modiff.noise([7, 2], shape)
+    assert got.shape == (2, *shape) and got.dtype == torch.float32
+    for row, seed in enumerate([7, 2]):
+        assert torch.equal(got[row], torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
 
 
 def test_streams_do_not_depend_on_batch() -> None:
@@ -133,3 +137,34 @@ def test_later_noise_continues_each_seeds_stream() -> None:
         c1 = math.sqrt((1 - a / a_prev) * (1 - a_prev) / (1 - a))  # eta = 1, eps = 0
         z = (step.x_prev[row] - math.sqrt(a_prev / a) * step.x_t[row]) / c1
         torch.testing.assert_close(z, second, atol=1e-4, rtol=1e-4)
+
+
+def test_first_draws_ahead_are_each_batchs_first_draw_drawn_on_another_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch k's x_T and streams, in order, equal to drawing them in place; the draws run on the noise thread."""
+    threads: list[str] = []
+    real_of = FirstDraw.of.__func__
+
+    def recording_of(cls, seeds, shape):
+        threads.append(threading.current_thread().name)
+        return real_of(cls, seeds, shape)
+
+    monkeypatch.setattr(FirstDraw, "of", classmethod(recording_of))
+    batches = [[4, 1], [0], [7, 2, 9]]
+    with first_draws_ahead(batches, SHAPE) as draws:
+        got = list(draws)
+    assert len(threads) == 3 and all(name.startswith("modiff-noise") for name in threads)
+    for batch, draw in zip(batches, got):
+        assert draw.streams.seeds == batch and torch.equal(draw.x_T, noise(batch, SHAPE))
+        fresh = SeedStreams(batch)
+        fresh.randn(SHAPE)
+        assert torch.equal(draw.streams.randn((3,)), fresh.randn((3,)))  # the streams go on after x_T
+    with first_draws_ahead([], SHAPE) as draws:
+        assert list(draws) == []
+
+
+def test_sample_takes_a_first_draw_of_its_own_seeds(tiny_denoiser) -> None:
+    config, dev = SampleConfig(steps=2, eta=0.5), torch.device("cpu")
+    drawn = sample(tiny_denoiser, [3, 5], config, dev, first_draw=FirstDraw.of([3, 5], tiny_denoiser.sample_shape))
+    assert torch.equal(drawn, sample(tiny_denoiser, [3, 5], config, dev))
+    with pytest.raises(ValueError, match="first_draw holds seeds 3,5, not 3-4"):
+        sample(tiny_denoiser, [3, 4], config, dev, first_draw=FirstDraw.of([3, 5], tiny_denoiser.sample_shape))
