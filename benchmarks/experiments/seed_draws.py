@@ -5,7 +5,8 @@ tensor per seed, then one stack), interleaved in one process.
 
 Why: the draws run on the host, one CPU generator per seed: a batch's initial noise, and with DDPM or DDIM at
 eta > 0 every step's noise, which the device waits for. Both ways give the same values (tested in
-tests/utils/test_rng.py). Printed (JSON): milliseconds per batch, the median of the rounds, per batch size.
+tests/utils/test_rng.py). One thread, as in sitting 33 (`bench_seed_draws.py` compares thread counts). Printed
+(JSON): milliseconds per batch, the median of the rounds, per batch size.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"stacked": [], "in place": []}
         for round_ in range(args.rounds):
             for name, draw in (("stacked", stacked), ("in place", lambda s: s.randn(SHAPE))):
-                streams = SeedStreams(range(round_ * batch, (round_ + 1) * batch))
+                streams = SeedStreams(range(round_ * batch, (round_ + 1) * batch), threads=1)
                 start = time.perf_counter()
                 draw(streams)
                 times[name].append((time.perf_counter() - start) * 1e3)

@@ -1,9 +1,11 @@
-"""Device selection: "auto" takes CUDA where it is available."""
+"""Device selection ("auto" takes CUDA where it is available) and the host's threads beside it."""
 from __future__ import annotations
+
+import os
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "host_threads"]
 
 
 ALLOWED = "auto, cpu, cuda or cuda:N (N the GPU's index)"
@@ -26,3 +28,11 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPUs "
                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def host_threads() -> int:
+    """Threads for host work that runs beside the device (PNG writing, per-seed noise draws): one per CPU this
+    process may use, at most 4 (benchmarks/README.md, "A batch encoded at once": two threads were the best on a
+    2-core machine, four on a 16-core one with an older PNG writer)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, usable))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
 import threading
 import zlib
@@ -14,9 +13,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from modiff.utils.device import host_threads
 from modiff.utils.runs import disk_full_hint, write_bytes_atomic
 
-__all__ = ["to_uint8", "make_grid", "encode_pngs", "encode_png", "save_png", "PngWriter", "writer_threads"]
+__all__ = ["to_uint8", "make_grid", "encode_pngs", "encode_png", "save_png", "PngWriter"]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -85,12 +85,6 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
         write_bytes_atomic(path, encode_png(image))
 
 
-def writer_threads() -> int:
-    """`PngWriter`'s default: one thread per CPU this process may use, at most 4 (benchmarks/README.md, "A batch
-    encoded at once": two threads were the best on a 2-core machine, four on a 16-core one with an older writer)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 class PngWriter:
     """Writes PNGs on background threads while the caller goes on (sampling the next batch).
 
@@ -108,7 +102,7 @@ class PngWriter:
                  threads: Optional[int] = None, min_part: int = 128):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        threads = writer_threads() if threads is None else threads
+        threads = host_threads() if threads is None else threads
         if threads < 1 or min_part < 1:
             raise ValueError(f"threads and min_part must be >= 1, got {threads} and {min_part}")
         self.write, self.max_pending, self.threads, self.min_part = write or write_bytes_atomic, max_pending, threads, min_part

@@ -10,9 +10,11 @@ import contextlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
+
+from modiff.utils.device import host_threads
 
 __all__ = ["SeedStreams", "FirstDraw", "first_draws_ahead", "to_device", "noise", "parse_seeds", "format_seeds"]
 
@@ -25,24 +27,49 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 class SeedStreams:
-    """One generator per sample; `randn(shape)` returns a (B, *shape) tensor drawn per sample."""
+    """One generator per sample; `randn(shape)` returns a (B, *shape) tensor drawn per sample.
 
-    def __init__(self, seeds: Iterable[int]):
+    A batch of at least ``2 * MIN_ROWS_PER_THREAD`` seeds is drawn in contiguous parts by up to ``threads``
+    threads at once (default `host_threads`): a seed's draw is one `normal_` call, which releases the GIL, and
+    every generator is drawn by one thread, so the values do not depend on the thread count. DDPM and DDIM with
+    eta > 0 draw at every step, on the host, while the device runs the step.
+    """
+
+    MIN_ROWS_PER_THREAD = 256
+
+    def __init__(self, seeds: Iterable[int], threads: Optional[int] = None):
         self.seeds = [int(s) for s in seeds]
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         if any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be non-negative, got {min(self.seeds)}")
+        self.threads = host_threads() if threads is None else threads
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         self._generators = [torch.Generator().manual_seed(s) for s in self.seeds]
 
     def __len__(self) -> int:
-        return len(self.seeds)
+        return len(self._generators)
 
     def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = torch.empty((len(self._generators), *shape), dtype=torch.float32)
-        for row, generator in zip(out, self._generators):  # what torch.randn(shape, generator=...) does, in place
-            row.normal_(generator=generator)
+        # Drawn into pinned memory for a GPU, so that `to_device` copies it without another host copy.
+        out = torch.empty((len(self), *shape), dtype=torch.float32, pin_memory=torch.device(device).type == "cuda")
+        parts = min(self.threads, len(self) // self.MIN_ROWS_PER_THREAD) or 1
+        bounds = [len(self) * i // parts for i in range(parts + 1)]
+        if parts == 1:
+            _draw_rows(out, self._generators)
+        else:
+            with ThreadPoolExecutor(parts - 1, thread_name_prefix="modiff-draws") as pool:
+                others = [pool.submit(_draw_rows, out[a:b], self._generators[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
+                _draw_rows(out[: bounds[1]], self._generators[: bounds[1]])
+                for other in others:
+                    other.result()
         return to_device(out, device).to(dtype=dtype)
+
+
+def _draw_rows(out: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
+    for row, generator in zip(out, generators):  # what torch.randn(shape, generator=...) does, in place
+        row.normal_(generator=generator)
 
 
 @dataclass(frozen=True)

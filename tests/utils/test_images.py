@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import modiff.utils.images as images_module
-from modiff.utils.images import PngWriter, encode_png, encode_pngs, save_png, to_uint8, writer_threads
+import modiff.utils.device as device_module
+from modiff.utils.device import host_threads
+from modiff.utils.images import PngWriter, encode_png, encode_pngs, save_png, to_uint8
 from modiff.utils.runs import write_bytes_atomic
 
 
@@ -144,9 +145,9 @@ def test_writer_finishes_queued_files_when_the_caller_fails(tmp_path: Path) -> N
 @pytest.mark.parametrize("usable, expected", [(1, 1), (2, 2), (3, 3), (16, 4)])
 def test_writer_threads_follow_the_usable_cpus_up_to_four(usable: int, expected: int,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images_module.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    monkeypatch.setattr(device_module.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
     with PngWriter() as writer:
-        assert writer_threads() == expected and writer.threads == expected
+        assert host_threads() == expected and writer.threads == expected
 
 
 def test_writer_refuses_bad_arguments(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import modiff
+import modiff.utils.rng as rng_module
 from modiff.pipelines.generate import SampleConfig, sample
 from modiff.utils.rng import FirstDraw, SeedStreams, first_draws_ahead, noise, parse_seeds
 
@@ -36,11 +37,46 @@ def test_streams_do_not_depend_on_batch() -> None:
 
 
 def test_seed_streams_validation() -> None:
-    """Empty and negative seed lists are refused."""
+    """Empty and negative seed lists and fewer than one thread are refused."""
     with pytest.raises(ValueError, match="at least one"):
         SeedStreams([])
     with pytest.raises(ValueError, match="non-negative"):
         noise([-1], SHAPE)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        SeedStreams([1], threads=0)
+
+
+def test_a_large_batch_is_drawn_in_contiguous_parts_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 seeds on 3 threads: three parts of 333-334 rows, one on the caller's thread; every draw (the first and
+    the next) equals one thread's, which is each seed's own torch.randn; 511 seeds stay on one thread."""
+    parts: list[tuple[str, int]] = []
+    draw_rows = rng_module._draw_rows
+
+    def recording(out, generators):
+        parts.append((threading.current_thread().name, len(generators)))
+        draw_rows(out, generators)
+
+    monkeypatch.setattr(rng_module, "_draw_rows", recording)
+    threaded, single = SeedStreams(range(1000), threads=3), SeedStreams(range(1000), threads=1)
+    first = threaded.randn(SHAPE)
+    assert sorted(n for _, n in parts) == [333, 333, 334]
+    names = sorted(name for name, _ in parts)
+    assert names.count(threading.current_thread().name) == 1 and sum(n.startswith("modiff-draws") for n in names) == 2
+    assert torch.equal(first, single.randn(SHAPE)) and torch.equal(threaded.randn((3,)), single.randn((3,)))
+    for seed in (0, 333, 999):
+        assert torch.equal(first[seed], torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)))
+    parts.clear()
+    SeedStreams(range(511), threads=3).randn((3,))
+    assert parts == [(threading.current_thread().name, 511)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_draws_for_a_gpu_are_made_in_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    pinned: list[bool] = []
+    draw_rows = rng_module._draw_rows
+    monkeypatch.setattr(rng_module, "_draw_rows", lambda out, gens: (pinned.append(out.is_pinned()), draw_rows(out, gens)))
+    got = SeedStreams([4, 5]).randn(SHAPE, device="cuda")
+    assert pinned == [True] and torch.equal(got.cpu(), noise([4, 5], SHAPE))
 
 
 CONFIGS = [SampleConfig(steps=3), SampleConfig(steps=3, eta=0.5), SampleConfig(sampler="ddpm", steps=3), SampleConfig(sampler="dpm-solver", steps=3)]
