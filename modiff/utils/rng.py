@@ -49,7 +49,7 @@ class SeedStreams:
         self._generators = [torch.Generator().manual_seed(s) for s in self.seeds]
 
     def __len__(self) -> int:
-        return len(self._generators)
+        return len(self.seeds)
 
     def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
         # Drawn into pinned memory for a GPU, so that `to_device` copies it without another host copy.
