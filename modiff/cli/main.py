@@ -77,7 +77,7 @@ def _register_commands() -> None:
     from modiff.cli.calibrate import calibrate_command, calibrate_data_command, calibrate_shipped_command
     from modiff.cli.diffusers import export_diffusers_command
     from modiff.cli.metrics import fid_command, fid_ref_command
-    from modiff.cli.reports import reproduce
+    from modiff.cli.reports import report_diff_command, reproduce
     from modiff.cli.sampling import evaluate, record_command, sample
     from modiff.cli.summarize import summarize_command
     from modiff.cli.training import train
@@ -89,6 +89,7 @@ def _register_commands() -> None:
     main.add_command(fid_command)
     main.add_command(fid_ref_command)
     main.add_command(reproduce)
+    main.add_command(report_diff_command)
     main.add_command(calibrate_data_command)
     main.add_command(calibrate_command)
     main.add_command(calibrate_shipped_command)

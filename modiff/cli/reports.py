@@ -1,4 +1,5 @@
-"""`modiff reproduce`: the notebooks run into a report folder (`modiff.pipelines.reproduce`).
+"""`modiff reproduce`: the notebooks run into a report folder (`modiff.pipelines.reproduce`); `modiff report-diff`:
+a regenerated report against the committed one (`modiff.pipelines.report_diff`).
 
 Registered on the `modiff` group by `modiff.cli.main`; kept apart so the main CLI module stays short.
 """
@@ -10,7 +11,7 @@ import click
 
 from modiff.cli.options import USER_ERRORS
 
-__all__ = ["reproduce"]
+__all__ = ["reproduce", "report_diff_command"]
 
 
 @click.command()
@@ -70,3 +71,30 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
     click.echo(f"index: {reports / report_name(preset, model) / 'index.html'}")
     if not all(r.ok for r in results):
         raise SystemExit(1)
+
+
+@click.command("report-diff")
+@click.argument("committed", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("regenerated", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the table as OUT (Markdown) and OUT with .csv beside it.")
+def report_diff_command(committed: Path, regenerated: Path, out: Path | None) -> None:
+    """How far each table of REGENERATED moved from COMMITTED: numeric and text cells changed, the largest
+    relative change, and how many estimates with a 95% interval still lie inside the committed interval.
+
+    \b
+    Examples:
+      modiff reproduce --reports /tmp/reports && modiff report-diff reports/quick /tmp/reports/quick
+      modiff report-diff reports/quick /tmp/reports/quick --out /tmp/quick-diff.md
+    """
+    from modiff.pipelines.report_diff import compare_reports, render
+
+    try:
+        table = compare_reports(committed, regenerated)
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from err
+    text = render(table, committed, regenerated).markdown()
+    click.echo(text, nl=False)
+    if out is not None:
+        out.write_text(text)
+        table.to_csv(out.with_suffix(".csv"), index=False)

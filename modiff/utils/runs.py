@@ -123,6 +123,18 @@ def _git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def cpu_name() -> str:
+    """The CPU's model and the vector unit torch's CPU kernels use ("AMD EPYC, AVX2"): float32 sums round
+    differently with another, and a 3-4 bit network can then move a value across a rounding tie."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     """What a manifest records about where and with what a run was made."""
     import numpy
@@ -134,6 +146,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "host": platform.node(),
+        "cpu": cpu_name(),
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if device is not None:

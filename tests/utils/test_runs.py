@@ -72,3 +72,16 @@ def test_seed_limits() -> None:
 def test_unknown_devices(device: str) -> None:
     with pytest.raises(ValueError, match=r"use auto, cpu, cuda or cuda:N"):
         resolve_device(device)
+
+
+def test_the_environment_names_the_cpu_and_its_vector_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest says which CPU made it: float32 sums, and so 4-bit rounding ties, depend on its vector unit."""
+    capability = runs.torch.backends.cpu.get_cpu_capability()
+    assert runs.environment()["cpu"].endswith(f", {capability}")
+
+    def no_cpuinfo(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr("builtins.open", no_cpuinfo)
+    monkeypatch.setattr(runs.platform, "processor", lambda: "Some CPU")
+    assert runs.cpu_name() == f"Some CPU, {capability}"

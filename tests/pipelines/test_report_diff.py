@@ -1,0 +1,69 @@
+"""`modiff report-diff`: a regenerated report's tables against the committed ones, on hand-made tables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from modiff.cli.main import main
+from modiff.pipelines.report_diff import compare_reports, compare_tables, interval_columns
+
+
+def test_intervals_name_their_estimate_and_ambiguous_ones_are_left_out() -> None:
+    columns = ["fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_std", "is_ci95_low",
+               "is_ci95_high", "mean", "ci95_low", "ci95_high", "with", "with: ci95_low", "with: ci95_high",
+               "orphan_ci95_low"]
+    assert interval_columns(columns) == [("fid_classifier", "fid_ci95_low", "fid_ci95_high"),
+                                         ("mean", "ci95_low", "ci95_high"), ("with", "with: ci95_low", "with: ci95_high")]
+
+
+COMMITTED = pd.DataFrame({"name": ["a", "b", "c"], "mean": [1.0, 2.0, 4.0], "ci95_low": [0.5, 1.5, 3.0],
+                          "ci95_high": [1.5, 2.5, 5.0], "n": [12, 12, 12]})
+
+
+def test_a_table_that_moved_counts_cells_and_estimates_outside_the_committed_interval() -> None:
+    regenerated = COMMITTED.assign(name=["a", "B", "c"], mean=[1.0, 3.0, 4.0 * (1 + 1e-12)])
+    got = compare_tables(COMMITTED, regenerated)
+    assert got["numeric_cells"] == 12 and got["numeric_changed"] == 1  # 1e-12 relative counts as unchanged
+    assert got["largest_relative_change"] == pytest.approx(0.5) and got["in_column"] == "mean"
+    assert got["text_cells_changed"] == 1
+    assert (got["estimates_with_interval"], got["inside_committed_interval"]) == (3, 2)
+    assert got["largest_estimate_move"] == pytest.approx(1.0) and got["note"] == ""
+
+
+def test_an_identical_table_did_not_move_and_other_shapes_are_not_compared() -> None:
+    same = compare_tables(COMMITTED, COMMITTED.copy())
+    assert (same["numeric_changed"], same["text_cells_changed"], same["largest_estimate_move"]) == (0, 0, 0.0)
+    assert same["inside_committed_interval"] == 3
+    assert "not comparable" in compare_tables(COMMITTED, COMMITTED.iloc[:2])["note"]
+    assert "not comparable" in compare_tables(COMMITTED, COMMITTED.drop(columns="n"))["note"]
+
+
+def _report(folder: Path, tables: dict[str, pd.DataFrame]) -> Path:
+    (folder / "tables").mkdir(parents=True)
+    for name, table in tables.items():
+        table.to_csv(folder / "tables" / f"{name}.csv", index=False)
+    return folder
+
+
+def test_reports_are_compared_table_by_table(tmp_path: Path) -> None:
+    old = _report(tmp_path / "old", {"t1": COMMITTED, "gone": COMMITTED})
+    new = _report(tmp_path / "new", {"t1": COMMITTED.assign(mean=[1.0, 2.0, 9.0]), "added": COMMITTED})
+    got = compare_reports(old, new).set_index("table")
+    assert got.loc["t1", "inside_committed_interval"] == 2
+    assert got.loc["gone", "note"] == "only in the committed report" and got.loc["added", "note"] == "only in the regenerated report"
+    with pytest.raises(FileNotFoundError, match="does not exist: give two report folders"):
+        compare_reports(old, tmp_path / "nowhere")
+
+
+def test_the_command_prints_the_page_and_writes_it_where_asked(tmp_path: Path) -> None:
+    old, new = _report(tmp_path / "old", {"t1": COMMITTED}), _report(tmp_path / "new", {"t1": COMMITTED})
+    out = tmp_path / "diff.md"
+    result = CliRunner().invoke(main, ["report-diff", str(old), str(new), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| t1 | 3 |" in result.output and out.read_text() == result.output
+    assert pd.read_csv(out.with_suffix(".csv"))["table"].tolist() == ["t1"]
+    missing = CliRunner().invoke(main, ["report-diff", str(old), str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
