@@ -77,23 +77,26 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
 @click.argument("committed", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("regenerated", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the table as OUT (Markdown) and OUT with .csv beside it.")
+              help="Also write the page as OUT (Markdown), and the per-table rows as OUT with .csv beside it.")
 def report_diff_command(committed: Path, regenerated: Path, out: Path | None) -> None:
-    """How far each table of REGENERATED moved from COMMITTED: numeric and text cells changed, the largest
-    relative change, and how many estimates with a 95% interval still lie inside the committed interval.
+    """How far each table of REGENERATED moved from COMMITTED: the summary's verdicts on the paper's claims,
+    numeric and text cells changed, the largest relative change, and how many estimates with a 95% interval
+    still lie inside the committed interval.
 
     \b
     Examples:
-      modiff reproduce --reports /tmp/reports && modiff report-diff reports/quick /tmp/reports/quick
+      modiff reproduce --reports /tmp/reports
+      modiff report-diff reports/quick /tmp/reports/quick
       modiff report-diff reports/quick /tmp/reports/quick --out /tmp/quick-diff.md
     """
-    from modiff.pipelines.report_diff import compare_reports, render
+    from modiff.pipelines.report_diff import compare_reports, compare_verdicts, render
 
     try:
         table = compare_reports(committed, regenerated)
+        verdicts = compare_verdicts(committed, regenerated)
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    text = render(table, committed, regenerated).markdown()
+    text = render(table, verdicts, committed, regenerated).markdown()
     click.echo(text, nl=False)
     if out is not None:
         out.write_text(text)

@@ -14,9 +14,10 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from modiff.pipelines import report_claims
 from modiff.pipelines.report_render import Document
 
-__all__ = ["compare_reports", "compare_tables", "interval_columns", "render"]
+__all__ = ["compare_reports", "compare_tables", "compare_verdicts", "interval_columns", "render"]
 
 CHANGED = 1e-9  # relative: below this a number counts as unchanged (a CSV round trip)
 
@@ -103,12 +104,22 @@ def compare_reports(committed: str | Path, regenerated: str | Path) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def render(table: pd.DataFrame, committed: str | Path, regenerated: str | Path) -> Document:
-    """The comparison as a page: what was compared, then the table."""
+def compare_verdicts(committed: str | Path, regenerated: str | Path) -> pd.DataFrame:
+    """The summary's verdict on each of the paper's claims (`report_claims`), judged on either report's tables."""
+    pairs = zip(report_claims.claims(committed), report_claims.claims(regenerated))
+    return pd.DataFrame([{"claim": old.claim, "committed": old.verdict, "regenerated": new.verdict,
+                          "changed": old.verdict != new.verdict} for old, new in pairs])
+
+
+def render(table: pd.DataFrame, verdicts: pd.DataFrame, committed: str | Path, regenerated: str | Path) -> Document:
+    """The comparison as a page: what was compared, the verdicts, then the tables."""
     doc = Document(f"{regenerated} against {committed}")
     doc.heading(1, f"`{regenerated}` against `{committed}`")
-    doc.paragraph("Per table: numeric cells changed by more than 1e-9 relative, the largest relative change and its "
-                  "column, text cells changed (verdicts, findings), and how many regenerated estimates with a 95% "
+    doc.paragraph("The summary's verdicts on the paper's claims, judged by the same rules on either report's tables; "
+                  "then per table: numeric cells changed by more than 1e-9 relative, the largest relative change and "
+                  "its column, text cells changed (verdicts, findings), and how many regenerated estimates with a 95% "
                   "interval lie inside the committed interval, with the largest move of an estimate.")
-    doc.table(table)
+    changed = int(verdicts["changed"].sum()) if len(verdicts) else 0
+    doc.table(verdicts, caption=f"The summary's verdicts: {changed} of {len(verdicts)} changed.")
+    doc.table(table, caption="The tables.")
     return doc

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from modiff.cli.main import main
-from modiff.pipelines.report_diff import compare_reports, compare_tables, interval_columns
+from modiff.pipelines import report_claims, report_diff
+from modiff.pipelines.report_diff import compare_reports, compare_tables, compare_verdicts, interval_columns
 
 
 def test_intervals_name_their_estimate_and_ambiguous_ones_are_left_out() -> None:
@@ -58,12 +59,25 @@ def test_reports_are_compared_table_by_table(tmp_path: Path) -> None:
         compare_reports(old, tmp_path / "nowhere")
 
 
+def test_verdicts_are_judged_on_either_report_and_changes_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = _report(tmp_path / "old", {}), _report(tmp_path / "new", {})
+    unmeasured = compare_verdicts(old, new)
+    assert len(unmeasured) == len(report_claims.CLAIMS) and set(unmeasured["committed"]) == {"not measured"}
+    assert not unmeasured["changed"].any()
+    judged = {old: ["reproduced", "partly"], new: ["reproduced", "not reproduced"]}
+    monkeypatch.setattr(report_diff.report_claims, "claims", lambda folder: [
+        report_claims.Claim(f"claim {i}", verdict, "", "", "") for i, verdict in enumerate(judged[folder])])
+    got = compare_verdicts(old, new)
+    assert got["changed"].tolist() == [False, True] and got.loc[1, "regenerated"] == "not reproduced"
+
+
 def test_the_command_prints_the_page_and_writes_it_where_asked(tmp_path: Path) -> None:
     old, new = _report(tmp_path / "old", {"t1": COMMITTED}), _report(tmp_path / "new", {"t1": COMMITTED})
     out = tmp_path / "diff.md"
     result = CliRunner().invoke(main, ["report-diff", str(old), str(new), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| t1 | 3 |" in result.output and out.read_text() == result.output
+    assert f"The summary's verdicts: 0 of {len(report_claims.CLAIMS)} changed." in result.output
     assert pd.read_csv(out.with_suffix(".csv"))["table"].tolist() == ["t1"]
     missing = CliRunner().invoke(main, ["report-diff", str(old), str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "does not exist" in missing.output
