@@ -62,10 +62,14 @@ def test_index_renders_offline(browser, tmp_path: Path, source: str) -> None:
     """Built from a toy folder and from copies of the committed reports, the page loads from file://,
     each image has decoded to a non-empty picture, each section is present, and nothing was fetched from
     anywhere but the folder."""
+    from selenium.webdriver.support.wait import WebDriverWait
+
     out = _report(source, tmp_path)
     page = write_index(out)[1]
     browser.get(page.as_uri())
-    assert browser.execute_script("return document.readyState") == "complete"
+    # `get` can return while a large page is still 'interactive' (seen once in CI on a loaded 2-core machine):
+    # wait for the load to finish, up to a minute, instead of reading the state once.
+    WebDriverWait(browser, 60).until(lambda driver: driver.execute_script("return document.readyState") == "complete")
     images = browser.execute_script("return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
                                     "i.naturalWidth])")
     assert images and [src for src, complete, width in images if not (complete and width > 0)] == []
