@@ -80,7 +80,7 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
         estimates += int(known.sum())
         inside += int(((new >= lo) & (new <= hi))[known].sum())
         if known.any():
-            largest_move = max(largest_move, float(np.abs(new - old)[known].max()))
+            largest_move = max(largest_move, float(np.abs(new[known] - old[known]).max()))
     return {"rows": len(committed), "numeric_cells": numeric_cells, "numeric_changed": changed,
             "largest_relative_change": largest, "in_column": largest_column, "text_cells_changed": text_changed,
             "estimates_with_interval": estimates, "inside_committed_interval": inside,

@@ -34,6 +34,12 @@ def test_a_table_that_moved_counts_cells_and_estimates_outside_the_committed_int
     assert got["largest_estimate_move"] == pytest.approx(1.0) and got["note"] == ""
 
 
+def test_missing_and_infinite_values_are_left_out_without_warnings(recwarn: pytest.WarningsRecorder) -> None:
+    committed = COMMITTED.assign(mean=[float("inf"), float("nan"), 4.0])
+    got = compare_tables(committed, committed.assign(mean=[float("inf"), 2.0, 4.0]))
+    assert (got["estimates_with_interval"], got["numeric_changed"]) == (1, 1) and not recwarn.list
+
+
 def test_an_identical_table_did_not_move_and_other_shapes_are_not_compared() -> None:
     same = compare_tables(COMMITTED, COMMITTED.copy())
     assert (same["numeric_changed"], same["text_cells_changed"], same["largest_estimate_move"]) == (0, 0, 0.0)
