@@ -91,13 +91,18 @@ def report_diff_command(committed: Path, regenerated: Path, out: Path | None) ->
     """
     from modiff.pipelines.report_diff import compare_reports, compare_verdicts, render
 
+    from modiff.utils.runs import write_bytes_atomic
+
+    if out is not None and not out.parent.is_dir():
+        raise click.BadParameter(f"the folder {out.parent} does not exist: create it first, or write elsewhere",
+                                 param_hint="--out")
     try:
         table = compare_reports(committed, regenerated)
         verdicts = compare_verdicts(committed, regenerated)
+        text = render(table, verdicts, committed, regenerated).markdown()
+        if out is not None:  # each file whole or not at all
+            write_bytes_atomic(out, text.encode())
+            write_bytes_atomic(out.with_suffix(".csv"), table.to_csv(index=False).encode())
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from err
-    text = render(table, verdicts, committed, regenerated).markdown()
     click.echo(text, nl=False)
-    if out is not None:
-        out.write_text(text)
-        table.to_csv(out.with_suffix(".csv"), index=False)

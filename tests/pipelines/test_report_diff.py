@@ -87,3 +87,10 @@ def test_the_command_prints_the_page_and_writes_it_where_asked(tmp_path: Path) -
     assert pd.read_csv(out.with_suffix(".csv"))["table"].tolist() == ["t1"]
     missing = CliRunner().invoke(main, ["report-diff", str(old), str(tmp_path / "nowhere")])
     assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_an_out_file_in_a_missing_folder_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    old = _report(tmp_path / "old", {"t1": COMMITTED})
+    result = CliRunner().invoke(main, ["report-diff", str(old), str(old), "--out", str(tmp_path / "no" / "diff.md")])
+    assert result.exit_code != 0 and "does not exist: create it first" in result.output
+    assert not (tmp_path / "no").exists()
