@@ -2,6 +2,7 @@
 
     python benchmarks/bench_user_timeline.py --device cuda --batch-size 4096 --batches 4 --out benchmarks/results/user_timeline_h200.json
     python benchmarks/bench_user_timeline.py --device cpu --batch-size 8 --batches 2 --steps 3
+    python benchmarks/bench_user_timeline.py --device cuda --sampler ddpm --batch-size 4096 --batches 4
 
 Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
@@ -39,7 +40,7 @@ from bench_models import benchmark_model
 
 PHASES = {  # label -> (object, attribute) timed around each call
     "open the run": (generate_module, "_open_run"),
-    "initial noise": (SeedStreams, "randn"),
+    "noise draws (x_T; ddpm: every step's too)": (SeedStreams, "randn"),
     "sampling loop, enqueued": (generate_module, "sample"),
     "batch bookkeeping (waits for the device)": (generate_module, "_write_batch"),
     "wait for the PNG writer": (PngWriter, "__exit__"),
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--preset", default="fp", help="fp or a quantization preset")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver"],
+                        help="ddpm (and ddim at --eta > 0) draws each seed's noise at every step")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where run folders go")
     parser.add_argument("--out", default="")
@@ -155,8 +158,9 @@ def main() -> None:
     device = torch.device(args.device)
     base = benchmark_model(args.model)
     model = base if args.preset == "fp" else quantize(base, presets[args.preset])
-    config = SampleConfig(steps=args.steps, spacing=md.default_spacing(base))
-    result = {"model": args.model, "preset": args.preset, "batch": args.batch_size, "steps": args.steps,
+    config = SampleConfig(sampler=args.sampler, steps=args.steps, spacing=md.default_spacing(base))
+    result = {"model": args.model, "preset": args.preset, "sampler": args.sampler, "batch": args.batch_size,
+              "steps": args.steps,
               **timed_call(model, args.batch_size, args.batches, config, device, args.work)}
     print(json.dumps(result, indent=1))
     if args.out:

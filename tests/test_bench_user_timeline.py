@@ -22,7 +22,7 @@ def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoise
     result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=3, config=SampleConfig(steps=2),
                                             device=torch.device("cpu"), work=tmp_path)
     assert result["images"] == 6 and result["calls"] == {
-        "open the run": 1, "initial noise": 3, "sampling loop, enqueued": 3,
+        "open the run": 1, "noise draws (x_T; ddpm: every step's too)": 3, "sampling loop, enqueued": 3,
         "batch bookkeeping (waits for the device)": 3, "wait for the PNG writer": 1,
         "close the run (grid, samples.npz, manifest)": 1}
     assert all(0 < s <= result["wall_s"] + 1e-3 for s in result["phases_s"].values())
@@ -46,3 +46,12 @@ def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     with pytest.raises(SystemExit):
         bench_user_timeline.main()
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_ddpm_draws_are_timed_at_every_step(tmp_path: Path, tame_denoiser) -> None:
+    """DDPM draws each seed's noise at every step whose t is not 0 (uniform spacing ends at t = 1), besides x_T:
+    those draws are host work the user path pays for, so the noise phase counts them."""
+    result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=2, config=SampleConfig(sampler="ddpm", steps=3),
+                                            device=torch.device("cpu"), work=tmp_path)
+    assert result["images"] == 4 and result["calls"]["sampling loop, enqueued"] == 2
+    assert result["calls"]["noise draws (x_T; ddpm: every step's too)"] == 2 * (1 + 3)
