@@ -24,13 +24,13 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, get_args
 
 import torch
 
 import modiff as md
 from modiff.pipelines import generate as generate_module
-from modiff.pipelines.generate import SampleConfig, generate
+from modiff.pipelines.generate import SampleConfig, SamplerName, generate
 from modiff.quant import presets, quantize, trajectory
 from modiff.utils import images as images_module
 from modiff.utils.images import PngWriter
@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--preset", default="fp", help="fp or a quantization preset")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm-solver"],
+    parser.add_argument("--sampler", default="ddim", choices=get_args(SamplerName),
                         help="ddpm (and ddim at --eta > 0) draws each seed's noise at every step")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where run folders go")
