@@ -30,12 +30,15 @@ class SeedStreams:
     """One generator per sample; `randn(shape)` returns a (B, *shape) tensor drawn per sample.
 
     A batch of at least ``2 * MIN_ROWS_PER_THREAD`` seeds is drawn in contiguous parts by up to ``threads``
-    threads at once (default `host_threads`): a seed's draw is one `normal_` call, which releases the GIL, and
+    threads at once (default `host_threads`, at most ``MAX_DEFAULT_THREADS``): a seed's draw is one `normal_` call, which releases the GIL, and
     every generator is drawn by one thread, so the values do not depend on the thread count. DDPM and DDIM with
     eta > 0 draw at every step, on the host, while the device runs the step.
     """
 
     MIN_ROWS_PER_THREAD = 256
+    # Two threads drew 4,096 seeds 1.31x faster than one on the H200 host (16 CPUs) and 1.64-1.69x on a 2-core VM;
+    # four were 2x slower there, each call too short for the GIL's hand-offs (benchmarks/README.md, sitting 35).
+    MAX_DEFAULT_THREADS = 2
 
     def __init__(self, seeds: Iterable[int], threads: Optional[int] = None):
         self.seeds = [int(s) for s in seeds]
@@ -43,7 +46,7 @@ class SeedStreams:
             raise ValueError("at least one seed is needed")
         if any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be non-negative, got {min(self.seeds)}")
-        self.threads = host_threads() if threads is None else threads
+        self.threads = min(self.MAX_DEFAULT_THREADS, host_threads()) if threads is None else threads
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self._generators = [torch.Generator().manual_seed(s) for s in self.seeds]

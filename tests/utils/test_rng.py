@@ -70,6 +70,14 @@ def test_a_large_batch_is_drawn_in_contiguous_parts_on_several_threads(monkeypat
     assert parts == [(threading.current_thread().name, 511)]
 
 
+def test_default_threads_are_the_host_threads_but_at_most_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four threads drew twice as slowly as one on a 16-CPU host, two were the best there and on 2 cores."""
+    for usable, expected in ((1, 1), (2, 2), (16, 2)):
+        monkeypatch.setattr(rng_module, "host_threads", lambda: min(4, usable))
+        assert SeedStreams([0]).threads == expected
+    assert SeedStreams([0], threads=4).threads == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_draws_for_a_gpu_are_made_in_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     pinned: list[bool] = []
