@@ -51,7 +51,8 @@ def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 def test_ddpm_draws_are_timed_at_every_step(tmp_path: Path, tame_denoiser) -> None:
     """DDPM draws each seed's noise at every step whose t is not 0 (uniform spacing ends at t = 1), besides x_T:
     those draws are host work the user path pays for, so the noise phase counts them."""
-    result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=2, config=SampleConfig(sampler="ddpm", steps=3),
+    config = SampleConfig(sampler="ddpm", steps=3)
+    result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=2, config=config,
                                             device=torch.device("cpu"), work=tmp_path)
     assert result["images"] == 4 and result["calls"]["sampling loop, enqueued"] == 2
     assert result["calls"]["noise draws (x_T; ddpm: every step's too)"] == 2 * (1 + 3)

@@ -31,8 +31,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def host_threads() -> int:
-    """Threads for host work that runs beside the device (PNG writing; per-seed noise draws, capped lower): one per CPU this
-    process may use, at most 4 (benchmarks/README.md, "A batch encoded at once": two threads were the best on a
+    """Threads for host work that runs beside the device (PNG writing; per-seed noise draws, which cap it at
+    2): one per CPU this process may use, at most 4 (benchmarks/README.md, "A batch encoded at once": two threads were the best on a
     2-core machine, four on a 16-core one with an older PNG writer)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, usable))

@@ -30,14 +30,16 @@ class SeedStreams:
     """One generator per sample; `randn(shape)` returns a (B, *shape) tensor drawn per sample.
 
     A batch of at least ``2 * MIN_ROWS_PER_THREAD`` seeds is drawn in contiguous parts by up to ``threads``
-    threads at once (default `host_threads`, at most ``MAX_DEFAULT_THREADS``): a seed's draw is one `normal_` call, which releases the GIL, and
-    every generator is drawn by one thread, so the values do not depend on the thread count. DDPM and DDIM with
-    eta > 0 draw at every step, on the host, while the device runs the step.
+    threads at once (default `host_threads`, at most ``MAX_DEFAULT_THREADS``): a seed's draw is one `normal_`
+    call, which releases the GIL, and every generator is drawn by one thread, so the values do not depend on
+    the thread count. DDPM and DDIM with eta > 0 draw at every step, on the host, while the device runs the
+    step.
     """
 
     MIN_ROWS_PER_THREAD = 256
     # Two threads drew 4,096 seeds 1.31x faster than one on the H200 host (16 CPUs) and 1.64-1.69x on a 2-core VM;
-    # four were 2x slower there, each call too short for the GIL's hand-offs (benchmarks/README.md, sitting 35).
+    # four were 2x slower there, probably as each call is too short for the GIL's hand-offs among more threads
+    # (benchmarks/README.md, sitting 35).
     MAX_DEFAULT_THREADS = 2
 
     def __init__(self, seeds: Iterable[int], threads: Optional[int] = None):
