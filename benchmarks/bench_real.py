@@ -1,4 +1,4 @@
-"""Real low-bit MoDiff on one GPU: images/s of W8A8 on tensor cores against compiled bf16, and its error.
+"""Real low-bit MoDiff on one GPU: images/s of W8A8 and W4A8 on tensor cores against compiled bf16, and its error.
 
     python benchmarks/bench_real.py --out benchmarks/results/real_h200.json
     python benchmarks/bench_real.py --archs cifar10 --batch-sizes 512 --variants fp,real-int8-modiff --profile
@@ -14,6 +14,8 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
   real-int8, real-fp8                 direct W8A8 on the real kernels (`modiff.quant.kernels.real`)
   real-int8-modiff, real-fp8-modiff   W8A8 MoDiff on them, state (a_hat, o_hat) in float32 (state_dtype auto)
   real-int8-modiff-bf16               the same with a bfloat16 state
+  real-w4a8, real-w4a8-modiff         4-bit weights (nibble-packed, widened to INT8 in the GEMM), INT8 activations
+  sim-w4a8-modiff                     the simulator of W4A8 MoDiff
   torchao-fp8, torchao-int8           torchao's Float8DynamicActivationFloat8WeightConfig and
                      Int8DynamicActivationInt8WeightConfig (default arguments but set_inductor_config=False)
                      through `quantize_` on the bf16 network, asked for Conv2d and Linear; if it refuses Conv2d,
@@ -69,7 +71,8 @@ VARIANTS: dict[str, Optional[str]] = {  # name -> preset (None: fp; torchao-*: t
     "fp": None, "real-int8-modiff": "w8a8-int8-modiff-real", "real-fp8-modiff": "w8a8-fp8-modiff-real",
     "real-int8": "w8a8-int8-real", "real-fp8": "w8a8-fp8-real", "sim-int8-modiff": "w8a8-int8-modiff",
     "torchao-fp8": "Float8DynamicActivationFloat8WeightConfig", "torchao-int8": "Int8DynamicActivationInt8WeightConfig",
-    "real-int8-modiff-bf16": "w8a8-int8-modiff-real",
+    "real-int8-modiff-bf16": "w8a8-int8-modiff-real", "real-w4a8": "w4a8-int8-real",
+    "real-w4a8-modiff": "w4a8-int8-modiff-real", "sim-w4a8-modiff": "w4a8-int8-modiff",
 }
 STATE = {"real-int8-modiff-bf16": "bfloat16"}
 

@@ -5,7 +5,8 @@
 
 For each 3x3 convolution shape of the CIFAR-10 DDIM UNet (and the 64-channel one of `fmnist-ddim`) at the given
 batch: microseconds and TFLOP/s of F.conv2d in bf16, channels_last (what the fast path runs), and of the
-Triton GEMM (INT8 and FP8 codes, direct epilogue) under the heuristic tile choice ("default") and each of
+Triton GEMM (INT8 and FP8 codes, and INT8 codes against 4-bit weights (W4A8); direct epilogue) under the
+heuristic tile choice ("default") and each of
 `real.CANDIDATE_TILINGS`, so a reader sees whether the kernel or the tiling is what keeps the real path behind.
 Each time is the device time of 20 calls replayed as one CUDA graph (what the fast path runs), the median of
 five trials, all five recorded (`trials_us`); `eager_us` is the same timed on eager launches, host included.
@@ -31,7 +32,7 @@ from modiff.quant.kernels import real  # noqa: E402
 SHAPES = [("cifar 32x32 c128", 128, 32), ("cifar 16x16 c256", 256, 16), ("cifar 8x8 c256", 256, 8),
           ("fmnist 32x32 c64", 64, 32)]
 MARGIN = 0.10  # a measured tiling replaces the heuristic only if its median is this much faster (timing noise)
-FORMATS = {"int": False, "fp8_e4m3": True}  # format label -> fp8
+FORMATS = {"int": (False, False), "fp8_e4m3": (True, False), "w4a8": (False, True)}  # label -> (fp8, 4-bit weights)
 
 
 def choose_tilings(rows: list[dict], margin: float = MARGIN) -> dict[str, list[int]]:
@@ -71,21 +72,26 @@ def main() -> None:
         geometry = [args.batch, res, res, c, res, res, c, 3, 3, 1, 1, 1, 1]
         scales = torch.ones(args.batch, device=device)
         w_scale = torch.ones(c, device=device)
-        for fmt, fp8 in FORMATS.items():
-            codes = torch.randint(-8, 8, x.shape, device=device).float()
+        for fmt, (fp8, int4) in FORMATS.items():
+            codes = torch.randint(-7, 8, x.shape, device=device).float()
             codes = codes.permute(0, 2, 3, 1).contiguous()  # NHWC-dense, as the layers hand it over
-            codes = codes.to(torch.float8_e4m3fn).view(torch.uint8) if fmt == "fp8_e4m3" else codes.to(torch.int8)
-            packed = real.pack_weight(torch.randint(-8, 8, weight.shape, device=device).float(), fmt)
+            codes = codes.to(torch.float8_e4m3fn).view(torch.uint8) if fp8 else codes.to(torch.int8)
+            weight_codes = torch.randint(-7, 8, weight.shape, device=device).float()
+            if int4:
+                packed, offset = real.pack_weight_int4(weight_codes, torch.zeros(c, device=device), qmin=-7)
+            else:
+                packed, offset = real.pack_weight(weight_codes, fmt), None
             m = args.batch * res * res
             heuristic = real.heuristic_blocks(m, c, c)
             for tiling in [None, *real.CANDIDATE_TILINGS]:
                 blocks = heuristic if tiling is None else dict(zip(real.TILING_KEYS, tiling))
                 label = f"default {tuple(heuristic.values())}" if tiling is None else str(tiling)
                 where = {"shape": name, "kernel": f"triton {fmt}", "tiling": label,
-                         "key": real.tiling_key(fp8, 9, c, c, m), "candidate": tiling}
+                         "key": real.tiling_key(fp8, 9, c, c, m, int4), "candidate": tiling}
 
                 def gemm() -> torch.Tensor:
-                    return real._gemm(codes, scales, packed, w_scale, None, None, geometry, torch.bfloat16, blocks)
+                    return real._gemm(codes, scales, packed, w_scale, None, None, geometry, torch.bfloat16, blocks,
+                                      offset)
 
                 try:
                     trials = device_us_trials(gemm, graph=True)

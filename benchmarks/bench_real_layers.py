@@ -1,4 +1,5 @@
-"""Every real W8A8 MoDiff layer of a UNet, its kernels timed alone, against the bf16 op the fp path runs.
+"""Every real MoDiff layer (W8A8, or W4A8 with --format w4a8) of a UNet, its kernels timed alone, against the bf16
+op the fp path runs.
 
     python benchmarks/bench_real_layers.py --arch cifar10 --batch 512 --out benchmarks/results/real_layers_h200.json
     python benchmarks/bench_real_layers.py --arch cifar10 --batch 512 --tilings --tilings-out modiff/quant/kernels/gemm_tilings.json
@@ -51,7 +52,7 @@ from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant.kernels import real  # noqa: E402
 from modiff.quant.layers.real import RealModulatedLayer  # noqa: E402
 
-PRESETS = {"int8": "w8a8-int8-modiff-real", "fp8_e4m3": "w8a8-fp8-modiff-real"}
+PRESETS = {"int8": "w8a8-int8-modiff-real", "fp8_e4m3": "w8a8-fp8-modiff-real", "w4a8": "w4a8-int8-modiff-real"}
 
 
 @dataclass
@@ -113,25 +114,26 @@ def time_layer(call: Captured, tilings: bool) -> dict[str, Any]:
     x = call.x.contiguous(memory_format=torch.channels_last) if call.x.ndim == 4 else call.x.contiguous()
     geometry = layer._geometry(x)
     b, _, _, c, ho, wo, n, kh, kw = geometry[:9]
-    m, fp8 = b * ho * wo, layer.weight_packed.dtype == torch.uint8
+    packed, w_scale, offset = layer.weight_packed, layer.weight_scale_n, layer.weight_offset_n
+    m, fp8, int4 = b * ho * wo, packed.dtype == torch.uint8 and offset is None, offset is not None
     a_hat, o_hat = call.a_hat.clone(), call.o_hat.clone()
-    packed, w_scale = layer.weight_packed, layer.weight_scale_n
     codes, scales = real._codes(x, a_hat.clone(), fp8)
-    blocks = real.gemm_blocks(m, n, c, kh * kw, fp8)
+    blocks = real.gemm_blocks(m, n, c, kh * kw, fp8, int4)
 
     def gemm(with_blocks: dict[str, int]) -> Any:
-        return lambda: real._gemm(codes, scales, packed, w_scale, None, o_hat, geometry, torch.bfloat16, with_blocks)
+        return lambda: real._gemm(codes, scales, packed, w_scale, None, o_hat, geometry, torch.bfloat16, with_blocks,
+                                  offset)
 
     row: dict[str, Any] = {
         "layer": call.name, "kind": "linear" if layer.conv_geometry is None else f"conv{kh}x{kw}",
         "geometry": geometry, "m": m, "n": n, "k": c * kh * kw, "input_dtype": str(call.x.dtype).removeprefix("torch."),
-        "state_dtype": str(a_hat.dtype).removeprefix("torch."), "key": real.tiling_key(fp8, kh * kw, c, n, m),
+        "state_dtype": str(a_hat.dtype).removeprefix("torch."), "key": real.tiling_key(fp8, kh * kw, c, n, m, int4),
         "tiling": [blocks[k] for k in real.TILING_KEYS],
         "fp_us": round(device_us(_fp_op(call), graph=True), 1),
         "quantize_us": round(device_us(lambda: real._codes(x, a_hat, fp8), graph=True), 1),
         "gemm_us": round(device_us(gemm(blocks), graph=True), 1),
         "op_us": round(device_us(lambda: real.real_modulated(x, a_hat, o_hat, packed, w_scale, geometry,
-                                                             torch.bfloat16), graph=True), 1),
+                                                             torch.bfloat16, offset), graph=True), 1),
     }
     row["gemm_tflops"] = round(2.0 * m * n * row["k"] / row["gemm_us"] / 1e6, 1)
     if tilings:

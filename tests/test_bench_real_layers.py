@@ -12,13 +12,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench_real_layers = pytest.importorskip("bench_real_layers")
 
 
-def test_capture_takes_every_real_layer_once_from_the_modulated_step() -> None:
-    calls = bench_real_layers.capture("fmnist-ddim", "int8", 2, torch.device("cpu"))
+@pytest.mark.parametrize("fmt", ["int8", "w4a8"])
+def test_capture_takes_every_real_layer_once_from_the_modulated_step(fmt: str) -> None:
+    calls = bench_real_layers.capture("fmnist-ddim", fmt, 2, torch.device("cpu"))
     names = [c.name for c in calls]
     assert len(names) == len(set(names)) == 113  # every Conv2d and Linear of the UNet, each called once per step
     for call in calls:
         assert call.x.shape == call.a_hat.shape and call.x.shape[0] == 2
         assert not torch.equal(call.x.float(), call.a_hat.float())  # a_hat is the warm-up step's input: x and t changed
+        assert (call.layer.weight_offset_n is not None) == (fmt == "w4a8")  # 4-bit weights come nibble-packed
 
 
 def _row(kind: str, key: str, gemm: float, candidates: dict) -> dict:

@@ -48,11 +48,12 @@ StateDtype = Literal["auto", "float32", "bfloat16"]
 _ADDED_DEFAULTS = {"format": "int", "backend": "simulated", "state_dtype": "auto"}
 _ADDED_SPEC_DEFAULTS = {"samples_per_scale": 0}  # the same for QuantSpec fields
 
-REAL_SUPPORT = ("backend 'real' supports: mode 'direct' or 'modulated' (with compensation), weights bits=8 "
-                "scheme='symmetric' per output channel (granularity='channel', channel_axis=0, codes='nearest'), "
-                "activations bits=8 scheme='symmetric' dynamic per sample (granularity='sample', rounding='nearest'), "
-                "format 'int' (INT8) or 'fp8_e4m3', layer_types Conv2d and Linear, no split_shortcut, no "
-                "quantize_attention (presets w8a8-int8[-modiff]-real, w8a8-fp8[-modiff]-real)")
+REAL_SUPPORT = ("backend 'real' supports: mode 'direct' or 'modulated' (with compensation), weights per output "
+                "channel (granularity='channel', channel_axis=0, rounding='nearest') with bits=8 scheme='symmetric' "
+                "codes='nearest', or, in format 'int' only, bits=4 of any scheme and codes, activations bits=8 "
+                "scheme='symmetric' dynamic per sample (granularity='sample', rounding='nearest'), format 'int' "
+                "(INT8) or 'fp8_e4m3', layer_types Conv2d and Linear, no split_shortcut, no quantize_attention "
+                "(presets w8a8-int8[-modiff]-real, w8a8-fp8[-modiff]-real, w4a8-int8[-modiff]-real)")
 
 
 def _check(value: object, literal: Any, name: str) -> None:
@@ -165,8 +166,9 @@ class QuantConfig:
         w, a = self.weight, self.activation
         if w is None:
             problems.append("weight=None")
-        elif (w.spec.bits, w.spec.scheme, w.spec.granularity, w.spec.channel_axis, w.spec.rounding, w.codes) != \
-                (8, "symmetric", "channel", 0, "nearest", "nearest"):
+        elif (w.spec.granularity, w.spec.channel_axis, w.spec.rounding) != ("channel", 0, "nearest") or not (
+                (w.spec.bits, w.spec.scheme, w.codes) == (8, "symmetric", "nearest")
+                or (w.spec.bits == 4 and self.format == "int")):
             problems.append(f"weight={w}")
         if a is None:
             problems.append("activation=None")

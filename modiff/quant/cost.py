@@ -1,4 +1,6 @@
-"""Compute and memory accounting: MACs measured by hooks on a real forward, BOPs, MoDiff state bytes.
+"""Compute and memory accounting: MACs measured by hooks on a real forward, BOPs, MoDiff state bytes, and the
+bytes of the counted layers' weights at their bit width (the codes alone: the per-channel scales, zero points and
+biases are another C_out values per layer).
 
 BOPs of a layer for one step = MACs x weight bits x activation bits (the paper's GBops convention,
 per image). Full-precision operands count as 32 bits: warm-up steps of a modulated layer use 32-bit
@@ -114,8 +116,8 @@ def bops_table(model: nn.Module, costs: list[LayerCost], steps: int) -> list[dic
             per_trajectory = cost.macs * w_bits * (FP_BITS * warmup + a_bits * refresh)
         else:
             per_trajectory = cost.macs * w_bits * (FP_BITS * warmup + a_bits * quantized_steps)
-        rows.append({"layer": cost.name, "kind": cost.kind, "macs": cost.macs, "weight_bits": w_bits,
-                     "act_bits": a_bits, "bops_per_step": cost.macs * w_bits * a_bits,
+        rows.append({"layer": cost.name, "kind": cost.kind, "macs": cost.macs, "weights": module.weight.numel(),
+                     "weight_bits": w_bits, "act_bits": a_bits, "bops_per_step": cost.macs * w_bits * a_bits,
                      "bops_per_trajectory": per_trajectory})
     return rows
 
@@ -137,7 +139,8 @@ def _costs(model: nn.Module) -> tuple[list[LayerCost], int]:
 
 
 def compute_report(model: nn.Module, steps: int) -> dict[str, object]:
-    """Totals per image: MACs, GMACs of attention, GBops per step and per trajectory, state bytes."""
+    """Totals per image: MACs, GMACs of attention, GBops per step and per trajectory, state bytes; and the MB of
+    the counted layers' weights, at their bit width and in fp32."""
     return _report(model, *_costs(model), steps)
 
 
@@ -159,5 +162,7 @@ def _report(model: nn.Module, costs: list[LayerCost], attention_macs: int, steps
         "gbops_per_trajectory": sum(r["bops_per_trajectory"] for r in rows) / 1e9,
         "steps": steps,
         "modiff_state_mb_per_image": modiff_state_bytes(model, costs) / 1e6,
+        "weight_mb": sum(r["weights"] * r["weight_bits"] for r in rows) / 8 / 1e6,
+        "weight_mb_fp32": sum(r["weights"] for r in rows) * FP_BITS / 8 / 1e6,
         "layers": rows,
     }

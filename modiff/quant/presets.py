@@ -29,8 +29,10 @@
   with and without carrying the skipped residual (Figure 1a).
 - ``w8a8-int8[-modiff]`` / ``w8a8-fp8[-modiff]``: the numerics of the real W8A8 kernels, simulated: symmetric
   weights per output channel and symmetric per-sample dynamic activations (residuals), as INT8 codes or FP8
-  e4m3 values (`modiff.quant.kernels.real`), Conv2d and Linear layers. The ``-real`` presets run the same
-  on tensor cores (``backend="real"``; CUDA with Triton, the simulator elsewhere).
+  e4m3 values (`modiff.quant.kernels.real`), Conv2d and Linear layers. ``w4a8-int8[-modiff]``: the same with
+  4-bit symmetric weights, rounded to nearest as in ``w4aY`` (see ``w4aY-adaround`` on what that does to the
+  embedded models). The ``-real`` presets run the same on tensor cores
+  (``backend="real"``; CUDA with Triton, the simulator elsewhere).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from dataclasses import replace
 from types import MappingProxyType
 from typing import Mapping
 
-from modiff.quant.config import ActQuant, NumberFormat, Observer, QuantConfig, WeightCodes, WeightQuant
+from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightCodes, WeightQuant
 from modiff.quant.primitives import QuantSpec
 
 __all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "ADAROUND_WEIGHT_BITS",
@@ -96,7 +98,7 @@ def _build() -> dict[str, QuantConfig]:
         for a in ACT_BITS:
             table[f"w{w}a{a}-adaround"] = QuantConfig(**adaround, activation=_acts(a), mode="direct")
             table[f"w{w}a{a}-adaround-modiff"] = QuantConfig(**adaround, activation=_acts(a), mode="modulated")
-    table.update(_w8a8_presets())
+    table.update(_real_backend_presets())
     for n in CACHE_INTERVALS:
         table[f"cache{n}"] = QuantConfig(weight=None, activation=None, mode="cache", cache_interval=n)
         table[f"cache{n}-noec"] = QuantConfig(
@@ -105,19 +107,17 @@ def _build() -> dict[str, QuantConfig]:
     return table
 
 
-REAL_FORMATS: dict[str, NumberFormat] = {"int8": "int", "fp8": "fp8_e4m3"}
-
-
-def _w8a8_presets() -> dict[str, QuantConfig]:
-    """The real backend's numerics (see the module docstring), simulated and real."""
+def _real_backend_presets() -> dict[str, QuantConfig]:
+    """The real backend's numerics (see the module docstring), simulated and real: W8A8 in both formats, W4A8 in
+    INT8."""
     table = {}
-    weights = WeightQuant(QuantSpec(bits=8, scheme="symmetric", granularity="channel", channel_axis=0))
     acts = ActQuant(QuantSpec(bits=8, scheme="symmetric", granularity="sample"))
-    for name, number_format in REAL_FORMATS.items():
+    for weight_bits, name, number_format in ((8, "int8", "int"), (8, "fp8", "fp8_e4m3"), (4, "int8", "int")):
+        weights = WeightQuant(QuantSpec(bits=weight_bits, scheme="symmetric", granularity="channel", channel_axis=0))
         base = QuantConfig(weight=weights, activation=acts, format=number_format, layer_types=("Conv2d", "Linear"))
         for suffix, mode in (("", "direct"), ("-modiff", "modulated")):
-            table[f"w8a8-{name}{suffix}"] = replace(base, mode=mode)
-            table[f"w8a8-{name}{suffix}-real"] = replace(base, mode=mode, backend="real")
+            table[f"w{weight_bits}a8-{name}{suffix}"] = replace(base, mode=mode)
+            table[f"w{weight_bits}a8-{name}{suffix}-real"] = replace(base, mode=mode, backend="real")
     return table
 
 

@@ -213,8 +213,9 @@ def test_bops_of_a_static_preset_need_no_calibration(tiny_denoiser) -> None:
 def test_cifar10_unet_counts_give_the_papers_gbops() -> None:
     """The CIFAR-10 DDIM UNet (ch 128, the official checkpoint's shape; weights do not matter for counts): 6.054
     GMAC in its 113 Conv/Linear layers and 0.168 G in the attention matmuls; with the attention counted twice,
-    the paper's 1636 GBops at W8A32 and 153 at W8A3 per image per step (README, `modiff.quant.cost`)."""
-    from modiff.quant.cost import compute_report
+    the paper's 1636 GBops at W8A32 and 153 at W8A3 per image per step (README, `modiff.quant.cost`); the weights
+    of those layers in MB at fp32, 8 and 4 bits."""
+    from modiff.quant.cost import compute_report, preset_report
 
     net = md.Denoiser(DDIMUNet(DDIMUNetConfig(ch=128, in_channels=3, out_ch=3)),
                       md.linear_schedule(), "cifar10", {})
@@ -223,3 +224,7 @@ def test_cifar10_unet_counts_give_the_papers_gbops() -> None:
     assert round(report["gmacs_conv_linear"], 3) == 6.054 and round(report["gmacs_attention_matmuls"], 3) == 0.168
     assert round(report["gmacs_paper_convention"] * 8 * 32, 1) == 1635.8
     assert round(report["gmacs_paper_convention"] * 8 * 3, 1) == 153.4
+    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert report["weight_mb_fp32"] == weights * 4 / 1e6 == report["weight_mb"]
+    for preset, bytes_per_weight in (("w8a8-int8-real", 1), ("w4a8-int8-modiff-real", 0.5)):
+        assert preset_report(net, presets[preset], 100)["weight_mb"] == weights * bytes_per_weight / 1e6

@@ -17,10 +17,12 @@ from modiff.quant.api import layer_class
 from modiff.quant.config import REAL_SUPPORT, recorded_backend
 from modiff.quant.formats import FP8_MAX, fake_quantize_fp8, fp8_codes, fp8_scale, quantize_dynamic_fp8
 from modiff.quant.layers import real as real_layers
+from modiff.quant.kernels.real import pack_weight_int4
 from modiff.quant.layers.real import RealModulatedLayer, RealQuantLayer
 from modiff.quant.presets import preset_table
 
-REAL = ["w8a8-int8-real", "w8a8-int8-modiff-real", "w8a8-fp8-real", "w8a8-fp8-modiff-real"]
+REAL = ["w8a8-int8-real", "w8a8-int8-modiff-real", "w8a8-fp8-real", "w8a8-fp8-modiff-real", "w4a8-int8-real",
+        "w4a8-int8-modiff-real"]
 
 
 @pytest.mark.parametrize("name", REAL)
@@ -40,10 +42,13 @@ def test_fallback_equals_the_simulator_bit_for_bit(tiny_denoiser: md.Denoiser, n
 
 
 def test_real_presets_and_their_simulated_references() -> None:
-    for fmt, number_format in (("int8", "int"), ("fp8", "fp8_e4m3")):
+    for name, number_format, weight_bits in (("w8a8-int8", "int", 8), ("w8a8-fp8", "fp8_e4m3", 8),
+                                             ("w4a8-int8", "int", 4)):
         for suffix, mode in (("", "direct"), ("-modiff", "modulated")):
-            real, sim = presets[f"w8a8-{fmt}{suffix}-real"], presets[f"w8a8-{fmt}{suffix}"]
+            real, sim = presets[f"{name}{suffix}-real"], presets[f"{name}{suffix}"]
             assert (real.backend, sim.backend, real.mode, real.format) == ("real", "simulated", mode, number_format)
+            assert (real.weight.spec.bits, real.weight.spec.scheme, real.activation.spec.bits) == (
+                weight_bits, "symmetric", 8)
             assert real.simulated() == sim
     assert layer_class(presets["w8a8-int8-real"]) is RealQuantLayer
     assert layer_class(presets["w8a8-fp8-modiff-real"]) is RealModulatedLayer
@@ -69,8 +74,12 @@ def _real(**changes) -> QuantConfig:
 @pytest.mark.parametrize("changes, named", [
     (dict(mode="cache", cache_interval=2), "mode='cache'"),
     (dict(compensation=False), "compensation=False"),
-    (dict(weight=WeightQuant(QuantSpec(bits=4, scheme="symmetric", granularity="channel", channel_axis=0))),
+    (dict(weight=WeightQuant(QuantSpec(bits=6, scheme="symmetric", granularity="channel", channel_axis=0))),
      "weight=WeightQuant"),
+    (dict(weight=WeightQuant(QuantSpec(bits=8, granularity="channel", channel_axis=0))), "weight=WeightQuant"),
+    (dict(weight=WeightQuant(QuantSpec(bits=4, scheme="symmetric", granularity="tensor"))), "weight=WeightQuant"),
+    (dict(weight=WeightQuant(QuantSpec(bits=4, scheme="symmetric", granularity="channel", channel_axis=0,
+                                       rounding="floor"))), "weight=WeightQuant"),
     (dict(weight=None), "weight=None"),
     (dict(activation=ActQuant(QuantSpec(bits=8, granularity="sample"))), "activation=ActQuant"),
     (dict(activation=ActQuant(QuantSpec(bits=8, scheme="symmetric", granularity="channel"))), "activation=ActQuant"),
@@ -148,3 +157,53 @@ def test_loading_a_state_dict_packs_the_loaded_weights() -> None:
     target[0].weight_scale.copy_(source[0].weight_scale)
     target.load_state_dict(source.state_dict())
     assert torch.equal(target[0].weight_packed, source[0].weight_packed)
+
+
+def test_real_takes_4_bit_weights_of_any_grid_in_int_only() -> None:
+    """W4A8: any 4-bit per-channel grid (the kernel subtracts a per-channel zero point) and AdaRound codes; in
+    format 'fp8_e4m3' the weights are e4m3 values, which have 8 bits."""
+    for scheme in ("symmetric", "asymmetric", "symmetric-published"):
+        for codes in ("nearest", "adaround"):
+            weights = WeightQuant(QuantSpec(bits=4, scheme=scheme, granularity="channel", channel_axis=0), codes=codes)
+            assert _real(weight=weights).weight.spec.bits == 4
+    with pytest.raises(ValueError, match="format 'fp8_e4m3' needs weights with bits=8"):
+        dataclasses.replace(presets["w8a8-fp8-modiff-real"], weight=presets["w4a8-int8-real"].weight)
+
+
+def test_4_bit_weights_pack_two_per_byte_tap_by_tap() -> None:
+    """Hand-packed: a Conv2d weight of 2 output channels, 3 input channels (odd: one zero nibble of padding per
+    tap) and 1x2 taps with symmetric codes in [-7, 7] (nibble q + 7, offset z + 7), and a Linear weight with
+    asymmetric codes in [0, 15] (nibble q, offset z)."""
+    codes = torch.tensor([[[[-7, 7]], [[0, 1]], [[2, -3]]],
+                          [[[7, 7]], [[-7, -7]], [[0, 0]]]], dtype=torch.float32)  # (2, 3, 1, 2)
+    packed, offset = pack_weight_int4(codes, torch.zeros(2, 1, 1, 1), qmin=-7)
+    # tap 0 reads channels (-7, 0, 2) + 7 = (0, 7, 9) -> bytes 0 | 7 << 4, 9 | pad; tap 1: (14, 8, 4) -> 14 | 8 << 4, 4
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0 | 7 << 4, 9, 14 | 8 << 4, 4],
+                                                              [14 | 0 << 4, 7, 14 | 0 << 4, 7]]
+    assert offset.dtype == torch.int32 and offset.tolist() == [7, 7]
+    linear, zero_point = torch.tensor([[15.0, 0.0, 3.0, 12.0]]), torch.tensor([[5.0]])
+    packed, offset = pack_weight_int4(linear, zero_point, qmin=0)
+    assert packed.tolist() == [[15 | 0 << 4, 3 | 12 << 4]] and offset.tolist() == [5]
+
+
+def test_4_bit_packing_refuses_codes_off_the_grid() -> None:
+    with pytest.raises(ValueError, match=r"codes must be integers in \[-7, 8\]; got values in \[-7.0, 9.0\]"):
+        pack_weight_int4(torch.tensor([[-7.0, 9.0]]), torch.zeros(1, 1), qmin=-7)
+    with pytest.raises(ValueError, match="must be integers"):
+        pack_weight_int4(torch.tensor([[0.5, 1.0]]), torch.zeros(1, 1), qmin=0)
+
+
+def test_real_4_bit_layers_pack_their_codes(tiny_denoiser: md.Denoiser) -> None:
+    """Every layer of a W4A8 model holds its weight codes nibble-packed, and unpacking gives weight_codes() - z."""
+    qmodel = quantize(tiny_denoiser, presets["w4a8-int8-modiff-real"])
+    layers = [m for m in qmodel.modules() if isinstance(m, RealModulatedLayer)]
+    assert layers
+    for layer in layers:
+        codes = layer.weight_codes()
+        matrix = codes.permute(0, 2, 3, 1) if codes.ndim == 4 else codes
+        taps, c = matrix[0].numel() // matrix.shape[-1], matrix.shape[-1]
+        nibbles = torch.stack([layer.weight_packed & 15, layer.weight_packed >> 4], dim=-1)
+        nibbles = nibbles.reshape(len(codes), taps, -1)
+        unpacked = nibbles[..., :c].float() - layer.weight_offset_n.view(-1, 1, 1).float()
+        assert torch.equal(unpacked, (matrix - layer.weight_zero_point.view(-1, *[1] * (matrix.ndim - 1))).reshape(
+            len(codes), taps, c))

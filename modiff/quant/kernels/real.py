@@ -1,10 +1,13 @@
-"""The real W8A8 backend's kernels as torch ops: direct and modulated (MoDiff) Conv2d/Linear in INT8 or FP8 e4m3.
+"""The real backend's kernels as torch ops: direct and modulated (MoDiff) Conv2d/Linear, W8A8 in INT8 or FP8 e4m3,
+and W4A8 (4-bit integer weights, INT8 activations).
 
 What they compute (the numerics the simulator reproduces with `QuantConfig.simulated()`):
 
 - weights: per output channel, symmetric, s_w = max(absmax / L, MIN_SCALE) with L = 127 (INT8: codes in
   [-127, 127], round half to even) or 448 (FP8: e4m3 values, `modiff.quant.formats`), packed once at quantize
-  time into a (C_out, kh kw C_in) matrix of codes, K contiguous (`pack_weight`);
+  time into a (C_out, kh kw C_in) matrix of codes, K contiguous (`pack_weight`); or 4-bit codes q on any of the
+  simulator's 4-bit per-channel grids (symmetric, or asymmetric with an integer zero point z), packed two per
+  byte (`pack_weight_int4`) and multiplied as the int8 values q - z;
 - activations: r = a_t - a_hat (modulated) or a_t (direct), one dynamic scale per sample
   s_a = max(max |r| / L, MIN_SCALE), codes q = Q(r / s_a) as above;
 - product: sum q_a q_w on tensor cores, int32 (INT8, exact) or float32 (FP8) accumulation;
@@ -34,8 +37,8 @@ from torch import Tensor
 
 from modiff.quant.formats import NumberFormat
 
-__all__ = ["Geometry", "pack_weight", "real_direct", "real_modulated", "register_ops", "TRITON", "CANDIDATE_TILINGS",
-           "gemm_blocks", "heuristic_blocks", "measured_tilings", "tiling_key"]
+__all__ = ["Geometry", "pack_weight", "pack_weight_int4", "real_direct", "real_modulated", "register_ops", "TRITON",
+           "CANDIDATE_TILINGS", "gemm_blocks", "heuristic_blocks", "measured_tilings", "tiling_key"]
 
 TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK = 1024  # values per loop iteration of the absmax/quantize programs
@@ -64,6 +67,24 @@ def pack_weight(codes: Tensor, format: NumberFormat) -> Tensor:
     return matrix.to(torch.int8)
 
 
+def pack_weight_int4(codes: Tensor, zero_point: Tensor, qmin: int) -> tuple[Tensor, Tensor]:
+    """4-bit weight codes (C_out, C_in[, kh, kw]) in [qmin, qmin + 15] with per-channel integer zero points z, as
+    (packed, offset): packed (C_out, kh kw ceil(C_in / 2)) uint8, tap-major like `pack_weight`, the nibble
+    q - qmin of channel 2j in the low half of byte j and of 2j + 1 in the high half (an odd C_in padded with a
+    zero nibble per tap, so that no byte spans two taps), and offset (C_out,) int32 = z - qmin, which the kernel
+    subtracts from each nibble to get q - z."""
+    matrix = codes.permute(0, 2, 3, 1) if codes.ndim == 4 else codes
+    unsigned = matrix - qmin
+    if unsigned.numel() and (unsigned.min() < 0 or unsigned.max() > 15 or not torch.equal(unsigned, unsigned.round())):
+        raise ValueError(f"4-bit weight codes must be integers in [{qmin}, {qmin + 15}]; got values in "
+                         f"[{float(matrix.min())}, {float(matrix.max())}]")
+    unsigned = torch.nn.functional.pad(unsigned, (0, unsigned.shape[-1] % 2)).to(torch.uint8)
+    rows = unsigned.reshape(codes.shape[0], -1)
+    packed = (rows[:, 0::2] | (rows[:, 1::2] << 4)).contiguous()
+    offset = (zero_point.reshape(-1).expand(codes.shape[0]) - qmin).round().to(torch.int32).contiguous()
+    return packed, offset
+
+
 TILING_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 Tiling = tuple[int, int, int, int, int]  # in the order of TILING_KEYS
 # The tilings `benchmarks/bench_real_gemm.py` times beside the heuristic, and the only ones a measured table may
@@ -74,11 +95,13 @@ CANDIDATE_TILINGS: tuple[Tiling, ...] = (
 TILINGS_FILE = Path(__file__).with_name("gemm_tilings.json")
 
 
-def tiling_key(fp8: bool, taps: int, c: int, n: int, m: int) -> str:
-    """How `gemm_tilings.json` names a GEMM: format, taps (kh kw), channels in, channels out, and its rows (batch x
-    output pixels) to the power of two below them: the best tiling of 8x8 and 16x16 maps of 256 channels differs,
-    and a tiling measured at one batch says nothing of another an order of magnitude away."""
-    return f"{'fp8' if fp8 else 'int8'} taps{taps} c{c} n{n} m2^{max(m, 1).bit_length() - 1}"
+def tiling_key(fp8: bool, taps: int, c: int, n: int, m: int, int4_weights: bool = False) -> str:
+    """How `gemm_tilings.json` names a GEMM: format (int8, fp8, or w4a8 for 4-bit weights), taps (kh kw), channels
+    in, channels out, and its rows (batch x output pixels) to the power of two below them: the best tiling of 8x8
+    and 16x16 maps of 256 channels differs, and a tiling measured at one batch says nothing of another an order
+    of magnitude away."""
+    operands = "w4a8" if int4_weights else ("fp8" if fp8 else "int8")
+    return f"{operands} taps{taps} c{c} n{n} m2^{max(m, 1).bit_length() - 1}"
 
 
 @lru_cache(maxsize=1)
@@ -109,9 +132,9 @@ def heuristic_blocks(m: int, n: int, c: int) -> dict[str, int]:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
 
 
-def gemm_blocks(m: int, n: int, c: int, taps: int, fp8: bool) -> dict[str, int]:
+def gemm_blocks(m: int, n: int, c: int, taps: int, fp8: bool, int4_weights: bool = False) -> dict[str, int]:
     """The measured tiling of this GEMM's shape and row scale (`measured_tilings`), else `heuristic_blocks`."""
-    tuned = measured_tilings().get(tiling_key(fp8, taps, c, n, m))
+    tuned = measured_tilings().get(tiling_key(fp8, taps, c, n, m, int4_weights))
     return dict(zip(TILING_KEYS, tuned)) if tuned else heuristic_blocks(m, n, c)
 
 
@@ -136,35 +159,42 @@ def _codes(x: Tensor, a_hat: Optional[Tensor], fp8: bool) -> tuple[Tensor, Tenso
     return codes, scales
 
 
+def _fp8(weight: Tensor, weight_offset: Optional[Tensor]) -> bool:
+    """Whether the weights (and so the activations) are e4m3: uint8 without offsets (4-bit weights have them)."""
+    return weight.dtype == torch.uint8 and weight_offset is None
+
+
 def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
           o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype,
-          blocks: Optional[dict[str, int]] = None) -> Tensor:
-    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `gemm_blocks`."""
+          blocks: Optional[dict[str, int]] = None, weight_offset: Optional[Tensor] = None) -> Tensor:
+    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `gemm_blocks`.
+    ``weight_offset``: the per-channel offsets of nibble-packed 4-bit weights (`pack_weight_int4`); None for 8-bit."""
     from modiff.quant.kernels import real_triton as kernels
 
     b, h, w, c, ho, wo, n, kh, kw, sh, sw, ph, pw = geometry
     m = b * ho * wo
     out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
-    fp8 = weight.dtype == torch.uint8
-    blocks = blocks or gemm_blocks(m, n, c, kh * kw, fp8)
+    int4 = weight_offset is not None
+    fp8 = _fp8(weight, weight_offset)
+    blocks = blocks or gemm_blocks(m, n, c, kh * kw, fp8, int4)
     grid = (_cdiv(m, blocks["BLOCK_M"]), _cdiv(n, blocks["BLOCK_N"]))
     torch.library.wrap_triton(kernels.gemm_kernel)[grid](
-        codes, weight, scales, weight_scale, scales if bias is None else bias, out if o_hat is None else o_hat, out,
-        m, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, KW=kw, TAPS=kh * kw, FP8=fp8,
-        MODULATED=o_hat is not None, HAS_BIAS=bias is not None, **blocks)
+        codes, weight, scales, weight_scale, weight_offset if int4 else scales, scales if bias is None else bias,
+        out if o_hat is None else o_hat, out, m, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, KW=kw, TAPS=kh * kw,
+        FP8=fp8, INT4_WEIGHTS=int4, MODULATED=o_hat is not None, HAS_BIAS=bias is not None, **blocks)
     return out
 
 
 def _direct(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], geometry: list[int],
-            out_dtype: torch.dtype) -> Tensor:
-    codes, scales = _codes(x, None, weight.dtype == torch.uint8)
-    return _gemm(codes, scales, weight, weight_scale, bias, None, geometry, out_dtype)
+            out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
+    codes, scales = _codes(x, None, _fp8(weight, weight_offset))
+    return _gemm(codes, scales, weight, weight_scale, bias, None, geometry, out_dtype, weight_offset=weight_offset)
 
 
 def _modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weight_scale: Tensor, geometry: list[int],
-               out_dtype: torch.dtype) -> Tensor:
-    codes, scales = _codes(x, a_hat, weight.dtype == torch.uint8)
-    return _gemm(codes, scales, weight, weight_scale, None, o_hat, geometry, out_dtype)
+               out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
+    codes, scales = _codes(x, a_hat, _fp8(weight, weight_offset))
+    return _gemm(codes, scales, weight, weight_scale, None, o_hat, geometry, out_dtype, weight_offset=weight_offset)
 
 
 _OPS: dict[str, Callable[..., Tensor]] = {}
@@ -176,8 +206,8 @@ def register_ops() -> None:
     if _OPS or not TRITON:
         return
     measured_tilings()  # read (and checked) here, eagerly, not first under a compiler's tracing
-    _OPS["direct"] = torch.library.triton_op("modiff::real_w8a8_direct", _direct, mutates_args=())
-    _OPS["modulated"] = torch.library.triton_op("modiff::real_w8a8_modulated", _modulated,
+    _OPS["direct"] = torch.library.triton_op("modiff::real_direct", _direct, mutates_args=())
+    _OPS["modulated"] = torch.library.triton_op("modiff::real_modulated", _modulated,
                                                 mutates_args=("a_hat", "o_hat"))
 
 
@@ -196,16 +226,16 @@ def _check(x: Tensor, *state: Tensor) -> None:
 
 
 def real_direct(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], geometry: Geometry,
-                out_dtype: torch.dtype) -> Tensor:
-    """Direct W8A8: (M, N) = s_a s_w (codes @ weight) + bias, M = B Ho Wo (see the module docstring)."""
+                out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
+    """Direct W8A8 or W4A8: (M, N) = s_a s_w (codes @ weight) + bias, M = B Ho Wo (see the module docstring)."""
     _check(x)
     register_ops()
-    return _OPS["direct"](x, weight, weight_scale, bias, geometry, out_dtype)
+    return _OPS["direct"](x, weight, weight_scale, bias, geometry, out_dtype, weight_offset)
 
 
 def real_modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weight_scale: Tensor,
-                   geometry: Geometry, out_dtype: torch.dtype) -> Tensor:
+                   geometry: Geometry, out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
     """One MoDiff step: a_hat and o_hat advanced in place; returns o_hat as (M, N) in ``out_dtype``."""
     _check(x, a_hat)
     register_ops()
-    return _OPS["modulated"](x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype)
+    return _OPS["modulated"](x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset)

@@ -1,4 +1,4 @@
-"""Triton kernels of the real W8A8 backend (`modiff.quant.kernels.real`): three launches per layer call.
+"""Triton kernels of the real W8A8 and W4A8 backend (`modiff.quant.kernels.real`): three launches per layer call.
 
     absmax    program (b, g): max |r| over one chunk of sample b, r = a_t - a_hat (modulated) or a_t (direct),
               stored into partials (B, G) by its only writer
@@ -9,7 +9,9 @@
     gemm      program (tile of M, tile of N): implicit GEMM over the codes, NHWC: M = B Ho Wo output pixels,
               N output channels, K = kh kw C (tap-major); int8 x int8 -> int32 or e4m3 x e4m3 -> float32 on tensor
               cores, then the epilogue delta = s_a[b] s_w[n] acc; modulated: o_hat += delta (in place) and
-              out = o_hat; direct: out = delta + bias
+              out = o_hat; direct: out = delta + bias. 4-bit weights (W4A8) arrive two per byte and are widened
+              to int8 as each tile is loaded (q - z = nibble - offset[n]): Hopper's integer MMA takes 8 bits at
+              the narrowest, so the product is the W8A8 one
 
 A Linear layer is the 1x1 case with H = 1, W = tokens per sample. The code buffer and the state share the
 input's physical layout (NHWC dense: channels_last, or a contiguous (B, ..., C) for Linear), so one sample is one
@@ -109,11 +111,30 @@ def _stored(v, ptr):
 
 
 @triton.jit
-def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o_hat_ptr, out_ptr,
+def _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, first, C, TAPS: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """The (BLOCK_K, BLOCK_N) int8 tile of weight codes q - z for channels [first, first + BLOCK_K) of one tap, from
+    the nibble-packed matrix (N, TAPS ceil(C / 2)) bytes (`modiff.quant.kernels.real.pack_weight_int4`): channel 2j
+    in the low nibble of byte j, 2j + 1 in the high one; q - z = nibble - offset[n]. Rows past C load as -offset,
+    against activation codes masked to 0."""
+    pair_bytes = (C + 1) // 2
+    half = first // 2 + tl.arange(0, BLOCK_K // 2)
+    byte = (tap * pair_bytes + half).to(tl.int64)
+    packed = tl.load(w_ptr + rn[None, :].to(tl.int64) * (TAPS * pair_bytes) + byte[:, None],
+                     mask=(half < pair_bytes)[:, None] & n_ok[None, :], other=0).to(tl.int32)
+    low = (packed & 15) - offset[None, :]
+    high = (packed >> 4) - offset[None, :]
+    return tl.join(low, high).permute(0, 2, 1).reshape(BLOCK_K, BLOCK_N).to(tl.int8)
+
+
+@triton.jit
+def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_offset_ptr, bias_ptr, o_hat_ptr, out_ptr,
                 M, N, C, H, W, HoWo, Wo, stride_h, stride_w, pad_h, pad_w,
-                KW: tl.constexpr, TAPS: tl.constexpr, FP8: tl.constexpr, MODULATED: tl.constexpr,
-                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (tile m, tile n) of out (M, N) = codes (M, K) @ w (N, K)^T, K = TAPS C, with the epilogue above."""
+                KW: tl.constexpr, TAPS: tl.constexpr, FP8: tl.constexpr, INT4_WEIGHTS: tl.constexpr,
+                MODULATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (tile m, tile n) of out (M, N) = codes (M, K) @ w (N, K)^T, K = TAPS C, with the epilogue above.
+    INT4_WEIGHTS: w holds nibbles (`_int4_weight_tile`) and w_offset_ptr the per-channel offsets."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -127,6 +148,8 @@ def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o_hat_ptr, 
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    if INT4_WEIGHTS:
+        offset = tl.load(w_offset_ptr + rn, mask=n_ok, other=0)
     blocks = tl.cdiv(C, BLOCK_K)
     for it in range(0, TAPS * blocks):
         tap = it // blocks
@@ -137,9 +160,12 @@ def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, o_hat_ptr, 
         row = sample + (h * W + w).to(tl.int64) * C
         c_ok = c < C
         a = tl.load(code_ptr + row[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
-        k = (tap * C + c).to(tl.int64)
-        bw = tl.load(w_ptr + rn[None, :].to(tl.int64) * (TAPS * C) + k[:, None], mask=c_ok[:, None] & n_ok[None, :],
-                     other=0)
+        if INT4_WEIGHTS:
+            bw = _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, (it % blocks) * BLOCK_K, C, TAPS, BLOCK_K, BLOCK_N)
+        else:
+            k = (tap * C + c).to(tl.int64)
+            bw = tl.load(w_ptr + rn[None, :].to(tl.int64) * (TAPS * C) + k[:, None],
+                         mask=c_ok[:, None] & n_ok[None, :], other=0)
         if FP8:
             a = a.to(tl.float8e4nv, bitcast=True)
             bw = bw.to(tl.float8e4nv, bitcast=True)

@@ -1,4 +1,4 @@
-"""Layers of the real backend: W8A8 Conv2d/Linear on tensor cores, direct and modulated (MoDiff).
+"""Layers of the real backend: W8A8 and W4A8 Conv2d/Linear on tensor cores, direct and modulated (MoDiff).
 
 `QuantConfig(backend="real")` makes `modiff.quantize` build these instead of the simulator's layers. They are the
 simulator's layers (`QuantLayer`, `ModulatedLayer`) with the weight codes packed once, here, for the kernels of
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from modiff.quant.config import QuantConfig
 from modiff.quant.formats import fp8_codes
-from modiff.quant.kernels.real import TRITON, Geometry, pack_weight, real_direct, real_modulated, register_ops
+from modiff.quant.kernels.real import (TRITON, Geometry, pack_weight, pack_weight_int4, real_direct, real_modulated,
+                                       register_ops)
 from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.layers.modulated import ModulatedLayer, consumed, state_dtype
 
@@ -63,6 +64,7 @@ class _RealWeights:
 
     weight_packed: Tensor
     weight_scale_n: Tensor
+    weight_offset_n: Optional[Tensor]  # 4-bit weights: the per-channel offsets of `pack_weight_int4`
 
     def __init__(self, layer: nn.Module, config: QuantConfig, name: str, split: Optional[int] = None):
         super().__init__(layer, config, name, split)  # type: ignore[call-arg]  # QuantLayer, next in the MRO
@@ -82,11 +84,16 @@ class _RealWeights:
             register_ops()  # eagerly: a compiled graph must find the ops registered
 
     def _pack(self) -> None:
+        spec = self.config.weight.spec
+        offset = None
         if self.config.format == "fp8_e4m3":
-            codes = fp8_codes(self.weight.detach().float(), self.weight_scale).float()
+            packed = pack_weight(fp8_codes(self.weight.detach().float(), self.weight_scale).float(), "fp8_e4m3")
+        elif spec.bits == 4:
+            packed, offset = pack_weight_int4(self.weight_codes(), self.weight_zero_point, spec.qmin)
         else:
-            codes = self.weight_codes()
-        self.register_buffer("weight_packed", pack_weight(codes, self.config.format), persistent=False)
+            packed = pack_weight(self.weight_codes(), "int")
+        self.register_buffer("weight_packed", packed, persistent=False)
+        self.register_buffer("weight_offset_n", offset, persistent=False)
         self.register_buffer("weight_scale_n", self.weight_scale.reshape(-1).float().contiguous(), persistent=False)
 
     def set_weight_codes(self, codes: Tensor, scale: Tensor, zero_point: Tensor) -> None:
@@ -119,19 +126,20 @@ class _RealWeights:
 
 
 class RealQuantLayer(_RealWeights, QuantLayer):
-    """Direct W8A8 on the real backend: o = s_a s_w (codes of a) @ (codes of W) + b."""
+    """Direct W8A8 or W4A8 on the real backend: o = s_a s_w (codes of a) @ (codes of W - z) + b."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not use_real_kernels(x):
             return super().forward(x)
         x = _nhwc(x)
         geometry = self._geometry(x)
-        out = real_direct(x, self.weight_packed, self.weight_scale_n, self.bias, geometry, _output_dtype(x))
+        out = real_direct(x, self.weight_packed, self.weight_scale_n, self.bias, geometry, _output_dtype(x),
+                          self.weight_offset_n)
         return self._shaped(out, x, geometry)
 
 
 class RealModulatedLayer(_RealWeights, ModulatedLayer):
-    """MoDiff W8A8 on the real backend: r = a - a_hat, a_hat += Q(r), o_hat += A_q(Q(r)); returns o_hat. Under
+    """MoDiff W8A8 or W4A8 on the real backend: r = a - a_hat, a_hat += Q(r), o_hat += A_q(Q(r)); returns o_hat. Under
     autocast a is the input in the autocast dtype, as in the simulator (`consumed`)."""
 
     product_of_operands = False  # on the kernels its forward multiplies the residual's codes, not linear_operands
@@ -164,5 +172,5 @@ class RealModulatedLayer(_RealWeights, ModulatedLayer):
         x = consumed(x)  # the residual against what the operator consumes, as in the simulator
         geometry = self._geometry(x)
         out = real_modulated(x, state.a_hat, state.o_hat, self.weight_packed, self.weight_scale_n, geometry,
-                             _output_dtype(x))
+                             _output_dtype(x), self.weight_offset_n)
         return self._shaped(out, x, geometry)

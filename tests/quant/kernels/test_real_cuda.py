@@ -42,7 +42,8 @@ class _Holder(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("preset", ["w8a8-int8-real", "w8a8-fp8-real", "w8a8-int8-modiff-real", "w8a8-fp8-modiff-real"])
+@pytest.mark.parametrize("preset", ["w8a8-int8-real", "w8a8-fp8-real", "w8a8-int8-modiff-real", "w8a8-fp8-modiff-real",
+                                    "w4a8-int8-real", "w4a8-int8-modiff-real"])
 def test_compiled_graph_launches_the_registered_ops(preset: str) -> None:
     """fullgraph=True: the layers trace into one graph (no graph break at the kernels), whose outputs equal the
     eager layers' bit for bit (the same kernels on the same codes), in direct mode and over MoDiff steps."""
@@ -56,7 +57,7 @@ def test_compiled_graph_launches_the_registered_ops(preset: str) -> None:
         for step, x in enumerate(xs):
             held.net = plain if step == 0 else compiled  # the warm-up eagerly, as CompiledNet runs it
             assert torch.equal(held(x), eager(x))
-    assert hasattr(torch.ops.modiff, "real_w8a8_direct") and hasattr(torch.ops.modiff, "real_w8a8_modulated")
+    assert hasattr(torch.ops.modiff, "real_direct") and hasattr(torch.ops.modiff, "real_modulated")
 
 
 def _fast_eps(model: md.Denoiser, x_T: torch.Tensor, ts, graphs: bool = True) -> tuple[list[torch.Tensor], int]:
