@@ -225,6 +225,6 @@ def test_cifar10_unet_counts_give_the_papers_gbops() -> None:
     assert round(report["gmacs_paper_convention"] * 8 * 32, 1) == 1635.8
     assert round(report["gmacs_paper_convention"] * 8 * 3, 1) == 153.4
     weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-    assert report["weight_mb_fp32"] == weights * 4 / 1e6 == report["weight_mb"]
+    assert report["weight_mb_fp32"] == weights * 4 / 1e6 == report["weight_mb"] and round(weights / 1e6, 2) == 35.69
     for preset, bytes_per_weight in (("w8a8-int8-real", 1), ("w4a8-int8-modiff-real", 0.5)):
         assert preset_report(net, presets[preset], 100)["weight_mb"] == weights * bytes_per_weight / 1e6

@@ -104,9 +104,11 @@ def observe_activations(qmodel: nn.Module, data: CalibData, batch_size: int = 25
 def weight_only_config(config: QuantConfig) -> QuantConfig:
     """The weight-only, direct-mode config whose AdaRound weights ``config`` uses: presets that differ only
     in activations or mode (qdiff-w4a8, qdiff-w4a4-modiff, w4a4-adaround, ...) map to the same one and can
-    share them. Its weights round to nearest: AdaRound starts there and replaces the codes."""
+    share them. Its weights round to nearest: AdaRound starts there and replaces the codes. It is simulated: the
+    backend computes with the codes and does not change them, so the real presets share them too."""
     return replace(config, mode="direct", activation=None, quantize_attention=False, compensation=True,
-                   warmup_steps=1, cache_interval=0, reset="per_trajectory").with_weight_codes("nearest")
+                   warmup_steps=1, cache_interval=0, reset="per_trajectory",
+                   backend="simulated").with_weight_codes("nearest")
 
 
 def calibrate_weights(model: nn.Module, config: QuantConfig, data: CalibData,

@@ -17,6 +17,7 @@ a config whose weight codes are "adaround" (preset ``w4a4-adaround-modiff``, ...
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -114,11 +115,16 @@ def shipped_weights(model: nn.Module, config: QuantConfig) -> Path:
     wanted = weight_only_config(config)
     bits = config.weight.spec.bits if config.weight is not None else 32
     root, manifest = _read(model, f"qdiff-w{bits}a4")
+    differences = []
     for relative in manifest["weights"]:
-        if weight_only_config(QuantConfig.from_dict(read_manifest(root / relative)["quant_config"])) == wanted:
+        theirs = weight_only_config(QuantConfig.from_dict(read_manifest(root / relative)["quant_config"]))
+        if theirs == wanted:
             return root / relative
-    raise ValueError(f"the shipped calibration {root} holds AdaRound weights {manifest['weights']}, none for "
-                     f"{bits}-bit weights quantized as {wanted.weight}; {_how_to_make(model, f'qdiff-w{bits}a4')}")
+        differing = [f"{f.name} {getattr(theirs, f.name)!r} there, {getattr(wanted, f.name)!r} here"
+                     for f in fields(QuantConfig) if getattr(theirs, f.name) != getattr(wanted, f.name)]
+        differences.append(f"{relative}: {'; '.join(differing)}")
+    raise ValueError(f"the shipped calibration {root} holds AdaRound weights of other weight quantizations than "
+                     f"this config's ({' | '.join(differences)}); {_how_to_make(model, f'qdiff-w{bits}a4')}")
 
 
 @register_weight_codes("adaround")

@@ -1,6 +1,7 @@
 """Shipped calibrations: AdaRound codes and static scales in a model folder, read without calibrating."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,11 +12,12 @@ from click.testing import CliRunner
 
 import modiff as md
 from modiff.cli import main
-from modiff.quant import presets, quant_layers, quantize
+from modiff.pipelines.execution import float32_precision
+from modiff.quant import QuantConfig, presets, quant_layers, quantize
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.data import CalibDataConfig
-from modiff.quant.ptq.calibrate import CalibrationConfig
+from modiff.quant.ptq.calibrate import CalibrationConfig, weight_only_config
 from modiff.quant.ptq.reuse import Calibration, calibrate_shipped, quantized_model
 from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
@@ -241,3 +243,50 @@ def test_the_shipped_calibrations_load(name: str) -> None:
     for preset in ("qdiff-w4a4", "qdiff-w4a4-modiff"):
         static = quant_layers(shipped_model(model, preset))
         assert all(layer.act is not None and layer.act.scales for layer in static.values())
+
+
+def _real_w4a8_adaround() -> QuantConfig:
+    """W4A8 MoDiff on the real backend with AdaRound codes on the shipped calibrations' 4-bit grid."""
+    return dataclasses.replace(presets["w4a8-int8-modiff-real"], weight=presets["w4a4-adaround-modiff"].weight)
+
+
+def test_real_w4a8_names_what_keeps_the_shipped_adaround_codes_out(shipped: Path) -> None:
+    """The shipped codes were calibrated with the split shortcut over every Conv/Linear, which the real backend
+    does not compute: the refusal names those fields, not a config error from inside the lookup."""
+    with pytest.raises(ValueError, match=r"split_shortcut True there, False here") as err:
+        quantize(md.load_model(shipped), _real_w4a8_adaround())
+    assert "layer_types ('Conv1d', 'Conv2d', 'Linear') there, ('Conv2d', 'Linear') here" in str(err.value)
+    assert "backend" not in str(err.value)  # the backend does not change codes: a simulated calibration serves
+
+
+def test_real_w4a8_takes_adaround_codes_of_its_weight_quantization(tmp_path: Path, tiny_denoiser: md.Denoiser,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Codes saved from the simulator with the real config's weight quantization load into the real layers, which
+    pack them for the kernels: on the kernels (the Triton interpreter on the CPU) every direct W4A8 layer gives the
+    simulator's output with the same codes, to float32 rounding. (Layer by layer: through the whole random tiny
+    UNet, float32 against float64 alone moves the simulator's output by 4%.)"""
+    pytest.importorskip("triton")
+    from modiff.quant.layers import real as real_layers
+
+    config = dataclasses.replace(_real_w4a8_adaround(), mode="direct")
+    source = quantize(tiny_denoiser, weight_only_config(config))
+    layers = quant_layers(source)
+    for layer in layers.values():  # codes AdaRound might choose: one step off round-to-nearest, on the grid
+        codes = layer.weight_codes()
+        layer.set_weight_codes(torch.clamp(codes + (codes < 15).float(), 0, 15), layer.weight_scale,
+                               layer.weight_zero_point)
+    save_quantized(source, tmp_path / "w4")
+    real = quantize(tiny_denoiser, config, weights=tmp_path / "w4")
+    sim = quantize(tiny_denoiser, config.simulated(), weights=tmp_path / "w4")
+    for name, layer in quant_layers(real).items():
+        assert torch.equal(layer.weight_codes(), layers[name].weight_codes())
+        assert torch.equal(layer.weight_offset_n, layer.weight_zero_point.reshape(-1).int())  # z - qmin, qmin 0
+    monkeypatch.setattr(real_layers, "use_real_kernels", lambda x: True)
+    sim_layers, gen = quant_layers(sim.double()), torch.Generator().manual_seed(0)
+    for name, layer in quant_layers(real).items():
+        shape = (2, layer.weight.shape[1], 6, 6) if layer.weight.ndim == 4 else (2, layer.weight.shape[1])
+        x = torch.randn(shape, generator=gen)
+        with float32_precision("fp32"), torch.no_grad():
+            out, ref = layer(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x), \
+                sim_layers[name](x.double())
+        assert float((out.double() - ref).norm() / ref.norm()) < 1e-5, name
