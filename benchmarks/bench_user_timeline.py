@@ -3,6 +3,7 @@
     python benchmarks/bench_user_timeline.py --device cuda --batch-size 4096 --batches 4 --out benchmarks/results/user_timeline_h200.json
     python benchmarks/bench_user_timeline.py --device cpu --batch-size 8 --batches 2 --steps 3
     python benchmarks/bench_user_timeline.py --device cuda --sampler ddpm --batch-size 4096 --batches 4
+    python benchmarks/bench_user_timeline.py --device cuda --png-threads 1      # the PNG writer on one thread
 
 Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
@@ -14,17 +15,20 @@ run (the rest of the wall time is wrapping the network and the folder lock), and
 thread still had to write when each batch was read back. On
 CUDA each batch's device time comes from events around its sampling loop, so "device idle" = the call's wall
 time minus the device's busy time. A warm-up call (one batch, another folder) compiles the network first.
+``--png-threads`` sets the PNG writer's threads (default: `PngWriter`'s, `host_threads()`), to compare thread
+counts in the user path itself rather than in `bench_png_writer.py`'s isolation.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, get_args
+from typing import Any, Callable, Iterator, Optional, get_args
 
 import torch
 
@@ -33,6 +37,7 @@ from modiff.pipelines import generate as generate_module
 from modiff.pipelines.generate import SampleConfig, SamplerName, generate
 from modiff.quant import presets, quantize, trajectory
 from modiff.utils import images as images_module
+from modiff.utils.device import host_threads
 from modiff.utils.images import PngWriter
 from modiff.utils.rng import SeedStreams
 
@@ -115,9 +120,21 @@ class Timeline:
         return [begin.elapsed_time(end) / 1e3 for begin, end in self.events]
 
 
+@contextlib.contextmanager
+def png_threads(threads: Optional[int]) -> Iterator[None]:
+    """`generate`'s PNG writers on ``threads`` threads inside the block (None: their default)."""
+    original = generate_module.PngWriter
+    if threads is not None:
+        generate_module.PngWriter = functools.partial(original, threads=threads)
+    try:
+        yield
+    finally:
+        generate_module.PngWriter = original
+
+
 def timed_call(model: torch.nn.Module, batch: int, batches: int, config: SampleConfig, device: torch.device,
-               work: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=work, prefix="bench-timeline-") as folder:
+               work: Path, writer_threads: Optional[int] = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=work, prefix="bench-timeline-") as folder, png_threads(writer_threads):
         run = lambda seeds, name: generate(model, seeds, Path(folder) / name, config, batch_size=batch,  # noqa: E731
                                            device=str(device), prepare=trajectory, progress=False)
         run(range(batch), "warmup")
@@ -126,7 +143,8 @@ def timed_call(model: torch.nn.Module, batch: int, batches: int, config: SampleC
             start = time.perf_counter()
             run(range(10**6, 10**6 + batch * batches), "timed")
             wall = time.perf_counter() - start
-    result: dict[str, Any] = {"images": batch * batches, "wall_s": round(wall, 3),
+    result: dict[str, Any] = {"images": batch * batches, "png_threads": writer_threads or host_threads(),
+                              "wall_s": round(wall, 3),
                               "images_per_s": round(batch * batches / wall, 1),
                               "phases_s": {k: round(v, 6) for k, v in timeline.seconds.items()},
                               "calls": dict(timeline.calls),
@@ -149,10 +167,11 @@ def main() -> None:
                         help="ddpm (and ddim at --eta > 0) draws each seed's noise at every step")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where run folders go")
+    parser.add_argument("--png-threads", type=int, default=None, help="the PNG writer's threads (default: its own)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    if min(args.batch_size, args.batches, args.steps) < 1:
-        parser.error("--batch-size, --batches and --steps must be >= 1")
+    if min(args.batch_size, args.batches, args.steps, args.png_threads or 1) < 1:
+        parser.error("--batch-size, --batches, --steps and --png-threads must be >= 1")
     if args.preset != "fp" and args.preset not in presets:
         parser.error(f"unknown preset {args.preset!r}")
     device = torch.device(args.device)
@@ -161,7 +180,7 @@ def main() -> None:
     config = SampleConfig(sampler=args.sampler, steps=args.steps, spacing=md.default_spacing(base))
     result = {"model": args.model, "preset": args.preset, "sampler": args.sampler, "batch": args.batch_size,
               "steps": args.steps,
-              **timed_call(model, args.batch_size, args.batches, config, device, args.work)}
+              **timed_call(model, args.batch_size, args.batches, config, device, args.work, args.png_threads)}
     print(json.dumps(result, indent=1))
     if args.out:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

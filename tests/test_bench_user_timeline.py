@@ -56,3 +56,20 @@ def test_ddpm_draws_are_timed_at_every_step(tmp_path: Path, tame_denoiser) -> No
                                             device=torch.device("cpu"), work=tmp_path)
     assert result["images"] == 4 and result["calls"]["sampling loop, enqueued"] == 2
     assert result["calls"]["noise draws (x_T; ddpm: every step's too)"] == 2 * (1 + 3)
+
+
+def test_png_threads_sets_the_writers_threads_and_gives_the_default_back(tmp_path: Path, tame_denoiser,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--png-threads reaches the PngWriter that `generate` opens, and only inside the timed call."""
+    made = []
+    original_init = images_module.PngWriter.__init__
+
+    def recording_init(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        made.append(self.threads)
+
+    monkeypatch.setattr(images_module.PngWriter, "__init__", recording_init)
+    result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=1, config=SampleConfig(steps=2),
+                                            device=torch.device("cpu"), work=tmp_path, writer_threads=3)
+    assert made == [3, 3] and result["png_threads"] == 3  # the warm-up call's writer and the timed one's
+    assert gen.PngWriter is images_module.PngWriter
