@@ -38,7 +38,7 @@ from torch import Tensor
 from modiff.quant.formats import NumberFormat
 
 __all__ = ["Geometry", "pack_weight", "pack_weight_int4", "real_direct", "real_modulated", "register_ops", "TRITON",
-           "CANDIDATE_TILINGS", "gemm_blocks", "heuristic_blocks", "measured_tilings", "tiling_key"]
+           "CANDIDATE_TILINGS", "gemm_arguments", "gemm_blocks", "heuristic_blocks", "measured_tilings", "tiling_key"]
 
 TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK = 1024  # values per loop iteration of the absmax/quantize programs
@@ -164,6 +164,20 @@ def _fp8(weight: Tensor, weight_offset: Optional[Tensor]) -> bool:
     return weight.dtype == torch.uint8 and weight_offset is None
 
 
+def gemm_arguments(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                   o_hat: Optional[Tensor], out: Tensor, geometry: Geometry,
+                   weight_offset: Optional[Tensor] = None) -> tuple[list, dict[str, object]]:
+    """The GEMM kernel's runtime arguments, in order, and its constexprs other than the tiling: what `_gemm`
+    launches, and what `benchmarks/compile_real_gemm.py` compiles for a GPU it does not have."""
+    b, h, w, c, ho, wo, n, kh, kw, sh, sw, ph, pw = geometry
+    int4 = weight_offset is not None
+    args = [codes, weight, scales, weight_scale, weight_offset if int4 else scales, scales if bias is None else bias,
+            out if o_hat is None else o_hat, out, b * ho * wo, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, (c + 1) // 2]
+    constexprs = dict(KW=kw, TAPS=kh * kw, FP8=_fp8(weight, weight_offset), INT4_WEIGHTS=int4,
+                      MODULATED=o_hat is not None, HAS_BIAS=bias is not None)
+    return args, constexprs
+
+
 def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
           o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype,
           blocks: Optional[dict[str, int]] = None, weight_offset: Optional[Tensor] = None) -> Tensor:
@@ -171,17 +185,13 @@ def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, b
     ``weight_offset``: the per-channel offsets of nibble-packed 4-bit weights (`pack_weight_int4`); None for 8-bit."""
     from modiff.quant.kernels import real_triton as kernels
 
-    b, h, w, c, ho, wo, n, kh, kw, sh, sw, ph, pw = geometry
+    b, h, w, c, ho, wo, n, kh, kw = geometry[:9]
     m = b * ho * wo
     out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
-    int4 = weight_offset is not None
-    fp8 = _fp8(weight, weight_offset)
-    blocks = blocks or gemm_blocks(m, n, c, kh * kw, fp8, int4)
+    args, constexprs = gemm_arguments(codes, scales, weight, weight_scale, bias, o_hat, out, geometry, weight_offset)
+    blocks = blocks or gemm_blocks(m, n, c, kh * kw, bool(constexprs["FP8"]), weight_offset is not None)
     grid = (_cdiv(m, blocks["BLOCK_M"]), _cdiv(n, blocks["BLOCK_N"]))
-    torch.library.wrap_triton(kernels.gemm_kernel)[grid](
-        codes, weight, scales, weight_scale, weight_offset if int4 else scales, scales if bias is None else bias,
-        out if o_hat is None else o_hat, out, m, n, c, h, w, ho * wo, wo, sh, sw, ph, pw, KW=kw, TAPS=kh * kw,
-        FP8=fp8, INT4_WEIGHTS=int4, MODULATED=o_hat is not None, HAS_BIAS=bias is not None, **blocks)
+    torch.library.wrap_triton(kernels.gemm_kernel)[grid](*args, **constexprs, **blocks)
     return out
 
 

@@ -111,13 +111,12 @@ def _stored(v, ptr):
 
 
 @triton.jit
-def _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, first, C, TAPS: tl.constexpr, BLOCK_K: tl.constexpr,
+def _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, first, pair_bytes, TAPS: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     """The (BLOCK_K, BLOCK_N) int8 tile of weight codes q - z for channels [first, first + BLOCK_K) of one tap, from
-    the nibble-packed matrix (N, TAPS ceil(C / 2)) bytes (`modiff.quant.kernels.real.pack_weight_int4`): channel 2j
-    in the low nibble of byte j, 2j + 1 in the high one; q - z = nibble - offset[n]. Rows past C load as -offset,
-    against activation codes masked to 0."""
-    pair_bytes = (C + 1) // 2
+    the nibble-packed matrix (N, TAPS pair_bytes) bytes, pair_bytes = ceil(C / 2)
+    (`modiff.quant.kernels.real.pack_weight_int4`): channel 2j in the low nibble of byte j, 2j + 1 in the high one;
+    q - z = nibble - offset[n]. Rows past C load as -offset, against activation codes masked to 0."""
     half = first // 2 + tl.arange(0, BLOCK_K // 2)
     byte = (tap * pair_bytes + half).to(tl.int64)
     packed = tl.load(w_ptr + rn[None, :].to(tl.int64) * (TAPS * pair_bytes) + byte[:, None],
@@ -129,12 +128,15 @@ def _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, first, C, TAPS: tl.constexpr
 
 @triton.jit
 def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_offset_ptr, bias_ptr, o_hat_ptr, out_ptr,
-                M, N, C, H, W, HoWo, Wo, stride_h, stride_w, pad_h, pad_w,
+                M, N, C, H, W, HoWo, Wo, stride_h, stride_w, pad_h, pad_w, pair_bytes,
                 KW: tl.constexpr, TAPS: tl.constexpr, FP8: tl.constexpr, INT4_WEIGHTS: tl.constexpr,
                 MODULATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (tile m, tile n) of out (M, N) = codes (M, K) @ w (N, K)^T, K = TAPS C, with the epilogue above.
-    INT4_WEIGHTS: w holds nibbles (`_int4_weight_tile`) and w_offset_ptr the per-channel offsets."""
+    INT4_WEIGHTS: w holds nibbles (`_int4_weight_tile`), w_offset_ptr the per-channel offsets, and pair_bytes = ceil(C
+    / 2) comes as an argument rather than computed here: Triton then knows it divisible by 16 where it is (C a
+    multiple of 32) and pipelines the weight tiles' loads as it does the 8-bit ones (asynchronous copies, several
+    stages ahead; `benchmarks/compile_real_gemm.py`). Ignored for 8-bit weights."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -161,7 +163,8 @@ def gemm_kernel(code_ptr, w_ptr, a_scale_ptr, w_scale_ptr, w_offset_ptr, bias_pt
         c_ok = c < C
         a = tl.load(code_ptr + row[:, None] + c[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0)
         if INT4_WEIGHTS:
-            bw = _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, (it % blocks) * BLOCK_K, C, TAPS, BLOCK_K, BLOCK_N)
+            bw = _int4_weight_tile(w_ptr, offset, rn, n_ok, tap, (it % blocks) * BLOCK_K, pair_bytes, TAPS, BLOCK_K,
+                                   BLOCK_N)
         else:
             k = (tap * C + c).to(tl.int64)
             bw = tl.load(w_ptr + rn[None, :].to(tl.int64) * (TAPS * C) + k[:, None],
