@@ -25,7 +25,7 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
                      rows would no longer share fp's compiler settings (and tuning a UNet's kernels takes minutes).
 
 Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
-Per-step error (``--error-batch``, 0 skips): for INT8 and FP8 and both state dtypes, the relative L2 error of eps
+Per-step error (``--error-batch``, 0 skips): for INT8, FP8 and W4A8 and both state dtypes, the relative L2 error of eps
 of the real MoDiff model against the simulated one (same config), and of both against the fp model, per step,
 eager under bf16 autocast: teacher-forced (every model called on the fp trajectory's x_t, its MoDiff state
 carried) and free-running (each model on its own trajectory). ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp (bf16 and IEEE
@@ -182,18 +182,21 @@ def _summary(values: list[float]) -> dict[str, Any]:
     return {"max": max(values), "mean": round(sum(values) / len(values), 6), "per_step": values}
 
 
+ERROR_FORMATS = {"int8": "w8a8-int8-modiff", "fp8": "w8a8-fp8-modiff", "w4a8": "w4a8-int8-modiff"}  # -> simulated preset
+
+
 def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
     """Per-step relative error of eps, real vs simulated MoDiff (same config) and each against fp: teacher-forced
     (both called on the fp trajectory's x_t, `_eps_teacher_forced`) and free-running (each on its own trajectory,
     where the chaotic dynamics of a quantized net amplify one-step differences)."""
     out: dict[str, Any] = {"batch": batch, "steps": steps}
     fp, fp_inputs = _eps(benchmark_model(arch), batch, steps, device)
-    for fmt in ("int8", "fp8"):
+    for fmt, simulated in ERROR_FORMATS.items():
         for state in ("float32", "bfloat16"):
             key = f"{fmt}-state-{state}"
             try:
-                real_model = _quantized(arch, f"w8a8-{fmt}-modiff-real", state)
-                sim_model = _quantized(arch, f"w8a8-{fmt}-modiff", state)
+                real_model = _quantized(arch, f"{simulated}-real", state)
+                sim_model = _quantized(arch, simulated, state)
                 real_forced = _eps_teacher_forced(real_model, fp_inputs, device)
                 sim_forced = _eps_teacher_forced(sim_model, fp_inputs, device)
                 real, sim = _eps(real_model, batch, steps, device)[0], _eps(sim_model, batch, steps, device)[0]

@@ -26,3 +26,11 @@ def test_teacher_forced_on_its_own_trajectory_repeats_the_free_run(tiny_denoiser
     assert all(torch.equal(a, b) for a, b in zip(forced, eps))
     other = bench_real._eps_teacher_forced(quantize(tiny_denoiser, presets["w8a4-modiff"]), inputs, cpu)
     assert max(bench_real._relative(other, eps)) > 0
+
+
+def test_error_formats_name_simulators_with_real_twins() -> None:
+    """Each format of the error run is a simulated MoDiff preset whose "-real" twin runs the same numerics."""
+    assert set(bench_real.ERROR_FORMATS) == {"int8", "fp8", "w4a8"}
+    for simulated in bench_real.ERROR_FORMATS.values():
+        real = presets[f"{simulated}-real"]
+        assert real.backend == "real" and real.mode == "modulated" and real.simulated() == presets[simulated]
