@@ -90,11 +90,21 @@ def test_writer_writes_small_submissions_in_order_on_one_thread(tmp_path: Path) 
 
 def test_writer_splits_a_large_submission_over_its_threads(tmp_path: Path) -> None:
     """11 files with min_part 3 over 4 threads: 3 contiguous parts (11 // 3), each on its own thread, every
-    file the PNG of its image."""
+    file the PNG of its image. Each part's first write waits until all three parts have started, so they run at
+    once: otherwise a helper that finished its part early could take the next one too (ThreadPoolExecutor reuses
+    an idle thread), as happened once in CI. Were two parts ever queued on one thread, the barrier would break."""
     threads: list[str] = []
     written: list[str] = []
+    started = threading.Barrier(3, timeout=30)
+    record = _recording_writer(threads, written)
+
+    def write(path: Path, data: bytes) -> None:
+        if threading.current_thread().name not in threads:
+            started.wait()
+        record(path, data)
+
     images = np.arange(11, dtype=np.uint8).reshape(11, 1, 1, 1).repeat(3, axis=1)
-    with PngWriter(_recording_writer(threads, written), threads=4, min_part=3) as writer:
+    with PngWriter(write, threads=4, min_part=3) as writer:
         writer.submit(images, [tmp_path / f"{i:02d}.png" for i in range(11)])
     assert sorted(written) == [f"{i:02d}.png" for i in range(11)]
     assert [int(np.asarray(Image.open(tmp_path / f"{i:02d}.png"))[2, 0]) for i in range(11)] == list(range(11))
