@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--png-threads", type=int, default=None, help="the PNG writer's threads (default: its own)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    if min(args.batch_size, args.batches, args.steps, args.png_threads or 1) < 1:
+    if min(args.batch_size, args.batches, args.steps) < 1 or (args.png_threads is not None and args.png_threads < 1):
         parser.error("--batch-size, --batches, --steps and --png-threads must be >= 1")
     if args.preset != "fp" and args.preset not in presets:
         parser.error(f"unknown preset {args.preset!r}")

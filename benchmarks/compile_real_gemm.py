@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -140,15 +141,19 @@ def main() -> None:
     formats = tuple(args.formats.split(","))
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or args.batch < 1:
-        parser.error(f"unknown formats {unknown}" if unknown else "--batch must be >= 1")
+        parser.error(f"unknown formats {unknown}; known: {', '.join(FORMATS)}" if unknown else "--batch must be >= 1")
+    if not any(args.shapes in name for name, _, _ in SHAPES):
+        parser.error(f"no shape's name contains {args.shapes!r}; the shapes: {', '.join(n for n, _, _ in SHAPES)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 makes Triton's kernels interpreted, which do not compile: unset it")
     import triton
 
-    from modiff.utils.runs import environment
+    from modiff.utils.runs import environment, write_json
 
     result = {"target": "sm_90a", "triton": triton.__version__, "environment": environment(), "batch": args.batch,
               "rows": rows(args.batch, formats, args.tilings, args.shapes)}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, Path(args.out))  # whole or not at all: a stopped run leaves no partial file
 
 
 if __name__ == "__main__":

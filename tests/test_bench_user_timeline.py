@@ -41,11 +41,13 @@ def test_writer_backlog_counts_files_queued_but_not_written_at_each_read_back() 
     assert timeline.writer_backlog(3) == [3, 6]
 
 
-def test_bad_arguments_are_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setattr(sys, "argv", ["bench_user_timeline.py", "--batches", "0"])
+@pytest.mark.parametrize("argv", [["--batches", "0"], ["--png-threads", "0"]])
+def test_bad_arguments_are_refused(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_user_timeline.py", *argv])
     with pytest.raises(SystemExit):
         bench_user_timeline.main()
-    assert "must be >= 1" in capsys.readouterr().err
+    assert "--png-threads must be >= 1" in capsys.readouterr().err
 
 
 def test_ddpm_draws_are_timed_at_every_step(tmp_path: Path, tame_denoiser) -> None:

@@ -44,3 +44,26 @@ def test_4_bit_weight_tiles_are_pipelined_as_the_8_bit_ones(tmp_path: Path) -> N
     assert len(compiled) == 4 and all(r["wgmma"] and r["registers"] > 0 for r in compiled.values())
     for epilogue in ("direct", "modulated"):
         assert compiled["w4a8", epilogue]["async_copies"] == compiled["int8", epilogue]["async_copies"] > 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--formats", "int4"], "unknown formats ['int4']; known: int8, fp8, w4a8"),
+    (["--shapes", "lsun"], "no shape's name contains 'lsun'; the shapes: cifar 32x32 c128"),
+    (["--batch", "0"], "--batch must be >= 1"),
+])
+def test_bad_arguments_are_refused_before_compiling(argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["compile_real_gemm.py", *argv])
+    with pytest.raises(SystemExit):
+        compile_real_gemm.main()
+    assert says in capsys.readouterr().err
+
+
+def test_the_interpreter_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sys, "argv", ["compile_real_gemm.py"])
+    with pytest.raises(SystemExit):
+        compile_real_gemm.main()
+    err = capsys.readouterr().err
+    assert "TRITON_INTERPRET=1 makes Triton's kernels interpreted" in err and "unset it" in err
