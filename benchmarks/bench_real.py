@@ -61,6 +61,7 @@ from modiff.pipelines.execution import ExecutionConfig, precision_context, prepa
 from modiff.pipelines.generate import SampleConfig, sample
 from modiff.quant import presets, quantize, trajectory
 from modiff.quant.layers.real import backend_record
+from modiff.utils.runs import write_json
 
 from bench_models import benchmark_model
 from profiling import kernel_table
@@ -185,13 +186,16 @@ def _summary(values: list[float]) -> dict[str, Any]:
 ERROR_FORMATS = {"int8": "w8a8-int8-modiff", "fp8": "w8a8-fp8-modiff", "w4a8": "w4a8-int8-modiff"}  # -> simulated preset
 
 
-def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str, Any]:
+def _errors(arch: str, batch: int, steps: int, device: torch.device, formats: list[str],
+            on_result: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Per-step relative error of eps, real vs simulated MoDiff (same config) and each against fp: teacher-forced
     (both called on the fp trajectory's x_t, `_eps_teacher_forced`) and free-running (each on its own trajectory,
-    where the chaotic dynamics of a quantized net amplify one-step differences)."""
+    where the chaotic dynamics of a quantized net amplify one-step differences). ``on_result`` gets the results so
+    far after each format and state, so a run stopped midway keeps what it measured."""
     out: dict[str, Any] = {"batch": batch, "steps": steps}
     fp, fp_inputs = _eps(benchmark_model(arch), batch, steps, device)
-    for fmt, simulated in ERROR_FORMATS.items():
+    for fmt in formats:
+        simulated = ERROR_FORMATS[fmt]
         for state in ("float32", "bfloat16"):
             key = f"{fmt}-state-{state}"
             try:
@@ -210,6 +214,7 @@ def _errors(arch: str, batch: int, steps: int, device: torch.device) -> dict[str
                 out[key] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
             print(json.dumps({key: {k: v.get("max") if isinstance(v, dict) else v for k, v in out[key].items()}}),
                   flush=True)
+            on_result(out)
     return out
 
 
@@ -261,7 +266,7 @@ def _fid(samples: int, batch: int, steps: int, work: Path, device: str, names: l
 
 def _write(path: Optional[str], result: dict[str, Any]) -> None:
     if path:
-        Path(path).write_text(json.dumps(result, indent=1, default=str))
+        write_json(result, Path(path))
 
 
 def main() -> None:
@@ -273,6 +278,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--error-batch", type=int, default=16, help="batch of the per-step error runs (0: skip)")
+    parser.add_argument("--error-formats", default=",".join(ERROR_FORMATS), help="comma-separated formats of the error runs")
     parser.add_argument("--fid", type=int, default=0, help="samples of each FID run, fp, real and simulated (0: skip)")
     parser.add_argument("--fid-batch", type=int, default=512)
     parser.add_argument("--fid-runs", default=",".join(FID_RUNS), help="comma-separated runs of --fid (pairs need both)")
@@ -287,6 +293,10 @@ def main() -> None:
     fid_runs = args.fid_runs.split(",")
     if [r for r in fid_runs if r not in FID_RUNS]:
         parser.error(f"unknown --fid-runs {[r for r in fid_runs if r not in FID_RUNS]}; known: {', '.join(FID_RUNS)}")
+    error_formats = args.error_formats.split(",")
+    if [f for f in error_formats if f not in ERROR_FORMATS]:
+        parser.error(f"unknown --error-formats {[f for f in error_formats if f not in ERROR_FORMATS]}; "
+                     f"known: {', '.join(ERROR_FORMATS)}")
     device = torch.device(args.device)
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -299,8 +309,11 @@ def main() -> None:
         result["torchao"] = f"not importable: {type(err).__name__}: {err}"
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     if args.error_batch:  # first: cheap (eager), and the quality half of the question
-        result["errors"] = _errors(args.archs.split(",")[0], args.error_batch, args.steps, device)
-        _write(args.out, result)
+        def keep(errors: dict[str, Any]) -> None:
+            result["errors"] = errors
+            _write(args.out, result)
+
+        _errors(args.archs.split(",")[0], args.error_batch, args.steps, device, error_formats, keep)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for arch in args.archs.split(","):
             for variant in variants:
