@@ -25,7 +25,7 @@ the fast path of `modiff.pipelines.execution` (bf16 autocast, channels_last, tor
                      rows would no longer share fp's compiler settings (and tuning a UNet's kernels takes minutes).
 
 Architectures: cifar10 (the CIFAR-10 DDIM UNet, random weights) and fmnist-ddim (the shipped model).
-Per-step error (``--error-batch``, 0 skips): for INT8, FP8 and W4A8 and both state dtypes, the relative L2 error of eps
+Per-step error (``--error-batch``, 0 skips): for INT8, FP8 and W4A8 (``--error-formats`` picks) and both state dtypes, the relative L2 error of eps
 of the real MoDiff model against the simulated one (same config), and of both against the fp model, per step,
 eager under bf16 autocast: teacher-forced (every model called on the fp trajectory's x_t, its MoDiff state
 carried) and free-running (each model on its own trajectory). ``--fid N``: FID (with its bootstrap interval) of N fmnist-ddim samples of fp (bf16 and IEEE
@@ -34,7 +34,7 @@ Fashion-MNIST statistics, with the paired-bootstrap FID difference of real again
 simulators, and of each against fp (`FID_PAIRS`); ``--fid-runs`` picks some of the runs (`FID_RUNS`). ``--profile``: a kernel table per variant at the largest batch of a 6-step trajectory
 (uniform timesteps: 7 steps) after its first step (MoDiff's warm-up, eager and in full precision, once per
 trajectory); the table's first line says how many steps it covers. Every variant runs in try/except: an error is recorded in its row and the
-run continues; the JSON (``--out``) is rewritten after every row. The error runs come first; ``--budget``
+run continues; the JSON (``--out``) is rewritten, atomically, after every row and every error format and state. The error runs come first; ``--budget``
 seconds (from the start) stops starting new rows.
 """
 from __future__ import annotations
