@@ -11,7 +11,9 @@ reports the registers and spills of the result. So before a GPU is at hand one c
 spills, how much shared memory its tiling takes, and whether its operand loads are pipelined: Triton's pipeliner
 turns a load it can vectorize into asynchronous copies into shared memory, several iterations ahead
 (`async_copies` counts them in the kernel's TTGIR: the prologue's and the loop's, one per pipelined operand and
-stage). None of it is a timing.
+stage), and whether an operand computed in registers is written to shared memory for the MMA (`register_tiles_to_shared`
+counts the TTGIR's shared allocations initialized from registers: W4A8's widened weight tile, when it is wgmma's
+second operand, which Hopper reads from shared memory only). None of it is a timing.
 
 The arguments are `real.gemm_arguments`' for one layer call (the 3x3 shapes of `bench_real_gemm.py`), specialized
 as Triton's JIT specializes a launch: a pointer (16-byte aligned) and an integer divisible by 16 are marked so, an
@@ -72,7 +74,7 @@ def _operands(fmt: str, weight_shape: tuple[int, ...]) -> tuple[torch.Tensor, to
 
 
 def compile_gemm(geometry: real.Geometry, fmt: str, modulated: bool, tiling: dict[str, int]) -> dict[str, Any]:
-    """One GEMM compiled for sm_90a: registers, spill bytes, shared memory, asynchronous copies, wgmma use."""
+    """One GEMM compiled for sm_90a: registers, spills, shared memory, async copies, wgmma, register tiles to shared."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -93,7 +95,8 @@ def compile_gemm(geometry: real.Geometry, fmt: str, modulated: bool, tiling: dic
     usage = ptxas_usage(kernel.asm["ptx"])
     ttgir = kernel.asm["ttgir"]
     return {**usage, "shared_bytes": kernel.metadata.shared,
-            "async_copies": ttgir.count("async_copy_global_to_local"), "wgmma": "warp_group_dot" in ttgir}
+            "async_copies": ttgir.count("async_copy_global_to_local"), "wgmma": "warp_group_dot" in ttgir,
+            "register_tiles_to_shared": ttgir.count("ttg.local_alloc %")}
 
 
 def ptxas_usage(ptx: str) -> dict[str, int]:

@@ -44,6 +44,9 @@ def test_4_bit_weight_tiles_are_pipelined_as_the_8_bit_ones(tmp_path: Path) -> N
     assert len(compiled) == 4 and all(r["wgmma"] and r["registers"] > 0 for r in compiled.values())
     for epilogue in ("direct", "modulated"):
         assert compiled["w4a8", epilogue]["async_copies"] == compiled["int8", epilogue]["async_copies"] > 0
+        # INT8's operands go to the MMA as loaded; W4A8's widened weight tile, wgmma's second operand, is written
+        # to shared memory at every step of K (benchmarks/experiments/w4a8-weights-as-first-operand-sitting39.patch)
+        assert [compiled[fmt, epilogue]["register_tiles_to_shared"] for fmt in ("int8", "w4a8")] == [0, 1]
 
 
 @pytest.mark.parametrize("argv, says", [
