@@ -13,10 +13,12 @@ going from t to t_prev (the next entry, -1 after the last). Notation, with a = a
     DPM-Solver++(2M): data prediction, multistep, first order at the first and last step.
 
 Coefficients are Python floats computed up front, so the loop never waits on the device.
-Noise for eta > 0 and DDPM comes from `rng` (one stream per seed, see `modiff.utils.rng`).
+Noise for eta > 0 and DDPM comes from `rng` (one stream per seed, see `modiff.utils.rng`), each step's drawn on
+a background thread while the step before runs (`SeedStreams.ahead`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
@@ -99,22 +101,34 @@ def sample_ddim(
     schedule = _resolve_schedule(model, schedule)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if eta > 0:
+    steps = [(t, t_prev, *_ddim_coefficients(schedule, t, t_prev, eta)) for t, t_prev in _step_pairs(timesteps, schedule)]
+    draws = sum(c1 > 0 for *_, c1, _ in steps)
+    if draws:
         rng = _require_rng(rng, x_T, "DDIM with eta > 0")
     x = x_T.float()
-    for index, (t, t_prev) in enumerate(_step_pairs(timesteps, schedule)):
-        a_t, a_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
-        eps = _eps(model, x, t)
-        x0_pred = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        c1 = eta * math.sqrt(max((1 - a_t / a_prev) * (1 - a_prev) / (1 - a_t), 0.0))
-        c2 = math.sqrt(max(1 - a_prev - c1**2, 0.0))
-        x_prev = math.sqrt(a_prev) * x0_pred + c2 * eps
-        if c1 > 0:
-            x_prev = x_prev + c1 * rng.randn(x.shape[1:], device=x.device)
-        if callback is not None:
-            callback(StepInfo(index, t, t_prev, x, eps, x0_pred, x_prev))
-        x = x_prev
+    with _noise_ahead(rng, x, draws) as noise:
+        for index, (t, t_prev, c1, c2) in enumerate(steps):
+            a_t, a_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
+            eps = _eps(model, x, t)
+            x0_pred = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            x_prev = math.sqrt(a_prev) * x0_pred + c2 * eps
+            if c1 > 0:
+                x_prev = x_prev + c1 * next(noise)
+            if callback is not None:
+                callback(StepInfo(index, t, t_prev, x, eps, x0_pred, x_prev))
+            x = x_prev
     return x
+
+
+def _ddim_coefficients(schedule: NoiseSchedule, t: int, t_prev: int, eta: float) -> tuple[float, float]:
+    a_t, a_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
+    c1 = eta * math.sqrt(max((1 - a_t / a_prev) * (1 - a_prev) / (1 - a_t), 0.0))
+    return c1, math.sqrt(max(1 - a_prev - c1**2, 0.0))
+
+
+def _noise_ahead(rng: Optional[SeedStreams], x: torch.Tensor, draws: int) -> contextlib.AbstractContextManager:
+    """The loop's ``draws`` draws of per-seed noise shaped like ``x``, each drawn while the step before runs."""
+    return rng.ahead(x.shape[1:], draws, x.device) if draws else contextlib.nullcontext(iter(()))
 
 
 @torch.no_grad()
@@ -139,21 +153,23 @@ def sample_ddpm(
         raise ValueError(f"DDPM is ancestral sampling (eta = 1); got eta={eta}. Use sample_ddim for other eta")
     schedule = _resolve_schedule(model, schedule)
     rng = _require_rng(rng, x_T, "DDPM")
+    pairs = _step_pairs(timesteps, schedule)
     x = x_T.float()
-    for index, (t, t_prev) in enumerate(_step_pairs(timesteps, schedule)):
-        a_t, a_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
-        beta = 1 - a_t / a_prev
-        eps = _eps(model, x, t)
-        x0_pred = x * math.sqrt(1 / a_t) - math.sqrt(1 / a_t - 1) * eps
-        if clip_denoised:
-            x0_pred = x0_pred.clamp(-1, 1)
-        mean = (math.sqrt(a_prev) * beta * x0_pred + math.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a_t)
-        x_prev = mean
-        if t != 0:
-            x_prev = mean + math.sqrt(beta) * rng.randn(x.shape[1:], device=x.device)
-        if callback is not None:
-            callback(StepInfo(index, t, t_prev, x, eps, x0_pred, x_prev))
-        x = x_prev
+    with _noise_ahead(rng, x, sum(t != 0 for t, _ in pairs)) as noise:
+        for index, (t, t_prev) in enumerate(pairs):
+            a_t, a_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
+            beta = 1 - a_t / a_prev
+            eps = _eps(model, x, t)
+            x0_pred = x * math.sqrt(1 / a_t) - math.sqrt(1 / a_t - 1) * eps
+            if clip_denoised:
+                x0_pred = x0_pred.clamp(-1, 1)
+            mean = (math.sqrt(a_prev) * beta * x0_pred + math.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a_t)
+            x_prev = mean
+            if t != 0:
+                x_prev = mean + math.sqrt(beta) * next(noise)
+            if callback is not None:
+                callback(StepInfo(index, t, t_prev, x, eps, x0_pred, x_prev))
+            x = x_prev
     return x
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -16,7 +16,7 @@ import torch
 
 from modiff.utils.device import host_threads
 
-__all__ = ["SeedStreams", "FirstDraw", "first_draws_ahead", "to_device", "noise", "parse_seeds", "format_seeds"]
+__all__ = ["SeedStreams", "DrawsAhead", "FirstDraw", "first_draws_ahead", "to_device", "noise", "parse_seeds", "format_seeds"]
 
 
 def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -32,8 +32,8 @@ class SeedStreams:
     A batch of at least ``2 * MIN_ROWS_PER_THREAD`` seeds is drawn in contiguous parts by up to ``threads``
     threads at once (default `host_threads`, at most ``MAX_DEFAULT_THREADS``): a seed's draw is one `normal_`
     call, which releases the GIL, and every generator is drawn by one thread, so the values do not depend on
-    the thread count. DDPM and DDIM with eta > 0 draw at every step, on the host, while the device runs the
-    step.
+    the thread count. DDPM and DDIM with eta > 0 draw at every step, a step ahead on a thread of their own
+    (`ahead`), while the caller's thread queues the device's step.
     """
 
     MIN_ROWS_PER_THREAD = 256
@@ -57,8 +57,24 @@ class SeedStreams:
         return len(self.seeds)
 
     def randn(self, shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        # Drawn into pinned memory for a GPU, so that `to_device` copies it without another host copy.
-        out = torch.empty((len(self), *shape), dtype=torch.float32, pin_memory=torch.device(device).type == "cuda")
+        out = self._host_buffer(shape, device)
+        self.draw_into(out)
+        return to_device(out, device).to(dtype=dtype)
+
+    def ahead(self, shape: Sequence[int], count: int, device: torch.device | str = "cpu") -> "DrawsAhead":
+        """The next ``count`` draws of ``randn(shape, device)``, the same values in the same order, each drawn
+        on a background thread while the caller uses the one before (see `DrawsAhead`)."""
+        return DrawsAhead(self, shape, count, device)
+
+    def _host_buffer(self, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+        # Pinned for a GPU, so that `to_device` copies it without another host copy.
+        return torch.empty((len(self), *shape), dtype=torch.float32, pin_memory=torch.device(device).type == "cuda")
+
+    def draw_into(self, out: torch.Tensor) -> None:
+        """Fill ``out`` (B, ...), float32 on the CPU, with each seed's next draw; the host only, no CUDA call."""
+        if out.shape[0] != len(self) or out.dtype != torch.float32 or out.device.type != "cpu":
+            raise ValueError(f"draw_into needs a float32 CPU tensor of {len(self)} rows, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
         parts = min(self.threads, len(self) // self.MIN_ROWS_PER_THREAD) or 1
         bounds = [len(self) * i // parts for i in range(parts + 1)]
         if parts == 1:
@@ -69,7 +85,50 @@ class SeedStreams:
                 _draw_rows(out[: bounds[1]], self._generators[: bounds[1]])
                 for other in others:
                     other.result()
-        return to_device(out, device).to(dtype=dtype)
+
+
+class DrawsAhead:
+    """An iterator over a stream's next ``count`` draws on ``device``, each drawn while the caller uses the one
+    before: `next` waits for draw k (on the host), queues its copy to the device and starts draw k + 1 on a
+    background thread. Use it as a context manager, which waits for a draw still running when the block ends.
+
+    Why: a DDPM step's 4,096 per-seed draws take about as long as the device's step, and drawn on the caller's
+    thread they delay the launches of the step after (benchmarks/README.md). The background thread only fills
+    host memory that the caller's thread allocated (pinned for a GPU), so every CUDA call stays on the caller's
+    thread, which may be capturing a CUDA graph; the streams must not be drawn elsewhere while it is open.
+    """
+
+    def __init__(self, streams: SeedStreams, shape: Sequence[int], count: int, device: torch.device | str = "cpu"):
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        self._streams, self._shape, self._device, self._left = streams, tuple(shape), device, count
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="modiff-draws-ahead")
+        self._pending: Optional[tuple[torch.Tensor, Future[None]]] = None
+        self._start_next()
+
+    def _start_next(self) -> None:
+        if self._left > 0:
+            out = self._streams._host_buffer(self._shape, self._device)
+            self._pending = out, self._pool.submit(self._streams.draw_into, out)
+            self._left -= 1
+
+    def __iter__(self) -> "DrawsAhead":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._pending is None:
+            raise StopIteration
+        out, future = self._pending
+        self._pending = None
+        future.result()
+        self._start_next()
+        return to_device(out, self._device)
+
+    def __enter__(self) -> "DrawsAhead":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _draw_rows(out: torch.Tensor, generators: Sequence[torch.Generator]) -> None:

@@ -265,3 +265,34 @@ def test_ddpm_last_step_adds_no_noise() -> None:
     assert torch.equal(final[0], final[1])
     noisy = [sample_ddpm(MODEL, x, [10, 0], rng=SeedStreams(seeds)) for seeds in ([2, 3], [4, 5])]
     assert not torch.equal(noisy[0], noisy[1])
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 1.0), ("ddim", 0.5)])
+def test_noise_drawn_ahead_is_each_steps_next_draw(sampler: str, eta: float) -> None:
+    """The stochastic samplers' noise, drawn a step ahead on a background thread, is bitwise the loop's own
+    `rng.randn` at each noisy step: the published update written out here with per-step draws gives the same
+    x_0, and the streams end exactly one draw per noisy step on (the last DDPM step and DDIM's onto t = -1 draw
+    none)."""
+    seeds, ts = [5, 9], timesteps(6)
+    x_T = SeedStreams(seeds).randn(SHAPE)
+    rng = SeedStreams(seeds)
+    got = (sample_ddpm(MODEL, x_T, ts, rng=rng) if sampler == "ddpm"
+           else sample_ddim(MODEL, x_T, ts, eta=eta, rng=rng))
+    reference, x, noisy = SeedStreams(seeds), x_T.clone(), 0
+    for t, t_prev in zip(ts, [*ts[1:], -1]):
+        a_t, a_prev = SCHEDULE.alpha_bar_at(t), SCHEDULE.alpha_bar_at(t_prev)
+        eps = MODEL(x, torch.full((len(seeds),), t)).float()
+        if sampler == "ddpm":
+            beta = 1 - a_t / a_prev
+            x0 = (x * math.sqrt(1 / a_t) - math.sqrt(1 / a_t - 1) * eps).clamp(-1, 1)
+            x_prev = (math.sqrt(a_prev) * beta * x0 + math.sqrt(1 - beta) * (1 - a_prev) * x) / (1 - a_t)
+            c1 = math.sqrt(beta) if t != 0 else 0.0
+        else:
+            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            c1 = eta * math.sqrt(max((1 - a_t / a_prev) * (1 - a_prev) / (1 - a_t), 0.0))
+            x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - c1**2, 0.0)) * eps
+        if c1 > 0:
+            x_prev, noisy = x_prev + c1 * reference.randn(SHAPE), noisy + 1
+        x = x_prev
+    assert torch.equal(got, x) and noisy == len(ts) - 1
+    assert torch.equal(rng.randn(SHAPE), reference.randn(SHAPE))

@@ -78,6 +78,53 @@ def test_default_threads_are_the_host_threads_but_at_most_two(monkeypatch: pytes
     assert SeedStreams([0], threads=4).threads == 4
 
 
+def test_draws_ahead_equal_successive_draws_and_are_made_on_a_background_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ahead(shape, 3)` gives the stream's next three `randn(shape)` values in order, each drawn on the
+    draws-ahead thread, the next one started before the caller takes the current; it stops after three and leaves
+    the streams exactly three draws on."""
+    threads: list[str] = []
+    draw_into = SeedStreams.draw_into
+    monkeypatch.setattr(SeedStreams, "draw_into", lambda self, out: (threads.append(threading.current_thread().name),
+                                                                       draw_into(self, out))[1])
+    reference, streams = SeedStreams([3, 8]), SeedStreams([3, 8])
+    expected = [reference.randn(SHAPE) for _ in range(4)]
+    threads.clear()
+    with streams.ahead(SHAPE, 3) as draws:
+        assert len(threads) <= 1  # the first draw starts at once
+        first = next(draws)
+        got = [first, *draws]
+    assert len(got) == 3 and all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert len(threads) == 3 and all(name.startswith("modiff-draws-ahead") for name in threads)
+    assert torch.equal(streams.randn(SHAPE), expected[3])
+    with SeedStreams([3]).ahead(SHAPE, 0) as none:
+        assert list(none) == []
+
+
+def test_draws_ahead_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A negative count is refused, a failing draw raises in the caller's `next`, and leaving the block waits for
+    a draw still running; `draw_into` refuses a buffer of the wrong rows, dtype or device."""
+    with pytest.raises(ValueError, match="count must be >= 0, got -1"):
+        SeedStreams([1]).ahead(SHAPE, -1)
+    finished = threading.Event()
+
+    def slow_then_fail(self, out):
+        finished.wait(0.2)
+        finished.set()
+        raise RuntimeError("draw failed")
+
+    monkeypatch.setattr(SeedStreams, "draw_into", slow_then_fail)
+    with SeedStreams([1]).ahead(SHAPE, 2) as draws:
+        pass
+    assert finished.is_set()
+    with pytest.raises(RuntimeError, match="draw failed"), SeedStreams([1]).ahead(SHAPE, 2) as draws:
+        next(draws)
+    monkeypatch.undo()
+    streams = SeedStreams([1, 2])
+    for bad in (torch.empty(3, *SHAPE), torch.empty(2, *SHAPE, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="float32 CPU tensor of 2 rows"):
+            streams.draw_into(bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_draws_for_a_gpu_are_made_in_pinned_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     pinned: list[bool] = []
