@@ -9,7 +9,8 @@ Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, sa
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
 `modiff.pipelines.generate` are timed by wrapping them, which costs a few microseconds per call: opening the
 run, each batch's initial noise (drawn on a background thread while the batch before it samples; before
-sitting 33 inside its sampling loop, with the device waiting), sampling loop (enqueued; CUDA graphs are recorded
+sitting 33 inside its sampling loop, with the device waiting), the noise of DDPM's steps (each drawn on a thread
+of its own while the step before runs, since sitting 40; the sampling loop waits only when it is late), sampling loop (enqueued; CUDA graphs are recorded
 in the first batch's), bookkeeping (which waits for the device), the wait for the PNG writer and closing the
 run (the rest of the wall time is wrapping the network and the folder lock), and how many PNGs the writer
 thread still had to write when each batch was read back. On
@@ -25,6 +26,7 @@ import contextlib
 import functools
 import json
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,13 +41,14 @@ from modiff.quant import presets, quantize, trajectory
 from modiff.utils import images as images_module
 from modiff.utils.device import host_threads
 from modiff.utils.images import PngWriter
-from modiff.utils.rng import SeedStreams
+from modiff.utils.rng import DrawsAhead, SeedStreams
 
 from bench_models import benchmark_model
 
 PHASES = {  # label -> (object, attribute) timed around each call
     "open the run": (generate_module, "_open_run"),
-    "noise draws (x_T; ddpm: every step's too)": (SeedStreams, "randn"),
+    "noise draws (x_T; ddpm: every step's too, on the draws-ahead thread)": (SeedStreams, "draw_into"),
+    "wait for a step's noise drawn ahead": (DrawsAhead, "__next__"),
     "sampling loop, enqueued": (generate_module, "sample"),
     "batch bookkeeping (waits for the device)": (generate_module, "_write_batch"),
     "wait for the PNG writer": (PngWriter, "__exit__"),
@@ -58,6 +61,7 @@ class Timeline:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self._lock = threading.Lock()  # the draws are timed on background threads too
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -70,8 +74,9 @@ class Timeline:
             try:
                 return function(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - start
-                self.calls[label] += 1
+                with self._lock:
+                    self.seconds[label] += time.perf_counter() - start
+                    self.calls[label] += 1
         return wrapper
 
     def _device_timed(self, function: Callable[..., Any]) -> Callable[..., Any]:
