@@ -15,6 +15,7 @@ from modiff.utils.runs import write_bytes_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 bench_user_timeline = pytest.importorskip("bench_user_timeline")
+DRAWS = "noise draws (x_T; ddpm: every step's too, on the draws-ahead thread)"
 
 
 def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoiser) -> None:
@@ -22,7 +23,7 @@ def test_every_phase_is_timed_once_per_batch_or_run(tmp_path: Path, tame_denoise
     result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=3, config=SampleConfig(steps=2),
                                             device=torch.device("cpu"), work=tmp_path)
     assert result["images"] == 6 and result["calls"] == {
-        "open the run": 1, "noise draws (x_T; ddpm: every step's too)": 3, "sampling loop, enqueued": 3,
+        "open the run": 1, DRAWS: 3, "sampling loop, enqueued": 3,
         "batch bookkeeping (waits for the device)": 3, "wait for the PNG writer": 1,
         "close the run (grid, samples.npz, manifest)": 1}
     assert all(0 < s <= result["wall_s"] + 1e-3 for s in result["phases_s"].values())
@@ -52,12 +53,14 @@ def test_bad_arguments_are_refused(argv: list[str], monkeypatch: pytest.MonkeyPa
 
 def test_ddpm_draws_are_timed_at_every_step(tmp_path: Path, tame_denoiser) -> None:
     """DDPM draws each seed's noise at every step whose t is not 0 (uniform spacing ends at t = 1), besides x_T:
-    those draws are host work the user path pays for, so the noise phase counts them."""
+    those draws are host work the user path pays for, so the noise phase counts them, made on the draws-ahead
+    thread, and the sampling loop's wait for each."""
     config = SampleConfig(sampler="ddpm", steps=3)
     result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=2, config=config,
                                             device=torch.device("cpu"), work=tmp_path)
     assert result["images"] == 4 and result["calls"]["sampling loop, enqueued"] == 2
-    assert result["calls"]["noise draws (x_T; ddpm: every step's too)"] == 2 * (1 + 3)
+    assert result["calls"][DRAWS] == 2 * (1 + 3)
+    assert result["calls"]["wait for a step's noise drawn ahead"] == 2 * 3
 
 
 def test_png_threads_sets_the_writers_threads_and_gives_the_default_back(tmp_path: Path, tame_denoiser,
