@@ -92,8 +92,8 @@ class DrawsAhead:
     before: `next` waits for draw k (on the host), queues its copy to the device and starts draw k + 1 on a
     background thread. Use it as a context manager, which waits for a draw still running when the block ends.
 
-    Why: a DDPM step's 4,096 per-seed draws take about as long as the device's step, and drawn on the caller's
-    thread they delay the launches of the step after (benchmarks/README.md). The background thread only fills
+    Why: a DDPM step's 4,096 per-seed draws take most of the device's step on the host, and drawn on the caller's
+    thread they hold back the launches of the step after (benchmarks/README.md has the measured effect). The background thread only fills
     host memory that the caller's thread allocated (pinned for a GPU), so every CUDA call stays on the caller's
     thread, which may be capturing a CUDA graph; the streams must not be drawn elsewhere while it is open.
     """
