@@ -10,10 +10,10 @@ the sampling loop alone, and a host profile (cProfile) slows the run it explains
 `modiff.pipelines.generate` are timed by wrapping them, which costs a few microseconds per call: opening the
 run, each batch's initial noise (drawn on a background thread while the batch before it samples; before
 sitting 33 inside its sampling loop, with the device waiting), the noise of DDPM's steps (each drawn on a thread
-of its own while the step before runs, since sitting 40; the sampling loop waits only when it is late), sampling loop (enqueued; CUDA graphs are recorded
-in the first batch's), bookkeeping (which waits for the device), the wait for the PNG writer and closing the
-run (the rest of the wall time is wrapping the network and the folder lock), and how many PNGs the writer
-thread still had to write when each batch was read back. On
+of its own while the step before runs, since sitting 40) and the sampling loop's wait for it, sampling loop
+(enqueued; CUDA graphs are recorded in the first batch's), bookkeeping (which waits for the device), the wait
+for the PNG writer and closing the run (the rest of the wall time is wrapping the network and the folder lock),
+and how many PNGs the writer thread still had to write when each batch was read back. On
 CUDA each batch's device time comes from events around its sampling loop, so "device idle" = the call's wall
 time minus the device's busy time. A warm-up call (one batch, another folder) compiles the network first.
 ``--png-threads`` sets the PNG writer's threads (default: `PngWriter`'s, `host_threads()`), to compare thread

@@ -93,9 +93,10 @@ class DrawsAhead:
     background thread. Use it as a context manager, which waits for a draw still running when the block ends.
 
     Why: a DDPM step's 4,096 per-seed draws take most of the device's step on the host, and drawn on the caller's
-    thread they hold back the launches of the step after (benchmarks/README.md has the measured effect). The background thread only fills
-    host memory that the caller's thread allocated (pinned for a GPU), so every CUDA call stays on the caller's
-    thread, which may be capturing a CUDA graph; the streams must not be drawn elsewhere while it is open.
+    thread they hold back the launches of the step after (benchmarks/README.md has the measured effect). The
+    background thread only fills host memory that the caller's thread allocated (pinned for a GPU), so every CUDA
+    call stays on the caller's thread, which may be capturing a CUDA graph; the streams must not be drawn
+    elsewhere while it is open.
     """
 
     def __init__(self, streams: SeedStreams, shape: Sequence[int], count: int, device: torch.device | str = "cpu"):
