@@ -102,9 +102,9 @@ def sample_ddim(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     steps = [(t, t_prev, *_ddim_coefficients(schedule, t, t_prev, eta)) for t, t_prev in _step_pairs(timesteps, schedule)]
-    draws = sum(c1 > 0 for *_, c1, _ in steps)
-    if draws:
+    if eta > 0:
         rng = _require_rng(rng, x_T, "DDIM with eta > 0")
+    draws = sum(c1 > 0 for *_, c1, _ in steps)
     x = x_T.float()
     with _noise_ahead(rng, x, draws) as noise:
         for index, (t, t_prev, c1, c2) in enumerate(steps):

@@ -221,6 +221,8 @@ def test_sampler_argument_errors() -> None:
         sample_ddpm(MODEL, x, timesteps(5))
     with pytest.raises(ValueError, match="rng=SeedStreams"):
         sample_ddim(MODEL, x, timesteps(5), eta=0.5)
+    with pytest.raises(ValueError, match="rng=SeedStreams"):  # even where no step draws (one step onto t = -1)
+        sample_ddim(MODEL, x, [0], eta=0.5)
     with pytest.raises(ValueError, match="3 seeds"):
         sample_ddpm(MODEL, x, timesteps(5), rng=SeedStreams([0, 1, 2]))
     with pytest.raises(ValueError, match="eta"):
