@@ -4,6 +4,7 @@
     python benchmarks/bench_user_timeline.py --device cpu --batch-size 8 --batches 2 --steps 3
     python benchmarks/bench_user_timeline.py --device cuda --sampler ddpm --batch-size 4096 --batches 4
     python benchmarks/bench_user_timeline.py --device cuda --png-threads 1      # the PNG writer on one thread
+    python benchmarks/bench_user_timeline.py --device cuda --sampler ddpm --copied-draws   # control: no host draws
 
 Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
@@ -17,7 +18,9 @@ and how many PNGs the writer thread still had to write when each batch was read 
 CUDA each batch's device time comes from events around its sampling loop, so "device idle" = the call's wall
 time minus the device's busy time. A warm-up call (one batch, another folder) compiles the network first.
 ``--png-threads`` sets the PNG writer's threads (default: `PngWriter`'s, `host_threads()`), to compare thread
-counts in the user path itself rather than in `bench_png_writer.py`'s isolation.
+counts in the user path itself rather than in `bench_png_writer.py`'s isolation. ``--copied-draws`` is a
+control for the draws' host cost: every draw copies one fixed block of normals instead of drawing each seed's
+(wrong images, the same device work), so DDPM's device step is timed without the host's draws beside it.
 """
 from __future__ import annotations
 
@@ -137,9 +140,32 @@ def png_threads(threads: Optional[int]) -> Iterator[None]:
         generate_module.PngWriter = original
 
 
+@contextlib.contextmanager
+def copied_draws(enabled: bool) -> Iterator[None]:
+    """Inside the block (if ``enabled``) `SeedStreams.draw_into` copies one fixed block of standard normals per
+    buffer shape into its buffer instead of drawing each seed's own: the same buffers and device work, almost
+    none of the host's."""
+    original = SeedStreams.draw_into
+    if enabled:
+        blocks: dict[tuple[int, ...], torch.Tensor] = {}
+
+        def copy_block(streams: SeedStreams, out: torch.Tensor) -> None:
+            shape = tuple(out.shape)
+            if shape not in blocks:  # two threads may both make it: the same values either way
+                blocks[shape] = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+            out.copy_(blocks[shape])
+
+        SeedStreams.draw_into = copy_block
+    try:
+        yield
+    finally:
+        SeedStreams.draw_into = original
+
+
 def timed_call(model: torch.nn.Module, batch: int, batches: int, config: SampleConfig, device: torch.device,
-               work: Path, writer_threads: Optional[int] = None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=work, prefix="bench-timeline-") as folder, png_threads(writer_threads):
+               work: Path, writer_threads: Optional[int] = None, copy_draws: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(dir=work, prefix="bench-timeline-") as folder, png_threads(writer_threads), \
+            copied_draws(copy_draws):
         run = lambda seeds, name: generate(model, seeds, Path(folder) / name, config, batch_size=batch,  # noqa: E731
                                            device=str(device), prepare=trajectory, progress=False)
         run(range(batch), "warmup")
@@ -149,6 +175,7 @@ def timed_call(model: torch.nn.Module, batch: int, batches: int, config: SampleC
             run(range(10**6, 10**6 + batch * batches), "timed")
             wall = time.perf_counter() - start
     result: dict[str, Any] = {"images": batch * batches, "png_threads": writer_threads or host_threads(),
+                              "copied_draws": copy_draws,
                               "wall_s": round(wall, 3),
                               "images_per_s": round(batch * batches / wall, 1),
                               "phases_s": {k: round(v, 6) for k, v in timeline.seconds.items()},
@@ -173,6 +200,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where run folders go")
     parser.add_argument("--png-threads", type=int, default=None, help="the PNG writer's threads (default: its own)")
+    parser.add_argument("--copied-draws", action="store_true",
+                        help="control: copy one fixed block of noise instead of drawing (wrong images, same device work)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if min(args.batch_size, args.batches, args.steps) < 1 or (args.png_threads is not None and args.png_threads < 1):
@@ -185,7 +214,8 @@ def main() -> None:
     config = SampleConfig(sampler=args.sampler, steps=args.steps, spacing=md.default_spacing(base))
     result = {"model": args.model, "preset": args.preset, "sampler": args.sampler, "batch": args.batch_size,
               "steps": args.steps,
-              **timed_call(model, args.batch_size, args.batches, config, device, args.work, args.png_threads)}
+              **timed_call(model, args.batch_size, args.batches, config, device, args.work, args.png_threads,
+                         args.copied_draws)}
     print(json.dumps(result, indent=1))
     if args.out:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

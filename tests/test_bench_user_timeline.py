@@ -78,3 +78,28 @@ def test_png_threads_sets_the_writers_threads_and_gives_the_default_back(tmp_pat
                                             device=torch.device("cpu"), work=tmp_path, writer_threads=3)
     assert made == [3, 3] and result["png_threads"] == 3  # the warm-up call's writer and the timed one's
     assert gen.PngWriter is images_module.PngWriter
+
+
+def test_copied_draws_fill_every_buffer_with_one_fixed_block_and_give_the_draws_back() -> None:
+    """The control copies the same normals into every draw, whatever the seed or the call, and only in the block."""
+    from modiff.utils.rng import SeedStreams
+
+    original = SeedStreams.draw_into
+    with bench_user_timeline.copied_draws(True):
+        first, second = SeedStreams([0, 1]).randn((5,)), SeedStreams([7, 8]).randn((5,))
+        assert torch.equal(first, second) and first.std() > 0.1
+    assert SeedStreams.draw_into is original
+    drawn = SeedStreams([0, 1]).randn((5,))
+    assert not torch.equal(drawn, first) and torch.equal(drawn, SeedStreams([0, 1]).randn((5,)))
+    with bench_user_timeline.copied_draws(False):
+        assert SeedStreams.draw_into is original
+
+
+def test_ddpm_with_copied_draws_counts_the_same_draws(tmp_path: Path, tame_denoiser) -> None:
+    from modiff.utils.rng import SeedStreams
+
+    original, config = SeedStreams.draw_into, SampleConfig(sampler="ddpm", steps=3)
+    result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=2, config=config,
+                                            device=torch.device("cpu"), work=tmp_path, copy_draws=True)
+    assert result["copied_draws"] and result["calls"][DRAWS] == 2 * (1 + 3)
+    assert SeedStreams.draw_into is original
