@@ -10,7 +10,9 @@ import torch
 
 import modiff.pipelines.generate as gen
 import modiff.utils.images as images_module
+import modiff.utils.rng as rng_module
 from modiff.pipelines.generate import SampleConfig
+from modiff.utils.rng import SeedStreams
 from modiff.utils.runs import write_bytes_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -82,8 +84,6 @@ def test_png_threads_sets_the_writers_threads_and_gives_the_default_back(tmp_pat
 
 def test_copied_draws_fill_every_buffer_with_one_fixed_block_and_give_the_draws_back() -> None:
     """The control copies the same normals into every draw, whatever the seed or the call, and only in the block."""
-    from modiff.utils.rng import SeedStreams
-
     original = SeedStreams.draw_into
     with bench_user_timeline.copied_draws(True):
         first, second = SeedStreams([0, 1]).randn((5,)), SeedStreams([7, 8]).randn((5,))
@@ -95,11 +95,18 @@ def test_copied_draws_fill_every_buffer_with_one_fixed_block_and_give_the_draws_
         assert SeedStreams.draw_into is original
 
 
-def test_ddpm_with_copied_draws_counts_the_same_draws(tmp_path: Path, tame_denoiser) -> None:
-    from modiff.utils.rng import SeedStreams
-
+def test_ddpm_with_copied_draws_draws_no_seed_yet_counts_the_same_draws(tmp_path: Path, tame_denoiser,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --copied-draws no seed's generator is drawn (warm-up and timed call), while the calls stay those of DDPM."""
+    drawn_rows = []
+    real_draw_rows = rng_module._draw_rows
+    monkeypatch.setattr(rng_module, "_draw_rows", lambda out, generators: (drawn_rows.append(len(generators)),
+                                                                           real_draw_rows(out, generators)))
     original, config = SeedStreams.draw_into, SampleConfig(sampler="ddpm", steps=3)
     result = bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=2, config=config,
                                             device=torch.device("cpu"), work=tmp_path, copy_draws=True)
-    assert result["copied_draws"] and result["calls"][DRAWS] == 2 * (1 + 3)
+    assert result["copied_draws"] and result["calls"][DRAWS] == 2 * (1 + 3) and drawn_rows == []
     assert SeedStreams.draw_into is original
+    bench_user_timeline.timed_call(tame_denoiser, batch=2, batches=1, config=config, device=torch.device("cpu"),
+                                   work=tmp_path)
+    assert sum(drawn_rows) == 2 * 2 * (1 + 3)  # warm-up and timed batch, x_T and 3 steps, 2 seeds each
