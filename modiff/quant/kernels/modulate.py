@@ -7,15 +7,18 @@ value on a rounding boundary can land one step away). Torch code of the same ste
 reduction to inductor, which often gives each sample one program, a slow reduction over a whole sample
 (profiles and numbers: benchmarks/README.md, "The modulation step as two Triton kernels").
 Here the ranges are reduced over chunks of every sample in parallel, and the update reads the tensors once more
-and writes a_hat in place (its address stays fixed, so a CUDA graph can replay the step).
+and writes a_hat in place (its address stays fixed, so a CUDA graph can replay the step). `one_pass_modulation`
+switches to one launch whose programs meet at a per-sample barrier between the two, so that the second read
+comes from L2 (the kernel's docstring says why); not yet timed on a GPU, so not the default.
 
 Registered as a `torch.library.triton_op`, so a compiled network launches the kernels from its own graph.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -23,12 +26,13 @@ from torch import Tensor
 from modiff.quant.primitives import Grid, QuantSpec, quant_grid
 
 __all__ = ["use_fused_modulate", "fused_spec_supported", "fused_tensors_supported", "fused_modulate_supported",
-           "modulate_per_sample", "launch_modulate", "register_op"]
+           "modulate_per_sample", "launch_modulate", "register_op", "one_pass_modulation"]
 
 _BLOCK = 1024  # values per loop iteration of a program
 _MIN_CHUNK = 4096  # values of one sample per program
 _MAX_CHUNKS = 256  # chunks per sample at most: the update kernel reduces a sample's chunk ranges in one block
 _KERNELS = True  # False: the torch step on CUDA too (benchmarks and tests compare the two)
+_ONE_PASS = False  # True: `one_pass_kernel` instead of the two kernels (`one_pass_modulation`)
 _TRITON = importlib.util.find_spec("triton") is not None  # a constant: compiled graphs read it without tracing a call
 
 
@@ -69,24 +73,51 @@ def use_fused_modulate(x: Tensor) -> bool:
     return _KERNELS and x.is_cuda
 
 
+def _chunking(x: Tensor) -> tuple[int, int, int]:
+    """(values per sample, values per chunk, chunks per sample)."""
+    n = x.numel() // x.shape[0]
+    chunk = max(_MIN_CHUNK, -(-n // _MAX_CHUNKS))
+    return n, chunk, -(-n // chunk)
+
+
 def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor, qmin: Tensor, qmax: Tensor,
               scheme: str, floor: bool, split: int) -> None:
     from modiff.quant.kernels import modulate_triton as kernels  # imported on first use: TRITON_INTERPRET is read when it is
 
     samples = x.shape[0]
-    n = x.numel() // samples
-    chunk = max(_MIN_CHUNK, -(-n // _MAX_CHUNKS))
-    chunks = -(-n // chunk)
-    partials = torch.empty((samples, chunks, 2, 3), dtype=torch.float32, device=x.device)
+    n, chunk, chunks = _chunking(x)
     same_ref, a_ref = a_ref is None, a_hat if a_ref is None else a_ref
     channels, stride_c = x.shape[1], x.stride(1)
     has_split = split > 0
+    if _ONE_PASS:
+        if not x.is_cuda:  # the interpreter runs programs one after another: a barrier between two would never open
+            chunk, chunks = n, 1
+        ranges = torch.full((samples, 2, 3), float("-inf"), dtype=torch.float32, device=x.device)
+        counts = torch.zeros((1 + samples,), dtype=torch.int32, device=x.device)
+        torch.library.wrap_triton(kernels.one_pass_kernel)[(samples * chunks,)](
+            x, a_ref, a_hat, ranges, counts, levels, qmin, qmax, n, chunks, chunk, channels, stride_c, split,
+            HAS_SPLIT=has_split, ASYMMETRIC=scheme == "asymmetric", FLOOR=floor, SAME_REF=same_ref, BLOCK=_BLOCK)
+        return
+    partials = torch.empty((samples, chunks, 2, 3), dtype=torch.float32, device=x.device)
     torch.library.wrap_triton(kernels.ranges_kernel)[(samples, chunks)](
         x, a_ref, partials, n, chunks, chunk, channels, stride_c, split, HAS_SPLIT=has_split, BLOCK=_BLOCK)
     torch.library.wrap_triton(kernels.update_kernel)[(samples, chunks)](
         x, a_ref, a_hat, partials, levels, qmin, qmax, n, chunks, chunk, channels, stride_c, split,
         HAS_SPLIT=has_split, ASYMMETRIC=scheme == "asymmetric", FLOOR=floor, SAME_REF=same_ref, GP=_pow2(chunks),
         BLOCK=_BLOCK)
+
+
+@contextlib.contextmanager
+def one_pass_modulation(enabled: bool = True) -> Iterator[None]:
+    """Within the block, the modulation step is one launch (`modulate_triton.one_pass_kernel`) instead of two.
+    Read when a step runs eagerly, or when a compiled network is traced: a graph compiled inside the block keeps
+    the one-pass kernel after it (benchmarks compare the two in separate processes)."""
+    global _ONE_PASS
+    before, _ONE_PASS = _ONE_PASS, enabled
+    try:
+        yield
+    finally:
+        _ONE_PASS = before
 
 
 _OP: Optional[Callable[..., Tensor]] = None  # `_modulate` as a triton_op, registered by `register_op`

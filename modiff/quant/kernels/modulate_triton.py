@@ -1,10 +1,20 @@
-"""Triton kernels of MoDiff's per-sample dynamic modulation (`modiff.quant.kernels.modulate`): two launches per layer call.
+"""Triton kernels of MoDiff's per-sample dynamic modulation (`modiff.quant.kernels.modulate`).
+
+Two launches per layer call (the default):
 
     ranges   program (b, g): per-half min and max of r = a_t - a_ref over one chunk of sample b (a NaN is
              flagged apart, so min and max stay NaN-free), stored into partials (B, G, 2, 3) by their only writer
     update   program (b, g): the sample's ranges from its partials -> (scale, zero point) per half, then for
              the same chunk a_hat + Q(r) in float32, stored over a_hat in its dtype (each value is read
              before it is written, by the same program)
+
+or one (`one_pass_kernel`): each program takes the ranges of its chunk, merges them into its sample's by atomics,
+waits at a barrier until every chunk of the sample has arrived, then updates the chunk it has just read. Its
+second read of a_t and a_ref then comes from L2 (the programs running meanwhile read a few MB), where the
+update kernel's, launched after every sample's ranges, comes from HBM: 3 input-size passes over HBM instead of 5.
+Programs take their (sample, chunk) from a ticket in the order they start, so a waiting program only waits for
+programs that have started or start next: no deadlock while a sample's chunks (at most 256) fit on the device
+at once.
 
 Indices are physical offsets within a sample (the tensors share one sample-major dense layout, so
 contiguous and channels_last both work); the channel of an offset is (offset // stride_c) % C, needed
@@ -31,17 +41,13 @@ def _second_half(offs, stride_c, C, split, HAS_SPLIT: tl.constexpr):
 
 
 @triton.jit
-def ranges_kernel(x_ptr, ref_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    """Program (b, g): values [g chunk, (g + 1) chunk) of sample b. part: (B, G, half, (min, max, has NaN))."""
-    b, g = tl.program_id(0), tl.program_id(1)
-    base = b.to(tl.int64) * N
+def _chunk_ranges(x_ptr, ref_ptr, base, begin, end, C, stride_c, split, HAS_SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """(min, max, has NaN) of r = a_t - a_ref per half over values [begin, end) of the sample at base."""
     lo0 = tl.full([BLOCK], float("inf"), tl.float32)
     hi0 = tl.full([BLOCK], float("-inf"), tl.float32)
     nan0 = tl.zeros([BLOCK], tl.int32)
     lo1, hi1, nan1 = lo0, hi0, nan0
-    end = tl.minimum((g + 1) * chunk, N)
-    for start in range(g * chunk, end, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < end
         r = (tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -55,13 +61,25 @@ def ranges_kernel(x_ptr, ref_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS
             lo1 = tl.minimum(lo1, tl.where(number & second, r, float("inf")))
             hi1 = tl.maximum(hi1, tl.where(number & second, r, float("-inf")))
             nan1 = tl.maximum(nan1, (mask & ~number & second).to(tl.int32))
+    return (tl.min(lo0), tl.max(hi0), tl.max(nan0).to(tl.float32),
+            tl.min(lo1), tl.max(hi1), tl.max(nan1).to(tl.float32))
+
+
+@triton.jit
+def ranges_kernel(x_ptr, ref_ptr, part_ptr, N, G, chunk, C, stride_c, split, HAS_SPLIT: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Program (b, g): values [g chunk, (g + 1) chunk) of sample b. part: (B, G, half, (min, max, has NaN))."""
+    b, g = tl.program_id(0), tl.program_id(1)
+    lo0, hi0, nan0, lo1, hi1, nan1 = _chunk_ranges(x_ptr, ref_ptr, b.to(tl.int64) * N, g * chunk,
+                                                   tl.minimum((g + 1) * chunk, N), C, stride_c, split, HAS_SPLIT,
+                                                   BLOCK)
     out = part_ptr + (b * G + g) * 6
-    tl.store(out, tl.min(lo0))
-    tl.store(out + 1, tl.max(hi0))
-    tl.store(out + 2, tl.max(nan0).to(tl.float32))
-    tl.store(out + 3, tl.min(lo1))
-    tl.store(out + 4, tl.max(hi1))
-    tl.store(out + 5, tl.max(nan1).to(tl.float32))
+    tl.store(out, lo0)
+    tl.store(out + 1, hi0)
+    tl.store(out + 2, nan0)
+    tl.store(out + 3, lo1)
+    tl.store(out + 4, hi1)
+    tl.store(out + 5, nan1)
 
 
 @triton.jit
@@ -112,23 +130,11 @@ def _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, levels_ptr, qmin_ptr, qmax_ptr, N, G, chunk, C, stride_c, split,
-                  HAS_SPLIT: tl.constexpr, ASYMMETRIC: tl.constexpr, FLOOR: tl.constexpr, SAME_REF: tl.constexpr,
-                  GP: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (b, g): a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over the chunk's values (`_modulate`).
-    The grid (levels, qmin, qmax) is read from memory, so one compiled kernel serves every bit width."""
-    b, g = tl.program_id(0), tl.program_id(1)
-    levels, qmin, qmax = tl.load(levels_ptr), tl.load(qmin_ptr), tl.load(qmax_ptr)
-    lo, hi = _sample_range(part_ptr, b, G, 0, GP)
-    scale0, zero0 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
-    scale1, zero1 = scale0, zero0
-    if HAS_SPLIT:
-        lo, hi = _sample_range(part_ptr, b, G, 1, GP)
-        scale1, zero1 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
+def _update_chunk(x_ptr, ref_ptr, hat_ptr, base, begin, end, scale0, zero0, scale1, zero1, qmin, qmax, C, stride_c,
+                  split, HAS_SPLIT: tl.constexpr, FLOOR: tl.constexpr, SAME_REF: tl.constexpr, BLOCK: tl.constexpr):
+    """a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over values [begin, end) of the sample at base."""
     inverse0, inverse1 = tl.math.div_rn(1.0, scale0), tl.math.div_rn(1.0, scale1)
-    base = b.to(tl.int64) * N
-    end = tl.minimum((g + 1) * chunk, N)
-    for start in range(g * chunk, end, BLOCK):
+    for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < end
         ref = tl.load(ref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -147,3 +153,71 @@ def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, levels_ptr, qmin_ptr, qmax_
         if hat_ptr.dtype.element_ty == tl.bfloat16:
             new = _round_to_bfloat16(new)
         tl.store(hat_ptr + base + offs, new.to(hat_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def update_kernel(x_ptr, ref_ptr, hat_ptr, part_ptr, levels_ptr, qmin_ptr, qmax_ptr, N, G, chunk, C, stride_c, split,
+                  HAS_SPLIT: tl.constexpr, ASYMMETRIC: tl.constexpr, FLOOR: tl.constexpr, SAME_REF: tl.constexpr,
+                  GP: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (b, g): a_hat = (a_hat + Q(a_t - a_ref)).to(a_hat dtype) over the chunk's values (`_modulate`).
+    The grid (levels, qmin, qmax) is read from memory, so one compiled kernel serves every bit width."""
+    b, g = tl.program_id(0), tl.program_id(1)
+    levels, qmin, qmax = tl.load(levels_ptr), tl.load(qmin_ptr), tl.load(qmax_ptr)
+    lo, hi = _sample_range(part_ptr, b, G, 0, GP)
+    scale0, zero0 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
+    scale1, zero1 = scale0, zero0
+    if HAS_SPLIT:
+        lo, hi = _sample_range(part_ptr, b, G, 1, GP)
+        scale1, zero1 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
+    _update_chunk(x_ptr, ref_ptr, hat_ptr, b.to(tl.int64) * N, g * chunk, tl.minimum((g + 1) * chunk, N), scale0,
+                  zero0, scale1, zero1, qmin, qmax, C, stride_c, split, HAS_SPLIT, FLOOR, SAME_REF, BLOCK)
+
+
+@triton.jit
+def _merge_range(at, lo, hi, nan):
+    """Merge one chunk's (min, max, has NaN) of a half into its sample's: at holds (-min, max, has NaN), each
+    merged by an atomic max, so one fill with -inf starts them all."""
+    tl.atomic_max(at, -lo)
+    tl.atomic_max(at + 1, hi)
+    tl.atomic_max(at + 2, nan)
+
+
+@triton.jit
+def _merged_range(at):
+    """(min, max) of a half from `_merge_range`'s slots, NaN if any value was; read by atomics (at L2, where the
+    other programs' merges are)."""
+    lo = -tl.atomic_max(at, float("-inf"))
+    hi = tl.atomic_max(at + 1, float("-inf"))
+    nan = tl.atomic_max(at + 2, float("-inf")) > 0
+    return tl.where(nan, float("nan"), lo), tl.where(nan, float("nan"), hi)
+
+
+@triton.jit
+def one_pass_kernel(x_ptr, ref_ptr, hat_ptr, range_ptr, count_ptr, levels_ptr, qmin_ptr, qmax_ptr, N, G, chunk, C,
+                    stride_c, split, HAS_SPLIT: tl.constexpr, ASYMMETRIC: tl.constexpr, FLOOR: tl.constexpr,
+                    SAME_REF: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per chunk, B G in all (see the module docstring). range: (B, half, (-min, max, has NaN)),
+    filled with -inf; count: (1 + B,) int32 zeros, the ticket counter and each sample's arrivals."""
+    ticket = tl.atomic_add(count_ptr, 1)
+    b, g = ticket // G, ticket % G
+    base = b.to(tl.int64) * N
+    begin, end = g * chunk, tl.minimum((g + 1) * chunk, N)
+    lo0, hi0, nan0, lo1, hi1, nan1 = _chunk_ranges(x_ptr, ref_ptr, base, begin, end, C, stride_c, split, HAS_SPLIT,
+                                                   BLOCK)
+    at = range_ptr + b * 6
+    _merge_range(at, lo0, hi0, nan0)
+    if HAS_SPLIT:
+        _merge_range(at + 3, lo1, hi1, nan1)
+    tl.atomic_add(count_ptr + 1 + b, 1, sem="release")  # after this program's merges
+    arrived = tl.atomic_add(count_ptr + 1 + b, 0, sem="acquire")
+    while arrived < G:
+        arrived = tl.atomic_add(count_ptr + 1 + b, 0, sem="acquire")
+    levels, qmin, qmax = tl.load(levels_ptr), tl.load(qmin_ptr), tl.load(qmax_ptr)
+    lo, hi = _merged_range(at)
+    scale0, zero0 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
+    scale1, zero1 = scale0, zero0
+    if HAS_SPLIT:
+        lo, hi = _merged_range(at + 3)
+        scale1, zero1 = _qparams(lo, hi, levels, qmin, qmax, ASYMMETRIC)
+    _update_chunk(x_ptr, ref_ptr, hat_ptr, base, begin, end, scale0, zero0, scale1, zero1, qmin, qmax, C, stride_c,
+                  split, HAS_SPLIT, FLOOR, SAME_REF, BLOCK)

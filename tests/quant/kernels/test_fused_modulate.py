@@ -1,7 +1,9 @@
 """The Triton modulation step (`modiff.quant.kernels.modulate`) against the torch one (`modiff.quant.layers.modulated._modulate_dynamic`).
 
 Without CUDA the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1 before anything imports Triton), bit for bit like the torch step.
+TRITON_INTERPRET=1 before anything imports Triton), bit for bit like the torch step. The value tests run both
+the two-kernel step and the one-pass kernel; the interpreter runs one program at a time, so there the one-pass
+kernel gets one chunk per sample, and its barrier between a sample's chunks runs only on CUDA.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ pytest.importorskip("triton")
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant.layers import trajectory as modulated  # noqa: E402
 from modiff.quant.kernels import modulate as fused  # noqa: E402
-from modiff.quant.kernels.modulate import (fused_modulate_supported, modulate_per_sample, register_op,  # noqa: E402
-                                use_fused_modulate)
+from modiff.quant.kernels import modulate_triton  # noqa: E402
+from modiff.quant.kernels.modulate import (fused_modulate_supported, modulate_per_sample, one_pass_modulation,  # noqa: E402
+                                register_op, use_fused_modulate)
 from modiff.quant.layers.direct import _split  # noqa: E402
 from modiff.quant.layers.modulated import _modulate_dynamic  # noqa: E402
 from modiff.quant.primitives import QuantSpec, qparams_from_range, reduce_range  # noqa: E402
@@ -47,6 +50,18 @@ def _kernel_step(x: torch.Tensor, a_hat: torch.Tensor, a_ref, spec: QuantSpec, s
     new = a_hat.clone()
     modulate_per_sample(x, new, a_ref, spec, split)
     return new
+
+
+@pytest.fixture(params=["two kernels", "one pass"])
+def kernels(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which modulation kernels the test runs; a spy checks that the one-pass kernel is the one launched."""
+    one_pass = request.param == "one pass"
+    launched = []
+    wrap_triton = torch.library.wrap_triton
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: launched.append(kernel) or wrap_triton(kernel))
+    with one_pass_modulation(one_pass):
+        yield request.param
+    assert launched and (modulate_triton.one_pass_kernel in launched) == one_pass
 
 
 def _near_rounding_boundary(residual: torch.Tensor, spec: QuantSpec, split) -> torch.Tensor:
@@ -90,7 +105,7 @@ def _assert_matches_torch(new: torch.Tensor, ref: torch.Tensor, residual: torch.
 @pytest.mark.parametrize("rounding", ["nearest", "floor"])
 @pytest.mark.parametrize("split", [None, 3])
 @pytest.mark.parametrize("compensation", [True, False])
-def test_equals_the_torch_step(scheme: str, rounding: str, split, compensation: bool) -> None:
+def test_equals_the_torch_step(kernels: str, scheme: str, rounding: str, split, compensation: bool) -> None:
     """Every scheme and rounding, with and without a split shortcut and error compensation (a_ref is a_hat,
     or the previous exact input), in both memory formats."""
     spec = QuantSpec(bits=4, granularity="sample", scheme=scheme, rounding=rounding)
@@ -105,7 +120,7 @@ def test_equals_the_torch_step(scheme: str, rounding: str, split, compensation: 
 
 
 @pytest.mark.parametrize("shape", [(2, 4100, 3), (3, 5), (2, 64, 300, 40)])
-def test_chunks_and_dtypes(shape: tuple[int, ...]) -> None:
+def test_chunks_and_dtypes(kernels: str, shape: tuple[int, ...]) -> None:
     """Samples of one, several and over 256 chunks (the chunk then grows), float32 input and float32 state,
     8 bits, with ties between candidates of rounding (values on half steps)."""
     gen = torch.Generator().manual_seed(4)
@@ -117,7 +132,7 @@ def test_chunks_and_dtypes(shape: tuple[int, ...]) -> None:
     _assert_matches_torch(_kernel_step(x, a_hat, a_hat.clone(), spec, None), ref, x, spec)  # a_ref apart, equal
 
 
-def test_nan_and_infinite_inputs_propagate_like_torch() -> None:
+def test_nan_and_infinite_inputs_propagate_like_torch(kernels: str) -> None:
     x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     x[0, 1, 2] = float("nan")
     x[1, 0, 0] = float("inf")
@@ -187,11 +202,19 @@ def test_modulated_layers_take_it_on_cuda() -> None:
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs CUDA: compiled networks launch the Triton step on CUDA only")
 @pytest.mark.parametrize("bf16, tolerance", [(False, 0.01), (True, 0.05)])
-def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: float) -> None:
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: float, one_pass: bool) -> None:
     """The tiny UNet (split shortcuts included) under w8a8-modiff, compiled against eager on CUDA in
     channels_last, in float32 and under bf16 autocast as in bench_quant.py: inductor keeps the strides the
     kernels were traced with. The two round differently (fused multiply-adds; bf16 casts inductor skips),
-    which can move a code by one step: 8 bits keep that small, a wrong layout or split would not be."""
+    which can move a code by one step: 8 bits keep that small, a wrong layout or split would not be.
+    With the one-pass kernel, the compiled graph also allocates and fills its barrier's buffers."""
+    torch._dynamo.reset()
+    with one_pass_modulation(one_pass):
+        _compiled_against_eager(tiny_denoiser, bf16, tolerance)
+
+
+def _compiled_against_eager(tiny_denoiser, bf16: bool, tolerance: float) -> None:
     config = dataclasses.replace(presets["w8a8-modiff"], split_shortcut=True)
     qmodel = quantize(tiny_denoiser, config).cuda().to(memory_format=torch.channels_last)
     assert any(getattr(m, "split", None) for m in qmodel.modules())
@@ -238,7 +261,7 @@ def test_inductor_can_copy_the_kernels(tmp_path) -> None:
         "from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as copy\n"
         "from modiff.quant.kernels import modulate_triton as kernels\n"
         "assert 'ROUNDER = ' in copy(kernels.update_kernel)\n"
-        "for kernel in (kernels.ranges_kernel, kernels.update_kernel):\n"
+        "for kernel in (kernels.ranges_kernel, kernels.update_kernel, kernels.one_pass_kernel):\n"
         "    path = pathlib.Path(sys.argv[1]) / f'copied_{kernel.__name__}.py'\n"
         "    path.write_text('import triton\\nimport triton.language as tl\\n' + copy(kernel))\n"
         "    spec = importlib.util.spec_from_file_location(path.stem, path)\n"
