@@ -5,6 +5,7 @@
     python benchmarks/bench_user_timeline.py --device cuda --sampler ddpm --batch-size 4096 --batches 4
     python benchmarks/bench_user_timeline.py --device cuda --png-threads 1      # the PNG writer on one thread
     python benchmarks/bench_user_timeline.py --device cuda --sampler ddpm --copied-draws   # control: no host draws
+    python benchmarks/bench_user_timeline.py --device cuda --preset w8a4-modiff --one-pass-modulation
 
 Why: `bench_sampling.py` measures the user path (`modiff sample`: PNGs, grid, samples.npz, manifest) slower than
 the sampling loop alone, and a host profile (cProfile) slows the run it explains. Here the phases of
@@ -21,6 +22,8 @@ time minus the device's busy time. A warm-up call (one batch, another folder) co
 counts in the user path itself rather than in `bench_png_writer.py`'s isolation. ``--copied-draws`` is a
 control for the draws' host cost: every draw copies one fixed block of normals instead of drawing each seed's
 (wrong images, the same device work), so DDPM's device step is timed without the host's draws beside it.
+``--one-pass-modulation`` runs MoDiff's modulation step as one kernel (`modiff.quant.kernels.modulate.
+one_pass_modulation`) instead of two; compare it with a run without, each in its own process.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import modiff as md
 from modiff.pipelines import generate as generate_module
 from modiff.pipelines.generate import SampleConfig, SamplerName, generate
 from modiff.quant import presets, quantize, trajectory
+from modiff.quant.kernels.modulate import one_pass_modulation
 from modiff.utils import images as images_module
 from modiff.utils.device import host_threads
 from modiff.utils.images import PngWriter
@@ -202,20 +206,25 @@ def main() -> None:
     parser.add_argument("--png-threads", type=int, default=None, help="the PNG writer's threads (default: its own)")
     parser.add_argument("--copied-draws", action="store_true",
                         help="control: copy one fixed block of noise instead of drawing (wrong images, same device work)")
+    parser.add_argument("--one-pass-modulation", action="store_true",
+                        help="MoDiff's modulation step as one kernel instead of two (CUDA, quantized presets)")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if min(args.batch_size, args.batches, args.steps) < 1 or (args.png_threads is not None and args.png_threads < 1):
         parser.error("--batch-size, --batches, --steps and --png-threads must be >= 1")
     if args.preset != "fp" and args.preset not in presets:
         parser.error(f"unknown preset {args.preset!r}")
+    if args.one_pass_modulation and args.preset == "fp":
+        parser.error("--one-pass-modulation needs a quantized preset: fp has no modulation step")
     device = torch.device(args.device)
     base = benchmark_model(args.model)
     model = base if args.preset == "fp" else quantize(base, presets[args.preset])
     config = SampleConfig(sampler=args.sampler, steps=args.steps, spacing=md.default_spacing(base))
+    with one_pass_modulation(args.one_pass_modulation):
+        timings = timed_call(model, args.batch_size, args.batches, config, device, args.work, args.png_threads,
+                             args.copied_draws)
     result = {"model": args.model, "preset": args.preset, "sampler": args.sampler, "batch": args.batch_size,
-              "steps": args.steps,
-              **timed_call(model, args.batch_size, args.batches, config, device, args.work, args.png_threads,
-                         args.copied_draws)}
+              "steps": args.steps, "one_pass_modulation": args.one_pass_modulation, **timings}
     print(json.dumps(result, indent=1))
     if args.out:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

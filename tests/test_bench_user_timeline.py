@@ -2,6 +2,7 @@
 once per run, within the call's wall time, the library's functions given back afterwards."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import modiff.pipelines.generate as gen
+import modiff.quant.kernels.modulate as fused
 import modiff.utils.images as images_module
 import modiff.utils.rng as rng_module
 from modiff.pipelines.generate import SampleConfig
@@ -51,6 +53,26 @@ def test_bad_arguments_are_refused(argv: list[str], monkeypatch: pytest.MonkeyPa
     with pytest.raises(SystemExit):
         bench_user_timeline.main()
     assert "--png-threads must be >= 1" in capsys.readouterr().err
+
+
+def test_one_pass_modulation_is_on_for_the_timed_call_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture, tame_denoiser) -> None:
+    """--one-pass-modulation switches the modulation kernels for the timed call (warm-up and compile included)
+    and records it; it needs a quantized preset."""
+    seen = []
+    monkeypatch.setattr(bench_user_timeline, "benchmark_model", lambda name: tame_denoiser)
+    monkeypatch.setattr(bench_user_timeline, "timed_call", lambda *args: seen.append(fused._ONE_PASS) or {})
+    out = tmp_path / "timeline.json"
+    for flag in ([], ["--one-pass-modulation"]):
+        monkeypatch.setattr(sys, "argv", ["bench_user_timeline.py", "--device", "cpu", "--preset", "w8a4-modiff",
+                                          *flag, "--out", str(out)])
+        bench_user_timeline.main()
+        assert json.loads(out.read_text())["one_pass_modulation"] == bool(flag)
+    assert seen == [False, True] and not fused._ONE_PASS
+    monkeypatch.setattr(sys, "argv", ["bench_user_timeline.py", "--one-pass-modulation"])
+    with pytest.raises(SystemExit):
+        bench_user_timeline.main()
+    assert "needs a quantized preset" in capsys.readouterr().err
 
 
 def test_ddpm_draws_are_timed_at_every_step(tmp_path: Path, tame_denoiser) -> None:
