@@ -9,7 +9,7 @@ reduction to inductor, which often gives each sample one program, a slow reducti
 Here the ranges are reduced over chunks of every sample in parallel, and the update reads the tensors once more
 and writes a_hat in place (its address stays fixed, so a CUDA graph can replay the step). `one_pass_modulation`
 switches to one launch whose programs meet at a per-sample barrier between the two, so that the second read
-comes from L2 (the kernel's docstring says why); not yet timed on a GPU, so not the default.
+can come from L2 (the kernel's docstring says why); not yet timed on a GPU, so not the default.
 
 Registered as a `torch.library.triton_op`, so a compiled network launches the kernels from its own graph.
 """
