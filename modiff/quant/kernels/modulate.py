@@ -73,19 +73,14 @@ def use_fused_modulate(x: Tensor) -> bool:
     return _KERNELS and x.is_cuda
 
 
-def _chunking(x: Tensor) -> tuple[int, int, int]:
-    """(values per sample, values per chunk, chunks per sample)."""
-    n = x.numel() // x.shape[0]
-    chunk = max(_MIN_CHUNK, -(-n // _MAX_CHUNKS))
-    return n, chunk, -(-n // chunk)
-
-
 def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor, qmin: Tensor, qmax: Tensor,
               scheme: str, floor: bool, split: int) -> None:
     from modiff.quant.kernels import modulate_triton as kernels  # imported on first use: TRITON_INTERPRET is read when it is
 
     samples = x.shape[0]
-    n, chunk, chunks = _chunking(x)
+    n = x.numel() // samples
+    chunk = max(_MIN_CHUNK, -(-n // _MAX_CHUNKS))
+    chunks = -(-n // chunk)
     same_ref, a_ref = a_ref is None, a_hat if a_ref is None else a_ref
     channels, stride_c = x.shape[1], x.stride(1)
     has_split = split > 0
