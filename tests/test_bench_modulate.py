@@ -1,0 +1,38 @@
+"""benchmarks/bench_modulate.py times the modulation step's two kernels against the one-pass kernel, per shape."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+bench_modulate = pytest.importorskip("bench_modulate")
+pytest.importorskip("triton")
+
+
+def test_both_kernels_are_timed_per_shape_with_their_counted_bandwidths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each shape times the two kernels and the one-pass kernel (a spy on the launcher sees the switch both ways),
+    and the bandwidths count 5 and 3 passes of 2 bytes per value."""
+    import modiff.quant.kernels.modulate as fused
+
+    modes = []
+    launch = fused.launch_modulate
+    monkeypatch.setattr(fused, "launch_modulate", lambda *args: modes.append(fused._ONE_PASS) or launch(*args))
+    rows = bench_modulate.measure(torch.device("cpu"), batch=2, shapes=[(3, 4, 4), (2, 2, 2)], repeats=2)
+    assert [row["shape"] for row in rows] == [[2, 3, 4, 4], [2, 2, 2, 2]]
+    assert modes == [False, True] * 6 and not fused._ONE_PASS  # 3 rounds (the first compiles) of both, per shape
+    for row in rows:
+        assert row["values"] == 2 * 3 * 4 * 4 or row["values"] == 16
+        two, one = row["two kernels ms"], row["one pass ms"]
+        assert two > 0 and one > 0 and row["one pass / two kernels"] == pytest.approx(one / two, abs=1e-3)
+        assert row["two kernels GB/s over 5 passes"] == pytest.approx(10 * row["values"] / (two * 1e6), abs=0.1)
+
+
+@pytest.mark.parametrize("text", ["64x32", "64x0x32", "axbxc", ""])
+def test_bad_shapes_are_refused(text: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["bench_modulate.py", "--device", "cpu", "--shapes", text])
+    with pytest.raises(SystemExit):
+        bench_modulate.main()
+    assert "a shape is CxHxW" in capsys.readouterr().err
