@@ -68,11 +68,11 @@ def measure(device: torch.device, batch: int, shapes: list[tuple[int, int, int]]
     timer = _timer(device)
     rows = []
     for channels, height, width in shapes:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, channels, height, width, generator=gen).to(device, torch.bfloat16)
-        x = x.contiguous(memory_format=torch.channels_last)
-        a_hat = (x.float() + 0.1 * torch.randn(x.shape, generator=gen).to(device)).to(torch.bfloat16)
-        a_hat = a_hat.contiguous(memory_format=torch.channels_last)
+        gen = torch.Generator(device).manual_seed(0)
+        shape = (batch, channels, height, width)
+        x = torch.randn(shape, generator=gen, device=device).to(torch.bfloat16, memory_format=torch.channels_last)
+        a_hat = (x + (0.1 * torch.randn(shape, generator=gen, device=device)).to(torch.bfloat16)).contiguous(
+            memory_format=torch.channels_last)
         times: dict[str, list[float]] = {name: [] for name in PASSES}
         for round_ in range(repeats + 1):  # the first round compiles
             for name in PASSES:
