@@ -10,7 +10,7 @@ Two launches per layer call (the default):
 
 or one (`one_pass_kernel`): each program takes the ranges of its chunk, merges them into its sample's by atomics,
 waits at a barrier until every chunk of the sample has arrived, then updates the chunk it has just read. Its
-second read of a_t and a_ref can then come from L2 (the programs resident meanwhile read some 34 MB on an H100,
+second read of a_t and a_ref can then come from L2 (the programs resident meanwhile read some 21 MB on an H100,
 benchmarks/README.md), where the update kernel's, launched after every sample's ranges, comes from HBM: 3
 input-size passes over HBM instead of 5.
 Programs take their (sample, chunk) from a ticket in the order they start, so a waiting program only waits for
