@@ -26,7 +26,7 @@ from torch import Tensor
 from modiff.quant.primitives import Grid, QuantSpec, quant_grid
 
 __all__ = ["use_fused_modulate", "fused_spec_supported", "fused_tensors_supported", "fused_modulate_supported",
-           "modulate_per_sample", "launch_modulate", "register_op", "one_pass_modulation"]
+           "modulate_per_sample", "launch_modulate", "register_op", "one_pass_modulation", "one_pass_chunks"]
 
 _BLOCK = 1024  # values per loop iteration of a program
 _MIN_CHUNK = 4096  # values of one sample per program
@@ -73,6 +73,15 @@ def use_fused_modulate(x: Tensor) -> bool:
     return _KERNELS and x.is_cuda
 
 
+def one_pass_chunks(n: int, max_chunks: int) -> tuple[int, int]:
+    """(values per chunk, chunks per sample) of `one_pass_kernel` for samples of n values: the two kernels' chunking,
+    with at most ``max_chunks`` chunks. Its barrier waits until all of a sample's programs have arrived, so they
+    must fit on the device at once: the launcher allows 2 per SM, which always fit (a program of 4 warps takes at
+    most 32,640 of an SM's 65,536 registers, at 255 per thread)."""
+    chunk = max(_MIN_CHUNK, -(-n // min(_MAX_CHUNKS, max_chunks)))
+    return chunk, -(-n // chunk)
+
+
 def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor, qmin: Tensor, qmax: Tensor,
               scheme: str, floor: bool, split: int) -> None:
     from modiff.quant.kernels import modulate_triton as kernels  # imported on first use: TRITON_INTERPRET is read when it is
@@ -85,8 +94,9 @@ def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor,
     channels, stride_c = x.shape[1], x.stride(1)
     has_split = split > 0
     if _ONE_PASS:
-        if not x.is_cuda:  # the interpreter runs programs one after another: a barrier between two would never open
-            chunk, chunks = n, 1
+        # The interpreter runs programs one after another, where a barrier between two would never open.
+        max_chunks = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        chunk, chunks = one_pass_chunks(n, max_chunks)
         ranges = torch.full((samples, 2, 3), float("-inf"), dtype=torch.float32, device=x.device)
         counts = torch.zeros((1 + samples,), dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(kernels.one_pass_kernel)[(samples * chunks,)](

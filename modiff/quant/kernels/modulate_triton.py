@@ -14,8 +14,8 @@ second read of a_t and a_ref can then come from L2 (the programs resident meanwh
 benchmarks/README.md), where the update kernel's, launched after every sample's ranges, comes from HBM: 3
 input-size passes over HBM instead of 5.
 Programs take their (sample, chunk) from a ticket in the order they start, so a waiting program only waits for
-programs that have started or start next: no deadlock while a sample's chunks (at most 256) fit on the device
-at once.
+programs that have started or start next: no deadlock while a sample's chunks fit on the device at once, which
+the launcher ensures (`modiff.quant.kernels.modulate.one_pass_chunks`).
 
 Indices are physical offsets within a sample (the tensors share one sample-major dense layout, so
 contiguous and channels_last both work); the channel of an offset is (offset // stride_c) % C, needed

@@ -23,8 +23,8 @@ from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant.layers import trajectory as modulated  # noqa: E402
 from modiff.quant.kernels import modulate as fused  # noqa: E402
 from modiff.quant.kernels import modulate_triton  # noqa: E402
-from modiff.quant.kernels.modulate import (fused_modulate_supported, modulate_per_sample, one_pass_modulation,  # noqa: E402
-                                register_op, use_fused_modulate)
+from modiff.quant.kernels.modulate import (fused_modulate_supported, modulate_per_sample, one_pass_chunks,  # noqa: E402
+                                one_pass_modulation, register_op, use_fused_modulate)
 from modiff.quant.layers.direct import _split  # noqa: E402
 from modiff.quant.layers.modulated import _modulate_dynamic  # noqa: E402
 from modiff.quant.primitives import QuantSpec, qparams_from_range, reduce_range  # noqa: E402
@@ -130,6 +130,19 @@ def test_chunks_and_dtypes(kernels: str, shape: tuple[int, ...]) -> None:
     ref = _torch_step(x, a_hat, a_hat, spec, None, True)
     _assert_matches_torch(_kernel_step(x, a_hat, None, spec, None), ref, x, spec)
     _assert_matches_torch(_kernel_step(x, a_hat, a_hat.clone(), spec, None), ref, x, spec)  # a_ref apart, equal
+
+
+@pytest.mark.parametrize("n, max_chunks, expected", [
+    (12300, 264, (4096, 4)),  # the two kernels' chunking where the limit does not bind
+    (768000, 264, (4096, 188)),
+    (2_000_000, 264, (7813, 256)),  # at most 256 chunks, as the two kernels
+    (768000, 40, (19200, 40)),  # a small GPU: 2 programs per SM of 20
+    (768000, 1, (768000, 1)),  # the interpreter: one chunk
+    (100, 1, (4096, 1)),
+])
+def test_one_pass_chunks_fit_the_device(n: int, max_chunks: int, expected: tuple[int, int]) -> None:
+    chunk, chunks = one_pass_chunks(n, max_chunks)
+    assert (chunk, chunks) == expected and chunks <= max_chunks and chunk * chunks >= n > chunk * (chunks - 1)
 
 
 def test_nan_and_infinite_inputs_propagate_like_torch(kernels: str) -> None:
