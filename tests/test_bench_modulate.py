@@ -21,7 +21,8 @@ def test_both_kernels_are_timed_per_shape_with_their_counted_bandwidths(monkeypa
     launch = fused.launch_modulate
     monkeypatch.setattr(fused, "launch_modulate", lambda *args: modes.append(fused._ONE_PASS) or launch(*args))
     monkeypatch.setattr(bench_modulate, "_timer", lambda device: lambda call: call() or (1e-4 if fused._ONE_PASS else 2e-4))
-    rows = bench_modulate.measure(torch.device("cpu"), batch=2, shapes=[(3, 4, 4), (2, 2, 2)], repeats=2)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the interpreter runs only without CUDA
+    rows = bench_modulate.measure(device, batch=2, shapes=[(3, 4, 4), (2, 2, 2)], repeats=2)
     assert [row["shape"] for row in rows] == [[2, 3, 4, 4], [2, 2, 2, 2]]
     assert [row["values"] for row in rows] == [96, 16]
     assert modes == [False, True] * 6 and not fused._ONE_PASS  # 3 rounds (the first compiles) of both, per shape
