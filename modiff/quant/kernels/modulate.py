@@ -83,7 +83,7 @@ def one_pass_chunks(n: int, max_chunks: int) -> tuple[int, int]:
 
 
 def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor, qmin: Tensor, qmax: Tensor,
-              scheme: str, floor: bool, split: int) -> None:
+              scheme: str, floor: bool, split: int, one_pass: bool) -> None:
     from modiff.quant.kernels import modulate_triton as kernels  # imported on first use: TRITON_INTERPRET is read when it is
 
     samples = x.shape[0]
@@ -93,7 +93,7 @@ def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor,
     same_ref, a_ref = a_ref is None, a_hat if a_ref is None else a_ref
     channels, stride_c = x.shape[1], x.stride(1)
     has_split = split > 0
-    if _ONE_PASS:
+    if one_pass:
         # The interpreter runs programs one after another, where a barrier between two would never open.
         max_chunks = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         chunk, chunks = one_pass_chunks(n, max_chunks)
@@ -115,8 +115,8 @@ def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor,
 @contextlib.contextmanager
 def one_pass_modulation(enabled: bool = True) -> Iterator[None]:
     """Within the block, the modulation step is one launch (`modulate_triton.one_pass_kernel`) instead of two.
-    Read when a step runs eagerly, or when a compiled network is traced: a graph compiled inside the block keeps
-    the one-pass kernel after it (benchmarks compare the two in separate processes)."""
+    The choice is an argument of the op that `launch_modulate` calls: a compiled network records it, compiles
+    again when called with the other choice (Dynamo guards on it), and the compile caches on disk key on it."""
     global _ONE_PASS
     before, _ONE_PASS = _ONE_PASS, enabled
     try:
@@ -159,4 +159,6 @@ def launch_modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: Qua
     network tracing ``spec.bits >= 2`` would guard on the bit width and compile again for every preset."""
     register_op()
     levels, qmin, qmax = (t.to(x.device) for t in (grid or quant_grid(spec)))
-    _OP(x, a_hat, a_ref, levels, qmin, qmax, spec.scheme, spec.rounding == "floor", split or 0)
+    # The kernel choice is an argument of the op, not read in its body: a compiled graph, and the compile caches' keys,
+    # see the op's arguments only (a body's reads are invisible to them: a warm cache would replay the other kernel).
+    _OP(x, a_hat, a_ref, levels, qmin, qmax, spec.scheme, spec.rounding == "floor", split or 0, _ONE_PASS)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,7 +37,8 @@ from torch import Tensor
 from modiff.quant.formats import NumberFormat
 
 __all__ = ["Geometry", "pack_weight", "pack_weight_int4", "real_direct", "real_modulated", "register_ops", "TRITON",
-           "CANDIDATE_TILINGS", "gemm_arguments", "gemm_blocks", "heuristic_blocks", "measured_tilings", "tiling_key"]
+           "CANDIDATE_TILINGS", "gemm_arguments", "gemm_blocks", "gemm_tiling", "heuristic_blocks", "measured_tilings",
+           "tiling_key"]
 
 TRITON = importlib.util.find_spec("triton") is not None
 _BLOCK = 1024  # values per loop iteration of the absmax/quantize programs
@@ -104,10 +104,21 @@ def tiling_key(fp8: bool, taps: int, c: int, n: int, m: int, int4_weights: bool 
     return f"{operands} taps{taps} c{c} n{n} m2^{max(m, 1).bit_length() - 1}"
 
 
-@lru_cache(maxsize=1)
+_TABLE: Optional[dict[str, Tiling]] = None  # the table `measured_tilings` read
+
+
 def measured_tilings() -> dict[str, Tiling]:
     """The per-shape tilings chosen from a benchmark (`bench_real_gemm.py --tilings-out`), if the file is there;
-    ValueError for a tiling outside CANDIDATE_TILINGS (only those are value-tested)."""
+    ValueError for a tiling outside CANDIDATE_TILINGS (only those are value-tested). Read once and kept in a
+    module global, not a functools cache: torch.compile traces a global's read, where it would trace a cache
+    wrapper's function, file reads included, and break the graph."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _read_tilings()
+    return _TABLE
+
+
+def _read_tilings() -> dict[str, Tiling]:
     if not TILINGS_FILE.is_file():
         return {}
     try:
@@ -179,32 +190,32 @@ def gemm_arguments(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: 
 
 
 def _gemm(codes: Tensor, scales: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-          o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype,
-          blocks: Optional[dict[str, int]] = None, weight_offset: Optional[Tensor] = None) -> Tensor:
-    """The implicit GEMM with its epilogue; `blocks` (tile sizes, warps, stages) defaults to `gemm_blocks`.
+          o_hat: Optional[Tensor], geometry: Geometry, out_dtype: torch.dtype, blocks: dict[str, int],
+          weight_offset: Optional[Tensor] = None) -> Tensor:
+    """The implicit GEMM with its epilogue, tiled by `blocks` (tile sizes, warps, stages; `gemm_blocks` names them).
     ``weight_offset``: the per-channel offsets of nibble-packed 4-bit weights (`pack_weight_int4`); None for 8-bit."""
     from modiff.quant.kernels import real_triton as kernels
 
-    b, h, w, c, ho, wo, n, kh, kw = geometry[:9]
-    m = b * ho * wo
+    m, n = geometry[0] * geometry[4] * geometry[5], geometry[6]  # B Ho Wo rows, N columns
     out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
     args, constexprs = gemm_arguments(codes, scales, weight, weight_scale, bias, o_hat, out, geometry, weight_offset)
-    blocks = blocks or gemm_blocks(m, n, c, kh * kw, bool(constexprs["FP8"]), weight_offset is not None)
     grid = (_cdiv(m, blocks["BLOCK_M"]), _cdiv(n, blocks["BLOCK_N"]))
     torch.library.wrap_triton(kernels.gemm_kernel)[grid](*args, **constexprs, **blocks)
     return out
 
 
 def _direct(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], geometry: list[int],
-            out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
+            out_dtype: torch.dtype, weight_offset: Optional[Tensor], tiling: list[int]) -> Tensor:
     codes, scales = _codes(x, None, _fp8(weight, weight_offset))
-    return _gemm(codes, scales, weight, weight_scale, bias, None, geometry, out_dtype, weight_offset=weight_offset)
+    return _gemm(codes, scales, weight, weight_scale, bias, None, geometry, out_dtype, dict(zip(TILING_KEYS, tiling)),
+                 weight_offset)
 
 
 def _modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weight_scale: Tensor, geometry: list[int],
-               out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
+               out_dtype: torch.dtype, weight_offset: Optional[Tensor], tiling: list[int]) -> Tensor:
     codes, scales = _codes(x, a_hat, _fp8(weight, weight_offset))
-    return _gemm(codes, scales, weight, weight_scale, None, o_hat, geometry, out_dtype, weight_offset=weight_offset)
+    return _gemm(codes, scales, weight, weight_scale, None, o_hat, geometry, out_dtype, dict(zip(TILING_KEYS, tiling)),
+                 weight_offset)
 
 
 _OPS: dict[str, Callable[..., Tensor]] = {}
@@ -235,12 +246,22 @@ def _check(x: Tensor, *state: Tensor) -> None:
                              f"got shape {tuple(t.shape)} with strides {t.stride()}")
 
 
+def gemm_tiling(geometry: Geometry, weight: Tensor, weight_offset: Optional[Tensor]) -> list[int]:
+    """The tiling (`TILING_KEYS` in order) `gemm_blocks` picks for a call of this geometry and these weights. The ops
+    take it as an argument rather than read the table in their bodies: a compiled graph, and the compile caches'
+    keys, see an op's arguments only, so a warm cache would otherwise replay the tiling of an older table."""
+    b, c, ho, wo, n, kh, kw = geometry[0], geometry[3], geometry[4], geometry[5], geometry[6], geometry[7], geometry[8]
+    blocks = gemm_blocks(b * ho * wo, n, c, kh * kw, _fp8(weight, weight_offset), weight_offset is not None)
+    return [blocks[key] for key in TILING_KEYS]
+
+
 def real_direct(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor], geometry: Geometry,
                 out_dtype: torch.dtype, weight_offset: Optional[Tensor] = None) -> Tensor:
     """Direct W8A8 or W4A8: (M, N) = s_a s_w (codes @ weight) + bias, M = B Ho Wo (see the module docstring)."""
     _check(x)
     register_ops()
-    return _OPS["direct"](x, weight, weight_scale, bias, geometry, out_dtype, weight_offset)
+    return _OPS["direct"](x, weight, weight_scale, bias, geometry, out_dtype, weight_offset,
+                          gemm_tiling(geometry, weight, weight_offset))
 
 
 def real_modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weight_scale: Tensor,
@@ -248,4 +269,5 @@ def real_modulated(x: Tensor, a_hat: Tensor, o_hat: Tensor, weight: Tensor, weig
     """One MoDiff step: a_hat and o_hat advanced in place; returns o_hat as (M, N) in ``out_dtype``."""
     _check(x, a_hat)
     register_ops()
-    return _OPS["modulated"](x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset)
+    return _OPS["modulated"](x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset,
+                             gemm_tiling(geometry, weight, weight_offset))

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -221,7 +222,8 @@ def test_compiled_network_equals_eager(tiny_denoiser, bf16: bool, tolerance: flo
     channels_last, in float32 and under bf16 autocast as in bench_quant.py: inductor keeps the strides the
     kernels were traced with. The two round differently (fused multiply-adds; bf16 casts inductor skips),
     which can move a code by one step: 8 bits keep that small, a wrong layout or split would not be.
-    With the one-pass kernel, the compiled graph also allocates and fills its barrier's buffers."""
+    With the one-pass kernel, the compiled graph also allocates and fills its barrier's buffers (the choice is
+    an argument of the op, so the compile caches cannot hand the other parametrization's graph back)."""
     torch._dynamo.reset()
     with one_pass_modulation(one_pass):
         _compiled_against_eager(tiny_denoiser, bf16, tolerance)
@@ -263,6 +265,41 @@ def test_compiled_shared_attention_state_equals_one_state_per_layer(tiny_denoise
                            for s in range(4)]
     for shared, separate in zip(outs[True], outs[False]):
         assert ((shared - separate).norm() / separate.norm()).item() < 1e-3
+
+
+@torch.library.custom_op("modiff_test::modulate_spy", mutates_args=("a_hat",))
+def _modulate_spy(x: torch.Tensor, a_hat: torch.Tensor, a_ref: Optional[torch.Tensor], levels: torch.Tensor,
+                  qmin: torch.Tensor, qmax: torch.Tensor, scheme: str, floor: bool, split: int, one_pass: bool) -> None:
+    """Stands in for the modulation op where Dynamo traces a launch on the CPU (the interpreter needs real data)."""
+
+
+@_modulate_spy.register_fake
+def _(*args) -> None:
+    return None
+
+
+def test_the_kernel_choice_is_an_argument_of_the_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's graphs, and the keys of its caches on disk, see an op's arguments, not what its body reads:
+    the one-pass choice is an argument, and flipping it compiles again (before, a warm cache replayed the two
+    kernels under `one_pass_modulation`). Dynamo traces the launch with a spy op in place of the Triton one."""
+    monkeypatch.setattr(fused, "_OP", _modulate_spy)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs) -> object:
+        graphs.append([node.args[-1] for node in gm.graph.nodes
+                       if node.target is torch.ops.modiff_test.modulate_spy.default])
+        return gm.forward
+
+    spec = QuantSpec(bits=4, granularity="sample")
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, a_hat: fused.launch_modulate(x, a_hat, None, spec, None), backend=backend,
+                         dynamic=False)
+    x = torch.randn(2, 4, 8, 8)
+    for one_pass in (False, True, False):
+        with one_pass_modulation(one_pass):
+            step(x, torch.zeros_like(x))
+    torch._dynamo.reset()
+    assert graphs == [[False], [True]]  # the third call reuses the first graph
 
 
 def test_inductor_can_copy_the_kernels(tmp_path) -> None:

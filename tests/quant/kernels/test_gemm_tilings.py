@@ -4,25 +4,26 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import torch
 
 from modiff.quant.kernels import real
 
 
 @pytest.fixture
 def table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Write a tilings file where the kernels read it; the cached table is dropped before and after."""
+    """Write a tilings file where the kernels read it; the kept table is dropped before each read and restored after."""
     path = tmp_path / "gemm_tilings.json"
     monkeypatch.setattr(real, "TILINGS_FILE", path)
-    real.measured_tilings.cache_clear()
+    monkeypatch.setattr(real, "_TABLE", None)
 
     def write(tilings: dict) -> None:
         path.write_text(json.dumps({"measured": {"device": "test"}, "tilings": tilings}))
-        real.measured_tilings.cache_clear()
+        monkeypatch.setattr(real, "_TABLE", None)
 
-    yield write
-    real.measured_tilings.cache_clear()
+    return write
 
 
 def test_without_a_table_every_shape_takes_the_heuristic(table) -> None:
@@ -52,13 +53,12 @@ def test_a_measured_tiling_serves_its_shape_format_and_row_scale_only(table) -> 
         assert real.gemm_blocks(rows, n, c, taps, fp8) == real.heuristic_blocks(rows, n, c)
 
 
-def test_the_shipped_table_names_only_value_tested_tilings_by_well_formed_keys() -> None:
-    real.measured_tilings.cache_clear()
+def test_the_shipped_table_names_only_value_tested_tilings_by_well_formed_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(real, "_TABLE", None)
     shipped = real.measured_tilings()  # raises if the committed file is not a table or names an untested tiling
     assert shipped, "modiff/quant/kernels/gemm_tilings.json is committed with the H200 measurement"
     key = re.compile(r"(int8|fp8) taps\d+ c\d+ n\d+ m2\^\d+")
     assert all(key.fullmatch(name) and tiling in real.CANDIDATE_TILINGS for name, tiling in shipped.items())
-    real.measured_tilings.cache_clear()
 
 
 def test_a_table_naming_an_untested_tiling_is_refused(table) -> None:
@@ -72,6 +72,48 @@ def test_a_file_that_is_not_a_tilings_table_is_refused_with_what_to_do(table) ->
     with pytest.raises(ValueError, match=r"not a tilings table.*--tilings-out`, or delete it"):
         real.measured_tilings()
     real.TILINGS_FILE.write_text("not json")
-    real.measured_tilings.cache_clear()
     with pytest.raises(ValueError, match="not a tilings table"):
         real.measured_tilings()
+
+
+@torch.library.custom_op("modiff_test::real_modulated_spy", mutates_args=())
+def _modulated_spy(x: torch.Tensor, a_hat: torch.Tensor, o_hat: torch.Tensor, weight: torch.Tensor,
+                   weight_scale: torch.Tensor, geometry: list[int], out_dtype: torch.dtype,
+                   weight_offset: Optional[torch.Tensor], tiling: list[int]) -> torch.Tensor:
+    """Stands in for the modulated op where Dynamo traces a call on the CPU (the interpreter needs real data)."""
+    return x.new_zeros(geometry[0] * geometry[4] * geometry[5], geometry[6])
+
+
+@_modulated_spy.register_fake
+def _(x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset, tiling) -> torch.Tensor:
+    return x.new_empty(geometry[0] * geometry[4] * geometry[5], geometry[6])
+
+
+def test_the_tiling_is_an_argument_of_the_compiled_graph(table, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's graphs, and the keys of its caches on disk, see an op's arguments, not what its body reads:
+    the tiling is an argument, and a new table compiles again (before, a warm cache replayed the old table's
+    tilings). Dynamo traces `real_modulated` with a spy op in place of the Triton one; the table is read eagerly
+    first, as `register_ops` does."""
+    monkeypatch.setattr(real, "register_ops", lambda: None)
+    monkeypatch.setitem(real._OPS, "modulated", _modulated_spy)
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs) -> object:
+        graphs.append([node.args[-1] for node in gm.graph.nodes
+                       if node.target is torch.ops.modiff_test.real_modulated_spy.default])
+        return gm.forward
+
+    geometry = [2, 8, 8, 16, 8, 8, 32, 3, 3, 1, 1, 1, 1]  # a 3x3 convolution of 16 to 32 channels on 8x8 maps
+    x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
+    weight, scale = torch.zeros(32, 144, dtype=torch.int8), torch.ones(32)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x, a_hat, o_hat: real.real_modulated(x, a_hat, o_hat, weight, scale, geometry,
+                                                                     torch.bfloat16), backend=backend, dynamic=False)
+    measured = real.CANDIDATE_TILINGS[1]
+    for tilings in ({}, {real.tiling_key(False, 9, 16, 32, 2 * 8 * 8): list(measured)}):
+        table(tilings)
+        real.measured_tilings()
+        step(x, x.clone(), torch.zeros(2, 32, 8, 8).to(memory_format=torch.channels_last))
+    torch._dynamo.reset()
+    heuristic = [real.heuristic_blocks(2 * 8 * 8, 32, 16)[key] for key in real.TILING_KEYS]
+    assert graphs == [[heuristic], [list(measured)]]
