@@ -51,6 +51,7 @@ from profiling import cuda_kernel_args, device_us, device_us_trials  # noqa: E40
 from modiff.quant import presets, quantize, trajectory  # noqa: E402
 from modiff.quant.kernels import real  # noqa: E402
 from modiff.quant.layers.real import RealModulatedLayer  # noqa: E402
+from modiff.utils.runs import atomic_path  # noqa: E402
 
 PRESETS = {"int8": "w8a8-int8-modiff-real", "fp8_e4m3": "w8a8-fp8-modiff-real", "w4a8": "w4a8-int8-modiff-real"}
 
@@ -207,6 +208,16 @@ def better_tilings(rows: list[dict[str, Any]], margin: float = MARGIN) -> dict[s
     return chosen
 
 
+def merge_tilings(path: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> None:
+    """Merge `better_tilings(rows)` into the tilings table at ``path`` (new if absent), other keys kept, and record
+    the run (device, arch, format, batch) in its ``measured_layers``; written whole or not at all."""
+    table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
+    table["tilings"].update(better_tilings(rows))
+    table.setdefault("measured_layers", []).append({**run, "margin": MARGIN, "by": "benchmarks/bench_real_layers.py"})
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+
+
 def main() -> None:
     def more(parser: Any) -> None:
         parser.add_argument("--arch", default="cifar10", help="cifar10 or a shipped model name (fmnist-ddim)")
@@ -235,13 +246,8 @@ def main() -> None:
                                               "format": args.format, "batch": args.batch, "totals": summary,
                                               "rows": rows}, indent=1))
     if args.tilings_out:
-        path = Path(args.tilings_out)
-        table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
-        table["tilings"].update(better_tilings(rows))
-        table.setdefault("measured_layers", []).append({"device": torch.cuda.get_device_name(), "arch": args.arch,
-                                                         "batch": args.batch, "margin": MARGIN,
-                                                         "by": "benchmarks/bench_real_layers.py"})
-        path.write_text(json.dumps(table, indent=1) + "\n")
+        merge_tilings(Path(args.tilings_out), rows, {"device": torch.cuda.get_device_name(), "arch": args.arch,
+                                                     "format": args.format, "batch": args.batch})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 choice from its rows (the timings themselves need CUDA)."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +80,18 @@ def test_bench_real_refuses_unknown_fid_runs(monkeypatch, capsys) -> None:
         bench_real.main()
     assert "unknown --fid-runs ['bogus']" in capsys.readouterr().err
     assert ("sim-int8-modiff-fp32", "fp-fp32") in bench_real.FID_PAIRS and bench_real.FID_RUNS["fp-fp32"] == (None, "fp32")
+
+
+def test_merged_tilings_keep_the_table_and_record_the_run(tmp_path: Path) -> None:
+    table = tmp_path / "gemm_tilings.json"
+    table.write_text(json.dumps({"measured": {"device": "H200"}, "tilings": {"old": [64, 128, 128, 4, 4]},
+                                 "measured_layers": [{"device": "H200", "format": "int8"}]}))
+    rows = [_row("conv3x3", "new", 100.0, {"[128, 128, 128, 8, 3]": 70.0}), _row("conv3x3", "old", 100.0, {})]
+    run = {"device": "H100", "arch": "cifar10", "format": "w4a8", "batch": 512}
+    bench_real_layers.merge_tilings(table, rows, run)
+    merged = json.loads(table.read_text())
+    assert merged["tilings"] == {"old": [64, 128, 128, 4, 4], "new": [128, 128, 128, 8, 3]}
+    assert merged["measured"] == {"device": "H200"}
+    assert merged["measured_layers"] == [{"device": "H200", "format": "int8"}, {
+        **run, "margin": bench_real_layers.MARGIN, "by": "benchmarks/bench_real_layers.py"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["gemm_tilings.json"]  # no temporary file left beside it

@@ -56,9 +56,11 @@ def test_a_measured_tiling_serves_its_shape_format_and_row_scale_only(table) -> 
 def test_the_shipped_table_names_only_value_tested_tilings_by_well_formed_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(real, "_TABLE", None)
     shipped = real.measured_tilings()  # raises if the committed file is not a table or names an untested tiling
-    assert shipped, "modiff/quant/kernels/gemm_tilings.json is committed with the H200 measurement"
-    key = re.compile(r"(int8|fp8) taps\d+ c\d+ n\d+ m2\^\d+")
+    assert shipped, "modiff/quant/kernels/gemm_tilings.json is committed with the H200's and the H100's measurements"
+    key = re.compile(r"(int8|fp8|w4a8) taps\d+ c\d+ n\d+ m2\^\d+")
     assert all(key.fullmatch(name) and tiling in real.CANDIDATE_TILINGS for name, tiling in shipped.items())
+    runs = json.loads(real.TILINGS_FILE.read_text())["measured_layers"]
+    assert {name.split()[0] for name in shipped} <= {run["format"] for run in runs}  # each format's run is recorded
 
 
 def test_a_table_naming_an_untested_tiling_is_refused(table) -> None:
