@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from modiff.quant.kernels import source_digest
 from modiff.quant.primitives import Grid, QuantSpec, quant_grid
 
 __all__ = ["use_fused_modulate", "fused_spec_supported", "fused_tensors_supported", "fused_modulate_supported",
@@ -83,7 +84,8 @@ def one_pass_chunks(n: int, max_chunks: int) -> tuple[int, int]:
 
 
 def _modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], levels: Tensor, qmin: Tensor, qmax: Tensor,
-              scheme: str, floor: bool, split: int, one_pass: bool) -> None:
+              scheme: str, floor: bool, split: int, one_pass: bool, source: str) -> None:
+    # ``source``: read by no kernel; an argument so that the compile caches see the code (`source_digest`)
     from modiff.quant.kernels import modulate_triton as kernels  # imported on first use: TRITON_INTERPRET is read when it is
 
     samples = x.shape[0]
@@ -126,14 +128,16 @@ def one_pass_modulation(enabled: bool = True) -> Iterator[None]:
 
 
 _OP: Optional[Callable[..., Tensor]] = None  # `_modulate` as a triton_op, registered by `register_op`
+_SOURCE = ""  # `source_digest` of this module and its kernels, taken by `register_op`
 
 
 def register_op() -> None:
     """Register the triton_op (once; a no-op without Triton). Registering imports Triton and torch._inductor
     (1.4 s), so `trajectory()` calls it on entry instead of modiff doing it on import; a compiled graph then
     only reads `_OP`."""
-    global _OP
+    global _OP, _SOURCE
     if _OP is None and _TRITON:
+        _SOURCE = source_digest("modulate", "modulate_triton")
         _OP = torch.library.triton_op("modiff::modulate_per_sample", _modulate, mutates_args=("a_hat",))
 
 
@@ -159,6 +163,6 @@ def launch_modulate(x: Tensor, a_hat: Tensor, a_ref: Optional[Tensor], spec: Qua
     network tracing ``spec.bits >= 2`` would guard on the bit width and compile again for every preset."""
     register_op()
     levels, qmin, qmax = (t.to(x.device) for t in (grid or quant_grid(spec)))
-    # The kernel choice is an argument of the op, not read in its body: a compiled graph, and the compile caches' keys,
-    # see the op's arguments only (a body's reads are invisible to them: a warm cache would replay the other kernel).
-    _OP(x, a_hat, a_ref, levels, qmin, qmax, spec.scheme, spec.rounding == "floor", split or 0, _ONE_PASS)
+    # The kernel choice and the code's digest are arguments of the op, not read in its body: a compiled graph, and
+    # the compile caches' keys, see the op's arguments only (a warm cache would replay the other kernel, or old code).
+    _OP(x, a_hat, a_ref, levels, qmin, qmax, spec.scheme, spec.rounding == "floor", split or 0, _ONE_PASS, _SOURCE)

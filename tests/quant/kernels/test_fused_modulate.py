@@ -269,7 +269,8 @@ def test_compiled_shared_attention_state_equals_one_state_per_layer(tiny_denoise
 
 @torch.library.custom_op("modiff_test::modulate_spy", mutates_args=("a_hat",))
 def _modulate_spy(x: torch.Tensor, a_hat: torch.Tensor, a_ref: Optional[torch.Tensor], levels: torch.Tensor,
-                  qmin: torch.Tensor, qmax: torch.Tensor, scheme: str, floor: bool, split: int, one_pass: bool) -> None:
+                  qmin: torch.Tensor, qmax: torch.Tensor, scheme: str, floor: bool, split: int, one_pass: bool,
+                  source: str) -> None:
     """Stands in for the modulation op where Dynamo traces a launch on the CPU (the interpreter needs real data)."""
 
 
@@ -278,15 +279,16 @@ def _(*args) -> None:
     return None
 
 
-def test_the_kernel_choice_is_an_argument_of_the_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch.compile's graphs, and the keys of its caches on disk, see an op's arguments, not what its body reads:
-    the one-pass choice is an argument, and flipping it compiles again (before, a warm cache replayed the two
-    kernels under `one_pass_modulation`). Dynamo traces the launch with a spy op in place of the Triton one."""
+def test_the_kernel_choice_and_the_code_are_arguments_of_the_compiled_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's graphs, and the keys of its caches on disk, see an op's arguments, not what its body reads or
+    launches: the one-pass choice and the code's digest are arguments, and changing either compiles again (before,
+    a warm cache replayed the two kernels under `one_pass_modulation`). Dynamo traces the launch with a spy op in
+    place of the Triton one."""
     monkeypatch.setattr(fused, "_OP", _modulate_spy)
     graphs = []
 
     def backend(gm: torch.fx.GraphModule, inputs) -> object:
-        graphs.append([node.args[-1] for node in gm.graph.nodes
+        graphs.append([node.args[-2:] for node in gm.graph.nodes
                        if node.target is torch.ops.modiff_test.modulate_spy.default])
         return gm.forward
 
@@ -295,11 +297,26 @@ def test_the_kernel_choice_is_an_argument_of_the_compiled_graph(monkeypatch: pyt
     step = torch.compile(lambda x, a_hat: fused.launch_modulate(x, a_hat, None, spec, None), backend=backend,
                          dynamic=False)
     x = torch.randn(2, 4, 8, 8)
-    for one_pass in (False, True, False):
+    for one_pass, source in ((False, "code"), (True, "code"), (False, "code"), (False, "edited code")):
+        monkeypatch.setattr(fused, "_SOURCE", source)
         with one_pass_modulation(one_pass):
             step(x, torch.zeros_like(x))
     torch._dynamo.reset()
-    assert graphs == [[False], [True]]  # the third call reuses the first graph
+    assert graphs == [[(False, "code")], [(True, "code")], [(False, "edited code")]]  # the third call reuses the first
+
+
+def test_the_code_digest_covers_the_op_and_its_kernels() -> None:
+    """The digest the op takes is of modulate.py and modulate_triton.py, so an edit of either reaches the caches."""
+    import hashlib
+    from pathlib import Path
+
+    from modiff.quant.kernels import source_digest
+
+    register_op()
+    folder = Path(fused.__file__).parent
+    expected = hashlib.sha256((folder / "modulate.py").read_bytes() + (folder / "modulate_triton.py").read_bytes())
+    assert fused._SOURCE == source_digest("modulate", "modulate_triton") == expected.hexdigest()[:16]
+    assert source_digest("modulate") != source_digest("modulate", "modulate_triton")
 
 
 def test_inductor_can_copy_the_kernels(tmp_path) -> None:

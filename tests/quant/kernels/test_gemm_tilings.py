@@ -81,13 +81,13 @@ def test_a_file_that_is_not_a_tilings_table_is_refused_with_what_to_do(table) ->
 @torch.library.custom_op("modiff_test::real_modulated_spy", mutates_args=())
 def _modulated_spy(x: torch.Tensor, a_hat: torch.Tensor, o_hat: torch.Tensor, weight: torch.Tensor,
                    weight_scale: torch.Tensor, geometry: list[int], out_dtype: torch.dtype,
-                   weight_offset: Optional[torch.Tensor], tiling: list[int]) -> torch.Tensor:
+                   weight_offset: Optional[torch.Tensor], tiling: list[int], source: str) -> torch.Tensor:
     """Stands in for the modulated op where Dynamo traces a call on the CPU (the interpreter needs real data)."""
     return x.new_zeros(geometry[0] * geometry[4] * geometry[5], geometry[6])
 
 
 @_modulated_spy.register_fake
-def _(x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset, tiling) -> torch.Tensor:
+def _(x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset, tiling, source) -> torch.Tensor:
     return x.new_empty(geometry[0] * geometry[4] * geometry[5], geometry[6])
 
 
@@ -98,10 +98,11 @@ def test_the_tiling_is_an_argument_of_the_compiled_graph(table, monkeypatch: pyt
     first, as `register_ops` does."""
     monkeypatch.setattr(real, "register_ops", lambda: None)
     monkeypatch.setitem(real._OPS, "modulated", _modulated_spy)
+    monkeypatch.setattr(real, "_SOURCE", "code")  # the digest `register_ops` takes (tested with the modulation op)
     graphs = []
 
     def backend(gm: torch.fx.GraphModule, inputs) -> object:
-        graphs.append([node.args[-1] for node in gm.graph.nodes
+        graphs.append([node.args[-2:] for node in gm.graph.nodes
                        if node.target is torch.ops.modiff_test.real_modulated_spy.default])
         return gm.forward
 
@@ -118,4 +119,11 @@ def test_the_tiling_is_an_argument_of_the_compiled_graph(table, monkeypatch: pyt
         step(x, x.clone(), torch.zeros(2, 32, 8, 8).to(memory_format=torch.channels_last))
     torch._dynamo.reset()
     heuristic = [real.heuristic_blocks(2 * 8 * 8, 32, 16)[key] for key in real.TILING_KEYS]
-    assert graphs == [[heuristic], [list(measured)]]
+    assert graphs == [[(heuristic, "code")], [(list(measured), "code")]]
+
+
+def test_the_ops_take_the_digest_of_the_real_backend_and_its_kernels() -> None:
+    from modiff.quant.kernels import source_digest
+
+    real.register_ops()
+    assert real._SOURCE == source_digest("real", "real_triton") != source_digest("modulate", "modulate_triton")
