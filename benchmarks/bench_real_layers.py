@@ -210,8 +210,15 @@ def better_tilings(rows: list[dict[str, Any]], margin: float = MARGIN) -> dict[s
 
 def merge_tilings(path: Path, rows: list[dict[str, Any]], run: dict[str, Any]) -> None:
     """Merge `better_tilings(rows)` into the tilings table at ``path`` (new if absent), other keys kept, and record
-    the run (device, arch, format, batch) in its ``measured_layers``; written whole or not at all."""
-    table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
+    the run (device, arch, format, batch) in its ``measured_layers``; written whole or not at all. A file that is not
+    a tilings table is refused, untouched."""
+    try:
+        table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
+        if not isinstance(table, dict) or not isinstance(table.get("tilings"), dict):
+            raise ValueError("no 'tilings' mapping")
+    except ValueError as err:  # json's errors are ValueErrors too
+        raise SystemExit(f"--tilings-out {path} is not a tilings table ({err}); name a new file, or the table "
+                         f"modiff/quant/kernels/gemm_tilings.json") from None
     table["tilings"].update(better_tilings(rows))
     table.setdefault("measured_layers", []).append({**run, "margin": MARGIN, "by": "benchmarks/bench_real_layers.py"})
     with atomic_path(path) as tmp:

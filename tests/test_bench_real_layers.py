@@ -95,3 +95,12 @@ def test_merged_tilings_keep_the_table_and_record_the_run(tmp_path: Path) -> Non
     assert merged["measured_layers"] == [{"device": "H200", "format": "int8"}, {
         **run, "margin": bench_real_layers.MARGIN, "by": "benchmarks/bench_real_layers.py"}]
     assert [p.name for p in tmp_path.iterdir()] == ["gemm_tilings.json"]  # no temporary file left beside it
+
+
+@pytest.mark.parametrize("text", ["not json", '{"measured": {}}', "[1, 2]"])
+def test_a_file_that_is_not_a_tilings_table_is_refused_and_left_as_it_was(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "gemm_tilings.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match="is not a tilings table.*name a new file"):
+        bench_real_layers.merge_tilings(path, [], {"device": "H100"})
+    assert path.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["gemm_tilings.json"]

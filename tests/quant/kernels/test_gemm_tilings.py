@@ -91,32 +91,53 @@ def _(x, a_hat, o_hat, weight, weight_scale, geometry, out_dtype, weight_offset,
     return x.new_empty(geometry[0] * geometry[4] * geometry[5], geometry[6])
 
 
-def test_the_tiling_is_an_argument_of_the_compiled_graph(table, monkeypatch: pytest.MonkeyPatch) -> None:
+@torch.library.custom_op("modiff_test::real_direct_spy", mutates_args=())
+def _direct_spy(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                geometry: list[int], out_dtype: torch.dtype, weight_offset: Optional[torch.Tensor], tiling: list[int],
+                source: str) -> torch.Tensor:
+    """Stands in for the direct op, as `_modulated_spy` for the modulated one."""
+    return x.new_zeros(geometry[0] * geometry[4] * geometry[5], geometry[6])
+
+
+@_direct_spy.register_fake
+def _(x, weight, weight_scale, bias, geometry, out_dtype, weight_offset, tiling, source) -> torch.Tensor:
+    return x.new_empty(geometry[0] * geometry[4] * geometry[5], geometry[6])
+
+
+GEOMETRY = [2, 8, 8, 16, 8, 8, 32, 3, 3, 1, 1, 1, 1]  # a 3x3 convolution of 16 to 32 channels on 8x8 maps
+WEIGHT, SCALE = torch.zeros(32, 144, dtype=torch.int8), torch.ones(32)
+CALLS = {  # op name -> (spy, a step calling the public function on x)
+    "modulated": (_modulated_spy, lambda x: real.real_modulated(
+        x, x.clone(), torch.zeros(2, 32, 8, 8).to(memory_format=torch.channels_last), WEIGHT, SCALE, GEOMETRY,
+        torch.bfloat16)),
+    "direct": (_direct_spy, lambda x: real.real_direct(x, WEIGHT, SCALE, None, GEOMETRY, torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CALLS))
+def test_the_tiling_is_an_argument_of_the_compiled_graph(op: str, table, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.compile's graphs, and the keys of its caches on disk, see an op's arguments, not what its body reads:
     the tiling is an argument, and a new table compiles again (before, a warm cache replayed the old table's
-    tilings). Dynamo traces `real_modulated` with a spy op in place of the Triton one; the table is read eagerly
-    first, as `register_ops` does."""
+    tilings). Dynamo traces `real_modulated` and `real_direct` with spy ops in place of the Triton ones; the table
+    is read eagerly first, as `register_ops` does."""
+    spy, call = CALLS[op]
     monkeypatch.setattr(real, "register_ops", lambda: None)
-    monkeypatch.setitem(real._OPS, "modulated", _modulated_spy)
-    monkeypatch.setattr(real, "_SOURCE", "code")  # the digest `register_ops` takes (tested with the modulation op)
+    monkeypatch.setitem(real._OPS, op, spy)
+    monkeypatch.setattr(real, "_SOURCE", "code")  # the digest `register_ops` takes (tested below)
     graphs = []
 
     def backend(gm: torch.fx.GraphModule, inputs) -> object:
-        graphs.append([node.args[-2:] for node in gm.graph.nodes
-                       if node.target is torch.ops.modiff_test.real_modulated_spy.default])
+        graphs.append([node.args[-2:] for node in gm.graph.nodes if node.target is spy._opoverload])
         return gm.forward
 
-    geometry = [2, 8, 8, 16, 8, 8, 32, 3, 3, 1, 1, 1, 1]  # a 3x3 convolution of 16 to 32 channels on 8x8 maps
     x = torch.randn(2, 16, 8, 8).to(memory_format=torch.channels_last)
-    weight, scale = torch.zeros(32, 144, dtype=torch.int8), torch.ones(32)
     torch._dynamo.reset()
-    step = torch.compile(lambda x, a_hat, o_hat: real.real_modulated(x, a_hat, o_hat, weight, scale, geometry,
-                                                                     torch.bfloat16), backend=backend, dynamic=False)
+    step = torch.compile(call, backend=backend, dynamic=False)
     measured = real.CANDIDATE_TILINGS[1]
     for tilings in ({}, {real.tiling_key(False, 9, 16, 32, 2 * 8 * 8): list(measured)}):
         table(tilings)
         real.measured_tilings()
-        step(x, x.clone(), torch.zeros(2, 32, 8, 8).to(memory_format=torch.channels_last))
+        step(x)
     torch._dynamo.reset()
     heuristic = [real.heuristic_blocks(2 * 8 * 8, 32, 16)[key] for key in real.TILING_KEYS]
     assert graphs == [[(heuristic, "code")], [(list(measured), "code")]]
