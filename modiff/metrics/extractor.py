@@ -43,6 +43,9 @@ def extractor_class() -> type:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             if x.dtype != torch.uint8:
                 raise TypeError(f"the feature extractor takes uint8 images, got {x.dtype}")
+            if x.shape[1] > 1 and not (x == x[:, :1]).all():
+                raise ValueError("the Fashion-MNIST classifier scores gray images, got colour ones (channels "
+                                 "differ); convert them to gray, or use the Inception extractor")
             gray = x[:, :1].float() / 127.5 - 1.0  # RGB copies of a gray image: one channel suffices
             pad_h, pad_w = 32 - gray.shape[2], 32 - gray.shape[3]
             if pad_h < 0 or pad_w < 0:

@@ -37,6 +37,7 @@ INCEPTION = "inception-v3-compat"
 FEATURE_SPACE = {EXTRACTOR: "Fashion-MNIST-classifier feature space (128-d)", INCEPTION: "Inception-v3 pool3 (2048-d)"}
 Metric = Literal["fid", "isc", "kid", "prc"]
 MIN_IMAGES = 10
+IS_SPLIT_IMAGES = 1000
 ImageInput = Union[str, Path, np.ndarray]
 
 
@@ -140,34 +141,63 @@ def shipped_cache() -> Path:
     return data_dir() / "fidelity-cache"
 
 
-def cache_root() -> Path:
-    """torch-fidelity's cache: ``$XDG_CACHE_HOME/modiff/fidelity`` (default ``~/.cache/modiff/fidelity``),
-    never a folder of the checkout or the installed package. The shipped statistics and features are
-    copied into it the first time."""
+SHIPPED_WEIGHTS = "weights.json"  # in `shipped_cache`: the SHA-256 of the classifier its files were made with
+
+
+def extractor_weights(extractor: str, weights: Optional[str]) -> str:
+    """Which weights ``extractor`` loads, as the SHA-256 of their file ("torch-fidelity-default" for
+    torch-fidelity's own Inception weights): what cached statistics and features are kept under, since
+    torch-fidelity names its cache files by input and extractor only. The classifier reads the
+    ``model.safetensors`` of a folder, so ``weights`` must name that file."""
+    from modiff.models.registry import data_dir
+    from modiff.utils.checksums import sha256_file
+
+    if extractor == INCEPTION and not weights:
+        return "torch-fidelity-default"
+    if extractor == EXTRACTOR and weights and Path(weights).name != "model.safetensors":
+        raise ValueError(f"the classifier loads the model.safetensors of a folder (with its manifest); got "
+                         f"{weights}: pass FOLDER/model.safetensors")
+    path = Path(weights) if weights else data_dir() / "fmnist-classifier" / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"feature-extractor weights missing: {path}")
+    return sha256_file(path)
+
+
+def cache_root(extractor: str = EXTRACTOR, weights: Optional[str] = None) -> Path:
+    """torch-fidelity's cache for these extractor weights (`extractor_weights`):
+    ``$XDG_CACHE_HOME/modiff/fidelity/<first 16 hex digits>`` (default ``~/.cache/...``), never a folder of
+    the checkout or the installed package. Statistics and features of one classifier are never read for
+    another (a retrained classifier, ``--weights``). The shipped statistics and features are copied, the first
+    time, into the folder of the classifier they were made with."""
+    import json
     import os
     import shutil
 
     from modiff.utils.runs import atomic_path
 
+    digest = extractor_weights(extractor, weights)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = base / "modiff" / "fidelity"
+    root = base / "modiff" / "fidelity" / digest[:16]
     root.mkdir(parents=True, exist_ok=True)
-    for shipped in shipped_cache().glob("*.pt"):
-        if not (root / shipped.name).exists():
-            with atomic_path(root / shipped.name) as tmp:
-                shutil.copyfile(shipped, tmp)
+    record = shipped_cache() / SHIPPED_WEIGHTS
+    if record.is_file() and json.loads(record.read_text()).get(extractor) == digest:
+        for shipped in shipped_cache().glob("*.pt"):
+            if not (root / shipped.name).exists():
+                with atomic_path(root / shipped.name) as tmp:
+                    shutil.copyfile(shipped, tmp)
     return root
 
 
-def _features_reference(ref: str, extractor: str) -> str:
+def _features_reference(ref: str, extractor: str, root: Path) -> str:
     """The named reference KID and precision/recall use: ``ref``, unless its features are neither cached
-    nor computable (fmnist-train without the Fashion-MNIST images), then fmnist-test, whose features ship."""
+    (in ``root``) nor computable (fmnist-train without the Fashion-MNIST images), then fmnist-test, whose
+    features ship."""
     from modiff.datasets import has_raw
 
     split = ref.split("-")[1]
     if extractor != EXTRACTOR or ref == "fmnist-test" or has_raw(split):
         return ref
-    if (cache_root() / f"{ref}-{extractor}-features-penultimate.pt").exists():
+    if (root / f"{ref}-{extractor}-features-penultimate.pt").exists():
         return ref
     log.warning("KID and precision/recall need the features of %s's images, which are not cached, and the "
                 "Fashion-MNIST images are not here: they are computed against fmnist-test (its features ship) "
@@ -199,7 +229,7 @@ def _common_kwargs(extractor: str, batch_size: int, device: torch.device, weight
         _require_inception_weights(weights)
     kwargs: dict[str, Any] = {
         "feature_extractor": extractor, "batch_size": batch_size, "cuda": device.type == "cuda",
-        "cache_root": str(cache_root()), "verbose": progress, "save_cpu_ram": True,
+        "cache_root": str(cache_root(extractor, weights)), "verbose": progress, "save_cpu_ram": True,
     }
     if weights:
         kwargs["feature_extractor_weights_path"] = weights
@@ -256,19 +286,25 @@ def save_reference_stats(source: ImageInput, path: str | Path, extractor: str = 
     mu, sigma = _stats(_features(images, extractor, layer, batch_size, torch.device(device), weights))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, extractor=extractor, layer=layer, num_images=len(images))
+    np.savez(path, mu=mu, sigma=sigma, extractor=extractor, layer=layer, num_images=len(images),
+             weights_sha256=extractor_weights(extractor, weights))
     return path
 
 
-def _stats_file(path: Path, extractor: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """(mu, sigma, layer) of a statistics file written by `save_reference_stats` for ``extractor``."""
+def _stats_file(path: Path, extractor: str, weights: Optional[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mu, sigma, layer) of a statistics file written by `save_reference_stats` for ``extractor`` with
+    these ``weights`` (files written before the weights were recorded are taken on trust)."""
     with np.load(path) as stats:
         if "mu" not in stats or "sigma" not in stats:
             raise ValueError(f"{path} is not a statistics file (expected mu and sigma, got {list(stats)})")
         made_by = str(stats["extractor"]) if "extractor" in stats else "unknown"
         if made_by != extractor:
             raise ValueError(f"{path} holds statistics from the feature extractor {made_by!r}, but {extractor!r} "
-                             f"was asked for; recompute them with `modiff fid-ref` for {extractor!r}")
+                             f"was asked for; recompute them with `save_reference_stats` for {extractor!r}")
+        if "weights_sha256" in stats and str(stats["weights_sha256"]) != extractor_weights(extractor, weights):
+            raise ValueError(f"{path} holds statistics from other {extractor} weights than the ones asked for "
+                             f"({weights or 'the shipped ones'}); recompute them with `save_reference_stats` "
+                             f"and these weights")
         return stats["mu"], stats["sigma"], str(stats["layer"])
 
 
@@ -323,6 +359,14 @@ def inception_score_resamples(logits: torch.Tensor, indices: np.ndarray, splits:
     return np.array([s[KEY_METRIC_ISC_MEAN] for s in scores])
 
 
+def is_splits(n: int) -> int:
+    """How many splits IS is averaged over for ``n`` images: torch-fidelity's 10 where each holds at least
+    `IS_SPLIT_IMAGES` images, fewer below 10,000 images and one below 2,000. IS over a small split is biased
+    toward 1 (one image's IS is exactly 1): with 10 splits of 12 images it came out near 1.1 for real
+    Fashion-MNIST images, whose IS over 10,000 is 5.5."""
+    return max(1, min(10, n // IS_SPLIT_IMAGES))
+
+
 def _with_is_interval(result: dict[str, Any], logits: torch.Tensor, kwargs: dict[str, Any],
                       bootstrap: BootstrapConfig) -> None:
     """IS's interval, resampled and recentred as FID's (the samples drawn with replacement, the estimator
@@ -343,7 +387,7 @@ def _reference_fid_stats(ref: ImageInput, stats_file: bool, other: Optional[dict
     from torch_fidelity.utils import get_cacheable_input_name
 
     if stats_file:
-        mu, sigma, _ = _stats_file(Path(ref), kwargs["feature_extractor"])
+        mu, sigma, _ = _stats_file(Path(ref), kwargs["feature_extractor"], kwargs.get("feature_extractor_weights_path"))
         return mu, sigma
     if other is None:
         stats = fid_input_id_to_statistics_cached(2, feat_extractor, layer, **kwargs)
@@ -360,7 +404,8 @@ def _other_features(ref: ImageInput, extractor: str, feat_extractor: Any, kwargs
     ``result["kid_prc_reference"]``."""
     from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
-    features_ref = _features_reference(ref, extractor) if isinstance(ref, str) and ref in reference_names() else ref
+    named = isinstance(ref, str) and ref in reference_names()
+    features_ref = _features_reference(ref, extractor, Path(kwargs["cache_root"])) if named else ref
     if features_ref is ref:
         return extract_featuresdict_from_input_id_cached(2, feat_extractor, **kwargs), True
     result["kid_prc_reference"] = features_ref
@@ -393,10 +438,11 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
         raise ValueError("a statistics file supports FID only; pass metrics=('fid',) or a reference image set")
     input2, n_ref = _second_input(ref, stats_file)
     kwargs = _common_kwargs(extractor, batch_size, torch.device(device), weights, progress)
-    kwargs.update(input1=UInt8Images(images), input2=input2, kid_subset_size=min(1000, len(images), n_ref or 1000))
+    kwargs.update(input1=UInt8Images(images), input2=input2, kid_subset_size=min(1000, len(images), n_ref or 1000),
+                  isc_splits=is_splits(len(images)))
     layers = {m: FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric(m) for m in metrics}
     if stats_file:
-        layers["fid"] = _stats_file(Path(ref), extractor)[2]
+        layers["fid"] = _stats_file(Path(ref), extractor, weights)[2]
     feat_extractor = create_feature_extractor(extractor, sorted(set(layers.values())),
                                               **{k: v for k, v in kwargs.items() if k != "feature_extractor"})
     own = extract_featuresdict_from_input_id_cached(1, feat_extractor, **kwargs)  # the one feature pass
@@ -407,7 +453,7 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
     raw: dict[str, Any] = {}
     if "isc" in metrics:
         raw.update(isc_featuresdict_to_metric(own, layers["isc"], **kwargs))
-        result["is_splits"] = kwargs.get("isc_splits", 10)
+        result["is_splits"] = kwargs["isc_splits"]
     if "kid" in metrics:
         raw.update(kid_featuresdict_to_metric(own, other, layers["kid"], **kwargs))
     if "prc" in metrics:
@@ -432,7 +478,7 @@ def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metr
                     progress: bool = False) -> dict[str, Any]:
     """Scores of `samples` against `ref` (a reference name, a folder, an .npz of images or a stats file).
 
-    Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's), kid_mean,
+    Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's; `is_splits`), kid_mean,
     kid_std, precision, recall, f_score (those asked for), with feature_space, extractor, num_samples and
     reference; with IS and ``bootstrap``, is_ci95_low and is_ci95_high (resampled as FID);
     with FID and ``bootstrap`` (the default), fid_ci95_low and fid_ci95_high (see

@@ -2,11 +2,13 @@
 precision/recall against fmnist-train without the Fashion-MNIST images; progress on stderr."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import modiff.datasets
 from modiff.metrics import fidelity
@@ -36,8 +38,8 @@ def test_cache_is_the_users_and_the_shipped_files_stay_untouched(user_cache: Pat
     """torch-fidelity's cache is $XDG_CACHE_HOME/modiff/fidelity, seeded with the shipped files; scoring
     writes nothing into data/fidelity-cache."""
     shipped = _snapshot(fidelity.shipped_cache())
-    assert fidelity.cache_root() == user_cache
-    assert {p.name for p in fidelity.shipped_cache().glob("*.pt")} <= {p.name for p in user_cache.iterdir()}
+    assert fidelity.cache_root() == user_cache / fidelity.extractor_weights(fidelity.EXTRACTOR, None)[:16]
+    assert {p.name for p in fidelity.shipped_cache().glob("*.pt")} <= {p.name for p in fidelity.cache_root().iterdir()}
     compute_metrics(_images(20, 0), "fmnist-test", ["fid", "kid"])
     assert _snapshot(fidelity.shipped_cache()) == shipped
 
@@ -64,3 +66,53 @@ def test_progress_is_shown_on_request(user_cache: Path, capfd) -> None:
     assert "Processing samples" in capfd.readouterr().err
     compute_metrics(_images(20, 0), "fmnist-test", ["fid"])
     assert "Processing samples" not in capfd.readouterr().err
+
+
+@pytest.fixture
+def other_weights(tmp_path: Path) -> str:
+    """A random-weight classifier, saved as the classifier folders are (FOLDER/model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from modiff.metrics.classifier import FMNISTClassifier
+
+    torch.manual_seed(123)
+    folder = tmp_path / "other-classifier"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in FMNISTClassifier().state_dict().items()}, str(folder / "model.safetensors"))
+    return str(folder / "model.safetensors")
+
+
+def test_the_shipped_statistics_are_recorded_with_the_shipped_classifiers_checksum() -> None:
+    """The record that says which classifier the shipped statistics and features belong to names the shipped
+    classifier (a classifier retrained and committed without new statistics fails here)."""
+    record = json.loads((fidelity.shipped_cache() / fidelity.SHIPPED_WEIGHTS).read_text())
+    assert record == {fidelity.EXTRACTOR: fidelity.extractor_weights(fidelity.EXTRACTOR, None)}
+
+
+def test_other_classifier_weights_get_a_cache_of_their_own(user_cache: Path, other_weights: str) -> None:
+    """torch-fidelity names its cache files by input and extractor only: the statistics and features cached
+    for one classifier must never be read for another (``--weights``, or a retrained classifier)."""
+    shipped, other = fidelity.cache_root(), fidelity.cache_root(fidelity.EXTRACTOR, other_weights)
+    assert other != shipped and other.parent == shipped.parent == user_cache
+    assert any(shipped.glob("*.pt")) and not any(other.glob("*.pt"))  # the shipped files seed their own folder only
+    with pytest.raises(ValueError, match="model.safetensors"):
+        fidelity.cache_root(fidelity.EXTRACTOR, str(Path(other_weights).with_name("other.safetensors")))
+
+
+@pytest.mark.skipif(not modiff.datasets.has_raw("test"), reason="needs the Fashion-MNIST test images")
+def test_fid_against_a_named_reference_uses_the_weights_asked_for(user_cache: Path, other_weights: str) -> None:
+    """FID of test images against fmnist-test with other classifier weights equals FID against the same
+    reference images passed as an array (its statistics computed with those weights); it was 71.6 at 2,000
+    images when the shipped classifier's cached statistics were read for any weights."""
+    test_images = fidelity._fmnist_split("test")("", False).images
+    named = compute_metrics(test_images[:500], "fmnist-test", ["fid"], weights=other_weights, bootstrap=None)
+    direct = compute_metrics(test_images[:500], test_images, ["fid"], weights=other_weights, bootstrap=None)
+    assert named["fid"] == pytest.approx(direct["fid"], abs=1e-4)
+
+
+def test_a_statistics_file_of_other_weights_is_refused(tmp_path: Path, user_cache: Path, other_weights: str) -> None:
+    images = _images(40, 1)
+    path = fidelity.save_reference_stats(images, tmp_path / "ref.npz", weights=other_weights)
+    assert compute_metrics(images, path, ["fid"], weights=other_weights, bootstrap=None)["fid"] < 1e-3
+    with pytest.raises(ValueError, match="other fmnist-classifier weights"):
+        compute_metrics(images, path, ["fid"], bootstrap=None)

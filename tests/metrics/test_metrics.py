@@ -180,7 +180,7 @@ def test_fid_and_is_against_a_named_reference_need_only_its_statistics(tmp_path:
     test_features = "fmnist-test-fmnist-classifier-features-penultimate.pt"
     for name in (stats_file, test_features):
         shutil.copy(fidelity.shipped_cache() / name, tmp_path / name)
-    monkeypatch.setattr(fidelity, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(fidelity, "cache_root", lambda *args: tmp_path)
 
     def no_dataset(*args, **kwargs):
         raise FileNotFoundError("Fashion-MNIST (train) not found")
@@ -211,11 +211,11 @@ def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weig
     a, b = _images(120, 5), _images(150, 6)
     scored = score(a, b, ["fid", "isc", "kid", "prc"], weights=weights, bootstrap=BootstrapConfig(resamples=50, seed=3))
     raw = torch_fidelity.calculate_metrics(input1=UInt8Images(a), input2=UInt8Images(b), fid=True, isc=True, kid=True,
-                                           prc=True, kid_subset_size=120,
+                                           prc=True, kid_subset_size=120, isc_splits=1,
                                            **_common_kwargs(EXTRACTOR, 250, torch.device("cpu"), weights))
     m = scored.metrics
     assert m["fid"] == raw["frechet_inception_distance"] and m["is_mean"] == raw["inception_score_mean"]
-    assert m["is_std"] == raw["inception_score_std"] and m["is_splits"] == 10
+    assert m["is_std"] == raw["inception_score_std"] and m["is_splits"] == 1  # 120 images: one split
     assert m["kid_mean"] == raw["kernel_inception_distance_mean"] and m["precision"] == raw["precision"]
     assert m["fid_ci95_low"] < m["fid"] < m["fid_ci95_high"]
     assert m["is_ci95_low"] <= m["is_mean"] <= m["is_ci95_high"] and m["is_ci95_low"] < m["is_ci95_high"]
@@ -225,6 +225,18 @@ def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weig
     plain = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=None)
     assert plain["fid"] == m["fid"] and "fid_ci95_low" not in plain
     assert "is_ci95_low" not in compute_metrics(a, b, ["isc"], weights=weights, bootstrap=None)
+
+
+def test_inception_score_splits_hold_at_least_a_thousand_images() -> None:
+    """10 splits (torch-fidelity's default) from 10,000 images on, fewer below, one below 2,000: IS over a
+    small split is biased toward 1 (a single image's IS is exactly 1)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    from modiff.metrics.fidelity import is_splits
+
+    assert [is_splits(n) for n in (10, 1999, 2000, 9999, 10_000, 50_000)] == [1, 1, 2, 9, 10, 10]
+    one_image_each = torch.randn(10, 10, generator=torch.Generator().manual_seed(0))
+    assert isc_features_to_metric(one_image_each, splits=10)["inception_score_mean"] == pytest.approx(1.0)
 
 
 def test_inception_score_resamples_use_torch_fidelitys_estimator() -> None:
@@ -240,3 +252,14 @@ def test_inception_score_resamples_use_torch_fidelitys_estimator() -> None:
     assert own_order[0] == isc_features_to_metric(logits)["inception_score_mean"]
     alike = inception_score_resamples(torch.ones(40, 10), resample_indices(40, BootstrapConfig(resamples=20)))
     np.testing.assert_allclose(alike, 1.0)
+
+
+def test_the_classifier_refuses_colour_images(weights: str) -> None:
+    """It reads one channel of RGB copies of a gray image: colour images are refused, not scored by red alone."""
+    gray = _images(20, 0)
+    rgb_copies = np.repeat(gray, 3, axis=-1)
+    assert compute_metrics(rgb_copies, gray, ["fid"], weights=weights, bootstrap=None)["fid"] < 1e-3
+    colour = rgb_copies.copy()
+    colour[..., 1:] = 0
+    with pytest.raises(ValueError, match="gray images"):
+        compute_metrics(colour, gray, ["fid"], weights=weights, bootstrap=None)
