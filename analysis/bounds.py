@@ -159,8 +159,8 @@ def bound_summary(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for name in _METHODS:
         margin = table[f"thm43_margin_{name}"].astype(float)
-        rows.append(_summary_row(f"thm43_{name}", margin, margin >= 0, table, math.nan, f"thm43_bound_{name}",
-                                 f"warmup_{name}"))
+        rows.append(_summary_row(f"thm43_{name}", margin, table[f"thm43_holds_{name}"], table, math.nan,
+                                 f"thm43_bound_{name}", f"warmup_{name}"))
     for name in BOUNDS:
         c = float(table["c30" if name.startswith("bound30") else "c31"].iloc[0])
         warmup = "warmup_noec" if name.startswith("bound30") else "warmup_ec"

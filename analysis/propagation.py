@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 Method = Literal["direct", "modulated", "modiff", "cache", "cache-noec"]
+THM43_ULPS = 64  # float slack: Theorem 4.3 holds where error <= bound + 64 eps max(bound, error), eps the dtype's
 Quantizer = Union[QuantSpec, Callable[[Tensor], Tensor], None]
 Inputs = Union[Tensor, Sequence[Tensor]]
 
@@ -305,7 +306,10 @@ def _step_row(rec: StepRecord, spec: Optional[QuantSpec]) -> dict[str, float]:
         if spec is not None and rec.refreshed:
             bound = theorem43_bound(rec.residual, spec)
             row.update(thm43_bound=bound, thm43_margin=bound - rounding_sq)
-    row["thm43_holds"] = bool(row["thm43_margin"] >= 0) if not math.isnan(row["thm43_margin"]) else None
+    row["thm43_holds"] = None
+    if not math.isnan(row["thm43_margin"]):
+        slack = THM43_ULPS * torch.finfo(rec.residual.dtype).eps * max(row["thm43_bound"], row["rounding_sq"])
+        row["thm43_holds"] = bool(row["thm43_margin"] >= -slack)
     return row
 
 

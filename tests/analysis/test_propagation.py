@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from analysis.propagation import (
-    error_frame, explicit_matrix, iter_simulation, linear_operator, operator_norm, simulate,
+    error_frame, explicit_matrix, iter_simulation, linear_operator, operator_norm, simulate, theorem43_bound,
 )
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, trajectory
 from modiff.quant.layers.direct import QuantLayer
@@ -140,6 +140,42 @@ def test_theorem43_holds_on_random_inputs(spec: QuantSpec) -> None:
     assert frame["thm43_holds"].all() and (frame["thm43_bound"] > 0).all()
     modiff = error_frame(xs, _conv(), spec, "modiff")
     assert modiff["thm43_holds"].iloc[1:].all()
+
+
+def test_theorem43_in_the_datas_own_range_does_not_bound_a_range_widened_to_zero() -> None:
+    """The README's caveat: Theorem 4.3 states its bound in x's own max - min, but the asymmetric quantizer
+    widens the range to contain 0. For x uniform in [0.5, 1] at 3 bits per sample the step doubles, and the
+    error, s^2 d / 12 on average, is 16/12 of the bound in x's own range, while the bound with the scale used
+    holds."""
+    x = 0.5 + 0.5 * torch.rand(1, 100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spec = QuantSpec(bits=3, granularity="sample")
+    error = float((x - quantize_dynamic(x, spec)).square().sum())
+    own_range = float((x.max() - x.min()) ** 2) * x.numel() / (4 * 7 ** 2)
+    assert error / own_range == pytest.approx(4 / 3, rel=0.01)
+    assert error <= theorem43_bound(x, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_theorem43_allows_float_rounding_where_the_error_equals_the_bound(dtype: torch.dtype) -> None:
+    """Two values half a step off the grid (a 2-bit range of 3 steps whose zero point rounds at a tie): the
+    error equals s^2 d / 4 exactly in exact arithmetic, and float32 rounding puts some margins a hair below 0;
+    those must not count as failures (a slack of 64 ulps of the dtype)."""
+    gen = torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(400):
+        s, k = float(torch.empty(1).uniform_(0.01, 10, generator=gen)), int(torch.randint(0, 3, (1,), generator=gen))
+        lo = -(k + 0.5) * s
+        steps.append(torch.tensor([[lo, lo + 3 * s]], dtype=torch.float64))
+    identity = nn.Linear(2, 2, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(2))
+    frame = error_frame(torch.stack(steps), identity, QuantSpec(bits=2, granularity="tensor"), "direct",
+                        warmup_steps=0, dtype=dtype)
+    assert frame["thm43_holds"].all()
+    eps = torch.finfo(dtype).eps
+    assert (frame["thm43_margin"].abs() <= 16 * eps * frame["thm43_bound"]).all()  # error = bound, to rounding
+    if dtype == torch.float32:
+        assert (frame["thm43_margin"] < 0).any()  # the case the slack is for occurs
 
 
 def test_empirical_c_is_nan_safe_and_skip_steps() -> None:
