@@ -148,6 +148,9 @@ def sample_ddpm(
     `eta` is accepted for a uniform signature and must be 1. ``clip_denoised=False`` leaves x0_pred as
     predicted: for latents, which are not confined to [-1, 1] (CompVis' LatentDiffusion hardcodes it; on
     `fmnist-ldm` the clamp cut latents whose 99th percentile |z| is 2.4 and broke the samples; README.md).
+    Noise is added at every step with t != 0, as in `ddpm_steps`: on a latent schedule whose last step goes
+    from t = 1 onto alpha_bar_0 (``ldm`` spacing) that step adds noise too, so the sample sits at alpha_bar_0's
+    noise level, where the DDIM sampler's last step also lands (CompVis' 1,000-step DDPM ends at t = 0, noiseless).
     """
     if eta != 1.0:
         raise ValueError(f"DDPM is ancestral sampling (eta = 1); got eta={eta}. Use sample_ddim for other eta")
