@@ -116,3 +116,14 @@ def test_a_statistics_file_of_other_weights_is_refused(tmp_path: Path, user_cach
     assert compute_metrics(images, path, ["fid"], weights=other_weights, bootstrap=None)["fid"] < 1e-3
     with pytest.raises(ValueError, match="other fmnist-classifier weights"):
         compute_metrics(images, path, ["fid"], bootstrap=None)
+
+
+def test_a_statistics_file_without_recorded_weights_is_still_read(tmp_path: Path, user_cache: Path,
+                                                                   other_weights: str) -> None:
+    """Files written before the weights were recorded carry no checksum: read as before, not refused."""
+    images = _images(40, 1)
+    path = fidelity.save_reference_stats(images, tmp_path / "ref.npz", weights=other_weights)
+    with np.load(path) as stats:
+        legacy = {k: stats[k] for k in stats.files if k != "weights_sha256"}
+    np.savez(tmp_path / "legacy.npz", **legacy)
+    assert compute_metrics(images, tmp_path / "legacy.npz", ["fid"], weights=other_weights, bootstrap=None)["fid"] < 1e-3
