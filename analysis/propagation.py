@@ -67,6 +67,7 @@ __all__ = [
     "operator_norm",
     "simulate",
     "theorem43_bound",
+    "theorem43_own_range_bound",
 ]
 
 Method = Literal["direct", "modulated", "modiff", "cache", "cache-noec"]
@@ -137,6 +138,22 @@ def theorem43_bound(x: Tensor, spec: QuantSpec) -> float:
     """Theorem 4.3's bound on ||x - Q(x)||^2 for this quantizer's dynamic qparams of ``x``."""
     x_min, x_max = reduce_range(x, spec)
     return float(quant_error_bound(x_min, x_max, x.numel(), spec))
+
+
+def theorem43_own_range_bound(x: Tensor, spec: QuantSpec) -> float:
+    """Theorem 4.3 as the paper states it, in ``x``'s own range: s^2 d (floor) or s^2 d / 4 (nearest) summed over
+    the qparam groups of ``spec``, s = (max - min) / (2^b - 1) of the group's values, d its size.
+
+    The premise is a quantizer that maps [min, max] onto 2^b - 1 steps; this toolkit's quantizers widen an
+    asymmetric range to contain 0 and the published one is symmetric (absmax over 2^(b-1) - 1 steps), so
+    unlike `theorem43_bound` this bound can fail for them. The proof bounds each element's error, so the bound
+    also applies to any part of a group, one sample of a per-tensor group for instance."""
+    if spec.bits < 1:
+        raise ValueError(f"Theorem 4.3 needs at least 1 bit, got bits={spec.bits}")
+    x_min, x_max = reduce_range(x, spec)
+    step = (x_max - x_min).to(torch.float64) / (2**spec.bits - 1)
+    per_group = step.square() * (x.numel() / x_min.numel())
+    return float(per_group.sum() / (4.0 if spec.rounding == "nearest" else 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -114,13 +114,18 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+GIT_SHA_VARIABLE = "MODIFF_GIT_SHA"
+
+
 def _git_sha() -> str | None:
-    root = repo_root()
+    """HEAD of the checkout modiff runs from. Where git cannot say (a copy of the tree without its .git, as sent
+    to a GPU machine), the commit the copy was made from, as given in $MODIFF_GIT_SHA; else None."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        sha = ""
+    return sha or os.environ.get(GIT_SHA_VARIABLE, "").strip() or None
 
 
 def cpu_name() -> str:

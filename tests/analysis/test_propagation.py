@@ -9,6 +9,7 @@ from torch import nn
 
 from analysis.propagation import (
     error_frame, explicit_matrix, iter_simulation, linear_operator, operator_norm, simulate, theorem43_bound,
+    theorem43_own_range_bound,
 )
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, WeightQuant, trajectory
 from modiff.quant.layers.direct import QuantLayer
@@ -151,8 +152,28 @@ def test_theorem43_in_the_datas_own_range_does_not_bound_a_range_widened_to_zero
     spec = QuantSpec(bits=3, granularity="sample")
     error = float((x - quantize_dynamic(x, spec)).square().sum())
     own_range = float((x.max() - x.min()) ** 2) * x.numel() / (4 * 7 ** 2)
+    assert theorem43_own_range_bound(x, spec) == pytest.approx(own_range, rel=1e-12)
     assert error / own_range == pytest.approx(4 / 3, rel=0.01)
     assert error <= theorem43_bound(x, spec)
+
+
+def test_theorem43_own_range_bound_by_hand() -> None:
+    """Two samples with ranges [-1, 2] and [0, 7] at 3 bits (7 steps), 4 values each: per sample the steps are
+    3/7 and 1, so the bound is 4 (9/49 + 1) / 4 rounding to nearest and 4 times that flooring; per tensor one
+    range [-1, 7], step 8/7, over all 8 values. A quarter of the scale's bound only where the range holds 0."""
+    x = torch.tensor([[-1.0, 0.0, 1.0, 2.0], [0.0, 7.0, 3.0, 1.0]], dtype=torch.float64)
+    per_sample = QuantSpec(bits=3, granularity="sample")
+    assert theorem43_own_range_bound(x, per_sample) == pytest.approx(9 / 49 + 1, rel=1e-12)
+    assert theorem43_own_range_bound(x, QuantSpec(bits=3, granularity="sample", rounding="floor")) == pytest.approx(
+        4 * (9 / 49 + 1), rel=1e-12)
+    assert theorem43_own_range_bound(x, QuantSpec(bits=3, granularity="tensor")) == pytest.approx(
+        8 * (8 / 7) ** 2 / 4, rel=1e-12)
+    assert theorem43_own_range_bound(x, per_sample) == pytest.approx(theorem43_bound(x, per_sample), rel=1e-12)
+    shifted = x + 10  # the data's range no longer holds 0: the quantizer's step widens, its own range's does not
+    assert theorem43_own_range_bound(shifted, per_sample) == pytest.approx(9 / 49 + 1, rel=1e-12)
+    assert theorem43_bound(shifted, per_sample) == pytest.approx((12 ** 2 + 17 ** 2) / 49, rel=1e-12)  # [0, 12], [0, 17]
+    with pytest.raises(ValueError, match="at least 1 bit"):
+        theorem43_own_range_bound(x, QuantSpec(bits=0, granularity="sample"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from analysis.bounds import bound_table
-from analysis.propagation import explicit_matrix, linear_operator, operator_norm
+from analysis.propagation import (explicit_matrix, iter_simulation, linear_operator, operator_norm,
+                                  theorem43_own_range_bound)
 from analysis.theory_checks import bound_checks, decay_failures, estimate_c, findings, tightness_summary
 from analysis.theory_sweep import (STAT_COLUMNS, SweepConfig, _LayerSimulator, operator_norms, quantizer_spec,
                                    select_layers, sweep_trajectories)
@@ -56,6 +57,8 @@ def test_out_of_sample_c_comes_from_the_calibration_seeds_only() -> None:
     summary = tightness_summary(result)
     text = findings(summary, result, c_cal, c_held)
     assert "c31 held-out > c31 calibration" in text and "In 1 of 1 cases" in text and "3x" in text
+    assert "`thm43_own_ec` fails at 0 of 6 (0%) held-out trajectory-steps (largest error / bound 0.3)" in text
+    assert checks.loc[("out-of-sample", "thm43_own_ec", 1), "ratio_max"] == pytest.approx(0.3, rel=1e-5)
     # out of sample both held-out trajectories fail the unrolled (31) at all 3 steps (error 0.5 against
     # 0.2, 0.24, 0.248), the printed (31) at none (its first weight is (2c)^0 = 1: 0.5 against 1, 1.2, 1.24)
     rows = summary.set_index(["reading", "check"])
@@ -151,6 +154,38 @@ def test_simulator_matches_the_single_layer_simulation() -> None:
     # per tensor: one scale for both samples, so Theorem 4.3's per-sample bounds share s^2 / 4 per element
     bound = data[:, 1 + STAT_COLUMNS.index("thm43_bound_ec"), 1]
     np.testing.assert_allclose(bound[:, 0], bound[:, 1], rtol=1e-12)
+
+
+def _residuals(xs: list[torch.Tensor], conv: nn.Module, spec, method: str) -> list[torch.Tensor]:
+    return [rec.residual for rec in iter_simulation(xs, conv, spec, method)][1:]
+
+
+def test_own_range_bounds_are_theorem43_in_the_residuals_own_range() -> None:
+    """The ``thm43_own_bound_*`` columns equal `theorem43_own_range_bound` of the residual the quantizer took its
+    range from: the sample's (per-sample), or the batch's with each sample's share of its values (per tensor)."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x, xs = torch.randn(2, 3, 5, 5), []
+    for _ in range(5):
+        x = x + 0.3 * torch.randn_like(x) + 1.5  # drifting: the residuals' ranges hold no 0
+        xs.append(x.clone())
+    specs = [quantizer_spec("per-sample", 3), quantizer_spec("per-tensor", 3)]
+    sim = _LayerSimulator(linear_operator(conv), specs, False, torch.float64)
+    for a in xs:
+        sim(a)
+    data = sim.result()
+    own = {m: data[:, 1 + STAT_COLUMNS.index(f"thm43_own_bound_{m}")] for m in ("noec", "ec")}  # (steps, K, B)
+    for m, method in (("noec", "modulated"), ("ec", "modiff")):
+        for s in range(2):
+            sample = _residuals([a[s:s + 1] for a in xs], conv, specs[0], method)
+            np.testing.assert_allclose(own[m][:, 0, s], [theorem43_own_range_bound(r, specs[0]) for r in sample],
+                                       rtol=1e-12)
+        batch = _residuals(xs, conv, specs[1], method)
+        expected = [theorem43_own_range_bound(r, specs[1]) / 2 for r in batch]
+        np.testing.assert_allclose(own[m][:, 1, 0], expected, rtol=1e-12)
+        np.testing.assert_allclose(own[m][:, 1, 1], expected, rtol=1e-12)
+    widened = data[:, 1 + STAT_COLUMNS.index("thm43_bound_noec"), 0]  # the quantizer's range widened to 0
+    assert (own["noec"][:, 0] < widened / 1.5).all()
 
 
 def test_sweep_on_a_tiny_unet_separates_the_seeds(tiny_denoiser) -> None:

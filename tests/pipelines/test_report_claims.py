@@ -158,6 +158,31 @@ def test_theorem_44(tmp_path: Path, printed: int, unrolled: int, flagged: bool, 
     assert judge(tmp_path, rc.theorem_43).verdict == "reproduced"
 
 
+@pytest.mark.parametrize("own_fails, verdict", [(0, "reproduced"), (2, "partly"), (30, "not reproduced")])
+def test_theorem_43_is_judged_in_the_datas_own_range(tmp_path: Path, own_fails: int, verdict: str) -> None:
+    """The check with the quantizer's scale holds by construction; the verdict comes from the theorem as
+    stated (10,000 checks per quantizer: partly up to 1 in 10,000 of the 20,000)."""
+    rows = [{"reading": "out-of-sample", "check": check, "quantizer": quantizer, "bits": 4, "checks": 10_000,
+             "fails": fails if quantizer == "per-tensor" else 0, "ratio_max": ratio}
+            for quantizer in ("per-sample", "per-tensor")
+            for check, fails, ratio in (("thm43_ec", 0, 0.6), ("thm43_own_ec", own_fails, 1.4 if own_fails else 0.9))]
+    write(tmp_path, "theory_bound_summary", rows)
+    claim = judge(tmp_path, rc.theorem_43)
+    assert claim.verdict == verdict
+    assert claim.evidence.startswith(f"As stated, in the data's own max - min (every layer, bit width and quantizer, "
+                                     f"held-out trajectories): {own_fails} of 20,000 checks fail")
+    assert f"per-tensor {own_fails} of 10,000 checks fail" in claim.evidence
+    assert "With the scale the quantizer used: 0 of 20,000 checks fail; the largest error / bound is 0.6" in claim.evidence
+
+
+def test_theorem_43_from_a_table_without_the_own_range_checks(tmp_path: Path) -> None:
+    write(tmp_path, "theory_bound_summary", [{"reading": "out-of-sample", "check": "thm43_ec", "quantizer": "per-sample",
+                                             "bits": 4, "checks": 100, "fails": 0, "ratio_max": 0.6}])
+    claim = judge(tmp_path, rc.theorem_43)
+    assert claim.verdict == "reproduced" and "by construction" in claim.evidence
+    assert "not in this table (made before that check existed)" in claim.evidence
+
+
 def _caching_rows(level: float, means: tuple[float, float]) -> list[dict[str, Any]]:
     rows = [{"interval": 3, "comparison": "last step every N skips", "steps": "97", "mean": level,
              "ci95_low": level * 0.9, "ci95_high": level * 1.1, "n_samples": 16}]
