@@ -326,7 +326,8 @@ def findings(summary: pd.DataFrame, checks: BoundChecks, c_calibration: pd.DataF
               "range from; a quarter of s^2 d for rounding to nearest). The quantizers do not meet the theorem's "
               "premise: the per-sample one widens its range to contain 0, the published per-tensor one is symmetric "
               "(absmax over 2^(b-1) - 1 steps), so this can fail, and a failure measures that difference, not an "
-              "error in the theorem:"]
+              "error in the theorem. Per tensor, each trajectory's error is checked against its share of the batch "
+              "tensor's bound (the proof bounds every element, so under the premise every share holds):"]
     lines += [f"- {line('out-of-sample', c)}" for c in ("thm43_own_noec", "thm43_own_ec")]
     lines += ["", _decay_paragraph(c_calibration)]
     return "\n".join(lines)
