@@ -20,6 +20,7 @@ from torch import nn
 from modiff.utils.checksums import add_checksums, load_checked
 from modiff.utils.runs import atomic_path, environment, write_json
 from modiff.utils.progress import progress_bar
+from modiff.utils.paths import data_dir
 
 __all__ = ["FMNISTClassifier", "ClassifierTrainConfig", "train_classifier", "load_classifier", "accuracy", "FEATURE_DIM"]
 
@@ -120,8 +121,6 @@ def train_classifier(config: ClassifierTrainConfig, out_dir: Path, data_dir: Opt
 
 def load_classifier(folder: Optional[Path] = None) -> FMNISTClassifier:
     """The shipped classifier (data/fmnist-classifier) or one trained into `folder`, in eval mode."""
-    from modiff.models.registry import data_dir
-
     folder = folder or data_dir() / "fmnist-classifier"
     path = folder / "model.safetensors"
     if not path.is_file():

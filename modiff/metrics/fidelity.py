@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from modiff.metrics.extractor import extractor_class
 from modiff.metrics.bootstrap import CI_METHOD, BootstrapConfig, fid_resamples, recentred_interval, resample_indices
+from modiff.utils.paths import data_dir
 
 __all__ = [
     "EXTRACTOR", "FEATURE_SPACE", "Metric", "UInt8Images", "load_images", "compute_metrics", "reference_names",
@@ -149,7 +150,6 @@ def extractor_weights(extractor: str, weights: Optional[str]) -> str:
     torch-fidelity's own Inception weights): what cached statistics and features are kept under, since
     torch-fidelity names its cache files by input and extractor only. The classifier reads the
     ``model.safetensors`` of a folder, so ``weights`` must name that file."""
-    from modiff.models.registry import data_dir
     from modiff.utils.checksums import sha256_file
 
     if extractor == INCEPTION and not weights:
