@@ -156,5 +156,5 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     }
     if device is not None:
         dev = torch.device(device)
-        env["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({platform.processor() or platform.machine()})"
+        env["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} ({cpu_name()})"
     return env

@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from modiff.utils.device import resolve_device
 from modiff.utils.rng import MAX_SEED, parse_seeds
@@ -100,3 +101,10 @@ def test_the_commit_of_a_tree_copied_without_its_git_comes_from_the_environment(
     assert runs.environment()["git_sha"] == "f" * 40
     monkeypatch.delenv(runs.GIT_SHA_VARIABLE)
     assert runs._git_sha() is None
+
+
+def test_a_cpu_device_is_named_with_its_model_and_vector_unit() -> None:
+    """Float32 sums round differently on another CPU (a 3-bit network can then cross a rounding tie), so a CPU
+    notebook or run names its CPU, not only the architecture."""
+    name = runs.environment("cpu")["device"]
+    assert name == f"cpu ({runs.cpu_name()})" and name.endswith(f", {torch.backends.cpu.get_cpu_capability()})")
