@@ -160,7 +160,8 @@ def test_theorem43_in_the_datas_own_range_does_not_bound_a_range_widened_to_zero
 def test_theorem43_own_range_bound_by_hand() -> None:
     """Two samples with ranges [-1, 2] and [0, 7] at 3 bits (7 steps), 4 values each: per sample the steps are
     3/7 and 1, so the bound is 4 (9/49 + 1) / 4 rounding to nearest and 4 times that flooring; per tensor one
-    range [-1, 7], step 8/7, over all 8 values. A quarter of the scale's bound only where the range holds 0."""
+    range [-1, 7], step 8/7, over all 8 values. Where each range holds 0 it equals the bound with the quantizer's
+    scale; shifted away from 0 the quantizer's ranges widen to it, the data's own do not."""
     x = torch.tensor([[-1.0, 0.0, 1.0, 2.0], [0.0, 7.0, 3.0, 1.0]], dtype=torch.float64)
     per_sample = QuantSpec(bits=3, granularity="sample")
     assert theorem43_own_range_bound(x, per_sample) == pytest.approx(9 / 49 + 1, rel=1e-12)
