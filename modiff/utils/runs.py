@@ -118,14 +118,16 @@ GIT_SHA_VARIABLE = "MODIFF_GIT_SHA"
 
 
 def _git_sha() -> str | None:
-    """HEAD of the checkout modiff runs from. Where git cannot say (a copy of the tree without its .git, as sent
-    to a GPU machine), the commit the copy was made from, as given in $MODIFF_GIT_SHA; else None."""
+    """The commit of the code modiff runs: $MODIFF_GIT_SHA where set (a copy of the tree sent to another machine,
+    whose own git, if any, may name an older commit than the files it holds), else HEAD of the checkout, else None."""
+    given = os.environ.get(GIT_SHA_VARIABLE, "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return sha or os.environ.get(GIT_SHA_VARIABLE, "").strip() or None
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def cpu_name() -> str:
