@@ -7,7 +7,10 @@ one, so the curves are sawtooths, and comparing intervals at one index mixes ref
 the last of 100 steps, index 99 is a refresh for N = 3 and a skip for N = 2 and 5). `caching_summary`
 compares them instead
 
-- at the last index that every N skips (``last common skip``),
+- at the last index that every N skips (``last common skip``) where each N's reused output came from another
+  input: where a spacing repeats a timestep (``quad`` at 100 steps ends with t = 0 four times, and DDIM from t
+  to t leaves x as it was), a skip reuses an output of the same input, and its distance to the standard
+  model is the trajectories' drift, not the cost of reusing,
 - averaged over all steps, and
 - averaged over the steps each N skips,
 
@@ -23,7 +26,7 @@ import pandas as pd
 
 from analysis.intervals import Interval, mean_interval
 
-__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "caching_summary", "growth_with_step",
+__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "last_informative_common_skip", "caching_summary", "growth_with_step",
            "growth_by_interval"]
 
 
@@ -54,6 +57,19 @@ def steps_skipped_by_all(steps: int, intervals: Sequence[int], warmup_steps: int
     return tuple(sorted(common))
 
 
+def last_informative_common_skip(intervals: Sequence[int], timesteps: Sequence[int],
+                                 warmup_steps: int = 1) -> int | None:
+    """The last index every interval skips at which, for every interval, the timestep differs from that of the
+    refresh whose output it reuses (so the input differs: x changes only where the timestep does); None if
+    there is none."""
+    steps = len(timesteps)
+    for i in reversed(steps_skipped_by_all(steps, intervals, warmup_steps)):
+        reused = [max(r for r in refresh_steps(steps, int(n), warmup_steps) if r < i) for n in intervals]
+        if all(int(timesteps[r]) != int(timesteps[i]) for r in reused):
+            return i
+    return None
+
+
 def _mean_over(part: pd.DataFrame, steps: Sequence[int]) -> pd.Series:
     """Each sample's mean error over ``steps``."""
     return part[part["step"].isin(list(steps))].groupby("sample")["rel_l2"].mean()
@@ -67,21 +83,24 @@ def _row(interval: int, comparison: str, steps: Sequence[int], per_sample: pd.Da
             "ci95_low": interval_.low, "ci95_high": interval_.high, "n_samples": interval_.n}
 
 
-def caching_summary(samples: pd.DataFrame, warmup_steps: int = 1) -> pd.DataFrame:
-    """Per interval N (``samples``: `analysis.network.caching_error_samples`): rows for the last common
-    skip step, the mean over all steps, the mean over N's skipped steps and the last step (see the module
-    docstring); columns interval, comparison, steps, mean, ci95_low, ci95_high, n_samples."""
+def caching_summary(samples: pd.DataFrame, timesteps: Sequence[int], warmup_steps: int = 1) -> pd.DataFrame:
+    """Per interval N (``samples``: `analysis.network.caching_error_samples`, sampled on ``timesteps``): rows for
+    the last common skip step of a new input (`last_informative_common_skip`), the mean over all steps, the mean
+    over N's skipped steps and the last step (see the module docstring); columns interval, comparison, steps,
+    mean, ci95_low, ci95_high, n_samples."""
     needed = {"interval", "step", "sample", "rel_l2"}
     if not needed <= set(samples.columns):
         raise ValueError(f"caching_summary needs columns {sorted(needed)}, got {list(samples.columns)}")
     steps = int(samples["step"].max()) + 1
+    if len(timesteps) != steps:
+        raise ValueError(f"caching_summary got {len(timesteps)} timesteps for samples of {steps} steps")
     intervals = sorted(int(n) for n in samples["interval"].unique())
-    common = steps_skipped_by_all(steps, intervals, warmup_steps)
+    common = last_informative_common_skip(intervals, timesteps, warmup_steps)
     rows = []
     for n in intervals:
         part = samples[samples["interval"] == n]
-        if common:
-            rows.append(_row(n, "last step every N skips", [common[-1]], part))
+        if common is not None:
+            rows.append(_row(n, "last step every N skips", [common], part))
         rows.append(_row(n, "mean over all steps", range(steps), part))
         skipped = skipped_steps(steps, n, warmup_steps)
         if skipped:

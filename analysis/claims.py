@@ -61,7 +61,8 @@ def caching_claim(summary: pd.DataFrame, growth: Mapping[int, Interval], steps: 
                          f"(intervals {sorted(overall)}); run more steps or include N = {paper_interval}")
     level = _interval(common.loc[paper_interval])
     values = "; ".join(f"N = {n}: {_interval(r)}" for n, r in common.iterrows())
-    text = (f"At step {common.loc[paper_interval, 'steps']} of {steps}, the last step that every N skips, the "
+    text = (f"At step {common.loc[paper_interval, 'steps']} of {steps}, the last step that every N skips with an "
+            f"input other than the one its reused output was computed from, the "
             f"relative L2 distance is {values} (mean [95% interval] over {level.n} samples). The paper reports "
             f"about {paper_value:g} at the last of {paper_steps} steps already for N = {paper_interval}: ")
     if abs(level.mean - paper_value) <= tolerance * paper_value:

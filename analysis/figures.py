@@ -1,6 +1,8 @@
 """One function per figure: data in, matplotlib Figure out (saving is analysis.style.save)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
@@ -102,16 +104,17 @@ def _curves(ax: plt.Axes, part: pd.DataFrame, log: bool = False, band_alpha: flo
     ax.fill_between(x, lower, upper, color=line.get_color(), alpha=band_alpha, linewidth=0)
 
 
-def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block features)",
+def caching_error(df: pd.DataFrame, timesteps: Sequence[int], title: str = "Caching error (middle-block features)",
                   warmup_steps: int = 1) -> plt.Figure:
     """Figure 1a: relative L2 feature distance over steps, one line per refresh interval N through every
     step's mean (no smoothing), a +-1 std band over samples, a filled marker on each step where that N
-    refreshes, and a dotted line at the last step every N skips (where `analysis.caching.caching_summary`
-    compares them).
+    refreshes, and a dotted line at the last step every N skips with a new input (where
+    `analysis.caching.caching_summary` compares them).
 
-    ``df``: `analysis.network.caching_error_curves` (step, interval, rel_l2_mean, rel_l2_std).
+    ``df``: `analysis.network.caching_error_curves` (step, interval, rel_l2_mean, rel_l2_std), sampled on
+    ``timesteps``.
     """
-    from analysis.caching import refresh_steps, steps_skipped_by_all
+    from analysis.caching import last_informative_common_skip, refresh_steps
 
     style.apply()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -122,9 +125,9 @@ def caching_error(df: pd.DataFrame, title: str = "Caching error (middle-block fe
         _curves(ax, part, color=color, lw=1.2, label=f"N = {n}", band_alpha=0.08)
         refresh = part[part["step"].isin(refresh_steps(steps, n, warmup_steps))]
         ax.scatter(refresh["step"], refresh["rel_l2_mean"], color=color, s=18, zorder=3)
-    common = steps_skipped_by_all(steps, intervals, warmup_steps)
-    if common:
-        ax.axvline(common[-1], color="grey", ls=":", lw=1, label=f"step {common[-1]}: every N skips")
+    common = last_informative_common_skip(intervals, timesteps, warmup_steps)
+    if common is not None:
+        ax.axvline(common, color="grey", ls=":", lw=1, label=f"step {common}: every N skips a new input")
     ax.set(xlabel="sampling step (dots: refresh steps)", ylabel=style.REL_L2_LABEL, title=title)
     ax.set_ylim(bottom=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

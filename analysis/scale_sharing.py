@@ -5,6 +5,11 @@ the batch size its run happened to use (the published DDIM code samples in batch
 here share each scale over 64 consecutive seeds (`modiff.quant.presets.PUBLISHED_BATCH`); this module scores them
 against runs of the same presets and seeds whose scales spanned another number of samples, paired seed by seed.
 Both sides are read from runs or their summaries (`modiff summarize`); nothing is sampled here.
+
+Seeds that share a scale are not independent, while the FID bootstrap resamples single seeds: `design_effects`
+measures, on each run's per-seed distances to the full-precision images, how much more they vary between runs of
+consecutive seeds than independent seeds would (1 for independent seeds). A bootstrap over single seeds
+understates the width of an interval of a mean over seeds by about the square root of it.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 from torch import nn
 
@@ -19,10 +25,12 @@ import modiff as md
 from analysis import experiments
 from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.pipelines.generate import SampleConfig
-from modiff.pipelines.summary import run_scores
+from modiff.pipelines.summary import per_seed_fidelity, run_scores
+from modiff.quant.presets import PUBLISHED_BATCH
 from modiff.utils.device import resolve_device
 
-__all__ = ["COLUMNS", "published_presets", "samples_per_scale", "comparison", "finding", "section"]
+__all__ = ["COLUMNS", "published_presets", "samples_per_scale", "comparison", "finding", "section", "design_effect",
+           "design_effects", "design_section"]
 
 
 COLUMNS = ["preset", "method", "w_bits", "a_bits", "n", "samples_per_scale", "fid", "fid_ci95", "other_samples_per_scale",
@@ -125,6 +133,67 @@ def finding(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def design_effect(values: Sequence[float], group: int) -> float:
+    """g Var(means of consecutive groups of g) / Var(values), over the whole groups (a trailing part is left
+    out): about 1 for independent values, larger when values of one group move together."""
+    values = np.asarray(values, dtype=np.float64)
+    whole = len(values) // group * group
+    if group < 1 or whole < 2 * group:
+        raise ValueError(f"a design effect over groups of {group} needs at least {2 * group} values, got {len(values)}")
+    spread = values[:whole].var(ddof=1)
+    if spread == 0:
+        raise ValueError("the values do not vary: no design effect")
+    return float(group * values[:whole].reshape(-1, group).mean(axis=1).var(ddof=1) / spread)
+
+
+def design_effects(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
+                   runs_dir: str | Path, device: str = "auto") -> pd.DataFrame:
+    """Per preset with a run (or summary) of ``seeds`` under ``runs_dir`` (laid out as Table 1's): the design
+    effect of its per-seed relative L2 distance to the full-precision run's images (seeds sorted), over groups
+    of its samples per scale (runs of a scale shared by samples) or, for comparison, of the published batch
+    (per-sample presets); the number of whole groups."""
+    resolved = config.resolved(resolve_device(device))
+    folder = experiments.spacing_runs_dir(model, runs_dir, resolved)
+    fp_run = experiments.run_location(model, "fp", resolved, folder)
+    rows = []
+    for preset in presets:
+        run = experiments.run_location(model, preset, resolved, folder)
+        if not (run / "manifest.json").is_file():
+            continue
+        group = samples_per_scale(run) if _shares_a_scale(md.presets[preset]) else PUBLISHED_BATCH
+        distances = per_seed_fidelity(run, fp_run, sorted(int(s) for s in seeds)).rel_l2_pixels
+        quant = md.presets[preset]
+        rows.append({"preset": preset, "method": "MoDiff" if quant.mode == "modulated" else "direct",
+                     "shares_a_scale": _shares_a_scale(quant), "samples_per_group": group,
+                     "groups": len(distances) // group, "design_effect": design_effect(distances, group)})
+    return pd.DataFrame(rows, columns=["preset", "method", "shares_a_scale", "samples_per_group", "groups",
+                                       "design_effect"])
+
+
+def design_section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
+                   runs_dir: str | Path, device: str = "auto") -> tuple[pd.DataFrame, str]:
+    """`design_effects` and a sentence on it; an empty table and why, where ``seeds`` hold fewer than two groups
+    of the published batch."""
+    if len(seeds) < 2 * PUBLISHED_BATCH:
+        return (pd.DataFrame(), f"Not measured: {len(seeds)} seeds hold fewer than two groups of "
+                                f"{PUBLISHED_BATCH} (the paper preset's 10,000 do).")
+    table = design_effects(model, presets, seeds, config, runs_dir, device)
+    if table.empty:
+        return table, f"Not measured: none of these presets has a run of these seeds under {_shown(runs_dir)}."
+    parts = []
+    for (shared, method), rows in table.groupby(["shares_a_scale", "method"], sort=False):
+        what = "sharing a scale" if shared else "one scale per sample (groups of the published batch, for comparison)"
+        parts.append(f"{method} rows {what}: {rows['design_effect'].min():.2f}-{rows['design_effect'].max():.2f} "
+                     f"({len(rows)} rows)")
+    groups = int(table["groups"].min())
+    return table, (f"Design effect of each row's per-seed distance to the full-precision images over groups of "
+                   f"consecutive seeds (1: as independent seeds; at least {groups} groups, so about "
+                   f"{(2 / (groups - 1)) ** 0.5:.2f} is its sampling noise): " + "; ".join(parts) + ". Where it is "
+                   "above 1, a bootstrap over single seeds, as Table 1's and the comparison above, gives those rows "
+                   "intervals too narrow, by about its square root for a mean over seeds; their FID intervals "
+                   "likely so too (not measured: a summary keeps no classifier features to resample groups).")
+
+
 def _shown(folder: str | Path) -> str:
     """A folder as a report shows it: relative to the working directory (the repository root for the
     notebooks) when inside it, so a committed report names no machine's paths."""
@@ -143,4 +212,6 @@ def section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], conf
                f"for {config.sampler} with {config.steps} steps, {config.spacing} spacing, {resolved.precision}.")
         return pd.DataFrame(columns=COLUMNS), why
     table = comparison(model, presets, seeds, config, runs_dir, other_runs_dir, ref, bootstrap, device)
-    return table, finding(table)
+    left_out = [p for p in presets if p not in set(table["preset"])]
+    return table, finding(table) + (f"\nNot compared (no run with the other sharing): {', '.join(left_out)}; the "
+                                    f"sentences above are about the compared rows only." if left_out else "")

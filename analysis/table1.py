@@ -7,7 +7,8 @@ and PSNR, each with the half-width of its t-based 95% interval over the seeds), 
 
 Rows are quantization presets, described from their configs: numerics "per-sample" (``wXaY``: dynamic,
 asymmetric, one scale per sample), "published" (``published-wXaY``: symmetric, one scale per batch tensor of the
-published code's 64 samples, split shortcut), "static" (``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
+published code's 64 samples, split shortcut: the CIFAR-10 commands), "published-lsun" (``published-lsun-wXaY``, the rows
+of a latent model: asymmetric, one scale per batch tensor of the LSUN commands' 8 samples, no split), "static" (``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
 (round-to-nearest), "AdaRound" (the ``-adaround`` presets and the Q-Diffusion rows) or "fp".
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from modiff.quant.ptq.shipped import PUBLISHED_ITERS, has_shipped, shipped_itera
 from modiff.utils.device import resolve_device
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
-           "adaround_presets", "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
+           "adaround_presets", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
            "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
@@ -89,6 +90,12 @@ def adaround_presets(presets: Sequence[str]) -> list[str]:
     return out
 
 
+def lsun_presets(published_presets: Sequence[str]) -> list[str]:
+    """The LSUN-command counterparts (``published-lsun-wXaY[-modiff]``) of the published presets: a latent model's
+    table gives both numerics, the CIFAR-10 commands' and the LSUN commands' (`modiff.quant.presets`)."""
+    return [name.replace("published-", "published-lsun-", 1) for name in published_presets]
+
+
 def adaround_status(model: nn.Module, calibrate: bool) -> tuple[bool, str]:
     """Whether the AdaRound W4 rows can be made here, and what to do if not: their presets must exist and
     the weights must come from calibration (``calibrate``) or from the model's shipped calibration."""
@@ -120,6 +127,11 @@ def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Seq
     else:
         notes.append("AdaRound W4 rows off (parameter `adaround = False`); the W4 rows use round-to-nearest weights.")
     rows += [*PUBLISHED_ANCHORS, *published_presets] if published_presets else []
+    if published_presets and md.default_spacing(model) == "ldm":
+        rows += lsun_presets(published_presets)
+        notes.append(f"A latent model: the {len(published_presets)} published presets also with the published LSUN "
+                     f"commands' numerics (published-lsun-*: asymmetric, one scale per 8 samples, no split; their "
+                     f"weights-only anchors are {', '.join(ANCHORS[1:])}).")
     if calibrate:
         rows += list(qdiff_presets)
     else:
@@ -161,7 +173,8 @@ def describe(preset: str) -> dict[str, Any]:
     elif not act.dynamic:
         numerics, method = "static", "Q-Diffusion + MoDiff" if modulated else "Q-Diffusion"
     else:
-        numerics = "published" if act.spec.granularity == "tensor" else "per-sample"
+        shared = "published-lsun" if act.spec.scheme == "asymmetric" else "published"
+        numerics = shared if act.spec.granularity == "tensor" else "per-sample"
         method = "dynamic (LCQ)" if not modulated else "dynamic + MoDiff" if config.compensation else "dynamic + modulation (no EC)"
     return {"numerics": numerics, "method": method,
             "weights": "fp" if weight is None else "AdaRound" if adaround else "RTN",

@@ -75,8 +75,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("audit", "The published code, audited", "published_audit",
             "Two behaviours of the published MoDiff code measured on our model: the per-step state reset of its "
             "CIFAR-10 sampler, and activation scales shared by a whole batch.",
-            tables=("published_audit", "published_scale_sharing"),
-            findings=("published_audit", "published_scale_sharing")),
+            tables=("published_audit", "published_scale_sharing", "published_design_effect"),
+            findings=("published_audit", "published_scale_sharing", "published_design_effect")),
     Section("model", "Appendix: the model", "model_card",
             "The embedded full-precision model: its training loss and samples (not a paper artefact).",
             figures=("samples_fp.png", "training_loss.png")),

@@ -14,7 +14,15 @@
   up path is quantized in two halves, its h and skip channels each with their own scale and weight grid;
   `tests/quant/test_published_equivalence.py` pins every layer against the published formulas).
   ``published-wXa32``: their weights alone (round to nearest, split shortcut on), the weights-only
-  anchor of the published rows.
+  anchor of the published rows. These are the numerics of the published DDIM CIFAR-10 commands (``--a_sym
+  --split``), and the same presets on a latent model keep them.
+- ``published-lsun-wXaY`` / ``published-lsun-wXaY-modiff``: the numerics of the published LSUN commands
+  (MoDiff README, dynamic mode; the published LDM script has neither ``--a_sym`` nor ``--split``): dynamic
+  asymmetric activations, s = (max - min) / (2^b - 1) over ONE batch tensor of the commands' 8 samples
+  (`PUBLISHED_LSUN_BATCH`; the range widened to 0, which the published per-tensor zero point also does and
+  which changes nothing where the range holds 0, as residuals and post-SiLU inputs do), no split shortcut, the
+  same weights as ``wXaY``, so ``wXa32`` is their weights-only anchor. The commands' 500 (churches) and 200
+  (bedrooms) DDIM steps are the sampler's business, not the quantizer's.
 - ``qdiff-wXaY`` / ``qdiff-wXaY-modiff``: Q-Diffusion (static activations, as the published DDIM
   CIFAR-10 runs: symmetric with the published clamp, one scale per tensor, split shortcut on, every
   Conv/Linear), direct or modulated. Static scales need calibration data: `modiff calibrate-data`, then
@@ -44,7 +52,7 @@ from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightCodes, We
 from modiff.quant.primitives import QuantSpec
 
 __all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "ADAROUND_WEIGHT_BITS",
-           "PUBLISHED_BATCH", "needs_calibration"]
+           "PUBLISHED_BATCH", "PUBLISHED_LSUN_BATCH", "needs_calibration"]
 
 WEIGHT_BITS = (8, 4)
 ADAROUND_WEIGHT_BITS = (4,)
@@ -53,6 +61,8 @@ CACHE_INTERVALS = (2, 3, 5, 10)
 # The published DDIM code samples CIFAR-10 in batches of 64, and its dynamic scales span the batch tensor: the
 # published presets share each scale over 64 consecutive samples, whatever batch size samples them here.
 PUBLISHED_BATCH = 64
+# The published LSUN commands (MoDiff README, dynamic quantization) sample in batches of 8.
+PUBLISHED_LSUN_BATCH = 8
 
 
 def _weights(bits: int, codes: WeightCodes = "nearest") -> WeightQuant:
@@ -64,6 +74,11 @@ def _acts(bits: int, published: bool = False) -> ActQuant:
         return ActQuant(QuantSpec(bits=bits, scheme="symmetric-published", granularity="tensor",
                                   samples_per_scale=PUBLISHED_BATCH))
     return ActQuant(QuantSpec(bits=bits, granularity="sample"))
+
+
+def _lsun_acts(bits: int) -> ActQuant:
+    return ActQuant(QuantSpec(bits=bits, scheme="asymmetric", granularity="tensor",
+                              samples_per_scale=PUBLISHED_LSUN_BATCH))
 
 
 def _static_acts(bits: int, observer: Observer) -> ActQuant:
@@ -87,6 +102,9 @@ def _build() -> dict[str, QuantConfig]:
             published = dict(weight=_weights(w), activation=_acts(a, published=True), split_shortcut=True)
             table[f"published-w{w}a{a}"] = QuantConfig(**published, mode="direct")
             table[f"published-w{w}a{a}-modiff"] = QuantConfig(**published, mode="modulated")
+            lsun = dict(weight=_weights(w), activation=_lsun_acts(a))
+            table[f"published-lsun-w{w}a{a}"] = QuantConfig(**lsun, mode="direct")
+            table[f"published-lsun-w{w}a{a}-modiff"] = QuantConfig(**lsun, mode="modulated")
     for w in WEIGHT_BITS:
         for a in ACT_BITS:
             static = dict(weight=_weights(w), split_shortcut=True)

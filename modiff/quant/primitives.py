@@ -19,7 +19,9 @@ Notation (paper symbols where they exist):
 =============  ===========================================================================
 
 Schemes: ``asymmetric`` s = (max - min) / (2^b - 1), z = round(-min / s), grid [0, 2^b - 1], with the
-range first widened to contain 0 (as PyTorch observers and the published code do, so Q(0) = 0 exactly);
+range first widened to contain 0 (as PyTorch observers do, so Q(0) = 0 exactly; the published code widens it
+for the per-tensor zero point only and not for per-channel or per-sample ranges, the same wherever the range
+holds 0, as weight rows, residuals and post-SiLU inputs do);
 ``symmetric`` s = absmax / (2^(b-1) - 1), z = 0, restricted grid [-(2^(b-1) - 1), 2^(b-1) - 1];
 ``symmetric-published`` the same scale with the full grid [-2^(b-1), 2^(b-1) - 1] (MoDiff/Q-Diffusion).
 

@@ -46,19 +46,22 @@ def test_error_bounds() -> None:
 
 def test_caching_error_marks_refresh_steps() -> None:
     """One line per N through every step, a dot per refresh step (N = 2 over 6 steps: 0, 2, 4; N = 3: 0, 3),
-    and a dotted line at the last step every N skips (5)."""
-    fig = figures.caching_error(_curve_frame("interval", [2, 3]))
+    and a dotted line at the last step every N skips with a new input: 5, or 1 where the timestep at 5 is the
+    one at 4 and 3 (N = 2 and 3 would reuse an output of the same input there)."""
+    fig = figures.caching_error(_curve_frame("interval", [2, 3]), timesteps=[50, 40, 30, 20, 10, 0])
     lines = fig.axes[0].get_lines()
     assert len(lines) == 3 and len(lines[0].get_xdata()) == 6
     assert list(lines[2].get_xdata()) == [5, 5] and lines[2].get_linestyle() == ":"
     dots = [c.get_offsets()[:, 0].tolist() for c in fig.axes[0].collections if len(c.get_offsets()) and c.get_sizes().size]
     assert [0.0, 2.0, 4.0] in dots and [0.0, 3.0] in dots
+    repeated = figures.caching_error(_curve_frame("interval", [2, 3]), timesteps=[50, 40, 30, 0, 0, 0])
+    assert list(repeated.axes[0].get_lines()[2].get_xdata()) == [1, 1]
 
 
 def test_spread_band_stops_at_zero() -> None:
     """A distance is never negative: a std larger than the mean does not draw the band below 0."""
     wide = _curve_frame("interval", [2]).assign(rel_l2_std=0.5)
-    fig = figures.caching_error(wide)
+    fig = figures.caching_error(wide, timesteps=range(6, 0, -1))
     band = fig.axes[0].collections[0].get_paths()[0].vertices
     assert band[:, 1].min() == 0.0 and band[:, 1].max() == pytest.approx(wide.rel_l2_mean.max() + 0.5)
 

@@ -34,6 +34,26 @@ def test_steps_skipped_by_every_interval() -> None:
         caching.refresh_steps(20, 0)
 
 
+def test_the_common_skip_step_needs_a_new_input() -> None:
+    """quad at 100 steps ends with t = 0 four times (indices 96-99), and DDIM from t to t leaves x as it was: at
+    97, N = 2 reuses its output of 96, computed on the same input, so the comparison moves to the last common
+    skip whose input differs from every N's reused one; with distinct timesteps it is the last common skip."""
+    import modiff as md
+
+    quad = md.timesteps(100, "quad")
+    assert list(quad[-4:]) == [0, 0, 0, 0] and quad[-5] != 0
+    step = caching.last_informative_common_skip([2, 3, 5], quad)
+    assert step is not None and step < 96 and step in caching.steps_skipped_by_all(100, [2, 3, 5])
+    assert all(quad[max(r for r in caching.refresh_steps(100, n) if r < step)] != quad[step] for n in (2, 3, 5))
+    later = [i for i in caching.steps_skipped_by_all(100, [2, 3, 5]) if i > step]
+    assert later and all(any(quad[max(r for r in caching.refresh_steps(100, n) if r < i)] == quad[i]
+                             for n in (2, 3, 5)) for i in later)
+    assert caching.last_informative_common_skip([2, 3, 5], range(100, 0, -1)) == 97
+    assert caching.last_informative_common_skip([2], [5, 5, 5, 5]) is None
+    with pytest.raises(ValueError, match="2 timesteps for samples of 20 steps"):
+        caching.caching_summary(_sawtooth(), timesteps=[1, 0])
+
+
 def _sawtooth(steps: int = 20, intervals_: tuple[int, ...] = (2, 3, 5), samples: int = 4) -> pd.DataFrame:
     """Per-sample error 0 on refresh steps, (steps since refresh) * 0.1 * (1 + sample / 10) otherwise."""
     rows = []
@@ -47,7 +67,7 @@ def _sawtooth(steps: int = 20, intervals_: tuple[int, ...] = (2, 3, 5), samples:
 
 
 def test_caching_summary_compares_at_the_common_skip_step() -> None:
-    summary = caching.caching_summary(_sawtooth()).set_index(["interval", "comparison"])
+    summary = caching.caching_summary(_sawtooth(), timesteps=range(20, 0, -1)).set_index(["interval", "comparison"])
     scale = np.mean([1 + s / 10 for s in range(4)])  # 1.15
     # step 19: N = 2 one step since its refresh at 18, N = 3 one since 18, N = 5 four since 15
     at = summary.xs("last step every N skips", level="comparison")
@@ -62,7 +82,7 @@ def test_caching_summary_compares_at_the_common_skip_step() -> None:
 
 
 def test_last_step_label_says_refresh() -> None:
-    summary = caching.caching_summary(_sawtooth(steps=19))  # index 18 is a refresh for N = 2 and 3
+    summary = caching.caching_summary(_sawtooth(steps=19), timesteps=range(19, 0, -1))  # 18 refreshes N = 2 and 3
     labels = summary[summary["comparison"].str.startswith("last step (")].set_index("interval")["comparison"]
     assert labels.to_dict() == {2: "last step (refresh for this N)", 3: "last step (refresh for this N)",
                                 5: "last step (skip for this N)"}

@@ -16,7 +16,7 @@ from modiff.metrics.bootstrap import BootstrapConfig
 from modiff.pipelines.evaluate import seed_images
 from modiff.pipelines.generate import generate
 from modiff.pipelines.summary import run_scores
-from modiff.quant.presets import PUBLISHED_BATCH
+from modiff.quant.presets import PUBLISHED_BATCH, PUBLISHED_LSUN_BATCH
 from modiff.utils.device import resolve_device
 
 
@@ -40,7 +40,9 @@ def test_published_presets_are_those_sharing_a_dynamic_scale() -> None:
     names = scale_sharing.published_presets()
     assert "published-w8a4" in names and "published-w4a2-modiff" in names
     assert not {"w8a4", "published-w8a32", "qdiff-w8a4", "fp"} & set(names)
-    assert all(md.presets[n].samples_per_scale == PUBLISHED_BATCH for n in names)
+    assert all(md.presets[n].samples_per_scale == PUBLISHED_BATCH for n in names if "lsun" not in n)
+    assert all(md.presets[n].samples_per_scale == PUBLISHED_LSUN_BATCH for n in names if "lsun" in n)
+    assert "published-lsun-w4a3-modiff" in names
 
 
 def _manifest(folder: Path, identity: dict) -> Path:
@@ -89,6 +91,10 @@ def test_comparison_pairs_the_same_seeds_and_leaves_out_unpaired_presets(tame_de
     empty, why = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "none",
                                        bootstrap=bootstrap, device="cpu")
     assert empty.empty and list(empty.columns) == scale_sharing.COLUMNS and why.startswith("Not compared")
+    _, said = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "scale3",
+                                    bootstrap=bootstrap, device="cpu")
+    assert said.endswith("Not compared (no run with the other sharing): published-w8a4-modiff; the sentences above "
+                         "are about the compared rows only.")
     monkeypatch.chdir(tmp_path)  # as the notebooks run, from the repository root: no machine's paths in a report
     _, why = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "none",
                                    bootstrap=bootstrap, device="cpu")
@@ -109,3 +115,46 @@ def test_finding_reads_the_largest_change_per_method() -> None:
     assert "- MoDiff: 1 of 1 rows moved" in text
     assert "The MoDiff rows move by at most 0.02 FID, the direct rows by up to 7.49: a published MoDiff number " \
            "depends less" in text
+
+
+def test_design_effect_by_hand() -> None:
+    """Groups of 2: [1, 3, 5, 7] has group means 2 and 6, Var 8, Var of the values 20/3: 2 * 8 / (20/3) = 2.4; a
+    trailing part is left out; alternating values inside each group cancel between groups (0)."""
+    assert scale_sharing.design_effect([1, 3, 5, 7, 100], 2) == pytest.approx(2.4)
+    assert scale_sharing.design_effect([0, 1, 0, 1, 0, 1], 2) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least 8 values"):
+        scale_sharing.design_effect([1.0, 2.0, 3.0], 4)
+    with pytest.raises(ValueError, match="do not vary"):
+        scale_sharing.design_effect([1.0] * 8, 2)
+
+
+def test_design_effect_sees_groups_that_move_together() -> None:
+    """Independent values give about 1; a shared offset per group of 8 gives about 1 + 7 rho (rho the share of
+    the variance the group offset carries), here rho = 1/2: 4.5."""
+    rng = np.random.default_rng(0)
+    independent = rng.normal(size=64_000)
+    assert scale_sharing.design_effect(independent, 8) == pytest.approx(1.0, abs=0.05)
+    shared = np.repeat(rng.normal(size=8_000), 8) + rng.normal(size=64_000)
+    assert scale_sharing.design_effect(shared, 8) == pytest.approx(4.5, rel=0.05)
+
+
+def test_design_section_needs_two_groups_and_reads_runs(tame_denoiser, tmp_path: Path) -> None:
+    config = table1.table_config(tame_denoiser, 3, "quad")
+    empty, why = scale_sharing.design_section(tame_denoiser, ["published-w8a4"], range(12), config, tmp_path,
+                                              device="cpu")
+    assert empty.empty and why.startswith("Not measured: 12 seeds hold fewer than two groups of 64")
+    none, why = scale_sharing.design_section(tame_denoiser, ["published-w8a4"], range(128), config, tmp_path,
+                                             device="cpu")
+    assert none.empty and why.startswith("Not measured: none of these presets has a run")
+    seeds, folder = range(128), experiments.spacing_runs_dir(tame_denoiser, tmp_path, config)
+    runs = {p: experiments.sample_run(tame_denoiser, p, seeds, config, folder, batch_size=128, device="cpu")
+            for p in ("fp", "published-w8a4", "w8a4")}
+    table, why = scale_sharing.design_section(tame_denoiser, ["published-w8a4", "w8a4", "w8a3"], seeds, config, tmp_path,
+                                              device="cpu")
+    assert table["preset"].tolist() == ["published-w8a4", "w8a4"] and (table["groups"] == 2).all()
+    assert table["shares_a_scale"].tolist() == [True, False] and (table["samples_per_group"] == 64).all()
+    from modiff.pipelines.summary import per_seed_fidelity
+
+    distances = per_seed_fidelity(runs["w8a4"], runs["fp"], list(seeds)).rel_l2_pixels
+    assert table.iloc[1]["design_effect"] == pytest.approx(scale_sharing.design_effect(distances, 64))
+    assert "direct rows sharing a scale" in why and "at least 2 groups" in why

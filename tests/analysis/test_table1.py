@@ -18,6 +18,8 @@ def test_rows_are_described_from_their_configs() -> None:
                                        "w_bits": 4, "a_bits": 4}
     assert table1.describe("published-w8a3-modiff")["numerics"] == "published"
     assert table1.describe("published-w8a3-modiff")["method"] == "dynamic + MoDiff"
+    assert table1.describe("published-lsun-w4a3-modiff") == {"numerics": "published-lsun", "method": "dynamic + MoDiff",
+                                                             "weights": "RTN", "w_bits": 4, "a_bits": 3}
     assert table1.describe("qdiff-w8a4-modiff") == {"numerics": "static", "method": "Q-Diffusion + MoDiff",
                                                     "weights": "AdaRound", "w_bits": 8, "a_bits": 4}
 
@@ -36,6 +38,21 @@ def test_row_presets_put_the_anchors_first_and_say_what_is_left_out(tiny_denoise
     assert ("w4a32-adaround" in rows) == available and rows[-1] == "qdiff-w4a4"
     if not available:  # this modiff lacks the AdaRound presets: the notebook says so instead of failing
         assert "left out" in note
+
+
+def test_a_latent_models_table_adds_the_lsun_commands_numerics(tiny_denoiser: md.Denoiser) -> None:
+    """A latent model's rows hold each published preset twice, with the CIFAR-10 and the LSUN commands'
+    numerics; a pixel model's only with the CIFAR-10 ones."""
+    from test_latent import _tiny_model
+
+    published = ["published-w8a4", "published-w8a4-modiff"]
+    rows, note = table1.row_presets(_tiny_model(), ["w8a4"], published, [], adaround=False, calibrate=False)
+    assert rows[-4:] == [*published, "published-lsun-w8a4", "published-lsun-w8a4-modiff"]
+    assert "published-lsun-*" in note
+    rows, note = table1.row_presets(tiny_denoiser, ["w8a4"], published, [], adaround=False, calibrate=False)
+    assert not any("lsun" in row for row in rows) and "lsun" not in note
+    counterparts = table1._counterparts(["fp", "w8a32", "w8a4", "published-lsun-w8a4", "published-lsun-w8a4-modiff"])
+    assert counterparts["published-lsun-w8a4-modiff"] == {"weights_only": "w8a32", "direct": "published-lsun-w8a4"}
 
 
 def test_calibration_record_says_which_iterations_made_the_calibrated_rows(tiny_denoiser: md.Denoiser) -> None:

@@ -25,7 +25,7 @@ def make_report(root: Path, preset: str = "paper", findings: bool = True,
     """A report folder as `modiff reproduce` leaves it, at toy sizes: manifest, a few tables, one PNG per
     section that has figures, executed-notebook pages, and (optionally) the notebooks' findings."""
     out = root / preset
-    write(out, "table1_bitwidth", table1_rows("worse: +0.2 [+0.1, +0.3]", "no difference: 0 [-1, 1]"))
+    write(out, "table1_bitwidth", table1_rows("worse: +0.1 [+0.05, +0.15]", "no difference: 0 [-1, 1]"))
     write(out, "table4_last_step_error", _table4([0.7, 0.2, 0.03, 0.01], [1.6, 1.5, 1.0, 0.6]))
     write(out, "fig1b_range_ratios", [{"layer": "net.mid", "overall": 1.5, "min_per_step": 1.2, "median_per_step": 12.0}])
     for name in ("table1_bitwidth", "table4_last_step_error", "fig1b_range_ratios"):

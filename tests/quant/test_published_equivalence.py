@@ -44,10 +44,12 @@ from modiff.models.ddim_unet import DDIMUNet, DDIMUNetConfig, ResnetBlock
 from modiff.models.ldm_unet import ResBlock, UNetModel
 from modiff.quant import QuantConfig, presets, quantize, trajectory
 from modiff.quant.api import quant_layers
+from modiff.quant.layers.direct import QuantLayer
 
 from conftest import TINY, tiny_net
 
-PUBLISHED = [name for name in presets if name.startswith("published-")]
+PUBLISHED = [name for name in presets if name.startswith("published-") and not name.startswith("published-lsun-")]
+PUBLISHED_LSUN = [name for name in presets if name.startswith("published-lsun-")]
 STEPS, BATCH = 4, 3
 
 
@@ -76,6 +78,18 @@ def published_act(x: torch.Tensor, bits: int, divide: bool = False) -> torch.Ten
     """Dynamic symmetric per-tensor activation quantizer of the published code."""
     levels, delta = 2 ** (bits - 1) - 1, published_act_scale(x, bits)
     return torch.clamp(torch.round(_scaled(x, delta, divide)), -levels - 1, levels) * delta
+
+
+def published_lsun_act(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic asymmetric per-tensor activation quantizer of the published LSUN commands (no ``--a_sym``,
+    ``scale_method='max'``): delta = (max x - min x) / (2^b - 1) from Python floats, at least 1e-8, cast to
+    x's dtype; z = round(-min(min x, 0) / delta) with the double delta; Q(x) = delta (clamp(round(x / delta) + z,
+    0, 2^b - 1) - z). Returns (Q(x), delta)."""
+    x_min = x.min().item()
+    delta = max((x.max().item() - x_min) / (2**bits - 1), 1e-8)
+    zero = round(-min(x_min, 0.0) / delta)
+    scale = torch.tensor(delta).type_as(x)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale, scale
 
 
 def published_weight(w: torch.Tensor, bits: int, divide: bool = False) -> torch.Tensor:
@@ -211,6 +225,9 @@ def test_ddim_levels_from_4_are_not_split() -> None:
 
 
 def test_ldm_split_set_is_the_published_one() -> None:
+    """Where the published LDM forward passes ``split`` (when ``UNetModel.split`` is set: every output block's
+    shortcut). The published LSUN commands leave it off (`published-lsun-*`); `published-*` turns it on on a
+    latent model too, as the CIFAR-10 commands' ``--split`` does on the DDIM one."""
     net = UNetModel(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
                     attention_resolutions=[2], channel_mult=[1, 2], num_heads=2).eval()
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([7])
@@ -322,3 +339,63 @@ def test_network_teacher_forced_on_the_published_trajectory(recorded, preset: st
     with trajectory(qmodel) if qmodel.quant_config.stateful else torch.no_grad(), torch.no_grad():
         for x, t, eps in calls:
             torch.testing.assert_close(qmodel(x, t), eps, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The published LSUN numerics (`published-lsun-*`)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lsun_presets_are_the_published_ldm_commands() -> None:
+    """Asymmetric per-tensor activations over runs of 8 samples, no split shortcut, the weights of wXaY."""
+    assert len(PUBLISHED_LSUN) == 2 * 2 * 5
+    for name in PUBLISHED_LSUN:
+        config, (w, a) = presets[name], _bits(name)
+        spec = config.activation.spec
+        assert (spec.scheme, spec.granularity, spec.samples_per_scale, spec.bits) == ("asymmetric", "tensor", 8, a)
+        assert config.activation.dynamic and not config.split_shortcut
+        assert config.weight == presets[f"w{w}a{a}"].weight
+        assert config.mode == ("modulated" if name.endswith("-modiff") else "direct")
+
+
+@pytest.mark.parametrize("preset", ["published-lsun-w8a4", "published-lsun-w4a3-modiff"])
+def test_lsun_layers_quantize_as_the_published_ldm_code(recorded, preset: str) -> None:
+    """Teacher-forced on every recorded input (direct) or every residual a_t - a_hat of its own state
+    (modulated), each layer's activation quantizer gives the published LSUN quantizer's values: the scale
+    within one float32 rounding (the published code subtracts the range ends in double), so codes may move
+    by one step where x / delta sits within that rounding of a half-integer; at most 1 in 10^4 does."""
+    model, inputs, _ = recorded
+    config = presets[preset]
+    _, a_bits = _bits(preset)
+    qmodel = quantize(model, config)
+    assert split_set(qmodel) == {}
+    moved = total = 0
+    for name, ours in quant_layers(qmodel).items():
+        with trajectory(ours) if config.stateful else torch.no_grad(), torch.no_grad():
+            for step, x in enumerate(inputs[name]):
+                seen = x - ours.state.a_hat if config.stateful and step > 0 else x
+                if config.stateful and step == 0:
+                    ours(x)  # the full-precision first step sets a_hat
+                    continue
+                expected, delta = published_lsun_act(seen, a_bits)
+                got = ours.act(seen)
+                steps = ((got - expected) / delta).abs()
+                assert (steps <= 1 + 1e-3).all(), f"{name} step {step}: a code moved by more than one step"
+                moved, total = moved + int((steps > 0.5).sum()), total + seen.numel()
+                if config.stateful:
+                    ours(x)
+    assert total > 0 and moved <= 1e-4 * total, (moved, total)
+
+
+def test_lsun_scale_spans_eight_samples() -> None:
+    """A batch of 16 quantizes as two batches of 8, each with the published scale of its own 8 samples."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 5, 5)
+    x[8:] *= 10
+    act = QuantLayer(nn.Conv2d(4, 4, 1), presets["published-lsun-w8a4"], "c").act
+    with torch.no_grad():
+        got = act(x)
+    for half in (slice(0, 8), slice(8, 16)):
+        expected, delta = published_lsun_act(x[half], 4)
+        assert ((got[half] - expected).abs() / delta).max() <= 1 + 1e-3
+        assert ((got[half] - expected).abs() > 0.5 * delta).float().mean() <= 1e-3

@@ -227,7 +227,8 @@ class QuantLayer(nn.Module):
 
 
 class QuantAttentionCore(nn.Module):
-    """Q-Diffusion-style attention: q, k, v and the softmax output quantized (dynamic, per sample)."""
+    """Attention with q, k, v and the softmax output quantized, dynamically per sample at one bit width (not
+    Q-Diffusion's scheme: static per-tensor scales, q, k, v at the activation bits, the softmax at ``sm_abit``)."""
 
     def __init__(self, bits: int):
         super().__init__()

@@ -81,7 +81,9 @@ class CalibDataConfig:
 
 
 def chosen_indices(steps: int, calib_steps: int) -> list[int]:
-    """Sampling-step indices round(linspace(1, steps - 1, calib_steps)): evenly spread, all distinct.
+    """Sampling-step indices round(linspace(1, steps - 1, calib_steps)): evenly spread, all distinct, each with a
+    predecessor (the published `generate()` takes 0, T/n, 2T/n, ..., whose index 0 pairs with itself: a zero
+    residual).
 
     Consecutive points are (steps - 2) / (calib_steps - 1) >= 1 apart, so rounding keeps them distinct.
     """

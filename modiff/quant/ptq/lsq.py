@@ -7,13 +7,20 @@ For a modulated layer the quantizer sees residuals r_t = a_t - a_{t+1} (one samp
 activations. Each layer is calibrated on its own, as in the published MoDiff code, from the
 full-precision inputs a_t and a_before = a_{t+1} of the calibration pairs:
 
-- start: the observer of the layer's quantizer on r (min-max: asymmetric s = (max - min) / (2^b - 1)
-  with the zero point recomputed, z = round(-min / s); symmetric s = absmax / (2^(b-1) - 1)). The
-  published code uses (max - min) / (2^b - 1) for both schemes and keeps a stale zero point;
+- start: the observer of each of the layer's quantizers (each half of a split layer) on its r (min-max:
+  asymmetric s = (max - min) / (2^b - 1) with the zero point recomputed, z = round(-min / s); symmetric
+  s = absmax / (2^(b-1) - 1)). Not the published start, by choice: `layer_reconstruction_modiff` takes one
+  scalar delta = (max r - min r) / (n_levels - 1) over all the layer's residuals with its quantizer's n_levels,
+  2^b when asymmetric (so 2^b - 1 steps, as here) but 2^(b-1) - 1 when symmetric (``--a_sym``, the CIFAR-10
+  commands), so 2^(b-1) - 2 steps: range / 6 at 4 bits, about 2.3x absmax / 7 on a symmetric range, range / 2
+  at 3 bits, a division by zero at 2; it keeps the stale zero point and copies the delta into both halves of
+  a split layer. With ``--cali_min_max`` (the MoDiff README's recommendation) that start is its final scale;
 - learned step sizes: the layer runs on the previous input (a warm-up step, full-precision activations:
   o_hat = A_q(a_before) + b) and then on the current one (o = o_hat + A_q(Q(r))); the loss is
   lp_loss(o, A(a_t) + b). The bias cancels, so with base = A_q(a_before) - A(a_t), cached per sample,
-  the loss is lp_loss(base + A_q(Q(r)), 0).
+  the loss is lp_loss(base + A_q(Q(r)), 0). The published loss can add an overflow penalty,
+  out_penalty * sum |tgt - pred| over the targets outside [min pred, max pred] (``--out_penalty``: 0 in the
+  published LSUN script, 1.0 where a script calls `layer_reconstruction_modiff` without it); not implemented.
 
 The losses of different layers are independent, so the layers of one block are fitted together (one
 capture pass per block, one optimiser); that equals fitting them one after the other.
