@@ -350,6 +350,22 @@ def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _comparisons_line(table: pd.DataFrame) -> list[str]:
+    """How many verdicts the table holds, what that means for the ones near 0, and where single-seed resampling
+    understates an interval (rows whose activation scale spans samples)."""
+    columns = [c for c in ("vs_fp", "vs_weights_only", "modiff_vs_direct") if c in table]
+    verdicts = int(sum((table[c].astype(str).str.len() > 0).sum() for c in columns))
+    shared = [p for p in table.preset if md.presets[p].samples_per_scale > 1]
+    line = (f"- The table holds {verdicts} paired comparisons, each its own 95% interval (no correction for their "
+            f"number): a few verdicts whose interval ends near 0 can be chance, so read those as weak.")
+    if shared:
+        line += (f" {len(shared)} rows share each activation scale over consecutive seeds ({shared[0]}, ...): "
+                 f"their seeds are not independent and the bootstrap resamples single seeds, so their intervals "
+                 f"are too narrow by an unmeasured factor (the published audit measures the design effect of "
+                 f"their per-seed distances).")
+    return [line]
+
+
 def _better_than_fp_line(scored: pd.DataFrame) -> list[str]:
     """The rows with a lower FID than fp, with their distance to fp: FID measures closeness to the data, not
     to the fp model, so a quantized row can score below fp while its images differ from fp's."""
@@ -378,6 +394,7 @@ def findings(table: pd.DataFrame, left_out: Sequence[str] = ()) -> str:
              f"small N, so each row is read against this anchor, not against an fp FID at another N.",
              f"- {len(same)} of {len(scored)} quantized rows show no FID difference from fp (paired bootstrap, "
              f"95%): {', '.join(same.preset) or 'none'}."]
+    lines += _comparisons_line(table)
     lines += _better_than_fp_line(scored)
     lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
                                      "(the paper's cells are in the paper_fid column)."]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -111,6 +112,11 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
     assert np.isnan(with_paper.set_index("preset").loc["w4a32", "paper_fid"])
     text = table1.findings(with_paper)
     assert "N = 10 samples" in text and "`quad` timesteps" in text and "fp32 on cpu" in text
+    counted = sum((with_paper[c].astype(str).str.len() > 0).sum() for c in ("vs_fp", "vs_weights_only", "modiff_vs_direct"))
+    assert counted >= 4 and f"The table holds {counted} paired comparisons, each its own 95% interval" in text
+    assert "share each activation scale" not in text  # no published row here
+    published = pd.concat([with_paper, with_paper[with_paper.preset == "w8a4"].assign(preset="published-w8a4")])
+    assert "1 rows share each activation scale over consecutive seeds (published-w8a4, ...)" in table1.findings(published)
 
 
 def test_a_modiff_row_worse_than_direct_is_read_against_its_weights_only_anchor() -> None:
