@@ -212,6 +212,8 @@ def section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], conf
                f"for {config.sampler} with {config.steps} steps, {config.spacing} spacing, {resolved.precision}.")
         return pd.DataFrame(columns=COLUMNS), why
     table = comparison(model, presets, seeds, config, runs_dir, other_runs_dir, ref, bootstrap, device)
-    left_out = [p for p in presets if p not in set(table["preset"])]
-    return table, finding(table) + (f"\nNot compared (no run with the other sharing): {', '.join(left_out)}; the "
-                                    f"sentences above are about the compared rows only." if left_out else "")
+    folder = experiments.spacing_runs_dir(model, runs_dir, resolved)
+    left_out = [p for p in presets if p not in set(table["preset"])
+                and (experiments.run_location(model, p, resolved, folder) / "manifest.json").is_file()]
+    return table, finding(table) + (f"\nNot compared (a run here, none with the other sharing): {', '.join(left_out)}; "
+                                    f"the sentences above are about the compared rows only." if left_out else "")

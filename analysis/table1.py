@@ -360,9 +360,9 @@ def _comparisons_line(table: pd.DataFrame) -> list[str]:
             f"number): a few verdicts whose interval ends near 0 can be chance, so read those as weak.")
     if shared:
         line += (f" {len(shared)} rows share each activation scale over consecutive seeds ({shared[0]}, ...): "
-                 f"their seeds are not independent and the bootstrap resamples single seeds, so their intervals "
-                 f"are too narrow by an unmeasured factor (the published audit measures the design effect of "
-                 f"their per-seed distances).")
+                 f"their seeds need not be independent while the bootstrap resamples single seeds, so their "
+                 f"intervals may be too narrow (the published audit measures the design effect of their per-seed "
+                 f"distances).")
     return [line]
 
 

@@ -179,6 +179,7 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
 @click.option("--preset", "quant_preset", default=None, help="Quantization preset (default: full precision).")
 @click.option("--sampler", type=literal_choices(SamplerName), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--spacing", type=literal_choices(Spacing), default=None, help=SPACING_HELP)
 @click.option("--seeds", default="0-63", show_default=True, callback=parse_seeds_option, help="e.g. 0-63 or 0-9,100.")
 @click.option("--sites", default="conv,linear", show_default=True,
               help="Site spec: types (conv, linear, all, type:Name) and name patterns (net.mid.*, !net.temb.*).")
@@ -187,7 +188,8 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
 @precision_option
 @click.option("--device", default="auto", show_default=True, callback=check_device_option, help="auto (GPU when present), cpu, cuda, cuda:1.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="New recording directory.")
-def record_command(model: str, quant_preset: Optional[str], sampler: str, steps: int, seeds: list[int], sites: str,
+def record_command(model: str, quant_preset: Optional[str], sampler: str, steps: int, spacing: Optional[str],
+                   seeds: list[int], sites: str,
                    tensor_sites: Optional[str], batch_size: int, precision: str, device: str, out: Path) -> None:
     """Record per-layer, per-step activation statistics (and optionally full tensors) of sampling runs into OUT.
 
@@ -197,6 +199,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
     \b
     Examples:
       modiff record --steps 100 --seeds 0-63 --out data/recordings/fp
+      modiff record --steps 100 --spacing quad --seeds 0-63 --out data/recordings/fp-quad   # the paper's DDIM runs
       modiff record --preset w8a4-modiff --sites 'net.mid.*' --tensors net.mid.block_1.conv1 --out data/recordings/q
       modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
     """
@@ -212,7 +215,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
             raise ValueError(f"{out} is not empty; a recording needs a new directory (use another --out)")
         net = load_model_option(model, None, takes_config=False)
         refuse_conditional(net, "record")
-        config = SampleConfig(sampler=sampler, steps=steps, spacing=default_spacing(net), precision=precision)
+        config = SampleConfig(sampler=sampler, steps=steps, spacing=spacing or default_spacing(net), precision=precision)
         prepare = None
         if quant is not None:
             net = quantize(net, quant)

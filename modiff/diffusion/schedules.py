@@ -87,7 +87,7 @@ def timesteps(steps: int, spacing: Spacing = "uniform", num_timesteps: int = 100
       gives extra steps; a sequence that reaches t = T is refused (CompVis fails on it too).
       ``offset`` adds to this +1.
     - ``quad``: int(linspace(0, sqrt(0.8 T), S)^2), exactly as published: it starts at 0.8 T, not T - 1,
-      and may repeat timesteps (for S = 100 and T = 1000 it holds t = 0 four times). Repeats are real
+      and may repeat timesteps (for S = 100 and T = 1000 it holds t = 0 four times and t = 2 twice). Repeats are real
       model evaluations, kept so that published numbers can be reproduced.
     - ``quad-unique``: the same sequence with repeats removed (fewer than S steps).
     """

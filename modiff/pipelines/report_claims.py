@@ -274,8 +274,9 @@ def _modiff_rows_verdict(rows: pd.DataFrame, anchor_fid: pd.Series, against: str
 
 
 def weights_only_preset(preset: str, a_bits: int) -> str:
-    """The weights-only row of a MoDiff row: w8a4-modiff -> w8a32, published-w8a3-modiff -> published-w8a32."""
-    return preset.replace(f"a{a_bits}-modiff", "a32")
+    """The weights-only row of a MoDiff row: w8a4-modiff -> w8a32, published-w8a3-modiff -> published-w8a32, and
+    published-lsun-w8a4-modiff -> w8a32 (those rows quantize the weights of wXaY, with no split)."""
+    return preset.replace(f"a{a_bits}-modiff", "a32").replace("published-lsun-", "")
 
 
 def low_bit_activations(t: SavedTables) -> Claim:

@@ -51,9 +51,31 @@ def _numeric(frame: pd.DataFrame, column: str) -> Optional[np.ndarray]:
 def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[str, object]:
     """How far one table moved: numeric cells changed and the largest relative change (and its column),
     text cells changed (verdicts, findings), and for every estimate with a 95% interval how many regenerated
-    estimates lie inside the committed interval and the largest absolute change of an estimate."""
-    if list(committed.columns) != list(regenerated.columns) or len(committed) != len(regenerated):
+    estimates lie inside the committed interval and the largest absolute change of an estimate. Tables of the
+    same columns but another number of rows are compared on the rows both have, matched by their ``preset`` column
+    (else the first) where it names each row once, and the note names the rows only one of them has."""
+    if list(committed.columns) != list(regenerated.columns):
         return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, or other columns"}
+    if len(committed) != len(regenerated):
+        return _compare_common_rows(committed, regenerated)
+    return _compare_aligned(committed, regenerated)
+
+
+def _compare_common_rows(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[str, object]:
+    key = "preset" if "preset" in committed.columns else committed.columns[0]
+    if not (committed[key].is_unique and regenerated[key].is_unique):
+        return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, and no column names each row once"}
+    common = [k for k in committed[key] if k in set(regenerated[key])]
+    only = {side: [str(k) for k in frame[key] if k not in set(common)]
+            for side, frame in (("committed", committed), ("regenerated", regenerated))}
+    by_key = [frame.set_index(key).loc[common].reset_index() for frame in (committed, regenerated)]
+    result = _compare_aligned(*by_key)
+    result["note"] = f"the {len(common)} rows of both compared (by {key}); " + "; ".join(
+        f"only in the {side}: {', '.join(names)}" for side, names in only.items() if names)
+    return result
+
+
+def _compare_aligned(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[str, object]:
     numeric_cells = changed = text_changed = 0
     largest, largest_column = 0.0, ""
     for column in committed.columns:

@@ -177,14 +177,26 @@ def test_layer_sensitivity_variants(tiny_denoiser: md.Denoiser) -> None:
 
 
 def test_state_accounting_by_hand(tiny_denoiser: md.Denoiser) -> None:
-    """fp32 a_hat + o_hat is the bops_memory count; a_hat only is smaller; 3-bit codes are 3/32 of the first."""
+    """fp32 a_hat + o_hat is the bops_memory count; a_hat only is smaller; one a_hat for q, k and v saves two
+    attention inputs per attention block; 3-bit codes are 3/32 of the first."""
     from analysis import memory
 
     table = memory.state_accounting(tiny_denoiser, "w8a3-modiff")
     bops = experiments.bops_memory_table(tiny_denoiser, ["w8a3-modiff"], [1], steps=4)
     mb = table["mb_per_image"].to_numpy()
     assert mb[0] == pytest.approx(bops.modiff_state_mb.item())
-    assert mb[2] == pytest.approx(mb[1] / 2) and mb[3] == pytest.approx(mb[0] * 3 / 32) and mb[1] < mb[0]
+    assert mb[2] == pytest.approx(mb[1] / 2) and mb[4] == pytest.approx(mb[0] * 3 / 32) and mb[1] < mb[0]
+    attention = [m for m in tiny_denoiser.modules() if getattr(m, "shared_input", ())]
+    assert attention  # the tiny UNet has attention blocks: q, k and v read one (1, C, H, W) tensor
+    saved = 0
+    for block in attention:
+        inputs = []
+        hook = block.q.register_forward_pre_hook(lambda m, args: inputs.append(args[0].numel()))
+        with torch.no_grad():
+            tiny_denoiser(torch.zeros(1, *tiny_denoiser.sample_shape), torch.full((1,), 500))
+        hook.remove()
+        saved += 2 * inputs[0]  # k's and v's a_hat, in bf16
+    assert mb[2] - mb[3] == pytest.approx(saved * 2 / 1e6)
     with pytest.raises(ValueError, match="keeps no MoDiff state"):
         memory.state_accounting(tiny_denoiser, "w8a8")
 

@@ -93,8 +93,11 @@ def test_comparison_pairs_the_same_seeds_and_leaves_out_unpaired_presets(tame_de
     assert empty.empty and list(empty.columns) == scale_sharing.COLUMNS and why.startswith("Not compared")
     _, said = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "scale3",
                                     bootstrap=bootstrap, device="cpu")
-    assert said.endswith("Not compared (no run with the other sharing): published-w8a4-modiff; the sentences above "
-                         "are about the compared rows only.")
+    assert said.endswith("Not compared (a run here, none with the other sharing): published-w8a4-modiff; the "
+                         "sentences above are about the compared rows only.")
+    _, said = scale_sharing.section(tame_denoiser, [*presets, "published-w8a3"], seeds, config, tmp_path / "table",
+                                    tmp_path / "scale3", bootstrap=bootstrap, device="cpu")
+    assert "published-w8a3" not in said  # no run in either folder: not a row of this table
     monkeypatch.chdir(tmp_path)  # as the notebooks run, from the repository root: no machine's paths in a report
     _, why = scale_sharing.section(tame_denoiser, presets, seeds, config, tmp_path / "table", tmp_path / "none",
                                    bootstrap=bootstrap, device="cpu")

@@ -115,6 +115,19 @@ def test_low_bit_activations(tmp_path: Path, w8a4: str, w8a3: str, vs_direct: st
     assert ("inconclusive (no difference, but an interval wider than that)" in claim.evidence) == w8a4.startswith("no difference: +0.1 ")
 
 
+def test_each_modiff_row_has_its_weights_only_anchor() -> None:
+    """The anchors Table 1 holds: a published row's weights split as its activations are; an LSUN-command row
+    quantizes wXaY's weights (no split), so plain W8A32 is its anchor, and a table with such rows stays judged."""
+    assert rc.weights_only_preset("w8a4-modiff", 4) == "w8a32"
+    assert rc.weights_only_preset("published-w8a3-modiff", 3) == "published-w8a32"
+    assert rc.weights_only_preset("published-lsun-w8a3-modiff", 3) == "w8a32"
+    from analysis import table1
+
+    for preset in ("w8a4-modiff", "published-w8a3-modiff", "published-lsun-w8a3-modiff"):
+        expected = table1._counterparts(["fp", "w8a32", "published-w8a32", preset])[preset]["weights_only"]
+        assert rc.weights_only_preset(preset, int(preset.split("a")[-1].split("-")[0])) == expected
+
+
 def test_low_bit_activations_are_judged_against_w8a32_as_the_paper_does(tmp_path: Path) -> None:
     """The paper anchors W8A3 MoDiff (4.14) to full-precision activations at 8-bit weights (W8A32, 4.24), not to
     W32A32: rows near fp but not near a better W8A32 row are not near."""

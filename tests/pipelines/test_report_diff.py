@@ -44,8 +44,20 @@ def test_an_identical_table_did_not_move_and_other_shapes_are_not_compared() -> 
     same = compare_tables(COMMITTED, COMMITTED.copy())
     assert (same["numeric_changed"], same["text_cells_changed"], same["largest_estimate_move"]) == (0, 0, 0.0)
     assert same["inside_committed_interval"] == 3
-    assert "not comparable" in compare_tables(COMMITTED, COMMITTED.iloc[:2])["note"]
     assert "not comparable" in compare_tables(COMMITTED, COMMITTED.drop(columns="n"))["note"]
+    fewer = compare_tables(COMMITTED, COMMITTED.iloc[:2])  # the rows of both, matched by the first column
+    key = COMMITTED.columns[0]
+    assert fewer["rows"] == 2 and fewer["numeric_changed"] == 0
+    assert fewer["note"] == f"the 2 rows of both compared (by {key}); only in the committed: {COMMITTED[key].iloc[2]}"
+    extra = COMMITTED.iloc[:1].assign(**{key: "new-row"})
+    moved = COMMITTED.copy()
+    moved.loc[0, "mean"] = moved.loc[0, "mean"] * 2
+    more = compare_tables(COMMITTED, pd.concat([moved.iloc[::-1], extra], ignore_index=True))  # reordered, one added
+    assert more["rows"] == 3 and more["numeric_changed"] == 1 and more["in_column"] == "mean"
+    assert more["note"].endswith("only in the regenerated: new-row")
+    assert "not comparable" in compare_tables(COMMITTED, pd.concat([COMMITTED, COMMITTED]))["note"]  # no unique key
+    table1 = COMMITTED.rename(columns={"name": "preset"}).assign(numerics="same")[["numerics", "preset", "mean"]]
+    assert compare_tables(table1, table1.iloc[:2])["note"].startswith("the 2 rows of both compared (by preset)")
 
 
 def _report(folder: Path, tables: dict[str, pd.DataFrame]) -> Path:

@@ -33,6 +33,13 @@ def test_record_command_writes_a_loadable_recording(tmp_path: Path) -> None:
     assert x.shape[0] == 2 and x.dtype == torch.float32 and recording.tensor_rows("net.mid.block_1.conv1", 0) == [0, 1]
     again = _invoke(*args)
     assert again.exit_code == 1 and "not empty" in again.output and "Traceback" not in again.output
+    import modiff as md
+
+    quad = _invoke(*[a if a != str(out) else str(tmp_path / "quad") for a in args[:-2]], "--spacing", "quad",
+                   "--steps", "10", "--out", str(tmp_path / "quad"))
+    assert quad.exit_code == 0, quad.output
+    assert load_recording(tmp_path / "quad").timesteps == [int(t) for t in md.timesteps(10, "quad")]
+    assert load_recording(tmp_path / "quad").timesteps != [int(t) for t in md.timesteps(10, "uniform")]
 
 
 def test_record_help_shows_examples_and_bad_sites_are_clear(tmp_path: Path) -> None:
