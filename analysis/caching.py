@@ -26,8 +26,8 @@ import pandas as pd
 
 from analysis.intervals import Interval, mean_interval
 
-__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "last_informative_common_skip", "caching_summary", "growth_with_step",
-           "growth_by_interval"]
+__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "last_informative_common_skip", "caching_summary",
+           "growth_with_step", "growth_by_interval"]
 
 
 def _check(steps: int, interval: int, warmup_steps: int) -> None:

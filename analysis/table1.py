@@ -7,8 +7,9 @@ and PSNR, each with the half-width of its t-based 95% interval over the seeds), 
 
 Rows are quantization presets, described from their configs: numerics "per-sample" (``wXaY``: dynamic,
 asymmetric, one scale per sample), "published" (``published-wXaY``: symmetric, one scale per batch tensor of the
-published code's 64 samples, split shortcut: the CIFAR-10 commands), "published-lsun" (``published-lsun-wXaY``, the rows
-of a latent model: asymmetric, one scale per batch tensor of the LSUN commands' 8 samples, no split), "static" (``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
+published code's 64 samples, split shortcut: the CIFAR-10 commands), "published-lsun" (``published-lsun-wXaY``, the
+rows of a latent model: asymmetric, one scale per batch tensor of the LSUN commands' 8 samples, no split), "static"
+(``qdiff-wXaY``: Q-Diffusion's calibrated scales); weights "RTN"
 (round-to-nearest), "AdaRound" (the ``-adaround`` presets and the Q-Diffusion rows) or "fp".
 """
 from __future__ import annotations
@@ -37,8 +38,8 @@ from modiff.quant.ptq.shipped import PUBLISHED_ITERS, has_shipped, shipped_itera
 from modiff.utils.device import resolve_device
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
-           "adaround_presets", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe", "scored_table", "paper_columns", "findings",
-           "fp_device_distance"]
+           "adaround_presets", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe",
+           "scored_table", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"

@@ -100,7 +100,8 @@ def caching_error(t: SavedTables) -> Claim:
     row = common.loc[3]
     level = abs(row["mean"] - paper) <= CACHING_TOLERANCE * paper
     verdict: Verdict = "reproduced" if level and rising else "partly" if level or rising else "not reproduced"
-    evidence = (f"At step {row['steps']}, the last step every N skips with a new input, N = 3 gives {interval(row['mean'], row['ci95_low'], row['ci95_high'])} "
+    evidence = (f"At step {row['steps']}, the last step every N skips with a new input, N = 3 gives "
+                f"{interval(row['mean'], row['ci95_low'], row['ci95_high'])} "
                 f"(paper: about {paper:g}). Mean over all steps "
                 + ", ".join(f"N = {int(r.interval)} {interval(r.mean, r.ci95_low, r.ci95_high)}" for r in overall.itertuples())
                 + f": {'rises' if rising else 'does not rise (overlapping intervals)'} with N.")

@@ -64,7 +64,8 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
 def _compare_common_rows(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[str, object]:
     key = "preset" if "preset" in committed.columns else committed.columns[0]
     if not (committed[key].is_unique and regenerated[key].is_unique):
-        return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, and no column names each row once"}
+        return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, and no column names each "
+                        f"row once"}
     common = [k for k in committed[key] if k in set(regenerated[key])]
     only = {side: [str(k) for k in frame[key] if k not in set(common)]
             for side, frame in (("committed", committed), ("regenerated", regenerated))}
