@@ -93,10 +93,11 @@ def test_reproduce_latent_model(tmp_path: Path) -> None:
     assert len(ratios) == 3 and ratios["layer"].iloc[0] == "net.middle_block.0.in_layers.2"
     assert pd.read_csv(out / "tables" / "table4_last_step_error.csv")["bits"].tolist() == [3, 4, 6, 8]
     table = pd.read_csv(out / "tables" / "table1_bitwidth.csv")
-    assert len(table) == 45 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()
+    assert len(table) == 65 and (table.gbops_per_step > 0).all() and table.rel_l2_pixels.notna().all()  # 20 LSUN rows
     assert table.preset.tolist()[:5] == ["fp", "w8a32", "w4a32", "w8a8", "w8a8-modiff"]  # anchors first
     assert (table.spacing == "ldm").all() and (table.n == 10).all()
-    assert {"published-w4a32", "published-w4a2-modiff"} <= set(table.preset)
+    assert {"published-w4a32", "published-w4a2-modiff", "published-lsun-w4a2-modiff"} <= set(table.preset)
+    assert set(table[table.preset.str.startswith("published-lsun-")].numerics) == {"published-lsun"}
     run = tmp_path / "runs" / "quick-tiny-ldm" / "fp-ddim4"
     assert '"spacing": "ldm"' in (run / "manifest.json").read_text()
     with np.load(run / "samples.npz") as data:
