@@ -199,7 +199,7 @@ def record_command(model: str, quant_preset: Optional[str], sampler: str, steps:
     \b
     Examples:
       modiff record --steps 100 --seeds 0-63 --out data/recordings/fp
-      modiff record --steps 100 --spacing quad --seeds 0-63 --out data/recordings/fp-quad   # the paper's DDIM runs
+      modiff record --steps 100 --spacing quad --seeds 0-63 --out data/recordings/fp-quad
       modiff record --preset w8a4-modiff --sites 'net.mid.*' --tensors net.mid.block_1.conv1 --out data/recordings/q
       modiff record --sites 'conv,!net.up.*' --sampler dpm-solver --steps 20 --seeds 0-7 --device cpu --out /tmp/rec
     """
