@@ -6,7 +6,7 @@ import copy
 import json
 from functools import partial
 from pathlib import Path
-from typing import Literal, Optional, Sequence, get_args
+from typing import Any, Literal, Mapping, Optional, Sequence, get_args
 
 import numpy as np
 import pandas as pd
@@ -323,6 +323,25 @@ def sampler_per_seed(runs: SamplerRuns, seeds: Sequence[int]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+_SCORES = {  # table column: (key of the score, stem of its interval's keys) in `modiff.metrics.fidelity.score`
+    "fid_classifier": ("fid", "fid"), "is_classifier": ("is_mean", "is"), "kid_classifier": ("kid", "kid"),
+    "improved_precision": ("precision", "precision"), "improved_recall": ("recall", "recall")}
+SCORE_COLUMNS = [c for column in _SCORES for c in (column, f"{column.removesuffix('_classifier')}_ci95_low",
+                                                   f"{column.removesuffix('_classifier')}_ci95_high")]
+
+
+def score_columns(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """FID, IS, KID (over all samples) and improved precision/recall (Kynkäänniemi et al.) with their 95%
+    bootstrap intervals, as table columns (`SCORE_COLUMNS`); NaN where ``metrics`` lack one (a summary made
+    before KID and precision/recall were scored, a degenerate set)."""
+    out = {}
+    for column, (key, stem) in _SCORES.items():
+        name = column.removesuffix("_classifier")
+        out.update({column: metrics.get(key, np.nan), f"{name}_ci95_low": metrics.get(f"{stem}_ci95_low", np.nan),
+                    f"{name}_ci95_high": metrics.get(f"{stem}_ci95_high", np.nan)})
+    return out
+
+
 def _fid_verdict(scores: dict, preset: str, other: str, level: float) -> str:
     """"worse: +d [low, high]" for FID(preset) - FID(other) (paired bootstrap), "" where a side has no resamples."""
     a, b = scores.get(preset), scores.get(other)
@@ -338,8 +357,8 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
     bootstrap interval for every run of ``runs`` (fp included), and paired-bootstrap verdicts over the same
     seeds against the sampler's fp run (vs_fp) and, for a ``-modiff`` preset, against its direct counterpart
     (modiff_vs_direct), as Table 1 reads them; features of a full run are extracted on ``device`` (a summary
-    holds its scores); columns sampler, steps, preset, precision, n, fid_classifier,
-    fid_ci95_low, fid_ci95_high, is_classifier, is_ci95_low, is_ci95_high, vs_fp, modiff_vs_direct, note."""
+    holds its scores); columns sampler, steps, preset, precision, n, `SCORE_COLUMNS` (FID, IS, KID, improved
+    precision and recall with their intervals), vs_fp, modiff_vs_direct, note."""
     rows = []
     for (sampler, steps), by_preset in runs.items():
         scores, notes = {}, {}
@@ -352,12 +371,7 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
             metrics = scores[preset].metrics if preset in scores else {}
             direct = preset.removesuffix("-modiff")
             rows.append({"sampler": sampler, "steps": steps, "preset": preset, "precision": run_precision(run),
-                         "n": len(seeds), "fid_classifier": metrics.get("fid", np.nan),
-                         "fid_ci95_low": metrics.get("fid_ci95_low", np.nan),
-                         "fid_ci95_high": metrics.get("fid_ci95_high", np.nan),
-                         "is_classifier": metrics.get("is_mean", np.nan),
-                         "is_ci95_low": metrics.get("is_ci95_low", np.nan),
-                         "is_ci95_high": metrics.get("is_ci95_high", np.nan),
+                         "n": len(seeds), **score_columns(metrics),
                          "vs_fp": "" if preset == "fp" else _fid_verdict(scores, preset, "fp", bootstrap.level),
                          "modiff_vs_direct": _fid_verdict(scores, preset, direct, bootstrap.level)
                          if direct != preset and direct in by_preset else "",

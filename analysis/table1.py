@@ -218,10 +218,7 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
         raise
     except ValueError as err:  # a degenerate set (all images alike, non-finite scores): reported, not fatal
         metrics, resampled, note = {}, None, str(err)
-    row.update(fid_classifier=metrics.get("fid", np.nan), fid_ci95_low=metrics.get("fid_ci95_low", np.nan),
-               fid_ci95_high=metrics.get("fid_ci95_high", np.nan), is_classifier=metrics.get("is_mean", np.nan),
-               is_ci95_low=metrics.get("is_ci95_low", np.nan), is_ci95_high=metrics.get("is_ci95_high", np.nan),
-               is_std=metrics.get("is_std", np.nan),
+    row.update(**experiments.score_columns(metrics), is_std=metrics.get("is_std", np.nan),
                psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                psnr_ci95_halfwidth=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
                identical_to_fp=close["identical_samples"],
@@ -248,8 +245,7 @@ def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarra
 
 
 COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
-           "fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_ci95_low", "is_ci95_high", "is_std",
-           "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95_halfwidth", "psnr_db",
+           *experiments.SCORE_COLUMNS, "is_std", "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95_halfwidth", "psnr_db",
            "psnr_ci95_halfwidth", "identical_to_fp", "gbops_per_step", "note"]
 
 

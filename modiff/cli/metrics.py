@@ -48,7 +48,7 @@ def fid_command(samples: Path, ref: str, metrics: str, extractor: str, weights: 
 @click.command("fid-ref")
 @click.option("--device", default="auto", show_default=True, callback=check_device_option)
 def fid_ref_command(device: str) -> None:
-    """Compute and cache the Fashion-MNIST reference statistics; print the test-vs-train floor.
+    """Compute and cache the Fashion-MNIST reference statistics; print the floor (real against real).
 
     \b
     Examples:

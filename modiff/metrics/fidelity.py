@@ -12,8 +12,10 @@ statistics file written by `save_reference_stats` (FID only).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union, get_args
 
@@ -24,6 +26,8 @@ from torch.utils.data import Dataset
 
 from modiff.metrics.extractor import extractor_class
 from modiff.metrics.bootstrap import CI_METHOD, BootstrapConfig, fid_resamples, recentred_interval, resample_indices
+from modiff.metrics.kid import kid_resamples, reference_kernel_sum
+from modiff.metrics.precision_recall import precision_recall_resamples, reference_radii
 from modiff.utils.paths import data_dir
 
 __all__ = [
@@ -188,21 +192,12 @@ def cache_root(extractor: str = EXTRACTOR, weights: Optional[str] = None) -> Pat
     return root
 
 
-def _features_reference(ref: str, extractor: str, root: Path) -> str:
-    """The named reference KID and precision/recall use: ``ref``, unless its features are neither cached
-    (in ``root``) nor computable (fmnist-train without the Fashion-MNIST images), then fmnist-test, whose
-    features ship."""
-    from modiff.datasets import has_raw
-
-    split = ref.split("-")[1]
-    if extractor != EXTRACTOR or ref == "fmnist-test" or has_raw(split):
-        return ref
-    if (root / f"{ref}-{extractor}-features-penultimate.pt").exists():
-        return ref
-    log.warning("KID and precision/recall need the features of %s's images, which are not cached, and the "
-                "Fashion-MNIST images are not here: they are computed against fmnist-test (its features ship) "
-                "instead; FID still uses %s's shipped statistics (see kid_prc_reference in the result)", ref, ref)
-    return "fmnist-test"
+def _features_reference(ref: str, extractor: str) -> str:
+    """The named reference KID and precision/recall use: for the classifier, fmnist-test whichever split
+    was named. Its features ship, so these scores are the same on a machine without the Fashion-MNIST
+    images (the GPU machines) as on one with them, and its 10,000 samples match a paper row's 10,000
+    (precision/recall's radii depend on the sizes of both sets). FID keeps the named split's statistics."""
+    return "fmnist-test" if extractor == EXTRACTOR else ref
 
 
 def _require_inception_weights(weights: Optional[str]) -> None:
@@ -310,11 +305,16 @@ def _stats_file(path: Path, extractor: str, weights: Optional[str]) -> tuple[np.
 
 @dataclass(frozen=True)
 class Scores:
-    """What `score` returns: the metrics dict (fixed keys, see `compute_metrics`) and the FID of every
-    bootstrap resample (None without FID), for paired comparisons of sets made from the same seeds."""
+    """What `score` returns: the metrics dict (fixed keys, see `compute_metrics`) and, per metric with a
+    bootstrap interval (fid, kid, precision, recall), its value on every resample, for paired comparisons
+    of sets made from the same seeds."""
 
     metrics: dict[str, Any]
-    fid_resamples: Optional[np.ndarray]
+    resamples: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def fid_resamples(self) -> Optional[np.ndarray]:
+        return self.resamples.get("fid")
 
 
 def _is_stats_file(ref: ImageInput) -> bool:
@@ -347,6 +347,45 @@ def _with_fid(result: dict[str, Any], fid: float, features: torch.Tensor, mu_ref
     result.update(fid_ci_level=bootstrap.level, fid_bootstrap_resamples=bootstrap.resamples,
                   fid_bootstrap_seed=bootstrap.seed, fid_ci_method=CI_METHOD)
     return resampled
+
+
+_REFERENCE_TERMS: "OrderedDict[str, dict[str, Any]]" = OrderedDict()  # by features fingerprint, a few at most
+
+
+def _reference_terms(ref_features: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """What KID and precision/recall need of the reference alone (its kernel sum, its radii), computed once
+    per reference per process: against fmnist-train's 60,000 images each is minutes of CPU time."""
+    key = hashlib.sha1(ref_features.cpu().numpy().tobytes()).hexdigest()
+    if key not in _REFERENCE_TERMS:
+        y = ref_features.to(device)
+        _REFERENCE_TERMS[key] = {"kernel_sum": reference_kernel_sum(y), "radii": reference_radii(y)}
+        while len(_REFERENCE_TERMS) > 4:
+            _REFERENCE_TERMS.popitem(last=False)
+    return _REFERENCE_TERMS[key]
+
+
+def _kid_prc(result: dict[str, Any], features: torch.Tensor, ref_features: torch.Tensor, metrics: Sequence[Metric],
+             bootstrap: Optional[BootstrapConfig], device: torch.device) -> dict[str, np.ndarray]:
+    """KID over all samples and precision/recall/f_score into ``result``, with their intervals under
+    ``bootstrap`` (each resample scored by the unchanged estimator, the interval recentred as FID's);
+    returns the resampled values by metric."""
+    terms = _reference_terms(ref_features, device)
+    x, y = features.to(device), ref_features.to(device)
+    indices = np.arange(len(x))[None] if bootstrap is None else \
+        np.concatenate([np.arange(len(x))[None], resample_indices(len(x), bootstrap)])
+    values: dict[str, np.ndarray] = {}
+    if "kid" in metrics:
+        values["kid"] = kid_resamples(x, y, indices, terms["kernel_sum"])
+    if "prc" in metrics:
+        precision, recall = precision_recall_resamples(x, y, indices, terms["radii"])
+        f_score = 2 * precision * recall / np.maximum(1e-5, precision + recall)  # torch-fidelity's guard
+        values.update(precision=precision, recall=recall, f_score=f_score)
+    for name, row in values.items():
+        result[name] = float(row[0])
+        if bootstrap is not None:
+            result[f"{name}_ci95_low"], result[f"{name}_ci95_high"] = recentred_interval(row[0], row[1:],
+                                                                                         bootstrap.level)
+    return {name: row[1:] for name, row in values.items()} if bootstrap is not None else {}
 
 
 def inception_score_resamples(logits: torch.Tensor, indices: np.ndarray, splits: int = 10, shuffle: bool = True,
@@ -399,14 +438,14 @@ def _reference_fid_stats(ref: ImageInput, stats_file: bool, other: Optional[dict
 
 def _other_features(ref: ImageInput, extractor: str, feat_extractor: Any, kwargs: dict[str, Any],
                     result: dict[str, Any]) -> tuple[dict, bool]:
-    """The features KID and precision/recall compare against, and whether they are ``ref``'s own. Against
-    fmnist-train without the Fashion-MNIST images they are fmnist-test's (shipped), named in
+    """The features KID and precision/recall compare against, and whether they are ``ref``'s own. For a
+    named reference other than fmnist-test they are fmnist-test's (`_features_reference`), named in
     ``result["kid_prc_reference"]``."""
     from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
     named = isinstance(ref, str) and ref in reference_names()
-    features_ref = _features_reference(ref, extractor, Path(kwargs["cache_root"])) if named else ref
-    if features_ref is ref:
+    features_ref = _features_reference(ref, extractor) if named else ref
+    if not named or features_ref == ref:
         return extract_featuresdict_from_input_id_cached(2, feat_extractor, **kwargs), True
     result["kid_prc_reference"] = features_ref
     subset = min(kwargs["kid_subset_size"], _named_size(features_ref))
@@ -423,7 +462,6 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id_cached
 
@@ -456,12 +494,13 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
         result["is_splits"] = kwargs["isc_splits"]
     if "kid" in metrics:
         raw.update(kid_featuresdict_to_metric(own, other, layers["kid"], **kwargs))
-    if "prc" in metrics:
-        raw.update(prc_featuresdict_to_metric(own, other, layers["prc"], **kwargs))
     result.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
     if "isc" in metrics and bootstrap is not None:
         _with_is_interval(result, own[layers["isc"]], kwargs, bootstrap)
-    resampled = None
+    resamples: dict[str, np.ndarray] = {}
+    if {"kid", "prc"} & set(metrics):
+        layer = layers["kid"] if "kid" in metrics else layers["prc"]
+        resamples.update(_kid_prc(result, own[layer], other[layer], metrics, bootstrap, torch.device(device)))
     if "fid" in metrics:
         mu_ref, sigma_ref = _reference_fid_stats(ref, stats_file, other if own_ref else None, feat_extractor,
                                                  layers["fid"], kwargs)
@@ -469,7 +508,9 @@ def score(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fi
         fid = frechet_distance(*_stats(features), mu_ref, sigma_ref) if stats_file else fid_statistics_to_metric(
             fid_features_to_statistics(features), {"mu": mu_ref, "sigma": sigma_ref}, False)["frechet_inception_distance"]
         resampled = _with_fid(result, float(fid), features, mu_ref, sigma_ref, bootstrap)
-    return Scores(_checked(result), resampled)
+        if resampled is not None:
+            resamples["fid"] = resampled
+    return Scores(_checked(result), resamples)
 
 
 def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metric] = ("fid", "isc", "kid", "prc"), *,
@@ -478,14 +519,18 @@ def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metr
                     progress: bool = False) -> dict[str, Any]:
     """Scores of `samples` against `ref` (a reference name, a folder, an .npz of images or a stats file).
 
-    Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's; `is_splits`), kid_mean,
-    kid_std, precision, recall, f_score (those asked for), with feature_space, extractor, num_samples and
-    reference; with IS and ``bootstrap``, is_ci95_low and is_ci95_high (resampled as FID);
-    with FID and ``bootstrap`` (the default), fid_ci95_low and fid_ci95_high (see
-    `modiff.metrics.bootstrap`), fid_ci_level, fid_bootstrap_resamples, fid_bootstrap_seed and fid_ci_method.
-    A named reference needs only its cached statistics for FID and IS. Against ``fmnist-train`` without the
-    Fashion-MNIST images, KID and precision/recall use the shipped features of ``fmnist-test`` and the
-    result says so (``kid_prc_reference``). ``progress`` shows torch-fidelity's progress bars (on stderr)
+    Returns fixed keys: fid, is_mean, is_std (the std over is_splits splits, torch-fidelity's; `is_splits`), kid
+    (over all samples, `modiff.metrics.kid`), kid_mean and kid_std (torch-fidelity's average and spread over
+    100 subsets), precision, recall, f_score (those asked for), with feature_space, extractor, num_samples and
+    reference. With ``bootstrap`` (the default) each metric asked for gets {name}_ci95_low and {name}_ci95_high:
+    every resample of the generated samples (reference fixed) scored by the unchanged estimator, the
+    percentile interval recentred on the estimate (`modiff.metrics.bootstrap`; for IS is_ci95_*, for KID
+    kid_ci95_* about ``kid``; precision, recall and f_score through
+    `modiff.metrics.precision_recall`); with FID also fid_ci_level, fid_bootstrap_resamples,
+    fid_bootstrap_seed and fid_ci_method, which hold for every interval.
+    A named reference needs only its cached statistics for FID and IS. Against ``fmnist-train``, KID and
+    precision/recall use the shipped features of ``fmnist-test`` (with or without the Fashion-MNIST images:
+    the same scores on every machine) and the result says so (``kid_prc_reference``). ``progress`` shows torch-fidelity's progress bars (on stderr)
     while features are extracted. Refuses NaN results.
     """
     return score(samples, ref, metrics, extractor=extractor, batch_size=batch_size, device=device, weights=weights,
@@ -499,15 +544,23 @@ def _checked(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def reference_floor(batch_size: int = 250, device: str = "cpu") -> dict[str, Any]:
-    """Test set (10k) against train set (60k): the scores a perfect model would reach. Caches the
-    features and FID statistics of both splits in the user cache (`cache_root`)."""
-    import torch_fidelity
+FLOOR_SIZE = 10_000
 
-    _register()
-    raw = torch_fidelity.calculate_metrics(input1="fmnist-test", input2="fmnist-train", fid=True, isc=True, kid=True,
-                                           prc=True, cache=True, **_common_kwargs(EXTRACTOR, batch_size, torch.device(device), None))
-    out = {"feature_space": FEATURE_SPACE[EXTRACTOR], "extractor": EXTRACTOR, "samples": "fmnist-test (10,000)",
-           "reference": "fmnist-train (60,000)"}
-    out.update({_RENAME[k]: float(v) for k, v in raw.items() if k in _RENAME})
-    return _checked(out)
+
+def reference_floor(batch_size: int = 250, device: str = "cpu") -> dict[str, Any]:
+    """The scores a perfect model would reach, each against the reference a row of 10,000 samples is scored
+    against, with 95% intervals: FID and IS of the test set (10,000) against fmnist-train's statistics;
+    KID and precision/recall of the first 10,000 training images against fmnist-test
+    (`_features_reference`). Needs the Fashion-MNIST images; caches the splits' statistics in the user
+    cache (`cache_root`)."""
+    from modiff.datasets import _load_raw
+
+    test, train = (_load_raw(split, None)[0][:FLOOR_SIZE, ..., None] for split in ("test", "train"))
+    out: dict[str, Any] = {"feature_space": FEATURE_SPACE[EXTRACTOR], "extractor": EXTRACTOR,
+                           "fid_is": "fmnist-test (10,000) against fmnist-train (60,000)",
+                           "kid_precision_recall": "fmnist-train's first 10,000 against fmnist-test (10,000)"}
+    fid_is = compute_metrics(test, "fmnist-train", ("fid", "isc"), batch_size=batch_size, device=device)
+    kid_prc = compute_metrics(train, "fmnist-test", ("kid", "prc"), batch_size=batch_size, device=device)
+    out.update({k: v for k, v in fid_is.items() if k.startswith(("fid", "is_"))})
+    out.update({k: v for k, v in kid_prc.items() if k.startswith(("kid", "precision", "recall", "f_score"))})
+    return out

@@ -5,8 +5,9 @@ A paper-scale run holds 10,000 PNGs; what the notebooks read from it is much sma
     SUMMARY/manifest.json  the run's manifest (identity, seeds, sessions: read as a run's is, so
                            `finished_run` reuses the summary and Table 1 shows its arithmetic), plus
                            ``summary``: what it was made from, with which settings, against which fp run
-    SUMMARY/metrics.json   FID (classifier space) with its bootstrap interval, IS, and the FID of every
-                           bootstrap resample (Table 1's paired verdicts), over the summarized seeds
+    SUMMARY/metrics.json   FID, IS, KID and precision/recall (classifier space) with their bootstrap
+                           intervals, and the FID, KID, precision and recall of every bootstrap resample
+                           ({name}_resamples: Table 1's paired verdicts), over the summarized seeds
     SUMMARY/per_seed.npz   per seed: relative L2 and PSNR of the image to the full-precision run's image of
                            the same seed (Table 1's fidelity columns, the sampler tables)
     SUMMARY/images.npz     the images of the first seeds (128 by default: the notebooks' grids); a
@@ -49,8 +50,8 @@ __all__ = ["SummarySettings", "SummaryMismatchError", "PerSeedFidelity", "per_se
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: a full-precision run keeps every image (summarizing a format-1 summary's run again rewrites it)
-SCORED = ("fid", "isc")  # what Table 1 computes from a run
+FORMAT = 3  # 2: a full-precision run keeps every image; 3: KID and precision/recall with their intervals
+SCORED = ("fid", "isc", "kid", "prc")  # what Table 1 computes from a run
 QUANTIZATION_KEYS = ("quant_preset", "quant_config", "quantized", "weights_from", "reset")
 
 
@@ -192,8 +193,9 @@ def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
                                    f"again with these (`modiff summarize --seeds ... --ref ... --bootstrap-resamples ...`)")
     if "error" in record:
         raise ValueError(record["error"])
-    resamples = record.get("fid_resamples")
-    return Scores(record["metrics"], None if resamples is None else np.asarray(resamples, dtype=np.float64))
+    resamples = {key[: -len("_resamples")]: np.asarray(values, dtype=np.float64) for key, values in record.items()
+                 if key.endswith("_resamples") and values is not None}
+    return Scores(record["metrics"], resamples)
 
 
 def _model_part(identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -252,8 +254,8 @@ def _scores_record(run: Path, seeds: list[int], settings: SummarySettings) -> di
         scored = run_scores(run, seeds, settings.ref, settings.bootstrap, settings.device)
     except ValueError as err:  # a degenerate set: the summary keeps the reason, as Table 1 shows it
         return {**record, "error": str(err)}
-    resamples = None if scored.fid_resamples is None else [float(v) for v in scored.fid_resamples]
-    return {**record, "metrics": scored.metrics, "fid_resamples": resamples}
+    resamples = {f"{name}_resamples": [float(v) for v in values] for name, values in scored.resamples.items()}
+    return {**record, "metrics": scored.metrics, **resamples}
 
 
 def _summary_block(run: Path, reference: Optional[Path], seeds: list[int], settings: SummarySettings) -> dict[str, Any]:

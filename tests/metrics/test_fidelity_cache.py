@@ -3,7 +3,6 @@ precision/recall against fmnist-train without the Fashion-MNIST images; progress
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -44,21 +43,23 @@ def test_cache_is_the_users_and_the_shipped_files_stay_untouched(user_cache: Pat
     assert _snapshot(fidelity.shipped_cache()) == shipped
 
 
-def test_kid_and_prc_against_fmnist_train_without_the_images(user_cache: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             caplog) -> None:
-    """Default metrics against fmnist-train with only its statistics: FID from them, KID and
-    precision/recall from the shipped fmnist-test features, with a logged note and a key in the result."""
+def test_kid_and_prc_against_fmnist_train_are_against_fmnist_test_on_every_machine(
+        user_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default metrics against fmnist-train: FID from its statistics, KID and precision/recall from the
+    shipped fmnist-test features, named in the result, the same with the Fashion-MNIST images as without."""
+    with_images = compute_metrics(_images(20, 0), "fmnist-train", bootstrap=None)
+
     def no_dataset(*args, **kwargs):
         raise FileNotFoundError("Fashion-MNIST (train) not found")
 
     monkeypatch.setattr(modiff.datasets, "_load_raw", no_dataset)
     monkeypatch.setattr(modiff.datasets, "has_raw", lambda *args, **kwargs: False)
-    with caplog.at_level(logging.WARNING):
-        result = compute_metrics(_images(20, 0), "fmnist-train")
-    assert {"fid", "is_mean", "kid_mean", "precision", "recall"} <= set(result)
-    assert result["kid_prc_reference"] == "fmnist-test" and "computed against fmnist-test" in caplog.text
-    against_test = compute_metrics(_images(20, 0), "fmnist-test", ["kid", "prc"])
-    assert result["precision"] == against_test["precision"] and result["kid_mean"] == against_test["kid_mean"]
+    result = compute_metrics(_images(20, 0), "fmnist-train", bootstrap=None)
+    assert {"fid", "is_mean", "kid", "kid_mean", "precision", "recall"} <= set(result)
+    assert result["kid_prc_reference"] == with_images["kid_prc_reference"] == "fmnist-test"
+    against_test = compute_metrics(_images(20, 0), "fmnist-test", ["kid", "prc"], bootstrap=None)
+    for key in ("precision", "recall", "kid", "kid_mean"):
+        assert result[key] == against_test[key] == with_images[key], key
 
 
 def test_progress_is_shown_on_request(user_cache: Path, capfd) -> None:
@@ -127,3 +128,17 @@ def test_a_statistics_file_without_recorded_weights_is_still_read(tmp_path: Path
         legacy = {k: stats[k] for k in stats.files if k != "weights_sha256"}
     np.savez(tmp_path / "legacy.npz", **legacy)
     assert compute_metrics(images, tmp_path / "legacy.npz", ["fid"], weights=other_weights, bootstrap=None)["fid"] < 1e-3
+
+
+@pytest.mark.skipif(not (modiff.datasets.has_raw("train") and modiff.datasets.has_raw("test")),
+                    reason="needs the Fashion-MNIST images")
+def test_the_floor_scores_real_images_against_the_reference_each_row_is_scored_against(user_cache: Path) -> None:
+    """Real images against real images: FID near 0, KID's interval holds 0, precision and recall high,
+    every score with its interval; KID and precision/recall against fmnist-test, as a row's."""
+    floor = fidelity.reference_floor()
+    assert floor["kid_precision_recall"].endswith("against fmnist-test (10,000)")
+    assert 0 <= floor["fid"] < 0.1 and floor["kid_ci95_low"] < 0 < floor["kid_ci95_high"]
+    for key in ("fid", "is", "kid", "precision", "recall", "f_score"):
+        value = floor["is_mean" if key == "is" else key]
+        assert floor[f"{key}_ci95_low"] <= value <= floor[f"{key}_ci95_high"], key
+    assert floor["precision"] > 0.7 and floor["recall"] > 0.7

@@ -216,14 +216,20 @@ def test_one_feature_pass_gives_torch_fidelitys_scores_and_the_fid_interval(weig
     m = scored.metrics
     assert m["fid"] == raw["frechet_inception_distance"] and m["is_mean"] == raw["inception_score_mean"]
     assert m["is_std"] == raw["inception_score_std"] and m["is_splits"] == 1  # 120 images: one split
-    assert m["kid_mean"] == raw["kernel_inception_distance_mean"] and m["precision"] == raw["precision"]
+    assert m["kid_mean"] == raw["kernel_inception_distance_mean"]
+    for key in ("precision", "recall", "f_score"):  # the share is counted in float64, torch-fidelity's in float32
+        assert m[key] == pytest.approx(raw[key], abs=1e-6), key
     assert m["fid_ci95_low"] < m["fid"] < m["fid_ci95_high"]
+    for key in ("kid", "precision", "recall", "f_score"):
+        assert m[f"{key}_ci95_low"] < m[key] < m[f"{key}_ci95_high"], key
+        assert scored.resamples[key].shape == (50,)
     assert m["is_ci95_low"] <= m["is_mean"] <= m["is_ci95_high"] and m["is_ci95_low"] < m["is_ci95_high"]
     assert m["fid_bootstrap_resamples"] == 50 and m["fid_bootstrap_seed"] == 3 and scored.fid_resamples.shape == (50,)
     again = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=BootstrapConfig(resamples=50, seed=3))
     assert (again["fid_ci95_low"], again["fid_ci95_high"]) == (m["fid_ci95_low"], m["fid_ci95_high"])  # deterministic
-    plain = compute_metrics(a, b, ["fid"], weights=weights, bootstrap=None)
-    assert plain["fid"] == m["fid"] and "fid_ci95_low" not in plain
+    plain = compute_metrics(a, b, ["fid", "kid", "prc"], weights=weights, bootstrap=None)
+    assert plain["fid"] == m["fid"] and plain["kid"] == m["kid"] and plain["recall"] == m["recall"]
+    assert not [key for key in plain if "ci95" in key]
     assert "is_ci95_low" not in compute_metrics(a, b, ["isc"], weights=weights, bootstrap=None)
 
 

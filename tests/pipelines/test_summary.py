@@ -56,9 +56,10 @@ def test_tables_from_summaries_equal_tables_from_runs(tmp_path: Path, tame_denoi
     pd.testing.assert_frame_equal(scored_again, scored)
     pd.testing.assert_frame_equal(per_seed_again, per_seed)
     pd.testing.assert_frame_equal(sampler_fid_again, sampler_fid)
-    for metric in ("fid", "is"):  # every score of the sampler table carries its interval
-        value = sampler_fid[f"{metric}_classifier"]
-        assert ((sampler_fid[f"{metric}_ci95_low"] <= value) & (value <= sampler_fid[f"{metric}_ci95_high"])).all()
+    for metric in ("fid", "is", "kid", "improved_precision", "improved_recall"):  # every score carries its interval
+        for table in (sampler_fid, scored.dropna(subset=["fid_classifier"])):
+            value = table[metric if metric.startswith("improved") else f"{metric}_classifier"]
+            assert ((table[f"{metric}_ci95_low"] <= value) & (value <= table[f"{metric}_ci95_high"])).all(), metric
     assert sampler_fid.fid_classifier.notna().all() and (sampler_fid.vs_fp != "").sum() == 2
     assert (scored.note == "").any() and scored.fid_classifier.notna().any()  # real scores compared, not only notes
     assert {p.name for p in summaries.rglob("*.png")} == {"grid.png"}  # nothing sampled into the summaries
@@ -101,8 +102,11 @@ def test_summary_stands_for_its_run_and_refuses_what_it_cannot_answer(tmp_path: 
         run_scores(summary, range(12), bootstrap=BootstrapConfig(resamples=30))
     with pytest.raises(SummaryMismatchError, match="seeds"):
         run_scores(summary, range(10), bootstrap=BOOTSTRAP)
-    scores = run_scores(summary, range(12), bootstrap=BOOTSTRAP)
-    assert scores.metrics == run_scores(q, range(12), bootstrap=BOOTSTRAP).metrics
+    scores, from_run = run_scores(summary, range(12), bootstrap=BOOTSTRAP), run_scores(q, range(12), bootstrap=BOOTSTRAP)
+    assert scores.metrics == from_run.metrics and {"kid_ci95_low", "recall_ci95_high"} <= set(scores.metrics)
+    assert set(scores.resamples) == set(from_run.resamples) == {"fid", "kid", "precision", "recall", "f_score"}
+    for name, values in from_run.resamples.items():  # what paired verdicts need travels with the summary
+        np.testing.assert_array_equal(scores.resamples[name], values)
     fp_summary = summarize_run(fp, tmp_path / "s" / "fp", fp, SETTINGS)
     assert np.array_equal(seed_images(fp_summary, range(12)), seed_images(fp, range(12)))  # fp keeps every image
     assert per_seed_fidelity(q, fp_summary, range(12)).rel_l2_pixels.tolist() == \
