@@ -176,7 +176,8 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
     differences' range, and ``overall``, one range over the whole trajectory), and where present those of
     `analysis.distributions.layer_range_ratios` (the per-trajectory ratio with its interval). It holds for a
     layer when the median over steps of the per-step ratio is at least ``paper_ratio`` (its interval over
-    trajectories, where the table has it, is shown beside it)."""
+    trajectories, where the table has it, is shown beside it). Steps left out for repeating a timestep
+    (``repeated_t_steps_left_out``) are named."""
     holds = ratios[ratios["median_per_step"] >= paper_ratio]
 
     def median(r: Any) -> str:  # with its interval over trajectories where the table has it
@@ -197,9 +198,13 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
             for r in ratios.itertuples())
         text += (f" Within each trajectory (ranges over its own elements), the median per-step ratio averages, over "
                  f"trajectories with its 95% interval: {within}.")
-    return text + (f" Pooled over the whole trajectory (one range of each) the ratio is {ratios['overall'].min():.3g} "
-                   f"to {ratios['overall'].max():.3g}: the activations' range moves from step to step, which a static "
-                   "quantizer must cover at once.")
+    text += (f" Pooled over the whole trajectory (one range of each) the ratio is {ratios['overall'].min():.3g} "
+             f"to {ratios['overall'].max():.3g}: the activations' range moves from step to step, which a static "
+             "quantizer must cover at once.")
+    left_out = int(ratios["repeated_t_steps_left_out"].max()) if "repeated_t_steps_left_out" in ratios else 0
+    return text + (f" {left_out} steps that repeat the previous step's timestep are left out of every ratio: DDIM "
+                   "from t to the same t returns its input up to rounding, so their differences are rounding noise "
+                   "and their ratios would be huge." if left_out else "")
 
 
 def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage with DDPM, DPM-Solver and fewer "

@@ -20,6 +20,10 @@ Notation:
 
 `trajectory_range_ratios` takes the same ratio within each trajectory (the leading dimension of a step's
 tensor) instead of over the pooled batch, so the ratio gets an interval over trajectories.
+
+Where a spacing repeats a timestep (``quad`` at 100 steps ends with t = 0 four times and t = 2 twice), DDIM
+from t to the same t returns its input up to rounding, so a_i - a_{i-1} there is rounding noise and the
+ratio is huge: the ratios leave such steps out (`repeated_timestep_steps`) when the timesteps are given.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from analysis.intervals import Interval, mean_interval
 __all__ = [
     "DEFAULT_QUANTILES",
     "evenly_spaced_steps",
+    "repeated_timestep_steps",
     "Activations",
     "activation_stats",
     "iter_steps",
@@ -110,6 +115,24 @@ def activation_stats(
     return pd.DataFrame(rows)
 
 
+def repeated_timestep_steps(timesteps: Optional[Sequence[int]]) -> frozenset[int]:
+    """Sampling indices i >= 1 whose timestep equals step i - 1's (none without timesteps)."""
+    if timesteps is None:
+        return frozenset()
+    return frozenset(i for i in range(1, len(timesteps)) if timesteps[i] == timesteps[i - 1])
+
+
+def _difference_steps_kept(steps: int, timesteps: Optional[Sequence[int]]) -> np.ndarray:
+    """(steps - 1,) bool over the differences i = 1..steps-1: False where step i repeats step i - 1's timestep."""
+    if timesteps is not None and len(timesteps) < steps:
+        raise ValueError(f"timesteps has {len(timesteps)} entries but the activations have {steps} steps")
+    repeated = repeated_timestep_steps(timesteps)
+    kept = np.array([i not in repeated for i in range(1, steps)])
+    if not kept.any():
+        raise ValueError("every step repeats the previous step's timestep: no temporal difference is informative")
+    return kept
+
+
 def range_ratio(stats: pd.DataFrame, column: str = "range") -> pd.DataFrame:
     """Per step: raw and diff value of ``column`` (``range`` or ``absmax``) and their ratio raw / diff.
 
@@ -130,7 +153,11 @@ def range_ratio(stats: pd.DataFrame, column: str = "range") -> pd.DataFrame:
 def range_ratio_summary(stats: pd.DataFrame) -> dict[str, float]:
     """Raw vs diff ranges overall: ``overall`` = (max over steps of max - min over steps of min) of raw
     divided by the same for diff (both over steps >= 1), and the smallest and the median per-step ratio. No mean:
-    a step where a_t barely moves has a near-zero diff range, and its ratio alone would set the mean."""
+    a step where a_t barely moves has a near-zero diff range, and its ratio alone would set the mean. Steps
+    that repeat the previous step's timestep (column ``t``) are left out."""
+    raw_t = stats[stats["kind"] == "raw"].set_index("step")["t"].sort_index()
+    repeated = set(raw_t.index[1:][raw_t.to_numpy()[1:] == raw_t.to_numpy()[:-1]])
+    stats = stats[~stats["step"].isin(repeated)]
     per_step = range_ratio(stats)
     steps = stats[stats["step"] >= 1]
     span = {k: steps.loc[steps["kind"] == k, "max"].max() - steps.loc[steps["kind"] == k, "min"].min()
@@ -146,18 +173,21 @@ def range_ratio_summary(stats: pd.DataFrame) -> dict[str, float]:
 def layer_range_ratios(activations: Activations, timesteps: Optional[Sequence[int]] = None) -> dict[str, float]:
     """One layer's row of Figure 1b's table: `range_ratio_summary` of the pooled batch with the interval of its
     median over steps (`pooled_median_interval`), and the per-trajectory median ratio (`trajectory_range_ratios`)
-    as a mean over trajectories with its 95% bootstrap interval."""
-    per_trajectory = mean_interval(trajectory_range_ratios(activations))
-    pooled = pooled_median_interval(activations)
+    as a mean over trajectories with its 95% bootstrap interval; all three without the steps that repeat a
+    timestep (`repeated_timestep_steps`)."""
+    per_trajectory = mean_interval(trajectory_range_ratios(activations, timesteps))
+    pooled = pooled_median_interval(activations, timesteps=timesteps)
     return {**range_ratio_summary(activation_stats(activations, timesteps=timesteps)),
             "median_per_step_ci95_low": pooled.low, "median_per_step_ci95_high": pooled.high,
             "per_trajectory_median": per_trajectory.mean, "per_trajectory_ci95_low": per_trajectory.low,
-            "per_trajectory_ci95_high": per_trajectory.high, "trajectories": per_trajectory.n}
+            "per_trajectory_ci95_high": per_trajectory.high, "trajectories": per_trajectory.n,
+            "repeated_t_steps_left_out": len(repeated_timestep_steps(timesteps))}
 
 
-def _trajectory_extrema(activations: Activations) -> tuple[np.ndarray, ...]:
-    """Per step i >= 1 and trajectory (dimension 0 of every step's tensor): min and max of a_i and of
-    a_i - a_{i-1} over that trajectory's elements, four (steps - 1, trajectories) arrays."""
+def _trajectory_extrema(activations: Activations, timesteps: Optional[Sequence[int]] = None) -> tuple[np.ndarray, ...]:
+    """Per step i >= 1 that does not repeat step i - 1's timestep, and per trajectory (dimension 0 of every
+    step's tensor): min and max of a_i and of a_i - a_{i-1} over that trajectory's elements, four
+    (kept steps, trajectories) arrays."""
     extrema, previous = [], None
     for a in activations:
         a = torch.as_tensor(a).detach().to("cpu", torch.float64)
@@ -170,21 +200,23 @@ def _trajectory_extrema(activations: Activations) -> tuple[np.ndarray, ...]:
         previous = a
     if not extrema:
         raise ValueError("the range ratios need at least two steps (one temporal difference)")
-    raw_lo, raw_hi, diff_lo, diff_hi = torch.stack(extrema, dim=1).numpy()
+    kept = _difference_steps_kept(len(extrema) + 1, timesteps)
+    raw_lo, raw_hi, diff_lo, diff_hi = torch.stack(extrema, dim=1).numpy()[:, kept]
     return raw_lo, raw_hi, diff_lo, diff_hi
 
 
 def pooled_median_interval(activations: Activations, level: float = 0.95, resamples: int = 1000,
-                           seed: int = 0) -> Interval:
+                           seed: int = 0, timesteps: Optional[Sequence[int]] = None) -> Interval:
     """`range_ratio_summary`'s ``median_per_step`` (the median over steps of range(a_i) / range(a_i - a_{i-1}),
     ranges over the whole batch) with a percentile bootstrap interval over trajectories: the batch resampled,
     each step's pooled ranges recomputed from the trajectories' extrema (a pooled range is the largest max
-    minus the smallest min). Steps whose difference has range 0 are left out, as there."""
+    minus the smallest min). Steps whose difference has range 0, and those that repeat a timestep, are left
+    out, as there."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if resamples < 100:
         raise ValueError(f"resamples must be >= 100 for a percentile interval, got {resamples}")
-    raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations)
+    raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations, timesteps)
 
     def median(chosen: np.ndarray) -> np.ndarray:  # chosen: (..., trajectories) indices -> (...) medians
         raw = raw_hi[:, chosen].max(-1) - raw_lo[:, chosen].min(-1)
@@ -199,12 +231,12 @@ def pooled_median_interval(activations: Activations, level: float = 0.95, resamp
     return Interval(estimate, float(low), float(high), trajectories, level)
 
 
-def trajectory_range_ratios(activations: Activations) -> np.ndarray:
+def trajectory_range_ratios(activations: Activations, timesteps: Optional[Sequence[int]] = None) -> np.ndarray:
     """Per trajectory (dimension 0 of every step's tensor), the median over steps i >= 1 of
     range(a_i) / range(a_i - a_{i-1}), both ranges over that trajectory's elements only: one value per
-    trajectory, the unit a mean interval resamples. Steps where a trajectory's difference has range 0 are
-    left out of its median."""
-    raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations)
+    trajectory, the unit a mean interval resamples. Steps where a trajectory's difference has range 0, and
+    steps that repeat a timestep, are left out of its median."""
+    raw_lo, raw_hi, diff_lo, diff_hi = _trajectory_extrema(activations, timesteps)
     raw_range, diff_range = raw_hi - raw_lo, diff_hi - diff_lo
     with np.errstate(divide="ignore", invalid="ignore"):
         per_step = np.where(diff_range > 0, raw_range / diff_range, np.nan)  # (steps - 1, trajectories)
@@ -215,12 +247,15 @@ def trajectory_range_ratios(activations: Activations) -> np.ndarray:
     return np.nanmedian(per_step, axis=0)
 
 
-def evenly_spaced_steps(steps: int, count: int) -> tuple[int, ...]:
-    """At most ``count`` sampling indices spread evenly over 1..steps-1 (both ends included), the steps
-    that have a temporal difference: a readable subset for Figure 1b's violins."""
+def evenly_spaced_steps(steps: int, count: int, timesteps: Optional[Sequence[int]] = None) -> tuple[int, ...]:
+    """At most ``count`` sampling indices spread evenly over the steps that have an informative temporal
+    difference (1..steps-1, both ends included, less those that repeat a timestep when ``timesteps`` are
+    given): a readable subset for Figure 1b's violins."""
     if steps < 2 or count < 1:
         raise ValueError(f"need steps >= 2 and count >= 1, got steps={steps}, count={count}")
-    return tuple(sorted({int(round(v)) for v in np.linspace(1, steps - 1, min(count, steps - 1))}))
+    candidates = np.flatnonzero(_difference_steps_kept(steps, timesteps)) + 1
+    positions = np.linspace(0, len(candidates) - 1, min(count, len(candidates)))
+    return tuple(sorted({int(candidates[int(round(p))]) for p in positions}))
 
 
 def violin_data(

@@ -9,6 +9,11 @@ stays available for users with real data and the Inception weights.
 Inputs: a folder of images, an ``.npz`` of uint8 images (the guided-diffusion format: ``arr_0`` or
 ``images``, (N, H, W, C)), a (N, H, W, C) uint8 array, or a reference name. A reference may also be a
 statistics file written by `save_reference_stats` (FID only).
+
+Features come from torch-fidelity's extractor and cache, FID, IS and KID's subset average from its
+functions; KID over all samples (`modiff.metrics.kid`) and precision/recall
+(`modiff.metrics.precision_recall`) are torch-fidelity's estimators computed here, equal to its own (tested),
+so that every bootstrap resample is scored in seconds and a reference's own terms once per process.
 """
 from __future__ import annotations
 
@@ -306,8 +311,8 @@ def _stats_file(path: Path, extractor: str, weights: Optional[str]) -> tuple[np.
 @dataclass(frozen=True)
 class Scores:
     """What `score` returns: the metrics dict (fixed keys, see `compute_metrics`) and, per metric with a
-    bootstrap interval (fid, kid, precision, recall), its value on every resample, for paired comparisons
-    of sets made from the same seeds."""
+    bootstrap interval (fid, kid, precision, recall, f_score; not IS), its value on every resample, for
+    paired comparisons of sets made from the same seeds."""
 
     metrics: dict[str, Any]
     resamples: dict[str, np.ndarray] = field(default_factory=dict)

@@ -249,6 +249,9 @@ def test_range_claim_branches() -> None:
             "`net.l1` 11 [10, 12].") in claims.range_claim(with_intervals, samples=128)
     pooled = with_intervals.assign(median_per_step_ci95_low=[11.0, 14.0], median_per_step_ci95_high=[13.0, 16.5])
     assert "`net.l0` median 12 [11, 13], smallest 2; `net.l1` median 15 [14, 16.5]" in claims.range_claim(pooled, 128)
+    assert "left out" not in claims.range_claim(pooled.assign(repeated_t_steps_left_out=0), 128)
+    assert "4 steps that repeat the previous step's timestep are left out" in \
+        claims.range_claim(pooled.assign(repeated_t_steps_left_out=4), 128)
 
 
 def test_sampler_claim_counts_samplers_where_modiff_is_closer() -> None:

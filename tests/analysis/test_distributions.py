@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from analysis.distributions import (activation_stats, layer_range_ratios, pooled_median_interval, range_ratio,
-                                    range_ratio_summary, tensor_stats, trajectory_range_ratios, violin_data)
+                                    range_ratio_summary, repeated_timestep_steps, tensor_stats,
+                                    trajectory_range_ratios, violin_data)
 
 
 def _trajectory(steps: int = 4, shape: tuple[int, ...] = (2, 3, 5, 5)) -> torch.Tensor:
@@ -71,12 +72,15 @@ def test_errors() -> None:
 
 
 def test_evenly_spaced_steps_for_the_violins() -> None:
-    """Steps 1..n-1 (those with a difference), ends included, at most ``count``."""
+    """Steps 1..n-1 (those with a difference), ends included, at most ``count``; with timesteps, steps that
+    repeat one are never shown."""
     from analysis.distributions import evenly_spaced_steps
 
     assert evenly_spaced_steps(100, 10) == (1, 12, 23, 34, 45, 55, 66, 77, 88, 99)
     assert evenly_spaced_steps(20, 8) == (1, 4, 6, 9, 11, 14, 16, 19)
     assert evenly_spaced_steps(3, 10) == (1, 2)
+    assert evenly_spaced_steps(5, 10, [40, 30, 20, 20, 10]) == (1, 2, 4)  # step 3 repeats t = 20
+    assert evenly_spaced_steps(6, 2, [50, 40, 30, 0, 0, 0]) == (1, 3)  # the last informative step ends the range
     with pytest.raises(ValueError, match="steps >= 2"):
         evenly_spaced_steps(1, 5)
 
@@ -112,6 +116,28 @@ def test_pooled_median_interval_resamples_trajectories() -> None:
         pooled_median_interval(steps, level=1.0)
     with pytest.raises(ValueError, match="at least two steps"):
         pooled_median_interval(steps[:1])
+
+
+def test_steps_that_repeat_a_timestep_are_left_out_of_every_ratio() -> None:
+    """The hand-computed case with a step inserted after step 1 that repeats its timestep (the input again,
+    plus rounding noise): every ratio equals the case without it; counted, its difference 2^-20 wide (ratio
+    about 4e6) moves the pooled median."""
+    steps = [torch.tensor([[0.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 4.0], [1.0, 3.0]]),
+             torch.tensor([[1.0, 5.0], [2.0, 6.0]])]
+    noise = 2.0 ** -20  # exact in float32 next to these values
+    repeated = [steps[0], steps[1], steps[1] + torch.tensor([[noise, noise], [0.0, noise]]), steps[2]]
+    timesteps = [20, 10, 10, 0]
+    assert repeated_timestep_steps(timesteps) == {2} and repeated_timestep_steps(None) == frozenset()
+    np.testing.assert_allclose(trajectory_range_ratios(repeated, timesteps), trajectory_range_ratios(steps), rtol=1e-5)
+    with_repeat, without = layer_range_ratios(repeated, timesteps), layer_range_ratios(steps, [20, 10, 0])
+    for key in ("median_per_step", "min_per_step", "per_trajectory_median", "median_per_step_ci95_high"):
+        assert with_repeat[key] == pytest.approx(without[key], rel=1e-5), key
+    assert without["median_per_step"] == pytest.approx(1.92, abs=0.01)  # counted without the timesteps:
+    assert layer_range_ratios(repeated)["median_per_step"] == pytest.approx(2.5)  # median of 1.33, 4e6, 2.5
+    with pytest.raises(ValueError, match="no temporal difference is informative"):
+        trajectory_range_ratios(steps[:2], [10, 10])
+    with pytest.raises(ValueError, match="timesteps has 2 entries"):
+        trajectory_range_ratios(steps, [20, 10])
 
 
 def test_trajectory_range_ratios_errors() -> None:
