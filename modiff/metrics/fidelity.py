@@ -388,8 +388,10 @@ def _kid_prc(result: dict[str, Any], features: torch.Tensor, ref_features: torch
     for name, row in values.items():
         result[name] = float(row[0])
         if bootstrap is not None:
-            result[f"{name}_ci95_low"], result[f"{name}_ci95_high"] = recentred_interval(row[0], row[1:],
-                                                                                         bootstrap.level)
+            low, high = recentred_interval(row[0], row[1:], bootstrap.level)
+            if name != "kid":  # shares: a recentred interval can pass 0 or 1 at a few samples
+                low, high = max(low, 0.0), min(high, 1.0)
+            result[f"{name}_ci95_low"], result[f"{name}_ci95_high"] = low, high
     return {name: row[1:] for name, row in values.items()} if bootstrap is not None else {}
 
 

@@ -269,3 +269,15 @@ def test_the_classifier_refuses_colour_images(weights: str) -> None:
     colour[..., 1:] = 0
     with pytest.raises(ValueError, match="gray images"):
         compute_metrics(colour, gray, ["fid"], weights=weights, bootstrap=None)
+
+
+def test_share_intervals_stay_within_0_and_1(weights: str) -> None:
+    """Precision, recall and f_score are shares: at a dozen samples the recentred interval would pass 1
+    (recall 0.87 [0.50, 1.01] in a quick Table 1 row), so it is cut at 0 and 1."""
+    from modiff.metrics.bootstrap import BootstrapConfig
+
+    m = compute_metrics(_images(12, 1), _images(12, 1), ["prc"], weights=weights,
+                        bootstrap=BootstrapConfig(resamples=100))
+    for key in ("precision", "recall", "f_score"):
+        assert 0.0 <= m[f"{key}_ci95_low"] <= m[key] <= m[f"{key}_ci95_high"] <= 1.0, key
+    assert m["precision"] == m["recall"] == 1.0 and m["recall_ci95_high"] == 1.0  # a set against itself
