@@ -188,6 +188,27 @@ def test_own_range_bounds_are_theorem43_in_the_residuals_own_range() -> None:
     assert (own["noec"][:, 0] < widened / 1.5).all()
 
 
+def test_cases_whose_inputs_do_not_depend_on_the_seed_are_counted_apart() -> None:
+    """A layer fed by t alone (every trajectory the same) next to the layer above: flagged, and the
+    finding gives the out-of-sample counts without it (6 of 6 fail where all cases give 6 of 12)."""
+    stats = pd.concat([_rows("calibration", [0, 1], {0: 0.1, 1: 0.05}),
+                       _rows("held-out", [2, 3], {2: 0.3, 3: 0.2}, err_ec=0.5),
+                       _rows("calibration", [0, 1], {0: 0.1, 1: 0.1}, layer="temb"),
+                       _rows("held-out", [2, 3], {2: 0.1, 3: 0.1}, layer="temb")], ignore_index=True)
+    result = bound_checks(stats, {"l": 1.0, "temb": 1.0})
+    flags = result.per_step.groupby("layer")["seed_independent"].agg(["all", "any"])
+    assert flags.loc["temb"].tolist() == [True, True] and flags.loc["l"].tolist() == [False, False]
+    c_cal, c_held = estimate_c(stats, "calibration"), estimate_c(stats, "held-out")
+    text = findings(tightness_summary(result), result, c_cal, c_held)
+    assert "`bound31_unrolled` fails at 6 of 12 (50%)" in text
+    assert "1 of 2 cases have inputs that do not depend on the seed" in text
+    assert "Without them, out of sample: `bound30_unrolled` 2 of 6 (33%); `bound31_unrolled` 6 of 6 (100%)" in text
+    alone = bound_checks(stats[stats["layer"] == "l"], {"l": 1.0})
+    assert "Every one of the 1 cases has inputs that depend on the seed" in findings(
+        tightness_summary(alone), alone, estimate_c(stats[stats["layer"] == "l"]),
+        estimate_c(stats[stats["layer"] == "l"], "held-out"))
+
+
 def test_sweep_on_a_tiny_unet_separates_the_seeds(tiny_denoiser) -> None:
     net = tiny_denoiser
     layers = select_layers(net)[:4]
@@ -202,6 +223,8 @@ def test_sweep_on_a_tiny_unet_separates_the_seeds(tiny_denoiser) -> None:
             | checks.loc[checks["reading"] == "in-sample", "check"].str.endswith("printed")).all()
     in_unrolled = checks[(checks["reading"] == "in-sample") & checks["check"].str.endswith("unrolled")]
     assert in_unrolled["fails"].sum() == 0  # by construction
+    flagged = set(checks.loc[checks["seed_independent"], "layer"])
+    assert flagged and flagged == {layer for layer in layers if "temb" in layer}  # fed by t alone
     assert checks.loc[checks["check"].str.startswith("thm43"), "fails"].sum() == 0
     with pytest.raises(ValueError, match="disjoint"):
         sweep_trajectories(net, layers, [0, 1], [1, 2], config)
