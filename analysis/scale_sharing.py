@@ -146,6 +146,9 @@ def design_effect(values: Sequence[float], group: int) -> float:
     return float(group * values[:whole].reshape(-1, group).mean(axis=1).var(ddof=1) / spread)
 
 
+DESIGN_COLUMNS = ["preset", "method", "shares_a_scale", "samples_per_group", "groups", "design_effect"]
+
+
 def design_effects(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
                    runs_dir: str | Path, device: str = "auto") -> pd.DataFrame:
     """Per preset with a run (or summary) of ``seeds`` under ``runs_dir`` (laid out as Table 1's): the design
@@ -166,8 +169,7 @@ def design_effects(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
         rows.append({"preset": preset, "method": "MoDiff" if quant.mode == "modulated" else "direct",
                      "shares_a_scale": _shares_a_scale(quant), "samples_per_group": group,
                      "groups": len(distances) // group, "design_effect": design_effect(distances, group)})
-    return pd.DataFrame(rows, columns=["preset", "method", "shares_a_scale", "samples_per_group", "groups",
-                                       "design_effect"])
+    return pd.DataFrame(rows, columns=DESIGN_COLUMNS)
 
 
 def design_section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
@@ -175,7 +177,7 @@ def design_section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
     """`design_effects` and a sentence on it; an empty table and why, where ``seeds`` hold fewer than two groups
     of the published batch."""
     if len(seeds) < 2 * PUBLISHED_BATCH:
-        return (pd.DataFrame(), f"Not measured: {len(seeds)} seeds hold fewer than two groups of "
+        return (pd.DataFrame(columns=DESIGN_COLUMNS), f"Not measured: {len(seeds)} seeds hold fewer than two groups of "
                                 f"{PUBLISHED_BATCH} (the paper preset's 10,000 do).")
     table = design_effects(model, presets, seeds, config, runs_dir, device)
     if table.empty:

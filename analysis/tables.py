@@ -36,7 +36,10 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def save(df: pd.DataFrame, name: str, out_dir: str | Path) -> list[Path]:
-    """Write df as out_dir/tables/<name>.csv and .md; returns the paths."""
+    """Write df as out_dir/tables/<name>.csv and .md; returns the paths. A table without columns is refused:
+    its files would say nothing (give an empty table its columns)."""
+    if len(df.columns) == 0:
+        raise ValueError(f"table {name!r} has no columns; an empty table still names its columns")
     folder = Path(out_dir) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / f"{name}.csv", folder / f"{name}.md"

@@ -123,8 +123,17 @@ def compare_reports(committed: str | Path, regenerated: str | Path) -> pd.DataFr
         if not all(p.exists() for p in paths):
             rows.append({"table": name, "note": f"only in the {'committed' if paths[0].exists() else 'regenerated'} report"})
             continue
-        rows.append({"table": name, **compare_tables(*(pd.read_csv(p) for p in paths))})
+        rows.append({"table": name, **compare_tables(*(_read_table(p) for p in paths))})
     return pd.DataFrame(rows)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table's CSV; an empty file (what an empty table without columns was saved as before sitting 47) is
+    an empty table."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def compare_verdicts(committed: str | Path, regenerated: str | Path) -> pd.DataFrame:

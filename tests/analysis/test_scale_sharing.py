@@ -146,9 +146,11 @@ def test_design_section_needs_two_groups_and_reads_runs(tame_denoiser, tmp_path:
     empty, why = scale_sharing.design_section(tame_denoiser, ["published-w8a4"], range(12), config, tmp_path,
                                               device="cpu")
     assert empty.empty and why.startswith("Not measured: 12 seeds hold fewer than two groups of 64")
+    assert empty.columns.tolist() == scale_sharing.DESIGN_COLUMNS  # an empty table still names its columns
     none, why = scale_sharing.design_section(tame_denoiser, ["published-w8a4"], range(128), config, tmp_path,
                                              device="cpu")
     assert none.empty and why.startswith("Not measured: none of these presets has a run")
+    assert none.columns.tolist() == scale_sharing.DESIGN_COLUMNS
     seeds, folder = range(128), experiments.spacing_runs_dir(tame_denoiser, tmp_path, config)
     runs = {p: experiments.sample_run(tame_denoiser, p, seeds, config, folder, batch_size=128, device="cpu")
             for p in ("fp", "published-w8a4", "w8a4")}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from analysis import experiments, tables
 
@@ -35,6 +36,14 @@ def test_bars_in_text_are_escaped(tmp_path: Path) -> None:
     assert rows[0] == ["check", "value \\| unit"]
     assert rows[2] == ["per-step reset (max \\|difference\\|)", "0"] and rows[3] == ["two lines", "0.3645"]
     assert pd.read_csv(paths[0])["check"][0] == "per-step reset (max |difference|)"  # the CSV keeps the text
+
+
+def test_a_table_without_columns_is_refused_and_an_empty_one_keeps_its_header(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="has no columns"):
+        tables.save(pd.DataFrame(), "nothing", tmp_path)
+    csv, md = tables.save(pd.DataFrame(columns=["preset", "design_effect"]), "empty", tmp_path)
+    assert pd.read_csv(csv).columns.tolist() == ["preset", "design_effect"]
+    assert md.read_text() == "| preset | design_effect |\n| --- | --- |\n"
 
 
 def test_missing_text_is_an_empty_cell_and_missing_numbers_stay_nan() -> None:

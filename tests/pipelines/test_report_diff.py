@@ -75,6 +75,9 @@ def test_reports_are_compared_table_by_table(tmp_path: Path) -> None:
     assert got.loc["gone", "note"] == "only in the committed report" and got.loc["added", "note"] == "only in the regenerated report"
     with pytest.raises(FileNotFoundError, match="does not exist: give two report folders"):
         compare_reports(old, tmp_path / "nowhere")
+    (old / "tables" / "empty.csv").write_text("\n")  # an empty table as saved before sitting 47
+    (new / "tables" / "empty.csv").write_text("preset,design_effect\n")
+    assert "empty" in compare_reports(old, new)["table"].tolist()
 
 
 def test_verdicts_are_judged_on_either_report_and_changes_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
