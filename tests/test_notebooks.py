@@ -68,6 +68,20 @@ def test_reproduce_runs_every_notebook(tmp_path: Path) -> None:
         reproduce("quick", overrides={"sample_count": 3})
 
 
+def test_a_notebooks_own_sample_counts_are_recorded_for_the_index() -> None:
+    """The audit's seeds come from its own parameter, which no preset sets: the index lists it, and
+    analysis_samples, which it no longer reads, is neither passed nor listed."""
+    import papermill
+
+    from modiff.pipelines.reproduce import recorded_sizes
+
+    declared = papermill.inspect_notebook(str(notebook_dir() / "published_audit.ipynb"))
+    sizes = recorded_sizes(declared, {"num_samples": 10_000, "steps": 100, "out_dir": "reports/paper"})
+    assert sizes == {"num_samples": 10_000, "steps": 100, "audit_samples": 4}
+    assert recorded_sizes({"audit_samples": {"default": "4"}}, {"audit_samples": 8}) == {"audit_samples": 8}
+    assert recorded_sizes({"odd_samples": {"default": "range(3)"}}, {}) == {}  # not a literal: left out
+
+
 def test_report_names_keep_the_default_model_at_the_preset() -> None:
     assert report_name("quick") == report_name("quick", "fmnist-ddim") == "quick"
     assert report_name("paper", "fmnist-ldm") == "paper-fmnist-ldm"

@@ -15,6 +15,7 @@ under a file lock.
 """
 from __future__ import annotations
 
+import ast
 import fcntl
 import json
 import logging
@@ -158,6 +159,20 @@ def _kernel_config() -> Iterator[Any]:
         yield Config({"KernelManager": {"transport": "ipc", "ip": str(Path(folder) / "kernel")}})
 
 
+def recorded_sizes(declared: dict[str, dict[str, Any]], passed: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a notebook ran with, for the index: those passed, and the defaults of its own sample
+    counts that no preset sets (``audit_samples``), which it ran with all the same. ``declared``:
+    `papermill.inspect_notebook` (defaults as source text)."""
+    own = {}
+    for name, spec in declared.items():
+        if name not in passed and name.endswith("_samples") and not name.endswith("resamples"):
+            try:
+                own[name] = ast.literal_eval(str(spec.get("default")))
+            except (ValueError, SyntaxError):
+                continue
+    return {k: v for k, v in {**passed, **own}.items() if k not in _PATH_PARAMETERS}
+
+
 def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookResult:
     import papermill
 
@@ -167,7 +182,7 @@ def _run_one(name: str, parameters: dict[str, Any], out_dir: Path) -> NotebookRe
     start = time.time()
     declared = papermill.inspect_notebook(str(source))  # pass each notebook only the parameters it declares
     passed = {k: v for k, v in parameters.items() if k in declared}
-    sizes = {k: v for k, v in passed.items() if k not in _PATH_PARAMETERS}
+    sizes = recorded_sizes(declared, passed)
     machine = _machine(passed.get("device", "cpu"))
     usage_file = executed.parent / f".{name}.runs.jsonl"
     error = ""
