@@ -245,8 +245,8 @@ def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarra
 
 
 COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
-           *experiments.SCORE_COLUMNS, "is_std", "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels", "rel_l2_ci95_halfwidth", "psnr_db",
-           "psnr_ci95_halfwidth", "identical_to_fp", "gbops_per_step", "note"]
+           *experiments.SCORE_COLUMNS, "is_std", "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels",
+           "rel_l2_ci95_halfwidth", "psnr_db", "psnr_ci95_halfwidth", "identical_to_fp", "gbops_per_step", "note"]
 
 
 def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig, runs_dir: str | Path,

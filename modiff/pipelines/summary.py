@@ -176,9 +176,10 @@ def _stored_fidelity(summary: Path, reference: Path, seeds: list[int]) -> PerSee
 
 def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
                bootstrap: BootstrapConfig = BootstrapConfig(), device: str = "cpu") -> Any:
-    """FID (with its bootstrap interval and resamples) and IS of the run's images of ``seeds``
-    (`modiff.metrics.fidelity.score`, as Table 1 asks for them). A summary gives the scores it stored, if
-    they are over these seeds with this reference and bootstrap; a degenerate set raises ValueError either way."""
+    """FID, IS, KID and precision/recall (with their bootstrap intervals and resamples) of the run's images
+    of ``seeds`` (`modiff.metrics.fidelity.score`, as Table 1 asks for them). A summary gives the scores it
+    stored, if they are over these seeds with this reference and bootstrap (one made before sitting 47 holds
+    FID and IS only); a degenerate set raises ValueError either way."""
     from modiff.metrics.fidelity import Scores, score
 
     run = Path(run)

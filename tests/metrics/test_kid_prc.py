@@ -78,7 +78,7 @@ def test_a_drawn_sample_without_enough_drawn_neighbours_nearby_gets_its_exact_ra
 def test_the_bootstrap_spread_is_near_the_spread_over_independent_draws() -> None:
     """Gaussian features, a fixed reference: the standard deviation of KID, precision and recall over 60
     independent generated sets of 1,000 against the mean bootstrap standard deviation of 4 such sets
-    (measured 0.0029 / 0.0029, 0.0084 / 0.0100, 0.0130 / 0.0142)."""
+    (measured 0.0029 / 0.0029, 0.0084 / 0.0101, 0.0130 / 0.0141: ratios 1.02, 1.21, 1.09)."""
     n, d = 1000, 16
     y = _gaussian(2000, d, 0)
     radii, kernel_sum = reference_radii(y), reference_kernel_sum(y)
