@@ -53,12 +53,18 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
     text cells changed (verdicts, findings), and for every estimate with a 95% interval how many regenerated
     estimates lie inside the committed interval and the largest absolute change of an estimate. Tables of the
     same columns but another number of rows are compared on the rows both have, matched by their ``preset`` column
-    (else the first) where it names each row once, and the note names the rows only one of them has."""
-    if list(committed.columns) != list(regenerated.columns):
-        return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, or other columns"}
-    if len(committed) != len(regenerated):
-        return _compare_common_rows(committed, regenerated)
-    return _compare_aligned(committed, regenerated)
+    (else the first) where it names each row once, and the note names the rows only one of them has. Columns
+    added or dropped are left out of the comparison and named in the note."""
+    common = [c for c in committed.columns if c in set(regenerated.columns)]
+    if not common:
+        return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, no column in common"}
+    changes = {side: [c for c in frame.columns if c not in set(common)]
+               for side, frame in (("added", regenerated), ("dropped", committed))}
+    committed, regenerated = committed[common], regenerated[common]
+    result = _compare_common_rows(committed, regenerated) if len(committed) != len(regenerated) else \
+        _compare_aligned(committed, regenerated)
+    notes = [result.get("note", "")] + [f"columns {side}: {', '.join(names)}" for side, names in changes.items() if names]
+    return {**result, "note": "; ".join(n for n in notes if n)}
 
 
 def _compare_common_rows(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[str, object]:

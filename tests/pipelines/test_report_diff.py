@@ -40,11 +40,16 @@ def test_missing_and_infinite_values_are_left_out_without_warnings(recwarn: pyte
     assert (got["estimates_with_interval"], got["numeric_changed"]) == (1, 1) and not recwarn.list
 
 
-def test_an_identical_table_did_not_move_and_other_shapes_are_not_compared() -> None:
+def test_an_identical_table_did_not_move_and_other_shapes_are_compared_on_what_they_share() -> None:
     same = compare_tables(COMMITTED, COMMITTED.copy())
     assert (same["numeric_changed"], same["text_cells_changed"], same["largest_estimate_move"]) == (0, 0, 0.0)
     assert same["inside_committed_interval"] == 3
-    assert "not comparable" in compare_tables(COMMITTED, COMMITTED.drop(columns="n"))["note"]
+    dropped = compare_tables(COMMITTED, COMMITTED.drop(columns="n"))  # compared on the columns both have
+    assert dropped["numeric_cells"] == 9 and dropped["inside_committed_interval"] == 3
+    assert dropped["note"] == "columns dropped: n"
+    added = compare_tables(COMMITTED, COMMITTED.assign(kid=1.0, mean=[1.0, 2.0, 8.0]))
+    assert added["numeric_changed"] == 1 and added["note"] == "columns added: kid"
+    assert "no column in common" in compare_tables(COMMITTED, pd.DataFrame({"other": [1]}))["note"]
     fewer = compare_tables(COMMITTED, COMMITTED.iloc[:2])  # the rows of both, matched by the first column
     key = COMMITTED.columns[0]
     assert fewer["rows"] == 2 and fewer["numeric_changed"] == 0
