@@ -157,7 +157,8 @@ def _ratios(cube: _HeldOut, c: pd.DataFrame, op_norms: Mapping[str, float]) -> d
 class BoundChecks:
     """The held-out checks two ways: ``per_step``, one row per (layer, quantizer, bits, reading, check, step)
     with ``trajectories`` checked, ``seed_independent`` (the case's inputs are the same on every trajectory),
-    ``fails`` (ratio > 1), ``ratio_max`` (worst trajectory) and ``ratio_median``; ``per_trajectory``, one row per (reading, check, quantizer, bits, seed) with the
+    ``fails`` (ratio > 1), ``ratio_max`` (worst trajectory) and ``ratio_median``; ``per_trajectory``, one row
+    per (reading, check, quantizer, bits, seed) with the
     ``checks`` (layers x steps) and ``fails`` of that held-out trajectory, for intervals over trajectories
     (steps of one trajectory are not independent). Theorem 4.3 rows carry reading ``out-of-sample``."""
 

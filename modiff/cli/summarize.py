@@ -29,7 +29,8 @@ def _size(folder: Path) -> int:
 @click.option("--fp-run", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Full-precision run of the per-seed distances [default: the fp run beside each run].")
 @click.option("--seeds", default=None, callback=_optional_seeds, help="Seeds to summarize [default: all of the run's].")
-@click.option("--ref", default="fmnist-train", show_default=True, help="FID reference, as the notebooks use it (KID and precision/recall: fmnist-test).")
+@click.option("--ref", default="fmnist-train", show_default=True,
+              help="FID reference, as the notebooks use it (KID and precision/recall: fmnist-test).")
 @click.option("--bootstrap-resamples", type=click.IntRange(min=10), default=300, show_default=True,
               help="Bootstrap resamples of every score (the table1 notebook's bootstrap_resamples).")
 @click.option("--images", type=click.IntRange(min=0), default=128, show_default=True,
@@ -42,9 +43,9 @@ def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path],
                       bootstrap_resamples: int, images: int, device: str, jobs: int) -> None:
     """Summarize finished RUNS (run folders, or folders of runs) into small folders that stand in for them:
     manifest, FID, IS, KID and precision/recall with their bootstrap intervals and resamples, per-seed
-    distances to the fp run, the first images and the grid (under 1 MB for 10,000 seeds). The notebooks read a summary where they would read
-    its run, so `modiff reproduce --runs DIR` rebuilds the reports from summaries on a machine without the
-    runs (or a GPU). Unfinished runs, and runs being written, are refused.
+    distances to the fp run, the first images and the grid (under 1 MB for 10,000 seeds). The notebooks read
+    a summary where they would read its run, so `modiff reproduce --runs DIR` rebuilds the reports from
+    summaries on a machine without the runs (or a GPU). Unfinished runs, and runs being written, are refused.
 
     \b
     Examples:

@@ -535,7 +535,8 @@ def compute_metrics(samples: ImageInput, ref: ImageInput, metrics: Sequence[Metr
     fid_bootstrap_seed and fid_ci_method, which hold for every interval.
     A named reference needs only its cached statistics for FID and IS. Against ``fmnist-train``, KID and
     precision/recall use the shipped features of ``fmnist-test`` (with or without the Fashion-MNIST images:
-    the same scores on every machine) and the result says so (``kid_prc_reference``). ``progress`` shows torch-fidelity's progress bars (on stderr)
+    the same scores on every machine) and the result says so (``kid_prc_reference``). ``progress`` shows
+    torch-fidelity's progress bars (on stderr)
     while features are extracted. Refuses NaN results.
     """
     return score(samples, ref, metrics, extractor=extractor, batch_size=batch_size, device=device, weights=weights,

@@ -5,7 +5,8 @@ random subsets of 1000 samples a side; the spread it reports (kid_std) is that o
 interval of the estimate. Here KID is the same unbiased MMD^2 over every sample at once (Gretton et al.
 2012, eq. 3):
 
-    KID = sum_{i != j} k(x_i, x_j) / (n (n - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1)) - 2 sum_{i,j} k(x_i, y_j) / (n m)
+    KID = sum_{i != j} k(x_i, x_j) / (n (n - 1)) + sum_{i != j} k(y_i, y_j) / (m (m - 1))
+          - 2 sum_{i,j} k(x_i, y_j) / (n m)
 
 which is torch-fidelity's with one subset holding all samples when n = m (tested). A resample b, drawn
 with replacement, enters only through the counts w_b (how often each generated sample was drawn): the

@@ -56,7 +56,8 @@ def _inside_any(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor
 
 def _nearest(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's ``count`` nearest samples of its own set (itself included), closest first."""
-    found = [torch.cdist(x[s:s + _CHUNK_ROWS], x).topk(count, dim=1, largest=False) for s in range(0, len(x), _CHUNK_ROWS)]
+    found = [torch.cdist(x[s:s + _CHUNK_ROWS], x).topk(count, dim=1, largest=False)
+             for s in range(0, len(x), _CHUNK_ROWS)]
     return torch.cat([f.values for f in found]), torch.cat([f.indices for f in found])
 
 

@@ -63,7 +63,8 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
     committed, regenerated = committed[common], regenerated[common]
     result = _compare_common_rows(committed, regenerated) if len(committed) != len(regenerated) else \
         _compare_aligned(committed, regenerated)
-    notes = [result.get("note", "")] + [f"columns {side}: {', '.join(names)}" for side, names in changes.items() if names]
+    notes = [result.get("note", "")]
+    notes += [f"columns {side}: {', '.join(names)}" for side, names in changes.items() if names]
     return {**result, "note": "; ".join(n for n in notes if n)}
 
 

@@ -102,7 +102,8 @@ def test_summary_stands_for_its_run_and_refuses_what_it_cannot_answer(tmp_path: 
         run_scores(summary, range(12), bootstrap=BootstrapConfig(resamples=30))
     with pytest.raises(SummaryMismatchError, match="seeds"):
         run_scores(summary, range(10), bootstrap=BOOTSTRAP)
-    scores, from_run = run_scores(summary, range(12), bootstrap=BOOTSTRAP), run_scores(q, range(12), bootstrap=BOOTSTRAP)
+    scores = run_scores(summary, range(12), bootstrap=BOOTSTRAP)
+    from_run = run_scores(q, range(12), bootstrap=BOOTSTRAP)
     assert scores.metrics == from_run.metrics and {"kid_ci95_low", "recall_ci95_high"} <= set(scores.metrics)
     assert set(scores.resamples) == set(from_run.resamples) == {"fid", "kid", "precision", "recall", "f_score"}
     for name, values in from_run.resamples.items():  # what paired verdicts need travels with the summary
