@@ -205,7 +205,7 @@ def _verdict(compared: dict[str, Any]) -> str:
 
 
 def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], fp_run: Path, config: SampleConfig,
-                ref: str, bootstrap: BootstrapConfig, device: str) -> tuple[dict[str, Any], Optional[np.ndarray]]:
+                ref: str, bootstrap: BootstrapConfig, device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way (a run's
     classifier features extracted on ``device``; CPU and GPU features move FID by about 1e-4)."""
     close = per_seed_fidelity(run, fp_run, seeds).averaged()
@@ -213,11 +213,11 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
                            "spacing": config.spacing, "precision": experiments.run_precision(run)}
     try:
         scored = run_scores(run, seeds, ref, bootstrap, device)
-        metrics, resampled, note = scored.metrics, scored.fid_resamples, ""
+        metrics, resampled, note = scored.metrics, scored.resamples, ""
     except SummaryMismatchError:
         raise
     except ValueError as err:  # a degenerate set (all images alike, non-finite scores): reported, not fatal
-        metrics, resampled, note = {}, None, str(err)
+        metrics, resampled, note = {}, {}, str(err)
     row.update(**experiments.score_columns(metrics), is_std=metrics.get("is_std", np.nan),
                psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                psnr_ci95_halfwidth=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
@@ -227,25 +227,37 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
     return row, resampled
 
 
-def _compare(rows: list[dict[str, Any]], resamples: dict[str, Optional[np.ndarray]], level: float) -> None:
-    """Add the verdict columns: paired bootstrap of the FID difference against the fp anchor, the
-    weights-only anchor and the direct counterpart (empty where a side is missing or degenerate)."""
-    fid = {r["preset"]: r["fid_classifier"] for r in rows}
-    pairs = _counterparts([r["preset"] for r in rows])
+_OTHER_SCORES = {"kid": ("kid_classifier", False), "precision": ("improved_precision", True),
+                 "recall": ("improved_recall", True)}  # score: (its column, higher is better)
 
-    def against(preset: str, other: Optional[str]) -> str:
-        if other is None or other == preset or resamples.get(preset) is None or resamples.get(other) is None:
+
+def _compare(rows: list[dict[str, Any]], resamples: dict[str, dict[str, np.ndarray]], level: float) -> None:
+    """Add the verdict columns: paired bootstrap of the FID difference against the fp anchor, the
+    weights-only anchor and the direct counterpart, and of the KID, precision and recall differences
+    against the direct counterpart (empty where a side is missing, degenerate or lacks that score)."""
+    pairs = _counterparts([r["preset"] for r in rows])
+    by_preset = {r["preset"]: r for r in rows}
+
+    def against(preset: str, other: Optional[str], score: str = "fid") -> str:
+        column, higher_is_better = _OTHER_SCORES.get(score, ("fid_classifier", False))
+        if other is None or other == preset or other not in by_preset:
             return ""
-        return _verdict(paired_difference(fid[preset], fid[other], resamples[preset], resamples[other], level))
+        a, b = resamples[preset].get(score), resamples[other].get(score)
+        if a is None or b is None:
+            return ""
+        return _verdict(paired_difference(by_preset[preset][column], by_preset[other][column], a, b, level,
+                                          higher_is_better))
 
     for row in rows:
         p = row["preset"]
-        row.update(vs_fp=against(p, "fp" if "fp" in fid else None),
-                   vs_weights_only=against(p, pairs[p]["weights_only"]), modiff_vs_direct=against(p, pairs[p]["direct"]))
+        row.update(vs_fp=against(p, "fp"), vs_weights_only=against(p, pairs[p]["weights_only"]),
+                   modiff_vs_direct=against(p, pairs[p]["direct"]),
+                   **{f"modiff_vs_direct_{score}": against(p, pairs[p]["direct"], score) for score in _OTHER_SCORES})
 
 
 COLUMNS = ["numerics", "method", "weights", "w_bits", "a_bits", "preset", "n", "steps", "spacing", "precision",
-           *experiments.SCORE_COLUMNS, "is_std", "vs_fp", "vs_weights_only", "modiff_vs_direct", "rel_l2_pixels",
+           *experiments.SCORE_COLUMNS, "is_std", "vs_fp", "vs_weights_only", "modiff_vs_direct",
+           "modiff_vs_direct_kid", "modiff_vs_direct_precision", "modiff_vs_direct_recall", "rel_l2_pixels",
            "rel_l2_ci95_halfwidth", "psnr_db", "psnr_ci95_halfwidth", "identical_to_fp", "gbops_per_step", "note"]
 
 
@@ -256,7 +268,8 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
     """One row per preset (the anchors fp, w8a32 and w4a32 added first when missing), every row from the same
     ``seeds``; runs are made (or reused, full or summarized) under `experiments.spacing_runs_dir`, static presets calibrated with
     `table_calibration`. Columns: `COLUMNS`; the verdicts read "worse: +d [low, high]" (FID difference, 95%
-    paired-bootstrap interval; "no difference" when it holds 0)."""
+    paired-bootstrap interval; "no difference" when it holds 0), ``modiff_vs_direct_{kid,precision,recall}``
+    likewise for those scores (higher precision and recall are better)."""
     rows_presets = list(dict.fromkeys([*ANCHORS, *presets]))
     folder, calibration = experiments.spacing_runs_dir(model, runs_dir, config), table_calibration(calibration, config)
     runs = {"fp": experiments.fp_reference_run(model, rows_presets, seeds, config, folder, batch_size, device)}
@@ -350,7 +363,8 @@ def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:
 def _comparisons_line(table: pd.DataFrame) -> list[str]:
     """How many verdicts the table holds, what that means for the ones near 0, and where single-seed resampling
     understates an interval (rows whose activation scale spans samples)."""
-    columns = [c for c in ("vs_fp", "vs_weights_only", "modiff_vs_direct") if c in table]
+    columns = [c for c in ("vs_fp", "vs_weights_only", "modiff_vs_direct", *(f"modiff_vs_direct_{s}" for s in
+                                                                           _OTHER_SCORES)) if c in table]
     verdicts = int(sum((table[c].astype(str).str.len() > 0).sum() for c in columns))
     shared = [p for p in table.preset if md.presets[p].samples_per_scale > 1]
     line = (f"- The table holds {verdicts} paired comparisons, each its own 95% interval (no correction for their "
@@ -361,6 +375,28 @@ def _comparisons_line(table: pd.DataFrame) -> list[str]:
                  f"intervals may be too narrow (the published audit measures the design effect of their per-seed "
                  f"distances).")
     return [line]
+
+
+def _other_scores_line(table: pd.DataFrame) -> list[str]:
+    """MoDiff against direct by each score (paired, 95%): how often KID, precision and recall give FID's
+    verdict; nothing where the table has no such verdicts (summaries made before they were scored)."""
+    pairs = table[table["modiff_vs_direct"].astype(str) != ""]
+    parts = []
+    for score in _OTHER_SCORES:
+        if f"modiff_vs_direct_{score}" not in pairs:
+            continue
+        column = pairs[f"modiff_vs_direct_{score}"].astype(str)
+        judged = pairs[column != ""]
+        if judged.empty:
+            continue
+        word = column[column != ""].str.split(":").str[0]
+        same = int((word == judged["modiff_vs_direct"].str.split(":").str[0]).sum())
+        parts.append(f"{score} {same} of {len(judged)} (better in {int((word == 'better').sum())}, worse in "
+                     f"{int((word == 'worse').sum())})")
+    if not parts:
+        return []
+    return [f"- MoDiff against its direct counterpart by the other scores (paired bootstrap, 95%; lower KID, higher "
+            f"precision and recall count as better), pairs with FID's verdict: {'; '.join(parts)}."]
 
 
 def _better_than_fp_line(scored: pd.DataFrame) -> list[str]:
@@ -392,6 +428,7 @@ def findings(table: pd.DataFrame, left_out: Sequence[str] = ()) -> str:
              f"- {len(same)} of {len(scored)} quantized rows show no FID difference from fp (paired bootstrap, "
              f"95%): {', '.join(same.preset) or 'none'}."]
     lines += _comparisons_line(table)
+    lines += _other_scores_line(table)
     lines += _better_than_fp_line(scored)
     lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
                                      "(the paper's cells are in the paper_fid column)."]

@@ -78,6 +78,10 @@ def test_paired_verdicts_on_constructed_cases() -> None:
     other = base + rng.normal(scale=1e-3, size=base.shape)  # a tiny perturbation: within the interval
     r_other = fid_resamples(other, mu_ref, sigma_ref, idx)
     assert paired_difference(_fid_point(other, mu_ref, sigma_ref), fid_base, r_other, r_base)["verdict"] == "no difference"
+    # a score where higher is better (precision, recall): the same interval above 0 is now "better"
+    flipped = paired_difference(fid_shifted, fid_base, r_shifted, r_base, higher_is_better=True)
+    assert flipped["verdict"] == "better" and (flipped["low"], flipped["high"]) == (worse["low"], worse["high"])
+    assert paired_difference(fid_base, fid_shifted, r_base, r_shifted, higher_is_better=True)["verdict"] == "worse"
 
 
 def test_bad_inputs_are_refused() -> None:

@@ -102,15 +102,18 @@ def recentred_interval(estimate: float, resampled: np.ndarray, level: float = 0.
 
 
 def paired_difference(estimate_a: float, estimate_b: float, resampled_a: np.ndarray, resampled_b: np.ndarray,
-                      level: float = 0.95) -> dict[str, object]:
-    """FID(A) - FID(B) with its paired-bootstrap interval, and the verdict for A against B: "worse" (A's
-    FID higher, the interval above 0), "better" (below 0) or "no difference" (the interval holds 0).
-    ``resampled_a`` and ``resampled_b`` must come from the same indices (same seeds, same order)."""
+                      level: float = 0.95, higher_is_better: bool = False) -> dict[str, object]:
+    """A score of A minus the same score of B (FID by default) with its paired-bootstrap interval, and the
+    verdict for A against B: "worse" (the interval on the side of a worse score: above 0 for FID and KID,
+    below 0 where ``higher_is_better``, as for precision and recall), "better" (the other side) or "no
+    difference" (the interval holds 0). ``resampled_a`` and ``resampled_b`` must come from the same indices
+    (same seeds, same order)."""
     resampled_a, resampled_b = np.asarray(resampled_a), np.asarray(resampled_b)
     if resampled_a.shape != resampled_b.shape:
         raise ValueError(f"paired resamples must have one shape, got {resampled_a.shape} and {resampled_b.shape}: "
                          f"resample both sets with the same indices")
     difference = float(estimate_a - estimate_b)
     low, high = recentred_interval(difference, resampled_a - resampled_b, level)
-    verdict: Verdict = "worse" if low > 0 else "better" if high < 0 else "no difference"
+    above, below = ("better", "worse") if higher_is_better else ("worse", "better")
+    verdict: Verdict = above if low > 0 else below if high < 0 else "no difference"
     return {"difference": difference, "low": low, "high": high, "verdict": verdict}

@@ -102,6 +102,9 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
     if rows.loc["w8a4-modiff", "note"] == "" and rows.loc["w8a4", "note"] == "":
         assert rows.loc["w8a4-modiff", "modiff_vs_direct"].startswith(verdicts)
         assert rows.loc["w8a4", "vs_weights_only"].startswith(verdicts) and rows.loc["w8a4", "modiff_vs_direct"] == ""
+        for score in ("kid", "precision", "recall"):  # the other scores, MoDiff against direct only
+            assert rows.loc["w8a4-modiff", f"modiff_vs_direct_{score}"].startswith(verdicts)
+            assert rows.loc["w8a4", f"modiff_vs_direct_{score}"] == ""
     rows, left_out = table1.rows_to_score(tiny_denoiser, [*table1.ANCHORS, "w8a4", "w8a6", "w8a4-modiff"], range(10),
                                           config, tmp_path, "skip", device="cpu")
     assert rows == [*table1.ANCHORS, "w8a4", "w8a4-modiff"] and left_out == ["w8a6"]  # w8a6 was never sampled
@@ -112,8 +115,11 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
     assert np.isnan(with_paper.set_index("preset").loc["w4a32", "paper_fid"])
     text = table1.findings(with_paper)
     assert "N = 10 samples" in text and "`quad` timesteps" in text and "fp32 on cpu" in text
-    counted = sum((with_paper[c].astype(str).str.len() > 0).sum() for c in ("vs_fp", "vs_weights_only", "modiff_vs_direct"))
-    assert counted >= 4 and f"The table holds {counted} paired comparisons, each its own 95% interval" in text
+    columns = ("vs_fp", "vs_weights_only", "modiff_vs_direct", "modiff_vs_direct_kid", "modiff_vs_direct_precision",
+               "modiff_vs_direct_recall")
+    counted = sum((with_paper[c].astype(str).str.len() > 0).sum() for c in columns)
+    assert counted >= 7 and f"The table holds {counted} paired comparisons, each its own 95% interval" in text
+    assert "MoDiff against its direct counterpart by the other scores" in text and "kid " in text
     assert "share each activation scale" not in text  # no published row here
     published = pd.concat([with_paper, with_paper[with_paper.preset == "w8a4"].assign(preset="published-w8a4")])
     assert "1 rows share each activation scale over consecutive seeds (published-w8a4, ...)" in table1.findings(published)
