@@ -229,6 +229,7 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
 
 _OTHER_SCORES = {"kid": ("kid_classifier", False), "precision": ("improved_precision", True),
                  "recall": ("improved_recall", True)}  # score: (its column, higher is better)
+_SCORE_NAMES = {"kid": "KID", "precision": "precision", "recall": "recall"}
 
 
 def _compare(rows: list[dict[str, Any]], resamples: dict[str, dict[str, np.ndarray]], level: float) -> None:
@@ -391,12 +392,12 @@ def _other_scores_line(table: pd.DataFrame) -> list[str]:
             continue
         word = column[column != ""].str.split(":").str[0]
         same = int((word == judged["modiff_vs_direct"].str.split(":").str[0]).sum())
-        parts.append(f"{score} {same} of {len(judged)} (better in {int((word == 'better').sum())}, worse in "
-                     f"{int((word == 'worse').sum())})")
+        parts.append(f"{_SCORE_NAMES[score]} in {same} of {len(judged)} pairs (its own verdicts: better in "
+                     f"{int((word == 'better').sum())}, worse in {int((word == 'worse').sum())})")
     if not parts:
         return []
     return [f"- MoDiff against its direct counterpart by the other scores (paired bootstrap, 95%; lower KID, higher "
-            f"precision and recall count as better), pairs with FID's verdict: {'; '.join(parts)}."]
+            f"precision and recall count as better) gives FID's verdict for {'; '.join(parts)}."]
 
 
 def _better_than_fp_line(scored: pd.DataFrame) -> list[str]:

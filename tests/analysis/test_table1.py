@@ -119,7 +119,7 @@ def test_scored_table_has_anchors_intervals_and_verdicts(tiny_denoiser: md.Denoi
                "modiff_vs_direct_recall")
     counted = sum((with_paper[c].astype(str).str.len() > 0).sum() for c in columns)
     assert counted >= 7 and f"The table holds {counted} paired comparisons, each its own 95% interval" in text
-    assert "MoDiff against its direct counterpart by the other scores" in text and "kid " in text
+    assert "MoDiff against its direct counterpart by the other scores" in text and "gives FID's verdict for KID in" in text
     assert "share each activation scale" not in text  # no published row here
     published = pd.concat([with_paper, with_paper[with_paper.preset == "w8a4"].assign(preset="published-w8a4")])
     assert "1 rows share each activation scale over consecutive seeds (published-w8a4, ...)" in table1.findings(published)
