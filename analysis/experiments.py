@@ -342,12 +342,17 @@ def score_columns(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _fid_verdict(scores: dict, preset: str, other: str, level: float) -> str:
-    """"worse: +d [low, high]" for FID(preset) - FID(other) (paired bootstrap), "" where a side has no resamples."""
+HIGHER_IS_BETTER = {"fid": False, "kid": False, "precision": True, "recall": True}  # the scores paired verdicts read
+
+
+def _paired_verdict(scores: dict, preset: str, other: str, level: float, score: str = "fid") -> str:
+    """"worse: +d [low, high]" for score(preset) - score(other) (paired bootstrap; for precision and recall a
+    positive difference is better), "" where a side lacks the score's resamples."""
     a, b = scores.get(preset), scores.get(other)
-    if a is None or b is None or a.fid_resamples is None or b.fid_resamples is None:
+    if a is None or b is None or score not in a.resamples or score not in b.resamples:
         return ""
-    d = paired_difference(a.metrics["fid"], b.metrics["fid"], a.fid_resamples, b.fid_resamples, level)
+    d = paired_difference(a.metrics[score], b.metrics[score], a.resamples[score], b.resamples[score], level,
+                          HIGHER_IS_BETTER[score])
     return f"{d['verdict']}: {d['difference']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
 
 
@@ -356,9 +361,10 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
     """The paper's measure for Tables 5 and 15-18 (samplers): FID (classifier features against ``ref``) with its 95%
     bootstrap interval for every run of ``runs`` (fp included), and paired-bootstrap verdicts over the same
     seeds against the sampler's fp run (vs_fp) and, for a ``-modiff`` preset, against its direct counterpart
-    (modiff_vs_direct), as Table 1 reads them; features of a full run are extracted on ``device`` (a summary
-    holds its scores); columns sampler, steps, preset, precision, n, `SCORE_COLUMNS` (FID, IS, KID, improved
-    precision and recall with their intervals), vs_fp, modiff_vs_direct, note."""
+    (modiff_vs_direct, and by KID, precision and recall modiff_vs_direct_kid, _precision, _recall), as
+    Table 1 reads them; features of a full run are extracted on ``device`` (a summary holds its scores);
+    columns sampler, steps, preset, precision, n, `SCORE_COLUMNS` (FID, IS, KID, improved precision and
+    recall with their intervals), vs_fp, the four modiff_vs_direct columns, note."""
     rows = []
     for (sampler, steps), by_preset in runs.items():
         scores, notes = {}, {}
@@ -372,9 +378,10 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
             direct = preset.removesuffix("-modiff")
             rows.append({"sampler": sampler, "steps": steps, "preset": preset, "precision": run_precision(run),
                          "n": len(seeds), **score_columns(metrics),
-                         "vs_fp": "" if preset == "fp" else _fid_verdict(scores, preset, "fp", bootstrap.level),
-                         "modiff_vs_direct": _fid_verdict(scores, preset, direct, bootstrap.level)
-                         if direct != preset and direct in by_preset else "",
+                         "vs_fp": "" if preset == "fp" else _paired_verdict(scores, preset, "fp", bootstrap.level),
+                         **{f"modiff_vs_direct{'' if score == 'fid' else '_' + score}":
+                            _paired_verdict(scores, preset, direct, bootstrap.level, score)
+                            if direct != preset and direct in by_preset else "" for score in HIGHER_IS_BETTER},
                          "note": notes.get(preset, "")})
     return pd.DataFrame(rows)
 

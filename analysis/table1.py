@@ -227,8 +227,7 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
     return row, resampled
 
 
-_OTHER_SCORES = {"kid": ("kid_classifier", False), "precision": ("improved_precision", True),
-                 "recall": ("improved_recall", True)}  # score: (its column, higher is better)
+_OTHER_SCORES = {"kid": "kid_classifier", "precision": "improved_precision", "recall": "improved_recall"}
 _SCORE_NAMES = {"kid": "KID", "precision": "precision", "recall": "recall"}
 
 
@@ -240,14 +239,14 @@ def _compare(rows: list[dict[str, Any]], resamples: dict[str, dict[str, np.ndarr
     by_preset = {r["preset"]: r for r in rows}
 
     def against(preset: str, other: Optional[str], score: str = "fid") -> str:
-        column, higher_is_better = _OTHER_SCORES.get(score, ("fid_classifier", False))
+        column = _OTHER_SCORES.get(score, "fid_classifier")
         if other is None or other == preset or other not in by_preset:
             return ""
         a, b = resamples[preset].get(score), resamples[other].get(score)
         if a is None or b is None:
             return ""
         return _verdict(paired_difference(by_preset[preset][column], by_preset[other][column], a, b, level,
-                                          higher_is_better))
+                                          experiments.HIGHER_IS_BETTER[score]))
 
     for row in rows:
         p = row["preset"]

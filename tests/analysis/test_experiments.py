@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -307,3 +308,20 @@ def test_samplers_without_runs_are_skipped_or_sampled_as_asked(tiny_denoiser: md
     assert experiments.samplers_to_run(tiny_denoiser, ["w8a4"], samplers, range(3), tmp_path) == (samplers, [])
     with pytest.raises(ValueError, match="missing_runs must be one of sample, skip"):
         experiments.samplers_to_run(tiny_denoiser, ["w8a4"], samplers, range(3), tmp_path, "ignore")  # type: ignore[arg-type]
+
+
+def test_paired_verdicts_of_the_sampler_table_read_each_score_its_way() -> None:
+    """Higher KID is worse, higher precision better; a side without the score's resamples (a summary made
+    before KID was scored) gives no verdict."""
+    from modiff.metrics.fidelity import Scores
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=50)
+    low = Scores({"kid": 0.01, "precision": 0.6}, {"kid": 0.01 + 0.001 * base, "precision": 0.6 + 0.01 * base})
+    high = Scores({"kid": 0.05, "precision": 0.8}, {"kid": 0.05 + 0.001 * base, "precision": 0.8 + 0.01 * base})
+    scores = {"a": high, "b": low, "old": Scores({"fid": 3.0}, {"fid": 3.0 + base})}
+    assert experiments._paired_verdict(scores, "a", "b", 0.95, "kid").startswith("worse: +0.04")
+    assert experiments._paired_verdict(scores, "a", "b", 0.95, "precision").startswith("better: +0.2")
+    assert experiments._paired_verdict(scores, "b", "a", 0.95, "precision").startswith("worse: -0.2")
+    assert experiments._paired_verdict(scores, "a", "old", 0.95, "kid") == ""
+    assert experiments._paired_verdict(scores, "a", "missing", 0.95) == ""
