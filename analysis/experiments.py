@@ -36,7 +36,8 @@ from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
     "layer_inputs", "sample_config", "run_location", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
-    "paper_samplers", "sampler_runs", "sampler_scores",
+    "paper_samplers", "sampler_runs", "sampler_scores", "SCORE_COLUMNS", "score_columns", "HIGHER_IS_BETTER",
+    "paired_verdict",
     "warmup_table", "warmup_per_seed", "warmup_location",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
     "run_is_finished", "fp_reference_run", "run_precision", "analysis_precision",
@@ -345,7 +346,7 @@ def score_columns(metrics: Mapping[str, Any]) -> dict[str, float]:
 HIGHER_IS_BETTER = {"fid": False, "kid": False, "precision": True, "recall": True}  # the scores paired verdicts read
 
 
-def _paired_verdict(scores: dict, preset: str, other: str, level: float, score: str = "fid") -> str:
+def paired_verdict(scores: dict, preset: str, other: str, level: float, score: str = "fid") -> str:
     """"worse: +d [low, high]" for score(preset) - score(other) (paired bootstrap; for precision and recall a
     positive difference is better), "" where a side lacks the score's resamples."""
     a, b = scores.get(preset), scores.get(other)
@@ -378,9 +379,9 @@ def sampler_scores(runs: SamplerRuns, seeds: Sequence[int], ref: str = "fmnist-t
             direct = preset.removesuffix("-modiff")
             rows.append({"sampler": sampler, "steps": steps, "preset": preset, "precision": run_precision(run),
                          "n": len(seeds), **score_columns(metrics),
-                         "vs_fp": "" if preset == "fp" else _paired_verdict(scores, preset, "fp", bootstrap.level),
+                         "vs_fp": "" if preset == "fp" else paired_verdict(scores, preset, "fp", bootstrap.level),
                          **{f"modiff_vs_direct{'' if score == 'fid' else '_' + score}":
-                            _paired_verdict(scores, preset, direct, bootstrap.level, score)
+                            paired_verdict(scores, preset, direct, bootstrap.level, score)
                             if direct != preset and direct in by_preset else "" for score in HIGHER_IS_BETTER},
                          "note": notes.get(preset, "")})
     return pd.DataFrame(rows)

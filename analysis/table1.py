@@ -30,7 +30,8 @@ from modiff.diffusion.schedules import Spacing
 from modiff.pipelines.execution import PrecisionChoice
 from modiff.pipelines.generate import SampleConfig, sample
 from modiff.pipelines.summary import SummaryMismatchError, per_seed_fidelity, run_scores
-from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
+from modiff.metrics.bootstrap import BootstrapConfig
+from modiff.metrics.fidelity import Scores
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.calibrate import weight_only_config
 from modiff.quant.ptq.reuse import Calibration
@@ -200,12 +201,8 @@ def _counterparts(presets: Sequence[str]) -> dict[str, dict[str, Optional[str]]]
     return out
 
 
-def _verdict(compared: dict[str, Any]) -> str:
-    return f"{compared['verdict']}: {compared['difference']:+.3g} [{compared['low']:+.3g}, {compared['high']:+.3g}]"
-
-
 def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], fp_run: Path, config: SampleConfig,
-                ref: str, bootstrap: BootstrapConfig, device: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                ref: str, bootstrap: BootstrapConfig, device: str) -> tuple[dict[str, Any], Optional[Scores]]:
     """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way (a run's
     classifier features extracted on ``device``; CPU and GPU features move FID by about 1e-4)."""
     close = per_seed_fidelity(run, fp_run, seeds).averaged()
@@ -213,40 +210,33 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
                            "spacing": config.spacing, "precision": experiments.run_precision(run)}
     try:
         scored = run_scores(run, seeds, ref, bootstrap, device)
-        metrics, resampled, note = scored.metrics, scored.resamples, ""
+        metrics, note = scored.metrics, ""
     except SummaryMismatchError:
         raise
     except ValueError as err:  # a degenerate set (all images alike, non-finite scores): reported, not fatal
-        metrics, resampled, note = {}, {}, str(err)
+        scored, metrics, note = None, {}, str(err)
     row.update(**experiments.score_columns(metrics), is_std=metrics.get("is_std", np.nan),
                psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
                psnr_ci95_halfwidth=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
                identical_to_fp=close["identical_samples"],
                rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95_halfwidth=close["rel_l2_pixels"]["ci95"],
                gbops_per_step=preset_report(model, md.presets[preset], config.steps)["gbops_per_step"], note=note)
-    return row, resampled
+    return row, scored
 
 
-_OTHER_SCORES = {"kid": "kid_classifier", "precision": "improved_precision", "recall": "improved_recall"}
-_SCORE_NAMES = {"kid": "KID", "precision": "precision", "recall": "recall"}
+_OTHER_SCORES = {"kid": "KID", "precision": "precision", "recall": "recall"}  # verdicts beside FID's, by name
 
 
-def _compare(rows: list[dict[str, Any]], resamples: dict[str, dict[str, np.ndarray]], level: float) -> None:
-    """Add the verdict columns: paired bootstrap of the FID difference against the fp anchor, the
-    weights-only anchor and the direct counterpart, and of the KID, precision and recall differences
-    against the direct counterpart (empty where a side is missing, degenerate or lacks that score)."""
+def _compare(rows: list[dict[str, Any]], scores: dict[str, Optional[Scores]], level: float) -> None:
+    """Add the verdict columns (`experiments.paired_verdict`): FID against the fp anchor, the weights-only
+    anchor and the direct counterpart, and KID, precision and recall against the direct counterpart (empty
+    where a side is missing, degenerate or lacks that score)."""
     pairs = _counterparts([r["preset"] for r in rows])
-    by_preset = {r["preset"]: r for r in rows}
 
     def against(preset: str, other: Optional[str], score: str = "fid") -> str:
-        column = _OTHER_SCORES.get(score, "fid_classifier")
-        if other is None or other == preset or other not in by_preset:
+        if other is None or other == preset:
             return ""
-        a, b = resamples[preset].get(score), resamples[other].get(score)
-        if a is None or b is None:
-            return ""
-        return _verdict(paired_difference(by_preset[preset][column], by_preset[other][column], a, b, level,
-                                          experiments.HIGHER_IS_BETTER[score]))
+        return experiments.paired_verdict(scores, preset, other, level, score)
 
     for row in rows:
         p = row["preset"]
@@ -277,12 +267,12 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
         experiments.fill_runs(model, rows_presets, seeds, config, folder, devices, batch_size, calibration)
     runs.update({p: experiments.sample_run(model, p, seeds, config, folder, batch_size, device, calibration=calibration)
                  for p in rows_presets if p != "fp"})
-    rows, resamples = [], {}
+    rows, scores = [], {}
     for preset in rows_presets:
-        row, resamples[preset] = _scored_row(model, preset, runs[preset], seeds, runs["fp"], config, ref, bootstrap,
+        row, scores[preset] = _scored_row(model, preset, runs[preset], seeds, runs["fp"], config, ref, bootstrap,
                                              str(resolve_device(device)))
         rows.append(row)
-    _compare(rows, resamples, bootstrap.level)
+    _compare(rows, scores, bootstrap.level)
     return pd.DataFrame(rows)[COLUMNS]
 
 
@@ -391,7 +381,7 @@ def _other_scores_line(table: pd.DataFrame) -> list[str]:
             continue
         word = column[column != ""].str.split(":").str[0]
         same = int((word == judged["modiff_vs_direct"].str.split(":").str[0]).sum())
-        parts.append(f"{_SCORE_NAMES[score]} in {same} of {len(judged)} pairs (its own verdicts: better in "
+        parts.append(f"{_OTHER_SCORES[score]} in {same} of {len(judged)} pairs (its own verdicts: better in "
                      f"{int((word == 'better').sum())}, worse in {int((word == 'worse').sum())})")
     if not parts:
         return []

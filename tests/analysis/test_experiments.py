@@ -320,8 +320,8 @@ def test_paired_verdicts_of_the_sampler_table_read_each_score_its_way() -> None:
     low = Scores({"kid": 0.01, "precision": 0.6}, {"kid": 0.01 + 0.001 * base, "precision": 0.6 + 0.01 * base})
     high = Scores({"kid": 0.05, "precision": 0.8}, {"kid": 0.05 + 0.001 * base, "precision": 0.8 + 0.01 * base})
     scores = {"a": high, "b": low, "old": Scores({"fid": 3.0}, {"fid": 3.0 + base})}
-    assert experiments._paired_verdict(scores, "a", "b", 0.95, "kid").startswith("worse: +0.04")
-    assert experiments._paired_verdict(scores, "a", "b", 0.95, "precision").startswith("better: +0.2")
-    assert experiments._paired_verdict(scores, "b", "a", 0.95, "precision").startswith("worse: -0.2")
-    assert experiments._paired_verdict(scores, "a", "old", 0.95, "kid") == ""
-    assert experiments._paired_verdict(scores, "a", "missing", 0.95) == ""
+    assert experiments.paired_verdict(scores, "a", "b", 0.95, "kid").startswith("worse: +0.04")
+    assert experiments.paired_verdict(scores, "a", "b", 0.95, "precision").startswith("better: +0.2")
+    assert experiments.paired_verdict(scores, "b", "a", 0.95, "precision").startswith("worse: -0.2")
+    assert experiments.paired_verdict(scores, "a", "old", 0.95, "kid") == ""
+    assert experiments.paired_verdict(scores, "a", "missing", 0.95) == ""
