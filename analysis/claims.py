@@ -208,10 +208,16 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
 
 
 def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage with DDPM, DPM-Solver and fewer "
-                  "DDIM steps (Tables 5, 15-18)") -> str:
+                  "DDIM steps (Tables 5, 15-18)", not_compared: Sequence[tuple[str, int]] = ()) -> str:
     """Tables 5 and 15-18 (samplers): per sampler and step count, the paired per-seed difference of relative L2 to fp,
     MoDiff minus direct (``paired``: `analysis.intervals.paired_table` per sampler, with columns sampler
-    and steps). MoDiff is better where the interval of the difference lies below 0."""
+    and steps). MoDiff is better where the interval of the difference lies below 0. ``not_compared``: the
+    (sampler, steps) without distances to their fp run (`analysis.experiments.sampler_per_seed`), named."""
+    absent = (" Not compared: " + ", ".join(f"{s} {k} steps" for s, k in not_compared) + " (summaries whose distances "
+              "were measured against another fp run of the same sampling; their runs must be sampled again).") \
+        if not_compared else ""
+    if paired.empty:
+        return "No sampler has MoDiff and direct distances to its fp run: nothing to compare." + absent
     parts, better = [], 0
     for r in paired.itertuples():
         effect = Interval(r.mean_difference, r.ci95_low, r.ci95_high, int(r.n))
@@ -220,7 +226,7 @@ def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage
         parts.append(f"{r.sampler} {r.steps} steps: {effect} ({verdict})")
     return (f"Relative L2 to the fp sample of the same seed, `{paired['preset'].iloc[0]}` minus `{paired['baseline'].iloc[0]}` "
             f"(paired over {int(paired['n'].max())} seeds, 95% interval): {'; '.join(parts)}. The paper: {paper}. Here MoDiff is closer to full "
-            f"precision with {better} of {len(paired)} samplers.")
+            f"precision with {better} of {len(paired)} samplers." + absent)
 
 
 def sampler_fid_claim(scores: pd.DataFrame, paper: str = "Tables 5 and 15-18 run MoDiff with DDPM, DPM-Solver and "

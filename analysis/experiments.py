@@ -22,7 +22,7 @@ from modiff.pipelines.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision, precision_record
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.pipelines.run_folder import identity_differences, sampler_identity
-from modiff.pipelines.summary import per_seed_fidelity, require_reference_images, run_scores
+from modiff.pipelines.summary import ReferenceImagesError, per_seed_fidelity, require_reference_images, run_scores
 from modiff.utils.device import resolve_device
 from modiff.utils.rng import format_seeds
 from modiff.utils.runs import atomic_path, environment, write_json
@@ -314,14 +314,24 @@ def sampler_runs(model: nn.Module, presets: Sequence[str], samplers: Sequence[tu
     return runs
 
 
-def sampler_per_seed(runs: SamplerRuns, seeds: Sequence[int]) -> pd.DataFrame:
+def sampler_per_seed(runs: SamplerRuns, seeds: Sequence[int]) -> tuple[pd.DataFrame, list[tuple[str, int]]]:
     """Per seed, the relative L2 (pixels) of each preset's sample to the fp sample of the same seed and
     sampler (``runs``: `sampler_runs`); columns sampler, steps, preset, precision (`run_precision`), seed,
-    rel_l2_pixels."""
-    frames = [pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset, "precision": run_precision(run),
-                            "seed": list(seeds), "rel_l2_pixels": per_seed_fidelity(run, by_preset["fp"], seeds).rel_l2_pixels})
-              for (sampler, steps), by_preset in runs.items() for preset, run in by_preset.items() if preset != "fp"]
-    return pd.concat(frames, ignore_index=True)
+    rel_l2_pixels. Second, the (sampler, steps) left out whole: a run of theirs is a summary whose distances
+    were measured against other fp images than their fp run's (`ReferenceImagesError`), so no pair is formed."""
+    frames, not_compared = [], []
+    for (sampler, steps), by_preset in runs.items():
+        try:
+            distances = {preset: per_seed_fidelity(run, by_preset["fp"], seeds).rel_l2_pixels
+                         for preset, run in by_preset.items() if preset != "fp"}
+        except ReferenceImagesError:
+            not_compared.append((sampler, steps))
+            continue
+        frames += [pd.DataFrame({"sampler": sampler, "steps": steps, "preset": preset,
+                                 "precision": run_precision(by_preset[preset]), "seed": list(seeds),
+                                 "rel_l2_pixels": values}) for preset, values in distances.items()]
+    columns = ["sampler", "steps", "preset", "precision", "seed", "rel_l2_pixels"]
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)), not_compared
 
 
 _SCORES = {  # table column: (key of the score, stem of its interval's keys) in `modiff.metrics.fidelity.score`
@@ -395,7 +405,7 @@ def sampler_table(model: nn.Module, presets: Sequence[str], samplers: Sequence[t
     from analysis.intervals import summarize
 
     runs = sampler_runs(model, presets, samplers, seeds, runs_dir, batch_size, device, devices, precision)
-    per_seed = sampler_per_seed(runs, seeds)
+    per_seed, _ = sampler_per_seed(runs, seeds)
     return summarize(per_seed, ["sampler", "steps", "preset", "precision"], "rel_l2_pixels").rename(columns={"mean": "rel_l2_pixels"})
 
 

@@ -29,7 +29,7 @@ from analysis import experiments
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines.execution import PrecisionChoice
 from modiff.pipelines.generate import SampleConfig, sample
-from modiff.pipelines.summary import SummaryMismatchError, per_seed_fidelity, run_scores
+from modiff.pipelines.summary import ReferenceImagesError, SummaryMismatchError, per_seed_fidelity, run_scores
 from modiff.metrics.bootstrap import BootstrapConfig
 from modiff.metrics.fidelity import Scores
 from modiff.quant.cost import preset_report
@@ -205,23 +205,37 @@ def _scored_row(model: nn.Module, preset: str, run: Path, seeds: Sequence[int], 
                 ref: str, bootstrap: BootstrapConfig, device: str) -> tuple[dict[str, Any], Optional[Scores]]:
     """One row from a run or its summary (`modiff.pipelines.summary`): the same numbers either way (a run's
     classifier features extracted on ``device``; CPU and GPU features move FID by about 1e-4)."""
-    close = per_seed_fidelity(run, fp_run, seeds).averaged()
     row: dict[str, Any] = {"preset": preset, **describe(preset), "n": len(seeds), "steps": config.steps,
                            "spacing": config.spacing, "precision": experiments.run_precision(run)}
     try:
         scored = run_scores(run, seeds, ref, bootstrap, device)
-        metrics, note = scored.metrics, ""
+        metrics, notes = scored.metrics, []
     except SummaryMismatchError:
         raise
     except ValueError as err:  # a degenerate set (all images alike, non-finite scores): reported, not fatal
-        scored, metrics, note = None, {}, str(err)
-    row.update(**experiments.score_columns(metrics), is_std=metrics.get("is_std", np.nan),
-               psnr_db=close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
-               psnr_ci95_halfwidth=close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
-               identical_to_fp=close["identical_samples"],
-               rel_l2_pixels=close["rel_l2_pixels"]["mean"], rel_l2_ci95_halfwidth=close["rel_l2_pixels"]["ci95"],
-               gbops_per_step=preset_report(model, md.presets[preset], config.steps)["gbops_per_step"], note=note)
+        scored, metrics, notes = None, {}, [str(err)]
+    distances, note = _distances(run, fp_run, seeds)
+    row.update(**experiments.score_columns(metrics), is_std=metrics.get("is_std", np.nan), **distances,
+               gbops_per_step=preset_report(model, md.presets[preset], config.steps)["gbops_per_step"],
+               note="; ".join(notes + [note] if note else notes))
     return row, scored
+
+
+NO_DISTANCES = "distances not shown: its summary measured them against another fp run"  # the finding counts these
+
+
+def _distances(run: Path, fp_run: Path, seeds: Sequence[int]) -> tuple[dict[str, float], str]:
+    """The row's fidelity to the fp images of the same seeds, and a note; NaN with `NO_DISTANCES` where the run
+    is a summary whose distances were measured against other fp images than ``fp_run``'s (its scores stand)."""
+    try:
+        close = per_seed_fidelity(run, fp_run, seeds).averaged()
+    except ReferenceImagesError:
+        return dict.fromkeys(["psnr_db", "psnr_ci95_halfwidth", "identical_to_fp", "rel_l2_pixels",
+                              "rel_l2_ci95_halfwidth"], np.nan), NO_DISTANCES
+    return {"psnr_db": close["psnr_db"]["mean"] if close["psnr_db"] else np.inf,
+            "psnr_ci95_halfwidth": close["psnr_db"]["ci95"] if close["psnr_db"] else np.nan,
+            "identical_to_fp": close["identical_samples"], "rel_l2_pixels": close["rel_l2_pixels"]["mean"],
+            "rel_l2_ci95_halfwidth": close["rel_l2_pixels"]["ci95"]}, ""
 
 
 _OTHER_SCORES = {"kid": "KID", "precision": "precision", "recall": "recall"}  # verdicts beside FID's, by name
@@ -342,7 +356,7 @@ def _modiff_worse_lines(table: pd.DataFrame) -> list[str]:
         nearer = abs(row.fid_classifier - base.fid_classifier) < abs(direct.fid_classifier - base.fid_classifier)
         lines.append(
             f"- {row.preset} is worse than {direct.name} ({row.modiff_vs_direct}). Its weights-only anchor {anchor} is "
-            f"{base.vs_fp or 'not compared'} against fp (relative L2 to fp {base.rel_l2_pixels:.3g}). "
+            f"{base.vs_fp or 'not compared'} against fp (relative L2 to fp {_distance(base.rel_l2_pixels)}). "
             f"Against that anchor: "
             f"{row.preset} {row.vs_weights_only}, {direct.name} {direct.vs_weights_only}; "
             + ("MoDiff stays nearer the weights-only model, direct quantization moves the FID further from it."
@@ -389,13 +403,17 @@ def _other_scores_line(table: pd.DataFrame) -> list[str]:
             f"precision and recall count as better) gives FID's verdict for {'; '.join(parts)}."]
 
 
+def _distance(rel_l2: float) -> str:
+    return "not shown" if np.isnan(rel_l2) else f"{rel_l2:.3g}"
+
+
 def _better_than_fp_line(scored: pd.DataFrame) -> list[str]:
     """The rows with a lower FID than fp, with their distance to fp: FID measures closeness to the data, not
     to the fp model, so a quantized row can score below fp while its images differ from fp's."""
     better = scored[scored.vs_fp.str.startswith("better")]
     if better.empty:
         return []
-    listed = ", ".join(f"{r.preset} ({r.vs_fp.removeprefix('better: ')}; relative L2 to fp {r.rel_l2_pixels:.3g})"
+    listed = ", ".join(f"{r.preset} ({r.vs_fp.removeprefix('better: ')}; relative L2 to fp {_distance(r.rel_l2_pixels)})"
                        for r in better.itertuples())
     rows = "row has" if len(better) == 1 else "rows have"
     return [f"- {len(better)} {rows} a lower FID than fp: {listed}. FID compares a row with the data, not "
@@ -423,6 +441,12 @@ def findings(table: pd.DataFrame, left_out: Sequence[str] = ()) -> str:
     lines += _paper_pairs(table) or ["- No MoDiff/direct pair of this table has paper values for both rows "
                                      "(the paper's cells are in the paper_fid column)."]
     lines += _modiff_worse_lines(table)
+    no_distances = table[table.note.fillna("").str.contains(NO_DISTANCES, regex=False)].preset
+    if len(no_distances):
+        lines.append(f"- No fidelity to fp (PSNR, relative L2) for {len(no_distances)} rows: {', '.join(no_distances)}. "
+                     f"Their summaries measured those distances against another fp run of the same model and sampling "
+                     f"(other images: another GPU, commit or session); their scores stand, and sampling them again "
+                     f"beside this fp run restores the distances.")
     if left_out:
         lines.append(f"- Not in this table (no run or summary at this N yet): {', '.join(left_out)}.")
     return "\n".join(lines) + "\n"

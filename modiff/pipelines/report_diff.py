@@ -144,10 +144,14 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def compare_verdicts(committed: str | Path, regenerated: str | Path) -> pd.DataFrame:
-    """The summary's verdict on each of the paper's claims (`report_claims`), judged on either report's tables."""
+    """The summary's verdict on each of the paper's claims (`report_claims`), judged on either report's tables. A
+    claim the regenerated report does not measure (its notebooks not rerun: a partial regeneration) is not
+    compared, rather than counted as changed."""
     pairs = zip(report_claims.claims(committed), report_claims.claims(regenerated))
     return pd.DataFrame([{"claim": old.claim, "committed": old.verdict, "regenerated": new.verdict,
-                          "changed": old.verdict != new.verdict} for old, new in pairs])
+                          "compared": new.verdict != "not measured" or old.verdict == "not measured",
+                          "changed": old.verdict != new.verdict and new.verdict != "not measured"}
+                         for old, new in pairs])
 
 
 def render(table: pd.DataFrame, verdicts: pd.DataFrame, committed: str | Path, regenerated: str | Path) -> Document:
@@ -159,6 +163,8 @@ def render(table: pd.DataFrame, verdicts: pd.DataFrame, committed: str | Path, r
                   "its column, text cells changed (verdicts, findings), and how many regenerated estimates with a 95% "
                   "interval lie inside the committed interval, with the largest move of an estimate.")
     changed = int(verdicts["changed"].sum()) if len(verdicts) else 0
-    doc.table(verdicts, caption=f"The summary's verdicts: {changed} of {len(verdicts)} changed.")
+    absent = int((~verdicts["compared"]).sum()) if len(verdicts) else 0
+    doc.table(verdicts, caption=f"The summary's verdicts: {changed} of {len(verdicts) - absent} changed"
+              + (f" ({absent} not measured in the regenerated report: their notebooks were not rerun)." if absent else "."))
     doc.table(table, caption="The tables.")
     return doc

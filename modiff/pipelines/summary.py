@@ -5,6 +5,7 @@ A paper-scale run holds 10,000 PNGs; what the notebooks read from it is much sma
     SUMMARY/manifest.json  the run's manifest (identity, seeds, sessions: read as a run's is, so
                            `finished_run` reuses the summary and Table 1 shows its arithmetic), plus
                            ``summary``: what it was made from, with which settings, against which fp run
+                           (its identity and a fingerprint of its images)
     SUMMARY/metrics.json   FID, IS, KID and precision/recall (classifier space) with their bootstrap
                            intervals, and the FID, KID, precision and recall of every bootstrap resample
                            ({name}_resamples: Table 1's paired verdicts), over the summarized seeds
@@ -24,12 +25,13 @@ the run it summarizes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -44,19 +46,24 @@ from modiff.utils.locks import folder_lock
 from modiff.utils.rng import format_seeds, parse_seeds
 from modiff.utils.runs import environment, write_json
 
-__all__ = ["SummarySettings", "SummaryMismatchError", "PerSeedFidelity", "per_seed_fidelity", "run_scores",
-           "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder",
-           "require_reference_images"]
+__all__ = ["SummarySettings", "SummaryMismatchError", "ReferenceImagesError", "PerSeedFidelity", "per_seed_fidelity",
+           "run_scores", "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder",
+           "require_reference_images", "reference_fingerprint"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # 2: a full-precision run keeps every image; 3: KID and precision/recall with their intervals
+FORMAT = 4  # 2: a full-precision run keeps every image; 3: KID, precision/recall; 4: the reference's image fingerprint
 SCORED = ("fid", "isc", "kid", "prc")  # what Table 1 computes from a run
 QUANTIZATION_KEYS = ("quant_preset", "quant_config", "quantized", "weights_from", "reset")
 
 
 class SummaryMismatchError(ValueError):
     """A summary cannot answer what was asked (other seeds, bootstrap settings or reference run)."""
+
+
+class ReferenceImagesError(SummaryMismatchError):
+    """A summary's per-seed distances were measured against other full-precision images than the reference's
+    (its scores still stand: they do not depend on the fp run)."""
 
 
 @dataclass(frozen=True)
@@ -165,13 +172,51 @@ def _stored_fidelity(summary: Path, reference: Path, seeds: list[int]) -> PerSee
         raise SummaryMismatchError(f"{summary} holds distances to another reference run than {reference} "
                                    f"({'; '.join(diff)}); summarize the run again with --fp-run {reference}")
     with np.load(summary / "per_seed.npz") as data:
-        index = {int(s): i for i, s in enumerate(data["seeds"])}
-        missing = [s for s in seeds if s not in index]
-        if missing:
-            raise SummaryMismatchError(f"{summary} holds distances for seeds {format_seeds(index)}, not for "
-                                       f"{format_seeds(missing[:5])}...; summarize a run of those seeds")
-        rows = [index[s] for s in seeds]
-        return PerSeedFidelity(data["seeds"][rows], data["rel_l2_pixels"][rows], data["psnr_db"][rows])
+        stored_seeds, rel_l2, psnr_db = data["seeds"], data["rel_l2_pixels"], data["psnr_db"]
+    index = {int(s): i for i, s in enumerate(stored_seeds)}
+    missing = [s for s in seeds if s not in index]
+    if missing:
+        raise SummaryMismatchError(f"{summary} holds distances for seeds {format_seeds(index)}, not for "
+                                   f"{format_seeds(missing[:5])}...; summarize a run of those seeds")
+    _check_reference_images(summary, reference, stored, stored_seeds, rel_l2)
+    rows = [index[s] for s in seeds]
+    return PerSeedFidelity(stored_seeds[rows], rel_l2[rows], psnr_db[rows])
+
+
+def _check_reference_images(summary: Path, reference: Path, stored: Mapping[str, Any], seeds: np.ndarray,
+                            rel_l2: np.ndarray) -> None:
+    """Stored distances are read only against the full-precision images they were measured on: another fp run
+    of the same model and sampling (another GPU, commit or session) has other images, and its distances would
+    be wrong without any identity field differing. A summary records the reference's image fingerprint; one
+    made before (format 3 and older) is checked on the images it keeps, whose distances must come out the same."""
+    if "images_sha256" in stored:
+        same = reference_fingerprint(reference, seeds) == stored["images_sha256"]
+    else:
+        with np.load(summary / "images.npz") as data:
+            kept, images = data["seeds"], data["images"]
+        order = {int(s): i for i, s in enumerate(kept)}
+        rows = [i for i, s in enumerate(seeds) if int(s) in order]  # none kept: nothing to check against
+        measured = relative_l2(images[[order[int(seeds[i])] for i in rows]], seed_images(reference, seeds[rows]))
+        same = np.allclose(measured, rel_l2[rows], rtol=1e-9, atol=0.0)
+    if not same:
+        raise ReferenceImagesError(f"{summary} holds distances to other full-precision images than those of "
+                                   f"{reference} (a run of the same model and sampling, made on another GPU, by "
+                                   f"another commit or in another session); summarize the run again against it "
+                                   f"(--fp-run {reference}), or sample the run again beside it")
+
+
+def reference_fingerprint(reference: str | Path, seeds: Sequence[int]) -> str:
+    """sha256 of a full-precision run's images of ``seeds``, in that order: which images a summary's per-seed
+    distances were measured against (a run and its summary give the same)."""
+    path = Path(reference)
+    images = path / ("samples.npz" if (path / "samples.npz").is_file() else "images.npz")
+    return _fingerprint(str(path.resolve()), images.stat().st_mtime_ns, tuple(int(s) for s in seeds))
+
+
+@lru_cache(maxsize=8)
+def _fingerprint(reference: str, mtime_ns: int, seeds: tuple[int, ...]) -> str:
+    """Cached by file time: a table reads one fp run's fingerprint once per row."""
+    return hashlib.sha256(np.ascontiguousarray(seed_images(Path(reference), seeds)).tobytes()).hexdigest()
 
 
 def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
@@ -260,10 +305,11 @@ def _scores_record(run: Path, seeds: list[int], settings: SummarySettings) -> di
 
 
 def _summary_block(run: Path, reference: Optional[Path], seeds: list[int], settings: SummarySettings) -> dict[str, Any]:
-    ref_identity = None if reference is None else _manifest(reference).get("identity")
     return {"format": FORMAT, "source": str(run.resolve()), "source_manifest_sha256": sha256_file(run / "manifest.json"),
             "seeds": format_seeds(seeds), "settings": settings.record(),
-            "reference": None if reference is None else {"run": str(reference.resolve()), "identity": ref_identity}}
+            "reference": None if reference is None else {"run": str(reference.resolve()),
+                                                         "identity": _manifest(reference).get("identity"),
+                                                         "images_sha256": reference_fingerprint(reference, seeds)}}
 
 
 def _up_to_date(out: Path, block: Mapping[str, Any]) -> bool:

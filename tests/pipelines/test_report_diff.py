@@ -90,11 +90,14 @@ def test_verdicts_are_judged_on_either_report_and_changes_flagged(tmp_path: Path
     unmeasured = compare_verdicts(old, new)
     assert len(unmeasured) == len(report_claims.CLAIMS) and set(unmeasured["committed"]) == {"not measured"}
     assert not unmeasured["changed"].any()
-    judged = {old: ["reproduced", "partly"], new: ["reproduced", "not reproduced"]}
+    judged = {old: ["reproduced", "partly", "partly"], new: ["reproduced", "not reproduced", "not measured"]}
     monkeypatch.setattr(report_diff.report_claims, "claims", lambda folder: [
         report_claims.Claim(f"claim {i}", verdict, "", "", "") for i, verdict in enumerate(judged[folder])])
     got = compare_verdicts(old, new)
-    assert got["changed"].tolist() == [False, True] and got.loc[1, "regenerated"] == "not reproduced"
+    assert got["changed"].tolist() == [False, True, False] and got.loc[1, "regenerated"] == "not reproduced"
+    assert got["compared"].tolist() == [True, True, False]  # a notebook not rerun: not compared, not changed
+    page = report_diff.render(pd.DataFrame(), got, old, new).markdown()
+    assert "The summary's verdicts: 1 of 2 changed (1 not measured in the regenerated report" in page
 
 
 def test_the_command_prints_the_page_and_writes_it_where_asked(tmp_path: Path) -> None:

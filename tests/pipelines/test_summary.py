@@ -11,13 +11,16 @@ import pytest
 from click.testing import CliRunner
 
 import modiff.pipelines.generate as gen
-from analysis import experiments, table1
+from analysis import claims, experiments, table1
 from modiff.cli import main
 from modiff.metrics.bootstrap import BootstrapConfig
 from modiff.pipelines.evaluate import seed_images
 from modiff.pipelines.generate import SampleConfig, finished_run, generate
-from modiff.pipelines.summary import (SummaryMismatchError, SummarySettings, per_seed_fidelity, run_scores, summarize,
-                                      summarize_run)
+from conftest import TameNet
+from modiff.diffusion.schedules import linear_schedule
+from modiff.models.registry import Denoiser
+from modiff.pipelines.summary import (ReferenceImagesError, SummaryMismatchError, SummarySettings, per_seed_fidelity,
+                                      reference_fingerprint, run_scores, summarize, summarize_run)
 from modiff.utils.locks import FolderLockedError, folder_lock
 
 BOOTSTRAP = BootstrapConfig(resamples=20)
@@ -31,7 +34,8 @@ def _tables(model, runs: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     scored = table1.scored_table(model, ["w8a4", "w8a4-modiff"], range(10), config, runs, device="cpu",
                                  bootstrap=BOOTSTRAP)
     sampler_runs = experiments.sampler_runs(model, ["w8a4-modiff"], SAMPLERS, range(10), runs, device="cpu")
-    per_seed = experiments.sampler_per_seed(sampler_runs, range(10))
+    per_seed, not_compared = experiments.sampler_per_seed(sampler_runs, range(10))
+    assert not_compared == []
     return scored, per_seed, experiments.sampler_scores(sampler_runs, range(10), bootstrap=BOOTSTRAP)
 
 
@@ -241,3 +245,55 @@ def test_a_run_sampled_away_from_the_fp_run_takes_its_distances_from_the_fp_summ
     assert reference["run"] == str((tmp_path / "s" / "fp").resolve())
     assert per_seed_fidelity(tmp_path / "s" / "q", tmp_path / "s" / "fp", range(6)).rel_l2_pixels.tolist() == \
         per_seed_fidelity(q, fp, range(6)).rel_l2_pixels.tolist()
+
+
+def test_distances_are_read_only_against_the_fp_images_they_were_measured_on(tmp_path: Path, tame_denoiser) -> None:
+    """Another fp run of the same identity (another GPU, commit or session) has other images: a summary's stored
+    distances are refused against it, by the fingerprint the summary records or, for a summary made before the
+    fingerprint, by recomputing the distances of the images it keeps; accepted against its own fp run and that
+    run's summary."""
+    fp = _run(tame_denoiser, range(8), tmp_path / "fp")
+    other = _run(Denoiser(TameNet(1), linear_schedule(), "tame", {}), range(8), tmp_path / "other")
+    assert not np.array_equal(seed_images(fp, range(8)), seed_images(other, range(8)))
+    q = _quantized_run(tame_denoiser, range(8), tmp_path / "q")
+    summary = summarize_run(q, tmp_path / "s" / "q", fp, SETTINGS)
+    fp_summary = summarize_run(fp, tmp_path / "s" / "fp", None, SETTINGS)
+    manifest_path = summary / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["summary"]["reference"]["images_sha256"] == reference_fingerprint(fp, range(8)) \
+        == reference_fingerprint(fp_summary, range(8)) != reference_fingerprint(other, range(8))
+    expected = per_seed_fidelity(q, fp, range(8)).rel_l2_pixels.tolist()
+    for reference in (fp, fp_summary):
+        assert per_seed_fidelity(summary, reference, range(8)).rel_l2_pixels.tolist() == expected
+    with pytest.raises(ReferenceImagesError, match="other full-precision images than those of .*--fp-run"):
+        per_seed_fidelity(summary, other, range(8))
+    del manifest["summary"]["reference"]["images_sha256"]  # as a summary of format 3 has it
+    manifest_path.write_text(json.dumps(manifest))
+    assert per_seed_fidelity(summary, fp_summary, [6, 1]).rel_l2_pixels.tolist() == [expected[6], expected[1]]
+    with pytest.raises(ReferenceImagesError):
+        per_seed_fidelity(summary, other, range(8))
+
+
+def test_tables_leave_out_distances_measured_against_another_fp_run(tmp_path: Path, tame_denoiser) -> None:
+    """Table 1 keeps the row's scores and shows no distances, with a note its finding counts; the sampler table
+    leaves that sampler's pair out and its finding names it."""
+    runs = tmp_path / "runs"
+    config = table1.table_config(tame_denoiser, 3, "quad")
+    folder = experiments.spacing_runs_dir(tame_denoiser, runs, config)
+    seeds = range(10)
+    scored = table1.scored_table(tame_denoiser, ["w8a4"], seeds, config, runs, device="cpu", bootstrap=BOOTSTRAP)
+    summarize([runs], tmp_path / "s", settings=SETTINGS)
+    shutil.rmtree(tmp_path / "s" / folder.name / "fp-ddim3")
+    other = Denoiser(TameNet(1), linear_schedule(), tame_denoiser.name, {})
+    experiments.sample_run(other, "fp", seeds, config, tmp_path / "s" / folder.name, device="cpu")
+    again = table1.scored_table(tame_denoiser, ["w8a4"], seeds, config, tmp_path / "s", device="cpu",
+                                bootstrap=BOOTSTRAP).set_index("preset")
+    row, before = again.loc["w8a4"], scored.set_index("preset").loc["w8a4"]
+    assert row.fid_classifier == before.fid_classifier and np.isnan(row.rel_l2_pixels) and np.isnan(row.psnr_db)
+    assert table1.NO_DISTANCES in row.note
+    finding = table1.findings(table1.paper_columns(again.reset_index(), tame_denoiser))
+    assert "No fidelity to fp (PSNR, relative L2) for 3 rows: w8a32, w4a32, w8a4" in finding
+    sampler_runs = experiments.sampler_runs(tame_denoiser, ["w8a4"], [("ddim", 3)], seeds, tmp_path / "s", device="cpu")
+    per_seed, not_compared = experiments.sampler_per_seed(sampler_runs, seeds)
+    assert per_seed.empty and not_compared == [("ddim", 3)]
+    assert "Not compared: ddim 3 steps" in claims.sampler_claim(pd.DataFrame(), not_compared=not_compared)
