@@ -37,6 +37,7 @@ from modiff.utils.paths import data_dir
 __all__ = [
     "EXTRACTOR", "FEATURE_SPACE", "Metric", "UInt8Images", "load_images", "compute_metrics", "reference_names",
     "save_reference_stats", "frechet_distance", "classifier_features", "score", "Scores", "inception_score_resamples",
+    "extractor_weights", "shipped_weights",
 ]
 
 
@@ -170,13 +171,21 @@ def extractor_weights(extractor: str, weights: Optional[str]) -> str:
     return sha256_file(path)
 
 
+def shipped_weights(extractor: str = EXTRACTOR) -> Optional[str]:
+    """The SHA-256 of the weights the shipped statistics and features of ``extractor`` were made with (None
+    where none ship)."""
+    import json
+
+    record = shipped_cache() / SHIPPED_WEIGHTS
+    return json.loads(record.read_text()).get(extractor) if record.is_file() else None
+
+
 def cache_root(extractor: str = EXTRACTOR, weights: Optional[str] = None) -> Path:
     """torch-fidelity's cache for these extractor weights (`extractor_weights`):
     ``$XDG_CACHE_HOME/modiff/fidelity/<first 16 hex digits>`` (default ``~/.cache/...``), never a folder of
     the checkout or the installed package. Statistics and features of one classifier are never read for
     another (a retrained classifier, ``--weights``). The shipped statistics and features are copied, the first
     time, into the folder of the classifier they were made with."""
-    import json
     import os
     import shutil
 
@@ -186,8 +195,7 @@ def cache_root(extractor: str = EXTRACTOR, weights: Optional[str] = None) -> Pat
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     root = base / "modiff" / "fidelity" / digest[:16]
     root.mkdir(parents=True, exist_ok=True)
-    record = shipped_cache() / SHIPPED_WEIGHTS
-    if record.is_file() and json.loads(record.read_text()).get(extractor) == digest:
+    if shipped_weights(extractor) == digest:
         for shipped in shipped_cache().glob("*.pt"):
             if not (root / shipped.name).exists():
                 with atomic_path(root / shipped.name) as tmp:

@@ -4,8 +4,8 @@ A paper-scale run holds 10,000 PNGs; what the notebooks read from it is much sma
 
     SUMMARY/manifest.json  the run's manifest (identity, seeds, sessions: read as a run's is, so
                            `finished_run` reuses the summary and Table 1 shows its arithmetic), plus
-                           ``summary``: what it was made from, with which settings, against which fp run
-                           (its identity and a fingerprint of its images)
+                           ``summary``: what it was made from, with which settings (the classifier's
+                           weights among them), against which fp run (its identity, a fingerprint of its images)
     SUMMARY/metrics.json   FID, IS, KID and precision/recall (classifier space) with their bootstrap
                            intervals, and the FID, KID, precision and recall of every bootstrap resample
                            ({name}_resamples: Table 1's paired verdicts), over the summarized seeds
@@ -52,7 +52,7 @@ __all__ = ["SummarySettings", "SummaryMismatchError", "ReferenceImagesError", "P
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4  # 2: a full-precision run keeps every image; 3: KID, precision/recall; 4: the reference's image fingerprint
+FORMAT = 4  # 2: a full-precision run keeps every image; 3: KID, precision/recall; 4: fp images' fingerprint, classifier
 SCORED = ("fid", "isc", "kid", "prc")  # what Table 1 computes from a run
 QUANTIZATION_KEYS = ("quant_preset", "quant_config", "quantized", "weights_from", "reset")
 
@@ -83,7 +83,14 @@ class SummarySettings:
 
     def record(self) -> dict[str, Any]:
         return {"ref": self.ref, "bootstrap": asdict(self.bootstrap), "images": self.images,
-                "feature_device": self.device}
+                "feature_device": self.device, "classifier_weights": _classifier_weights()}
+
+
+def _classifier_weights() -> str:
+    """SHA-256 of the classifier whose feature space the scores are in (`modiff.metrics.fidelity`)."""
+    from modiff.metrics.fidelity import EXTRACTOR, extractor_weights
+
+    return extractor_weights(EXTRACTOR, None)
 
 
 @dataclass(frozen=True)
@@ -237,11 +244,26 @@ def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
         diff = "; ".join(f"{k}: {stored[k]!r} (summary) vs {asked[k]!r} (asked)" for k in asked if stored[k] != asked[k])
         raise SummaryMismatchError(f"{run} was scored with other settings ({diff or 'seed order'}); summarize the run "
                                    f"again with these (`modiff summarize --seeds ... --ref ... --bootstrap-resamples ...`)")
+    _check_classifier(run)
     if "error" in record:
         raise ValueError(record["error"])
     resamples = {key[: -len("_resamples")]: np.asarray(values, dtype=np.float64) for key, values in record.items()
                  if key.endswith("_resamples") and values is not None}
     return Scores(record["metrics"], resamples)
+
+
+def _check_classifier(summary: Path) -> None:
+    """A summary's scores are in the feature space of the classifier it was made with: refused where another
+    classifier scores the runs it would be compared with. One made before the summary recorded it (format 3
+    and older) was scored with the classifier that ships (no summary could take another)."""
+    from modiff.metrics.fidelity import shipped_weights
+
+    made_with = _manifest(summary)["summary"]["settings"].get("classifier_weights") or shipped_weights()
+    here = _classifier_weights()
+    if made_with != here:
+        raise SummaryMismatchError(f"{summary} was scored with another classifier (weights sha256 {str(made_with)[:12]}) "
+                                   f"than the one here ({here[:12]}): its scores are in another feature space; "
+                                   f"summarize its run again here, or score with the classifier it was made with")
 
 
 def _model_part(identity: Mapping[str, Any]) -> dict[str, Any]:

@@ -297,3 +297,23 @@ def test_tables_leave_out_distances_measured_against_another_fp_run(tmp_path: Pa
     per_seed, not_compared = experiments.sampler_per_seed(sampler_runs, seeds)
     assert per_seed.empty and not_compared == [("ddim", 3)]
     assert "Not compared: ddim 3 steps" in claims.sampler_claim(pd.DataFrame(), not_compared=not_compared)
+
+
+def test_scores_are_read_only_in_the_feature_space_they_were_made_in(tmp_path: Path, tame_denoiser,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A summary records the classifier's weights; read where another classifier scores the runs (a retrained
+    one), it is refused. One made before the record (format 3) counts as made with the shipped classifier."""
+    import modiff.metrics.fidelity as fidelity
+
+    q = _quantized_run(tame_denoiser, range(10), tmp_path / "q")
+    summary = summarize_run(q, tmp_path / "s" / "q", None, SETTINGS)
+    manifest_path = summary / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["summary"]["settings"]["classifier_weights"] == fidelity.shipped_weights()
+    run_scores(summary, range(10), bootstrap=BOOTSTRAP)
+    del manifest["summary"]["settings"]["classifier_weights"]
+    manifest_path.write_text(json.dumps(manifest))
+    run_scores(summary, range(10), bootstrap=BOOTSTRAP)
+    monkeypatch.setattr(fidelity, "extractor_weights", lambda extractor, weights: "f" * 64)
+    with pytest.raises(SummaryMismatchError, match="another classifier .* than the one here \\(ffffffffffff\\)"):
+        run_scores(summary, range(10), bootstrap=BOOTSTRAP)
