@@ -1,5 +1,6 @@
-"""Every `modiff` and `make` command that the README and the commands' `--help` examples show exists as
-written: the subcommand, each option, the quantization presets and the `--set` keys."""
+"""Every `modiff` and `make` command that the README, the reports' and benchmarks' READMEs and the commands'
+`--help` examples show exists as written: the subcommand, each option, the quantization presets and the `--set`
+keys."""
 from __future__ import annotations
 
 import re
@@ -18,6 +19,8 @@ from modiff.quant.ptq.calibrate import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
+DOCUMENTS = "\n".join((ROOT / doc).read_text() for doc in ("README.md", "reports/README.md",
+                                                          "reports/reproducibility/README.md", "benchmarks/README.md"))
 QUANT_PRESET_COMMANDS = {"sample", "bops", "evaluate", "record", "calibrate", "calibrate-shipped"}
 
 
@@ -106,7 +109,7 @@ def test_the_readme_shows_commands() -> None:
     assert "make install" in readme_commands(README, "make")
 
 
-@pytest.mark.parametrize("line", sorted(set(readme_commands(README, "modiff")) | set(help_examples())))
+@pytest.mark.parametrize("line", sorted(set(readme_commands(DOCUMENTS, "modiff")) | set(help_examples())))
 def test_command_exists_as_written(line: str) -> None:
     assert problems(line) == []
 
@@ -122,5 +125,5 @@ def test_a_wrong_command_is_caught() -> None:
 
 def test_make_targets_exist() -> None:
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
-    for line in readme_commands(README, "make"):
+    for line in readme_commands(DOCUMENTS, "make"):
         assert shlex.split(line)[1] in targets, line

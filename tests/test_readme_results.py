@@ -1,0 +1,100 @@
+"""The README's results are the committed reports' results, and the documents' links lead somewhere.
+
+The README's verdict table must say what the summaries at the top of the two paper indexes say, claim by claim,
+and its Table 1 excerpt must show each committed table's FID and interval to three significant figures (the
+paper's column: the paper values the committed table carries). A report rendered again without the README
+following, or a README edited by hand, fails here.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAPER_REPORTS = ("paper", "paper-fmnist-ldm")
+DOCUMENTS = [README, ROOT / "reports" / "README.md", ROOT / "reports" / "reproducibility" / "README.md",
+             ROOT / "benchmarks" / "README.md"]
+
+
+def table_after(text: str, marker: str) -> list[list[str]]:
+    """The body rows of the first markdown table after the line holding ``marker``."""
+    lines = text[text.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|")) + 2  # past header and separator
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def index_verdicts(report: str) -> list[str]:
+    index = (ROOT / "reports" / report / "index.md").read_text()
+    return [row[1] for row in table_after(index, "## Summary: the paper's claims")]
+
+
+def fid_cell(table: pd.DataFrame, preset: str) -> str:
+    if preset not in table.index:
+        return "-"
+    row = table.loc[preset]
+    return f"{row.fid_classifier:#.3g} [{row.fid_ci95_low:#.3g}, {row.fid_ci95_high:#.3g}]"
+
+
+def test_the_verdict_table_says_what_the_paper_indexes_say() -> None:
+    rows = table_after(README.read_text(), "<!-- verdicts:")
+    for column, report in enumerate(PAPER_REPORTS, start=1):
+        assert [row[column] for row in rows] == index_verdicts(report), report
+
+
+def test_the_table1_excerpt_is_the_committed_tables() -> None:
+    rows = table_after(README.read_text(), "<!-- table1:")
+    tables = [pd.read_csv(ROOT / "reports" / r / "tables" / "table1_bitwidth.csv").set_index("preset")
+              for r in PAPER_REPORTS]
+    assert len(rows) >= 10
+    for preset, *cells, paper in rows:
+        preset = preset.strip("`")
+        assert cells == [fid_cell(table, preset) for table in tables], preset
+        published = tables[0].paper_fid.get(preset, float("nan"))
+        assert paper == ("-" if pd.isna(published) else f"{published:g}"), preset
+
+
+def test_the_reproducibility_log_links_every_comparison_page() -> None:
+    folder = ROOT / "reports" / "reproducibility"
+    log = (folder / "README.md").read_text()
+    pages = {p.name for p in folder.glob("*.md")} - {"README.md"}
+    assert pages and pages <= set(re.findall(r"\]\(([^)#]+\.md)\)", log))
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's id for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(document: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    found = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    return found | set(re.findall(r'<a id="([^"]+)"', text))
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_lead_to_files_and_headings(document: Path) -> None:
+    text = re.sub(r"```.*?```", "", document.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+            broken.append(target)
+    assert broken == []
+
+
+def test_the_anchor_rule_matches_github() -> None:
+    assert github_anchor("Runs that travel: summaries") == "runs-that-travel-summaries"
+    assert github_anchor("Real W8A8 MoDiff (`bench_real.py`)") == "real-w8a8-modiff-bench_realpy"
+    assert github_anchor("`reports/paper-fmnist-ldm/`") == "reportspaper-fmnist-ldm"
