@@ -63,14 +63,20 @@ def kid_resamples(features: np.ndarray | torch.Tensor, ref_features: np.ndarray 
     quadratic = torch.zeros(len(counts), dtype=torch.float64, device=x.device)
     cross_rows = torch.zeros(n, dtype=torch.float64, device=x.device)
     diagonal = torch.zeros(n, dtype=torch.float64, device=x.device)
+    every_pair = torch.zeros((), dtype=torch.float64, device=x.device)
     for start in range(0, n, _CHUNK_ROWS):
         rows = slice(start, start + _CHUNK_ROWS)
         block = polynomial_kernel(x[rows], x)  # (c, n)
         quadratic += ((counts @ block.T) * counts[:, rows]).sum(dim=1)
+        every_pair += block.sum()
         diagonal[rows] = block.diagonal(offset=start)
         cross_rows[rows] = polynomial_kernel(x[rows], y).sum(dim=1)
-    within_generated = (quadratic - counts @ diagonal) / (n * (n - 1))
-    cross = counts @ cross_rows / (n * m)
+    # A row holding every sample once (the estimate itself) takes plain sums, whose order does not depend on
+    # how many rows come with it: the matrix products' does, by a few ulps that KID's cancellation magnifies.
+    each_once = (counts == 1).all(dim=1)
+    quadratic = torch.where(each_once, every_pair, quadratic)
+    within_generated = (quadratic - torch.where(each_once, diagonal.sum(), counts @ diagonal)) / (n * (n - 1))
+    cross = torch.where(each_once, cross_rows.sum(), counts @ cross_rows) / (n * m)
     within_reference = reference_kernel_sum(y) if ref_kernel_sum is None else ref_kernel_sum
     return (within_generated + within_reference / (m * (m - 1)) - 2 * cross).cpu().numpy()
 
