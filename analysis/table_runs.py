@@ -45,12 +45,17 @@ class PlannedRun:
     folder: Path
 
 
+def _check_notebook(notebook: str) -> None:
+    if notebook not in TABLE_NOTEBOOKS:
+        raise ValueError(f"no runs to plan for notebook {notebook!r}; the table notebooks are "
+                         f"{', '.join(TABLE_NOTEBOOKS)}")
+
+
 def notebook_parameters(notebook: str, preset: str = "paper", overrides: Optional[Mapping[str, Any]] = None
                         ) -> dict[str, Any]:
     """The parameters ``modiff reproduce --preset PRESET --set ...`` runs ``notebook`` with: its parameter cell's
     values, replaced by the preset's sizes (and ``overrides``) for the names the cell declares."""
-    if notebook not in TABLE_NOTEBOOKS:
-        raise ValueError(f"no runs to plan for notebook {notebook!r}; the table notebooks are {', '.join(TABLE_NOTEBOOKS)}")
+    _check_notebook(notebook)
     cells = json.loads((notebook_dir() / f"{notebook}.ipynb").read_text())["cells"]
     source = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
     declared = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body
@@ -63,17 +68,16 @@ def planned_runs(model: nn.Module, notebook: str, parameters: Mapping[str, Any],
                  ) -> list[PlannedRun]:
     """The runs ``notebook`` makes with ``parameters`` under ``runs_dir`` (the report's runs folder), the
     full-precision run of each sampling first (the others' distances are measured against it)."""
+    _check_notebook(notebook)
     p = parameters
     if notebook == "table1_bitwidth":
         config = table1.table_config(model, p["steps"], p["spacing"], p["precision"])
         rows, _ = table1.row_presets(model, p["presets"], p["published_presets"], p["qdiff_presets"], p["adaround"],
                                      p["calibrate"])
         sampling = [(config, list(dict.fromkeys([*table1.ANCHORS, *rows])))]
-    elif notebook == "samplers":
+    else:
         sampling = [(experiments.sample_config(model, steps, sampler, p["precision"]), ["fp", *p["presets"]])
                     for sampler, steps in experiments.paper_samplers(p["steps"])]
-    else:
-        raise ValueError(f"no runs to plan for notebook {notebook!r}; the table notebooks are {', '.join(TABLE_NOTEBOOKS)}")
     return [PlannedRun(notebook, preset, config, experiments.spacing_runs_dir(model, runs_dir, config))
             for config, presets in sampling for preset in dict.fromkeys(["fp", *presets])]
 
