@@ -55,6 +55,9 @@ def _values(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return array
 
 
+_DRAW_BLOCK = 1 << 22  # resample indices drawn at once by `mean_interval`
+
+
 def mean_interval(values: Sequence[float] | np.ndarray, level: float = 0.95, method: IntervalMethod = "bootstrap",
                   resamples: int = 10_000, seed: int = 0) -> Interval:
     """The mean of ``values`` (one per sample) with its ``level`` interval (see the module docstring).
@@ -74,7 +77,11 @@ def mean_interval(values: Sequence[float] | np.ndarray, level: float = 0.95, met
     if resamples < 100:
         raise ValueError(f"resamples must be >= 100 for a percentile interval, got {resamples}")
     rng = np.random.default_rng(seed)
-    means = array[rng.integers(0, array.size, size=(resamples, array.size))].mean(axis=1)
+    # Drawn a block of rows at a time: the same draws as one (resamples, n) array, without its n x resamples
+    # indices in memory at once (800 MB for 10,000 seeds, most of the time spent paging it in).
+    rows = max(1, _DRAW_BLOCK // array.size)
+    means = np.concatenate([array[rng.integers(0, array.size, size=(min(rows, resamples - start), array.size))]
+                            .mean(axis=1) for start in range(0, resamples, rows)])
     low, high = np.quantile(means, [0.5 - level / 2, 0.5 + level / 2])
     return Interval(mean, float(low), float(high), int(array.size), level)
 

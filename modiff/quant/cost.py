@@ -16,13 +16,14 @@ multiply-add. `compute_report` gives both conventions.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from modiff.quant.api import attention_cores, quantize
+from modiff.quant.api import attention_cores, select_layers
 from modiff.quant.config import QuantConfig
 from modiff.quant.layers.direct import QuantAttentionCore, QuantLayer
 from modiff.quant.layers.trajectory import stateful_layers, trajectory
@@ -93,8 +94,15 @@ def measure_macs(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> tuple[li
     return costs, attention.macs + (counted.macs if counted is not None else 0)
 
 
-def _bits(module: Optional[nn.Module]) -> tuple[int, int]:
-    config = getattr(module, "config", None)
+ConfigOf = Callable[[str], Optional[QuantConfig]]  # a counted layer's name -> the quantization it computes with
+
+
+def _configs_of(model: nn.Module) -> ConfigOf:
+    """The configs of a quantized model's layers (None for a full-precision one)."""
+    return lambda name: getattr(model.get_submodule(name), "config", None)
+
+
+def _bits(config: Optional[QuantConfig]) -> tuple[int, int]:
     if config is None:
         return FP_BITS, FP_BITS
     w = FP_BITS if config.weight is None else config.weight.spec.bits
@@ -102,13 +110,11 @@ def _bits(module: Optional[nn.Module]) -> tuple[int, int]:
     return w, a
 
 
-def bops_table(model: nn.Module, costs: list[LayerCost], steps: int) -> list[dict[str, object]]:
-    """Per layer: MACs, bits, BOPs per step (steady state) and over a trajectory of `steps` steps."""
+def _rows(model: nn.Module, costs: list[LayerCost], steps: int, config_of: ConfigOf) -> list[dict[str, object]]:
     rows = []
     for cost in costs:
-        module = model.get_submodule(cost.name)
-        w_bits, a_bits = _bits(module)
-        config = getattr(module, "config", None)
+        config = config_of(cost.name)
+        w_bits, a_bits = _bits(config)
         warmup = min(config.warmup_steps, steps) if config is not None and config.stateful else 0
         quantized_steps = steps - warmup
         if config is not None and config.mode == "cache":
@@ -116,20 +122,27 @@ def bops_table(model: nn.Module, costs: list[LayerCost], steps: int) -> list[dic
             per_trajectory = cost.macs * w_bits * (FP_BITS * warmup + a_bits * refresh)
         else:
             per_trajectory = cost.macs * w_bits * (FP_BITS * warmup + a_bits * quantized_steps)
-        rows.append({"layer": cost.name, "kind": cost.kind, "macs": cost.macs, "weights": module.weight.numel(),
-                     "weight_bits": w_bits, "act_bits": a_bits, "bops_per_step": cost.macs * w_bits * a_bits,
+        rows.append({"layer": cost.name, "kind": cost.kind, "macs": cost.macs,
+                     "weights": model.get_submodule(cost.name).weight.numel(), "weight_bits": w_bits,
+                     "act_bits": a_bits, "bops_per_step": cost.macs * w_bits * a_bits,
                      "bops_per_trajectory": per_trajectory})
     return rows
 
 
+def bops_table(model: nn.Module, costs: list[LayerCost], steps: int) -> list[dict[str, object]]:
+    """Per layer: MACs, bits, BOPs per step (steady state) and over a trajectory of `steps` steps."""
+    return _rows(model, costs, steps, _configs_of(model))
+
+
+def _state_bytes(costs: list[LayerCost], config_of: ConfigOf, bytes_per_value: int) -> int:
+    stateful = (config_of(cost.name) for cost in costs)
+    return sum((cost.input_numel + cost.output_numel) * bytes_per_value
+               for cost, config in zip(costs, stateful) if config is not None and config.stateful)
+
+
 def modiff_state_bytes(model: nn.Module, costs: list[LayerCost], bytes_per_value: int = 4) -> int:
     """Bytes of MoDiff state per sample: a_hat (input-shaped) and o_hat (output-shaped) per stateful layer."""
-    total = 0
-    for cost in costs:
-        config = getattr(model.get_submodule(cost.name), "config", None)
-        if config is not None and config.stateful:
-            total += (cost.input_numel + cost.output_numel) * bytes_per_value
-    return total
+    return _state_bytes(costs, _configs_of(model), bytes_per_value)
 
 
 def _costs(model: nn.Module) -> tuple[list[LayerCost], int]:
@@ -138,21 +151,37 @@ def _costs(model: nn.Module) -> tuple[list[LayerCost], int]:
     return measure_macs(model, x, torch.full((1,), 500, device=device, dtype=torch.long))
 
 
+# The full-precision model's costs, measured once per model object: a table of many presets counts them each time.
+_FP_COSTS: "weakref.WeakKeyDictionary[nn.Module, tuple[list[LayerCost], int]]" = weakref.WeakKeyDictionary()
+
+
+def _fp_costs(model: nn.Module) -> tuple[list[LayerCost], int]:
+    if model not in _FP_COSTS:
+        _FP_COSTS[model] = _costs(model)
+    return _FP_COSTS[model]
+
+
 def compute_report(model: nn.Module, steps: int) -> dict[str, object]:
     """Totals per image: MACs, GMACs of attention, GBops per step and per trajectory, state bytes; and the MB of
     the counted layers' weights, at their bit width and in fp32."""
-    return _report(model, *_costs(model), steps)
+    return _report(model, *_costs(model), steps, _configs_of(model))
 
 
 def preset_report(model: nn.Module, config: QuantConfig, steps: int) -> dict[str, object]:
-    """`compute_report` of ``quantize(model, config)``, with the MACs measured on the full-precision
-    ``model``: BOPs depend only on the layers and their bit widths, so a static (Q-Diffusion) preset is
-    counted without being calibrated, and a report needs no saved calibration (nor AdaRound codes)."""
-    return _report(quantize(model, config.with_weight_codes("nearest")), *_costs(model), steps)
+    """`compute_report` of ``quantize(model, config)``, counted on the full-precision ``model`` without quantizing
+    it: the layers `config` selects compute with it, the others in full precision, and BOPs depend only on the
+    layers and their bit widths. So a static (Q-Diffusion) preset is counted without being calibrated, and a
+    report needs no saved calibration (nor AdaRound codes)."""
+    selected = set(select_layers(model, config))
+    if not selected:
+        raise ValueError(f"no layer matched layer_types={config.layer_types}, include={config.include}, "
+                         f"exclude={config.exclude}")
+    return _report(model, *_fp_costs(model), steps, lambda name: config if name in selected else None)
 
 
-def _report(model: nn.Module, costs: list[LayerCost], attention_macs: int, steps: int) -> dict[str, object]:
-    rows = bops_table(model, costs, steps)
+def _report(model: nn.Module, costs: list[LayerCost], attention_macs: int, steps: int,
+            config_of: ConfigOf) -> dict[str, object]:
+    rows = _rows(model, costs, steps, config_of)
     return {
         "layers_counted": len(rows),
         "gmacs_conv_linear": sum(r["macs"] for r in rows) / 1e9,
@@ -161,7 +190,7 @@ def _report(model: nn.Module, costs: list[LayerCost], attention_macs: int, steps
         "gbops_per_step": sum(r["bops_per_step"] for r in rows) / 1e9,
         "gbops_per_trajectory": sum(r["bops_per_trajectory"] for r in rows) / 1e9,
         "steps": steps,
-        "modiff_state_mb_per_image": modiff_state_bytes(model, costs) / 1e6,
+        "modiff_state_mb_per_image": _state_bytes(costs, config_of, 4) / 1e6,
         "weight_mb": sum(r["weights"] * r["weight_bits"] for r in rows) / 8 / 1e6,
         "weight_mb_fp32": sum(r["weights"] for r in rows) * FP_BITS / 8 / 1e6,
         "layers": rows,

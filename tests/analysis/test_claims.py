@@ -116,6 +116,17 @@ def test_bootstrap_interval_is_reproducible_and_close_to_t() -> None:
     assert intervals.mean_interval([0.5]) == Interval(0.5, 0.5, 0.5, 1)
 
 
+@pytest.mark.parametrize("block", [37, 200, 1 << 22])
+def test_bootstrap_draws_in_blocks_are_one_draw_of_every_resample(monkeypatch, block: int) -> None:
+    """The percentile interval is that of the means of ``rng.integers(0, n, (resamples, n))`` drawn at once, however
+    many rows a block holds (a block of 37 values holds no whole row: one row at a time)."""
+    values = np.random.default_rng(2).normal(size=50)
+    means = values[np.random.default_rng(0).integers(0, 50, size=(1000, 50))].mean(axis=1)
+    monkeypatch.setattr(intervals, "_DRAW_BLOCK", block)
+    got = intervals.mean_interval(values, resamples=1000)
+    assert (got.low, got.high) == tuple(np.quantile(means, [0.5 - 0.95 / 2, 0.5 + 0.95 / 2]))
+
+
 def test_interval_failures() -> None:
     with pytest.raises(ValueError, match="finite"):
         intervals.mean_interval([1.0, math.nan])

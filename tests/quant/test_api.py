@@ -1,6 +1,7 @@
 """quantize(), layer selection, presets, split shortcut, static calibration, attention, BOPs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -208,6 +209,27 @@ def test_bops_of_a_static_preset_need_no_calibration(tiny_denoiser) -> None:
     assert dynamic == compute_report(quantize(model, presets["w4a4"]), 10)
     with pytest.raises(RuntimeError, match="no qparams"):
         compute_report(quantize(model, presets["qdiff-w4a4"]), 10)
+
+
+@pytest.mark.parametrize("preset", ["fp", "w8a32", "w8a4-modiff", "w4a4-modiff-noec", "published-w8a4-modiff",
+                                    "published-lsun-w4a4", "cache5", "w8a8-int8-modiff-real", "w4a4-adaround-modiff"])
+def test_a_preset_is_counted_as_its_quantized_model_without_quantizing(tiny_denoiser, preset: str) -> None:
+    """`preset_report` counts on the full-precision model (the selected layers with the preset's config): the same
+    report, every layer's row included, as the quantized model's own (its MACs measured by its own forward)."""
+    from modiff.quant.cost import compute_report, preset_report
+
+    quantized = quantize(tiny_denoiser, presets[preset].with_weight_codes("nearest"))
+    assert preset_report(tiny_denoiser, presets[preset], 10) == compute_report(quantized, 10)
+
+
+def test_layers_a_preset_leaves_out_are_counted_in_full_precision(tiny_denoiser) -> None:
+    from modiff.models.conventions import edge_layers
+    from modiff.quant.cost import compute_report, preset_report
+
+    config = dataclasses.replace(presets["w8a4-modiff"], exclude=tuple(edge_layers(tiny_denoiser)))
+    report = preset_report(tiny_denoiser, config, 10)
+    assert report == compute_report(quantize(tiny_denoiser, config), 10)
+    assert {r["layer"]: r["act_bits"] for r in report["layers"]}[edge_layers(tiny_denoiser)[0]] == 32
 
 
 def test_cifar10_unet_counts_give_the_papers_gbops() -> None:
