@@ -81,3 +81,18 @@ def test_runs_are_made_summarized_stopped_at_a_deadline_and_resumed(tmp_path: Pa
     rows = [*table1.ANCHORS, "w8a4", "w8a4-modiff"]
     assert table1.rows_to_score(tame_denoiser, rows, range(10), config, summaries.parent / "summaries", "skip",
                                 "cpu") == (rows, [])
+
+
+def test_the_command_lists_what_a_sitting_leaves_and_refuses_bad_input(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    command = ["--model", "fmnist-ddim", "--preset", "quick", "--notebooks", "samplers", "--runs", str(tmp_path / "runs"),
+               "--set", "steps=2", "--deadline", "0", "--log", str(tmp_path / "runs.jsonl")]
+    result = CliRunner().invoke(table_runs.main, command)
+    assert result.exit_code == 0, result.output
+    assert "0 of 12 runs there or summarized; left for the next sitting: spacing-quad/fp-ddim1" in result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.jsonl").exists()  # nothing started, nothing written
+    bad = CliRunner().invoke(table_runs.main, [*command[:6], "--set", "samples=3"])
+    assert bad.exit_code != 0 and "expected key=value with key one of" in str(bad.exception)
+    wrong = CliRunner().invoke(table_runs.main, [*command[:4], "--notebooks", "fig1a_caching"])
+    assert wrong.exit_code != 0 and "the table notebooks are table1_bitwidth, samplers" in str(wrong.exception)
