@@ -15,6 +15,7 @@ not finish: the next sitting, given the summaries, goes on where this one stoppe
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import time
 from dataclasses import asdict, dataclass, replace
@@ -126,6 +127,24 @@ def _make_one(model: nn.Module, run: PlannedRun, target: Optional[Path], sitting
     return record
 
 
+def select_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Path, patterns: Sequence[str],
+                device: str = "auto") -> list[PlannedRun]:
+    """The ``runs`` whose folder (``qdiff-w4a4-ddim100-tf32``), or its path under ``runs_dir``, matches one of the
+    shell ``patterns``: a table's runs split over machines, when the files one part needs (a calibration) do not
+    travel with the others'. Each pattern must match a run, so a misspelt one is an error, not a sitting that makes
+    nothing."""
+    runs, runs_dir = list(runs), Path(runs_dir)
+    paths = [_run_dir(model, run, device).relative_to(runs_dir) for run in runs]
+
+    def matches(path: Path, pattern: str) -> bool:
+        return fnmatch.fnmatch(str(path), pattern) or fnmatch.fnmatch(path.name, pattern)
+
+    unmatched = [p for p in patterns if not any(matches(path, p) for path in paths)]
+    if unmatched:
+        raise ValueError(f"no planned run matches {', '.join(unmatched)}; the runs are {', '.join(map(str, paths))}")
+    return [run for run, path in zip(runs, paths) if any(matches(path, p) for p in patterns)]
+
+
 def make_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Path, sitting: Sitting,
               say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Make the ``runs`` not yet finished under ``runs_dir`` nor summarized under ``sitting.summaries``, in
@@ -167,10 +186,11 @@ def make_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Path
               help="summarize each run into SUMMARIES/<report name>/ as it finishes; runs summarized there are skipped")
 @click.option("--summary-device", default="cpu", show_default=True, help="device of the summaries' classifier features")
 @click.option("--set", "overrides", multiple=True, help="a reproduce preset field, as `modiff reproduce --set`")
+@click.option("--only", default="", help="comma-separated shell patterns of run folders: make only the runs they match")
 @click.option("--deadline", type=float, default=None, help="seconds: start no run that would end after it")
 @click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None, help="append one JSON line per run")
 def main(model: str, preset: str, notebooks: str, runs: Path, summaries: Optional[Path], summary_device: str,
-         overrides: tuple[str, ...], deadline: Optional[float], log: Optional[Path]) -> None:
+         overrides: tuple[str, ...], only: str, deadline: Optional[float], log: Optional[Path]) -> None:
     """Make the runs of the table notebooks at a reproduce preset (see the module's docstring)."""
     settings = dict(parse_override(item) for item in overrides)
     net = md.load_model(model)
@@ -180,6 +200,9 @@ def main(model: str, preset: str, notebooks: str, runs: Path, summaries: Optiona
         parameters = notebook_parameters(notebook, preset, settings)
         planned += planned_runs(net, notebook, parameters, runs / name)
     table = notebook_parameters("table1_bitwidth", preset, settings)
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    if patterns:
+        planned = select_runs(net, planned, runs / name, patterns, table["device"])
     calibration = experiments.calibration_settings(net, table["steps"], table["calib_samples_per_step"],
                                                    table["adaround_iters"], table["activation_iters"])
     sitting = Sitting(range(table["num_samples"]), table["batch_size"], table["device"],

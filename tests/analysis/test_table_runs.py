@@ -92,6 +92,13 @@ def test_the_command_lists_what_a_sitting_leaves_and_refuses_bad_input(tmp_path:
     assert result.exit_code == 0, result.output
     assert "0 of 12 runs there or summarized; left for the next sitting: spacing-quad/fp-ddim1" in result.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "runs.jsonl").exists()  # nothing started, nothing written
+    only = CliRunner().invoke(table_runs.main, [*command, "--only", "fp-*, spacing-quad/w8a4-modiff-ddim1"])
+    assert only.exit_code == 0, only.output
+    assert ("0 of 5 runs there or summarized; left for the next sitting: spacing-quad/fp-ddim1, "
+            "spacing-quad/w8a4-modiff-ddim1, spacing-quad/fp-ddim2, spacing-quad/fp-ddpm2, "
+            "spacing-quad/fp-dpm-solver2") in only.output  # a folder name or its path under the runs
+    misspelt = CliRunner().invoke(table_runs.main, [*command, "--only", "fp-*,qdiff-*"])
+    assert misspelt.exit_code != 0 and "no planned run matches qdiff-*; the runs are" in str(misspelt.exception)
     bad = CliRunner().invoke(table_runs.main, [*command[:6], "--set", "samples=3"])
     assert bad.exit_code != 0 and "expected key=value with key one of" in str(bad.exception)
     wrong = CliRunner().invoke(table_runs.main, [*command[:4], "--notebooks", "fig1a_caching"])
