@@ -50,3 +50,16 @@ def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, 
     pd.testing.assert_frame_equal(made[text].fillna(""), committed[text].fillna(""))
     no_distances = committed.note.fillna("").str.contains(table1.NO_DISTANCES, regex=False)
     assert committed.rel_l2_pixels[~no_distances & (committed.preset != "fp")].gt(0).all()
+
+
+@pytest.mark.parametrize("kept, first, second", [
+    ("paper-h100-sitting50", "paper", "h100/paper"),
+    ("paper-fmnist-ldm-h100-sitting48", "paper-fmnist-ldm", "h100/paper-fmnist-ldm")])
+def test_committed_image_agreement_is_what_the_committed_summaries_give(kept: str, first: str, second: str) -> None:
+    """The two GPUs' images compared (`modiff image-diff`), as the reproducibility log cites them."""
+    from modiff.pipelines.agreement import agreement_rows
+
+    summaries = ROOT / "data" / "summaries"
+    committed = pd.read_csv(ROOT / "reports" / "reproducibility" / kept / "image_agreement.csv")
+    made = pd.read_csv(io.StringIO(pd.DataFrame(agreement_rows(summaries / first, summaries / second)).to_csv(index=False)))
+    pd.testing.assert_frame_equal(made, committed)

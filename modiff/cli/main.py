@@ -79,7 +79,7 @@ def _register_commands() -> None:
     from modiff.cli.metrics import fid_command, fid_ref_command
     from modiff.cli.reports import report_diff_command, reproduce
     from modiff.cli.sampling import evaluate, record_command, sample
-    from modiff.cli.summarize import summarize_command
+    from modiff.cli.summarize import image_diff_command, summarize_command
     from modiff.cli.training import train
 
     main.add_command(sample)
@@ -95,6 +95,7 @@ def _register_commands() -> None:
     main.add_command(calibrate_shipped_command)
     main.add_command(export_diffusers_command)
     main.add_command(summarize_command)
+    main.add_command(image_diff_command)
 
 
 _register_commands()

@@ -11,7 +11,7 @@ import click
 
 from modiff.cli.options import USER_ERRORS, check_device_option, parse_seeds_option
 
-__all__ = ["summarize_command"]
+__all__ = ["summarize_command", "image_diff_command"]
 
 
 def _optional_seeds(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[int]]:
@@ -68,3 +68,33 @@ def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path],
         click.echo(f"REFUSED {run}: {why}", err=True)
     if refused:
         raise SystemExit(1)
+
+
+@click.command("image-diff")
+@click.argument("first", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("second", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table as OUT (CSV).")
+def image_diff_command(first: Path, second: Path, out: Optional[Path]) -> None:
+    """How far the images of SECOND moved from FIRST: two samplings of the same runs (another GPU, commit or
+    session), compared seed by seed on the seeds whose images both hold. FIRST and SECOND are runs, summaries,
+    or folders of them paired by their path below each; per run: identical images, differing pixels, relative
+    L2 (mean, largest) and the seeds that differ by more than 4 grey levels.
+
+    \b
+    Examples:
+      modiff image-diff data/summaries/paper data/summaries/h100/paper
+      modiff image-diff data/runs/w8a4-modiff data/runs-again/w8a4-modiff --out /tmp/agreement.csv
+    """
+    import pandas as pd
+
+    from modiff.pipelines.agreement import agreement_rows
+
+    try:
+        table = pd.DataFrame(agreement_rows(first, second))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out, index=False)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
