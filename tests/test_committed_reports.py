@@ -61,5 +61,6 @@ def test_committed_image_agreement_is_what_the_committed_summaries_give(kept: st
 
     summaries = ROOT / "data" / "summaries"
     committed = pd.read_csv(ROOT / "reports" / "reproducibility" / kept / "image_agreement.csv")
-    made = pd.read_csv(io.StringIO(pd.DataFrame(agreement_rows(summaries / first, summaries / second)).to_csv(index=False)))
+    made = pd.DataFrame(agreement_rows(summaries / first, summaries / second))
+    made = pd.read_csv(io.StringIO(made.to_csv(index=False)))
     pd.testing.assert_frame_equal(made, committed)

@@ -69,11 +69,13 @@ def image_agreement(first: str | Path, second: str | Path) -> ImageAgreement:
     b = seed_images(second, seeds).astype(np.int16)
     pixels = np.abs(b - a).reshape(len(seeds), -1)
     black = a.reshape(len(seeds), -1).max(axis=1) == 0
-    rel = relative_l2(b[~black].astype(np.float64), a[~black].astype(np.float64)) if (~black).any() else np.full(1, np.nan)
-    return ImageAgreement(seeds=int(seeds.size), identical_images=float((pixels.max(axis=1) == 0).mean()),
+    seen = ~black
+    rel = relative_l2(b[seen].astype(np.float64), a[seen].astype(np.float64)) if seen.any() else np.array([np.nan])
+    largest = pixels.max(axis=1)
+    return ImageAgreement(seeds=int(seeds.size), identical_images=float((largest == 0).mean()),
                           differing_pixels=float((pixels > 0).mean()),
-                          seeds_over_grey_levels=int((pixels.max(axis=1) > GREY_LEVELS).sum()),
-                          rel_l2_mean=float(rel.mean()), rel_l2_max=float(rel.max()), black_first_images=int(black.sum()))
+                          seeds_over_grey_levels=int((largest > GREY_LEVELS).sum()), rel_l2_mean=float(rel.mean()),
+                          rel_l2_max=float(rel.max()), black_first_images=int(black.sum()))
 
 
 def _samplings(root: Path) -> dict[str, Path]:
@@ -91,7 +93,8 @@ def agreement_rows(first: str | Path, second: str | Path) -> list[dict[str, Any]
         raise ValueError(f"no run or summary lies at the same path below {first} and {second}")
     rows = []
     for name in common:
-        devices = [_manifest(side[name])["identity"].get("execution", {}).get("device", "?") for side in (ones, others)]
+        devices = [_manifest(side[name])["identity"].get("execution", {}).get("device", "?")
+                   for side in (ones, others)]
         rows.append({"run": name, "first_device": devices[0], "second_device": devices[1],
                      **asdict(image_agreement(ones[name], others[name]))})
     return rows

@@ -42,7 +42,8 @@ def test_hand_made_differences_are_counted(tmp_path: Path) -> None:
     found = image_agreement(a, b)
     assert (found.seeds, found.identical_images, found.seeds_over_grey_levels) == (4, 0.5, 1)
     assert found.differing_pixels == pytest.approx(2 / 64)
-    rel = [np.linalg.norm(second[i].astype(float) - first[i]) / np.linalg.norm(first[i].astype(float)) for i in range(4)]
+    rel = [np.linalg.norm(second[i].astype(float) - first[i]) / np.linalg.norm(first[i].astype(float))
+           for i in range(4)]
     assert found.rel_l2_mean == pytest.approx(np.mean(rel), rel=1e-12)
     assert found.rel_l2_max == pytest.approx(max(rel), rel=1e-12) and found.black_first_images == 0
     assert image_agreement(a, a).rel_l2_max == 0 and image_agreement(a, a).identical_images == 1
@@ -78,6 +79,9 @@ def test_folders_are_paired_by_path_and_the_command_writes_the_table(tmp_path: P
     rows = agreement_rows(tmp_path / "one", tmp_path / "two")
     assert [(r["run"], r["first_device"], r["second_device"], r["identical_images"]) for r in rows] == \
         [("spacing-quad/w8a4-modiff", "GPU A", "GPU B", 1.0)]
+    run = Path("spacing-quad") / "w8a4-modiff"
+    one_run = agreement_rows(tmp_path / "one" / run, tmp_path / "two" / run)
+    assert [r["run"] for r in one_run] == ["."]  # two runs, not folders of them
     out = tmp_path / "tables" / "agreement.csv"
     result = CliRunner().invoke(main, ["image-diff", str(tmp_path / "one"), str(tmp_path / "two"), "--out", str(out)])
     assert result.exit_code == 0, result.output
