@@ -4,6 +4,7 @@ The table is made here as the table1 notebook makes it on a CPU from `data/summa
 left out, the shipped calibration), written and read back as CSV, and compared with the committed CSV cell by
 cell: every score, interval, verdict, distance and note. A summary changed without the report rendered again
 (or the other way round) fails here; so does a change of the table code that moves a committed number.
+The image agreement tables the reproducibility log cites (two GPUs' summaries) are checked the same way.
 """
 from __future__ import annotations
 
