@@ -79,7 +79,7 @@ def image_diff_command(first: Path, second: Path, out: Optional[Path]) -> None:
     """How far the images of SECOND moved from FIRST: two samplings of the same runs (another GPU, commit or
     session), compared seed by seed on the seeds whose images both hold. FIRST and SECOND are runs, summaries,
     or folders of them paired by their path below each; per run: identical images, differing pixels, relative
-    L2 (mean, largest) and the seeds that differ by more than 4 grey levels.
+    L2 (mean with its 95% interval, largest) and the seeds that differ by more than 4 grey levels.
 
     \b
     Examples:
@@ -89,12 +89,13 @@ def image_diff_command(first: Path, second: Path, out: Optional[Path]) -> None:
     import pandas as pd
 
     from modiff.pipelines.agreement import agreement_rows
+    from modiff.utils.runs import write_bytes_atomic
 
     try:
         table = pd.DataFrame(agreement_rows(first, second))
     except ValueError as err:
         raise click.ClickException(str(err)) from err
-    if out is not None:
+    if out is not None:  # written whole or not at all
         out.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
+        write_bytes_atomic(out, table.to_csv(index=False).encode())
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from modiff.metrics.compare import relative_l2
+from modiff.metrics.compare import mean_ci, relative_l2
 from modiff.pipelines.evaluate import seed_images
 from modiff.pipelines.run_folder import identity_differences
 
@@ -28,14 +28,16 @@ COMPARED_PARTS = ("model", "sample")  # what makes two samplings the same run; e
 class ImageAgreement:
     """Over the seeds both samplings hold: the fraction of seeds with identical uint8 images, of pixels that
     differ, the seeds whose images differ somewhere by more than `GREY_LEVELS`, and the relative L2 of the
-    second's images to the first's (mean and largest) over the seeds whose first image is not all black (a
-    collapsed low-bit row can draw black images, to which no relative distance is defined; counted apart)."""
+    second's images to the first's (mean with the half-width of its 95% Student-t interval over seeds, as Table 1's
+    distances, and largest) over the seeds whose first image is not all black (a collapsed low-bit row can draw
+    black images, to which no relative distance is defined; counted apart)."""
 
     seeds: int
     identical_images: float
     differing_pixels: float
     seeds_over_grey_levels: int
     rel_l2_mean: float
+    rel_l2_ci95_halfwidth: float
     rel_l2_max: float
     black_first_images: int
 
@@ -70,12 +72,14 @@ def image_agreement(first: str | Path, second: str | Path) -> ImageAgreement:
     pixels = np.abs(b - a).reshape(len(seeds), -1)
     black = a.reshape(len(seeds), -1).max(axis=1) == 0
     seen = ~black
-    rel = relative_l2(b[seen].astype(np.float64), a[seen].astype(np.float64)) if seen.any() else np.array([np.nan])
+    rel = relative_l2(b[seen].astype(np.float64), a[seen].astype(np.float64)) if seen.any() else None
+    mean = mean_ci(rel) if rel is not None else {"mean": np.nan, "ci95": np.nan}
     largest = pixels.max(axis=1)
     return ImageAgreement(seeds=int(seeds.size), identical_images=float((largest == 0).mean()),
                           differing_pixels=float((pixels > 0).mean()),
-                          seeds_over_grey_levels=int((largest > GREY_LEVELS).sum()), rel_l2_mean=float(rel.mean()),
-                          rel_l2_max=float(rel.max()), black_first_images=int(black.sum()))
+                          seeds_over_grey_levels=int((largest > GREY_LEVELS).sum()), rel_l2_mean=mean["mean"],
+                          rel_l2_ci95_halfwidth=mean["ci95"], rel_l2_max=float(rel.max()) if rel is not None else np.nan,
+                          black_first_images=int(black.sum()))
 
 
 def _samplings(root: Path) -> dict[str, Path]:

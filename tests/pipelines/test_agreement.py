@@ -45,6 +45,8 @@ def test_hand_made_differences_are_counted(tmp_path: Path) -> None:
     rel = [np.linalg.norm(second[i].astype(float) - first[i]) / np.linalg.norm(first[i].astype(float))
            for i in range(4)]
     assert found.rel_l2_mean == pytest.approx(np.mean(rel), rel=1e-12)
+    t = 3.182446305284263  # Student t, 97.5% quantile, 3 degrees of freedom
+    assert found.rel_l2_ci95_halfwidth == pytest.approx(t * np.std(rel, ddof=1) / 2, rel=1e-9)
     assert found.rel_l2_max == pytest.approx(max(rel), rel=1e-12) and found.black_first_images == 0
     assert image_agreement(a, a).rel_l2_max == 0 and image_agreement(a, a).identical_images == 1
 
