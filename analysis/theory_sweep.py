@@ -21,9 +21,10 @@ of the tensor); ``A`` is the layer without bias, r the residual handed to Q, del
 ``rounding_sq_ec``  ||delta_i||^2; ``err_sq_ec`` = ||A delta_i||^2 = ||o_i - o_hat_i||^2 (error feedback)
 ``thm43_bound_*``   Theorem 4.3 for that residual: sum over its elements of s^2 / 4 (round to nearest),
                     s the scale Q used for the element
-``thm43_own_bound_*``  Theorem 4.3 as stated, in the data's own range: the same sum with s = (max - min) /
-                    (2^b - 1) of the values Q took its range from (the sample's, or per tensor the batch's):
-                    `analysis.propagation.theorem43_own_range_bound`
+``thm43_own_bound_*``  The same sum (s^2 / 4 per element; s^2 if Q floors) with s = (max - min) / (2^b - 1) of the values Q took
+                    its range from (the sample's, or per tensor the batch's): Theorem 4.3's proof for rounding to
+                    nearest in the data's own range, `analysis.propagation.theorem43_own_range_bound`
+``thm43_printed_bound_*``  Theorem 4.3 as printed, s^2 d (the paper's floor rounding) in the data's own range
 ==================  ==================================================================================
 
 Quantizers (`QuantizerName`): ``per-sample`` is this toolkit's default (asymmetric min-max, one scale
@@ -68,8 +69,9 @@ log = logging.getLogger(__name__)
 QuantizerName = Literal["per-sample", "per-tensor"]
 Role = Literal["calibration", "held-out"]
 STAT_COLUMNS: tuple[str, ...] = (
-    "residual_sq_noec", "rounding_sq_noec", "thm43_bound_noec", "thm43_own_bound_noec", "err_sq_noec",
-    "residual_sq_ec", "rounding_sq_ec", "thm43_bound_ec", "thm43_own_bound_ec", "err_sq_ec",
+    "residual_sq_noec", "rounding_sq_noec", "thm43_bound_noec", "thm43_own_bound_noec", "thm43_printed_bound_noec",
+    "err_sq_noec",
+    "residual_sq_ec", "rounding_sq_ec", "thm43_bound_ec", "thm43_own_bound_ec", "thm43_printed_bound_ec", "err_sq_ec",
 )
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -239,12 +241,12 @@ class _LayerSimulator:
             start += n
         return runs
 
-    def _round(self, r: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """Q(r) per spec (K, B, ...) of residuals r (K, B, ...), and two per-sample Theorem 4.3 bounds (K, B):
-        the sum of s^2 / 4 over the sample's elements with the scale Q used, and with the step of the data's own
-        range, (max - min) / (2^b - 1). ``shared``: r[k] is the same tensor for every k, so its ranges are
-        reduced once. Min and max are exact, so ranges reduced over a run of specs are the ones `reduce_range`
-        gives each spec."""
+    def _round(self, r: Tensor, shared: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Q(r) per spec (K, B, ...) of residuals r (K, B, ...), and three per-sample Theorem 4.3 bounds (K, B):
+        the sum of s^2 / 4 over the sample's elements with the scale Q used, the same with the step of the data's
+        own range, (max - min) / (2^b - 1), and the printed s^2 d with that step. ``shared``: r[k] is the same
+        tensor for every k, so its ranges are reduced once. Min and max are exact, so ranges reduced over a run
+        of specs are the ones `reduce_range` gives each spec."""
         scales, zero_points, own_steps = [], [], []
         for run, granularity in self._runs():
             part = r[:1] if shared else r[run]
@@ -261,8 +263,8 @@ class _LayerSimulator:
         q = fake_quantize(r, scale, zero_point, spec, grid=(None, *self.grid))
         per_sample = r[0, 0].numel() / (4.0 if spec.rounding == "nearest" else 1.0)
         bound = scale.to(r.dtype).flatten(2).square().mean(2) * per_sample
-        own_bound = torch.stack(own_steps).flatten(2).square().mean(2) * per_sample
-        return q, bound, own_bound
+        own_sq = torch.stack(own_steps).flatten(2).square().mean(2)
+        return q, bound, own_sq * per_sample, own_sq * r[0, 0].numel()
 
     def __call__(self, a: Tensor) -> None:
         a = a.detach().to(self.dtype)
@@ -271,18 +273,19 @@ class _LayerSimulator:
             return
         k = len(self.specs)
         diff = a - self.a_prev
-        q, bound_noec, own_noec = self._round(diff.expand(k, *diff.shape), shared=True)
+        q, bound_noec, own_noec, printed_noec = self._round(diff.expand(k, *diff.shape), shared=True)
         delta_noec = diff - q
         r = a - self.a_hat
-        q, bound_ec, own_ec = self._round(r, shared=False)
+        q, bound_ec, own_ec, printed_ec = self._round(r, shared=False)
         delta_ec = r - q
         self.a_hat = self.a_hat + q
         if self.errors:
             self.acc = self.acc + delta_noec
         diff_sq = _sum_sq(diff, 1).expand(k, -1)
         err_noec, err_ec = self._errors(delta_ec, a.shape[0])
-        self.rows.append(torch.stack([diff_sq, diff_sq, _sum_sq(delta_noec, 2), bound_noec, own_noec, err_noec,
-                                      _sum_sq(r, 2), _sum_sq(delta_ec, 2), bound_ec, own_ec, err_ec]))
+        self.rows.append(torch.stack([diff_sq, diff_sq, _sum_sq(delta_noec, 2), bound_noec, own_noec, printed_noec,
+                                      err_noec, _sum_sq(r, 2), _sum_sq(delta_ec, 2), bound_ec, own_ec, printed_ec,
+                                      err_ec]))
         self.a_prev = a
 
     def _errors(self, delta_ec: Tensor, batch: int) -> tuple[Tensor, Tensor]:

@@ -17,18 +17,20 @@ from modiff.quant.primitives import QuantSpec, fake_quantize, qparams_from_range
 SPECS = [quantizer_spec(q, b) for q in ("per-sample", "per-tensor") for b in (8, 4, 3)]
 
 
-def _per_sample(step: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Sum of step^2 / 4 over each sample's elements, for a step per qparam group."""
-    return step.to(r.dtype).expand(r.shape[0], *step.shape[1:]).flatten(1).square().mean(1) * (r[0].numel() / 4.0)
+def _per_sample(step: torch.Tensor, r: torch.Tensor, per_element: float = 0.25) -> torch.Tensor:
+    """Sum of step^2 * per_element over each sample's elements, for a step per qparam group."""
+    mean_sq = step.to(r.dtype).expand(r.shape[0], *step.shape[1:]).flatten(1).square().mean(1)
+    return mean_sq * (r[0].numel() * per_element)
 
 
-def _reference_step(r: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q(r) and the per-sample Theorem 4.3 bounds (the quantizer's scale, the data's own range) of one
-    configuration, as the sweep computes them."""
+def _reference_step(r: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, ...]:
+    """Q(r) and the per-sample Theorem 4.3 bounds (the quantizer's scale, the data's own range, and that range's
+    printed s^2 d) of one configuration, as the sweep computes them."""
     x_min, x_max = reduce_range(r, spec)
     scale, zero_point = qparams_from_range(x_min, x_max, spec)
-    own = _per_sample((x_max - x_min) / (2**spec.bits - 1), r)
-    return fake_quantize(r, scale, zero_point, spec), _per_sample(scale, r), own
+    own_step = (x_max - x_min) / (2**spec.bits - 1)
+    return (fake_quantize(r, scale, zero_point, spec), _per_sample(scale, r), _per_sample(own_step, r),
+            _per_sample(own_step, r, per_element=1.0))
 
 
 def _reference(op, inputs: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray:
@@ -41,14 +43,14 @@ def _reference(op, inputs: list[torch.Tensor], dtype: torch.dtype) -> np.ndarray
         for a in inputs[1:]:
             a = a.to(dtype)
             diff = a - a_prev
-            q, bound_noec, own_noec = _reference_step(diff, spec)
+            q, bound_noec, own_noec, printed_noec = _reference_step(diff, spec)
             delta_noec, r = diff - q, a - a_hat
-            q, bound_ec, own_ec = _reference_step(r, spec)
+            q, bound_ec, own_ec, printed_ec = _reference_step(r, spec)
             delta_ec, a_hat, acc = r - q, a_hat + q, acc + delta_noec
             err = op(torch.cat([acc, delta_ec]), with_bias=False).flatten(1).square().sum(1).chunk(2)
             sq = [x.flatten(1).square().sum(1) for x in (diff, delta_noec, r, delta_ec)]
-            rows.append(torch.stack([sq[0], sq[0], sq[1], bound_noec, own_noec, err[0], sq[2], sq[3], bound_ec, own_ec,
-                                     err[1]]))
+            rows.append(torch.stack([sq[0], sq[0], sq[1], bound_noec, own_noec, printed_noec, err[0], sq[2], sq[3],
+                                     bound_ec, own_ec, printed_ec, err[1]]))
             a_prev = a
         per_spec.append(torch.stack(rows))
     return torch.stack(per_spec, dim=2).numpy()

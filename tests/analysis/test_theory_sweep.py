@@ -3,6 +3,7 @@ power-iteration operator norms, the 2c >= 1 flags, and agreement with the single
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,8 @@ def _rows(role: str, seeds: list[int], rounding: dict[int, float], err_ec: float
                    "paper_t": steps + 1 - step, "t": 100 * (steps - step), "diff_sq": 1.0}
             row.update(dict.fromkeys(STAT_COLUMNS, 1.0))
             row.update(rounding_sq_noec=rounding[seed], rounding_sq_ec=rounding[seed], thm43_bound_noec=2.0,
-                       thm43_bound_ec=2.0, err_sq_noec=err_ec if role == "held-out" else math.nan,
+                       thm43_bound_ec=2.0, thm43_printed_bound_noec=4.0, thm43_printed_bound_ec=4.0,
+                       err_sq_noec=err_ec if role == "held-out" else math.nan,
                        err_sq_ec=err_ec if role == "held-out" else math.nan)
             rows.append(row)
     return pd.DataFrame(rows)
@@ -59,6 +61,8 @@ def test_out_of_sample_c_comes_from_the_calibration_seeds_only() -> None:
     assert "c31 held-out > c31 calibration" in text and "In 1 of 1 cases" in text and "3x" in text
     assert "`thm43_own_ec` fails at 0 of 6 (0%) held-out trajectory-steps (largest error / bound 0.3)" in text
     assert checks.loc[("out-of-sample", "thm43_own_ec", 1), "ratio_max"] == pytest.approx(0.3, rel=1e-5)
+    assert "`thm43_printed_ec` fails at 0 of 6 (0%) held-out trajectory-steps (largest error / bound 0.075)" in text
+    assert text.index("thm43_printed_ec") < text.index("thm43_own_ec")  # the claim's form first
     # out of sample both held-out trajectories fail the unrolled (31) at all 3 steps (error 0.5 against
     # 0.2, 0.24, 0.248), the printed (31) at none (its first weight is (2c)^0 = 1: 0.5 against 1, 1.2, 1.24)
     rows = summary.set_index(["reading", "check"])
@@ -162,7 +166,8 @@ def _residuals(xs: list[torch.Tensor], conv: nn.Module, spec, method: str) -> li
 
 def test_own_range_bounds_are_theorem43_in_the_residuals_own_range() -> None:
     """The ``thm43_own_bound_*`` columns equal `theorem43_own_range_bound` of the residual the quantizer took its
-    range from: the sample's (per-sample), or the batch's with each sample's share of its values (per tensor)."""
+    range from: the sample's (per-sample), or the batch's with each sample's share of its values (per tensor). The
+    ``thm43_printed_bound_*`` columns are the printed s^2 d: the same with floor rounding, four times the quarter."""
     torch.manual_seed(2)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x, xs = torch.randn(2, 3, 5, 5), []
@@ -175,15 +180,20 @@ def test_own_range_bounds_are_theorem43_in_the_residuals_own_range() -> None:
         sim(a)
     data = sim.result()
     own = {m: data[:, 1 + STAT_COLUMNS.index(f"thm43_own_bound_{m}")] for m in ("noec", "ec")}  # (steps, K, B)
+    printed = {m: data[:, 1 + STAT_COLUMNS.index(f"thm43_printed_bound_{m}")] for m in ("noec", "ec")}
     for m, method in (("noec", "modulated"), ("ec", "modiff")):
         for s in range(2):
             sample = _residuals([a[s:s + 1] for a in xs], conv, specs[0], method)
             np.testing.assert_allclose(own[m][:, 0, s], [theorem43_own_range_bound(r, specs[0]) for r in sample],
                                        rtol=1e-12)
+            floor = replace(specs[0], rounding="floor")
+            np.testing.assert_allclose(printed[m][:, 0, s], [theorem43_own_range_bound(r, floor) for r in sample],
+                                       rtol=1e-12)
         batch = _residuals(xs, conv, specs[1], method)
         expected = [theorem43_own_range_bound(r, specs[1]) / 2 for r in batch]
         np.testing.assert_allclose(own[m][:, 1, 0], expected, rtol=1e-12)
         np.testing.assert_allclose(own[m][:, 1, 1], expected, rtol=1e-12)
+        np.testing.assert_allclose(printed[m][:, 1], 4 * own[m][:, 1], rtol=1e-12)
     widened = data[:, 1 + STAT_COLUMNS.index("thm43_bound_noec"), 0]  # the quantizer's range widened to 0
     assert (own["noec"][:, 0] < widened / 1.5).all()
 

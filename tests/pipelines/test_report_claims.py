@@ -175,21 +175,47 @@ def test_theorem_44(tmp_path: Path, printed: int, unrolled: int, flagged: bool, 
 
 @pytest.mark.parametrize("sample_fails, tensor_fails, verdict", [
     (0, 0, "reproduced"), (0, 30, "partly"), (1, 1, "partly"), (2, 30, "not reproduced")])
-def test_theorem_43_is_judged_in_the_datas_own_range(tmp_path: Path, sample_fails: int, tensor_fails: int,
-                                                     verdict: str) -> None:
-    """The check with the quantizer's scale holds by construction; the verdict comes from the theorem as stated:
-    partly where one quantizer never fails, or in at most 1 in 10,000 of the 20,000 checks."""
-    own = {"per-sample": sample_fails, "per-tensor": tensor_fails}
+def test_theorem_43_is_judged_as_printed_in_the_datas_own_range(tmp_path: Path, sample_fails: int, tensor_fails: int,
+                                                                verdict: str) -> None:
+    """The check with the quantizer's scale holds by construction, and the round-to-nearest quarter fails here
+    in every case; the verdict comes from the printed s^2 d: partly where one quantizer never fails, or in at most
+    1 in 10,000 of the 20,000 checks."""
+    printed = {"per-sample": sample_fails, "per-tensor": tensor_fails}
     rows = [{"reading": "out-of-sample", "check": check, "quantizer": quantizer, "bits": 4, "checks": 10_000,
-             "fails": fails, "ratio_max": 1.4 if fails else 0.9}
-            for quantizer in own for check, fails in (("thm43_ec", 0), ("thm43_own_ec", own[quantizer]))]
+             "fails": fails, "ratio_max": ratio}
+            for quantizer in printed
+            for check, fails, ratio in (("thm43_ec", 0, 0.9), ("thm43_printed_ec", printed[quantizer],
+                                                                1.4 if printed[quantizer] else 0.9),
+                                        ("thm43_own_ec", 500, 5.6))]
     write(tmp_path, "theory_bound_summary", rows)
     claim = judge(tmp_path, rc.theorem_43)
     assert claim.verdict == verdict
-    assert claim.evidence.startswith(f"As stated, in the data's own max - min (every layer, bit width and quantizer, "
-                                     f"held-out trajectories): {sample_fails + tensor_fails} of 20,000 checks fail")
+    assert claim.evidence.startswith(f"As printed, s^2 d in the data's own max - min (every layer, bit width and "
+                                     f"quantizer, held-out trajectories): {sample_fails + tensor_fails} of 20,000 "
+                                     "checks fail")
     assert f"per-tensor {tensor_fails} of 10,000 checks fail" in claim.evidence
+    assert "quarter for rounding to nearest, in the same range: 1,000 of 20,000 checks fail" in claim.evidence
     assert "With the scale the quantizer used: 0 of 20,000 checks fail; the largest error / bound is 0.9" in claim.evidence
+
+
+@pytest.mark.parametrize("ratio_max, verdict, reading", [
+    (1.23, "reproduced", "the largest error / bound is 0.307, so no check fails"),
+    (4.0, "reproduced", "the largest error / bound is 1, so no check fails"),
+    (4.4, "partly", "the largest error / bound is 1.1; at most 37 of 20,000 checks fail")])
+def test_theorem_43_from_a_table_with_only_the_round_to_nearest_quarter(tmp_path: Path, ratio_max: float,
+                                                                        verdict: str, reading: str) -> None:
+    """A table made before the printed check: its ``thm43_own`` rows are the quarter (the sweep's quantizers round
+    to nearest), so the printed ratios are a quarter of theirs; above 4 their fails bound the printed ones."""
+    rows = [{"reading": "out-of-sample", "check": check, "quantizer": quantizer, "bits": 3, "checks": 10_000,
+             "fails": fails, "ratio_max": ratio}
+            for quantizer, own_fails, own_ratio in (("per-sample", 0, 0.8), ("per-tensor", 37, ratio_max))
+            for check, fails, ratio in (("thm43_ec", 0, 0.6), ("thm43_own_ec", own_fails, own_ratio))]
+    write(tmp_path, "theory_bound_summary", rows)
+    claim = judge(tmp_path, rc.theorem_43)
+    assert claim.verdict == verdict
+    assert reading in claim.evidence
+    assert "read from this table's round-to-nearest quarter (made before the printed check)" in claim.evidence
+    assert "in the same range: 37 of 20,000 checks fail; the largest error / bound is " in claim.evidence
 
 
 def test_theorem_43_from_a_table_without_the_own_range_checks(tmp_path: Path) -> None:
