@@ -15,7 +15,9 @@ compares them instead
 - averaged over the steps each N skips,
 
 each as a mean over samples (per-sample average over the steps first) with a 95% interval
-(`analysis.intervals.mean_interval`), and also gives the last step itself, labelled refresh or skip.
+(`analysis.intervals.mean_interval`), and also gives the last step itself, labelled refresh or skip, and each
+N's own last skip of a new input (`last_informative_skip`): the error late in sampling at its largest for that N,
+which the common step leaves out where N refreshes near the end (N = 3 at step 99).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import pandas as pd
 
 from analysis.intervals import Interval, mean_interval
 
-__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "last_informative_common_skip", "caching_summary",
-           "growth_with_step", "growth_by_interval"]
+__all__ = ["refresh_steps", "skipped_steps", "steps_skipped_by_all", "last_informative_common_skip",
+           "last_informative_skip", "caching_summary", "growth_with_step", "growth_by_interval"]
 
 
 def _check(steps: int, interval: int, warmup_steps: int) -> None:
@@ -70,6 +72,12 @@ def last_informative_common_skip(intervals: Sequence[int], timesteps: Sequence[i
     return None
 
 
+def last_informative_skip(interval: int, timesteps: Sequence[int], warmup_steps: int = 1) -> int | None:
+    """`last_informative_common_skip` for one interval: the last index it skips whose input differs from that of
+    the refresh it reuses; None if there is none."""
+    return last_informative_common_skip([interval], timesteps, warmup_steps)
+
+
 def _mean_over(part: pd.DataFrame, steps: Sequence[int]) -> pd.Series:
     """Each sample's mean error over ``steps``."""
     return part[part["step"].isin(list(steps))].groupby("sample")["rel_l2"].mean()
@@ -86,8 +94,8 @@ def _row(interval: int, comparison: str, steps: Sequence[int], per_sample: pd.Da
 def caching_summary(samples: pd.DataFrame, timesteps: Sequence[int], warmup_steps: int = 1) -> pd.DataFrame:
     """Per interval N (``samples``: `analysis.network.caching_error_samples`, sampled on ``timesteps``): rows for
     the last common skip step of a new input (`last_informative_common_skip`), the mean over all steps, the mean
-    over N's skipped steps and the last step (see the module docstring); columns interval, comparison, steps,
-    mean, ci95_low, ci95_high, n_samples."""
+    over N's skipped steps, the last step and N's own last skip of a new input (see the module docstring); columns
+    interval, comparison, steps, mean, ci95_low, ci95_high, n_samples."""
     needed = {"interval", "step", "sample", "rel_l2"}
     if not needed <= set(samples.columns):
         raise ValueError(f"caching_summary needs columns {sorted(needed)}, got {list(samples.columns)}")
@@ -107,6 +115,9 @@ def caching_summary(samples: pd.DataFrame, timesteps: Sequence[int], warmup_step
             rows.append(_row(n, "mean over its skipped steps", skipped, part))
         kind = "refresh" if steps - 1 in refresh_steps(steps, n, warmup_steps) else "skip"
         rows.append(_row(n, f"last step ({kind} for this N)", [steps - 1], part))
+        own = last_informative_skip(n, timesteps, warmup_steps)
+        if own is not None:
+            rows.append(_row(n, "its last skip of a new input", [own], part))
     return pd.DataFrame(rows)
 
 

@@ -78,6 +78,7 @@ def caching_claim(summary: pd.DataFrame, growth: Mapping[int, Interval], steps: 
                  + f") whose middle-block features change {'less' if lower else 'more'} from one step to the "
                  "next than CIFAR-10's would put a reused output " + ("closer to" if lower else "farther from")
                  + " the fresh one.")
+    text += _own_last_skips(summary, level, paper_value, paper_interval, tolerance)
     ns = sorted(overall)
     by_n = all(overall[a].high < overall[b].low for a, b in zip(ns, ns[1:]))
     text += (f" Growth with N {'holds' if by_n else 'does not hold (intervals overlap or the order differs)'}: "
@@ -91,6 +92,25 @@ def caching_claim(summary: pd.DataFrame, growth: Mapping[int, Interval], steps: 
                 f"{', '.join(map(str, falling))}" if falling else "")
              + (f"; not shown for N = {', '.join(map(str, flat))}" if flat else "") + " ("
              + ", ".join(f"N = {n} {growth[n]}" for n in ns if n in growth) + ").")
+    return text
+
+
+def _own_last_skips(summary: pd.DataFrame, common: Interval, paper_value: float, paper_interval: int,
+                    tolerance: float) -> str:
+    """Each N at its own last skip of a new input, where the common step may sit a few steps earlier: the error
+    late in sampling at its largest for that N, against the paper's level for ``paper_interval``."""
+    own = summary[summary["comparison"] == "its last skip of a new input"].set_index("interval")
+    common_step = summary.loc[summary["comparison"] == "last step every N skips", "steps"]
+    if own.empty or set(own["steps"]) <= set(common_step):
+        return ""
+    text = " Each N at its own last skip of a new input: " + "; ".join(
+        f"N = {n}: step {r['steps']}, {_interval(r)}" for n, r in own.iterrows()) + "."
+    if paper_interval in own.index:
+        late = _interval(own.loc[paper_interval])
+        close = abs(late.mean - paper_value) <= tolerance * paper_value
+        text += (f" There N = {paper_interval} is {late.mean / common.mean:.2g}x its value at the common step and "
+                 + (f"within {tolerance:.0%} of the paper's {paper_value:g}." if close else
+                    f"{late.mean / paper_value:.2g}x the paper's {paper_value:g}."))
     return text
 
 

@@ -339,10 +339,10 @@ def findings(summary: pd.DataFrame, checks: BoundChecks, c_calibration: pd.DataF
               "(the paper's floor rounding; per tensor, each trajectory's error against its share of the batch "
               "tensor's bound, since the proof bounds every element). This is the claim judged:"]
     lines += [f"- {line('out-of-sample', c)}" for c in ("thm43_printed_noec", "thm43_printed_ec")]
-    lines += ["", "The proof's bound for rounding to nearest, a quarter of that. The quantizers do not meet its premise "
-              "of a quantizer mapping the data's [min, max] onto 2^b - 1 steps: the per-sample one widens its range to "
-              "contain 0, the published per-tensor one is symmetric (absmax over 2^(b-1) - 1 steps), so this can fail, "
-              "and a failure measures that difference, not an error in the theorem:"]
+    lines += ["", "The proof's bound for rounding to nearest, a quarter of that. The quantizers do not meet its "
+              "premise of a quantizer mapping the data's [min, max] onto 2^b - 1 steps: the per-sample one widens its "
+              "range to contain 0, the published per-tensor one is symmetric (absmax over 2^(b-1) - 1 steps), so this "
+              "can fail, and a failure measures that difference, not an error in the theorem:"]
     lines += [f"- {line('out-of-sample', c)}" for c in ("thm43_own_noec", "thm43_own_ec")]
     lines += ["", _decay_paragraph(c_calibration)]
     return "\n".join(lines)

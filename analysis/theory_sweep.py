@@ -21,9 +21,10 @@ of the tensor); ``A`` is the layer without bias, r the residual handed to Q, del
 ``rounding_sq_ec``  ||delta_i||^2; ``err_sq_ec`` = ||A delta_i||^2 = ||o_i - o_hat_i||^2 (error feedback)
 ``thm43_bound_*``   Theorem 4.3 for that residual: sum over its elements of s^2 / 4 (round to nearest),
                     s the scale Q used for the element
-``thm43_own_bound_*``  The same sum (s^2 / 4 per element; s^2 if Q floors) with s = (max - min) / (2^b - 1) of the values Q took
-                    its range from (the sample's, or per tensor the batch's): Theorem 4.3's proof for rounding to
-                    nearest in the data's own range, `analysis.propagation.theorem43_own_range_bound`
+``thm43_own_bound_*``  The same sum (s^2 / 4 per element; s^2 if Q floors) with s = (max - min) / (2^b - 1)
+                    of the values Q took its range from (the sample's, or per tensor the batch's): Theorem
+                    4.3's proof for rounding to nearest in the data's own range,
+                    `analysis.propagation.theorem43_own_range_bound`
 ``thm43_printed_bound_*``  Theorem 4.3 as printed, s^2 d (the paper's floor rounding) in the data's own range
 ==================  ==================================================================================
 

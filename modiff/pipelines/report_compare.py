@@ -231,7 +231,8 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
         {"": "trajectories per figure", "paper": "not stated",
          "this report": f"{get('analysis_samples')} (Figures 1a, 1b, 3, grids); theory: {get('theory_calib_samples')} "
                         f"calibration + {get('theory_heldout_samples')} held-out; warm-up: {get('warmup_samples')} seeds"},
-        {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else "DDIM (LDM settings)",
+        {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else
+         "DDIM, eta 0, LDM timesteps; the published LSUN command's `-c 400` is 500 steps (stride 2)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
         {"": "other samplers", "paper": "DDPM and DPM-Solver (the variant not stated in the paper's brief)",
          "this report": "DDPM as the DDIM code's `ddpm_steps`; DPM-Solver++(2M), data prediction, multistep"},

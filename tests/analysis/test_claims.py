@@ -88,6 +88,28 @@ def test_last_step_label_says_refresh() -> None:
                                 5: "last step (skip for this N)"}
 
 
+def test_each_interval_at_its_own_last_skip() -> None:
+    """At 19 steps index 18 refreshes N = 2 and 3: their own last skip of a new input is 17 (one and two steps
+    after their refreshes at 16 and 15), N = 5's is 18 (three after 15); under quad's repeated t = 0 at 100 steps
+    it moves before the repeats, and the claim quotes it against the common step and the paper."""
+    summary = caching.caching_summary(_sawtooth(steps=19), timesteps=range(19, 0, -1))
+    own = summary[summary["comparison"] == "its last skip of a new input"].set_index("interval")
+    scale = np.mean([1 + s / 10 for s in range(4)])
+    assert own["steps"].to_dict() == {2: "17", 3: "17", 5: "18"}
+    assert own["mean"].to_numpy() == pytest.approx([0.1 * scale, 0.2 * scale, 0.3 * scale])
+    import modiff as md
+
+    quad = md.timesteps(100, "quad")
+    last = caching.last_informative_skip(2, quad)
+    assert last is not None and last < 96 and quad[last] != quad[last - 1]
+    assert caching.last_informative_skip(3, range(100, 0, -1)) == 98
+    text = claims.caching_claim(summary, caching.growth_by_interval(_sawtooth(steps=19)), 19)
+    assert "Each N at its own last skip of a new input: N = 2: step 17, " in text and "N = 5: step 18, " in text
+    assert f"There N = 3 is 1x its value at the common step and {0.2 * scale / 0.4:.2g}x the paper's 0.4." in text
+    at_20 = caching.caching_summary(_sawtooth(), timesteps=range(20, 0, -1))  # every N's own last skip is 19, common
+    assert "own last skip" not in claims.caching_claim(at_20, caching.growth_by_interval(_sawtooth()), 20)
+
+
 def test_growth_with_step() -> None:
     flat = caching.growth_with_step(_sawtooth(), 2)  # always one step since refresh: no growth
     assert flat.mean == pytest.approx(0.0, abs=1e-12)

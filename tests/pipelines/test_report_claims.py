@@ -243,6 +243,19 @@ def test_caching_error(tmp_path: Path, level: float, means: tuple[float, float],
     assert lines[1].startswith("agrees" if level == 0.42 else "differs")
 
 
+def test_caching_error_quotes_n3_at_its_own_last_skip(tmp_path: Path) -> None:
+    """The verdict stays on the common step; the evidence adds N = 3 at its own last skip when the table has it."""
+    write(tmp_path, "fig1a_caching_summary", _caching_rows(0.09, (0.1, 0.2)))
+    assert "own last skip" not in judge(tmp_path, rc.caching_error).evidence
+    write(tmp_path, "fig1a_caching_summary", _caching_rows(0.09, (0.1, 0.2)) + [
+        {"interval": 3, "comparison": "its last skip of a new input", "steps": "98", "mean": 0.17, "ci95_low": 0.15,
+         "ci95_high": 0.19, "n_samples": 16}])
+    claim = judge(tmp_path, rc.caching_error)
+    assert claim.verdict == "partly"
+    assert ("0.09 [0.081, 0.099]; at its own last skip of a new input (step 98) 0.17 [0.15, 0.19] (paper"
+            in claim.evidence)
+
+
 @pytest.mark.parametrize("counts, verdict", [((3.5, 1.0), "reproduced"), ((44.6, 4.2), "not reproduced"),
                                              ((44.6, 3.9), "partly")])
 def test_extra_memory(tmp_path: Path, counts: tuple[float, float], verdict: str) -> None:
