@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import pandas as pd
 
 from analysis.intervals import Interval
-from modiff.pipelines.report_claims import near_reference
+from modiff.pipelines.report_claims import mebibytes, near_reference
 
 __all__ = ["PUBLISHED_RESET", "caching_claim", "lossless_claim", "compensation_claim", "memory_claim",
            "warmup_claim", "range_claim", "sampler_claim", "sampler_fid_claim", "audit_claim"]
@@ -166,25 +166,36 @@ def memory_claim(ours: pd.DataFrame, cifar: pd.DataFrame, paper_mb: float = 4.0)
     if theirs["mb_per_image"] <= paper_mb:
         return text + "This agrees."
     fits = cifar[cifar["mb_per_image"] <= paper_mb]
+    fits_as_mib = cifar[(cifar["mb_per_image"] > paper_mb) & (mebibytes(cifar["mb_per_image"]) <= paper_mb)]
     others = "; ".join(f"{r['accounting']}: {r['mb_per_image']:.3g} MB" for _, r in cifar.iloc[1:].iterrows())
+    unit = "".join(f" Read as MiB (2^20 bytes; the paper does not say which MB it means), {r['accounting']} would: "
+                   f"{r['mb_per_image']:.3g} MB is {mebibytes(r['mb_per_image']):.3g} MiB."
+                   for _, r in fits_as_mib.iterrows())
     return text + (f"This disagrees, by {theirs['mb_per_image'] / paper_mb:.1f}x. Likely reason: what is counted, "
                    f"which the paper does not say. Other accountings at CIFAR-10 size: {others}. "
                    + (f"Only {' / '.join(fits['accounting'])} would fit under {paper_mb:g} MB." if len(fits)
-                      else f"None of them fits under {paper_mb:g} MB."))
+                      else f"None of them fits under {paper_mb:g} MB (10^6 bytes).") + unit)
 
 
-def warmup_claim(paired: pd.DataFrame, baseline: int, paper: str = "4-5 full-precision warm-up steps suffice "
-                 "at 4 bits on CIFAR-10") -> str:
-    """Tables 5 and 15-18 (warm-up): which warm-up settings differ from ``baseline`` warm-up steps on the same seeds.
-    ``paired``: `analysis.intervals.paired_table` with setting column ``warmup_steps``."""
+def warmup_claim(paired: pd.DataFrame, summary: Optional[pd.DataFrame] = None,
+                 paper: str = "4-5 full-precision warm-up steps suffice at 4 bits on CIFAR-10") -> str:
+    """Tables 5 and 15-18 (warm-up): which warm-up settings differ from the steps they are paired against on the
+    same seeds. ``paired``: `analysis.experiments.warmup_paired` (setting column ``warmup_steps``, each row
+    against its ``baseline``); ``summary``: the settings' mean errors (`analysis.intervals.summarize`), which
+    put a difference against a later baseline (the paper's 5 steps) as a share of the error there."""
+    means = {} if summary is None else dict(zip(summary["warmup_steps"], summary["mean"]))
+    first = paired["baseline"].min()
     parts = []
     for _, r in paired.iterrows():
         effect = Interval(r["mean_difference"], r["ci95_low"], r["ci95_high"], int(r["n"]))
         verdict = ("lower" if effect.high < 0 else "higher") if r["separated"] else "no difference resolved"
         need = r["samples_to_separate"]
-        parts.append(f"{int(r['warmup_steps'])} steps vs {baseline}: {effect} ({verdict}"
+        baseline = r["baseline"]
+        share = (f", {abs(effect.mean) / means[baseline]:.1%} of the error with {int(baseline)} steps"
+                 if baseline != first and baseline in means else "")
+        parts.append(f"{int(r['warmup_steps'])} steps vs {int(baseline)}: {effect} ({verdict}"
                      + ("" if r["separated"] or need != need else f"; about {need:.0f} seeds would resolve this effect")
-                     + ")")
+                     + f"){share}")
     return (f"Paired per-seed differences of relative L2 to fp: {'; '.join(parts)}. The paper: {paper}. "
             "A negative difference means more warm-up steps bring the samples closer to full precision.")
 

@@ -32,13 +32,15 @@ from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.ptq.data import CalibDataConfig
 from modiff.quant.ptq.calibrate import CalibrationConfig
 from modiff.quant.ptq.reuse import Calibration, quantized_model
+
+from analysis import intervals as ci
 from modiff.quant.ptq.lsq import ActCalibConfig
 
 __all__ = [
     "layer_inputs", "sample_config", "run_location", "sample_run", "seed_images", "sampler_table", "sampler_per_seed",
     "paper_samplers", "sampler_runs", "sampler_scores", "SCORE_COLUMNS", "score_columns", "HIGHER_IS_BETTER",
     "paired_verdict",
-    "warmup_table", "warmup_per_seed", "warmup_location",
+    "warmup_table", "warmup_per_seed", "warmup_location", "warmup_paired",
     "bops_memory_table", "published_audit", "paper_values", "paper_tables", "calibration_settings", "fill_runs",
     "run_is_finished", "fp_reference_run", "run_precision", "analysis_precision",
 ]
@@ -445,6 +447,19 @@ def warmup_location(model: nn.Module, preset: str, warmups: Sequence[int], seeds
 
 def _warmup_manifest(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def warmup_paired(per_seed: pd.DataFrame, baseline: int, enough: int = 5) -> pd.DataFrame:
+    """Tables 5 and 15-18 paired on the same seeds (`analysis.intervals.paired_table` of ``rel_l2_pixels``):
+    every warm-up setting against ``baseline`` steps, and every setting above ``enough`` also against ``enough``,
+    since the paper's "4-5 steps suffice" says that steps beyond 5 gain little. The ``baseline`` column tells the
+    two kinds of rows apart; the second is left out where ``per_seed`` has no setting on each side of ``enough``."""
+    pairs = [ci.paired_table(per_seed, "warmup_steps", "rel_l2_pixels", baseline)]
+    measured = set(per_seed["warmup_steps"])
+    if enough != baseline and enough in measured and max(measured) > enough:
+        pairs.append(ci.paired_table(per_seed[per_seed["warmup_steps"] >= enough], "warmup_steps", "rel_l2_pixels",
+                                     enough))
+    return pd.concat(pairs, ignore_index=True)
 
 
 def _read_warmup(path: Path, identity: dict[str, object]) -> Optional[pd.DataFrame]:

@@ -85,7 +85,7 @@ def finding(table: pd.DataFrame) -> str:
         lines.append(f"- `{preset}`: relative L2 to fp {_interval(whole)} with every layer quantized; "
                      + "; ".join(f"{r['layers']} {_interval(r)}" for _, r in groups.iterrows())
                      + f" (n = {int(whole['n'])} seeds). The largest error comes from {worst['layers']}"
-                     + (", as large as with every layer: that group alone explains the collapse."
+                     + (", as large as with every layer: that group alone accounts for the whole error."
                         if worst["ci95_high"] >= whole["ci95_low"] else "."))
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from modiff.pipelines.report_compare import comparison, is_latent, setting_table
 from modiff.pipelines.report_render import Document, duration
 from modiff.pipelines.report_sections import FINDING_SUFFIX, SECTIONS, Section, figure_files
 
-__all__ = ["write_index", "run_usage_text", "section_anchors"]
+__all__ = ["write_index", "run_usage_text", "section_anchors", "notebook_settings"]
 
 SIZE_COLUMNS = ("n", "n_samples", "trajectories", "trajectories_heldout")
 MAX_RENDERED_ROWS = 120  # longer tables are linked, not rendered
@@ -183,13 +183,27 @@ def _notebooks_table(doc: Document, notebooks: Mapping[str, Mapping[str, Any]]) 
             rows.append({"notebook": section.notebook, "status": "not run yet", "time": "", "runs": "", "ran on": "",
                          "settings": ""})
             continue
-        settings = ", ".join(f"{k} {v}" for k, v in entry.get("parameters", {}).items()
-                             if not isinstance(v, (list, tuple)) and v != "")
+        settings = notebook_settings(entry.get("parameters", {}))
         rows.append({"notebook": f"[{section.notebook}](notebooks/{section.notebook}.html)" if entry.get("ok") else section.notebook,
                      "status": "ok" if entry.get("ok") else "FAILED", "time": duration(entry.get("seconds", 0)),
                      "runs": run_usage_text(entry.get("runs", {})), "ran on": entry.get("machine", ""),
                      "settings": settings})
     doc.table(pd.DataFrame(rows))
+
+
+CALIBRATION_SETTINGS = ("calib_samples_per_step", "adaround_iters", "activation_iters")
+
+
+def notebook_settings(parameters: Mapping[str, Any]) -> str:
+    """A notebook's scalar parameters for the index. With ``calibrate`` off the calibration settings went
+    unused (the model's shipped calibration ran, its iterations in the table1_calibration table), so they are
+    left out and that is said instead."""
+    shipped = parameters.get("calibrate") is False
+    settings = [f"{k} {v}" for k, v in parameters.items() if not isinstance(v, (list, tuple)) and v != ""
+                and not (shipped and k in CALIBRATION_SETTINGS)]
+    if shipped and any(k in parameters for k in CALIBRATION_SETTINGS):
+        settings.append("calibration: the model's shipped one (its iterations in table1_calibration)")
+    return ", ".join(settings)
 
 
 def _banner(preset: str, parameters: Mapping[str, Any]) -> Optional[str]:

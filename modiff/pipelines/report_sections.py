@@ -31,7 +31,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("fig1a", "Figure 1a: caching error over steps", "fig1a_caching",
             "Relative L2 distance of the middle-block features between a model that reuses each layer's output for "
             "N - 1 steps and the standard model, from the same noise (the paper: about 40% at the last step already "
-            "for N = 3, growing with N and with the step).",
+            "for N = 3, growing with N and with the step). The paper does not give the refresh phase: here a layer "
+            "computes at sampling steps 0, N, 2N, ... (step 0 the noisiest) and reuses its output in between, so "
+            "with 100 steps the last one, 99, is a refresh for N = 3 (the table labels each N's last step).",
             figures=("fig1a_caching_error.png",), tables=("fig1a_caching_summary",), findings=("fig1a_caching",)),
     Section("fig1b", "Figure 1b: activations against their temporal differences", "fig1b_activations",
             "Per-step distributions of a layer's inputs a_t and of a_t - a_{t+1} (the paper: the differences are "

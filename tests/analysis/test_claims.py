@@ -248,7 +248,11 @@ def test_memory_claim_both_branches() -> None:
     text = claims.memory_claim(ours, accounting([44.6, 25.6, 12.8, 3.9]))
     assert "44.6 MB for a UNet of the CIFAR-10" in text and "disagrees, by 11.2x" in text
     assert "Only a_hat and o_hat as 3-bit codes would fit" in text
-    assert "None of them fits" in claims.memory_claim(ours, accounting([44.6, 25.6, 12.8, 4.2]))
+    none_fit = claims.memory_claim(ours, accounting([44.6, 25.6, 12.8, 4.2]))
+    assert "None of them fits" in none_fit and "4.2 MB is 4.01 MiB" not in none_fit
+    as_mib = claims.memory_claim(ours, accounting([44.6, 25.6, 12.8, 4.184]))  # 4.184e6 B = 3.990 MiB
+    assert "None of them fits" in as_mib
+    assert as_mib.endswith("a_hat and o_hat as 3-bit codes would: 4.18 MB is 3.99 MiB.")
     assert claims.memory_claim(ours, accounting([3.5, 2, 1, 0.5])).endswith("This agrees.")
 
 
@@ -257,9 +261,15 @@ def test_warmup_claim() -> None:
                             "ci95_high": -0.005, "n": 64, "separated": True, "samples_to_separate": 20.0},
                            {"warmup_steps": 4, "baseline": 1, "mean_difference": 0.002, "ci95_low": -0.01,
                             "ci95_high": 0.014, "n": 64, "separated": False, "samples_to_separate": 900.0}])
-    text = claims.warmup_claim(paired, 1)
+    text = claims.warmup_claim(paired)
     assert "2 steps vs 1: -0.01 [-0.02, -0.005] (lower)" in text
-    assert "4 steps vs 1: 0.002 [-0.01, 0.014] (no difference resolved; about 900 seeds" in text
+    assert "4 steps vs 1: 0.002 [-0.01, 0.014] (no difference resolved; about 900 seeds would resolve this effect). The paper" in text
+    beyond = pd.DataFrame([{"warmup_steps": 8, "baseline": 4, "mean_difference": -0.003, "ci95_low": -0.004,
+                            "ci95_high": -0.002, "n": 64, "separated": True, "samples_to_separate": 10.0}])
+    summary = pd.DataFrame({"warmup_steps": [1, 2, 4, 8], "mean": [0.05, 0.04, 0.04, 0.037]})
+    text = claims.warmup_claim(pd.concat([paired, beyond]), summary)
+    assert "; 8 steps vs 4: -0.003 [-0.004, -0.002] (lower), 7.5% of the error with 4 steps. The paper:" in text
+    assert "(lower), 7.5%" not in claims.warmup_claim(paired, summary)
 
 
 def _ratios(medians: list[float], mins: list[float]) -> pd.DataFrame:
@@ -345,7 +355,10 @@ def test_layer_sensitivity_finding_names_the_group_that_breaks_w4() -> None:
                           "ci95_high": [1.8, 2.0, 0.06, 0.2], "n": 128})
     text = layer_sensitivity.finding(table)
     assert text.startswith("- `w4a32`: relative L2 to fp 1.7 [1.6, 1.8] with every layer quantized; net.conv_out only")
-    assert "(n = 128 seeds). The largest error comes from net.conv_out only, as large as with every layer" in text
+    assert text.endswith("(n = 128 seeds). The largest error comes from net.conv_out only, as large as with every "
+                         "layer: that group alone accounts for the whole error.")
+    smaller = table.assign(ci95_high=[1.8, 1.5, 0.06, 0.2], rel_l2_pixels=[1.7, 1.4, 0.05, 0.14])
+    assert layer_sensitivity.finding(smaller).endswith("The largest error comes from net.conv_out only.")
 
 
 def test_findings_are_saved_beside_the_tables(tmp_path) -> None:

@@ -164,6 +164,20 @@ def test_warmup_per_seed_travels_with_the_runs(tiny_denoiser: md.Denoiser, tmp_p
     pd.testing.assert_frame_equal(again, made)
 
 
+def test_warmup_paired_adds_the_steps_beyond_enough() -> None:
+    """Every setting against the fewest steps; those above ``enough`` also against it, by hand on three seeds."""
+    errors = {1: [0.5, 0.7, 0.6], 2: [0.4, 0.5, 0.5], 5: [0.3, 0.35, 0.31], 8: [0.29, 0.36, 0.28]}
+    per_seed = pd.DataFrame([{"warmup_steps": k, "seed": i, "rel_l2_pixels": e} for k, v in errors.items()
+                             for i, e in enumerate(v)])
+    paired = experiments.warmup_paired(per_seed, 1, enough=5)
+    assert list(zip(paired["warmup_steps"], paired["baseline"])) == [(2, 1), (5, 1), (8, 1), (8, 5)]
+    beyond = paired.iloc[-1]
+    assert beyond["mean_difference"] == pytest.approx((-0.01 + 0.01 - 0.03) / 3) and beyond["n"] == 3
+    assert paired.iloc[1]["mean_difference"] == pytest.approx((-0.2 - 0.35 - 0.29) / 3)
+    for enough in (1, 8, 4):  # the baseline itself, nothing above it, not measured
+        assert (experiments.warmup_paired(per_seed, 1, enough)["baseline"] == 1).all()
+
+
 def test_layer_sensitivity_variants(tiny_denoiser: md.Denoiser) -> None:
     """The preset on all layers, on the first or last convolution only, and on all but those two."""
     from analysis import layer_sensitivity

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from modiff.pipelines import run_usage
-from modiff.pipelines.report_index import run_usage_text, section_anchors, write_index
+from modiff.pipelines.report_index import notebook_settings, run_usage_text, section_anchors, write_index
 from modiff.pipelines.report_sections import SECTIONS
 
 from test_report_claims import _table4, table1_rows, write
@@ -186,3 +186,12 @@ def test_an_empty_table_gives_no_sample_size(tmp_path: Path) -> None:
     assert "(`published_scale_sharing`)" not in audit and "Sample size: n" not in audit
     assert "[`published_scale_sharing`](tables/published_scale_sharing.md): no rows" in audit
     assert "| preset | n | fid_ci95 |" not in audit
+
+
+def test_settings_leave_out_calibration_that_did_not_run() -> None:
+    calibration = {"calib_samples_per_step": 256, "adaround_iters": 20000, "activation_iters": 5000}
+    assert (notebook_settings({"steps": 100, "calibrate": False, **calibration, "bits": [4, 8]})
+            == "steps 100, calibrate False, calibration: the model's shipped one (its iterations in table1_calibration)")
+    assert (notebook_settings({"steps": 100, "calibrate": True, **calibration})
+            == "steps 100, calibrate True, calib_samples_per_step 256, adaround_iters 20000, activation_iters 5000")
+    assert notebook_settings({"steps": 100, "calibrate": False, "device": ""}) == "steps 100, calibrate False"
