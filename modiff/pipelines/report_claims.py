@@ -430,7 +430,8 @@ def warmup_helps(t: SavedTables) -> Claim:
     verdict = "reproduced" if helps and suffices else "partly" if helps or suffices else "not reproduced"
     evidence += (f" Beyond {enough} steps, paired against {enough} (error {error:.3g}): "
                  + "; ".join(f"{int(r.warmup_steps)} steps {r.mean_difference:+.3g} [{r.ci95_low:+.3g}, "
-                             f"{r.ci95_high:+.3g}], a gain of at most {share:.1%}"
+                             f"{r.ci95_high:+.3g}], " + ("higher: no gain" if r.ci95_low > 0 else
+                                                         f"a gain of at most {share:.1%}")
                              for r, share in zip(beyond.itertuples(), shares))
                  + f" ({'under' if suffices else 'not all under'} {SUFFICE_SHARE:.0%}).")
     return Claim(claim, verdict, evidence, section, notebook)
