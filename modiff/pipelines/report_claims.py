@@ -395,9 +395,9 @@ def warmup_helps(t: SavedTables) -> Claim:
     fewest steps measured and, for k beyond the paper's 5, against 5 (`analysis.experiments.warmup_paired`; the
     notebook's ``warmup_enough``). Where k beyond it is measured: reproduced when the most steps up to it are lower
     than the fewest and no later k can gain `SUFFICE_SHARE` of the error there (the far end of its interval stays
-    under it); partly when one of the two holds; not reproduced otherwise. Tables without it (made before it was measured): reproduced when
-    every k is lower and none lies above a smaller one (their intervals in `warmup_steps` apart); partly when the
-    largest k is lower than the fewest; not reproduced otherwise."""
+    under it); partly when one of the two holds; not reproduced otherwise. Tables without it (made before it was
+    measured): reproduced when every k is lower and none lies above a smaller one (their intervals in
+    `warmup_steps` apart); partly when the largest k is lower than the fewest; not reproduced otherwise."""
     claim, section, notebook = ("4-5 full-precision warm-up steps suffice at 4 bits (tested: they lower the error, "
                                 f"and steps beyond {PAPER_WARMUP_STEPS} gain under {SUFFICE_SHARE:.0%} of it)",
                                 "samplers", "samplers")
