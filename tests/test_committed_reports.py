@@ -55,7 +55,7 @@ def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, 
 
 @pytest.mark.parametrize("kept, first, second", [
     ("paper-h100-sitting51", "paper", "h100/paper"),
-    ("paper-fmnist-ldm-h100-sitting52", "paper-fmnist-ldm", "h100/paper-fmnist-ldm")])
+    ("paper-fmnist-ldm-h100-sitting52", "h200/paper-fmnist-ldm", "paper-fmnist-ldm")])
 def test_committed_image_agreement_is_what_the_committed_summaries_give(kept: str, first: str, second: str) -> None:
     """The two GPUs' images compared (`modiff image-diff`), as the reproducibility log cites them."""
     from modiff.pipelines.agreement import agreement_rows
