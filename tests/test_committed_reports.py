@@ -49,7 +49,7 @@ def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, 
                                equal_nan=True)
     text = committed.columns.difference(numeric)
     pd.testing.assert_frame_equal(made[text].fillna(""), committed[text].fillna(""))
-    no_distances = committed.note.fillna("").str.contains(table1.NO_DISTANCES, regex=False)
+    no_distances = committed.note.astype(object).fillna("").str.contains(table1.NO_DISTANCES, regex=False)
     assert committed.rel_l2_pixels[~no_distances & (committed.preset != "fp")].gt(0).all()
 
 

@@ -39,6 +39,15 @@ def _manifest(out_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); rerun `modiff reproduce` into {out_dir}") from err
 
 
+def _devices_text(devices: Mapping[str, int], reused: int) -> str:
+    """Where reused runs were sampled: "on D; " when all on one device, "on D1: 58, D2: 20; " otherwise."""
+    if not devices:
+        return ""
+    if len(devices) == 1 and next(iter(devices.values())) == reused:
+        return f"on {next(iter(devices))}; "
+    return "on " + ", ".join(f"{device}: {count}" for device, count in devices.items()) + "; "
+
+
 def run_usage_text(runs: Mapping[str, Any]) -> str:
     """How the notebook's sample runs were had: made now, or reused (then its time is not the work's)."""
     if not runs:
@@ -47,10 +56,11 @@ def run_usage_text(runs: Mapping[str, Any]) -> str:
     if made == reused == 0:
         return "no sample-run folders (everything computed in the notebook)"
     if made == 0:
-        reused_runs = "its sample run reused**, made earlier (its" if reused == 1 else \
-            f"all {reused} sample runs reused**, made earlier (their"
-        return (f"**{reused_runs} sampling took {duration(runs.get('reused_sampling_seconds', 0))} then): "
-                f"this time is not the cost of the work")
+        reused_runs = "its sample run reused**, made earlier (" if reused == 1 else \
+            f"all {reused} sample runs reused**, made earlier ("
+        return (f"**{reused_runs}{_devices_text(runs.get('reused_devices') or {}, reused)}"
+                f"{'its' if reused == 1 else 'their'} sampling took {duration(runs.get('reused_sampling_seconds', 0))} "
+                f"then): this time is not the cost of the work")
     return f"{made} sample {'run' if made == 1 else 'runs'} made here, {reused} reused"
 
 

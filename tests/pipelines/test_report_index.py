@@ -82,6 +82,12 @@ def test_quick_preset_carries_its_banner(tmp_path: Path) -> None:
                                                                "sampling took 15.0 min then)"),
     ({"made": 0, "reused": 1, "reused_sampling_seconds": 41.3}, "**its sample run reused**, made earlier (its "
                                                                 "sampling took 41.3 s then)"),
+    ({"made": 0, "reused": 3, "reused_sampling_seconds": 900, "reused_devices": {"NVIDIA H100": 3}},
+     "**all 3 sample runs reused**, made earlier (on NVIDIA H100; their sampling took 15.0 min then)"),
+    ({"made": 0, "reused": 3, "reused_sampling_seconds": 900, "reused_devices": {"NVIDIA H200": 2, "NVIDIA H100": 1}},
+     "**all 3 sample runs reused**, made earlier (on NVIDIA H200: 2, NVIDIA H100: 1; their sampling took 15.0 min"),
+    ({"made": 0, "reused": 1, "reused_sampling_seconds": 30, "reused_devices": {"NVIDIA H200": 1, "cpu (x86_64)": 1}},
+     "**its sample run reused**, made earlier (on NVIDIA H200: 1, cpu (x86_64): 1; its sampling took 30.0 s then)"),
     ({"made": 2, "reused": 1, "reused_sampling_seconds": 5}, "2 sample runs made here, 1 reused"),
     ({"made": 1, "reused": 0, "reused_sampling_seconds": 0}, "1 sample run made here, 0 reused"),
 ])
@@ -116,15 +122,21 @@ def test_run_usage_counts_each_folder_once(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv(run_usage.RUN_USAGE_ENV, raising=False)
     old = tmp_path / "old-run"
     old.mkdir()
-    (old / "manifest.json").write_text(json.dumps({"sessions": [{"seconds": 30.0}, {"seconds": 12.5}]}))
+    (old / "manifest.json").write_text(json.dumps({"sessions": [
+        {"seconds": 30.0, "environment": {"device": "NVIDIA H200"}}, {"seconds": 12.5, "environment": {"device": "NVIDIA H100"}}]}))
+    older = tmp_path / "older-run"  # made before manifests named the device
+    older.mkdir()
+    (older / "manifest.json").write_text(json.dumps({"sessions": [{"seconds": 5.0}, {"seconds": 2.5}]}))
     run_usage.note(old, made=False)  # outside a recording: nothing, nowhere
     with run_usage.recording(tmp_path / "usage.jsonl") as path:
         run_usage.note(old, made=False)
+        run_usage.note(older, made=False)
         run_usage.note(tmp_path / "a", made=False)
         run_usage.note(tmp_path / "a", made=True)  # a worker made it, the notebook read it back
         run_usage.note(tmp_path / "b", made=True)
     assert run_usage.RUN_USAGE_ENV not in __import__("os").environ
-    assert run_usage.RunUsage.read(path) == run_usage.RunUsage(made=2, reused=1, reused_sampling_seconds=42.5)
+    assert run_usage.RunUsage.read(path) == run_usage.RunUsage(
+        made=2, reused=2, reused_sampling_seconds=50.0, reused_devices={"NVIDIA H100": 1, "NVIDIA H200": 1})
 
 
 def test_reproduce_reports_progress_per_notebook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
