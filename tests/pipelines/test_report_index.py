@@ -122,8 +122,9 @@ def test_run_usage_counts_each_folder_once(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv(run_usage.RUN_USAGE_ENV, raising=False)
     old = tmp_path / "old-run"
     old.mkdir()
-    (old / "manifest.json").write_text(json.dumps({"sessions": [
-        {"seconds": 30.0, "environment": {"device": "NVIDIA H200"}}, {"seconds": 12.5, "environment": {"device": "NVIDIA H100"}}]}))
+    sessions = [{"seconds": 30.0, "environment": {"device": "NVIDIA H200"}},
+                {"seconds": 12.5, "environment": {"device": "NVIDIA H100"}}]  # resumed on another GPU
+    (old / "manifest.json").write_text(json.dumps({"sessions": sessions}))
     older = tmp_path / "older-run"  # made before manifests named the device
     older.mkdir()
     (older / "manifest.json").write_text(json.dumps({"sessions": [{"seconds": 5.0}, {"seconds": 2.5}]}))
