@@ -25,7 +25,7 @@ import modiff as md
 from analysis import experiments
 from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.pipelines.generate import SampleConfig
-from modiff.pipelines.summary import per_seed_fidelity, run_scores
+from modiff.pipelines.summary import ReferenceImagesError, per_seed_fidelity, run_scores, stored_fidelity
 from modiff.quant.presets import PUBLISHED_BATCH
 from modiff.utils.device import resolve_device
 
@@ -146,7 +146,8 @@ def design_effect(values: Sequence[float], group: int) -> float:
     return float(group * values[:whole].reshape(-1, group).mean(axis=1).var(ddof=1) / spread)
 
 
-DESIGN_COLUMNS = ["preset", "method", "shares_a_scale", "samples_per_group", "groups", "design_effect"]
+DESIGN_COLUMNS = ["preset", "method", "shares_a_scale", "samples_per_group", "groups", "design_effect",
+                  "distances_to"]
 
 
 def design_effects(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
@@ -164,12 +165,23 @@ def design_effects(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
         if not (run / "manifest.json").is_file():
             continue
         group = samples_per_scale(run) if _shares_a_scale(md.presets[preset]) else PUBLISHED_BATCH
-        distances = per_seed_fidelity(run, fp_run, sorted(int(s) for s in seeds)).rel_l2_pixels
+        distances, reference = _distances(run, fp_run, sorted(int(s) for s in seeds))
         quant = md.presets[preset]
         rows.append({"preset": preset, "method": "MoDiff" if quant.mode == "modulated" else "direct",
                      "shares_a_scale": _shares_a_scale(quant), "samples_per_group": group,
-                     "groups": len(distances) // group, "design_effect": design_effect(distances, group)})
+                     "groups": len(distances) // group, "design_effect": design_effect(distances, group),
+                     "distances_to": reference})
     return pd.DataFrame(rows, columns=DESIGN_COLUMNS)
+
+
+def _distances(run: Path, fp_run: Path, seeds: list[int]) -> tuple[np.ndarray, str]:
+    """The run's per-seed relative L2 to ``fp_run``'s images, or, for a summary measured against another fp run
+    of the same seeds (another GPU or process), to that run's: a design effect is a statistic of the row's own
+    distances, and fp runs of the same seeds differ by a small fraction of a quantized row's distance."""
+    try:
+        return per_seed_fidelity(run, fp_run, seeds).rel_l2_pixels, "the fp run"
+    except ReferenceImagesError:
+        return stored_fidelity(run, seeds).rel_l2_pixels, "another fp run of the same seeds"
 
 
 def design_section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int], config: SampleConfig,
@@ -188,12 +200,18 @@ def design_section(model: nn.Module, presets: Sequence[str], seeds: Sequence[int
         parts.append(f"{method} rows {what}: {rows['design_effect'].min():.2f}-{rows['design_effect'].max():.2f} "
                      f"({len(rows)} rows)")
     groups = int(table["groups"].min())
+    others = int((table["distances_to"] != "the fp run").sum())
+    whose = "row's" if others == 1 else "rows'"
+    other_reference = "" if not others else (
+        f" {others} {whose} distances are to another fp run of the same seeds (the one "
+        f"{'its summary was' if others == 1 else 'their summaries were'} made against: `distances_to`).")
     return table, (f"Design effect of each row's per-seed distance to the full-precision images over groups of "
                    f"consecutive seeds (1: as independent seeds; at least {groups} groups, so about "
                    f"{(2 / (groups - 1)) ** 0.5:.2f} is its sampling noise): " + "; ".join(parts) + ". Where it is "
                    "above 1, a bootstrap over single seeds, as Table 1's and the comparison above, gives those rows "
                    "intervals too narrow, by about its square root for a mean over seeds; their FID intervals "
-                   "likely so too (not measured: a summary keeps no classifier features to resample groups).")
+                   "likely so too (not measured: a summary keeps no classifier features to resample groups)."
+                   + other_reference)
 
 
 def _shown(folder: str | Path) -> str:

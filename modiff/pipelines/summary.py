@@ -47,7 +47,7 @@ from modiff.utils.rng import format_seeds, parse_seeds
 from modiff.utils.runs import environment, write_json
 
 __all__ = ["SummarySettings", "SummaryMismatchError", "ReferenceImagesError", "PerSeedFidelity", "per_seed_fidelity",
-           "run_scores", "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder",
+           "stored_fidelity", "run_scores", "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder",
            "require_reference_images", "reference_fingerprint"]
 
 log = logging.getLogger(__name__)
@@ -179,13 +179,24 @@ def _stored_fidelity(summary: Path, reference: Path, seeds: list[int]) -> PerSee
         raise SummaryMismatchError(f"{summary} holds distances to another reference run than {reference} "
                                    f"({'; '.join(diff)}); summarize the run again with --fp-run {reference}")
     with np.load(summary / "per_seed.npz") as data:
+        _check_reference_images(summary, reference, stored, data["seeds"], data["rel_l2_pixels"])
+    return stored_fidelity(summary, seeds)
+
+
+def stored_fidelity(summary: str | Path, seeds: Sequence[int]) -> PerSeedFidelity:
+    """The per-seed distances a summary stored, to the full-precision run it was summarized against, whichever
+    images those were: for statistics of a row's own distances (how they vary between seeds), not for comparing
+    rows, which needs one fp run's images (`per_seed_fidelity` checks that)."""
+    summary, seeds = Path(summary), [int(s) for s in seeds]
+    if not is_summary_folder(summary) or _manifest(summary)["summary"]["reference"] is None:
+        raise SummaryMismatchError(f"{summary} is not a summary holding per-seed distances")
+    with np.load(summary / "per_seed.npz") as data:
         stored_seeds, rel_l2, psnr_db = data["seeds"], data["rel_l2_pixels"], data["psnr_db"]
     index = {int(s): i for i, s in enumerate(stored_seeds)}
     missing = [s for s in seeds if s not in index]
     if missing:
         raise SummaryMismatchError(f"{summary} holds distances for seeds {format_seeds(index)}, not for "
                                    f"{format_seeds(missing[:5])}...; summarize a run of those seeds")
-    _check_reference_images(summary, reference, stored, stored_seeds, rel_l2)
     rows = [index[s] for s in seeds]
     return PerSeedFidelity(stored_seeds[rows], rel_l2[rows], psnr_db[rows])
 

@@ -162,4 +162,36 @@ def test_design_section_needs_two_groups_and_reads_runs(tame_denoiser, tmp_path:
 
     distances = per_seed_fidelity(runs["w8a4"], runs["fp"], list(seeds)).rel_l2_pixels
     assert table.iloc[1]["design_effect"] == pytest.approx(scale_sharing.design_effect(distances, 64))
-    assert "direct rows sharing a scale" in why and "at least 2 groups" in why
+    assert table["distances_to"].tolist() == ["the fp run"] * 2
+    assert "direct rows sharing a scale" in why and "at least 2 groups" in why and "another fp run" not in why
+
+
+def test_design_effect_of_a_summary_measured_against_another_fp_run(tame_denoiser, tmp_path: Path) -> None:
+    """A summary whose distances are to another fp run of the same seeds (another GPU or process) gives its own
+    distances' design effect, and the table says which fp run they are to; a row is not refused for it."""
+    import shutil
+
+    from modiff.pipelines.summary import SummaryMismatchError, per_seed_fidelity, stored_fidelity, summarize_run
+
+    config, seeds = table1.table_config(tame_denoiser, 3, "quad"), range(128)
+    sampled = experiments.spacing_runs_dir(tame_denoiser, tmp_path / "sampled", config)
+    runs = {p: experiments.sample_run(tame_denoiser, p, seeds, config, sampled, batch_size=128, device="cpu")
+            for p in ("fp", "w8a4")}
+    folder = experiments.spacing_runs_dir(tame_denoiser, tmp_path / "summaries", config)
+    other_fp = Path(shutil.copytree(runs["fp"], folder / runs["fp"].name))
+    with np.load(other_fp / "samples.npz") as data:  # another fp run: one pixel differs
+        arrays = {k: data[k].copy() for k in data.files}
+    key = next(k for k, v in arrays.items() if v.dtype == np.uint8)
+    arrays[key].flat[0] ^= 1
+    np.savez(other_fp / "samples.npz", **arrays)
+    summarize_run(runs["w8a4"], folder / runs["w8a4"].name, runs["fp"])
+    table, why = scale_sharing.design_section(tame_denoiser, ["w8a4"], seeds, config, tmp_path / "summaries",
+                                              device="cpu")
+    distances = per_seed_fidelity(runs["w8a4"], runs["fp"], list(seeds)).rel_l2_pixels
+    assert table["distances_to"].tolist() == ["another fp run of the same seeds"]
+    assert table.iloc[0]["design_effect"] == pytest.approx(scale_sharing.design_effect(distances, 64))
+    assert "1 row's distances are to another fp run of the same seeds" in why
+    with pytest.raises(SummaryMismatchError, match="not a summary holding per-seed distances"):
+        stored_fidelity(runs["w8a4"], seeds)  # a run, not a summary: its distances are to whatever run is asked
+    with pytest.raises(SummaryMismatchError, match="not for"):
+        stored_fidelity(folder / runs["w8a4"].name, range(200))
