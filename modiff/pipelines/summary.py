@@ -47,8 +47,8 @@ from modiff.utils.rng import format_seeds, parse_seeds
 from modiff.utils.runs import environment, write_json
 
 __all__ = ["SummarySettings", "SummaryMismatchError", "ReferenceImagesError", "PerSeedFidelity", "per_seed_fidelity",
-           "stored_fidelity", "run_scores", "summarize_run", "summarize", "find_runs", "full_precision_reference", "is_summary_folder",
-           "require_reference_images", "reference_fingerprint"]
+           "stored_fidelity", "run_scores", "summarize_run", "summarize", "find_runs", "full_precision_reference",
+           "is_summary_folder", "require_reference_images", "reference_fingerprint"]
 
 log = logging.getLogger(__name__)
 
