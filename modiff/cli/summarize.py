@@ -46,12 +46,15 @@ def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path],
     distances to the fp run, the first images and the grid (under 1 MB for 10,000 seeds). The notebooks read
     a summary where they would read its run, so `modiff reproduce --runs DIR` rebuilds the reports from
     summaries on a machine without the runs (or a GPU). Unfinished runs, and runs being written, are refused.
+    A summary that keeps every image (a full-precision run's) may be given too: it is scored again with
+    today's metrics (an older one gains KID and precision/recall), its images and distances kept.
 
     \b
     Examples:
       modiff summarize data/runs/paper --out summaries/paper --jobs 8
       modiff reproduce --preset paper --runs summaries
       modiff summarize data/runs/w4a4-modiff --fp-run data/runs/fp --out summaries
+      modiff summarize summaries/paper/spacing-quad/fp-ddim100-tf32 --out summaries/paper/spacing-quad
     """
     from modiff.metrics.bootstrap import BootstrapConfig
     from modiff.pipelines.summary import SummarySettings, summarize

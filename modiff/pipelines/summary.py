@@ -21,7 +21,8 @@ score another set of seeds, use other bootstrap settings, compare with another r
 images beyond those it keeps; each is refused (`SummaryMismatchError`) with what to do.
 
 `per_seed_fidelity` and `run_scores` read a run or a summary alike: a summary holds what they compute from
-the run it summarizes.
+the run it summarizes. A summary that keeps every image (a full-precision run's) can be scored again without
+its run (`rescore_summary`): one made before KID, precision/recall or the fp images' fingerprint gains them.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +49,7 @@ from modiff.utils.runs import environment, write_json
 
 __all__ = ["SummarySettings", "SummaryMismatchError", "ReferenceImagesError", "PerSeedFidelity", "per_seed_fidelity",
            "stored_fidelity", "run_scores", "summarize_run", "summarize", "find_runs", "full_precision_reference",
-           "is_summary_folder", "require_reference_images", "reference_fingerprint"]
+           "is_summary_folder", "require_reference_images", "reference_fingerprint", "rescore_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +244,11 @@ def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
     of ``seeds`` (`modiff.metrics.fidelity.score`, as Table 1 asks for them). A summary gives the scores it
     stored, if they are over these seeds with this reference and bootstrap (one made before sitting 47 holds
     FID and IS only); a degenerate set raises ValueError either way."""
-    from modiff.metrics.fidelity import Scores, score
+    from modiff.metrics.fidelity import Scores
 
     run = Path(run)
     if not is_summary_folder(run):
-        return score(seed_images(run, seeds), ref, SCORED, bootstrap=bootstrap, device=device)
+        return _score_images(run, seeds, ref, bootstrap, device)
     record = json.loads((run / "metrics.json").read_text())
     asked = {"seeds": format_seeds(seeds) if len(seeds) else "", "ref": str(ref), "bootstrap": asdict(bootstrap)}
     stored = {k: record[k] for k in asked}
@@ -261,6 +262,13 @@ def run_scores(run: str | Path, seeds: Sequence[int], ref: str = "fmnist-train",
     resamples = {key[: -len("_resamples")]: np.asarray(values, dtype=np.float64) for key, values in record.items()
                  if key.endswith("_resamples") and values is not None}
     return Scores(record["metrics"], resamples)
+
+
+def _score_images(folder: Path, seeds: Sequence[int], ref: str, bootstrap: BootstrapConfig, device: str) -> Any:
+    """The scores of the images ``folder`` (a run, or a summary keeping them) holds for ``seeds``."""
+    from modiff.metrics.fidelity import score
+
+    return score(seed_images(folder, seeds), ref, SCORED, bootstrap=bootstrap, device=device)
 
 
 def _check_classifier(summary: Path) -> None:
@@ -327,10 +335,11 @@ def _finished_seeds(run: Path, manifest: Mapping[str, Any], seeds: Optional[Sequ
     return wanted
 
 
-def _scores_record(run: Path, seeds: list[int], settings: SummarySettings) -> dict[str, Any]:
+def _scores_record(run: Path, seeds: list[int], settings: SummarySettings, scorer: Callable[..., Any] = run_scores
+                   ) -> dict[str, Any]:
     record: dict[str, Any] = {"seeds": format_seeds(seeds), "ref": settings.ref, "bootstrap": asdict(settings.bootstrap)}
     try:
-        scored = run_scores(run, seeds, settings.ref, settings.bootstrap, settings.device)
+        scored = scorer(run, seeds, settings.ref, settings.bootstrap, settings.device)
     except ValueError as err:  # a degenerate set: the summary keeps the reason, as Table 1 shows it
         return {**record, "error": str(err)}
     resamples = {f"{name}_resamples": [float(v) for v in values] for name, values in scored.resamples.items()}
@@ -400,6 +409,57 @@ def _write_summary(run: Path, staging: Path, manifest: dict[str, Any], block: di
                                                         "made": environment()}}, staging / "manifest.json")
 
 
+def rescore_summary(summary: str | Path, out: str | Path, settings: SummarySettings = SummarySettings()) -> Path:
+    """Score again, into ``out`` (which may be ``summary`` itself), a summary that keeps the image of each of its
+    seeds (a full-precision run's), with today's metrics and ``settings``: one made before KID, precision/recall
+    or the fp images' fingerprint (format 3 and older) gains them without its run. Its images, distances and grid
+    are kept as they are; its manifest keeps what it was made from and says when it was scored again
+    (``rescored``). A summary keeping fewer images than seeds is refused: its scores need the run."""
+    summary, out = Path(summary), Path(out)
+    if out.exists() and not is_summary_folder(out):
+        raise ValueError(f"{out} exists and is not a summary: give a new --out folder")
+    with folder_lock(summary):
+        manifest = _manifest(summary)
+        if not is_summary(manifest):
+            raise ValueError(f"{summary} is a run, not a summary: summarize it (`modiff summarize`)")
+        old = manifest["summary"]
+        seeds = parse_seeds(old["seeds"])
+        with np.load(summary / "images.npz") as data:
+            kept = {int(s) for s in data["seeds"]}
+        missing = [s for s in seeds if s not in kept]
+        if missing:
+            raise ValueError(f"{summary} keeps the images of {len(seeds) - len(missing)} of its {len(seeds)} seeds: "
+                             f"only a summary keeping every image (a full-precision run's) can be scored again; "
+                             f"summarize its run instead")
+        block = {**old, "format": FORMAT, "settings": settings.record(),
+                 "reference": _rescored_reference(summary, old, seeds)}
+        if _up_to_date(out, block):
+            return out
+        staging = out.parent / f".{out.name}.summary-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            for name in ("images.npz", "per_seed.npz", "grid.png"):
+                if (summary / name).is_file():
+                    shutil.copyfile(summary / name, staging / name)
+            write_json(_scores_record(summary, seeds, settings, _score_images), staging / "metrics.json")
+            write_json({**manifest, "summary": {**block, "rescored": environment()}}, staging / "manifest.json")
+            _replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _rescored_reference(summary: Path, old: Mapping[str, Any], seeds: list[int]) -> Optional[dict[str, Any]]:
+    """The reference block of a summary scored again: a run summarized against itself (full precision) gains
+    the fingerprint of its own images, which the summary keeps; another reference's images are not here, so its
+    block stays as it was (checked on the kept images, as format 3 is)."""
+    reference = old.get("reference")
+    if reference is None or "images_sha256" in reference or reference.get("run") != old.get("source"):
+        return reference
+    return {**reference, "images_sha256": reference_fingerprint(summary, seeds)}
+
+
 def _replace(staging: Path, out: Path) -> None:
     """Put the staged summary at ``out``: a rename, the old summary (if any) moved away first."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -422,6 +482,11 @@ def _summarize_one(run: Path, target: Path, fp_run: Optional[str | Path], settin
                    seeds: Optional[Sequence[int]]) -> tuple[Optional[Path], str]:
     """One run's summary, or why it was refused (a worker of `summarize`: errors come back as values)."""
     try:
+        if is_summary_folder(run):
+            if fp_run is not None or seeds is not None:
+                raise ValueError(f"{run} is a summary: it is scored again over its own seeds, its distances kept "
+                                 f"(--fp-run and --seeds are for runs)")
+            return rescore_summary(run, target, settings), ""
         reference = fp_run if fp_run is not None else full_precision_reference(run, target.parent)
         if reference is None:
             log.warning("%s is summarized without per-seed distances: no full-precision run of its model and sampling "
@@ -443,7 +508,8 @@ def summarize(paths: Sequence[str | Path], out: str | Path, fp_run: Optional[str
               seeds: Optional[Sequence[int]] = None, jobs: int = 1) -> tuple[list[Path], dict[Path, str]]:
     """Summarize runs into ``out``: a run given itself goes to out/<its name>, a folder of runs keeps its
     layout (``summarize(["data/runs/paper"], "summaries/paper")``, then ``modiff reproduce --runs summaries``).
-    Per-seed distances are to ``fp_run``, else to the full-precision run beside each run. ``jobs`` > 1
+    Per-seed distances are to ``fp_run``, else to the full-precision run beside each run. A summary given
+    itself (one keeping every image) is scored again into out/<its name> (`rescore_summary`). ``jobs`` > 1
     summarizes that many runs at once, in processes that share the CPU's threads: for a many-core host,
     where one summary at a time fell behind the GPU sampling the runs (benchmarks/README.md). Returns the
     summaries written (or already up to date) and, per refused run, why (unfinished, being written, ...)."""
@@ -451,10 +517,10 @@ def summarize(paths: Sequence[str | Path], out: str | Path, fp_run: Optional[str
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     work = []
     for given in map(Path, paths):
-        runs = find_runs(given)
+        runs = [given] if is_summary_folder(given) else find_runs(given)
         if not runs:
             raise ValueError(f"{given} holds no run folder (a folder with a manifest.json written by `modiff sample` "
-                             f"or the notebooks)")
+                             f"or the notebooks) nor is a summary")
         work += [(run, Path(out) / (run.relative_to(given) if run != given else run.name)) for run in runs]
     if jobs == 1 or len(work) < 2:
         results = [_summarize_one(run, target, fp_run, settings, seeds) for run, target in work]

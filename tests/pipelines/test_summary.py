@@ -20,7 +20,7 @@ from conftest import TameNet
 from modiff.diffusion.schedules import linear_schedule
 from modiff.models.registry import Denoiser
 from modiff.pipelines.summary import (ReferenceImagesError, SummaryMismatchError, SummarySettings, per_seed_fidelity,
-                                      reference_fingerprint, run_scores, summarize, summarize_run)
+                                      reference_fingerprint, rescore_summary, run_scores, summarize, summarize_run)
 from modiff.utils.locks import FolderLockedError, folder_lock
 
 BOOTSTRAP = BootstrapConfig(resamples=20)
@@ -201,8 +201,12 @@ def test_summarize_command(tmp_path: Path, tame_denoiser) -> None:
     assert "REFUSED" in result.output and "fresh: " in result.output and "not a finished run" in result.output
     manifest = json.loads((tmp_path / "s" / "q" / "manifest.json").read_text())
     assert manifest["summary"]["reference"]["run"] == str((tmp_path / "runs" / "fp").resolve())
-    empty = CliRunner().invoke(main, ["summarize", str(tmp_path / "s" / "q"), "--out", str(tmp_path / "t")])
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(main, ["summarize", str(tmp_path / "empty"), "--out", str(tmp_path / "t")])
     assert empty.exit_code == 1 and "holds no run folder" in empty.output
+    _keep_images(tmp_path / "s" / "q", range(4))
+    cut = CliRunner().invoke(main, ["summarize", str(tmp_path / "s" / "q"), "--out", str(tmp_path / "t")])
+    assert cut.exit_code == 1 and "keeps the images of 4 of its 12 seeds" in cut.output
     no_jobs = CliRunner().invoke(main, [*args, "--jobs", "0"])
     assert no_jobs.exit_code == 2 and "--jobs" in no_jobs.output and ">=1" in no_jobs.output
 
@@ -317,3 +321,54 @@ def test_scores_are_read_only_in_the_feature_space_they_were_made_in(tmp_path: P
     monkeypatch.setattr(fidelity, "extractor_weights", lambda extractor, weights: "f" * 64)
     with pytest.raises(SummaryMismatchError, match="another classifier .* than the one here \\(ffffffffffff\\)"):
         run_scores(summary, range(10), bootstrap=BOOTSTRAP)
+
+
+def _as_format_2(summary: Path) -> None:
+    """Make a summary look as one made before sitting 47: FID and IS only, no fingerprint, no classifier record."""
+    metrics_path, manifest_path = summary / "metrics.json", summary / "manifest.json"
+    record = json.loads(metrics_path.read_text())
+    record["metrics"] = {k: v for k, v in record["metrics"].items()
+                         if k.startswith(("fid", "is_")) or k in ("extractor", "feature_space", "num_samples", "reference")}
+    metrics_path.write_text(json.dumps({k: v for k, v in record.items()
+                                        if not k.endswith("_resamples") or k == "fid_resamples"}))
+    manifest = json.loads(manifest_path.read_text())
+    block = manifest["summary"]
+    block["format"] = 2
+    del block["reference"]["images_sha256"], block["settings"]["classifier_weights"]
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def test_a_full_precision_summary_is_scored_again_without_its_run(tmp_path: Path, tame_denoiser) -> None:
+    """An old fp summary (FID and IS only) given to `modiff summarize` gains KID and precision/recall equal to a
+    fresh summary of its run, and its images' fingerprint, in place, its images and distances untouched and the
+    rows measured against it still read; done again, nothing changes. A summary keeping fewer images than seeds,
+    a run, and a summary with --fp-run or --seeds are refused."""
+    fp, q = _run(tame_denoiser, range(12), tmp_path / "runs" / "fp"), _quantized_run(tame_denoiser, range(12), tmp_path / "runs" / "q")
+    fresh = summarize_run(fp, tmp_path / "fresh" / "fp", fp, SETTINGS)
+    old = summarize_run(fp, tmp_path / "s" / "fp", fp, SETTINGS)
+    q_summary = summarize_run(q, tmp_path / "s" / "q", old, SETTINGS)
+    _as_format_2(old)
+    kept = {name: (old / name).read_bytes() for name in ("images.npz", "per_seed.npz", "grid.png")}
+    made = json.loads((old / "manifest.json").read_text())["summary"]["made"]
+    shutil.rmtree(tmp_path / "runs")
+    args = ["summarize", str(old), "--out", str(tmp_path / "s"), "--bootstrap-resamples", "20", "--images", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((old / "metrics.json").read_text()) == json.loads((fresh / "metrics.json").read_text())
+    assert {name: (old / name).read_bytes() for name in kept} == kept
+    block = json.loads((old / "manifest.json").read_text())["summary"]
+    assert block["format"] == json.loads((fresh / "manifest.json").read_text())["summary"]["format"] == 4
+    assert block["reference"]["images_sha256"] == reference_fingerprint(fresh, range(12))
+    assert block["made"] == made and "rescored" in block
+    assert per_seed_fidelity(q_summary, old, range(12)).rel_l2_pixels.tolist() == \
+        per_seed_fidelity(q_summary, fresh, range(12)).rel_l2_pixels.tolist()
+    manifest_bytes = (old / "manifest.json").read_bytes()
+    assert rescore_summary(old, old, SETTINGS) == old and (old / "manifest.json").read_bytes() == manifest_bytes
+    with pytest.raises(ValueError, match=r"keeps the images of 4 of its 12 seeds.*summarize its run instead"):
+        rescore_summary(q_summary, tmp_path / "t", SETTINGS)
+    with pytest.raises(ValueError, match="is a run, not a summary"):
+        rescore_summary(_run(tame_denoiser, range(2), tmp_path / "run"), tmp_path / "u", SETTINGS)
+    with pytest.raises(ValueError, match="exists and is not a summary"):
+        rescore_summary(old, tmp_path / "run", SETTINGS)
+    refused = CliRunner().invoke(main, [*args, "--seeds", "0-3"])
+    assert refused.exit_code == 1 and "--fp-run and --seeds are for runs" in refused.output
