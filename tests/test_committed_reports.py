@@ -24,11 +24,11 @@ W_BITS, A_BITS = (8, 4), (8, 6, 4, 3, 2)
 PRESETS = [f"w{w}a{a}{s}" for w in W_BITS for a in A_BITS for s in ("", "-modiff")]
 
 
-def _table(model_name: str) -> pd.DataFrame:
+def _table(model_name: str, summaries: str) -> pd.DataFrame:
     """The notebook's cells at the paper preset (`modiff reproduce --preset paper --runs data/summaries --set
     precision=tf32 --set calibrate=false --set missing_runs=skip`), without papermill."""
     model = md.load_model(model_name)
-    runs = ROOT / "data" / "summaries" / ("paper" if model_name == "fmnist-ddim" else f"paper-{model_name}")
+    runs = ROOT / "data" / "summaries" / summaries
     config = table1.table_config(model, 100, "quad", "tf32")
     rows, _ = table1.row_presets(model, PRESETS, [f"published-{p}" for p in PRESETS], [f"qdiff-{p}" for p in PRESETS],
                                  True, False)
@@ -39,10 +39,12 @@ def _table(model_name: str) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name, report", [("fmnist-ddim", "paper"), ("fmnist-ldm", "paper-fmnist-ldm")])
-def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, report: str) -> None:
+@pytest.mark.parametrize("model_name, report, summaries", [
+    ("fmnist-ddim", "paper", "paper"), ("fmnist-ldm", "paper-fmnist-ldm", "paper-fmnist-ldm"),
+    ("fmnist-ddim", "reproducibility/paper-h100-own-fp-sitting54", "h100-own-fp/paper")])
+def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, report: str, summaries: str) -> None:
     committed = pd.read_csv(ROOT / "reports" / report / "tables" / "table1_bitwidth.csv")
-    made = _table(model_name)
+    made = _table(model_name, summaries)
     assert made.columns.tolist() == committed.columns.tolist() and made.preset.tolist() == committed.preset.tolist()
     numeric = committed.select_dtypes("number").columns
     np.testing.assert_allclose(made[numeric].to_numpy(float), committed[numeric].to_numpy(float), rtol=1e-9,
@@ -54,14 +56,17 @@ def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, 
 
 
 @pytest.mark.parametrize("kept, first, second", [
-    ("paper-h100-sitting51", "paper", "h100/paper"),
-    ("paper-fmnist-ldm-h100-sitting52", "h200/paper-fmnist-ldm", "paper-fmnist-ldm")])
+    ("paper-h100-sitting51/image_agreement.csv", "paper", "h100/paper"),
+    ("paper-fmnist-ldm-h100-sitting52/image_agreement.csv", "h200/paper-fmnist-ldm", "paper-fmnist-ldm"),
+    ("paper-h100-own-fp-sitting54/image_agreement_h100_twice.csv", "h100/paper", "h100-own-fp/paper"),
+    ("paper-h100-own-fp-sitting54/image_agreement_h200_h100.csv", "paper", "h100-own-fp/paper")])
 def test_committed_image_agreement_is_what_the_committed_summaries_give(kept: str, first: str, second: str) -> None:
-    """The two GPUs' images compared (`modiff image-diff`), as the reproducibility log cites them."""
+    """Two samplings' images compared (`modiff image-diff`: two GPUs, or two processes on one), as the
+    reproducibility log cites them."""
     from modiff.pipelines.agreement import agreement_rows
 
     summaries = ROOT / "data" / "summaries"
-    committed = pd.read_csv(ROOT / "reports" / "reproducibility" / kept / "image_agreement.csv")
+    committed = pd.read_csv(ROOT / "reports" / "reproducibility" / kept)
     made = pd.DataFrame(agreement_rows(summaries / first, summaries / second))
     made = pd.read_csv(io.StringIO(made.to_csv(index=False)))
     pd.testing.assert_frame_equal(made, committed)
