@@ -382,17 +382,22 @@ def summarize_run(run: str | Path, out: str | Path, reference: Optional[str | Pa
             check_reference_run(reference, chosen, SampleConfig(**identity["sample"]),
                                 str(identity["model"].get("model", identity["model"].get("name"))))
         block = _summary_block(run, None if reference is None else Path(reference), chosen, settings)
-        if _up_to_date(out, block):
-            return out
-        staging = out.parent / f".{out.name}.summary-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            _write_summary(run, staging, manifest, block, chosen, reference, settings)
-            _replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not _up_to_date(out, block):
+            _staged(out, lambda staging: _write_summary(run, staging, manifest, block, chosen, reference, settings))
     return out
+
+
+def _staged(out: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a summary into a staging folder beside ``out``, then put it at ``out``: an interrupted write
+    leaves the old summary (or none), never half of one."""
+    staging = out.parent / f".{out.name}.summary-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        write(staging)
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_summary(run: Path, staging: Path, manifest: dict[str, Any], block: dict[str, Any], seeds: list[int],
@@ -433,21 +438,18 @@ def rescore_summary(summary: str | Path, out: str | Path, settings: SummarySetti
                              f"summarize its run instead")
         block = {**old, "format": FORMAT, "settings": settings.record(),
                  "reference": _rescored_reference(summary, old, seeds)}
-        if _up_to_date(out, block):
-            return out
-        staging = out.parent / f".{out.name}.summary-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            for name in ("images.npz", "per_seed.npz", "grid.png"):
-                if (summary / name).is_file():
-                    shutil.copyfile(summary / name, staging / name)
-            write_json(_scores_record(summary, seeds, settings, _score_images), staging / "metrics.json")
-            write_json({**manifest, "summary": {**block, "rescored": environment()}}, staging / "manifest.json")
-            _replace(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not _up_to_date(out, block):
+            _staged(out, lambda staging: _write_rescored(summary, staging, manifest, block, seeds, settings))
     return out
+
+
+def _write_rescored(summary: Path, staging: Path, manifest: dict[str, Any], block: dict[str, Any], seeds: list[int],
+                    settings: SummarySettings) -> None:
+    for name in ("images.npz", "per_seed.npz", "grid.png"):
+        if (summary / name).is_file():
+            shutil.copyfile(summary / name, staging / name)
+    write_json(_scores_record(summary, seeds, settings, _score_images), staging / "metrics.json")
+    write_json({**manifest, "summary": {**block, "rescored": environment()}}, staging / "manifest.json")
 
 
 def _rescored_reference(summary: Path, old: Mapping[str, Any], seeds: list[int]) -> Optional[dict[str, Any]]:
