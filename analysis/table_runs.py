@@ -29,7 +29,8 @@ import modiff as md
 from analysis import experiments, table1
 from modiff.pipelines.generate import SampleConfig
 from modiff.pipelines.reproduce import REPRODUCE_PRESETS, notebook_dir, parse_override, report_name
-from modiff.pipelines.summary import SummarySettings, full_precision_reference, summarize_run
+from modiff.pipelines.run_folder import execution_identity
+from modiff.pipelines.summary import SummarySettings, full_precision_reference, is_summary_folder, summarize_run
 from modiff.quant.ptq.reuse import Calibration
 from modiff.utils.device import resolve_device
 
@@ -86,7 +87,9 @@ def planned_runs(model: nn.Module, notebook: str, parameters: Mapping[str, Any],
 @dataclass(frozen=True)
 class Sitting:
     """How `make_runs` samples: the seeds, batch and device of the notebook, where summaries go (None: none
-    made), a deadline in seconds from the start (None: none), the JSONL log (one line per run)."""
+    made), a deadline in seconds from the start (None: none), the JSONL log (one line per run), and whether runs
+    may be sampled beside summaries of runs from another device (``mixed_devices``: a deliberate comparison of
+    GPUs; else refused, as a table pairs the runs of one GPU kind)."""
 
     seeds: Sequence[int]
     batch_size: int = 64
@@ -96,6 +99,7 @@ class Sitting:
     deadline: Optional[float] = None
     log: Optional[Path] = None
     calibration: Optional[Calibration] = None
+    mixed_devices: bool = False
 
 
 def _run_dir(model: nn.Module, run: PlannedRun, device: str) -> Path:
@@ -104,6 +108,23 @@ def _run_dir(model: nn.Module, run: PlannedRun, device: str) -> Path:
 
 def _finished(model: nn.Module, run: PlannedRun, folder: Path, sitting: Sitting) -> bool:
     return experiments.run_is_finished(model, run.preset, sitting.seeds, run.config, folder, sitting.device)
+
+
+def _check_one_device(folder: Path, sitting: Sitting) -> None:
+    """Refuse to sample beside summaries (in ``folder``) of runs made on another device than this one: the row
+    would be paired with them across GPUs, which the bootstrap does not measure (reports/README.md, "Across
+    GPUs"), unless ``sitting.mixed_devices`` asks for exactly that."""
+    if sitting.mixed_devices or not folder.is_dir():
+        return
+    here = execution_identity(0, resolve_device(sitting.device), False)["device"]
+    others = sorted({device for summary in folder.iterdir() if is_summary_folder(summary)
+                     for device in [json.loads((summary / "manifest.json").read_text())["identity"]
+                                    .get("execution", {}).get("device")] if device not in (None, here)})
+    if others:
+        raise ValueError(f"{folder} holds summaries of runs sampled on {', '.join(others)}, and this machine is "
+                         f"{here}: a table pairs the runs of one GPU kind, so a row sampled here would be compared "
+                         f"with them across GPUs. Sample into another --summaries folder, or on a machine of that "
+                         f"kind, or pass --mixed-devices to compare GPUs on purpose")
 
 
 def _log(sitting: Sitting, record: dict[str, Any]) -> None:
@@ -168,6 +189,8 @@ def make_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Path
             status = "left"
         else:
             status = "there" if there else "made"
+            if target is not None and not there:
+                _check_one_device(target.parent, sitting)
             record.update(_make_one(model, run, target, sitting), at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             longest = max(longest, record["seconds"] + record.get("summary_seconds", 0.0)) if not there else longest
             _log(sitting, {**record, "status": status})
@@ -189,8 +212,11 @@ def make_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Path
 @click.option("--only", default="", help="comma-separated shell patterns of run folders: make only the runs they match")
 @click.option("--deadline", type=float, default=None, help="seconds: start no run that would end after it")
 @click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None, help="append one JSON line per run")
+@click.option("--mixed-devices", is_flag=True,
+              help="sample beside summaries of runs made on another device (comparing GPUs); refused without it")
 def main(model: str, preset: str, notebooks: str, runs: Path, summaries: Optional[Path], summary_device: str,
-         overrides: tuple[str, ...], only: str, deadline: Optional[float], log: Optional[Path]) -> None:
+         overrides: tuple[str, ...], only: str, deadline: Optional[float], log: Optional[Path],
+         mixed_devices: bool) -> None:
     """Make the runs of the table notebooks at a reproduce preset (see the module's docstring)."""
     settings = dict(parse_override(item) for item in overrides)
     net = md.load_model(model)
@@ -207,7 +233,7 @@ def main(model: str, preset: str, notebooks: str, runs: Path, summaries: Optiona
                                                    table["adaround_iters"], table["activation_iters"])
     sitting = Sitting(range(table["num_samples"]), table["batch_size"], table["device"],
                       None if summaries is None else summaries / name, SummarySettings(device=summary_device),
-                      deadline, log, calibration if table["calibrate"] else None)
+                      deadline, log, calibration if table["calibrate"] else None, mixed_devices)
     records = make_runs(net, planned, runs / name, sitting)
     left = [r["run"] for r in records if r["status"] == "left"]
     click.echo(f"{len(records) - len(left)} of {len(records)} runs there or summarized"

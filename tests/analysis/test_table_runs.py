@@ -82,6 +82,17 @@ def test_runs_are_made_summarized_stopped_at_a_deadline_and_resumed(tmp_path: Pa
     assert table1.rows_to_score(tame_denoiser, rows, range(10), config, summaries.parent / "summaries", "skip",
                                 "cpu") == (rows, [])
 
+    # a row to sample beside summaries of another GPU's runs is refused before sampling, unless asked for
+    manifest_path = summaries / "spacing-quad" / "w8a4-ddim3" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["identity"]["execution"]["device"] = "NVIDIA H100 80GB HBM3"
+    manifest_path.write_text(json.dumps(manifest))
+    shutil.rmtree(summaries / "spacing-quad" / "w8a4-modiff-ddim3")
+    with pytest.raises(ValueError, match=r"sampled on NVIDIA H100 80GB HBM3, and this machine is cpu.*--mixed-devices"):
+        make()
+    assert not (runs / "spacing-quad" / "w8a4-modiff-ddim3").exists()
+    assert make(mixed_devices=True) == ["summarized"] * 4 + ["made"]
+
 
 def test_the_command_lists_what_a_sitting_leaves_and_refuses_bad_input(tmp_path: Path) -> None:
     from click.testing import CliRunner
