@@ -114,3 +114,23 @@ def test_the_command_lists_what_a_sitting_leaves_and_refuses_bad_input(tmp_path:
     assert bad.exit_code != 0 and "expected key=value with key one of" in str(bad.exception)
     wrong = CliRunner().invoke(table_runs.main, [*command[:4], "--notebooks", "fig1a_caching"])
     assert wrong.exit_code != 0 and "the table notebooks are table1_bitwidth, samplers" in str(wrong.exception)
+
+
+def test_the_command_refuses_to_sample_beside_another_devices_summaries(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before anything is sampled, with what to do; --mixed-devices reaches the sitting."""
+    from click.testing import CliRunner
+
+    other = tmp_path / "summaries" / "quick" / "spacing-quad" / "other-run"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text(json.dumps({"identity": {"execution": {"device": "NVIDIA H100 80GB HBM3"}},
+                                                     "seeds": [], "sessions": [], "summary": {}}))
+    command = ["--model", "fmnist-ddim", "--preset", "quick", "--notebooks", "samplers", "--runs", str(tmp_path / "runs"),
+               "--summaries", str(tmp_path / "summaries"), "--set", "steps=2", "--set", "device=cpu"]
+    refused = CliRunner().invoke(table_runs.main, command)
+    assert refused.exit_code != 0 and "sampled on NVIDIA H100 80GB HBM3, and this machine is cpu" in str(refused.exception)
+    assert "--mixed-devices" in str(refused.exception) and not (tmp_path / "runs").exists()
+    seen = []
+    monkeypatch.setattr(table_runs, "make_runs", lambda model, runs, runs_dir, sitting: seen.append(sitting) or [])
+    assert CliRunner().invoke(table_runs.main, [*command, "--mixed-devices"]).exit_code == 0
+    assert seen[0].mixed_devices and seen[0].summaries == tmp_path / "summaries" / "quick"
