@@ -20,12 +20,15 @@ from modiff.pipelines.report_render import Document
 __all__ = ["compare_reports", "compare_tables", "compare_verdicts", "interval_columns", "render"]
 
 CHANGED = 1e-9  # relative: below this a number counts as unchanged (a CSV round trip)
+# Columns that say which run or setting a row is, not what was measured: together they match rows across reports.
+IDENTITY_COLUMNS = ("sampler", "steps", "preset", "baseline", "warmup_steps", "layer", "timestep")
 
 
 def interval_columns(columns: list[str]) -> list[tuple[str, str, str]]:
     """(estimate, ci95_low, ci95_high) column triples: ``X_ci95_low``/``X_ci95_high`` (or ``X: ci95_low``) bound
     ``X``, or the one other column starting with ``X_`` (``fid_ci95_low`` bounds ``fid_classifier``); bare
-    ``ci95_low`` bounds ``mean``. An interval whose estimate is ambiguous is left out."""
+    ``ci95_low`` bounds ``mean``, or ``mean_difference`` in a paired table. An interval whose estimate is ambiguous
+    is left out."""
     triples = []
     for low in (c for c in columns if c.endswith("ci95_low")):
         prefix = low[: -len("ci95_low")]
@@ -33,7 +36,8 @@ def interval_columns(columns: list[str]) -> list[tuple[str, str, str]]:
         if high not in columns:
             continue
         if not prefix:
-            estimate: Optional[str] = "mean" if "mean" in columns else None
+            means = [c for c in ("mean", "mean_difference") if c in columns]
+            estimate: Optional[str] = means[0] if len(means) == 1 else None
         elif prefix.rstrip("_: ") in columns:
             estimate = prefix.rstrip("_: ")
         else:
@@ -53,8 +57,9 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
     text cells changed (verdicts, findings), and for every estimate with a 95% interval how many regenerated
     estimates lie inside the committed interval and the largest absolute change of an estimate. Tables of the
     same columns but another number of rows are compared on the rows both have, matched by their ``preset`` column
-    (else the first) where it names each row once, and the note names the rows only one of them has. Columns
-    added or dropped are left out of the comparison and named in the note."""
+    (else the first) where it names each row once, else by the identity columns it has (``sampler``, ``steps``,
+    ``preset``, ...) where together they do, and the note names the rows only one of them has. Columns added or
+    dropped are left out of the comparison and named in the note."""
     common = [c for c in committed.columns if c in set(regenerated.columns)]
     if not common:
         return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, no column in common"}
@@ -68,17 +73,29 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
     return {**result, "note": "; ".join(n for n in notes if n)}
 
 
+def _row_key(committed: pd.DataFrame, regenerated: pd.DataFrame) -> Optional[list[str]]:
+    """The columns that name each row once in both tables: ``preset`` (else the first column) alone, else the
+    identity columns the tables have; None when neither does."""
+    single = ["preset" if "preset" in committed.columns else committed.columns[0]]
+    identity = [c for c in committed.columns if c in IDENTITY_COLUMNS]
+    for key in (single, identity):
+        if key and not (committed.duplicated(key).any() or regenerated.duplicated(key).any()):
+            return key
+    return None
+
+
 def _compare_common_rows(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[str, object]:
-    key = "preset" if "preset" in committed.columns else committed.columns[0]
-    if not (committed[key].is_unique and regenerated[key].is_unique):
+    key = _row_key(committed, regenerated)
+    if key is None:
         return {"note": f"not comparable: {committed.shape} against {regenerated.shape}, and no column names each "
                         f"row once"}
-    common = [k for k in committed[key] if k in set(regenerated[key])]
-    only = {side: [str(k) for k in frame[key] if k not in set(common)]
-            for side, frame in (("committed", committed), ("regenerated", regenerated))}
-    by_key = [frame.set_index(key).loc[common].reset_index() for frame in (committed, regenerated)]
+    index = [frame.set_index(key).index for frame in (committed, regenerated)]
+    common = index[0][index[0].isin(index[1])]
+    only = {side: [" ".join(str(v) for v in np.atleast_1d(k)) for k in rows[~rows.isin(common)]]
+            for side, rows in zip(("committed", "regenerated"), index)}
+    by_key = [frame.set_index(key).loc[common].reset_index()[frame.columns] for frame in (committed, regenerated)]
     result = _compare_aligned(*by_key)
-    result["note"] = f"the {len(common)} rows of both compared (by {key}); " + "; ".join(
+    result["note"] = f"the {len(common)} rows of both compared (by {', '.join(key)}); " + "; ".join(
         f"only in the {side}: {', '.join(names)}" for side, names in only.items() if names)
     return result
 

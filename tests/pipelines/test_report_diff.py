@@ -18,6 +18,9 @@ def test_intervals_name_their_estimate_and_ambiguous_ones_are_left_out() -> None
                "orphan_ci95_low"]
     assert interval_columns(columns) == [("fid_classifier", "fid_ci95_low", "fid_ci95_high"),
                                          ("mean", "ci95_low", "ci95_high"), ("with", "with: ci95_low", "with: ci95_high")]
+    paired = ["preset", "mean_difference", "ci95_low", "ci95_high"]
+    assert interval_columns(paired) == [("mean_difference", "ci95_low", "ci95_high")]
+    assert interval_columns([*paired, "mean"]) == []  # which mean the interval bounds is not known
 
 
 COMMITTED = pd.DataFrame({"name": ["a", "b", "c"], "mean": [1.0, 2.0, 4.0], "ci95_low": [0.5, 1.5, 3.0],
@@ -64,6 +67,23 @@ def test_an_identical_table_did_not_move_and_other_shapes_are_compared_on_what_t
     table1 = COMMITTED.rename(columns={"name": "preset"}).assign(numerics="same")[["numerics", "preset", "mean"]]
     assert compare_tables(table1, table1.iloc[:2])["note"].startswith("the 2 rows of both compared (by preset)")
 
+
+
+def test_rows_no_column_names_alone_are_matched_by_their_identity_columns() -> None:
+    """A sampler table names a row by sampler, steps and preset together; one report leaving a sampler's pair out
+    is compared on the other rows, and the note names the pair by all three."""
+    committed = pd.DataFrame({"sampler": ["ddim", "ddim", "ddpm", "ddpm"], "steps": [20, 20, 100, 100],
+                              "preset": ["w8a4", "w8a4-modiff"] * 2, "precision": "tf32 on cuda",
+                              "mean": [0.4, 0.1, 0.6, 0.3]})
+    regenerated = pd.concat([committed.iloc[2:].assign(mean=[0.6, 0.6]), committed.iloc[:2]], ignore_index=True)
+    regenerated.loc[len(regenerated)] = ["ddim", 100, "w8a4", "tf32 on cuda", 0.37]
+    got = compare_tables(committed, regenerated)
+    assert got["rows"] == 4 and got["numeric_changed"] == 1 and got["in_column"] == "mean"
+    assert got["note"] == ("the 4 rows of both compared (by sampler, steps, preset); "
+                           "only in the regenerated: ddim 100 w8a4")
+    assert compare_tables(regenerated, committed)["note"].endswith("only in the committed: ddim 100 w8a4")
+    twice = pd.concat([regenerated, regenerated.iloc[:1]], ignore_index=True)
+    assert "not comparable" in compare_tables(committed, twice)["note"]
 
 def _report(folder: Path, tables: dict[str, pd.DataFrame]) -> Path:
     (folder / "tables").mkdir(parents=True)
