@@ -98,3 +98,48 @@ def test_the_anchor_rule_matches_github() -> None:
     assert github_anchor("Runs that travel: summaries") == "runs-that-travel-summaries"
     assert github_anchor("Real W8A8 MoDiff (`bench_real.py`)") == "real-w8a8-modiff-bench_realpy"
     assert github_anchor("`reports/paper-fmnist-ldm/`") == "reportspaper-fmnist-ldm"
+
+
+def _displayed(cell: str) -> list[tuple[float, float]]:
+    """The numbers of a cell ("1.58 [1.47, 1.69]", "0.720"), each with half a unit of its last shown digit."""
+    numbers = re.findall(r"-?\d+\.\d+|-?\d+", cell)
+    return [(float(n), 0.5 * 10.0 ** -len(n.partition(".")[2]) + 1e-12) for n in numbers]
+
+
+def _assert_shown(cell: str, values: list[float], what: str) -> None:
+    shown = _displayed(cell)
+    assert len(shown) == len(values), (what, cell)
+    for (number, half_unit), value in zip(shown, values):
+        assert abs(number - value) <= half_unit, (what, cell, value)
+
+
+# Per score: its Table 1 columns (estimate, interval), its key in a metrics file, and the factor the README shows it at.
+SCORES = [(("fid_classifier", "fid_ci95_low", "fid_ci95_high"), "fid", 1),
+          (("is_classifier", "is_ci95_low", "is_ci95_high"), "is", 1),
+          (("kid_classifier", "kid_ci95_low", "kid_ci95_high"), "kid", 1000),
+          (("improved_precision", "improved_precision_ci95_low", "improved_precision_ci95_high"), "precision", 1),
+          (("improved_recall", "improved_recall_ci95_low", "improved_recall_ci95_high"), "recall", 1)]
+
+
+def test_the_metrics_table_shows_the_committed_scores() -> None:
+    """The Metrics section's table: the floor from the shipped metrics file, each model's fp row from its committed
+    Table 1 (all five scores with their intervals, KID x1000); the latent model's card shows the same fp scores."""
+    import json
+
+    text = README.read_text()
+    rows = {row[0]: row[1:] for row in table_after(text, "| samples (classifier feature space), 10,000 each")}
+    floor = json.loads((ROOT / "data" / "fmnist-ddim" / "metrics_fp_10k.json").read_text())["floor"]
+    expected = {"floor: real against real (see below)":
+                [[scale * floor[k] for k in ("is_mean" if key == "is" else key, f"{key}_ci95_low", f"{key}_ci95_high")]
+                 for _, key, scale in SCORES]}
+    for model, report in (("fmnist-ddim", "paper"), ("fmnist-ldm", "paper-fmnist-ldm")):
+        fp = pd.read_csv(ROOT / "reports" / report / "tables" / "table1_bitwidth.csv").set_index("preset").loc["fp"]
+        name = next(name for name in rows if name.startswith(f"`{model}`, fp"))
+        expected[name] = [[scale * fp[c] for c in columns] for columns, _, scale in SCORES]
+    assert set(rows) == set(expected)
+    for name, scores in expected.items():
+        for cell, values, (columns, _, _) in zip(rows[name], scores, SCORES):
+            _assert_shown(cell, values, f"{name}: {columns[0]}")
+    card = next(row for row in table_after(text, "## The embedded latent model") if row[0].startswith("FID / IS"))
+    ldm = expected[next(name for name in rows if name.startswith("`fmnist-ldm`"))]
+    _assert_shown(card[1], [values[0] for values in ldm], "fmnist-ldm card")
