@@ -152,8 +152,10 @@ def select_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Pa
                 device: str = "auto") -> list[PlannedRun]:
     """The ``runs`` whose folder (``qdiff-w4a4-ddim100-tf32``), or its path under ``runs_dir``, matches one of the
     shell ``patterns``: a table's runs split over machines, when the files one part needs (a calibration) do not
-    travel with the others'. Each pattern must match a run, so a misspelt one is an error, not a sitting that makes
-    nothing."""
+    travel with the others'. They come in the patterns' order, so that a deadline leaves the later patterns' runs:
+    a run matched by an earlier pattern first, in the plan's order within one pattern, and a full-precision run
+    before the first selected run of its sampling (whose distances are measured against it). Each pattern must
+    match a run, so a misspelt one is an error, not a sitting that makes nothing."""
     runs, runs_dir = list(runs), Path(runs_dir)
     paths = [_run_dir(model, run, device).relative_to(runs_dir) for run in runs]
 
@@ -163,7 +165,12 @@ def select_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Pa
     unmatched = [p for p in patterns if not any(matches(path, p) for path in paths)]
     if unmatched:
         raise ValueError(f"no planned run matches {', '.join(unmatched)}; the runs are {', '.join(map(str, paths))}")
-    return [run for run, path in zip(runs, paths) if any(matches(path, p) for p in patterns)]
+    rank = {i: next(k for k, p in enumerate(patterns) if matches(path, p))
+            for i, path in enumerate(paths) if any(matches(path, p) for p in patterns)}
+    for i in rank:
+        if runs[i].preset == "fp":
+            rank[i] = min(r for j, r in rank.items() if runs[j].config == runs[i].config)
+    return [runs[i] for i in sorted(rank, key=lambda i: (rank[i], runs[i].preset != "fp", i))]
 
 
 def make_runs(model: nn.Module, runs: Iterable[PlannedRun], runs_dir: str | Path, sitting: Sitting,

@@ -106,8 +106,13 @@ def test_the_command_lists_what_a_sitting_leaves_and_refuses_bad_input(tmp_path:
     only = CliRunner().invoke(table_runs.main, [*command, "--only", "fp-*, spacing-quad/w8a4-modiff-ddim1"])
     assert only.exit_code == 0, only.output
     assert ("0 of 5 runs there or summarized; left for the next sitting: spacing-quad/fp-ddim1, "
-            "spacing-quad/w8a4-modiff-ddim1, spacing-quad/fp-ddim2, spacing-quad/fp-ddpm2, "
-            "spacing-quad/fp-dpm-solver2") in only.output  # a folder name or its path under the runs
+            "spacing-quad/fp-ddim2, spacing-quad/fp-ddpm2, spacing-quad/fp-dpm-solver2, "
+            "spacing-quad/w8a4-modiff-ddim1") in only.output  # a folder name or its path under the runs, in their order
+    first = CliRunner().invoke(table_runs.main, [*command, "--only", "w8a4-modiff-ddim2,*-ddpm2,fp-*"])
+    assert first.exit_code == 0, first.output
+    assert ("left for the next sitting: spacing-quad/fp-ddim2, spacing-quad/w8a4-modiff-ddim2, spacing-quad/fp-ddpm2, "
+            "spacing-quad/w8a4-ddpm2, spacing-quad/w8a4-modiff-ddpm2, spacing-quad/fp-ddim1, "
+            "spacing-quad/fp-dpm-solver2\n") in first.output  # each fp run before the first run it serves
     misspelt = CliRunner().invoke(table_runs.main, [*command, "--only", "fp-*,qdiff-*"])
     assert misspelt.exit_code != 0 and "no planned run matches qdiff-*; the runs are" in str(misspelt.exception)
     bad = CliRunner().invoke(table_runs.main, [*command[:6], "--set", "samples=3"])
