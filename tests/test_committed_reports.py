@@ -56,29 +56,6 @@ def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, 
 
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model_name, report, summaries", [
-    ("fmnist-ddim", "paper", "paper"), ("fmnist-ldm", "paper-fmnist-ldm", "paper-fmnist-ldm"),
-    ("fmnist-ddim", "reproducibility/paper-h100-own-fp", "h100-own-fp/paper")])
-def test_committed_sampler_tables_are_what_the_committed_summaries_give(model_name: str, report: str,
-                                                                       summaries: str) -> None:
-    """The samplers notebook's score and distance tables (Tables 5 and 15-18) at the paper preset, made from the
-    summaries as `modiff reproduce --preset paper --runs data/summaries ...` makes them on a CPU."""
-    from analysis import experiments, intervals
-
-    model = md.load_model(model_name)
-    runs_dir, seeds, presets = ROOT / "data" / "summaries" / summaries, range(10_000), ["w8a4", "w8a4-modiff"]
-    samplers, _ = experiments.samplers_to_run(model, presets, experiments.paper_samplers(100), seeds, runs_dir, "skip",
-                                              "cpu", "tf32")
-    runs = experiments.sampler_runs(model, presets, samplers, seeds, runs_dir, device="cpu", precision="tf32")
-    scores = experiments.sampler_scores(runs, seeds, bootstrap=BootstrapConfig(resamples=300), device="cpu")
-    per_seed, _ = experiments.sampler_per_seed(runs, seeds)
-    distances = intervals.summarize(per_seed, ["sampler", "steps", "preset", "precision"], "rel_l2_pixels")
-    for name, made in (("samplers_fid", scores), ("samplers", distances)):
-        committed = pd.read_csv(ROOT / "reports" / report / "tables" / f"{name}.csv")
-        made = pd.read_csv(io.StringIO(made.to_csv(index=False)))
-        pd.testing.assert_frame_equal(made, committed, check_exact=False, rtol=1e-9)
-
 @pytest.mark.parametrize("kept, first, second", [
     ("paper-h100-sitting51/image_agreement.csv", "paper", "h100/paper"),
     ("paper-fmnist-ldm-h100-sitting52/image_agreement.csv", "h200/paper-fmnist-ldm", "paper-fmnist-ldm"),
