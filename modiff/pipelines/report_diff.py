@@ -8,6 +8,7 @@ estimates fall inside the committed 95% intervals.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,8 @@ __all__ = ["compare_reports", "compare_tables", "compare_verdicts", "interval_co
 CHANGED = 1e-9  # relative: below this a number counts as unchanged (a CSV round trip)
 # Columns that say which run or setting a row is, not what was measured: together they match rows across reports.
 IDENTITY_COLUMNS = ("sampler", "steps", "preset", "baseline", "warmup_steps", "layer", "timestep")
+# A paired verdict cell, as the tables write them ("better: -3.43 [-3.56, -3.29]"): its first word is the verdict.
+VERDICT = re.compile(r"^(better|worse|no difference)(:|$)")
 
 
 def interval_columns(columns: list[str]) -> list[tuple[str, str, str]]:
@@ -68,7 +71,8 @@ def compare_tables(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict[s
     committed, regenerated = committed[common], regenerated[common]
     result = _compare_common_rows(committed, regenerated) if len(committed) != len(regenerated) else \
         _compare_aligned(committed, regenerated)
-    notes = [result.get("note", "")]
+    flipped = result.pop("flipped", [])
+    notes = [result.get("note", "")] + ([f"verdicts changed: {'; '.join(flipped)}"] if flipped else [])
     notes += [f"columns {side}: {', '.join(names)}" for side, names in changes.items() if names]
     return {**result, "note": "; ".join(n for n in notes if n)}
 
@@ -128,10 +132,35 @@ def _compare_aligned(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict
         inside += int(((new >= lo) & (new <= hi))[known].sum())
         if known.any():
             largest_move = max(largest_move, float(np.abs(new[known] - old[known]).max()))
+    compared, flipped = _compare_verdict_cells(committed, regenerated)
     return {"rows": len(committed), "numeric_cells": numeric_cells, "numeric_changed": changed,
             "largest_relative_change": largest, "in_column": largest_column, "text_cells_changed": text_changed,
             "estimates_with_interval": estimates, "inside_committed_interval": inside,
-            "largest_estimate_move": largest_move, "note": ""}
+            "largest_estimate_move": largest_move, "verdicts_compared": compared, "verdicts_changed": len(flipped),
+            "note": "", "flipped": flipped}
+
+
+def _compare_verdict_cells(committed: pd.DataFrame, regenerated: pd.DataFrame) -> tuple[int, list[str]]:
+    """Paired verdicts (better, worse, no difference) given in both tables, and the ones whose word changed, each
+    named by its row (the columns that name it, `_row_key`) and column: 'w4a8 vs_weights_only: no difference ->
+    better'. A column is a verdict column where every cell given on either side is a verdict."""
+    label_columns = _row_key(committed, regenerated) or [committed.columns[0]]
+    labels = committed[label_columns].astype(str).agg(" ".join, axis=1).tolist()
+    compared, flipped = 0, []
+    for column in committed.columns:
+        if _numeric(committed, column) is not None and _numeric(regenerated, column) is not None:
+            continue
+        cells = [frame[column].fillna("").astype(str).tolist() for frame in (committed, regenerated)]
+        given = [cell for side in cells for cell in side if cell]
+        if not given or not all(VERDICT.match(cell) for cell in given):
+            continue
+        for label, old, new in zip(labels, *cells):
+            if old and new:
+                compared += 1
+                old_word, new_word = (VERDICT.match(cell).group(1) for cell in (old, new))
+                if old_word != new_word:
+                    flipped.append(f"{label} {column}: {old_word} -> {new_word}")
+    return compared, flipped
 
 
 def compare_reports(committed: str | Path, regenerated: str | Path) -> pd.DataFrame:
@@ -177,8 +206,10 @@ def render(table: pd.DataFrame, verdicts: pd.DataFrame, committed: str | Path, r
     doc.heading(1, f"`{regenerated}` against `{committed}`")
     doc.paragraph("The summary's verdicts on the paper's claims, judged by the same rules on either report's tables; "
                   "then per table: numeric cells changed by more than 1e-9 relative, the largest relative change and "
-                  "its column, text cells changed (verdicts, findings), and how many regenerated estimates with a 95% "
-                  "interval lie inside the committed interval, with the largest move of an estimate.")
+                  "its column, text cells changed (verdicts, findings), how many regenerated estimates with a 95% "
+                  "interval lie inside the committed interval, with the largest move of an estimate, and how many "
+                  "paired verdicts (better, worse, no difference) given in both changed their word, named in the "
+                  "note.")
     changed = int(verdicts["changed"].sum()) if len(verdicts) else 0
     absent = int((~verdicts["compared"]).sum()) if len(verdicts) else 0
     doc.table(verdicts, caption=f"The summary's verdicts: {changed} of {len(verdicts) - absent} changed"

@@ -85,6 +85,25 @@ def test_rows_no_column_names_alone_are_matched_by_their_identity_columns() -> N
     twice = pd.concat([regenerated, regenerated.iloc[:1]], ignore_index=True)
     assert "not comparable" in compare_tables(committed, twice)["note"]
 
+
+def test_paired_verdicts_given_in_both_are_counted_and_the_changed_ones_named() -> None:
+    """A verdict compares by its word, not its interval; a verdict one table does not give (a score one report
+    lacks) is not compared; a text column that is not all verdicts (a note) is not read as one."""
+    committed = pd.DataFrame({"preset": ["w4a8", "w4a8-modiff", "w8a4"], "fid": [28.4, 28.4, 5.1],
+                              "vs_anchor": ["no difference: +0.008 [-0.021, +0.036]", "better: -0.1 [-0.2, -0.05]", ""],
+                              "vs_kid": [None, None, None], "note": ["better: a note", "", "worse, see the log"]})
+    regenerated = committed.assign(vs_anchor=["better: -0.112 [-0.138, -0.084]", "better: -0.117 [-0.138, -0.102]",
+                                              "worse: +3.7 [+3.6, +3.9]"],
+                                   vs_kid=["worse: +0.01 [+0.005, +0.02]", None, None],
+                                   note=["better: a note", "", "a note, not a verdict"])
+    got = compare_tables(committed, regenerated)
+    assert (got["verdicts_compared"], got["verdicts_changed"]) == (2, 1)
+    assert got["note"] == "verdicts changed: w4a8 vs_anchor: no difference -> better"
+    fewer = compare_tables(committed, regenerated.iloc[[1, 0]])  # matched by preset: the flip keeps its row's name
+    assert fewer["verdicts_changed"] == 1 and fewer["note"].endswith("verdicts changed: w4a8 vs_anchor: "
+                                                                     "no difference -> better")
+    assert compare_tables(committed, committed.copy())["verdicts_compared"] == 2
+
 def _report(folder: Path, tables: dict[str, pd.DataFrame]) -> Path:
     (folder / "tables").mkdir(parents=True)
     for name, table in tables.items():
