@@ -145,7 +145,7 @@ def _compare_verdict_cells(committed: pd.DataFrame, regenerated: pd.DataFrame) -
     named by its row (the columns that name it, `_row_key`) and column: 'w4a8 vs_weights_only: no difference ->
     better'. A column is a verdict column where every cell given on either side is a verdict."""
     label_columns = _row_key(committed, regenerated) or [committed.columns[0]]
-    labels = committed[label_columns].astype(str).agg(" ".join, axis=1).tolist()
+    labels = [" ".join(map(str, row)) for row in committed[label_columns].itertuples(index=False)]
     compared, flipped = 0, []
     for column in committed.columns:
         if _numeric(committed, column) is not None and _numeric(regenerated, column) is not None:

@@ -103,6 +103,10 @@ def test_paired_verdicts_given_in_both_are_counted_and_the_changed_ones_named() 
     assert fewer["verdicts_changed"] == 1 and fewer["note"].endswith("verdicts changed: w4a8 vs_anchor: "
                                                                      "no difference -> better")
     assert compare_tables(committed, committed.copy())["verdicts_compared"] == 2
+    empty = committed.iloc[:0]  # a table with its columns and no rows (a finding with nothing to list)
+    assert (compare_tables(empty, empty.copy())["verdicts_compared"], compare_tables(empty, empty.copy())["rows"]) == (0, 0)
+    assert compare_tables(empty, committed)["note"].startswith("the 0 rows of both compared (by preset); only in the "
+                                                               "regenerated: w4a8, w4a8-modiff, w8a4")
 
 def _report(folder: Path, tables: dict[str, pd.DataFrame]) -> Path:
     (folder / "tables").mkdir(parents=True)
