@@ -126,8 +126,37 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
         if not needs_calibration(presets[name]):
             raise ValueError(f"preset {name!r} needs no calibration data; ship static presets (qdiff-w4a4, "
                              f"qdiff-w4a4-modiff): the dynamic AdaRound presets (w4a4-adaround-modiff) use their weights")
-    (root / "manifest.json").unlink(missing_ok=True)  # the folder changes: no stale checksums meanwhile
+    _check_same_as_shipped(root, calibration)
+    manifest = root / "manifest.json"
+    shipped = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    earlier = shipped.get("commands", [shipped["command"]] if "command" in shipped else [])  # older manifests: one "command"
+    manifest.unlink(missing_ok=True)  # the folder changes: no stale checksums meanwhile
     for name in preset_names:
         quantized_model(model, name, root, calibration, device)
     settings = {"data": asdict(calibration.data), "recipe": calibration.recipe.to_dict()}
-    return write_shipped_manifest(root, getattr(model, "name", str(model.folder)), settings, command)
+    return write_shipped_manifest(root, getattr(model, "name", str(model.folder)), settings, [*earlier, command])
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"spacing": "quad"}}`` -> ``{"data.spacing": "quad"}``, values JSON-normalised."""
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(tree)).items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _check_same_as_shipped(root: Path, calibration: Calibration) -> None:
+    """One shipped calibration, one set of settings: its manifest states them once for every preset, so a
+    preset calibrated otherwise (another spacing, other iterations) is refused before any work, naming the
+    differences. Presets saved by an interrupted run (whose manifest is not written yet) count as well."""
+    wanted = _flat(calibration.to_dict())
+    for saved in sorted((root / "quantized").glob("*/manifest.json")):
+        if saved.parent.name == "weights":
+            continue
+        theirs = _flat({k: v for k, v in read_manifest(saved.parent)["metadata"]["settings"].items() if k != "preset"})
+        differences = [f"{key}: {theirs.get(key)!r} there, {wanted.get(key)!r} here"
+                       for key in sorted(set(theirs) | set(wanted)) if theirs.get(key) != wanted.get(key)]
+        if differences:
+            raise ValueError(f"{root} holds {saved.parent.name} calibrated with other settings ({'; '.join(differences)}); "
+                             f"calibrate with the same settings (its manifest's commands say how it was made) or "
+                             f"delete {root} to recalibrate every preset")

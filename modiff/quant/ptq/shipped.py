@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -155,9 +155,10 @@ def _summary(root: Path, weights: list[str], presets: dict[str, str]) -> dict[st
     return summary
 
 
-def write_shipped_manifest(root: Path, model_name: str, settings: dict[str, Any], command: str) -> Path:
+def write_shipped_manifest(root: Path, model_name: str, settings: dict[str, Any], commands: Sequence[str]) -> Path:
     """Write ``root/summary.json`` and then ``root/manifest.json`` (checksums of every file but the
-    calibration data) for the saved models under ``root/quantized``."""
+    calibration data) for the saved models under ``root/quantized``; ``commands``: every command that
+    calibrated into it, in order (presets may be added later with the same settings)."""
     quantized = root / "quantized"
     weights = sorted(p.parent.relative_to(root).as_posix() for p in quantized.glob("weights/*/manifest.json"))
     presets = {p.parent.name: p.parent.relative_to(root).as_posix() for p in sorted(quantized.glob("*/manifest.json"))
@@ -168,7 +169,7 @@ def write_shipped_manifest(root: Path, model_name: str, settings: dict[str, Any]
             "activations": settings["recipe"]["activations"]["iters"]}
     manifest = {"kind": KIND, "model": model_name, "presets": presets, "weights": weights,
                 "iterations": {"used": used, "published": PUBLISHED_ITERS}, "settings": settings,
-                "command": command, "environment": environment(),
+                "commands": list(commands), "environment": environment(),
                 "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                           for p in files}}
     write_json(manifest, root / "manifest.json")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from modiff.quant.ptq.shipped import CALIBRATION_DIR, shipped_iterations, shippe
 from modiff.pipelines.train import DDIMTrainConfig, export_weights
 
 from conftest import TINY, tiny_net
+
+ROOT = Path(__file__).resolve().parents[3]
 
 FAST = Calibration(
     CalibDataConfig(steps=4, calib_steps=2, samples_per_step=4, batch_size=4),
@@ -206,12 +210,28 @@ def test_cli_calibrate_shipped_writes_the_model_folder(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "AdaRound lowered the reconstruction loss of" in result.output
     manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
-    assert manifest["command"].startswith(f"modiff calibrate-shipped --model {folder} --preset qdiff-w4a4 --steps 4")
+    (command,) = manifest["commands"]
+    assert command.startswith(f"modiff calibrate-shipped --model {folder} --preset qdiff-w4a4 --steps 4")
     assert manifest["iterations"]["used"] == {"adaround": 2, "activations": 2}
     assert list(manifest["presets"]) == ["qdiff-w4a4"]
     data = manifest["settings"]["data"]  # calibration seeds held out from evaluation seeds, on the asked spacing
     assert (data["first_seed"], data["spacing"]) == (7, "quad")
-    assert "--first-seed 7 --spacing quad" in manifest["command"]
+    assert "--first-seed 7 --spacing quad" in command
+
+    # A preset added later must be calibrated as the shipped ones were: one manifest states one set of settings.
+    other = [a if a not in ("qdiff-w4a4", "quad") else {"qdiff-w4a4": "qdiff-w4a4-modiff", "quad": "uniform"}[a]
+             for a in args]
+    refused = CliRunner().invoke(main, other)
+    assert refused.exit_code != 0
+    assert "holds qdiff-w4a4 calibrated with other settings (data.spacing: 'quad' there, 'uniform' here)" in refused.output
+    assert json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text()) == manifest  # nothing touched
+    old_style = {("command" if k == "commands" else k): (command if k == "commands" else v) for k, v in manifest.items()}
+    (folder / CALIBRATION_DIR / "manifest.json").write_text(json.dumps(old_style))  # as shipped before "commands"
+    added = CliRunner().invoke(main, [a if a != "qdiff-w4a4" else "qdiff-w4a4-modiff" for a in args])
+    assert added.exit_code == 0, added.output
+    manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
+    assert sorted(manifest["presets"]) == ["qdiff-w4a4", "qdiff-w4a4-modiff"] and len(manifest["weights"]) == 1
+    assert manifest["commands"] == [command, command.replace("qdiff-w4a4", "qdiff-w4a4-modiff")]
 
 
 def test_a_calibration_with_another_split_set_is_refused(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,3 +310,40 @@ def test_real_w4a8_takes_adaround_codes_of_its_weight_quantization(tmp_path: Pat
             out, ref = layer(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x), \
                 sim_layers[name](x.double())
         assert float((out.double() - ref).norm() / ref.norm()) < 1e-5, name
+
+
+def _make_commands(target: str) -> list[list[str]]:
+    """The ``modiff ...`` commands of a Makefile target, its variables' defaults expanded (``?=`` lines)."""
+    text = (ROOT / "Makefile").read_text()
+    variables = dict(re.findall(r"^(\w+) \?= (.*)$", text, re.M))
+    body = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, re.M).group(1)
+    commands = []
+    for line in re.findall(r"\$\(BIN\)/modiff ([^>&;]*)", body):
+        commands.append(shlex.split(re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], line)))
+    return commands
+
+
+@pytest.mark.parametrize("name", ["fmnist-ddim", "fmnist-ldm"])
+def test_make_and_the_readme_remake_the_shipped_calibrations(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make shipped-calibration` and the README's commands calibrate with the settings and presets the shipped
+    manifest states (a default that drifted, say the timestep spacing, would calibrate something else)."""
+    import modiff.quant.ptq.reuse as reuse
+
+    manifest = json.loads((ROOT / "data" / name / CALIBRATION_DIR / "manifest.json").read_text())
+    asked: list[tuple[list[str], dict]] = []
+
+    def record(model: torch.nn.Module, preset_names: list[str], calibration: Calibration, device: str, command: str) -> Path:
+        asked.append((list(preset_names), calibration.to_dict()))
+        return ROOT / "data" / name / CALIBRATION_DIR
+
+    monkeypatch.setattr(reuse, "calibrate_shipped", record)
+    readme = [shlex.split(line)[1:] for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith(f"modiff calibrate-shipped --model {name} ")]
+    made = [args for args in _make_commands("shipped-calibration") if args[args.index("--model") + 1] == name]
+    assert len(readme) == len(made) == 1
+    for args in (*readme, *made):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    for preset_names, settings in asked:
+        assert sorted(preset_names) == sorted(manifest["presets"])
+        assert json.loads(json.dumps(settings)) == manifest["settings"]
