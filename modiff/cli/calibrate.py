@@ -204,8 +204,8 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
 
     \b
     Examples:
-      modiff calibrate-shipped --model fmnist-ddim --set adaround.iters=5000 --set activations.iters=1000
-      modiff calibrate-shipped --model fmnist-ldm --preset qdiff-w4a4 --preset qdiff-w4a8
+      modiff calibrate-shipped --model fmnist-ddim --spacing quad --set adaround.iters=5000 --set activations.iters=1000
+      modiff calibrate-shipped --model fmnist-ldm --preset qdiff-w4a8 --set adaround.iters=5000 --set activations.iters=1000
       modiff calibrate-shipped --model data/train/mine --samples-per-step 32 --set adaround.iters=200 --device cpu
     """
     import shlex

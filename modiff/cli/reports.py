@@ -42,7 +42,7 @@ def reproduce(preset: str, model: str, reports: Path, runs: Path, notebooks: tup
       modiff reproduce --notebook model_card --reports /tmp/reports --set num_samples=8
       modiff reproduce --preset paper --index-only
       modiff reproduce --preset paper --set devices=cuda:0,cuda:1    # runs made by two torch.distributed ranks
-      modiff reproduce --preset paper --runs summaries               # from `modiff summarize` folders, no GPU
+      modiff reproduce --preset paper --runs data/summaries --set precision=tf32 --set calibrate=false  # the committed summaries, no GPU
 
     Each notebook's start and end (its time, its runs made and reused, the time so far) are printed on
     stderr as it goes.

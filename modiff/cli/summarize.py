@@ -52,7 +52,7 @@ def summarize_command(runs: tuple[Path, ...], out: Path, fp_run: Optional[Path],
     \b
     Examples:
       modiff summarize data/runs/paper --out summaries/paper --jobs 8
-      modiff reproduce --preset paper --runs summaries
+      modiff reproduce --preset paper --runs summaries --set precision=bf16   # the precision the runs were sampled at
       modiff summarize data/runs/w4a4-modiff --fp-run data/runs/fp --out summaries
       modiff summarize summaries/paper/spacing-quad/fp-ddim100-tf32 --out summaries/paper/spacing-quad
     """

@@ -32,7 +32,7 @@ def train_ddim_command(out: Path, iterations: int, batch_size: int, data_dir: Op
 
     \b
     Examples:
-      modiff train ddim --out data/train/fmnist-ddim --iterations 30000
+      modiff train ddim --out data/train/fmnist-ddim --iterations 25000   # how the shipped weights were made
       modiff train ddim --out /tmp/smoke --iterations 50 --batch-size 8 --device cpu --no-compile
     """
     from modiff.pipelines.generate import generate
