@@ -115,7 +115,7 @@ def _compare_aligned(committed: pd.DataFrame, regenerated: pd.DataFrame) -> dict
             continue
         both = np.isfinite(old) & np.isfinite(new)
         relative = np.abs(old[both] - new[both]) / np.maximum(np.abs(old[both]), 1e-12)
-        numeric_cells += int(both.sum())
+        numeric_cells += int((np.isfinite(old) | np.isfinite(new)).sum())  # a number in one table only counts as changed
         changed += int((relative > CHANGED).sum()) + int((np.isfinite(old) != np.isfinite(new)).sum())
         if relative.size and relative.max() > largest:
             largest, largest_column = float(relative.max()), column
@@ -205,7 +205,8 @@ def render(table: pd.DataFrame, verdicts: pd.DataFrame, committed: str | Path, r
     doc = Document(f"{regenerated} against {committed}")
     doc.heading(1, f"`{regenerated}` against `{committed}`")
     doc.paragraph("The summary's verdicts on the paper's claims, judged by the same rules on either report's tables; "
-                  "then per table: numeric cells changed by more than 1e-9 relative, the largest relative change and "
+                  "then per table: numeric cells (a number in either table) and those changed by more than 1e-9 relative "
+                  "or present in one table only, the largest relative change and "
                   "its column, text cells changed (verdicts, findings), how many regenerated estimates with a 95% "
                   "interval lie inside the committed interval, with the largest move of an estimate, and how many "
                   "paired verdicts (better, worse, no difference) given in both changed their word, named in the "

@@ -41,6 +41,7 @@ def test_missing_and_infinite_values_are_left_out_without_warnings(recwarn: pyte
     committed = COMMITTED.assign(mean=[float("inf"), float("nan"), 4.0])
     got = compare_tables(committed, committed.assign(mean=[float("inf"), 2.0, 4.0]))
     assert (got["estimates_with_interval"], got["numeric_changed"]) == (1, 1) and not recwarn.list
+    assert got["numeric_cells"] == 11  # the mean that appeared is a cell, so changed cells never exceed cells
 
 
 def test_an_identical_table_did_not_move_and_other_shapes_are_compared_on_what_they_share() -> None:
