@@ -247,6 +247,32 @@ def _progress_line(done: int, total: int, result: NotebookResult, started: float
             f"{time.time() - started:.0f} s so far")
 
 
+PRECISION_NOTEBOOKS = ("table1_bitwidth", "samplers", "published_audit")  # read runs at the `precision` parameter
+
+
+def other_precision_note(runs_folder: str | Path, precision: str) -> Optional[str]:
+    """A warning when ``runs_folder`` holds sample runs or summaries (``<spacing>/<run>/`` or ``<run>/``) only at
+    other precisions than ``precision`` (resolved: fp32, tf32 or bf16): the precision is part of a run's
+    identity, so the tables would sample their runs anew (on a CPU, hours at paper sizes) instead of reading
+    those. None otherwise."""
+    folder = Path(runs_folder)
+    found: dict[str, list[str]] = {}
+    for path in sorted([*folder.glob("*/manifest.json"), *folder.glob("*/*/manifest.json")]):
+        try:
+            identity = json.loads(path.read_text()).get("identity")
+        except (json.JSONDecodeError, AttributeError):  # a manifest being written, or not a run's
+            continue
+        if isinstance(identity, dict) and "sample" in identity:  # not a calibration's or a report's manifest
+            held = identity["sample"].get("precision", "fp32")  # runs older than the field were fp32
+            found.setdefault(held, []).append(path.parent.relative_to(folder).as_posix())
+    if not found or precision in found:
+        return None
+    held = "; ".join(f"{len(names)} at {p} (e.g. {names[0]})" for p, names in sorted(found.items()))
+    return (f"note: {runs_folder} holds runs sampled at other precisions ({held}) and none at {precision}, this "
+            f"job's; the tables will sample theirs anew. To render from those, pass --set precision=P (for the "
+            f"committed summaries, --set precision=tf32 --set calibrate=false).")
+
+
 def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: str | Path = "reports",
               runs_dir: str | Path = "data/runs", notebooks: Sequence[str] | None = None,
               overrides: dict[str, Any] | None = None,
@@ -275,6 +301,17 @@ def reproduce(preset: str = "quick", model: str = DEFAULT_MODEL, reports_dir: st
     parameters = {"model": model, "out_dir": str(out_dir), "runs_dir": str(Path(runs_dir).resolve() / name),
                   **{k: v for k, v in asdict(spec).items() if k != "name"}}
     say = progress or log.info
+    if any(n in PRECISION_NOTEBOOKS for n in chosen):
+        from modiff.pipelines.execution import resolve_precision
+        from modiff.utils.device import resolve_device
+
+        try:
+            precision = resolve_precision(spec.precision, resolve_device(spec.device))
+        except (ValueError, RuntimeError):  # a device this machine lacks: the notebooks report it themselves
+            precision = None
+        note = precision and other_precision_note(parameters["runs_dir"], precision)
+        if note:
+            say(note)
     results: list[NotebookResult] = []
     started = time.time()
     for i, notebook in enumerate(chosen, 1):
