@@ -12,6 +12,7 @@ parameter-free attention matmuls that `quantize_attention` wraps).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -100,9 +101,13 @@ def attention_cores(model: nn.Module) -> list[str]:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is, on that module's device (or its parent's, for a module without
+    tensors): new quantizers make their grid buffers on the CPU, and a model on the GPU needs them there."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    tensors = itertools.chain(model.get_submodule(name).parameters(), parent.parameters(), parent.buffers())
+    first = next(tensors, None)
+    setattr(parent, child, new if first is None else new.to(first.device))
 
 
 def quantize(model: nn.Module, config: QuantConfig, *, weights: Optional[str | Path] = None) -> nn.Module:

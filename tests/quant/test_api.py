@@ -28,6 +28,17 @@ def test_quantize_returns_copy_and_leaves_fp_untouched(tiny_denoiser: md.Denoise
     assert sum(isinstance(m, QuantLayer) for m in qmodel.modules()) == len(select_layers(tiny_denoiser, presets["w4a4"]))
 
 
+@pytest.mark.parametrize("config", [presets["qdiff-w4a4"], presets["w8a4-modiff"], presets["w8a8-int8-modiff-real"],
+                                    dataclasses.replace(presets["w8a8"], quantize_attention=True)],
+                         ids=["qdiff-w4a4", "w8a4-modiff", "w8a8-int8-modiff-real", "w8a8-attention"])
+def test_quantized_layers_land_on_the_models_device(tiny_denoiser: md.Denoiser, config: QuantConfig) -> None:
+    """A model already on an accelerator (calibration quantizes one there) gets its quantizers' grid buffers,
+    made on the CPU, beside its weights ("meta" stands in for the GPU here); attention cores included."""
+    qmodel = quantize(tiny_denoiser.to("meta"), config)
+    assert any(isinstance(m, QuantAttentionCore) for m in qmodel.modules()) == config.quantize_attention
+    assert {t.device.type for t in [*qmodel.parameters(), *qmodel.buffers()]} == {"meta"}
+
+
 def test_cifar10_unet_has_113_quantizable_layers() -> None:
     """Every Conv2d/Linear of the CIFAR-10 UNet is selected, as in the published MoDiff code."""
     with torch.device("meta"):
