@@ -39,7 +39,7 @@ from modiff.quant.ptq.shipped import PUBLISHED_ITERS, has_shipped, shipped_itera
 from modiff.utils.device import resolve_device
 
 __all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
-           "adaround_presets", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe",
+           "adaround_presets", "qdiff_anchors", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe",
            "scored_table", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
@@ -92,6 +92,12 @@ def adaround_presets(presets: Sequence[str]) -> list[str]:
     return out
 
 
+def qdiff_anchors(qdiff_presets: Sequence[str]) -> list[str]:
+    """The weights-only anchors of the Q-Diffusion presets (``wXa32-adaround``: their AdaRound weights alone), one
+    per weight bit width, in the presets' order."""
+    return list(dict.fromkeys(f"w{md.presets[p].weight.spec.bits}a32-adaround" for p in qdiff_presets))
+
+
 def lsun_presets(published_presets: Sequence[str]) -> list[str]:
     """The LSUN-command counterparts (``published-lsun-wXaY[-modiff]``) of the published presets: a latent model's
     table gives both numerics, the CIFAR-10 commands' and the LSUN commands' (`modiff.quant.presets`)."""
@@ -116,7 +122,8 @@ def adaround_status(model: nn.Module, calibrate: bool) -> tuple[bool, str]:
 def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Sequence[str],
                 qdiff_presets: Sequence[str], adaround: bool, calibrate: bool) -> tuple[list[str], str]:
     """The table's presets in order (anchors, per-sample, AdaRound W4 when asked for and available,
-    published after their weights-only anchors, Q-Diffusion when calibrating) and a Markdown note of what
+    published after their weights-only anchors, Q-Diffusion after theirs: those calibrated, or all when calibrating)
+    and a Markdown note of what
     is in and what is left out."""
     rows = [*ANCHORS, *presets]
     notes = [f"Rows: the anchors {', '.join(ANCHORS)}, {len(presets)} per-sample presets, "
@@ -135,10 +142,10 @@ def row_presets(model: nn.Module, presets: Sequence[str], published_presets: Seq
                      f"commands' numerics (published-lsun-*: asymmetric, one scale per 8 samples, no split; their "
                      f"weights-only anchors are {', '.join(ANCHORS[1:])}).")
     if calibrate:
-        rows += list(qdiff_presets)
+        rows += [*qdiff_anchors(qdiff_presets), *qdiff_presets]
     else:
         shipped = [p for p in qdiff_presets if has_shipped(model, p)]
-        rows += shipped
+        rows += [*qdiff_anchors(shipped), *shipped]
         notes.append(f"Q-Diffusion rows from the model's shipped calibration: {', '.join(shipped) or 'none'}; the "
                      f"other {len(qdiff_presets) - len(shipped)} need calibration (parameter `calibrate = True`, GPU work).")
     return list(dict.fromkeys(rows)), " ".join(notes)

@@ -179,7 +179,8 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
 @click.command("calibrate-shipped")
 @click.option("--model", default="fmnist-ddim", show_default=True, help="Preset name or exported model folder.")
 @click.option("--preset", "quant_presets", multiple=True, default=("qdiff-w4a4", "qdiff-w4a4-modiff"), show_default=True,
-              help="Static preset to calibrate (repeatable); its AdaRound weights also serve the wXaY-adaround presets.")
+              help="Static preset to calibrate (repeatable), or a shell pattern of them ('qdiff-*': all 20); its "
+                   "AdaRound weights also serve the wXaY-adaround presets.")
 @click.option("--steps", type=int, default=100, show_default=True, help="DDIM steps of the calibration trajectories.")
 @click.option("--calib-steps", type=int, default=20, show_default=True, help="Steps kept, spread over the trajectory.")
 @click.option("--samples-per-step", type=int, default=256, show_default=True,
@@ -204,7 +205,7 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
 
     \b
     Examples:
-      modiff calibrate-shipped --model fmnist-ddim --spacing quad --set adaround.iters=5000 --set activations.iters=1000
+      modiff calibrate-shipped --model fmnist-ddim --preset 'qdiff-*' --spacing quad --set adaround.iters=5000 --set activations.iters=1000
       modiff calibrate-shipped --model fmnist-ldm --preset qdiff-w4a8 --set adaround.iters=5000 --set activations.iters=1000
       modiff calibrate-shipped --model data/train/mine --samples-per-step 32 --set adaround.iters=200 --device cpu
     """
@@ -216,6 +217,7 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
     from modiff.quant.ptq.data import CalibDataConfig
     from modiff.quant.ptq.calibrate import CalibrationConfig
     from modiff.quant.ptq.reuse import Calibration, calibrate_shipped
+    from modiff.quant.presets import expand_static
 
     try:
         net = load_model(model)
@@ -227,6 +229,7 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
                               "--calib-steps", str(calib_steps), "--samples-per-step", str(samples_per_step),
                               "--first-seed", str(first_seed), *(("--spacing", spacing) if spacing else ()),
                               *(a for o in overrides for a in ("--set", o))])
+        quant_presets = tuple(expand_static(quant_presets))
         root = calibrate_shipped(net, quant_presets, calibration, resolve_device(device), command)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err

@@ -28,7 +28,9 @@
   Conv/Linear), direct or modulated. Static scales need calibration data: `modiff calibrate-data`, then
   `modiff calibrate --preset qdiff-w4a4 ...`, then `modiff sample --quantized RUN`. The start of the
   scales: MSE search for direct (Q-Diffusion), min-max of the residuals for modulated (the MoDiff README).
-- ``w4aY-adaround`` / ``w4aY-adaround-modiff`` (and ``w4a32-adaround``, weights only): the dynamic
+- ``wXa32-adaround``: the weights of ``qdiff-wXaY`` alone (AdaRound, split shortcut on), the Q-Diffusion
+  rows' weights-only anchors.
+- ``w4aY-adaround`` / ``w4aY-adaround-modiff`` (``w4a32-adaround`` their weights alone): the dynamic
   presets with Q-Diffusion's AdaRound weights, as the paper's W4 rows: the weight quantization of
   ``qdiff-w4aY`` (split shortcut on), whose AdaRound codes `modiff.quantize` loads from the model's
   shipped calibration (`modiff.quant.ptq.shipped`; `modiff calibrate-shipped` makes one), and per-sample
@@ -44,15 +46,16 @@
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import replace
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from modiff.quant.config import ActQuant, Observer, QuantConfig, WeightCodes, WeightQuant
 from modiff.quant.primitives import QuantSpec
 
 __all__ = ["presets", "preset_table", "UnknownPresetError", "WEIGHT_BITS", "ACT_BITS", "ADAROUND_WEIGHT_BITS",
-           "PUBLISHED_BATCH", "PUBLISHED_LSUN_BATCH", "needs_calibration"]
+           "PUBLISHED_BATCH", "PUBLISHED_LSUN_BATCH", "needs_calibration", "expand_static"]
 
 WEIGHT_BITS = (8, 4)
 ADAROUND_WEIGHT_BITS = (4,)
@@ -110,9 +113,11 @@ def _build() -> dict[str, QuantConfig]:
             static = dict(weight=_weights(w), split_shortcut=True)
             table[f"qdiff-w{w}a{a}"] = QuantConfig(**static, activation=_static_acts(a, "mse"), mode="direct")
             table[f"qdiff-w{w}a{a}-modiff"] = QuantConfig(**static, activation=_static_acts(a, "minmax"), mode="modulated")
+    for w in WEIGHT_BITS:  # the Q-Diffusion rows' weights alone: their weights-only anchors
+        table[f"w{w}a32-adaround"] = QuantConfig(weight=_weights(w, "adaround"), split_shortcut=True, activation=None,
+                                                 mode="direct")
     for w in ADAROUND_WEIGHT_BITS:
         adaround = dict(weight=_weights(w, "adaround"), split_shortcut=True)  # qdiff-w{w}a*'s weights
-        table[f"w{w}a32-adaround"] = QuantConfig(**adaround, activation=None, mode="direct")
         for a in ACT_BITS:
             table[f"w{w}a{a}-adaround"] = QuantConfig(**adaround, activation=_acts(a), mode="direct")
             table[f"w{w}a{a}-adaround-modiff"] = QuantConfig(**adaround, activation=_acts(a), mode="modulated")
@@ -170,6 +175,22 @@ presets: Mapping[str, QuantConfig] = _Presets(_build())
 def needs_calibration(config: QuantConfig) -> bool:
     """Whether ``config`` has static activation quantizers, which need calibration data before use."""
     return config.activation is not None and not config.activation.dynamic
+
+
+def expand_static(names: Iterable[str]) -> list[str]:
+    """``names`` with each shell pattern (``qdiff-*``, ``qdiff-w8a?``) replaced by the presets needing calibration
+    that it matches, in table order; plain names are kept as given. A pattern matching none raises ValueError."""
+    static = [name for name, config in presets.items() if needs_calibration(config)]
+    out: list[str] = []
+    for name in names:
+        if not any(c in name for c in "*?["):
+            out.append(name)
+            continue
+        matched = fnmatch.filter(static, name)
+        if not matched:
+            raise ValueError(f"{name!r} matches no preset that needs calibration; those are: {', '.join(static)}")
+        out += matched
+    return list(dict.fromkeys(out))
 
 
 def calibration_hint(name: str) -> str:

@@ -37,6 +37,10 @@ def test_row_presets_put_the_anchors_first_and_say_what_is_left_out(tiny_denoise
     rows, note = table1.row_presets(tiny_denoiser, ["w4a4"], [], ["qdiff-w4a4"], adaround=True, calibrate=True)
     available, _ = table1.adaround_status(tiny_denoiser, True)
     assert ("w4a32-adaround" in rows) == available and rows[-1] == "qdiff-w4a4"
+    rows, _ = table1.row_presets(tiny_denoiser, ["w4a4"], [], ["qdiff-w8a4", "qdiff-w4a4", "qdiff-w8a8-modiff"],
+                                 adaround=False, calibrate=True)
+    assert rows[-5:] == ["w8a32-adaround", "w4a32-adaround", "qdiff-w8a4", "qdiff-w4a4", "qdiff-w8a8-modiff"]
+    assert table1.qdiff_anchors([]) == []
     if not available:  # this modiff lacks the AdaRound presets: the notebook says so instead of failing
         assert "left out" in note
 
@@ -153,12 +157,14 @@ def test_each_row_is_compared_with_the_weights_only_anchor_of_the_same_weights()
     rows (split shortcut, which gives the second half of a concatenation's weights their own scales) have
     their own anchor, the AdaRound and Q-Diffusion rows theirs; a weights-only preset has none."""
     presets = ["fp", "w8a32", "w4a32", "w4a32-adaround", *table1.PUBLISHED_ANCHORS, "w4a4", "w4a4-modiff",
-               "w4a4-adaround-modiff", "published-w4a4-modiff", "published-w8a4", "qdiff-w4a4"]
+               "w4a4-adaround-modiff", "published-w4a4-modiff", "published-w8a4", "qdiff-w4a4", "w8a32-adaround",
+               "qdiff-w8a4-modiff"]
     anchors = {p: pair["weights_only"] for p, pair in table1._counterparts(presets).items()}
     assert anchors == {"fp": None, "w8a32": None, "w4a32": None, "w4a32-adaround": None, "published-w8a32": None,
                        "published-w4a32": None, "w4a4": "w4a32", "w4a4-modiff": "w4a32",
                        "w4a4-adaround-modiff": "w4a32-adaround", "published-w4a4-modiff": "published-w4a32",
-                       "published-w8a4": "published-w8a32", "qdiff-w4a4": "w4a32-adaround"}
+                       "published-w8a4": "published-w8a32", "qdiff-w4a4": "w4a32-adaround", "w8a32-adaround": None,
+                       "qdiff-w8a4-modiff": "w8a32-adaround"}
     assert table1.describe("published-w4a32") == {"numerics": "published", "method": "full-precision activations",
                                                   "weights": "RTN", "w_bits": 4, "a_bits": 32}
     assert table1.describe("w4a32-adaround")["numerics"] == "-"

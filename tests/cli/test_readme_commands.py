@@ -15,6 +15,7 @@ from modiff.cli import main
 from modiff.cli.calibrate import apply_overrides
 from modiff.pipelines.reproduce import parse_override
 from modiff.quant import presets
+from modiff.quant.presets import expand_static
 from modiff.quant.ptq.calibrate import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +89,8 @@ def problems(line: str) -> list[str]:
             continue
         try:
             if name == "--preset" and command.name in QUANT_PRESET_COMMANDS:
-                for preset in _preset_names(value):
+                patterned = command.name == "calibrate-shipped" and any(c in value for c in "*?")
+                for preset in expand_static([value]) if patterned else _preset_names(value):
                     presets[preset]
             elif name == "--set" and command.name == "reproduce":
                 parse_override(value)

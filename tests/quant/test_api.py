@@ -56,6 +56,20 @@ def test_layer_selection_by_pattern(tiny_denoiser: md.Denoiser) -> None:
         quantize(tiny_denoiser, QuantConfig(include=("nothing.*",)))
 
 
+def test_static_presets_by_shell_pattern() -> None:
+    """`modiff calibrate-shipped --preset 'qdiff-*'`: patterns expand to the presets needing calibration (table
+    order, duplicates once), plain names pass as given (the caller refuses a dynamic one), an empty match raises."""
+    from modiff.quant.presets import expand_static
+
+    everything = expand_static(["qdiff-*"])
+    assert len(everything) == 20 and everything[:2] == ["qdiff-w8a8", "qdiff-w8a8-modiff"]
+    assert expand_static(["qdiff-w4a?", "qdiff-w4a4", "w8a4"]) == [f"qdiff-w4a{a}" for a in (8, 6, 4, 3, 2)] + ["w8a4"]
+    with pytest.raises(ValueError, match="matches no preset that needs calibration; those are: qdiff-w8a8"):
+        expand_static(["w8a*"])
+    result = CliRunner().invoke(main, ["calibrate-shipped", "--preset", "qdiff-w9*"])
+    assert result.exit_code != 0 and "'qdiff-w9*' matches no preset" in result.output
+
+
 def test_presets_and_unknown_name() -> None:
     for w in (8, 4):
         for a in (8, 6, 4, 3, 2):
