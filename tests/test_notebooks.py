@@ -144,9 +144,10 @@ def test_bitwidth_table_with_qdiffusion_rows(tmp_path: Path) -> None:
         return pd.read_csv(out / "tables" / "table1_bitwidth.csv")
 
     table = table1()
-    assert table.preset.tolist() == ["fp", "w8a32", "w4a32", "w8a4", "qdiff-w8a4", "qdiff-w8a4-modiff"]
+    assert table.preset.tolist() == ["fp", "w8a32", "w4a32", "w8a4", "w8a32-adaround", "qdiff-w8a4", "qdiff-w8a4-modiff"]
     assert table.rel_l2_pixels.notna().all() and (table.gbops_per_step > 0).all()
     assert (table.spacing == "quad").all() and table.set_index("preset").loc["qdiff-w8a4", "weights"] == "AdaRound"
+    assert table.set_index("preset").vs_weights_only[["qdiff-w8a4", "qdiff-w8a4-modiff"]].notna().all()  # by w8a32-adaround
     quad = runs / "spacing-quad"  # the paper's timesteps: runs and calibrations of their own
     assert (quad / "quantized" / "qdiff-w8a4-modiff" / "manifest.json").is_file()
     # Runs made on a GPU render anywhere: without the calibrated models, finished runs are reused as they are.

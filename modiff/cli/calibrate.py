@@ -174,6 +174,13 @@ def calibrate_command(model: str, data_dir: Path, quant_preset: str, modulated: 
         summary = report["adaround_vs_nearest"]
         click.echo(f"AdaRound lowered the reconstruction loss of {summary['units_lowered']} of {summary['units']} units "
                    f"against round-to-nearest on the same grids (median loss ratio {summary['median_loss_ratio']:.3f})")
+    if report.get("learned_vs_start"):
+        click.echo(_learned_line(report["learned_vs_start"]))
+
+
+def _learned_line(summary: dict[str, Any]) -> str:
+    return (f"the learned step sizes lowered the loss of {summary['units_lowered']} of {summary['units']} units against "
+            f"their observer start (median loss ratio {summary['median_loss_ratio']:.3f})")
 
 
 @click.command("calibrate-shipped")
@@ -237,6 +244,9 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
     for folder, adaround in summary["adaround"].items():
         click.echo(f"{folder}: AdaRound lowered the reconstruction loss of {adaround.get('units_lowered')} of "
                    f"{adaround.get('units')} units (median loss ratio {adaround.get('median_loss_ratio', float('nan')):.3f})")
+    for preset, activations in summary["activations"].items():
+        if "units_lowered" in activations:
+            click.echo(f"{preset}: {_learned_line(activations)}")
     click.echo(f"shipped calibration of {', '.join(quant_presets)} written to {root}")
 
 

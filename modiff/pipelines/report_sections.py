@@ -56,8 +56,8 @@ SECTIONS: tuple[Section, ...] = (
     Section("table1", "Table 1: bit widths, direct quantization against MoDiff", "table1_bitwidth",
             "FID, fidelity to full precision and GBops for every quantization preset from the same seeds, with "
             "paired-bootstrap verdicts and the paper's numbers beside ours.",
-            tables=("table1_bitwidth",), folded=("table1_fp_gpu_vs_cpu", "table1_paper_values"),
-            findings=("table1_bitwidth",)),
+            tables=("table1_bitwidth",), folded=("table1_fp_gpu_vs_cpu", "table1_paper_values", "table1_step_sizes"),
+            findings=("table1_bitwidth", "table1_step_sizes")),
     Section("samplers", "Tables 5 and 15-18: samplers, step counts and warm-up steps", "samplers",
             "FID of full-precision and quantized samples per sampler (DDIM at 20 steps, half and all the steps, DDPM, "
             "DPM-Solver), their relative L2 to the full-precision samples of the same seeds, and MoDiff with k "

@@ -3,6 +3,7 @@ paper tables and summaries), and making it samples, summarizes, stops at a deadl
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -34,8 +35,8 @@ def test_parameters_are_the_notebooks_cell_with_the_presets_sizes() -> None:
 def test_the_plan_is_what_the_committed_paper_tables_were_made_from(model_name: str, report: str,
                                                                    tmp_path: Path) -> None:
     """Every row of each committed table has its planned run, and the plan's folders are where its summary lies;
-    so with the committed summaries nothing is left to sample (a deadline of 0 starts nothing, so a missing
-    summary shows as left)."""
+    so with the committed summaries nothing is left to sample but the rows the table names as not in it yet (a
+    deadline of 0 starts nothing, so a missing summary shows as left)."""
     model = md.load_model(model_name)
     overrides = {"calibrate": False, "precision": "tf32"}
     planned = {notebook: table_runs.planned_runs(model, notebook, table_runs.notebook_parameters(notebook, "paper",
@@ -43,15 +44,20 @@ def test_the_plan_is_what_the_committed_paper_tables_were_made_from(model_name: 
                                                  tmp_path / report)
                for notebook in table_runs.TABLE_NOTEBOOKS}
     committed = pd.read_csv(ROOT / "reports" / report / "tables" / "table1_bitwidth.csv")
-    assert [run.preset for run in planned["table1_bitwidth"]] == committed.preset.tolist()
+    finding = (ROOT / "reports" / report / "tables" / "table1_bitwidth_finding.md").read_text()
+    named = re.search(r"Not in this table \(no run or summary at this N yet\): (.*)\.$", finding, re.MULTILINE)
+    not_yet = named.group(1).split(", ") if named else []
+    assert [run.preset for run in planned["table1_bitwidth"] if run.preset not in not_yet] == committed.preset.tolist()
     samplers = pd.read_csv(ROOT / "reports" / report / "tables" / "samplers_fid.csv")
     assert {(r.config.sampler, r.config.steps, r.preset) for r in planned["samplers"]} == \
         set(zip(samplers.sampler, samplers.steps, samplers.preset))
     records = table_runs.make_runs(model, [*planned["table1_bitwidth"], *planned["samplers"]], tmp_path / report,
                                    Sitting(range(10_000), device="cpu", deadline=0.0,
                                            summaries=ROOT / "data" / "summaries" / report), say=lambda line: None)
-    assert {r["status"] for r in records} == {"summarized"}
-    assert len(records) == len(committed) + len(samplers) - 3  # the sampler table's DDIM-100 runs are Table 1's
+    assert sorted(r["run"].split("/")[-1].rsplit("-ddim100", 1)[0] for r in records if r["status"] == "left") == \
+        sorted(not_yet)
+    assert sum(r["status"] == "summarized" for r in records) == len(committed) + len(samplers) - 3  # the sampler
+    # table's DDIM-100 runs are Table 1's
 
 
 @pytest.mark.slow

@@ -135,8 +135,19 @@ def rounding_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """How AdaRound's rounding compares with round-to-nearest on the same grids, over the units of
     `reconstruct_weights`: the median ratio of their reconstruction losses, and how many units it lowered.
     (A unit's inputs come from the already AdaRounded units before it, for both roundings.)"""
-    ratios = [r["loss_adaround"] / r["loss_nearest"] for r in records if r["loss_nearest"] > 0]
-    return {"units": len(records), "units_lowered": sum(r["loss_adaround"] < r["loss_nearest"] for r in records),
+    return _loss_summary(records, "loss_nearest", "loss_adaround")
+
+
+def step_size_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the learned step sizes compare with their observer start, over the units that learned them: the median
+    ratio of the losses over all calibration inputs, and how many units it lowered; empty when none learned."""
+    learned = [r for r in records if "loss_start" in r]
+    return _loss_summary(learned, "loss_start", "loss_learned") if learned else {}
+
+
+def _loss_summary(records: list[dict[str, Any]], before: str, after: str) -> dict[str, Any]:
+    ratios = [r[after] / r[before] for r in records if r[before] > 0]
+    return {"units": len(records), "units_lowered": sum(r[after] < r[before] for r in records),
             "median_loss_ratio": float(np.median(ratios)) if ratios else float("nan")}
 
 
@@ -195,6 +206,7 @@ def calibrate(model: nn.Module, config: QuantConfig, data: CalibData,
     phase = time.time()
     if needs_data(config):
         report["activations"] = _calibrate_activations(qmodel, fp_model, data, units, recipe, progress, resume)
+        report["learned_vs_start"] = step_size_summary(report["activations"])
     report["seconds_activations"] = round(time.time() - phase, 2)
     report["seconds"] = round(time.time() - started, 2)
     return qmodel, report

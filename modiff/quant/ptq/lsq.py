@@ -39,10 +39,10 @@ from modiff.quant.ptq.data import CalibData
 from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts
 from modiff.quant.layers.direct import QuantLayer
 from modiff.quant.ptq.reconstruct import (Unit, capture, fit_scales, freeze_scales, learnable_scales, lp_loss,
-                                      static_quantizers)
+                                      mean_loss, static_quantizers)
 from modiff.utils.progress import progress_bar
 
-__all__ = ["ActCalibConfig", "learn_residual_step_sizes", "residual_pairs"]
+__all__ = ["ActCalibConfig", "learn_residual_step_sizes", "residual_pairs", "start_from_observers"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def residual_pairs(layer: QuantLayer, fp_layer: nn.Module, a_t: Tensor, a_before
 
 
 @torch.no_grad()
-def _start_from_observers(layer: QuantLayer, r: Tensor, chunk: int = 256) -> None:
-    """The quantizer's observers see every residual; their qparams become its starting scales."""
+def start_from_observers(layer: QuantLayer, r: Tensor, chunk: int = 256) -> None:
+    """The quantizer's observers see every row of ``r`` (residuals; for a direct layer, its inputs); their qparams
+    become its starting scales."""
     act = layer.act
     assert act is not None
     for obs in act.observers:
@@ -123,7 +124,8 @@ def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: Ca
                               config: ActCalibConfig, capture_batch: int = 256, progress: bool = True,
                               resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
     """Calibrate the residual quantizers of a modulated ``mq_model`` (weights final) unit by unit; with
-    ``resume``, finished units are saved there and put back from there (see `modiff.quant.ptq.progress`)."""
+    ``resume``, finished units are saved there and put back from there (see `modiff.quant.ptq.progress`).
+    Records per unit as `reconstruct.learn_step_sizes`'s (the losses when ``config.learn``)."""
     dtype = getattr(torch, config.storage_dtype)
     records = []
     for index, unit in enumerate(progress_bar(units, "residual step sizes", progress, unit="unit")):
@@ -139,7 +141,7 @@ def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: Ca
         started = time.time()
         cached = _unit_pairs(fp_model, data, unit, layers, capture_batch, dtype)
         for layer, r in zip(layers, cached[::2]):
-            _start_from_observers(layer, r)
+            start_from_observers(layer, r)
         record: dict[str, Any] = {"unit": unit.name, "layers": [layer.name for layer in layers]}
         if config.learn:
             quantizers = static_quantizers(layers)
@@ -151,11 +153,13 @@ def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: Ca
                           for layer, r, base in zip(layers, batch[::2], batch[1::2])]
                 return torch.stack(losses).sum()
 
+            loss_start = mean_loss(loss_fn, cached, capture_batch)
             try:
                 history = fit_scales(loss_fn, scales, cached, config, unit.name)
             finally:
                 freeze_scales(quantizers)
-            record.update(loss_first=history[0], loss_last=history[-1])
+            record.update(loss_first=history[0], loss_last=history[-1], loss_start=loss_start,
+                          loss_learned=mean_loss(loss_fn, cached, capture_batch))
         record["seconds"] = round(time.time() - started, 3)
         records.append(record)
         if resume is not None:

@@ -216,14 +216,20 @@ def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibDat
 
 
 @torch.no_grad()
+def mean_loss(loss_fn: Callable[[Sequence[Tensor]], Tensor], cached: Sequence[Tensor], batch: int) -> float:
+    """``loss_fn`` (a mean over its rows, as `lp_loss`) over all cached calibration rows, ``batch`` rows at a time:
+    what a fit bought, measured on every input rather than on the last logging window of training."""
+    total, count = 0.0, cached[0].shape[0]
+    for start in range(0, count, batch):
+        chunk = [c[start:start + batch].float() for c in cached]
+        total += float(loss_fn(chunk)) * chunk[0].shape[0]
+    return total / count
+
+
 def unit_loss(unit_module: nn.Module, cached: Sequence[Tensor], p: float, batch: int) -> float:
     """Reconstruction loss (`lp_loss`) of a unit over all its cached calibration inputs, hard weights:
     how AdaRound's decisions compare with rounding to the nearest point of the same grid."""
-    total, count = 0.0, cached[0].shape[0]
-    for start in range(0, count, batch):
-        *args, target = (c[start:start + batch].float() for c in cached)
-        total += float(lp_loss(unit_module(*args).float(), target, p)) * target.shape[0]
-    return total / count
+    return mean_loss(lambda chunk: lp_loss(unit_module(*chunk[:-1]).float(), chunk[-1], p), cached, batch)
 
 
 def static_quantizers(layers: Sequence[QuantLayer]) -> list[ActQuantizer]:
@@ -269,7 +275,9 @@ def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, un
     """Refine the static activation scales of a direct-mode ``qmodel`` unit by unit (weights fixed).
 
     ``config`` is an `ActCalibConfig`. The scales must hold their min-max/MSE start already. ``resume``
-    as in `reconstruct_weights`.
+    as in `reconstruct_weights`. Records per unit: the mean loss of the first and last logging windows of
+    training, and over all the unit's calibration inputs with the start scales (``loss_start``) and the
+    learned ones (``loss_learned``).
     """
     dtype = getattr(torch, config.storage_dtype)
     records = []
@@ -292,12 +300,14 @@ def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, un
             *args, target = batch
             return lp_loss(module(*args).float(), target, config.p)
 
+        loss_start = mean_loss(loss_fn, cached, capture_batch)
         try:
             history = fit_scales(loss_fn, scales, cached, config, unit.name)
         finally:
             freeze_scales(quantizers)
         records.append({"unit": unit.name, "seconds": round(time.time() - started, 3),
-                        "loss_first": history[0], "loss_last": history[-1]})
+                        "loss_first": history[0], "loss_last": history[-1], "loss_start": loss_start,
+                        "loss_learned": mean_loss(loss_fn, cached, capture_batch)})
         if resume is not None:
             resume.save("step-sizes", index, unit.name, act_tensors([layer for layer in layers if layer.act in quantizers]), records[-1])
     return records

@@ -32,7 +32,7 @@ from modiff.quant.ptq.saved import load_quantized, load_weight_codes, read_manif
 from modiff.utils.checksums import sha256_file
 from modiff.utils.runs import environment, write_json
 
-__all__ = ["CALIBRATION_DIR", "PUBLISHED_ITERS", "calibration_folder", "has_shipped", "shipped_iterations",
+__all__ = ["CALIBRATION_DIR", "PUBLISHED_ITERS", "calibration_folder", "has_shipped", "shipped_iterations", "shipped_manifest",
            "shipped_model", "shipped_weights", "with_adaround_weights", "write_shipped_manifest"]
 
 CALIBRATION_DIR = "calibration"
@@ -81,7 +81,7 @@ def _read(model: nn.Module, what: str) -> tuple[Path, dict[str, Any]]:
     return root, manifest
 
 
-def _shipped_manifest(model: nn.Module) -> Optional[dict[str, Any]]:
+def shipped_manifest(model: nn.Module) -> Optional[dict[str, Any]]:
     """The shipped calibration's manifest, None when the model ships none (checksums not read)."""
     folder = getattr(model, "folder", None)
     path = Path(folder) / CALIBRATION_DIR / "manifest.json" if folder is not None else None
@@ -90,14 +90,14 @@ def _shipped_manifest(model: nn.Module) -> Optional[dict[str, Any]]:
 
 def has_shipped(model: nn.Module, preset: str) -> bool:
     """Whether ``model`` ships a calibration of the static ``preset`` (checksums not read)."""
-    manifest = _shipped_manifest(model)
+    manifest = shipped_manifest(model)
     return manifest is not None and preset in manifest.get("presets", {})
 
 
 def shipped_iterations(model: nn.Module) -> Optional[dict[str, int]]:
     """The iterations ``model``'s shipped calibration was made with (``{"adaround": n, "activations": n}``, as
     `PUBLISHED_ITERS`); None when it ships none (checksums not read)."""
-    manifest = _shipped_manifest(model)
+    manifest = shipped_manifest(model)
     return None if manifest is None else {k: int(v) for k, v in manifest["iterations"]["used"].items()}
 
 
@@ -138,7 +138,8 @@ def with_adaround_weights(qmodel: nn.Module, model: nn.Module, config: QuantConf
 
 
 def _summary(root: Path, weights: list[str], presets: dict[str, str]) -> dict[str, Any]:
-    """AdaRound loss ratios per unit, and the step-size losses per unit of every preset."""
+    """AdaRound loss ratios per unit, and per preset how its learned step sizes compare with their start (where its
+    calibration measured it) and the step-size losses per unit."""
     summary: dict[str, Any] = {"adaround": {}, "activations": {}}
     for relative in weights:
         report = read_manifest(root / relative)["metadata"]["report"]
@@ -150,7 +151,7 @@ def _summary(root: Path, weights: list[str], presets: dict[str, str]) -> dict[st
                                          "seconds": report["seconds_weights"], "per_unit": units}
     for preset, relative in presets.items():
         report = read_manifest(root / relative)["metadata"]["report"]
-        summary["activations"][preset] = {"seconds": report["seconds_activations"],
+        summary["activations"][preset] = {**report.get("learned_vs_start", {}), "seconds": report["seconds_activations"],
                                           "per_unit": report.get("activations", [])}
     return summary
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from modiff.quant import ActQuant, QuantConfig, QuantSpec, quantize
 from modiff.quant.ptq.data import CalibData, CalibDataConfig
-from modiff.quant.ptq.calibrate import observe_activations
+from modiff.quant.ptq.calibrate import observe_activations, step_size_summary
 from modiff.quant.ptq.lsq import ActCalibConfig, learn_residual_step_sizes, residual_pairs
 from modiff.quant.ptq.reconstruct import lp_loss, learn_step_sizes, reconstruction_units
 from modiff.quant.ptq.optimize import cosine_lr, draw_rows
@@ -74,22 +74,34 @@ def test_learned_step_sizes_lower_the_lp_loss() -> None:
     assert after < 0.7 * before, (before, after)
     assert float(qmodel.conv.act.scales[0]) < float(start_scale)  # the outliers get clipped
     assert not qmodel.conv.act.scales[0].requires_grad and records[0]["unit"] == "conv"
+    # the record's losses over every calibration input are the model's (one unit: the conv) before and after
+    assert records[0]["loss_start"] == pytest.approx(before, rel=1e-5)
+    assert records[0]["loss_learned"] == pytest.approx(after, rel=1e-5)
+    assert step_size_summary(records) == {"units": 1, "units_lowered": 1,
+                                          "median_loss_ratio": pytest.approx(after / before, rel=1e-5)}
 
 
-def _modulated(scheme: str, learn_config: ActCalibConfig) -> tuple[nn.Module, nn.Module, CalibData]:
+def test_step_size_summary_by_hand() -> None:
+    records = [{"loss_start": 2.0, "loss_learned": 1.0}, {"loss_start": 1.0, "loss_learned": 1.5},
+               {"loss_start": 4.0, "loss_learned": 1.0}, {"unit": "not learned"}]
+    assert step_size_summary(records) == {"units": 3, "units_lowered": 2, "median_loss_ratio": 0.5}
+    assert step_size_summary([{"unit": "not learned"}]) == {}
+
+
+def _modulated(scheme: str, learn_config: ActCalibConfig) -> tuple[nn.Module, nn.Module, CalibData, list[dict]]:
     torch.manual_seed(0)
     fp, data = _OneConv().eval(), _heavy_tailed()
     static = ActQuant(QuantSpec(bits=4, scheme=scheme, granularity="tensor"), dynamic=False, observer="minmax")
     mq = quantize(fp, QuantConfig(weight=None, activation=static, mode="modulated"))
     units = reconstruction_units(quantize(fp, QuantConfig(weight=None, activation=None)), data)
-    learn_residual_step_sizes(mq, fp, data, units, learn_config, progress=False)
-    return mq, fp, data
+    records = learn_residual_step_sizes(mq, fp, data, units, learn_config, progress=False)
+    return mq, fp, data, records
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
 def test_residual_min_max_start(scheme: str) -> None:
     """Symmetric: s = absmax(r) / 7; asymmetric: s = (max - min) / 15 with z = round(-min / s)."""
-    mq, fp, data = _modulated(scheme, ActCalibConfig(learn=False))
+    mq, fp, data, records = _modulated(scheme, ActCalibConfig(learn=False))
     r = data.x - data.x_before  # conv input residuals (the conv is the first layer)
     if scheme == "symmetric":
         expected_scale, expected_zero = r.abs().max() / 7, 0.0
@@ -103,8 +115,9 @@ def test_residual_min_max_start(scheme: str) -> None:
 
 def test_residual_step_sizes_lower_the_loss() -> None:
     """The layer runs on the previous input (warm-up) then the current one: loss vs A(a_t) + b goes down."""
-    start, fp, data = _modulated("symmetric", ActCalibConfig(learn=False))
-    learned, _, _ = _modulated("symmetric", ActCalibConfig(iters=300, batch_size=16, lr=2e-2, log_every=100))
+    start, fp, data, unlearned = _modulated("symmetric", ActCalibConfig(learn=False, storage_dtype="float32"))
+    learned, _, _, (record,) = _modulated("symmetric", ActCalibConfig(iters=300, batch_size=16, lr=2e-2, log_every=100,
+                                                                      storage_dtype="float32"))
     r, base = residual_pairs(start.conv, fp.conv, data.x, data.x_before, torch.float32)
 
     def loss(model: nn.Module) -> float:
@@ -116,6 +129,9 @@ def test_residual_step_sizes_lower_the_loss() -> None:
         torch.testing.assert_close(base + fp.conv(r) - fp.conv.bias.view(1, -1, 1, 1), torch.zeros_like(base),
                                    atol=1e-4, rtol=0)
     assert loss(learned) < 0.8 * loss(start), (loss(start), loss(learned))
+    assert record["loss_start"] == pytest.approx(loss(start), rel=1e-5)  # over every calibration input
+    assert record["loss_learned"] == pytest.approx(loss(learned), rel=1e-5)
+    assert "loss_start" not in unlearned[0] and step_size_summary(unlearned) == {}
 
 
 def test_config_errors() -> None:

@@ -8,6 +8,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -109,6 +110,12 @@ def test_manifest_and_summary_say_what_was_run(shipped: Path) -> None:
     for unit, record in zip(adaround["per_unit"], report["weights"]):
         assert unit["ratio"] == pytest.approx(record["loss_adaround"] / record["loss_nearest"])
     assert sorted(summary["activations"]) == ["qdiff-w4a4", "qdiff-w4a4-modiff"]
+    for activations in summary["activations"].values():  # the learned step sizes against their observer start
+        units = activations["per_unit"]
+        assert activations["units"] == len(units) > 0
+        assert activations["units_lowered"] == sum(u["loss_learned"] < u["loss_start"] for u in units)
+        assert activations["median_loss_ratio"] == pytest.approx(float(np.median([u["loss_learned"] / u["loss_start"]
+                                                                                   for u in units])))
     assert shipped_iterations(md.load_model(shipped)) == {"adaround": 3, "activations": 2}
 
 
