@@ -38,7 +38,7 @@ from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import PUBLISHED_ITERS, has_shipped, shipped_iterations
 from modiff.utils.device import resolve_device
 
-__all__ = ["ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
+__all__ = ["PAPER_COLUMNS", "ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
            "adaround_presets", "qdiff_anchors", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe",
            "scored_table", "paper_columns", "findings", "fp_device_distance"]
 
@@ -295,6 +295,10 @@ def scored_table(model: nn.Module, presets: Sequence[str], seeds: Sequence[int],
         rows.append(row)
     _compare(rows, scores, bootstrap.level)
     return pd.DataFrame(rows)[COLUMNS]
+
+
+# Transcribed from the paper: tables write them as printed (`tables.to_markdown`'s ``as_given``).
+PAPER_COLUMNS = ("paper_fid", "paper_gbops")
 
 
 def paper_columns(table: pd.DataFrame, model: nn.Module) -> pd.DataFrame:

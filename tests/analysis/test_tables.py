@@ -58,3 +58,16 @@ def test_paper_values_have_no_nan_notes() -> None:
     assert values.loc[values["table"] == "Table 6", "weight_bits"].isna().all()  # the paper gives no bit widths there
     markdown = tables.to_markdown(values)
     assert "nan" not in markdown and "<NA>" not in markdown
+
+
+def test_paper_values_read_as_the_paper_prints_them() -> None:
+    markdown = tables.to_markdown(experiments.paper_values(["Table 1"]), as_given=["value"])
+    cells = {row[1]: row[6] for row in _cells(markdown)[2:]}
+    assert cells["W8A3 dynamic"] == "143.39" and cells["W8A4 Q-Diff"] == "332.75"
+    assert cells["W8A32"] == "4.24" and cells["W8A32 GBops"] == "1636"
+    assert "| 143.4 |" in tables.to_markdown(experiments.paper_values(["Table 1"]))  # the other columns' 4 digits
+
+
+def test_as_given_refuses_a_column_the_table_lacks() -> None:
+    with pytest.raises(ValueError, match=r"\['paper_fid'\]"):
+        tables.to_markdown(pd.DataFrame({"value": [1.0]}), as_given=["paper_fid"])
