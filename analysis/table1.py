@@ -38,9 +38,9 @@ from modiff.quant.ptq.reuse import Calibration
 from modiff.quant.ptq.shipped import PUBLISHED_ITERS, has_shipped, shipped_iterations
 from modiff.utils.device import resolve_device
 
-__all__ = ["PAPER_COLUMNS", "ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration", "calibration_record",
-           "adaround_presets", "qdiff_anchors", "lsun_presets", "adaround_status", "row_presets", "rows_to_score", "describe",
-           "scored_table", "paper_columns", "findings", "fp_device_distance"]
+__all__ = ["PAPER_COLUMNS", "ANCHORS", "ADAROUND_ANCHOR", "PUBLISHED_ANCHORS", "table_config", "table_calibration",
+           "calibration_record", "adaround_presets", "qdiff_anchors", "lsun_presets", "adaround_status", "row_presets",
+           "rows_to_score", "describe", "scored_table", "paper_columns", "findings", "fp_device_distance"]
 
 ANCHORS = ("fp", "w8a32", "w4a32")
 ADAROUND_ANCHOR = "w4a32-adaround"

@@ -47,11 +47,12 @@ def save(df: pd.DataFrame, name: str, out_dir: str | Path, as_given: Sequence[st
     table without columns is refused: its files would say nothing (give an empty table its columns)."""
     if len(df.columns) == 0:
         raise ValueError(f"table {name!r} has no columns; an empty table still names its columns")
+    markdown = to_markdown(df, as_given)  # before any file: a refused table leaves none half-written
     folder = Path(out_dir) / "tables"
     folder.mkdir(parents=True, exist_ok=True)
     csv, md = folder / f"{name}.csv", folder / f"{name}.md"
     df.to_csv(csv, index=False)
-    md.write_text(to_markdown(df, as_given))
+    md.write_text(markdown)
     return [csv, md]
 
 

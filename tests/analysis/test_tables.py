@@ -65,9 +65,10 @@ def test_paper_values_read_as_the_paper_prints_them() -> None:
     cells = {row[1]: row[6] for row in _cells(markdown)[2:]}
     assert cells["W8A3 dynamic"] == "143.39" and cells["W8A4 Q-Diff"] == "332.75"
     assert cells["W8A32"] == "4.24" and cells["W8A32 GBops"] == "1636"
-    assert "| 143.4 |" in tables.to_markdown(experiments.paper_values(["Table 1"]))  # the other columns' 4 digits
+    assert "| 143.4 |" in tables.to_markdown(experiments.paper_values(["Table 1"]))  # without as_given: 4 digits
 
 
-def test_as_given_refuses_a_column_the_table_lacks() -> None:
+def test_as_given_refuses_a_column_the_table_lacks_and_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\['paper_fid'\]"):
-        tables.to_markdown(pd.DataFrame({"value": [1.0]}), as_given=["paper_fid"])
+        tables.save(pd.DataFrame({"value": [1.0]}), "values", tmp_path, as_given=["paper_fid"])
+    assert not (tmp_path / "tables" / "values.csv").exists() and not (tmp_path / "tables" / "values.md").exists()
