@@ -238,8 +238,8 @@ def range_claim(ratios: pd.DataFrame, samples: int, paper_ratio: float = 10.0) -
                    "and their ratios would be huge." if left_out else "")
 
 
-def sampler_claim(paired: pd.DataFrame, paper: str = "MoDiff keeps its advantage with DDPM, DPM-Solver and fewer "
-                  "DDIM steps (Tables 5, 15-18)", not_compared: Sequence[tuple[str, int]] = ()) -> str:
+def sampler_claim(paired: pd.DataFrame, paper: str = "Tables 5 and 15-18 run MoDiff with DDPM, DPM-Solver and "
+                  "20-step DDIM (the paper's brief gives no values)", not_compared: Sequence[tuple[str, int]] = ()) -> str:
     """Tables 5 and 15-18 (samplers): per sampler and step count, the paired per-seed difference of relative L2 to fp,
     MoDiff minus direct (``paired``: `analysis.intervals.paired_table` per sampler, with columns sampler
     and steps). MoDiff is better where the interval of the difference lies below 0. ``not_compared``: the
@@ -267,7 +267,7 @@ def sampler_fid_claim(scores: pd.DataFrame, paper: str = "Tables 5 and 15-18 run
     """Tables 5 and 15-18 (samplers) in the paper's measure: per sampler and step count, the FID of each ``-modiff``
     preset against its direct counterpart and against the sampler's fp run (``scores``:
     `analysis.experiments.sampler_scores`; the verdict columns read "worse/better/no difference: d [low, high]",
-    paired bootstrap over the same seeds). MoDiff keeps its advantage where its verdict against direct is better.
+    paired bootstrap over the same seeds). MoDiff is ahead where its verdict against direct is better.
     ``left_out``: the (sampler, steps) without runs (`analysis.experiments.samplers_to_run`), named as not measured."""
     absent = (" Not measured here (no run or summary at this N yet): "
               + ", ".join(f"{s} {k} steps" for s, k in left_out) + ".") if left_out else ""

@@ -380,4 +380,5 @@ def _decay_paragraph(c_table: pd.DataFrame) -> str:
                    "unrolled (31), a sum of (2c)^(j+1) over differences j steps back, no longer decays: old "
                    "differences weigh as much as (2c = 1) or more than (2c > 1) recent ones, so the bound no longer "
                    "supports the paper's reading that past errors fade exponentially. It can still hold as an "
-                   "inequality (the proof needs no c < 1/2), but it grows with the number of steps.")
+                   "inequality (unrolling the proof uses no c < 1/2; only the decay needs it), but it grows with the "
+                   "number of steps.")

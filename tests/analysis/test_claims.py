@@ -307,6 +307,8 @@ def test_sampler_claim_counts_samplers_where_modiff_is_closer() -> None:
     assert "ddim 20 steps: -0.4 [-0.5, -0.3] (lower with MoDiff)" in text
     assert "ddpm 20 steps: 0.01 [-0.02, 0.04] (no difference resolved)" in text
     assert text.endswith("closer to full precision with 1 of 2 samplers.")
+    assert "The paper: Tables 5 and 15-18 run MoDiff with DDPM, DPM-Solver and 20-step DDIM (the paper's brief gives " \
+        "no values)." in text  # the brief states which samplers the paper ran, not an outcome
 
 
 def test_sampler_fid_claim_reads_the_verdicts_per_sampler() -> None:
