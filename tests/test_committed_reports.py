@@ -41,7 +41,7 @@ def _table(model_name: str, summaries: str) -> pd.DataFrame:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name, report, summaries", [
     ("fmnist-ddim", "paper", "paper"), ("fmnist-ldm", "paper-fmnist-ldm", "paper-fmnist-ldm"),
-    ("fmnist-ddim", "reproducibility/paper-h100-own-fp", "h100-own-fp/paper")])
+    ("fmnist-ddim", "reproducibility/paper-h200", "h200/paper")])
 def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, report: str, summaries: str) -> None:
     committed = pd.read_csv(ROOT / "reports" / report / "tables" / "table1_bitwidth.csv")
     made = _table(model_name, summaries)
@@ -57,10 +57,10 @@ def test_committed_table1_is_what_the_committed_summaries_give(model_name: str, 
 
 
 @pytest.mark.parametrize("kept, first, second", [
-    ("paper-h100-sitting51/image_agreement.csv", "paper", "h100/paper"),
+    ("paper-h100-sitting51/image_agreement.csv", "h200/paper", "h100/paper"),
     ("paper-fmnist-ldm-h100-sitting52/image_agreement.csv", "h200/paper-fmnist-ldm", "paper-fmnist-ldm"),
-    ("paper-h100-own-fp/image_agreement_h100_twice.csv", "h100/paper", "h100-own-fp/paper"),
-    ("paper-h100-own-fp/image_agreement_h200_h100.csv", "paper", "h100-own-fp/paper")])
+    ("paper-h200/image_agreement_h100_twice.csv", "h100/paper", "paper"),
+    ("paper-h200/image_agreement_h200_h100.csv", "h200/paper", "paper")])
 def test_committed_image_agreement_is_what_the_committed_summaries_give(kept: str, first: str, second: str) -> None:
     """Two samplings' images compared (`modiff image-diff`: two GPUs, or two processes on one), as the
     reproducibility log cites them."""
@@ -73,10 +73,13 @@ def test_committed_image_agreement_is_what_the_committed_summaries_give(kept: st
     pd.testing.assert_frame_equal(made, committed)
 
 
-@pytest.mark.parametrize("model_name, report", [("fmnist-ddim", "paper"), ("fmnist-ldm", "paper-fmnist-ldm")])
-def test_committed_design_effects_are_what_the_committed_summaries_give(model_name: str, report: str) -> None:
+@pytest.mark.parametrize("model_name, report, summaries", [("fmnist-ddim", "paper", "h200/paper"),
+                                                            ("fmnist-ldm", "paper-fmnist-ldm", "paper-fmnist-ldm")])
+def test_committed_design_effects_are_what_the_committed_summaries_give(model_name: str, report: str,
+                                                                         summaries: str) -> None:
     """The published-code audit's design effects (the notebook's cell at the paper preset) from the per-seed
-    distances of the committed summaries: a summary set swapped without the audit rendered again fails here."""
+    distances of the committed summaries: a summary set swapped without the audit rendered again fails here.
+    `fmnist-ddim`'s audit reads the H200 set, the only one holding every published row and the scale-sharing runs."""
     from analysis import scale_sharing
 
     model = md.load_model(model_name)
@@ -84,7 +87,7 @@ def test_committed_design_effects_are_what_the_committed_summaries_give(model_na
     presets = list(dict.fromkeys([*published, *(p.replace("published-lsun-", "").replace("published-", "")
                                                 for p in published)]))
     made = scale_sharing.design_effects(model, presets, range(10_000), table1.table_config(model, 100, "quad", "tf32"),
-                                       ROOT / "data" / "summaries" / report, device="cpu")
+                                       ROOT / "data" / "summaries" / summaries, device="cpu")
     made = pd.read_csv(io.StringIO(made.to_csv(index=False)))
     committed = pd.read_csv(ROOT / "reports" / report / "tables" / "published_design_effect.csv")
     pd.testing.assert_frame_equal(made, committed, check_exact=False, rtol=1e-9)
