@@ -29,9 +29,9 @@ VERDICT = re.compile(r"^(better|worse|no difference)(:|$)")
 
 def interval_columns(columns: list[str]) -> list[tuple[str, str, str]]:
     """(estimate, ci95_low, ci95_high) column triples: ``X_ci95_low``/``X_ci95_high`` (or ``X: ci95_low``) bound
-    ``X``, or the one other column starting with ``X_`` (``fid_ci95_low`` bounds ``fid_classifier``); bare
-    ``ci95_low`` bounds ``mean``, or ``mean_difference`` in a paired table. An interval whose estimate is ambiguous
-    is left out."""
+    ``X``, or the one other column starting with ``X_`` that is not a spread (``fid_ci95_low`` bounds
+    ``fid_classifier``, ``is_ci95_low`` bounds ``is_classifier`` beside ``is_std``); bare ``ci95_low`` bounds
+    ``mean``, or ``mean_difference`` in a paired table. An interval whose estimate is ambiguous is left out."""
     triples = []
     for low in (c for c in columns if c.endswith("ci95_low")):
         prefix = low[: -len("ci95_low")]
@@ -44,7 +44,7 @@ def interval_columns(columns: list[str]) -> list[tuple[str, str, str]]:
         elif prefix.rstrip("_: ") in columns:
             estimate = prefix.rstrip("_: ")
         else:
-            candidates = [c for c in columns if c.startswith(prefix) and "ci95" not in c]
+            candidates = [c for c in columns if c.startswith(prefix) and "ci95" not in c and not c.endswith("_std")]
             estimate = candidates[0] if len(candidates) == 1 else None
         if estimate is not None:
             triples.append((estimate, low, high))

@@ -15,9 +15,12 @@ from modiff.pipelines.report_diff import compare_reports, compare_tables, compar
 def test_intervals_name_their_estimate_and_ambiguous_ones_are_left_out() -> None:
     columns = ["fid_classifier", "fid_ci95_low", "fid_ci95_high", "is_classifier", "is_std", "is_ci95_low",
                "is_ci95_high", "mean", "ci95_low", "ci95_high", "with", "with: ci95_low", "with: ci95_high",
-               "orphan_ci95_low"]
+               "orphan_ci95_low", "psnr_std", "psnr_ci95_low", "psnr_ci95_high"]
     assert interval_columns(columns) == [("fid_classifier", "fid_ci95_low", "fid_ci95_high"),
+                                         ("is_classifier", "is_ci95_low", "is_ci95_high"),  # is_std is a spread
                                          ("mean", "ci95_low", "ci95_high"), ("with", "with: ci95_low", "with: ci95_high")]
+    # a spread alone is no estimate: its interval is left out
+    assert interval_columns(["psnr_std", "psnr_ci95_low", "psnr_ci95_high"]) == []
     paired = ["preset", "mean_difference", "ci95_low", "ci95_high"]
     assert interval_columns(paired) == [("mean_difference", "ci95_low", "ci95_high")]
     assert interval_columns([*paired, "mean"]) == []  # which mean the interval bounds is not known
