@@ -208,16 +208,20 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
     Collects calibration data (calibration/calib-data, not shipped), runs AdaRound (BRECQ blocks) once per
     weight quantization and learns the step sizes of every preset, as `modiff calibrate` does, then writes
     calibration/manifest.json (settings, iterations against the published 20k / 5k, sha256 of every file)
-    and calibration/summary.json (AdaRound loss ratios per unit). Presets already there are kept.
+    and calibration/summary.json (AdaRound loss ratios per unit). Presets already there are kept. Under
+    torchrun the AdaRound runs and then the presets are dealt over the ranks (gloo; ranks may share a GPU:
+    `--device cuda` deals the GPUs there are, `--device cuda:0` puts every rank on it).
 
     \b
     Examples:
       modiff calibrate-shipped --model fmnist-ddim --preset 'qdiff-*' --spacing quad --set adaround.iters=5000 --set activations.iters=1000
+      torchrun --nproc-per-node 4 -m modiff calibrate-shipped --model fmnist-ldm --preset 'qdiff-*' --device cuda --set adaround.iters=5000 --set activations.iters=1000
       modiff calibrate-shipped --model fmnist-ldm --preset qdiff-w4a8 --set adaround.iters=5000 --set activations.iters=1000
       modiff calibrate-shipped --model data/train/mine --samples-per-step 32 --set adaround.iters=200 --device cpu
     """
     import shlex
 
+    from modiff.pipelines.distributed import World, torchrun_session
     from modiff.pipelines.generate import resolve_device
     from modiff.models.conventions import default_spacing
     from modiff.models.registry import load_model
@@ -237,9 +241,13 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
                               "--first-seed", str(first_seed), *(("--spacing", spacing) if spacing else ()),
                               *(a for o in overrides for a in ("--set", o))])
         quant_presets = tuple(expand_static(quant_presets))
-        root = calibrate_shipped(net, quant_presets, calibration, resolve_device(device), command)
+        with torchrun_session(device, coordinate_only=True) as rank_device:  # under torchrun: this rank's share
+            root = calibrate_shipped(net, quant_presets, calibration, resolve_device(rank_device), command)
+            leader = World.current().leader
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise click.ClickException(str(err)) from err
+    if not leader:
+        return
     summary = json.loads((root / "summary.json").read_text())
     for folder, adaround in summary["adaround"].items():
         click.echo(f"{folder}: AdaRound lowered the reconstruction loss of {adaround.get('units_lowered')} of "

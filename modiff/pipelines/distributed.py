@@ -14,6 +14,10 @@ images depend on their batch companions, see `modiff.pipelines.run_folder`); wit
 rank r samples seeds r, r+N, .... Rank 0 alone holds the folder's lock, checks the identity and writes the
 manifest; every rank writes its own PNGs; the seeds are recorded as done, and grid.png and samples.npz
 written, only once every rank has finished. Backend: NCCL on CUDA, gloo on the CPU.
+
+Calibration (``torchrun -m modiff calibrate-shipped``, `modiff.quant.ptq.reuse.calibrate_shipped`) deals whole
+tasks instead (`World.share`: AdaRound runs, then presets), and its ranks only exchange Python objects, so its
+group is gloo's and ranks may share a GPU (`torchrun_session(..., coordinate_only=True)`).
 """
 from __future__ import annotations
 
@@ -103,6 +107,24 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def share(self, items: Sequence[T], work: Callable[[T], object]) -> None:
+        """``work(item)`` for this rank's share of ``items`` (items r, r+N, ...); returns once every rank has
+        done its share. An exception on any rank is raised on every rank (its own where it was raised), after
+        the others have finished: no rank waits for a dead peer, and none returns as if all went well."""
+        failure: Optional[Exception] = None
+        for item in list(items)[self.rank::self.size]:
+            try:
+                work(item)
+            except Exception as err:  # stop this share; the others finish theirs, then all raise
+                failure = err
+                break
+        failures = self.gather(None if failure is None else portable_error(failure))
+        if failure is not None:
+            raise failure
+        raised = next((f for f in failures if f is not None), None)
+        if raised is not None:
+            raise raised
+
 
 def torchrun_world() -> Optional[tuple[int, int, int, int]]:
     """(rank, local rank, world size, local world size) from the environment torchrun sets; None when
@@ -114,12 +136,16 @@ def torchrun_world() -> Optional[tuple[int, int, int, int]]:
             int(os.environ.get("LOCAL_WORLD_SIZE", size)))
 
 
-def rank_device(device: str, local_rank: int, world_size: int) -> str:
+def rank_device(device: str, local_rank: int, world_size: int, shared: bool = False) -> str:
     """The device of one rank: ``auto`` and ``cuda`` mean the rank's own GPU (cuda:LOCAL_RANK) where there
-    is CUDA; ``cpu`` stays; a fixed ``cuda:N`` is refused with several ranks (they would share one GPU)."""
+    is CUDA; ``cpu`` stays; a fixed ``cuda:N`` is refused with several ranks (they would share one GPU),
+    unless ``shared``: ranks that only coordinate (gloo) may share GPUs, so a fixed device serves every rank
+    and ``auto``/``cuda`` deal the GPUs there are over the ranks (cuda:LOCAL_RANK mod their count)."""
     dev = resolve_device(device)
     if dev.type == "cpu" or world_size == 1:
         return str(dev)
+    if shared:
+        return str(dev if dev.index is not None else resolve_device(f"cuda:{local_rank % torch.cuda.device_count()}"))
     if dev.index is not None:
         raise ValueError(f"--device {device} under torchrun would put all {world_size} ranks on one GPU; pass "
                          f"--device cuda (or auto): each rank then takes cuda:LOCAL_RANK")
@@ -127,27 +153,30 @@ def rank_device(device: str, local_rank: int, world_size: int) -> str:
 
 
 @contextlib.contextmanager
-def torchrun_session(device: str) -> Iterator[str]:
+def torchrun_session(device: str, coordinate_only: bool = False) -> Iterator[str]:
     """Under torchrun with several ranks: join the process group for the block and yield this rank's
-    device (`rank_device`); otherwise yield ``device`` unchanged and start nothing."""
+    device (`rank_device`); otherwise yield ``device`` unchanged and start nothing. ``coordinate_only``: the
+    ranks exchange only Python objects and barriers (a calibration dealt over them), so the group is gloo's
+    whatever the device, and ranks may share a GPU (`rank_device`'s ``shared``)."""
     found = torchrun_world()
     if found is None or found[2] == 1 or dist.is_initialized():
         yield device
         return
     _, local_rank, size, _ = found
-    mine = rank_device(device, local_rank, size)
-    _join(torch.device(mine))
+    mine = rank_device(device, local_rank, size, shared=coordinate_only)
+    _join(torch.device(mine), "gloo" if coordinate_only else None)
     try:
         yield mine
     finally:
         dist.destroy_process_group()
 
 
-def _join(device: torch.device) -> None:
-    """Initialise the default group from the environment (env://) for a rank on ``device``."""
+def _join(device: torch.device, backend: Optional[str] = None) -> None:
+    """Initialise the default group from the environment (env://) for a rank on ``device`` (its backend by
+    default: `backend_for`)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method="env://", timeout=TIMEOUT)
+    dist.init_process_group(backend or backend_for(device), init_method="env://", timeout=TIMEOUT)
 
 
 def local_devices(device: str, count: int) -> list[str]:

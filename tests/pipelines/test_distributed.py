@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -108,6 +109,37 @@ def test_one_process_world_runs_the_leader_code_in_place() -> None:
     assert world.from_leader(lambda: 7) == 7 and world.gather("x") == ["x"]
     with pytest.raises(KeyError):
         world.from_leader(lambda: {}["missing"])
+    done: list[int] = []
+    world.share([1, 3], done.append)
+    with pytest.raises(KeyError):  # a share stops at its first failure
+        world.share([5, 2, 7], lambda item: done.append(item) if item != 2 else {}["broken"])
+    assert done == [1, 3, 5]
+
+
+def _share_rank(device: str, out: Path, broken: Optional[int]) -> None:
+    """Each rank's share of items 0-4, marked done by a file (``broken`` raises), then a mark of returning."""
+    world = distributed.World.current()
+
+    def work(item: int) -> None:
+        if item == broken:
+            raise RuntimeError(f"item {item} broke")
+        (out / f"{item}-rank{world.rank}").touch()
+
+    world.share(range(5), work)
+    (out / f"returned-rank{world.rank}").touch()
+
+
+@pytest.mark.slow
+def test_share_deals_items_round_robin_and_raises_a_failure_on_every_rank(tmp_path: Path) -> None:
+    """Two gloo ranks: rank r does items r, r+2, ...; when rank 1 breaks on item 1, rank 0 still finishes its
+    share, and neither returns as if the work were done (the launcher raises the failure)."""
+    (tmp_path / "ok").mkdir(), (tmp_path / "broken").mkdir()
+    distributed.launch(_share_rank, ["cpu", "cpu"], tmp_path / "ok", None)
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
+        "0-rank0", "1-rank1", "2-rank0", "3-rank1", "4-rank0", "returned-rank0", "returned-rank1"]
+    with pytest.raises(RuntimeError, match="item 1 broke"):
+        distributed.launch(_share_rank, ["cpu", "cpu"], tmp_path / "broken", 1)
+    assert sorted(p.name for p in (tmp_path / "broken").iterdir()) == ["0-rank0", "2-rank0", "4-rank0"]
 
 
 def test_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,6 +159,18 @@ def test_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert distributed.local_devices("cpu", 2) == ["cpu", "cpu"]
     kept = distributed.without_torchrun_environment()
     assert not {"RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"} & set(kept) and "PATH" in kept
+
+
+def test_ranks_that_only_coordinate_may_share_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared: a fixed GPU serves every rank, and cuda deals the GPUs there are; not shared, a fixed GPU for
+    several ranks is refused (NCCL cannot put two ranks on one GPU)."""
+    monkeypatch.setattr(distributed, "resolve_device", torch.device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [distributed.rank_device("cuda", rank, 4, shared=True) for rank in range(4)] == ["cuda:0", "cuda:1"] * 2
+    assert distributed.rank_device("cuda:1", 3, 4, shared=True) == "cuda:1"
+    assert distributed.rank_device("cpu", 3, 4, shared=True) == "cpu"
+    with pytest.raises(ValueError, match="all 4 ranks on one GPU"):
+        distributed.rank_device("cuda:1", 3, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

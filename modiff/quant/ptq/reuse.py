@@ -17,6 +17,7 @@ shipped calibration when it has one.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import shutil
@@ -27,6 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from modiff.pipelines.distributed import World
 from modiff.quant.api import quantize
 from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_and_save, load_calib_data
 from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
@@ -35,6 +37,8 @@ from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
 from modiff.quant.ptq.shipped import calibration_folder, has_shipped, shipped_model, write_shipped_manifest
 
 __all__ = ["Calibration", "calibration_data", "quantized_model", "calibrate_shipped"]
+
+WITHDRAWN_MANIFEST = "manifest.withdrawn.json"  # a shipped manifest while its folder changes
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,9 @@ def calibration_data(model: nn.Module, folder: Path, calibration: Calibration, d
     return data
 
 
-def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Calibration,
-                    data: Callable[[], CalibData]) -> Path:
-    """The folder of the weight-only model for ``preset``'s weight quantization, calibrated once per folder
-    and settings (``data`` is called only when it must be)."""
+def _weights_folder(preset: str, folder: Path, calibration: Calibration) -> tuple[Path, dict[str, Any]]:
+    """Where the weight-only model of ``preset``'s weight quantization is saved in ``folder``, and the
+    settings whose hash names it."""
     config = weight_only_config(presets[preset])
     recipe = calibration.recipe
     settings = {"quant_config": config.to_dict(), "data": asdict(calibration.data),
@@ -76,9 +79,17 @@ def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Ca
                 "capture_batch": recipe.capture_batch}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     bits = config.weight.spec.bits if config.weight is not None else 32
-    saved = folder / "quantized" / "weights" / f"w{bits}-{digest}"
+    return folder / "quantized" / "weights" / f"w{bits}-{digest}", settings
+
+
+def _shared_weights(model: nn.Module, preset: str, folder: Path, calibration: Calibration,
+                    data: Callable[[], CalibData]) -> Path:
+    """The folder of the weight-only model for ``preset``'s weight quantization, calibrated once per folder
+    and settings (``data`` is called only when it must be)."""
+    saved, settings = _weights_folder(preset, folder, calibration)
     if not (saved / "manifest.json").exists():
-        weights, report = calibrate_weights(model, config, data(), recipe, checkpoints=saved / "progress")
+        weights, report = calibrate_weights(model, weight_only_config(presets[preset]), data(), calibration.recipe,
+                                            checkpoints=saved / "progress")
         save_quantized(weights, saved, {"model": getattr(model, "name", None), "settings": settings, "report": report,
                                         "first_used_by": preset})
         shutil.rmtree(saved / "progress")
@@ -120,21 +131,51 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
     """Calibrate the static presets into the model folder's ``calibration/`` (AdaRound once per weight
     quantization; presets already there with the same settings are kept) and write its manifest, with
     checksums, and ``summary.json``. The calibration data stays in ``calibration/calib-data`` (not shipped).
+
+    Under a process group (``torchrun -m modiff calibrate-shipped``, `modiff.pipelines.distributed.launch`)
+    the work is dealt over the ranks: rank 0 collects the calibration data, then the AdaRound runs (one per
+    weight quantization) and then the presets go round robin, each into its own folder, and rank 0 writes the
+    manifest once every rank is done. Each file is the one a single process writes on that kind of device:
+    every step reads the data and weights from the folder, whichever rank made them.
     """
+    world = World.current()
     root = calibration_folder(model)
     for name in preset_names:
         if not needs_calibration(presets[name]):
             raise ValueError(f"preset {name!r} needs no calibration data; ship static presets (qdiff-w4a4, "
                              f"qdiff-w4a4-modiff): the dynamic AdaRound presets (w4a4-adaround-modiff) use their weights")
     _check_same_as_shipped(root, calibration)
-    manifest = root / "manifest.json"
-    shipped = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    earlier = shipped.get("commands", [shipped["command"]] if "command" in shipped else [])  # older manifests: one "command"
-    manifest.unlink(missing_ok=True)  # the folder changes: no stale checksums meanwhile
-    for name in preset_names:
-        quantized_model(model, name, root, calibration, device)
+    world.barrier()  # every rank has read the folder before rank 0 changes it
+    earlier = world.from_leader(lambda: _withdraw_manifest(root))
+    missing = [name for name in preset_names if not (root / "quantized" / name / "manifest.json").exists()]
+    device = torch.device(device)
+    if missing:  # collected once, by rank 0, before any rank reads it (its small config is the reply)
+        world.from_leader(lambda: calibration_data(model, root, calibration, device).config)
+    data = functools.partial(calibration_data, model, root, calibration, device)
+    first_users = {_weights_folder(name, root, calibration)[0]: name for name in reversed(missing)}
+    world.share(sorted(first_users.values(), key=missing.index),
+                lambda name: _shared_weights(model, name, root, calibration, data))
+    world.share(preset_names, lambda name: quantized_model(model, name, root, calibration, device))
     settings = {"data": asdict(calibration.data), "recipe": calibration.recipe.to_dict()}
-    return write_shipped_manifest(root, getattr(model, "name", str(model.folder)), settings, [*earlier, command])
+    return world.from_leader(lambda: _publish(root, getattr(model, "name", str(model.folder)), settings,
+                                              [*earlier, command]))
+
+
+def _withdraw_manifest(root: Path) -> list[str]:
+    """Move ``root``'s manifest aside while its folder changes (no stale checksums meanwhile) and return the
+    commands it lists (older manifests: one "command"); an interrupted calibration leaves it aside, so the
+    command that resumes still lists them."""
+    manifest, aside = root / "manifest.json", root / WITHDRAWN_MANIFEST
+    if manifest.is_file():
+        manifest.replace(aside)
+    shipped = json.loads(aside.read_text()) if aside.is_file() else {}
+    return shipped.get("commands", [shipped["command"]] if "command" in shipped else [])
+
+
+def _publish(root: Path, model_name: str, settings: dict[str, Any], commands: list[str]) -> Path:
+    written = write_shipped_manifest(root, model_name, settings, commands)
+    (root / WITHDRAWN_MANIFEST).unlink(missing_ok=True)
+    return written
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

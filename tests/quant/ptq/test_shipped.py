@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import os
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +242,64 @@ def test_cli_calibrate_shipped_writes_the_model_folder(tmp_path: Path) -> None:
     manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
     assert sorted(manifest["presets"]) == ["qdiff-w4a4", "qdiff-w4a4-modiff"] and len(manifest["weights"]) == 1
     assert manifest["commands"] == [command, command.replace("qdiff-w4a4", "qdiff-w4a4-modiff")]
+
+
+def test_an_interrupted_calibration_leaves_no_manifest_and_its_resumption_keeps_the_commands(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While presets are added the folder has no manifest (no checksums claim it); the command that resumes
+    an interrupted one still lists the commands that made the presets before."""
+    import modiff.quant.ptq.reuse as reuse
+
+    folder = _export(tmp_path / "tiny")
+    calibrate_shipped(md.load_model(folder), ["qdiff-w4a4"], FAST, "cpu", "first")
+    real = reuse.quantized_model
+
+    def interrupted(model: torch.nn.Module, name: str, *args, **kwargs) -> torch.nn.Module:
+        if name == "qdiff-w4a4-modiff":
+            raise RuntimeError("interrupted")
+        return real(model, name, *args, **kwargs)
+
+    both = ["qdiff-w4a4", "qdiff-w4a4-modiff"]
+    monkeypatch.setattr(reuse, "quantized_model", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        calibrate_shipped(md.load_model(folder), both, FAST, "cpu", "second")
+    assert not (folder / CALIBRATION_DIR / "manifest.json").exists()
+    monkeypatch.setattr(reuse, "quantized_model", real)
+    calibrate_shipped(md.load_model(folder), both, FAST, "cpu", "third")
+    manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
+    assert manifest["commands"] == ["first", "third"] and sorted(manifest["presets"]) == both
+    assert not (folder / CALIBRATION_DIR / reuse.WITHDRAWN_MANIFEST).exists()
+
+
+def _calibration_files(model_folder: Path) -> dict[str, bytes]:
+    root = model_folder / CALIBRATION_DIR / "quantized"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_torchrun_calibrates_the_files_of_one_process(tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m modiff calibrate-shipped` (gloo, CPU) deals two AdaRound runs and then three
+    presets over the ranks, and writes the weight codes and step sizes of one process bit for bit, one manifest
+    that lists them all (its checksums verify on load), and one report."""
+    single, ranks = _export(tmp_path / "single"), _export(tmp_path / "ranks")
+    names = ["qdiff-w4a4", "qdiff-w8a8-modiff", "qdiff-w4a4-modiff"]
+    args = ["calibrate-shipped", *(a for name in names for a in ("--preset", name)), "--steps", "4", "--calib-steps", "2",
+            "--samples-per-step", "4", "--set", "adaround.iters=3", "--set", "adaround.batch_size=4",
+            "--set", "activations.iters=2", "--set", "activations.batch_size=4", "--set", "capture_batch=4",
+            "--device", "cpu"]
+    result = CliRunner().invoke(main, [*args, "--model", str(single)])
+    assert result.exit_code == 0, result.output
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the threads of the reference run
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "modiff",
+                          *args, "--model", str(ranks)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("shipped calibration of") == 1  # rank 0 speaks for the job
+    files = _calibration_files(ranks)
+    assert files == _calibration_files(single) and len(files) == 5  # two weight folders, three presets
+    manifest = json.loads((ranks / CALIBRATION_DIR / "manifest.json").read_text())
+    assert sorted(manifest["presets"]) == sorted(names) and len(manifest["weights"]) == 2
+    model = md.load_model(ranks)
+    assert all(quant_layers(shipped_model(model, name)) for name in names)
 
 
 def test_a_calibration_with_another_split_set_is_refused(shipped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
