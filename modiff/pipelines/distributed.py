@@ -108,14 +108,18 @@ class World:
             dist.barrier()
 
     def share(self, items: Sequence[T], work: Callable[[T], object]) -> None:
-        """``work(item)`` for this rank's share of ``items`` (items r, r+N, ...); returns once every rank has
-        done its share. An exception on any rank is raised on every rank (its own where it was raised), after
-        the others have finished: no rank waits for a dead peer, and none returns as if all went well."""
+        """``work(item)`` for this rank's share of ``items`` (items r, r+N, ...); see `run_own`."""
+        self.run_own(list(items)[self.rank::self.size], work)
+
+    def run_own(self, mine: Sequence[T], work: Callable[[T], object]) -> None:
+        """``work(item)`` for each of this rank's items ``mine``; returns once every rank has done its own. An
+        exception on any rank is raised on every rank (its own where it was raised), after the others have
+        finished: no rank waits for a dead peer, and none returns as if all went well."""
         failure: Optional[Exception] = None
-        for item in list(items)[self.rank::self.size]:
+        for item in mine:
             try:
                 work(item)
-            except Exception as err:  # stop this share; the others finish theirs, then all raise
+            except Exception as err:  # stop this rank's work; the others finish theirs, then all raise
                 failure = err
                 break
         failures = self.gather(None if failure is None else portable_error(failure))

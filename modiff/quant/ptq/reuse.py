@@ -23,7 +23,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from modiff.quant.ptq.shipped import calibration_folder, has_shipped, shipped_mo
 
 __all__ = ["Calibration", "calibration_data", "quantized_model", "calibrate_shipped"]
 
+T = TypeVar("T")
 WITHDRAWN_MANIFEST = "manifest.withdrawn.json"  # a shipped manifest while its folder changes
 
 
@@ -133,10 +134,11 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
     checksums, and ``summary.json``. The calibration data stays in ``calibration/calib-data`` (not shipped).
 
     Under a process group (``torchrun -m modiff calibrate-shipped``, `modiff.pipelines.distributed.launch`)
-    the work is dealt over the ranks: rank 0 collects the calibration data, then the AdaRound runs (one per
-    weight quantization) and then the presets go round robin, each into its own folder, and rank 0 writes the
-    manifest once every rank is done. Each file is the one a single process writes on that kind of device:
-    every step reads the data and weights from the folder, whichever rank made them.
+    the work is dealt over the ranks: rank 0 collects the calibration data; then the AdaRound runs (one per
+    weight quantization, each on a rank of its own where there are enough, `first_round`) go beside the
+    presets whose weights are there, then the presets that waited for those runs go round robin, each preset
+    into its own folder; rank 0 writes the manifest once every rank is done. Each file is the one a single
+    process writes on that kind of device: every step reads the data and weights from the folder.
     """
     world = World.current()
     root = calibration_folder(model)
@@ -151,14 +153,48 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
     device = torch.device(device)
     if missing:  # collected once, by rank 0, before any rank reads it (its small config is the reply)
         world.from_leader(lambda: calibration_data(model, root, calibration, device).config)
-    data = functools.partial(calibration_data, model, root, calibration, device)
-    first_users = {_weights_folder(name, root, calibration)[0]: name for name in reversed(missing)}
-    world.share(sorted(first_users.values(), key=missing.index),
-                lambda name: _shared_weights(model, name, root, calibration, data))
-    world.share(preset_names, lambda name: quantized_model(model, name, root, calibration, device))
+    weights, ready, waiting = _tasks(model, preset_names, missing, root, calibration, device)
+    world.run_own(first_round(weights, ready, world.rank, world.size), _run)
+    world.share(waiting, _run)
     settings = {"data": asdict(calibration.data), "recipe": calibration.recipe.to_dict()}
     return world.from_leader(lambda: _publish(root, getattr(model, "name", str(model.folder)), settings,
                                               [*earlier, command]))
+
+
+Task = Callable[[], object]
+
+
+def _tasks(model: nn.Module, preset_names: Sequence[str], missing: Sequence[str], root: Path,
+           calibration: Calibration, device: torch.device) -> tuple[list[Task], list[Task], list[Task]]:
+    """The work of a shipped calibration: the AdaRound runs still to do, the presets whose weights are there
+    already (``missing`` ones calibrated, the others loaded), and the presets that wait for those runs."""
+    data = functools.partial(calibration_data, model, root, calibration, device)
+    weights_of = {name: _weights_folder(name, root, calibration)[0] for name in missing}
+    first_users: dict[Path, str] = {}  # each weight folder still to calibrate -> the first preset that needs it
+    for name, folder in weights_of.items():
+        if not (folder / "manifest.json").exists():
+            first_users.setdefault(folder, name)
+
+    def preset(name: str) -> Task:
+        return functools.partial(quantized_model, model, name, root, calibration, device)
+
+    waiting = [name for name in missing if weights_of[name] in first_users]
+    return ([functools.partial(_shared_weights, model, name, root, calibration, data) for name in first_users.values()],
+            [preset(name) for name in preset_names if name not in waiting], [preset(name) for name in waiting])
+
+
+def first_round(weight_tasks: Sequence[T], ready_tasks: Sequence[T], rank: int, size: int) -> list[T]:
+    """The first-round tasks of rank ``rank`` of ``size``: with more ranks than AdaRound runs, each run has a
+    rank of its own (one run takes as long as several presets) and the other ranks share the ready presets
+    round robin; otherwise all go round robin."""
+    runs = len(weight_tasks)
+    if size <= runs:
+        return [*weight_tasks, *ready_tasks][rank::size]
+    return [weight_tasks[rank]] if rank < runs else list(ready_tasks[rank - runs::size - runs])
+
+
+def _run(task: Callable[[], object]) -> None:
+    task()
 
 
 def _withdraw_manifest(root: Path) -> list[str]:

@@ -24,7 +24,7 @@ from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.cost import preset_report
 from modiff.quant.ptq.data import CalibDataConfig
 from modiff.quant.ptq.calibrate import CalibrationConfig, weight_only_config
-from modiff.quant.ptq.reuse import Calibration, calibrate_shipped, quantized_model
+from modiff.quant.ptq.reuse import Calibration, calibrate_shipped, first_round, quantized_model
 from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
 from modiff.quant.ptq.shipped import CALIBRATION_DIR, shipped_iterations, shipped_model
@@ -269,6 +269,20 @@ def test_an_interrupted_calibration_leaves_no_manifest_and_its_resumption_keeps_
     manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
     assert manifest["commands"] == ["first", "third"] and sorted(manifest["presets"]) == both
     assert not (folder / CALIBRATION_DIR / reuse.WITHDRAWN_MANIFEST).exists()
+
+
+@pytest.mark.parametrize("runs,ready,size", [(0, 5, 1), (1, 10, 4), (2, 3, 2), (2, 7, 3), (1, 0, 3), (3, 4, 8)])
+def test_first_round_gives_each_adaround_run_a_rank_of_its_own_when_there_are_enough(runs: int, ready: int,
+                                                                                      size: int) -> None:
+    weight_tasks, ready_tasks = [f"w{i}" for i in range(runs)], [f"p{i}" for i in range(ready)]
+    shares = [first_round(weight_tasks, ready_tasks, rank, size) for rank in range(size)]
+    assert sorted(sum(shares, [])) == sorted(weight_tasks + ready_tasks)  # every task once
+    if size > runs:
+        assert shares[:runs] == [[w] for w in weight_tasks]
+        counts = [len(share) for share in shares[runs:]]
+        assert max(counts) - min(counts) <= 1  # the presets spread evenly over the other ranks
+    else:
+        assert [len(share) for share in shares] == [len((weight_tasks + ready_tasks)[r::size]) for r in range(size)]
 
 
 def _calibration_files(model_folder: Path) -> dict[str, bytes]:
