@@ -149,13 +149,13 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
     _check_same_as_shipped(root, calibration)
     world.barrier()  # every rank has read the folder before rank 0 changes it
     earlier = world.from_leader(lambda: _withdraw_manifest(root))
-    missing = [name for name in preset_names if not (root / "quantized" / name / "manifest.json").exists()]
     device = torch.device(device)
-    if missing:  # collected once, by rank 0, before any rank reads it (its small config is the reply)
-        world.from_leader(lambda: calibration_data(model, root, calibration, device).config)
-    weights, ready, waiting = _tasks(model, preset_names, missing, root, calibration, device)
-    world.run_own(first_round(weights, ready, world.rank, world.size), _run)
-    world.share(waiting, _run)
+    adaround, ready, waiting = world.from_leader(lambda: _plan(model, preset_names, root, calibration, device))
+    data = functools.partial(calibration_data, model, root, calibration, device)
+    runs = [functools.partial(_shared_weights, model, name, root, calibration, data) for name in adaround]
+    world.run_own(first_round(runs, [_preset_task(model, name, root, calibration, device) for name in ready],
+                              world.rank, world.size), _run)
+    world.share([_preset_task(model, name, root, calibration, device) for name in waiting], _run)
     settings = {"data": asdict(calibration.data), "recipe": calibration.recipe.to_dict()}
     return world.from_leader(lambda: _publish(root, getattr(model, "name", str(model.folder)), settings,
                                               [*earlier, command]))
@@ -164,23 +164,26 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
 Task = Callable[[], object]
 
 
-def _tasks(model: nn.Module, preset_names: Sequence[str], missing: Sequence[str], root: Path,
-           calibration: Calibration, device: torch.device) -> tuple[list[Task], list[Task], list[Task]]:
-    """The work of a shipped calibration: the AdaRound runs still to do, the presets whose weights are there
-    already (``missing`` ones calibrated, the others loaded), and the presets that wait for those runs."""
-    data = functools.partial(calibration_data, model, root, calibration, device)
+def _plan(model: nn.Module, preset_names: Sequence[str], root: Path, calibration: Calibration,
+          device: torch.device) -> tuple[list[str], list[str], list[str]]:
+    """Rank 0's plan of a shipped calibration, one list the ranks share (a rank that looked at the folder
+    later would see another): the first preset of each AdaRound run still to do, the presets whose weights
+    are there already (calibrated if missing, else loaded), and the presets that wait for those runs. Collects
+    the calibration data when a preset is missing."""
+    missing = [name for name in preset_names if not (root / "quantized" / name / "manifest.json").exists()]
     weights_of = {name: _weights_folder(name, root, calibration)[0] for name in missing}
     first_users: dict[Path, str] = {}  # each weight folder still to calibrate -> the first preset that needs it
     for name, folder in weights_of.items():
         if not (folder / "manifest.json").exists():
             first_users.setdefault(folder, name)
-
-    def preset(name: str) -> Task:
-        return functools.partial(quantized_model, model, name, root, calibration, device)
-
     waiting = [name for name in missing if weights_of[name] in first_users]
-    return ([functools.partial(_shared_weights, model, name, root, calibration, data) for name in first_users.values()],
-            [preset(name) for name in preset_names if name not in waiting], [preset(name) for name in waiting])
+    if missing:
+        calibration_data(model, root, calibration, device)
+    return list(first_users.values()), [name for name in preset_names if name not in waiting], waiting
+
+
+def _preset_task(model: nn.Module, name: str, root: Path, calibration: Calibration, device: torch.device) -> Task:
+    return functools.partial(quantized_model, model, name, root, calibration, device)
 
 
 def first_round(weight_tasks: Sequence[T], ready_tasks: Sequence[T], rank: int, size: int) -> list[T]:
@@ -193,7 +196,7 @@ def first_round(weight_tasks: Sequence[T], ready_tasks: Sequence[T], rank: int, 
     return [weight_tasks[rank]] if rank < runs else list(ready_tasks[rank - runs::size - runs])
 
 
-def _run(task: Callable[[], object]) -> None:
+def _run(task: Task) -> None:
     task()
 
 
