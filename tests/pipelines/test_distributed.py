@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -122,7 +123,12 @@ def _share_rank(device: str, out: Path, broken: Optional[int]) -> None:
 
     def work(item: int) -> None:
         if item == broken:
+            (out.parent / "failed").touch()
             raise RuntimeError(f"item {item} broke")
+        if item == 4 and broken is not None:  # rank 0's last item ends well after rank 1 has failed
+            while not (out.parent / "failed").exists():
+                time.sleep(0.05)
+            time.sleep(2)
         (out / f"{item}-rank{world.rank}").touch()
 
     world.share(range(5), work)
@@ -167,10 +173,27 @@ def test_ranks_that_only_coordinate_may_share_gpus(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(distributed, "resolve_device", torch.device)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert [distributed.rank_device("cuda", rank, 4, shared=True) for rank in range(4)] == ["cuda:0", "cuda:1"] * 2
-    assert distributed.rank_device("cuda:1", 3, 4, shared=True) == "cuda:1"
+    assert distributed.rank_device("cuda:1", 2, 4, shared=True) == "cuda:1"
     assert distributed.rank_device("cpu", 3, 4, shared=True) == "cpu"
     with pytest.raises(ValueError, match="all 4 ranks on one GPU"):
         distributed.rank_device("cuda:1", 3, 4)
+
+
+def test_a_session_that_only_coordinates_joins_gloo_on_a_shared_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    joined: list[tuple[str, Optional[str]]] = []
+    monkeypatch.setattr(distributed, "_join", lambda device, backend=None: joined.append((str(device), backend)))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(distributed, "resolve_device", torch.device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _torchrun_env(monkeypatch, 1, 2, 2)
+    with distributed.torchrun_session("cuda:0", coordinate_only=True) as device:
+        assert device == "cuda:0"
+    with distributed.torchrun_session("cuda", coordinate_only=True) as device:
+        assert device == "cuda:0"
+    assert joined == [("cuda:0", "gloo"), ("cuda:0", "gloo")]
+    with pytest.raises(ValueError, match="all 2 ranks on one GPU"):
+        with distributed.torchrun_session("cuda:0"):
+            pass
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -35,6 +35,7 @@ from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, calibrate_w
 from modiff.quant.presets import calibration_hint, needs_calibration, presets
 from modiff.quant.ptq.saved import load_quantized, read_manifest, save_quantized
 from modiff.quant.ptq.shipped import calibration_folder, has_shipped, shipped_model, write_shipped_manifest
+from modiff.utils.runs import write_json
 
 __all__ = ["Calibration", "calibration_data", "quantized_model", "calibrate_shipped"]
 
@@ -131,34 +132,36 @@ def calibrate_shipped(model: nn.Module, preset_names: Sequence[str], calibration
                       device: torch.device | str = "cpu", command: str = "") -> Path:
     """Calibrate the static presets into the model folder's ``calibration/`` (AdaRound once per weight
     quantization; presets already there with the same settings are kept) and write its manifest, with
-    checksums, and ``summary.json``. The calibration data stays in ``calibration/calib-data`` (not shipped).
+    checksums, ``summary.json`` and every command that calibrated into the folder. The calibration data stays
+    in ``calibration/calib-data`` (not shipped).
 
     Under a process group (``torchrun -m modiff calibrate-shipped``, `modiff.pipelines.distributed.launch`)
-    the work is dealt over the ranks: rank 0 collects the calibration data; then the AdaRound runs (one per
-    weight quantization, each on a rank of its own where there are enough, `first_round`) go beside the
-    presets whose weights are there, then the presets that waited for those runs go round robin, each preset
-    into its own folder; rank 0 writes the manifest once every rank is done. Each file is the one a single
-    process writes on that kind of device: every step reads the data and weights from the folder.
+    the work is dealt over the ranks: rank 0 collects the calibration data and makes the plan; then the
+    AdaRound runs (one per weight quantization, each on a rank of its own where there are enough,
+    `first_round`) go beside the presets whose weights are there, then the presets that waited for those runs
+    go round robin, each preset into its own folder; rank 0 writes the manifest once every rank is done. The
+    weight codes and step sizes are those one process writes on that kind of device (every step reads the data
+    and weights from the folder; on the CPU, with as many threads per rank as that process had).
     """
     world = World.current()
     root = calibration_folder(model)
+    preset_names = list(dict.fromkeys(preset_names))  # a preset named twice must not go to two ranks
     for name in preset_names:
         if not needs_calibration(presets[name]):
             raise ValueError(f"preset {name!r} needs no calibration data; ship static presets (qdiff-w4a4, "
                              f"qdiff-w4a4-modiff): the dynamic AdaRound presets (w4a4-adaround-modiff) use their weights")
     _check_same_as_shipped(root, calibration)
-    world.barrier()  # every rank has read the folder before rank 0 changes it
-    earlier = world.from_leader(lambda: _withdraw_manifest(root))
     device = torch.device(device)
+    world.barrier()  # every rank has read the folder before rank 0 changes it
     adaround, ready, waiting = world.from_leader(lambda: _plan(model, preset_names, root, calibration, device))
+    commands = world.from_leader(lambda: _withdraw_manifest(root, command))
     data = functools.partial(calibration_data, model, root, calibration, device)
     runs = [functools.partial(_shared_weights, model, name, root, calibration, data) for name in adaround]
     world.run_own(first_round(runs, [_preset_task(model, name, root, calibration, device) for name in ready],
                               world.rank, world.size), _run)
     world.share([_preset_task(model, name, root, calibration, device) for name in waiting], _run)
     settings = {"data": asdict(calibration.data), "recipe": calibration.recipe.to_dict()}
-    return world.from_leader(lambda: _publish(root, getattr(model, "name", str(model.folder)), settings,
-                                              [*earlier, command]))
+    return world.from_leader(lambda: _publish(root, getattr(model, "name", str(model.folder)), settings, commands))
 
 
 Task = Callable[[], object]
@@ -168,15 +171,15 @@ def _plan(model: nn.Module, preset_names: Sequence[str], root: Path, calibration
           device: torch.device) -> tuple[list[str], list[str], list[str]]:
     """Rank 0's plan of a shipped calibration, one list the ranks share (a rank that looked at the folder
     later would see another): the first preset of each AdaRound run still to do, the presets whose weights
-    are there already (calibrated if missing, else loaded), and the presets that wait for those runs. Collects
-    the calibration data when a preset is missing."""
+    are there already (calibrated if missing, else loaded), and the presets whose weights those runs make.
+    Collects the calibration data when a preset is missing."""
     missing = [name for name in preset_names if not (root / "quantized" / name / "manifest.json").exists()]
-    weights_of = {name: _weights_folder(name, root, calibration)[0] for name in missing}
+    weights_of = {name: _weights_folder(name, root, calibration)[0] for name in preset_names}
     first_users: dict[Path, str] = {}  # each weight folder still to calibrate -> the first preset that needs it
-    for name, folder in weights_of.items():
-        if not (folder / "manifest.json").exists():
-            first_users.setdefault(folder, name)
-    waiting = [name for name in missing if weights_of[name] in first_users]
+    for name in missing:
+        if not (weights_of[name] / "manifest.json").exists():
+            first_users.setdefault(weights_of[name], name)
+    waiting = [name for name in preset_names if weights_of[name] in first_users]
     if missing:
         calibration_data(model, root, calibration, device)
     return list(first_users.values()), [name for name in preset_names if name not in waiting], waiting
@@ -200,15 +203,20 @@ def _run(task: Task) -> None:
     task()
 
 
-def _withdraw_manifest(root: Path) -> list[str]:
-    """Move ``root``'s manifest aside while its folder changes (no stale checksums meanwhile) and return the
-    commands it lists (older manifests: one "command"); an interrupted calibration leaves it aside, so the
-    command that resumes still lists them."""
+def _withdraw_manifest(root: Path, command: str) -> list[str]:
+    """Move ``root``'s manifest aside while its folder changes (no stale checksums meanwhile), with ``command``
+    added to the commands it lists (older manifests: one "command"), and return them: an interrupted
+    calibration leaves them aside, so the command that resumes lists them too (one command repeated at once
+    is listed once)."""
     manifest, aside = root / "manifest.json", root / WITHDRAWN_MANIFEST
     if manifest.is_file():
         manifest.replace(aside)
     shipped = json.loads(aside.read_text()) if aside.is_file() else {}
-    return shipped.get("commands", [shipped["command"]] if "command" in shipped else [])
+    commands = shipped.get("commands", [shipped["command"]] if "command" in shipped else [])
+    commands = commands if commands[-1:] == [command] else [*commands, command]
+    root.mkdir(parents=True, exist_ok=True)
+    write_json({**shipped, "commands": commands}, aside)
+    return commands
 
 
 def _publish(root: Path, model_name: str, settings: dict[str, Any], commands: list[str]) -> Path:

@@ -267,8 +267,23 @@ def test_an_interrupted_calibration_leaves_no_manifest_and_its_resumption_keeps_
     monkeypatch.setattr(reuse, "quantized_model", real)
     calibrate_shipped(md.load_model(folder), both, FAST, "cpu", "third")
     manifest = json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())
-    assert manifest["commands"] == ["first", "third"] and sorted(manifest["presets"]) == both
+    assert manifest["commands"] == ["first", "second", "third"] and sorted(manifest["presets"]) == both
     assert not (folder / CALIBRATION_DIR / reuse.WITHDRAWN_MANIFEST).exists()
+    calibrate_shipped(md.load_model(folder), both, FAST, "cpu", "third")  # the same command at once: listed once
+    assert json.loads((folder / CALIBRATION_DIR / "manifest.json").read_text())["commands"] == ["first", "second", "third"]
+
+
+def test_a_calibration_that_fails_before_changing_the_folder_keeps_its_manifest(tmp_path: Path) -> None:
+    """Calibration data of other settings is refused before the shipped manifest is touched: the model keeps
+    shipping its calibration."""
+    folder = _export(tmp_path / "tiny")
+    calibrate_shipped(md.load_model(folder), ["qdiff-w4a4"], FAST, "cpu", "first")
+    before = (folder / CALIBRATION_DIR / "manifest.json").read_text()
+    other = Calibration(dataclasses.replace(FAST.data, first_seed=FAST.data.first_seed + 1), FAST.recipe)
+    shutil.rmtree(folder / CALIBRATION_DIR / "quantized" / "qdiff-w4a4")  # leaves only calib-data to disagree
+    with pytest.raises(ValueError, match="other calibration settings"):
+        calibrate_shipped(md.load_model(folder), ["qdiff-w4a4"], other, "cpu", "second")
+    assert (folder / CALIBRATION_DIR / "manifest.json").read_text() == before
 
 
 @pytest.mark.parametrize("runs,ready,size", [(0, 5, 1), (1, 10, 4), (2, 3, 2), (2, 7, 3), (1, 0, 3), (3, 4, 8)])
@@ -282,7 +297,53 @@ def test_first_round_gives_each_adaround_run_a_rank_of_its_own_when_there_are_en
         counts = [len(share) for share in shares[runs:]]
         assert max(counts) - min(counts) <= 1  # the presets spread evenly over the other ranks
     else:
-        assert [len(share) for share in shares] == [len((weight_tasks + ready_tasks)[r::size]) for r in range(size)]
+        assert shares == [(weight_tasks + ready_tasks)[r::size] for r in range(size)]
+
+
+def _calibrate_logging_ranks(device: str, folder: Path, names: list[str], log: Path) -> None:
+    """One launched rank: calibrate_shipped with each AdaRound run and preset task logged as ``rank name``."""
+    import torch.distributed as dist
+
+    import modiff.quant.ptq.reuse as reuse
+
+    def logged(task, label, made):  # logs the calls that make something (not a look-up of weights already there)
+        def run(model, name, *args, **kwargs):
+            if not made(name):
+                with log.open("a") as out:
+                    out.write(f"{dist.get_rank()} {label(name)}\n")
+            return task(model, name, *args, **kwargs)
+        return run
+
+    root = folder / CALIBRATION_DIR
+    reuse._shared_weights = logged(reuse._shared_weights, lambda name: f"adaround-for-{name}",
+                                   lambda name: (reuse._weights_folder(name, root, FAST)[0] / "manifest.json").exists())
+    reuse.quantized_model = logged(reuse.quantized_model, lambda name: name, lambda name: False)
+    calibrate_shipped(md.load_model(folder), names, FAST, device, "ranks")
+
+
+@pytest.mark.slow
+def test_three_ranks_give_the_adaround_run_a_rank_and_share_the_rest(tmp_path: Path) -> None:
+    """With the W4 weights there, the W8 AdaRound run takes rank 0 alone while ranks 1 and 2 make the W4 presets
+    (one loaded, one calibrated); the W8 preset then goes round robin; the step sizes are one process's."""
+    from modiff.pipelines import distributed
+
+    single, ranks = _export(tmp_path / "single"), _export(tmp_path / "ranks")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 3))  # the threads of each launched rank
+    try:
+        for folder in (single, ranks):
+            calibrate_shipped(md.load_model(folder), ["qdiff-w4a4"], FAST, "cpu", "first")
+        calibrate_shipped(md.load_model(single), ["qdiff-w4a4", "qdiff-w4a4-modiff", "qdiff-w8a8"], FAST, "cpu", "rest")
+    finally:
+        torch.set_num_threads(threads)
+    log = tmp_path / "ranks.log"
+    distributed.launch(_calibrate_logging_ranks, ["cpu"] * 3, ranks, ["qdiff-w4a4", "qdiff-w4a4-modiff", "qdiff-w8a8"],
+                       log)
+    assert sorted(log.read_text().splitlines()) == ["0 adaround-for-qdiff-w8a8", "0 qdiff-w8a8", "1 qdiff-w4a4",
+                                                    "2 qdiff-w4a4-modiff"]
+    assert _calibration_files(ranks) == _calibration_files(single)
+    manifest = json.loads((ranks / CALIBRATION_DIR / "manifest.json").read_text())
+    assert manifest["commands"] == ["first", "ranks"] and len(manifest["presets"]) == 3
 
 
 def _calibration_files(model_folder: Path) -> dict[str, bytes]:
