@@ -18,7 +18,7 @@ from modiff.metrics.bootstrap import BootstrapConfig, paired_difference
 from modiff.pipelines.evaluate import seed_images
 from modiff.diffusion.schedules import Spacing
 from modiff.pipelines import run_usage
-from modiff.pipelines.distributed import World
+from modiff.utils.distributed import World
 from modiff.pipelines.execution import PrecisionChoice, float32_precision, precision_record
 from modiff.pipelines.generate import SampleConfig, SamplerName, finished_run, generate
 from modiff.pipelines.run_folder import identity_differences, sampler_identity

@@ -221,7 +221,8 @@ def calibrate_shipped_command(model: str, quant_presets: tuple[str, ...], steps:
     """
     import shlex
 
-    from modiff.pipelines.distributed import World, torchrun_session
+    from modiff.pipelines.distributed import torchrun_session
+    from modiff.utils.distributed import World
     from modiff.pipelines.generate import resolve_device
     from modiff.models.conventions import default_spacing
     from modiff.models.registry import load_model

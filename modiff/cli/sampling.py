@@ -68,7 +68,8 @@ def sample(model: str, model_config: Optional[str], sampler: str, steps: int, sp
     """
     from modiff.cli.calibrate import load_quantized_run
     from modiff.cli.diffusers import prompt_condition, read_prompts
-    from modiff.pipelines.distributed import World, torchrun_session
+    from modiff.pipelines.distributed import torchrun_session
+    from modiff.utils.distributed import World
     from modiff.pipelines.generate import generate
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets, quantize, trajectory
@@ -146,7 +147,8 @@ def evaluate(model: str, quant_preset: Optional[str], sampler: str, steps: int, 
     import json
 
     from modiff.cli.diffusers import refuse_conditional
-    from modiff.pipelines.distributed import World, torchrun_session
+    from modiff.pipelines.distributed import torchrun_session
+    from modiff.utils.distributed import World
     from modiff.pipelines.evaluate import evaluate as run_evaluation
     from modiff.models.conventions import default_spacing
     from modiff.quant import presets

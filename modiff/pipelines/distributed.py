@@ -16,31 +16,31 @@ manifest; every rank writes its own PNGs; the seeds are recorded as done, and gr
 written, only once every rank has finished. Backend: NCCL on CUDA, gloo on the CPU.
 
 Calibration (``torchrun -m modiff calibrate-shipped``, `modiff.quant.ptq.reuse.calibrate_shipped`) deals whole
-tasks instead (`World.share`: AdaRound runs, then presets), and its ranks only exchange Python objects, so its
-group is gloo's and ranks may share a GPU (`torchrun_session(..., coordinate_only=True)`).
+tasks instead (`modiff.utils.distributed.World.share`: AdaRound runs, then presets), and its ranks only
+exchange Python objects, so its group is gloo's and ranks may share a GPU (`torchrun_session(...,
+coordinate_only=True)`). `World` (a rank's place in the group and its collectives) lives in `modiff.utils`,
+below the quantization code that deals work with it.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import pickle
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from modiff.utils.device import resolve_device
+from modiff.utils.distributed import portable_error
 
-__all__ = ["World", "launch", "portable_error", "torchrun_world", "torchrun_session", "torchrun_devices", "local_devices",
+__all__ = ["launch", "torchrun_world", "torchrun_session", "torchrun_devices", "local_devices",
            "rank_device", "without_torchrun_environment", "backend_for"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 # Ranks wait for each other through work that can take hours (a calibration dealt to one rank): the
 # launcher ends every rank as soon as one fails, so a long timeout never hides a dead peer.
 TIMEOUT = timedelta(hours=12)
@@ -50,84 +50,6 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "G
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
-
-
-def portable_error(err: BaseException) -> BaseException:
-    """``err`` if it survives pickling (to reach the other ranks or the parent), else a RuntimeError naming it."""
-    try:
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:  # any exception type may refuse pickling; its text still reaches the others
-        return RuntimeError(f"{type(err).__name__}: {err}")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the default process group: rank ``rank`` of ``size`` (0 of 1 without one)."""
-
-    rank: int = 0
-    size: int = 1
-
-    @classmethod
-    def current(cls) -> "World":
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        return cls()
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    def from_leader(self, compute: Callable[[], T]) -> T:
-        """``compute()`` on rank 0; its result, or the exception it raised, reaches every rank."""
-        if self.size == 1:
-            return compute()
-        box: list[Any] = [None]
-        own: Optional[Exception] = None
-        if self.leader:
-            try:
-                box[0] = (True, compute())
-            except Exception as err:  # raised on every rank: here as it was, elsewhere as it arrives
-                own, box[0] = err, (False, portable_error(err))
-        dist.broadcast_object_list(box, src=0)
-        ok, value = box[0]
-        if not ok:
-            raise own if own is not None else value
-        return value
-
-    def gather(self, value: T) -> list[T]:
-        """``value`` of every rank, in rank order, on every rank."""
-        if self.size == 1:
-            return [value]
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, value)
-        return out
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
-    def share(self, items: Sequence[T], work: Callable[[T], object]) -> None:
-        """``work(item)`` for this rank's share of ``items`` (items r, r+N, ...); see `run_own`."""
-        self.run_own(list(items)[self.rank::self.size], work)
-
-    def run_own(self, mine: Sequence[T], work: Callable[[T], object]) -> None:
-        """``work(item)`` for each of this rank's items ``mine``; returns once every rank has done its own. An
-        exception on any rank is raised on every rank (its own where it was raised), after the others have
-        finished: no rank waits for a dead peer, and none returns as if all went well."""
-        failure: Optional[Exception] = None
-        for item in mine:
-            try:
-                work(item)
-            except Exception as err:  # stop this rank's work; the others finish theirs, then all raise
-                failure = err
-                break
-        failures = self.gather(None if failure is None else portable_error(failure))
-        if failure is not None:
-            raise failure
-        raised = next((f for f in failures if f is not None), None)
-        if raised is not None:
-            raise raised
 
 
 def torchrun_world() -> Optional[tuple[int, int, int, int]]:

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from modiff.pipelines.distributed import World
+from modiff.utils.distributed import World
 from modiff.pipelines.generate import SampleConfig, generate
 from modiff.metrics.compare import fidelity_to_reference
 from modiff.metrics.fidelity import EXTRACTOR, Metric, compute_metrics

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modiff.pipelines.distributed import World, portable_error
+from modiff.utils.distributed import World, portable_error
 from modiff.diffusion.sampling import SAMPLERS, Callback, StepInfo
 from modiff.diffusion.schedules import Spacing, timesteps
 from modiff.utils.images import PngWriter, make_grid, save_png, to_uint8

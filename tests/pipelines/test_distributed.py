@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from modiff.pipelines import distributed
+from modiff.utils.distributed import World
 from modiff.pipelines.generate import SampleConfig, generate
 from modiff.quant import presets, quantize, trajectory
 
@@ -105,8 +106,8 @@ def test_launch_refuses_no_devices_and_mixed_devices() -> None:
 
 def test_one_process_world_runs_the_leader_code_in_place() -> None:
     """Without a process group: rank 0 of 1, the leader's exception raised as is, gather of one value."""
-    world = distributed.World.current()
-    assert world == distributed.World(0, 1) and world.leader
+    world = World.current()
+    assert world == World(0, 1) and world.leader
     assert world.from_leader(lambda: 7) == 7 and world.gather("x") == ["x"]
     with pytest.raises(KeyError):
         world.from_leader(lambda: {}["missing"])
@@ -119,7 +120,7 @@ def test_one_process_world_runs_the_leader_code_in_place() -> None:
 
 def _share_rank(device: str, out: Path, broken: Optional[int]) -> None:
     """Each rank's share of items 0-4, marked done by a file (``broken`` raises), then a mark of returning."""
-    world = distributed.World.current()
+    world = World.current()
 
     def work(item: int) -> None:
         if item == broken:

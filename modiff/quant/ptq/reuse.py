@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import torch
 from torch import nn
 
-from modiff.pipelines.distributed import World
+from modiff.utils.distributed import World
 from modiff.quant.api import quantize
 from modiff.quant.ptq.data import CalibData, CalibDataConfig, collect_and_save, load_calib_data
 from modiff.quant.ptq.calibrate import CalibrationConfig, calibrate, calibrate_weights, weight_only_config
