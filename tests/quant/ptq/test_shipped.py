@@ -300,6 +300,32 @@ def test_first_round_gives_each_adaround_run_a_rank_of_its_own_when_there_are_en
         assert shares == [(weight_tasks + ready_tasks)[r::size] for r in range(size)]
 
 
+def test_a_preset_named_twice_goes_to_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks' shares of a calibration whose presets repeat a name hold each task once (two ranks writing one
+    preset folder would collide). The ranks here record their tasks instead of running them."""
+    import modiff.quant.ptq.reuse as reuse
+    from modiff.utils.distributed import World
+
+    dealt: list[str] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class RecordingRank(World):
+        def from_leader(self, compute):
+            return compute()
+
+        def barrier(self) -> None:
+            pass
+
+        def run_own(self, mine, work) -> None:
+            dealt.extend(task.args[1] for task in mine)
+
+    folder = _export(tmp_path / "tiny")
+    for rank in (0, 1):
+        monkeypatch.setattr(reuse.World, "current", classmethod(lambda cls, rank=rank: RecordingRank(rank, 2)))
+        calibrate_shipped(md.load_model(folder), ["qdiff-w4a4", "qdiff-w8a8", "qdiff-w4a4"], FAST, "cpu", "twice")
+    assert sorted(dealt) == ["qdiff-w4a4", "qdiff-w4a4", "qdiff-w8a8", "qdiff-w8a8"]  # one AdaRound run and one preset each
+
+
 def _calibrate_logging_ranks(device: str, folder: Path, names: list[str], log: Path) -> None:
     """One launched rank: calibrate_shipped with each AdaRound run and preset task logged as ``rank name``."""
     import torch.distributed as dist
