@@ -219,6 +219,7 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     _check_scale_runs(model, batch_size, len(seeds))
+    timesteps(config.steps, config.spacing, model.schedule.num_timesteps)  # refused before the folder exists
     dev = resolve_device(device)
     run_execution = resolve_execution(dev, config.precision, compile, cuda_graphs,
                                       keyword_net=getattr(model, "net_takes_keywords", False))

@@ -109,6 +109,15 @@ def test_other_config_in_same_dir_is_refused(tmp_path: Path, tame_denoiser) -> N
         _run(tame_denoiser, range(2), out, identity={"name": "other"})
 
 
+def test_a_schedule_that_cannot_be_sampled_leaves_no_run_folder(tmp_path: Path, tame_denoiser) -> None:
+    """Steps whose ldm spacing passes T - 1 are refused before the folder exists, so the corrected command is not
+    refused as "another configuration" by a folder that holds no image."""
+    with pytest.raises(ValueError, match="reaches timestep 1000"):
+        _run(tame_denoiser, range(2), tmp_path / "run", SampleConfig(steps=3, spacing="ldm"))
+    assert not (tmp_path / "run").exists()
+    _run(tame_denoiser, range(2), tmp_path / "run", SampleConfig(steps=4, spacing="ldm"))
+
+
 def test_finished_run_tells_whether_generate_would_reuse_every_seed(tmp_path: Path, tame_denoiser) -> None:
     """Callers skip building (or calibrating) a model when the run is complete for their seeds (asked for the
     device the run was made on: on a GPU machine "auto" precision would resolve to bf16)."""
