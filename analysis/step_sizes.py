@@ -5,10 +5,15 @@ names the calibration's timesteps, so that input is the calibration's own (256 c
 neither the observers nor a mean loss), and so are the layer's observer start, its learned step size and the
 calibration loss with either: lp_loss(layer(a), A(a)) for a direct preset, lp_loss(A_q(a_before) - A(a) +
 A_q(Q(a - a_before)), 0) for a MoDiff one (`modiff.quant.ptq.lsq`).
+
+Calibrations that recorded every unit's loss at the observer start and as learned (over all its calibration inputs;
+`summary.json` of the shipped folder) are summarized per preset as well: the first unit's record is then a check of
+the data-free recomputation above, and the other units answer what the first one cannot.
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +26,12 @@ from modiff.diffusion.schedules import timesteps
 from modiff.quant.ptq.data import CalibDataConfig, chosen_indices
 from modiff.quant.ptq.lsq import residual_pairs, start_from_observers
 from modiff.quant.ptq.reconstruct import lp_loss
-from modiff.quant.ptq.shipped import shipped_manifest, shipped_model
+from modiff.quant.presets import presets
+from modiff.quant.ptq.shipped import calibration_folder, shipped_manifest, shipped_model
 from modiff.utils.selection import network_modules
 
-__all__ = ["first_layer_input", "time_embedding_step_sizes", "step_size_finding", "save_check"]
+__all__ = ["first_layer_input", "time_embedding_step_sizes", "recorded_unit_losses", "step_size_finding",
+           "all_units_finding", "save_check"]
 
 
 def calibration_timesteps(config: CalibDataConfig, num_timesteps: int) -> tuple[Tensor, Tensor]:
@@ -101,6 +108,65 @@ def _preset_row(model: nn.Module, preset: str, name: str, a_t: Tensor, a_before:
             "qmax": learned.act.spec.qmax, "largest_input": largest, "largest_over_learned": largest / float(scale_learned)}
 
 
+def recorded_unit_losses(model: nn.Module) -> pd.DataFrame:
+    """One row per (preset, unit) whose calibration recorded the unit's loss over all its calibration inputs at the
+    observer start and as learned (`summary.json` of the shipped calibration; calibrations before 244591f did not).
+    Empty when the model ships no calibration or none of its presets recorded them."""
+    if shipped_manifest(model) is None:
+        return pd.DataFrame()
+    summary = json.loads((calibration_folder(model) / "summary.json").read_text())
+    rows = [{"preset": preset,
+             "calibration_inputs": "residuals" if presets[preset].mode == "modulated" else "activations",
+             "unit": unit["unit"], "loss_start": unit["loss_start"], "loss_learned": unit["loss_learned"]}
+            for preset, record in summary["activations"].items()
+            for unit in record.get("per_unit", []) if "loss_start" in unit]
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["loss_ratio"] = table.loss_learned / table.loss_start
+    return table
+
+
+def _per_preset(units: pd.DataFrame) -> pd.DataFrame:
+    grouped = units.groupby(["preset", "calibration_inputs"], sort=False).loss_ratio
+    return pd.DataFrame({"units": grouped.size(), "units_lowered": grouped.apply(lambda r: int((r < 1).sum())),
+                         "median_loss_ratio": grouped.median(), "max_loss_ratio": grouped.max()}).reset_index()
+
+
+def _recorded_first_unit(table: pd.DataFrame, units: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (the first layer's recomputed losses) with the calibration's own records of that unit beside them,
+    where it kept them."""
+    recorded = units.rename(columns={"unit": "layer", "loss_start": "recorded_loss_start",
+                                     "loss_learned": "recorded_loss_learned"})
+    columns = ["preset", "layer", "recorded_loss_start", "recorded_loss_learned"]
+    return table.merge(recorded[columns], on=["preset", "layer"], how="left") if not units.empty else table
+
+
+def all_units_finding(units: pd.DataFrame, first: pd.DataFrame) -> str:
+    """Markdown: per kind of calibration input, how many units learning lowered, over the presets that recorded
+    every unit; and how closely the data-free recomputation of the first unit (``first``) meets those records."""
+    if units.empty:
+        return "No preset of this calibration recorded every unit's loss at the start and as learned."
+    per = _per_preset(units)
+    lines = [f"Every unit's calibration loss at its observer start and as learned, as the calibration recorded them "
+             f"({per.preset.nunique()} presets, {len(units)} unit records; the other presets' calibration predates "
+             f"these records):"]
+    for inputs, group in per.groupby("calibration_inputs", sort=False):
+        lowered, total = int(group.units_lowered.sum()), int(group.units.sum())
+        lines.append(f"- {inputs} ({len(group)} presets): learning lowered the loss of {lowered} of {total} units "
+                     f"({group.units_lowered.min()}-{group.units_lowered.max()} of {group.units.max()} a preset); "
+                     f"median learned/start per preset {group.median_loss_ratio.min():.3g}-"
+                     f"{group.median_loss_ratio.max():.3g}, the worst unit's {group.max_loss_ratio.min():.3g}-"
+                     f"{group.max_loss_ratio.max():.3g}.")
+    checked = first.dropna(subset=["recorded_loss_start"]) if "recorded_loss_start" in first else first.iloc[:0]
+    if len(checked):
+        gap = max(((checked.loss_start - checked.recorded_loss_start) / checked.recorded_loss_start).abs().max(),
+                  ((checked.loss_learned - checked.recorded_loss_learned) / checked.recorded_loss_learned).abs().max())
+        lines.append(f"- The data-free recomputation of {checked.layer.iloc[0]} above meets the calibration's own "
+                     f"record of it in {len(checked)} of {len(checked)} presets that kept one (largest relative "
+                     f"difference {gap:.2g}).")
+    return "\n".join(lines)
+
+
 def step_size_finding(table: pd.DataFrame) -> str:
     """Markdown: whether every preset's step size moved, and where learning raised the loss rather than lowered it."""
     if table.empty:
@@ -126,19 +192,25 @@ def step_size_finding(table: pd.DataFrame) -> str:
 
 
 def save_check(model: nn.Module, out_dir: str | Path, own_calibration: bool = False) -> str:
-    """`time_embedding_step_sizes` saved as ``table1_step_sizes`` under ``out_dir``, and its finding, which says why
-    where there is no table: the rows use a calibration of their own (``own_calibration``), the model ships none,
-    or its first layer reads the image. Returns the finding."""
-    table = pd.DataFrame()
+    """`time_embedding_step_sizes` (with the calibration's own records of that unit, where it kept them) saved as
+    ``table1_step_sizes`` under ``out_dir``, `recorded_unit_losses` per preset as ``table1_step_sizes_all_units``,
+    and their finding, which says why where there is no table: the rows use a calibration of their own
+    (``own_calibration``), the model ships none, or its first layer reads the image. Returns the finding."""
+    table, units = pd.DataFrame(), pd.DataFrame()
     if own_calibration:
         finding = "Not checked: the Q-Diffusion rows here use the calibration their notebook made, not the shipped one."
     else:
         try:
-            table = time_embedding_step_sizes(model)
+            units = recorded_unit_losses(model)
+            table = _recorded_first_unit(time_embedding_step_sizes(model), units)
             finding = step_size_finding(table)
+            if not table.empty:
+                finding += "\n\n" + all_units_finding(units, table)
         except ValueError as err:
             finding = f"Not checked: {err}."
     if not table.empty:
         tables.save(table, "table1_step_sizes", out_dir)
+    if not units.empty:
+        tables.save(_per_preset(units), "table1_step_sizes_all_units", out_dir)
     tables.save_finding(finding, "table1_step_sizes", out_dir)
     return finding

@@ -1,7 +1,10 @@
 """The shipped-calibration check of `analysis.step_sizes` reproduces the calibration's own records of its first unit
-from the shipped files alone, and refuses a network whose first layer reads the image."""
+from the shipped files alone, reads every unit's recorded losses where the calibration kept them, and refuses a network
+whose first layer reads the image."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +13,8 @@ import torch
 from torch import nn
 
 import modiff as md
-from analysis.step_sizes import first_layer_input, save_check, step_size_finding, time_embedding_step_sizes
+from analysis.step_sizes import (all_units_finding, first_layer_input, recorded_unit_losses, save_check,
+                                 step_size_finding, time_embedding_step_sizes)
 from modiff.pipelines.train import DDIMTrainConfig, export_weights
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.ptq.calibrate import CalibrationConfig
@@ -19,6 +23,7 @@ from modiff.quant.ptq.lsq import ActCalibConfig
 from modiff.quant.ptq.reuse import Calibration, calibrate_shipped
 from modiff.quant.ptq.saved import read_manifest
 from modiff.quant.ptq.shipped import CALIBRATION_DIR
+from modiff.utils.checksums import sha256_file
 from conftest import TINY, tiny_net
 
 CALIBRATION = Calibration(
@@ -53,6 +58,47 @@ def test_the_check_reproduces_the_calibrations_own_first_unit(shipped: md.Denois
     assert "moved from its observer start in 2 of 2 presets." in finding
 
 
+def test_every_units_recorded_losses_are_read_per_preset(shipped: md.Denoiser) -> None:
+    units = recorded_unit_losses(shipped)
+    for preset, inputs in (("qdiff-w4a4", "activations"), ("qdiff-w4a4-modiff", "residuals")):
+        report = read_manifest(shipped.folder / CALIBRATION_DIR / "quantized" / preset)["metadata"]["report"]
+        mine = units[units.preset == preset]
+        assert list(mine.unit) == [r["unit"] for r in report["activations"]] and len(mine) > 1
+        assert list(mine.loss_start) == [r["loss_start"] for r in report["activations"]]
+        assert list(mine.loss_ratio) == [r["loss_learned"] / r["loss_start"] for r in report["activations"]]
+        assert set(mine.calibration_inputs) == {inputs}
+    first = time_embedding_step_sizes(shipped)
+    finding = all_units_finding(units, first.assign(recorded_loss_start=first.loss_start,
+                                                    recorded_loss_learned=first.loss_learned * 1.5))
+    lowered = int((units[units.calibration_inputs == "residuals"].loss_ratio < 1).sum())
+    assert f"- residuals (1 presets): learning lowered the loss of {lowered} of {len(units) // 2} units" in finding
+    assert "in 2 of 2 presets that kept one (largest relative difference 0.33)" in finding
+
+
+def test_presets_without_unit_records_give_no_all_units_table(shipped: md.Denoiser, tmp_path: Path) -> None:
+    """A calibration from before the per-unit records (the summary has no loss_start) has nothing to summarize,
+    and its first-unit table gets no recorded columns."""
+
+    folder = tmp_path / "old"
+    shutil.copytree(shipped.folder, folder)
+    path = folder / CALIBRATION_DIR / "summary.json"
+    summary = json.loads(path.read_text())
+    for record in summary["activations"].values():
+        for unit in record["per_unit"]:
+            del unit["loss_start"], unit["loss_learned"]
+    path.write_text(json.dumps(summary))
+    manifest_path = folder / CALIBRATION_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["summary.json"]["sha256"] = sha256_file(path)
+    manifest_path.write_text(json.dumps(manifest))
+    old = md.load_model(folder)
+    assert recorded_unit_losses(old).empty
+    finding = save_check(old, tmp_path / "out")
+    assert "No preset of this calibration recorded every unit's loss" in finding
+    assert not (tmp_path / "out" / "tables" / "table1_step_sizes_all_units.csv").exists()
+    assert "recorded_loss_start" not in pd.read_csv(tmp_path / "out" / "tables" / "table1_step_sizes.csv")
+
+
 def test_no_shipped_calibration_gives_an_empty_table(tiny_denoiser: md.Denoiser) -> None:
     assert time_embedding_step_sizes(tiny_denoiser).empty
     assert "ships no calibration" in step_size_finding(time_embedding_step_sizes(tiny_denoiser))
@@ -78,7 +124,13 @@ def test_the_saved_check_is_the_table_and_its_finding(shipped: md.Denoiser, tiny
                                                       tmp_path: Path) -> None:
     finding = save_check(shipped, tmp_path)
     assert (tmp_path / "tables" / "table1_step_sizes_finding.md").read_text().strip() == finding.strip()
-    assert len(pd.read_csv(tmp_path / "tables" / "table1_step_sizes.csv")) == 2
+    saved = pd.read_csv(tmp_path / "tables" / "table1_step_sizes.csv")
+    assert len(saved) == 2
+    assert saved.recorded_loss_start.to_numpy() == pytest.approx(saved.loss_start.to_numpy(), rel=1e-5)
+    per_preset = pd.read_csv(tmp_path / "tables" / "table1_step_sizes_all_units.csv").set_index("preset")
+    units = recorded_unit_losses(shipped)
+    assert per_preset.loc["qdiff-w4a4", "units"] == (units.preset == "qdiff-w4a4").sum()
+    assert "meets the calibration's own record of it in 2 of 2 presets" in finding
     for folder, own, says in (("none", False, "ships no calibration"), ("own", True, "calibration their notebook made")):
         assert says in save_check(tiny_denoiser if folder == "none" else shipped, tmp_path / folder, own)
         assert says in (tmp_path / folder / "tables" / "table1_step_sizes_finding.md").read_text()
