@@ -29,6 +29,6 @@ SHIP_SET ?= --set adaround.iters=5000 --set activations.iters=1000
 
 shipped-calibration: $(STAMP)
 	$(BIN)/modiff calibrate-shipped --model fmnist-ddim --preset 'qdiff-*' --spacing quad $(SHIP_SET) > data/fmnist-ddim/calibration.log 2>&1 & ddim=$$!; \
-	$(BIN)/modiff calibrate-shipped --model fmnist-ldm $(SHIP_SET) > data/fmnist-ldm/calibration.log 2>&1 & ldm=$$!; \
+	$(BIN)/modiff calibrate-shipped --model fmnist-ldm --preset 'qdiff-*' $(SHIP_SET) > data/fmnist-ldm/calibration.log 2>&1 & ldm=$$!; \
 	wait $$ddim; a=$$?; wait $$ldm; b=$$?; tail -n 3 data/fmnist-ddim/calibration.log data/fmnist-ldm/calibration.log; \
 	test $$a -eq 0 -a $$b -eq 0
