@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import modiff as md
-from analysis.step_sizes import (all_units_finding, first_layer_input, recorded_unit_losses, save_check,
-                                 step_size_finding, time_embedding_step_sizes)
+from analysis.step_sizes import (_recorded_first_unit, all_units_finding, first_layer_input, per_preset,
+                                 recorded_unit_losses, save_check, step_size_finding, time_embedding_step_sizes)
 from modiff.pipelines.train import DDIMTrainConfig, export_weights
 from modiff.quant.ptq.adaround import AdaRoundConfig
 from modiff.quant.ptq.calibrate import CalibrationConfig
@@ -60,6 +60,8 @@ def test_the_check_reproduces_the_calibrations_own_first_unit(shipped: md.Denois
 
 def test_every_units_recorded_losses_are_read_per_preset(shipped: md.Denoiser) -> None:
     units = recorded_unit_losses(shipped)
+    summary = json.loads((shipped.folder / CALIBRATION_DIR / "summary.json").read_text())["activations"]
+    table = per_preset(units).set_index("preset")
     for preset, inputs in (("qdiff-w4a4", "activations"), ("qdiff-w4a4-modiff", "residuals")):
         report = read_manifest(shipped.folder / CALIBRATION_DIR / "quantized" / preset)["metadata"]["report"]
         mine = units[units.preset == preset]
@@ -67,36 +69,71 @@ def test_every_units_recorded_losses_are_read_per_preset(shipped: md.Denoiser) -
         assert list(mine.loss_start) == [r["loss_start"] for r in report["activations"]]
         assert list(mine.loss_ratio) == [r["loss_learned"] / r["loss_start"] for r in report["activations"]]
         assert set(mine.calibration_inputs) == {inputs}
-    first = time_embedding_step_sizes(shipped)
-    finding = all_units_finding(units, first.assign(recorded_loss_start=first.loss_start,
-                                                    recorded_loss_learned=first.loss_learned * 1.5))
-    lowered = int((units[units.calibration_inputs == "residuals"].loss_ratio < 1).sum())
-    assert f"- residuals (1 presets): learning lowered the loss of {lowered} of {len(units) // 2} units" in finding
-    assert "in 2 of 2 presets that kept one (largest relative difference 0.33)" in finding
+        # the calibration's own summary (`modiff.quant.ptq.calibrate.step_size_summary`) counts them the same way
+        assert table.loc[preset, "units"] == summary[preset]["units"]
+        assert table.loc[preset, "units_lowered"] == summary[preset]["units_lowered"]
+        assert table.loc[preset, "median_loss_ratio"] == pytest.approx(summary[preset]["median_loss_ratio"], rel=1e-12)
+        assert table.loc[preset, "max_loss_ratio"] == max(r["loss_learned"] / r["loss_start"] for r in report["activations"])
 
 
-def test_presets_without_unit_records_give_no_all_units_table(shipped: md.Denoiser, tmp_path: Path) -> None:
-    """A calibration from before the per-unit records (the summary has no loss_start) has nothing to summarize,
-    and its first-unit table gets no recorded columns."""
+def test_the_record_check_names_presets_it_does_not_reproduce(shipped: md.Denoiser) -> None:
+    units, first = recorded_unit_losses(shipped), time_embedding_step_sizes(shipped)
+    met = all_units_finding(units, _recorded_first_unit(first, units), 2)
+    assert "within 0.001 (relative) in 2 of the 2 presets that kept one" in met and "not in" not in met
+    assert "(2 of its 2 presets" in met and "predates" not in met
+    off = first.assign(recorded_loss_start=first.loss_start, recorded_loss_learned=first.loss_learned * 1.5)
+    missed = all_units_finding(units, off, 2)
+    assert "in 0 of the 2 presets that kept one (largest difference 0.33); not in qdiff-w4a4, qdiff-w4a4-modiff" in missed
 
-    folder = tmp_path / "old"
+
+def test_a_start_loss_of_zero_has_no_ratio() -> None:
+    units = pd.DataFrame({"preset": ["p"] * 3, "calibration_inputs": ["activations"] * 3, "unit": ["a", "b", "c"],
+                          "loss_start": [0.0, 2.0, 1.0], "loss_learned": [0.0, 1.0, 3.0]})
+    units["loss_ratio"] = (units.loss_learned / units.loss_start).where(units.loss_start > 0)
+    row = per_preset(units).iloc[0]
+    assert (row.units, row.units_lowered, row.median_loss_ratio, row.max_loss_ratio) == (3, 1, 1.75, 3.0)
+
+
+def _without_records(shipped: md.Denoiser, folder: Path, presets: tuple[str, ...]) -> md.Denoiser:
+    """A copy of ``shipped`` whose summary lacks the per-unit records of ``presets`` (as before 244591f), its
+    checksum updated."""
     shutil.copytree(shipped.folder, folder)
     path = folder / CALIBRATION_DIR / "summary.json"
     summary = json.loads(path.read_text())
-    for record in summary["activations"].values():
-        for unit in record["per_unit"]:
+    for preset in presets:
+        for unit in summary["activations"][preset]["per_unit"]:
             del unit["loss_start"], unit["loss_learned"]
     path.write_text(json.dumps(summary))
     manifest_path = folder / CALIBRATION_DIR / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["summary.json"]["sha256"] = sha256_file(path)
     manifest_path.write_text(json.dumps(manifest))
-    old = md.load_model(folder)
+    return md.load_model(folder)
+
+
+def test_presets_without_unit_records_give_no_all_units_table(shipped: md.Denoiser, tmp_path: Path) -> None:
+    """A calibration from before the per-unit records has nothing to summarize, and its first-unit table gets no
+    recorded columns; where only some presets kept them, the finding says how many."""
+    old = _without_records(shipped, tmp_path / "old", ("qdiff-w4a4", "qdiff-w4a4-modiff"))
     assert recorded_unit_losses(old).empty
     finding = save_check(old, tmp_path / "out")
     assert "No preset of this calibration recorded every unit's loss" in finding
     assert not (tmp_path / "out" / "tables" / "table1_step_sizes_all_units.csv").exists()
     assert "recorded_loss_start" not in pd.read_csv(tmp_path / "out" / "tables" / "table1_step_sizes.csv")
+    mixed = _without_records(shipped, tmp_path / "mixed", ("qdiff-w4a4",))
+    finding = save_check(mixed, tmp_path / "mixed_out")
+    assert "(1 of its 2 presets" in finding and "the other presets' calibration predates these records" in finding
+    assert "in 1 of the 1 presets that kept one" in finding
+    saved = pd.read_csv(tmp_path / "mixed_out" / "tables" / "table1_step_sizes.csv").set_index("preset")
+    assert pd.isna(saved.loc["qdiff-w4a4", "recorded_loss_start"])
+
+
+def test_a_damaged_summary_is_refused(shipped: md.Denoiser, tmp_path: Path) -> None:
+    shutil.copytree(shipped.folder, tmp_path / "damaged")
+    (tmp_path / "damaged" / CALIBRATION_DIR / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        recorded_unit_losses(md.load_model(tmp_path / "damaged"))
+    assert "Not checked: checksum mismatch" in save_check(md.load_model(tmp_path / "damaged"), tmp_path / "out")
 
 
 def test_no_shipped_calibration_gives_an_empty_table(tiny_denoiser: md.Denoiser) -> None:
@@ -130,7 +167,7 @@ def test_the_saved_check_is_the_table_and_its_finding(shipped: md.Denoiser, tiny
     per_preset = pd.read_csv(tmp_path / "tables" / "table1_step_sizes_all_units.csv").set_index("preset")
     units = recorded_unit_losses(shipped)
     assert per_preset.loc["qdiff-w4a4", "units"] == (units.preset == "qdiff-w4a4").sum()
-    assert "meets the calibration's own record of it in 2 of 2 presets" in finding
+    assert "meets the calibration's own record of it within 0.001 (relative) in 2 of the 2 presets" in finding
     for folder, own, says in (("none", False, "ships no calibration"), ("own", True, "calibration their notebook made")):
         assert says in save_check(tiny_denoiser if folder == "none" else shipped, tmp_path / folder, own)
         assert says in (tmp_path / folder / "tables" / "table1_step_sizes_finding.md").read_text()

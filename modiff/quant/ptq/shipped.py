@@ -33,7 +33,7 @@ from modiff.utils.checksums import sha256_file
 from modiff.utils.runs import environment, write_json
 
 __all__ = ["CALIBRATION_DIR", "PUBLISHED_ITERS", "calibration_folder", "has_shipped", "shipped_iterations", "shipped_manifest",
-           "shipped_model", "shipped_weights", "with_adaround_weights", "write_shipped_manifest"]
+           "shipped_model", "shipped_summary", "shipped_weights", "with_adaround_weights", "write_shipped_manifest"]
 
 CALIBRATION_DIR = "calibration"
 KIND = "shipped-calibration"
@@ -86,6 +86,18 @@ def shipped_manifest(model: nn.Module) -> Optional[dict[str, Any]]:
     folder = getattr(model, "folder", None)
     path = Path(folder) / CALIBRATION_DIR / "manifest.json" if folder is not None else None
     return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def shipped_summary(model: nn.Module) -> Optional[dict[str, Any]]:
+    """The shipped calibration's ``summary.json`` with each preset's quantization mode added (``"mode"``, from the
+    preset's own manifest), checksums verified; None when the model ships no calibration."""
+    if shipped_manifest(model) is None:
+        return None
+    root, manifest = _read(model, "qdiff-w4a4")
+    summary = json.loads((root / "summary.json").read_text())
+    for preset, record in summary["activations"].items():
+        record["mode"] = json.loads((root / manifest["presets"][preset] / "manifest.json").read_text())["quant_config"]["mode"]
+    return summary
 
 
 def has_shipped(model: nn.Module, preset: str) -> bool:
