@@ -86,11 +86,25 @@ def test_the_record_check_names_presets_it_does_not_reproduce(shipped: md.Denois
     assert "in 0 of the 2 presets that kept one (largest difference 0.33); not in qdiff-w4a4, qdiff-w4a4-modiff" in missed
 
 
-def test_a_start_loss_of_zero_has_no_ratio() -> None:
-    units = pd.DataFrame({"preset": ["p"] * 3, "calibration_inputs": ["activations"] * 3, "unit": ["a", "b", "c"],
-                          "loss_start": [0.0, 2.0, 1.0], "loss_learned": [0.0, 1.0, 3.0]})
-    units["loss_ratio"] = (units.loss_learned / units.loss_start).where(units.loss_start > 0)
-    row = per_preset(units).iloc[0]
+def test_a_start_loss_of_zero_has_no_ratio(shipped: md.Denoiser, tmp_path: Path) -> None:
+    """A unit whose start loss is 0 (nothing to lower) counts as a unit, not lowered, and has no ratio, as the
+    calibration's own summary counts it."""
+    folder = tmp_path / "zero"
+    shutil.copytree(shipped.folder, folder)
+    path = folder / CALIBRATION_DIR / "summary.json"
+    summary = json.loads(path.read_text())
+    units = summary["activations"]["qdiff-w4a4"]["per_unit"]
+    for unit, (start, learned) in zip(units, [(0.0, 0.5), (2.0, 1.0), (1.0, 3.0)]):
+        unit.update(loss_start=start, loss_learned=learned)
+    del units[3:]
+    path.write_text(json.dumps(summary))
+    manifest_path = folder / CALIBRATION_DIR / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["summary.json"]["sha256"] = sha256_file(path)
+    manifest_path.write_text(json.dumps(manifest))
+    recorded = recorded_unit_losses(md.load_model(folder))
+    assert pd.isna(recorded.loss_ratio.iloc[0])
+    row = per_preset(recorded).set_index("preset").loc["qdiff-w4a4"]
     assert (row.units, row.units_lowered, row.median_loss_ratio, row.max_loss_ratio) == (3, 1, 1.75, 3.0)
 
 
