@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -89,40 +90,41 @@ def test_the_record_check_names_presets_it_does_not_reproduce(shipped: md.Denois
 def test_a_start_loss_of_zero_has_no_ratio(shipped: md.Denoiser, tmp_path: Path) -> None:
     """A unit whose start loss is 0 (nothing to lower) counts as a unit, not lowered, and has no ratio, as the
     calibration's own summary counts it."""
-    folder = tmp_path / "zero"
-    shutil.copytree(shipped.folder, folder)
-    path = folder / CALIBRATION_DIR / "summary.json"
-    summary = json.loads(path.read_text())
-    units = summary["activations"]["qdiff-w4a4"]["per_unit"]
-    for unit, (start, learned) in zip(units, [(0.0, 0.5), (2.0, 1.0), (1.0, 3.0)]):
-        unit.update(loss_start=start, loss_learned=learned)
-    del units[3:]
-    path.write_text(json.dumps(summary))
-    manifest_path = folder / CALIBRATION_DIR / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["summary.json"]["sha256"] = sha256_file(path)
-    manifest_path.write_text(json.dumps(manifest))
+    def three_units(summary: dict) -> None:
+        units = summary["activations"]["qdiff-w4a4"]["per_unit"]
+        for unit, (start, learned) in zip(units, [(0.0, 0.5), (2.0, 1.0), (1.0, 3.0)]):
+            unit.update(loss_start=start, loss_learned=learned)
+        del units[3:]
+
+    folder = _edited_summary(shipped, tmp_path / "zero", three_units)
     recorded = recorded_unit_losses(md.load_model(folder))
     assert pd.isna(recorded.loss_ratio.iloc[0])
     row = per_preset(recorded).set_index("preset").loc["qdiff-w4a4"]
     assert (row.units, row.units_lowered, row.median_loss_ratio, row.max_loss_ratio) == (3, 1, 1.75, 3.0)
 
 
-def _without_records(shipped: md.Denoiser, folder: Path, presets: tuple[str, ...]) -> md.Denoiser:
-    """A copy of ``shipped`` whose summary lacks the per-unit records of ``presets`` (as before 244591f), its
-    checksum updated."""
+def _edited_summary(shipped: md.Denoiser, folder: Path, edit: Callable[[dict], None]) -> Path:
+    """A copy of ``shipped``'s folder whose calibration summary ``edit`` changed in place, its checksum updated."""
     shutil.copytree(shipped.folder, folder)
     path = folder / CALIBRATION_DIR / "summary.json"
     summary = json.loads(path.read_text())
-    for preset in presets:
-        for unit in summary["activations"][preset]["per_unit"]:
-            del unit["loss_start"], unit["loss_learned"]
+    edit(summary)
     path.write_text(json.dumps(summary))
     manifest_path = folder / CALIBRATION_DIR / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["summary.json"]["sha256"] = sha256_file(path)
     manifest_path.write_text(json.dumps(manifest))
-    return md.load_model(folder)
+    return folder
+
+
+def _without_records(shipped: md.Denoiser, folder: Path, presets: tuple[str, ...]) -> md.Denoiser:
+    """A copy of ``shipped`` whose summary lacks the per-unit records of ``presets`` (as before 244591f)."""
+    def drop(summary: dict) -> None:
+        for preset in presets:
+            for unit in summary["activations"][preset]["per_unit"]:
+                del unit["loss_start"], unit["loss_learned"]
+
+    return md.load_model(_edited_summary(shipped, folder, drop))
 
 
 def test_presets_without_unit_records_give_no_all_units_table(shipped: md.Denoiser, tmp_path: Path) -> None:
