@@ -10,7 +10,8 @@ work (calibration data, AdaRound once per weight bit width, every preset's step 
 torchrun (one rank too) with the same OMP_NUM_THREADS per rank (1 unless set: torchrun's default for several
 ranks, and on the CPU the sums depend on the thread count). The copies' weight codes and step sizes (every
 ``.safetensors`` file) are compared with the first count's: on the CPU they must be byte-identical, on a GPU the
-JSON says whether they are.
+JSON says whether they are. Each count's calibration prints its progress as it goes, and ``--out`` is rewritten
+after every count, so a job stopped during a later count keeps the counts it finished.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 from modiff.models.registry import load_model
 from modiff.quant.ptq.shipped import CALIBRATION_DIR
@@ -49,26 +51,26 @@ def timed_calibration(folder: Path, ranks: int, options: list[str]) -> float:
                "calibrate-shipped", "--model", str(folder), *options]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, env=env)  # its progress streams through, as a user would see it
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{ranks} ranks failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{ranks} ranks failed (exit {done.returncode}); their output is above")
     return seconds
 
 
-def compare_ranks(model: str, rank_counts: list[int], options: list[str], work: Path) -> list[dict]:
-    """One row per rank count: its wall seconds, the speedup over the first count, and whether its files equal
-    the first count's."""
-    rows, first = [], None
+def compare_ranks(model: str, rank_counts: list[int], options: list[str], work: Path) -> Iterator[dict]:
+    """One row per rank count, yielded as each finishes: its wall seconds, the speedup over the first count, and
+    whether its files equal the first count's."""
+    first = None
     for ranks in rank_counts:
         folder = model_copy(model, work / f"ranks{ranks}")
         seconds = timed_calibration(folder, ranks, options)
         digests = calibration_digests(folder)
         first = first or (seconds, digests)
-        rows.append({"ranks": ranks, "seconds": round(seconds, 2), "speedup": round(first[0] / seconds, 3),
-                     "files": len(digests), "identical_to_first": digests == first[1]})
-        print(f"{ranks} ranks: {seconds:.1f} s ({rows[-1]['speedup']}x), files identical: {rows[-1]['identical_to_first']}")
-    return rows
+        row = {"ranks": ranks, "seconds": round(seconds, 2), "speedup": round(first[0] / seconds, 3),
+               "files": len(digests), "identical_to_first": digests == first[1]}
+        print(f"{ranks} ranks: {seconds:.1f} s ({row['speedup']}x), files identical: {row['identical_to_first']}")
+        yield row
 
 
 def _rank_counts(text: str) -> list[int]:
@@ -92,11 +94,13 @@ def main() -> None:
     options = [*(a for p in (args.preset or ["qdiff-w8a*"]) for a in ("--preset", p)), "--device", args.device,
                "--samples-per-step", str(args.samples_per_step), "--calib-steps", str(args.calib_steps),
                *(a for s in args.set for a in ("--set", s))]
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="calibrate_ranks_") as work:
-        rows = compare_ranks(args.model, args.ranks, options, Path(work))
-    if args.out:
-        write_json({"model": args.model, "calibrate_shipped": options, "rows": rows,
-                    "environment": environment(args.device)}, args.out)
+        for row in compare_ranks(args.model, args.ranks, options, Path(work)):
+            rows.append(row)
+            if args.out:
+                write_json({"model": args.model, "calibrate_shipped": options, "rows": rows,
+                            "rank_counts": args.ranks, "environment": environment(args.device)}, args.out)
 
 
 if __name__ == "__main__":
