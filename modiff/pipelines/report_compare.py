@@ -160,6 +160,10 @@ def is_latent(tables: SavedTables, model: str) -> bool:
     return bool((table["spacing"] == "ldm").any()) if table is not None and len(table) else "ldm" in model
 
 
+_PAPER_ACTIVATIONS = {
+    False: "the published CIFAR-10 commands': symmetric, one scale per batch tensor of 64 images, split shortcut",
+    True: "the published LSUN commands': asymmetric, one scale per batch tensor of 8 samples, no split"}
+
 _MODELS = {"fmnist-ddim": "`fmnist-ddim`: the shipped Fashion-MNIST pixel DDIM (32x32, one channel)",
            "fmnist-ldm": "`fmnist-ldm`: the shipped Fashion-MNIST latent diffusion model"}
 
@@ -232,10 +236,24 @@ def setting_table(tables: SavedTables, model: str, parameters: Mapping[str, Any]
          "this report": f"{get('analysis_samples')} (Figures 1a, 1b, 3, grids); theory: {get('theory_calib_samples')} "
                         f"calibration + {get('theory_heldout_samples')} held-out; warm-up: {get('warmup_samples')} seeds"},
         {"": "sampler", "paper": "DDIM, 100 steps, quad timesteps" if not latent else
-         "DDIM, eta 0, LDM timesteps; the published LSUN command's `-c 400` is 500 steps (stride 2)",
+         "DDIM, eta 0, LDM timesteps; the published LSUN commands' 500 steps (churches, `-c 400`, stride 2) "
+         "and 200 (bedrooms)",
          "this report": f"DDIM, {get('steps')} steps, {known.get('spacing', 'ldm' if latent else 'quad')} timesteps"},
-        {"": "other samplers", "paper": "DDPM and DPM-Solver (the variant not stated in the paper's brief)",
-         "this report": "DDPM as the DDIM code's `ddpm_steps`; DPM-Solver++(2M), data prediction, multistep"},
+        {"": "other samplers", "paper": "DDPM (the DDIM code's `ddpm_steps`) and DPM-Solver: the published MoDiff "
+                                        "code's `--sample_type dpm_solver` is DPM-Solver++ of order 3, singlestep, "
+                                        "time-uniform in continuous time",
+         "this report": "DDPM as `ddpm_steps`; DPM-Solver++(2M), data prediction, multistep, on the report's "
+                        "integer timesteps: another variant than the published one"},
+        {"": "activation quantizer (dynamic rows)", "paper": _PAPER_ACTIVATIONS[latent],
+         "this report": "`wXaY`: asymmetric min-max, one scale per sample, no split; the published commands' "
+                        "numerics are the `published-*` rows, the like-for-like comparison"},
+        {"": "weights", "paper": "Q-Diffusion's AdaRound checkpoints, at W8 as at W4 (`--resume`)",
+         "this report": "rounded to nearest in the `wXaY` and `published-*` rows; AdaRound in the `-adaround` "
+                        "and `qdiff-*` rows"},
+        {"": "attention matmuls", "paper": "full precision in the MoDiff code (Q-Diffusion's quantize q, k, v and "
+                                           "the softmax output); its GBops count them at the row's bit widths",
+         "this report": "full precision in every preset, `qdiff-*` included; GBops count the Conv/Linear layers "
+                        "only (W8A32 over W8A3 is 32/3 per step either way)"},
         {"": "arithmetic", "paper": "not stated", "this report": _arithmetic(tables)},
         {"": "calibration (AdaRound W4 and Q-Diffusion rows)",
          "paper": "AdaRound 20,000 iterations per block, step sizes 5,000 (Q-Diffusion's recipe)",

@@ -390,6 +390,12 @@ def test_setting_states_model_metric_and_sample_size(tmp_path: Path) -> None:
     assert "LSUN" in latent.loc["model", "paper"] and "CIFAR-10" in latent.loc["paper numbers compared", "paper"]
     assert "paper numbers compared" not in setting.index
     assert "DPM-Solver++(2M)" in setting.loc["other samplers", "this report"]
+    assert "order 3, singlestep" in setting.loc["other samplers", "paper"]
+    assert "64 images" in setting.loc["activation quantizer (dynamic rows)", "paper"]
+    assert "8 samples" in latent.loc["activation quantizer (dynamic rows)", "paper"]
+    assert "200 (bedrooms)" in latent.loc["sampler", "paper"]
+    assert "at W8 as at W4" in setting.loc["weights", "paper"]
+    assert "Conv/Linear layers only" in setting.loc["attention matmuls", "this report"]
 
 
 def test_arithmetic_is_read_from_the_tables_and_grouped(tmp_path: Path) -> None:
