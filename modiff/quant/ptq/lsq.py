@@ -23,14 +23,17 @@ full-precision inputs a_t and a_before = a_{t+1} of the calibration pairs:
   published LSUN script, 1.0 where a script calls `layer_reconstruction_modiff` without it); not implemented.
 
 The losses of different layers are independent, so the layers of one block are fitted together (one
-capture pass per block, one optimiser); that equals fitting them one after the other.
+optimiser); that equals fitting them one after the other. Their inputs are full-precision activations, which no
+calibration step changes, so one pair of capture passes gathers them for as many consecutive blocks as
+``capture_budget`` bytes hold, where a pass per block would run the network's front again for every block; the
+tensors are the same either way.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +48,8 @@ from modiff.utils.progress import progress_bar
 __all__ = ["ActCalibConfig", "learn_residual_step_sizes", "residual_pairs", "start_from_observers"]
 
 log = logging.getLogger(__name__)
+
+CAPTURE_BUDGET = 2 * 2**30  # bytes of full-precision block inputs held at once (both captures of a group)
 
 
 @dataclass(frozen=True)
@@ -107,39 +112,77 @@ def start_from_observers(layer: QuantLayer, r: Tensor, chunk: int = 256) -> None
     act.freeze()
 
 
-def _unit_pairs(fp_model: nn.Module, data: CalibData, unit: Unit, layers: Sequence[QuantLayer], batch: int,
+Layers = Sequence[QuantLayer]
+
+
+def _capture_groups(fp_model: nn.Module, data: CalibData, pending: Sequence[tuple[Unit, Layers]], dtype: torch.dtype,
+                    budget: int) -> list[list[tuple[Unit, Layers]]]:
+    """``pending`` cut into runs of consecutive units whose two captures (at x_t and at x_before) fit ``budget``
+    bytes together, sized by one probe sample; a unit over the budget alone makes a group of its own."""
+    taps = {layer.name: "input" for _, layers in pending for layer in layers}
+    probe = capture(fp_model, data.x[:1], data.t[:1], taps, pending[-1][0].name, 1, dtype)
+    per_sample = {name: sum(t.numel() for t in tensors) * dtype.itemsize for name, tensors in probe.items()}
+    groups: list[list[tuple[Unit, Layers]]] = []
+    used = budget
+    for unit, layers in pending:
+        need = 2 * data.x.shape[0] * sum(per_sample[layer.name] for layer in layers)
+        if used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append((unit, layers))
+        used += need
+    return groups
+
+
+def _residual_inputs(fp_model: nn.Module, data: CalibData, pending: Sequence[tuple[Unit, Layers]], batch: int,
+                     dtype: torch.dtype, budget: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """Per pending unit, in order: (a_t, a_before) of each of its layers, all rows, captured a group at a time."""
+    n = data.x.shape[0]
+    for group in _capture_groups(fp_model, data, pending, dtype, budget) if pending else []:
+        taps = {layer.name: "input" for _, layers in group for layer in layers}
+        stop = group[-1][0].name
+        now = capture(fp_model, data.x, data.t, taps, stop, batch, dtype)
+        before = capture(fp_model, data.x_before, data.t_before, taps, stop, batch, dtype)
+        if len(group) > 1 and any(t[0].shape[0] != n for t in (*now.values(), *before.values())):
+            # a layer called again before the group's last block ends: capture block by block, as it stops there
+            yield from (pairs for unit in group for pairs in _residual_inputs(fp_model, data, [unit], batch, dtype, 0))
+            continue
+        for _, layers in group:
+            yield [(now.pop(layer.name)[0], before.pop(layer.name)[0]) for layer in layers]
+
+
+def _unit_pairs(fp_model: nn.Module, layers: Layers, inputs: Sequence[tuple[Tensor, Tensor]],
                 dtype: torch.dtype) -> list[Tensor]:
-    """[r_1, base_1, r_2, base_2, ...] for the unit's static layers, from two capture passes."""
-    taps = {layer.name: "input" for layer in layers}
-    now = capture(fp_model, data.x, data.t, taps, unit.name, batch, dtype)
-    before = capture(fp_model, data.x_before, data.t_before, taps, unit.name, batch, dtype)
-    cached: list[Tensor] = []
-    for layer in layers:
-        a_t, a_before = now.pop(layer.name)[0], before.pop(layer.name)[0]
-        cached.extend(residual_pairs(layer, fp_model.get_submodule(layer.name), a_t, a_before, dtype))
-    return cached
+    """[r_1, base_1, r_2, base_2, ...] for a unit's layers from their captured (a_t, a_before)."""
+    return [t for layer, (a_t, a_before) in zip(layers, inputs)
+            for t in residual_pairs(layer, fp_model.get_submodule(layer.name), a_t, a_before, dtype)]
 
 
 def learn_residual_step_sizes(mq_model: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit],
                               config: ActCalibConfig, capture_batch: int = 256, progress: bool = True,
-                              resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
+                              resume: Optional[UnitProgress] = None,
+                              capture_budget: int = CAPTURE_BUDGET) -> list[dict[str, Any]]:
     """Calibrate the residual quantizers of a modulated ``mq_model`` (weights final) unit by unit; with
     ``resume``, finished units are saved there and put back from there (see `modiff.quant.ptq.progress`).
-    Records per unit as `reconstruct.learn_step_sizes`'s (the losses when ``config.learn``)."""
+    Records per unit as `reconstruct.learn_step_sizes`'s (the losses when ``config.learn``); the first unit of a
+    capture group (module docstring) has the group's capture in its seconds."""
     dtype = getattr(torch, config.storage_dtype)
-    records = []
-    for index, unit in enumerate(progress_bar(units, "residual step sizes", progress, unit="unit")):
+    plan = []
+    for index, unit in enumerate(units):
         layers = [mq_model.get_submodule(n) for n in unit.layers]
         layers = [layer for layer in layers if layer.act is not None and not layer.act.config.dynamic]
-        if not layers:
-            continue
-        done = resume.load("residual-step-sizes", index, unit.name) if resume is not None else None
+        if layers:
+            plan.append((index, unit, layers, resume.load("residual-step-sizes", index, unit.name) if resume is not None else None))
+    inputs = _residual_inputs(fp_model, data, [(unit, layers) for _, unit, layers, done in plan if done is None],
+                              capture_batch, dtype, capture_budget)
+    records = []
+    for index, unit, layers, done in progress_bar(plan, "residual step sizes", progress, unit="unit"):
         if done is not None:
             restore_acts(layers, done[0])
             records.append(done[1])
             continue
         started = time.time()
-        cached = _unit_pairs(fp_model, data, unit, layers, capture_batch, dtype)
+        cached = _unit_pairs(fp_model, layers, next(inputs), dtype)
         for layer, r in zip(layers, cached[::2]):
             start_from_observers(layer, r)
         record: dict[str, Any] = {"unit": unit.name, "layers": [layer.name for layer in layers]}

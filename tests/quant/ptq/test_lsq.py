@@ -168,3 +168,65 @@ def test_graph_replay_trains_on_a_device_that_is_not_current() -> None:
     eager, graphed = train(False), train(True)
     assert graphed.abs().sum() > 1.0  # it moved well past the three eager warm-up steps
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
+
+
+class _ThreeConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _grouped_calibration(budget: int) -> tuple[dict[str, torch.Tensor], list[dict], int]:
+    """Residual step sizes of a three-unit model with ``capture_budget=budget``: scales, records, fp forwards."""
+    torch.manual_seed(0)
+    fp, data = _ThreeConvs().eval(), _heavy_tailed()
+    static = ActQuant(QuantSpec(bits=4, granularity="tensor"), dynamic=False, observer="minmax")
+    mq = quantize(fp, QuantConfig(weight=None, activation=static, mode="modulated"))
+    units = reconstruction_units(quantize(fp, QuantConfig(weight=None, activation=None)), data)
+    calls = []
+    fp.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    config = ActCalibConfig(iters=40, batch_size=16, lr=2e-2, log_every=20, storage_dtype="float32")
+    records = learn_residual_step_sizes(mq, fp, data, units, config, capture_batch=32, progress=False,
+                                        capture_budget=budget)
+    scales = {name: getattr(mq, name).act.scales[0].clone() for name in ("a", "b", "c")}
+    return scales, [{k: v for k, v in r.items() if k != "seconds"} for r in records], len(calls)
+
+
+def test_one_capture_pass_for_many_units_calibrates_as_one_per_unit() -> None:
+    """The block inputs are full-precision activations: gathered for all units in one pair of passes (the default
+    budget) or unit by unit (budget 0), the scales and records are the same; only the passes differ."""
+    per_unit, per_unit_records, per_unit_calls = _grouped_calibration(0)
+    grouped, grouped_records, grouped_calls = _grouped_calibration(2**30)
+    assert all(torch.equal(per_unit[name], grouped[name]) for name in per_unit)
+    assert grouped_records == per_unit_records and len(grouped_records) == 3
+    assert per_unit_calls == 1 + 3 * 2 * 2 and grouped_calls == 1 + 2 * 2  # a probe, then 2 batches x (now, before)
+
+
+class _Reuses(nn.Module):
+    """`b` calls `a`'s convolution again after its own: a capture stopped after `b` sees `a.conv` twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Sequential(nn.Conv2d(4, 4, 1)), nn.Sequential(nn.Conv2d(4, 4, 1))
+        self.b.add_module("again", self.a[0])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_layer_called_again_within_a_group_falls_back_to_one_pass_per_unit() -> None:
+    from types import SimpleNamespace
+
+    from modiff.quant.ptq.lsq import _residual_inputs
+    from modiff.quant.ptq.reconstruct import Unit
+
+    torch.manual_seed(0)
+    model, data = _Reuses().eval(), _heavy_tailed()
+    pending = [(Unit("a", ("a.0",)), [SimpleNamespace(name="a.0")]), (Unit("b", ("b.0",)), [SimpleNamespace(name="b.0")])]
+    grouped = list(_residual_inputs(model, data, pending, 32, torch.float32, 2**30))
+    per_unit = list(_residual_inputs(model, data, pending, 32, torch.float32, 0))
+    assert [a_t.shape[0] for unit in grouped for a_t, _ in unit] == [64, 64]
+    assert all(torch.equal(g, p) for gu, pu in zip(grouped, per_unit) for gl, pl in zip(gu, pu) for g, p in zip(gl, pl))
