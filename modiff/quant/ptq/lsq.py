@@ -145,6 +145,7 @@ def _residual_inputs(fp_model: nn.Module, data: CalibData, pending: Sequence[tup
         before = capture(fp_model, data.x_before, data.t_before, taps, stop, batch, dtype)
         if len(group) > 1 and any(t[0].shape[0] != n for t in (*now.values(), *before.values())):
             # a layer called again before the group's last block ends: capture block by block, as it stops there
+            del now, before
             yield from (pairs for unit in group for pairs in _residual_inputs(fp_model, data, [unit], batch, dtype, 0))
             continue
         for _, layers in group:
