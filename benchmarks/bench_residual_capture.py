@@ -24,8 +24,8 @@ from modiff.quant import presets, quantize
 from modiff.quant.api import quant_layers
 from modiff.quant.ptq.calibrate import CalibrationConfig, weight_only_config
 from modiff.quant.ptq.data import CalibDataConfig, collect_calib_data
-from modiff.quant.ptq.lsq import CAPTURE_BUDGET, learn_residual_step_sizes
-from modiff.quant.ptq.reconstruct import reconstruction_units
+from modiff.quant.ptq.lsq import learn_residual_step_sizes
+from modiff.quant.ptq.reconstruct import CAPTURE_BUDGET, reconstruction_units
 from modiff.utils.runs import environment, write_json
 
 

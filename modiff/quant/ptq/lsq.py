@@ -25,8 +25,8 @@ full-precision inputs a_t and a_before = a_{t+1} of the calibration pairs:
 The losses of different layers are independent, so the layers of one block are fitted together (one
 optimiser); that equals fitting them one after the other. Their inputs are full-precision activations, which no
 calibration step changes, so one pair of capture passes gathers them for as many consecutive blocks as
-``capture_budget`` bytes hold, where a pass per block would run the network's front again for every block; the
-tensors are the same either way.
+``capture_budget`` bytes hold (`reconstruct.grouped_captures`), where a pass per block would run the network's front
+again for every block; the tensors are the same either way.
 """
 from __future__ import annotations
 
@@ -41,15 +41,13 @@ from torch import Tensor, nn
 from modiff.quant.ptq.data import CalibData
 from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts
 from modiff.quant.layers.direct import QuantLayer
-from modiff.quant.ptq.reconstruct import (Unit, capture, fit_scales, freeze_scales, learnable_scales, lp_loss,
-                                      mean_loss, static_quantizers)
+from modiff.quant.ptq.reconstruct import (CAPTURE_BUDGET, Unit, fit_scales, freeze_scales, grouped_captures,
+                                      learnable_scales, lp_loss, mean_loss, static_quantizers)
 from modiff.utils.progress import progress_bar
 
 __all__ = ["ActCalibConfig", "learn_residual_step_sizes", "residual_pairs", "start_from_observers"]
 
 log = logging.getLogger(__name__)
-
-CAPTURE_BUDGET = 2 * 2**30  # bytes of full-precision block inputs held at once (both captures of a group)
 
 
 @dataclass(frozen=True)
@@ -115,41 +113,13 @@ def start_from_observers(layer: QuantLayer, r: Tensor, chunk: int = 256) -> None
 Layers = Sequence[QuantLayer]
 
 
-def _capture_groups(fp_model: nn.Module, data: CalibData, pending: Sequence[tuple[Unit, Layers]], dtype: torch.dtype,
-                    budget: int) -> list[list[tuple[Unit, Layers]]]:
-    """``pending`` cut into runs of consecutive units whose two captures (at x_t and at x_before) fit ``budget``
-    bytes together, sized by one probe sample; a unit over the budget alone makes a group of its own."""
-    taps = {layer.name: "input" for _, layers in pending for layer in layers}
-    probe = capture(fp_model, data.x[:1], data.t[:1], taps, pending[-1][0].name, 1, dtype)
-    per_sample = {name: sum(t.numel() for t in tensors) * dtype.itemsize for name, tensors in probe.items()}
-    groups: list[list[tuple[Unit, Layers]]] = []
-    used = budget
-    for unit, layers in pending:
-        need = 2 * data.x.shape[0] * sum(per_sample[layer.name] for layer in layers)
-        if used + need > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append((unit, layers))
-        used += need
-    return groups
-
-
 def _residual_inputs(fp_model: nn.Module, data: CalibData, pending: Sequence[tuple[Unit, Layers]], batch: int,
                      dtype: torch.dtype, budget: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """Per pending unit, in order: (a_t, a_before) of each of its layers, all rows, captured a group at a time."""
-    n = data.x.shape[0]
-    for group in _capture_groups(fp_model, data, pending, dtype, budget) if pending else []:
-        taps = {layer.name: "input" for _, layers in group for layer in layers}
-        stop = group[-1][0].name
-        now = capture(fp_model, data.x, data.t, taps, stop, batch, dtype)
-        before = capture(fp_model, data.x_before, data.t_before, taps, stop, batch, dtype)
-        if len(group) > 1 and any(t[0].shape[0] != n for t in (*now.values(), *before.values())):
-            # a layer called again before the group's last block ends: capture block by block, as it stops there
-            del now, before
-            yield from (pairs for unit in group for pairs in _residual_inputs(fp_model, data, [unit], batch, dtype, 0))
-            continue
-        for _, layers in group:
-            yield [(now.pop(layer.name)[0], before.pop(layer.name)[0]) for layer in layers]
+    """Per pending unit, in order: (a_t, a_before) of each of its layers, all rows, a group of units per pass."""
+    requests = [(unit.name, {layer.name: "input" for layer in layers}) for unit, layers in pending]
+    sources = [(data.x, data.t), (data.x_before, data.t_before)]
+    for (_, layers), (now, before) in zip(pending, grouped_captures(fp_model, sources, requests, batch, dtype, budget)):
+        yield [(now[layer.name][0], before[layer.name][0]) for layer in layers]
 
 
 def _unit_pairs(fp_model: nn.Module, layers: Layers, inputs: Sequence[tuple[Tensor, Tensor]],

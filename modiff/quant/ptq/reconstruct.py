@@ -11,7 +11,10 @@ each unit in forward order:
 
 Inputs and targets of all calibration samples are captured with hooks: one forward pass per calibration
 batch and model, stopped right after the unit (so the rest of the network is not run), and cached on
-the device in a compact dtype for the iterations that follow. AdaRound learns the rounding of every
+the device in a compact dtype for the iterations that follow. The inputs come from the quantized model, which
+each unit changes, so they are captured unit by unit; the targets are full-precision outputs, which nothing
+changes, so one pass gathers them for as many consecutive units as ``capture_budget`` bytes hold
+(`grouped_captures`): the same tensors, without running the network's front once per unit. AdaRound learns the rounding of every
 layer of the unit at once (`reconstruct_weights`); learned step sizes refine the static activation
 scales of the unit's layers, weights fixed (`learn_step_sizes`).
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +37,7 @@ from modiff.quant.ptq.progress import UnitProgress, act_tensors, restore_acts, r
 from modiff.utils.hooks import Capture, ModelHook, attach
 from modiff.utils.progress import progress_bar
 
-__all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "lp_loss", "reconstruct_weights",
+__all__ = ["BLOCK_TYPES", "Unit", "reconstruction_units", "capture", "grouped_captures", "lp_loss", "reconstruct_weights",
            "learn_step_sizes", "capture_unit", "static_quantizers", "learnable_scales", "freeze_scales", "fit_scales",
            "unit_loss"]
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_TYPES: tuple[str, ...] = ("ResnetBlock", "AttnBlock", "Upsample", "Downsample")
 Tap = Literal["input", "output"]
+CAPTURE_BUDGET = 2 * 2**30  # bytes of full-precision captures held at once (all sources of a group together)
 
 
 @dataclass(frozen=True)
@@ -124,12 +128,69 @@ def capture(model: nn.Module, x: Tensor, t: Tensor, taps: Mapping[str, Tap], sto
     return {name: [torch.cat(parts) for parts in zip(*c.values)] for name, c in captures.items()}
 
 
+Request = tuple[str, Mapping[str, Tap]]  # (the unit to stop after, the taps wanted up to there)
+
+
+def _capture_groups(model: nn.Module, sources: Sequence[tuple[Tensor, Tensor]], requests: Sequence[Request],
+                    dtype: torch.dtype, budget: int) -> list[list[Request]]:
+    """``requests`` cut into runs of consecutive ones whose captures over every source fit ``budget`` bytes
+    together, sized by one probe sample; a request over the budget alone makes a group of its own."""
+    x, t = sources[0]
+    taps = {name: tap for _, wanted in requests for name, tap in wanted.items()}
+    probe = capture(model, x[:1], t[:1], taps, requests[-1][0], 1, dtype)
+    per_sample = {name: sum(p.numel() for p in tensors) * dtype.itemsize for name, tensors in probe.items()}
+    groups: list[list[Request]] = []
+    used = budget
+    for request in requests:
+        need = len(sources) * x.shape[0] * sum(per_sample[name] for name in request[1])
+        if used + need > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(request)
+        used += need
+    return groups
+
+
+def grouped_captures(model: nn.Module, sources: Sequence[tuple[Tensor, Tensor]], requests: Sequence[Request],
+                     batch_size: int, dtype: torch.dtype, budget: int = CAPTURE_BUDGET
+                     ) -> Iterator[list[dict[str, list[Tensor]]]]:
+    """Per request, in order, per source (x, t): `capture`'s {tap: tensors} for the request's taps, all rows.
+
+    One pass per source serves a group of consecutive requests (`_capture_groups`), stopped after the group's
+    last unit; the tensors equal one pass per request's. A tap that the model calls again before the group's
+    last unit would gather rows twice: such a group is captured request by request, as each stops at its own
+    unit. ``model`` must not change while the iterator is consumed (a full-precision model).
+    """
+    n = sources[0][0].shape[0]
+    for group in _capture_groups(model, sources, requests, dtype, budget) if requests else []:
+        taps = {name: tap for _, wanted in group for name, tap in wanted.items()}
+        captured = [capture(model, x, t, taps, group[-1][0], batch_size, dtype) for x, t in sources]
+        if len(group) > 1 and any(v[0].shape[0] != n for one in captured for v in one.values()):
+            del captured
+            yield from (out for request in group for out in grouped_captures(model, sources, [request], batch_size,
+                                                                              dtype, 0))
+            continue
+        for _, wanted in group:
+            yield [{name: one.pop(name) for name in wanted} for one in captured]
+
+
 def capture_unit(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, unit: Unit, batch_size: int,
-             dtype: torch.dtype) -> list[Tensor]:
-    """[*inputs of the unit in qmodel, output of the unit in fp_model], each (N, ...)."""
+                 dtype: torch.dtype, target: Optional[list[Tensor]] = None) -> list[Tensor]:
+    """[*inputs of the unit in qmodel, output of the unit in fp_model], each (N, ...); ``target`` when given
+    is that output, captured already (`grouped_captures`)."""
     inputs = capture(qmodel, data.x, data.t, {unit.name: "input"}, unit.name, batch_size, dtype)[unit.name]
-    target = capture(fp_model, data.x, data.t, {unit.name: "output"}, unit.name, batch_size, dtype)[unit.name]
+    if target is None:
+        target = capture(fp_model, data.x, data.t, {unit.name: "output"}, unit.name, batch_size, dtype)[unit.name]
     return inputs + target
+
+
+def _fp_targets(fp_model: nn.Module, data: CalibData, units: Sequence[Unit], batch_size: int, dtype: torch.dtype,
+                budget: int) -> Iterator[list[Tensor]]:
+    """Each unit's full-precision output over all calibration rows, in order, a group of units per pass."""
+    requests = [(unit.name, {unit.name: "output"}) for unit in units]
+    for (name, _), (outputs,) in zip(requests, grouped_captures(fp_model, [(data.x, data.t)], requests,
+                                                                batch_size, dtype, budget)):
+        yield outputs[name]
 
 
 def _loop(config: Any, desc: str) -> LoopConfig:
@@ -171,25 +232,30 @@ def _fit_rounding(unit_module: nn.Module, roundings: list[AdaRoundWeight], cache
 
 def reconstruct_weights(wq_model: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit],
                         config: AdaRoundConfig, capture_batch: int = 256, progress: bool = True,
-                        resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
+                        resume: Optional[UnitProgress] = None,
+                        capture_budget: int = CAPTURE_BUDGET) -> list[dict[str, Any]]:
     """AdaRound every unit of the weight-quantized ``wq_model`` in order; hard rounding replaces weight_q.
     With ``resume``, every finished unit is saved there, and units found there are put back, not redone.
 
     Returns one record per unit: name, layers, seconds, reconstruction loss of the first and last
     logging windows (soft rounding), the fraction of weights rounded away from the nearest grid point,
     and the loss over all calibration inputs with hard weights, rounded to nearest (``loss_nearest``) and
-    as AdaRound decided (``loss_adaround``), on the same grid.
+    as AdaRound decided (``loss_adaround``), on the same grid. The first unit of a target group (module
+    docstring) has the group's capture in its seconds.
     """
     dtype = getattr(torch, config.storage_dtype)
+    plan = [(index, unit, resume.load("adaround", index, unit.name) if resume is not None else None)
+            for index, unit in enumerate(units)]
+    targets = _fp_targets(fp_model, data, [unit for _, unit, done in plan if done is None], capture_batch, dtype,
+                          capture_budget)
     records = []
-    for index, unit in enumerate(progress_bar(units, "AdaRound", progress, unit="unit")):
-        done = resume.load("adaround", index, unit.name) if resume is not None else None
+    for index, unit, done in progress_bar(plan, "AdaRound", progress, unit="unit"):
         if done is not None:  # finished before an interruption: put back as it was
             restore_weights(wq_model, unit.layers, done[0])
             records.append(done[1])
             continue
         started = time.time()
-        cached = capture_unit(wq_model, fp_model, data, unit, capture_batch, dtype)
+        cached = capture_unit(wq_model, fp_model, data, unit, capture_batch, dtype, next(targets))
         layers = [wq_model.get_submodule(n) for n in unit.layers]
         attached = [_attach_rounding(layer, config) for layer in layers]
         try:
@@ -270,29 +336,33 @@ def fit_scales(loss_fn: Callable[[Sequence[Tensor]], Tensor], scales: list[Tenso
 
 
 def learn_step_sizes(qmodel: nn.Module, fp_model: nn.Module, data: CalibData, units: Sequence[Unit], config: Any,
-                     capture_batch: int = 256, progress: bool = True,
-                     resume: Optional[UnitProgress] = None) -> list[dict[str, Any]]:
+                     capture_batch: int = 256, progress: bool = True, resume: Optional[UnitProgress] = None,
+                     capture_budget: int = CAPTURE_BUDGET) -> list[dict[str, Any]]:
     """Refine the static activation scales of a direct-mode ``qmodel`` unit by unit (weights fixed).
 
     ``config`` is an `ActCalibConfig`. The scales must hold their min-max/MSE start already. ``resume``
     as in `reconstruct_weights`. Records per unit: the mean loss of the first and last logging windows of
     training, and over all the unit's calibration inputs with the start scales (``loss_start``) and the
-    learned ones (``loss_learned``).
+    learned ones (``loss_learned``); the first unit of a target group has the group's capture in its seconds.
     """
     dtype = getattr(torch, config.storage_dtype)
-    records = []
-    for index, unit in enumerate(progress_bar(units, "step sizes", progress, unit="unit")):
+    plan = []
+    for index, unit in enumerate(units):
         layers = [qmodel.get_submodule(n) for n in unit.layers]
         quantizers = static_quantizers(layers)
-        if not quantizers:
-            continue
-        done = resume.load("step-sizes", index, unit.name) if resume is not None else None
+        if quantizers:
+            plan.append((index, unit, layers, quantizers,
+                         resume.load("step-sizes", index, unit.name) if resume is not None else None))
+    targets = _fp_targets(fp_model, data, [unit for _, unit, *_, done in plan if done is None], capture_batch, dtype,
+                          capture_budget)
+    records = []
+    for index, unit, layers, quantizers, done in progress_bar(plan, "step sizes", progress, unit="unit"):
         if done is not None:
             restore_acts([layer for layer in layers if layer.act in quantizers], done[0])
             records.append(done[1])
             continue
         started = time.time()
-        cached = capture_unit(qmodel, fp_model, data, unit, capture_batch, dtype)
+        cached = capture_unit(qmodel, fp_model, data, unit, capture_batch, dtype, next(targets))
         module = qmodel.get_submodule(unit.name)
         scales = learnable_scales(quantizers)
 

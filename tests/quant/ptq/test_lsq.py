@@ -9,7 +9,7 @@ from modiff.quant import ActQuant, QuantConfig, QuantSpec, quantize
 from modiff.quant.ptq.data import CalibData, CalibDataConfig
 from modiff.quant.ptq.calibrate import observe_activations, step_size_summary
 from modiff.quant.ptq.lsq import ActCalibConfig, learn_residual_step_sizes, residual_pairs
-from modiff.quant.ptq.reconstruct import lp_loss, learn_step_sizes, reconstruction_units
+from modiff.quant.ptq.reconstruct import lp_loss, learn_step_sizes, reconstruct_weights, reconstruction_units
 from modiff.quant.ptq.optimize import cosine_lr, draw_rows
 
 
@@ -186,8 +186,7 @@ def _grouped_calibration(budget: int) -> tuple[dict[str, torch.Tensor], list[dic
     static = ActQuant(QuantSpec(bits=4, granularity="tensor"), dynamic=False, observer="minmax")
     mq = quantize(fp, QuantConfig(weight=None, activation=static, mode="modulated"))
     units = reconstruction_units(quantize(fp, QuantConfig(weight=None, activation=None)), data)
-    calls = []
-    fp.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    calls = _counted_fp(fp)
     config = ActCalibConfig(iters=40, batch_size=16, lr=2e-2, log_every=20, storage_dtype="float32")
     records = learn_residual_step_sizes(mq, fp, data, units, config, capture_batch=32, progress=False,
                                         capture_budget=budget)
@@ -230,3 +229,48 @@ def test_a_layer_called_again_within_a_group_falls_back_to_one_pass_per_unit() -
     per_unit = list(_residual_inputs(model, data, pending, 32, torch.float32, 0))
     assert [a_t.shape[0] for unit in grouped for a_t, _ in unit] == [64, 64]
     assert all(torch.equal(g, p) for gu, pu in zip(grouped, per_unit) for gl, pl in zip(gu, pu) for g, p in zip(gl, pl))
+
+
+def _counted_fp(model: nn.Module) -> list[int]:
+    """Forward calls of ``model`` itself (a quantized deep copy carries the hook along and is not counted)."""
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1) if module is model else None)
+    return calls
+
+
+def _adaround_and_step_sizes(budget: int) -> tuple[dict[str, torch.Tensor], list[dict], int]:
+    """AdaRound, then direct learned step sizes, of the three-unit model with ``capture_budget=budget``: weight
+    codes and scales, records, and the full-precision model's forward calls."""
+    from modiff.quant import WeightQuant
+    from modiff.quant.ptq.adaround import AdaRoundConfig
+
+    torch.manual_seed(0)
+    fp, data = _ThreeConvs().eval(), _heavy_tailed()
+    weights = WeightQuant(QuantSpec(bits=3, granularity="channel", channel_axis=0))
+    static = ActQuant(QuantSpec(bits=4, granularity="tensor"), dynamic=False, observer="minmax")
+    wq = quantize(fp, QuantConfig(weight=weights, activation=None))
+    units = reconstruction_units(wq, data)
+    calls = _counted_fp(fp)
+    adaround = AdaRoundConfig(iters=20, batch_size=16, lr=1e-2, init="minmax", log_every=10, storage_dtype="float32")
+    records = reconstruct_weights(wq, fp, data, units, adaround, capture_batch=32, progress=False, capture_budget=budget)
+    qmodel = quantize(fp, QuantConfig(weight=weights, activation=static))
+    for name in ("a", "b", "c"):
+        source = getattr(wq, name)
+        getattr(qmodel, name).set_weight_codes(source.weight_codes(), source.weight_scale, source.weight_zero_point)
+    observe_activations(qmodel, data)
+    steps = ActCalibConfig(iters=20, batch_size=16, lr=2e-2, log_every=10, storage_dtype="float32")
+    records += learn_step_sizes(qmodel, fp, data, units, steps, capture_batch=32, progress=False, capture_budget=budget)
+    state = {f"{name}.{what}": value for name in ("a", "b", "c")
+             for what, value in (("codes", getattr(qmodel, name).weight_codes()), ("scale", getattr(qmodel, name).act.scales[0]))}
+    return state, [{k: v for k, v in r.items() if k != "seconds"} for r in records], len(calls)
+
+
+def test_full_precision_targets_captured_for_many_units_calibrate_as_one_per_unit() -> None:
+    """AdaRound's and the direct step sizes' targets are the full-precision model's: one pass for the three units
+    (the default budget) or one per unit (budget 0) gives the same codes, scales and records."""
+    per_unit, per_unit_records, per_unit_calls = _adaround_and_step_sizes(0)
+    grouped, grouped_records, grouped_calls = _adaround_and_step_sizes(2**30)
+    assert per_unit.keys() == grouped.keys() and all(torch.equal(per_unit[k], grouped[k]) for k in per_unit)
+    assert grouped_records == per_unit_records and len(grouped_records) == 6
+    # per phase: a probe, then 2 batches per pass; one pass per unit, or one for all three
+    assert per_unit_calls == 2 * (1 + 3 * 2) and grouped_calls == 2 * (1 + 2)
