@@ -14,7 +14,8 @@ batch and model, stopped right after the unit (so the rest of the network is not
 the device in a compact dtype for the iterations that follow. The inputs come from the quantized model, which
 each unit changes, so they are captured unit by unit; the targets are full-precision outputs, which nothing
 changes, so one pass gathers them for as many consecutive units as ``capture_budget`` bytes hold
-(`grouped_captures`): the same tensors, without running the network's front once per unit. AdaRound learns the rounding of every
+(`grouped_captures`): the same tensors, without running the network's front once per unit.
+AdaRound learns the rounding of every
 layer of the unit at once (`reconstruct_weights`); learned step sizes refine the static activation
 scales of the unit's layers, weights fixed (`learn_step_sizes`).
 """
